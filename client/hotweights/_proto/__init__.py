@@ -1,0 +1,1 @@
+# Generated code lives below; regenerate with `make protos`.

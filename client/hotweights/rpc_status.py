@@ -1,0 +1,75 @@
+"""The one table between hotweights errors and gRPC status codes, used in both directions.
+
+The daemon aborts a call with :func:`abort_with`; the client rebuilds the same error class with
+:func:`error_from_rpc`. The class name and details travel in trailing metadata so a client sees
+``LeaseHeld``, not just FAILED_PRECONDITION.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+
+from hotweights import errors as e
+
+STATUS_OF: dict[type[e.HotweightsError], grpc.StatusCode] = {
+    e.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    e.NotFound: grpc.StatusCode.NOT_FOUND,
+    e.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    e.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    e.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    e.DataLoss: grpc.StatusCode.DATA_LOSS,
+    e.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    e.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    e.Aborted: grpc.StatusCode.ABORTED,
+    e.Internal: grpc.StatusCode.INTERNAL,
+    e.HotweightsError: grpc.StatusCode.UNKNOWN,
+}
+ERROR_OF: dict[grpc.StatusCode, type[e.HotweightsError]] = {v: k for k, v in STATUS_OF.items()}
+
+CLASS_KEY = "hotweights-error-class"
+DETAILS_KEY = "hotweights-error-details"
+
+
+def status_of(err: e.HotweightsError) -> grpc.StatusCode:
+    for cls in type(err).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+def trailing_metadata(err: e.HotweightsError) -> tuple[tuple[str, str], ...]:
+    return (
+        (CLASS_KEY, type(err).__name__),
+        (DETAILS_KEY, json.dumps(err.details, default=str)),
+    )
+
+
+async def abort_with(context: Any, err: e.HotweightsError) -> None:
+    """Ends an aio call with the error's status; never returns."""
+    context.set_trailing_metadata(trailing_metadata(err))
+    await context.abort(status_of(err), err.message)
+
+
+def error_from_rpc(rpc_error: grpc.RpcError) -> e.HotweightsError:
+    """The hotweights error a failed call carried, or the closest class by status code."""
+    code = rpc_error.code() if hasattr(rpc_error, "code") else grpc.StatusCode.UNKNOWN
+    message = rpc_error.details() if hasattr(rpc_error, "details") else str(rpc_error)
+    meta = dict(rpc_error.trailing_metadata() or ()) if hasattr(rpc_error, "trailing_metadata") else {}
+    cls = e.error_class(meta.get(CLASS_KEY, "")) or ERROR_OF.get(code, e.HotweightsError)
+    details: dict[str, Any] = {}
+    try:
+        details = json.loads(meta.get(DETAILS_KEY, "{}"))
+    except ValueError:
+        pass
+    if code == grpc.StatusCode.UNAVAILABLE and CLASS_KEY not in meta:
+        return e.Unavailable(f"hotweights daemon unreachable: {message}")
+    err = cls.__new__(cls)
+    e.HotweightsError.__init__(err, message or code.name, **details)
+    for key in ("op", "code"):
+        if key in details:
+            setattr(err, key, details[key])
+    return err

@@ -1,0 +1,88 @@
+"""The MemoryBackend protocol: what the core needs from a kind of memory (host memfd, CUDA VMM).
+
+A backend allocates exportable memory on a device, fills it from a rank's files, exports it as
+file descriptors (or legacy IPC handles), and re-adopts descriptors handed back after a restart.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Protocol, runtime_checkable
+
+from hotweightsd.core.layout import RankLayout
+
+
+class HandleType(str, Enum):
+    MEMFD = "MEMFD"
+    CUDA_VMM_FD = "CUDA_VMM_FD"
+    CUDA_IPC = "CUDA_IPC"
+
+
+class AllocationMode(str, Enum):
+    FD = "fd"                   # exportable as fds: memfd on cpu, VMM on cuda
+    LEGACY_IPC = "legacy_ipc"   # cudaMalloc + cudaIpcMemHandle (cuda only)
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    index: int
+    name: str
+    total: int
+    free: int
+
+
+@runtime_checkable
+class Allocation(Protocol):
+    device: int
+    size: int
+    handle_type: HandleType
+
+    def export_fd(self) -> int:
+        """A new file descriptor for this allocation; the caller owns and closes it."""
+
+    def ipc_handle(self) -> bytes:
+        """The legacy IPC handle (CUDA_IPC only)."""
+
+    def close(self) -> None:
+        """Releases the daemon's reference. Idempotent."""
+
+
+ProgressFn = Callable[[int], None]
+
+
+@runtime_checkable
+class MemoryBackend(Protocol):
+    name: str
+
+    def devices(self) -> list[DeviceMemory]:
+        """Every device this backend places ranks on, with live free memory."""
+
+    def granularity(self, device: int) -> int:
+        """Allocation sizes are rounded up to this."""
+
+    def max_allocation(self) -> int | None:
+        """The largest single allocation to make; None for no cap."""
+
+    def allocate(self, device: int, size: int, mode: AllocationMode) -> Allocation:
+        """Raises InsufficientMemory or BackendError; leaves nothing allocated on failure."""
+
+    def fill(
+        self,
+        layout: RankLayout,
+        allocations: list[Allocation],
+        progress: ProgressFn,
+        cancel: threading.Event,
+    ) -> str:
+        """Copies every segment of ``layout`` from its files into ``allocations``.
+
+        Returns a one-line description of the path that ran (e.g. ``"pread x16 threads"``).
+        Raises BadCheckpoint if a file is shorter than its header promised, Aborted if cancelled.
+        """
+
+    def adopt(self, device: int, size: int, handle_type: HandleType, fd: int) -> Allocation:
+        """Wraps an fd handed back by the service manager after a restart; takes ownership of ``fd``."""
+
+    def close(self) -> None:
+        """Releases per-device state (contexts, streams, pinned buffers)."""

@@ -1,0 +1,102 @@
+"""Where each tensor of a rank lands inside the rank's resident allocations.
+
+Tensors are packed in source order (file by file, by file offset) at 256-byte alignment, so the
+reads of a file walk forward and the writes walk forward with them. A rank gets one allocation,
+or several when a backend caps an allocation's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hotweights.checkpoint import RankFiles
+from hotweights.dtypes import served_dtype_name
+
+ALIGN = 256
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class Placement:
+    name: str
+    dtype: str                  # safetensors dtype
+    served_dtype: str           # torch dtype name the client builds
+    shape: tuple[int, ...]
+    allocation: int
+    offset: int
+    nbytes: int
+    file: int                   # index into RankLayout.files
+    file_offset: int
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        if self.served_dtype == "uint8" and self.dtype not in ("U8",):
+            return (1,) if self.shape else ()
+        out, acc = [], 1
+        for d in reversed(self.shape):
+            out.append(acc)
+            acc *= max(d, 1)
+        return tuple(reversed(out))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One contiguous copy: ``length`` bytes of a file into an allocation."""
+
+    file: int
+    file_offset: int
+    length: int
+    allocation: int
+    offset: int
+
+
+@dataclass
+class RankLayout:
+    rank: int
+    files: list[str]
+    allocation_sizes: list[int]
+    placements: list[Placement]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.placements)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(self.allocation_sizes)
+
+    def segments(self) -> list[Segment]:
+        return [
+            Segment(p.file, p.file_offset, p.nbytes, p.allocation, p.offset)
+            for p in self.placements
+            if p.nbytes
+        ]
+
+
+def plan_rank(rank: RankFiles, granularity: int, max_allocation: int | None = None) -> RankLayout:
+    """Packs a rank's tensors into allocations of at most ``max_allocation`` bytes (rounded to ``granularity``).
+
+    A tensor larger than ``max_allocation`` gets an allocation of its own.
+    """
+    placements: list[Placement] = []
+    sizes: list[int] = []
+    cursor = 0
+    for fi, header in enumerate(rank.files):
+        for t in sorted(header.tensors, key=lambda t: t.begin):
+            offset = round_up(cursor, ALIGN)
+            if max_allocation and placements and offset + t.nbytes > max_allocation and cursor > 0:
+                sizes.append(round_up(max(cursor, 1), granularity))
+                offset = 0
+            alloc = len(sizes)
+            placements.append(Placement(
+                name=t.name, dtype=t.dtype.name, served_dtype=served_dtype_name(t.dtype.name),
+                shape=t.shape, allocation=alloc, offset=offset, nbytes=t.nbytes,
+                file=fi, file_offset=t.begin,
+            ))
+            cursor = offset + t.nbytes
+    sizes.append(round_up(max(cursor, 1), granularity))
+    return RankLayout(rank=rank.rank, files=[str(h.path) for h in rank.files], allocation_sizes=sizes,
+                      placements=placements)
