@@ -1,0 +1,5 @@
+import sys
+
+from hotweights.cli import main
+
+sys.exit(main())

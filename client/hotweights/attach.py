@@ -1,0 +1,181 @@
+"""An attachment: a read-only mapping of tensor names to zero-copy tensors, held by a lease.
+
+The lease is a gRPC stream opened before any memory is mapped and kept until ``release()``, the
+end of a ``with`` block, garbage collection or process exit; the daemon notices each of these.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import grpc
+import torch
+
+from hotweights import errors
+from hotweights.fdpass import fetch_fds
+from hotweights.pb import pb
+from hotweights.regions import Region, open_region
+from hotweights.rpc_status import error_from_rpc
+
+if TYPE_CHECKING:
+    from hotweights.client import Client
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    dtype: str           # safetensors dtype
+    served_dtype: str    # torch dtype of the tensor handed out (uint8 where torch lacks ``dtype``)
+    shape: tuple[int, ...]
+    allocation: int
+    offset: int
+    nbytes: int
+
+
+def build_tensor(meta: TensorMeta, base: torch.Tensor) -> torch.Tensor:
+    raw = base[meta.offset:meta.offset + meta.nbytes]
+    if meta.served_dtype == "uint8" and meta.dtype != "U8":
+        return raw  # bytes of a dtype torch lacks; ``meta.dtype`` says how to read them
+    return raw.view(getattr(torch, meta.served_dtype)).view(meta.shape)
+
+
+class LeaseStream:
+    """The client end of one Lease stream, with a thread that reads the daemon's events."""
+
+    def __init__(self, stub, ref: str, holder: str, on_alias_moved: Callable[[pb.AliasMoved], None] | None) -> None:
+        self._release = threading.Event()
+        self._on_alias_moved = on_alias_moved
+        open_msg = pb.LeaseRequest(open=pb.LeaseOpen(ref=ref, pid=os.getpid(), holder=holder))
+
+        def requests():
+            yield open_msg
+            self._release.wait()
+            yield pb.LeaseRequest(release=pb.LeaseRelease())
+
+        self._responses = stub.Lease(requests())
+        try:
+            first = next(self._responses)
+        except grpc.RpcError as exc:
+            self._release.set()
+            raise error_from_rpc(exc) from None
+        self.granted = first.granted
+        self._thread = threading.Thread(target=self._pump, name="hotweights-lease", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            for ev in self._responses:
+                if ev.WhichOneof("event") == "alias_moved" and self._on_alias_moved is not None:
+                    self._on_alias_moved(ev.alias_moved)
+        except grpc.RpcError:
+            pass  # the stream ended: released, or the daemon went away
+
+    def release(self, timeout: float = 5.0) -> None:
+        self._release.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+class Attachment(Mapping[str, torch.Tensor]):
+    """Tensors of one rank of one model version, mapped from the daemon's memory without a copy.
+
+    The tensors alias shared, read-only memory: writing to one faults. They stay valid after
+    ``release()`` for as long as they are referenced (the mapping goes with the last of them).
+    """
+
+    def __init__(self, client: "Client", ref: str, rank: int = 0, holder: str = "",
+                 on_alias_moved: Callable[[pb.AliasMoved], None] | None = None) -> None:
+        self.ref = ref
+        self.rank = rank
+        self._lease = LeaseStream(client.stub, ref, holder, on_alias_moved)
+        self._regions: list[Region] = []
+        try:
+            g = self._lease.granted
+            self.lease_id, self.name, self.version, self.world_size = g.lease_id, g.name, g.version, g.world_size
+            try:
+                h = client.stub.GetHandles(pb.GetHandlesRequest(lease_id=self.lease_id, rank=rank))
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from None
+            self._regions = self._map(h)
+            self.meta = {
+                t.name: TensorMeta(t.name, t.dtype, t.served_dtype, tuple(t.shape), t.allocation, t.offset, t.nbytes)
+                for t in h.tensors
+            }
+            self._tensors = {name: build_tensor(m, self._regions[m.allocation].base) for name, m in self.meta.items()}
+        except BaseException:
+            self.release()
+            raise
+
+    @staticmethod
+    def _map(h: pb.GetHandlesResponse) -> list[Region]:
+        needs_fd = [a for a in h.allocations if a.handle_type != pb.CUDA_IPC]
+        fds = fetch_fds(h.fd_socket, h.ticket, len(needs_fd)) if needs_fd else []
+        regions: list[Region] = []
+        try:
+            it = iter(fds)
+            for a in h.allocations:
+                kind = pb.HandleType.Name(a.handle_type)
+                fd = None if a.handle_type == pb.CUDA_IPC else next(it)
+                regions.append(open_region(kind, a.size, a.device, fd, a.ipc_handle))
+        except BaseException:
+            for r in regions:
+                r.close()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return regions
+
+    # Mapping protocol
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self.released:
+            raise errors.FailedPrecondition(f"attachment of {self.key} was released")
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(getattr(self, "_tensors", {}))
+
+    def __len__(self) -> int:
+        return len(getattr(self, "_tensors", {}))
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def released(self) -> bool:
+        return self._lease is None
+
+    def release(self) -> None:
+        """Ends the lease. Tensors already handed out stay readable while referenced."""
+        lease, self._lease = getattr(self, "_lease", None), None
+        self._tensors = {}
+        for r in getattr(self, "_regions", []):
+            r.close()
+        self._regions = []
+        if lease is not None:
+            lease.release()
+
+    def __enter__(self) -> "Attachment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else f"{len(self)} tensors"
+        return f"<Attachment {getattr(self, 'name', '?')}@{getattr(self, 'version', '?')} rank {self.rank}: {state}>"

@@ -1,0 +1,5 @@
+import sys
+
+from hotweightsd.main import main
+
+sys.exit(main())

@@ -1,0 +1,525 @@
+"""The model manager: loads, leases, handles, aliases, swaps and frees, over one MemoryBackend.
+
+Every public method is synchronous and thread-safe; the servicer runs the blocking ones in
+worker threads. Guarantees:
+- memory a live lease points at is never freed by the daemon (``force`` only drops the daemon's
+  reference; a client's mapping keeps its pages alive);
+- a load that would not fit is refused before any file is read;
+- a version retired by a swap or a deferred unload is freed when its last lease ends.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import structlog
+
+from hotweights.checkpoint import Checkpoint, open_checkpoint
+from hotweights.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    HotweightsError,
+    InsufficientMemory,
+    InvalidArgument,
+    LeaseHeld,
+    NotFound,
+    Unavailable,
+)
+from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
+from hotweightsd.core.events import EventBus, EventKind
+from hotweightsd.core.layout import RankLayout, plan_rank
+from hotweightsd.core.leases import Lease, TicketBook, new_lease_id
+from hotweightsd.core.registry import ModelVersion, ResidentRank, State, check_name, split_ref
+
+log = structlog.get_logger("hotweightsd.manager")
+
+Progress = Callable[[int, int], None]
+VERIFY_LEVELS = ("default", "none", "fast", "full")
+
+
+@dataclass(frozen=True)
+class Handles:
+    version: ModelVersion
+    rank: ResidentRank
+    ticket: str
+    ttl: float
+
+
+class ModelManager:
+    def __init__(self, backend: MemoryBackend, ticket_ttl: float = 30.0, default_verify: str = "fast") -> None:
+        self.backend = backend
+        self.events = EventBus()
+        self.tickets = TicketBook(ttl=ticket_ttl)
+        self.default_verify = default_verify
+        self.started = time.time()
+        self._versions: dict[str, ModelVersion] = {}
+        self._aliases: dict[str, str] = {}  # alias -> "name@version"
+        self._leases: dict[str, Lease] = {}
+        self._lock = threading.RLock()
+        self._admit_lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._closed = False
+
+    # ---- reading state -------------------------------------------------------------------
+
+    def versions(self) -> list[ModelVersion]:
+        with self._lock:
+            return sorted(self._versions.values(), key=lambda v: (v.name, v.created))
+
+    def aliases(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._aliases)
+
+    def leases(self) -> list[Lease]:
+        with self._lock:
+            return list(self._leases.values())
+
+    def aliases_of(self, key: str) -> list[str]:
+        with self._lock:
+            return sorted(a for a, k in self._aliases.items() if k == key)
+
+    def get(self, name: str, version: str) -> ModelVersion:
+        with self._lock:
+            mv = self._versions.get(f"{name}@{version}")
+        if mv is None:
+            raise NotFound(f"model {name}@{version} is not loaded", ref=f"{name}@{version}")
+        return mv
+
+    def resolve(self, ref: str, *, ready: bool = True) -> ModelVersion:
+        """An alias, ``NAME@VERSION``, or ``NAME`` (its newest READY version)."""
+        with self._lock:
+            if ref in self._aliases:
+                mv = self._versions.get(self._aliases[ref])
+                if mv is None:
+                    raise Unavailable(f"alias {ref!r} is between versions (a drain swap is loading "
+                                      f"its next version); retry shortly", ref=ref)
+            else:
+                name, version = split_ref(ref)
+                if version is not None:
+                    mv = self.get(name, version)
+                else:
+                    candidates = [v for v in self._versions.values() if v.name == name]
+                    if not candidates:
+                        raise NotFound(f"no model, version or alias named {ref!r} is loaded", ref=ref)
+                    live = [v for v in candidates if v.state is State.READY and not v.retire]
+                    mv = max(live or candidates, key=lambda v: v.created)
+            if ready and mv.state is not State.READY:
+                hint = f": {mv.error}" if mv.error else ""
+                raise FailedPrecondition(f"{mv.key} is {mv.state.value}, not READY{hint}", ref=ref,
+                                         state=mv.state.value)
+            return mv
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(v.resident_bytes for v in self._versions.values())
+
+    # ---- loading --------------------------------------------------------------------------
+
+    def load(self, name: str, path: str, **kw) -> ModelVersion:
+        mv, run = self.begin_load(name, path, **kw)
+        run()
+        return mv
+
+    def begin_load(
+        self,
+        name: str,
+        path: str,
+        version: str | None = None,
+        alias: str | None = None,
+        verify: str | None = None,
+        mode: AllocationMode = AllocationMode.FD,
+        device_map: Iterable[int] | None = None,
+        replace_failed: bool = True,
+    ) -> tuple[ModelVersion, Callable[[], ModelVersion]]:
+        """Validates, admits and registers a version (LOADING) and returns it with the function that reads it.
+
+        Everything that can be refused is refused here, before any tensor byte is read.
+        """
+        self._check_open()
+        check_name("model name", name)
+        if alias:
+            check_name("alias", alias)
+        if not path:
+            raise InvalidArgument("no checkpoint path given")
+        ckpt = open_checkpoint(path)
+        self._verify(ckpt, verify)
+        version = check_name("version", version) if version else ckpt.fingerprint()
+        devices = self._place(ckpt.world_size, list(device_map or []))
+        layouts = [
+            plan_rank(r, self.backend.granularity(devices[r.rank]), self.backend.max_allocation())
+            for r in ckpt.ranks
+        ]
+        mv = ModelVersion(name=name, version=version, source=str(ckpt.path), world_size=ckpt.world_size, mode=mode,
+                          bytes_total=sum(lay.nbytes for lay in layouts))
+        with self._lock:
+            if alias and alias in {v.name for v in self._versions.values()} | {name}:
+                raise InvalidArgument(f"alias {alias!r} is the name of a model; aliases and model names must differ")
+            if name in self._aliases:
+                raise InvalidArgument(f"{name!r} is an alias; a model cannot share its name")
+            old = self._versions.get(mv.key)
+            if old is not None:
+                if old.state is State.FAILED and replace_failed:
+                    del self._versions[old.key]
+                else:
+                    raise AlreadyExists(f"{mv.key} is already loaded ({old.state.value})", ref=mv.key)
+            self._versions[mv.key] = mv
+        try:
+            with self._admit_lock:
+                self._admit(mv, layouts, devices)
+                self._allocate(mv, layouts, devices)
+        except BaseException as exc:
+            self._fail(mv, exc, publish=False)
+            with self._lock:
+                self._versions.pop(mv.key, None)
+            raise
+        self.events.publish(EventKind.VERSION_ADDED, name, version=version, message=str(ckpt.path))
+        log.info("load.admitted", model=mv.key, path=str(ckpt.path), ranks=ckpt.world_size,
+                 bytes=mv.bytes_total, devices=devices)
+        return mv, lambda: self._fill(mv, alias)
+
+    def _verify(self, ckpt: Checkpoint, verify: str | None) -> None:
+        level = verify or "default"
+        if level not in VERIFY_LEVELS:
+            raise InvalidArgument(f"verify must be one of none, fast, full (got {verify!r})")
+        if level == "default":
+            level = self.default_verify
+        if level == "none":
+            return
+        if ckpt.manifest_path is None:
+            if level == "full":
+                raise FailedPrecondition(f"{ckpt.path}: verify=full needs a hotweights.json manifest; none found",
+                                         path=str(ckpt.path))
+            return
+        from hotweights import manifest
+
+        manifest.verify_checkpoint(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, level)
+
+    def _place(self, world: int, device_map: list[int]) -> list[int]:
+        devices = self.backend.devices()
+        count = len(devices)
+        if device_map:
+            if len(device_map) != world:
+                raise InvalidArgument(f"device map has {len(device_map)} entries for {world} ranks")
+            bad = [d for d in device_map if not 0 <= d < count]
+            if bad:
+                raise InvalidArgument(f"device map names device(s) {bad}; this node has {count}")
+            return device_map
+        if getattr(self.backend, "shared_device", False):
+            return [0] * world
+        if world > count:
+            raise InsufficientMemory(
+                f"checkpoint has {world} ranks but the node has {count} device(s); pass a device map",
+                needed_devices=world, devices=count,
+            )
+        return list(range(world))
+
+    def _admit(self, mv: ModelVersion, layouts: list[RankLayout], devices: list[int]) -> None:
+        need: dict[int, int] = {}
+        for lay, dev in zip(layouts, devices):
+            need[dev] = need.get(dev, 0) + lay.reserved_bytes
+        free = {d.index: d.free for d in self.backend.devices()}
+        for dev, n in sorted(need.items()):
+            if n > free.get(dev, 0):
+                where = "host memory" if getattr(self.backend, "shared_device", False) else f"device {dev}"
+                raise InsufficientMemory(
+                    f"{mv.key} does not fit on {where}: needs {n} bytes ({_gib(n)}), {free.get(dev, 0)} free "
+                    f"({_gib(free.get(dev, 0))}) after the reserve",
+                    needed=n, free=free.get(dev, 0), device=dev,
+                )
+
+    def _allocate(self, mv: ModelVersion, layouts: list[RankLayout], devices: list[int]) -> None:
+        for lay, dev in zip(layouts, devices):
+            allocs: list[Allocation] = []
+            try:
+                for size in lay.allocation_sizes:
+                    allocs.append(self.backend.allocate(dev, size, mv.mode))
+            except BaseException:
+                for a in allocs:
+                    a.close()
+                raise
+            mv.ranks.append(ResidentRank(lay.rank, dev, lay, allocs))
+
+    def _fill(self, mv: ModelVersion, alias: str | None) -> ModelVersion:
+        t0 = time.perf_counter()
+        lock = threading.Lock()
+
+        def progress(n: int) -> None:
+            with lock:
+                mv.bytes_done += n
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, len(mv.ranks)), thread_name_prefix="hw-rank") as pool:
+                futures = [pool.submit(self.backend.fill, r.layout, r.allocations, progress, mv.cancel)
+                           for r in mv.ranks]
+                paths = []
+                for f in futures:
+                    try:
+                        paths.append(f.result())
+                    except BaseException:
+                        mv.cancel.set()
+                        raise
+        except BaseException as exc:
+            self._fail(mv, exc)
+            raise
+        mv.load_seconds = time.perf_counter() - t0
+        mv.load_path = "; ".join(sorted(set(paths)))
+        with self._lock:
+            if mv.cancel.is_set():
+                self._fail(mv, Unavailable(f"{mv.key} was unloaded while loading"))
+                raise Unavailable(f"{mv.key} was unloaded while loading")
+            mv.state = State.READY
+            mv.done.set()
+            self._changed.notify_all()
+        rate = mv.bytes_total / mv.load_seconds / 1e9 if mv.load_seconds else 0.0
+        log.info("load.ready", model=mv.key, seconds=round(mv.load_seconds, 3), gbps=round(rate, 2), path=mv.load_path)
+        self.events.publish(EventKind.VERSION_READY, mv.name, version=mv.version, message=mv.load_path)
+        if alias:
+            self.set_alias(alias, mv.key)
+        return mv
+
+    def _fail(self, mv: ModelVersion, exc: BaseException, publish: bool = True) -> None:
+        with self._lock:
+            self._free_memory(mv)
+            mv.state = State.FAILED
+            mv.error = str(exc) if isinstance(exc, HotweightsError) else f"{type(exc).__name__}: {exc}"
+            mv.done.set()
+            self._changed.notify_all()
+        log.warning("load.failed", model=mv.key, error=mv.error)
+        if publish:
+            self.events.publish(EventKind.VERSION_FAILED, mv.name, version=mv.version, message=mv.error)
+
+    # ---- unloading and freeing ------------------------------------------------------------
+
+    def unload(self, ref: str, force: bool = False) -> tuple[list[str], int]:
+        with self._lock:
+            targets = self._unload_targets(ref)
+            for mv in targets:
+                aliases = self.aliases_of(mv.key)
+                if aliases and not force:
+                    raise FailedPrecondition(
+                        f"{mv.key} is the target of alias(es) {', '.join(aliases)}: move or remove them first, "
+                        f"or pass --force", ref=mv.key, aliases=aliases)
+                if mv.leases and not force:
+                    raise LeaseHeld(
+                        f"{mv.key} has {len(mv.leases)} live lease(s); release them or pass --force "
+                        f"(forced: clients keep their mapped copy)", ref=mv.key, leases=len(mv.leases))
+            freed, total = [], 0
+            for mv in targets:
+                for a in self.aliases_of(mv.key):
+                    del self._aliases[a]
+                    self.events.publish(EventKind.ALIAS_REMOVED, mv.name, version=mv.version, alias=a)
+                if mv.state is State.LOADING:
+                    mv.cancel.set()
+                total += mv.resident_bytes
+                self._drop(mv)
+                freed.append(mv.key)
+        return freed, total
+
+    def _unload_targets(self, ref: str) -> list[ModelVersion]:
+        if ref in self._aliases:
+            raise InvalidArgument(f"{ref!r} is an alias; unload NAME or NAME@VERSION (the alias names "
+                                  f"{self._aliases[ref]})")
+        name, version = split_ref(ref)
+        if version is not None:
+            return [self.get(name, version)]
+        targets = [v for v in self._versions.values() if v.name == name]
+        if not targets:
+            raise NotFound(f"no model named {name!r} is loaded", ref=ref)
+        return targets
+
+    def _drop(self, mv: ModelVersion) -> None:
+        """Frees a version's memory and removes it from the registry (lock held)."""
+        mv.state = State.UNLOADING
+        self._free_memory(mv)
+        self._versions.pop(mv.key, None)
+        self._changed.notify_all()
+        log.info("version.freed", model=mv.key)
+        self.events.publish(EventKind.VERSION_FREED, mv.name, version=mv.version)
+
+    def _free_memory(self, mv: ModelVersion) -> None:
+        for r in mv.ranks:
+            for a in r.allocations:
+                a.close()
+        mv.ranks = []
+
+    def _maybe_retire(self, mv: ModelVersion) -> None:
+        if mv.retire and not mv.leases and not self.aliases_of(mv.key) and mv.key in self._versions:
+            self._drop(mv)
+
+    # ---- leases and handles ---------------------------------------------------------------
+
+    def open_lease(self, ref: str, pid: int = 0, uid: int = -1, holder: str = "") -> Lease:
+        self._check_open()
+        with self._lock:
+            mv = self.resolve(ref)
+            lease = Lease(new_lease_id(), ref, mv.name, mv.version, pid, uid, holder)
+            self._leases[lease.id] = lease
+            mv.leases.add(lease.id)
+        log.info("lease.open", lease=lease.id, model=mv.key, pid=pid, holder=holder)
+        return lease
+
+    def close_lease(self, lease_id: str) -> None:
+        with self._lock:
+            lease = self._leases.pop(lease_id, None)
+            if lease is None:
+                return
+            self.tickets.drop_lease(lease_id)
+            mv = self._versions.get(f"{lease.name}@{lease.version}")
+            if mv is not None:
+                mv.leases.discard(lease_id)
+                self._maybe_retire(mv)
+            self._changed.notify_all()
+        log.info("lease.closed", lease=lease_id, model=f"{lease.name}@{lease.version}")
+
+    def note_peer(self, lease_id: str, pid: int, uid: int) -> None:
+        """Records the kernel-verified credentials of the process that fetched a lease's fds."""
+        with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is not None:
+                lease.pid, lease.uid = pid, uid
+
+    def _lease(self, lease_id: str) -> tuple[Lease, ModelVersion]:
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            raise NotFound("lease is unknown or has ended: open a new Lease stream", lease=lease_id)
+        mv = self._versions.get(f"{lease.name}@{lease.version}")
+        if mv is None or mv.freed:
+            raise NotFound(f"{lease.name}@{lease.version} was unloaded (forced) while leased", lease=lease_id)
+        return lease, mv
+
+    def get_handles(self, lease_id: str, rank: int) -> Handles:
+        with self._lock:
+            _, mv = self._lease(lease_id)
+            resident = mv.rank(rank)
+            ticket = self.tickets.issue(lease_id, rank)
+        return Handles(mv, resident, ticket.token, self.tickets.ttl)
+
+    def redeem(self, token: str) -> tuple[Lease, list[int]]:
+        """Exchanges a ticket for new fds of the rank's allocations; the caller sends and closes them."""
+        ticket = self.tickets.redeem(token)
+        with self._lock:
+            lease, mv = self._lease(ticket.lease_id)
+            resident = mv.rank(ticket.rank)
+            fds: list[int] = []
+            try:
+                for a in resident.allocations:
+                    if a.handle_type.value != "CUDA_IPC":
+                        fds.append(a.export_fd())
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+        return lease, fds
+
+    # ---- aliases and swaps ----------------------------------------------------------------
+
+    def set_alias(self, alias: str, target: str) -> tuple[str, str]:
+        """Points ``alias`` at ``NAME@VERSION`` (READY); returns (old key or "", new key)."""
+        check_name("alias", alias)
+        with self._lock:
+            if any(v.name == alias for v in self._versions.values()):
+                raise InvalidArgument(f"{alias!r} is a model name; aliases and model names must differ")
+            name, version = split_ref(target)
+            if version is None:
+                raise InvalidArgument(f"alias target must be NAME@VERSION, got {target!r}")
+            mv = self.get(name, version)
+            if mv.state is not State.READY:
+                raise FailedPrecondition(
+                    f"cannot point alias {alias!r} at {mv.key}: it is {mv.state.value}"
+                    + (f" ({mv.error})" if mv.error else ""), ref=mv.key, state=mv.state.value)
+            old = self._aliases.get(alias, "")
+            self._aliases[alias] = mv.key
+            mv.retire = False
+        old_version = old.partition("@")[2] if old else ""
+        self.events.publish(EventKind.ALIAS_MOVED, mv.name, version=mv.version, alias=alias, old_version=old_version)
+        log.info("alias.moved", alias=alias, old=old, new=mv.key)
+        return old, mv.key
+
+    def remove_alias(self, alias: str) -> str:
+        with self._lock:
+            key = self._aliases.pop(alias, None)
+            if key is None:
+                raise NotFound(f"no alias named {alias!r}", alias=alias)
+            name, _, version = key.partition("@")
+        self.events.publish(EventKind.ALIAS_REMOVED, name, version=version, alias=alias)
+        return key
+
+    def retire(self, key: str) -> None:
+        """Marks a version to be freed when its last lease ends (now, if none)."""
+        with self._lock:
+            mv = self._versions.get(key)
+            if mv is not None:
+                mv.retire = True
+                self._maybe_retire(mv)
+
+    def drain(self, mv: ModelVersion, timeout: float) -> None:
+        """Marks ``mv`` DRAINING, waits for its leases to end, then frees it.
+
+        On timeout the version goes back to READY and DeadlineExceeded is raised: nothing changed.
+        """
+        with self._lock:
+            if mv.state is not State.READY:
+                raise FailedPrecondition(f"{mv.key} is {mv.state.value}; only a READY version can drain")
+            mv.state = State.DRAINING
+        self.events.publish(EventKind.VERSION_DRAINING, mv.name, version=mv.version,
+                            message=f"{len(mv.leases)} lease(s) to end")
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while mv.leases:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    mv.state = State.READY
+                    n = len(mv.leases)
+                    raise DeadlineExceeded(
+                        f"drain of {mv.key} timed out after {timeout:g}s with {n} lease(s) still live; "
+                        f"nothing was changed", ref=mv.key, leases=n)
+                self._changed.wait(min(left, 0.5))
+            self._drop(mv)
+
+    def wait_ready(self, mv: ModelVersion, timeout: float | None = None) -> ModelVersion:
+        if not mv.done.wait(timeout):
+            raise DeadlineExceeded(f"{mv.key} did not finish loading within {timeout}s")
+        return mv
+
+    # ---- lifetime -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the daemon is shutting down")
+
+    def close(self) -> None:
+        """Frees everything the daemon holds (clients' mappings keep their own pages)."""
+        with self._lock:
+            self._closed = True
+            for mv in list(self._versions.values()):
+                mv.cancel.set()
+                self._free_memory(mv)
+            self._versions.clear()
+            self._aliases.clear()
+            self._leases.clear()
+        try:
+            self.backend.close()
+        except Exception as exc:  # closing must not hide the shutdown
+            log.warning("backend.close_failed", error=str(exc))
+
+    def adopt_version(self, mv: ModelVersion, aliases: Iterable[str] = ()) -> None:
+        """Registers a version rebuilt from restored allocations (daemon restart)."""
+        with self._lock:
+            if mv.key in self._versions:
+                raise AlreadyExists(f"{mv.key} is already registered")
+            mv.state = State.READY
+            mv.done.set()
+            self._versions[mv.key] = mv
+            for a in aliases:
+                self._aliases[a] = mv.key
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+

@@ -1,0 +1,91 @@
+"""Models, versions and aliases: the data the daemon serves, with no policy."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hotweights.errors import InvalidArgument
+from hotweightsd.core.backend import Allocation, AllocationMode
+from hotweightsd.core.layout import RankLayout
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise InvalidArgument(
+            f"invalid {kind} {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """``NAME@VERSION`` -> (NAME, VERSION); ``NAME`` -> (NAME, None)."""
+    if not ref:
+        raise InvalidArgument("empty model reference: give NAME, NAME@VERSION or an alias")
+    name, _, version = ref.partition("@")
+    check_name("model name", name)
+    if "@" in ref:
+        check_name("version", version)
+        return name, version
+    return name, None
+
+
+class State(str, Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+    UNLOADING = "UNLOADING"
+    DRAINING = "DRAINING"
+
+
+@dataclass
+class ResidentRank:
+    rank: int
+    device: int
+    layout: RankLayout
+    allocations: list[Allocation]
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: str
+    source: str
+    world_size: int
+    mode: AllocationMode = AllocationMode.FD
+    state: State = State.LOADING
+    error: str = ""
+    ranks: list[ResidentRank] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    load_seconds: float = 0.0
+    load_path: str = ""
+    leases: set[str] = field(default_factory=set)
+    # Set when the version should go once its last lease ends (swapped out, or unloaded while leased).
+    retire: bool = False
+    bytes_total: int = 0
+    bytes_done: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(a.size for r in self.ranks for a in r.allocations)
+
+    @property
+    def freed(self) -> bool:
+        return not self.ranks
+
+    def rank(self, rank: int) -> ResidentRank:
+        for r in self.ranks:
+            if r.rank == rank:
+                return r
+        raise InvalidArgument(f"{self.key} has ranks 0..{self.world_size - 1}; rank {rank} does not exist")

@@ -1,0 +1,103 @@
+"""Running the daemon: own the socket, build the core, serve gRPC and the fd channel, stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hotweights.errors import HotweightsError
+from hotweights.pb import pb, pb_grpc
+from hotweightsd.backends import create_backend
+from hotweightsd.config import Config, load_config
+from hotweightsd.core.manager import ModelManager
+from hotweightsd.logging import configure
+from hotweightsd.server.fdchannel import FdChannel
+from hotweightsd.server.service import HotweightsService, grpc_options
+from hotweightsd.server.sockets import SocketOwnership, fd_socket_path
+
+log = structlog.get_logger("hotweightsd")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Hotweights"].full_name
+
+
+async def serve(cfg: Config) -> None:
+    ownership = SocketOwnership(cfg.socket)
+    backend = create_backend(cfg.backend, **cfg.backend_options())
+    manager = ModelManager(backend, ticket_ttl=cfg.ticket_ttl, default_verify=cfg.verify)
+    fd_path = fd_socket_path(cfg.socket)
+    channel = FdChannel(fd_path, manager)
+    server = grpc.aio.server(options=grpc_options())
+    service = HotweightsService(manager, cfg.socket, fd_path, gds_note=getattr(backend, "gds_note", ""))
+    pb_grpc.add_HotweightsServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    old_umask = os.umask(0o117)  # the socket is born 0660: no window where others could connect
+    try:
+        server.add_insecure_port(f"unix:{cfg.socket}")
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(cfg.socket, 0o660)
+    channel.start()
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("daemon.serving", socket=cfg.socket, backend=backend.name, pid=os.getpid(),
+             devices=[d.name for d in backend.devices()])
+    try:
+        await _preload(manager, cfg)
+        await stop.wait()
+    finally:
+        log.info("daemon.stopping")
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2.0)
+        channel.stop()
+        await asyncio.to_thread(manager.close)
+        try:
+            os.unlink(cfg.socket)
+        except FileNotFoundError:
+            pass
+        ownership.release()
+        log.info("daemon.stopped")
+
+
+async def _preload(manager: ModelManager, cfg: Config) -> None:
+    for item in cfg.preload:
+        try:
+            await asyncio.to_thread(manager.load, item["name"], item["path"], version=item.get("version"),
+                                    alias=item.get("alias"), verify=item.get("verify"))
+        except HotweightsError as exc:
+            log.error("preload.failed", name=item["name"], path=item["path"], error=str(exc))
+
+
+def run(cfg: Config) -> int:
+    configure(cfg.log_format, cfg.log_level)
+    try:
+        asyncio.run(serve(cfg))
+    except HotweightsError as exc:
+        print(f"hotweights serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hotweightsd``: the same as ``hotweights serve``."""
+    from hotweights.cli import main as cli_main
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(run(load_config()))

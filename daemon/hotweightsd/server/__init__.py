@@ -1,0 +1,1 @@
+"""The transport: the gRPC servicer, the fd side channel and socket ownership."""

@@ -1,0 +1,75 @@
+"""Core objects to protobuf messages. No logic beyond field mapping."""
+
+from __future__ import annotations
+
+from hotweights.pb import pb
+from hotweightsd.core.backend import AllocationMode, HandleType
+from hotweightsd.core.events import Event
+from hotweightsd.core.leases import Lease
+from hotweightsd.core.manager import ModelManager
+from hotweightsd.core.registry import ModelVersion, ResidentRank
+
+_MODE = {AllocationMode.FD: pb.ALLOCATION_FD, AllocationMode.LEGACY_IPC: pb.ALLOCATION_LEGACY_IPC}
+MODE_OF = {pb.ALLOCATION_MODE_DEFAULT: AllocationMode.FD, pb.ALLOCATION_FD: AllocationMode.FD,
+           pb.ALLOCATION_LEGACY_IPC: AllocationMode.LEGACY_IPC}
+VERIFY_OF = {pb.VERIFY_DEFAULT: None, pb.VERIFY_NONE: "none", pb.VERIFY_FAST: "fast", pb.VERIFY_FULL: "full"}
+
+
+def version_info(mv: ModelVersion, manager: ModelManager) -> pb.ModelVersionInfo:
+    return pb.ModelVersionInfo(
+        name=mv.name,
+        version=mv.version,
+        source=mv.source,
+        state=pb.ModelState.Value(mv.state.value),
+        error=mv.error,
+        ranks=[
+            pb.RankInfo(rank=r.rank, device=r.device, bytes=r.layout.nbytes, tensors=len(r.layout.placements),
+                        allocations=len(r.allocations))
+            for r in mv.ranks
+        ],
+        bytes=mv.bytes_total,
+        leases=len(mv.leases),
+        load_seconds=mv.load_seconds,
+        load_path=mv.load_path,
+        aliases=manager.aliases_of(mv.key),
+        created_unix=mv.created,
+        allocation=_MODE[mv.mode],
+        backend=manager.backend.name,
+    )
+
+
+def handles(mv: ModelVersion, resident: ResidentRank, ticket: str, ttl: float, fd_socket: str) -> pb.GetHandlesResponse:
+    tensors = [
+        pb.TensorInfo(name=p.name, dtype=p.dtype, shape=list(p.shape), strides=list(p.strides),
+                      allocation=p.allocation, offset=p.offset, nbytes=p.nbytes, served_dtype=p.served_dtype)
+        for p in resident.layout.placements
+    ]
+    allocations = []
+    for i, a in enumerate(resident.allocations):
+        info = pb.AllocationInfo(index=i, size=a.size, handle_type=pb.HandleType.Value(a.handle_type.value),
+                                 device=-1 if a.handle_type is HandleType.MEMFD else a.device)
+        if a.handle_type is HandleType.CUDA_IPC:
+            info.ipc_handle = a.ipc_handle()
+        allocations.append(info)
+    return pb.GetHandlesResponse(name=mv.name, version=mv.version, rank=resident.rank, world_size=mv.world_size,
+                                 tensors=tensors, allocations=allocations, ticket=ticket, fd_socket=fd_socket,
+                                 ticket_ttl_seconds=ttl)
+
+
+def lease_info(lease: Lease) -> pb.LeaseInfo:
+    return pb.LeaseInfo(lease_id=lease.id, name=lease.name, version=lease.version, pid=lease.pid, uid=lease.uid,
+                        holder=lease.holder, started_unix=lease.started, ref=lease.ref)
+
+
+def aliases(manager: ModelManager) -> list[pb.AliasInfo]:
+    out = []
+    for alias, key in sorted(manager.aliases().items()):
+        name, _, version = key.partition("@")
+        out.append(pb.AliasInfo(alias=alias, name=name, version=version))
+    return out
+
+
+def watch_event(ev: Event) -> pb.WatchEvent:
+    return pb.WatchEvent(kind=pb.WatchEvent.Kind.Value(ev.kind.value), name=ev.name, version=ev.version,
+                         alias=ev.alias, old_version=ev.old_version, message=ev.message, time_unix=ev.time,
+                         seq=ev.seq)

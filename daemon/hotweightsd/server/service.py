@@ -1,0 +1,248 @@
+"""The gRPC servicer: protobuf in, a core call, protobuf out. Errors map in hotweights.rpc_status."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from typing import AsyncIterator, Callable
+
+import structlog
+
+from hotweights import errors
+from hotweights.pb import pb, pb_grpc
+from hotweights.rpc_status import abort_with
+from hotweightsd import __version__
+from hotweightsd.core.events import Event, EventKind
+from hotweightsd.core.manager import ModelManager
+from hotweightsd.core.registry import ModelVersion
+from hotweightsd.server import convert
+
+log = structlog.get_logger("hotweightsd.service")
+PROGRESS_INTERVAL = 0.2
+
+
+def rpc(fn: Callable) -> Callable:
+    """Turns hotweights errors (and bugs) raised by a unary handler into statuses."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except errors.HotweightsError as exc:
+            await abort_with(context, exc)
+        except Exception as exc:
+            log.exception("rpc.internal_error", method=fn.__name__)
+            await abort_with(context, errors.Internal(f"internal error in {fn.__name__}: {type(exc).__name__}: {exc}"))
+
+    return wrapper
+
+
+def stream_rpc(fn: Callable) -> Callable:
+    """The same for server-streaming handlers (async generators)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except errors.HotweightsError as exc:
+            await abort_with(context, exc)
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            log.exception("rpc.internal_error", method=fn.__name__)
+            await abort_with(context, errors.Internal(f"internal error in {fn.__name__}: {type(exc).__name__}: {exc}"))
+
+    return wrapper
+
+
+class EventQueue:
+    """Bridges the core's event bus (any thread) into one asyncio consumer."""
+
+    def __init__(self, manager: ModelManager, keep: Callable[[Event], bool]) -> None:
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def push(ev: Event) -> None:
+            if keep(ev):
+                loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+        self.unsubscribe = manager.events.subscribe(push)
+
+
+class HotweightsService(pb_grpc.HotweightsServicer):
+    def __init__(self, manager: ModelManager, socket_path: str, fd_socket: str, gds_note: str = "",
+                 restored: bool = False) -> None:
+        self.m = manager
+        self.socket_path = socket_path
+        self.fd_socket = fd_socket
+        self.gds_note = gds_note
+        self.restored = restored
+        self._background: set[asyncio.Task] = set()
+
+    # ---- loading --------------------------------------------------------------------------
+
+    @stream_rpc
+    async def LoadModel(self, request: pb.LoadModelRequest, context) -> AsyncIterator[pb.LoadEvent]:
+        mv, run = await asyncio.to_thread(
+            self.m.begin_load, request.name, request.path,
+            version=request.version or None, alias=request.alias or None,
+            verify=convert.VERIFY_OF[request.verify], mode=convert.MODE_OF[request.allocation],
+            device_map=list(request.device_map),
+        )
+        async for ev in self._run_load(mv, run, request.wait):
+            yield ev
+
+    async def _run_load(self, mv: ModelVersion, run: Callable, wait: bool) -> AsyncIterator[pb.LoadEvent]:
+        # The load runs to completion even if this caller goes away: another client may be waiting on it.
+        task = asyncio.ensure_future(asyncio.to_thread(run))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors are reported on mv
+        if not wait:
+            yield pb.LoadEvent(done=convert.version_info(mv, self.m))
+            return
+        while not task.done():
+            yield pb.LoadEvent(progress=pb.LoadProgress(bytes_done=mv.bytes_done, bytes_total=mv.bytes_total,
+                                                        phase="reading"))
+            await asyncio.wait({task}, timeout=PROGRESS_INTERVAL)
+        task.result()
+        yield pb.LoadEvent(done=convert.version_info(mv, self.m))
+
+    @rpc
+    async def UnloadModel(self, request, context) -> pb.UnloadModelResponse:
+        freed, total = await asyncio.to_thread(self.m.unload, request.ref, request.force)
+        return pb.UnloadModelResponse(unloaded=freed, bytes_freed=total)
+
+    @rpc
+    async def ListModels(self, request, context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(versions=[convert.version_info(v, self.m) for v in self.m.versions()],
+                                     aliases=convert.aliases(self.m))
+
+    @rpc
+    async def Status(self, request, context) -> pb.StatusResponse:
+        devices = await asyncio.to_thread(self.m.backend.devices)
+        versions = self.m.versions()
+        resident: dict[int, int] = {}
+        for v in versions:
+            for r in v.ranks:
+                resident[r.device] = resident.get(r.device, 0) + sum(a.size for a in r.allocations)
+        return pb.StatusResponse(
+            daemon_version=__version__, pid=os.getpid(), backend=self.m.backend.name, socket=self.socket_path,
+            uptime_seconds=time.time() - self.m.started,
+            devices=[pb.DeviceInfo(index=d.index, name=d.name, total_bytes=d.total, free_bytes=d.free,
+                                   resident_bytes=resident.get(d.index, 0),
+                                   reserve_bytes=getattr(self.m.backend, "reserve", 0)) for d in devices],
+            versions=[convert.version_info(v, self.m) for v in versions],
+            leases=[convert.lease_info(le) for le in self.m.leases()],
+            aliases=convert.aliases(self.m),
+            resident_bytes=self.m.resident_bytes(),
+            open_allocations=sum(len(r.allocations) for v in versions for r in v.ranks),
+            gds=self.gds_note, restored=self.restored,
+        )
+
+    # ---- leases and handles ---------------------------------------------------------------
+
+    @rpc
+    async def GetHandles(self, request, context) -> pb.GetHandlesResponse:
+        h = self.m.get_handles(request.lease_id, request.rank)
+        return convert.handles(h.version, h.rank, h.ticket, h.ttl, self.fd_socket)
+
+    async def Lease(self, request_iterator, context) -> AsyncIterator[pb.LeaseEvent]:
+        lease = None
+        try:
+            first = await request_iterator.__anext__()
+            if first.WhichOneof("msg") != "open":
+                raise errors.InvalidArgument("a Lease stream must start with an open message")
+            lease = self.m.open_lease(first.open.ref, pid=first.open.pid, holder=first.open.holder)
+            yield pb.LeaseEvent(granted=pb.LeaseGranted(lease_id=lease.id, name=lease.name, version=lease.version,
+                                                        world_size=self.m.get(lease.name, lease.version).world_size))
+            ref = first.open.ref
+            events = EventQueue(self.m, lambda ev: ev.kind is EventKind.ALIAS_MOVED and ev.alias == ref)
+            reader = asyncio.ensure_future(self._until_release(request_iterator))
+            try:
+                while True:
+                    getter = asyncio.ensure_future(events.queue.get())
+                    done, _ = await asyncio.wait({reader, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter in done:
+                        ev = getter.result()
+                        yield pb.LeaseEvent(alias_moved=pb.AliasMoved(alias=ev.alias, name=ev.name,
+                                                                      old_version=ev.old_version,
+                                                                      new_version=ev.version))
+                    else:
+                        getter.cancel()
+                    if reader in done:
+                        break
+            finally:
+                events.unsubscribe()
+                reader.cancel()
+        except StopAsyncIteration:
+            return
+        except errors.HotweightsError as exc:
+            await abort_with(context, exc)
+        finally:
+            if lease is not None:
+                self.m.close_lease(lease.id)
+
+    @staticmethod
+    async def _until_release(request_iterator) -> None:
+        async for msg in request_iterator:
+            if msg.WhichOneof("msg") == "release":
+                return
+
+    # ---- aliases, swaps, watch ------------------------------------------------------------
+
+    @rpc
+    async def SetAlias(self, request, context) -> pb.SetAliasResponse:
+        if not request.target:
+            key = await asyncio.to_thread(self.m.remove_alias, request.alias)
+            name, _, version = key.partition("@")
+            return pb.SetAliasResponse(alias=pb.AliasInfo(alias=request.alias, name=name, version=version))
+        _, key = await asyncio.to_thread(self.m.set_alias, request.alias, request.target)
+        name, _, version = key.partition("@")
+        return pb.SetAliasResponse(alias=pb.AliasInfo(alias=request.alias, name=name, version=version))
+
+    @stream_rpc
+    async def SwapModel(self, request: pb.SwapModelRequest, context) -> AsyncIterator[pb.LoadEvent]:
+        from hotweightsd.core.swap import SwapMode, swap
+
+        mode = SwapMode.DRAIN if request.mode == pb.SWAP_DRAIN else SwapMode.SIDE_BY_SIDE
+        plan = await asyncio.to_thread(
+            swap, self.m, request.alias, request.target, version=request.version or None, mode=mode,
+            drain_timeout=request.drain_timeout_seconds or 60.0, verify=convert.VERIFY_OF[request.verify],
+            name=request.name or None,
+        )
+        async for ev in self._run_load(plan.version, plan.run, wait=True):
+            yield ev
+
+    @stream_rpc
+    async def Watch(self, request, context) -> AsyncIterator[pb.WatchEvent]:
+        ref = request.ref
+
+        def keep(ev: Event) -> bool:
+            # An alias watcher follows the alias and every version of the model it points at.
+            if not ref or ev.alias == ref:
+                return True
+            target = self.m.aliases().get(ref)
+            return ev.name == (target or ref).partition("@")[0]
+
+        events = EventQueue(self.m, keep)
+        try:
+            while True:
+                ev = await events.queue.get()
+                yield convert.watch_event(ev)
+        finally:
+            events.unsubscribe()
+
+
+def grpc_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+

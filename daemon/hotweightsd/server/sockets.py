@@ -1,0 +1,67 @@
+"""Owning the daemon's socket path: one daemon per socket, stale files removed.
+
+gRPC silently unlinks and rebinds an existing socket path, which would steal a live daemon's
+socket. So the daemon first takes an exclusive lock beside the socket, then probe-connects:
+a live peer means refuse; a dead socket file is removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from hotweights.errors import DaemonAlreadyRunning, InvalidArgument
+
+
+def _alive(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class SocketOwnership:
+    """Holds ``<socket>.lock`` for the daemon's lifetime."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if len(path.encode()) > 107:
+            raise InvalidArgument(f"socket path is {len(path.encode())} bytes; unix sockets allow 107: {path}")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.lock_path = path + ".lock"
+        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise DaemonAlreadyRunning(
+                f"another hotweights daemon (pid {holder}) already serves {path}; stop it first or use --socket",
+                socket=path, pid=holder) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        for p in (path, fd_socket_path(path)):
+            if os.path.exists(p):
+                if _alive(p):
+                    self.release()
+                    raise DaemonAlreadyRunning(f"a live process answers on {p}; refusing to take it over", socket=p)
+                os.unlink(p)
+
+    def release(self) -> None:
+        # The lock file stays: unlinking it would let two later daemons lock two different inodes.
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def fd_socket_path(path: str) -> str:
+    return path + ".fds"
