@@ -360,3 +360,14 @@ except Exception as exc:
     finished(mgr)
     assert (f"DataLoss state file {state} disagrees with the fds the service manager passed back: "
             "1 name(s) in the state file got no fd back: 'm@1.r1'") in mgr.output()
+
+
+def test_emulator_binds_a_notify_socket_for_a_long_tmp_path(tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    with ServiceManager(deep, notify_access="all") as m:
+        monkeypatch.setenv("NOTIFY_SOCKET", m.notify_socket)
+        assert systemd.ready()
+        m.wait_for("READY", "1")
+        short = os.path.dirname(m.notify_socket)
+    assert not os.path.exists(short)

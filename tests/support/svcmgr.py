@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import child_env
+from . import child_env, stop_process
 
 _MAX_FDS = 253  # SCM_MAX_FD
 _ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * 4) + socket.CMSG_SPACE(struct.calcsize("iII"))
@@ -96,6 +97,8 @@ class ServiceManager:
             self._path = None
         else:
             self._path = self.tmpdir / "notify.sock"
+            if len(bytes(self._path)) > 107:  # sun_path holds 108 bytes; pytest's tmp_path can be longer
+                self._path = Path(tempfile.mkdtemp(prefix="hw-svcmgr-", dir="/tmp")) / "notify.sock"
             self._sock.bind(str(self._path))
             self.notify_socket = str(self._path)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -266,14 +269,7 @@ class ServiceManager:
         """Signals the service and waits; SIGKILL after ``timeout``. Returns the exit status."""
         if self.process is None:
             raise RuntimeError("no service was started")
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout)
 
     def close(self) -> None:
         if self._closed:
@@ -289,6 +285,8 @@ class ServiceManager:
             self._store = []
         if self._path is not None:
             self._path.unlink(missing_ok=True)
+            if self._path.parent != self.tmpdir:
+                self._path.parent.rmdir()
 
     def __enter__(self) -> "ServiceManager":
         return self
