@@ -1,0 +1,527 @@
+"""The bounce path: file -> pinned host ring -> device, with the reads and the H2D copies overlapped.
+
+Plan (plain functions, no CUDA, unit-tested): a rank's segments are cut by a fixed grid of
+``chunk_size`` windows of each file. Each window's tensors become one large read (a ``ReadChunk``:
+one contiguous file range covering several tensors, or a few ranges where the file has large
+holes), and each (chunk ∩ tensor) becomes one ``Piece``: one ``cuMemcpyHtoDAsync`` from the
+chunk's bytes to the tensor's place in the resident allocation. Pieces contiguous on both sides
+merge into one copy. Grid windows are page- and 4 KiB-aligned, so the O_DIRECT superset of a chunk
+and the pages registered in mmap mode never leave its window nor overlap another chunk.
+
+Run: ``threads`` workers, each owning ``depth`` pinned slots, one stream and one event per slot.
+A worker takes the next chunk, waits on the slot's event (the copy that last used the slot), reads
+into the slot, queues the copies on its stream and records the slot's event, so its reads overlap
+its own earlier copies and every other worker's. Read modes:
+
+- ``pread`` (default): buffered positional reads (page cache or tmpfs -> pinned slot).
+- ``odirect``: O_DIRECT reads of the 4 KiB-aligned superset of each chunk, for cold data; the right
+  sub-range is copied to the device. Files on filesystems that refuse O_DIRECT (tmpfs) are read
+  buffered, and the description says so.
+- ``mmap``: the file mapped read-only, each chunk's pages registered with
+  ``cuMemHostRegister(READ_ONLY)`` and copied straight from the page cache (no host copy, but
+  pinning costs); a registration is dropped when its copies are done. For trusted, stable files.
+
+Pinned rings are allocated once per device (``DeviceRing``) and reused across loads: pinning costs
+more than copying. Where the node has several NUMA nodes the ring is allocated, and the readers
+run, on the CPUs of the GPU's node (best effort).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from hotweights.errors import Aborted, BackendError, BadCheckpoint, InvalidArgument
+from hotweightsd.backends import cuda_driver as cd
+from hotweightsd.backends.reader import read_exact
+from hotweightsd.core.layout import RankLayout, Segment
+
+log = logging.getLogger("hotweightsd.cuda")
+
+MiB = 1024 * 1024
+DIRECT_ALIGN = 4096
+PAGE = mmap.PAGESIZE
+READ_MODES = ("pread", "odirect", "mmap")
+DEFAULT_THREADS = 16
+DEFAULT_CHUNK = 16 * MiB
+DEFAULT_DEPTH = 2
+MAX_GAP = 1 * MiB  # a hole up to this size inside a window is read through rather than split around
+
+
+# --- plan (pure) ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Piece:
+    """One H2D copy: ``length`` bytes from ``src`` (relative to the chunk's file offset) to (allocation, offset)."""
+
+    src: int
+    allocation: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ReadChunk:
+    """One read: ``length`` bytes of file ``file`` from ``offset``, and the copies out of it."""
+
+    file: int
+    offset: int
+    length: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes that reach the device (the read may also cover small holes)."""
+        return sum(p.length for p in self.pieces)
+
+    def direct_span(self, align: int = DIRECT_ALIGN) -> tuple[int, int, int]:
+        """(aligned start, aligned length, skip): the O_DIRECT read that covers this chunk."""
+        start = self.offset // align * align
+        end = -(-(self.offset + self.length) // align) * align
+        return start, end - start, self.offset - start
+
+
+def plan_chunks(segments: Iterable[Segment], chunk_size: int = DEFAULT_CHUNK, max_gap: int = MAX_GAP) -> list[ReadChunk]:
+    """Cuts segments by a grid of ``chunk_size`` windows per file into reads and copies.
+
+    ``chunk_size`` must be a multiple of 4096 (so windows are page- and O_DIRECT-aligned).
+    Chunks come out in file order, file by file.
+    """
+    if chunk_size <= 0 or chunk_size % DIRECT_ALIGN:
+        raise InvalidArgument(f"chunk size {chunk_size} is not a positive multiple of {DIRECT_ALIGN}")
+    out: list[ReadChunk] = []
+    cur: dict[str, Any] | None = None  # file, window, start, end, pieces
+
+    def flush() -> None:
+        nonlocal cur
+        if cur is not None and cur["pieces"]:
+            out.append(ReadChunk(cur["file"], cur["start"], cur["end"] - cur["start"], tuple(cur["pieces"])))
+        cur = None
+
+    for s in sorted(segments, key=lambda s: (s.file, s.file_offset)):
+        done = 0
+        while done < s.length:
+            pos = s.file_offset + done
+            window = pos // chunk_size
+            n = min(s.length - done, (window + 1) * chunk_size - pos)
+            if cur is not None and (cur["file"] != s.file or cur["window"] != window or pos < cur["end"]
+                                    or pos - cur["end"] > max_gap):
+                flush()
+            if cur is None:
+                cur = {"file": s.file, "window": window, "start": pos, "end": pos, "pieces": []}
+            piece = Piece(pos - cur["start"], s.allocation, s.offset + done, n)
+            pieces = cur["pieces"]
+            last = pieces[-1] if pieces else None
+            if (last is not None and last.allocation == piece.allocation and last.src + last.length == piece.src
+                    and last.offset + last.length == piece.offset):
+                pieces[-1] = Piece(last.src, last.allocation, last.offset, last.length + n)
+            else:
+                pieces.append(piece)
+            cur["end"] = pos + n
+            done += n
+    flush()
+    return out
+
+
+def check_plan(chunks: Sequence[ReadChunk], allocation_sizes: Sequence[int]) -> None:
+    """Every copy lands inside its allocation (a wrong layout must fail before any DMA)."""
+    for c in chunks:
+        for p in c.pieces:
+            if p.allocation >= len(allocation_sizes) or p.offset < 0 or \
+                    p.offset + p.length > allocation_sizes[p.allocation] or p.src + p.length > c.length:
+                raise InvalidArgument(f"copy {p} of chunk at file {c.file} offset {c.offset} falls outside "
+                                      f"its allocation (sizes {list(allocation_sizes)})")
+
+
+def needed_file_sizes(chunks: Sequence[ReadChunk], nfiles: int) -> list[int]:
+    ends = [0] * nfiles
+    for c in chunks:
+        ends[c.file] = max(ends[c.file], c.offset + c.length)
+    return ends
+
+
+# --- settings -----------------------------------------------------------------------------------------
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name, "").strip()
+    return int(v) if v else None
+
+
+@dataclass(frozen=True)
+class BounceSettings:
+    read_mode: str = "pread"
+    threads: int = DEFAULT_THREADS
+    chunk_size: int = DEFAULT_CHUNK
+    depth: int = DEFAULT_DEPTH
+    numa: bool = True
+
+    @classmethod
+    def resolve(cls, read_mode: str | None = None, threads: int | None = None, chunk_size: int | None = None,
+                depth: int | None = None, numa: bool | None = None) -> "BounceSettings":
+        """Explicit values win, then ``HOTWEIGHTS_CUDA_READ_MODE`` / ``_THREADS`` / ``_CHUNK_MB`` /
+        ``_RING_DEPTH`` / ``_NUMA``, then the defaults."""
+        mode = (read_mode or os.environ.get("HOTWEIGHTS_CUDA_READ_MODE") or "pread").strip().lower()
+        if mode not in READ_MODES:
+            raise InvalidArgument(f"unknown read mode {mode!r} (choose {', '.join(READ_MODES)})")
+        env_chunk = _env_int("HOTWEIGHTS_CUDA_CHUNK_MB")
+        chunk = chunk_size or (env_chunk * MiB if env_chunk else DEFAULT_CHUNK)
+        threads = threads or _env_int("HOTWEIGHTS_CUDA_THREADS") or min(DEFAULT_THREADS, max(4, os.cpu_count() or 4))
+        depth = depth or _env_int("HOTWEIGHTS_CUDA_RING_DEPTH") or DEFAULT_DEPTH
+        if numa is None:
+            numa = os.environ.get("HOTWEIGHTS_CUDA_NUMA", "1") not in ("0", "off", "false")
+        if chunk % DIRECT_ALIGN or chunk < DIRECT_ALIGN:
+            raise InvalidArgument(f"chunk size {chunk} is not a positive multiple of {DIRECT_ALIGN}")
+        if threads < 1 or depth < 1:
+            raise InvalidArgument(f"threads ({threads}) and ring depth ({depth}) must be at least 1")
+        return cls(mode, threads, chunk, depth, numa)
+
+    def describe(self) -> str:
+        return f"{self.read_mode} ring {self.threads} threads x {self.depth} x {self.chunk_size // MiB}MiB"
+
+
+# --- pinned ring, per device ----------------------------------------------------------------------------
+
+def _run_on_cpus(cpus: list[int], fn: Callable[[], Any]) -> Any:
+    """Runs ``fn`` in a helper thread bound to ``cpus`` (first-touch places its pages on their node)."""
+    if not cpus:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError:
+            pass
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed back to the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=body, name="hw-pin-alloc")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class DeviceRing:
+    """Per-device loader state kept across loads: pinned slots, one stream per worker, one event per slot."""
+
+    def __init__(self, device: int, settings: BounceSettings) -> None:
+        self.device = device
+        self.threads = settings.threads
+        self.depth = settings.depth
+        self.slot_size = settings.chunk_size
+        self.pinned = settings.read_mode != "mmap"
+        self.node, self.cpus = cd.numa_cpus(device) if settings.numa else (None, [])
+        self.host_ptr = 0
+        self.host_bytes = 0
+        self.streams: list[Any] = []
+        self.events: list[list[Any]] = []
+        self._views: list[memoryview] = []
+        self.lock = threading.Lock()  # one fill at a time per device
+        try:
+            with cd.current(device) as drv:
+                if self.pinned:
+                    total = self.threads * self.depth * self.slot_size
+                    flags = int(drv.CU_MEMHOSTALLOC_PORTABLE)
+
+                    def alloc() -> int:
+                        with cd.current(device):
+                            return int(cd.check(drv.cuMemHostAlloc(total, flags), "cuMemHostAlloc", bytes=total))
+
+                    self.host_ptr = _run_on_cpus(self.cpus, alloc)
+                    self.host_bytes = total
+                    buf = (ctypes.c_char * total).from_address(self.host_ptr)
+                    whole = memoryview(buf).cast("B")
+                    self._views = [whole[i * self.slot_size:(i + 1) * self.slot_size]
+                                   for i in range(self.threads * self.depth)]
+                sflag = int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)
+                eflag = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+                for _ in range(self.threads):
+                    self.streams.append(cd.check(drv.cuStreamCreate(sflag), "cuStreamCreate"))
+                    self.events.append([cd.check(drv.cuEventCreate(eflag), "cuEventCreate") for _ in range(self.depth)])
+        except BaseException:
+            self.close()
+            raise
+
+    def fits(self, settings: BounceSettings) -> bool:
+        same = (self.threads, self.depth, self.slot_size) == (settings.threads, settings.depth, settings.chunk_size)
+        return same and (self.pinned or settings.read_mode == "mmap")
+
+    def slot(self, worker: int, k: int) -> tuple[int, memoryview]:
+        i = worker * self.depth + k
+        return self.host_ptr + i * self.slot_size, self._views[i]
+
+    def describe_numa(self) -> str:
+        return f", NUMA node {self.node} ({len(self.cpus)} cpus)" if self.node is not None and self.cpus else ""
+
+    def close(self) -> None:
+        errors: list[Exception] = []
+        try:
+            with cd.current(self.device) as drv:
+                for evs in self.events:
+                    for ev in evs:
+                        errors += _collect(lambda: cd.check(drv.cuEventDestroy(ev), "cuEventDestroy"))
+                for st in self.streams:
+                    errors += _collect(lambda: cd.check(drv.cuStreamDestroy(st), "cuStreamDestroy"))
+                for v in self._views:
+                    v.release()
+                self._views = []
+                if self.host_ptr:
+                    errors += _collect(lambda: cd.check(drv.cuMemFreeHost(self.host_ptr), "cuMemFreeHost"))
+        except Exception as exc:
+            errors.append(exc)
+        self.events, self.streams, self.host_ptr, self.host_bytes = [], [], 0, 0
+        for e in errors:
+            log.error("releasing the pinned ring of cuda:%d: %s", self.device, e)
+
+
+def _collect(fn: Callable[[], Any]) -> list[Exception]:
+    try:
+        fn()
+    except Exception as exc:
+        return [exc]
+    return []
+
+
+# --- files --------------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+@dataclass
+class SourceFiles:
+    """A layout's files opened for one fill (and mapped, in mmap mode); closed by ``close()``."""
+
+    paths: list[str]
+    fds: list[int] = field(default_factory=list)
+    direct: list[bool] = field(default_factory=list)
+    maps: list[tuple[int, int]] = field(default_factory=list)  # (address, length)
+
+    @classmethod
+    def open(cls, paths: list[str], mode: str, needed: list[int]) -> "SourceFiles":
+        files = cls(list(paths))
+        try:
+            for path, need in zip(paths, needed):
+                fd, direct = open_source(path, mode == "odirect")
+                files.fds.append(fd)
+                files.direct.append(direct)
+                size = os.fstat(fd).st_size
+                if size < need:
+                    raise BadCheckpoint(f"{path}: truncated: {size} bytes, the header promised data up to {need}",
+                                        path=path)
+                if mode == "mmap":
+                    addr = _libc.mmap(None, max(size, 1), mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+                    if addr in (None, _MAP_FAILED):
+                        e = ctypes.get_errno()
+                        raise BackendError("mmap", e, f"{path}: mmap failed: {os.strerror(e)}")
+                    files.maps.append((addr, max(size, 1)))
+        except BaseException:
+            files.close()
+            raise
+        return files
+
+    @property
+    def buffered_fallbacks(self) -> int:
+        return sum(1 for d in self.direct if not d)
+
+    def close(self) -> None:
+        for addr, length in self.maps:
+            _libc.munmap(addr, length)
+        self.maps = []
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def open_source(path: str, direct: bool) -> tuple[int, bool]:
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    if direct:
+        try:
+            return os.open(path, flags | os.O_DIRECT), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=path) from exc
+            log.info("%s: O_DIRECT refused by its filesystem; reading it buffered", path)
+    try:
+        return os.open(path, flags), False
+    except OSError as exc:
+        raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=path) from exc
+
+
+def read_direct(fd: int, buf: memoryview, chunk: ReadChunk, path: str) -> int:
+    """Reads the aligned superset of ``chunk`` into ``buf``; returns where the chunk starts in ``buf``."""
+    start, length, skip = chunk.direct_span()
+    need = skip + chunk.length
+    got = 0
+    while got < length:
+        try:
+            n = os.preadv(fd, [buf[got:length]], start + got)
+        except OSError as exc:
+            raise BackendError("pread(O_DIRECT)", exc.errno or "os",
+                               f"{path}: O_DIRECT read of {length - got} bytes at {start + got} failed: "
+                               f"{exc.strerror} (set HOTWEIGHTS_CUDA_READ_MODE=pread to read buffered)") from exc
+        if n == 0:
+            break
+        got += n
+        if n % DIRECT_ALIGN:
+            break  # end of file inside this block
+    if got < need:
+        raise BadCheckpoint(f"{path}: truncated: ended at byte {start + got}, the header promised data up to "
+                            f"{chunk.offset + chunk.length}", path=path)
+    return skip
+
+
+# --- the fill -----------------------------------------------------------------------------------------
+
+class _Fill:
+    def __init__(self, device: int, ring: DeviceRing, settings: BounceSettings, chunks: list[ReadChunk],
+                 files: SourceFiles, bases: list[int], progress: Callable[[int], None], cancel: threading.Event) -> None:
+        self.device = device
+        self.ring = ring
+        self.settings = settings
+        self.chunks = chunks
+        self.files = files
+        self.bases = bases
+        self.progress = progress
+        self.cancel = cancel
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> ReadChunk | None:
+        with self._lock:
+            if self._next >= len(self.chunks) or self.stop.is_set() or self.cancel.is_set():
+                return None
+            c = self.chunks[self._next]
+            self._next += 1
+            return c
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self.errors.append(exc)
+        self.stop.set()
+
+    def run(self) -> None:
+        workers = [threading.Thread(target=self.worker, args=(w,), name=f"hw-h2d-{self.device}-{w}", daemon=True)
+                   for w in range(min(self.ring.threads, max(1, len(self.chunks))))]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+
+    def worker(self, w: int) -> None:
+        drv = None
+        stream = self.ring.streams[w] if w < len(self.ring.streams) else None
+        events = self.ring.events[w] if w < len(self.ring.events) else []
+        pending: list[Any] = [None] * self.ring.depth  # per slot: None, True (copies queued) or a registration
+        try:
+            drv = cd.init()
+            cd.set_current(self.device)
+            if self.ring.cpus:
+                try:
+                    os.sched_setaffinity(0, self.ring.cpus)
+                except OSError:
+                    pass
+            k = 0
+            while True:
+                chunk = self.take()
+                if chunk is None:
+                    break
+                s = k % self.ring.depth
+                k += 1
+                if pending[s] is not None:
+                    cd.check(drv.cuEventSynchronize(events[s]), "cuEventSynchronize")
+                    self._retire(drv, pending[s])
+                    pending[s] = None
+                src = self._read(drv, w, s, chunk)
+                if isinstance(src, tuple):  # mmap: (registered address, length, chunk start address)
+                    pending[s] = src
+                    src_ptr = src[2]
+                else:
+                    pending[s] = True
+                    src_ptr = src
+                for p in chunk.pieces:
+                    cd.check(drv.cuMemcpyHtoDAsync(self.bases[p.allocation] + p.offset, src_ptr + p.src, p.length,
+                                                   stream), "cuMemcpyHtoDAsync", bytes=p.length)
+                cd.check(drv.cuEventRecord(events[s], stream), "cuEventRecord")
+                self.progress(chunk.nbytes)
+        except BaseException as exc:
+            self.fail(exc)
+        finally:
+            # Whatever happened, no copy may still be in flight when the fill returns.
+            if drv is not None and stream is not None:
+                try:
+                    cd.check(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
+                except BaseException as exc:
+                    self.fail(exc)
+                for token in pending:
+                    if token is not None:
+                        try:
+                            self._retire(drv, token)
+                        except BaseException as exc:
+                            self.fail(exc)
+
+    def _read(self, drv: Any, w: int, s: int, chunk: ReadChunk) -> Any:
+        mode = self.settings.read_mode
+        fd, path = self.files.fds[chunk.file], self.files.paths[chunk.file]
+        if mode == "mmap":
+            addr, _ = self.files.maps[chunk.file]
+            lo = (chunk.offset // PAGE) * PAGE
+            hi = -(-(chunk.offset + chunk.length) // PAGE) * PAGE
+            flags = int(drv.CU_MEMHOSTREGISTER_READ_ONLY)
+            cd.check(drv.cuMemHostRegister(addr + lo, hi - lo, flags), "cuMemHostRegister(READ_ONLY)",
+                     path=path, offset=lo, bytes=hi - lo)
+            return (addr + lo, hi - lo, addr + chunk.offset)
+        ptr, view = self.ring.slot(w, s)
+        if mode == "odirect":
+            return ptr + read_direct(fd, view, chunk, path)
+        read_exact(fd, view[:chunk.length], chunk.offset, path)
+        return ptr
+
+    @staticmethod
+    def _retire(drv: Any, token: Any) -> None:
+        if isinstance(token, tuple):
+            cd.check(drv.cuMemHostUnregister(token[0]), "cuMemHostUnregister")
+
+
+def fill(device: int, ring: DeviceRing, settings: BounceSettings, layout: RankLayout, bases: list[int],
+         sizes: list[int], progress: Callable[[int], None], cancel: threading.Event) -> str:
+    """Copies every segment of ``layout`` into the device allocations at ``bases``; returns a description.
+
+    Raises BadCheckpoint (a file shorter than its header promised), Aborted (``cancel`` set), or the
+    first CudaError/BackendError a worker hit. Every queued copy has finished when it returns or raises.
+    """
+    chunks = plan_chunks(layout.segments(), settings.chunk_size)
+    check_plan(chunks, sizes)
+    files = SourceFiles.open(layout.files, settings.read_mode, needed_file_sizes(chunks, len(layout.files)))
+    try:
+        job = _Fill(device, ring, settings, chunks, files, bases, progress, cancel)
+        job.run()
+    finally:
+        files.close()
+    if job.errors:
+        first = next((e for e in job.errors if isinstance(e, BadCheckpoint)), job.errors[0])
+        raise first
+    if cancel.is_set():
+        raise Aborted("load cancelled")
+    copies = sum(len(c.pieces) for c in chunks)
+    extra = ""
+    if settings.read_mode == "odirect" and files.buffered_fallbacks:
+        extra = f"; O_DIRECT refused for {files.buffered_fallbacks} file(s) (tmpfs?), read buffered"
+    return (f"{settings.describe()} on cuda:{device}{ring.describe_numa()}; "
+            f"{len(chunks)} reads, {copies} copies{extra}")
