@@ -265,6 +265,8 @@ def test_in_process_notify_reaches_the_manager(tmp_path, monkeypatch):
                 os.close(fd)
         assert len(m.stored_fds["three"]) == 2
         assert any("fd store full" in e for e in m.errors), m.errors
+        with pytest.raises(InvalidArgument, match="not an open file descriptor"):
+            systemd.store_fds("closed", [os.sysconf("SC_OPEN_MAX") + 1])
 
 
 # -- the state file --------------------------------------------------------------------------

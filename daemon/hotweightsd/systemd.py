@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -63,6 +64,9 @@ def notify(*fields: str, fds: Sequence[int] = ()) -> bool:
         try:
             sock.sendmsg([payload], ancillary, 0, addr)
         except OSError as exc:
+            if exc.errno == errno.EBADF and fds:
+                raise InvalidArgument(f"cannot pass fds {list(fds)} to the service manager: one of "
+                                      "them is not an open file descriptor") from exc
             shown = os.environ.get("NOTIFY_SOCKET")
             raise Unavailable(f"cannot notify the service manager at NOTIFY_SOCKET={shown!r}: {exc}",
                               socket=shown, errno=exc.errno) from exc
