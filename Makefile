@@ -16,14 +16,14 @@ demo: setup
 	$(VPY) -m hotweights demo
 
 test: setup
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -p no:cacheprovider
 
 protos:
 	$(VPY) -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
 		--grpc_python_out=$(PROTO_OUT) proto/hotweights/v1/hotweights.proto
 	sed -i 's/^from hotweights.v1 import/from hotweights._proto.hotweights.v1 import/' $(PROTO_OUT)/hotweights/v1/hotweights_pb2_grpc.py
 
-check-protos:
+check-protos: setup
 	rm -rf /tmp/hw-protos && mkdir -p /tmp/hw-protos
 	$(VPY) -m grpc_tools.protoc -Iproto --python_out=/tmp/hw-protos --pyi_out=/tmp/hw-protos \
 		--grpc_python_out=/tmp/hw-protos proto/hotweights/v1/hotweights.proto

@@ -38,9 +38,10 @@ class TensorMeta:
 
 def build_tensor(meta: TensorMeta, base: torch.Tensor) -> torch.Tensor:
     raw = base[meta.offset:meta.offset + meta.nbytes]
-    if meta.served_dtype == "uint8" and meta.dtype != "U8":
-        return raw  # bytes of a dtype torch lacks; ``meta.dtype`` says how to read them
-    return raw.view(getattr(torch, meta.served_dtype)).view(meta.shape)
+    dtype = getattr(torch, meta.served_dtype, None)
+    if not isinstance(dtype, torch.dtype) or (dtype == torch.uint8 and meta.dtype != "U8"):
+        return raw  # bytes of a dtype this torch lacks; ``meta.dtype`` says how to read them
+    return raw.view(dtype).view(meta.shape)
 
 
 class LeaseStream:

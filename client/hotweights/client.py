@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import grpc
 
 from hotweights import errors
-from hotweights.attach import Attachment
 from hotweights.pb import pb, pb_grpc
 from hotweights.paths import default_socket
 from hotweights.rpc_status import error_from_rpc
+
+if TYPE_CHECKING:  # torch is imported only by processes that attach
+    from hotweights.attach import Attachment
 
 _VERIFY = {None: pb.VERIFY_DEFAULT, "none": pb.VERIFY_NONE, "fast": pb.VERIFY_FAST, "full": pb.VERIFY_FULL}
 _ALLOC = {"fd": pb.ALLOCATION_FD, "legacy_ipc": pb.ALLOCATION_LEGACY_IPC, None: pb.ALLOCATION_MODE_DEFAULT}
@@ -108,15 +110,17 @@ class Client:
     # ---- serving calls --------------------------------------------------------------------
 
     def attach(self, ref: str, rank: int = 0, holder: str = "",
-               on_alias_moved: Callable[[pb.AliasMoved], None] | None = None) -> Attachment:
+               on_alias_moved: Callable[[pb.AliasMoved], None] | None = None) -> "Attachment":
         """Maps rank ``rank`` of ``ref`` (NAME, NAME@VERSION or alias) and holds a lease on it."""
+        from hotweights.attach import Attachment
+
         return Attachment(self, ref, rank, holder=holder, on_alias_moved=on_alias_moved)
 
     def watch(self, ref: str = "") -> "Watch":
         """Events for an alias or model (all when empty): iterate it, ``cancel()`` to stop."""
         return Watch(self.stub.Watch(pb.WatchRequest(ref=ref)))
 
-    def follow(self, alias: str, on_change: Callable[[Attachment], None], rank: int = 0,
+    def follow(self, alias: str, on_change: Callable[["Attachment"], None], rank: int = 0,
                holder: str = "") -> "Follower":
         """Attaches to ``alias`` and re-attaches whenever it moves, handing each new mapping to
         ``on_change`` before the previous one is released."""
@@ -150,7 +154,7 @@ class Watch:
 class Follower:
     """Keeps a serving process on whatever version an alias points at."""
 
-    def __init__(self, client: Client, alias: str, on_change: Callable[[Attachment], None], rank: int,
+    def __init__(self, client: Client, alias: str, on_change: Callable[["Attachment"], None], rank: int,
                  holder: str) -> None:
         self._client, self._alias, self._on_change = client, alias, on_change
         self._rank, self._holder = rank, holder
@@ -162,7 +166,7 @@ class Follower:
         self._thread = threading.Thread(target=self._run, name="hotweights-follow", daemon=True)
         self._thread.start()
 
-    def _attach(self) -> Attachment:
+    def _attach(self) -> "Attachment":
         return self._client.attach(self._alias, self._rank, holder=self._holder,
                                    on_alias_moved=lambda _ev: self._moved.set())
 

@@ -66,8 +66,8 @@ def torch_dtype(name: str):
 
 
 def served_dtype_name(name: str) -> str:
-    """What ``torch_dtype`` returns, as a string, decided where torch is importable."""
-    import torch
+    """The torch dtype name a client should build; a client whose torch lacks it serves raw bytes.
 
-    entry = DTYPES[name]
-    return entry.torch_name if hasattr(torch, entry.torch_name) else "uint8"
+    Decided without importing torch: the daemon never needs it.
+    """
+    return DTYPES[name].torch_name

@@ -40,11 +40,11 @@ class HostRegion:
         return self.base.data_ptr()
 
     def close(self) -> None:
+        # Never mmap.close() here: torch.frombuffer keeps a reference to the mmap object but no buffer
+        # export, so closing would unmap pages under live tensors. The mapping ends when the last
+        # tensor (and so the mmap object) is collected.
         self.base = torch.empty(0, dtype=torch.uint8)
-        try:
-            self._map.close()
-        except BufferError:
-            pass  # tensors still use it; the mapping goes with the last of them
+        self._map = None
 
 
 def open_region(handle_type: str, size: int, device: int, fd: int | None, ipc_handle: bytes = b"") -> Region:
