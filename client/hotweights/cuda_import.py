@@ -74,6 +74,7 @@ def set_driver(mod: Any) -> Any:
         _driver = mod
         _initialized = False
         _contexts.clear()
+        _granularity.clear()
     return previous
 
 

@@ -239,6 +239,9 @@ class DeviceRing:
 
                     self.host_ptr = _run_on_cpus(self.cpus, alloc)
                     self.host_bytes = total
+                    if self.host_ptr % DIRECT_ALIGN:
+                        raise BackendError("cuMemHostAlloc", "alignment",
+                                           f"pinned memory at {self.host_ptr:#x} is not {DIRECT_ALIGN}-byte aligned")
                     buf = (ctypes.c_char * total).from_address(self.host_ptr)
                     whole = memoryview(buf).cast("B")
                     self._views = [whole[i * self.slot_size:(i + 1) * self.slot_size]
