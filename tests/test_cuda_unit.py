@@ -903,6 +903,15 @@ def test_gds_path_choice_is_never_silent(fake, monkeypatch):
     assert make_backend(gds="auto").path() == ("gds", "GDS: /dev/nvidia-fs0")
     with pytest.raises(InvalidArgument):
         make_backend(gds="maybe")
+    assert make_backend(gds="force").gds_mode == "on"
+
+
+def test_daemon_config_names(fake, monkeypatch):
+    monkeypatch.setattr(gds, "nvidia_fs_devices", lambda: [])
+    b = make_backend(loader="odirect", chunk_size=32 * MiB, ring_depth=4, threads=8, gds="auto")
+    assert b.settings.describe() == "odirect ring 8 threads x 4 x 32MiB"
+    assert b.gds_note == "bounce path (odirect ring 8 threads x 4 x 32MiB): GDS unavailable: no /dev/nvidia-fs*"
+    assert make_backend(loader="auto").settings.read_mode == "pread"
 
 
 def test_unknown_options_are_tolerated_but_logged(fake, caplog):

@@ -141,7 +141,11 @@ class CudaBackend:
 
     def __init__(self, reserve: int | None = None, memory_limit: int | None = None, threads: int | None = None,
                  read_mode: str | None = None, chunk_size: int | None = None, ring_depth: int | None = None,
-                 gds: str | None = None, numa: bool | None = None, **extra: Any) -> None:
+                 gds: str | None = None, numa: bool | None = None, loader: str | None = None,
+                 **extra: Any) -> None:
+        """``loader`` (auto | pread | odirect | mmap) is the daemon config's name for ``read_mode``;
+        ``gds`` is auto | off | on (alias force: GDS or an error) | compat (cuFile compatibility mode,
+        forced: a correctness check of the GDS path on machines without nvidia-fs)."""
         unknown = {k: v for k, v in extra.items() if v is not None}
         if unknown:
             log.warning("cuda backend: ignoring options it does not know: %s", ", ".join(sorted(unknown)))
@@ -152,10 +156,13 @@ class CudaBackend:
         if reserve is None and os.environ.get("HOTWEIGHTS_CUDA_RESERVE_MB"):
             self.reserve = int(os.environ["HOTWEIGHTS_CUDA_RESERVE_MB"]) * MiB
         self.memory_limit = memory_limit
+        if read_mode is None and loader not in (None, "", "auto"):
+            read_mode = loader
         self.settings = bounce.BounceSettings.resolve(read_mode, threads, chunk_size, ring_depth, numa)
         self.gds_mode = (gds or os.environ.get("HOTWEIGHTS_GDS") or "auto").strip().lower()
+        self.gds_mode = {"force": "on"}.get(self.gds_mode, self.gds_mode)
         if self.gds_mode not in GDS_MODES:
-            raise InvalidArgument(f"unknown gds mode {self.gds_mode!r} (choose {', '.join(GDS_MODES)})")
+            raise InvalidArgument(f"unknown gds mode {self.gds_mode!r} (choose auto, off, on/force or compat)")
         self._count = cd.device_count()
         self._resident = [0] * self._count
         self._device_locks = [threading.Lock() for _ in range(self._count)]
@@ -165,6 +172,11 @@ class CudaBackend:
         self._closed = False
         for d in range(self._count):
             cd.primary_context(d)
+        try:
+            kind, why = self.path()
+            self.gds_note = why if kind == "gds" else f"bounce path ({self.settings.describe()}): {why}"
+        except BackendError as exc:
+            self.gds_note = exc.message
 
     # --- devices and admission ---
 
