@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -45,35 +46,64 @@ def build_tensor(meta: TensorMeta, base: torch.Tensor) -> torch.Tensor:
 
 
 class LeaseStream:
-    """The client end of one Lease stream, with a thread that reads the daemon's events."""
+    """The client end of one Lease stream, with a thread that reads the daemon's events.
+
+    If the daemon goes away (a restart), the thread re-leases the same ``NAME@VERSION`` once a
+    daemon answers again, so a restarted daemon knows the memory is still in use.
+    """
+
+    RELEASE_RETRY_SECONDS = 120.0
 
     def __init__(self, stub, ref: str, holder: str, on_alias_moved: Callable[[pb.AliasMoved], None] | None) -> None:
+        self._stub = stub
+        self._holder = holder
         self._release = threading.Event()
         self._on_alias_moved = on_alias_moved
-        open_msg = pb.LeaseRequest(open=pb.LeaseOpen(ref=ref, pid=os.getpid(), holder=holder))
+        self.relets = 0
+        try:
+            self.granted = self._open(ref)
+        except grpc.RpcError as exc:
+            self._release.set()
+            raise error_from_rpc(exc) from None
+        self._thread = threading.Thread(target=self._pump, name="hotweights-lease", daemon=True)
+        self._thread.start()
+
+    def _open(self, ref: str) -> pb.LeaseGranted:
+        open_msg = pb.LeaseRequest(open=pb.LeaseOpen(ref=ref, pid=os.getpid(), holder=self._holder))
 
         def requests():
             yield open_msg
             self._release.wait()
             yield pb.LeaseRequest(release=pb.LeaseRelease())
 
-        self._responses = stub.Lease(requests())
-        try:
-            first = next(self._responses)
-        except grpc.RpcError as exc:
-            self._release.set()
-            raise error_from_rpc(exc) from None
-        self.granted = first.granted
-        self._thread = threading.Thread(target=self._pump, name="hotweights-lease", daemon=True)
-        self._thread.start()
+        self._responses = self._stub.Lease(requests())
+        return next(self._responses).granted
 
     def _pump(self) -> None:
-        try:
-            for ev in self._responses:
-                if ev.WhichOneof("event") == "alias_moved" and self._on_alias_moved is not None:
-                    self._on_alias_moved(ev.alias_moved)
-        except grpc.RpcError:
-            pass  # the stream ended: released, or the daemon went away
+        while True:
+            try:
+                for ev in self._responses:
+                    if ev.WhichOneof("event") == "alias_moved" and self._on_alias_moved is not None:
+                        self._on_alias_moved(ev.alias_moved)
+                return  # ended after our release
+            except grpc.RpcError:
+                pass
+            if self._release.is_set() or not self._relet():
+                return
+
+    def _relet(self) -> bool:
+        key = f"{self.granted.name}@{self.granted.version}"
+        deadline = time.monotonic() + self.RELEASE_RETRY_SECONDS
+        while not self._release.is_set() and time.monotonic() < deadline:
+            try:
+                self._open(key)
+                self.relets += 1
+                return True
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    return False  # the version is gone: nothing left to hold
+            self._release.wait(0.1)
+        return False
 
     def release(self, timeout: float = 5.0) -> None:
         self._release.set()

@@ -39,6 +39,10 @@ class Client:
         self.channel = grpc.insecure_channel(f"unix:{self.socket}", options=[
             ("grpc.max_receive_message_length", 256 * 1024 * 1024),
             ("grpc.enable_retries", 0),
+            # a restarted daemon is found again within a fraction of a second
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ])
         self.stub = pb_grpc.HotweightsStub(self.channel)
 

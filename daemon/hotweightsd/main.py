@@ -12,12 +12,16 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hotweights.errors import HotweightsError
+from hotweights.errors import AlreadyExists, HotweightsError
 from hotweights.pb import pb, pb_grpc
+from pathlib import Path
+
+from hotweightsd import systemd
 from hotweightsd.backends import create_backend
 from hotweightsd.config import Config, load_config
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.logging import configure
+from hotweightsd.persist import STATE_NAME, Persister, restore
 from hotweightsd.server.fdchannel import FdChannel
 from hotweightsd.server.service import HotweightsService, grpc_options
 from hotweightsd.server.sockets import SocketOwnership, fd_socket_path
@@ -31,9 +35,13 @@ async def serve(cfg: Config) -> None:
     backend = create_backend(cfg.backend, **cfg.backend_options())
     manager = ModelManager(backend, ticket_ttl=cfg.ticket_ttl, default_verify=cfg.verify)
     fd_path = fd_socket_path(cfg.socket)
+    persister = Persister(manager, Path(cfg.state_dir or os.path.dirname(cfg.socket)) / STATE_NAME,
+                          fdstore=systemd.fdstore_enabled())
+    report = restore(manager, backend, persister, systemd.listen_fds())
     channel = FdChannel(fd_path, manager)
     server = grpc.aio.server(options=grpc_options())
-    service = HotweightsService(manager, cfg.socket, fd_path, gds_note=getattr(backend, "gds_note", ""))
+    service = HotweightsService(manager, cfg.socket, fd_path, gds_note=getattr(backend, "gds_note", ""),
+                                restored=bool(report.restored), restore_note=report.note)
     pb_grpc.add_HotweightsServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -55,12 +63,20 @@ async def serve(cfg: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("daemon.serving", socket=cfg.socket, backend=backend.name, pid=os.getpid(),
-             devices=[d.name for d in backend.devices()])
+             devices=[d.name for d in backend.devices()], restore=report.note)
+    # READY before any load: a cold preload must not count against the start timeout.
+    systemd.ready(f"serving on {cfg.socket}; {report.note or 'nothing to restore'}")
+    watchdog = asyncio.ensure_future(systemd.watchdog_loop(stop))
     try:
+        persister.save()
+        await _reload(manager, report.to_reload)
         await _preload(manager, cfg)
         await stop.wait()
     finally:
         log.info("daemon.stopping")
+        systemd.stopping()
+        watchdog.cancel()
+        persister.close()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)
         channel.stop()
@@ -73,11 +89,24 @@ async def serve(cfg: Config) -> None:
         log.info("daemon.stopped")
 
 
+async def _reload(manager: ModelManager, items: list[dict]) -> None:
+    for item in items:
+        try:
+            await asyncio.to_thread(manager.load, item["name"], item["path"], version=item["version"])
+            for alias in item["aliases"]:
+                manager.set_alias(alias, f"{item['name']}@{item['version']}")
+            log.info("reload.done", model=f"{item['name']}@{item['version']}", path=item["path"])
+        except HotweightsError as exc:
+            log.error("reload.failed", name=item["name"], path=item["path"], error=str(exc))
+
+
 async def _preload(manager: ModelManager, cfg: Config) -> None:
     for item in cfg.preload:
         try:
             await asyncio.to_thread(manager.load, item["name"], item["path"], version=item.get("version"),
                                     alias=item.get("alias"), verify=item.get("verify"))
+        except AlreadyExists:
+            pass  # restored or reloaded already
         except HotweightsError as exc:
             log.error("preload.failed", name=item["name"], path=item["path"], error=str(exc))
 

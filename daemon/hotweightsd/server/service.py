@@ -74,7 +74,8 @@ class EventQueue:
 
 class HotweightsService(pb_grpc.HotweightsServicer):
     def __init__(self, manager: ModelManager, socket_path: str, fd_socket: str, gds_note: str = "",
-                 restored: bool = False) -> None:
+                 restored: bool = False, restore_note: str = "") -> None:
+        self.restore_note = restore_note
         self.m = manager
         self.socket_path = socket_path
         self.fd_socket = fd_socket
@@ -140,7 +141,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             aliases=convert.aliases(self.m),
             resident_bytes=self.m.resident_bytes(),
             open_allocations=sum(len(r.allocations) for v in versions for r in v.ranks),
-            gds=self.gds_note, restored=self.restored,
+            gds=self.gds_note, restored=self.restored, restore_note=self.restore_note,
         )
 
     # ---- leases and handles ---------------------------------------------------------------
