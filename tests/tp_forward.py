@@ -13,6 +13,7 @@ Ranks are separate processes joined by torch.distributed (gloo on CPU, nccl on G
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -249,6 +250,8 @@ def _worker(rank: int, tp: int, init_file: str, backend: str, cases: list[dict[s
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
+        # TF32 matmuls would cost more than the tests' 1e-4 tolerance: full fp32, like the CPU reference.
+        torch.backends.cuda.matmul.allow_tf32 = False
     if tp > 1:
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=tp)
     try:
@@ -266,20 +269,45 @@ def _worker(rank: int, tp: int, init_file: str, backend: str, cases: list[dict[s
             dist.destroy_process_group()
 
 
-def run_tp(cases: list[tuple[str | Path, list[list[int]]]], tp: int, backend: str = "gloo") -> list[torch.Tensor]:
-    """Logits of each (shard dir, token ids) case, computed by ``tp`` processes; one process group for all."""
-    import torch.multiprocessing as mp
+def run_tp(cases: list[tuple[str | Path, list[list[int]]]], tp: int, backend: str = "gloo",
+           timeout: float = 240) -> list[torch.Tensor]:
+    """Logits of each (shard dir, token ids) case, computed by ``tp`` processes sharing one process group.
+
+    The ranks are plain ``python tp_forward.py SPEC RANK`` processes: nothing depends on how the
+    caller was started (pytest, xdist, a script), unlike multiprocessing's spawn.
+    """
+    import subprocess
+    import sys
 
     with tempfile.TemporaryDirectory(prefix="hw-tp-") as tmp:
         specs = [{"dir": str(d), "ids": ids, "out": os.path.join(tmp, f"logits-{i}.pt")}
                  for i, (d, ids) in enumerate(cases)]
-        init_file = os.path.join(tmp, "init")
-        if tp == 1:
-            _worker(0, 1, init_file, backend, specs)
-        else:
-            mp.start_processes(_worker, args=(tp, init_file, backend, specs), nprocs=tp, join=True,
-                               start_method="spawn")
+        spec_file = os.path.join(tmp, "spec.json")
+        Path(spec_file).write_text(json.dumps({"tp": tp, "backend": backend, "init": os.path.join(tmp, "init"),
+                                               "cases": specs}))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tp processes share a few cores in CI
+        procs = [subprocess.Popen([sys.executable, __file__, spec_file, str(r)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=env) for r in range(tp)]
+        failures = []
+        for r, p in enumerate(procs):
+            try:
+                output, _ = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                output, _ = p.communicate()
+                failures.append(f"rank {r} timed out after {timeout} s:\n{output}")
+                continue
+            if p.returncode != 0:
+                failures.append(f"rank {r} exited with {p.returncode}:\n{output}")
+        if failures:
+            raise AssertionError("\n".join(failures))
         return [torch.load(s["out"]) for s in specs]
+
+
+def _main(argv: list[str]) -> None:
+    spec = json.loads(Path(argv[1]).read_text())
+    _worker(int(argv[2]), spec["tp"], spec["init"], spec["backend"], spec["cases"])
 
 
 def source_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -290,3 +318,93 @@ def source_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
             for key in f.keys():
                 out[key] = f.get_tensor(key)
     return out
+
+
+# ----------------------------------------------------------------------------- tiny test models
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=128, max_position_embeddings=256, initializer_range=0.1)
+
+# name -> (config class, model class, overrides). Each covers a rule family; see the comments.
+MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", {}),  # 4 heads, 2 KV heads: tp 4 replicates KV
+    "llama_tied_bias": ("LlamaConfig", "LlamaForCausalLM",  # tied embeddings, o_proj/down_proj biases
+                        dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1)),  # q/k/v biases, one KV head
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),  # q_norm / k_norm
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(  # experts + gated shared expert
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, head_dim=16)),
+}
+PROMPT = [[3, 17, 42, 99, 5, 64, 127, 0, 31, 77, 12, 8]]
+
+_root: Path | None = None
+_built: dict[tuple, Path] = {}
+_models: dict[tuple, Any] = {}
+
+
+def scratch() -> Path:
+    """One temporary directory per test process, shared by every test module that builds models."""
+    global _root
+    if _root is None:
+        import atexit
+        import shutil
+
+        _root = Path(tempfile.mkdtemp(prefix="hw-shard-models-"))
+        atexit.register(shutil.rmtree, _root, True)
+    return _root
+
+
+def build_model(kind: str, dtype: str = "float32", seed: int = 0, max_shard_size: str | None = None):
+    """(directory, model) of a tiny random model saved as a Hugging Face checkpoint; cached per process.
+
+    Every parameter is random, norms and biases included (their defaults, ones and zeros, would hide
+    a wrongly split or dropped bias or norm).
+    """
+    key = (kind, dtype, seed, max_shard_size)
+    if key in _models:
+        return _built[key], _models[key]
+    import transformers
+
+    cfg_cls, model_cls, overrides = MODELS[kind]
+    torch.manual_seed(seed)
+    config = getattr(transformers, cfg_cls)(**{**TINY, **overrides})
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
+    d = scratch() / f"{kind}-{dtype}-{seed}-{max_shard_size or 'one'}"
+    model.save_pretrained(d, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    _built[key], _models[key] = d, model
+    return d, model
+
+
+def shard_cached(kind: str, tp: int, dtype: str = "float32", **options: Any) -> Path:
+    """A tiny model sharded with hotweights shard, cached per (model, tp, options)."""
+    from hotweights.shard import shard_checkpoint
+
+    key = ("sharded", kind, tp, dtype, tuple(sorted(options.items())))
+    if key not in _built:
+        src, _ = build_model(kind, dtype)
+        out = scratch() / ("-".join(str(k) for k in key[1:4]) + f"-{len(_built)}")
+        shard_checkpoint(src, out, tp, **options)
+        _built[key] = out
+    return _built[key]
+
+
+def reference_logits(kind: str, dtype: str = "float32", ids: list[list[int]] = PROMPT) -> torch.Tensor:
+    """The unsharded transformers model's logits, in fp32."""
+    _, model = build_model(kind, dtype)
+    with torch.no_grad():
+        return copy.deepcopy(model).float()(torch.tensor(ids)).logits.float()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv)

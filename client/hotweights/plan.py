@@ -202,11 +202,12 @@ def estimate_weight_bytes_per_gpu(cfg: ModelConfig, tp: int, weights: str) -> in
             return n / 2 + n * 2.5 / INT4_GROUP
         return n * (4 if weights == "fp32" else 2)
 
-    def mlp(inter: int) -> float:
+    def mlp(inter: int, bias: bool = False) -> float:
         if inter % tp:
             raise InvalidArgument(f"tp {tp} does not divide an MLP width of {inter}", tp=tp)
         local = inter // tp
-        return 2 * linear(local, h) + linear(h, local)
+        biases = (2 * local + h) * src if bias else 0  # gate/up biases split, down's whole
+        return 2 * linear(local, h) + linear(h, local) + biases
 
     total: float = cfg.vocab_size // tp * h * src  # embed_tokens
     if cfg.tie_word_embeddings is not True:
@@ -217,15 +218,17 @@ def estimate_weight_bytes_per_gpu(cfg: ModelConfig, tp: int, weights: str) -> in
     qk_norm = cfg.model_type in ("qwen3", "qwen3_moe")
     for i in range(cfg.num_hidden_layers):
         layer = linear(q_out, h) + 2 * linear(kv_out, h) + linear(h, q_out)
-        if cfg.attention_bias:
+        if cfg.qkv_bias:
             layer += (q_out + 2 * kv_out) * src
+        if cfg.o_bias:
+            layer += h * src  # row-parallel: whole on every GPU
         layer += 2 * h * src + (2 * hd * src if qk_norm else 0)
         if cfg.num_experts and i not in mlp_only and (i + 1) % step == 0:
             layer += cfg.num_experts * mlp(cfg.moe_intermediate_size) + cfg.num_experts * h * src  # experts, router
             if cfg.shared_expert_intermediate_size:
                 layer += mlp(cfg.shared_expert_intermediate_size) + h * src  # shared expert and its gate
         else:
-            layer += mlp(cfg.intermediate_size)
+            layer += mlp(cfg.intermediate_size, cfg.mlp_bias)
         total += layer
     return int(math.ceil(total))
 

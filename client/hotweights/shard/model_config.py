@@ -39,7 +39,9 @@ class ModelConfig:
     num_experts: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
-    attention_bias: bool = False
+    qkv_bias: bool = False        # biases on q/k/v (Qwen2 always; Llama-family with attention_bias)
+    o_bias: bool = False          # a bias on o_proj (Llama-family attention_bias; never Qwen2)
+    mlp_bias: bool = False        # biases on gate/up/down (Llama's mlp_bias)
     quantization_config: dict[str, Any] | None = None
     missing: list[str] = field(default_factory=list)
 
@@ -112,7 +114,10 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> ModelConfig:
     cfg.tie_word_embeddings = None if tie is None else bool(tie)
     dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
     cfg.torch_dtype = str(dtype).removeprefix("torch.")
-    cfg.attention_bias = bool(raw.get("attention_bias") or raw.get("qkv_bias") or cfg.model_type == "qwen2")
+    qwen2 = cfg.model_type in ("qwen2", "qwen2_moe")
+    cfg.qkv_bias = bool(raw.get("attention_bias") or raw.get("qkv_bias") or cfg.model_type == "qwen2")
+    cfg.o_bias = bool(raw.get("attention_bias")) and not qwen2
+    cfg.mlp_bias = bool(raw.get("mlp_bias"))
     qc = raw.get("quantization_config")
     cfg.quantization_config = qc if isinstance(qc, dict) else None
     return cfg

@@ -132,6 +132,13 @@ def plan_shards(
             tensors=uncovered,
         )
 
+    if tp > 1:
+        # Model-wide divisibility first, in a fixed order, so the error names the most basic problem.
+        used = {rule.unit for _, rule, _ in resolved if rule.split_dim is not None}
+        for unit in ("heads", "kv_heads", "vocab"):
+            if unit in used:
+                placer.pieces(unit)
+
     jobs: list[Job] = []
     ignored: list[str] = []
     for t, rule, comp in resolved:
