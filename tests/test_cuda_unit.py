@@ -389,6 +389,13 @@ class FakeDriver:
     def cuEventSynchronize(self, e):
         return (self._enter("cuEventSynchronize", ctx=True) or CUresult.CUDA_SUCCESS,)
 
+    def cuMemcpyDtoH(self, dst, src, n):
+        err = self._enter("cuMemcpyDtoH", ctx=True)
+        if err:
+            return (err,)
+        ctypes.memmove(dst, self.host_address(src, n), n)
+        return (CUresult.CUDA_SUCCESS,)
+
     def cuMemcpyHtoDAsync(self, dst, src, n, stream):
         err = self._enter("cuMemcpyHtoDAsync", ctx=True)
         if err:

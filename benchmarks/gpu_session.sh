@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: install the carried wheels, run the GPU tests, run the load benchmark.
+#
+#   bash benchmarks/gpu_session.sh            (from the repository root; carry .whl/ from fetch_wheels.sh)
+#
+# Everything lands in $OUT (the device tool's return folder; /tmp/hw-out when unset): session.log,
+# machine.txt, gpu-tests.log, bench.log and bench-<gpu>-<date>.json (5 files). The JSON also goes to
+# benchmarks/results/. Stays under ~9 minutes: each stage is time-boxed with `timeout`.
+#
+# Knobs (environment): TESTS_TIMEOUT (s, default 200), TOTAL (s, default 530), BENCH_ARGS (extra flags for
+# bench_load.py, e.g. "--rank-gb 12 --skip sweep"), PYTEST_ARGS (e.g. "-k vmm"), SKIP_TESTS=1, SKIP_BENCH=1.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/hw-out}"
+mkdir -p "$OUT" benchmarks/results
+TOTAL="${TOTAL:-530}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-200}"
+SECONDS=0
+log() { echo "[gpu_session ${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
+
+{
+  date -u
+  nvidia-smi || true
+  nvidia-smi topo -m || true
+  ls -la /dev/nvidia-fs* 2>&1 || true
+  python3 --version
+  nproc
+  free -g
+  df -h /tmp /dev/shm .
+  cat /sys/devices/system/node/online 2>/dev/null || true
+} > "$OUT/machine.txt" 2>&1
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  log "installing $(ls .whl/*.whl | wc -l) carried wheel(s) into /tmp/site"
+  if ! timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl 2>&1 | tail -5 | tee -a "$OUT/session.log"; then
+    # one unusable wheel must not keep the others out: install them one by one
+    for w in .whl/*.whl; do
+      timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$w" 2>&1 | tail -2 | tee -a "$OUT/session.log" || log "could not install $w"
+    done
+  fi
+else
+  log "no .whl/ carried: peers that are not installed are recorded as such"
+fi
+export PYTHONPATH=/tmp/site:$PWD/client:$PWD/daemon
+
+timeout 60 python3 - <<'PY' 2>&1 | tee -a "$OUT/session.log"
+import importlib, importlib.metadata as md
+for mod, dist in [("torch", "torch"), ("cuda.bindings.driver", "cuda-bindings"), ("structlog", "structlog"),
+                  ("grpc_health", "grpcio-health-checking"), ("fastsafetensors", "fastsafetensors"),
+                  ("runai_model_streamer", "runai-model-streamer"), ("instanttensor", "instanttensor"),
+                  ("cuda.bindings.cufile", "cuda-bindings")]:
+    try:
+        importlib.import_module(mod)
+        try:
+            v = md.version(dist)
+        except md.PackageNotFoundError:
+            v = "?"
+        print(f"import {mod}: ok ({dist} {v})")
+    except Exception as exc:
+        print(f"import {mod}: FAILED {type(exc).__name__}: {exc}")
+import torch
+print("torch.cuda:", torch.cuda.is_available(), torch.cuda.device_count(), torch.version.cuda)
+from hotweightsd.backends import cuda_driver, gds
+print("hotweights cuda:", cuda_driver.device_count(), "device(s);", cuda_driver.unavailable_reason() or "usable")
+print("hotweights gds:", gds.unavailable_reason() or "usable", "| cuFile library:", gds.library_reason() or "loads")
+PY
+
+rc_tests=0
+if [ -z "${SKIP_TESTS:-}" ]; then
+  log "GPU tests (time box ${TESTS_TIMEOUT}s)"
+  timeout "$TESTS_TIMEOUT" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/gpu ${PYTEST_ARGS:-} 2>&1 \
+    | tee "$OUT/gpu-tests.log"
+  rc_tests=${PIPESTATUS[0]}
+  log "GPU tests exit code $rc_tests"
+fi
+if [ -n "${SKIP_BENCH:-}" ]; then
+  exit "$rc_tests"
+fi
+
+left=$((TOTAL - SECONDS))
+budget=$((left - 100))
+if [ "$budget" -lt 60 ]; then
+  log "only ${left}s left: running the benchmark with a ${budget}s budget anyway"
+  budget=60
+fi
+log "benchmark (budget ${budget}s, time box $((left - 10))s)"
+timeout --signal=TERM --kill-after=10 "$((left - 10))" \
+  python3 benchmarks/bench_load.py --out "$OUT" --out benchmarks/results --budget "$budget" ${BENCH_ARGS:-} 2>&1 \
+  | tee "$OUT/bench.log"
+rc_bench=${PIPESTATUS[0]}
+log "benchmark exit code $rc_bench; total ${SECONDS}s"
+ls -la "$OUT" | tee -a "$OUT/session.log"
+exit $(( rc_tests != 0 ? rc_tests : rc_bench ))
