@@ -9,7 +9,7 @@ import time
 import pytest
 
 from ckpt_tools import write_model
-from conftest import run_client, spawn_client, start_daemon
+from support.daemons import run_client, spawn_client, start_daemon
 
 ATTACH_AND_COMPARE = """
 import sys, torch, hotweights

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_tools import raw_file, write_model
-from conftest import run_client, start_daemon
+from support.daemons import run_client, start_daemon
 
 F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckpt_tools import write_model
-from conftest import run_client, spawn_client, start_daemon
+from support.daemons import run_client, spawn_client, start_daemon
 
 
 def versioned(tmp_path: Path, n: int, size: int = 256) -> Path:

@@ -3,7 +3,6 @@ serves the same models without touching storage; a bad state file is refused cle
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_tools import write_model
-from conftest import Daemon, run_client, short_tmpdir, spawn_client, start_daemon, wait_for_socket
+from support.daemons import Daemon, run_client, short_tmpdir, spawn_client, start_daemon, wait_for_socket
 from support.svcmgr import ServiceManager
 
 
