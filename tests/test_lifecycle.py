@@ -239,3 +239,22 @@ def test_sixteen_clients_churn_through_twenty_swaps(daemon, tmp_path):
     assert [v["version"] for v in st["versions"]] == ["v21"]
     assert int(st["resident_bytes"]) == one_version
     assert len(daemon.memfds()) == 1
+
+
+def test_config_preload_loads_models_and_aliases_at_start(sockdir, tmp_path):
+    ckpt = versioned(tmp_path, 3)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[[preload]]\nname = "llm"\npath = "{ckpt}"\nversion = "v3"\nalias = "prod"\n'
+                   f'[[preload]]\nname = "broken"\npath = "{tmp_path / "missing"}"\n')
+    d = start_daemon(str(sockdir / "pre.sock"), "--config", str(cfg))
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not d.status()["versions"]:
+            time.sleep(0.1)
+        st = d.status()
+        assert [(v["name"], v["version"], v["state"]) for v in st["versions"]] == [("llm", "v3", "READY")]
+        assert st["aliases"] == [{"alias": "prod", "name": "llm", "version": "v3"}]
+        assert d.alive()  # a preload that fails is logged, not fatal
+        assert "preload.failed" in d.logs() and "missing" in d.logs()
+    finally:
+        assert d.stop() == 0
