@@ -856,22 +856,26 @@ def main() -> int:
             res.save()
 
     # -- page cache
-    def page_cache():
-        raw_read(files0, ring0, direct=False)  # warms the page cache
-        reads = [raw_read(files0, ring0, direct=False) for _ in range(args.reps)]
+    def warm_source(key: str, label: str, where: Path) -> dict:
+        """Raw read rate, hotweights (verified once) and the peers, from files already in memory."""
+        files = rank_files(where, 0)
+        raw_read(files, ring0, direct=False)  # brings them into the page cache (a no-op on tmpfs)
+        reads = [raw_read(files, ring0, direct=False) for _ in range(args.reps)]
         read = summary([rate(n, dt) for n, dt, _ in reads])
-        loaded = hw_load(backend, ckpt, 0, 0, keep=True)
+        res.note(f"{label} -> pinned (no GPU): {read['median']} GB/s")
+        loaded = hw_load(backend, where, 0, 0, keep=True)
         verified = spot_check(loaded.pop("_layout"), loaded["_allocs"])
         for a in loaded.pop("_allocs"):
             a.close()
-        hw = hw_series(backend, ckpt, args.reps, res, "page cache")
+        hw = hw_series(backend, where, args.reps, res, label)
         hw["verified_tensors"] = verified
-        out = {"raw_read_pinned": read, "hotweights": hw}
-        res.note(f"page cache -> pinned (no GPU): {read['median']} GB/s")
-        out["peers"] = run_peers(files0, peers, res, "page cache", budget=budget)
-        doc["page_cache"] = out
-        _target(targets, "page_cache", hw["gbps"]["median"], read["median"], doc.get("h2d"), out["peers"])
+        out = {"raw_read_pinned": read, "hotweights": hw, "peers": run_peers(files, peers, res, label, budget=budget)}
+        doc[key] = out
+        _target(targets, key, hw["gbps"]["median"], read["median"], doc.get("h2d"), out["peers"])
         return out
+
+    def page_cache():
+        return warm_source("page_cache", "page cache", ckpt)
 
     section("page_cache", page_cache, need=30)
 
@@ -964,16 +968,7 @@ def main() -> int:
         try:
             for f in files0:
                 shutil.copyfile(f, shm / Path(f).name)
-            sfiles = rank_files(shm, 0)
-            reads = [raw_read(sfiles, ring0, direct=False) for _ in range(args.reps)]
-            read = summary([rate(n, dt) for n, dt, _ in reads])
-            hw = hw_series(backend, shm, args.reps, res, "tmpfs")
-            out = {"raw_read_pinned": read, "hotweights": hw}
-            res.note(f"tmpfs -> pinned (no GPU): {read['median']} GB/s")
-            out["peers"] = run_peers(sfiles, peers, res, "tmpfs", budget=budget)
-            doc["tmpfs"] = out
-            _target(targets, "tmpfs", hw["gbps"]["median"], read["median"], doc.get("h2d"), out["peers"])
-            return out
+            return warm_source("tmpfs", "tmpfs", shm)
         finally:
             shutil.rmtree(shm, ignore_errors=True)
 

@@ -447,6 +447,17 @@ def load_rank(path: Path):
     return ck.ranks[0]
 
 
+def prepared(tmp_path: Path, **backend_options):
+    """A checkpoint on disk, its layout, a backend and the allocations for it."""
+    path = tmp_path / "m.safetensors"
+    write_ckpt(path)
+    layout = plan_rank(load_rank(path), GRAN)
+    backend_options.setdefault("threads", 2)
+    backend_options.setdefault("chunk_size", 64 * 1024)
+    b = make_backend(**backend_options)
+    return path, layout, b, [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+
+
 def check_contents(drv: FakeDriver, layout, allocations) -> None:
     for p in layout.placements:
         if not p.nbytes:
@@ -801,8 +812,7 @@ def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(fake, tmp_path):
         assert fake.registered == {}
         b.close()
     # the file shrinking while the readers run (after the up-front size check) is caught too
-    b = make_backend(threads=2, chunk_size=64 * 1024)
-    allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+    path, layout, b, allocs = prepared(tmp_path)
     real_read = bounce.read_exact
     calls = []
 
@@ -824,11 +834,7 @@ def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(fake, tmp_path):
 
 
 def test_driver_failure_mid_fill_is_reported_after_streams_drain(fake, tmp_path):
-    path = tmp_path / "m.safetensors"
-    write_ckpt(path)
-    layout = plan_rank(load_rank(path), GRAN)
-    b = make_backend(threads=2, chunk_size=64 * 1024)
-    allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+    _, layout, b, allocs = prepared(tmp_path)
     fake.fail["cuMemcpyHtoDAsync"] = CUresult.CUDA_ERROR_INVALID_VALUE
     syncs = fake.calls.get("cuStreamSynchronize", 0)
     with pytest.raises(CudaError) as ei:
@@ -840,11 +846,7 @@ def test_driver_failure_mid_fill_is_reported_after_streams_drain(fake, tmp_path)
 
 
 def test_cancel_aborts(fake, tmp_path):
-    path = tmp_path / "m.safetensors"
-    write_ckpt(path)
-    layout = plan_rank(load_rank(path), GRAN)
-    b = make_backend(threads=2, chunk_size=64 * 1024)
-    allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+    _, layout, b, allocs = prepared(tmp_path)
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Aborted):

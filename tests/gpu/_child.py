@@ -70,7 +70,8 @@ def verify(spec: dict) -> dict:
             out["mismatch"].append(p["name"])
     if spec.get("compute"):
         # the weights are usable by kernels, not only copyable
-        w = build(regions[0].base, next(p for p in spec["placements"] if p["name"].endswith("big")))
+        p = next(p for p in spec["placements"] if p["name"].endswith(".big"))
+        w = build(regions[p["allocation"]].base, p)
         out["sum"] = float(w.double().sum().item())
     del refs
     if spec.get("write_probe") and not regions[0].writable:

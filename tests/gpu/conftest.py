@@ -51,24 +51,18 @@ def gpu_count() -> int:
 
 
 def mixed_tensors(seed: int = 0, scale: int = 1) -> dict:
+    """tests/ckpt_tools.py's mixed dtypes, plus NaN/inf bit patterns and larger tensors (``scale`` widens ``big``)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "f32": torch.randn(17, 33, generator=g),
-        "f16": torch.randn(64, 8 * scale, generator=g).half(),
-        "bf16": torch.randn(3, 5, 7, generator=g).bfloat16(),
-        "f8_e4m3": torch.randn(32, 16, generator=g).to(torch.float8_e4m3fn),
-        "f8_e5m2": torch.randn(9, generator=g).to(torch.float8_e5m2),
-        "i64": torch.randint(-(2**40), 2**40, (11,), generator=g),
-        "i8": torch.randint(-100, 100, (5, 5), dtype=torch.int8, generator=g),
-        "bool": torch.rand(13, generator=g) > 0.5,
-        "scalar": torch.tensor(3.25, dtype=torch.float64),
-        "empty": torch.empty(0, 4),
-        "nan": torch.tensor([float("nan"), 1.0, float("-inf")]),
-        "big": torch.randn(1024, 1024 * scale, generator=g),
-        "big_bf16": torch.randn(2048, 1000, generator=g).bfloat16(),
-    }
+    sys.path.insert(0, str(HERE.parent))
+    from ckpt_tools import mixed_tensors as base
+
+    g = torch.Generator().manual_seed(seed + 1)
+    tensors = base(seed)
+    tensors["nan"] = torch.tensor([float("nan"), 1.0, float("-inf")])
+    tensors["big"] = torch.randn(1024, 1024 * scale, generator=g)
+    tensors["big_bf16"] = torch.randn(2048, 1000, generator=g).bfloat16()
+    return tensors
 
 
 def write_checkpoint(directory: Path, ranks: int = 1, parts: int = 2, seed: int = 0, scale: int = 1) -> Path:
