@@ -37,12 +37,42 @@ class TensorMeta:
     nbytes: int
 
 
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(out))
+
+
+class TensorBuilder:
+    """Builds each tensor with one ``as_strided`` over a per-dtype view of its region's base.
+
+    Attach time is dominated by this for ranks of thousands of tensors, so the typed views are
+    made once per (region, dtype) instead of slicing and re-viewing per tensor.
+    """
+
+    def __init__(self, bases: list[torch.Tensor]) -> None:
+        self._bases = bases
+        self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def build(self, meta: TensorMeta) -> torch.Tensor:
+        base = self._bases[meta.allocation]
+        dtype = getattr(torch, meta.served_dtype, None)
+        if not isinstance(dtype, torch.dtype) or (dtype == torch.uint8 and meta.dtype != "U8"):
+            return base[meta.offset:meta.offset + meta.nbytes]  # bytes of a dtype this torch lacks
+        size = dtype.itemsize
+        if meta.offset % size or base.numel() % size:
+            return base[meta.offset:meta.offset + meta.nbytes].view(dtype).view(meta.shape)
+        key = (meta.allocation, dtype)
+        typed = self._typed.get(key)
+        if typed is None:
+            typed = self._typed[key] = base.view(dtype)
+        return typed.as_strided(meta.shape, _contiguous_strides(meta.shape), meta.offset // size)
+
+
 def build_tensor(meta: TensorMeta, base: torch.Tensor) -> torch.Tensor:
-    raw = base[meta.offset:meta.offset + meta.nbytes]
-    dtype = getattr(torch, meta.served_dtype, None)
-    if not isinstance(dtype, torch.dtype) or (dtype == torch.uint8 and meta.dtype != "U8"):
-        return raw  # bytes of a dtype this torch lacks; ``meta.dtype`` says how to read them
-    return raw.view(dtype).view(meta.shape)
+    return TensorBuilder([base] * (meta.allocation + 1)).build(meta)
 
 
 class LeaseStream:
@@ -140,7 +170,8 @@ class Attachment(Mapping[str, torch.Tensor]):
                 t.name: TensorMeta(t.name, t.dtype, t.served_dtype, tuple(t.shape), t.allocation, t.offset, t.nbytes)
                 for t in h.tensors
             }
-            self._tensors = {name: build_tensor(m, self._regions[m.allocation].base) for name, m in self.meta.items()}
+            builder = TensorBuilder([r.base for r in self._regions])
+            self._tensors = {name: builder.build(m) for name, m in self.meta.items()}
         except BaseException:
             self.release()
             raise
