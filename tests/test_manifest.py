@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from hotweights.errors import BadCheckpoint, ChecksumMismatch, DataLoss, FailedPrecondition, InvalidArgument, NotFound
@@ -156,3 +157,28 @@ def test_rank_weight_bytes_are_the_tensor_bytes(sharded):
     for r in range(2):
         on_disk = sum((sharded / n).stat().st_size for n, f in m.files.items() if f["rank"] == r)
         assert per_rank[r] < on_disk < per_rank[r] + 2 * 4096
+
+
+def test_same_tensors_reordered_is_caught(sharded):
+    """A file rewritten with the same tensors, names, shapes and size, in another order."""
+    from safetensors import safe_open
+
+    name = "model-rank-1-part-0.safetensors"
+    p = sharded / name
+    with safe_open(p, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header_len = int.from_bytes(p.read_bytes()[:8], "little")
+    written = json.loads(p.read_bytes()[8:8 + header_len])
+    doc, blobs, offset = {}, [], 0
+    for k in sorted(tensors, key=lambda k: written[k]["data_offsets"][0], reverse=True):
+        raw = tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        doc[k] = {"dtype": "F32", "shape": list(tensors[k].shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    header += b" " * (header_len - len(header))  # same header length: only the offsets differ
+    assert len(header) == header_len
+    p.write_bytes(header_len.to_bytes(8, "little") + header + b"".join(blobs))
+    assert p.stat().st_size == load_manifest(sharded).files[name]["size"]
+    with pytest.raises(DataLoss, match=rf"{name}: tensor .* at offset \d+, the manifest says .* at \d+"):
+        verify_checkpoint(sharded, "fast")

@@ -60,9 +60,10 @@ def test_shard_then_verify(app, tmp_path):
 
 def test_shard_plain_and_errors(app, tmp_path):
     src, _ = build_model("llama_gqa")
-    r = run(app, "shard", src, tmp_path / "out", "--tp", 4, "--parts-per-rank", 2)
+    r = run(app, "shard", src, tmp_path / "out", "--tp", 4, "--parts-per-rank", 2, "--progress")
     assert r.exit_code == 0, r.output
     assert "wrote 8 files" in r.output and "for tp 4" in r.output
+    assert "sharding" in r.output  # the progress bar (stderr)
     assert sorted(reassemble(tmp_path / "out")) == sorted(source_tensors(src))
     r = run(app, "shard", src, tmp_path / "out", "--tp", 4)
     assert r.exit_code == 1 and "output directory is not empty" in r.output

@@ -43,6 +43,11 @@ def tiny_source(tmp_path: Path, config: dict, tensors: dict[str, torch.Tensor]) 
     return d
 
 
+def hand_config(**changes) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "vocab_size": 8, "num_hidden_layers": 1, **changes}
+
+
 def assert_nothing_published(out: Path) -> None:
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
     leftovers = [p.name for p in out.parent.iterdir() if ".hotweights-partial-" in p.name]
@@ -120,58 +125,37 @@ def test_tp_not_dividing_attention_heads(tmp_path):
         shard_checkpoint(copy_model(tmp_path), tmp_path / "out", 3)
 
 
-def test_tp_neither_dividing_nor_multiple_of_kv_heads(tmp_path):
-    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_attention_heads": 4,
-           "num_key_value_heads": 3, "head_dim": 2, "vocab_size": 8, "num_hidden_layers": 1}
-    d = tiny_source(tmp_path, cfg, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 8),
-                                    "model.layers.0.self_attn.k_proj.weight": torch.zeros(6, 8)})
-    with pytest.raises(InvalidArgument, match=r"tp 2 neither divides num_key_value_heads 3 nor is a multiple"):
-        shard_checkpoint(d, tmp_path / "out", 2)
-
-
-def test_tp_not_dividing_the_vocabulary(tmp_path):
+@pytest.mark.parametrize("config,tensors,tp,error,match", [
+    pytest.param(dict(num_key_value_heads=3, head_dim=2),
+                 {"model.layers.0.self_attn.q_proj.weight": (8, 8), "model.layers.0.self_attn.k_proj.weight": (6, 8)},
+                 2, InvalidArgument, r"tp 2 neither divides num_key_value_heads 3 nor is a multiple", id="kv-heads"),
     # Policy: no padding. vocab 126 on 4 ranks is refused rather than padded to 128.
-    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_attention_heads": 4,
-           "num_key_value_heads": 4, "vocab_size": 126, "num_hidden_layers": 1}
-    d = tiny_source(tmp_path, cfg, {"model.embed_tokens.weight": torch.zeros(126, 8)})
-    with pytest.raises(InvalidArgument, match=r"tp 4 does not divide vocab_size 126.*does not pad the vocabulary"):
-        shard_checkpoint(d, tmp_path / "out", 4)
+    pytest.param(dict(vocab_size=126), {"model.embed_tokens.weight": (126, 8)},
+                 4, InvalidArgument, r"tp 4 does not divide vocab_size 126.*does not pad the vocabulary", id="vocab"),
+    pytest.param({}, {"model.layers.0.mlp.up_proj.weight": (6, 8)},
+                 4, InvalidArgument, r"'model\.layers\.0\.mlp\.up_proj\.weight': dim 0 of size 6 does not split into 4",
+                 id="mlp"),
+    pytest.param(dict(head_dim=2), {"model.layers.0.self_attn.q_proj.weight": (12, 8)},
+                 2, BadCheckpoint, r"q_proj\.weight'.*12 entries.*4 heads x head_dim 2 = 8", id="shape-vs-config"),
+])
+def test_splits_the_model_does_not_allow(tmp_path, config, tensors, tp, error, match):
+    d = tiny_source(tmp_path, hand_config(**config), {n: torch.zeros(shape) for n, shape in tensors.items()})
+    with pytest.raises(error, match=match):
+        shard_checkpoint(d, tmp_path / "out", tp)
 
 
-def test_tp_not_dividing_the_mlp(tmp_path):
-    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_attention_heads": 4,
-           "num_key_value_heads": 4, "vocab_size": 8, "num_hidden_layers": 1}
-    d = tiny_source(tmp_path, cfg, {"model.layers.0.mlp.up_proj.weight": torch.zeros(6, 8)})
-    with pytest.raises(InvalidArgument, match=r"'model\.layers\.0\.mlp\.up_proj\.weight': dim 0 of size 6 does not "
-                                              r"split into 4"):
-        shard_checkpoint(d, tmp_path / "out", 4)
-
-
-def test_tensor_shape_disagreeing_with_config(tmp_path):
-    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_attention_heads": 4,
-           "num_key_value_heads": 4, "head_dim": 2, "vocab_size": 8, "num_hidden_layers": 1}
-    d = tiny_source(tmp_path, cfg, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(12, 8)})
-    with pytest.raises(BadCheckpoint, match=r"q_proj\.weight'.*12 entries.*4 heads x head_dim 2 = 8"):
-        shard_checkpoint(d, tmp_path / "out", 2)
-
-
-def test_missing_config(tmp_path):
+@pytest.mark.parametrize("missing,match", [("config.json", r"no config\.json"),
+                                           ("model.safetensors", r"no \.safetensors files")])
+def test_source_missing_a_file(tmp_path, missing, match):
     d = copy_model(tmp_path)
-    (d / "config.json").unlink()
-    with pytest.raises(BadCheckpoint, match=r"no config\.json"):
+    (d / missing).unlink()
+    with pytest.raises(BadCheckpoint, match=match):
         shard_checkpoint(d, tmp_path / "out", 2)
 
 
 def test_missing_source(tmp_path):
     with pytest.raises(NotFound, match="no such directory"):
         shard_checkpoint(tmp_path / "nope", tmp_path / "out", 2)
-
-
-def test_source_without_weights(tmp_path):
-    d = copy_model(tmp_path)
-    (d / "model.safetensors").unlink()
-    with pytest.raises(BadCheckpoint, match=r"no \.safetensors files"):
-        shard_checkpoint(d, tmp_path / "out", 2)
 
 
 def test_output_directory_not_empty(tmp_path):
@@ -282,3 +266,38 @@ def test_bad_options(tmp_path, kwargs, match):
     with pytest.raises(InvalidArgument, match=match):
         shard_checkpoint(copy_model(tmp_path), tmp_path / "out", **kwargs)
     assert_nothing_published(tmp_path / "out")
+
+
+def test_disk_full_while_copying_the_config(tmp_path, monkeypatch):
+    from hotweights.shard import sharder
+
+    def no_space(src, dst, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    src = copy_model(tmp_path)
+    monkeypatch.setattr(sharder.shutil, "copyfile", no_space)
+    with pytest.raises(ResourceExhausted, match="no space left"):
+        shard_checkpoint(src, tmp_path / "out", 2)
+    assert_nothing_published(tmp_path / "out")
+
+
+def test_unwritable_output_parent(tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        if (parent / "probe").exists() or _can_write(parent):
+            pytest.skip("running as a user that ignores directory permissions")
+        with pytest.raises(FailedPrecondition, match=r"cannot write .*ro/out.*Permission denied"):
+            shard_checkpoint(copy_model(tmp_path), parent / "out", 2)
+    finally:
+        parent.chmod(0o700)
+
+
+def _can_write(d: Path) -> bool:
+    try:
+        (d / "probe").write_text("x")
+    except OSError:
+        return False
+    (d / "probe").unlink()
+    return True

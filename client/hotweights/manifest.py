@@ -128,7 +128,7 @@ def _check_schema(path: Path, doc: Any) -> None:
     for t in tensors:
         if not isinstance(t, dict) or t.get("file") not in files or not isinstance(t.get("shape"), list) \
                 or not isinstance(t.get("dtype"), str) or not isinstance(t.get("name"), str) \
-                or not isinstance(t.get("nbytes"), int):
+                or not isinstance(t.get("nbytes"), int) or not isinstance(t.get("offset"), int):
             raise bad(f"tensor entry {str(t)[:120]} is malformed or names a file the manifest does not list")
 
 
@@ -191,9 +191,9 @@ def _verify_sizes(m: Manifest) -> None:
 
 
 def _verify_headers(m: Manifest) -> None:
-    expected: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {name: {} for name in m.files}
+    expected: dict[str, dict[str, tuple[str, tuple[int, ...], int]]] = {name: {} for name in m.files}
     for t in m.tensors:
-        expected[t["file"]][t["name"]] = (t["dtype"], tuple(t["shape"]))
+        expected[t["file"]][t["name"]] = (t["dtype"], tuple(t["shape"]), t["offset"])
     for name in m.files:
         p = m.directory / name
         try:
@@ -201,13 +201,14 @@ def _verify_headers(m: Manifest) -> None:
         except BadCheckpoint as exc:
             # The manifest vouches that this file was written whole: a header that no longer parses is damage.
             raise DataLoss(f"{exc.message} ({MANIFEST_NAME} lists it as written whole)", path=str(p), file=name) from None
-        found = {e.name: (e.dtype.name, e.shape) for e in header.tensors}
         want = expected[name]
+        # Offsets are compared too: the same tensors reordered is another file, and the loader places by offset.
+        found = {e.name: (e.dtype.name, e.shape, e.begin - header.data_start) for e in header.tensors}
         for tname in sorted(set(want) | set(found)):
             if found.get(tname) != want.get(tname):
                 what = ("is missing" if tname not in found else "is not in the manifest" if tname not in want
-                        else f"is {found[tname][0]} {list(found[tname][1])}, the manifest says "
-                             f"{want[tname][0]} {list(want[tname][1])}")
+                        else f"is {found[tname][0]} {list(found[tname][1])} at offset {found[tname][2]}, the "
+                             f"manifest says {want[tname][0]} {list(want[tname][1])} at {want[tname][2]}")
                 raise DataLoss(f"{p}: tensor {tname!r} {what}", path=str(p), file=name, tensor=tname)
 
 

@@ -46,16 +46,14 @@ def quantize_fp8(weight: torch.Tensor, granularity: str) -> tuple[torch.Tensor, 
     """(E4M3 weight, float32 scale) with ``weight ≈ q.float() * scale``."""
     if weight.dtype not in _FLOAT_SOURCES:
         raise InvalidArgument(f"cannot quantize a {weight.dtype} tensor to FP8")
-    w = weight.to(torch.float32)
-    if granularity == "channel":
-        amax = w.abs().amax(dim=1, keepdim=True)
-    elif granularity == "tensor":
-        amax = w.abs().amax()
-    else:
+    if granularity not in GRANULARITIES:
         raise InvalidArgument(f"FP8 scale granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+    # One float32 working copy, divided in place: the sharder runs several of these at once on big tensors.
+    w = weight.to(torch.float32, copy=True)
+    amax = w.abs().amax(dim=1, keepdim=True) if granularity == "channel" else w.abs().amax()
     # An all-zero row would give a zero scale and 0/0 below; any positive scale encodes zeros exactly.
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = w.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale.to(torch.float32).reshape(scale_shape(tuple(weight.shape), granularity))
 
 

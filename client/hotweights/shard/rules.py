@@ -10,6 +10,11 @@ follows Megatron-style tensor parallelism, the one vLLM and SGLang load:
 
 Every tensor must be covered: a tensor that no rule names is an error, never a silent replication,
 because a replicated tensor that should have been split loads fine and computes garbage.
+
+Splits are exact: attention splits need tp to divide the head count, KV splits need tp to divide
+the KV heads or be a multiple of them (then each KV head is replicated), and the vocabulary is never
+padded (padding would change the tensors and break the bit-exact round trip; serving engines pad at
+load time), so tp must divide vocab_size. Anything else is refused with the valid tp values.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ together) under a byte budget.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ import xxhash
 
 from hotweights.checkpoint import INDEX_NAME, MANIFEST_NAME, open_checkpoint
 from hotweights.dtypes import DTYPES, torch_dtype
-from hotweights.errors import BadCheckpoint, FailedPrecondition, InvalidArgument, NotFound
+from hotweights.errors import (BadCheckpoint, FailedPrecondition, HotweightsError, InvalidArgument, NotFound,
+                               ResourceExhausted)
 from hotweights.manifest import FORMAT, FORMAT_VERSION, dumps_manifest, file_xxh64
 from hotweights.shard import quantize as fp8
 from hotweights.shard.model_config import CONFIG_NAME, load_config
@@ -101,9 +103,12 @@ def shard_checkpoint(
         plan.rank_outputs(r), r, parts=parts_per_rank,
         max_part_bytes=None if parts_per_rank else (max_part_size or DEFAULT_MAX_PART_BYTES))]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.hotweights-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise _io_error(exc, out) from None
     try:
         source_hash = _write_parts(plan, parts, staging, workers, memory_budget, progress)
         files = _hash_parts(parts, staging, workers)
@@ -118,6 +123,9 @@ def shard_checkpoint(
         os.replace(tmp, staging / MANIFEST_NAME)
         _fsync_dir(staging)
         _publish(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _io_error(exc, out) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -135,6 +143,14 @@ def _check_output(src: Path, out: Path) -> None:
     resolved = out.resolve()
     if resolved == src or src in resolved.parents:
         raise InvalidArgument(f"{out}: the output must not be the source directory or inside it", path=str(out))
+
+
+def _io_error(exc: OSError, out: Path) -> HotweightsError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"no space left on the device writing {out} ({exc.strerror}); the run was "
+                                 f"abandoned and its partial output removed", path=str(out))
+    return FailedPrecondition(f"cannot write {out}: {exc.strerror or exc}; the run was abandoned and its partial "
+                              f"output removed", path=str(out))
 
 
 def _publish(staging: Path, out: Path) -> None:
