@@ -182,3 +182,10 @@ def test_config_missing_fields(tmp_path):
         empty = tmp_path / "empty"
         empty.mkdir()
         plan(empty, 1, GB)
+
+
+def test_weights_option_on_a_sharded_directory_is_noted_not_misreported():
+    d = shard_cached("llama_gqa", 2)
+    p = plan(d, None, GB, weights="fp8")
+    assert p.weights == "fp32" and p.weights_bytes_per_gpu == p.weights_bytes_per_gpu_estimate
+    assert "--weights fp8 ignored" in p.notes[0]

@@ -8,7 +8,8 @@ q/k norms, SwiGLU MLPs (column then row parallel), Mixtral and Qwen-MoE sparse b
 split like MLPs, router replicated, Qwen2-MoE's gated shared expert) and a vocab-parallel lm_head
 (tied or not). FP8 weights are dequantized with their ``weight_scale``. Everything runs in fp32.
 
-Ranks are separate processes joined by torch.distributed (gloo on CPU, nccl on GPUs).
+Ranks are separate processes joined by torch.distributed (gloo on CPU, nccl on GPUs). The tiny
+random transformers models the stage 1 tests shard live here too, built once per test process.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ KV bytes per token per GPU = 2 (K and V) x layers x KV heads on this GPU x head_
 KV heads per GPU: num_key_value_heads / tp when tp divides it; when there are fewer KV heads than
 GPUs each GPU holds one replicated KV head (tp must then be a multiple of the KV head count).
 Every GPU holds its heads' share of every token, so the per-GPU capacity is the group's capacity.
-Sizes are decimal (1 GB = 10^9 bytes) unless written with GiB.
+Sizes are decimal (1 GB = 10^9 bytes) unless written with GiB. ``reserve`` defaults to 0 here and
+to 5 GB on the command line (CUDA context, activations, the runtime's workspace).
 """
 
 from __future__ import annotations
@@ -119,18 +120,19 @@ def plan(model: str | Path, tp: int | None, gpu_memory: int, *, weights: str | N
         raise InvalidArgument(f"--reserve must not be negative, not {reserve}")
     notes: list[str] = []
 
-    weights = weights or default_weights(cfg)
-    if weights not in WEIGHT_FORMATS:
+    if weights is not None and weights not in WEIGHT_FORMATS:
         raise InvalidArgument(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
-    estimate = estimate_weight_bytes_per_gpu(cfg, tp, weights)
     if manifest is not None:
-        exact = max(manifest.rank_weight_bytes())
-        weights_from = "manifest"
+        # The directory's bytes are what they are: estimate the same format, so the two compare.
         q = manifest.doc.get("quantization") or {}
-        weights = {"fp8": "fp8", "gptq": "int4", "awq": "int4"}.get(q.get("method"), weights)
-    else:
-        exact = estimate
-        weights_from = "estimate"
+        held = {"fp8": "fp8", "gptq": "int4", "awq": "int4"}.get(q.get("method"), default_weights(cfg))
+        if weights is not None and weights != held:
+            notes.append(f"--weights {weights} ignored: {path} holds {held} weights")
+        weights = held
+    weights = weights or default_weights(cfg)
+    estimate = estimate_weight_bytes_per_gpu(cfg, tp, weights)
+    exact = max(manifest.rank_weight_bytes()) if manifest is not None else estimate
+    weights_from = "manifest" if manifest is not None else "estimate"
     free = gpu_memory - reserve - exact
     if free <= 0:
         notes.append(f"the weights ({exact} bytes per GPU) and reserve do not fit in {gpu_memory} bytes")

@@ -27,6 +27,8 @@ from typing import Any, Callable
 import torch
 import xxhash
 
+import hotweights
+
 from hotweights.checkpoint import INDEX_NAME, MANIFEST_NAME, open_checkpoint
 from hotweights.dtypes import DTYPES, torch_dtype
 from hotweights.errors import (BadCheckpoint, FailedPrecondition, HotweightsError, InvalidArgument, NotFound,
@@ -333,7 +335,7 @@ def manifest_doc(plan: ShardPlan, parts: list[Part], files: dict[str, dict[str, 
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "created_by": "hotweights shard",
+        "created_by": f"hotweights shard {hotweights.__version__}",
         "source": source,
         "tp_size": plan.tp,
         "architecture": plan.config.architecture,
