@@ -179,3 +179,19 @@ def test_daemon_stops_gracefully_and_removes_its_socket(sockdir, sig):
     d = start_daemon(str(sockdir / "g.sock"))
     assert d.stop(sig) == 0
     assert not os.path.exists(d.socket)
+
+
+def test_doctor_reports_the_node_and_the_daemon(daemon):
+    r = daemon.cli("doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(r.stdout)}
+    assert checks["daemon"]["ok"] and f"pid {daemon.pid}" in checks["daemon"]["detail"]
+    assert "GPUDirect Storage" in checks and "package torch" in checks
+
+
+def test_doctor_fails_without_a_daemon(sockdir):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "hotweights", "doctor", "--socket", str(sockdir / "x.sock")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "BAD  daemon" in r.stdout

@@ -221,6 +221,21 @@ def watch(ref: str = typer.Argument("", help="alias or model name; empty: everyt
 
 
 @app.command()
+def doctor(socket: Optional[str] = SocketOpt, json_out: bool = JsonOpt) -> None:
+    """Check this node: packages, GPUs, GDS, memlock limit, NUMA, and the daemon."""
+    from hotweights.doctor import as_dicts, checks
+    from hotweights.paths import default_socket
+
+    results = checks(socket or default_socket())
+    if json_out:
+        typer.echo(json.dumps(as_dicts(results), indent=2))
+    else:
+        for c in results:
+            typer.echo(f"{'ok ' if c.ok else 'BAD'}  {c.name:22} {c.detail}")
+    raise typer.Exit(0 if all(c.ok for c in results) else 1)
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path(".demo"), help="where the sample checkpoint and socket go"),
     size_mb: int = typer.Option(256, help="sample checkpoint size"),
