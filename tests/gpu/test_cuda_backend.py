@@ -22,7 +22,7 @@ from conftest import (HERE, MiB, assert_loaded_exactly, backend, child_env, free
 
 pytestmark = pytest.mark.gpu
 
-SLACK = 8 * MiB  # cuMemGetInfo noise allowed when checking that memory came back
+SLACK = 32 * MiB  # cuMemGetInfo noise (driver bookkeeping) allowed when checking that memory came back
 
 
 @pytest.fixture(scope="module")
