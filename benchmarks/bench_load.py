@@ -565,24 +565,13 @@ import torch
 spec = json.loads(sys.stdin.read())
 from hotweights.regions import open_region
 
-try:  # the client library's own builder, where this tree has it
-    from hotweights.attach import TensorBuilder, TensorMeta
-    metas = [TensorMeta(p["name"], "BF16", p["served_dtype"], tuple(p["shape"]), p["allocation"], p["offset"],
-                        p["nbytes"]) for p in spec["placements"]]
-    builder = "hotweights.attach.TensorBuilder"
-except ImportError:
-    TensorBuilder = None
-    builder = "slice + view"
+from hotweights.attach import TensorMeta, build_tensors
+metas = [TensorMeta(p["name"], "BF16", p["served_dtype"], tuple(p["shape"]), p["allocation"], p["offset"],
+                    p["nbytes"]) for p in spec["placements"]]
+builder = "hotweights.attach.build_tensors"
 
 def build_all(bases):
-    if TensorBuilder is not None:
-        b = TensorBuilder(bases)
-        return {m.name: b.build(m) for m in metas}
-    out = {}
-    for p in spec["placements"]:
-        raw = bases[p["allocation"]][p["offset"]:p["offset"] + p["nbytes"]]
-        out[p["name"]] = raw.view(getattr(torch, p["served_dtype"])).view(tuple(p["shape"]))
-    return out
+    return build_tensors(metas, bases)
 
 dev = spec["regions"][0]["device"]
 t0 = time.perf_counter()
@@ -617,18 +606,20 @@ import torch, hotweights
 spec = json.loads(sys.stdin.read())
 c = hotweights.connect(spec["socket"])
 torch.zeros(1, device="cuda:0")
-lat, rel = [], []
+lat, rel, parts = [], [], []
 for i in range(spec["reps"] + 1):
     t0 = time.perf_counter()
     a = c.attach(spec["name"], rank=0)
     n = len(a)
     t1 = time.perf_counter()
+    timings = getattr(a, "timings", {})
     a.release()
     t2 = time.perf_counter()
     if i:
         lat.append(t1 - t0)
         rel.append(t2 - t1)
-print(json.dumps({"tensors": n, "attach_s": lat, "release_s": rel}), flush=True)
+        parts.append(timings)
+print(json.dumps({"tensors": n, "attach_s": lat, "release_s": rel, "parts": parts}), flush=True)
 """
 
 
@@ -726,7 +717,9 @@ def daemon_section(ckpt: Path, attach_ckpt: Path | None, reps: int, res: Results
                 raise RuntimeError(f"daemon attach client failed: {r.stderr[-2000:]}")
             got = json.loads(r.stdout.strip().splitlines()[-1])
             out["attach"] = {"tensors": got["tensors"], "attach": percentiles(got["attach_s"]),
-                             "release": percentiles(got["release_s"])}
+                             "release": percentiles(got["release_s"]),
+                             "parts_p50_ms": {k: percentiles([p[k] for p in got["parts"]])["p50_ms"]
+                                              for k in (got["parts"][0] if got["parts"] else {})}}
             res.note(f"daemon attach: p50 {out['attach']['attach']['p50_ms']} ms, p99 {out['attach']['attach']['p99_ms']} ms")
             client.unload("attach", force=True)
         out["status"] = "ok"
@@ -1074,7 +1067,12 @@ def _target(targets: dict, where: str, got: float, read: float, h2d: dict | None
                       "best_peer": name, "best_peer_gbps": best,
                       "x_best_peer": round(got / best, 2) if best else None,
                       "met_ceiling": bool(ceiling and got >= 0.9 * ceiling),
-                      "met_peers": bool(best and got >= 3.5 * best) if best else None}
+                      "met_peers": bool(best and got >= 3.5 * best) if best else None,
+                      # A bounce path moves each byte through host memory three times (source read, pinned
+                      # write, DMA read); the no-GPU read moves it twice. If host memory bandwidth is the
+                      # bound, the copy path cannot beat two thirds of that read rate.
+                      "host_memory_bound_estimate": round(read * 2 / 3, 3),
+                      "ratio_to_host_memory_bound": round(got / (read * 2 / 3), 3) if read else None}
 
 
 def _version(dist: str) -> str | None:

@@ -25,8 +25,8 @@ class Config:
     memory_limit: int | None = None    # cpu backend: cap on resident bytes
     loader_threads: int | None = None
     loader: str = "auto"               # cuda bounce path: auto | pread | odirect | mmap
-    chunk_size: int = 32 * 2**20
-    ring_depth: int = 4
+    chunk_size: int | None = None      # cuda bounce path; None: the backend's measured default
+    ring_depth: int | None = None
     gds: str = "auto"                  # auto | off | force
     ticket_ttl: float = 30.0
     verify: str = "fast"               # default LoadModel verify level when a manifest exists

@@ -67,6 +67,11 @@ async def serve(cfg: Config) -> None:
     # READY before any load: a cold preload must not count against the start timeout.
     systemd.ready(f"serving on {cfg.socket}; {report.note or 'nothing to restore'}")
     watchdog = asyncio.ensure_future(systemd.watchdog_loop(stop))
+    if hasattr(backend, "prepare"):
+        # pinning staging buffers costs more than a load's copies: do it now, off the first load's clock
+        prepare = asyncio.ensure_future(asyncio.to_thread(backend.prepare))
+        prepare.add_done_callback(lambda t: t.cancelled() or t.exception() and log.warning(
+            "backend.prepare_failed", error=str(t.exception())))
     try:
         persister.save()
         await _reload(manager, report.to_reload)

@@ -39,6 +39,19 @@ def version_info(mv: ModelVersion, manager: ModelManager) -> pb.ModelVersionInfo
 
 
 def handles(mv: ModelVersion, resident: ResidentRank, ticket: str, ttl: float, fd_socket: str) -> pb.GetHandlesResponse:
+    # A rank's table never changes once loaded; encoding thousands of entries each attach would
+    # cost more than the rest of the attach, so it is built once and copied (in C) per request.
+    template = resident.memo.get("handles")
+    if template is None:
+        template = resident.memo["handles"] = _handles(mv, resident, fd_socket)
+    out = pb.GetHandlesResponse()
+    out.CopyFrom(template)
+    out.ticket = ticket
+    out.ticket_ttl_seconds = ttl
+    return out
+
+
+def _handles(mv: ModelVersion, resident: ResidentRank, fd_socket: str) -> pb.GetHandlesResponse:
     tensors = [
         pb.TensorInfo(name=p.name, dtype=p.dtype, shape=list(p.shape), strides=list(p.strides),
                       allocation=p.allocation, offset=p.offset, nbytes=p.nbytes, served_dtype=p.served_dtype)
@@ -52,8 +65,7 @@ def handles(mv: ModelVersion, resident: ResidentRank, ticket: str, ttl: float, f
             info.ipc_handle = a.ipc_handle()
         allocations.append(info)
     return pb.GetHandlesResponse(name=mv.name, version=mv.version, rank=resident.rank, world_size=mv.world_size,
-                                 tensors=tensors, allocations=allocations, ticket=ticket, fd_socket=fd_socket,
-                                 ticket_ttl_seconds=ttl)
+                                 tensors=tensors, allocations=allocations, fd_socket=fd_socket)
 
 
 def lease_info(lease: Lease) -> pb.LeaseInfo:

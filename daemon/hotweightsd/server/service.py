@@ -158,8 +158,12 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             if first.WhichOneof("msg") != "open":
                 raise errors.InvalidArgument("a Lease stream must start with an open message")
             lease = self.m.open_lease(first.open.ref, pid=first.open.pid, holder=first.open.holder)
-            yield pb.LeaseEvent(granted=pb.LeaseGranted(lease_id=lease.id, name=lease.name, version=lease.version,
-                                                        world_size=self.m.get(lease.name, lease.version).world_size))
+            granted = pb.LeaseGranted(lease_id=lease.id, name=lease.name, version=lease.version,
+                                      world_size=self.m.get(lease.name, lease.version).world_size)
+            if first.open.with_handles:
+                h = self.m.get_handles(lease.id, first.open.rank)
+                granted.handles.CopyFrom(convert.handles(h.version, h.rank, h.ticket, h.ttl, self.fd_socket))
+            yield pb.LeaseEvent(granted=granted)
             ref = first.open.ref
             events = EventQueue(self.m, lambda ev: ev.kind is EventKind.ALIAS_MOVED and ev.alias == ref)
             reader = asyncio.ensure_future(self._until_release(request_iterator))

@@ -257,14 +257,18 @@ class LeaseRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[LeaseOpen, _Mapping]] = ..., release: _Optional[_Union[LeaseRelease, _Mapping]] = ...) -> None: ...
 
 class LeaseOpen(_message.Message):
-    __slots__ = ("ref", "pid", "holder")
+    __slots__ = ("ref", "pid", "holder", "with_handles", "rank")
     REF_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
+    WITH_HANDLES_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     ref: str
     pid: int
     holder: str
-    def __init__(self, ref: _Optional[str] = ..., pid: _Optional[int] = ..., holder: _Optional[str] = ...) -> None: ...
+    with_handles: bool
+    rank: int
+    def __init__(self, ref: _Optional[str] = ..., pid: _Optional[int] = ..., holder: _Optional[str] = ..., with_handles: _Optional[bool] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class LeaseRelease(_message.Message):
     __slots__ = ()
@@ -279,16 +283,18 @@ class LeaseEvent(_message.Message):
     def __init__(self, granted: _Optional[_Union[LeaseGranted, _Mapping]] = ..., alias_moved: _Optional[_Union[AliasMoved, _Mapping]] = ...) -> None: ...
 
 class LeaseGranted(_message.Message):
-    __slots__ = ("lease_id", "name", "version", "world_size")
+    __slots__ = ("lease_id", "name", "version", "world_size", "handles")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     name: str
     version: str
     world_size: int
-    def __init__(self, lease_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
+    handles: GetHandlesResponse
+    def __init__(self, lease_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., world_size: _Optional[int] = ..., handles: _Optional[_Union[GetHandlesResponse, _Mapping]] = ...) -> None: ...
 
 class LeaseInfo(_message.Message):
     __slots__ = ("lease_id", "name", "version", "pid", "uid", "holder", "started_unix", "ref")
