@@ -985,3 +985,142 @@ def test_client_mapping_unmaps_when_released(fake, monkeypatch):
     made.pop("m").release()
     a.close()
     assert fake.phys == {}
+
+
+# --- the GDS path with a fake cuFile ---------------------------------------------------------------------
+
+class FakeCuFileError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HANDLE_NOT_REGISTERED ({status}): file descriptor is not registered")
+        self.status = status
+
+
+class FakeCuFile:
+    """``cuda.bindings.cufile`` as gds.py uses it: reads land in the fake driver's device memory."""
+
+    FileHandleType = _enum(OPAQUE_FD=1)
+    BoolConfigParameter = _enum(PROPERTIES_ALLOW_COMPAT_MODE=1, FORCE_COMPAT_MODE=2)
+
+    def __init__(self, drv: FakeDriver, refuse: int | None = None) -> None:
+        self.drv, self.refuse = drv, refuse
+        self.descrs: dict[int, object] = {}
+        self.handles: dict[int, int] = {}  # handle -> fd
+        self.params: dict[int, bool] = {}
+        self.opened = 0
+        self.env_at_open: dict[str, str | None] = {}
+        self._ids = itertools.count(100)
+        outer = self
+
+        class Descr:
+            def __init__(self) -> None:
+                self.type, self.fs_ops = 0, None
+                self.handle = type("H", (), {"fd": -1})()
+                self.ptr = next(outer._ids)
+                outer.descrs[self.ptr] = self
+
+        self.Descr = Descr
+
+    def get_version(self):
+        return 1150
+
+    def set_parameter_bool(self, param, value):
+        assert not self.opened, "cuFile parameters must be set before the driver opens"
+        self.params[param] = value
+
+    def driver_open(self):
+        self.env_at_open = {k: os.environ.get(k) for k in ("CUFILE_FORCE_COMPAT_MODE", "CUFILE_ALLOW_COMPAT_MODE")}
+        assert self.drv._stack(), "cuFileDriverOpen without a current context"
+        self.opened += 1
+
+    def driver_close(self):
+        self.opened = 0
+
+    def handle_register(self, ptr):
+        d = self.descrs[ptr]
+        assert d.type == 1 and d.fs_ops == 0
+        if self.refuse:
+            raise FakeCuFileError(self.refuse)
+        h = next(self._ids)
+        self.handles[h] = d.handle.fd
+        return h
+
+    def handle_deregister(self, h):
+        del self.handles[h]
+
+    def read(self, h, base, size, file_offset, buf_offset):
+        data = os.pread(self.handles[h], min(size, 100_000), file_offset)  # short reads, as cuFile may do
+        ctypes.memmove(self.drv.host_address(base + buf_offset, len(data)), data, len(data))
+        return len(data)
+
+
+@pytest.fixture
+def fake_cufile(fake, monkeypatch):
+    for var in ("CUFILE_FORCE_COMPAT_MODE", "CUFILE_ALLOW_COMPAT_MODE", "CUFILE_LOGFILE_PATH"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test: the driver sets them
+    cf = FakeCuFile(fake)
+    monkeypatch.setattr(gds, "cufile_module", lambda: cf)
+    monkeypatch.setattr(gds, "DRIVER", gds.CuFileDriver())
+    return cf
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_gds_compat_fill_is_exact_and_releases_everything(fake, fake_cufile, tmp_path):
+    path, layout, b, allocs = prepared(tmp_path, gds="compat")
+    before = open_fds()
+    desc = b.fill(layout, allocs, lambda n: None, threading.Event())
+    assert desc.startswith("gds: cuFile compatibility mode (forced), 2 threads"), desc
+    assert "0/1 files O_DIRECT" in desc, "compatibility mode reads a buffered fd"
+    check_contents(fake, layout, allocs)
+    assert fake_cufile.env_at_open == {"CUFILE_FORCE_COMPAT_MODE": "true", "CUFILE_ALLOW_COMPAT_MODE": "true"}
+    assert fake_cufile.params == {1: True, 2: True}
+    assert fake_cufile.handles == {} and open_fds() == before
+    assert fake._stack() == [], "the calling thread's contexts are as they were"
+    for a in allocs:
+        a.close()
+    b.close()
+
+
+def test_gds_refused_registration_names_the_filesystem_and_leaks_nothing(fake, fake_cufile, tmp_path,
+                                                                          monkeypatch):
+    path, layout, b, allocs = prepared(tmp_path, gds="compat")
+    st = os.stat(path)
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"30 1 {os.major(st.st_dev)}:{os.minor(st.st_dev)} / / rw - overlay overlay rw\n")
+    monkeypatch.setattr(gds, "MOUNTINFO", str(mountinfo))
+    monkeypatch.setattr(gds, "UDEV_DIR", str(tmp_path / "no-udev"))
+    fake_cufile.refuse = 5027
+    before = open_fds()
+    with pytest.raises(BackendError) as info:
+        b.fill(layout, allocs, lambda n: None, threading.Event())
+    exc = info.value
+    assert exc.op == "cuFileHandleRegister" and exc.code == 5027
+    assert str(path) in exc.message and "cuFile 1.15" in exc.message and "overlay" in exc.message
+    assert "no-udev is not visible" in exc.message and "gds=auto or gds=off" in exc.message
+    assert exc.details["known_obstacle"] is True and exc.details["filesystem"] == "overlay"
+    assert fake_cufile.handles == {} and open_fds() == before
+    for a in allocs:
+        a.close()
+    b.close()
+
+
+def test_file_storage_reads_mountinfo(tmp_path, monkeypatch):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"0")
+    st = os.stat(f)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    mount = str(tmp_path).replace(" ", "\\040")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"1 0 {dev} / / rw shared:1 - ext4 /dev/vda rw\n"
+                         f"2 1 9:9 / {mount} rw - tmpfs tmpfs rw\n"
+                         f"3 1 {dev} /sub {mount} rw master:2 - xfs /dev/sdb\\0401 rw\n")
+    monkeypatch.setattr(gds, "MOUNTINFO", str(mountinfo))
+    monkeypatch.setattr(gds, "UDEV_DIR", str(tmp_path))
+    assert gds.file_storage(str(f)) == {"dev": dev, "fstype": "xfs", "mount": str(tmp_path), "source": "/dev/sdb 1"}
+    assert gds.registration_obstacles(str(f)) == []
+    monkeypatch.setattr(gds, "file_storage",
+                        lambda p: {"dev": "0:53", "fstype": "overlay", "mount": "/", "source": "overlay"})
+    (why,) = gds.registration_obstacles(str(f))
+    assert "overlay" in why and "without a block device" in why

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -312,18 +314,39 @@ def test_two_ranks_on_two_gpus_at_once(b, ckpt):
                 a.close()
 
 
-def test_gds_compatibility_mode_is_exact(ckpt):
+def test_gds_compatibility_mode_is_exact(tmp_path):
+    """cuFile's compatibility mode (no nvidia-fs needed) loads a checkpoint bit-exactly.
+
+    cuFile registers only files it can trace to a block device (see backends/gds.py): the checkpoint
+    goes under HOTWEIGHTS_GDS_TEST_DIR when set, else under pytest's tmp dir or, where that has no
+    block device (the overlayfs or tmpfs /tmp of a container), beside these tests. Where cuFile
+    still refuses the files for a known reason of the machine, the test is skipped with that reason.
+    """
+    from hotweights.errors import BackendError
     from hotweightsd.backends import gds
 
     reason = gds.library_reason()
     if reason:
         pytest.skip(f"cuFile is not usable here: {reason}")
+    chosen = os.environ.get("HOTWEIGHTS_GDS_TEST_DIR")
+    candidates = [Path(chosen)] if chosen else [tmp_path, HERE]
+    parent = next((c for c in candidates if not gds.registration_obstacles(str(c))), candidates[0])
+    directory = Path(tempfile.mkdtemp(prefix="gds-ckpt-", dir=parent))
     be = backend(gds="compat", threads=4)
     try:
-        layout, allocs, desc = load(be, ckpt)
-        assert desc.startswith("gds: cuFile compatibility mode (forced)"), desc
-        assert_loaded_exactly(layout, allocs)
-        for a in allocs:
-            a.close()
+        ckpt = write_checkpoint(directory, ranks=1, parts=2)
+        try:
+            layout, allocs, desc = load(be, ckpt)
+        except BackendError as exc:
+            if exc.op == "cuFileHandleRegister" and exc.details.get("known_obstacle"):
+                pytest.skip(f"cuFile cannot register files here: {exc.message}")
+            raise
+        try:
+            assert desc.startswith("gds: cuFile compatibility mode (forced)"), desc
+            assert_loaded_exactly(layout, allocs)
+        finally:
+            for a in allocs:
+                a.close()
     finally:
         be.close()
+        shutil.rmtree(directory, ignore_errors=True)
