@@ -1067,12 +1067,7 @@ def _target(targets: dict, where: str, got: float, read: float, h2d: dict | None
                       "best_peer": name, "best_peer_gbps": best,
                       "x_best_peer": round(got / best, 2) if best else None,
                       "met_ceiling": bool(ceiling and got >= 0.9 * ceiling),
-                      "met_peers": bool(best and got >= 3.5 * best) if best else None,
-                      # A bounce path moves each byte through host memory three times (source read, pinned
-                      # write, DMA read); the no-GPU read moves it twice. If host memory bandwidth is the
-                      # bound, the copy path cannot beat two thirds of that read rate.
-                      "host_memory_bound_estimate": round(read * 2 / 3, 3),
-                      "ratio_to_host_memory_bound": round(got / (read * 2 / 3), 3) if read else None}
+                      "met_peers": bool(best and got >= 3.5 * best) if best else None}
 
 
 def _version(dist: str) -> str | None:
