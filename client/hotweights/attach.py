@@ -87,10 +87,6 @@ def _slow_view(base: torch.Tensor, t) -> torch.Tensor:
     return raw.view(dtype).view(tuple(t.shape))
 
 
-def build_tensor(meta: TensorMeta, base: torch.Tensor) -> torch.Tensor:
-    return build_tensors([meta], [base] * (meta.allocation + 1))[meta.name]
-
-
 class LeaseStream:
     """The client end of one Lease stream, with a thread that reads the daemon's events.
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from google.protobuf.json_format import MessageToDict
@@ -25,6 +26,19 @@ JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
 def fail(err: Exception) -> None:
     typer.echo(f"hotweights: {err}", err=True)
     raise typer.Exit(1)
+
+
+@contextmanager
+def reported(progress: "_Progress | None" = None) -> Iterator[None]:
+    """Turns a hotweights error into the one-line message and exit status 1 of every command."""
+    try:
+        yield
+    except errors.HotweightsError as exc:
+        if progress is not None:
+            progress.end()
+        fail(exc)
+    if progress is not None:
+        progress.end()
 
 
 def as_dict(msg) -> dict:
@@ -102,14 +116,10 @@ def load(
         dmap = [int(x) for x in device_map.split(",")] if device_map else []
     except ValueError:
         fail(errors.InvalidArgument(f"--device-map must be comma-separated integers, got {device_map!r}"))
-    try:
+    with reported(progress):
         info = connect(socket).load(name, path, version=version, alias=alias, verify=verify,
                                     allocation="legacy_ipc" if legacy_ipc else None, device_map=dmap,
                                     wait=not no_wait, progress=progress)
-    except errors.HotweightsError as exc:
-        progress.end()
-        fail(exc)
-    progress.end()
     _print_version(info, json_out, "registered" if no_wait else "loaded")
 
 
@@ -127,13 +137,9 @@ def swap(
 ) -> None:
     """Point an alias at a new version; the old one is freed when its last lease ends."""
     progress = _Progress(not json_out)
-    try:
+    with reported(progress):
         info = connect(socket).swap(alias, target, version=version, mode=mode, drain_timeout=drain_timeout,
                                     verify=verify, name=name, progress=progress)
-    except errors.HotweightsError as exc:
-        progress.end()
-        fail(exc)
-    progress.end()
     _print_version(info, json_out, f"{alias} ->")
 
 
@@ -145,11 +151,9 @@ def alias(
     socket: Optional[str] = SocketOpt,
 ) -> None:
     """Set or remove an alias without loading anything."""
-    try:
+    with reported():
         c = connect(socket)
         info = c.remove_alias(alias) if remove else c.set_alias(alias, target or "")
-    except errors.HotweightsError as exc:
-        fail(exc)
     typer.echo(f"{'removed' if remove else 'set'} {info.alias} -> {info.name}@{info.version}")
 
 
@@ -160,20 +164,16 @@ def unload(
     socket: Optional[str] = SocketOpt,
 ) -> None:
     """Free a model's resident memory."""
-    try:
+    with reported():
         r = connect(socket).unload(ref, force=force)
-    except errors.HotweightsError as exc:
-        fail(exc)
     typer.echo(f"unloaded {', '.join(r.unloaded)} ({format_size(r.bytes_freed)})")
 
 
 @app.command("list")
 def list_(socket: Optional[str] = SocketOpt, json_out: bool = JsonOpt) -> None:
     """Models, versions, states and aliases."""
-    try:
+    with reported():
         r = connect(socket).list()
-    except errors.HotweightsError as exc:
-        fail(exc)
     if json_out:
         typer.echo(json.dumps(as_dict(r), indent=2))
         return
@@ -190,10 +190,8 @@ def list_(socket: Optional[str] = SocketOpt, json_out: bool = JsonOpt) -> None:
 @app.command()
 def status(socket: Optional[str] = SocketOpt, json_out: bool = JsonOpt) -> None:
     """The daemon: devices, memory, models and live leases."""
-    try:
+    with reported():
         s = connect(socket).status()
-    except errors.HotweightsError as exc:
-        fail(exc)
     if json_out:
         typer.echo(json.dumps(as_dict(s), indent=2))
         return
@@ -211,13 +209,11 @@ def status(socket: Optional[str] = SocketOpt, json_out: bool = JsonOpt) -> None:
 def watch(ref: str = typer.Argument("", help="alias or model name; empty: everything"),
           socket: Optional[str] = SocketOpt, count: int = typer.Option(0, help="stop after N events")) -> None:
     """Print events (version ready, alias moved, ...) as JSON lines."""
-    try:
+    with reported():
         for i, ev in enumerate(connect(socket).watch(ref), 1):
             typer.echo(json.dumps(as_dict(ev)))
             if count and i >= count:
                 break
-    except errors.HotweightsError as exc:
-        fail(exc)
 
 
 @app.command()
