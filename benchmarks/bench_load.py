@@ -945,13 +945,14 @@ def main() -> int:
     # -- a settings sweep from page cache (helps pick defaults)
     def sweep():
         out = {}
-        for mode, threads, chunk, depth in (("pread", 16, 32, 2), ("pread", 16, 8, 4), ("pread", 8, 32, 2),
-                                            ("pread", 24, 16, 2), ("mmap", 16, 16, 2)):
-            if budget() < 200:
+        for mode, threads, chunk, depth, mm in (("pread", 16, 32, 2, 0), ("pread", 16, 8, 4, 0),
+                                                ("pread", 16, 16, 2, 4), ("pread", 16, 16, 2, 8),
+                                                ("pread", 12, 16, 2, 8), ("pread", 24, 16, 2, 0), ("mmap", 16, 16, 2, 0)):
+            if budget() < 150:
                 break
-            key = f"{mode} {threads}x{depth}x{chunk}MiB"
+            key = f"{mode} {threads}x{depth}x{chunk}MiB" + (f" +{mm} mmap" if mm else "")
             b = CudaBackend(gds="off", reserve=512 * MiB, threads=threads, chunk_size=chunk * MiB, ring_depth=depth,
-                            read_mode=mode)
+                            read_mode=mode, mmap_threads=mm)
             try:
                 b.prepare([0])
                 out[key] = hw_load(b, ckpt, 0, 0)["gbps"]
@@ -963,7 +964,7 @@ def main() -> int:
         doc["sweep_page_cache"] = out
         return out
 
-    section("sweep", sweep, need=200)
+    section("sweep", sweep, need=150)
 
     # -- tmpfs
     def tmpfs():
