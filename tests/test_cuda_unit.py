@@ -732,13 +732,12 @@ def test_legacy_ipc_allocation(fake):
     assert fake.legacy == {} and b.devices()[1].free == 64 * MiB
 
 
-@pytest.mark.parametrize("mode,mmap_threads", [("pread", 0), ("odirect", 0), ("mmap", 0), ("pread", 2),
-                                               ("odirect", 2)])
-def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, mmap_threads):
+@pytest.mark.parametrize("mode", ["pread", "odirect", "mmap"])
+def test_fill_every_read_mode_is_exact(fake, tmp_path, mode):
     path = tmp_path / "m.safetensors"
     write_ckpt(path)
     rank = load_rank(path)
-    b = make_backend(read_mode=mode, threads=3, chunk_size=64 * 1024, ring_depth=2, mmap_threads=mmap_threads)
+    b = make_backend(read_mode=mode, threads=3, chunk_size=64 * 1024, ring_depth=2)
     layout = plan_rank(rank, b.granularity(0))
     allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
     seen = []
@@ -749,8 +748,7 @@ def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, mmap_threads):
             seen.append(n)
 
     desc = b.fill(layout, allocs, progress, threading.Event())
-    extra = f" + {mmap_threads} mmap-register threads" if mmap_threads else ""
-    assert desc.startswith(f"bounce: {mode} ring 3 threads x 2 x 0MiB{extra} on cuda:0")
+    assert desc.startswith(f"bounce: {mode} ring 3 threads x 2 x 0MiB on cuda:0")
     assert "(GDS off by configuration)" in desc
     assert sum(seen) == layout.nbytes
     check_contents(fake, layout, allocs)
@@ -759,15 +757,6 @@ def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, mmap_threads):
         a.close()
     b.close()
     assert fake.host == {} and fake.streams == 0 and fake.events == 0
-
-
-def test_mmap_threads_need_a_copying_mode():
-    from hotweights.errors import InvalidArgument
-    from hotweightsd.backends.bounce import BounceSettings
-
-    with pytest.raises(InvalidArgument, match="goes with read mode pread or odirect"):
-        BounceSettings.resolve("mmap", mmap_threads=2)
-    assert BounceSettings.resolve("pread", threads=4, mmap_threads=3).workers == 7
 
 
 def test_fill_two_devices_in_parallel_and_ring_reuse(fake, tmp_path):

@@ -27,7 +27,6 @@ class Config:
     loader: str = "auto"               # cuda bounce path: auto | pread | odirect | mmap
     chunk_size: int | None = None      # cuda bounce path; None: the backend's measured default
     ring_depth: int | None = None
-    mmap_threads: int | None = None    # cuda bounce path: workers that DMA from registered page cache
     gds: str = "auto"                  # auto | off | force
     ticket_ttl: float = 30.0
     verify: str = "fast"               # default LoadModel verify level when a manifest exists
@@ -42,7 +41,6 @@ class Config:
         return {
             "reserve": self.reserve, "threads": self.loader_threads, "loader": self.loader,
             "chunk_size": self.chunk_size, "ring_depth": self.ring_depth, "gds": self.gds,
-            "mmap_threads": self.mmap_threads,
             "memory_limit": self.memory_limit,
         }
 

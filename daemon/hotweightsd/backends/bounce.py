@@ -160,15 +160,10 @@ class BounceSettings:
     chunk_size: int = DEFAULT_CHUNK
     depth: int = DEFAULT_DEPTH
     numa: bool = True
-    # Extra workers that register the file's page-cache pages for DMA instead of copying them
-    # (mmap + read-only host registration). They spend CPU on pinning rather than host memory
-    # bandwidth on a copy, so they can add to what the copying workers reach.
-    mmap_threads: int = 0
 
     @classmethod
     def resolve(cls, read_mode: str | None = None, threads: int | None = None, chunk_size: int | None = None,
-                depth: int | None = None, numa: bool | None = None,
-                mmap_threads: int | None = None) -> "BounceSettings":
+                depth: int | None = None, numa: bool | None = None) -> "BounceSettings":
         """Explicit values win, then ``HOTWEIGHTS_CUDA_READ_MODE`` / ``_THREADS`` / ``_CHUNK_MB`` /
         ``_RING_DEPTH`` / ``_NUMA``, then the defaults."""
         mode = (read_mode or os.environ.get("HOTWEIGHTS_CUDA_READ_MODE") or "pread").strip().lower()
@@ -184,19 +179,10 @@ class BounceSettings:
             raise InvalidArgument(f"chunk size {chunk} is not a positive multiple of {DIRECT_ALIGN}")
         if threads < 1 or depth < 1:
             raise InvalidArgument(f"threads ({threads}) and ring depth ({depth}) must be at least 1")
-        extra = mmap_threads if mmap_threads is not None else (_env_int("HOTWEIGHTS_CUDA_MMAP_THREADS") or 0)
-        if extra < 0 or (extra and mode == "mmap"):
-            raise InvalidArgument(f"mmap_threads ({extra}) adds registering workers to pread/odirect workers; "
-                                  f"it must be >= 0 and goes with read mode pread or odirect")
-        return cls(mode, threads, chunk, depth, numa, extra)
+        return cls(mode, threads, chunk, depth, numa)
 
     def describe(self) -> str:
-        extra = f" + {self.mmap_threads} mmap-register threads" if self.mmap_threads else ""
-        return f"{self.read_mode} ring {self.threads} threads x {self.depth} x {self.chunk_size // MiB}MiB{extra}"
-
-    @property
-    def workers(self) -> int:
-        return self.threads + self.mmap_threads
+        return f"{self.read_mode} ring {self.threads} threads x {self.depth} x {self.chunk_size // MiB}MiB"
 
 
 # --- pinned ring, per device ----------------------------------------------------------------------------
@@ -231,7 +217,6 @@ class DeviceRing:
     def __init__(self, device: int, settings: BounceSettings) -> None:
         self.device = device
         self.threads = settings.threads
-        self.mmap_threads = settings.mmap_threads
         self.depth = settings.depth
         self.slot_size = settings.chunk_size
         self.pinned = settings.read_mode != "mmap"
@@ -263,7 +248,7 @@ class DeviceRing:
                                    for i in range(self.threads * self.depth)]
                 sflag = int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)
                 eflag = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
-                for _ in range(settings.workers):
+                for _ in range(self.threads):
                     self.streams.append(cd.check(drv.cuStreamCreate(sflag), "cuStreamCreate"))
                     self.events.append([cd.check(drv.cuEventCreate(eflag), "cuEventCreate") for _ in range(self.depth)])
         except BaseException:
@@ -271,8 +256,7 @@ class DeviceRing:
             raise
 
     def fits(self, settings: BounceSettings) -> bool:
-        same = ((self.threads, self.mmap_threads, self.depth, self.slot_size)
-                == (settings.threads, settings.mmap_threads, settings.depth, settings.chunk_size))
+        same = (self.threads, self.depth, self.slot_size) == (settings.threads, settings.depth, settings.chunk_size)
         return same and (self.pinned or settings.read_mode == "mmap")
 
     def slot(self, worker: int, k: int) -> tuple[int, memoryview]:
@@ -331,7 +315,7 @@ class SourceFiles:
     maps: list[tuple[int, int]] = field(default_factory=list)  # (address, length)
 
     @classmethod
-    def open(cls, paths: list[str], mode: str, needed: list[int], map_files: bool = False) -> "SourceFiles":
+    def open(cls, paths: list[str], mode: str, needed: list[int]) -> "SourceFiles":
         files = cls(list(paths))
         try:
             for path, need in zip(paths, needed):
@@ -342,7 +326,7 @@ class SourceFiles:
                 if size < need:
                     raise BadCheckpoint(f"{path}: truncated: {size} bytes, the header promised data up to {need}",
                                         path=path)
-                if mode == "mmap" or map_files:
+                if mode == "mmap":
                     addr = _libc.mmap(None, max(size, 1), mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
                     if addr in (None, _MAP_FAILED):
                         e = ctypes.get_errno()
@@ -437,7 +421,7 @@ class _Fill:
 
     def run(self) -> None:
         workers = [threading.Thread(target=self.worker, args=(w,), name=f"hw-h2d-{self.device}-{w}", daemon=True)
-                   for w in range(min(self.ring.threads + self.ring.mmap_threads, max(1, len(self.chunks))))]
+                   for w in range(min(self.ring.threads, max(1, len(self.chunks))))]
         for t in workers:
             t.start()
         for t in workers:
@@ -467,7 +451,7 @@ class _Fill:
                     cd.check(drv.cuEventSynchronize(events[s]), "cuEventSynchronize")
                     self._retire(drv, pending[s])
                     pending[s] = None
-                src = self._read(drv, w, s, chunk, "mmap" if w >= self.ring.threads else self.settings.read_mode)
+                src = self._read(drv, w, s, chunk)
                 if isinstance(src, tuple):  # mmap: (registered address, length, chunk start address)
                     pending[s] = src
                     src_ptr = src[2]
@@ -495,7 +479,8 @@ class _Fill:
                         except BaseException as exc:
                             self.fail(exc)
 
-    def _read(self, drv: Any, w: int, s: int, chunk: ReadChunk, mode: str) -> Any:
+    def _read(self, drv: Any, w: int, s: int, chunk: ReadChunk) -> Any:
+        mode = self.settings.read_mode
         fd, path = self.files.fds[chunk.file], self.files.paths[chunk.file]
         if mode == "mmap":
             addr, _ = self.files.maps[chunk.file]
@@ -526,8 +511,7 @@ def fill(device: int, ring: DeviceRing, settings: BounceSettings, layout: RankLa
     """
     chunks = plan_chunks(layout.segments(), settings.chunk_size)
     check_plan(chunks, sizes)
-    files = SourceFiles.open(layout.files, settings.read_mode, needed_file_sizes(chunks, len(layout.files)),
-                             map_files=settings.mmap_threads > 0)
+    files = SourceFiles.open(layout.files, settings.read_mode, needed_file_sizes(chunks, len(layout.files)))
     try:
         job = _Fill(device, ring, settings, chunks, files, bases, progress, cancel)
         job.run()
