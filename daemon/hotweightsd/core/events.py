@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
+import structlog
+
+log = structlog.get_logger("hotweightsd.events")
+
 
 class EventKind(str, Enum):
     VERSION_ADDED = "VERSION_ADDED"
@@ -63,5 +67,8 @@ class EventBus:
             event = Event(kind, name, seq=next(self._seq), **fields)
             subs = list(self._subs.values())
         for fn in subs:
-            fn(event)
+            try:
+                fn(event)
+            except Exception as exc:  # one broken subscriber must not stop the others or the publisher
+                log.error("event.subscriber_failed", event=kind.value, error=f"{type(exc).__name__}: {exc}")
         return event

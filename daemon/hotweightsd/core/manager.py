@@ -148,7 +148,7 @@ class ModelManager:
         if not path:
             raise InvalidArgument("no checkpoint path given")
         ckpt = open_checkpoint(path)
-        self._verify(ckpt, verify)
+        self.verify(ckpt, verify)
         version = check_name("version", version) if version else ckpt.fingerprint()
         devices = self._place(ckpt.world_size, list(device_map or []))
         layouts = [
@@ -183,7 +183,8 @@ class ModelManager:
                  bytes=mv.bytes_total, devices=devices)
         return mv, lambda: self._fill(mv, alias)
 
-    def _verify(self, ckpt: Checkpoint, verify: str | None) -> None:
+    def verify(self, ckpt: Checkpoint, verify: str | None) -> None:
+        """Checks ``ckpt`` against its hotweights.json at the requested level (default: the daemon's)."""
         level = verify or "default"
         if level not in VERIFY_LEVELS:
             raise InvalidArgument(f"verify must be one of none, fast, full (got {verify!r})")

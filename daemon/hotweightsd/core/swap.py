@@ -82,7 +82,7 @@ def swap(
         raise InvalidArgument(f"--mode drain needs an existing alias; {alias!r} points at nothing")
     # Fail on a bad checkpoint before anything is drained.
     ckpt = open_checkpoint(target)
-    m._verify(ckpt, verify)
+    m.verify(ckpt, verify)
     m.drain(old, drain_timeout)
     mv, load = m.begin_load(model, target, version=version, verify=verify)
 

@@ -67,7 +67,10 @@ class EventQueue:
 
         def push(ev: Event) -> None:
             if keep(ev):
-                loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+                try:
+                    loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+                except RuntimeError:
+                    pass  # the loop closed (shutdown): nobody is listening any more
 
         self.unsubscribe = manager.events.subscribe(push)
 
