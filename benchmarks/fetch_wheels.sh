@@ -13,6 +13,7 @@ WHEELS=(
   runai-model-streamer==0.16.1      # peer (newest with a manylinux x86_64 wheel here)
   humanize==4.15.0                  # runai-model-streamer's dependency
   instanttensor==0.2.2              # peer
+  nvidia-cufile==1.19.1.55          # cuFile 1.19 for the GDS compatibility-mode test (the image has 1.15)
 )
 for w in "${WHEELS[@]}"; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
