@@ -258,3 +258,32 @@ def test_config_preload_loads_models_and_aliases_at_start(sockdir, tmp_path):
         assert "preload.failed" in d.logs() and "missing" in d.logs()
     finally:
         assert d.stop() == 0
+
+
+def test_follow_reattaches_on_alias_move_and_releases_the_old_mapping(daemon, client, tmp_path):
+    import threading
+
+    daemon.cli("load", "llm", str(versioned(tmp_path, 1)), "--version", "v1", "--alias", "prod", check=True)
+    seen: list[tuple[str, int]] = []
+    changed = threading.Event()
+
+    def on_change(att):
+        seen.append((att.version, int(att["marker"][0])))
+        changed.set()
+
+    follower = client.follow("prod", on_change, holder="follower")
+    try:
+        assert seen == [("v1", 1)]
+        changed.clear()
+        daemon.cli("swap", "prod", str(versioned(tmp_path, 2)), "--version", "v2", check=True)
+        assert changed.wait(10), "the follower was not told of the move"
+        assert seen[-1] == ("v2", 2) and follower.current.version == "v2"
+        # the old mapping was released after the new one was handed over, so v1 is freed
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(daemon.status()["versions"]) > 1:
+            time.sleep(0.05)
+        assert [v["version"] for v in daemon.status()["versions"]] == ["v2"]
+        assert [le["version"] for le in daemon.status()["leases"]] == ["v2"]
+    finally:
+        follower.close()
+    assert daemon.status()["leases"] == []
