@@ -165,6 +165,8 @@ def test_bad_lifecycle_requests_are_clear_errors(daemon, tmp_path):
     assert r.returncode == 1 and "pass the model name" in r.stderr
     r = daemon.cli("load", "llm", str(versioned(tmp_path, 1)), "--version", "v1")
     assert r.returncode == 1 and "already loaded" in r.stderr
+    r = daemon.cli("swap", "prod", "llm")
+    assert r.returncode == 1 and "neither NAME@VERSION nor a checkpoint path" in r.stderr
 
 
 def test_alias_to_failed_version_is_refused():

@@ -25,7 +25,12 @@ class SwapPlan:
 
 
 def is_path(target: str) -> bool:
-    return "/" in target or os.path.exists(target) or "@" not in target
+    """A swap target is a checkpoint path (absolute, or existing) or ``NAME@VERSION``."""
+    if "/" in target or os.path.exists(target):
+        return True
+    if "@" in target:
+        return False
+    raise InvalidArgument(f"swap target {target!r} is neither NAME@VERSION nor a checkpoint path")
 
 
 def swap(
