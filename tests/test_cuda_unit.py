@@ -1124,3 +1124,15 @@ def test_file_storage_reads_mountinfo(tmp_path, monkeypatch):
                         lambda p: {"dev": "0:53", "fstype": "overlay", "mount": "/", "source": "overlay"})
     (why,) = gds.registration_obstacles(str(f))
     assert "overlay" in why and "without a block device" in why
+
+
+def test_clients_find_the_gpu_by_pci_bus_id_not_by_ordinal(fake, monkeypatch):
+    """A serving process with its own CUDA_VISIBLE_DEVICES numbers GPUs differently from the daemon."""
+    from hotweights.errors import InvalidArgument
+
+    monkeypatch.setattr(cuda_import, "_local_ordinals", {})
+    assert cuda_import.pci_bus_id(1) == "0000:1c:00.0"
+    assert cuda_import.local_device("0000:1C:00.0", daemon_ordinal=5) == 1
+    assert cuda_import.local_device("", daemon_ordinal=5) == 5  # an older daemon sends no bus id
+    with pytest.raises(InvalidArgument, match="CUDA_VISIBLE_DEVICES"):
+        cuda_import.local_device("0000:99:00.0", daemon_ordinal=0)

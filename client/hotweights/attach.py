@@ -199,7 +199,7 @@ class Attachment(Mapping[str, torch.Tensor]):
             for a in h.allocations:
                 kind = pb.HandleType.Name(a.handle_type)
                 fd = None if a.handle_type == pb.CUDA_IPC else next(it)
-                regions.append(open_region(kind, a.size, a.device, fd, a.ipc_handle))
+                regions.append(open_region(kind, a.size, a.device, fd, a.ipc_handle, a.device_bus_id))
         except BaseException:
             for r in regions:
                 r.close()

@@ -159,6 +159,51 @@ def current(device: int) -> Iterator[Any]:
         check(drv.cuCtxPopCurrent(), "cuCtxPopCurrent", device=device)
 
 
+def text(raw: Any) -> str:
+    """A driver string (NUL-padded bytes) as text."""
+    if isinstance(raw, (bytes, bytearray)):
+        raw = bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
+    return str(raw).strip()
+
+
+def pci_bus_id(device: int) -> str | None:
+    """``0000:1b:00.0`` (lower case, as /sys spells it), or None where the driver will not say."""
+    try:
+        drv = init()
+        handle = check(drv.cuDeviceGet(device), "cuDeviceGet", device=device)
+        raw = check(drv.cuDeviceGetPCIBusId(64, handle), "cuDeviceGetPCIBusId", device=device)
+    except Exception:
+        return None
+    return text(raw).lower() or None
+
+
+_local_ordinals: dict[str, int] = {}
+
+
+def local_device(bus_id: str, daemon_ordinal: int) -> int:
+    """This process's ordinal for the GPU at PCI ``bus_id``.
+
+    The daemon numbers GPUs as it sees them; a serving process often sees fewer, in another order
+    (its own CUDA_VISIBLE_DEVICES), so ordinals alone would map the wrong GPU. Without a bus id
+    (an older daemon) the daemon's ordinal is used as it is.
+    """
+    if not bus_id:
+        return daemon_ordinal
+    bus_id = bus_id.lower()
+    with _lock:
+        if bus_id not in _local_ordinals:
+            count = int(check(init().cuDeviceGetCount(), "cuDeviceGetCount"))
+            for d in range(count):
+                found = pci_bus_id(d)
+                if found:
+                    _local_ordinals.setdefault(found, d)
+        if bus_id not in _local_ordinals:
+            raise InvalidArgument(
+                f"the weights live on the GPU at PCI {bus_id} (daemon's cuda:{daemon_ordinal}), which this "
+                f"process cannot see: check its CUDA_VISIBLE_DEVICES", bus_id=bus_id)
+        return _local_ordinals[bus_id]
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -389,8 +434,13 @@ def open_ipc(size: int, device: int, ipc_handle: bytes) -> CudaRegion:
     return CudaRegion("CUDA_IPC", size, device, mapping, writable=True)
 
 
-def open_region(handle_type: str, size: int, device: int, fd: int | None, ipc_handle: bytes = b"") -> CudaRegion:
-    """Maps one CUDA allocation. Takes no ownership of ``fd``: the caller closes it after this returns."""
+def open_region(handle_type: str, size: int, device: int, fd: int | None, ipc_handle: bytes = b"",
+                device_bus_id: str = "") -> CudaRegion:
+    """Maps one CUDA allocation. Takes no ownership of ``fd``: the caller closes it after this returns.
+
+    ``device`` is the daemon's ordinal; ``device_bus_id`` (when given) picks this process's own.
+    """
+    device = local_device(device_bus_id, device)
     if handle_type == "CUDA_VMM_FD":
         if fd is None:
             raise InvalidArgument("a CUDA_VMM_FD allocation arrived without its file descriptor")

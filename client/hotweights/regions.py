@@ -47,7 +47,8 @@ class HostRegion:
         self._map = None
 
 
-def open_region(handle_type: str, size: int, device: int, fd: int | None, ipc_handle: bytes = b"") -> Region:
+def open_region(handle_type: str, size: int, device: int, fd: int | None, ipc_handle: bytes = b"",
+                device_bus_id: str = "") -> Region:
     """Maps one allocation. Takes no ownership of ``fd``: the caller closes it after this returns."""
     if handle_type == "MEMFD":
         if fd is None:
@@ -56,7 +57,7 @@ def open_region(handle_type: str, size: int, device: int, fd: int | None, ipc_ha
     if handle_type in ("CUDA_VMM_FD", "CUDA_IPC"):
         from hotweights import cuda_import
 
-        return cuda_import.open_region(handle_type, size, device, fd, ipc_handle)
+        return cuda_import.open_region(handle_type, size, device, fd, ipc_handle, device_bus_id)
     raise InvalidArgument(f"unknown handle type {handle_type!r}")
 
 

@@ -195,3 +195,32 @@ def test_restart_under_service_manager_rereads_nothing(tmp_path):
         assert "still-computing" in out, err
         assert svc.stop() == 0
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.skipif(gpu_count() < 2, reason="needs two GPUs")
+def test_client_with_its_own_visible_devices_maps_the_right_gpu(gpu_daemon, tmp_path):
+    """Rank 1 lives on the daemon's cuda:1; a client that sees only that GPU calls it cuda:0."""
+    import os
+    import subprocess
+
+    ckpt = write_checkpoint(tmp_path / "tp2", ranks=2, parts=1)
+    gpu_daemon.cli("load", "tp2", str(ckpt), check=True)
+    code = """
+import sys, glob, torch, hotweights
+sys.path.insert(0, sys.argv[3])
+from ckpt_tools import same_bits
+from safetensors.torch import load_file
+want = {}
+for f in sorted(glob.glob(sys.argv[2] + "/model-rank-1-*.safetensors")):
+    want.update(load_file(f))
+assert torch.cuda.device_count() == 1
+with hotweights.connect(sys.argv[1]).attach("tp2", rank=1) as w:
+    for k, t in w.items():
+        assert t.device == torch.device("cuda", 0), t.device
+        assert same_bits(t.cpu(), want[k]), k
+print("OK", len(w))
+"""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "1"}
+    r = subprocess.run([sys.executable, "-c", code, gpu_daemon.socket, str(ckpt), str(TESTS)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr

@@ -17,6 +17,8 @@ import os
 from typing import Any
 
 from hotweights.cuda_import import (  # noqa: F401 (re-exported for the backend and tests)
+    pci_bus_id,
+    text,
     access_desc,
     check,
     current,
@@ -68,27 +70,14 @@ def set_current(device: int) -> None:
     check(init().cuCtxSetCurrent(primary_context(device)), "cuCtxSetCurrent", device=device)
 
 
-def _text(raw: Any) -> str:
-    if isinstance(raw, (bytes, bytearray)):
-        raw = bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
-    return str(raw).strip()
 
 
 def device_name(device: int) -> str:
-    return _text(check(init().cuDeviceGetName(256, device_handle(device)), "cuDeviceGetName", device=device))
+    return text(check(init().cuDeviceGetName(256, device_handle(device)), "cuDeviceGetName", device=device))
 
 
 def device_total(device: int) -> int:
     return int(check(init().cuDeviceTotalMem(device_handle(device)), "cuDeviceTotalMem", device=device))
-
-
-def pci_bus_id(device: int) -> str | None:
-    """``0000:1b:00.0`` (lower case, as /sys spells it), or None where the driver will not say."""
-    try:
-        raw = check(init().cuDeviceGetPCIBusId(64, device_handle(device)), "cuDeviceGetPCIBusId", device=device)
-    except Exception:
-        return None
-    return _text(raw).lower() or None
 
 
 def mem_info(device: int) -> tuple[int, int]:

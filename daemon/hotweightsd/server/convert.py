@@ -59,13 +59,21 @@ def _handles(mv: ModelVersion, resident: ResidentRank, fd_socket: str) -> pb.Get
     ]
     allocations = []
     for i, a in enumerate(resident.allocations):
+        host = a.handle_type is HandleType.MEMFD
         info = pb.AllocationInfo(index=i, size=a.size, handle_type=pb.HandleType.Value(a.handle_type.value),
-                                 device=-1 if a.handle_type is HandleType.MEMFD else a.device)
+                                 device=-1 if host else a.device,
+                                 device_bus_id="" if host else device_bus_id(a.device))
         if a.handle_type is HandleType.CUDA_IPC:
             info.ipc_handle = a.ipc_handle()
         allocations.append(info)
     return pb.GetHandlesResponse(name=mv.name, version=mv.version, rank=resident.rank, world_size=mv.world_size,
                                  tensors=tensors, allocations=allocations, fd_socket=fd_socket)
+
+
+def device_bus_id(device: int) -> str:
+    from hotweightsd.backends import cuda_driver
+
+    return cuda_driver.pci_bus_id(device) or ""
 
 
 def lease_info(lease: Lease) -> pb.LeaseInfo:

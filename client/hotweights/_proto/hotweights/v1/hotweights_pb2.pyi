@@ -205,18 +205,20 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., strides: _Optional[_Iterable[int]] = ..., allocation: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., served_dtype: _Optional[str] = ...) -> None: ...
 
 class AllocationInfo(_message.Message):
-    __slots__ = ("index", "size", "handle_type", "device", "ipc_handle")
+    __slots__ = ("index", "size", "handle_type", "device", "ipc_handle", "device_bus_id")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     HANDLE_TYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BUS_ID_FIELD_NUMBER: _ClassVar[int]
     index: int
     size: int
     handle_type: HandleType
     device: int
     ipc_handle: bytes
-    def __init__(self, index: _Optional[int] = ..., size: _Optional[int] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., device: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ...) -> None: ...
+    device_bus_id: str
+    def __init__(self, index: _Optional[int] = ..., size: _Optional[int] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., device: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., device_bus_id: _Optional[str] = ...) -> None: ...
 
 class GetHandlesRequest(_message.Message):
     __slots__ = ("lease_id", "rank")
