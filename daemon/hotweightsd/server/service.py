@@ -78,12 +78,12 @@ class EventQueue:
 class HotweightsService(pb_grpc.HotweightsServicer):
     def __init__(self, manager: ModelManager, socket_path: str, fd_socket: str, gds_note: str = "",
                  restored: bool = False, restore_note: str = "") -> None:
-        self.restore_note = restore_note
         self.m = manager
         self.socket_path = socket_path
         self.fd_socket = fd_socket
         self.gds_note = gds_note
         self.restored = restored
+        self.restore_note = restore_note
         self._background: set[asyncio.Task] = set()
 
     # ---- loading --------------------------------------------------------------------------
