@@ -202,3 +202,15 @@ def test_legacy_ipc_mode_needs_cuda(manager, tmp_path):
     with pytest.raises(errors.InvalidArgument, match="legacy CUDA IPC needs --backend cuda"):
         manager.load("m", str(write_model(tmp_path / "m.safetensors")), mode=AllocationMode.LEGACY_IPC)
     assert manager.versions() == []
+
+
+def test_unload_while_loading_cancels_and_frees_only_after_the_readers_stop(manager, tmp_path):
+    """Freeing under in-flight reads would let them write into released memory."""
+    mv, run = manager.begin_load("m", str(write_model(tmp_path / "m.safetensors")), version="v1")
+    assert manager.backend._resident > 0
+    freed, _ = manager.unload("m@v1")
+    assert freed == ["m@v1"] and manager.versions() == []
+    assert mv.cancel.is_set() and mv.ranks, "memory stays until the loader has stopped"
+    with pytest.raises(errors.HotweightsError):
+        run()
+    assert mv.ranks == [] and manager.backend._resident == 0

@@ -39,7 +39,6 @@ from hotweightsd.core.registry import ModelVersion, ResidentRank, State, check_n
 
 log = structlog.get_logger("hotweightsd.manager")
 
-Progress = Callable[[int, int], None]
 VERIFY_LEVELS = ("default", "none", "fast", "full")
 
 
@@ -135,7 +134,6 @@ class ModelManager:
         verify: str | None = None,
         mode: AllocationMode = AllocationMode.FD,
         device_map: Iterable[int] | None = None,
-        replace_failed: bool = True,
     ) -> tuple[ModelVersion, Callable[[], ModelVersion]]:
         """Validates, admits and registers a version (LOADING) and returns it with the function that reads it.
 
@@ -164,7 +162,7 @@ class ModelManager:
                 raise InvalidArgument(f"{name!r} is an alias; a model cannot share its name")
             old = self._versions.get(mv.key)
             if old is not None:
-                if old.state is State.FAILED and replace_failed:
+                if old.state is State.FAILED:
                     del self._versions[old.key]
                 else:
                     raise AlreadyExists(f"{mv.key} is already loaded ({old.state.value})", ref=mv.key)
@@ -275,7 +273,6 @@ class ModelManager:
                 self._fail(mv, Unavailable(f"{mv.key} was unloaded while loading"))
                 raise Unavailable(f"{mv.key} was unloaded while loading")
             mv.state = State.READY
-            mv.done.set()
             self._changed.notify_all()
         rate = mv.bytes_total / mv.load_seconds / 1e9 if mv.load_seconds else 0.0
         log.info("load.ready", model=mv.key, seconds=round(mv.load_seconds, 3), gbps=round(rate, 2), path=mv.load_path)
@@ -289,7 +286,6 @@ class ModelManager:
             self._free_memory(mv)
             mv.state = State.FAILED
             mv.error = str(exc) if isinstance(exc, HotweightsError) else f"{type(exc).__name__}: {exc}"
-            mv.done.set()
             self._changed.notify_all()
         log.warning("load.failed", model=mv.key, error=mv.error)
         if publish:
@@ -315,8 +311,6 @@ class ModelManager:
                 for a in self.aliases_of(mv.key):
                     del self._aliases[a]
                     self.events.publish(EventKind.ALIAS_REMOVED, mv.name, version=mv.version, alias=a)
-                if mv.state is State.LOADING:
-                    mv.cancel.set()
                 total += mv.resident_bytes
                 self._drop(mv)
                 freed.append(mv.key)
@@ -336,12 +330,21 @@ class ModelManager:
 
     def _drop(self, mv: ModelVersion) -> None:
         """Frees a version's memory and removes it from the registry (lock held)."""
+        self._stop_or_free(mv)
         mv.state = State.UNLOADING
-        self._free_memory(mv)
         self._versions.pop(mv.key, None)
         self._changed.notify_all()
         log.info("version.freed", model=mv.key)
         self.events.publish(EventKind.VERSION_FREED, mv.name, version=mv.version)
+
+    def _stop_or_free(self, mv: ModelVersion) -> None:
+        """A loading version is cancelled and its loader frees the memory once its readers have
+        stopped (freeing under in-flight copies would let them write into released memory);
+        any other version's memory is freed now."""
+        if mv.state is State.LOADING:
+            mv.cancel.set()
+        else:
+            self._free_memory(mv)
 
     def _free_memory(self, mv: ModelVersion) -> None:
         for r in mv.ranks:
@@ -483,11 +486,6 @@ class ModelManager:
                 self._changed.wait(min(left, 0.5))
             self._drop(mv)
 
-    def wait_ready(self, mv: ModelVersion, timeout: float | None = None) -> ModelVersion:
-        if not mv.done.wait(timeout):
-            raise DeadlineExceeded(f"{mv.key} did not finish loading within {timeout}s")
-        return mv
-
     # ---- lifetime -------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -499,8 +497,7 @@ class ModelManager:
         with self._lock:
             self._closed = True
             for mv in list(self._versions.values()):
-                mv.cancel.set()
-                self._free_memory(mv)
+                self._stop_or_free(mv)
             self._versions.clear()
             self._aliases.clear()
             self._leases.clear()
@@ -515,7 +512,6 @@ class ModelManager:
             if mv.key in self._versions:
                 raise AlreadyExists(f"{mv.key} is already registered")
             mv.state = State.READY
-            mv.done.set()
             self._versions[mv.key] = mv
             for a in aliases:
                 self._aliases[a] = mv.key

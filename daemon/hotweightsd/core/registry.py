@@ -72,7 +72,6 @@ class ModelVersion:
     bytes_total: int = 0
     bytes_done: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def key(self) -> str:
