@@ -155,10 +155,6 @@ class LeaseStream:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
 
 class Attachment(Mapping[str, torch.Tensor]):
     """Tensors of one rank of one model version, mapped from the daemon's memory without a copy.

@@ -33,10 +33,6 @@ class RankFiles:
     def nbytes(self) -> int:
         return sum(f.data_bytes for f in self.files)
 
-    @property
-    def tensor_count(self) -> int:
-        return sum(len(f.tensors) for f in self.files)
-
 
 @dataclass
 class Checkpoint:

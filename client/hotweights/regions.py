@@ -7,7 +7,6 @@ never pulls memory out from under a tensor the serving code still holds.
 from __future__ import annotations
 
 import mmap
-import os
 import warnings
 from typing import Protocol
 
@@ -59,8 +58,3 @@ def open_region(handle_type: str, size: int, device: int, fd: int | None, ipc_ha
 
         return cuda_import.open_region(handle_type, size, device, fd, ipc_handle, device_bus_id)
     raise InvalidArgument(f"unknown handle type {handle_type!r}")
-
-
-def close_fd(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)
