@@ -149,23 +149,29 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     # ---- leases and handles ---------------------------------------------------------------
 
-    @rpc
-    async def GetHandles(self, request, context) -> pb.GetHandlesResponse:
-        h = self.m.get_handles(request.lease_id, request.rank)
+    def _handles(self, lease_id: str, rank: int) -> pb.GetHandlesResponse:
+        h = self.m.get_handles(lease_id, rank)
         return convert.handles(h.version, h.rank, h.ticket, h.ttl, self.fd_socket)
 
+    @rpc
+    async def GetHandles(self, request, context) -> pb.GetHandlesResponse:
+        return self._handles(request.lease_id, request.rank)
+
+    @stream_rpc
     async def Lease(self, request_iterator, context) -> AsyncIterator[pb.LeaseEvent]:
         lease = None
         try:
-            first = await request_iterator.__anext__()
+            try:
+                first = await request_iterator.__anext__()
+            except StopAsyncIteration:
+                return  # the client went away before asking for anything
             if first.WhichOneof("msg") != "open":
                 raise errors.InvalidArgument("a Lease stream must start with an open message")
             lease = self.m.open_lease(first.open.ref, pid=first.open.pid, holder=first.open.holder)
             granted = pb.LeaseGranted(lease_id=lease.id, name=lease.name, version=lease.version,
                                       world_size=self.m.get(lease.name, lease.version).world_size)
             if first.open.with_handles:
-                h = self.m.get_handles(lease.id, first.open.rank)
-                granted.handles.CopyFrom(convert.handles(h.version, h.rank, h.ticket, h.ttl, self.fd_socket))
+                granted.handles.CopyFrom(self._handles(lease.id, first.open.rank))
             yield pb.LeaseEvent(granted=granted)
             ref = first.open.ref
             events = EventQueue(self.m, lambda ev: ev.kind is EventKind.ALIAS_MOVED and ev.alias == ref)
@@ -186,10 +192,6 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             finally:
                 events.unsubscribe()
                 reader.cancel()
-        except StopAsyncIteration:
-            return
-        except errors.HotweightsError as exc:
-            await abort_with(context, exc)
         finally:
             if lease is not None:
                 self.m.close_lease(lease.id)
@@ -204,11 +206,10 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @rpc
     async def SetAlias(self, request, context) -> pb.SetAliasResponse:
-        if not request.target:
+        if request.target:
+            _, key = await asyncio.to_thread(self.m.set_alias, request.alias, request.target)
+        else:
             key = await asyncio.to_thread(self.m.remove_alias, request.alias)
-            name, _, version = key.partition("@")
-            return pb.SetAliasResponse(alias=pb.AliasInfo(alias=request.alias, name=name, version=version))
-        _, key = await asyncio.to_thread(self.m.set_alias, request.alias, request.target)
         name, _, version = key.partition("@")
         return pb.SetAliasResponse(alias=pb.AliasInfo(alias=request.alias, name=name, version=version))
 
