@@ -22,7 +22,7 @@ from hotweightsd.core.backend import AllocationMode, HandleType, MemoryBackend
 from hotweightsd.core.events import Event, EventKind
 from hotweightsd.core.layout import Placement, RankLayout
 from hotweightsd.core.manager import ModelManager
-from hotweightsd.core.registry import ModelVersion, ResidentRank
+from hotweightsd.core.registry import ModelVersion, ResidentRank, State
 
 log = structlog.get_logger("hotweightsd.persist")
 STATE_NAME = "hotweights-state.json"
@@ -90,12 +90,12 @@ class Persister:
         names = []
         for r in mv.ranks:
             for i, a in enumerate(r.allocations):
+                names.append(fd_name(key, r.rank, i))
                 fd = a.export_fd()
                 try:
-                    systemd.store_fds(fd_name(key, r.rank, i), [fd])
+                    systemd.store_fds(names[-1], [fd])
                 finally:
                     os.close(fd)
-                names.append(fd_name(key, r.rank, i))
         with self._lock:
             self._stored[key] = names
         log.info("persist.stored", model=key, fds=len(names))
@@ -111,7 +111,7 @@ class Persister:
             stored = dict(self._stored)
         versions = []
         for mv in self.m.versions():
-            if mv.state.value != "READY" or mv.freed:
+            if mv.state is not State.READY or mv.freed:
                 continue
             names = [[fd_name(mv.key, r.rank, i) for i in range(len(r.allocations))] if mv.key in stored else []
                      for r in mv.ranks]
@@ -132,15 +132,15 @@ class RestoreReport:
     note: str = ""
 
 
-def _close_all(received: dict[str, list[int]], forget: bool) -> None:
+def _drop_received(received: dict[str, list[int]]) -> None:
+    """Closes fds that will not be served and takes them out of the fd store."""
     for name, fds in received.items():
         for fd in fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
-        if forget:
-            systemd.remove_fds(name)
+        systemd.remove_fds(name)
 
 
 def restore(manager: ModelManager, backend: MemoryBackend, persister: Persister,
@@ -154,7 +154,7 @@ def restore(manager: ModelManager, backend: MemoryBackend, persister: Persister,
     report = RestoreReport()
     if not path.exists():
         if received:
-            _close_all(received, forget=True)
+            _drop_received(received)
             report.note = f"fd store held {len(received)} fd(s) but no state file {path} describes them: dropped"
             log.error("restore.refused", reason=report.note)
         return report
@@ -163,7 +163,7 @@ def restore(manager: ModelManager, backend: MemoryBackend, persister: Persister,
         versions = doc.get("versions", [])
         aliases = doc.get("aliases", {})
     except DataLoss as exc:
-        _close_all(received, forget=True)
+        _drop_received(received)
         path.rename(path.with_suffix(".corrupt"))
         report.note = f"{exc}; started empty (kept as {path.with_suffix('.corrupt').name})"
         log.error("restore.refused", reason=report.note)
@@ -188,7 +188,7 @@ def restore(manager: ModelManager, backend: MemoryBackend, persister: Persister,
     expected = {n: 1 for v in versions for r in v["ranks"] for n in r["fd_names"]}
     mismatch = statefile.match_fds(expected, received)
     if not mismatch.ok:
-        _close_all(received, forget=True)
+        _drop_received(received)
         report.note = f"state file {path} disagrees with the fds handed back: {mismatch.describe()}; started empty"
         log.error("restore.refused", reason=report.note)
         return report
@@ -203,7 +203,7 @@ def restore(manager: ModelManager, backend: MemoryBackend, persister: Persister,
             for r in mv.ranks:
                 for a in r.allocations:
                     a.close()
-        _close_all(received, forget=True)
+        _drop_received(received)
         report.note = f"state file {path} does not describe the fds handed back ({exc}); started empty"
         log.error("restore.refused", reason=report.note)
         return report
