@@ -105,16 +105,16 @@ class LeaseStream:
         self._on_alias_moved = on_alias_moved
         self.relets = 0
         try:
-            self.granted = self._open(ref)
+            self.granted = self._open(ref, with_handles=rank is not None)
         except grpc.RpcError as exc:
             self._release.set()
             raise error_from_rpc(exc) from None
         self._thread = threading.Thread(target=self._pump, name="hotweights-lease", daemon=True)
         self._thread.start()
 
-    def _open(self, ref: str) -> pb.LeaseGranted:
+    def _open(self, ref: str, with_handles: bool = False) -> pb.LeaseGranted:
         open_msg = pb.LeaseRequest(open=pb.LeaseOpen(ref=ref, pid=os.getpid(), holder=self._holder,
-                                                     with_handles=self._rank is not None, rank=self._rank or 0))
+                                                     with_handles=with_handles, rank=self._rank or 0))
 
         def requests():
             yield open_msg
@@ -141,7 +141,7 @@ class LeaseStream:
         deadline = time.monotonic() + self.RELEASE_RETRY_SECONDS
         while not self._release.is_set() and time.monotonic() < deadline:
             try:
-                self._open(key)
+                self._open(key)  # the mapping is already there: no handles needed
                 self.relets += 1
                 return True
             except grpc.RpcError as exc:

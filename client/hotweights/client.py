@@ -175,9 +175,8 @@ class Follower:
                                    on_alias_moved=lambda _ev: self._moved.set())
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self._moved.wait(0.2):
-                continue
+        while True:
+            self._moved.wait()  # close() sets it too
             self._moved.clear()
             if self._stop.is_set():
                 return
