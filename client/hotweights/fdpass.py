@@ -8,7 +8,7 @@ import socket
 
 from hotweights import errors
 
-MAGIC = b"HWT1 "
+MAGIC = b"HWT1 "  # the side channel's protocol tag; the daemon imports it from here
 
 
 def fetch_fds(path: str, ticket: str, expected: int, timeout: float = 10.0) -> list[int]:

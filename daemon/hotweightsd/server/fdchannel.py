@@ -17,11 +17,11 @@ import threading
 import structlog
 
 from hotweights.errors import HotweightsError, InvalidArgument
+from hotweights.fdpass import MAGIC
 from hotweightsd.core.manager import ModelManager
 
 log = structlog.get_logger("hotweightsd.fdchannel")
 
-MAGIC = b"HWT1 "
 MAX_FDS_PER_MESSAGE = 250
 
 
