@@ -52,3 +52,20 @@ def test_socket_default_rules(monkeypatch):
     monkeypatch.setattr(paths.os.path, "exists", lambda p: False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
     assert paths.default_socket() == "/run/user/1000/hotweights.sock"
+
+
+def test_backend_stdlib_logs_render_like_the_daemons(capsys):
+    import json
+    import logging
+
+    from hotweightsd.logging import configure
+
+    configure("json", "info")
+    try:
+        logging.getLogger("hotweightsd.cuda").info("rank %d loaded", 3)
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        doc = json.loads(line)
+        assert doc["event"] == "rank 3 loaded" and doc["level"] == "info"
+        assert doc["logger"] == "hotweightsd.cuda" and "timestamp" in doc
+    finally:
+        logging.getLogger().handlers = []
