@@ -24,7 +24,7 @@ from hotweightsd.logging import configure
 from hotweightsd.persist import STATE_NAME, Persister, restore
 from hotweightsd.server.fdchannel import FdChannel
 from hotweightsd.server.service import HotweightsService, grpc_options
-from hotweightsd.server.sockets import SocketOwnership, fd_socket_path
+from hotweightsd.server.sockets import SocketOwnership, born_with_mode, fd_socket_path
 
 log = structlog.get_logger("hotweightsd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Hotweights"].full_name
@@ -47,13 +47,9 @@ async def serve(cfg: Config) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
-    old_umask = os.umask(0o117)  # the socket is born 0660: no window where others could connect
-    try:
+    with born_with_mode(0o660):
         server.add_insecure_port(f"unix:{cfg.socket}")
         await server.start()
-    finally:
-        os.umask(old_umask)
-    os.chmod(cfg.socket, 0o660)
     channel.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -70,12 +66,12 @@ async def serve(cfg: Config) -> None:
     if hasattr(backend, "prepare"):
         # pinning staging buffers costs more than a load's copies: do it now, off the first load's clock
         prepare = asyncio.ensure_future(asyncio.to_thread(backend.prepare))
-        prepare.add_done_callback(lambda t: t.cancelled() or t.exception() and log.warning(
-            "backend.prepare_failed", error=str(t.exception())))
+        prepare.add_done_callback(_log_failure("backend.prepare_failed"))
     try:
         persister.save()
-        await _reload(manager, report.to_reload)
-        await _preload(manager, cfg)
+        await _load_all(manager, report.to_reload, "reload")
+        await _load_all(manager, [{**item, "aliases": [item["alias"]] if item.get("alias") else []}
+                                  for item in cfg.preload], "preload")
         await stop.wait()
     finally:
         log.info("daemon.stopping")
@@ -94,26 +90,27 @@ async def serve(cfg: Config) -> None:
         log.info("daemon.stopped")
 
 
-async def _reload(manager: ModelManager, items: list[dict]) -> None:
+def _log_failure(event: str):
+    def done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning(event, error=str(task.exception()))
+
+    return done
+
+
+async def _load_all(manager: ModelManager, items: list[dict], what: str) -> None:
+    """Loads each item ({name, path, version?, verify?, aliases}); a failure is logged, not fatal."""
     for item in items:
         try:
-            await asyncio.to_thread(manager.load, item["name"], item["path"], version=item["version"])
-            for alias in item["aliases"]:
-                manager.set_alias(alias, f"{item['name']}@{item['version']}")
-            log.info("reload.done", model=f"{item['name']}@{item['version']}", path=item["path"])
-        except HotweightsError as exc:
-            log.error("reload.failed", name=item["name"], path=item["path"], error=str(exc))
-
-
-async def _preload(manager: ModelManager, cfg: Config) -> None:
-    for item in cfg.preload:
-        try:
-            await asyncio.to_thread(manager.load, item["name"], item["path"], version=item.get("version"),
-                                    alias=item.get("alias"), verify=item.get("verify"))
+            mv = await asyncio.to_thread(manager.load, item["name"], item["path"], version=item.get("version"),
+                                         verify=item.get("verify"))
+            for alias in item.get("aliases", ()):
+                manager.set_alias(alias, mv.key)
+            log.info(f"{what}.done", model=mv.key, path=item["path"])
         except AlreadyExists:
             pass  # restored or reloaded already
         except HotweightsError as exc:
-            log.error("preload.failed", name=item["name"], path=item["path"], error=str(exc))
+            log.error(f"{what}.failed", name=item["name"], path=item["path"], error=str(exc))
 
 
 def run(cfg: Config) -> int:

@@ -19,6 +19,7 @@ import structlog
 from hotweights.errors import HotweightsError, InvalidArgument
 from hotweights.fdpass import MAGIC
 from hotweightsd.core.manager import ModelManager
+from hotweightsd.server.sockets import born_with_mode
 
 log = structlog.get_logger("hotweightsd.fdchannel")
 
@@ -41,12 +42,8 @@ class FdChannel:
         self.path = path
         self.manager = manager
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o777 & ~mode)
-        try:
+        with born_with_mode(mode):
             self._sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, mode)
         self._sock.listen(64)
         self._thread = threading.Thread(target=self._serve, name="hw-fdchannel", daemon=True)
         self._stopping = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 from hotweights.errors import DaemonAlreadyRunning, InvalidArgument
@@ -65,3 +66,13 @@ class SocketOwnership:
 
 def fd_socket_path(path: str) -> str:
     return path + ".fds"
+
+
+@contextmanager
+def born_with_mode(mode: int = 0o660):
+    """Sockets bound inside this block are created with ``mode``: no window where others could connect."""
+    old = os.umask(0o777 & ~mode)
+    try:
+        yield
+    finally:
+        os.umask(old)
