@@ -93,7 +93,7 @@ def swap(
 
     def run_after_drain() -> ModelVersion:
         load()
-        m.set_alias(alias, mv.key)
+        _move(m, alias, mv, old)  # the old version is gone already: retiring it is a no-op
         return mv
 
     return SwapPlan(mv, run_after_drain)
