@@ -54,18 +54,15 @@ def test_socket_default_rules(monkeypatch):
     assert paths.default_socket() == "/run/user/1000/hotweights.sock"
 
 
-def test_backend_stdlib_logs_render_like_the_daemons(capsys):
+def test_backend_stdlib_logs_render_like_the_daemons():
+    # In a child process: configuring logging is process-global and would outlive this test.
     import json
-    import logging
+    import subprocess
+    import sys
 
-    from hotweightsd.logging import configure
-
-    configure("json", "info")
-    try:
-        logging.getLogger("hotweightsd.cuda").info("rank %d loaded", 3)
-        line = capsys.readouterr().err.strip().splitlines()[-1]
-        doc = json.loads(line)
-        assert doc["event"] == "rank 3 loaded" and doc["level"] == "info"
-        assert doc["logger"] == "hotweightsd.cuda" and "timestamp" in doc
-    finally:
-        logging.getLogger().handlers = []
+    code = ("import logging; from hotweightsd.logging import configure; configure('json', 'info'); "
+            "logging.getLogger('hotweightsd.cuda').info('rank %d loaded', 3)")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    doc = json.loads(err.strip().splitlines()[-1])
+    assert doc["event"] == "rank 3 loaded" and doc["level"] == "info"
+    assert doc["logger"] == "hotweightsd.cuda" and "timestamp" in doc
