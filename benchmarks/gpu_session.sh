@@ -8,7 +8,8 @@
 # benchmarks/results/. Stays under ~9 minutes: each stage is time-boxed with `timeout`.
 #
 # Knobs (environment): TESTS_TIMEOUT (s, default 200), TOTAL (s, default 530), BENCH_ARGS (extra flags for
-# bench_load.py, e.g. "--rank-gb 12 --skip sweep"), PYTEST_ARGS (e.g. "-k vmm"), SKIP_TESTS=1, SKIP_BENCH=1.
+# bench_load.py, e.g. "--rank-gb 12 --skip sweep"), PYTEST_ARGS (e.g. "-k vmm"), SKIP_TESTS=1, SKIP_BENCH=1,
+# SWEEP=1 (run sweep_bounce.py after the tests; SWEEP_BUDGET seconds, SWEEP_ARGS extra flags).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -88,8 +89,19 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   rc_tests=${PIPESTATUS[0]}
   log "GPU tests exit code $rc_tests"
 fi
+rc_sweep=0
+if [ -n "${SWEEP:-}" ]; then
+  left=$((TOTAL - SECONDS))
+  sweep_budget="${SWEEP_BUDGET:-$((left - 60))}"
+  log "settings sweep (budget ${sweep_budget}s)"
+  timeout --signal=TERM --kill-after=10 "$((sweep_budget + 60))" \
+    python3 benchmarks/sweep_bounce.py --out "$OUT" --out benchmarks/results --budget "$sweep_budget" ${SWEEP_ARGS:-} 2>&1 \
+    | tee "$OUT/sweep.log"
+  rc_sweep=${PIPESTATUS[0]}
+  log "sweep exit code $rc_sweep"
+fi
 if [ -n "${SKIP_BENCH:-}" ]; then
-  exit "$rc_tests"
+  exit $(( rc_tests != 0 ? rc_tests : rc_sweep ))
 fi
 
 left=$((TOTAL - SECONDS))

@@ -86,9 +86,10 @@ class FakeDriver:
     CUmemAllocationGranularity_flags = _enum(CU_MEM_ALLOC_GRANULARITY_MINIMUM=0)
     CUmemAccess_flags = _enum(CU_MEM_ACCESS_FLAGS_PROT_READ=1, CU_MEM_ACCESS_FLAGS_PROT_READWRITE=3)
     CUstream_flags = _enum(CU_STREAM_NON_BLOCKING=1)
-    CUevent_flags = _enum(CU_EVENT_DISABLE_TIMING=2)
+    CUevent_flags = _enum(CU_EVENT_BLOCKING_SYNC=1, CU_EVENT_DISABLE_TIMING=2)
     CUipcMem_flags = _enum(CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS=1)
     CU_MEMHOSTALLOC_PORTABLE = 1
+    CU_MEMHOSTREGISTER_PORTABLE = 1
     CU_MEMHOSTREGISTER_READ_ONLY = 8
 
     def __init__(self, devices: int = 1, total: int = 64 * MiB, no_driver: bool = False) -> None:
@@ -108,6 +109,7 @@ class FakeDriver:
         self.legacy: dict[int, dict] = {}       # cuMemAlloc: address -> {"buf", "size", "device"}
         self.streams = 0
         self.events = 0
+        self.event_flags: set[int] = set()
         self._ids = itertools.count(1)
         self._va = itertools.count(1)
 
@@ -350,7 +352,9 @@ class FakeDriver:
         err = self._enter("cuMemHostRegister", ctx=True)
         if err:
             return (err,)
-        assert flags & self.CU_MEMHOSTREGISTER_READ_ONLY and ptr % 4096 == 0 and size % 4096 == 0
+        # read-only: page-cache pages in mmap mode; portable: the huge-page ring
+        assert flags in (self.CU_MEMHOSTREGISTER_READ_ONLY, self.CU_MEMHOSTREGISTER_PORTABLE)
+        assert ptr % 4096 == 0 and size % 4096 == 0
         with self.lock:
             for p, n in self.registered.items():
                 if p < ptr + size and ptr < p + n:
@@ -376,6 +380,7 @@ class FakeDriver:
         return (self._enter("cuStreamSynchronize", ctx=True) or CUresult.CUDA_SUCCESS,)
 
     def cuEventCreate(self, flags):
+        self.event_flags.add(flags)
         self.events += 1
         return (CUresult.CUDA_SUCCESS, ("event", self.events))
 
@@ -408,7 +413,7 @@ class FakeDriver:
 def fake(monkeypatch):
     monkeypatch.delenv("HOTWEIGHTS_DISABLE_CUDA", raising=False)
     for var in ("HOTWEIGHTS_CUDA_READ_MODE", "HOTWEIGHTS_CUDA_THREADS", "HOTWEIGHTS_CUDA_CHUNK_MB",
-                "HOTWEIGHTS_CUDA_RING_DEPTH", "HOTWEIGHTS_GDS", "HOTWEIGHTS_CUDA_RESERVE_MB"):
+                "HOTWEIGHTS_CUDA_RING_DEPTH", "HOTWEIGHTS_CUDA_SYNC", "HOTWEIGHTS_CUDA_HUGEPAGES", "HOTWEIGHTS_GDS", "HOTWEIGHTS_CUDA_RESERVE_MB"):
         monkeypatch.delenv(var, raising=False)
     drv = FakeDriver(devices=2)
     previous = cuda_import.set_driver(drv)
@@ -572,6 +577,14 @@ def test_settings_from_env_and_errors(monkeypatch):
         BounceSettings.resolve(read_mode="mmapp")
     with pytest.raises(InvalidArgument):
         BounceSettings.resolve(chunk_size=1000)
+    monkeypatch.setenv("HOTWEIGHTS_CUDA_SYNC", "block")
+    monkeypatch.setenv("HOTWEIGHTS_CUDA_HUGEPAGES", "1")
+    s = BounceSettings.resolve()
+    assert (s.sync, s.hugepages) == ("block", True)
+    assert s.describe().endswith("x 32MiB, blocking sync, huge pages")
+    assert BounceSettings.resolve(sync="spin", hugepages=False).describe() == "odirect ring 5 threads x 3 x 32MiB"
+    with pytest.raises(InvalidArgument, match="sync mode"):
+        BounceSettings.resolve(sync="busy")
 
 
 def test_cpulist_and_numa_from_sys(tmp_path, fake):
@@ -732,6 +745,25 @@ def test_legacy_ipc_allocation(fake):
     assert fake.legacy == {} and b.devices()[1].free == 64 * MiB
 
 
+def test_huge_page_ring_with_blocking_sync_is_exact_and_released(fake, tmp_path):
+    path = tmp_path / "m.safetensors"
+    write_ckpt(path)
+    b = make_backend(threads=3, chunk_size=64 * 1024, ring_depth=2, sync="block", hugepages=True)
+    layout = plan_rank(load_rank(path), b.granularity(0))
+    allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+    desc = b.fill(layout, allocs, lambda n: None, threading.Event())
+    assert "blocking sync, huge pages" in desc
+    assert fake.host == {}, "the ring is registered anonymous memory, not cuMemHostAlloc's"
+    ring = b.ring(0)
+    assert ring.host_ptr % (2 * MiB) == 0 and fake.registered == {ring.host_ptr: 2 * MiB}
+    assert fake.event_flags == {int(fake.CUevent_flags.CU_EVENT_DISABLE_TIMING | fake.CUevent_flags.CU_EVENT_BLOCKING_SYNC)}
+    check_contents(fake, layout, allocs)
+    for a in allocs:
+        a.close()
+    b.close()
+    assert fake.registered == {} and fake.events == 0 and fake.streams == 0
+
+
 @pytest.mark.parametrize("mode", ["pread", "odirect", "mmap"])
 def test_fill_every_read_mode_is_exact(fake, tmp_path, mode):
     path = tmp_path / "m.safetensors"
@@ -748,7 +780,7 @@ def test_fill_every_read_mode_is_exact(fake, tmp_path, mode):
             seen.append(n)
 
     desc = b.fill(layout, allocs, progress, threading.Event())
-    assert desc.startswith(f"bounce: {mode} ring 3 threads x 2 x 0MiB on cuda:0")
+    assert desc.startswith(f"bounce: {mode} ring 3 threads x 2 x 64KiB on cuda:0")
     assert "(GDS off by configuration)" in desc
     assert sum(seen) == layout.nbytes
     check_contents(fake, layout, allocs)

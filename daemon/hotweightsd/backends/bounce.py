@@ -22,7 +22,10 @@ its own earlier copies and every other worker's. Read modes:
   pinning costs); a registration is dropped when its copies are done. For trusted, stable files.
 
 Pinned rings are allocated once per device (``DeviceRing``) and reused across loads: pinning costs
-more than copying. Where the node has several NUMA nodes the ring is allocated, and the readers
+more than copying. ``hugepages`` backs the ring with transparent huge pages (anonymous memory,
+``MADV_HUGEPAGE``, then ``cuMemHostRegister``) instead of ``cuMemHostAlloc``'s memory; ``sync=block``
+makes a worker that waits for its slot sleep (``CU_EVENT_BLOCKING_SYNC``) rather than spin, which
+matters when the workers outnumber the cores (several GPUs loading at once). Where the node has several NUMA nodes the ring is allocated, and the readers
 run, on the CPUs of the GPU's node (best effort).
 """
 
@@ -48,10 +51,25 @@ MiB = 1024 * 1024
 DIRECT_ALIGN = 4096
 PAGE = mmap.PAGESIZE
 READ_MODES = ("pread", "odirect", "mmap")
+SYNC_MODES = ("spin", "block")
 DEFAULT_THREADS = 24  # best of the sweep on 2x H200 (benchmarks/results), capped by the core count
 DEFAULT_CHUNK = 16 * MiB
 DEFAULT_DEPTH = 2
+DEFAULT_SYNC = "spin"
+DEFAULT_HUGEPAGES = False
+HUGE = 2 * MiB
 MAX_GAP = 1 * MiB  # a hole up to this size inside a window is read through rather than split around
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.restype = ctypes.c_int
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_HUGEPAGE = 14
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 # --- plan (pure) ---------------------------------------------------------------------------------------
@@ -153,6 +171,11 @@ def _env_int(name: str) -> int | None:
     return int(v) if v else None
 
 
+def _env_flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name, "").strip().lower()
+    return default if not v else v not in ("0", "off", "false", "no")
+
+
 @dataclass(frozen=True)
 class BounceSettings:
     read_mode: str = "pread"
@@ -160,12 +183,15 @@ class BounceSettings:
     chunk_size: int = DEFAULT_CHUNK
     depth: int = DEFAULT_DEPTH
     numa: bool = True
+    sync: str = DEFAULT_SYNC
+    hugepages: bool = DEFAULT_HUGEPAGES
 
     @classmethod
     def resolve(cls, read_mode: str | None = None, threads: int | None = None, chunk_size: int | None = None,
-                depth: int | None = None, numa: bool | None = None) -> "BounceSettings":
+                depth: int | None = None, numa: bool | None = None, sync: str | None = None,
+                hugepages: bool | None = None) -> "BounceSettings":
         """Explicit values win, then ``HOTWEIGHTS_CUDA_READ_MODE`` / ``_THREADS`` / ``_CHUNK_MB`` /
-        ``_RING_DEPTH`` / ``_NUMA``, then the defaults."""
+        ``_RING_DEPTH`` / ``_NUMA`` / ``_SYNC`` / ``_HUGEPAGES``, then the defaults."""
         mode = (read_mode or os.environ.get("HOTWEIGHTS_CUDA_READ_MODE") or "pread").strip().lower()
         if mode not in READ_MODES:
             raise InvalidArgument(f"unknown read mode {mode!r} (choose {', '.join(READ_MODES)})")
@@ -174,15 +200,22 @@ class BounceSettings:
         threads = threads or _env_int("HOTWEIGHTS_CUDA_THREADS") or min(DEFAULT_THREADS, max(4, os.cpu_count() or 4))
         depth = depth or _env_int("HOTWEIGHTS_CUDA_RING_DEPTH") or DEFAULT_DEPTH
         if numa is None:
-            numa = os.environ.get("HOTWEIGHTS_CUDA_NUMA", "1") not in ("0", "off", "false")
+            numa = _env_flag("HOTWEIGHTS_CUDA_NUMA", True)
+        sync = (sync or os.environ.get("HOTWEIGHTS_CUDA_SYNC") or DEFAULT_SYNC).strip().lower()
+        if sync not in SYNC_MODES:
+            raise InvalidArgument(f"unknown sync mode {sync!r} (choose {', '.join(SYNC_MODES)})")
+        if hugepages is None:
+            hugepages = _env_flag("HOTWEIGHTS_CUDA_HUGEPAGES", DEFAULT_HUGEPAGES)
         if chunk % DIRECT_ALIGN or chunk < DIRECT_ALIGN:
             raise InvalidArgument(f"chunk size {chunk} is not a positive multiple of {DIRECT_ALIGN}")
         if threads < 1 or depth < 1:
             raise InvalidArgument(f"threads ({threads}) and ring depth ({depth}) must be at least 1")
-        return cls(mode, threads, chunk, depth, numa)
+        return cls(mode, threads, chunk, depth, numa, sync, bool(hugepages))
 
     def describe(self) -> str:
-        return f"{self.read_mode} ring {self.threads} threads x {self.depth} x {self.chunk_size // MiB}MiB"
+        size = f"{self.chunk_size // MiB}MiB" if self.chunk_size % MiB == 0 else f"{self.chunk_size // 1024}KiB"
+        extra = (", blocking sync" if self.sync == "block" else "") + (", huge pages" if self.hugepages else "")
+        return f"{self.read_mode} ring {self.threads} threads x {self.depth} x {size}{extra}"
 
 
 # --- pinned ring, per device ----------------------------------------------------------------------------
@@ -220,9 +253,12 @@ class DeviceRing:
         self.depth = settings.depth
         self.slot_size = settings.chunk_size
         self.pinned = settings.read_mode != "mmap"
+        self.sync = settings.sync
+        self.hugepages = settings.hugepages and self.pinned
         self.node, self.cpus = cd.numa_cpus(device) if settings.numa else (None, [])
         self.host_ptr = 0
         self.host_bytes = 0
+        self._mapped = 0  # bytes mmapped for the huge-page ring (registered, not cuMemHostAlloc'd)
         self.streams: list[Any] = []
         self.events: list[list[Any]] = []
         self._views: list[memoryview] = []
@@ -231,13 +267,7 @@ class DeviceRing:
             with cd.current(device) as drv:
                 if self.pinned:
                     total = self.threads * self.depth * self.slot_size
-                    flags = int(drv.CU_MEMHOSTALLOC_PORTABLE)
-
-                    def alloc() -> int:
-                        with cd.current(device):
-                            return int(cd.check(drv.cuMemHostAlloc(total, flags), "cuMemHostAlloc", bytes=total))
-
-                    self.host_ptr = _run_on_cpus(self.cpus, alloc)
+                    self.host_ptr = _run_on_cpus(self.cpus, lambda: self._alloc_host(drv, total))
                     self.host_bytes = total
                     if self.host_ptr % DIRECT_ALIGN:
                         raise BackendError("cuMemHostAlloc", "alignment",
@@ -248,6 +278,8 @@ class DeviceRing:
                                    for i in range(self.threads * self.depth)]
                 sflag = int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)
                 eflag = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+                if self.sync == "block":
+                    eflag |= int(drv.CUevent_flags.CU_EVENT_BLOCKING_SYNC)
                 for _ in range(self.threads):
                     self.streams.append(cd.check(drv.cuStreamCreate(sflag), "cuStreamCreate"))
                     self.events.append([cd.check(drv.cuEventCreate(eflag), "cuEventCreate") for _ in range(self.depth)])
@@ -255,9 +287,40 @@ class DeviceRing:
             self.close()
             raise
 
+    def _alloc_host(self, drv: Any, total: int) -> int:
+        """Pinned memory for the ring, allocated by the calling thread (first touch places it on its node)."""
+        with cd.current(self.device):
+            if not self.hugepages:
+                flags = int(drv.CU_MEMHOSTALLOC_PORTABLE)
+                return int(cd.check(drv.cuMemHostAlloc(total, flags), "cuMemHostAlloc", bytes=total))
+            size = -(-total // HUGE) * HUGE
+            # Over-map by one huge page so the ring can start on a 2 MiB boundary (THP needs it).
+            span = size + HUGE
+            raw = _libc.mmap(None, span, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+            if raw in (None, _MAP_FAILED):
+                e = ctypes.get_errno()
+                raise BackendError("mmap", e, f"cannot map {span} bytes for the pinned ring: {os.strerror(e)}")
+            base = -(-raw // HUGE) * HUGE
+            if base > raw:
+                _libc.munmap(raw, base - raw)
+            if raw + span > base + size:
+                _libc.munmap(base + size, raw + span - base - size)
+            _libc.madvise(base, size, MADV_HUGEPAGE)  # best effort: THP may be off ("never")
+            ctypes.memset(base, 0, size)  # first touch, on this thread's node
+            try:
+                cd.check(drv.cuMemHostRegister(base, size, int(drv.CU_MEMHOSTREGISTER_PORTABLE)),
+                         "cuMemHostRegister", bytes=size)
+            except BaseException:
+                _libc.munmap(base, size)
+                raise
+            self._mapped = size
+            return base
+
     def fits(self, settings: BounceSettings) -> bool:
-        same = (self.threads, self.depth, self.slot_size) == (settings.threads, settings.depth, settings.chunk_size)
-        return same and (self.pinned or settings.read_mode == "mmap")
+        same = (self.threads, self.depth, self.slot_size, self.sync) == \
+            (settings.threads, settings.depth, settings.chunk_size, settings.sync)
+        return same and self.hugepages == (settings.hugepages and self.pinned) and \
+            (self.pinned or settings.read_mode == "mmap")
 
     def slot(self, worker: int, k: int) -> tuple[int, memoryview]:
         i = worker * self.depth + k
@@ -278,11 +341,14 @@ class DeviceRing:
                 for v in self._views:
                     v.release()
                 self._views = []
-                if self.host_ptr:
+                if self.host_ptr and self._mapped:
+                    errors += _collect(lambda: cd.check(drv.cuMemHostUnregister(self.host_ptr), "cuMemHostUnregister"))
+                    _libc.munmap(self.host_ptr, self._mapped)
+                elif self.host_ptr:
                     errors += _collect(lambda: cd.check(drv.cuMemFreeHost(self.host_ptr), "cuMemFreeHost"))
         except Exception as exc:
             errors.append(exc)
-        self.events, self.streams, self.host_ptr, self.host_bytes = [], [], 0, 0
+        self.events, self.streams, self.host_ptr, self.host_bytes, self._mapped = [], [], 0, 0, 0
         for e in errors:
             log.error("releasing the pinned ring of cuda:%d: %s", self.device, e)
 
@@ -297,12 +363,6 @@ def _collect(fn: Callable[[], Any]) -> list[Exception]:
 
 # --- files --------------------------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 @dataclass
