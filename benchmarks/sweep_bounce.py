@@ -53,7 +53,7 @@ def backend_for(s: dict, devices: list[int]):
 
     b = CudaBackend(gds="off", reserve=512 * MiB, read_mode="pread", threads=s["threads"],
                     chunk_size=s["chunk_mb"] * MiB, ring_depth=s["depth"], sync=s.get("sync", "spin"),
-                    hugepages=s.get("hugepages", False))
+                    hugepages=s.get("hugepages", False), busy_chunk=s.get("busy_mb", s["chunk_mb"]) * MiB)
     b.prepare(devices)
     return b
 

@@ -28,6 +28,8 @@ def test_precedence_file_env_flags(tmp_path):
     assert cfg.reserve == 3 * 10**9
     cfg = load_config(str(cfg_file), {"reserve": "5GB"}, env={"HOTWEIGHTS_RESERVE": "3GB"})
     assert cfg.reserve == 5 * 10**9
+    cfg = load_config(str(cfg_file), env={"HOTWEIGHTS_BUSY_CHUNK_SIZE": "32MiB", "HOTWEIGHTS_BACKEND": "cuda"})
+    assert cfg.backend_options()["busy_chunk"] == 32 * 2**20
 
 
 def test_bad_config_is_named(tmp_path):

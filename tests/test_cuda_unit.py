@@ -15,7 +15,6 @@ import mmap
 import os
 import random
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,8 @@ from hotweights.checkpoint import open_checkpoint
 from hotweights.errors import (Aborted, BackendError, BadCheckpoint, CudaError, InsufficientMemory,
                                InvalidArgument)
 from hotweightsd.backends import bounce, cuda_driver, gds
-from hotweightsd.backends.bounce import BounceSettings, Piece, ReadChunk, check_plan, plan_chunks
+from hotweightsd.backends.bounce import (BounceSettings, Piece, ReadChunk, check_plan, merge_chunks, plan_chunks,
+                                         run_end)
 from hotweightsd.core.backend import AllocationMode, HandleType
 from hotweightsd.core.layout import Segment, plan_rank
 
@@ -551,6 +551,21 @@ def test_plan_covers_every_byte_once(seed):
                     out.append((a, b, n))
             return out
         assert runs(have) == runs(want)
+    # read as runs of neighbouring chunks (while other fills run): the same bytes land in the same places
+    busy = chunk * rng.choice([2, 4])
+    merged, i = [], 0
+    while i < len(chunks):
+        j = run_end(chunks, i, chunk, busy)
+        m = merge_chunks(chunks[i:j])
+        start, length, _ = m.direct_span()
+        assert start >= chunks[i].offset // chunk * chunk and start + length <= chunks[i].offset // chunk * chunk + busy
+        merged.append(m)
+        i = j
+    assert sum(m.nbytes for m in merged) == sum(c.nbytes for c in chunks)
+    assert sum(len(m.pieces) for m in merged) <= sum(len(c.pieces) for c in chunks)
+    remapped = sorted((m.file, m.offset + p.src, p.offset, p.length) for m in merged for p in m.pieces)
+    for f in got:
+        assert runs([(a, b, n) for ff, a, b, n in remapped if ff == f]) == runs(sorted(got[f]))
 
 
 def test_check_plan_rejects_copies_outside_allocations():
@@ -749,7 +764,7 @@ def test_legacy_ipc_allocation(fake):
 def test_huge_page_ring_with_blocking_sync_is_exact_and_released(fake, tmp_path):
     path = tmp_path / "m.safetensors"
     write_ckpt(path)
-    b = make_backend(threads=3, chunk_size=64 * 1024, ring_depth=2, sync="block", hugepages=True)
+    b = make_backend(threads=3, chunk_size=64 * 1024, ring_depth=2, sync="block", hugepages=True, busy_chunk=256 * 1024)
     layout = plan_rank(load_rank(path), b.granularity(0))
     allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
     desc = b.fill(layout, allocs, lambda n: None, threading.Event())
@@ -765,17 +780,15 @@ def test_huge_page_ring_with_blocking_sync_is_exact_and_released(fake, tmp_path)
     assert fake.registered == {} and fake.events == 0 and fake.streams == 0
 
 
-@pytest.mark.parametrize("mode, prefix", [
-    ("pread", "pread ring 3 threads x 2 x 64KiB on cuda:0; "),
-    ("odirect", "odirect ring 3 threads x 2 x 64KiB on cuda:0; "),
-    ("hybrid", "hybrid ring 3 threads x 2 x 64KiB + registrar 128KiB windows on cuda:0; "),
-    ("mmap", "mmap registrar 128KiB windows on cuda:0; "),
-])
-def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, prefix):
+@pytest.mark.parametrize("busy", [False, True], ids=["alone", "beside-other-fills"])
+@pytest.mark.parametrize("mode", ["pread", "odirect", "mmap"])
+def test_fill_every_read_mode_is_exact(fake, tmp_path, monkeypatch, mode, busy):
     path = tmp_path / "m.safetensors"
-    write_ckpt(path)
+    write_ckpt(path, n=40)
     rank = load_rank(path)
-    b = make_backend(read_mode=mode, threads=3, chunk_size=64 * 1024, ring_depth=2, window=128 * 1024)
+    if busy:  # as if another device were loading: neighbouring chunks are read as runs
+        monkeypatch.setattr(bounce, "_active_fills", lambda: 2)
+    b = make_backend(read_mode=mode, threads=3, chunk_size=64 * 1024, ring_depth=2, busy_chunk=192 * 1024)
     layout = plan_rank(rank, b.granularity(0))
     allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
     seen = []
@@ -786,9 +799,8 @@ def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, prefix):
             seen.append(n)
 
     desc = b.fill(layout, allocs, progress, threading.Event())
-    assert desc.startswith("bounce: " + prefix), desc
-    if mode == "mmap":
-        assert "pinned in place" in desc and fake.host == {}, "no ring, no host copy"
+    assert desc.startswith(f"bounce: {mode} ring 3 threads x 2 x 64KiB (192KiB while other fills run) on cuda:0")
+    assert ("runs of chunks: other fills ran" in desc) == busy, desc
     assert "(GDS off by configuration)" in desc
     assert sum(seen) == layout.nbytes
     check_contents(fake, layout, allocs)
@@ -797,77 +809,6 @@ def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, prefix):
         a.close()
     b.close()
     assert fake.host == {} and fake.streams == 0 and fake.events == 0
-
-
-def _hybrid(tmp_path, **kw):
-    kw.setdefault("read_mode", "hybrid")
-    kw.setdefault("window", 128 * 1024)
-    return prepared(tmp_path, **kw)
-
-
-def _slow_copy_workers(fake, b) -> None:
-    """Slows the copy workers' copies, so the registrar surely takes runs before they drain the list."""
-    real = fake.cuMemcpyHtoDAsync
-    workers = b.ring(0).streams[:-1]
-
-    def copy(dst, src, n, stream):
-        if stream in workers:
-            time.sleep(0.01)
-        return real(dst, src, n, stream)
-
-    fake.cuMemcpyHtoDAsync = copy
-
-
-def test_hybrid_shares_the_list_and_drops_every_registration(fake, tmp_path):
-    _, layout, b, allocs = _hybrid(tmp_path, threads=1, ring_depth=1)
-    _slow_copy_workers(fake, b)
-    seen = []
-    desc = b.fill(layout, allocs, seen.append, threading.Event())
-    assert "pinned in place" in desc and "through the ring" in desc, desc
-    assert sum(seen) == layout.nbytes
-    check_contents(fake, layout, allocs)
-    assert fake.registered == {}
-
-
-def test_hybrid_registrar_gives_back_runs_that_are_not_resident(fake, tmp_path, monkeypatch):
-    _, layout, b, allocs = _hybrid(tmp_path)
-    _slow_copy_workers(fake, b)
-    # the sampled pages are resident, the runs are not
-    monkeypatch.setattr(bounce.SourceFiles, "resident", lambda self, f, lo, hi: hi - lo <= bounce.PAGE)
-    desc = b.fill(layout, allocs, lambda n: None, threading.Event())
-    assert "registrar stopped at" in desc and "not resident" in desc, desc
-    check_contents(fake, layout, allocs)
-    assert fake.registered == {}
-
-    monkeypatch.setattr(bounce.SourceFiles, "resident", lambda self, f, lo, hi: False)
-    desc = b.fill(layout, allocs, lambda n: None, threading.Event())
-    assert "registrar off:" in desc and "not in memory" in desc and "pinned in place" not in desc
-    check_contents(fake, layout, allocs)
-
-
-def test_hybrid_survives_a_refused_registration_but_mmap_mode_fails(fake, tmp_path):
-    _, layout, b, allocs = _hybrid(tmp_path)
-    _slow_copy_workers(fake, b)
-    fake.fail["cuMemHostRegister"] = CUresult.CUDA_ERROR_INVALID_VALUE
-    desc = b.fill(layout, allocs, lambda n: None, threading.Event())
-    assert "registrar stopped: cuMemHostRegister(READ_ONLY)" in desc, desc
-    check_contents(fake, layout, allocs)
-    assert fake.registered == {}
-    b.close()
-
-    b = make_backend(read_mode="mmap", window=128 * 1024)
-    fake.fail["cuMemHostRegister"] = CUresult.CUDA_ERROR_INVALID_VALUE
-    with pytest.raises(CudaError) as ei:
-        b.fill(layout, allocs, lambda n: None, threading.Event())
-    assert ei.value.op == "cuMemHostRegister(READ_ONLY)"
-    assert fake.registered == {}
-    # a copy failing after some runs were registered: every registration is still dropped
-    fake.fail["cuMemcpyHtoDAsync"] = CUresult.CUDA_ERROR_INVALID_VALUE
-    with pytest.raises(CudaError):
-        b.fill(layout, allocs, lambda n: None, threading.Event())
-    assert fake.registered == {}
-    b.fill(layout, allocs, lambda n: None, threading.Event())
-    check_contents(fake, layout, allocs)
 
 
 def test_fill_two_devices_in_parallel_and_ring_reuse(fake, tmp_path):
@@ -904,7 +845,7 @@ def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(fake, tmp_path):
     path = tmp_path / "m.safetensors"
     write_ckpt(path)
     layout = plan_rank(load_rank(path), GRAN)
-    for mode in ("pread", "odirect", "hybrid", "mmap"):
+    for mode in ("pread", "odirect", "mmap"):
         b = make_backend(read_mode=mode, threads=2, chunk_size=64 * 1024)
         before = b.devices()[0].free
         allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
@@ -923,7 +864,7 @@ def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(fake, tmp_path):
         assert fake.registered == {}
         b.close()
     # the file shrinking while the readers run (after the up-front size check) is caught too
-    path, layout, b, allocs = prepared(tmp_path, read_mode="pread")
+    path, layout, b, allocs = prepared(tmp_path)
     real_read = bounce.read_exact
     calls = []
 
@@ -945,7 +886,7 @@ def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(fake, tmp_path):
 
 
 def test_driver_failure_mid_fill_is_reported_after_streams_drain(fake, tmp_path):
-    _, layout, b, allocs = prepared(tmp_path, read_mode="pread")
+    _, layout, b, allocs = prepared(tmp_path)
     fake.fail["cuMemcpyHtoDAsync"] = CUresult.CUDA_ERROR_INVALID_VALUE
     syncs = fake.calls.get("cuStreamSynchronize", 0)
     with pytest.raises(CudaError) as ei:
@@ -1031,7 +972,7 @@ def test_daemon_config_names(fake, monkeypatch):
     b = make_backend(loader="odirect", chunk_size=32 * MiB, ring_depth=4, threads=8, gds="auto")
     assert b.settings.describe() == "odirect ring 8 threads x 4 x 32MiB"
     assert b.gds_note == "bounce path (odirect ring 8 threads x 4 x 32MiB): GDS unavailable: no /dev/nvidia-fs*"
-    assert make_backend(loader="auto").settings.read_mode == "hybrid"
+    assert make_backend(loader="auto").settings.read_mode == "pread"
 
 
 def test_unknown_options_are_tolerated_but_logged(fake, caplog):

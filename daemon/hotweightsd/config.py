@@ -14,7 +14,7 @@ from hotweights.paths import default_socket
 from hotweights.units import parse_size
 
 DEFAULT_CONFIG = "/etc/hotweights/config.toml"
-_SIZE_KEYS = {"reserve", "memory_limit", "chunk_size"}
+_SIZE_KEYS = {"reserve", "memory_limit", "chunk_size", "busy_chunk_size"}
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Config:
     loader: str = "auto"               # cuda bounce path: auto | pread | odirect | mmap
     chunk_size: int | None = None      # cuda bounce path; None: the backend's measured default
     ring_depth: int | None = None
+    busy_chunk_size: int | None = None  # read size while other GPUs load (fewer, larger reads)
     gds: str = "auto"                  # auto | off | force
     ticket_ttl: float = 30.0
     verify: str = "fast"               # default LoadModel verify level when a manifest exists
@@ -40,7 +41,8 @@ class Config:
             return {"memory_limit": self.memory_limit, "reserve": self.reserve, "threads": self.loader_threads}
         return {
             "reserve": self.reserve, "threads": self.loader_threads, "loader": self.loader,
-            "chunk_size": self.chunk_size, "ring_depth": self.ring_depth, "gds": self.gds,
+            "chunk_size": self.chunk_size, "ring_depth": self.ring_depth, "busy_chunk": self.busy_chunk_size,
+            "gds": self.gds,
             "memory_limit": self.memory_limit,
         }
 

@@ -1,4 +1,4 @@
-"""The bounce path: file -> device through pinned host memory, reads and H2D copies overlapped.
+"""The bounce path: file -> pinned host ring -> device, with the reads and the H2D copies overlapped.
 
 Plan (plain functions, no CUDA, unit-tested): a rank's segments are cut by a fixed grid of
 ``chunk_size`` windows of each file. Each window's tensors become one large read (a ``ReadChunk``:
@@ -6,44 +6,27 @@ one contiguous file range covering several tensors, or a few ranges where the fi
 holes), and each (chunk ∩ tensor) becomes one ``Piece``: one ``cuMemcpyHtoDAsync`` from the
 chunk's bytes to the tensor's place in the resident allocation. Pieces contiguous on both sides
 merge into one copy. Grid windows are page- and 4 KiB-aligned, so the O_DIRECT superset of a chunk
-and the pages registered for a run of chunks never leave those chunks' windows nor overlap others.
+and the pages registered in mmap mode never leave its window nor overlap another chunk.
 
-Two kinds of worker share a fill's chunk list:
+Run: ``threads`` workers, each owning ``depth`` pinned slots, one stream and one event per slot.
+A worker takes the next chunk, waits on the slot's event (the copy that last used the slot), reads
+into the slot, queues the copies on its stream and records the slot's event, so its reads overlap
+its own earlier copies and every other worker's. Read modes:
 
-- copy workers (``threads`` of them), each owning ``depth`` pinned slots, one stream and one event
-  per slot: take a chunk, wait on the slot's event (the copy that last used the slot), read into
-  the slot, queue the copies, record the event; reads overlap earlier copies. The host copy (page
-  cache -> slot) is what limits them: host memory carries each byte three times (read, write, DMA).
-- the registrar (one per fill): the files mapped read-only, a run of chunks (``window`` bytes) at a
-  time pinned in place with ``cuMemHostRegister(READ_ONLY)`` and copied straight from the page cache,
-  with no host copy, the next run registered while the last one's copies run. The driver pins at
-  roughly 20-40 GB/s (4 KiB / 2 MiB pages), one call at a time per process, so alone it is slower
-  than the copy workers; beside them it adds DMA bandwidth that costs host memory only once.
-
-Read modes:
-
-- ``hybrid`` (default): the registrar takes chunks from the front of the list and the copy workers
-  from the back, so they meet wherever their speeds put the boundary. Only for data already in
-  memory (page cache, tmpfs): a sample of pages is checked with ``mincore`` first, and each run is
-  checked again before it is pinned; where data is not resident the registrar stops and the copy
-  workers read the rest (pinning would read from storage one page fault at a time, holding the
-  driver's lock).
-- ``pread``: copy workers only, buffered positional reads.
-- ``odirect``: copy workers with O_DIRECT reads of the 4 KiB-aligned superset of each chunk, for cold
-  data; the right sub-range is copied to the device. Files on filesystems that refuse O_DIRECT
-  (tmpfs) are read buffered, and the description says so.
-- ``mmap``: the registrar alone (no pinned ring).
-
-Registering page-cache pages is for trusted files that do not change during the load (the same
-holds for a read: a file rewritten mid-load gives torn data either way); a file truncated under a
-registration fails the load with an error.
+- ``pread`` (default): buffered positional reads (page cache or tmpfs -> pinned slot).
+- ``odirect``: O_DIRECT reads of the 4 KiB-aligned superset of each chunk, for cold data; the right
+  sub-range is copied to the device. Files on filesystems that refuse O_DIRECT (tmpfs) are read
+  buffered, and the description says so.
+- ``mmap``: the file mapped read-only, each chunk's pages registered with
+  ``cuMemHostRegister(READ_ONLY)`` and copied straight from the page cache (no host copy, but
+  pinning costs); a registration is dropped when its copies are done. For trusted, stable files.
 
 Pinned rings are allocated once per device (``DeviceRing``) and reused across loads: pinning costs
 more than copying. ``hugepages`` backs the ring with transparent huge pages (anonymous memory,
 ``MADV_HUGEPAGE``, then ``cuMemHostRegister``) instead of ``cuMemHostAlloc``'s memory; ``sync=block``
 makes a worker that waits for its slot sleep (``CU_EVENT_BLOCKING_SYNC``) rather than spin, which
-matters when the workers outnumber the cores. Where the node has several NUMA nodes the ring is
-allocated, and the workers run, on the CPUs of the GPU's node (best effort).
+matters when the workers outnumber the cores (several GPUs loading at once). Where the node has several NUMA nodes the ring is allocated, and the readers
+run, on the CPUs of the GPU's node (best effort).
 """
 
 from __future__ import annotations
@@ -67,16 +50,16 @@ log = logging.getLogger("hotweightsd.cuda")
 MiB = 1024 * 1024
 DIRECT_ALIGN = 4096
 PAGE = mmap.PAGESIZE
-READ_MODES = ("hybrid", "pread", "odirect", "mmap")
-DEFAULT_READ_MODE = "hybrid"
-COPY_MODES = ("hybrid", "pread", "odirect")  # modes with copy workers (and so a pinned ring)
-REGISTER_MODES = ("hybrid", "mmap")  # modes with a registrar
+READ_MODES = ("pread", "odirect", "mmap")
 SYNC_MODES = ("spin", "block")
-# Sweeps on the H100 and the H200 (benchmarks/results/sweep-*.json): 12-16 workers with 4 MiB chunks
-# beat 16-24 with 16 MiB by 10-20% from page cache and tmpfs. Capped by the core count.
-DEFAULT_THREADS = 16
+# From the sweeps (benchmarks/results/sweep-*.json): one GPU loading, 12-16 workers reading 4 MiB chunks
+# beat 16-24 workers reading 16 MiB by 10-20% from page cache and tmpfs (H100 and H200). Two GPUs
+# loading at once in one process, 16 MiB reads win by far (54 against 33 GB/s): every chunk costs
+# a few interpreter-bound calls, so the chunk rate of all fills together must stay low. A fill
+# therefore reads runs of neighbouring chunks up to ``busy_chunk`` while another fill runs.
+DEFAULT_THREADS = 16  # capped by the core count
 DEFAULT_CHUNK = 4 * MiB
-DEFAULT_WINDOW = 256 * MiB
+DEFAULT_BUSY_CHUNK = 16 * MiB
 DEFAULT_DEPTH = 2
 DEFAULT_SYNC = "spin"
 DEFAULT_HUGEPAGES = False
@@ -91,8 +74,6 @@ _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.mincore.restype = ctypes.c_int
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 MADV_HUGEPAGE = 14
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -172,6 +153,40 @@ def plan_chunks(segments: Iterable[Segment], chunk_size: int = DEFAULT_CHUNK, ma
     return out
 
 
+def run_end(chunks: Sequence[ReadChunk], i: int, chunk_size: int, limit: int, max_gap: int = MAX_GAP) -> int:
+    """End (exclusive) of the run of neighbouring chunks from ``i``: one file, in order, small gaps, and
+    all inside ``limit`` bytes of grid windows from the first chunk's window (so an O_DIRECT superset
+    or a page registration of the run stays inside the run's own windows)."""
+    first = chunks[i]
+    window = first.offset // chunk_size * chunk_size
+    j = i + 1
+    while j < len(chunks):
+        c, end = chunks[j], chunks[j - 1].offset + chunks[j - 1].length
+        if c.file != first.file or c.offset < end or c.offset - end > max_gap or c.offset + c.length - window > limit:
+            break
+        j += 1
+    return j
+
+
+def merge_chunks(run: Sequence[ReadChunk]) -> ReadChunk:
+    """Neighbouring chunks of one file (in file order) as one read; copies contiguous on both sides merge."""
+    first = run[0]
+    if len(run) == 1:
+        return first
+    pieces: list[Piece] = []
+    for c in run:
+        shift = c.offset - first.offset
+        for p in c.pieces:
+            last = pieces[-1] if pieces else None
+            if (last is not None and last.allocation == p.allocation and last.src + last.length == p.src + shift
+                    and last.offset + last.length == p.offset):
+                pieces[-1] = Piece(last.src, last.allocation, last.offset, last.length + p.length)
+            else:
+                pieces.append(Piece(p.src + shift, p.allocation, p.offset, p.length))
+    end = run[-1].offset + run[-1].length
+    return ReadChunk(first.file, first.offset, end - first.offset, tuple(pieces))
+
+
 def check_plan(chunks: Sequence[ReadChunk], allocation_sizes: Sequence[int]) -> None:
     """Every copy lands inside its allocation (a wrong layout must fail before any DMA)."""
     for c in chunks:
@@ -203,22 +218,23 @@ def _env_flag(name: str, default: bool) -> bool:
 
 @dataclass(frozen=True)
 class BounceSettings:
-    read_mode: str = DEFAULT_READ_MODE
+    read_mode: str = "pread"
     threads: int = DEFAULT_THREADS
     chunk_size: int = DEFAULT_CHUNK
     depth: int = DEFAULT_DEPTH
     numa: bool = True
     sync: str = DEFAULT_SYNC
     hugepages: bool = DEFAULT_HUGEPAGES
-    window: int = DEFAULT_WINDOW
+    busy_chunk: int = DEFAULT_BUSY_CHUNK
 
     @classmethod
     def resolve(cls, read_mode: str | None = None, threads: int | None = None, chunk_size: int | None = None,
                 depth: int | None = None, numa: bool | None = None, sync: str | None = None,
-                hugepages: bool | None = None, window: int | None = None) -> "BounceSettings":
+                hugepages: bool | None = None, busy_chunk: int | None = None) -> "BounceSettings":
         """Explicit values win, then ``HOTWEIGHTS_CUDA_READ_MODE`` / ``_THREADS`` / ``_CHUNK_MB`` /
-        ``_RING_DEPTH`` / ``_NUMA`` / ``_SYNC`` / ``_HUGEPAGES`` / ``_WINDOW_MB``, then the defaults."""
-        mode = (read_mode or os.environ.get("HOTWEIGHTS_CUDA_READ_MODE") or DEFAULT_READ_MODE).strip().lower()
+        ``_RING_DEPTH`` / ``_NUMA`` / ``_SYNC`` / ``_HUGEPAGES`` / ``_BUSY_CHUNK_MB``, then the defaults.
+        ``busy_chunk`` below ``chunk_size`` means no merging."""
+        mode = (read_mode or os.environ.get("HOTWEIGHTS_CUDA_READ_MODE") or "pread").strip().lower()
         if mode not in READ_MODES:
             raise InvalidArgument(f"unknown read mode {mode!r} (choose {', '.join(READ_MODES)})")
         env_chunk = _env_int("HOTWEIGHTS_CUDA_CHUNK_MB")
@@ -232,36 +248,23 @@ class BounceSettings:
             raise InvalidArgument(f"unknown sync mode {sync!r} (choose {', '.join(SYNC_MODES)})")
         if hugepages is None:
             hugepages = _env_flag("HOTWEIGHTS_CUDA_HUGEPAGES", DEFAULT_HUGEPAGES)
-        env_window = _env_int("HOTWEIGHTS_CUDA_WINDOW_MB")
-        window = window or (env_window * MiB if env_window else DEFAULT_WINDOW)
-        if window <= 0:
-            raise InvalidArgument(f"registration window {window} must be positive")
         if chunk % DIRECT_ALIGN or chunk < DIRECT_ALIGN:
             raise InvalidArgument(f"chunk size {chunk} is not a positive multiple of {DIRECT_ALIGN}")
+        env_busy = _env_int("HOTWEIGHTS_CUDA_BUSY_CHUNK_MB")
+        busy = busy_chunk or (env_busy * MiB if env_busy else DEFAULT_BUSY_CHUNK)
+        busy = max(chunk, busy // chunk * chunk)  # whole grid windows
         if threads < 1 or depth < 1:
             raise InvalidArgument(f"threads ({threads}) and ring depth ({depth}) must be at least 1")
-        return cls(mode, threads, chunk, depth, numa, sync, bool(hugepages), window)
+        return cls(mode, threads, chunk, depth, numa, sync, bool(hugepages), busy)
 
     @property
-    def copies(self) -> bool:
-        return self.read_mode in COPY_MODES
-
-    @property
-    def registers(self) -> bool:
-        return self.read_mode in REGISTER_MODES
+    def slot_size(self) -> int:
+        return max(self.chunk_size, self.busy_chunk)
 
     def describe(self) -> str:
-        parts = []
-        if self.copies:
-            extra = (", blocking sync" if self.sync == "block" else "") + (", huge pages" if self.hugepages else "")
-            parts.append(f"ring {self.threads} threads x {self.depth} x {_size(self.chunk_size)}{extra}")
-        if self.registers:
-            parts.append(f"registrar {_size(self.window)} windows")
-        return f"{self.read_mode} " + " + ".join(parts)
-
-
-def _amount(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+        extra = (", blocking sync" if self.sync == "block" else "") + (", huge pages" if self.hugepages else "")
+        busy = f" ({_size(self.busy_chunk)} while other fills run)" if self.busy_chunk > self.chunk_size else ""
+        return f"{self.read_mode} ring {self.threads} threads x {self.depth} x {_size(self.chunk_size)}{busy}{extra}"
 
 
 def _size(n: int) -> str:
@@ -295,15 +298,14 @@ def _run_on_cpus(cpus: list[int], fn: Callable[[], Any]) -> Any:
 
 
 class DeviceRing:
-    """Per-device loader state kept across loads: pinned slots, one stream per copy worker and one for
-    the registrar (the last), one event per slot (the registrar's: one per window in flight)."""
+    """Per-device loader state kept across loads: pinned slots, one stream per worker, one event per slot."""
 
     def __init__(self, device: int, settings: BounceSettings) -> None:
         self.device = device
         self.threads = settings.threads
         self.depth = settings.depth
-        self.slot_size = settings.chunk_size
-        self.pinned = settings.copies
+        self.slot_size = settings.slot_size
+        self.pinned = settings.read_mode != "mmap"
         self.sync = settings.sync
         self.hugepages = settings.hugepages and self.pinned
         self.node, self.cpus = cd.numa_cpus(device) if settings.numa else (None, [])
@@ -331,7 +333,7 @@ class DeviceRing:
                 eflag = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
                 if self.sync == "block":
                     eflag |= int(drv.CUevent_flags.CU_EVENT_BLOCKING_SYNC)
-                for _ in range(self.threads + 1):
+                for _ in range(self.threads):
                     self.streams.append(cd.check(drv.cuStreamCreate(sflag), "cuStreamCreate"))
                     self.events.append([cd.check(drv.cuEventCreate(eflag), "cuEventCreate") for _ in range(self.depth)])
         except BaseException:
@@ -369,13 +371,9 @@ class DeviceRing:
 
     def fits(self, settings: BounceSettings) -> bool:
         same = (self.threads, self.depth, self.slot_size, self.sync) == \
-            (settings.threads, settings.depth, settings.chunk_size, settings.sync)
-        return same and self.hugepages == (settings.hugepages and self.pinned) and (self.pinned or not settings.copies)
-
-    @property
-    def registrar(self) -> int:
-        """The index of the registrar's stream and events."""
-        return self.threads
+            (settings.threads, settings.depth, settings.slot_size, settings.sync)
+        return same and self.hugepages == (settings.hugepages and self.pinned) and \
+            (self.pinned or settings.read_mode == "mmap")
 
     def slot(self, worker: int, k: int) -> tuple[int, memoryview]:
         i = worker * self.depth + k
@@ -422,7 +420,7 @@ def _collect(fn: Callable[[], Any]) -> list[Exception]:
 
 @dataclass
 class SourceFiles:
-    """A layout's files opened for one fill (and mapped read-only for the registrar); closed by ``close()``."""
+    """A layout's files opened for one fill (and mapped, in mmap mode); closed by ``close()``."""
 
     paths: list[str]
     fds: list[int] = field(default_factory=list)
@@ -441,7 +439,7 @@ class SourceFiles:
                 if size < need:
                     raise BadCheckpoint(f"{path}: truncated: {size} bytes, the header promised data up to {need}",
                                         path=path)
-                if mode in REGISTER_MODES:
+                if mode == "mmap":
                     addr = _libc.mmap(None, max(size, 1), mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
                     if addr in (None, _MAP_FAILED):
                         e = ctypes.get_errno()
@@ -451,29 +449,6 @@ class SourceFiles:
             files.close()
             raise
         return files
-
-    def resident(self, file: int, lo: int, hi: int) -> bool:
-        """Whether every page of [lo, hi) of a mapped file is in memory (``mincore``)."""
-        addr, length = self.maps[file]
-        hi = min(hi, -(-length // PAGE) * PAGE)
-        n = -(-(hi - lo) // PAGE)
-        if n <= 0:
-            return True
-        vec = ctypes.create_string_buffer(n)
-        if _libc.mincore(addr + lo, hi - lo, vec) != 0:
-            return False  # cannot tell: leave it to the copy workers
-        return vec.raw.count(0) == 0
-
-    def not_resident(self, chunks: Sequence[ReadChunk]) -> str | None:
-        """Why the registrar should not run (a sampled page of the chunks is not in memory), or None."""
-        if not chunks:
-            return None
-        step = max(1, len(chunks) // RESIDENCY_SAMPLES)
-        for c in list(chunks[::step]) + [chunks[-1]]:
-            lo = c.offset // PAGE * PAGE
-            if not self.resident(c.file, lo, lo + PAGE):
-                return f"{self.paths[c.file]} is not in memory (page at {lo})"
-        return None
 
     @property
     def buffered_fallbacks(self) -> int:
@@ -528,18 +503,7 @@ def read_direct(fd: int, buf: memoryview, chunk: ReadChunk, path: str) -> int:
 
 # --- the fill -----------------------------------------------------------------------------------------
 
-RESIDENCY_SAMPLES = 64
-
-
 class _Fill:
-    """One fill: copy workers and (in hybrid and mmap modes) the registrar over one chunk list.
-
-    ``[front, back)`` is the work left. Copy workers take from the front when they are alone (file
-    order, which readahead likes) and from the back beside the registrar, which takes runs from the
-    front. A run the registrar cannot pin (not resident, or refused) goes back to the copy workers,
-    who wait for the registrar's verdict before deciding the list is done.
-    """
-
     def __init__(self, device: int, ring: DeviceRing, settings: BounceSettings, chunks: list[ReadChunk],
                  files: SourceFiles, bases: list[int], progress: Callable[[int], None], cancel: threading.Event) -> None:
         self.device = device
@@ -552,120 +516,75 @@ class _Fill:
         self.cancel = cancel
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
-        self.front, self.back = 0, len(chunks)
-        self.cond = threading.Condition()
-        self.holding = False  # the registrar holds a run it may give back
-        self.registrar_on = settings.registers
-        self.registrar_note = ""
-        self.registered = [0, 0]  # bytes, runs
-        self.copied = [0, 0]  # bytes, reads
+        self._next = 0
+        self._lock = threading.Lock()
+        self.reads = self.copies = self.merged = 0
 
-    # -- the shared list
-
-    def done(self) -> bool:
-        return self.stop.is_set() or self.cancel.is_set()
-
-    def take_copy(self) -> ReadChunk | None:
-        with self.cond:
-            while True:
-                if self.done():
-                    return None
-                if self.front < self.back:
-                    if self.registrar_on:
-                        self.back -= 1
-                        return self.chunks[self.back]
-                    self.front += 1
-                    return self.chunks[self.front - 1]
-                if not self.holding:
-                    return None
-                self.cond.wait()
-
-    def take_run(self, limit: int) -> list[ReadChunk]:
-        with self.cond:
-            if self.done() or self.front >= self.back:
-                return []
-            first = self.chunks[self.front]
-            run = []
-            while self.front < self.back:
-                c = self.chunks[self.front]
-                if run and (c.file != first.file or c.offset + c.length - first.offset > limit):
-                    break
-                run.append(c)
-                self.front += 1
-            self.holding = True
-            return run
-
-    def settle(self, run: list[ReadChunk] | None) -> None:
-        """The registrar's verdict on the run it holds: None (pinned and queued) or the run given back."""
-        with self.cond:
-            if run:
-                self.front -= len(run)
-            self.holding = False
-            self.cond.notify_all()
+    def take(self) -> ReadChunk | None:
+        """The next chunk; while other fills run, the next run of neighbouring chunks as one read."""
+        with self._lock:
+            if self._next >= len(self.chunks) or self.stop.is_set() or self.cancel.is_set():
+                return None
+            i = self._next
+            if self.settings.busy_chunk <= self.settings.chunk_size or _active_fills() < 2:
+                self._next += 1
+                return self.chunks[i]
+            self._next = run_end(self.chunks, i, self.settings.chunk_size, self.settings.busy_chunk)
+            self.merged += self._next - i > 1
+            return merge_chunks(self.chunks[i:self._next])
 
     def fail(self, exc: BaseException) -> None:
-        with self.cond:
+        with self._lock:
             self.errors.append(exc)
-            self.stop.set()
-            self.cond.notify_all()
-
-    # -- running
+        self.stop.set()
 
     def run(self) -> None:
-        copiers = min(self.ring.threads, max(1, len(self.chunks))) if self.settings.copies else 0
-        if self.registrar_on and copiers:
-            why = self.files.not_resident(self.chunks)
-            if why:
-                self.registrar_on = False
-                self.registrar_note = f"registrar off: {why}"
-        workers = [threading.Thread(target=self.copy_worker, args=(w,), name=f"hw-h2d-{self.device}-{w}", daemon=True)
-                   for w in range(copiers)]
-        if self.registrar_on:
-            workers.append(threading.Thread(target=self.registrar, name=f"hw-reg-{self.device}", daemon=True))
+        workers = [threading.Thread(target=self.worker, args=(w,), name=f"hw-h2d-{self.device}-{w}", daemon=True)
+                   for w in range(min(self.ring.threads, max(1, len(self.chunks))))]
         for t in workers:
             t.start()
         for t in workers:
             t.join()
-        if not self.done() and self.front < self.back:
-            self.fail(BackendError("fill", "incomplete", f"{self.back - self.front} chunks were left unread"))
 
-    def _enter_worker(self) -> Any:
-        drv = cd.init()
-        cd.set_current(self.device)
-        if self.ring.cpus:
-            try:
-                os.sched_setaffinity(0, self.ring.cpus)
-            except OSError:
-                pass
-        return drv
-
-    def copy_worker(self, w: int) -> None:
+    def worker(self, w: int) -> None:
         drv = None
         stream = self.ring.streams[w] if w < len(self.ring.streams) else None
         events = self.ring.events[w] if w < len(self.ring.events) else []
-        pending = [False] * self.ring.depth  # per slot: copies queued out of it
-        nbytes = reads = 0
+        pending: list[Any] = [None] * self.ring.depth  # per slot: None, True (copies queued) or a registration
         try:
-            drv = self._enter_worker()
+            drv = cd.init()
+            cd.set_current(self.device)
+            if self.ring.cpus:
+                try:
+                    os.sched_setaffinity(0, self.ring.cpus)
+                except OSError:
+                    pass
             k = 0
             while True:
-                chunk = self.take_copy()
+                chunk = self.take()
                 if chunk is None:
                     break
                 s = k % self.ring.depth
                 k += 1
-                if pending[s]:
+                if pending[s] is not None:
                     cd.check(drv.cuEventSynchronize(events[s]), "cuEventSynchronize")
-                    pending[s] = False
-                src = self._read(w, s, chunk)
-                pending[s] = True
+                    self._retire(drv, pending[s])
+                    pending[s] = None
+                src = self._read(drv, w, s, chunk)
+                if isinstance(src, tuple):  # mmap: (registered address, length, chunk start address)
+                    pending[s] = src
+                    src_ptr = src[2]
+                else:
+                    pending[s] = True
+                    src_ptr = src
                 for p in chunk.pieces:
-                    cd.check(drv.cuMemcpyHtoDAsync(self.bases[p.allocation] + p.offset, src + p.src, p.length,
+                    cd.check(drv.cuMemcpyHtoDAsync(self.bases[p.allocation] + p.offset, src_ptr + p.src, p.length,
                                                    stream), "cuMemcpyHtoDAsync", bytes=p.length)
                 cd.check(drv.cuEventRecord(events[s], stream), "cuEventRecord")
                 self.progress(chunk.nbytes)
-                nbytes += chunk.nbytes
-                reads += 1
+                with self._lock:
+                    self.reads += 1
+                    self.copies += len(chunk.pieces)
         except BaseException as exc:
             self.fail(exc)
         finally:
@@ -675,95 +594,42 @@ class _Fill:
                     cd.check(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
                 except BaseException as exc:
                     self.fail(exc)
-            with self.cond:
-                self.copied[0] += nbytes
-                self.copied[1] += reads
+                for token in pending:
+                    if token is not None:
+                        try:
+                            self._retire(drv, token)
+                        except BaseException as exc:
+                            self.fail(exc)
 
-    def _read(self, w: int, s: int, chunk: ReadChunk) -> int:
+    def _read(self, drv: Any, w: int, s: int, chunk: ReadChunk) -> Any:
+        mode = self.settings.read_mode
         fd, path = self.files.fds[chunk.file], self.files.paths[chunk.file]
+        if mode == "mmap":
+            addr, _ = self.files.maps[chunk.file]
+            lo = (chunk.offset // PAGE) * PAGE
+            hi = -(-(chunk.offset + chunk.length) // PAGE) * PAGE
+            flags = int(drv.CU_MEMHOSTREGISTER_READ_ONLY)
+            cd.check(drv.cuMemHostRegister(addr + lo, hi - lo, flags), "cuMemHostRegister(READ_ONLY)",
+                     path=path, offset=lo, bytes=hi - lo)
+            return (addr + lo, hi - lo, addr + chunk.offset)
         ptr, view = self.ring.slot(w, s)
-        if self.settings.read_mode == "odirect":
+        if mode == "odirect":
             return ptr + read_direct(fd, view, chunk, path)
         read_exact(fd, view[:chunk.length], chunk.offset, path)
         return ptr
 
-    def registrar(self) -> None:
-        """Pins runs of chunks in place and copies from them; one run registered while the last copies."""
-        drv = None
-        r = self.ring.registrar
-        stream, events = self.ring.streams[r], self.ring.events[r]
-        inflight: list[int] = []  # registered addresses, oldest first; slot k % depth is inflight[k]'s event
-        alone = not self.settings.copies
-        k = 0
-        try:
-            drv = self._enter_worker()
-            flags = int(drv.CU_MEMHOSTREGISTER_READ_ONLY)
-            while True:
-                run = self.take_run(self.settings.window)
-                if not run:
-                    self.settle(None)
-                    break
-                f = run[0].file
-                base, _ = self.files.maps[f]
-                lo = run[0].offset // PAGE * PAGE
-                hi = -(-(run[-1].offset + run[-1].length) // PAGE) * PAGE
-                if not alone and not self.files.resident(f, lo, hi):
-                    self.settle(run)
-                    self.registrar_note = f"registrar stopped at {self.files.paths[f]} offset {lo}: not resident"
-                    break
-                s = k % self.ring.depth
-                if len(inflight) >= self.ring.depth:
-                    cd.check(drv.cuEventSynchronize(events[s]), "cuEventSynchronize")
-                    cd.check(drv.cuMemHostUnregister(inflight.pop(0)), "cuMemHostUnregister")
-                try:
-                    cd.check(drv.cuMemHostRegister(base + lo, hi - lo, flags), "cuMemHostRegister(READ_ONLY)",
-                             path=self.files.paths[f], offset=lo, bytes=hi - lo)
-                except BackendError as exc:
-                    if alone:
-                        raise
-                    self.settle(run)
-                    self.registrar_note = f"registrar stopped: {exc.message}"
-                    log.warning("cuda:%d: pinning %s in place failed, the copy workers read the rest: %s",
-                                self.device, self.files.paths[f], exc.message)
-                    break
-                inflight.append(base + lo)
-                self.settle(None)
-                k += 1
-                for c in run:
-                    src = base + c.offset
-                    for p in c.pieces:
-                        cd.check(drv.cuMemcpyHtoDAsync(self.bases[p.allocation] + p.offset, src + p.src, p.length,
-                                                       stream), "cuMemcpyHtoDAsync", bytes=p.length)
-                cd.check(drv.cuEventRecord(events[s], stream), "cuEventRecord")
-                n = sum(c.nbytes for c in run)
-                self.progress(n)
-                with self.cond:
-                    self.registered[0] += n
-                    self.registered[1] += 1
-        except BaseException as exc:
-            self.settle(None)
-            self.fail(exc)
-        finally:
-            if drv is not None:
-                try:
-                    cd.check(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
-                except BaseException as exc:
-                    self.fail(exc)
-                for addr in inflight:
-                    try:
-                        cd.check(drv.cuMemHostUnregister(addr), "cuMemHostUnregister")
-                    except BaseException as exc:
-                        self.fail(exc)
+    @staticmethod
+    def _retire(drv: Any, token: Any) -> None:
+        if isinstance(token, tuple):
+            cd.check(drv.cuMemHostUnregister(token[0]), "cuMemHostUnregister")
 
-    def describe(self) -> str:
-        parts = []
-        if self.registered[1]:
-            parts.append(f"{_amount(self.registered[0])} pinned in place in {self.registered[1]} runs")
-        if self.copied[1] and self.settings.registers:
-            parts.append(f"{_amount(self.copied[0])} through the ring in {self.copied[1]} reads")
-        if self.registrar_note:
-            parts.append(self.registrar_note)
-        return "; ".join(parts)
+
+_active = [0]  # fills running in this process, all devices
+_active_lock = threading.Lock()
+
+
+def _active_fills() -> int:
+    return _active[0]
 
 
 def fill(device: int, ring: DeviceRing, settings: BounceSettings, layout: RankLayout, bases: list[int],
@@ -771,26 +637,27 @@ def fill(device: int, ring: DeviceRing, settings: BounceSettings, layout: RankLa
     """Copies every segment of ``layout`` into the device allocations at ``bases``; returns a description.
 
     Raises BadCheckpoint (a file shorter than its header promised), Aborted (``cancel`` set), or the
-    first CudaError/BackendError a worker hit. Every queued copy has finished, and every registration
-    is dropped, when it returns or raises.
+    first CudaError/BackendError a worker hit. Every queued copy has finished when it returns or raises.
     """
     chunks = plan_chunks(layout.segments(), settings.chunk_size)
     check_plan(chunks, sizes)
     files = SourceFiles.open(layout.files, settings.read_mode, needed_file_sizes(chunks, len(layout.files)))
+    with _active_lock:
+        _active[0] += 1
     try:
         job = _Fill(device, ring, settings, chunks, files, bases, progress, cancel)
         job.run()
     finally:
+        with _active_lock:
+            _active[0] -= 1
         files.close()
     if job.errors:
         first = next((e for e in job.errors if isinstance(e, BadCheckpoint)), job.errors[0])
         raise first
     if cancel.is_set():
         raise Aborted("load cancelled")
-    copies = sum(len(c.pieces) for c in chunks)
-    extra = ""
+    extra = f" ({job.merged} of them runs of chunks: other fills ran)" if job.merged else ""
     if settings.read_mode == "odirect" and files.buffered_fallbacks:
-        extra = f"; O_DIRECT refused for {files.buffered_fallbacks} file(s) (tmpfs?), read buffered"
-    how = job.describe()
+        extra += f"; O_DIRECT refused for {files.buffered_fallbacks} file(s) (tmpfs?), read buffered"
     return (f"{settings.describe()} on cuda:{device}{ring.describe_numa()}; "
-            f"{len(chunks)} chunks, {copies} copies{extra}" + (f"; {how}" if how else ""))
+            f"{job.reads} reads{extra}, {job.copies} copies")
