@@ -599,6 +599,7 @@ def test_settings_from_env_and_errors(monkeypatch):
     assert (s.sync, s.hugepages) == ("block", True)
     assert s.describe().endswith("x 32MiB, blocking sync, huge pages")
     assert BounceSettings.resolve(sync="spin", hugepages=False).describe() == "odirect ring 5 threads x 3 x 32MiB"
+    assert [bounce.default_threads(c) for c in (2, 8, 16, 32, 128)] == [4, 4, 12, 16, 16]
     with pytest.raises(InvalidArgument, match="sync mode"):
         BounceSettings.resolve(sync="busy")
 

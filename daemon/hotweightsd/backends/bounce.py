@@ -57,7 +57,10 @@ SYNC_MODES = ("spin", "block")
 # loading at once in one process, 16 MiB reads win by far (54 against 33 GB/s): every chunk costs
 # a few interpreter-bound calls, so the chunk rate of all fills together must stay low. A fill
 # therefore reads runs of neighbouring chunks up to ``busy_chunk`` while another fill runs.
-DEFAULT_THREADS = 16  # capped by the core count
+# Sixteen workers on a 16-core H100 VM collapsed to 13-25 GB/s with 4 MiB chunks on one instance, where
+# 12 and 8 kept 25-33 (ab-slot-*.json): leave a few cores to the driver and the kernel.
+DEFAULT_THREADS = 16
+SPARE_CORES = 4
 DEFAULT_CHUNK = 4 * MiB
 DEFAULT_BUSY_CHUNK = 16 * MiB
 DEFAULT_DEPTH = 2
@@ -206,6 +209,11 @@ def needed_file_sizes(chunks: Sequence[ReadChunk], nfiles: int) -> list[int]:
 
 # --- settings -----------------------------------------------------------------------------------------
 
+def default_threads(cores: int | None = None) -> int:
+    cores = cores or len(os.sched_getaffinity(0)) or 4
+    return max(4, min(DEFAULT_THREADS, cores - SPARE_CORES))
+
+
 def _env_int(name: str) -> int | None:
     v = os.environ.get(name, "").strip()
     return int(v) if v else None
@@ -239,7 +247,7 @@ class BounceSettings:
             raise InvalidArgument(f"unknown read mode {mode!r} (choose {', '.join(READ_MODES)})")
         env_chunk = _env_int("HOTWEIGHTS_CUDA_CHUNK_MB")
         chunk = chunk_size or (env_chunk * MiB if env_chunk else DEFAULT_CHUNK)
-        threads = threads or _env_int("HOTWEIGHTS_CUDA_THREADS") or min(DEFAULT_THREADS, max(4, os.cpu_count() or 4))
+        threads = threads or _env_int("HOTWEIGHTS_CUDA_THREADS") or default_threads()
         depth = depth or _env_int("HOTWEIGHTS_CUDA_RING_DEPTH") or DEFAULT_DEPTH
         if numa is None:
             numa = _env_flag("HOTWEIGHTS_CUDA_NUMA", True)
