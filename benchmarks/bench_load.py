@@ -310,6 +310,29 @@ def raw_read(paths: list[str], ring, direct: bool, chunk: int | None = None) -> 
     return sum(sizes), dt, sum(1 for _, d in opened if not d) if direct else 0
 
 
+def on_each(devices, fn) -> tuple[dict, float]:
+    """Runs ``fn(device)`` for every device at once, one thread each; (results by device, wall seconds).
+    Raises the first error."""
+    out, errs = {}, []
+
+    def run(d):
+        try:
+            out[d] = fn(d)
+        except Exception as exc:
+            errs.append(exc)
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=run, args=(d,)) for d in devices]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    dt = time.perf_counter() - t0
+    if errs:
+        raise errs[0]
+    return out, dt
+
+
 def h2d(devices: list[int], size: int = 1 * GiB, reps: int = 8) -> dict:
     """Pinned host -> device copy rate per device, all devices at once. One pinned buffer per device
     (on its NUMA node where the node has several), two streams, ``reps`` copies of ``size`` bytes."""
@@ -899,40 +922,14 @@ def main() -> int:
             raw_read(rank_files(ckpt, d), rings[d], direct=False)  # warms the page cache
         by_size = {}
         for chunk in (4 * MiB, 16 * MiB):
-            results = {}
-
-            def read(d):
-                results[d] = raw_read(rank_files(ckpt, d), rings[d], direct=False, chunk=chunk)
-
-            t0 = time.perf_counter()
-            ts = [threading.Thread(target=read, args=(d,)) for d in range(2)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
+            results, dt = on_each(range(2), lambda d: raw_read(rank_files(ckpt, d), rings[d], direct=False, chunk=chunk))
             by_size[f"{rings[0].threads} threads x {chunk // MiB}MiB per GPU"] = rate(
-                sum(n for n, _, _ in results.values()), time.perf_counter() - t0)
+                sum(n for n, _, _ in results.values()), dt)
         read_agg = max(by_size.values())
         samples = []
         desc = {}
         for _ in range(args.reps):
-            loads, errs = {}, []
-
-            def load(d):
-                try:
-                    loads[d] = hw_load(backend, ckpt, d, d)
-                except Exception as exc:
-                    errs.append(exc)
-
-            t0 = time.perf_counter()
-            ts = [threading.Thread(target=load, args=(d,)) for d in range(2)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            dt = time.perf_counter() - t0
-            if errs:
-                raise errs[0]
+            loads, dt = on_each(range(2), lambda d: hw_load(backend, ckpt, d, d))
             samples.append(rate(sum(v["bytes"] for v in loads.values()), dt))
             desc = {d: v["description"] for d, v in loads.items()}
         out = {"raw_read_pinned_both": read_agg, "raw_read_by_read_size": by_size,

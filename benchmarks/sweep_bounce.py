@@ -162,23 +162,7 @@ def two_gpus(ckpt: Path, args, res, budget, h2d_all: float, winners: list[dict])
     doc: dict = {"read_both": {}, "loads_both": {}}
 
     def both(fn) -> float:
-        out, errs = {}, []
-
-        def run(d):
-            try:
-                out[d] = fn(d)
-            except Exception as exc:
-                errs.append(exc)
-
-        t0 = time.perf_counter()
-        ts = [threading.Thread(target=run, args=(d,)) for d in range(2)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        dt = time.perf_counter() - t0
-        if errs:
-            raise errs[0]
+        out, dt = bl.on_each(range(2), fn)
         return bl.rate(sum(out.values()), dt)
 
     for threads, chunk_mb in ((8, 16), (16, 16), (8, 2), (16, 2)):

@@ -11,7 +11,10 @@ and the pages registered in mmap mode never leave its window nor overlap another
 Run: ``threads`` workers, each owning ``depth`` pinned slots, one stream and one event per slot.
 A worker takes the next chunk, waits on the slot's event (the copy that last used the slot), reads
 into the slot, queues the copies on its stream and records the slot's event, so its reads overlap
-its own earlier copies and every other worker's. Read modes:
+its own earlier copies and every other worker's. While another fill runs in the process (another
+GPU loading), a worker takes a run of neighbouring chunks (``busy_chunk`` bytes of grid windows) as
+one read: fewer, larger reads keep the per-chunk interpreter work of all fills together down.
+Read modes:
 
 - ``pread`` (default): buffered positional reads (page cache or tmpfs -> pinned slot).
 - ``odirect``: O_DIRECT reads of the 4 KiB-aligned superset of each chunk, for cold data; the right
@@ -20,12 +23,16 @@ its own earlier copies and every other worker's. Read modes:
 - ``mmap``: the file mapped read-only, each chunk's pages registered with
   ``cuMemHostRegister(READ_ONLY)`` and copied straight from the page cache (no host copy, but
   pinning costs); a registration is dropped when its copies are done. For trusted, stable files.
+  Measured slower than ``pread`` (8-21 GB/s on an H100): the driver pins one call at a time, and its
+  pinning stalls other threads' driver calls, so it is not mixed with the copy workers either
+  (benchmarks/results/NOTES.md).
 
 Pinned rings are allocated once per device (``DeviceRing``) and reused across loads: pinning costs
 more than copying. ``hugepages`` backs the ring with transparent huge pages (anonymous memory,
 ``MADV_HUGEPAGE``, then ``cuMemHostRegister``) instead of ``cuMemHostAlloc``'s memory; ``sync=block``
 makes a worker that waits for its slot sleep (``CU_EVENT_BLOCKING_SYNC``) rather than spin, which
-matters when the workers outnumber the cores (several GPUs loading at once). Where the node has several NUMA nodes the ring is allocated, and the readers
+matters when the workers outnumber the cores. Neither showed a gain beyond run-to-run noise, so both
+are off by default. Where the node has several NUMA nodes the ring is allocated, and the readers
 run, on the CPUs of the GPU's node (best effort).
 """
 
