@@ -61,9 +61,10 @@ READ_MODES = ("pread", "odirect", "mmap")
 SYNC_MODES = ("spin", "block")
 # From the sweeps (benchmarks/results/sweep-*.json): one GPU loading, 12-16 workers reading 4 MiB chunks
 # beat 16-24 workers reading 16 MiB by 10-20% from page cache and tmpfs (H100 and H200). Two GPUs
-# loading at once in one process, 16 MiB reads win by far (54 against 33 GB/s): every chunk costs
-# a few interpreter-bound calls, so the chunk rate of all fills together must stay low. A fill
-# therefore reads runs of neighbouring chunks up to ``busy_chunk`` while another fill runs.
+# loading at once in one process with 16 workers each, 16 MiB reads won by far (54 against 33 GB/s):
+# every chunk costs a few interpreter-bound calls, so the chunk rate of all fills together must stay
+# low. A fill therefore reads runs of neighbouring chunks up to ``busy_chunk`` while another fill runs
+# (a later session: 48 GB/s so, 50 with 8 workers x 4 MiB; one process tops out near there).
 # Sixteen workers on a 16-core H100 VM collapsed to 13-25 GB/s with 4 MiB chunks on one instance, where
 # 12 and 8 kept 25-33 (ab-slot-*.json): leave a few cores to the driver and the kernel.
 DEFAULT_THREADS = 16
