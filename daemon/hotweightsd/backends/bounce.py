@@ -544,10 +544,15 @@ class _Fill:
             i = self._next
             if self.settings.busy_chunk <= self.settings.chunk_size or _active_fills() < 2:
                 self._next += 1
-                return self.chunks[i]
-            self._next = run_end(self.chunks, i, self.settings.chunk_size, self.settings.busy_chunk)
-            self.merged += self._next - i > 1
-            return merge_chunks(self.chunks[i:self._next])
+                chunk = self.chunks[i]
+            else:
+                self._next = run_end(self.chunks, i, self.settings.chunk_size, self.settings.busy_chunk)
+                self.merged += self._next - i > 1
+                chunk = merge_chunks(self.chunks[i:self._next])
+            # Counted here, under the lock already held: a fill that returns has finished every chunk taken.
+            self.reads += 1
+            self.copies += len(chunk.pieces)
+            return chunk
 
     def fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -598,9 +603,6 @@ class _Fill:
                                                    stream), "cuMemcpyHtoDAsync", bytes=p.length)
                 cd.check(drv.cuEventRecord(events[s], stream), "cuEventRecord")
                 self.progress(chunk.nbytes)
-                with self._lock:
-                    self.reads += 1
-                    self.copies += len(chunk.pieces)
         except BaseException as exc:
             self.fail(exc)
         finally:
