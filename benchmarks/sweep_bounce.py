@@ -66,6 +66,13 @@ def load_once(s: dict, ckpt: Path) -> float:
         b.close()
 
 
+READ_CONFIGS = [(16, 16), (16, 4), (16, 2), (12, 2), (8, 16)]  # (threads, MiB a read)
+
+
+def read_label(threads: int, chunk_mb: int) -> str:
+    return f"{threads}x{chunk_mb}MiB"
+
+
 def read_ceiling(files: list[str], configs: list[tuple[int, int]], reps: int, res) -> dict:
     out = {}
     for threads, chunk_mb in configs:
@@ -75,15 +82,15 @@ def read_ceiling(files: list[str], configs: list[tuple[int, int]], reps: int, re
             samples = [bl.rate(n, dt) for n, dt, _ in (bl.raw_read(files, ring, direct=False) for _ in range(reps))]
         finally:
             b.close()
-        out[f"{threads}x{chunk_mb}MiB"] = bl.summary(samples)
-        res.note(f"  read -> pinned {threads} threads x {chunk_mb}MiB: {out[f'{threads}x{chunk_mb}MiB']['median']}")
+        out[read_label(threads, chunk_mb)] = bl.summary(samples)
+        res.note(f"  read -> pinned {threads} threads x {chunk_mb}MiB: {out[read_label(threads, chunk_mb)]['median']}")
     return out
 
 
 def one_source(label: str, ckpt: Path, files: list[str], args, res, budget, h2d_one: float, warm_ring) -> dict:
     doc: dict = {}
     bl.raw_read(files, warm_ring, direct=False)  # page cache: warm the files (a no-op on tmpfs)
-    doc["read_ceiling"] = read_ceiling(files, [(16, 16), (16, 4), (16, 2), (12, 2), (8, 16)], 2, res)
+    doc["read_ceiling"] = read_ceiling(files, READ_CONFIGS, 2, res)
     best_read = max(v["median"] for v in doc["read_ceiling"].values())
     doc["ceiling"] = min(best_read, h2d_one)
     res.note(f"{label}: read ceiling {best_read}, H2D {h2d_one}, ceiling {doc['ceiling']}")
@@ -121,14 +128,13 @@ def one_source(label: str, ckpt: Path, files: list[str], args, res, budget, h2d_
 
     pool = sorted(list(grid.values()) + list(variants.values()), key=lambda sv: -sv[1])
     finalists = [s for s, _ in pool[:args.finalists]]
-    default = {"threads": min(bl_default_threads(), 24), "chunk_mb": 16, "depth": 2}
+    default = current_default()
     if key(default) not in {key(s) for s in finalists}:
         finalists.append(default)  # the current default, for comparison
     backends = {}
     final = {key(s): [] for s in finalists}
     reads = []
-    best_read_cfg = max(doc["read_ceiling"].items(), key=lambda kv: kv[1]["median"])[0]
-    rt, rc = (int(x) for x in best_read_cfg.rstrip("MiB").split("x"))
+    rt, rc = max(READ_CONFIGS, key=lambda tc: doc["read_ceiling"][read_label(*tc)]["median"])
     try:
         for s in finalists:
             backends[key(s)] = backend_for(s, [0])
@@ -152,6 +158,8 @@ def one_source(label: str, ckpt: Path, files: list[str], args, res, budget, h2d_
         v["ratio_to_ceiling"] = round(v["median"] / ceiling, 3)
     best = max(doc["finalists"].items(), key=lambda kv: kv[1]["median"])
     doc["best"] = {"settings": best[0], **best[1]}
+    by_key = {key(s): s for s in finalists}
+    doc["ranked_settings"] = [by_key[k] for k in sorted(doc["finalists"], key=lambda k: -doc["finalists"][k]["median"])]
     res.note(f"{label} finalists: " + ", ".join(f"{k} {v['median']} ({v['ratio_to_ceiling']})"
                                                  for k, v in doc["finalists"].items()))
     return doc
@@ -210,10 +218,12 @@ def _anon_huge_kb() -> int | None:
     return None
 
 
-def bl_default_threads() -> int:
+def current_default() -> dict:
+    """The loader's own default settings (environment included), as a sweep entry."""
     from hotweightsd.backends.bounce import BounceSettings
 
-    return BounceSettings.resolve().threads
+    d = BounceSettings.resolve()
+    return {"threads": d.threads, "chunk_mb": d.chunk_size // MiB, "depth": d.depth, "busy_mb": d.busy_chunk // MiB}
 
 
 def main() -> int:
@@ -282,8 +292,7 @@ def main() -> int:
                                        warm.ring(0))
         res.save()
         best = doc["page_cache"]["best"]["settings"]
-        winners = [_parse(k) for k, _ in sorted(doc["page_cache"]["finalists"].items(),
-                                                key=lambda kv: -kv[1]["median"])[:2]]
+        winners = doc["page_cache"]["ranked_settings"][:2]
         res.note(f"page cache best: {best}")
         if "tmpfs" not in skip and budget() > args.reserve_s:
             shm = Path("/dev/shm/hw-sweep")
@@ -311,13 +320,6 @@ def main() -> int:
     res.save()
     shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _parse(k: str) -> dict:
-    words = k.split()
-    t, d, c = words[0].rstrip("MiB").split("x")
-    return {"threads": int(t), "depth": int(d), "chunk_mb": int(c), "sync": "block" if "block" in words else "spin",
-            "hugepages": "huge" in words}
 
 
 if __name__ == "__main__":
