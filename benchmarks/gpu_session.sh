@@ -89,15 +89,22 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   rc_tests=${PIPESTATUS[0]}
   log "GPU tests exit code $rc_tests"
 fi
+# stage LOG TIMEBOX SCRIPT ARGS...: one benchmark script, time-boxed, its output to $OUT/LOG; sets $rc.
+stage() {
+  local logname=$1 box=$2 script=$3
+  shift 3
+  timeout --signal=TERM --kill-after=10 "$box" python3 "$script" --out "$OUT" --out benchmarks/results "$@" 2>&1 \
+    | tee "$OUT/$logname"
+  rc=${PIPESTATUS[0]}
+}
+
 rc_sweep=0
 if [ -n "${SWEEP:-}" ]; then
   left=$((TOTAL - SECONDS))
   sweep_budget="${SWEEP_BUDGET:-$((left - 60))}"
   log "settings sweep (budget ${sweep_budget}s)"
-  timeout --signal=TERM --kill-after=10 "$((sweep_budget + 60))" \
-    python3 benchmarks/sweep_bounce.py --out "$OUT" --out benchmarks/results --budget "$sweep_budget" ${SWEEP_ARGS:-} 2>&1 \
-    | tee "$OUT/sweep.log"
-  rc_sweep=${PIPESTATUS[0]}
+  stage sweep.log "$((sweep_budget + 60))" benchmarks/sweep_bounce.py --budget "$sweep_budget" ${SWEEP_ARGS:-}
+  rc_sweep=$rc
   log "sweep exit code $rc_sweep"
 fi
 if [ -n "${SKIP_BENCH:-}" ]; then
@@ -111,10 +118,8 @@ if [ "$budget" -lt 60 ]; then
   budget=60
 fi
 log "benchmark (budget ${budget}s, time box $((left - 10))s)"
-timeout --signal=TERM --kill-after=10 "$((left - 10))" \
-  python3 benchmarks/bench_load.py --out "$OUT" --out benchmarks/results --budget "$budget" ${BENCH_ARGS:-} 2>&1 \
-  | tee "$OUT/bench.log"
-rc_bench=${PIPESTATUS[0]}
+stage bench.log "$((left - 10))" benchmarks/bench_load.py --budget "$budget" ${BENCH_ARGS:-}
+rc_bench=$rc
 log "benchmark exit code $rc_bench; total ${SECONDS}s"
 ls -la "$OUT" | tee -a "$OUT/session.log"
 exit $(( rc_tests != 0 ? rc_tests : rc_bench ))
