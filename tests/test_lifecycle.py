@@ -250,10 +250,7 @@ def test_config_preload_loads_models_and_aliases_at_start(sockdir, tmp_path):
                    f'[[preload]]\nname = "broken"\npath = "{tmp_path / "missing"}"\n')
     d = start_daemon(str(sockdir / "pre.sock"), "--config", str(cfg))
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not d.status()["versions"]:
-            time.sleep(0.1)
-        st = d.status()
+        st = d.wait_status(lambda s: s["versions"])
         assert [(v["name"], v["version"], v["state"]) for v in st["versions"]] == [("llm", "v3", "READY")]
         assert st["aliases"] == [{"alias": "prod", "name": "llm", "version": "v3"}]
         assert d.alive()  # a preload that fails is logged, not fatal

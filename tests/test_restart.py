@@ -101,10 +101,8 @@ print("ok")
     line = holder.stdout.readline().split()
     assert line[0] == "same-after-restart", holder.stderr.read()
     # the holder re-leased its version on the new daemon, so it is protected there too
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not any(le["holder"] == "restart-test" for le in d.status()["leases"]):
-        time.sleep(0.1)
-    assert any(le["holder"] == "restart-test" and le["version"] == "v1" for le in d.status()["leases"])
+    st = d.wait_status(lambda s: any(le["holder"] == "restart-test" for le in s["leases"]), timeout=10)
+    assert any(le["holder"] == "restart-test" and le["version"] == "v1" for le in st["leases"])
     d.cli("alias", "prod", "--remove", check=True)
     refused = d.cli("unload", "alpha@v1")
     assert refused.returncode == 1 and "live lease" in refused.stderr
@@ -177,10 +175,7 @@ def test_without_a_service_manager_restart_reloads_from_storage_and_says_so(sock
     assert d.stop() == 0
     d = start_daemon(sock)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not d.status()["versions"]:
-            time.sleep(0.1)
-        st = d.status()
+        st = d.wait_status(lambda s: s["versions"])
         assert [(v["name"], v["version"], v["state"]) for v in st["versions"]] == [("m", "v1", "READY")]
         assert st["aliases"][0]["alias"] == "prod"
         assert st["restored"] is False and "reloading 1 version(s) from storage" in st["restore_note"]

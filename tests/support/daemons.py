@@ -39,6 +39,15 @@ class Daemon:
     def status(self) -> dict:
         return json.loads(self.cli("status", "--json", check=True).stdout)
 
+    def wait_status(self, ready, timeout: float = 20) -> dict:
+        """Polls ``status --json`` until ``ready(status)`` holds or ``timeout`` passes; the last status."""
+        deadline = time.monotonic() + timeout
+        st = self.status()
+        while not ready(st) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            st = self.status()
+        return st
+
     def leases(self) -> list:
         """Live leases, asked in-process (fast enough to poll)."""
         import hotweights
