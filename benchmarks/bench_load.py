@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -696,6 +695,7 @@ def attach_latency(backend, ckpt: Path, reps: int, res: Results) -> dict:
 
 def daemon_section(ckpt: Path, attach_ckpt: Path | None, reps: int, res: Results, budget) -> dict:
     import hotweights
+    from hotweights.procs import stop_process
 
     if not hasattr(hotweights, "connect"):
         return {"status": "no hotweights.connect in this tree"}
@@ -749,12 +749,7 @@ def daemon_section(ckpt: Path, attach_ckpt: Path | None, reps: int, res: Results
         res.error("daemon", exc)
         out["status"] = f"failed: {type(exc).__name__}: {exc}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=20)
         log.close()
         try:
             out["daemon_log_tail"] = Path(sockdir, "daemon.log").read_text(errors="replace")[-3000:]

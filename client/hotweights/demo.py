@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+from hotweights.procs import stop_process
 
 # Both serving processes import their libraries first, then time getting the rank's weights and
 # reading every byte once (what a model's first forward pass does).
@@ -135,10 +136,6 @@ def run_demo(workdir: Path, size_mb: int = 256) -> int:
               " the attach row stays a mapping.")
         return 0
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(15)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        stop_process(daemon, timeout=15)
         log.close()
         shutil.rmtree(sockdir, ignore_errors=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +14,8 @@ for _d in reversed(SOURCE_DIRS):
     if _d not in sys.path:
         sys.path.insert(0, _d)
 
+from hotweights.procs import stop_process  # noqa: E402,F401 (the tests' helpers share the package's)
+
 
 def child_env(**extra: str) -> dict[str, str]:
     """os.environ for a child Python process that imports this checkout's packages."""
@@ -25,13 +25,3 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-    """Signals ``proc`` if it runs and waits; SIGKILL after ``timeout``. Returns the exit status."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
