@@ -785,12 +785,14 @@ def main() -> int:
     ap.add_argument("--attach-reps", type=int, default=30)
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--cold-peers", default=",".join(PEERS), help="peers measured cold too ('' for none)")
-    ap.add_argument("--skip", default="", help="comma list of: tmpfs, cold, attach, daemon, two-gpu, sweep, peers")
+    ap.add_argument("--skip", default="", help="comma list of: tmpfs, cold, attach, daemon, two-gpu, sweep, peers, "
+                    "python-engine (the python workers measured beside the native engine)")
     ap.add_argument("--pretouch-gb", type=float, default=24.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--chunk-mb", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--read-mode", default="pread", help="pread | odirect | mmap")
+    ap.add_argument("--engine", default=None, help="auto | native | python (default: the loader's own choice)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--h2d-mb", type=int, default=1024, help="pinned buffer per GPU for the H2D ceiling")
     args = ap.parse_args()
@@ -806,6 +808,7 @@ def main() -> int:
 
     import torch
 
+    from hotweightsd.backends import bounce, native
     from hotweightsd.backends import cuda_driver as cd
     from hotweightsd.backends.cuda import CudaBackend
 
@@ -846,9 +849,18 @@ def main() -> int:
     files0 = rank_files(ckpt, 0)
 
     backend = CudaBackend(gds="off", reserve=512 * MiB, threads=args.threads, chunk_size=(args.chunk_mb or 0) * MiB or None,
-                          ring_depth=args.depth, read_mode=args.read_mode)
+                          ring_depth=args.depth, read_mode=args.read_mode, engine=args.engine)
     backend.prepare(list(range(gpus)))
-    doc["hotweights_settings"] = backend.settings.describe()
+    engine = bounce.choose_engine(backend.settings)
+    doc["engine"] = {"used": engine[0], "why": engine[1], "native": native.unavailable_reason() or "built"}
+    doc["hotweights_settings"] = backend.settings.describe(engine[0])
+    # The python workers, measured beside the native engine in the same run (what the engine is worth).
+    py_backend = None
+    if engine[0] == "native" and "python-engine" not in skip:
+        py_backend = CudaBackend(gds="off", reserve=512 * MiB, threads=args.threads,
+                                 chunk_size=(args.chunk_mb or 0) * MiB or None, ring_depth=args.depth,
+                                 read_mode=args.read_mode, engine="python")
+        py_backend.prepare(list(range(gpus)))
     doc["gds_note"] = backend.gds_note
     ring0 = backend.ring(0)
 
@@ -900,7 +912,10 @@ def main() -> int:
             a.close()
         hw = hw_series(backend, where, args.reps, res, label)
         hw["verified_tensors"] = verified
-        out = {"raw_read_pinned": read, "hotweights": hw, "peers": run_peers(files, peers, res, label, budget=budget)}
+        out = {"raw_read_pinned": read, "hotweights": hw}
+        if py_backend is not None:
+            out["hotweights_python_engine"] = hw_series(py_backend, where, args.reps, res, f"{label} (python workers)")
+        out["peers"] = run_peers(files, peers, res, label, budget=budget)
         doc[key] = out
         _target(targets, key, hw["gbps"]["median"], read["median"], doc.get("h2d"), out["peers"])
         return out
@@ -927,8 +942,13 @@ def main() -> int:
             loads, dt = on_each(range(2), lambda d: hw_load(backend, ckpt, d, d))
             samples.append(rate(sum(v["bytes"] for v in loads.values()), dt))
             desc = {d: v["description"] for d, v in loads.items()}
+        py_samples = []
+        for _ in range(args.reps if py_backend is not None else 0):
+            loads, dt = on_each(range(2), lambda d: hw_load(py_backend, ckpt, d, d))
+            py_samples.append(rate(sum(v["bytes"] for v in loads.values()), dt))
         out = {"raw_read_pinned_both": read_agg, "raw_read_by_read_size": by_size,
                "hotweights_both": summary(samples), "descriptions": desc,
+               "hotweights_python_engine_both": summary(py_samples) if py_samples else None,
                "h2d_both": doc.get("h2d", {}).get("all_gpus"), "h2d_one": doc.get("h2d", {}).get("one_gpu")}
         ceiling = min(read_agg, (doc.get("h2d", {}).get("all_gpus") or {}).get("aggregate", float("inf")))
         got = out["hotweights_both"]["median"]
@@ -1044,6 +1064,8 @@ def main() -> int:
 
     section("attach", attach, need=60)
     backend.close()
+    if py_backend is not None:
+        py_backend.close()
     free_torch()
 
     # -- the real daemon

@@ -47,6 +47,17 @@ else
 fi
 export PYTHONPATH=/tmp/site:$PWD/client:$PWD/daemon
 
+# The loader's native engine (daemon/hotweightsd/backends/hwfill.c) is built by pip install; this script runs
+# from the source tree, so it uses a library carried beside the package (carry daemon/hotweightsd/_hwfill*.so),
+# or builds one here when none loads and a C compiler exists. Without either, loads run on the python workers
+# and say so.
+native_state() { python3 -c 'from hotweightsd.backends import native as n; print(n.library_path(), "|", n.unavailable_reason() or "loads")'; }
+if native_state | grep -qv "| loads$" && command -v cc >/dev/null 2>&1; then
+  cc -O2 -std=gnu11 -shared -fPIC -o /tmp/hwfill.so daemon/hotweightsd/backends/hwfill.c -ldl -lpthread \
+    && export HOTWEIGHTS_NATIVE_LIB=/tmp/hwfill.so
+fi
+log "native loader: $(native_state 2>&1 | tail -1)"
+
 # GDS_UDEV_SHIM=1 (test machines only): these VMs have no /run/udev, and cuFile reads a file's block
 # device attributes from udev's database even in compatibility mode, so it registers no file at all.
 # One database entry for the disk behind /tmp lets the GDS path's correctness test run.

@@ -28,6 +28,7 @@ class Config:
     chunk_size: int | None = None      # cuda bounce path; None: the backend's measured default
     ring_depth: int | None = None
     busy_chunk_size: int | None = None  # read size while other GPUs load (fewer, larger reads)
+    loader_engine: str = "auto"        # cuda bounce path's loop: auto (native where built) | native | python
     gds: str = "auto"                  # auto | off | force
     ticket_ttl: float = 30.0
     verify: str = "fast"               # default LoadModel verify level when a manifest exists
@@ -42,7 +43,7 @@ class Config:
         return {
             "reserve": self.reserve, "threads": self.loader_threads, "loader": self.loader,
             "chunk_size": self.chunk_size, "ring_depth": self.ring_depth, "busy_chunk": self.busy_chunk_size,
-            "gds": self.gds,
+            "engine": self.loader_engine, "gds": self.gds,
             "memory_limit": self.memory_limit,
         }
 

@@ -95,6 +95,42 @@ def test_other_read_modes_are_exact(ckpt, mode):
         be.close()
 
 
+def test_auto_runs_the_native_engine_where_it_was_built(b, ckpt):
+    """Where the native loop is built (pip install, or gpu_session.sh), ``auto`` must pick it: a build that
+    silently fell back to the python workers would go unnoticed in every other test."""
+    from hotweightsd.backends import native
+
+    layout, allocs, desc = load(b, ckpt)
+    try:
+        if native.unavailable_reason() is None:
+            assert "native engine" in desc, desc
+        else:
+            assert f"python workers: {native.unavailable_reason()}" in desc, desc
+        assert_loaded_exactly(layout, allocs)
+    finally:
+        for a in allocs:
+            a.close()
+
+
+@pytest.mark.parametrize("engine,mode", [("native", "pread"), ("native", "odirect"), ("python", "pread")])
+def test_both_engines_are_exact(ckpt, engine, mode):
+    """Each engine, asked for by name, loads the same bytes (small chunks: many reads and copies per tensor)."""
+    from hotweightsd.backends import native
+
+    if engine == "native" and native.unavailable_reason():
+        pytest.skip(f"native loader: {native.unavailable_reason()}")
+    be = backend(read_mode=mode, threads=5, chunk_size=256 * 1024, engine=engine)
+    try:
+        layout, allocs, desc = load(be, ckpt)
+        assert desc.startswith(f"bounce: {mode} ring 5 threads x 2 x 256KiB"), desc
+        assert ("native engine" in desc) == (engine == "native"), desc
+        assert_loaded_exactly(layout, allocs)
+        for a in allocs:
+            a.close()
+    finally:
+        be.close()
+
+
 def test_free_memory_returns_after_close(b, tmp_path):
     """Memory comes back when the daemon closes it, but only once no importer maps it any more."""
     import torch

@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from hotweights.errors import Aborted, BackendError, BadCheckpoint, InvalidArgument
 from hotweightsd.backends import cuda_driver as cd
+from hotweightsd.backends import native
 from hotweightsd.backends.reader import read_exact
 from hotweightsd.core.layout import RankLayout, Segment
 
@@ -59,6 +60,7 @@ DIRECT_ALIGN = 4096
 PAGE = mmap.PAGESIZE
 READ_MODES = ("pread", "odirect", "mmap")
 SYNC_MODES = ("spin", "block")
+ENGINES = ("auto", "native", "python")
 # From the sweeps (benchmarks/results/sweep-*.json): one GPU loading, 12-16 workers reading 4 MiB chunks
 # beat 16-24 workers reading 16 MiB by 10-20% from page cache and tmpfs (H100 and H200). Two GPUs
 # loading at once in one process with 16 workers each, 16 MiB reads won by far (54 against 33 GB/s):
@@ -242,14 +244,16 @@ class BounceSettings:
     sync: str = DEFAULT_SYNC
     hugepages: bool = DEFAULT_HUGEPAGES
     busy_chunk: int = DEFAULT_BUSY_CHUNK
+    engine: str = "auto"
 
     @classmethod
     def resolve(cls, read_mode: str | None = None, threads: int | None = None, chunk_size: int | None = None,
                 depth: int | None = None, numa: bool | None = None, sync: str | None = None,
-                hugepages: bool | None = None, busy_chunk: int | None = None) -> "BounceSettings":
+                hugepages: bool | None = None, busy_chunk: int | None = None,
+                engine: str | None = None) -> "BounceSettings":
         """Explicit values win, then ``HOTWEIGHTS_CUDA_READ_MODE`` / ``_THREADS`` / ``_CHUNK_MB`` /
-        ``_RING_DEPTH`` / ``_NUMA`` / ``_SYNC`` / ``_HUGEPAGES`` / ``_BUSY_CHUNK_MB``, then the defaults.
-        ``busy_chunk`` below ``chunk_size`` means no merging."""
+        ``_RING_DEPTH`` / ``_NUMA`` / ``_SYNC`` / ``_HUGEPAGES`` / ``_BUSY_CHUNK_MB`` / ``_ENGINE``, then the
+        defaults. ``busy_chunk`` below ``chunk_size`` means no merging."""
         mode = (read_mode or os.environ.get("HOTWEIGHTS_CUDA_READ_MODE") or "pread").strip().lower()
         if mode not in READ_MODES:
             raise InvalidArgument(f"unknown read mode {mode!r} (choose {', '.join(READ_MODES)})")
@@ -271,15 +275,23 @@ class BounceSettings:
         busy = max(chunk, busy // chunk * chunk)  # whole grid windows
         if threads < 1 or depth < 1:
             raise InvalidArgument(f"threads ({threads}) and ring depth ({depth}) must be at least 1")
-        return cls(mode, threads, chunk, depth, numa, sync, bool(hugepages), busy)
+        engine = (engine or os.environ.get("HOTWEIGHTS_CUDA_ENGINE") or "auto").strip().lower()
+        if engine not in ENGINES:
+            raise InvalidArgument(f"unknown loader engine {engine!r} (choose {', '.join(ENGINES)})")
+        return cls(mode, threads, chunk, depth, numa, sync, bool(hugepages), busy, engine)
 
     @property
     def slot_size(self) -> int:
         return max(self.chunk_size, self.busy_chunk)
 
-    def describe(self) -> str:
+    def describe(self, engine: str = "python") -> str:
+        """The settings as the load result reports them; ``engine`` is the one that ran."""
         extra = (", blocking sync" if self.sync == "block" else "") + (", huge pages" if self.hugepages else "")
-        busy = f" ({_size(self.busy_chunk)} while other fills run)" if self.busy_chunk > self.chunk_size else ""
+        busy = ""
+        if engine == "python" and self.busy_chunk > self.chunk_size:
+            busy = f" ({_size(self.busy_chunk)} while other fills run)"
+        if engine == "native":
+            extra += ", native engine"
         return f"{self.read_mode} ring {self.threads} threads x {self.depth} x {_size(self.chunk_size)}{busy}{extra}"
 
 
@@ -650,6 +662,23 @@ def _active_fills() -> int:
     return _active[0]
 
 
+def choose_engine(settings: BounceSettings) -> tuple[str, str]:
+    """("native" | "python", why). ``engine=native`` that cannot run is an error, never a silent fallback."""
+    if settings.engine == "python":
+        return "python", "python workers by configuration"
+    if settings.read_mode == "mmap":
+        reason = "mmap mode has no native engine"
+    elif getattr(cd.driver(), "__name__", "") != "cuda.bindings.driver":
+        reason = "not the CUDA driver (a test double)"
+    else:
+        reason = native.unavailable_reason() or ""
+    if not reason:
+        return "native", "native engine"
+    if settings.engine == "native":
+        raise BackendError("native loader", "unavailable", f"the native loader engine was asked for, but {reason}")
+    return "python", reason
+
+
 def fill(device: int, ring: DeviceRing, settings: BounceSettings, layout: RankLayout, bases: list[int],
          sizes: list[int], progress: Callable[[int], None], cancel: threading.Event) -> str:
     """Copies every segment of ``layout`` into the device allocations at ``bases``; returns a description.
@@ -657,25 +686,35 @@ def fill(device: int, ring: DeviceRing, settings: BounceSettings, layout: RankLa
     Raises BadCheckpoint (a file shorter than its header promised), Aborted (``cancel`` set), or the
     first CudaError/BackendError a worker hit. Every queued copy has finished when it returns or raises.
     """
+    engine, why = choose_engine(settings)
     chunks = plan_chunks(layout.segments(), settings.chunk_size)
     check_plan(chunks, sizes)
     files = SourceFiles.open(layout.files, settings.read_mode, needed_file_sizes(chunks, len(layout.files)))
+    extra = ""
     with _active_lock:
         _active[0] += 1
     try:
-        job = _Fill(device, ring, settings, chunks, files, bases, progress, cancel)
-        job.run()
+        if engine == "native":
+            reads, copies = native.fill(
+                chunks, files.fds, files.direct, files.paths, bases, threads=ring.threads, depth=ring.depth,
+                slot_size=ring.slot_size, host_base=ring.host_ptr, progress=progress, cancel=cancel,
+                context=int(cd.primary_context(device)), streams=[int(s) for s in ring.streams],
+                events=[int(e) for evs in ring.events for e in evs], cpus=ring.cpus)
+        else:
+            job = _Fill(device, ring, settings, chunks, files, bases, progress, cancel)
+            job.run()
+            if job.errors:
+                raise next((e for e in job.errors if isinstance(e, BadCheckpoint)), job.errors[0])
+            if cancel.is_set():
+                raise Aborted("load cancelled")
+            reads, copies = job.reads, job.copies
+            extra = f" ({job.merged} of them runs of chunks: other fills ran)" if job.merged else ""
     finally:
         with _active_lock:
             _active[0] -= 1
         files.close()
-    if job.errors:
-        first = next((e for e in job.errors if isinstance(e, BadCheckpoint)), job.errors[0])
-        raise first
-    if cancel.is_set():
-        raise Aborted("load cancelled")
-    extra = f" ({job.merged} of them runs of chunks: other fills ran)" if job.merged else ""
     if settings.read_mode == "odirect" and files.buffered_fallbacks:
         extra += f"; O_DIRECT refused for {files.buffered_fallbacks} file(s) (tmpfs?), read buffered"
-    return (f"{settings.describe()} on cuda:{device}{ring.describe_numa()}; "
-            f"{job.reads} reads{extra}, {job.copies} copies")
+    why = "" if engine == "native" else "; " + (why if why.startswith("python workers") else f"python workers: {why}")
+    return (f"{settings.describe(engine)} on cuda:{device}{ring.describe_numa()}; "
+            f"{reads} reads{extra}, {copies} copies{why}")

@@ -143,8 +143,9 @@ class CudaBackend:
                  read_mode: str | None = None, chunk_size: int | None = None, ring_depth: int | None = None,
                  gds: str | None = None, numa: bool | None = None, loader: str | None = None,
                  sync: str | None = None, hugepages: bool | None = None, busy_chunk: int | None = None,
-                 **extra: Any) -> None:
+                 engine: str | None = None, **extra: Any) -> None:
         """``loader`` (auto | pread | odirect | mmap) is the daemon config's name for ``read_mode``;
+        ``engine`` (auto | native | python) picks the bounce path's loop (``loader_engine`` in the config);
         ``gds`` is auto | off | on (alias force: GDS or an error) | compat (cuFile compatibility mode,
         forced: a correctness check of the GDS path on machines without nvidia-fs)."""
         unknown = {k: v for k, v in extra.items() if v is not None}
@@ -160,7 +161,7 @@ class CudaBackend:
         if read_mode is None and loader not in (None, "", "auto"):
             read_mode = loader
         self.settings = bounce.BounceSettings.resolve(read_mode, threads, chunk_size, ring_depth, numa, sync,
-                                                     hugepages, busy_chunk)
+                                                     hugepages, busy_chunk, engine)
         self.gds_mode = (gds or os.environ.get("HOTWEIGHTS_GDS") or "auto").strip().lower()
         self.gds_mode = {"force": "on"}.get(self.gds_mode, self.gds_mode)
         if self.gds_mode not in GDS_MODES:

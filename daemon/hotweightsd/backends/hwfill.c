@@ -1,0 +1,295 @@
+/* The bounce path's hot loop, outside the interpreter.
+ *
+ * hotweightsd plans a fill in Python (hotweightsd.backends.bounce: reads of file windows and the
+ * copies out of each) and hands the plan here; hw_fill() runs it on its own threads, so no chunk
+ * costs interpreter time or waits for the GIL (the Python workers topped out near 46-50 GB/s per
+ * process whatever the GPU or worker count: benchmarks/results/NOTES.md). Plain C, no Python API:
+ * loaded with ctypes, so one build serves every Python version. The CUDA driver is opened with
+ * dlopen at the first device fill, so the library loads (and host_mode runs) on machines without one.
+ *
+ * Each worker owns `depth` slots of the pinned ring, one stream and one event per slot: it takes
+ * the next chunk, waits for the slot's last copies (its event), reads the chunk into the slot,
+ * queues the chunk's copies on its stream and records the slot's event. host_mode (tests, CI)
+ * replaces the copies with memcpy into host memory and skips every driver call.
+ *
+ * The layout of hw_job is mirrored by hotweightsd.backends.native; hw_job_size() and hw_abi()
+ * let the loader refuse a library built from another revision.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#define HW_ABI 1
+#define HW_MAX_DEPTH 64
+#define HW_DIRECT_ALIGN 4096
+
+enum { HW_OK = 0, HW_ERR_CUDA = 1, HW_ERR_OS = 2, HW_ERR_TRUNCATED = 3, HW_ERR_CANCELLED = 4, HW_ERR_SETUP = 5 };
+
+typedef struct {
+    int64_t offset;      /* file offset of the chunk's first byte */
+    int64_t length;      /* bytes to read */
+    int64_t first_piece; /* index of its first copy in the pieces array */
+    int32_t file;        /* index into fds */
+    int32_t npieces;
+} hw_chunk;
+
+typedef struct {
+    int64_t src;    /* offset inside the chunk */
+    uint64_t dst;   /* device address (host address in host_mode) */
+    int64_t length;
+} hw_piece;
+
+typedef struct {
+    /* the plan */
+    const int32_t *fds;
+    const uint8_t *direct; /* per file: opened O_DIRECT, so read the 4 KiB-aligned superset */
+    const hw_chunk *chunks;
+    const hw_piece *pieces;
+    int64_t nchunks;
+    int64_t npieces;
+    int32_t nfiles;
+    /* the ring: worker w's slot s is host_base + (w * depth + s) * slot_size */
+    int32_t threads;
+    int32_t depth;
+    int32_t host_mode;
+    int64_t slot_size;
+    uint64_t host_base;
+    uint64_t context;         /* CUcontext made current in every worker */
+    const uint64_t *streams;  /* [threads] CUstream */
+    const uint64_t *events;   /* [threads * depth] CUevent */
+    const int32_t *cpus;      /* workers run on these (NUMA), when ncpus > 0 */
+    int32_t ncpus;
+    /* set by the caller to stop the fill early */
+    volatile int32_t cancel;
+    /* progress, read by the caller while the fill runs */
+    int64_t next;
+    int64_t done_bytes;
+    int64_t reads;
+    int64_t copies;
+    /* the first error */
+    int32_t err_kind;
+    int32_t err_code;  /* CUresult or errno */
+    int64_t err_chunk;
+    int64_t err_file;
+    int64_t err_offset;
+    char err_op[48];
+} hw_job;
+
+typedef int (*cu_ctx_set_t)(void *);
+typedef int (*cu_copy_t)(uint64_t, const void *, size_t, void *);
+typedef int (*cu_event_record_t)(void *, void *);
+typedef int (*cu_sync_t)(void *);
+
+static struct {
+    cu_ctx_set_t ctx_set;
+    cu_copy_t copy;
+    cu_event_record_t event_record;
+    cu_sync_t event_sync;
+    cu_sync_t stream_sync;
+    const char *missing;
+} api;
+static pthread_once_t api_once = PTHREAD_ONCE_INIT;
+
+static void load_api(void) {
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    if (!lib) {
+        api.missing = "libcuda.so.1";
+        return;
+    }
+    /* The unsuffixed cuMemcpyHtoDAsync is the old 32-bit ABI; _v2 is what cuda.h maps the name to. */
+    api.ctx_set = (cu_ctx_set_t)dlsym(lib, "cuCtxSetCurrent");
+    api.copy = (cu_copy_t)dlsym(lib, "cuMemcpyHtoDAsync_v2");
+    api.event_record = (cu_event_record_t)dlsym(lib, "cuEventRecord");
+    api.event_sync = (cu_sync_t)dlsym(lib, "cuEventSynchronize");
+    api.stream_sync = (cu_sync_t)dlsym(lib, "cuStreamSynchronize");
+    if (!api.ctx_set) api.missing = "cuCtxSetCurrent";
+    else if (!api.copy) api.missing = "cuMemcpyHtoDAsync_v2";
+    else if (!api.event_record) api.missing = "cuEventRecord";
+    else if (!api.event_sync) api.missing = "cuEventSynchronize";
+    else if (!api.stream_sync) api.missing = "cuStreamSynchronize";
+}
+
+int hw_abi(void) { return HW_ABI; }
+size_t hw_job_size(void) { return sizeof(hw_job); }
+
+/* Records the first error only; every later one is a consequence of the stop it causes. */
+static void fail(hw_job *job, int kind, int code, const char *op, int64_t chunk, int64_t file, int64_t offset) {
+    int32_t none = HW_OK;
+    if (__atomic_compare_exchange_n(&job->err_kind, &none, kind, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        job->err_code = code;
+        job->err_chunk = chunk;
+        job->err_file = file;
+        job->err_offset = offset;
+        strncpy(job->err_op, op, sizeof(job->err_op) - 1);
+        job->err_op[sizeof(job->err_op) - 1] = 0;
+    }
+}
+
+static int stopped(hw_job *job) {
+    if (__atomic_load_n(&job->err_kind, __ATOMIC_ACQUIRE) != HW_OK) return 1;
+    if (job->cancel) {
+        fail(job, HW_ERR_CANCELLED, 0, "cancel", -1, -1, -1);
+        return 1;
+    }
+    return 0;
+}
+
+/* Reads chunk i into buf; *skip is where its first byte landed. 0 on success. */
+static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
+    const hw_chunk *c = &job->chunks[i];
+    int fd = job->fds[c->file];
+    int direct = job->direct[c->file];
+    int64_t start = c->offset, len = c->length;
+    if (direct) {
+        start = c->offset / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN;
+        len = (c->offset + c->length + HW_DIRECT_ALIGN - 1) / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN - start;
+    }
+    *skip = c->offset - start;
+    int64_t need = *skip + c->length, got = 0;
+    while (got < len) {
+        ssize_t n = pread(fd, buf + got, (size_t)(len - got), start + got);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            fail(job, HW_ERR_OS, errno, direct ? "pread(O_DIRECT)" : "pread", i, c->file, start + got);
+            return -1;
+        }
+        if (n == 0) break;
+        got += n;
+        if (direct && n % HW_DIRECT_ALIGN) break; /* the file ends inside this block */
+    }
+    if (got < need) {
+        fail(job, HW_ERR_TRUNCATED, 0, "read", i, c->file, start + got);
+        return -1;
+    }
+    return 0;
+}
+
+typedef struct {
+    hw_job *job;
+    int index;
+} hw_worker;
+
+static void *worker(void *arg) {
+    hw_worker *w = arg;
+    hw_job *job = w->job;
+    int depth = job->depth, host = job->host_mode;
+    void *stream = host ? NULL : (void *)(uintptr_t)job->streams[w->index];
+    const uint64_t *events = host ? NULL : &job->events[(int64_t)w->index * depth];
+    char *slots = (char *)(uintptr_t)job->host_base + (int64_t)w->index * depth * job->slot_size;
+    int pending[HW_MAX_DEPTH] = {0};
+    int rc;
+
+    if (job->ncpus > 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        for (int k = 0; k < job->ncpus; k++)
+            if (job->cpus[k] >= 0 && job->cpus[k] < CPU_SETSIZE) CPU_SET(job->cpus[k], &set);
+        pthread_setaffinity_np(pthread_self(), sizeof(set), &set); /* best effort, like the Python workers */
+    }
+    if (!host && (rc = api.ctx_set((void *)(uintptr_t)job->context)) != 0) {
+        fail(job, HW_ERR_CUDA, rc, "cuCtxSetCurrent", -1, -1, -1);
+        return NULL;
+    }
+    for (int64_t k = 0; !stopped(job); k++) {
+        int64_t i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (i >= job->nchunks) break;
+        int s = (int)(k % depth);
+        char *buf = slots + s * job->slot_size;
+        if (pending[s]) {
+            pending[s] = 0;
+            if ((rc = api.event_sync((void *)(uintptr_t)events[s])) != 0) {
+                fail(job, HW_ERR_CUDA, rc, "cuEventSynchronize", i, -1, -1);
+                break;
+            }
+        }
+        int64_t skip;
+        if (read_chunk(job, i, buf, &skip) != 0) break;
+        const hw_chunk *c = &job->chunks[i];
+        int64_t bytes = 0;
+        for (int32_t p = 0; p < c->npieces; p++) {
+            const hw_piece *pc = &job->pieces[c->first_piece + p];
+            const char *src = buf + skip + pc->src;
+            if (host) {
+                memcpy((void *)(uintptr_t)pc->dst, src, (size_t)pc->length);
+            } else if ((rc = api.copy(pc->dst, src, (size_t)pc->length, stream)) != 0) {
+                fail(job, HW_ERR_CUDA, rc, "cuMemcpyHtoDAsync", i, c->file, c->offset + pc->src);
+                break;
+            }
+            bytes += pc->length;
+        }
+        if (!host) {
+            /* Recorded even after a failed copy: the slot must not be reused before its queued copies ran. */
+            if ((rc = api.event_record((void *)(uintptr_t)events[s], stream)) != 0)
+                fail(job, HW_ERR_CUDA, rc, "cuEventRecord", i, -1, -1);
+            else
+                pending[s] = 1;
+        }
+        __atomic_add_fetch(&job->reads, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&job->copies, c->npieces, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&job->done_bytes, bytes, __ATOMIC_RELAXED);
+    }
+    /* Whatever happened, no copy of this worker may still be in flight when the fill returns. */
+    if (!host && (rc = api.stream_sync(stream)) != 0) fail(job, HW_ERR_CUDA, rc, "cuStreamSynchronize", -1, -1, -1);
+    return NULL;
+}
+
+static int setup_error(hw_job *job, const char *what) {
+    fail(job, HW_ERR_SETUP, 0, what, -1, -1, -1);
+    return job->err_kind;
+}
+
+/* Checks the plan against the ring before any read: a wrong plan must fail before any DMA. */
+static int validate(hw_job *job) {
+    if (job->threads < 1 || job->threads > 1024 || job->depth < 1 || job->depth > HW_MAX_DEPTH) return setup_error(job, "threads/depth");
+    if (!job->host_base || job->slot_size <= 0 || job->slot_size % HW_DIRECT_ALIGN) return setup_error(job, "ring");
+    if (!job->host_mode && (!job->streams || !job->events || !job->context)) return setup_error(job, "streams/events");
+    for (int64_t i = 0; i < job->nchunks; i++) {
+        const hw_chunk *c = &job->chunks[i];
+        if (c->file < 0 || c->file >= job->nfiles || c->offset < 0 || c->length <= 0) return setup_error(job, "chunk");
+        int64_t span = c->length;
+        if (job->direct[c->file]) {
+            int64_t start = c->offset / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN;
+            span = (c->offset + c->length + HW_DIRECT_ALIGN - 1) / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN - start;
+        }
+        if (span > job->slot_size) return setup_error(job, "chunk larger than a slot");
+        if (c->npieces < 0 || c->first_piece < 0 || c->first_piece + c->npieces > job->npieces)
+            return setup_error(job, "pieces");
+        for (int32_t p = 0; p < c->npieces; p++) {
+            const hw_piece *pc = &job->pieces[c->first_piece + p];
+            if (pc->src < 0 || pc->length < 0 || pc->src + pc->length > c->length) return setup_error(job, "piece");
+        }
+    }
+    return HW_OK;
+}
+
+/* Runs the whole fill; returns 0 or the kind of the first error (details in the job). */
+int hw_fill(hw_job *job) {
+    job->next = job->done_bytes = job->reads = job->copies = 0;
+    job->err_kind = HW_OK;
+    if (validate(job) != HW_OK) return job->err_kind;
+    if (!job->host_mode) {
+        pthread_once(&api_once, load_api);
+        if (api.missing) return setup_error(job, api.missing);
+    }
+    int n = job->threads;
+    pthread_t tids[n];
+    hw_worker ws[n];
+    int started = 0;
+    for (; started < n; started++) {
+        ws[started].job = job;
+        ws[started].index = started;
+        int rc = pthread_create(&tids[started], NULL, worker, &ws[started]);
+        if (rc != 0) {
+            fail(job, HW_ERR_OS, rc, "pthread_create", -1, -1, -1);
+            break;
+        }
+    }
+    for (int k = 0; k < started; k++) pthread_join(tids[k], NULL);
+    return job->err_kind;
+}
