@@ -44,7 +44,7 @@ def read_file(path: str) -> str:
 
 
 def key(s: dict) -> str:
-    return (f"{s['threads']}x{s['depth']}x{s['chunk_mb']}MiB" + (" block" if s.get("sync") == "block" else "")
+    return (f"{s['threads']}x{s['depth']}x{s['chunk_mb']:g}MiB" + (" block" if s.get("sync") == "block" else "")
             + (" huge" if s.get("hugepages") else ""))
 
 
@@ -52,8 +52,9 @@ def backend_for(s: dict, devices: list[int]):
     from hotweightsd.backends.cuda import CudaBackend
 
     b = CudaBackend(gds="off", reserve=512 * MiB, read_mode="pread", threads=s["threads"],
-                    chunk_size=s["chunk_mb"] * MiB, ring_depth=s["depth"], sync=s.get("sync", "spin"),
-                    hugepages=s.get("hugepages", False), busy_chunk=s.get("busy_mb", s["chunk_mb"]) * MiB)
+                    chunk_size=int(s["chunk_mb"] * MiB), ring_depth=s["depth"], sync=s.get("sync", "spin"),
+                    hugepages=s.get("hugepages", False), busy_chunk=int(s.get("busy_mb", s["chunk_mb"]) * MiB),
+                    engine=s.get("engine"))
     b.prepare(devices)
     return b
 
@@ -66,7 +67,7 @@ def load_once(s: dict, ckpt: Path) -> float:
         b.close()
 
 
-READ_CONFIGS = [(16, 16), (16, 4), (16, 2), (12, 2), (8, 16)]  # (threads, MiB a read)
+READ_CONFIGS = [(16, 16), (16, 4), (16, 2), (12, 2), (12, 1), (8, 16)]  # (threads, MiB a read)
 
 
 def read_label(threads: int, chunk_mb: int) -> str:
@@ -223,7 +224,7 @@ def current_default() -> dict:
     from hotweightsd.backends.bounce import BounceSettings
 
     d = BounceSettings.resolve()
-    return {"threads": d.threads, "chunk_mb": d.chunk_size // MiB, "depth": d.depth, "busy_mb": d.busy_chunk // MiB}
+    return {"threads": d.threads, "chunk_mb": d.chunk_size / MiB, "depth": d.depth, "busy_mb": d.busy_chunk / MiB}
 
 
 def main() -> int:
@@ -233,8 +234,8 @@ def main() -> int:
     ap.add_argument("--rank-gb", type=float, default=8.5)
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[8, 12, 16])
-    ap.add_argument("--chunks", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8, 16],
-                    help="chunk sizes, MiB")
+    ap.add_argument("--chunks", type=lambda v: [float(x) for x in v.split(",")], default=[1, 2, 4, 8, 16],
+                    help="chunk sizes, MiB (0.25 and 0.5 are fine: any multiple of 4 KiB)")
     ap.add_argument("--depths", type=lambda v: [int(x) for x in v.split(",")], default=[2, 4])
     ap.add_argument("--two-gpu-threads", type=lambda v: [int(x) for x in v.split(",")], default=[4, 6, 8, 12, 16])
     ap.add_argument("--finalists", type=int, default=5)

@@ -332,7 +332,9 @@ class DeviceRing:
         self.device = device
         self.threads = settings.threads
         self.depth = settings.depth
-        self.slot_size = settings.slot_size
+        # The native engine reads chunk_size at most (runs of chunks are the python workers' remedy for
+        # interpreter time); a smaller ring also stays warmer in the CPU caches.
+        self.slot_size = settings.chunk_size if choose_engine(settings)[0] == "native" else settings.slot_size
         self.pinned = settings.read_mode != "mmap"
         self.sync = settings.sync
         self.hugepages = settings.hugepages and self.pinned
@@ -398,8 +400,8 @@ class DeviceRing:
             return base
 
     def fits(self, settings: BounceSettings) -> bool:
-        same = (self.threads, self.depth, self.slot_size, self.sync) == \
-            (settings.threads, settings.depth, settings.slot_size, settings.sync)
+        slot = settings.chunk_size if choose_engine(settings)[0] == "native" else settings.slot_size
+        same = (self.threads, self.depth, self.slot_size, self.sync) == (settings.threads, settings.depth, slot, settings.sync)
         return same and self.hugepages == (settings.hugepages and self.pinned) and \
             (self.pinned or settings.read_mode == "mmap")
 
