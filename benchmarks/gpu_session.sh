@@ -9,7 +9,8 @@
 #
 # Knobs (environment): TESTS_TIMEOUT (s, default 200), TOTAL (s, default 530), BENCH_ARGS (extra flags for
 # bench_load.py, e.g. "--rank-gb 12 --skip sweep"), PYTEST_ARGS (e.g. "-k vmm"), SKIP_TESTS=1, SKIP_BENCH=1,
-# SWEEP=1 (run sweep_bounce.py after the tests; SWEEP_BUDGET seconds, SWEEP_ARGS extra flags).
+# SWEEP=1 (run sweep_bounce.py after the tests; SWEEP_BUDGET seconds, SWEEP_ARGS extra flags), AB=1 (run
+# ab_settings.py after that, AB_ARGS its flags, AB_TIMEOUT its time box in seconds, default 150).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -117,6 +118,12 @@ if [ -n "${SWEEP:-}" ]; then
   stage sweep.log "$((sweep_budget + 60))" benchmarks/sweep_bounce.py --budget "$sweep_budget" ${SWEEP_ARGS:-}
   rc_sweep=$rc
   log "sweep exit code $rc_sweep"
+fi
+if [ -n "${AB:-}" ]; then
+  log "A/B of settings (time box ${AB_TIMEOUT:-150}s)"
+  stage ab.log "${AB_TIMEOUT:-150}" benchmarks/ab_settings.py ${AB_ARGS:-}
+  log "A/B exit code $rc"
+  rc_sweep=$(( rc_sweep != 0 ? rc_sweep : rc ))
 fi
 if [ -n "${SKIP_BENCH:-}" ]; then
   exit $(( rc_tests != 0 ? rc_tests : rc_sweep ))

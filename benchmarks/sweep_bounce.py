@@ -51,7 +51,7 @@ def key(s: dict) -> str:
 def backend_for(s: dict, devices: list[int]):
     from hotweightsd.backends.cuda import CudaBackend
 
-    b = CudaBackend(gds="off", reserve=512 * MiB, read_mode="pread", threads=s["threads"],
+    b = CudaBackend(gds="off", reserve=512 * MiB, read_mode=s.get("read_mode", "pread"), threads=s["threads"],
                     chunk_size=int(s["chunk_mb"] * MiB), ring_depth=s["depth"], sync=s.get("sync", "spin"),
                     hugepages=s.get("hugepages", False), busy_chunk=int(s.get("busy_mb", s["chunk_mb"]) * MiB),
                     engine=s.get("engine"))
