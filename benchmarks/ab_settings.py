@@ -24,17 +24,17 @@ import sweep_bounce as sb  # noqa: E402
 
 SETTINGS = {
     "16x2x4MiB": dict(threads=16, chunk_mb=4, depth=2),
-    "16x2x4MiB block": dict(threads=16, chunk_mb=4, depth=2, sync="block"),
+    "16x2x4MiB-block": dict(threads=16, chunk_mb=4, depth=2, sync="block"),
     "12x2x4MiB": dict(threads=12, chunk_mb=4, depth=2),
     "8x2x4MiB": dict(threads=8, chunk_mb=4, depth=2),
     "16x2x8MiB": dict(threads=16, chunk_mb=8, depth=2),
     "16x2x16MiB": dict(threads=16, chunk_mb=16, depth=2),
-    "16x2x4MiB python": dict(threads=16, chunk_mb=4, depth=2, engine="python", busy_mb=16),
-    "mapcopy 16x2x4MiB": dict(threads=16, chunk_mb=4, depth=2, read_mode="mapcopy"),
-    "mapcopy 12x2x4MiB": dict(threads=12, chunk_mb=4, depth=2, read_mode="mapcopy"),
-    "mapcopy 8x2x4MiB": dict(threads=8, chunk_mb=4, depth=2, read_mode="mapcopy"),
-    "mapcopy 16x2x2MiB": dict(threads=16, chunk_mb=2, depth=2, read_mode="mapcopy"),
-    "mapcopy 16x2x8MiB": dict(threads=16, chunk_mb=8, depth=2, read_mode="mapcopy"),
+    "python-16x2x4MiB": dict(threads=16, chunk_mb=4, depth=2, engine="python", busy_mb=16),
+    "mapcopy-16x2x4MiB": dict(threads=16, chunk_mb=4, depth=2, read_mode="mapcopy"),
+    "mapcopy-12x2x4MiB": dict(threads=12, chunk_mb=4, depth=2, read_mode="mapcopy"),
+    "mapcopy-8x2x4MiB": dict(threads=8, chunk_mb=4, depth=2, read_mode="mapcopy"),
+    "mapcopy-16x2x2MiB": dict(threads=16, chunk_mb=2, depth=2, read_mode="mapcopy"),
+    "mapcopy-16x2x8MiB": dict(threads=16, chunk_mb=8, depth=2, read_mode="mapcopy"),
 }
 
 
