@@ -859,7 +859,7 @@ def main() -> int:
     if engine[0] == "native" and "python-engine" not in skip:
         py_backend = CudaBackend(gds="off", reserve=512 * MiB, threads=args.threads,
                                  chunk_size=(args.chunk_mb or 0) * MiB or None, ring_depth=args.depth,
-                                 read_mode=args.read_mode, engine="python")
+                                 read_mode="pread" if args.read_mode == "mapcopy" else args.read_mode, engine="python")
         py_backend.prepare(list(range(gpus)))
     doc["gds_note"] = backend.gds_note
     ring0 = backend.ring(0)
