@@ -792,6 +792,8 @@ def main() -> int:
     ap.add_argument("--chunk-mb", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--read-mode", default="pread", help="pread | odirect | mmap")
+    ap.add_argument("--cold-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[4, 8],
+                    help="reader counts the cold O_DIRECT load is also measured with")
     ap.add_argument("--engine", default=None, help="auto | native | python (default: the loader's own choice)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--h2d-mb", type=int, default=1024, help="pinned buffer per GPU for the H2D ceiling")
@@ -859,7 +861,7 @@ def main() -> int:
     if engine[0] == "native" and "python-engine" not in skip:
         py_backend = CudaBackend(gds="off", reserve=512 * MiB, threads=args.threads,
                                  chunk_size=(args.chunk_mb or 0) * MiB or None, ring_depth=args.depth,
-                                 read_mode="pread" if args.read_mode == "mapcopy" else args.read_mode, engine="python")
+                                 read_mode=args.read_mode, engine="python")
         py_backend.prepare(list(range(gpus)))
     doc["gds_note"] = backend.gds_note
     ring0 = backend.ring(0)
@@ -1032,6 +1034,23 @@ def main() -> int:
             res.note(f"hotweights cold (odirect): {r['gbps']} GB/s")
         finally:
             od.close()
+        # How deep a queue the device likes: the O_DIRECT load with fewer readers, and the python workers'.
+        variants = {f"native {t} threads": dict(threads=t) for t in args.cold_threads}
+        if py_backend is not None:
+            variants["python workers"] = dict(threads=args.threads, engine="python")
+        for label, kw in variants.items():
+            if budget() < 2 * est + 40:
+                break
+            b = CudaBackend(gds="off", reserve=512 * MiB, read_mode="odirect", chunk_size=(args.chunk_mb or 0) * MiB or None,
+                            ring_depth=args.depth, **kw)
+            try:
+                b.prepare([0])
+                drop_caches()
+                r = hw_load(b, ckpt, 0, 0)
+                out.setdefault("hotweights_odirect_variants", {})[label] = r
+                res.note(f"hotweights cold (odirect, {label}): {r['gbps']} GB/s")
+            finally:
+                b.close()
         if budget() > est + 20:
             drop_caches()
             r = hw_load(backend, ckpt, 0, 0)

@@ -101,48 +101,6 @@ def test_native_fill_is_exact(tmp_path, seed, threads, depth, chunk, direct):
 
 
 @needs_lib
-@pytest.mark.parametrize("seed,threads,chunk", [(10, 4, 64 * 1024), (11, 8, 1 * MiB), (12, 1, 4096)])
-def test_mapcopy_is_exact(tmp_path, seed, threads, chunk):
-    """mapcopy: the chunks come out of read-only mappings of the files through streaming stores."""
-    paths, segs, size = random_layout(tmp_path, seed)
-    chunks = plan_chunks(segs, chunk)
-    files = bounce.SourceFiles.open(paths, "mapcopy", bounce.needed_file_sizes(chunks, len(paths)))
-    dest = (ctypes.c_char * (size + 256))()
-    ring = HostRing(threads, 2, chunk)
-    try:
-        native.fill(chunks, files.fds, files.direct, paths, [ctypes.addressof(dest)], threads=threads, depth=2,
-                    slot_size=chunk, host_base=ring.base, progress=lambda n: None, cancel=threading.Event(),
-                    host_mode=True, maps=[addr for addr, _ in files.maps])
-    finally:
-        files.close()
-        ring.close()
-    assert dest.raw[:size] == expected(paths, segs, size)
-
-
-@needs_lib
-def test_mapcopy_of_a_file_truncated_under_its_mapping_is_a_bad_checkpoint(tmp_path):
-    """The mapping faults (SIGBUS) past the new end of the file: the engine reports a truncated file, and the
-    process lives on."""
-    paths, segs, size = random_layout(tmp_path, 13, nfiles=2)
-    chunks = plan_chunks(segs, 64 * 1024)
-    files = bounce.SourceFiles.open(paths, "mapcopy", bounce.needed_file_sizes(chunks, len(paths)))
-    os.truncate(paths[1], 4096)  # after the size check: the load finds out while copying
-    dest = (ctypes.c_char * (size + 256))()
-    ring = HostRing(4, 2, 64 * 1024)
-    try:
-        with pytest.raises(BadCheckpoint, match=r"f1\.bin: truncated: ended at byte 4096"):
-            native.fill(chunks, files.fds, files.direct, paths, [ctypes.addressof(dest)], threads=4, depth=2,
-                        slot_size=64 * 1024, host_base=ring.base, progress=lambda n: None, cancel=threading.Event(),
-                        host_mode=True, maps=[addr for addr, _ in files.maps])
-    finally:
-        files.close()
-        ring.close()
-    # and the engine still works afterwards
-    (tmp_path / "again").mkdir()
-    test_mapcopy_is_exact(tmp_path / "again", 10, 4, 64 * 1024)
-
-
-@needs_lib
 def test_truncated_file_is_a_bad_checkpoint_naming_the_file(tmp_path):
     paths, segs, size = random_layout(tmp_path, 7, nfiles=2)
     chunks = plan_chunks(segs, 64 * 1024)
@@ -211,10 +169,6 @@ def test_engine_choice_is_never_silent(monkeypatch):
     assert bounce.choose_engine(BounceSettings.resolve()) == ("python", "not the CUDA driver (a test double)")
     with pytest.raises(BackendError, match="native loader engine was asked for, but not the CUDA driver"):
         bounce.choose_engine(BounceSettings.resolve(engine="native"))
-    with pytest.raises(BackendError, match="read mode mapcopy .native engine only. was asked for, but not the CUDA"):
-        bounce.choose_engine(BounceSettings.resolve(read_mode="mapcopy"))
-    with pytest.raises(Exception, match="mapcopy runs on the native engine only"):
-        bounce.choose_engine(BounceSettings.resolve(read_mode="mapcopy", engine="python"))
     with pytest.raises(Exception, match="unknown loader engine 'fast'"):
         BounceSettings.resolve(engine="fast")
     monkeypatch.setenv("HOTWEIGHTS_CUDA_ENGINE", "python")

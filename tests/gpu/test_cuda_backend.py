@@ -112,8 +112,7 @@ def test_auto_runs_the_native_engine_where_it_was_built(b, ckpt):
             a.close()
 
 
-@pytest.mark.parametrize("engine,mode", [("native", "pread"), ("native", "odirect"), ("native", "mapcopy"),
-                                         ("python", "pread")])
+@pytest.mark.parametrize("engine,mode", [("native", "pread"), ("native", "odirect"), ("python", "pread")])
 def test_both_engines_are_exact(ckpt, engine, mode):
     """Each engine, asked for by name, loads the same bytes (small chunks: many reads and copies per tensor)."""
     from hotweightsd.backends import native

@@ -20,11 +20,6 @@ Read modes:
 - ``odirect``: O_DIRECT reads of the 4 KiB-aligned superset of each chunk, for cold data; the right
   sub-range is copied to the device. Files on filesystems that refuse O_DIRECT (tmpfs) are read
   buffered, and the description says so.
-- ``mapcopy`` (native engine only): the file mapped read-only, each chunk's page tables populated in one
-  call (``MADV_POPULATE_READ``) and copied into the slot with streaming stores, which skip the read for
-  ownership of the slot's lines that an ordinary copy (pread's included) pays: less memory traffic
-  beside the DMA. A file truncated during the load faults (SIGBUS); the engine catches that in the
-  copying thread and reports the file as truncated.
 - ``mmap``: the file mapped read-only, each chunk's pages registered with
   ``cuMemHostRegister(READ_ONLY)`` and copied straight from the page cache (no host copy, but
   pinning costs); a registration is dropped when its copies are done. For trusted, stable files.
@@ -63,7 +58,7 @@ log = logging.getLogger("hotweightsd.cuda")
 MiB = 1024 * 1024
 DIRECT_ALIGN = 4096
 PAGE = mmap.PAGESIZE
-READ_MODES = ("pread", "odirect", "mmap", "mapcopy")
+READ_MODES = ("pread", "odirect", "mmap")
 SYNC_MODES = ("spin", "block")
 ENGINES = ("auto", "native", "python")
 # From the sweeps (benchmarks/results/sweep-*.json): one GPU loading, 12-16 workers reading 4 MiB chunks
@@ -474,7 +469,7 @@ class SourceFiles:
                 if size < need:
                     raise BadCheckpoint(f"{path}: truncated: {size} bytes, the header promised data up to {need}",
                                         path=path)
-                if mode in ("mmap", "mapcopy"):
+                if mode == "mmap":
                     addr = _libc.mmap(None, max(size, 1), mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
                     if addr in (None, _MAP_FAILED):
                         e = ctypes.get_errno()
@@ -671,8 +666,6 @@ def _active_fills() -> int:
 
 def choose_engine(settings: BounceSettings) -> tuple[str, str]:
     """("native" | "python", why). ``engine=native`` that cannot run is an error, never a silent fallback."""
-    if settings.read_mode == "mapcopy" and settings.engine == "python":
-        raise InvalidArgument("read mode mapcopy runs on the native engine only (engine=python was asked for)")
     if settings.engine == "python":
         return "python", "python workers by configuration"
     if settings.read_mode == "mmap":
@@ -683,9 +676,8 @@ def choose_engine(settings: BounceSettings) -> tuple[str, str]:
         reason = native.unavailable_reason() or ""
     if not reason:
         return "native", "native engine"
-    if settings.engine == "native" or settings.read_mode == "mapcopy":
-        what = "the native loader engine" if settings.engine == "native" else "read mode mapcopy (native engine only)"
-        raise BackendError("native loader", "unavailable", f"{what} was asked for, but {reason}")
+    if settings.engine == "native":
+        raise BackendError("native loader", "unavailable", f"the native loader engine was asked for, but {reason}")
     return "python", reason
 
 
@@ -709,8 +701,7 @@ def fill(device: int, ring: DeviceRing, settings: BounceSettings, layout: RankLa
                 chunks, files.fds, files.direct, files.paths, bases, threads=ring.threads, depth=ring.depth,
                 slot_size=ring.slot_size, host_base=ring.host_ptr, progress=progress, cancel=cancel,
                 context=int(cd.primary_context(device)), streams=[int(s) for s in ring.streams],
-                events=[int(e) for evs in ring.events for e in evs], cpus=ring.cpus,
-                maps=[addr for addr, _ in files.maps] if settings.read_mode == "mapcopy" else ())
+                events=[int(e) for evs in ring.events for e in evs], cpus=ring.cpus)
         else:
             job = _Fill(device, ring, settings, chunks, files, bases, progress, cancel)
             job.run()

@@ -20,19 +20,12 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
-#include <setjmp.h>
-#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <unistd.h>
-#include <emmintrin.h>
 
-#define HW_ABI 2
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#endif
+#define HW_ABI 1
 #define HW_MAX_DEPTH 64
 #define HW_DIRECT_ALIGN 4096
 
@@ -56,7 +49,6 @@ typedef struct {
     /* the plan */
     const int32_t *fds;
     const uint8_t *direct; /* per file: opened O_DIRECT, so read the 4 KiB-aligned superset */
-    const uint64_t *maps;  /* per file: its read-only mapping (mapcopy mode), or NULL: pread */
     const hw_chunk *chunks;
     const hw_piece *pieces;
     int64_t nchunks;
@@ -148,77 +140,9 @@ static int stopped(hw_job *job) {
     return 0;
 }
 
-/* mapcopy: a file truncated under its mapping raises SIGBUS in the copying thread; the handler jumps
- * back into that thread's copy, which reports a truncated file. Other SIGBUSes go to the previous handler. */
-static __thread sigjmp_buf copy_jmp;
-static __thread volatile sig_atomic_t copying;
-static struct sigaction previous_bus;
-static pthread_once_t bus_once = PTHREAD_ONCE_INIT;
-
-static void on_bus(int sig, siginfo_t *info, void *ctx) {
-    if (copying) {
-        copying = 0;
-        siglongjmp(copy_jmp, 1);
-    }
-    if (previous_bus.sa_flags & SA_SIGINFO) {
-        previous_bus.sa_sigaction(sig, info, ctx);
-    } else if (previous_bus.sa_handler != SIG_IGN && previous_bus.sa_handler != SIG_DFL) {
-        previous_bus.sa_handler(sig);
-    } else {
-        signal(sig, SIG_DFL); /* the fault repeats on return and kills the process, as it would have */
-    }
-}
-
-static void install_bus_handler(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_sigaction = on_bus;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGBUS, &sa, &previous_bus);
-}
-
-/* Streaming stores: the slot is read by the GPU's DMA next, not by this core, so its lines need not be
- * read for ownership and cached first (one memory pass less than an ordinary copy). dst is 16-aligned. */
-static void stream_copy(char *dst, const char *src, int64_t n) {
-    int64_t k = 0;
-    for (; k + 64 <= n; k += 64) {
-        __m128i a = _mm_loadu_si128((const __m128i *)(src + k));
-        __m128i b = _mm_loadu_si128((const __m128i *)(src + k + 16));
-        __m128i c = _mm_loadu_si128((const __m128i *)(src + k + 32));
-        __m128i d = _mm_loadu_si128((const __m128i *)(src + k + 48));
-        _mm_stream_si128((__m128i *)(dst + k), a);
-        _mm_stream_si128((__m128i *)(dst + k + 16), b);
-        _mm_stream_si128((__m128i *)(dst + k + 32), c);
-        _mm_stream_si128((__m128i *)(dst + k + 48), d);
-    }
-    if (k < n) memcpy(dst + k, src + k, (size_t)(n - k));
-    _mm_sfence(); /* visible before the copy that reads them is queued */
-}
-
-static int map_chunk(hw_job *job, int64_t i, char *buf) {
-    const hw_chunk *c = &job->chunks[i];
-    const char *src = (const char *)(uintptr_t)job->maps[c->file] + c->offset;
-    uintptr_t lo = (uintptr_t)src & ~(uintptr_t)4095, hi = ((uintptr_t)src + c->length + 4095) & ~(uintptr_t)4095;
-    /* One call maps the chunk's pages instead of a fault per 4 KiB (best effort: needs Linux 5.14). */
-    madvise((void *)lo, hi - lo, MADV_POPULATE_READ);
-    if (sigsetjmp(copy_jmp, 1)) {
-        fail(job, HW_ERR_TRUNCATED, 0, "read", i, c->file, -1); /* the caller looks at the file's size */
-        return -1;
-    }
-    copying = 1;
-    stream_copy(buf, src, c->length);
-    copying = 0;
-    return 0;
-}
-
 /* Reads chunk i into buf; *skip is where its first byte landed. 0 on success. */
 static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
     const hw_chunk *c = &job->chunks[i];
-    if (job->maps) {
-        *skip = 0;
-        return map_chunk(job, i, buf);
-    }
     int fd = job->fds[c->file];
     int direct = job->direct[c->file];
     int64_t start = c->offset, len = c->length;
@@ -328,7 +252,6 @@ static int validate(hw_job *job) {
     for (int64_t i = 0; i < job->nchunks; i++) {
         const hw_chunk *c = &job->chunks[i];
         if (c->file < 0 || c->file >= job->nfiles || c->offset < 0 || c->length <= 0) return setup_error(job, "chunk");
-        if (job->maps && !job->maps[c->file]) return setup_error(job, "mapping");
         int64_t span = c->length;
         if (job->direct[c->file]) {
             int64_t start = c->offset / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN;
@@ -350,7 +273,6 @@ int hw_fill(hw_job *job) {
     job->next = job->done_bytes = job->reads = job->copies = 0;
     job->err_kind = HW_OK;
     if (validate(job) != HW_OK) return job->err_kind;
-    if (job->maps) pthread_once(&bus_once, install_bus_handler);
     if (!job->host_mode) {
         pthread_once(&api_once, load_api);
         if (api.missing) return setup_error(job, api.missing);

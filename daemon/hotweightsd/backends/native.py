@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from hotweights.cuda_import import error_name
 from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError
 
-ABI = 2
+ABI = 1
 ERR_CUDA, ERR_OS, ERR_TRUNCATED, ERR_CANCELLED, ERR_SETUP = 1, 2, 3, 4, 5
 POLL_S = 0.02  # progress and cancel are looked at this often while the fill runs
 
@@ -37,7 +37,6 @@ class Piece(ctypes.Structure):
 class Job(ctypes.Structure):
     _fields_ = [
         ("fds", ctypes.POINTER(ctypes.c_int32)), ("direct", ctypes.POINTER(ctypes.c_uint8)),
-        ("maps", ctypes.POINTER(ctypes.c_uint64)),
         ("chunks", ctypes.POINTER(Chunk)), ("pieces", ctypes.POINTER(Piece)),
         ("nchunks", ctypes.c_int64), ("npieces", ctypes.c_int64), ("nfiles", ctypes.c_int32),
         ("threads", ctypes.c_int32), ("depth", ctypes.c_int32), ("host_mode", ctypes.c_int32),
@@ -104,10 +103,9 @@ def _array(ctype: type, values: Sequence) -> ctypes.Array:
 def fill(chunks: Sequence, fds: Sequence[int], direct: Sequence[bool], paths: Sequence[str], bases: Sequence[int],
          *, threads: int, depth: int, slot_size: int, host_base: int, progress: Callable[[int], None],
          cancel: threading.Event, context: int = 0, streams: Sequence[int] = (), events: Sequence[int] = (),
-         cpus: Sequence[int] = (), host_mode: bool = False, maps: Sequence[int] = ()) -> tuple[int, int]:
+         cpus: Sequence[int] = (), host_mode: bool = False) -> tuple[int, int]:
     """Runs ``chunks`` (``bounce.ReadChunk``; a piece's destination is ``bases[allocation] + offset``) on the
-    native engine; returns (reads, copies). With ``maps`` (each file's read-only mapping), chunks are copied
-    out of the mappings with streaming stores (``mapcopy`` mode) instead of read with pread. Raises what the Python workers raise for the same failure:
+    native engine; returns (reads, copies). Raises what the Python workers raise for the same failure:
     BadCheckpoint (short file), Aborted (cancel), CudaError (the driver's code), BackendError (a read)."""
     lib, reason = _load()
     if lib is None:
@@ -121,12 +119,10 @@ def fill(chunks: Sequence, fds: Sequence[int], direct: Sequence[bool], paths: Se
         "fds": _array(ctypes.c_int32, list(fds)), "direct": _array(ctypes.c_uint8, [1 if d else 0 for d in direct]),
         "chunks": _array(Chunk, cs), "pieces": _array(Piece, ps),
         "streams": _array(ctypes.c_uint64, list(streams)), "events": _array(ctypes.c_uint64, list(events)),
-        "cpus": _array(ctypes.c_int32, list(cpus)), "maps": _array(ctypes.c_uint64, list(maps)),
+        "cpus": _array(ctypes.c_int32, list(cpus)),
     }
     job = Job()
     job.fds, job.direct = keep["fds"], keep["direct"]
-    if maps:
-        job.maps = keep["maps"]
     job.chunks, job.pieces = keep["chunks"], keep["pieces"]
     job.nchunks, job.npieces, job.nfiles = len(cs), len(ps), len(fds)
     job.threads, job.depth, job.host_mode = max(1, min(threads, len(cs))), depth, 1 if host_mode else 0
@@ -166,13 +162,7 @@ def _error(job: Job, chunks: Sequence, paths: Sequence[str]) -> Exception:
     if job.err_kind == ERR_CANCELLED:
         return Aborted("load cancelled")
     if job.err_kind == ERR_TRUNCATED and chunk is not None:
-        end = job.err_offset
-        if end < 0:  # mapcopy: the mapping faulted past the end of a file truncated during the load
-            try:
-                end = os.path.getsize(path)
-            except OSError:
-                end = "?"
-        return BadCheckpoint(f"{path}: truncated: ended at byte {end}, the header promised data up to "
+        return BadCheckpoint(f"{path}: truncated: ended at byte {job.err_offset}, the header promised data up to "
                              f"{chunk.offset + chunk.length}", path=path)
     if job.err_kind == ERR_CUDA:
         name = error_name(job.err_code)
