@@ -101,6 +101,41 @@ def test_native_fill_is_exact(tmp_path, seed, threads, depth, chunk, direct):
 
 
 @needs_lib
+def test_direct_and_buffered_files_mixed(tmp_path):
+    """O_DIRECT reads are issued in chunk order; a file read buffered among them (O_DIRECT refused) must not
+    hold that order up."""
+    paths, segs, size = random_layout(tmp_path, 14, nfiles=3)
+    chunks = plan_chunks(segs, 64 * 1024)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(6, 2, 64 * 1024)
+    fds = [os.open(p, os.O_RDONLY) for p in paths]
+    try:
+        native.fill(chunks, fds, [True, False, True], paths, [ctypes.addressof(dest)], threads=6, depth=2,
+                    slot_size=64 * 1024, host_base=ring.base, progress=lambda n: None, cancel=threading.Event(),
+                    host_mode=True)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        ring.close()
+    assert dest.raw[:size] == expected(paths, segs, size)
+
+
+@needs_lib
+def test_a_failed_direct_read_does_not_leave_the_others_waiting(tmp_path):
+    paths, segs, size = random_layout(tmp_path, 15, nfiles=1)
+    chunks = plan_chunks(segs, 4096)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(8, 2, 4096)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(BackendError, match="pread.O_DIRECT. at byte"):
+            run(chunks, paths, dest, ring, fds=[fd], direct=True)
+    finally:
+        os.close(fd)
+        ring.close()
+
+
+@needs_lib
 def test_truncated_file_is_a_bad_checkpoint_naming_the_file(tmp_path):
     paths, segs, size = random_layout(tmp_path, 7, nfiles=2)
     chunks = plan_chunks(segs, 64 * 1024)
