@@ -200,6 +200,8 @@ def test_a_plan_that_does_not_fit_the_ring_is_refused_before_reading(tmp_path):
 def test_engine_choice_is_never_silent(monkeypatch):
     assert bounce.choose_engine(BounceSettings.resolve(engine="python")) == ("python", "python workers by configuration")
     assert bounce.choose_engine(BounceSettings.resolve(read_mode="mmap"))[0] == "python"
+    assert bounce.choose_engine(BounceSettings.resolve(read_mode="odirect")) == (
+        "python", "python workers for O_DIRECT reads (measured faster cold)")
     monkeypatch.setattr(bounce.cd, "driver", lambda: type("FakeModule", (), {"__name__": "tests.fake"}))
     assert bounce.choose_engine(BounceSettings.resolve()) == ("python", "not the CUDA driver (a test double)")
     with pytest.raises(BackendError, match="native loader engine was asked for, but not the CUDA driver"):

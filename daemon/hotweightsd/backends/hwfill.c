@@ -25,7 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define HW_ABI 2
+#define HW_ABI 1
 #define HW_MAX_DEPTH 64
 #define HW_DIRECT_ALIGN 4096
 
@@ -69,7 +69,6 @@ typedef struct {
     volatile int32_t cancel;
     /* progress, read by the caller while the fill runs */
     int64_t next;
-    int64_t issued; /* O_DIRECT reads are issued in chunk order: tickets below this one are issued */
     int64_t done_bytes;
     int64_t reads;
     int64_t copies;
@@ -141,25 +140,6 @@ static int stopped(hw_job *job) {
     return 0;
 }
 
-/* O_DIRECT reads go to the device in chunk order, as the python workers' GIL happened to issue them: out of
- * order, the cold loads ran 7-15% slower on the test machines' virtual disks (benchmarks/results/NOTES.md).
- * A thread waits for the previous chunk's read to be issued, never for it to finish. */
-static void wait_turn(hw_job *job, int64_t i) {
-    for (int spins = 0; __atomic_load_n(&job->issued, __ATOMIC_ACQUIRE) < i; spins++) {
-        if (__atomic_load_n(&job->err_kind, __ATOMIC_ACQUIRE) != HW_OK) return; /* the holder of a ticket failed */
-        if (spins > 64) sched_yield();
-    }
-}
-
-/* Every chunk, buffered or not, passes its turn on (a raise, never a step back), so a file that fell back
- * to buffered reads among O_DIRECT ones cannot hold the others up. */
-static void pass_turn(hw_job *job, int64_t i) {
-    int64_t seen = __atomic_load_n(&job->issued, __ATOMIC_ACQUIRE);
-    while (seen < i + 1 && !__atomic_compare_exchange_n(&job->issued, &seen, i + 1, 0, __ATOMIC_ACQ_REL,
-                                                         __ATOMIC_ACQUIRE)) {
-    }
-}
-
 /* Reads chunk i into buf; *skip is where its first byte landed. 0 on success. */
 static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
     const hw_chunk *c = &job->chunks[i];
@@ -172,8 +152,6 @@ static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
     }
     *skip = c->offset - start;
     int64_t need = *skip + c->length, got = 0;
-    if (direct) wait_turn(job, i);
-    pass_turn(job, i);
     while (got < len) {
         ssize_t n = pread(fd, buf + got, (size_t)(len - got), start + got);
         if (n < 0) {
@@ -292,7 +270,7 @@ static int validate(hw_job *job) {
 
 /* Runs the whole fill; returns 0 or the kind of the first error (details in the job). */
 int hw_fill(hw_job *job) {
-    job->next = job->issued = job->done_bytes = job->reads = job->copies = 0;
+    job->next = job->done_bytes = job->reads = job->copies = 0;
     job->err_kind = HW_OK;
     if (validate(job) != HW_OK) return job->err_kind;
     if (!job->host_mode) {

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from hotweights.cuda_import import error_name
 from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError
 
-ABI = 2
+ABI = 1
 ERR_CUDA, ERR_OS, ERR_TRUNCATED, ERR_CANCELLED, ERR_SETUP = 1, 2, 3, 4, 5
 POLL_S = 0.02  # progress and cancel are looked at this often while the fill runs
 
@@ -44,7 +44,7 @@ class Job(ctypes.Structure):
         ("streams", ctypes.POINTER(ctypes.c_uint64)), ("events", ctypes.POINTER(ctypes.c_uint64)),
         ("cpus", ctypes.POINTER(ctypes.c_int32)), ("ncpus", ctypes.c_int32),
         ("cancel", ctypes.c_int32),
-        ("next", ctypes.c_int64), ("issued", ctypes.c_int64), ("done_bytes", ctypes.c_int64), ("reads", ctypes.c_int64),
+        ("next", ctypes.c_int64), ("done_bytes", ctypes.c_int64), ("reads", ctypes.c_int64),
         ("copies", ctypes.c_int64),
         ("err_kind", ctypes.c_int32), ("err_code", ctypes.c_int32), ("err_chunk", ctypes.c_int64),
         ("err_file", ctypes.c_int64), ("err_offset", ctypes.c_int64), ("err_op", ctypes.c_char * 48),
