@@ -102,8 +102,7 @@ def test_native_fill_is_exact(tmp_path, seed, threads, depth, chunk, direct):
 
 @needs_lib
 def test_direct_and_buffered_files_mixed(tmp_path):
-    """O_DIRECT reads are issued in chunk order; a file read buffered among them (O_DIRECT refused) must not
-    hold that order up."""
+    """Files read buffered (O_DIRECT refused by their filesystem) among O_DIRECT ones, in one fill."""
     paths, segs, size = random_layout(tmp_path, 14, nfiles=3)
     chunks = plan_chunks(segs, 64 * 1024)
     dest = (ctypes.c_char * (size + 256))()
@@ -121,7 +120,7 @@ def test_direct_and_buffered_files_mixed(tmp_path):
 
 
 @needs_lib
-def test_a_failed_direct_read_does_not_leave_the_others_waiting(tmp_path):
+def test_a_failed_direct_read_names_o_direct(tmp_path):
     paths, segs, size = random_layout(tmp_path, 15, nfiles=1)
     chunks = plan_chunks(segs, 4096)
     dest = (ctypes.c_char * (size + 256))()
