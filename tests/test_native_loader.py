@@ -147,6 +147,25 @@ def test_cancel_stops_the_fill(tmp_path):
 
 
 @needs_lib
+def test_a_failing_progress_callback_stops_the_fill_before_it_returns(tmp_path):
+    """The C threads write into the caller's ring: when the caller's side fails, none may outlive the call."""
+    p = tmp_path / "big.bin"
+    p.write_bytes(os.urandom(64 * MiB))
+    chunks = plan_chunks([Segment(0, 0, 64 * MiB, 0, 0)], 4096)
+    dest = (ctypes.c_char * (64 * MiB))()
+    ring = HostRing(2, 2, 4096)
+
+    def progress(n):
+        raise RuntimeError("progress failed")
+
+    try:
+        with pytest.raises(RuntimeError, match="progress failed"):
+            run(chunks, [str(p)], dest, ring, progress=progress)
+    finally:
+        ring.close()  # would crash the process if a C thread still wrote into it
+
+
+@needs_lib
 @pytest.mark.parametrize("direct,op", [(False, "pread"), (True, "pread(O_DIRECT)")])
 def test_read_error_names_the_call_and_the_errno(tmp_path, direct, op):
     paths, segs, size = random_layout(tmp_path, 9, nfiles=1)

@@ -138,14 +138,20 @@ def fill(chunks: Sequence, fds: Sequence[int], direct: Sequence[bool], paths: Se
                               name="hw-native-fill", daemon=True)
     runner.start()
     reported = 0
-    while runner.is_alive():
-        runner.join(POLL_S)
-        if cancel.is_set():
-            job.cancel = 1
-        done = job.done_bytes
-        if done > reported:
-            progress(done - reported)
-            reported = done
+    try:
+        while runner.is_alive():
+            runner.join(POLL_S)
+            if cancel.is_set():
+                job.cancel = 1
+            done = job.done_bytes
+            if done > reported:
+                progress(done - reported)
+                reported = done
+    except BaseException:
+        # The C threads write into the caller's ring and allocations: none may outlive this call.
+        job.cancel = 1
+        runner.join()
+        raise
     if job.done_bytes > reported:
         progress(job.done_bytes - reported)
     if job.err_kind:
