@@ -972,8 +972,15 @@ def test_daemon_config_names(fake, monkeypatch):
     monkeypatch.setattr(gds, "nvidia_fs_devices", lambda: [])
     b = make_backend(loader="odirect", chunk_size=32 * MiB, ring_depth=4, threads=8, gds="auto")
     assert b.settings.describe() == "odirect ring 8 threads x 4 x 32MiB"
-    assert b.gds_note == "bounce path (odirect ring 8 threads x 4 x 32MiB): GDS unavailable: no /dev/nvidia-fs*"
+    assert b.gds_note == ("bounce path (odirect ring 8 threads x 4 x 32MiB; python workers for O_DIRECT reads "
+                          "(measured faster cold)): GDS unavailable: no /dev/nvidia-fs*")
     assert make_backend(loader="auto").settings.read_mode == "pread"
+    # the native engine asked for where it cannot run (here: a driver double) stops the backend at start
+    with pytest.raises(BackendError, match="native loader engine was asked for, but not the CUDA driver"):
+        make_backend(engine="native")
+    from hotweightsd.config import load_config
+    cfg = load_config(env={"HOTWEIGHTS_LOADER_ENGINE": "python"})
+    assert make_backend(**{k: v for k, v in cfg.backend_options().items() if k == "engine"}).engine == "python"
 
 
 def test_unknown_options_are_tolerated_but_logged(fake, caplog):

@@ -175,9 +175,13 @@ class CudaBackend:
         self._closed = False
         for d in range(self._count):
             cd.primary_context(d)
+        # engine=native where it cannot run fails here, at start, not at the first load.
+        self.engine, self.engine_why = bounce.choose_engine(self.settings)
         try:
             kind, why = self.path()
-            self.gds_note = why if kind == "gds" else f"bounce path ({self.settings.describe()}): {why}"
+            engine = "" if self.engine == "native" else f"; {self.engine_why}"
+            self.gds_note = why if kind == "gds" else \
+                f"bounce path ({self.settings.describe(self.engine)}{engine}): {why}"
         except BackendError as exc:
             self.gds_note = exc.message
 
