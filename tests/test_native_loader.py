@@ -7,6 +7,7 @@ Real files, real reads, real threads; destinations and the ring are host memory.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import mmap
 import os
 import random
@@ -196,6 +197,24 @@ def test_a_plan_that_does_not_fit_the_ring_is_refused_before_reading(tmp_path):
     finally:
         ring.close()
     assert dest.raw == bytes(256 * 1024), "nothing was read or copied"
+
+
+@needs_lib
+@pytest.mark.skipif(ctypes.util.find_library("cuda") is not None, reason="a CUDA driver is installed here")
+def test_a_device_fill_without_a_driver_says_so(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(bytes(8192))
+    chunk = ReadChunk(0, 0, 8192, (Piece(0, 0, 0, 8192),))
+    ring = HostRing(1, 1, 8192)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        with pytest.raises(BackendError, match="cannot use the CUDA driver: libcuda.so.1 not found"):
+            native.fill([chunk], [fd], [False], [str(p)], [1 << 40], threads=1, depth=1, slot_size=8192,
+                        host_base=ring.base, progress=lambda n: None, cancel=threading.Event(), context=1,
+                        streams=[1], events=[1])
+    finally:
+        os.close(fd)
+        ring.close()
 
 
 def test_engine_choice_is_never_silent(monkeypatch):

@@ -178,4 +178,6 @@ def _error(job: Job, chunks: Sequence, paths: Sequence[str]) -> Exception:
         hint = " (set HOTWEIGHTS_CUDA_READ_MODE=pread to read buffered)" if "O_DIRECT" in op else ""
         return BackendError(op, job.err_code, f"{path or 'loader'}: {op} at byte {job.err_offset} failed: "
                                               f"{os.strerror(job.err_code)}{hint}")
+    if op.startswith(("libcuda", "cu")):
+        return BackendError("native loader", "driver", f"the native loader cannot use the CUDA driver: {op} not found")
     return BackendError("native loader", "setup", f"the native loader refused the fill plan ({op}): a bug")
