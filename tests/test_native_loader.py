@@ -223,7 +223,7 @@ def test_engine_choice_is_never_silent(monkeypatch):
     assert bounce.choose_engine(BounceSettings.resolve(read_mode="odirect")) == (
         "python", "python workers for O_DIRECT reads (measured faster cold)")
     monkeypatch.setattr(bounce.cd, "driver", lambda: type("FakeModule", (), {"__name__": "tests.fake"}))
-    assert bounce.choose_engine(BounceSettings.resolve()) == ("python", "not the CUDA driver (a test double)")
+    assert bounce.choose_engine(BounceSettings.resolve()) == ("python", "python workers: not the CUDA driver (a test double)")
     with pytest.raises(BackendError, match="native loader engine was asked for, but not the CUDA driver"):
         bounce.choose_engine(BounceSettings.resolve(engine="native"))
     with pytest.raises(Exception, match="unknown loader engine 'fast'"):

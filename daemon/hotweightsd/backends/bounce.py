@@ -282,7 +282,10 @@ class BounceSettings:
 
     @property
     def slot_size(self) -> int:
-        return max(self.chunk_size, self.busy_chunk)
+        """A ring slot holds one read: one chunk on the native engine, a run of chunks (``busy_chunk``) on the
+        python workers (runs are their remedy for interpreter time; a smaller ring also stays warmer in the
+        CPU caches)."""
+        return self.chunk_size if choose_engine(self)[0] == "native" else max(self.chunk_size, self.busy_chunk)
 
     def describe(self, engine: str = "python") -> str:
         """The settings as the load result reports them; ``engine`` is the one that ran."""
@@ -332,9 +335,7 @@ class DeviceRing:
         self.device = device
         self.threads = settings.threads
         self.depth = settings.depth
-        # The native engine reads chunk_size at most (runs of chunks are the python workers' remedy for
-        # interpreter time); a smaller ring also stays warmer in the CPU caches.
-        self.slot_size = settings.chunk_size if choose_engine(settings)[0] == "native" else settings.slot_size
+        self.slot_size = settings.slot_size
         self.pinned = settings.read_mode != "mmap"
         self.sync = settings.sync
         self.hugepages = settings.hugepages and self.pinned
@@ -400,8 +401,8 @@ class DeviceRing:
             return base
 
     def fits(self, settings: BounceSettings) -> bool:
-        slot = settings.chunk_size if choose_engine(settings)[0] == "native" else settings.slot_size
-        same = (self.threads, self.depth, self.slot_size, self.sync) == (settings.threads, settings.depth, slot, settings.sync)
+        same = (self.threads, self.depth, self.slot_size, self.sync) == \
+            (settings.threads, settings.depth, settings.slot_size, settings.sync)
         return same and self.hugepages == (settings.hugepages and self.pinned) and \
             (self.pinned or settings.read_mode == "mmap")
 
@@ -665,7 +666,8 @@ def _active_fills() -> int:
 
 
 def choose_engine(settings: BounceSettings) -> tuple[str, str]:
-    """("native" | "python", why). ``engine=native`` that cannot run is an error, never a silent fallback."""
+    """("native" | "python", why), ``why`` as the load's description ends with it ("python workers...").
+    ``engine=native`` that cannot run is an error, never a silent fallback."""
     if settings.engine == "python":
         return "python", "python workers by configuration"
     if settings.read_mode == "mmap":
@@ -683,7 +685,7 @@ def choose_engine(settings: BounceSettings) -> tuple[str, str]:
         return "native", "native engine"
     if settings.engine == "native":
         raise BackendError("native loader", "unavailable", f"the native loader engine was asked for, but {reason}")
-    return "python", reason
+    return "python", f"python workers: {reason}"
 
 
 def fill(device: int, ring: DeviceRing, settings: BounceSettings, layout: RankLayout, bases: list[int],
@@ -722,6 +724,6 @@ def fill(device: int, ring: DeviceRing, settings: BounceSettings, layout: RankLa
         files.close()
     if settings.read_mode == "odirect" and files.buffered_fallbacks:
         extra += f"; O_DIRECT refused for {files.buffered_fallbacks} file(s) (tmpfs?), read buffered"
-    why = "" if engine == "native" else "; " + (why if why.startswith("python workers") else f"python workers: {why}")
+    why = "" if engine == "native" else f"; {why}"
     return (f"{settings.describe(engine)} on cuda:{device}{ring.describe_numa()}; "
             f"{reads} reads{extra}, {copies} copies{why}")

@@ -140,16 +140,23 @@ static int stopped(hw_job *job) {
     return 0;
 }
 
+/* The file range a read of chunk c covers: the chunk itself, or its 4 KiB-aligned superset for O_DIRECT. */
+static void read_span(const hw_job *job, const hw_chunk *c, int64_t *start, int64_t *len) {
+    *start = c->offset;
+    *len = c->length;
+    if (job->direct[c->file]) {
+        *start = c->offset / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN;
+        *len = (c->offset + c->length + HW_DIRECT_ALIGN - 1) / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN - *start;
+    }
+}
+
 /* Reads chunk i into buf; *skip is where its first byte landed. 0 on success. */
 static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
     const hw_chunk *c = &job->chunks[i];
     int fd = job->fds[c->file];
     int direct = job->direct[c->file];
-    int64_t start = c->offset, len = c->length;
-    if (direct) {
-        start = c->offset / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN;
-        len = (c->offset + c->length + HW_DIRECT_ALIGN - 1) / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN - start;
-    }
+    int64_t start, len;
+    read_span(job, c, &start, &len);
     *skip = c->offset - start;
     int64_t need = *skip + c->length, got = 0;
     while (got < len) {
@@ -252,11 +259,8 @@ static int validate(hw_job *job) {
     for (int64_t i = 0; i < job->nchunks; i++) {
         const hw_chunk *c = &job->chunks[i];
         if (c->file < 0 || c->file >= job->nfiles || c->offset < 0 || c->length <= 0) return setup_error(job, "chunk");
-        int64_t span = c->length;
-        if (job->direct[c->file]) {
-            int64_t start = c->offset / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN;
-            span = (c->offset + c->length + HW_DIRECT_ALIGN - 1) / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN - start;
-        }
+        int64_t start, span;
+        read_span(job, c, &start, &span);
         if (span > job->slot_size) return setup_error(job, "chunk larger than a slot");
         if (c->npieces < 0 || c->first_piece < 0 || c->first_piece + c->npieces > job->npieces)
             return setup_error(job, "pieces");

@@ -110,32 +110,21 @@ def fill(chunks: Sequence, fds: Sequence[int], direct: Sequence[bool], paths: Se
     lib, reason = _load()
     if lib is None:
         raise BackendError("native loader", "unavailable", reason)
+    if not chunks:
+        return 0, 0
     cs: list[Chunk] = []
     ps: list[Piece] = []
     for c in chunks:
         cs.append(Chunk(c.offset, c.length, len(ps), c.file, len(c.pieces)))
         ps.extend(Piece(p.src, bases[p.allocation] + p.offset, p.length) for p in c.pieces)
-    keep = {  # referenced by the job while the C threads run
-        "fds": _array(ctypes.c_int32, list(fds)), "direct": _array(ctypes.c_uint8, [1 if d else 0 for d in direct]),
-        "chunks": _array(Chunk, cs), "pieces": _array(Piece, ps),
-        "streams": _array(ctypes.c_uint64, list(streams)), "events": _array(ctypes.c_uint64, list(events)),
-        "cpus": _array(ctypes.c_int32, list(cpus)),
-    }
-    job = Job()
-    job.fds, job.direct = keep["fds"], keep["direct"]
-    job.chunks, job.pieces = keep["chunks"], keep["pieces"]
-    job.nchunks, job.npieces, job.nfiles = len(cs), len(ps), len(fds)
-    job.threads, job.depth, job.host_mode = max(1, min(threads, len(cs))), depth, 1 if host_mode else 0
-    job.slot_size, job.host_base, job.context = slot_size, host_base, context
-    job.streams, job.events = keep["streams"], keep["events"]
-    job.cpus, job.ncpus = keep["cpus"], len(cpus)
-    if not cs:
-        return 0, 0
-
-    job.cancel = 1 if cancel.is_set() else 0
-    result: list[int] = []
-    runner = threading.Thread(target=lambda: result.append(lib.hw_fill(ctypes.byref(job))),
-                              name="hw-native-fill", daemon=True)
+    # ctypes keeps the arrays given to pointer fields alive with the job (its _objects) while the C threads run.
+    job = Job(fds=_array(ctypes.c_int32, fds), direct=_array(ctypes.c_uint8, [1 if d else 0 for d in direct]),
+              chunks=_array(Chunk, cs), pieces=_array(Piece, ps), nchunks=len(cs), npieces=len(ps), nfiles=len(fds),
+              threads=max(1, min(threads, len(cs))), depth=depth, host_mode=1 if host_mode else 0,
+              slot_size=slot_size, host_base=host_base, context=context, streams=_array(ctypes.c_uint64, streams),
+              events=_array(ctypes.c_uint64, events), cpus=_array(ctypes.c_int32, cpus), ncpus=len(cpus),
+              cancel=1 if cancel.is_set() else 0)
+    runner = threading.Thread(target=lib.hw_fill, args=(ctypes.byref(job),), name="hw-native-fill", daemon=True)
     runner.start()
     reported = 0
     try:
