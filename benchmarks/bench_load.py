@@ -850,8 +850,13 @@ def main() -> int:
     res.note(f"pre-touched {args.pretouch_gb} GB in {doc.get('pretouch_s')}s")
     files0 = rank_files(ckpt, 0)
 
-    backend = CudaBackend(gds="off", reserve=512 * MiB, threads=args.threads, chunk_size=(args.chunk_mb or 0) * MiB or None,
-                          ring_depth=args.depth, read_mode=args.read_mode, engine=args.engine)
+    def hw_backend(**override) -> CudaBackend:
+        """A backend with the run's loader settings (``--threads``, ``--chunk-mb``, ...), some overridden."""
+        kw = dict(gds="off", reserve=512 * MiB, threads=args.threads, chunk_size=(args.chunk_mb or 0) * MiB or None,
+                  ring_depth=args.depth, read_mode=args.read_mode, engine=args.engine)
+        return CudaBackend(**{**kw, **override})
+
+    backend = hw_backend()
     backend.prepare(list(range(gpus)))
     engine = bounce.choose_engine(backend.settings)
     doc["engine"] = {"used": engine[0], "why": engine[1], "native": native.unavailable_reason() or "built"}
@@ -859,9 +864,7 @@ def main() -> int:
     # The python workers, measured beside the native engine in the same run (what the engine is worth).
     py_backend = None
     if engine[0] == "native" and "python-engine" not in skip:
-        py_backend = CudaBackend(gds="off", reserve=512 * MiB, threads=args.threads,
-                                 chunk_size=(args.chunk_mb or 0) * MiB or None, ring_depth=args.depth,
-                                 read_mode=args.read_mode, engine="python")
+        py_backend = hw_backend(engine="python")
         py_backend.prepare(list(range(gpus)))
     doc["gds_note"] = backend.gds_note
     ring0 = backend.ring(0)
@@ -1024,8 +1027,7 @@ def main() -> int:
         n, dt, _ = raw_read(files0, ring0, direct=False)
         out["raw_read_buffered"] = {"gbps": rate(n, dt), "seconds": round(dt, 2)}
         res.note(f"cold buffered pread -> pinned (no GPU): {rate(n, dt)} GB/s")
-        od = CudaBackend(gds="off", reserve=512 * MiB, threads=args.threads, read_mode="odirect",
-                         chunk_size=(args.chunk_mb or 0) * MiB or None, ring_depth=args.depth)
+        od = hw_backend(read_mode="odirect", engine=None)
         try:
             od.prepare([0])
             drop_caches()
@@ -1041,8 +1043,7 @@ def main() -> int:
         for label, kw in variants.items():
             if budget() < 2 * est + 40:
                 break
-            b = CudaBackend(gds="off", reserve=512 * MiB, read_mode="odirect", chunk_size=(args.chunk_mb or 0) * MiB or None,
-                            ring_depth=args.depth, **kw)
+            b = hw_backend(**{"read_mode": "odirect", "engine": None, **kw})
             try:
                 b.prepare([0])
                 drop_caches()
