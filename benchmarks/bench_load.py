@@ -193,16 +193,35 @@ def rank_files(root: Path, rank: int) -> list[str]:
     return sorted(str(p) for p in root.glob(f"model-rank-{rank}-part-*.safetensors"))
 
 
-def sparse_checkpoint(root: Path, total_bytes: float, tensors: int) -> dict:
-    """One file of ``tensors`` bf16 tensors summing to ``total_bytes``, with holes for data (instant to make)."""
+# One decoder layer of a Llama-70B-class model (hidden 8192, 8 KV heads of 128, MLP 28672) with Qwen-style
+# q/k/v biases, as rank 0 of 8-way tensor parallelism holds it: name -> shape.
+TP8_LAYER = {
+    "input_layernorm.weight": (8192,), "post_attention_layernorm.weight": (8192,),
+    "mlp.gate_proj.weight": (3584, 8192), "mlp.up_proj.weight": (3584, 8192), "mlp.down_proj.weight": (8192, 3584),
+    "self_attn.q_proj.weight": (1024, 8192), "self_attn.k_proj.weight": (128, 8192),
+    "self_attn.v_proj.weight": (128, 8192), "self_attn.o_proj.weight": (8192, 1024),
+    "self_attn.q_proj.bias": (1024,), "self_attn.k_proj.bias": (128,), "self_attn.v_proj.bias": (128,),
+}
+TP8_OUTER = {"model.embed_tokens.weight": (16032, 8192), "lm_head.weight": (16032, 8192), "model.norm.weight": (8192,)}
+
+
+def sparse_checkpoint(root: Path, min_bytes: float, min_tensors: int) -> dict:
+    """One rank of a TP=8 70B-class layout, with as many layers as it takes to reach both minimums.
+
+    bf16, tensors in name order as safetensors writes them, data left as holes (instant to make): the
+    attach benchmark measures the table and the mapping, not the bytes.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    row = 8192 * 2
-    rows = max(1, math.ceil(total_bytes / tensors / row))
+    per_layer = sum(2 * math.prod(s) for s in TP8_LAYER.values())
+    outer = sum(2 * math.prod(s) for s in TP8_OUTER.values())
+    layers = max(math.ceil((min_tensors - len(TP8_OUTER)) / len(TP8_LAYER)),
+                 math.ceil((min_bytes - outer) / per_layer), 1)
+    shapes = dict(TP8_OUTER)
+    shapes.update({f"model.layers.{i}.{k}": v for i in range(layers) for k, v in TP8_LAYER.items()})
     header, off = {}, 0
-    for i in range(tensors):
-        n = rows * row
-        header[f"model.layers.{i // 8}.t{i % 8}.weight"] = {"dtype": "BF16", "shape": [rows, 8192],
-                                                             "data_offsets": [off, off + n]}
+    for name in sorted(shapes):
+        n = 2 * math.prod(shapes[name])
+        header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -210,7 +229,8 @@ def sparse_checkpoint(root: Path, total_bytes: float, tensors: int) -> dict:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         f.truncate(8 + len(raw) + off)
-    return {"path": str(root), "bytes": off, "tensors": tensors}
+    return {"path": str(root), "bytes": off, "tensors": len(header), "layers": layers,
+            "layout": "70B-class decoder layers with q/k/v biases, rank 0 of TP=8, bf16, name order"}
 
 
 # --- host helpers -----------------------------------------------------------------------------------------
@@ -585,13 +605,13 @@ import torch
 spec = json.loads(sys.stdin.read())
 from hotweights.regions import open_region
 
-from hotweights.attach import TensorMeta, build_tensors
-metas = [TensorMeta(p["name"], "BF16", p["served_dtype"], tuple(p["shape"]), p["allocation"], p["offset"],
-                    p["nbytes"]) for p in spec["placements"]]
-builder = "hotweights.attach.build_tensors"
+from hotweights.table import Table, TensorMeta, build_tensors
+table = Table.from_rows(TensorMeta(p["name"], "BF16", p["served_dtype"], tuple(p["shape"]), p["allocation"],
+                                   p["offset"], p["nbytes"]) for p in spec["placements"])
+builder = "hotweights.table.build_tensors"
 
 def build_all(bases):
-    return build_tensors(metas, bases)
+    return build_tensors(table, bases)
 
 dev = spec["regions"][0]["device"]
 t0 = time.perf_counter()

@@ -49,3 +49,19 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return True
     return bytes(a.contiguous().reshape(-1).view(torch.uint8).numpy()) == bytes(
         b.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def layered_tensors(layers: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small decoder stack: each layer the same names and shapes (q and o, gate and up, the two norms
+    share a shape), plus the outer embedding, final norm and head, as real checkpoints are laid out."""
+    g = torch.Generator().manual_seed(seed)
+    layer = {"input_layernorm.weight": (32,), "post_attention_layernorm.weight": (32,),
+             "self_attn.q_proj.weight": (32, 32), "self_attn.k_proj.weight": (8, 32),
+             "self_attn.v_proj.weight": (8, 32), "self_attn.o_proj.weight": (32, 32),
+             "self_attn.q_proj.bias": (32,), "mlp.gate_proj.weight": (64, 32), "mlp.up_proj.weight": (64, 32),
+             "mlp.down_proj.weight": (32, 64)}
+    out = {f"model.layers.{i}.{k}": torch.randn(s, generator=g).bfloat16() for i in range(layers) for k, s in layer.items()}
+    out["model.embed_tokens.weight"] = torch.randn(100, 32, generator=g).bfloat16()
+    out["lm_head.weight"] = torch.randn(100, 32, generator=g).bfloat16()
+    out["model.norm.weight"] = torch.randn(32, generator=g).bfloat16()
+    return out

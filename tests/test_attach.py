@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ckpt_tools import write_model
+from ckpt_tools import layered_tensors, write_model
 from support.daemons import run_client, spawn_client, start_daemon
 
 ATTACH_AND_COMPARE = """
@@ -195,3 +195,36 @@ def test_doctor_fails_without_a_daemon(sockdir):
     r = subprocess.run([sys.executable, "-m", "hotweights", "doctor", "--socket", str(sockdir / "x.sock")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "BAD  daemon" in r.stdout
+
+
+LAYERED = """
+import sys, torch, hotweights
+from safetensors.torch import load_file
+sys.path.insert(0, sys.argv[3])
+from ckpt_tools import same_bits
+from hotweights.attach import LeaseStream
+from hotweights.pb import pb
+from hotweights.table import Table
+
+c = hotweights.connect(sys.argv[1])
+ref = load_file(sys.argv[2])
+with c.attach("layered") as w:
+    assert sorted(w) == sorted(ref)
+    bad = [name for name in ref if not same_bits(w[name], ref[name])]
+    assert not bad, bad
+    # the compact table the client asked for says what the per-tensor rows say
+    lease = LeaseStream(c.stub, "layered", "table-test", None)
+    rows = c.stub.GetHandles(pb.GetHandlesRequest(lease_id=lease.granted.lease_id, rank=0))
+    cols = c.stub.GetHandles(pb.GetHandlesRequest(lease_id=lease.granted.lease_id, rank=0, compact_table=True))
+    lease.release()
+    assert len(rows.tensors) == len(ref) and not cols.tensors and cols.HasField("table")
+    assert Table.from_pb(cols.table).meta() == Table.from_rows(rows.tensors).meta() == w.meta
+print("OK", len(ref))
+"""
+
+
+def test_layered_model_attaches_bit_exact_from_the_compact_table(daemon, tmp_path):
+    ckpt = write_model(tmp_path / "layered.safetensors", layered_tensors())
+    daemon.cli("load", "layered", str(ckpt), check=True)
+    r = run_client(LAYERED, daemon.socket, str(ckpt), str(__import__("pathlib").Path(__file__).parent))
+    assert r.stdout.startswith("OK 123"), r.stdout + r.stderr

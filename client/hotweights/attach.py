@@ -11,7 +11,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import grpc
@@ -22,69 +21,10 @@ from hotweights.fdpass import fetch_fds
 from hotweights.pb import pb
 from hotweights.regions import Region, open_region
 from hotweights.rpc_status import error_from_rpc
+from hotweights.table import Table, TensorMeta, build_tensors
 
 if TYPE_CHECKING:
     from hotweights.client import Client
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    name: str
-    dtype: str           # safetensors dtype
-    served_dtype: str    # torch dtype of the tensor handed out (uint8 where torch lacks ``dtype``)
-    shape: tuple[int, ...]
-    allocation: int
-    offset: int
-    nbytes: int
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for d in reversed(shape):
-        out.append(acc)
-        acc *= max(d, 1)
-    return tuple(reversed(out))
-
-
-def build_tensors(table, bases: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One ``as_strided`` per tensor over a per-(allocation, dtype) typed view of its region.
-
-    ``table`` holds TensorInfo messages or TensorMeta (same fields). This loop is most of an attach
-    for ranks of thousands of tensors, so it stays flat: no per-tensor slicing or re-viewing.
-    """
-    typed: dict[tuple[int, str], tuple[torch.Tensor | None, int]] = {}
-    strides: dict[tuple[int, ...], tuple[int, ...]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for t in table:
-        alloc, served, offset = t.allocation, t.served_dtype, t.offset
-        view = typed.get((alloc, served))
-        if view is None:
-            view = typed[(alloc, served)] = _typed_view(bases[alloc], served)
-        tensor, size = view
-        if tensor is None or offset % size or (size == 1 and served == "uint8" and t.dtype != "U8"):
-            out[t.name] = _slow_view(bases[alloc], t)
-            continue
-        shape = tuple(t.shape)
-        st = strides.get(shape)
-        if st is None:
-            st = strides[shape] = _contiguous_strides(shape)
-        out[t.name] = tensor.as_strided(shape, st, offset // size)
-    return out
-
-
-def _typed_view(base: torch.Tensor, served: str) -> tuple[torch.Tensor | None, int]:
-    dtype = getattr(torch, served, None)
-    if not isinstance(dtype, torch.dtype) or base.numel() % dtype.itemsize:
-        return None, 1
-    return base.view(dtype), dtype.itemsize
-
-
-def _slow_view(base: torch.Tensor, t) -> torch.Tensor:
-    raw = base[t.offset:t.offset + t.nbytes]
-    dtype = getattr(torch, t.served_dtype, None)
-    if not isinstance(dtype, torch.dtype) or (dtype == torch.uint8 and t.dtype != "U8"):
-        return raw  # bytes of a dtype this torch lacks; the table's dtype says how to read them
-    return raw.view(dtype).view(tuple(t.shape))
 
 
 class LeaseStream:
@@ -114,7 +54,8 @@ class LeaseStream:
 
     def _open(self, ref: str, with_handles: bool = False) -> pb.LeaseGranted:
         open_msg = pb.LeaseRequest(open=pb.LeaseOpen(ref=ref, pid=os.getpid(), holder=self._holder,
-                                                     with_handles=with_handles, rank=self._rank or 0))
+                                                     with_handles=with_handles, rank=self._rank or 0,
+                                                     compact_table=True))
 
         def requests():
             yield open_msg
@@ -177,8 +118,8 @@ class Attachment(Mapping[str, torch.Tensor]):
             t1 = time.perf_counter()
             self._regions = self._map(h)
             t2 = time.perf_counter()
-            self._table = h.tensors
-            self._tensors = build_tensors(h.tensors, [r.base for r in self._regions])
+            self._table = Table.from_pb(h.table) if h.HasField("table") else Table.from_rows(h.tensors)
+            self._tensors = build_tensors(self._table, [r.base for r in self._regions])
             # where an attach spends its time (benchmarks report it)
             self.timings = {"lease_and_table_s": t1 - t0, "map_s": t2 - t1, "build_s": time.perf_counter() - t2}
         except BaseException:
@@ -208,8 +149,7 @@ class Attachment(Mapping[str, torch.Tensor]):
     @functools.cached_property
     def meta(self) -> dict[str, TensorMeta]:
         """The tensor table: safetensors dtype, shape and placement of every tensor."""
-        return {t.name: TensorMeta(t.name, t.dtype, t.served_dtype, tuple(t.shape), t.allocation, t.offset, t.nbytes)
-                for t in self._table}
+        return self._table.meta()
 
     # Mapping protocol
     def __getitem__(self, name: str) -> torch.Tensor:

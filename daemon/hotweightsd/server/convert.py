@@ -38,12 +38,14 @@ def version_info(mv: ModelVersion, manager: ModelManager) -> pb.ModelVersionInfo
     )
 
 
-def handles(mv: ModelVersion, resident: ResidentRank, ticket: str, ttl: float, fd_socket: str) -> pb.GetHandlesResponse:
+def handles(mv: ModelVersion, resident: ResidentRank, ticket: str, ttl: float, fd_socket: str,
+            compact: bool = False) -> pb.GetHandlesResponse:
     # A rank's table never changes once loaded; encoding thousands of entries each attach would
     # cost more than the rest of the attach, so it is built once and copied (in C) per request.
-    template = resident.memo.get("handles")
+    key = "handles-compact" if compact else "handles"
+    template = resident.memo.get(key)
     if template is None:
-        template = resident.memo["handles"] = _handles(mv, resident, fd_socket)
+        template = resident.memo[key] = _handles(mv, resident, fd_socket, compact)
     out = pb.GetHandlesResponse()
     out.CopyFrom(template)
     out.ticket = ticket
@@ -51,12 +53,25 @@ def handles(mv: ModelVersion, resident: ResidentRank, ticket: str, ttl: float, f
     return out
 
 
-def _handles(mv: ModelVersion, resident: ResidentRank, fd_socket: str) -> pb.GetHandlesResponse:
-    tensors = [
-        pb.TensorInfo(name=p.name, dtype=p.dtype, shape=list(p.shape), strides=list(p.strides),
-                      allocation=p.allocation, offset=p.offset, nbytes=p.nbytes, served_dtype=p.served_dtype)
-        for p in resident.layout.placements
-    ]
+def _handles(mv: ModelVersion, resident: ResidentRank, fd_socket: str, compact: bool) -> pb.GetHandlesResponse:
+    placements = resident.layout.placements
+    out = pb.GetHandlesResponse(name=mv.name, version=mv.version, rank=resident.rank, world_size=mv.world_size,
+                                allocations=_allocations(resident), fd_socket=fd_socket)
+    if compact:
+        out.table.CopyFrom(pb.TensorTable(
+            name=[p.name for p in placements], dtype=[p.dtype for p in placements],
+            served_dtype=[p.served_dtype for p in placements], allocation=[p.allocation for p in placements],
+            offset=[p.offset for p in placements], nbytes=[p.nbytes for p in placements],
+            ndim=[len(p.shape) for p in placements], dims=[d for p in placements for d in p.shape]))
+    else:
+        out.tensors.extend(
+            pb.TensorInfo(name=p.name, dtype=p.dtype, shape=list(p.shape), strides=list(p.strides),
+                          allocation=p.allocation, offset=p.offset, nbytes=p.nbytes, served_dtype=p.served_dtype)
+            for p in placements)
+    return out
+
+
+def _allocations(resident: ResidentRank) -> list[pb.AllocationInfo]:
     allocations = []
     for i, a in enumerate(resident.allocations):
         host = a.handle_type is HandleType.MEMFD
@@ -66,8 +81,7 @@ def _handles(mv: ModelVersion, resident: ResidentRank, fd_socket: str) -> pb.Get
         if a.handle_type is HandleType.CUDA_IPC:
             info.ipc_handle = a.ipc_handle()
         allocations.append(info)
-    return pb.GetHandlesResponse(name=mv.name, version=mv.version, rank=resident.rank, world_size=mv.world_size,
-                                 tensors=tensors, allocations=allocations, fd_socket=fd_socket)
+    return allocations
 
 
 def device_bus_id(device: int) -> str:

@@ -149,13 +149,13 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     # ---- leases and handles ---------------------------------------------------------------
 
-    def _handles(self, lease_id: str, rank: int) -> pb.GetHandlesResponse:
+    def _handles(self, lease_id: str, rank: int, compact: bool) -> pb.GetHandlesResponse:
         h = self.m.get_handles(lease_id, rank)
-        return convert.handles(h.version, h.rank, h.ticket, h.ttl, self.fd_socket)
+        return convert.handles(h.version, h.rank, h.ticket, h.ttl, self.fd_socket, compact)
 
     @rpc
     async def GetHandles(self, request, context) -> pb.GetHandlesResponse:
-        return self._handles(request.lease_id, request.rank)
+        return self._handles(request.lease_id, request.rank, request.compact_table)
 
     @stream_rpc
     async def Lease(self, request_iterator, context) -> AsyncIterator[pb.LeaseEvent]:
@@ -171,7 +171,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             granted = pb.LeaseGranted(lease_id=lease.id, name=lease.name, version=lease.version,
                                       world_size=self.m.get(lease.name, lease.version).world_size)
             if first.open.with_handles:
-                granted.handles.CopyFrom(self._handles(lease.id, first.open.rank))
+                granted.handles.CopyFrom(self._handles(lease.id, first.open.rank, first.open.compact_table))
             yield pb.LeaseEvent(granted=granted)
             ref = first.open.ref
             events = EventQueue(self.m, lambda ev: ev.kind is EventKind.ALIAS_MOVED and ev.alias == ref)

@@ -204,6 +204,26 @@ class TensorInfo(_message.Message):
     served_dtype: str
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., strides: _Optional[_Iterable[int]] = ..., allocation: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., served_dtype: _Optional[str] = ...) -> None: ...
 
+class TensorTable(_message.Message):
+    __slots__ = ("name", "dtype", "served_dtype", "allocation", "offset", "nbytes", "ndim", "dims")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SERVED_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    NDIM_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    name: _containers.RepeatedScalarFieldContainer[str]
+    dtype: _containers.RepeatedScalarFieldContainer[str]
+    served_dtype: _containers.RepeatedScalarFieldContainer[str]
+    allocation: _containers.RepeatedScalarFieldContainer[int]
+    offset: _containers.RepeatedScalarFieldContainer[int]
+    nbytes: _containers.RepeatedScalarFieldContainer[int]
+    ndim: _containers.RepeatedScalarFieldContainer[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Iterable[str]] = ..., served_dtype: _Optional[_Iterable[str]] = ..., allocation: _Optional[_Iterable[int]] = ..., offset: _Optional[_Iterable[int]] = ..., nbytes: _Optional[_Iterable[int]] = ..., ndim: _Optional[_Iterable[int]] = ..., dims: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class AllocationInfo(_message.Message):
     __slots__ = ("index", "size", "handle_type", "device", "ipc_handle", "device_bus_id")
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -221,15 +241,17 @@ class AllocationInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., size: _Optional[int] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., device: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., device_bus_id: _Optional[str] = ...) -> None: ...
 
 class GetHandlesRequest(_message.Message):
-    __slots__ = ("lease_id", "rank")
+    __slots__ = ("lease_id", "rank", "compact_table")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_TABLE_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     rank: int
-    def __init__(self, lease_id: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+    compact_table: bool
+    def __init__(self, lease_id: _Optional[str] = ..., rank: _Optional[int] = ..., compact_table: _Optional[bool] = ...) -> None: ...
 
 class GetHandlesResponse(_message.Message):
-    __slots__ = ("name", "version", "rank", "world_size", "tensors", "allocations", "ticket", "fd_socket", "ticket_ttl_seconds")
+    __slots__ = ("name", "version", "rank", "world_size", "tensors", "allocations", "ticket", "fd_socket", "ticket_ttl_seconds", "table")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +261,7 @@ class GetHandlesResponse(_message.Message):
     TICKET_FIELD_NUMBER: _ClassVar[int]
     FD_SOCKET_FIELD_NUMBER: _ClassVar[int]
     TICKET_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     rank: int
@@ -248,7 +271,8 @@ class GetHandlesResponse(_message.Message):
     ticket: str
     fd_socket: str
     ticket_ttl_seconds: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., allocations: _Optional[_Iterable[_Union[AllocationInfo, _Mapping]]] = ..., ticket: _Optional[str] = ..., fd_socket: _Optional[str] = ..., ticket_ttl_seconds: _Optional[float] = ...) -> None: ...
+    table: TensorTable
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., allocations: _Optional[_Iterable[_Union[AllocationInfo, _Mapping]]] = ..., ticket: _Optional[str] = ..., fd_socket: _Optional[str] = ..., ticket_ttl_seconds: _Optional[float] = ..., table: _Optional[_Union[TensorTable, _Mapping]] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
     __slots__ = ("open", "release")
@@ -259,18 +283,20 @@ class LeaseRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[LeaseOpen, _Mapping]] = ..., release: _Optional[_Union[LeaseRelease, _Mapping]] = ...) -> None: ...
 
 class LeaseOpen(_message.Message):
-    __slots__ = ("ref", "pid", "holder", "with_handles", "rank")
+    __slots__ = ("ref", "pid", "holder", "with_handles", "rank", "compact_table")
     REF_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     WITH_HANDLES_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_TABLE_FIELD_NUMBER: _ClassVar[int]
     ref: str
     pid: int
     holder: str
     with_handles: bool
     rank: int
-    def __init__(self, ref: _Optional[str] = ..., pid: _Optional[int] = ..., holder: _Optional[str] = ..., with_handles: _Optional[bool] = ..., rank: _Optional[int] = ...) -> None: ...
+    compact_table: bool
+    def __init__(self, ref: _Optional[str] = ..., pid: _Optional[int] = ..., holder: _Optional[str] = ..., with_handles: _Optional[bool] = ..., rank: _Optional[int] = ..., compact_table: _Optional[bool] = ...) -> None: ...
 
 class LeaseRelease(_message.Message):
     __slots__ = ()
