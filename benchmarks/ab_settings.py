@@ -24,8 +24,11 @@ import sweep_bounce as sb  # noqa: E402
 
 # (A mapped-file read mode copying with streaming stores was measured here and removed: slower everywhere,
 # 22 against 42 GB/s from tmpfs: ab-nvidia-h200-20261123-221429.json.)
-SETTINGS = {
+SETTINGS = {  # a fixed reader count per GPU; "shared" splits the cores among GPUs loading at once (the default)
+    "shared": dict(threads=16, chunk_mb=4, depth=2, share=True),
     "16x2x4MiB": dict(threads=16, chunk_mb=4, depth=2),
+    "14x2x4MiB": dict(threads=14, chunk_mb=4, depth=2),
+    "10x2x4MiB": dict(threads=10, chunk_mb=4, depth=2),
     "16x2x4MiB-block": dict(threads=16, chunk_mb=4, depth=2, sync="block"),
     "12x2x4MiB": dict(threads=12, chunk_mb=4, depth=2),
     "12x2x4MiB-block": dict(threads=12, chunk_mb=4, depth=2, sync="block"),
@@ -48,7 +51,8 @@ def round_robin(backends: dict, ckpt: Path, files: list[str], read_ring, reps: i
     for _ in range(reps):
         reads.append(read_all())
         for k, b in backends.items():
-            out, dt = bl.on_each(devices, lambda d: bl.hw_load(b, ckpt, d, d)["bytes"])
+            with b.concurrent_fills(len(devices)):
+                out, dt = bl.on_each(devices, lambda d: bl.hw_load(b, ckpt, d, d)["bytes"])
             loads[k].append(bl.rate(sum(out.values()), dt))
     return {"raw_read": bl.summary(reads), "loads": {k: bl.summary(v) for k, v in loads.items()}}
 

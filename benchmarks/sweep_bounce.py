@@ -54,7 +54,7 @@ def backend_for(s: dict, devices: list[int]):
     b = CudaBackend(gds="off", reserve=512 * MiB, read_mode=s.get("read_mode", "pread"), threads=s["threads"],
                     chunk_size=int(s["chunk_mb"] * MiB), ring_depth=s["depth"], sync=s.get("sync", "spin"),
                     hugepages=s.get("hugepages", False), busy_chunk=int(s.get("busy_mb", s["chunk_mb"]) * MiB),
-                    engine=s.get("engine"))
+                    engine=s.get("engine"), share_cores=s.get("share", False))
     b.prepare(devices)
     return b
 

@@ -147,6 +147,24 @@ def test_admission_refuses_before_any_read(tmp_path):
     assert m.versions() == [] and m.backend._resident == 0
 
 
+def test_a_models_ranks_are_announced_to_the_backend_as_one_batch(tmp_path):
+    seen = []
+
+    class Recording(CpuBackend):
+        def concurrent_fills(self, count):
+            seen.append(("announce", count))
+            return super().concurrent_fills(count)
+
+        def fill(self, layout, *a, **k):
+            seen.append(("fill", layout.rank))
+            return super().fill(layout, *a, **k)
+
+    for r in (0, 1):
+        write_model(tmp_path / "s" / f"model-rank-{r}-part-0.safetensors", {"w": torch.full((4,), float(r))})
+    ModelManager(Recording()).load("m", str(tmp_path / "s"))
+    assert seen[0] == ("announce", 2) and sorted(seen[1:]) == [("fill", 0), ("fill", 1)]
+
+
 def test_failed_fill_frees_everything_and_marks_failed(manager, tmp_path):
     path = write_model(tmp_path / "m.safetensors")
     mv, run = manager.begin_load("m", str(path), version="v1")

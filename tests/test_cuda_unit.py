@@ -604,6 +604,31 @@ def test_settings_from_env_and_errors(monkeypatch):
         BounceSettings.resolve(sync="busy")
 
 
+def test_fills_at_once_share_the_cores():
+    alone = BounceSettings.resolve(threads=16)
+    assert alone.share
+    # alone: the whole ring; together: an equal share of the cores less the spare ones, at least 4
+    assert bounce.fill_threads(alone, 16, 1, cores=32) == 16
+    assert [bounce.fill_threads(alone, 16, k, cores=32) for k in (2, 3, 8)] == [14, 9, 4]
+    assert bounce.fill_threads(alone, 12, 2, cores=16) == 6
+    assert bounce.fill_threads(alone, 2, 4, cores=16) == 2  # never more than the ring has
+    fixed = BounceSettings.resolve(threads=16, share=False)
+    assert bounce.fill_threads(fixed, 16, 2, cores=32) == 16
+    assert BounceSettings.resolve(threads=16).describe("native", 14) == \
+        "pread ring 14 threads x 2 x 4MiB, native engine (ring of 16: fills ran at once)"
+
+
+def test_concurrent_fills_are_announced_and_withdrawn_even_on_error():
+    assert bounce._expected[0] == 0
+    with bounce.concurrent_fills(2):
+        with pytest.raises(RuntimeError):
+            with bounce.concurrent_fills(3):
+                assert bounce._expected[0] == 5
+                raise RuntimeError("a rank failed")
+        assert bounce._expected[0] == 2
+    assert bounce._expected[0] == 0
+
+
 def test_cpulist_and_numa_from_sys(tmp_path, fake):
     assert cuda_driver.parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
     assert cuda_driver.parse_cpulist("") == []

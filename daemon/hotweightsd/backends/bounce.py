@@ -44,8 +44,9 @@ import logging
 import mmap
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from hotweights.errors import Aborted, BackendError, BadCheckpoint, InvalidArgument
 from hotweightsd.backends import cuda_driver as cd
@@ -71,6 +72,10 @@ ENGINES = ("auto", "native", "python")
 # 12 and 8 kept 25-33 (ab-slot-*.json): leave a few cores to the driver and the kernel.
 DEFAULT_THREADS = 16
 SPARE_CORES = 4
+# Two H200s loading at once on a 32-core VM: 12 readers per GPU 67.6-67.9 GB/s against 60.6 with 16
+# (ab-nvidia-h200-20261123-231640.json), one GPU alike with either: native fills running at once share
+# the cores less the spare ones.
+MIN_SHARED_THREADS = 4
 DEFAULT_CHUNK = 4 * MiB
 DEFAULT_BUSY_CHUNK = 16 * MiB
 DEFAULT_DEPTH = 2
@@ -245,15 +250,16 @@ class BounceSettings:
     hugepages: bool = DEFAULT_HUGEPAGES
     busy_chunk: int = DEFAULT_BUSY_CHUNK
     engine: str = "auto"
+    share: bool = True  # native fills running at once split the cores (fill_threads)
 
     @classmethod
     def resolve(cls, read_mode: str | None = None, threads: int | None = None, chunk_size: int | None = None,
                 depth: int | None = None, numa: bool | None = None, sync: str | None = None,
                 hugepages: bool | None = None, busy_chunk: int | None = None,
-                engine: str | None = None) -> "BounceSettings":
+                engine: str | None = None, share: bool | None = None) -> "BounceSettings":
         """Explicit values win, then ``HOTWEIGHTS_CUDA_READ_MODE`` / ``_THREADS`` / ``_CHUNK_MB`` /
-        ``_RING_DEPTH`` / ``_NUMA`` / ``_SYNC`` / ``_HUGEPAGES`` / ``_BUSY_CHUNK_MB`` / ``_ENGINE``, then the
-        defaults. ``busy_chunk`` below ``chunk_size`` means no merging."""
+        ``_RING_DEPTH`` / ``_NUMA`` / ``_SYNC`` / ``_HUGEPAGES`` / ``_BUSY_CHUNK_MB`` / ``_ENGINE`` /
+        ``_SHARE_CORES``, then the defaults. ``busy_chunk`` below ``chunk_size`` means no merging."""
         mode = (read_mode or os.environ.get("HOTWEIGHTS_CUDA_READ_MODE") or "pread").strip().lower()
         if mode not in READ_MODES:
             raise InvalidArgument(f"unknown read mode {mode!r} (choose {', '.join(READ_MODES)})")
@@ -278,7 +284,9 @@ class BounceSettings:
         engine = (engine or os.environ.get("HOTWEIGHTS_CUDA_ENGINE") or "auto").strip().lower()
         if engine not in ENGINES:
             raise InvalidArgument(f"unknown loader engine {engine!r} (choose {', '.join(ENGINES)})")
-        return cls(mode, threads, chunk, depth, numa, sync, bool(hugepages), busy, engine)
+        if share is None:
+            share = _env_flag("HOTWEIGHTS_CUDA_SHARE_CORES", True)
+        return cls(mode, threads, chunk, depth, numa, sync, bool(hugepages), busy, engine, bool(share))
 
     @property
     def slot_size(self) -> int:
@@ -287,15 +295,17 @@ class BounceSettings:
         CPU caches)."""
         return self.chunk_size if choose_engine(self)[0] == "native" else max(self.chunk_size, self.busy_chunk)
 
-    def describe(self, engine: str = "python") -> str:
-        """The settings as the load result reports them; ``engine`` is the one that ran."""
+    def describe(self, engine: str = "python", threads: int | None = None) -> str:
+        """The settings as the load result reports them; ``engine`` and ``threads`` are what ran."""
         extra = (", blocking sync" if self.sync == "block" else "") + (", huge pages" if self.hugepages else "")
         busy = ""
         if engine == "python" and self.busy_chunk > self.chunk_size:
             busy = f" ({_size(self.busy_chunk)} while other fills run)"
         if engine == "native":
             extra += ", native engine"
-        return f"{self.read_mode} ring {self.threads} threads x {self.depth} x {_size(self.chunk_size)}{busy}{extra}"
+        if threads is not None and threads != self.threads:
+            extra += f" (ring of {self.threads}: fills ran at once)"
+        return f"{self.read_mode} ring {threads or self.threads} threads x {self.depth} x {_size(self.chunk_size)}{busy}{extra}"
 
 
 def _size(n: int) -> str:
@@ -661,8 +671,33 @@ _active = [0]  # fills running in this process, all devices
 _active_lock = threading.Lock()
 
 
+_expected = [0]  # ranks announced by concurrent_fills(): they start together, so counting starts would race
+
+
 def _active_fills() -> int:
     return _active[0]
+
+
+@contextmanager
+def concurrent_fills(count: int) -> Iterator[None]:
+    """Announces ``count`` fills about to run at once (a model's ranks), so the first to start already
+    knows it shares the host (fill_threads)."""
+    with _active_lock:
+        _expected[0] += count
+    try:
+        yield
+    finally:
+        with _active_lock:
+            _expected[0] -= count
+
+
+def fill_threads(settings: BounceSettings, ring_threads: int, concurrent: int, cores: int | None = None) -> int:
+    """Readers for one native fill: all of its ring's alone; with ``concurrent`` fills at once, an equal
+    share of the cores less the spare ones (at least MIN_SHARED_THREADS, at most the ring's)."""
+    if not settings.share or concurrent <= 1:
+        return ring_threads
+    cores = cores or len(os.sched_getaffinity(0)) or 4
+    return max(min(MIN_SHARED_THREADS, ring_threads), min(ring_threads, (cores - SPARE_CORES) // concurrent))
 
 
 def choose_engine(settings: BounceSettings) -> tuple[str, str]:
@@ -702,10 +737,12 @@ def fill(device: int, ring: DeviceRing, settings: BounceSettings, layout: RankLa
     extra = ""
     with _active_lock:
         _active[0] += 1
+        concurrent = max(_active[0], _expected[0])
+    threads = fill_threads(settings, ring.threads, concurrent) if engine == "native" else ring.threads
     try:
         if engine == "native":
             reads, copies = native.fill(
-                chunks, files.fds, files.direct, files.paths, bases, threads=ring.threads, depth=ring.depth,
+                chunks, files.fds, files.direct, files.paths, bases, threads=threads, depth=ring.depth,
                 slot_size=ring.slot_size, host_base=ring.host_ptr, progress=progress, cancel=cancel,
                 context=int(cd.primary_context(device)), streams=[int(s) for s in ring.streams],
                 events=[int(e) for evs in ring.events for e in evs], cpus=ring.cpus)
@@ -725,5 +762,5 @@ def fill(device: int, ring: DeviceRing, settings: BounceSettings, layout: RankLa
     if settings.read_mode == "odirect" and files.buffered_fallbacks:
         extra += f"; O_DIRECT refused for {files.buffered_fallbacks} file(s) (tmpfs?), read buffered"
     why = "" if engine == "native" else f"; {why}"
-    return (f"{settings.describe(engine)} on cuda:{device}{ring.describe_numa()}; "
+    return (f"{settings.describe(engine, threads)} on cuda:{device}{ring.describe_numa()}; "
             f"{reads} reads{extra}, {copies} copies{why}")

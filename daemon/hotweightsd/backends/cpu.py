@@ -10,7 +10,8 @@ import fcntl
 import mmap
 import os
 import threading
-from typing import Callable
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 from hotweights.errors import BackendError, InsufficientMemory, InvalidArgument
 from hotweightsd.backends.reader import parallel_read
@@ -121,6 +122,9 @@ class CpuBackend:
 
     def _released(self, size: int) -> None:
         self._account(-size)
+
+    def concurrent_fills(self, count: int) -> ContextManager[None]:
+        return nullcontext()  # one pool of readers per fill; the cpu backend does not tune for co-runners
 
     def fill(self, layout: RankLayout, allocations: list, progress: ProgressFn, cancel: threading.Event) -> str:
         maps = [memoryview(a.writable()) for a in allocations]

@@ -29,7 +29,7 @@ import fcntl
 import logging
 import os
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 from hotweights.errors import BackendError, CudaError, InsufficientMemory, InvalidArgument
 from hotweightsd.backends import bounce, gds
@@ -143,11 +143,12 @@ class CudaBackend:
                  read_mode: str | None = None, chunk_size: int | None = None, ring_depth: int | None = None,
                  gds: str | None = None, numa: bool | None = None, loader: str | None = None,
                  sync: str | None = None, hugepages: bool | None = None, busy_chunk: int | None = None,
-                 engine: str | None = None, **extra: Any) -> None:
+                 engine: str | None = None, share_cores: bool | None = None, **extra: Any) -> None:
         """``loader`` (auto | pread | odirect | mmap) is the daemon config's name for ``read_mode``;
         ``engine`` (auto | native | python) picks the bounce path's loop (``loader_engine`` in the config);
         ``gds`` is auto | off | on (alias force: GDS or an error) | compat (cuFile compatibility mode,
-        forced: a correctness check of the GDS path on machines without nvidia-fs)."""
+        forced: a correctness check of the GDS path on machines without nvidia-fs). ``share_cores`` False
+        keeps every rank's reader count when several load at once (bounce.fill_threads)."""
         unknown = {k: v for k, v in extra.items() if v is not None}
         if unknown:
             log.warning("cuda backend: ignoring options it does not know: %s", ", ".join(sorted(unknown)))
@@ -161,7 +162,7 @@ class CudaBackend:
         if read_mode is None and loader not in (None, "", "auto"):
             read_mode = loader
         self.settings = bounce.BounceSettings.resolve(read_mode, threads, chunk_size, ring_depth, numa, sync,
-                                                     hugepages, busy_chunk, engine)
+                                                     hugepages, busy_chunk, engine, share_cores)
         self.gds_mode = (gds or os.environ.get("HOTWEIGHTS_GDS") or "auto").strip().lower()
         self.gds_mode = {"force": "on"}.get(self.gds_mode, self.gds_mode)
         if self.gds_mode not in GDS_MODES:
@@ -313,6 +314,9 @@ class CudaBackend:
         """Allocates the pinned rings ahead of the first load (pinning is slow; do it off the clock)."""
         for d in range(self._count) if devices is None else devices:
             self.ring(d)
+
+    def concurrent_fills(self, count: int) -> ContextManager[None]:
+        return bounce.concurrent_fills(count)
 
     def fill(self, layout: RankLayout, allocations: list, progress: ProgressFn, cancel: threading.Event) -> str:
         if len(allocations) != len(layout.allocation_sizes):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, ContextManager, Protocol, runtime_checkable
 
 from hotweightsd.core.layout import RankLayout
 
@@ -67,6 +67,10 @@ class MemoryBackend(Protocol):
 
     def allocate(self, device: int, size: int, mode: AllocationMode) -> Allocation:
         """Raises InsufficientMemory or BackendError; leaves nothing allocated on failure."""
+
+    def concurrent_fills(self, count: int) -> ContextManager[None]:
+        """Wraps ``count`` fills that run at once (a model's ranks): a backend may share host resources
+        among them from the first one's start."""
 
     def fill(
         self,

@@ -253,7 +253,8 @@ class ModelManager:
                 mv.bytes_done += n
 
         try:
-            with ThreadPoolExecutor(max_workers=max(1, len(mv.ranks)), thread_name_prefix="hw-rank") as pool:
+            with self.backend.concurrent_fills(len(mv.ranks)), \
+                    ThreadPoolExecutor(max_workers=max(1, len(mv.ranks)), thread_name_prefix="hw-rank") as pool:
                 futures = [pool.submit(self.backend.fill, r.layout, r.allocations, progress, mv.cancel)
                            for r in mv.ranks]
                 paths = []
