@@ -607,10 +607,11 @@ def test_settings_from_env_and_errors(monkeypatch):
 def test_fills_at_once_share_the_cores():
     alone = BounceSettings.resolve(threads=16)
     assert alone.share
-    # alone: the whole ring; together: an equal share of the cores less the spare ones, at least 4
+    # alone: the whole ring; together: an equal share of 3/4 of the cores less the spare ones, at least 4
     assert bounce.fill_threads(alone, 16, 1, cores=32) == 16
-    assert [bounce.fill_threads(alone, 16, k, cores=32) for k in (2, 3, 8)] == [14, 9, 4]
-    assert bounce.fill_threads(alone, 12, 2, cores=16) == 6
+    assert [bounce.fill_threads(alone, 16, k, cores=32) for k in (2, 3, 8)] == [10, 7, 4]
+    assert bounce.fill_threads(alone, 16, 8, cores=128) == 11
+    assert bounce.fill_threads(alone, 12, 2, cores=16) == 4
     assert bounce.fill_threads(alone, 2, 4, cores=16) == 2  # never more than the ring has
     fixed = BounceSettings.resolve(threads=16, share=False)
     assert bounce.fill_threads(fixed, 16, 2, cores=32) == 16

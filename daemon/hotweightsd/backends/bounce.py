@@ -72,9 +72,11 @@ ENGINES = ("auto", "native", "python")
 # 12 and 8 kept 25-33 (ab-slot-*.json): leave a few cores to the driver and the kernel.
 DEFAULT_THREADS = 16
 SPARE_CORES = 4
-# Two H200s loading at once on a 32-core VM: 12 readers per GPU 67.6-67.9 GB/s against 60.6 with 16
-# (ab-nvidia-h200-20261123-231640.json), one GPU alike with either: native fills running at once share
-# the cores less the spare ones.
+# Two H200s loading at once on a 32-core VM, readers per GPU -> GB/s for both: 16 -> 54.5, 14 -> 63.5,
+# 12 -> 67.5-72.0, 10 -> 72.9-74.4, 8 -> 68.3, 6 -> 53.0 (ab-nvidia-h200-20261123-232740.json, -233103.json);
+# one GPU alone is flat from 8 to 16. Native fills running at once therefore split three quarters of the
+# cores less the spare ones (10 each there).
+SHARED_FRACTION = 0.75
 MIN_SHARED_THREADS = 4
 DEFAULT_CHUNK = 4 * MiB
 DEFAULT_BUSY_CHUNK = 16 * MiB
@@ -693,11 +695,13 @@ def concurrent_fills(count: int) -> Iterator[None]:
 
 def fill_threads(settings: BounceSettings, ring_threads: int, concurrent: int, cores: int | None = None) -> int:
     """Readers for one native fill: all of its ring's alone; with ``concurrent`` fills at once, an equal
-    share of the cores less the spare ones (at least MIN_SHARED_THREADS, at most the ring's)."""
+    share of SHARED_FRACTION of the cores less the spare ones (at least MIN_SHARED_THREADS, at most the
+    ring's)."""
     if not settings.share or concurrent <= 1:
         return ring_threads
     cores = cores or len(os.sched_getaffinity(0)) or 4
-    return max(min(MIN_SHARED_THREADS, ring_threads), min(ring_threads, (cores - SPARE_CORES) // concurrent))
+    share = int((cores - SPARE_CORES) * SHARED_FRACTION) // concurrent
+    return max(min(MIN_SHARED_THREADS, ring_threads), min(ring_threads, share))
 
 
 def choose_engine(settings: BounceSettings) -> tuple[str, str]:
