@@ -964,13 +964,13 @@ def main() -> int:
         samples = []
         desc = {}
         for _ in range(args.reps):
-            with backend.concurrent_fills(2):  # as the daemon announces a model's ranks
+            with backend.concurrent_fills([0, 1]):  # as the daemon announces a model's ranks
                 loads, dt = on_each(range(2), lambda d: hw_load(backend, ckpt, d, d))
             samples.append(rate(sum(v["bytes"] for v in loads.values()), dt))
             desc = {d: v["description"] for d, v in loads.items()}
         py_samples = []
         for _ in range(args.reps if py_backend is not None else 0):
-            with py_backend.concurrent_fills(2):
+            with py_backend.concurrent_fills([0, 1]):
                 loads, dt = on_each(range(2), lambda d: hw_load(py_backend, ckpt, d, d))
             py_samples.append(rate(sum(v["bytes"] for v in loads.values()), dt))
         out = {"raw_read_pinned_both": read_agg, "raw_read_by_read_size": by_size,

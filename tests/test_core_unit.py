@@ -151,9 +151,9 @@ def test_a_models_ranks_are_announced_to_the_backend_as_one_batch(tmp_path):
     seen = []
 
     class Recording(CpuBackend):
-        def concurrent_fills(self, count):
-            seen.append(("announce", count))
-            return super().concurrent_fills(count)
+        def concurrent_fills(self, devices):
+            seen.append(("announce", len(devices)))
+            return super().concurrent_fills(devices)
 
         def fill(self, layout, *a, **k):
             seen.append(("fill", layout.rank))

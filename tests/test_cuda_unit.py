@@ -619,6 +619,15 @@ def test_fills_at_once_share_the_cores():
         "pread ring 14 threads x 2 x 4MiB, native engine (ring of 16: fills ran at once)"
 
 
+def test_backend_announces_the_devices_that_fill_at_once(fake):
+    b = make_backend()
+    with b.concurrent_fills([0, 1]):
+        assert bounce._expected[0] == 2
+    with b.concurrent_fills([0, 0]):  # two ranks on one GPU take turns on its ring
+        assert bounce._expected[0] == 1
+    assert bounce._expected[0] == 0
+
+
 def test_concurrent_fills_are_announced_and_withdrawn_even_on_error():
     assert bounce._expected[0] == 0
     with bounce.concurrent_fills(2):

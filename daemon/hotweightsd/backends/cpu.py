@@ -123,7 +123,7 @@ class CpuBackend:
     def _released(self, size: int) -> None:
         self._account(-size)
 
-    def concurrent_fills(self, count: int) -> ContextManager[None]:
+    def concurrent_fills(self, devices: list[int]) -> ContextManager[None]:
         return nullcontext()  # one pool of readers per fill; the cpu backend does not tune for co-runners
 
     def fill(self, layout: RankLayout, allocations: list, progress: ProgressFn, cancel: threading.Event) -> str:

@@ -315,8 +315,9 @@ class CudaBackend:
         for d in range(self._count) if devices is None else devices:
             self.ring(d)
 
-    def concurrent_fills(self, count: int) -> ContextManager[None]:
-        return bounce.concurrent_fills(count)
+    def concurrent_fills(self, devices: list[int]) -> ContextManager[None]:
+        # ranks placed on one GPU take turns on its ring (ring.lock): only distinct devices run at once
+        return bounce.concurrent_fills(len(set(devices)))
 
     def fill(self, layout: RankLayout, allocations: list, progress: ProgressFn, cancel: threading.Event) -> str:
         if len(allocations) != len(layout.allocation_sizes):

@@ -68,9 +68,9 @@ class MemoryBackend(Protocol):
     def allocate(self, device: int, size: int, mode: AllocationMode) -> Allocation:
         """Raises InsufficientMemory or BackendError; leaves nothing allocated on failure."""
 
-    def concurrent_fills(self, count: int) -> ContextManager[None]:
-        """Wraps ``count`` fills that run at once (a model's ranks): a backend may share host resources
-        among them from the first one's start."""
+    def concurrent_fills(self, devices: list[int]) -> ContextManager[None]:
+        """Wraps the fills of a model's ranks, started together, one per entry of ``devices`` (each rank's
+        device): a backend may share host resources among them from the first one's start."""
 
     def fill(
         self,

@@ -253,7 +253,7 @@ class ModelManager:
                 mv.bytes_done += n
 
         try:
-            with self.backend.concurrent_fills(len(mv.ranks)), \
+            with self.backend.concurrent_fills([r.device for r in mv.ranks]), \
                     ThreadPoolExecutor(max_workers=max(1, len(mv.ranks)), thread_name_prefix="hw-rank") as pool:
                 futures = [pool.submit(self.backend.fill, r.layout, r.allocations, progress, mv.cancel)
                            for r in mv.ranks]
