@@ -52,9 +52,8 @@ def round_robin(backends: dict, ckpt: Path, files: list[str], read_ring, reps: i
     for _ in range(reps):
         reads.append(read_all())
         for k, b in backends.items():
-            with b.concurrent_fills(list(devices)):
-                out, dt = bl.on_each(devices, lambda d: bl.hw_load(b, ckpt, d, d)["bytes"])
-            loads[k].append(bl.rate(sum(out.values()), dt))
+            out, dt = bl.load_at_once(b, ckpt, devices)
+            loads[k].append(bl.rate(sum(v["bytes"] for v in out.values()), dt))
     return {"raw_read": bl.summary(reads), "loads": {k: bl.summary(v) for k, v in loads.items()}}
 
 

@@ -597,6 +597,14 @@ def best_peer(peers: dict) -> tuple[str | None, float]:
     return k, g
 
 
+def load_at_once(backend, ckpt: Path, devices) -> tuple[dict, float]:
+    """Rank d onto device d for every device at once, announced as one batch as the daemon announces a
+    model's ranks; (hw_load results by device, wall seconds)."""
+    devices = list(devices)
+    with backend.concurrent_fills(devices):
+        return on_each(devices, lambda d: hw_load(backend, ckpt, d, d))
+
+
 # --- attach latency ---------------------------------------------------------------------------------------------
 
 ATTACH_CLIENT = r"""
@@ -964,14 +972,12 @@ def main() -> int:
         samples = []
         desc = {}
         for _ in range(args.reps):
-            with backend.concurrent_fills([0, 1]):  # as the daemon announces a model's ranks
-                loads, dt = on_each(range(2), lambda d: hw_load(backend, ckpt, d, d))
+            loads, dt = load_at_once(backend, ckpt, range(2))
             samples.append(rate(sum(v["bytes"] for v in loads.values()), dt))
             desc = {d: v["description"] for d, v in loads.items()}
         py_samples = []
         for _ in range(args.reps if py_backend is not None else 0):
-            with py_backend.concurrent_fills([0, 1]):
-                loads, dt = on_each(range(2), lambda d: hw_load(py_backend, ckpt, d, d))
+            loads, dt = load_at_once(py_backend, ckpt, range(2))
             py_samples.append(rate(sum(v["bytes"] for v in loads.values()), dt))
         out = {"raw_read_pinned_both": read_agg, "raw_read_by_read_size": by_size,
                "hotweights_both": summary(samples), "descriptions": desc,

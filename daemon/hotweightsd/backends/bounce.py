@@ -226,9 +226,12 @@ def needed_file_sizes(chunks: Sequence[ReadChunk], nfiles: int) -> list[int]:
 
 # --- settings -----------------------------------------------------------------------------------------
 
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) or 4
+
+
 def default_threads(cores: int | None = None) -> int:
-    cores = cores or len(os.sched_getaffinity(0)) or 4
-    return max(4, min(DEFAULT_THREADS, cores - SPARE_CORES))
+    return max(4, min(DEFAULT_THREADS, (cores or _usable_cores()) - SPARE_CORES))
 
 
 def _env_int(name: str) -> int | None:
@@ -699,8 +702,7 @@ def fill_threads(settings: BounceSettings, ring_threads: int, concurrent: int, c
     ring's)."""
     if not settings.share or concurrent <= 1:
         return ring_threads
-    cores = cores or len(os.sched_getaffinity(0)) or 4
-    share = int((cores - SPARE_CORES) * SHARED_FRACTION) // concurrent
+    share = int(((cores or _usable_cores()) - SPARE_CORES) * SHARED_FRACTION) // concurrent
     return max(min(MIN_SHARED_THREADS, ring_threads), min(ring_threads, share))
 
 
