@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_load as bl  # noqa: E402
-import sweep_bounce as sb  # noqa: E402
+import bench_load as bl
+import sweep_bounce as sb
 
 # (A mapped-file read mode copying with streaming stores was measured here and removed: slower everywhere,
 # 22 against 42 GB/s from tmpfs: ab-nvidia-h200-20261123-221429.json.)
@@ -42,6 +42,7 @@ SETTINGS = {  # a fixed reader count per GPU; "shared" splits the cores among GP
 
 def round_robin(backends: dict, ckpt: Path, files: list[str], read_ring, reps: int, devices: list[int]) -> dict:
     """``reps`` rounds: one raw read (all devices' files at once), then one load per setting."""
+
     def read_all():
         out, dt = bl.on_each(devices, lambda d: bl.raw_read(files[d], read_ring(d), direct=False)[0])
         return bl.rate(sum(out.values()), dt)
@@ -68,7 +69,7 @@ def main() -> int:
     args = ap.parse_args()
     outs = args.out or [os.environ.get("OUT") or str(bl.ROOT / "benchmarks" / "results")]
     chosen = {k: SETTINGS[k] for k in (args.only.split(",") if args.only else SETTINGS)}
-    from hotweightsd.backends import cuda_driver as cd
+    from hotweights.cuda import devices as cd
 
     res = bl.Results(outs)
     res.set_name(cd.device_name(0))
@@ -100,8 +101,10 @@ def main() -> int:
             out = round_robin(backends, where, fs, reader.ring, args.reps, devices)
             out["descriptions"] = {k: bl.hw_load(b, where, 0, 0)["description"] for k, b in backends.items()}
             res.doc[name] = out
-            res.note(f"{name}: read {out['raw_read']['median']}; " +
-                     ", ".join(f"{k} {v['median']}" for k, v in out["loads"].items()))
+            res.note(
+                f"{name}: read {out['raw_read']['median']}; "
+                + ", ".join(f"{k} {v['median']}" for k, v in out["loads"].items())
+            )
             res.save()
     except Exception as exc:
         res.error("ab", exc)

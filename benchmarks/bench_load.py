@@ -11,7 +11,7 @@ One run measures, for a Llama-70B-like TP shard (bf16, hidden 8192, intermediate
 - peers, each where importable: safetensors.torch.load_file(device=cuda), fastsafetensors (no GDS),
   Run:ai model streamer, InstantTensor;
 - attach latency (p50/p99) of a >= 16 GB rank with >= 1,000 tensors from a separate process
-  (import fds + map + build tensors, through hotweights.cuda_import), and through the real daemon
+  (import fds + map + build tensors, through hotweights.cuda.driver), and through the real daemon
   (hotweights.connect().attach()) when it runs here.
 
 Writes ``bench-<gpu>-<date>.json`` into each ``--out`` folder after every section (a run cut short
@@ -77,8 +77,9 @@ class Results:
     def error(self, where: str, exc: BaseException) -> None:
         text = f"{where}: {type(exc).__name__}: {exc}"
         self.note("ERROR " + text)
-        self.doc["errors"].append({"where": where, "error": f"{type(exc).__name__}: {exc}",
-                                   "trace": traceback.format_exc(limit=6)})
+        self.doc["errors"].append(
+            {"where": where, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc(limit=6)}
+        )
 
     def skip(self, what: str, why: str) -> None:
         self.note(f"skipped {what}: {why}")
@@ -102,23 +103,37 @@ def rate(nbytes: int, seconds: float) -> float:
 
 
 def summary(samples: list[float]) -> dict:
-    return {"median": round(statistics.median(samples), 3), "best": round(max(samples), 3),
-            "samples": [round(s, 3) for s in samples]}
+    return {
+        "median": round(statistics.median(samples), 3),
+        "best": round(max(samples), 3),
+        "samples": [round(s, 3) for s in samples],
+    }
 
 
 # --- the checkpoint -------------------------------------------------------------------------------------
+
 
 def llama_shard_layout(target_bytes: float, tp: int) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of one TP rank of a Llama-70B-like model, as many layers as fit ``target_bytes`` (bf16)."""
     hidden, inter, heads, kv, hd, vocab = 8192, 28672, 64, 8, 128, 128256
     q, kvd, ff, v = heads * hd // tp, max(kv * hd // tp, hd), inter // tp, -(-vocab // tp)
-    layer = [("self_attn.q_proj.weight", (q, hidden)), ("self_attn.k_proj.weight", (kvd, hidden)),
-             ("self_attn.v_proj.weight", (kvd, hidden)), ("self_attn.o_proj.weight", (hidden, q)),
-             ("mlp.gate_proj.weight", (ff, hidden)), ("mlp.up_proj.weight", (ff, hidden)),
-             ("mlp.down_proj.weight", (hidden, ff)), ("input_layernorm.weight", (hidden,)),
-             ("post_attention_layernorm.weight", (hidden,))]
+    layer = [
+        ("self_attn.q_proj.weight", (q, hidden)),
+        ("self_attn.k_proj.weight", (kvd, hidden)),
+        ("self_attn.v_proj.weight", (kvd, hidden)),
+        ("self_attn.o_proj.weight", (hidden, q)),
+        ("mlp.gate_proj.weight", (ff, hidden)),
+        ("mlp.up_proj.weight", (ff, hidden)),
+        ("mlp.down_proj.weight", (hidden, ff)),
+        ("input_layernorm.weight", (hidden,)),
+        ("post_attention_layernorm.weight", (hidden,)),
+    ]
     per_layer = sum(2 * math.prod(s) for _, s in layer)
-    fixed = [("model.embed_tokens.weight", (v, hidden)), ("lm_head.weight", (v, hidden)), ("model.norm.weight", (hidden,))]
+    fixed = [
+        ("model.embed_tokens.weight", (v, hidden)),
+        ("lm_head.weight", (v, hidden)),
+        ("model.norm.weight", (hidden,)),
+    ]
     fixed_bytes = sum(2 * math.prod(s) for _, s in fixed)
     layers = max(1, math.ceil((target_bytes - fixed_bytes) / per_layer))
     out = [fixed[0]]
@@ -148,7 +163,7 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], str]
             left = n
             while left:
                 k = min(left, plen - start, 64 * MiB)
-                view = pool[start:start + k]
+                view = pool[start : start + k]
                 done = 0
                 while done < k:
                     done += os.write(fd, view[done:])
@@ -182,10 +197,20 @@ def make_checkpoint(root: Path, ranks: int, rank_bytes: float, files: int, tp: i
     t1 = time.perf_counter()
     os.sync()
     t2 = time.perf_counter()
-    info = {"path": str(root), "ranks": ranks, "files_per_rank": len(parts), "tensors_per_rank": len(layout),
-            "bytes_per_rank": total // ranks, "tp_shape_of": tp, "write_s": round(t1 - t0, 1), "sync_s": round(t2 - t1, 1)}
-    res.note(f"checkpoint: {ranks} rank(s) x {total / ranks / GB:.2f} GB, {len(layout)} tensors, {len(parts)} files "
-             f"per rank, written in {t1 - t0:.1f}s + sync {t2 - t1:.1f}s")
+    info = {
+        "path": str(root),
+        "ranks": ranks,
+        "files_per_rank": len(parts),
+        "tensors_per_rank": len(layout),
+        "bytes_per_rank": total // ranks,
+        "tp_shape_of": tp,
+        "write_s": round(t1 - t0, 1),
+        "sync_s": round(t2 - t1, 1),
+    }
+    res.note(
+        f"checkpoint: {ranks} rank(s) x {total / ranks / GB:.2f} GB, {len(layout)} tensors, {len(parts)} files "
+        f"per rank, written in {t1 - t0:.1f}s + sync {t2 - t1:.1f}s"
+    )
     return info
 
 
@@ -196,11 +221,18 @@ def rank_files(root: Path, rank: int) -> list[str]:
 # One decoder layer of a Llama-70B-class model (hidden 8192, 8 KV heads of 128, MLP 28672) with Qwen-style
 # q/k/v biases, as rank 0 of 8-way tensor parallelism holds it: name -> shape.
 TP8_LAYER = {
-    "input_layernorm.weight": (8192,), "post_attention_layernorm.weight": (8192,),
-    "mlp.gate_proj.weight": (3584, 8192), "mlp.up_proj.weight": (3584, 8192), "mlp.down_proj.weight": (8192, 3584),
-    "self_attn.q_proj.weight": (1024, 8192), "self_attn.k_proj.weight": (128, 8192),
-    "self_attn.v_proj.weight": (128, 8192), "self_attn.o_proj.weight": (8192, 1024),
-    "self_attn.q_proj.bias": (1024,), "self_attn.k_proj.bias": (128,), "self_attn.v_proj.bias": (128,),
+    "input_layernorm.weight": (8192,),
+    "post_attention_layernorm.weight": (8192,),
+    "mlp.gate_proj.weight": (3584, 8192),
+    "mlp.up_proj.weight": (3584, 8192),
+    "mlp.down_proj.weight": (8192, 3584),
+    "self_attn.q_proj.weight": (1024, 8192),
+    "self_attn.k_proj.weight": (128, 8192),
+    "self_attn.v_proj.weight": (128, 8192),
+    "self_attn.o_proj.weight": (8192, 1024),
+    "self_attn.q_proj.bias": (1024,),
+    "self_attn.k_proj.bias": (128,),
+    "self_attn.v_proj.bias": (128,),
 }
 TP8_OUTER = {"model.embed_tokens.weight": (16032, 8192), "lm_head.weight": (16032, 8192), "model.norm.weight": (8192,)}
 
@@ -214,8 +246,9 @@ def sparse_checkpoint(root: Path, min_bytes: float, min_tensors: int) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     per_layer = sum(2 * math.prod(s) for s in TP8_LAYER.values())
     outer = sum(2 * math.prod(s) for s in TP8_OUTER.values())
-    layers = max(math.ceil((min_tensors - len(TP8_OUTER)) / len(TP8_LAYER)),
-                 math.ceil((min_bytes - outer) / per_layer), 1)
+    layers = max(
+        math.ceil((min_tensors - len(TP8_OUTER)) / len(TP8_LAYER)), math.ceil((min_bytes - outer) / per_layer), 1
+    )
     shapes = dict(TP8_OUTER)
     shapes.update({f"model.layers.{i}.{k}": v for i in range(layers) for k, v in TP8_LAYER.items()})
     header, off = {}, 0
@@ -229,11 +262,17 @@ def sparse_checkpoint(root: Path, min_bytes: float, min_tensors: int) -> dict:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         f.truncate(8 + len(raw) + off)
-    return {"path": str(root), "bytes": off, "tensors": len(header), "layers": layers,
-            "layout": "70B-class decoder layers with q/k/v biases, rank 0 of TP=8, bf16, name order"}
+    return {
+        "path": str(root),
+        "bytes": off,
+        "tensors": len(header),
+        "layers": layers,
+        "layout": "70B-class decoder layers with q/k/v biases, rank 0 of TP=8, bf16, name order",
+    }
 
 
 # --- host helpers -----------------------------------------------------------------------------------------
+
 
 def pretouch(nbytes: int, threads: int = 8) -> float:
     """Touches ``nbytes`` of fresh anonymous memory (guest memory is backed lazily), then frees it."""
@@ -255,8 +294,7 @@ def pretouch(nbytes: int, threads: int = 8) -> float:
         t.start()
     for t in ts:
         t.join()
-    del base
-    gc.collect()
+    gc.collect()  # the ctypes view into the mapping must go before close()
     try:
         m.close()
     except BufferError:
@@ -282,7 +320,7 @@ def raw_read(paths: list[str], ring, direct: bool, chunk: int | None = None) -> 
     """Reads whole files into the ring's pinned slots with its thread count, ``chunk`` bytes a read (at
     most a slot); no GPU copy. Returns (bytes, seconds, files read buffered because O_DIRECT was refused)."""
     from hotweights.errors import BadCheckpoint
-    from hotweightsd.backends.bounce import open_source
+    from hotweightsd.loaders.bounce import open_source
 
     chunk = min(chunk or ring.slot_size, ring.slot_size)
     sizes = [os.path.getsize(p) for p in paths]
@@ -355,8 +393,8 @@ def on_each(devices, fn) -> tuple[dict, float]:
 def h2d(devices: list[int], size: int = 1 * GiB, reps: int = 8) -> dict:
     """Pinned host -> device copy rate per device, all devices at once. One pinned buffer per device
     (on its NUMA node where the node has several), two streams, ``reps`` copies of ``size`` bytes."""
-    from hotweightsd.backends import cuda_driver as cd
-    from hotweightsd.backends.bounce import _run_on_cpus
+    from hotweights.cuda import devices as cd
+    from hotweightsd.loaders.bounce import _run_on_cpus
 
     state = {}
     for d in devices:
@@ -365,7 +403,9 @@ def h2d(devices: list[int], size: int = 1 * GiB, reps: int = 8) -> dict:
 
             def alloc(d=d):
                 with cd.current(d) as drv2:
-                    return int(cd.check(drv2.cuMemHostAlloc(size, int(drv2.CU_MEMHOSTALLOC_PORTABLE)), "cuMemHostAlloc"))
+                    return int(
+                        cd.check(drv2.cuMemHostAlloc(size, int(drv2.CU_MEMHOSTALLOC_PORTABLE)), "cuMemHostAlloc")
+                    )
 
             host = _run_on_cpus(cpus, alloc)
             ctypes.memset(host, 7, size)
@@ -390,8 +430,12 @@ def h2d(devices: list[int], size: int = 1 * GiB, reps: int = 8) -> dict:
 
         def copy_all():
             for k in range(0, size, piece):
-                cd.check(drv.cuMemcpyHtoDAsync(s["dev"] + k, s["host"] + k, min(piece, size - k),
-                                               s["streams"][(k // piece) % 2]), "cuMemcpyHtoDAsync")
+                cd.check(
+                    drv.cuMemcpyHtoDAsync(
+                        s["dev"] + k, s["host"] + k, min(piece, size - k), s["streams"][(k // piece) % 2]
+                    ),
+                    "cuMemcpyHtoDAsync",
+                )
 
         copy_all()
         for st in s["streams"]:
@@ -425,10 +469,11 @@ def h2d(devices: list[int], size: int = 1 * GiB, reps: int = 8) -> dict:
 
 # --- hotweights ---------------------------------------------------------------------------------------------
 
+
 def hw_load(backend, ckpt: Path, rank: int, device: int, keep: bool = False) -> dict:
     import threading as th
 
-    from hotweights.checkpoint import open_checkpoint
+    from hotweights.format.checkpoint import open_checkpoint
     from hotweightsd.core.backend import AllocationMode
     from hotweightsd.core.layout import plan_rank
 
@@ -446,9 +491,15 @@ def hw_load(backend, ckpt: Path, rank: int, device: int, keep: bool = False) -> 
         for a in allocs:
             a.close()
         raise
-    out = {"bytes": layout.nbytes, "tensors": len(layout.placements), "seconds": round(t2 - t0, 4),
-           "fill_seconds": round(t2 - t1, 4), "gbps": rate(layout.nbytes, t2 - t0),
-           "fill_gbps": rate(layout.nbytes, t2 - t1), "description": desc}
+    out = {
+        "bytes": layout.nbytes,
+        "tensors": len(layout.placements),
+        "seconds": round(t2 - t0, 4),
+        "fill_seconds": round(t2 - t1, 4),
+        "gbps": rate(layout.nbytes, t2 - t0),
+        "fill_gbps": rate(layout.nbytes, t2 - t1),
+        "description": desc,
+    }
     if keep:
         out["_layout"], out["_allocs"] = layout, allocs
     else:
@@ -461,10 +512,13 @@ def spot_check(layout, allocs, samples: int = 24) -> int:
     """Compares sampled tensors on the device with the file bytes; returns how many matched (raises on a mismatch)."""
     import random
 
-    from hotweightsd.backends import cuda_driver as cd
+    from hotweights.cuda import devices as cd
 
-    picks = layout.placements[:2] + layout.placements[-2:] + random.Random(0).sample(
-        layout.placements, min(samples, len(layout.placements)))
+    picks = (
+        layout.placements[:2]
+        + layout.placements[-2:]
+        + random.Random(0).sample(layout.placements, min(samples, len(layout.placements)))
+    )
     for p in picks:
         a = allocs[p.allocation]
         n = min(p.nbytes, 4 * MiB)
@@ -480,8 +534,12 @@ def spot_check(layout, allocs, samples: int = 24) -> int:
 
 def hw_series(backend, ckpt: Path, reps: int, res: Results, label: str) -> dict:
     runs = [hw_load(backend, ckpt, 0, 0) for _ in range(reps)]
-    out = {"gbps": summary([r["gbps"] for r in runs]), "fill_gbps": summary([r["fill_gbps"] for r in runs]),
-           "bytes": runs[0]["bytes"], "description": runs[0]["description"]}
+    out = {
+        "gbps": summary([r["gbps"] for r in runs]),
+        "fill_gbps": summary([r["fill_gbps"] for r in runs]),
+        "bytes": runs[0]["bytes"],
+        "description": runs[0]["description"],
+    }
     res.note(f"hotweights {label}: {out['gbps']['median']} GB/s median of {reps} ({out['description']})")
     return out
 
@@ -489,10 +547,18 @@ def hw_series(backend, ckpt: Path, reps: int, res: Results, label: str) -> dict:
 # --- peers --------------------------------------------------------------------------------------------------
 
 PEERS = ("safetensors", "fastsafetensors", "runai", "instanttensor")
-PEER_MODULES = {"safetensors": "safetensors", "fastsafetensors": "fastsafetensors",
-                "runai": "runai_model_streamer", "instanttensor": "instanttensor"}
-PEER_DISTS = {"safetensors": "safetensors", "fastsafetensors": "fastsafetensors", "runai": "runai-model-streamer",
-              "instanttensor": "instanttensor"}
+PEER_MODULES = {
+    "safetensors": "safetensors",
+    "fastsafetensors": "fastsafetensors",
+    "runai": "runai_model_streamer",
+    "instanttensor": "instanttensor",
+}
+PEER_DISTS = {
+    "safetensors": "safetensors",
+    "fastsafetensors": "fastsafetensors",
+    "runai": "runai-model-streamer",
+    "instanttensor": "instanttensor",
+}
 
 
 def peer_available(name: str) -> str | None:
@@ -562,8 +628,7 @@ def free_torch() -> None:
         pass
 
 
-def run_peers(files: list[str], peers: list[str], res: Results, label: str, cold: bool = False,
-              budget=None) -> dict:
+def run_peers(files: list[str], peers: list[str], res: Results, label: str, cold: bool = False, budget=None) -> dict:
     out = {}
     for name in peers:
         why = peer_available(name)
@@ -611,12 +676,12 @@ ATTACH_CLIENT = r"""
 import gc, json, os, sys, time
 import torch
 spec = json.loads(sys.stdin.read())
-from hotweights.regions import open_region
+from hotweights.mapping.regions import open_region
 
-from hotweights.table import Table, TensorMeta, build_tensors
+from hotweights.mapping.table import Table, TensorMeta, build_tensors
 table = Table.from_rows(TensorMeta(p["name"], "BF16", p["served_dtype"], tuple(p["shape"]), p["allocation"],
                                    p["offset"], p["nbytes"]) for p in spec["placements"])
-builder = "hotweights.table.build_tensors"
+builder = "hotweights.mapping.table.build_tensors"
 
 def build_all(bases):
     return build_tensors(table, bases)
@@ -677,14 +742,20 @@ def percentiles(xs: list[float]) -> dict:
     def pct(q):
         return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
-    return {"p50_ms": round(pct(0.50) * 1e3, 3), "p99_ms": round(pct(0.99) * 1e3, 3),
-            "min_ms": round(s[0] * 1e3, 3), "max_ms": round(s[-1] * 1e3, 3), "n": len(s)}
+    return {
+        "p50_ms": round(pct(0.50) * 1e3, 3),
+        "p99_ms": round(pct(0.99) * 1e3, 3),
+        "min_ms": round(s[0] * 1e3, 3),
+        "max_ms": round(s[-1] * 1e3, 3),
+        "n": len(s),
+    }
 
 
 def child_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "client"), str(ROOT / "daemon")] +
-                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "client"), str(ROOT / "daemon")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     return env
 
 
@@ -693,14 +764,33 @@ def attach_latency(backend, ckpt: Path, reps: int, res: Results) -> dict:
     layout, allocs = loaded.pop("_layout"), loaded.pop("_allocs")
     fds = [a.export_fd() for a in allocs]
     try:
-        spec = {"reps": reps,
-                "regions": [{"handle_type": a.handle_type.value, "size": a.size, "device": a.device, "fd": fd}
-                            for a, fd in zip(allocs, fds)],
-                "placements": [{"name": p.name, "served_dtype": p.served_dtype, "shape": list(p.shape),
-                                "allocation": p.allocation, "offset": p.offset, "nbytes": p.nbytes}
-                               for p in layout.placements]}
-        r = subprocess.run([sys.executable, "-c", ATTACH_CLIENT], input=json.dumps(spec), capture_output=True,
-                           text=True, timeout=240, pass_fds=tuple(fds), env=child_env())
+        spec = {
+            "reps": reps,
+            "regions": [
+                {"handle_type": a.handle_type.value, "size": a.size, "device": a.device, "fd": fd}
+                for a, fd in zip(allocs, fds)
+            ],
+            "placements": [
+                {
+                    "name": p.name,
+                    "served_dtype": p.served_dtype,
+                    "shape": list(p.shape),
+                    "allocation": p.allocation,
+                    "offset": p.offset,
+                    "nbytes": p.nbytes,
+                }
+                for p in layout.placements
+            ],
+        }
+        r = subprocess.run(
+            [sys.executable, "-c", ATTACH_CLIENT],
+            input=json.dumps(spec),
+            capture_output=True,
+            text=True,
+            timeout=240,
+            pass_fds=tuple(fds),
+            env=child_env(),
+        )
         if r.returncode != 0:
             raise RuntimeError(f"attach client failed ({r.returncode}): {r.stderr[-2000:]}")
         got = json.loads(r.stdout.strip().splitlines()[-1])
@@ -709,29 +799,43 @@ def attach_latency(backend, ckpt: Path, reps: int, res: Results) -> dict:
             os.close(fd)
         for a in allocs:
             a.close()
-    out = {"rank_bytes": layout.nbytes, "tensors": len(layout.placements), "allocations": len(allocs),
-           "load_gbps": loaded["gbps"], "load_description": loaded["description"],
-           "tensor_builder": got.get("builder"),
-           "context_init_s": round(got["context_s"], 3), "first_attach_ms": round(got["first_s"] * 1e3, 3),
-           "attach": percentiles(got["attach_s"]), "release": percentiles(got["release_s"])}
-    res.note(f"attach {layout.nbytes / GB:.1f} GB, {len(layout.placements)} tensors: p50 {out['attach']['p50_ms']} ms, "
-             f"p99 {out['attach']['p99_ms']} ms (cuda_import, separate process)")
+    out = {
+        "rank_bytes": layout.nbytes,
+        "tensors": len(layout.placements),
+        "allocations": len(allocs),
+        "load_gbps": loaded["gbps"],
+        "load_description": loaded["description"],
+        "tensor_builder": got.get("builder"),
+        "context_init_s": round(got["context_s"], 3),
+        "first_attach_ms": round(got["first_s"] * 1e3, 3),
+        "attach": percentiles(got["attach_s"]),
+        "release": percentiles(got["release_s"]),
+    }
+    res.note(
+        f"attach {layout.nbytes / GB:.1f} GB, {len(layout.placements)} tensors: p50 {out['attach']['p50_ms']} ms, "
+        f"p99 {out['attach']['p99_ms']} ms (cuda_import, separate process)"
+    )
     return out
 
 
 # --- the real daemon (best effort) ---------------------------------------------------------------------------
 
+
 def daemon_section(ckpt: Path, attach_ckpt: Path | None, reps: int, res: Results, budget) -> dict:
     import hotweights
-    from hotweights.procs import stop_process
+    from hotweights.testing import stop_process
 
     if not hasattr(hotweights, "connect"):
         return {"status": "no hotweights.connect in this tree"}
     sockdir = tempfile.mkdtemp(prefix="hwb-", dir="/tmp")
     sock = os.path.join(sockdir, "hw.sock")
     log = open(os.path.join(sockdir, "daemon.log"), "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "hotweights", "serve", "--socket", sock, "--backend", "cuda",
-                             "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT, env=child_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hotweights", "serve", "--socket", sock, "--backend", "cuda", "--log-format", "json"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=child_env(),
+    )
     out: dict = {}
     try:
         deadline = time.monotonic() + 60
@@ -760,16 +864,29 @@ def daemon_section(ckpt: Path, attach_ckpt: Path | None, reps: int, res: Results
         client.unload("bench", force=True)
         if attach_ckpt is not None and budget() > 60:
             client.load("attach", str(attach_ckpt))
-            r = subprocess.run([sys.executable, "-c", DAEMON_CLIENT], capture_output=True, text=True, timeout=240,
-                               input=json.dumps({"socket": sock, "name": "attach", "reps": reps}), env=child_env())
+            r = subprocess.run(
+                [sys.executable, "-c", DAEMON_CLIENT],
+                capture_output=True,
+                text=True,
+                timeout=240,
+                input=json.dumps({"socket": sock, "name": "attach", "reps": reps}),
+                env=child_env(),
+            )
             if r.returncode != 0:
                 raise RuntimeError(f"daemon attach client failed: {r.stderr[-2000:]}")
             got = json.loads(r.stdout.strip().splitlines()[-1])
-            out["attach"] = {"tensors": got["tensors"], "attach": percentiles(got["attach_s"]),
-                             "release": percentiles(got["release_s"]),
-                             "parts_p50_ms": {k: percentiles([p[k] for p in got["parts"]])["p50_ms"]
-                                              for k in (got["parts"][0] if got["parts"] else {})}}
-            res.note(f"daemon attach: p50 {out['attach']['attach']['p50_ms']} ms, p99 {out['attach']['attach']['p99_ms']} ms")
+            out["attach"] = {
+                "tensors": got["tensors"],
+                "attach": percentiles(got["attach_s"]),
+                "release": percentiles(got["release_s"]),
+                "parts_p50_ms": {
+                    k: percentiles([p[k] for p in got["parts"]])["p50_ms"]
+                    for k in (got["parts"][0] if got["parts"] else {})
+                },
+            }
+            res.note(
+                f"daemon attach: p50 {out['attach']['attach']['p50_ms']} ms, p99 {out['attach']['attach']['p99_ms']} ms"
+            )
             client.unload("attach", force=True)
         out["status"] = "ok"
         client.close()
@@ -798,10 +915,12 @@ def warm(paths: list[str]) -> None:
 
 # --- main ------------------------------------------------------------------------------------------------------
 
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", action="append", default=None, help="folder for the JSON (repeatable); "
-                    "default benchmarks/results")
+    ap.add_argument(
+        "--out", action="append", default=None, help="folder for the JSON (repeatable); default benchmarks/results"
+    )
     ap.add_argument("--workdir", default="/tmp/hw-bench", help="where the checkpoints are written (a disk, not tmpfs)")
     ap.add_argument("--rank-gb", type=float, default=8.5, help="bytes per rank (GB) of the main checkpoint")
     ap.add_argument("--files", type=int, default=4, help="files per rank")
@@ -813,15 +932,23 @@ def main() -> int:
     ap.add_argument("--attach-reps", type=int, default=30)
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--cold-peers", default=",".join(PEERS), help="peers measured cold too ('' for none)")
-    ap.add_argument("--skip", default="", help="comma list of: tmpfs, cold, attach, daemon, two-gpu, sweep, peers, "
-                    "python-engine (the python workers measured beside the native engine)")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma list of: tmpfs, cold, attach, daemon, two-gpu, sweep, peers, "
+        "python-engine (the python workers measured beside the native engine)",
+    )
     ap.add_argument("--pretouch-gb", type=float, default=24.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--chunk-mb", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--read-mode", default="pread", help="pread | odirect | mmap")
-    ap.add_argument("--cold-threads", type=lambda v: [int(x) for x in v.split(",") if x], default=[4, 8],
-                    help="reader counts the native loop is also measured with, cold (O_DIRECT)")
+    ap.add_argument(
+        "--cold-threads",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[4, 8],
+        help="reader counts the native loop is also measured with, cold (O_DIRECT)",
+    )
     ap.add_argument("--engine", default=None, help="auto | native | python (default: the loader's own choice)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--h2d-mb", type=int, default=1024, help="pinned buffer per GPU for the H2D ceiling")
@@ -829,7 +956,7 @@ def main() -> int:
 
     res = Results(args.out or [str(ROOT / "benchmarks" / "results")])
     deadline = time.monotonic() + args.budget
-    budget = lambda: deadline - time.monotonic()  # noqa: E731
+    budget = lambda: deadline - time.monotonic()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     peers = [] if "peers" in skip else [p for p in args.peers.split(",") if p]
     cold_peers = [p for p in args.cold_peers.split(",") if p and p in peers]
@@ -838,9 +965,9 @@ def main() -> int:
 
     import torch
 
-    from hotweightsd.backends import bounce, native
-    from hotweightsd.backends import cuda_driver as cd
+    from hotweights.cuda import devices as cd
     from hotweightsd.backends.cuda import CudaBackend
+    from hotweightsd.loaders import bounce, native
 
     ngpu = cd.device_count()
     if ngpu == 0:
@@ -851,12 +978,19 @@ def main() -> int:
     gpus = min(ngpu, args.gpus or 2)
     names = [cd.device_name(d) for d in range(ngpu)]
     res.set_name(names[0])
-    doc["machine"] = {"gpus": names, "gpu_total_bytes": [cd.device_total(d) for d in range(ngpu)],
-                      "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
-                      "python": platform.python_version(), "torch": torch.__version__,
-                      "cuda_bindings": _version("cuda-bindings"),
-                      "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                      "numa_nodes": cd.numa_nodes(), "nvidia_fs": bool(list(Path("/dev").glob("nvidia-fs*")))}
+    doc["machine"] = {
+        "gpus": names,
+        "gpu_total_bytes": [cd.device_total(d) for d in range(ngpu)],
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_bindings": _version("cuda-bindings"),
+        "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "numa_nodes": cd.numa_nodes(),
+        "nvidia_fs": bool(list(Path("/dev").glob("nvidia-fs*"))),
+    }
     doc["peers_versions"] = {p: _version(PEER_DISTS[p]) for p in PEERS}
     res.note(f"{ngpu} GPU(s): {names}; using {gpus}")
     res.save()
@@ -866,7 +1000,9 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     ckpt = work / "ckpt"
     # -- setup: pre-touch host memory while the checkpoint is written
-    touch = threading.Thread(target=lambda: doc.setdefault("pretouch_s", round(pretouch(int(args.pretouch_gb * GB)), 1)))
+    touch = threading.Thread(
+        target=lambda: doc.setdefault("pretouch_s", round(pretouch(int(args.pretouch_gb * GB)), 1))
+    )
     touch.start()
     try:
         doc["checkpoint"] = make_checkpoint(ckpt, gpus, args.rank_gb * GB, args.files, args.tp, res)
@@ -880,8 +1016,15 @@ def main() -> int:
 
     def hw_backend(**override) -> CudaBackend:
         """A backend with the run's loader settings (``--threads``, ``--chunk-mb``, ...), some overridden."""
-        kw = dict(gds="off", reserve=512 * MiB, threads=args.threads, chunk_size=(args.chunk_mb or 0) * MiB or None,
-                  ring_depth=args.depth, read_mode=args.read_mode, engine=args.engine)
+        kw = dict(
+            gds="off",
+            reserve=512 * MiB,
+            threads=args.threads,
+            chunk_size=(args.chunk_mb or 0) * MiB or None,
+            ring_depth=args.depth,
+            read_mode=args.read_mode,
+            engine=args.engine,
+        )
         return CudaBackend(**{**kw, **override})
 
     backend = hw_backend()
@@ -965,9 +1108,12 @@ def main() -> int:
             raw_read(rank_files(ckpt, d), rings[d], direct=False)  # warms the page cache
         by_size = {}
         for chunk in (4 * MiB, 16 * MiB):
-            results, dt = on_each(range(2), lambda d: raw_read(rank_files(ckpt, d), rings[d], direct=False, chunk=chunk))
+            results, dt = on_each(
+                range(2), lambda d: raw_read(rank_files(ckpt, d), rings[d], direct=False, chunk=chunk)
+            )
             by_size[f"{rings[0].threads} threads x {chunk // MiB}MiB per GPU"] = rate(
-                sum(n for n, _, _ in results.values()), dt)
+                sum(n for n, _, _ in results.values()), dt
+            )
         read_agg = max(by_size.values())
         samples = []
         desc = {}
@@ -979,14 +1125,23 @@ def main() -> int:
         for _ in range(args.reps if py_backend is not None else 0):
             loads, dt = load_at_once(py_backend, ckpt, range(2))
             py_samples.append(rate(sum(v["bytes"] for v in loads.values()), dt))
-        out = {"raw_read_pinned_both": read_agg, "raw_read_by_read_size": by_size,
-               "hotweights_both": summary(samples), "descriptions": desc,
-               "hotweights_python_engine_both": summary(py_samples) if py_samples else None,
-               "h2d_both": doc.get("h2d", {}).get("all_gpus"), "h2d_one": doc.get("h2d", {}).get("one_gpu")}
+        out = {
+            "raw_read_pinned_both": read_agg,
+            "raw_read_by_read_size": by_size,
+            "hotweights_both": summary(samples),
+            "descriptions": desc,
+            "hotweights_python_engine_both": summary(py_samples) if py_samples else None,
+            "h2d_both": doc.get("h2d", {}).get("all_gpus"),
+            "h2d_one": doc.get("h2d", {}).get("one_gpu"),
+        }
         ceiling = min(read_agg, (doc.get("h2d", {}).get("all_gpus") or {}).get("aggregate", float("inf")))
         got = out["hotweights_both"]["median"]
-        targets["two_gpu"] = {"hotweights": got, "ceiling": ceiling, "ratio": round(got / ceiling, 3) if ceiling else None,
-                              "met": bool(ceiling and got >= 0.9 * ceiling)}
+        targets["two_gpu"] = {
+            "hotweights": got,
+            "ceiling": ceiling,
+            "ratio": round(got / ceiling, 3) if ceiling else None,
+            "met": bool(ceiling and got >= 0.9 * ceiling),
+        }
         res.note(f"two GPUs: hotweights {got} GB/s aggregate, ceiling {ceiling} GB/s")
         doc["two_gpu"] = out
         return out
@@ -1000,13 +1155,25 @@ def main() -> int:
     def sweep():
         out = {}
         for mode, threads, chunk, depth, huge in (
-                ("pread", 16, 16, 2, False), ("pread", 12, 4, 2, False), ("pread", 16, 8, 2, False),
-                ("pread", 16, 4, 4, False), ("pread", 16, 4, 2, True), ("mmap", 16, 16, 2, False)):
+            ("pread", 16, 16, 2, False),
+            ("pread", 12, 4, 2, False),
+            ("pread", 16, 8, 2, False),
+            ("pread", 16, 4, 4, False),
+            ("pread", 16, 4, 2, True),
+            ("mmap", 16, 16, 2, False),
+        ):
             if budget() < 200:
                 break
             key = f"{mode} {threads}x{depth}x{chunk}MiB" + (" huge pages" if huge else "")
-            b = CudaBackend(gds="off", reserve=512 * MiB, threads=threads, chunk_size=chunk * MiB, ring_depth=depth,
-                            read_mode=mode, hugepages=huge)
+            b = CudaBackend(
+                gds="off",
+                reserve=512 * MiB,
+                threads=threads,
+                chunk_size=chunk * MiB,
+                ring_depth=depth,
+                read_mode=mode,
+                hugepages=huge,
+            )
             try:
                 b.prepare([0])
                 out[key] = hw_load(b, ckpt, 0, 0)["gbps"]
@@ -1025,7 +1192,9 @@ def main() -> int:
         shm = Path("/dev/shm/hw-bench")
         need = sum(os.path.getsize(f) for f in files0)
         if shutil.disk_usage("/dev/shm").free < need * 1.1:
-            res.skip("tmpfs", f"/dev/shm has {shutil.disk_usage('/dev/shm').free / GB:.1f} GB free, needs {need / GB:.1f}")
+            res.skip(
+                "tmpfs", f"/dev/shm has {shutil.disk_usage('/dev/shm').free / GB:.1f} GB free, needs {need / GB:.1f}"
+            )
             return None
         shutil.rmtree(shm, ignore_errors=True)
         shm.mkdir(parents=True)
@@ -1087,13 +1256,23 @@ def main() -> int:
             r = hw_load(backend, ckpt, 0, 0)
             out["hotweights_default"] = r
             res.note(f"hotweights cold (default mode): {r['gbps']} GB/s ({r['description']})")
-        out["peers"] = run_peers(files0, [p for p in cold_peers if budget() > est + 20], res, "cold", cold=True,
-                                 budget=lambda: budget() - est)
+        out["peers"] = run_peers(
+            files0,
+            [p for p in cold_peers if budget() > est + 20],
+            res,
+            "cold",
+            cold=True,
+            budget=lambda: budget() - est,
+        )
         doc["cold"] = out
         got = max(out.get("hotweights_odirect", {}).get("gbps", 0), out.get("hotweights_default", {}).get("gbps", 0))
         ref = out["raw_read_odirect"]["gbps"]
-        targets["cold"] = {"hotweights": got, "raw_odirect": ref, "ratio": round(got / ref, 3) if ref else None,
-                           "met": bool(ref and got >= 0.9 * ref)}
+        targets["cold"] = {
+            "hotweights": got,
+            "raw_odirect": ref,
+            "ratio": round(got / ref, 3) if ref else None,
+            "met": bool(ref and got >= 0.9 * ref),
+        }
         return out
 
     section("cold", cold, need=60)
@@ -1137,11 +1316,16 @@ def _target(targets: dict, where: str, got: float, read: float, h2d: dict | None
     h = (h2d or {}).get("one_gpu", {}).get("aggregate", float("inf"))
     ceiling = min(read, h)
     name, best = best_peer(peers)
-    targets[where] = {"hotweights": got, "ceiling": ceiling, "ratio_to_ceiling": round(got / ceiling, 3) if ceiling else None,
-                      "best_peer": name, "best_peer_gbps": best,
-                      "x_best_peer": round(got / best, 2) if best else None,
-                      "met_ceiling": bool(ceiling and got >= 0.9 * ceiling),
-                      "met_peers": bool(best and got >= 3.5 * best) if best else None}
+    targets[where] = {
+        "hotweights": got,
+        "ceiling": ceiling,
+        "ratio_to_ceiling": round(got / ceiling, 3) if ceiling else None,
+        "best_peer": name,
+        "best_peer_gbps": best,
+        "x_best_peer": round(got / best, 2) if best else None,
+        "met_ceiling": bool(ceiling and got >= 0.9 * ceiling),
+        "met_peers": bool(best and got >= 3.5 * best) if best else None,
+    }
 
 
 def _version(dist: str) -> str | None:

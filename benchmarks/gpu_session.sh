@@ -48,13 +48,13 @@ else
 fi
 export PYTHONPATH=/tmp/site:$PWD/client:$PWD/daemon
 
-# The loader's native engine (daemon/hotweightsd/backends/hwfill.c) is built by pip install; this script runs
-# from the source tree, so it uses a library carried beside the package (carry daemon/hotweightsd/_hwfill*.so),
+# The loader's native engine (daemon/hotweightsd/loaders/hwfill.c) is built by pip install; this script runs
+# from the source tree, so it uses a library carried beside the package (carry daemon/hotweightsd/loaders/_hwfill*.so),
 # or builds one here when none loads and a C compiler exists. Without either, loads run on the python workers
 # and say so.
 native_state() { python3 -c 'from hotweightsd.backends import native as n; print(n.library_path(), "|", n.unavailable_reason() or "loads")'; }
 if native_state | grep -qv "| loads$" && command -v cc >/dev/null 2>&1; then
-  cc -O2 -std=gnu11 -shared -fPIC -o /tmp/hwfill.so daemon/hotweightsd/backends/hwfill.c -ldl -lpthread \
+  cc -O2 -std=gnu11 -shared -fPIC -o /tmp/hwfill.so daemon/hotweightsd/loaders/hwfill.c -ldl -lpthread \
     && export HOTWEIGHTS_NATIVE_LIB=/tmp/hwfill.so
 fi
 log "native loader: $(native_state 2>&1 | tail -1)"
@@ -88,7 +88,8 @@ for mod, dist in [("torch", "torch"), ("cuda.bindings.driver", "cuda-bindings"),
         print(f"import {mod}: FAILED {type(exc).__name__}: {exc}")
 import torch
 print("torch.cuda:", torch.cuda.is_available(), torch.cuda.device_count(), torch.version.cuda)
-from hotweightsd.backends import cuda_driver, gds
+from hotweights.cuda import devices as cuda_driver
+from hotweightsd.loaders import gds
 print("hotweights cuda:", cuda_driver.device_count(), "device(s);", cuda_driver.unavailable_reason() or "usable")
 print("hotweights gds:", gds.unavailable_reason() or "usable", "| cuFile library:", gds.library_reason() or "loads")
 PY

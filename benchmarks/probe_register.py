@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_load as bl  # noqa: E402
+import bench_load as bl
 
 MiB = bl.MiB
 HUGE = 2 * MiB
@@ -78,11 +78,11 @@ def write_file(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         left = size
         while left:
-            left -= f.write(block[:min(left, len(block))])
+            left -= f.write(block[: min(left, len(block))])
 
 
 def probe_region(kind: str, size: int, path: Path | None, threads: int) -> dict:
-    from hotweightsd.backends import cuda_driver as cd
+    from hotweights.cuda import devices as cd
 
     out: dict = {"kind": kind, "bytes": size}
     before = meminfo("AnonHugePages", "ShmemHugePages", "FileHugePages", "ShmemPmdMapped", "FilePmdMapped")
@@ -109,8 +109,10 @@ def probe_region(kind: str, size: int, path: Path | None, threads: int) -> dict:
                 for rep in range(2):  # the first pass warms the GPU mappings
                     t0 = time.perf_counter()
                     for i, off in enumerate(range(0, length, piece)):
-                        cd.check(drv.cuMemcpyHtoDAsync(dev + off, addr + off, min(piece, length - off), streams[i % 2]),
-                                 "cuMemcpyHtoDAsync")
+                        cd.check(
+                            drv.cuMemcpyHtoDAsync(dev + off, addr + off, min(piece, length - off), streams[i % 2]),
+                            "cuMemcpyHtoDAsync",
+                        )
                     for st in streams:
                         cd.check(drv.cuStreamSynchronize(st), "cuStreamSynchronize")
                     out[f"dma_gbps_{rep}"] = bl.rate(length, time.perf_counter() - t0)
@@ -161,8 +163,13 @@ def loads(ckpt_dirs: dict[str, Path], res) -> dict:
 
     out: dict = {}
     for label, where in ckpt_dirs.items():
-        for mode, threads, chunk in (("pread", 16, 16), ("pread", 12, 4), ("mmap", 16, 16), ("mmap", 8, 64),
-                                     ("mmap", 16, 64)):
+        for mode, threads, chunk in (
+            ("pread", 16, 16),
+            ("pread", 12, 4),
+            ("mmap", 16, 16),
+            ("mmap", 8, 64),
+            ("mmap", 16, 64),
+        ):
             b = CudaBackend(gds="off", reserve=512 * MiB, read_mode=mode, threads=threads, chunk_size=chunk * MiB)
             try:
                 b.prepare([0])
@@ -188,7 +195,7 @@ def main() -> int:
     args = ap.parse_args()
     res = bl.Results(args.out or [str(bl.ROOT / "benchmarks" / "results")])
     doc = res.doc
-    from hotweightsd.backends import cuda_driver as cd
+    from hotweights.cuda import devices as cd
 
     if cd.device_count() == 0:
         doc["fatal"] = f"no GPU: {cd.unavailable_reason()}"
@@ -196,18 +203,24 @@ def main() -> int:
         return 2
     res.set_name(cd.device_name(0))
     res.name = res.name.replace("bench-", "probe-", 1)
-    doc["machine"] = {"gpus": [cd.device_name(d) for d in range(cd.device_count())], "cpus": os.cpu_count(),
-                      "kernel": os.uname().release,
-                      "thp": Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip(),
-                      "shmem_thp": _read("/sys/kernel/mm/transparent_hugepage/shmem_enabled")}
+    doc["machine"] = {
+        "gpus": [cd.device_name(d) for d in range(cd.device_count())],
+        "cpus": os.cpu_count(),
+        "kernel": os.uname().release,
+        "thp": Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip(),
+        "shmem_thp": _read("/sys/kernel/mm/transparent_hugepage/shmem_enabled"),
+    }
     size = int(args.gb * bl.GB) // HUGE * HUGE
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     huge = Path("/tmp/hw-huge-tmpfs")
     huge.mkdir(exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"huge=always,size={int(args.gb + args.rank_gb + 4)}G",
-                              "hw-huge", str(huge)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"huge=always,size={int(args.gb + args.rank_gb + 4)}G", "hw-huge", str(huge)],
+        capture_output=True,
+        text=True,
+    )
     doc["huge_tmpfs"] = "mounted" if mounted.returncode == 0 else f"not mounted: {mounted.stderr.strip()}"
     shm = Path("/dev/shm/hw-probe")
     shm.mkdir(exist_ok=True)
@@ -216,7 +229,7 @@ def main() -> int:
         files = {"page-cache": work / "region.bin", "dev-shm": shm / "region.bin"}
         if mounted.returncode == 0:
             files["tmpfs-huge"] = huge / "region.bin"
-        for label, p in files.items():
+        for p in files.values():
             write_file(p, size)
             with open(p, "rb") as f:  # into the page cache
                 while f.read(64 * MiB):

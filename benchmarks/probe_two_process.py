@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_load as bl  # noqa: E402
+import bench_load as bl
 
 MiB = bl.MiB
 
@@ -34,7 +34,7 @@ def pinner(path: str, window: int, seconds: float, ready=None, go=None) -> dict:
     import ctypes
     import mmap
 
-    from hotweightsd.backends import cuda_driver as cd
+    from hotweights.cuda import devices as cd
 
     cd.set_current(0)
     drv = cd.init()
@@ -96,12 +96,13 @@ def main() -> int:
     args = ap.parse_args()
     window = args.window_mb * MiB
     if args.child:  # B as its own process: "ready" on stdout, waits for a line on stdin, prints its result
-        out = pinner(args.child, window, args.seconds, ready=lambda: print("ready", flush=True),
-                     go=lambda: sys.stdin.readline())
+        out = pinner(
+            args.child, window, args.seconds, ready=lambda: print("ready", flush=True), go=lambda: sys.stdin.readline()
+        )
         print(repr(out), flush=True)
         return 0
 
-    from hotweightsd.backends import cuda_driver as cd
+    from hotweights.cuda import devices as cd
     from hotweightsd.backends.cuda import CudaBackend
 
     res = bl.Results(args.out or [str(bl.ROOT / "benchmarks" / "results")])
@@ -146,9 +147,22 @@ def main() -> int:
 
         # B as its own process
         env = dict(os.environ)
-        child = subprocess.Popen([sys.executable, __file__, "--child", str(pin_file), "--window-mb", str(args.window_mb),
-                                  "--seconds", str(secs)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 env=env)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(pin_file),
+                "--window-mb",
+                str(args.window_mb),
+                "--seconds",
+                str(secs),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert child.stdout.readline().strip() == "ready"
         child.stdin.write("go\n")
         child.stdin.flush()

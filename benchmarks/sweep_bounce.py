@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_load as bl  # noqa: E402  (the checkpoint, raw reads and H2D are shared with the main benchmark)
+import bench_load as bl
 
 MiB = bl.MiB
 
@@ -44,17 +44,29 @@ def read_file(path: str) -> str:
 
 
 def key(s: dict) -> str:
-    return (f"{s['threads']}x{s['depth']}x{s['chunk_mb']:g}MiB" + (" block" if s.get("sync") == "block" else "")
-            + (" huge" if s.get("hugepages") else ""))
+    return (
+        f"{s['threads']}x{s['depth']}x{s['chunk_mb']:g}MiB"
+        + (" block" if s.get("sync") == "block" else "")
+        + (" huge" if s.get("hugepages") else "")
+    )
 
 
 def backend_for(s: dict, devices: list[int]):
     from hotweightsd.backends.cuda import CudaBackend
 
-    b = CudaBackend(gds="off", reserve=512 * MiB, read_mode=s.get("read_mode", "pread"), threads=s["threads"],
-                    chunk_size=int(s["chunk_mb"] * MiB), ring_depth=s["depth"], sync=s.get("sync", "spin"),
-                    hugepages=s.get("hugepages", False), busy_chunk=int(s.get("busy_mb", s["chunk_mb"]) * MiB),
-                    engine=s.get("engine"), share_cores=s.get("share", False))
+    b = CudaBackend(
+        gds="off",
+        reserve=512 * MiB,
+        read_mode=s.get("read_mode", "pread"),
+        threads=s["threads"],
+        chunk_size=int(s["chunk_mb"] * MiB),
+        ring_depth=s["depth"],
+        sync=s.get("sync", "spin"),
+        hugepages=s.get("hugepages", False),
+        busy_chunk=int(s.get("busy_mb", s["chunk_mb"]) * MiB),
+        engine=s.get("engine"),
+        share_cores=s.get("share", False),
+    )
     b.prepare(devices)
     return b
 
@@ -108,7 +120,9 @@ def one_source(label: str, ckpt: Path, files: list[str], args, res, budget, h2d_
         except Exception as exc:
             res.error(f"{label} {key(s)}", exc)
     doc["grid"] = {k: v for k, (_, v) in grid.items()}
-    res.note(f"{label} grid: " + ", ".join(f"{k} {v}" for k, (_, v) in sorted(grid.items(), key=lambda kv: -kv[1][1])[:8]))
+    res.note(
+        f"{label} grid: " + ", ".join(f"{k} {v}" for k, (_, v) in sorted(grid.items(), key=lambda kv: -kv[1][1])[:8])
+    )
     res.save()
 
     ranked = [s for s, _ in sorted(grid.values(), key=lambda sv: -sv[1])]
@@ -128,7 +142,7 @@ def one_source(label: str, ckpt: Path, files: list[str], args, res, budget, h2d_
     res.save()
 
     pool = sorted(list(grid.values()) + list(variants.values()), key=lambda sv: -sv[1])
-    finalists = [s for s, _ in pool[:args.finalists]]
+    finalists = [s for s, _ in pool[: args.finalists]]
     default = current_default()
     if key(default) not in {key(s) for s in finalists}:
         finalists.append(default)  # the current default, for comparison
@@ -141,7 +155,7 @@ def one_source(label: str, ckpt: Path, files: list[str], args, res, budget, h2d_
             backends[key(s)] = backend_for(s, [0])
         read_b = backend_for({"threads": rt, "chunk_mb": rc, "depth": 1}, [0])
         backends["_read"] = read_b
-        for rep in range(args.reps):
+        for _rep in range(args.reps):
             if budget() < args.reserve_s / 2:
                 break
             n, dt, _ = bl.raw_read(files, read_b.ring(0), direct=False)
@@ -155,14 +169,16 @@ def one_source(label: str, ckpt: Path, files: list[str], args, res, budget, h2d_
     doc["finalists_read_ceiling"] = bl.summary(reads) if reads else None
     ceiling = min(max(best_read, statistics.median(reads) if reads else 0), h2d_one)
     doc["ceiling"] = ceiling
-    for k, v in doc["finalists"].items():
+    for _k, v in doc["finalists"].items():
         v["ratio_to_ceiling"] = round(v["median"] / ceiling, 3)
     best = max(doc["finalists"].items(), key=lambda kv: kv[1]["median"])
     doc["best"] = {"settings": best[0], **best[1]}
     by_key = {key(s): s for s in finalists}
     doc["ranked_settings"] = [by_key[k] for k in sorted(doc["finalists"], key=lambda k: -doc["finalists"][k]["median"])]
-    res.note(f"{label} finalists: " + ", ".join(f"{k} {v['median']} ({v['ratio_to_ceiling']})"
-                                                 for k, v in doc["finalists"].items()))
+    res.note(
+        f"{label} finalists: "
+        + ", ".join(f"{k} {v['median']} ({v['ratio_to_ceiling']})" for k, v in doc["finalists"].items())
+    )
     return doc
 
 
@@ -179,7 +195,8 @@ def two_gpus(ckpt: Path, args, res, budget, h2d_all: float, winners: list[dict])
         try:
             both(lambda d: bl.raw_read(files[d], b.ring(d), direct=False)[0])  # warm
             doc["read_both"][f"{threads}x{chunk_mb}MiB per GPU"] = bl.summary(
-                [both(lambda d: bl.raw_read(files[d], b.ring(d), direct=False)[0]) for _ in range(2)])
+                [both(lambda d: bl.raw_read(files[d], b.ring(d), direct=False)[0]) for _ in range(2)]
+            )
         finally:
             b.close()
     best_read = max(v["median"] for v in doc["read_both"].values())
@@ -221,7 +238,7 @@ def _anon_huge_kb() -> int | None:
 
 def current_default() -> dict:
     """The loader's own default settings (environment included), as a sweep entry."""
-    from hotweightsd.backends.bounce import BounceSettings
+    from hotweightsd.loaders.bounce import BounceSettings
 
     d = BounceSettings.resolve()
     return {"threads": d.threads, "chunk_mb": d.chunk_size / MiB, "depth": d.depth, "busy_mb": d.busy_chunk / MiB}
@@ -234,8 +251,12 @@ def main() -> int:
     ap.add_argument("--rank-gb", type=float, default=8.5)
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[8, 12, 16])
-    ap.add_argument("--chunks", type=lambda v: [float(x) for x in v.split(",")], default=[1, 2, 4, 8, 16],
-                    help="chunk sizes, MiB (0.25 and 0.5 are fine: any multiple of 4 KiB)")
+    ap.add_argument(
+        "--chunks",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[1, 2, 4, 8, 16],
+        help="chunk sizes, MiB (0.25 and 0.5 are fine: any multiple of 4 KiB)",
+    )
     ap.add_argument("--depths", type=lambda v: [int(x) for x in v.split(",")], default=[2, 4])
     ap.add_argument("--two-gpu-threads", type=lambda v: [int(x) for x in v.split(",")], default=[4, 6, 8, 12, 16])
     ap.add_argument("--finalists", type=int, default=5)
@@ -249,11 +270,11 @@ def main() -> int:
 
     res = bl.Results(args.out or [str(bl.ROOT / "benchmarks" / "results")])
     deadline = time.monotonic() + args.budget
-    budget = lambda: deadline - time.monotonic()  # noqa: E731
+    budget = lambda: deadline - time.monotonic()
     doc = res.doc
     doc["args"] = vars(args)
 
-    from hotweightsd.backends import cuda_driver as cd
+    from hotweights.cuda import devices as cd
 
     ngpu = cd.device_count()
     if ngpu == 0:
@@ -265,14 +286,20 @@ def main() -> int:
     res.set_name(names[0])
     res.name = res.name.replace("bench-", "sweep-", 1)
     gpus = min(ngpu, 2)
-    doc["machine"] = {"gpus": names, "cpus": os.cpu_count(), "numa_nodes": cd.numa_nodes(),
-                      "thp_enabled": read_file("/sys/kernel/mm/transparent_hugepage/enabled"),
-                      "thp_defrag": read_file("/sys/kernel/mm/transparent_hugepage/defrag"),
-                      "kernel": os.uname().release}
+    doc["machine"] = {
+        "gpus": names,
+        "cpus": os.cpu_count(),
+        "numa_nodes": cd.numa_nodes(),
+        "thp_enabled": read_file("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "thp_defrag": read_file("/sys/kernel/mm/transparent_hugepage/defrag"),
+        "kernel": os.uname().release,
+    }
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     ckpt = work / "ckpt"
-    touch = threading.Thread(target=lambda: doc.setdefault("pretouch_s", round(bl.pretouch(int(args.pretouch_gb * bl.GB)), 1)))
+    touch = threading.Thread(
+        target=lambda: doc.setdefault("pretouch_s", round(bl.pretouch(int(args.pretouch_gb * bl.GB)), 1))
+    )
     touch.start()
     doc["checkpoint"] = bl.make_checkpoint(ckpt, gpus, args.rank_gb * bl.GB, args.files, 8, res)
     touch.join()
@@ -289,8 +316,9 @@ def main() -> int:
 
     winners: list[dict] = []
     try:
-        doc["page_cache"] = one_source("page cache", ckpt, files0, args, res, budget, h["one_gpu"]["aggregate"],
-                                       warm.ring(0))
+        doc["page_cache"] = one_source(
+            "page cache", ckpt, files0, args, res, budget, h["one_gpu"]["aggregate"], warm.ring(0)
+        )
         res.save()
         best = doc["page_cache"]["best"]["settings"]
         winners = doc["page_cache"]["ranked_settings"][:2]
@@ -302,8 +330,9 @@ def main() -> int:
             try:
                 for f in files0:
                     shutil.copyfile(f, shm / Path(f).name)
-                doc["tmpfs"] = one_source("tmpfs", shm, bl.rank_files(shm, 0), args, res, budget,
-                                           h["one_gpu"]["aggregate"], warm.ring(0))
+                doc["tmpfs"] = one_source(
+                    "tmpfs", shm, bl.rank_files(shm, 0), args, res, budget, h["one_gpu"]["aggregate"], warm.ring(0)
+                )
             finally:
                 shutil.rmtree(shm, ignore_errors=True)
             res.save()
@@ -313,8 +342,14 @@ def main() -> int:
         warm.close()
     if gpus > 1 and "two-gpu" not in skip:
         try:
-            doc["two_gpu"] = two_gpus(ckpt, args, res, budget, h["all_gpus"]["aggregate"],
-                                      winners or [{"threads": 16, "chunk_mb": 16, "depth": 2}])
+            doc["two_gpu"] = two_gpus(
+                ckpt,
+                args,
+                res,
+                budget,
+                h["all_gpus"]["aggregate"],
+                winners or [{"threads": 16, "chunk_mb": 16, "depth": 2}],
+            )
         except Exception as exc:
             res.error("two GPUs", exc)
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -32,5 +32,3 @@ def client(daemon):
     c = hotweights.connect(daemon.socket)
     yield c
     c.close()
-
-

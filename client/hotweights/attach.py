@@ -10,18 +10,18 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
 from hotweights import errors
-from hotweights.fdpass import fetch_fds
-from hotweights.pb import pb
-from hotweights.regions import Region, open_region
-from hotweights.rpc_status import error_from_rpc
-from hotweights.table import Table, TensorMeta, build_tensors
+from hotweights.mapping.regions import Region, open_region
+from hotweights.mapping.table import Table, TensorMeta, build_tensors
+from hotweights.wire.fdproto import fetch_fds
+from hotweights.wire.pb import pb
+from hotweights.wire.status import error_from_rpc
 
 if TYPE_CHECKING:
     from hotweights.client import Client
@@ -36,8 +36,14 @@ class LeaseStream:
 
     RELEASE_RETRY_SECONDS = 120.0
 
-    def __init__(self, stub, ref: str, holder: str, on_alias_moved: Callable[[pb.AliasMoved], None] | None,
-                 rank: int | None = None) -> None:
+    def __init__(
+        self,
+        stub,
+        ref: str,
+        holder: str,
+        on_alias_moved: Callable[[pb.AliasMoved], None] | None,
+        rank: int | None = None,
+    ) -> None:
         self._stub = stub
         self._rank = rank
         self._holder = holder
@@ -53,9 +59,16 @@ class LeaseStream:
         self._thread.start()
 
     def _open(self, ref: str, with_handles: bool = False) -> pb.LeaseGranted:
-        open_msg = pb.LeaseRequest(open=pb.LeaseOpen(ref=ref, pid=os.getpid(), holder=self._holder,
-                                                     with_handles=with_handles, rank=self._rank or 0,
-                                                     compact_table=True))
+        open_msg = pb.LeaseRequest(
+            open=pb.LeaseOpen(
+                ref=ref,
+                pid=os.getpid(),
+                holder=self._holder,
+                with_handles=with_handles,
+                rank=self._rank or 0,
+                compact_table=True,
+            )
+        )
 
         def requests():
             yield open_msg
@@ -104,12 +117,18 @@ class Attachment(Mapping[str, torch.Tensor]):
     ``release()`` for as long as they are referenced (the mapping goes with the last of them).
     """
 
-    def __init__(self, client: "Client", ref: str, rank: int = 0, holder: str = "",
-                 on_alias_moved: Callable[[pb.AliasMoved], None] | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        ref: str,
+        rank: int = 0,
+        holder: str = "",
+        on_alias_moved: Callable[[pb.AliasMoved], None] | None = None,
+    ) -> None:
         self.ref = ref
         self.rank = rank
         t0 = time.perf_counter()
-        self._lease = LeaseStream(client.stub, ref, holder, on_alias_moved, rank=rank)
+        self._lease: LeaseStream | None = LeaseStream(client.stub, ref, holder, on_alias_moved, rank=rank)
         self._regions: list[Region] = []
         try:
             g = self._lease.granted
@@ -181,7 +200,7 @@ class Attachment(Mapping[str, torch.Tensor]):
         if lease is not None:
             lease.release()
 
-    def __enter__(self) -> "Attachment":
+    def __enter__(self) -> Attachment:
         return self
 
     def __exit__(self, *exc) -> None:

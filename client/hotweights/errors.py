@@ -1,6 +1,6 @@
 """Typed errors shared by the daemon core and the client library.
 
-The daemon raises these; ``hotweights.rpc_status`` turns them into gRPC statuses and the client
+The daemon raises these; ``hotweights.wire.status`` turns them into gRPC statuses and the client
 turns the statuses back into the same classes, so library users catch what the core raised.
 This module imports nothing from gRPC: the core uses it without a transport.
 """
@@ -104,7 +104,8 @@ class CudaError(BackendError):
 
 
 def _all_subclasses(cls: type) -> list[type]:
-    out = []
+    out: list[type] = []
+    sub: type
     for sub in cls.__subclasses__():
         out.append(sub)
         out.extend(_all_subclasses(sub))

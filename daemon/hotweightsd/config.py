@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from hotweights.errors import InvalidArgument
 from hotweights.paths import default_socket
 from hotweights.units import parse_size
+from hotweightsd.loaders.settings import LoaderSettings
 
 DEFAULT_CONFIG = "/etc/hotweights/config.toml"
 _SIZE_KEYS = {"reserve", "memory_limit", "chunk_size", "busy_chunk_size"}
@@ -20,32 +22,33 @@ _SIZE_KEYS = {"reserve", "memory_limit", "chunk_size", "busy_chunk_size"}
 @dataclass
 class Config:
     socket: str = ""
-    backend: str = "auto"              # auto | cpu | cuda
-    reserve: int = 2 * 2**30           # bytes kept free per device (cpu: host memory)
-    memory_limit: int | None = None    # cpu backend: cap on resident bytes
+    backend: str = "auto"  # auto | cpu | cuda
+    reserve: int = 2 * 2**30  # bytes kept free per device (cpu: host memory)
+    memory_limit: int | None = None  # cpu backend: cap on resident bytes
     loader_threads: int | None = None
-    loader: str = "auto"               # cuda bounce path: auto | pread | odirect | mmap
-    chunk_size: int | None = None      # cuda bounce path; None: the backend's measured default
+    loader: str = "auto"  # cuda bounce path: auto | pread | odirect | mmap
+    chunk_size: int | None = None  # cuda bounce path; None: the backend's measured default
     ring_depth: int | None = None
     busy_chunk_size: int | None = None  # read size while other GPUs load (fewer, larger reads)
-    loader_engine: str = "auto"        # cuda bounce path's loop: auto (native where built) | native | python
-    gds: str = "auto"                  # auto | off | force
+    loader_engine: str = "auto"  # cuda bounce path's loop: auto (native where built) | native | python
+    gds: str = "auto"  # auto | off | force
     ticket_ttl: float = 30.0
-    verify: str = "fast"               # default LoadModel verify level when a manifest exists
-    log_format: str = "auto"           # auto | console | json
+    verify: str = "fast"  # default LoadModel verify level when a manifest exists
+    log_format: str = "auto"  # auto | console | json
     log_level: str = "info"
-    state_dir: str = ""                # where the fd-store state file lives; "" = beside the socket
+    state_dir: str = ""  # where the fd-store state file lives; "" = beside the socket
     preload: list[dict[str, Any]] = field(default_factory=list)
 
-    def backend_options(self) -> dict[str, Any]:
-        if self.backend == "cpu":
-            return {"memory_limit": self.memory_limit, "reserve": self.reserve, "threads": self.loader_threads}
-        return {
-            "reserve": self.reserve, "threads": self.loader_threads, "loader": self.loader,
-            "chunk_size": self.chunk_size, "ring_depth": self.ring_depth, "busy_chunk": self.busy_chunk_size,
-            "engine": self.loader_engine, "gds": self.gds,
-            "memory_limit": self.memory_limit,
-        }
+    def loader_settings(self) -> LoaderSettings:
+        return LoaderSettings(
+            read_mode=self.loader,
+            threads=self.loader_threads,
+            chunk_size=self.chunk_size,
+            ring_depth=self.ring_depth,
+            busy_chunk_size=self.busy_chunk_size,
+            engine=self.loader_engine,
+            gds=self.gds,
+        )
 
 
 def _coerce(key: str, value: Any, kind: type | str) -> Any:
@@ -70,8 +73,9 @@ def _coerce(key: str, value: Any, kind: type | str) -> Any:
     return str(value)
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
-                env: dict[str, str] | None = None) -> Config:
+def load_config(
+    path: str | None = None, overrides: dict[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
     env = os.environ if env is None else env
     fields = {f.name: f for f in dataclasses.fields(Config)}
     values: dict[str, Any] = {}

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+from pathlib import Path
 
 import grpc
 import structlog
@@ -13,15 +14,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hotweights.errors import AlreadyExists, HotweightsError
-from hotweights.pb import pb, pb_grpc
-from pathlib import Path
-
-from hotweightsd import systemd
+from hotweights.wire.pb import pb, pb_grpc
 from hotweightsd.backends import create_backend
 from hotweightsd.config import Config, load_config
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.logging import configure
-from hotweightsd.persist import STATE_NAME, Persister, restore
+from hotweightsd.persist import systemd
+from hotweightsd.persist.fdstore import STATE_NAME, Persister, restore
 from hotweightsd.server.fdchannel import FdChannel
 from hotweightsd.server.service import HotweightsService, grpc_options
 from hotweightsd.server.sockets import SocketOwnership, born_with_mode, fd_socket_path
@@ -32,16 +31,25 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Hotweights"].full_name
 
 async def serve(cfg: Config) -> None:
     ownership = SocketOwnership(cfg.socket)
-    backend = create_backend(cfg.backend, **cfg.backend_options())
+    backend = create_backend(
+        cfg.backend, reserve=cfg.reserve, memory_limit=cfg.memory_limit, loader=cfg.loader_settings()
+    )
     manager = ModelManager(backend, ticket_ttl=cfg.ticket_ttl, default_verify=cfg.verify)
     fd_path = fd_socket_path(cfg.socket)
-    persister = Persister(manager, Path(cfg.state_dir or os.path.dirname(cfg.socket)) / STATE_NAME,
-                          fdstore=systemd.fdstore_enabled())
+    persister = Persister(
+        manager, Path(cfg.state_dir or os.path.dirname(cfg.socket)) / STATE_NAME, fdstore=systemd.fdstore_enabled()
+    )
     report = restore(manager, backend, persister, systemd.listen_fds())
     channel = FdChannel(fd_path, manager)
     server = grpc.aio.server(options=grpc_options())
-    service = HotweightsService(manager, cfg.socket, fd_path, gds_note=getattr(backend, "gds_note", ""),
-                                restored=bool(report.restored), restore_note=report.note)
+    service = HotweightsService(
+        manager,
+        cfg.socket,
+        fd_path,
+        gds_note=getattr(backend, "gds_note", ""),
+        restored=bool(report.restored),
+        restore_note=report.note,
+    )
     pb_grpc.add_HotweightsServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -58,8 +66,14 @@ async def serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("daemon.serving", socket=cfg.socket, backend=backend.name, pid=os.getpid(),
-             devices=[d.name for d in backend.devices()], restore=report.note)
+    log.info(
+        "daemon.serving",
+        socket=cfg.socket,
+        backend=backend.name,
+        pid=os.getpid(),
+        devices=[d.name for d in backend.devices()],
+        restore=report.note,
+    )
     # READY before any load: a cold preload must not count against the start timeout.
     systemd.ready(f"serving on {cfg.socket}; {report.note or 'nothing to restore'}")
     watchdog = asyncio.ensure_future(systemd.watchdog_loop(stop))
@@ -70,8 +84,11 @@ async def serve(cfg: Config) -> None:
     try:
         persister.save()
         await _load_all(manager, report.to_reload, "reload")
-        await _load_all(manager, [{**item, "aliases": [item["alias"]] if item.get("alias") else []}
-                                  for item in cfg.preload], "preload")
+        await _load_all(
+            manager,
+            [{**item, "aliases": [item["alias"]] if item.get("alias") else []} for item in cfg.preload],
+            "preload",
+        )
         await stop.wait()
     finally:
         log.info("daemon.stopping")
@@ -102,8 +119,9 @@ async def _load_all(manager: ModelManager, items: list[dict], what: str) -> None
     """Loads each item ({name, path, version?, verify?, aliases}); a failure is logged, not fatal."""
     for item in items:
         try:
-            mv = await asyncio.to_thread(manager.load, item["name"], item["path"], version=item.get("version"),
-                                         verify=item.get("verify"))
+            mv = await asyncio.to_thread(
+                manager.load, item["name"], item["path"], version=item.get("version"), verify=item.get("verify")
+            )
             for alias in item.get("aliases", ()):
                 manager.set_alias(alias, mv.key)
             log.info(f"{what}.done", model=mv.key, path=item["path"])

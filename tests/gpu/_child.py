@@ -3,7 +3,7 @@
 Commands (spec as JSON on stdin, answer as one JSON line on stdout):
 
 - ``verify``: opens the regions (fds passed with pass_fds, or legacy IPC handles) through
-  ``hotweights.regions.open_region``, builds every tensor and compares it bit for bit with
+  ``hotweights.mapping.regions.open_region``, builds every tensor and compares it bit for bit with
   ``safetensors.torch.load_file(device=...)``; optionally then tries to write into a region.
 - ``adopt``: a "restarted daemon": adopts a VMM fd with CudaBackend.adopt and reads it back.
 - ``exporter``: loads a checkpoint with CudaBackend, sends the layout and its fds over a unix
@@ -24,7 +24,7 @@ import time
 def build(base, p):
     import torch
 
-    raw = base[p["offset"]:p["offset"] + p["nbytes"]]
+    raw = base[p["offset"] : p["offset"] + p["nbytes"]]
     dtype = getattr(torch, p["served_dtype"], None)
     if not isinstance(dtype, torch.dtype) or (dtype == torch.uint8 and p["dtype"] != "U8"):
         return raw
@@ -45,13 +45,14 @@ def verify(spec: dict) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from hotweights.regions import open_region
+    from hotweights.mapping.regions import open_region
 
     regions = []
     t0 = time.perf_counter()
     for r in spec["regions"]:
-        regions.append(open_region(r["handle_type"], r["size"], r["device"], r.get("fd"),
-                                   bytes.fromhex(r.get("ipc_handle", ""))))
+        regions.append(
+            open_region(r["handle_type"], r["size"], r["device"], r.get("fd"), bytes.fromhex(r.get("ipc_handle", "")))
+        )
     for r in spec["regions"]:
         if r.get("fd") is not None:
             os.close(r["fd"])
@@ -92,7 +93,7 @@ def verify(spec: dict) -> dict:
 
 
 def adopt(spec: dict) -> dict:
-    from conftest import assert_loaded_exactly  # noqa: E402  (the tests directory is on sys.path)
+    from conftest import assert_loaded_exactly
 
     from hotweightsd.backends.cuda import CudaBackend
     from hotweightsd.core.backend import HandleType
@@ -100,9 +101,25 @@ def adopt(spec: dict) -> dict:
 
     b = CudaBackend(gds="off", reserve=0)
     allocs = [b.adopt(r["device"], r["size"], HandleType.CUDA_VMM_FD, r["fd"]) for r in spec["regions"]]
-    layout = RankLayout(0, spec["files"], [r["size"] for r in spec["regions"]],
-                        [Placement(p["name"], p["dtype"], p["served_dtype"], tuple(p["shape"]), p["allocation"],
-                                   p["offset"], p["nbytes"], p["file"], p["file_offset"]) for p in spec["placements"]])
+    layout = RankLayout(
+        0,
+        spec["files"],
+        [r["size"] for r in spec["regions"]],
+        [
+            Placement(
+                p["name"],
+                p["dtype"],
+                p["served_dtype"],
+                tuple(p["shape"]),
+                p["allocation"],
+                p["offset"],
+                p["nbytes"],
+                p["file"],
+                p["file_offset"],
+            )
+            for p in spec["placements"]
+        ],
+    )
     assert_loaded_exactly(layout, allocs)
     again = allocs[0].export_fd()
     os.close(again)
@@ -120,9 +137,15 @@ def exporter(spec: dict) -> None:
     b = backend()
     layout, allocs, desc = load(b, Path(spec["checkpoint"]))
     fds = [a.export_fd() for a in allocs]
-    msg = json.dumps({"placements": placements_json(layout), "files": layout.files, "description": desc,
-                      "regions": [{"handle_type": a.handle_type.value, "size": a.size, "device": a.device}
-                                  for a in allocs], "pid": os.getpid()}).encode()
+    msg = json.dumps(
+        {
+            "placements": placements_json(layout),
+            "files": layout.files,
+            "description": desc,
+            "regions": [{"handle_type": a.handle_type.value, "size": a.size, "device": a.device} for a in allocs],
+            "pid": os.getpid(),
+        }
+    ).encode()
     sock = socket.socket(fileno=spec["socket_fd"])
     sock.sendall(len(msg).to_bytes(8, "little"))
     socket.send_fds(sock, [msg], fds)

@@ -51,11 +51,11 @@ def gpu_count() -> int:
 
 
 def mixed_tensors(seed: int = 0, scale: int = 1) -> dict:
-    """tests/ckpt_tools.py's mixed dtypes, plus NaN/inf bit patterns and larger tensors (``scale`` widens ``big``)."""
+    """support/ckpt_tools.py's mixed dtypes, plus NaN/inf bit patterns and larger tensors (``scale`` widens ``big``)."""
     import torch
 
     sys.path.insert(0, str(HERE.parent))
-    from ckpt_tools import mixed_tensors as base
+    from support.ckpt_tools import mixed_tensors as base
 
     g = torch.Generator().manual_seed(seed + 1)
     tensors = base(seed)
@@ -89,7 +89,7 @@ def load(b, ckpt: Path, rank: int = 0, device: int | None = None, mode=None):
     """plan_rank + allocate + fill, as the daemon's manager does. Returns (layout, allocations, description)."""
     import threading
 
-    from hotweights.checkpoint import open_checkpoint
+    from hotweights.format.checkpoint import open_checkpoint
     from hotweightsd.core.backend import AllocationMode
     from hotweightsd.core.layout import plan_rank
 
@@ -109,14 +109,24 @@ def load(b, ckpt: Path, rank: int = 0, device: int | None = None, mode=None):
 
 
 def placements_json(layout) -> list[dict]:
-    return [{"name": p.name, "dtype": p.dtype, "served_dtype": p.served_dtype, "shape": list(p.shape),
-             "allocation": p.allocation, "offset": p.offset, "nbytes": p.nbytes, "file": p.file}
-            for p in layout.placements]
+    return [
+        {
+            "name": p.name,
+            "dtype": p.dtype,
+            "served_dtype": p.served_dtype,
+            "shape": list(p.shape),
+            "allocation": p.allocation,
+            "offset": p.offset,
+            "nbytes": p.nbytes,
+            "file": p.file,
+        }
+        for p in layout.placements
+    ]
 
 
 def read_device(device: int, ptr: int, n: int) -> bytes:
     """Copies ``n`` bytes of device memory at ``ptr`` to the host (driver API, no torch)."""
-    from hotweightsd.backends import cuda_driver as cd
+    from hotweights.cuda import devices as cd
 
     buf = ctypes.create_string_buffer(max(n, 1))
     with cd.current(device) as drv:
@@ -139,7 +149,7 @@ def assert_loaded_exactly(layout, allocs) -> None:
 
 
 def free_memory(device: int) -> int:
-    from hotweightsd.backends import cuda_driver as cd
+    from hotweights.cuda import devices as cd
 
     return cd.mem_info(device)[0]
 
@@ -154,8 +164,15 @@ def child_env() -> dict:
 
 def run_child(command: str, spec: dict, pass_fds: tuple[int, ...] = (), timeout: float = 180) -> dict:
     """Runs ``_child.py command`` in a new process with ``spec`` on stdin; returns its JSON answer."""
-    r = subprocess.run([sys.executable, str(HERE / "_child.py"), command], input=json.dumps(spec),
-                       capture_output=True, text=True, timeout=timeout, pass_fds=pass_fds, env=child_env())
+    r = subprocess.run(
+        [sys.executable, str(HERE / "_child.py"), command],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        pass_fds=pass_fds,
+        env=child_env(),
+    )
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
         raise AssertionError(f"child {command} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")

@@ -18,9 +18,19 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import (HERE, MiB, assert_loaded_exactly, backend, child_env, free_memory, gpu_count, load,
-                      placements_json, run_child, write_checkpoint)
+from conftest import (
+    HERE,
+    MiB,
+    assert_loaded_exactly,
+    backend,
+    child_env,
+    free_memory,
+    gpu_count,
+    load,
+    placements_json,
+    run_child,
+    write_checkpoint,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -54,8 +64,13 @@ def region_spec(allocs, fds=None) -> list[dict]:
 
 def verify_in_child(layout, allocs, legacy=False, **extra) -> dict:
     fds = None if legacy else [a.export_fd() for a in allocs]
-    spec = {"regions": region_spec(allocs, fds), "placements": placements_json(layout), "files": layout.files,
-            "file_devices": [allocs[0].device] * len(layout.files), **extra}
+    spec = {
+        "regions": region_spec(allocs, fds),
+        "placements": placements_json(layout),
+        "files": layout.files,
+        "file_devices": [allocs[0].device] * len(layout.files),
+        **extra,
+    }
     try:
         return run_child("verify", spec, pass_fds=tuple(fds or ()))
     finally:
@@ -98,7 +113,7 @@ def test_other_read_modes_are_exact(ckpt, mode):
 def test_auto_runs_the_native_engine_where_it_was_built(b, ckpt):
     """Where the native loop is built (pip install, or gpu_session.sh), ``auto`` must pick it: a build that
     silently fell back to the python workers would go unnoticed in every other test."""
-    from hotweightsd.backends import native
+    from hotweightsd.loaders import native
 
     layout, allocs, desc = load(b, ckpt)
     try:
@@ -115,7 +130,7 @@ def test_auto_runs_the_native_engine_where_it_was_built(b, ckpt):
 @pytest.mark.parametrize("engine,mode", [("native", "pread"), ("native", "odirect"), ("python", "pread")])
 def test_both_engines_are_exact(ckpt, engine, mode):
     """Each engine, asked for by name, loads the same bytes (small chunks: many reads and copies per tensor)."""
-    from hotweightsd.backends import native
+    from hotweightsd.loaders import native
 
     if engine == "native" and native.unavailable_reason():
         pytest.skip(f"native loader: {native.unavailable_reason()}")
@@ -134,6 +149,7 @@ def test_both_engines_are_exact(ckpt, engine, mode):
 def test_free_memory_returns_after_close(b, tmp_path):
     """Memory comes back when the daemon closes it, but only once no importer maps it any more."""
     import torch
+
     from hotweightsd.core.backend import AllocationMode
 
     big = tmp_path / "big"
@@ -145,8 +161,14 @@ def test_free_memory_returns_after_close(b, tmp_path):
     assert free_memory(0) <= before - used + SLACK
     # an importer keeps the memory alive after the daemon's close ...
     fds = [a.export_fd() for a in allocs]
-    child = subprocess.Popen([sys.executable, "-c", IMPORT_AND_WAIT, json.dumps(region_spec(allocs, fds))],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, pass_fds=fds, env=child_env())
+    child = subprocess.Popen(
+        [sys.executable, "-c", IMPORT_AND_WAIT, json.dumps(region_spec(allocs, fds))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=fds,
+        env=child_env(),
+    )
     try:
         for fd in fds:
             os.close(fd)
@@ -171,7 +193,7 @@ def test_free_memory_returns_after_close(b, tmp_path):
 
 IMPORT_AND_WAIT = """
 import gc, json, os, sys, torch
-from hotweights.regions import open_region
+from hotweights.mapping.regions import open_region
 spec = json.loads(sys.argv[1])
 regions = [open_region(r["handle_type"], r["size"], r["device"], r["fd"]) for r in spec]
 for r in spec:
@@ -190,8 +212,8 @@ sys.stdin.readline()
 
 
 def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(b, tmp_path):
-    from hotweights.checkpoint import open_checkpoint
     from hotweights.errors import BadCheckpoint
+    from hotweights.format.checkpoint import open_checkpoint
     from hotweightsd.core.backend import AllocationMode
     from hotweightsd.core.layout import plan_rank
 
@@ -252,11 +274,16 @@ def test_client_keeps_computing_after_exporter_is_killed(ckpt):
     import torch
     from safetensors.torch import load_file
 
-    from hotweights.regions import open_region
+    from hotweights.mapping.regions import open_region
 
     ours, theirs = socket.socketpair()
-    proc = subprocess.Popen([sys.executable, str(HERE / "_child.py"), "exporter"], stdin=subprocess.PIPE,
-                            pass_fds=(theirs.fileno(),), env=child_env(), text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "_child.py"), "exporter"],
+        stdin=subprocess.PIPE,
+        pass_fds=(theirs.fileno(),),
+        env=child_env(),
+        text=True,
+    )
     theirs_fd = theirs.fileno()
     proc.stdin.write(json.dumps({"checkpoint": str(ckpt), "socket_fd": theirs_fd}))
     proc.stdin.close()
@@ -309,14 +336,16 @@ def test_adopt_after_restart(b, ckpt):
     """The daemon's own references go; a new process adopts the fd (as after a restart) and finds the data."""
     layout, allocs, _ = load(b, ckpt)
     fds = [a.export_fd() for a in allocs]
-    regions = [{"handle_type": a.handle_type.value, "size": a.size, "device": a.device, "fd": fd}
-               for a, fd in zip(allocs, fds)]
+    regions = [
+        {"handle_type": a.handle_type.value, "size": a.size, "device": a.device, "fd": fd} for a, fd in zip(allocs, fds)
+    ]
     for a in allocs:
         a.close()  # only the fds keep the memory now
     placements = [dict(p, file_offset=lp.file_offset) for p, lp in zip(placements_json(layout), layout.placements)]
     try:
-        out = run_child("adopt", {"regions": regions, "placements": placements, "files": layout.files},
-                        pass_fds=tuple(fds))
+        out = run_child(
+            "adopt", {"regions": regions, "placements": placements, "files": layout.files}, pass_fds=tuple(fds)
+        )
     finally:
         for fd in fds:
             os.close(fd)
@@ -345,7 +374,7 @@ def test_two_ranks_on_two_gpus_at_once(b, ckpt):
             out = verify_in_child(layout, allocs)
             assert out["mismatch"] == [] and set(out["devices"]) == {rank}
     finally:
-        for layout, allocs, _ in results.values():
+        for _, allocs, _ in results.values():
             for a in allocs:
                 a.close()
 
@@ -353,13 +382,13 @@ def test_two_ranks_on_two_gpus_at_once(b, ckpt):
 def test_gds_compatibility_mode_is_exact(tmp_path):
     """cuFile's compatibility mode (no nvidia-fs needed) loads a checkpoint bit-exactly.
 
-    cuFile registers only files it can trace to a block device (see backends/gds.py): the checkpoint
+    cuFile registers only files it can trace to a block device (see loaders/gds.py): the checkpoint
     goes under HOTWEIGHTS_GDS_TEST_DIR when set, else under pytest's tmp dir or, where that has no
     block device (the overlayfs or tmpfs /tmp of a container), beside these tests. Where cuFile
     still refuses the files for a known reason of the machine, the test is skipped with that reason.
     """
     from hotweights.errors import BackendError
-    from hotweightsd.backends import gds
+    from hotweightsd.loaders import gds
 
     reason = gds.library_reason()
     if reason:

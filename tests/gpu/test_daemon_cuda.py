@@ -16,10 +16,10 @@ import pytest
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
-from ckpt_tools import write_model  # noqa: E402
-from support.daemons import Daemon, run_client, short_tmpdir, spawn_client, start_daemon, wait_for_socket  # noqa: E402
-
 from conftest import gpu_count, write_checkpoint  # noqa: E402
+
+from support.ckpt_tools import write_model  # noqa: E402
+from support.daemons import Daemon, run_client, short_tmpdir, spawn_client, start_daemon, wait_for_socket  # noqa: E402
 
 
 def cuda_daemon(sock: str, *extra: str) -> Daemon:
@@ -38,10 +38,12 @@ def gpu_daemon():
 COMPARE = """
 import sys, glob, os, torch, hotweights
 sys.path.insert(0, sys.argv[3])
-from ckpt_tools import same_bits
+from support.ckpt_tools import same_bits
 from safetensors.torch import load_file
 sock, path, _, ref, rank = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-files = [path] if path.endswith(".safetensors") else sorted(glob.glob(os.path.join(path, f"model-rank-{rank}-*.safetensors"))) or sorted(glob.glob(os.path.join(path, "*.safetensors")))
+files = [path] if path.endswith(".safetensors") else (
+    sorted(glob.glob(os.path.join(path, f"model-rank-{rank}-*.safetensors")))
+    or sorted(glob.glob(os.path.join(path, "*.safetensors"))))
 want = {}
 for f in files:
     want.update(load_file(f, device=f"cuda:{rank}"))
@@ -164,8 +166,20 @@ def test_restart_under_service_manager_rereads_nothing(tmp_path):
 
     d = short_tmpdir()
     sock = str(Path(d) / "hw.sock")
-    cmd = [sys.executable, "-m", "hotweights", "serve", "--socket", sock, "--backend", "cuda", "--reserve", "1GiB",
-           "--log-format", "json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hotweights",
+        "serve",
+        "--socket",
+        sock,
+        "--backend",
+        "cuda",
+        "--reserve",
+        "1GiB",
+        "--log-format",
+        "json",
+    ]
     with ServiceManager(d) as svc:
         svc.start(cmd)
         svc.wait_for("READY", "1", timeout=60)
@@ -208,7 +222,7 @@ def test_client_with_its_own_visible_devices_maps_the_right_gpu(gpu_daemon, tmp_
     code = """
 import sys, glob, torch, hotweights
 sys.path.insert(0, sys.argv[3])
-from ckpt_tools import same_bits
+from support.ckpt_tools import same_bits
 from safetensors.torch import load_file
 want = {}
 for f in sorted(glob.glob(sys.argv[2] + "/model-rank-1-*.safetensors")):
@@ -221,6 +235,11 @@ with hotweights.connect(sys.argv[1]).attach("tp2", rank=1) as w:
 print("OK", len(w))
 """
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "1"}
-    r = subprocess.run([sys.executable, "-c", code, gpu_daemon.socket, str(ckpt), str(TESTS)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code, gpu_daemon.socket, str(ckpt), str(TESTS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tp_forward
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: support.tp_forward
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +29,7 @@ KINDS = ["llama_gqa", "qwen2", "qwen3", "mixtral", "qwen2_moe"]
 
 @pytest.fixture(scope="module")
 def nccl_logits():
-    from tp_forward import PROMPT, run_tp, shard_cached
+    from support.tp_forward import PROMPT, run_tp, shard_cached
 
     return dict(zip(KINDS, run_tp([(shard_cached(kind, 2), PROMPT) for kind in KINDS], 2, backend="nccl")))
 
@@ -37,6 +37,6 @@ def nccl_logits():
 @pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 @pytest.mark.parametrize("kind", KINDS)
 def test_tp2_forward_over_nccl_matches_unsharded_model(nccl_logits, kind):
-    from tp_forward import reference_logits
+    from support.tp_forward import reference_logits
 
     torch.testing.assert_close(nccl_logits[kind], reference_logits(kind), rtol=1e-4, atol=1e-5)

@@ -14,7 +14,7 @@ for _d in reversed(SOURCE_DIRS):
     if _d not in sys.path:
         sys.path.insert(0, _d)
 
-from hotweights.procs import stop_process  # noqa: E402,F401 (the tests' helpers share the package's)
+from hotweights.testing import stop_process  # noqa: E402,F401 (the tests' helpers share the package's)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -23,5 +23,3 @@ def child_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(SOURCE_DIRS + [p for p in [env.get("PYTHONPATH")] if p])
     env.update(extra)
     return env
-
-

@@ -30,8 +30,12 @@ class Daemon:
         return self.proc.pid
 
     def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", "hotweights", *args, "--socket", self.socket],
-                           capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-m", "hotweights", *args, "--socket", self.socket],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"hotweights {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}")
         return r
@@ -83,11 +87,23 @@ def short_tmpdir() -> str:
     return tempfile.mkdtemp(prefix="hw-", dir="/tmp")
 
 
-def start_daemon(socket: str, *extra: str, env: dict | None = None, log: Path | None = None,
-                 wait: bool = True) -> Daemon:
+def start_daemon(
+    socket: str, *extra: str, env: dict | None = None, log: Path | None = None, wait: bool = True
+) -> Daemon:
     log = log or Path(socket).with_suffix(".log")
-    cmd = [sys.executable, "-m", "hotweights", "serve", "--socket", socket, "--backend", "cpu",
-           "--log-format", "json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hotweights",
+        "serve",
+        "--socket",
+        socket,
+        "--backend",
+        "cpu",
+        "--log-format",
+        "json",
+        *extra,
+    ]
     fh = open(log, "ab")
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     fh.close()
@@ -116,13 +132,19 @@ def wait_for_socket(d: Daemon, timeout: float = 20) -> None:
 
 def run_client(code: str, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
     """Runs ``code`` in a new Python process (a separate client), with ``args`` as sys.argv[1:]."""
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, timeout=timeout
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"client process failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
 
 
 def spawn_client(code: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

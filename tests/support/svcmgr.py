@@ -22,9 +22,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from . import child_env, stop_process
 
@@ -56,10 +56,10 @@ os.execvp(sys.argv[1], sys.argv[1:])
 
 @dataclass(frozen=True)
 class Message:
-    fields: dict[str, str]   # a repeated key keeps its last value
-    pid: int | None          # the sender, from SCM_CREDENTIALS
-    nfds: int                # fds that came with the message
-    at: float                # time.monotonic() when received
+    fields: dict[str, str]  # a repeated key keeps its last value
+    pid: int | None  # the sender, from SCM_CREDENTIALS
+    nfds: int  # fds that came with the message
+    at: float  # time.monotonic() when received
 
 
 def _valid_fdname(name: str) -> bool:
@@ -69,19 +69,25 @@ def _valid_fdname(name: str) -> bool:
 class ServiceManager:
     """One service, its notify socket and its fd store. Use as a context manager."""
 
-    def __init__(self, tmpdir: str | os.PathLike, *, fdstore_max: int = 4096,
-                 watchdog_usec: int | None = None, abstract: bool = False,
-                 notify_access: str = "main") -> None:
+    def __init__(
+        self,
+        tmpdir: str | os.PathLike,
+        *,
+        fdstore_max: int = 4096,
+        watchdog_usec: int | None = None,
+        abstract: bool = False,
+        notify_access: str = "main",
+    ) -> None:
         self.tmpdir = Path(tmpdir)
         self.fdstore_max = fdstore_max
         self.watchdog_usec = watchdog_usec
         self.notify_access = notify_access
         self.process: subprocess.Popen | None = None
-        self.errors: list[str] = []          # what systemd would log and refuse
+        self.errors: list[str] = []  # what systemd would log and refuse
         self._messages: list[Message] = []
         self._store: list[tuple[str, int]] = []
         self._cond = threading.Condition()
-        self._since = 0                       # index of the current process's first message
+        self._since = 0  # index of the current process's first message
         self._main_pid: int | None = None
         self._cmd: list[str] = []
         self._env: dict[str, str] | None = None
@@ -112,14 +118,14 @@ class ServiceManager:
         while not self._closed:
             try:
                 data, anc, flags, _ = self._sock.recvmsg(65536, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return  # closed under us by close()
             fds, pid = [], None
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", payload[:len(payload) - len(payload) % 4]))
+                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
                 elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = struct.unpack("iII", payload[:12])[0]
             with self._cond:
@@ -130,8 +136,9 @@ class ServiceManager:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             self.errors.append(f"message from pid {pid} truncated (flags {flags:#x})")
         if self.notify_access == "main" and pid != self._main_pid:
-            self.errors.append(f"message from pid {pid} ignored: NotifyAccess=main and the main "
-                               f"pid is {self._main_pid}")
+            self.errors.append(
+                f"message from pid {pid} ignored: NotifyAccess=main and the main pid is {self._main_pid}"
+            )
             self._close(fds)
             return
         fields = {}
@@ -155,8 +162,10 @@ class ServiceManager:
             return
         room = max(0, self.fdstore_max - len(self._store))
         if len(fds) > room:
-            self.errors.append(f"fd store full (FileDescriptorStoreMax={self.fdstore_max}): "
-                               f"{len(fds) - room} of {len(fds)} fds named {name!r} closed")
+            self.errors.append(
+                f"fd store full (FileDescriptorStoreMax={self.fdstore_max}): "
+                f"{len(fds) - room} of {len(fds)} fds named {name!r} closed"
+            )
             self._close(fds[room:])
         self._store.extend((name, fd) for fd in fds[:room])
 
@@ -208,7 +217,7 @@ class ServiceManager:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for m in self._messages[self._since:]:
+                for m in self._messages[self._since :]:
                     if field in m.fields and (value is None or m.fields[field] == value):
                         return m
                 if self.process is not None and self.process.poll() is not None:
@@ -218,11 +227,13 @@ class ServiceManager:
                 if left <= 0:
                     break
                 self._cond.wait(min(left, 0.05))
-            seen = [m.fields for m in self._messages[self._since:]]
+            seen = [m.fields for m in self._messages[self._since :]]
         want = field if value is None else f"{field}={value}"
         rc = self.process.poll() if self.process else None
-        raise TimeoutError(f"no {want} from the service within {timeout}s (exit status {rc}); "
-                           f"messages: {seen}; refused: {self.errors}; output:\n{self.output()}")
+        raise TimeoutError(
+            f"no {want} from the service within {timeout}s (exit status {rc}); "
+            f"messages: {seen}; refused: {self.errors}; output:\n{self.output()}"
+        )
 
     # -- the service's process ----------------------------------------------------------------
 
@@ -232,8 +243,7 @@ class ServiceManager:
             raise RuntimeError(f"the service (pid {self.process.pid}) is still running; stop it first")
         self._cmd, self._env = list(cmd), env
         env = dict(child_env() if env is None else env)
-        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID", "WATCHDOG_USEC",
-                    "FDSTORE"):
+        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID", "WATCHDOG_USEC", "FDSTORE"):
             env.pop(key, None)
         env["NOTIFY_SOCKET"] = self.notify_socket
         if self.fdstore_max > 0:
@@ -251,14 +261,18 @@ class ServiceManager:
                 # Under the lock: the receiver must not judge a first message before it knows
                 # the main pid.
                 self.process = subprocess.Popen(
-                    [sys.executable, "-c", _EXEC_WRAPPER, *cmd], env=env, stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=subprocess.STDOUT, pass_fds=[fd for _, fd in stored])
+                    [sys.executable, "-c", _EXEC_WRAPPER, *cmd],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=[fd for _, fd in stored],
+                )
             self._main_pid = self.process.pid
             self._since = len(self._messages)
         return self.process
 
-    def restart(self, cmd: Sequence[str] | None = None,
-                env: dict[str, str] | None = None) -> subprocess.Popen:
+    def restart(self, cmd: Sequence[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Stops the service if it runs (SIGTERM) and starts ``cmd`` (default: the last command)
         with the stored fds; the store keeps them, as systemd's does."""
         if self.process is not None and self.process.poll() is None:
@@ -288,7 +302,7 @@ class ServiceManager:
             if self._path.parent != self.tmpdir:
                 self._path.parent.rmdir()
 
-    def __enter__(self) -> "ServiceManager":
+    def __enter__(self) -> ServiceManager:
         return self
 
     def __exit__(self, *exc: object) -> None:

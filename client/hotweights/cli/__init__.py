@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 from google.protobuf.json_format import MessageToDict
@@ -16,8 +16,11 @@ from hotweights import errors
 from hotweights.client import connect
 from hotweights.units import format_size
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="hotweights: keep model weights resident on this node's GPUs and attach in milliseconds.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="hotweights: keep model weights resident on this node's GPUs and attach in milliseconds.",
+)
 
 SocketOpt = typer.Option(None, "--socket", "-s", envvar="HOTWEIGHTS_SOCKET", help="daemon socket path")
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
@@ -29,7 +32,7 @@ def fail(err: Exception) -> None:
 
 
 @contextmanager
-def reported(progress: "_Progress | None" = None) -> Iterator[None]:
+def reported(progress: _Progress | None = None) -> Iterator[None]:
     """Turns a hotweights error into the one-line message and exit status 1 of every command."""
     try:
         yield
@@ -47,23 +50,30 @@ def as_dict(msg) -> dict:
 
 @app.command()
 def serve(
-    socket: Optional[str] = SocketOpt,
-    backend: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file"),
-    reserve: Optional[str] = typer.Option(None, help="memory kept free per device, e.g. 2GB"),
-    memory_limit: Optional[str] = typer.Option(None, help="cpu backend: cap on resident bytes"),
-    loader_threads: Optional[int] = typer.Option(None, help="reader threads per rank"),
-    log_format: Optional[str] = typer.Option(None, help="auto | console | json"),
+    socket: str | None = SocketOpt,
+    backend: str | None = typer.Option(None, help="auto | cpu | cuda"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file"),
+    reserve: str | None = typer.Option(None, help="memory kept free per device, e.g. 2GB"),
+    memory_limit: str | None = typer.Option(None, help="cpu backend: cap on resident bytes"),
+    loader_threads: int | None = typer.Option(None, help="reader threads per rank"),
+    log_format: str | None = typer.Option(None, help="auto | console | json"),
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
     from hotweightsd.config import load_config
     from hotweightsd.main import run
 
     try:
-        cfg = load_config(str(config) if config else None, {
-            "socket": socket, "backend": backend, "reserve": reserve, "memory_limit": memory_limit,
-            "loader_threads": loader_threads, "log_format": log_format,
-        })
+        cfg = load_config(
+            str(config) if config else None,
+            {
+                "socket": socket,
+                "backend": backend,
+                "reserve": reserve,
+                "memory_limit": memory_limit,
+                "loader_threads": loader_threads,
+                "log_format": log_format,
+            },
+        )
     except errors.HotweightsError as exc:
         fail(exc)
     raise typer.Exit(run(cfg))
@@ -93,21 +103,23 @@ def _print_version(info, json_out: bool, verb: str) -> None:
         return
     rate = info.bytes / info.load_seconds / 1e9 if info.load_seconds else 0.0
     aliases = f" (alias {', '.join(info.aliases)})" if info.aliases else ""
-    typer.echo(f"{verb} {info.name}@{info.version}{aliases}: {len(info.ranks)} rank(s), {format_size(info.bytes)} "
-               f"in {info.load_seconds:.2f}s ({rate:.2f} GB/s) via {info.load_path or 'n/a'}")
+    typer.echo(
+        f"{verb} {info.name}@{info.version}{aliases}: {len(info.ranks)} rank(s), {format_size(info.bytes)} "
+        f"in {info.load_seconds:.2f}s ({rate:.2f} GB/s) via {info.load_path or 'n/a'}"
+    )
 
 
 @app.command()
 def load(
     name: str = typer.Argument(..., help="model name"),
     path: Path = typer.Argument(..., help="safetensors file, HF directory, or sharded directory"),
-    version: Optional[str] = typer.Option(None, help="version label (default: derived from the files)"),
-    alias: Optional[str] = typer.Option(None, help="point this alias at the version once ready"),
-    verify: Optional[str] = typer.Option(None, help="none | fast | full (checks hotweights.json)"),
+    version: str | None = typer.Option(None, help="version label (default: derived from the files)"),
+    alias: str | None = typer.Option(None, help="point this alias at the version once ready"),
+    verify: str | None = typer.Option(None, help="none | fast | full (checks hotweights.json)"),
     legacy_ipc: bool = typer.Option(False, "--legacy-ipc", help="cudaMalloc + cudaIpcMemHandle (dies with daemon)"),
-    device_map: Optional[str] = typer.Option(None, help="comma-separated device per rank, e.g. 0,1"),
+    device_map: str | None = typer.Option(None, help="comma-separated device per rank, e.g. 0,1"),
     no_wait: bool = typer.Option(False, "--no-wait", help="return once registered"),
-    socket: Optional[str] = SocketOpt,
+    socket: str | None = SocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Load a checkpoint into resident memory and wait until it is READY."""
@@ -117,9 +129,17 @@ def load(
     except ValueError:
         fail(errors.InvalidArgument(f"--device-map must be comma-separated integers, got {device_map!r}"))
     with reported(progress):
-        info = connect(socket).load(name, path, version=version, alias=alias, verify=verify,
-                                    allocation="legacy_ipc" if legacy_ipc else None, device_map=dmap,
-                                    wait=not no_wait, progress=progress)
+        info = connect(socket).load(
+            name,
+            path,
+            version=version,
+            alias=alias,
+            verify=verify,
+            allocation="legacy_ipc" if legacy_ipc else None,
+            device_map=dmap,
+            wait=not no_wait,
+            progress=progress,
+        )
     _print_version(info, json_out, "registered" if no_wait else "loaded")
 
 
@@ -127,28 +147,36 @@ def load(
 def swap(
     alias: str = typer.Argument(..., help="alias to move"),
     target: str = typer.Argument(..., help="NAME@VERSION, or a checkpoint path (a new version)"),
-    version: Optional[str] = typer.Option(None, help="version label for a path target"),
+    version: str | None = typer.Option(None, help="version label for a path target"),
     mode: str = typer.Option("side-by-side", help="side-by-side | drain"),
     drain_timeout: float = typer.Option(60.0, help="seconds to wait for old leases in drain mode"),
-    name: Optional[str] = typer.Option(None, help="model name when the alias does not exist yet"),
-    verify: Optional[str] = typer.Option(None, help="none | fast | full"),
-    socket: Optional[str] = SocketOpt,
+    name: str | None = typer.Option(None, help="model name when the alias does not exist yet"),
+    verify: str | None = typer.Option(None, help="none | fast | full"),
+    socket: str | None = SocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Point an alias at a new version; the old one is freed when its last lease ends."""
     progress = _Progress(not json_out)
     with reported(progress):
-        info = connect(socket).swap(alias, target, version=version, mode=mode, drain_timeout=drain_timeout,
-                                    verify=verify, name=name, progress=progress)
+        info = connect(socket).swap(
+            alias,
+            target,
+            version=version,
+            mode=mode,
+            drain_timeout=drain_timeout,
+            verify=verify,
+            name=name,
+            progress=progress,
+        )
     _print_version(info, json_out, f"{alias} ->")
 
 
 @app.command()
 def alias(
     alias: str = typer.Argument(...),
-    target: Optional[str] = typer.Argument(None, help="NAME@VERSION; omit with --remove"),
+    target: str | None = typer.Argument(None, help="NAME@VERSION; omit with --remove"),
     remove: bool = typer.Option(False, "--remove"),
-    socket: Optional[str] = SocketOpt,
+    socket: str | None = SocketOpt,
 ) -> None:
     """Set or remove an alias without loading anything."""
     with reported():
@@ -161,7 +189,7 @@ def alias(
 def unload(
     ref: str = typer.Argument(..., help="NAME (every version) or NAME@VERSION"),
     force: bool = typer.Option(False, "--force", help="unload although leases are live"),
-    socket: Optional[str] = SocketOpt,
+    socket: str | None = SocketOpt,
 ) -> None:
     """Free a model's resident memory."""
     with reported():
@@ -170,7 +198,7 @@ def unload(
 
 
 @app.command("list")
-def list_(socket: Optional[str] = SocketOpt, json_out: bool = JsonOpt) -> None:
+def list_(socket: str | None = SocketOpt, json_out: bool = JsonOpt) -> None:
     """Models, versions, states and aliases."""
     with reported():
         r = connect(socket).list()
@@ -183,31 +211,40 @@ def list_(socket: Optional[str] = SocketOpt, json_out: bool = JsonOpt) -> None:
         state = type(v).DESCRIPTOR.fields_by_name["state"].enum_type.values_by_number[v.state].name
         aliases = f"  [{', '.join(v.aliases)}]" if v.aliases else ""
         err = f"  error: {v.error}" if v.error else ""
-        typer.echo(f"{v.name}@{v.version}  {state}  ranks={len(v.ranks)}  {format_size(v.bytes)}  "
-                   f"leases={v.leases}{aliases}{err}")
+        typer.echo(
+            f"{v.name}@{v.version}  {state}  ranks={len(v.ranks)}  {format_size(v.bytes)}  "
+            f"leases={v.leases}{aliases}{err}"
+        )
 
 
 @app.command()
-def status(socket: Optional[str] = SocketOpt, json_out: bool = JsonOpt) -> None:
+def status(socket: str | None = SocketOpt, json_out: bool = JsonOpt) -> None:
     """The daemon: devices, memory, models and live leases."""
     with reported():
         s = connect(socket).status()
     if json_out:
         typer.echo(json.dumps(as_dict(s), indent=2))
         return
-    typer.echo(f"hotweightsd {s.daemon_version} pid {s.pid} backend {s.backend} on {s.socket}, "
-               f"up {s.uptime_seconds:.0f}s{' (restored from fd store)' if s.restored else ''}")
+    typer.echo(
+        f"hotweightsd {s.daemon_version} pid {s.pid} backend {s.backend} on {s.socket}, "
+        f"up {s.uptime_seconds:.0f}s{' (restored from fd store)' if s.restored else ''}"
+    )
     for d in s.devices:
-        typer.echo(f"  device {d.index} {d.name}: {format_size(d.free_bytes)} free of {format_size(d.total_bytes)}, "
-                   f"{format_size(d.resident_bytes)} resident")
+        typer.echo(
+            f"  device {d.index} {d.name}: {format_size(d.free_bytes)} free of {format_size(d.total_bytes)}, "
+            f"{format_size(d.resident_bytes)} resident"
+        )
     typer.echo(f"  {len(s.versions)} version(s), {len(s.leases)} lease(s), {format_size(s.resident_bytes)} resident")
     for le in s.leases:
         typer.echo(f"  lease {le.lease_id[:8]} {le.name}@{le.version} pid {le.pid} {le.holder}")
 
 
 @app.command()
-def watch(ref: str = typer.Argument("", help="alias or model name; empty: everything"),
-          socket: Optional[str] = SocketOpt, count: int = typer.Option(0, help="stop after N events")) -> None:
+def watch(
+    ref: str = typer.Argument("", help="alias or model name; empty: everything"),
+    socket: str | None = SocketOpt,
+    count: int = typer.Option(0, help="stop after N events"),
+) -> None:
     """Print events (version ready, alias moved, ...) as JSON lines."""
     with reported():
         for i, ev in enumerate(connect(socket).watch(ref), 1):
@@ -217,10 +254,10 @@ def watch(ref: str = typer.Argument("", help="alias or model name; empty: everyt
 
 
 @app.command()
-def doctor(socket: Optional[str] = SocketOpt, json_out: bool = JsonOpt) -> None:
+def doctor(socket: str | None = SocketOpt, json_out: bool = JsonOpt) -> None:
     """Check this node: packages, GPUs, GDS, memlock limit, NUMA, and the daemon."""
-    from hotweights.doctor import as_dicts, checks
     from hotweights.paths import default_socket
+    from hotweights.tools.doctor import as_dicts, checks
 
     results = checks(socket or default_socket())
     if json_out:
@@ -237,7 +274,7 @@ def demo(
     size_mb: int = typer.Option(256, help="sample checkpoint size"),
 ) -> None:
     """Create a sample checkpoint, start a daemon, load it, attach from a separate process, compare times."""
-    from hotweights.demo import run_demo
+    from hotweights.tools.demo import run_demo
 
     raise typer.Exit(run_demo(workdir, size_mb))
 
@@ -246,8 +283,8 @@ def _register_optional() -> None:
     import importlib
     import importlib.util
 
-    if importlib.util.find_spec("hotweights.cli.stage1") is not None:
-        importlib.import_module("hotweights.cli.stage1").register(app)
+    if importlib.util.find_spec("hotweights.cli.offline") is not None:
+        importlib.import_module("hotweights.cli.offline").register(app)
 
 
 _register_optional()

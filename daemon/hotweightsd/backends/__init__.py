@@ -4,26 +4,41 @@ from __future__ import annotations
 
 from hotweights.errors import InvalidArgument
 from hotweightsd.core.backend import MemoryBackend
+from hotweightsd.loaders.settings import LoaderSettings
 
 
 def cuda_available() -> bool:
     try:
-        from hotweightsd.backends import cuda_driver
+        from hotweights.cuda import devices as cuda_driver
     except ImportError:
         return False
     return cuda_driver.device_count() > 0
 
 
-def create_backend(kind: str, **options) -> MemoryBackend:
+def create_backend(
+    kind: str, *, reserve: int, memory_limit: int | None = None, loader: LoaderSettings | None = None
+) -> MemoryBackend:
+    loader = loader or LoaderSettings()
     if kind == "auto":
         kind = "cuda" if cuda_available() else "cpu"
     if kind == "cpu":
         from hotweightsd.backends.cpu import CpuBackend
 
-        return CpuBackend(memory_limit=options.get("memory_limit"), reserve=options.get("reserve", 0),
-                          threads=options.get("threads"))
+        return CpuBackend(memory_limit=memory_limit, reserve=reserve, threads=loader.threads)
     if kind == "cuda":
         from hotweightsd.backends.cuda import CudaBackend
 
-        return CudaBackend(**options)
+        return CudaBackend(
+            reserve=reserve,
+            memory_limit=memory_limit,
+            threads=loader.threads,
+            loader=loader.read_mode,
+            chunk_size=loader.chunk_size,
+            ring_depth=loader.ring_depth,
+            busy_chunk=loader.busy_chunk_size,
+            engine=loader.engine,
+            gds=loader.gds,
+            numa=loader.numa,
+            share_cores=loader.share_cores,
+        )
     raise InvalidArgument(f"unknown backend {kind!r} (choose auto, cpu or cuda)")

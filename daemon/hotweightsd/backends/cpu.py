@@ -10,13 +10,13 @@ import fcntl
 import mmap
 import os
 import threading
-from contextlib import nullcontext
-from typing import Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 from hotweights.errors import BackendError, InsufficientMemory, InvalidArgument
-from hotweightsd.backends.reader import parallel_read
 from hotweightsd.core.backend import AllocationMode, DeviceMemory, HandleType, ProgressFn
 from hotweightsd.core.layout import RankLayout
+from hotweightsd.loaders.files import parallel_read
 
 PAGE = mmap.PAGESIZE
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
@@ -33,8 +33,9 @@ def mem_available() -> int:
 class MemfdAllocation:
     handle_type = HandleType.MEMFD
 
-    def __init__(self, size: int, fd: int | None = None, name: str = "hotweights",
-                 on_close: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, size: int, fd: int | None = None, name: str = "hotweights", on_close: Callable[[int], None] | None = None
+    ) -> None:
         self.device = 0
         self._on_close = on_close
         self.size = size
@@ -45,20 +46,23 @@ class MemfdAllocation:
             except OSError as exc:
                 if fd is not None:
                     os.close(fd)
-                raise BackendError("memfd_create", exc.errno, f"memfd_create/ftruncate of {size} bytes: {exc}") from exc
+                raise BackendError(
+                    "memfd_create", exc.errno or "os", f"memfd_create/ftruncate of {size} bytes: {exc}"
+                ) from exc
         self.fd: int | None = fd
+        self._fd_open: int = fd
         self._map: mmap.mmap | None = None
 
     def writable(self) -> mmap.mmap:
         if self._map is None:
-            self._map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._map = mmap.mmap(self._fd_open, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         return self._map
 
     def seal(self) -> None:
         if self._map is not None:
             self._map.close()
             self._map = None
-        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+        fcntl.fcntl(self._fd_open, fcntl.F_ADD_SEALS, _SEALS)
 
     def export_fd(self) -> int:
         # A read-only open of the memfd: the receiver cannot map it writable even before the seal.
@@ -107,8 +111,9 @@ class CpuBackend:
 
     def allocate(self, device: int, size: int, mode: AllocationMode) -> MemfdAllocation:
         if mode is not AllocationMode.FD:
-            raise InvalidArgument("the cpu backend only makes fd-exportable (memfd) allocations; "
-                                  "legacy CUDA IPC needs --backend cuda")
+            raise InvalidArgument(
+                "the cpu backend only makes fd-exportable (memfd) allocations; legacy CUDA IPC needs --backend cuda"
+            )
         free = self.devices()[0].free
         if size > free:
             raise InsufficientMemory(f"host memory: need {size} bytes, {free} free", needed=size, free=free)
@@ -123,14 +128,15 @@ class CpuBackend:
     def _released(self, size: int) -> None:
         self._account(-size)
 
-    def concurrent_fills(self, devices: list[int]) -> ContextManager[None]:
+    def concurrent_fills(self, devices: list[int]) -> AbstractContextManager[None]:
         return nullcontext()  # one pool of readers per fill; the cpu backend does not tune for co-runners
 
     def fill(self, layout: RankLayout, allocations: list, progress: ProgressFn, cancel: threading.Event) -> str:
         maps = [memoryview(a.writable()) for a in allocations]
         try:
-            parallel_read(layout, lambda s: maps[s.allocation][s.offset:s.offset + s.length],
-                          self.threads, progress, cancel)
+            parallel_read(
+                layout, lambda s: maps[s.allocation][s.offset : s.offset + s.length], self.threads, progress, cancel
+            )
         finally:
             for m in maps:
                 m.release()

@@ -5,7 +5,7 @@ One primary context per GPU (the one torch uses), retained for the life of the d
 - ``AllocationMode.FD`` (default): ``cuMemCreate`` with POSIX-fd handles, size rounded to the VMM
   granularity (2 MiB), mapped read-write in the daemon so the loader can fill it. The allocation is
   exported once (``cuMemExportToShareableHandle``) and ``export_fd()`` hands out duplicates of that
-  fd; clients import, map and build tensors (``hotweights.cuda_import``). The physical memory lives
+  fd; clients import, map and build tensors (``hotweights.cuda.driver``). The physical memory lives
   while any process holds an fd, an import or a mapping of it: it outlives the daemon, so a daemon
   restart can ``adopt()`` fds handed back by systemd.
 - ``AllocationMode.LEGACY_IPC``: ``cuMemAlloc`` + ``cuIpcGetMemHandle``, a 64-byte handle that
@@ -29,13 +29,15 @@ import fcntl
 import logging
 import os
 import threading
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
+from hotweights.cuda import devices as cd
 from hotweights.errors import BackendError, CudaError, InsufficientMemory, InvalidArgument
-from hotweightsd.backends import bounce, gds
-from hotweightsd.backends import cuda_driver as cd
 from hotweightsd.core.backend import AllocationMode, DeviceMemory, HandleType, ProgressFn
 from hotweightsd.core.layout import RankLayout
+from hotweightsd.loaders import bounce, gds
 
 log = logging.getLogger("hotweightsd.cuda")
 
@@ -77,8 +79,9 @@ class VmmAllocation(_CudaAllocation):
 
     handle_type = HandleType.CUDA_VMM_FD
 
-    def __init__(self, device: int, size: int, handle: Any, fd: int, address: int,
-                 on_close: Callable[[int, int], None]) -> None:
+    def __init__(
+        self, device: int, size: int, handle: Any, fd: int, address: int, on_close: Callable[[int, int], None]
+    ) -> None:
         super().__init__(device, size, address, on_close)
         self._handle = handle
         self._fd: int | None = fd
@@ -113,8 +116,9 @@ class IpcAllocation(_CudaAllocation):
 
     handle_type = HandleType.CUDA_IPC
 
-    def __init__(self, device: int, size: int, address: int, handle: bytes,
-                 on_close: Callable[[int, int], None]) -> None:
+    def __init__(
+        self, device: int, size: int, address: int, handle: bytes, on_close: Callable[[int, int], None]
+    ) -> None:
         super().__init__(device, size, address, on_close)
         self._ipc = handle
 
@@ -139,11 +143,24 @@ class CudaBackend:
     name = "cuda"
     shared_device = False
 
-    def __init__(self, reserve: int | None = None, memory_limit: int | None = None, threads: int | None = None,
-                 read_mode: str | None = None, chunk_size: int | None = None, ring_depth: int | None = None,
-                 gds: str | None = None, numa: bool | None = None, loader: str | None = None,
-                 sync: str | None = None, hugepages: bool | None = None, busy_chunk: int | None = None,
-                 engine: str | None = None, share_cores: bool | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        reserve: int | None = None,
+        memory_limit: int | None = None,
+        threads: int | None = None,
+        read_mode: str | None = None,
+        chunk_size: int | None = None,
+        ring_depth: int | None = None,
+        gds: str | None = None,
+        numa: bool | None = None,
+        loader: str | None = None,
+        sync: str | None = None,
+        hugepages: bool | None = None,
+        busy_chunk: int | None = None,
+        engine: str | None = None,
+        share_cores: bool | None = None,
+        **extra: Any,
+    ) -> None:
         """``loader`` (auto | pread | odirect | mmap) is the daemon config's name for ``read_mode``;
         ``engine`` (auto | native | python) picks the bounce path's loop (``loader_engine`` in the config);
         ``gds`` is auto | off | on (alias force: GDS or an error) | compat (cuFile compatibility mode,
@@ -161,8 +178,9 @@ class CudaBackend:
         self.memory_limit = memory_limit
         if read_mode is None and loader not in (None, "", "auto"):
             read_mode = loader
-        self.settings = bounce.BounceSettings.resolve(read_mode, threads, chunk_size, ring_depth, numa, sync,
-                                                     hugepages, busy_chunk, engine, share_cores)
+        self.settings = bounce.BounceSettings.resolve(
+            read_mode, threads, chunk_size, ring_depth, numa, sync, hugepages, busy_chunk, engine, share_cores
+        )
         self.gds_mode = (gds or os.environ.get("HOTWEIGHTS_GDS") or "auto").strip().lower()
         self.gds_mode = {"force": "on"}.get(self.gds_mode, self.gds_mode)
         if self.gds_mode not in GDS_MODES:
@@ -181,8 +199,9 @@ class CudaBackend:
         try:
             kind, why = self.path()
             engine = "" if self.engine == "native" else f"; {self.engine_why}"
-            self.gds_note = why if kind == "gds" else \
-                f"bounce path ({self.settings.describe(self.engine)}{engine}): {why}"
+            self.gds_note = (
+                why if kind == "gds" else f"bounce path ({self.settings.describe(self.engine)}{engine}): {why}"
+            )
         except BackendError as exc:
             self.gds_note = exc.message
 
@@ -236,13 +255,20 @@ class CudaBackend:
             if size > free:
                 raise InsufficientMemory(
                     f"cuda:{device}: need {size} bytes, {free} free (after a reserve of {self.reserve} bytes)",
-                    needed=size, free=free, device=device)
+                    needed=size,
+                    free=free,
+                    device=device,
+                )
             try:
                 alloc = self._create_vmm(device, size) if mode is AllocationMode.FD else self._create_ipc(device, size)
             except CudaError as exc:
                 if exc.code == cd.CUDA_ERROR_OUT_OF_MEMORY:
-                    raise InsufficientMemory(f"cuda:{device}: the driver is out of memory for {size} bytes "
-                                             f"({free} looked free)", needed=size, free=free, device=device) from exc
+                    raise InsufficientMemory(
+                        f"cuda:{device}: the driver is out of memory for {size} bytes ({free} looked free)",
+                        needed=size,
+                        free=free,
+                        device=device,
+                    ) from exc
                 raise
             self._resident[device] += size
         return alloc
@@ -251,9 +277,15 @@ class CudaBackend:
         with cd.current(device) as drv:
             handle = cd.check(drv.cuMemCreate(size, cd.vmm_prop(device), 0), "cuMemCreate", device=device, bytes=size)
             try:
-                fd = int(cd.check(drv.cuMemExportToShareableHandle(
-                    handle, drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
-                    "cuMemExportToShareableHandle", device=device))
+                fd = int(
+                    cd.check(
+                        drv.cuMemExportToShareableHandle(
+                            handle, drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0
+                        ),
+                        "cuMemExportToShareableHandle",
+                        device=device,
+                    )
+                )
                 try:
                     fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
                     ptr, _ = cd.map_handle(device, handle, size, writable=True)
@@ -315,7 +347,7 @@ class CudaBackend:
         for d in range(self._count) if devices is None else devices:
             self.ring(d)
 
-    def concurrent_fills(self, devices: list[int]) -> ContextManager[None]:
+    def concurrent_fills(self, devices: list[int]) -> AbstractContextManager[None]:
         # ranks placed on one GPU take turns on its ring (ring.lock): only distinct devices run at once
         return bounce.concurrent_fills(len(set(devices)))
 
@@ -332,8 +364,16 @@ class CudaBackend:
         sizes = [int(a.size) for a in allocations]
         kind, why = self.path()
         if kind == "gds":
-            desc = gds.fill(device, layout, bases, self.settings.threads, self.settings.chunk_size, progress, cancel,
-                            compat=self.gds_mode == "compat")
+            desc = gds.fill(
+                device,
+                layout,
+                bases,
+                self.settings.threads,
+                self.settings.chunk_size,
+                progress,
+                cancel,
+                compat=self.gds_mode == "compat",
+            )
         else:
             ring = self.ring(device)
             with ring.lock:
@@ -349,8 +389,10 @@ class CudaBackend:
         try:
             handle_type = HandleType(handle_type)
             if handle_type is not HandleType.CUDA_VMM_FD:
-                raise InvalidArgument(f"the cuda backend can only adopt CUDA_VMM_FD handles, not {handle_type.value} "
-                                      "(legacy IPC memory dies with the daemon that made it)")
+                raise InvalidArgument(
+                    f"the cuda backend can only adopt CUDA_VMM_FD handles, not {handle_type.value} "
+                    "(legacy IPC memory dies with the daemon that made it)"
+                )
             self._check_device(device)
             gran = cd.vmm_granularity(device)
             if size <= 0 or size % gran:
@@ -373,7 +415,9 @@ class CudaBackend:
     @staticmethod
     def _check_location(drv: Any, handle: Any, device: int) -> None:
         try:
-            prop = cd.check(drv.cuMemGetAllocationPropertiesFromHandle(handle), "cuMemGetAllocationPropertiesFromHandle")
+            prop = cd.check(
+                drv.cuMemGetAllocationPropertiesFromHandle(handle), "cuMemGetAllocationPropertiesFromHandle"
+            )
             actual = int(prop.location.id)
         except CudaError:
             raise

@@ -7,9 +7,11 @@ file descriptors (or legacy IPC handles), and re-adopts descriptors handed back 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, ContextManager, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from hotweightsd.core.layout import RankLayout
 
@@ -21,8 +23,8 @@ class HandleType(str, Enum):
 
 
 class AllocationMode(str, Enum):
-    FD = "fd"                   # exportable as fds: memfd on cpu, VMM on cuda
-    LEGACY_IPC = "legacy_ipc"   # cudaMalloc + cudaIpcMemHandle (cuda only)
+    FD = "fd"  # exportable as fds: memfd on cpu, VMM on cuda
+    LEGACY_IPC = "legacy_ipc"  # cudaMalloc + cudaIpcMemHandle (cuda only)
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class MemoryBackend(Protocol):
     def allocate(self, device: int, size: int, mode: AllocationMode) -> Allocation:
         """Raises InsufficientMemory or BackendError; leaves nothing allocated on failure."""
 
-    def concurrent_fills(self, devices: list[int]) -> ContextManager[None]:
+    def concurrent_fills(self, devices: list[int]) -> AbstractContextManager[None]:
         """Wraps the fills of a model's ranks, started together, one per entry of ``devices`` (each rank's
         device): a backend may share host resources among them from the first one's start."""
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
 
 import structlog
 
@@ -64,7 +64,7 @@ class EventBus:
 
     def publish(self, kind: EventKind, name: str, **fields: str) -> Event:
         with self._lock:
-            event = Event(kind, name, seq=next(self._seq), **fields)
+            event = Event(kind, name, seq=next(self._seq), **fields)  # type: ignore[arg-type]
             subs = list(self._subs.values())
         for fn in subs:
             try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hotweights.checkpoint import RankFiles
-from hotweights.dtypes import served_dtype_name
+from hotweights.format.checkpoint import RankFiles
+from hotweights.format.dtypes import served_dtype_name
 
 ALIGN = 256
 
@@ -22,13 +22,13 @@ def round_up(n: int, multiple: int) -> int:
 @dataclass(frozen=True)
 class Placement:
     name: str
-    dtype: str                  # safetensors dtype
-    served_dtype: str           # torch dtype name the client builds
+    dtype: str  # safetensors dtype
+    served_dtype: str  # torch dtype name the client builds
     shape: tuple[int, ...]
     allocation: int
     offset: int
     nbytes: int
-    file: int                   # index into RankLayout.files
+    file: int  # index into RankLayout.files
     file_offset: int
 
     @property
@@ -69,11 +69,7 @@ class RankLayout:
         return sum(self.allocation_sizes)
 
     def segments(self) -> list[Segment]:
-        return [
-            Segment(p.file, p.file_offset, p.nbytes, p.allocation, p.offset)
-            for p in self.placements
-            if p.nbytes
-        ]
+        return [Segment(p.file, p.file_offset, p.nbytes, p.allocation, p.offset) for p in self.placements if p.nbytes]
 
 
 def plan_rank(rank: RankFiles, granularity: int, max_allocation: int | None = None) -> RankLayout:
@@ -91,12 +87,21 @@ def plan_rank(rank: RankFiles, granularity: int, max_allocation: int | None = No
                 sizes.append(round_up(max(cursor, 1), granularity))
                 offset = 0
             alloc = len(sizes)
-            placements.append(Placement(
-                name=t.name, dtype=t.dtype.name, served_dtype=served_dtype_name(t.dtype.name),
-                shape=t.shape, allocation=alloc, offset=offset, nbytes=t.nbytes,
-                file=fi, file_offset=t.begin,
-            ))
+            placements.append(
+                Placement(
+                    name=t.name,
+                    dtype=t.dtype.name,
+                    served_dtype=served_dtype_name(t.dtype.name),
+                    shape=t.shape,
+                    allocation=alloc,
+                    offset=offset,
+                    nbytes=t.nbytes,
+                    file=fi,
+                    file_offset=t.begin,
+                )
+            )
             cursor = offset + t.nbytes
     sizes.append(round_up(max(cursor, 1), granularity))
-    return RankLayout(rank=rank.rank, files=[str(h.path) for h in rank.files], allocation_sizes=sizes,
-                      placements=placements)
+    return RankLayout(
+        rank=rank.rank, files=[str(h.path) for h in rank.files], allocation_sizes=sizes, placements=placements
+    )

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import structlog
 
-from hotweights.checkpoint import Checkpoint, open_checkpoint
 from hotweights.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -31,6 +30,7 @@ from hotweights.errors import (
     NotFound,
     Unavailable,
 )
+from hotweights.format.checkpoint import Checkpoint, open_checkpoint
 from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
 from hotweightsd.core.events import EventBus, EventKind
 from hotweightsd.core.layout import RankLayout, plan_rank
@@ -96,8 +96,10 @@ class ModelManager:
             if ref in self._aliases:
                 mv = self._versions.get(self._aliases[ref])
                 if mv is None:
-                    raise Unavailable(f"alias {ref!r} is between versions (a drain swap is loading "
-                                      f"its next version); retry shortly", ref=ref)
+                    raise Unavailable(
+                        f"alias {ref!r} is between versions (a drain swap is loading its next version); retry shortly",
+                        ref=ref,
+                    )
             else:
                 name, version = split_ref(ref)
                 if version is not None:
@@ -110,8 +112,9 @@ class ModelManager:
                     mv = max(live or candidates, key=lambda v: v.created)
             if ready and mv.state is not State.READY:
                 hint = f": {mv.error}" if mv.error else ""
-                raise FailedPrecondition(f"{mv.key} is {mv.state.value}, not READY{hint}", ref=ref,
-                                         state=mv.state.value)
+                raise FailedPrecondition(
+                    f"{mv.key} is {mv.state.value}, not READY{hint}", ref=ref, state=mv.state.value
+                )
             return mv
 
     def resident_bytes(self) -> int:
@@ -150,11 +153,16 @@ class ModelManager:
         version = check_name("version", version) if version else ckpt.fingerprint()
         devices = self._place(ckpt.world_size, list(device_map or []))
         layouts = [
-            plan_rank(r, self.backend.granularity(devices[r.rank]), self.backend.max_allocation())
-            for r in ckpt.ranks
+            plan_rank(r, self.backend.granularity(devices[r.rank]), self.backend.max_allocation()) for r in ckpt.ranks
         ]
-        mv = ModelVersion(name=name, version=version, source=str(ckpt.path), world_size=ckpt.world_size, mode=mode,
-                          bytes_total=sum(lay.nbytes for lay in layouts))
+        mv = ModelVersion(
+            name=name,
+            version=version,
+            source=str(ckpt.path),
+            world_size=ckpt.world_size,
+            mode=mode,
+            bytes_total=sum(lay.nbytes for lay in layouts),
+        )
         with self._lock:
             if alias and alias in {v.name for v in self._versions.values()} | {name}:
                 raise InvalidArgument(f"alias {alias!r} is the name of a model; aliases and model names must differ")
@@ -177,8 +185,14 @@ class ModelManager:
                 self._versions.pop(mv.key, None)
             raise
         self.events.publish(EventKind.VERSION_ADDED, name, version=version, message=str(ckpt.path))
-        log.info("load.admitted", model=mv.key, path=str(ckpt.path), ranks=ckpt.world_size,
-                 bytes=mv.bytes_total, devices=devices)
+        log.info(
+            "load.admitted",
+            model=mv.key,
+            path=str(ckpt.path),
+            ranks=ckpt.world_size,
+            bytes=mv.bytes_total,
+            devices=devices,
+        )
         return mv, lambda: self._fill(mv, alias)
 
     def verify(self, ckpt: Checkpoint, verify: str | None) -> None:
@@ -192,10 +206,11 @@ class ModelManager:
             return
         if ckpt.manifest_path is None:
             if level == "full":
-                raise FailedPrecondition(f"{ckpt.path}: verify=full needs a hotweights.json manifest; none found",
-                                         path=str(ckpt.path))
+                raise FailedPrecondition(
+                    f"{ckpt.path}: verify=full needs a hotweights.json manifest; none found", path=str(ckpt.path)
+                )
             return
-        from hotweights import manifest
+        from hotweights.format import manifest
 
         manifest.verify_checkpoint(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, level)
 
@@ -214,7 +229,8 @@ class ModelManager:
         if world > count:
             raise InsufficientMemory(
                 f"checkpoint has {world} ranks but the node has {count} device(s); pass a device map",
-                needed_devices=world, devices=count,
+                needed_devices=world,
+                devices=count,
             )
         return list(range(world))
 
@@ -229,7 +245,9 @@ class ModelManager:
                 raise InsufficientMemory(
                     f"{mv.key} does not fit on {where}: needs {n} bytes ({_gib(n)}), {free.get(dev, 0)} free "
                     f"({_gib(free.get(dev, 0))}) after the reserve",
-                    needed=n, free=free.get(dev, 0), device=dev,
+                    needed=n,
+                    free=free.get(dev, 0),
+                    device=dev,
                 )
 
     def _allocate(self, mv: ModelVersion, layouts: list[RankLayout], devices: list[int]) -> None:
@@ -253,10 +271,13 @@ class ModelManager:
                 mv.bytes_done += n
 
         try:
-            with self.backend.concurrent_fills([r.device for r in mv.ranks]), \
-                    ThreadPoolExecutor(max_workers=max(1, len(mv.ranks)), thread_name_prefix="hw-rank") as pool:
-                futures = [pool.submit(self.backend.fill, r.layout, r.allocations, progress, mv.cancel)
-                           for r in mv.ranks]
+            with (
+                self.backend.concurrent_fills([r.device for r in mv.ranks]),
+                ThreadPoolExecutor(max_workers=max(1, len(mv.ranks)), thread_name_prefix="hw-rank") as pool,
+            ):
+                futures = [
+                    pool.submit(self.backend.fill, r.layout, r.allocations, progress, mv.cancel) for r in mv.ranks
+                ]
                 paths = []
                 for f in futures:
                     try:
@@ -302,11 +323,17 @@ class ModelManager:
                 if aliases and not force:
                     raise FailedPrecondition(
                         f"{mv.key} is the target of alias(es) {', '.join(aliases)}: move or remove them first, "
-                        f"or pass --force", ref=mv.key, aliases=aliases)
+                        f"or pass --force",
+                        ref=mv.key,
+                        aliases=aliases,
+                    )
                 if mv.leases and not force:
                     raise LeaseHeld(
                         f"{mv.key} has {len(mv.leases)} live lease(s); release them or pass --force "
-                        f"(forced: clients keep their mapped copy)", ref=mv.key, leases=len(mv.leases))
+                        f"(forced: clients keep their mapped copy)",
+                        ref=mv.key,
+                        leases=len(mv.leases),
+                    )
             freed, total = [], 0
             for mv in targets:
                 for a in self.aliases_of(mv.key):
@@ -319,8 +346,9 @@ class ModelManager:
 
     def _unload_targets(self, ref: str) -> list[ModelVersion]:
         if ref in self._aliases:
-            raise InvalidArgument(f"{ref!r} is an alias; unload NAME or NAME@VERSION (the alias names "
-                                  f"{self._aliases[ref]})")
+            raise InvalidArgument(
+                f"{ref!r} is an alias; unload NAME or NAME@VERSION (the alias names {self._aliases[ref]})"
+            )
         name, version = split_ref(ref)
         if version is not None:
             return [self.get(name, version)]
@@ -437,7 +465,10 @@ class ModelManager:
             if mv.state is not State.READY:
                 raise FailedPrecondition(
                     f"cannot point alias {alias!r} at {mv.key}: it is {mv.state.value}"
-                    + (f" ({mv.error})" if mv.error else ""), ref=mv.key, state=mv.state.value)
+                    + (f" ({mv.error})" if mv.error else ""),
+                    ref=mv.key,
+                    state=mv.state.value,
+                )
             old = self._aliases.get(alias, "")
             self._aliases[alias] = mv.key
             mv.retire = False
@@ -472,8 +503,9 @@ class ModelManager:
             if mv.state is not State.READY:
                 raise FailedPrecondition(f"{mv.key} is {mv.state.value}; only a READY version can drain")
             mv.state = State.DRAINING
-        self.events.publish(EventKind.VERSION_DRAINING, mv.name, version=mv.version,
-                            message=f"{len(mv.leases)} lease(s) to end")
+        self.events.publish(
+            EventKind.VERSION_DRAINING, mv.name, version=mv.version, message=f"{len(mv.leases)} lease(s) to end"
+        )
         deadline = time.monotonic() + timeout
         with self._lock:
             while mv.leases:
@@ -483,7 +515,10 @@ class ModelManager:
                     n = len(mv.leases)
                     raise DeadlineExceeded(
                         f"drain of {mv.key} timed out after {timeout:g}s with {n} lease(s) still live; "
-                        f"nothing was changed", ref=mv.key, leases=n)
+                        f"nothing was changed",
+                        ref=mv.key,
+                        leases=n,
+                    )
                 self._changed.wait(min(left, 0.5))
             self._drop(mv)
 
@@ -520,4 +555,3 @@ class ModelManager:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
-

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
 
-from hotweights.checkpoint import open_checkpoint
 from hotweights.errors import InsufficientMemory, InvalidArgument, NotFound
+from hotweights.format.checkpoint import open_checkpoint
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, State, check_name, split_ref
 
@@ -54,7 +54,7 @@ def swap(
 
     if not is_path(target):
         tname, tversion = split_ref(target)
-        new = m.get(tname, tversion)
+        new = m.get(tname, tversion or "")
 
         def flip() -> ModelVersion:
             _move(m, alias, new, old)
@@ -66,15 +66,18 @@ def swap(
 
     model = name or (old.name if old else None)
     if model is None:
-        raise NotFound(f"alias {alias!r} does not exist yet; pass the model name (--name) for a path target",
-                       alias=alias)
+        raise NotFound(
+            f"alias {alias!r} does not exist yet; pass the model name (--name) for a path target", alias=alias
+        )
     if mode is SwapMode.SIDE_BY_SIDE:
         try:
             mv, load = m.begin_load(model, target, version=version, verify=verify)
         except InsufficientMemory as exc:
             raise InsufficientMemory(
                 f"{exc.message}; the new version cannot load beside {old.key if old else 'the old one'} "
-                f"(retry with --mode drain to free the old version first)", **exc.details) from None
+                f"(retry with --mode drain to free the old version first)",
+                **exc.details,
+            ) from None
 
         def run() -> ModelVersion:
             load()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hotweights.pb import pb
+from hotweights.wire.pb import pb
 from hotweightsd.core.backend import AllocationMode, HandleType
 from hotweightsd.core.events import Event
 from hotweightsd.core.leases import Lease
@@ -10,8 +10,11 @@ from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, ResidentRank
 
 _MODE = {AllocationMode.FD: pb.ALLOCATION_FD, AllocationMode.LEGACY_IPC: pb.ALLOCATION_LEGACY_IPC}
-MODE_OF = {pb.ALLOCATION_MODE_DEFAULT: AllocationMode.FD, pb.ALLOCATION_FD: AllocationMode.FD,
-           pb.ALLOCATION_LEGACY_IPC: AllocationMode.LEGACY_IPC}
+MODE_OF = {
+    pb.ALLOCATION_MODE_DEFAULT: AllocationMode.FD,
+    pb.ALLOCATION_FD: AllocationMode.FD,
+    pb.ALLOCATION_LEGACY_IPC: AllocationMode.LEGACY_IPC,
+}
 VERIFY_OF = {pb.VERIFY_DEFAULT: None, pb.VERIFY_NONE: "none", pb.VERIFY_FAST: "fast", pb.VERIFY_FULL: "full"}
 
 
@@ -23,8 +26,13 @@ def version_info(mv: ModelVersion, manager: ModelManager) -> pb.ModelVersionInfo
         state=pb.ModelState.Value(mv.state.value),
         error=mv.error,
         ranks=[
-            pb.RankInfo(rank=r.rank, device=r.device, bytes=r.layout.nbytes, tensors=len(r.layout.placements),
-                        allocations=len(r.allocations))
+            pb.RankInfo(
+                rank=r.rank,
+                device=r.device,
+                bytes=r.layout.nbytes,
+                tensors=len(r.layout.placements),
+                allocations=len(r.allocations),
+            )
             for r in mv.ranks
         ],
         bytes=mv.bytes_total,
@@ -38,8 +46,9 @@ def version_info(mv: ModelVersion, manager: ModelManager) -> pb.ModelVersionInfo
     )
 
 
-def handles(mv: ModelVersion, resident: ResidentRank, ticket: str, ttl: float, fd_socket: str,
-            compact: bool = False) -> pb.GetHandlesResponse:
+def handles(
+    mv: ModelVersion, resident: ResidentRank, ticket: str, ttl: float, fd_socket: str, compact: bool = False
+) -> pb.GetHandlesResponse:
     # A rank's table never changes once loaded; encoding thousands of entries each attach would
     # cost more than the rest of the attach, so it is built once and copied (in C) per request.
     key = "handles-compact" if compact else "handles"
@@ -55,19 +64,41 @@ def handles(mv: ModelVersion, resident: ResidentRank, ticket: str, ttl: float, f
 
 def _handles(mv: ModelVersion, resident: ResidentRank, fd_socket: str, compact: bool) -> pb.GetHandlesResponse:
     placements = resident.layout.placements
-    out = pb.GetHandlesResponse(name=mv.name, version=mv.version, rank=resident.rank, world_size=mv.world_size,
-                                allocations=_allocations(resident), fd_socket=fd_socket)
+    out = pb.GetHandlesResponse(
+        name=mv.name,
+        version=mv.version,
+        rank=resident.rank,
+        world_size=mv.world_size,
+        allocations=_allocations(resident),
+        fd_socket=fd_socket,
+    )
     if compact:
-        out.table.CopyFrom(pb.TensorTable(
-            name=[p.name for p in placements], dtype=[p.dtype for p in placements],
-            served_dtype=[p.served_dtype for p in placements], allocation=[p.allocation for p in placements],
-            offset=[p.offset for p in placements], nbytes=[p.nbytes for p in placements],
-            ndim=[len(p.shape) for p in placements], dims=[d for p in placements for d in p.shape]))
+        out.table.CopyFrom(
+            pb.TensorTable(
+                name=[p.name for p in placements],
+                dtype=[p.dtype for p in placements],
+                served_dtype=[p.served_dtype for p in placements],
+                allocation=[p.allocation for p in placements],
+                offset=[p.offset for p in placements],
+                nbytes=[p.nbytes for p in placements],
+                ndim=[len(p.shape) for p in placements],
+                dims=[d for p in placements for d in p.shape],
+            )
+        )
     else:
         out.tensors.extend(
-            pb.TensorInfo(name=p.name, dtype=p.dtype, shape=list(p.shape), strides=list(p.strides),
-                          allocation=p.allocation, offset=p.offset, nbytes=p.nbytes, served_dtype=p.served_dtype)
-            for p in placements)
+            pb.TensorInfo(
+                name=p.name,
+                dtype=p.dtype,
+                shape=list(p.shape),
+                strides=list(p.strides),
+                allocation=p.allocation,
+                offset=p.offset,
+                nbytes=p.nbytes,
+                served_dtype=p.served_dtype,
+            )
+            for p in placements
+        )
     return out
 
 
@@ -75,9 +106,13 @@ def _allocations(resident: ResidentRank) -> list[pb.AllocationInfo]:
     allocations = []
     for i, a in enumerate(resident.allocations):
         host = a.handle_type is HandleType.MEMFD
-        info = pb.AllocationInfo(index=i, size=a.size, handle_type=pb.HandleType.Value(a.handle_type.value),
-                                 device=-1 if host else a.device,
-                                 device_bus_id="" if host else device_bus_id(a.device))
+        info = pb.AllocationInfo(
+            index=i,
+            size=a.size,
+            handle_type=pb.HandleType.Value(a.handle_type.value),
+            device=-1 if host else a.device,
+            device_bus_id="" if host else device_bus_id(a.device),
+        )
         if a.handle_type is HandleType.CUDA_IPC:
             info.ipc_handle = a.ipc_handle()
         allocations.append(info)
@@ -85,14 +120,22 @@ def _allocations(resident: ResidentRank) -> list[pb.AllocationInfo]:
 
 
 def device_bus_id(device: int) -> str:
-    from hotweightsd.backends import cuda_driver
+    from hotweights.cuda import devices as cuda_driver
 
     return cuda_driver.pci_bus_id(device) or ""
 
 
 def lease_info(lease: Lease) -> pb.LeaseInfo:
-    return pb.LeaseInfo(lease_id=lease.id, name=lease.name, version=lease.version, pid=lease.pid, uid=lease.uid,
-                        holder=lease.holder, started_unix=lease.started, ref=lease.ref)
+    return pb.LeaseInfo(
+        lease_id=lease.id,
+        name=lease.name,
+        version=lease.version,
+        pid=lease.pid,
+        uid=lease.uid,
+        holder=lease.holder,
+        started_unix=lease.started,
+        ref=lease.ref,
+    )
 
 
 def aliases(manager: ModelManager) -> list[pb.AliasInfo]:
@@ -104,6 +147,13 @@ def aliases(manager: ModelManager) -> list[pb.AliasInfo]:
 
 
 def watch_event(ev: Event) -> pb.WatchEvent:
-    return pb.WatchEvent(kind=pb.WatchEvent.Kind.Value(ev.kind.value), name=ev.name, version=ev.version,
-                         alias=ev.alias, old_version=ev.old_version, message=ev.message, time_unix=ev.time,
-                         seq=ev.seq)
+    return pb.WatchEvent(
+        kind=pb.WatchEvent.Kind.Value(ev.kind.value),
+        name=ev.name,
+        version=ev.version,
+        alias=ev.alias,
+        old_version=ev.old_version,
+        message=ev.message,
+        time_unix=ev.time,
+        seq=ev.seq,
+    )

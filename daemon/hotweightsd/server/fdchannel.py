@@ -17,7 +17,7 @@ import threading
 import structlog
 
 from hotweights.errors import HotweightsError, InvalidArgument
-from hotweights.fdpass import MAGIC
+from hotweights.wire.fdproto import MAGIC
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.server.sockets import born_with_mode
 
@@ -31,7 +31,7 @@ def send_reply(conn: socket.socket, doc: dict, fds: list[int]) -> None:
     if not fds:
         conn.sendall(line)
         return
-    batches = [fds[i:i + MAX_FDS_PER_MESSAGE] for i in range(0, len(fds), MAX_FDS_PER_MESSAGE)]
+    batches = [fds[i : i + MAX_FDS_PER_MESSAGE] for i in range(0, len(fds), MAX_FDS_PER_MESSAGE)]
     socket.send_fds(conn, [line], batches[0])
     for batch in batches[1:]:
         socket.send_fds(conn, [b"+"], batch)
@@ -103,4 +103,4 @@ class FdChannel:
                 break
         if not buf.startswith(MAGIC) or not buf.endswith(b"\n"):
             raise InvalidArgument("malformed ticket request")
-        return buf[len(MAGIC):-1].decode("ascii", "replace")
+        return buf[len(MAGIC) : -1].decode("ascii", "replace")

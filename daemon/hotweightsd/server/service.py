@@ -1,4 +1,4 @@
-"""The gRPC servicer: protobuf in, a core call, protobuf out. Errors map in hotweights.rpc_status."""
+"""The gRPC servicer: protobuf in, a core call, protobuf out. Errors map in hotweights.wire.status."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import asyncio
 import functools
 import os
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 
 from hotweights import errors
-from hotweights.pb import pb, pb_grpc
-from hotweights.rpc_status import abort_with
+from hotweights.wire.pb import pb, pb_grpc
+from hotweights.wire.status import abort_with
 from hotweightsd import __version__
 from hotweightsd.core.events import Event, EventKind
 from hotweightsd.core.manager import ModelManager
@@ -76,8 +76,15 @@ class EventQueue:
 
 
 class HotweightsService(pb_grpc.HotweightsServicer):
-    def __init__(self, manager: ModelManager, socket_path: str, fd_socket: str, gds_note: str = "",
-                 restored: bool = False, restore_note: str = "") -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        socket_path: str,
+        fd_socket: str,
+        gds_note: str = "",
+        restored: bool = False,
+        restore_note: str = "",
+    ) -> None:
         self.m = manager
         self.socket_path = socket_path
         self.fd_socket = fd_socket
@@ -91,9 +98,13 @@ class HotweightsService(pb_grpc.HotweightsServicer):
     @stream_rpc
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> AsyncIterator[pb.LoadEvent]:
         mv, run = await asyncio.to_thread(
-            self.m.begin_load, request.name, request.path,
-            version=request.version or None, alias=request.alias or None,
-            verify=convert.VERIFY_OF[request.verify], mode=convert.MODE_OF[request.allocation],
+            self.m.begin_load,
+            request.name,
+            request.path,
+            version=request.version or None,
+            alias=request.alias or None,
+            verify=convert.VERIFY_OF[request.verify],
+            mode=convert.MODE_OF[request.allocation],
             device_map=list(request.device_map),
         )
         async for ev in self._run_load(mv, run, request.wait):
@@ -109,8 +120,9 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             yield pb.LoadEvent(done=convert.version_info(mv, self.m))
             return
         while not task.done():
-            yield pb.LoadEvent(progress=pb.LoadProgress(bytes_done=mv.bytes_done, bytes_total=mv.bytes_total,
-                                                        phase="reading"))
+            yield pb.LoadEvent(
+                progress=pb.LoadProgress(bytes_done=mv.bytes_done, bytes_total=mv.bytes_total, phase="reading")
+            )
             await asyncio.wait({task}, timeout=PROGRESS_INTERVAL)
         task.result()
         yield pb.LoadEvent(done=convert.version_info(mv, self.m))
@@ -122,8 +134,9 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @rpc
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(versions=[convert.version_info(v, self.m) for v in self.m.versions()],
-                                     aliases=convert.aliases(self.m))
+        return pb.ListModelsResponse(
+            versions=[convert.version_info(v, self.m) for v in self.m.versions()], aliases=convert.aliases(self.m)
+        )
 
     @rpc
     async def Status(self, request, context) -> pb.StatusResponse:
@@ -134,17 +147,30 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             for r in v.ranks:
                 resident[r.device] = resident.get(r.device, 0) + sum(a.size for a in r.allocations)
         return pb.StatusResponse(
-            daemon_version=__version__, pid=os.getpid(), backend=self.m.backend.name, socket=self.socket_path,
+            daemon_version=__version__,
+            pid=os.getpid(),
+            backend=self.m.backend.name,
+            socket=self.socket_path,
             uptime_seconds=time.time() - self.m.started,
-            devices=[pb.DeviceInfo(index=d.index, name=d.name, total_bytes=d.total, free_bytes=d.free,
-                                   resident_bytes=resident.get(d.index, 0),
-                                   reserve_bytes=getattr(self.m.backend, "reserve", 0)) for d in devices],
+            devices=[
+                pb.DeviceInfo(
+                    index=d.index,
+                    name=d.name,
+                    total_bytes=d.total,
+                    free_bytes=d.free,
+                    resident_bytes=resident.get(d.index, 0),
+                    reserve_bytes=getattr(self.m.backend, "reserve", 0),
+                )
+                for d in devices
+            ],
             versions=[convert.version_info(v, self.m) for v in versions],
             leases=[convert.lease_info(le) for le in self.m.leases()],
             aliases=convert.aliases(self.m),
             resident_bytes=self.m.resident_bytes(),
             open_allocations=sum(len(r.allocations) for v in versions for r in v.ranks),
-            gds=self.gds_note, restored=self.restored, restore_note=self.restore_note,
+            gds=self.gds_note,
+            restored=self.restored,
+            restore_note=self.restore_note,
         )
 
     # ---- leases and handles ---------------------------------------------------------------
@@ -168,8 +194,12 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             if first.WhichOneof("msg") != "open":
                 raise errors.InvalidArgument("a Lease stream must start with an open message")
             lease = self.m.open_lease(first.open.ref, pid=first.open.pid, holder=first.open.holder)
-            granted = pb.LeaseGranted(lease_id=lease.id, name=lease.name, version=lease.version,
-                                      world_size=self.m.get(lease.name, lease.version).world_size)
+            granted = pb.LeaseGranted(
+                lease_id=lease.id,
+                name=lease.name,
+                version=lease.version,
+                world_size=self.m.get(lease.name, lease.version).world_size,
+            )
             if first.open.with_handles:
                 granted.handles.CopyFrom(self._handles(lease.id, first.open.rank, first.open.compact_table))
             yield pb.LeaseEvent(granted=granted)
@@ -182,9 +212,11 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                     done, _ = await asyncio.wait({reader, getter}, return_when=asyncio.FIRST_COMPLETED)
                     if getter in done:
                         ev = getter.result()
-                        yield pb.LeaseEvent(alias_moved=pb.AliasMoved(alias=ev.alias, name=ev.name,
-                                                                      old_version=ev.old_version,
-                                                                      new_version=ev.version))
+                        yield pb.LeaseEvent(
+                            alias_moved=pb.AliasMoved(
+                                alias=ev.alias, name=ev.name, old_version=ev.old_version, new_version=ev.version
+                            )
+                        )
                     else:
                         getter.cancel()
                     if reader in done:
@@ -219,8 +251,14 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
         mode = SwapMode.DRAIN if request.mode == pb.SWAP_DRAIN else SwapMode.SIDE_BY_SIDE
         plan = await asyncio.to_thread(
-            swap, self.m, request.alias, request.target, version=request.version or None, mode=mode,
-            drain_timeout=request.drain_timeout_seconds or 60.0, verify=convert.VERIFY_OF[request.verify],
+            swap,
+            self.m,
+            request.alias,
+            request.target,
+            version=request.version or None,
+            mode=mode,
+            drain_timeout=request.drain_timeout_seconds or 60.0,
+            verify=convert.VERIFY_OF[request.verify],
             name=request.name or None,
         )
         async for ev in self._run_load(plan.version, plan.run, wait=True):
@@ -254,4 +292,3 @@ def grpc_options() -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
-

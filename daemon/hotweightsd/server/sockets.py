@@ -47,7 +47,9 @@ class SocketOwnership:
             os.close(self._fd)
             raise DaemonAlreadyRunning(
                 f"another hotweights daemon (pid {holder}) already serves {path}; stop it first or use --socket",
-                socket=path, pid=holder) from None
+                socket=path,
+                pid=holder,
+            ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
         for p in (path, fd_socket_path(path)):

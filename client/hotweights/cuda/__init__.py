@@ -1,0 +1,1 @@
+"""The CUDA driver API, lazily: checks, contexts, VMM mapping, device queries."""

@@ -1,0 +1,1 @@
+"""Checkpoint formats: safetensors headers, dtypes, checkpoint layouts, the manifest."""

@@ -1,0 +1,157 @@
+"""Finding and validating the files of a checkpoint before anything is read.
+
+Layouts, in the order they are recognised:
+- one ``.safetensors`` file: rank 0;
+- a directory of ``model-rank-{r}-part-{p}.safetensors`` (``hotweights shard`` output): ranks from the names;
+- a directory with ``model.safetensors.index.json``: the files it names, as rank 0;
+- a directory of ``*.safetensors``: all of them, as rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from hotweights.errors import BadCheckpoint, NotFound
+from hotweights.format.safetensors import FileHeader, read_header
+
+SHARD_RE = re.compile(r"^model-rank-(\d+)-part-(\d+)\.safetensors$")
+INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "hotweights.json"
+
+
+@dataclass
+class RankFiles:
+    rank: int
+    files: list[FileHeader]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.data_bytes for f in self.files)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    layout: str
+    ranks: list[RankFiles]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.ranks)
+
+    @property
+    def manifest_path(self) -> Path | None:
+        p = self.path / MANIFEST_NAME
+        return p if self.path.is_dir() and p.is_file() else None
+
+    def fingerprint(self) -> str:
+        """A short content-derived version: hashes every header and file size, reads no tensor data."""
+        h = xxhash.xxh64()
+        for r in self.ranks:
+            for f in r.files:
+                h.update(f"{r.rank}:{f.path.name}:{f.size}:".encode())
+                for t in sorted(f.tensors, key=lambda t: t.name):
+                    h.update(f"{t.name}|{t.dtype.name}|{t.shape}|{t.begin}|{t.end};".encode())
+        return h.hexdigest()[:12]
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise NotFound(f"{path}: no such file or directory", path=str(path))
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise BadCheckpoint(f"{path}: not a .safetensors file", path=str(path))
+        return _checked(Checkpoint(path.resolve(), "file", [RankFiles(0, [read_header(path)])]))
+    if not path.is_dir():
+        raise BadCheckpoint(f"{path}: neither a file nor a directory", path=str(path))
+    path = path.resolve()
+
+    shards = _sharded(path)
+    if shards is not None:
+        return _checked(Checkpoint(path, "sharded", shards))
+    index = path / INDEX_NAME
+    if index.is_file():
+        return _checked(Checkpoint(path, "indexed", [RankFiles(0, _indexed(path, index))]))
+    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if not files:
+        raise BadCheckpoint(f"{path}: no .safetensors files in this directory", path=str(path))
+    return _checked(Checkpoint(path, "directory", [RankFiles(0, [read_header(p) for p in files])]))
+
+
+def _sharded(path: Path) -> list[RankFiles] | None:
+    found: dict[int, dict[int, Path]] = {}
+    for p in path.iterdir():
+        m = SHARD_RE.match(p.name)
+        if m:
+            found.setdefault(int(m.group(1)), {})[int(m.group(2))] = p
+    if not found:
+        return None
+    world = max(found) + 1
+    missing = sorted(set(range(world)) - set(found))
+    if missing:
+        raise BadCheckpoint(
+            f"{path}: sharded checkpoint lacks rank(s) {missing} (found ranks up to {world - 1})", path=str(path)
+        )
+    ranks = []
+    for r in range(world):
+        parts = found[r]
+        gaps = sorted(set(range(max(parts) + 1)) - set(parts))
+        if gaps:
+            raise BadCheckpoint(f"{path}: rank {r} lacks part(s) {gaps}", path=str(path), rank=r)
+        ranks.append(RankFiles(r, [read_header(parts[p]) for p in sorted(parts)]))
+    return ranks
+
+
+def _indexed(path: Path, index: Path) -> list[FileHeader]:
+    try:
+        doc = json.loads(index.read_text())
+        weight_map = doc["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise BadCheckpoint(
+            f"{index}: not a valid index (needs a JSON object with a 'weight_map' object)", path=str(index)
+        ) from None
+    names = sorted(set(weight_map.values()))
+    headers = []
+    for name in names:
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise BadCheckpoint(f"{index}: weight_map names an invalid file {name!r}", path=str(index))
+        p = path / name
+        if not p.is_file():
+            raise BadCheckpoint(f"{index}: weight_map names {name}, which does not exist", path=str(index), file=name)
+        headers.append(read_header(p))
+    where = {t.name: h.path.name for h in headers for t in h.tensors}
+    for tensor, file in weight_map.items():
+        if where.get(tensor) != file:
+            raise BadCheckpoint(
+                f"{index}: weight_map puts {tensor!r} in {file}, but that file does not hold it",
+                path=str(index),
+                tensor=tensor,
+            )
+    return headers
+
+
+def _checked(ckpt: Checkpoint) -> Checkpoint:
+    for r in ckpt.ranks:
+        seen: dict[str, Path] = {}
+        for f in r.files:
+            for t in f.tensors:
+                if t.name in seen:
+                    raise BadCheckpoint(
+                        f"duplicate tensor {t.name!r} in {seen[t.name].name} and {f.path.name} (rank {r.rank})",
+                        tensor=t.name,
+                        path=str(f.path),
+                    )
+                seen[t.name] = f.path
+    return ckpt

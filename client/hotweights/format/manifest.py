@@ -1,0 +1,267 @@
+"""``hotweights.json``: what a sharded checkpoint holds, and checking a directory against it.
+
+The manifest records, for every file, its size and the xxhash64 of its whole content, and for every
+output tensor its rank, file, dtype, shape, how it was cut from the source tensor (``split``: dim,
+index, of n; absent when replicated) and its quantization. ``verify_checkpoint`` is what the
+daemon's LoadModel runs before it trusts a directory:
+
+- ``none``: nothing;
+- ``fast``: the layout, every file's size, and every safetensors header against the manifest
+  (reads only headers); a no-op for a directory without a manifest;
+- ``full``: ``fast`` plus the xxhash64 of every byte of every file; needs a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from hotweights.errors import BadCheckpoint, ChecksumMismatch, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from hotweights.format.checkpoint import MANIFEST_NAME, SHARD_RE
+from hotweights.format.safetensors import read_header
+
+FORMAT = "hotweights-checkpoint"
+FORMAT_VERSION = 1
+LEVELS = ("none", "fast", "full")
+_HASH_CHUNK = 16 << 20
+
+
+@dataclass
+class Manifest:
+    path: Path  # the hotweights.json file
+    doc: dict[str, Any]
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    @property
+    def tp_size(self) -> int:
+        return int(self.doc["tp_size"])
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.doc["files"]
+
+    @property
+    def aux_files(self) -> dict[str, dict[str, Any]]:
+        return self.doc.get("aux_files", {})
+
+    @property
+    def tensors(self) -> list[dict[str, Any]]:
+        return self.doc["tensors"]
+
+    def rank_weight_bytes(self) -> list[int]:
+        """Tensor data bytes each rank holds: what a loader puts in that GPU's memory."""
+        out = [0] * self.tp_size
+        for t in self.tensors:
+            out[t["rank"]] += t["nbytes"]
+        return out
+
+
+def dumps_manifest(doc: dict[str, Any]) -> str:
+    """JSON with one line per tensor entry: readable, diffable, and small even for thousands of tensors."""
+    head = json.dumps({k: v for k, v in doc.items() if k != "tensors"}, indent=2)
+    rows = ",\n    ".join(json.dumps(t, separators=(", ", ": ")) for t in doc.get("tensors", []))
+    return head[:-2] + ',\n  "tensors": [\n    ' + rows + "\n  ]\n}\n"
+
+
+def file_xxh64(path: Path) -> str:
+    h = xxhash.xxh64()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def load_manifest(directory: str | Path) -> Manifest | None:
+    """The manifest of a directory, None if it has none; malformed manifests raise BadCheckpoint."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BadCheckpoint(f"{path}: cannot read it as JSON: {exc}", path=str(path), file=MANIFEST_NAME) from None
+    _check_schema(path, doc)
+    return Manifest(path, doc)
+
+
+def _check_schema(path: Path, doc: Any) -> None:
+    def bad(why: str) -> BadCheckpoint:
+        return BadCheckpoint(f"{path}: {why}", path=str(path), file=MANIFEST_NAME)
+
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise bad(f"not a hotweights manifest (format is not {FORMAT!r})")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise bad(
+            f"format_version {doc.get('format_version')!r} is not {FORMAT_VERSION}: written by another "
+            f"hotweights version"
+        )
+    tp = doc.get("tp_size")
+    if not isinstance(tp, int) or tp < 1:
+        raise bad(f"tp_size {tp!r} is not a positive integer")
+    files = doc.get("files")
+    if not isinstance(files, dict) or not files:
+        raise bad("lists no files")
+    for name, info in files.items():
+        m = SHARD_RE.match(name)
+        if (
+            not m
+            or not isinstance(info, dict)
+            or not isinstance(info.get("size"), int)
+            or not isinstance(info.get("xxh64"), str)
+            or info.get("rank") != int(m.group(1))
+        ):
+            raise bad(f"entry for file {name!r} is malformed (needs a model-rank-R-part-P name, rank, size, xxh64)")
+        if not 0 <= info["rank"] < tp:
+            raise bad(f"file {name!r} is for rank {info['rank']}, outside tp_size {tp}")
+    for name, info in doc.get("aux_files", {}).items():
+        if (
+            "/" in name
+            or not isinstance(info, dict)
+            or not isinstance(info.get("size"), int)
+            or not isinstance(info.get("xxh64"), str)
+        ):
+            raise bad(f"entry for file {name!r} is malformed")
+    tensors = doc.get("tensors")
+    if not isinstance(tensors, list):
+        raise bad("has no tensors list")
+    for t in tensors:
+        if (
+            not isinstance(t, dict)
+            or t.get("file") not in files
+            or not isinstance(t.get("shape"), list)
+            or not isinstance(t.get("dtype"), str)
+            or not isinstance(t.get("name"), str)
+            or not isinstance(t.get("nbytes"), int)
+            or not isinstance(t.get("offset"), int)
+        ):
+            raise bad(f"tensor entry {str(t)[:120]} is malformed or names a file the manifest does not list")
+
+
+def verify_checkpoint(path: Path, level: str) -> None:
+    """Check a checkpoint against its manifest; raise naming the first file that fails.
+
+    Raises DataLoss (a file missing, of the wrong size, or whose header disagrees with the manifest),
+    ChecksumMismatch (content differs), BadCheckpoint (the manifest is malformed, or the directory
+    holds shard files the manifest does not list), and
+    FailedPrecondition for ``full`` without a manifest. ``path`` may be the checkpoint directory or
+    a file inside it.
+    """
+    if level not in LEVELS:
+        raise InvalidArgument(f"verify level must be one of {', '.join(LEVELS)}, not {level!r}", level=level)
+    if level == "none":
+        return
+    path = Path(path)
+    if not path.exists():
+        raise NotFound(f"{path}: no such file or directory", path=str(path))
+    directory = path if path.is_dir() else path.parent
+    manifest = load_manifest(directory)
+    if manifest is None:
+        if level == "full":
+            raise FailedPrecondition(
+                f"{directory}: verify=full needs {MANIFEST_NAME} (it holds the checksums); this checkpoint has "
+                f"none: load it with verify=fast or none, or shard it with `hotweights shard`",
+                path=str(directory),
+            )
+        return
+    _verify_layout(manifest)
+    _verify_sizes(manifest)
+    if level == "full":
+        # Hashes before headers: a flipped byte is then reported as what it is, content that changed.
+        _verify_hashes(manifest)
+    _verify_headers(manifest)
+
+
+def _verify_layout(m: Manifest) -> None:
+    d = m.directory
+    on_disk = {p.name for p in d.iterdir() if SHARD_RE.match(p.name)}
+    extra = sorted(on_disk - set(m.files))
+    if extra:
+        raise BadCheckpoint(
+            f"{d}: {extra[0]} is not in {MANIFEST_NAME} (a leftover of another run?); "
+            f"the loader would read it as part of the checkpoint",
+            path=str(d / extra[0]),
+            file=extra[0],
+        )
+    ranks = {info["rank"] for info in m.files.values()}
+    missing = sorted(set(range(m.tp_size)) - ranks)
+    if missing:
+        raise BadCheckpoint(
+            f"{m.path}: lists no files for rank(s) {missing} of tp_size {m.tp_size}",
+            path=str(m.path),
+            file=MANIFEST_NAME,
+        )
+
+
+def _verify_sizes(m: Manifest) -> None:
+    for name, info in [*m.files.items(), *m.aux_files.items()]:
+        p = m.directory / name
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            raise DataLoss(f"{p}: missing: {MANIFEST_NAME} lists it", path=str(p), file=name) from None
+        if size != info["size"]:
+            raise DataLoss(
+                f"{p}: {size} bytes, {MANIFEST_NAME} says {info['size']} (truncated or rewritten)",
+                path=str(p),
+                file=name,
+                expected=info["size"],
+                actual=size,
+            )
+
+
+def _verify_headers(m: Manifest) -> None:
+    expected: dict[str, dict[str, tuple[str, tuple[int, ...], int]]] = {name: {} for name in m.files}
+    for t in m.tensors:
+        expected[t["file"]][t["name"]] = (t["dtype"], tuple(t["shape"]), t["offset"])
+    for name in m.files:
+        p = m.directory / name
+        try:
+            header = read_header(p)
+        except BadCheckpoint as exc:
+            # The manifest vouches that this file was written whole: a header that no longer parses is damage.
+            raise DataLoss(
+                f"{exc.message} ({MANIFEST_NAME} lists it as written whole)", path=str(p), file=name
+            ) from None
+        want = expected[name]
+        # Offsets are compared too: the same tensors reordered is another file, and the loader places by offset.
+        found = {e.name: (e.dtype.name, e.shape, e.begin - header.data_start) for e in header.tensors}
+        for tname in sorted(set(want) | set(found)):
+            if found.get(tname) != want.get(tname):
+                what = (
+                    "is missing"
+                    if tname not in found
+                    else "is not in the manifest"
+                    if tname not in want
+                    else f"is {found[tname][0]} {list(found[tname][1])} at offset {found[tname][2]}, the "
+                    f"manifest says {want[tname][0]} {list(want[tname][1])} at {want[tname][2]}"
+                )
+                raise DataLoss(f"{p}: tensor {tname!r} {what}", path=str(p), file=name, tensor=tname)
+
+
+def _verify_hashes(m: Manifest) -> None:
+    entries = [*m.files.items(), *m.aux_files.items()]
+    workers = min(len(entries), os.cpu_count() or 1, 8)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hw-verify") as pool:
+        digests = list(pool.map(lambda e: file_xxh64(m.directory / e[0]), entries))
+    for (name, info), digest in zip(entries, digests):
+        if digest != info["xxh64"]:
+            p = m.directory / name
+            raise ChecksumMismatch(
+                f"{p}: xxhash64 {digest} does not match {info['xxh64']} in {MANIFEST_NAME}",
+                path=str(p),
+                file=name,
+                expected=info["xxh64"],
+                actual=digest,
+            )

@@ -1,0 +1,146 @@
+"""A strict reader of safetensors headers. Bytes are never read here, only validated layouts.
+
+Format: 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the data section.
+Every entry's offsets are checked against the data section and against each other, so a loader
+can trust them without re-checking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hotweights.errors import BadCheckpoint, NotFound
+from hotweights.format.dtypes import DType, lookup, nbytes_for
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass
+class FileHeader:
+    path: Path
+    size: int
+    data_start: int
+    tensors: list[TensorEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def read_header(path: str | os.PathLike) -> FileHeader:
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"{path}: no such file", path=str(path)) from None
+    except IsADirectoryError:
+        raise BadCheckpoint(f"{path}: is a directory, not a safetensors file", path=str(path)) from None
+    except PermissionError as exc:
+        raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=str(path)) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise BadCheckpoint(
+                f"{path}: truncated: {size} bytes, shorter than the 8-byte header length", path=str(path)
+            )
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if n > MAX_HEADER_BYTES:
+            raise BadCheckpoint(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit", path=str(path))
+        if 8 + n > size:
+            raise BadCheckpoint(
+                f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)", path=str(path)
+            )
+        raw = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
+    return parse_header(path, size, raw)
+
+
+def parse_header(path: Path, size: int, raw: bytes) -> FileHeader:
+    where = f"{path}: "
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadCheckpoint(f"{where}header is not valid JSON: {exc}", path=str(path)) from None
+    if not isinstance(doc, dict):
+        raise BadCheckpoint(f"{where}header is not a JSON object", path=str(path))
+    data_start = 8 + len(raw)
+    data_size = size - data_start
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BadCheckpoint(f"{where}__metadata__ must map strings to strings", path=str(path))
+
+    tensors: list[TensorEntry] = []
+    for name, info in doc.items():
+        tensors.append(_entry(where, path, name, info, data_start, data_size))
+    ordered = sorted(tensors, key=lambda t: (t.begin, t.end))
+    for prev, cur in zip(ordered, ordered[1:]):
+        if cur.begin < prev.end:
+            raise BadCheckpoint(
+                f"{where}tensors {prev.name!r} and {cur.name!r} overlap "
+                f"(bytes {prev.begin - data_start}-{prev.end - data_start} and "
+                f"{cur.begin - data_start}-{cur.end - data_start})",
+                path=str(path),
+            )
+    return FileHeader(path=path, size=size, data_start=data_start, tensors=tensors, metadata=metadata)
+
+
+def _entry(where: str, path: Path, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
+    if not isinstance(info, dict):
+        raise BadCheckpoint(f"{where}tensor {name!r}: entry is not an object", path=str(path), tensor=name)
+    dtype = lookup(str(info.get("dtype")), where=f"{where}tensor {name!r}: ")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise BadCheckpoint(
+            f"{where}tensor {name!r}: shape {shape!r} is not a list of non-negative integers",
+            path=str(path),
+            tensor=name,
+        )
+    offsets = info.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise BadCheckpoint(
+            f"{where}tensor {name!r}: data_offsets {offsets!r} is not [begin, end]", path=str(path), tensor=name
+        )
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise BadCheckpoint(
+            f"{where}tensor {name!r}: data_offsets {offsets} are reversed or negative", path=str(path), tensor=name
+        )
+    if end > data_size:
+        raise BadCheckpoint(
+            f"{where}tensor {name!r}: data_offsets {offsets} end past the {data_size}-byte data section "
+            f"(file truncated or offsets wrong)",
+            path=str(path),
+            tensor=name,
+        )
+    expected = nbytes_for(dtype, tuple(shape))
+    if end - begin != expected:
+        raise BadCheckpoint(
+            f"{where}tensor {name!r}: shape {shape} of {dtype.name} needs {expected} bytes "
+            f"but data_offsets span {end - begin}",
+            path=str(path),
+            tensor=name,
+        )
+    return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, end=data_start + end)

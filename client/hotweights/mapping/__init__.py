@@ -1,0 +1,1 @@
+"""Client-side mapping: exported allocations into this process, tables into tensors."""

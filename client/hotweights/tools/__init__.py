@@ -1,0 +1,1 @@
+"""Offline tools for operators: sharding, capacity planning, the node doctor, the demo."""

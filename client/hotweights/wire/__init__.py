@@ -1,0 +1,1 @@
+"""The wire: generated gRPC code, the error table, and the fd side channel's framing."""

@@ -1,0 +1,231 @@
+"""The bounce path's native engine: ``hwfill.c`` through ctypes.
+
+The plan (``bounce.plan_chunks``), the ring, the streams and the events stay Python's; only the loop
+over chunks (read into a slot, queue its copies, record the slot's event) runs in C threads, with
+the GIL released for the whole fill. The library is built by ``pip install`` (setup.py, optional:
+no compiler, no library) and found beside this package, or at ``HOTWEIGHTS_NATIVE_LIB``.
+
+``host_mode`` runs the same loop with ``memcpy`` into host memory and no driver calls: the unit tests
+and CI run the engine's reads, planning, truncation, cancellation and error paths with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hotweights.cuda.driver import error_name
+from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError
+
+ABI = 1
+ERR_CUDA, ERR_OS, ERR_TRUNCATED, ERR_CANCELLED, ERR_SETUP = 1, 2, 3, 4, 5
+POLL_S = 0.02  # progress and cancel are looked at this often while the fill runs
+
+
+class Chunk(ctypes.Structure):
+    _fields_ = [
+        ("offset", ctypes.c_int64),
+        ("length", ctypes.c_int64),
+        ("first_piece", ctypes.c_int64),
+        ("file", ctypes.c_int32),
+        ("npieces", ctypes.c_int32),
+    ]
+
+
+class Piece(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_int64), ("dst", ctypes.c_uint64), ("length", ctypes.c_int64)]
+
+
+class Job(ctypes.Structure):
+    _fields_ = [
+        ("fds", ctypes.POINTER(ctypes.c_int32)),
+        ("direct", ctypes.POINTER(ctypes.c_uint8)),
+        ("chunks", ctypes.POINTER(Chunk)),
+        ("pieces", ctypes.POINTER(Piece)),
+        ("nchunks", ctypes.c_int64),
+        ("npieces", ctypes.c_int64),
+        ("nfiles", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+        ("depth", ctypes.c_int32),
+        ("host_mode", ctypes.c_int32),
+        ("slot_size", ctypes.c_int64),
+        ("host_base", ctypes.c_uint64),
+        ("context", ctypes.c_uint64),
+        ("streams", ctypes.POINTER(ctypes.c_uint64)),
+        ("events", ctypes.POINTER(ctypes.c_uint64)),
+        ("cpus", ctypes.POINTER(ctypes.c_int32)),
+        ("ncpus", ctypes.c_int32),
+        ("cancel", ctypes.c_int32),
+        ("next", ctypes.c_int64),
+        ("done_bytes", ctypes.c_int64),
+        ("reads", ctypes.c_int64),
+        ("copies", ctypes.c_int64),
+        ("err_kind", ctypes.c_int32),
+        ("err_code", ctypes.c_int32),
+        ("err_chunk", ctypes.c_int64),
+        ("err_file", ctypes.c_int64),
+        ("err_offset", ctypes.c_int64),
+        ("err_op", ctypes.c_char * 48),
+    ]
+
+
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_load_lock = threading.Lock()
+
+
+def library_path() -> str | None:
+    env = os.environ.get("HOTWEIGHTS_NATIVE_LIB", "").strip()
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(glob.glob(os.path.join(here, "_hwfill*.so")))
+    return found[0] if found else None
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    global _lib, _reason
+    with _load_lock:
+        if _lib is not None or _reason is not None:
+            return _lib, _reason
+        path = library_path()
+        if path is None:
+            _reason = "native loader not built (no C compiler at install time?)"
+            return None, _reason
+        try:
+            lib = ctypes.CDLL(path)
+            lib.hw_abi.restype = ctypes.c_int
+            lib.hw_job_size.restype = ctypes.c_size_t
+            lib.hw_fill.restype = ctypes.c_int
+            lib.hw_fill.argtypes = [ctypes.POINTER(Job)]
+        except (OSError, AttributeError) as exc:
+            _reason = f"native loader {path} does not load: {exc}"
+            return None, _reason
+        if lib.hw_abi() != ABI or lib.hw_job_size() != ctypes.sizeof(Job):
+            _reason = (
+                f"native loader {path} is from another revision (ABI {lib.hw_abi()}, job size "
+                f"{lib.hw_job_size()}; this code expects {ABI}, {ctypes.sizeof(Job)}): rebuild it"
+            )
+            return None, _reason
+        _lib = lib
+        return _lib, None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native engine cannot run here, or None."""
+    return _load()[1]
+
+
+def _array(ctype: Any, values: Sequence) -> ctypes.Array:
+    return (ctype * max(1, len(values)))(*values)
+
+
+def fill(
+    chunks: Sequence,
+    fds: Sequence[int],
+    direct: Sequence[bool],
+    paths: Sequence[str],
+    bases: Sequence[int],
+    *,
+    threads: int,
+    depth: int,
+    slot_size: int,
+    host_base: int,
+    progress: Callable[[int], None],
+    cancel: threading.Event,
+    context: int = 0,
+    streams: Sequence[int] = (),
+    events: Sequence[int] = (),
+    cpus: Sequence[int] = (),
+    host_mode: bool = False,
+) -> tuple[int, int]:
+    """Runs ``chunks`` (``bounce.ReadChunk``; a piece's destination is ``bases[allocation] + offset``) on the
+    native engine; returns (reads, copies). Raises what the Python workers raise for the same failure:
+    BadCheckpoint (short file), Aborted (cancel), CudaError (the driver's code), BackendError (a read)."""
+    lib, reason = _load()
+    if lib is None:
+        raise BackendError("native loader", "unavailable", reason)
+    if not chunks:
+        return 0, 0
+    cs: list[Chunk] = []
+    ps: list[Piece] = []
+    for c in chunks:
+        cs.append(Chunk(c.offset, c.length, len(ps), c.file, len(c.pieces)))
+        ps.extend(Piece(p.src, bases[p.allocation] + p.offset, p.length) for p in c.pieces)
+    # ctypes keeps the arrays given to pointer fields alive with the job (its _objects) while the C threads run.
+    job = Job(
+        fds=_array(ctypes.c_int32, fds),
+        direct=_array(ctypes.c_uint8, [1 if d else 0 for d in direct]),
+        chunks=_array(Chunk, cs),
+        pieces=_array(Piece, ps),
+        nchunks=len(cs),
+        npieces=len(ps),
+        nfiles=len(fds),
+        threads=max(1, min(threads, len(cs))),
+        depth=depth,
+        host_mode=1 if host_mode else 0,
+        slot_size=slot_size,
+        host_base=host_base,
+        context=context,
+        streams=_array(ctypes.c_uint64, streams),
+        events=_array(ctypes.c_uint64, events),
+        cpus=_array(ctypes.c_int32, cpus),
+        ncpus=len(cpus),
+        cancel=1 if cancel.is_set() else 0,
+    )
+    runner = threading.Thread(target=lib.hw_fill, args=(ctypes.byref(job),), name="hw-native-fill", daemon=True)
+    runner.start()
+    reported = 0
+    try:
+        while runner.is_alive():
+            runner.join(POLL_S)
+            if cancel.is_set():
+                job.cancel = 1
+            done = job.done_bytes
+            if done > reported:
+                progress(done - reported)
+                reported = done
+    except BaseException:
+        # The C threads write into the caller's ring and allocations: none may outlive this call.
+        job.cancel = 1
+        runner.join()
+        raise
+    if job.done_bytes > reported:
+        progress(job.done_bytes - reported)
+    if job.err_kind:
+        raise _error(job, chunks, paths)
+    if cancel.is_set():
+        raise Aborted("load cancelled")
+    return job.reads, job.copies
+
+
+def _error(job: Job, chunks: Sequence, paths: Sequence[str]) -> Exception:
+    op = job.err_op.decode(errors="replace")
+    path = paths[job.err_file] if 0 <= job.err_file < len(paths) else None
+    chunk = chunks[job.err_chunk] if 0 <= job.err_chunk < len(chunks) else None
+    if job.err_kind == ERR_CANCELLED:
+        return Aborted("load cancelled")
+    if job.err_kind == ERR_TRUNCATED and chunk is not None:
+        return BadCheckpoint(
+            f"{path}: truncated: ended at byte {job.err_offset}, the header promised data up to "
+            f"{chunk.offset + chunk.length}",
+            path=path,
+        )
+    if job.err_kind == ERR_CUDA:
+        name = error_name(job.err_code)
+        where = f", {path} at {job.err_offset}" if path else ""
+        return CudaError(op, job.err_code, f"{op} failed: {name} ({job.err_code}){where}", error=name)
+    if job.err_kind == ERR_OS:
+        hint = " (set HOTWEIGHTS_CUDA_READ_MODE=pread to read buffered)" if "O_DIRECT" in op else ""
+        return BackendError(
+            op,
+            job.err_code,
+            f"{path or 'loader'}: {op} at byte {job.err_offset} failed: {os.strerror(job.err_code)}{hint}",
+        )
+    if op.startswith(("libcuda", "cu")):
+        return BackendError("native loader", "driver", f"the native loader cannot use the CUDA driver: {op} not found")
+    return BackendError("native loader", "setup", f"the native loader refused the fill plan ({op}): a bug")

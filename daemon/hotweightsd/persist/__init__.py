@@ -1,0 +1,1 @@
+"""Surviving a restart: the service manager protocol, the fd store, the state file."""

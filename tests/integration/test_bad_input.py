@@ -1,0 +1,203 @@
+"""Issue 3, acceptance 5: each bad input gets a clear error naming the problem; the daemon stays
+up and holds nothing afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from support.ckpt_tools import raw_file, write_model
+from support.daemons import run_client, start_daemon
+
+F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+def _missing(d: Path) -> Path:
+    return d / "nope"
+
+
+def _empty_dir(d: Path) -> Path:
+    (d / "empty").mkdir()
+    (d / "empty" / "README").write_text("no weights here")
+    return d / "empty"
+
+
+def _truncated(d: Path) -> Path:
+    p = write_model(d / "t.safetensors")
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 1000])
+    return p
+
+
+def _header_too_long(d: Path) -> Path:
+    return raw_file(d / "h.safetensors", {"a": F32x2}, b"\0" * 8, header_len=10_000)
+
+
+def _not_json(d: Path) -> Path:
+    return raw_file(d / "j.safetensors", b"{this is not json", b"")
+
+
+def _outside(d: Path) -> Path:
+    return raw_file(d / "o.safetensors", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
+
+
+def _overlap(d: Path) -> Path:
+    return raw_file(
+        d / "v.safetensors",
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+        b"\0" * 12,
+    )
+
+
+def _unknown_dtype(d: Path) -> Path:
+    return raw_file(d / "u.safetensors", {"a": {"dtype": "F17", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
+
+
+def _size_mismatch(d: Path) -> Path:
+    return raw_file(d / "s.safetensors", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 12)
+
+
+def _duplicates(d: Path) -> Path:
+    raw_file(d / "dup" / "a.safetensors", {"w": F32x2}, b"\0" * 8)
+    raw_file(d / "dup" / "b.safetensors", {"w": F32x2}, b"\0" * 8)
+    return d / "dup"
+
+
+def _index_missing(d: Path) -> Path:
+    raw_file(d / "idx" / "model-00001.safetensors", {"a": F32x2}, b"\0" * 8)
+    (d / "idx" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001.safetensors", "b": "model-00002.safetensors"}})
+    )
+    return d / "idx"
+
+
+CASES = [
+    (_missing, "no such file or directory"),
+    (_empty_dir, "no .safetensors files"),
+    (_truncated, "truncated"),
+    (_header_too_long, "runs past the end"),
+    (_not_json, "not valid JSON"),
+    (_outside, "end past the 8-byte data section"),
+    (_overlap, "overlap"),
+    (_unknown_dtype, "unknown dtype 'F17'"),
+    (_size_mismatch, "needs 16 bytes but data_offsets span 12"),
+    (_duplicates, "duplicate tensor 'w' in a.safetensors and b.safetensors"),
+    (_index_missing, "names model-00002.safetensors, which does not exist"),
+]
+
+
+@pytest.mark.parametrize("make,expected", CASES, ids=[c[0].__name__.strip("_") for c in CASES])
+def test_bad_checkpoint_is_refused_clearly_and_leaks_nothing(daemon, tmp_path, make, expected):
+    fds_before = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+    path = make(tmp_path)
+    r = daemon.cli("load", "bad", str(path))
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hotweights: "), r.stderr
+    assert expected in lines[0], lines[0]
+    assert daemon.alive()
+    st = daemon.status()
+    assert st["resident_bytes"] == "0" and st["open_allocations"] == 0
+    assert daemon.memfds() == []
+    assert len(os.listdir(f"/proc/{daemon.pid}/fd")) <= fds_before
+    # and the daemon still loads a good checkpoint afterwards
+    good = write_model(tmp_path / "good" / "g.safetensors")
+    daemon.cli("load", "good", str(good), check=True)
+
+
+def test_attach_of_unknown_model_is_not_found(daemon):
+    r = run_client(
+        """
+import sys, hotweights
+from hotweights.errors import NotFound
+try:
+    hotweights.connect(sys.argv[1]).attach("ghost")
+except NotFound as exc:
+    print("NotFound:", exc)
+""",
+        daemon.socket,
+    )
+    assert "NotFound: no model, version or alias named 'ghost' is loaded" in r.stdout
+
+
+TICKET = """
+import sys, time, hotweights
+from hotweights import errors
+from hotweights.attach import LeaseStream
+from hotweights.wire.fdproto import fetch_fds
+from hotweights.wire.pb import pb
+c = hotweights.connect(sys.argv[1])
+mode = sys.argv[2]
+lease = LeaseStream(c.stub, "m", "ticket-test", None)
+h = c.stub.GetHandles(pb.GetHandlesRequest(lease_id=lease.granted.lease_id, rank=0))
+if mode == "reuse":
+    fds = fetch_fds(h.fd_socket, h.ticket, 1)
+    print("first ok", len(fds))
+else:
+    time.sleep(float(sys.argv[3]))
+try:
+    fetch_fds(h.fd_socket, h.ticket, 1)
+    print("second ok")
+except errors.TicketInvalid as exc:
+    print("TicketInvalid:", exc)
+try:
+    fetch_fds(h.fd_socket, "0" * 32, 1)
+except errors.TicketInvalid:
+    print("forged refused")
+lease.release()
+"""
+
+
+def test_reused_ticket_is_refused(daemon, tmp_path):
+    daemon.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), check=True)
+    r = run_client(TICKET, daemon.socket, "reuse")
+    assert "first ok 1" in r.stdout
+    assert "TicketInvalid: ticket is unknown, already used or expired" in r.stdout
+    assert "forged refused" in r.stdout
+    assert daemon.alive()
+
+
+def test_expired_ticket_is_refused(sockdir, tmp_path):
+    d = start_daemon(str(sockdir / "ttl.sock"), env={**os.environ, "HOTWEIGHTS_TICKET_TTL": "0.3"})
+    try:
+        d.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), check=True)
+        r = run_client(TICKET, d.socket, "expire", "0.6")
+        assert "TicketInvalid" in r.stdout and "second ok" not in r.stdout
+        assert d.leases() == []
+    finally:
+        assert d.stop() == 0
+
+
+def test_load_that_does_not_fit_is_refused_before_reading(sockdir, tmp_path):
+    d = start_daemon(str(sockdir / "small.sock"), "--memory-limit", "1MB")
+    try:
+        ckpt = write_model(tmp_path / "m.safetensors")
+        t0 = time.monotonic()
+        r = d.cli("load", "m", str(ckpt))
+        assert r.returncode == 1
+        assert "does not fit on host memory: needs" in r.stderr and "free" in r.stderr, r.stderr
+        assert d.memfds() == [] and d.status()["versions"] == []
+        assert time.monotonic() - t0 < 30
+    finally:
+        assert d.stop() == 0
+
+
+def test_cli_without_daemon_says_so(sockdir):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "hotweights", "list", "--socket", str(sockdir / "none.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert "unreachable" in r.stderr or "no hotweights daemon" in r.stderr, r.stderr

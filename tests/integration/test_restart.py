@@ -1,0 +1,200 @@
+"""Issue 5, acceptance 3-5 (cpu backend): a daemon restart under an emulated service manager
+serves the same models without touching storage; a bad state file is refused clearly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from support.ckpt_tools import write_model
+from support.daemons import Daemon, run_client, short_tmpdir, spawn_client, start_daemon, wait_for_socket
+from support.svcmgr import ServiceManager
+
+
+@pytest.fixture
+def svc():
+    d = short_tmpdir()
+    with ServiceManager(d) as mgr:
+        yield mgr
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _daemon_cmd(sock: str) -> list[str]:
+    return [sys.executable, "-m", "hotweights", "serve", "--socket", sock, "--backend", "cpu", "--log-format", "json"]
+
+
+def _as_daemon(svc: ServiceManager, sock: str) -> Daemon:
+    d = Daemon(sock, svc.process, svc.tmpdir / "unused.log")
+    wait_for_socket(d)
+    return d
+
+
+HOLDER = """
+import sys, hotweights, torch
+c = hotweights.connect(sys.argv[1])
+w = c.attach(sys.argv[2], holder="restart-test")
+def digest():
+    return {k: float(v.double().sum()) if v.dtype.is_floating_point else int(v.long().sum()) for k, v in w.items()}
+before = digest()
+print("attached", flush=True)
+sys.stdin.readline()
+assert digest() == before
+print("same-after-restart", w._lease.relets, flush=True)
+sys.stdin.readline()
+w.release()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_restart_serves_both_models_without_storage_and_client_never_notices(svc, tmp_path, sig):
+    sock = str(svc.tmpdir / "hw.sock")
+    svc.start(_daemon_cmd(sock))
+    svc.wait_for("READY", "1")
+    d = _as_daemon(svc, sock)
+    a = write_model(tmp_path / "a" / "a.safetensors", seed=1)
+    b = write_model(tmp_path / "b" / "b.safetensors", seed=2)
+    d.cli("load", "alpha", str(a), "--version", "v1", "--alias", "prod", check=True)
+    d.cli("load", "beta", str(b), "--version", "v7", check=True)
+    assert len(svc.stored_fds) == 2
+
+    holder = spawn_client(HOLDER, sock, "prod")
+    assert holder.stdout.readline().strip() == "attached"
+
+    svc.stop(sig)
+    if sig == signal.SIGTERM:
+        assert any("STOPPING" in m.fields for m in svc.messages)
+    # the checkpoints are gone: a restart that served them must not have read storage
+    shutil.rmtree(tmp_path / "a")
+    shutil.rmtree(tmp_path / "b")
+    svc.start(_daemon_cmd(sock))
+    svc.wait_for("READY", "1")
+    d = _as_daemon(svc, sock)
+    st = d.status()
+    assert st["restored"] is True, st["restore_note"]
+    assert {(v["name"], v["version"], v["state"]) for v in st["versions"]} == {
+        ("alpha", "v1", "READY"),
+        ("beta", "v7", "READY"),
+    }
+    assert {a["alias"]: a["version"] for a in st["aliases"]} == {"prod": "v1"}
+
+    # a new client attaches to both restored models, and sees the original bytes
+    r = run_client(
+        """
+import sys, torch, hotweights
+sys.path.insert(0, sys.argv[2])
+from support.ckpt_tools import mixed_tensors, same_bits
+c = hotweights.connect(sys.argv[1])
+for ref, seed in (("prod", 1), ("beta@v7", 2)):
+    with c.attach(ref) as w:
+        ref_t = mixed_tensors(seed)
+        assert all(same_bits(w[k], ref_t[k]) for k in ref_t), ref
+print("ok")
+""",
+        sock,
+        str(Path(__file__).parents[1]),
+    )
+    assert r.stdout.strip() == "ok"
+
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    line = holder.stdout.readline().split()
+    assert line[0] == "same-after-restart", holder.stderr.read()
+    # the holder re-leased its version on the new daemon, so it is protected there too
+    st = d.wait_status(lambda s: any(le["holder"] == "restart-test" for le in s["leases"]), timeout=10)
+    assert any(le["holder"] == "restart-test" and le["version"] == "v1" for le in st["leases"])
+    d.cli("alias", "prod", "--remove", check=True)
+    refused = d.cli("unload", "alpha@v1")
+    assert refused.returncode == 1 and "live lease" in refused.stderr
+    holder.stdin.write("done\n")
+    holder.stdin.flush()
+    holder.wait(10)
+    assert svc.stop() == 0
+
+
+def test_unload_removes_fds_from_the_store(svc, tmp_path):
+    sock = str(svc.tmpdir / "hw.sock")
+    svc.start(_daemon_cmd(sock))
+    svc.wait_for("READY", "1")
+    d = _as_daemon(svc, sock)
+    d.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), "--version", "v1", check=True)
+    assert list(svc.stored_fds) == ["hw/m@v1/0/0"]
+    d.cli("unload", "m", check=True)
+    deadline = time.monotonic() + 5
+    while svc.stored_fds and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert svc.stored_fds == {}
+    assert svc.stop() == 0
+
+
+def _start_and_load(svc, tmp_path) -> str:
+    sock = str(svc.tmpdir / "hw.sock")
+    svc.start(_daemon_cmd(sock))
+    svc.wait_for("READY", "1")
+    d = _as_daemon(svc, sock)
+    d.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), "--version", "v1", check=True)
+    svc.stop(signal.SIGKILL)
+    return sock
+
+
+def test_corrupted_state_file_is_refused_and_nothing_is_served(svc, tmp_path):
+    sock = _start_and_load(svc, tmp_path)
+    state = Path(sock).parent / "hotweights-state.json"
+    data = bytearray(state.read_bytes())
+    i = data.index(b'"m"')
+    data[i + 1] = ord("X")
+    state.write_bytes(bytes(data))
+    svc.start(_daemon_cmd(sock))
+    svc.wait_for("READY", "1")
+    st = _as_daemon(svc, sock).status()
+    assert st["versions"] == [] and st["restored"] is False
+    assert "is corrupted" in st["restore_note"] and "hotweights-state.json" in st["restore_note"]
+    assert svc.stored_fds == {}  # the unusable fds were dropped from the store
+    assert svc.stop() == 0
+
+
+def test_state_file_that_disagrees_with_fds_is_refused(svc, tmp_path):
+    sock = _start_and_load(svc, tmp_path)
+    # an fd the state file does not know about
+    extra = os.memfd_create("stranger")
+    svc.put("hw/ghost@v9/0/0", extra)
+    os.close(extra)
+    svc.start(_daemon_cmd(sock))
+    svc.wait_for("READY", "1")
+    st = _as_daemon(svc, sock).status()
+    assert st["versions"] == []
+    assert "disagrees" in st["restore_note"] and "hw/ghost@v9/0/0" in st["restore_note"]
+    assert svc.stop() == 0
+
+
+def test_without_a_service_manager_restart_reloads_from_storage_and_says_so(sockdir, tmp_path):
+    sock = str(sockdir / "plain.sock")
+    d = start_daemon(sock)
+    ckpt = write_model(tmp_path / "m.safetensors")
+    d.cli("load", "m", str(ckpt), "--version", "v1", "--alias", "prod", check=True)
+    assert d.stop() == 0
+    d = start_daemon(sock)
+    try:
+        st = d.wait_status(lambda s: s["versions"])
+        assert [(v["name"], v["version"], v["state"]) for v in st["versions"]] == [("m", "v1", "READY")]
+        assert st["aliases"][0]["alias"] == "prod"
+        assert st["restored"] is False and "reloading 1 version(s) from storage" in st["restore_note"]
+    finally:
+        assert d.stop() == 0
+
+
+def test_notify_ready_stopping_and_watchdog(tmp_path):
+    d = short_tmpdir()
+    with ServiceManager(d, watchdog_usec=400_000) as svc:
+        sock = str(Path(d) / "hw.sock")
+        svc.start(_daemon_cmd(sock))
+        svc.wait_for("READY", "1")
+        svc.wait_for("WATCHDOG", "1", timeout=3)
+        assert svc.stop() == 0
+        assert any(m.fields.get("STOPPING") == "1" for m in svc.messages)
+    shutil.rmtree(d, ignore_errors=True)

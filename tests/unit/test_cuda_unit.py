@@ -1,0 +1,1262 @@
+"""The cuda backend's logic without a GPU: chunk planning, the ring loader and the driver error paths.
+
+A fake ``cuda.bindings.driver`` (``FakeDriver``) emulates the calls the backend makes with host
+memory: VMM allocations are host buffers behind fake device addresses, copies run at once, and
+every call that needs a current context checks that one is pushed in the calling thread. It runs
+in CI, where neither a GPU nor cuda-bindings is installed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import itertools
+import mmap
+import os
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hotweights.cuda import devices as cuda_driver
+from hotweights.cuda import driver as cuda_import
+from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError, InsufficientMemory, InvalidArgument
+from hotweights.format.checkpoint import open_checkpoint
+from hotweightsd.core.backend import AllocationMode, HandleType
+from hotweightsd.core.layout import Segment, plan_rank
+from hotweightsd.loaders import bounce, gds
+from hotweightsd.loaders.bounce import BounceSettings, Piece, ReadChunk, check_plan, merge_chunks, plan_chunks, run_end
+
+MiB = 1024 * 1024
+GRAN = 2 * MiB
+
+
+# --- a fake driver --------------------------------------------------------------------------------------
+
+
+class CUresult(enum.IntEnum):
+    CUDA_SUCCESS = 0
+    CUDA_ERROR_INVALID_VALUE = 1
+    CUDA_ERROR_OUT_OF_MEMORY = 2
+    CUDA_ERROR_NO_DEVICE = 100
+    CUDA_ERROR_INVALID_CONTEXT = 201
+    CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712
+    CUDA_ERROR_NOT_SUPPORTED = 801
+    CUDA_ERROR_UNKNOWN = 999
+
+
+def _enum(**members):
+    return type("E", (), members)
+
+
+class _Location:
+    def __init__(self) -> None:
+        self.type = None
+        self.id = 0
+
+
+class CUmemAllocationProp:
+    def __init__(self) -> None:
+        self.type = None
+        self.location = _Location()
+        self.requestedHandleTypes = None
+
+
+class CUmemAccessDesc:
+    def __init__(self) -> None:
+        self.location = _Location()
+        self.flags = None
+
+
+class CUipcMemHandle:
+    def __init__(self) -> None:
+        self.reserved = bytes(64)
+
+
+class FakeDriver:
+    CUresult = CUresult
+    CUmemAllocationProp = CUmemAllocationProp
+    CUmemAccessDesc = CUmemAccessDesc
+    CUipcMemHandle = CUipcMemHandle
+    CUmemAllocationType = _enum(CU_MEM_ALLOCATION_TYPE_PINNED=1)
+    CUmemLocationType = _enum(CU_MEM_LOCATION_TYPE_DEVICE=1)
+    CUmemAllocationHandleType = _enum(CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR=1)
+    CUmemAllocationGranularity_flags = _enum(CU_MEM_ALLOC_GRANULARITY_MINIMUM=0)
+    CUmemAccess_flags = _enum(CU_MEM_ACCESS_FLAGS_PROT_READ=1, CU_MEM_ACCESS_FLAGS_PROT_READWRITE=3)
+    CUstream_flags = _enum(CU_STREAM_NON_BLOCKING=1)
+    CUevent_flags = _enum(CU_EVENT_BLOCKING_SYNC=1, CU_EVENT_DISABLE_TIMING=2)
+    CUipcMem_flags = _enum(CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS=1)
+    CU_MEMHOSTALLOC_PORTABLE = 1
+    CU_MEMHOSTREGISTER_PORTABLE = 1
+    CU_MEMHOSTREGISTER_READ_ONLY = 8
+
+    def __init__(self, devices: int = 1, total: int = 64 * MiB, no_driver: bool = False) -> None:
+        self.ndev = devices
+        self.total = total
+        self.no_driver = no_driver
+        self.lock = threading.RLock()
+        self.tls = threading.local()
+        self.fail: dict[str, int] = {}  # op -> CUresult for its next call
+        self.calls: dict[str, int] = {}
+        self.phys: dict[int, dict] = {}  # id -> {"buf", "size", "device", "refs"}
+        self.handles: dict[int, int] = {}  # handle -> phys id
+        self.vas: dict[int, dict] = {}  # reserved address -> {"size", "phys"}
+        self.exports: dict[int, int] = {}  # memfd inode -> phys id
+        self.host: dict[int, object] = {}  # pinned host allocations
+        self.registered: dict[int, int] = {}  # registered host ranges
+        self.legacy: dict[int, dict] = {}  # cuMemAlloc: address -> {"buf", "size", "device"}
+        self.streams = 0
+        self.events = 0
+        self.event_flags: set[int] = set()
+        self._ids = itertools.count(1)
+        self._va = itertools.count(1)
+
+    # helpers
+    def _enter(self, op: str, ctx: bool = False) -> CUresult | None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+        if self.no_driver:
+            raise RuntimeError("Failed to dlopen libcuda.so.1")
+        if op in self.fail:
+            return CUresult(self.fail.pop(op))
+        if ctx and not self._stack():
+            return CUresult.CUDA_ERROR_INVALID_CONTEXT
+        return None
+
+    def _stack(self) -> list:
+        if not hasattr(self.tls, "stack"):
+            self.tls.stack = []
+        return self.tls.stack
+
+    def current_device(self) -> int:
+        return self._stack()[-1]
+
+    def used(self, device: int) -> int:
+        return sum(p["size"] for p in self.phys.values() if p["device"] == device) + sum(
+            a["size"] for a in self.legacy.values() if a["device"] == device
+        )
+
+    def host_address(self, ptr: int, n: int) -> int:
+        """The host address behind a fake device address (VMM mapping or cuMemAlloc)."""
+        for va, m in self.vas.items():
+            if m["phys"] is not None and va <= ptr and ptr + n <= va + m["size"]:
+                return ctypes.addressof(self.phys[m["phys"]]["buf"]) + (ptr - va)
+        for addr, a in self.legacy.items():
+            if addr <= ptr and ptr + n <= addr + a["size"]:
+                return ptr
+        raise AssertionError(f"copy to unmapped device range {ptr:#x}+{n}")
+
+    def read(self, ptr: int, n: int) -> bytes:
+        return ctypes.string_at(self.host_address(ptr, n), n)
+
+    def _drop(self, pid: int) -> None:
+        p = self.phys[pid]
+        p["refs"] -= 1
+        if p["refs"] == 0:
+            del self.phys[pid]
+
+    # API
+    def cuInit(self, flags):
+        return (self._enter("cuInit") or CUresult.CUDA_SUCCESS,)
+
+    def cuGetErrorName(self, err):
+        return (CUresult.CUDA_SUCCESS, CUresult(err).name.encode())
+
+    def cuDeviceGetCount(self):
+        err = self._enter("cuDeviceGetCount")
+        if err or not self.ndev:
+            return (err or CUresult.CUDA_ERROR_NO_DEVICE, 0)
+        return (CUresult.CUDA_SUCCESS, self.ndev)
+
+    def cuDeviceGet(self, ordinal):
+        err = self._enter("cuDeviceGet")
+        if err or not 0 <= ordinal < self.ndev:
+            return (err or CUresult.CUDA_ERROR_INVALID_VALUE, None)
+        return (CUresult.CUDA_SUCCESS, ordinal)
+
+    def cuDevicePrimaryCtxRetain(self, dev):
+        return (self._enter("cuDevicePrimaryCtxRetain") or CUresult.CUDA_SUCCESS, ("ctx", dev))
+
+    def cuCtxPushCurrent(self, ctx):
+        self._stack().append(ctx[1])
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuCtxPopCurrent(self):
+        st = self._stack()
+        if not st:
+            return (CUresult.CUDA_ERROR_INVALID_CONTEXT, None)
+        return (CUresult.CUDA_SUCCESS, ("ctx", st.pop()))
+
+    def cuCtxSetCurrent(self, ctx):
+        st = self._stack()
+        if st:
+            st[-1] = ctx[1]
+        else:
+            st.append(ctx[1])
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuCtxSynchronize(self):
+        return (self._enter("cuCtxSynchronize", ctx=True) or CUresult.CUDA_SUCCESS,)
+
+    def cuDeviceGetName(self, n, dev):
+        return (CUresult.CUDA_SUCCESS, f"Fake GPU {dev}".encode() + b"\0" * 8)
+
+    def cuDeviceTotalMem(self, dev):
+        return (CUresult.CUDA_SUCCESS, self.total)
+
+    def cuDeviceGetPCIBusId(self, n, dev):
+        return (CUresult.CUDA_SUCCESS, f"0000:{dev + 0x1B:02X}:00.0".encode())
+
+    def cuMemGetInfo(self):
+        err = self._enter("cuMemGetInfo", ctx=True)
+        if err:
+            return (err, 0, 0)
+        return (CUresult.CUDA_SUCCESS, self.total - self.used(self.current_device()), self.total)
+
+    def cuMemGetAllocationGranularity(self, prop, option):
+        assert isinstance(prop, CUmemAllocationProp)
+        return (self._enter("cuMemGetAllocationGranularity") or CUresult.CUDA_SUCCESS, GRAN)
+
+    def cuMemCreate(self, size, prop, flags):
+        err = self._enter("cuMemCreate")
+        if err:
+            return (err, None)
+        assert size % GRAN == 0 and prop.location.id < self.ndev
+        assert prop.requestedHandleTypes == 1
+        with self.lock:
+            if self.used(prop.location.id) + size > self.total:
+                return (CUresult.CUDA_ERROR_OUT_OF_MEMORY, None)
+            pid = next(self._ids)
+            self.phys[pid] = {
+                "buf": ctypes.create_string_buffer(size),
+                "size": size,
+                "device": prop.location.id,
+                "refs": 1,
+            }
+            h = next(self._ids)
+            self.handles[h] = pid
+        return (CUresult.CUDA_SUCCESS, h)
+
+    def cuMemRelease(self, h):
+        err = self._enter("cuMemRelease")
+        if err:
+            return (err,)
+        with self.lock:
+            self._drop(self.handles.pop(h))
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuMemExportToShareableHandle(self, h, kind, flags):
+        err = self._enter("cuMemExportToShareableHandle")
+        if err:
+            return (err, None)
+        fd = os.memfd_create("fake-vmm")
+        self.exports[os.fstat(fd).st_ino] = self.handles[h]
+        return (CUresult.CUDA_SUCCESS, fd)
+
+    def cuMemImportFromShareableHandle(self, fd, kind):
+        err = self._enter("cuMemImportFromShareableHandle")
+        if err:
+            return (err, None)
+        pid = self.exports.get(os.fstat(fd).st_ino)
+        if pid is None or pid not in self.phys:
+            return (CUresult.CUDA_ERROR_INVALID_VALUE, None)
+        with self.lock:
+            self.phys[pid]["refs"] += 1
+            h = next(self._ids)
+            self.handles[h] = pid
+        return (CUresult.CUDA_SUCCESS, h)
+
+    def cuMemGetAllocationPropertiesFromHandle(self, h):
+        prop = CUmemAllocationProp()
+        prop.location.id = self.phys[self.handles[h]]["device"]
+        return (CUresult.CUDA_SUCCESS, prop)
+
+    def cuMemAddressReserve(self, size, align, addr, flags):
+        err = self._enter("cuMemAddressReserve")
+        if err:
+            return (err, None)
+        va = 0x5000_0000_0000 + next(self._va) * (1 << 36)
+        self.vas[va] = {"size": size, "phys": None, "access": None}
+        return (CUresult.CUDA_SUCCESS, va)
+
+    def cuMemAddressFree(self, ptr, size):
+        err = self._enter("cuMemAddressFree")
+        m = self.vas.get(ptr)
+        if err or m is None or m["phys"] is not None:
+            return (err or CUresult.CUDA_ERROR_INVALID_VALUE,)
+        del self.vas[ptr]
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuMemMap(self, ptr, size, offset, h, flags):
+        err = self._enter("cuMemMap")
+        if err:
+            return (err,)
+        m = self.vas[ptr]
+        pid = self.handles[h]
+        assert size == m["size"] <= self.phys[pid]["size"]
+        with self.lock:
+            m["phys"] = pid
+            self.phys[pid]["refs"] += 1
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuMemUnmap(self, ptr, size):
+        err = self._enter("cuMemUnmap")
+        m = self.vas.get(ptr)
+        if err or m is None or m["phys"] is None:
+            return (err or CUresult.CUDA_ERROR_INVALID_VALUE,)
+        with self.lock:
+            self._drop(m["phys"])
+            m["phys"] = None
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuMemSetAccess(self, ptr, size, descs, count):
+        err = self._enter("cuMemSetAccess")
+        if err:
+            return (err,)
+        assert count == len(descs) == 1 and isinstance(descs[0], CUmemAccessDesc)
+        self.vas[ptr]["access"] = descs[0].flags
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuMemAlloc(self, size):
+        err = self._enter("cuMemAlloc", ctx=True)
+        if err:
+            return (err, None)
+        buf = ctypes.create_string_buffer(size)
+        addr = ctypes.addressof(buf)
+        self.legacy[addr] = {"buf": buf, "size": size, "device": self.current_device()}
+        return (CUresult.CUDA_SUCCESS, addr)
+
+    def cuMemFree(self, ptr):
+        err = self._enter("cuMemFree", ctx=True)
+        if err:
+            return (err,)
+        del self.legacy[ptr]
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuIpcGetMemHandle(self, ptr):
+        err = self._enter("cuIpcGetMemHandle", ctx=True)
+        h = CUipcMemHandle()
+        h.reserved = ptr.to_bytes(8, "little") + bytes(56)
+        return (err or CUresult.CUDA_SUCCESS, h)
+
+    def cuMemHostAlloc(self, size, flags):
+        err = self._enter("cuMemHostAlloc", ctx=True)
+        if err:
+            return (err, None)
+        buf = mmap.mmap(-1, size)  # page-aligned, like real pinned memory
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        self.host[addr] = buf
+        return (CUresult.CUDA_SUCCESS, addr)
+
+    def cuMemFreeHost(self, ptr):
+        del self.host[ptr]
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuMemHostRegister(self, ptr, size, flags):
+        err = self._enter("cuMemHostRegister", ctx=True)
+        if err:
+            return (err,)
+        # read-only: page-cache pages in mmap mode; portable: the huge-page ring
+        assert flags in (self.CU_MEMHOSTREGISTER_READ_ONLY, self.CU_MEMHOSTREGISTER_PORTABLE)
+        assert ptr % 4096 == 0 and size % 4096 == 0
+        with self.lock:
+            for p, n in self.registered.items():
+                if p < ptr + size and ptr < p + n:
+                    return (CUresult.CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED,)
+            self.registered[ptr] = size
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuMemHostUnregister(self, ptr):
+        with self.lock:
+            del self.registered[ptr]
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuStreamCreate(self, flags):
+        err = self._enter("cuStreamCreate", ctx=True)
+        self.streams += 1
+        return (err or CUresult.CUDA_SUCCESS, ("stream", self.streams))
+
+    def cuStreamDestroy(self, s):
+        self.streams -= 1
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuStreamSynchronize(self, s):
+        return (self._enter("cuStreamSynchronize", ctx=True) or CUresult.CUDA_SUCCESS,)
+
+    def cuEventCreate(self, flags):
+        self.event_flags.add(flags)
+        self.events += 1
+        return (CUresult.CUDA_SUCCESS, ("event", self.events))
+
+    def cuEventDestroy(self, e):
+        self.events -= 1
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuEventRecord(self, e, s):
+        return (self._enter("cuEventRecord", ctx=True) or CUresult.CUDA_SUCCESS,)
+
+    def cuEventSynchronize(self, e):
+        return (self._enter("cuEventSynchronize", ctx=True) or CUresult.CUDA_SUCCESS,)
+
+    def cuMemcpyDtoH(self, dst, src, n):
+        err = self._enter("cuMemcpyDtoH", ctx=True)
+        if err:
+            return (err,)
+        ctypes.memmove(dst, self.host_address(src, n), n)
+        return (CUresult.CUDA_SUCCESS,)
+
+    def cuMemcpyHtoDAsync(self, dst, src, n, stream):
+        err = self._enter("cuMemcpyHtoDAsync", ctx=True)
+        if err:
+            return (err,)
+        ctypes.memmove(self.host_address(dst, n), src, n)
+        return (CUresult.CUDA_SUCCESS,)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.delenv("HOTWEIGHTS_DISABLE_CUDA", raising=False)
+    for var in (
+        "HOTWEIGHTS_CUDA_READ_MODE",
+        "HOTWEIGHTS_CUDA_THREADS",
+        "HOTWEIGHTS_CUDA_CHUNK_MB",
+        "HOTWEIGHTS_CUDA_RING_DEPTH",
+        "HOTWEIGHTS_CUDA_SYNC",
+        "HOTWEIGHTS_CUDA_HUGEPAGES",
+        "HOTWEIGHTS_GDS",
+        "HOTWEIGHTS_CUDA_RESERVE_MB",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    drv = FakeDriver(devices=2)
+    previous = cuda_import.set_driver(drv)
+    yield drv
+    cuda_import.set_driver(previous)
+
+
+def make_backend(**kw):
+    from hotweightsd.backends.cuda import CudaBackend
+
+    kw.setdefault("reserve", 0)
+    kw.setdefault("gds", "off")
+    kw.setdefault("numa", False)
+    return CudaBackend(**kw)
+
+
+def write_ckpt(path: Path, seed: int = 0, n: int = 12) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "bf16": torch.randn(300, 257, generator=g).bfloat16(),
+        "f32": torch.randn(17, 33, generator=g),
+        "i8": torch.randint(-100, 100, (5, 7), dtype=torch.int8, generator=g),
+        "f8": torch.randn(1000, 3, generator=g).to(torch.float8_e4m3fn),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.empty(0, 3),
+    }
+    for i in range(n):
+        tensors[f"layer.{i}.w"] = torch.randn(64 + i, 129, generator=g).half()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return tensors
+
+
+def load_rank(path: Path):
+    ck = open_checkpoint(path)
+    return ck.ranks[0]
+
+
+def prepared(tmp_path: Path, **backend_options):
+    """A checkpoint on disk, its layout, a backend and the allocations for it."""
+    path = tmp_path / "m.safetensors"
+    write_ckpt(path)
+    layout = plan_rank(load_rank(path), GRAN)
+    backend_options.setdefault("threads", 2)
+    backend_options.setdefault("chunk_size", 64 * 1024)
+    b = make_backend(**backend_options)
+    return path, layout, b, [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+
+
+def check_contents(drv: FakeDriver, layout, allocations) -> None:
+    for p in layout.placements:
+        if not p.nbytes:
+            continue
+        with open(layout.files[p.file], "rb") as f:
+            f.seek(p.file_offset)
+            want = f.read(p.nbytes)
+        got = drv.read(allocations[p.allocation].address + p.offset, p.nbytes)
+        assert got == want, f"{p.name} differs"
+
+
+# --- planning -------------------------------------------------------------------------------------------
+
+
+def seg(file, off, n, alloc, dst):
+    return Segment(file, off, n, alloc, dst)
+
+
+def test_plan_packs_small_tensors_into_one_read_and_merges_contiguous_copies():
+    segs = [seg(0, 100, 1000, 0, 0), seg(0, 1100, 24, 0, 1024), seg(0, 1124, 100, 0, 1280)]
+    chunks = plan_chunks(segs, chunk_size=1 * MiB)
+    assert len(chunks) == 1
+    c = chunks[0]
+    assert (c.file, c.offset, c.length) == (0, 100, 1124)
+    # 100..1100 -> 0..1000 and 1100..1124 -> 1024..1048 are not contiguous on the device side;
+    # 1100..1124 -> 1024 and 1124..1224 -> 1280 neither (256-byte padding)
+    assert c.pieces == (Piece(0, 0, 0, 1000), Piece(1000, 0, 1024, 24), Piece(1024, 0, 1280, 100))
+    merged = plan_chunks([seg(0, 0, 256, 0, 0), seg(0, 256, 512, 0, 256)], chunk_size=4096)
+    assert merged[0].pieces == (Piece(0, 0, 0, 768),)
+
+
+def test_plan_cuts_large_tensors_at_window_boundaries():
+    w = 64 * 1024
+    segs = [seg(0, 8 + 100, 3 * w, 0, 0), seg(0, 8 + 100 + 3 * w, 10, 0, 3 * w + 256 - (3 * w % 256 or 256))]
+    chunks = plan_chunks(segs, chunk_size=w)
+    assert [c.offset // w for c in chunks] == [0, 1, 2, 3]
+    for c in chunks:
+        assert c.offset // w == (c.offset + c.length - 1) // w, "a chunk never leaves its window"
+        start, length, skip = c.direct_span()
+        assert start % 4096 == 0 and length % 4096 == 0 and length <= w
+        assert start // w == c.offset // w and skip == c.offset - start
+    assert sum(c.nbytes for c in chunks) == 3 * w + 10
+
+
+def test_plan_splits_around_large_holes_and_by_file():
+    segs = [seg(0, 0, 10, 0, 0), seg(0, 3 * MiB, 10, 0, 256), seg(1, 0, 10, 0, 512)]
+    chunks = plan_chunks(segs, chunk_size=16 * MiB, max_gap=1 * MiB)
+    assert [(c.file, c.offset, c.length) for c in chunks] == [(0, 0, 10), (0, 3 * MiB, 10), (1, 0, 10)]
+    near = plan_chunks([seg(0, 0, 10, 0, 0), seg(0, 4096, 10, 0, 256)], chunk_size=16 * MiB)
+    assert len(near) == 1 and near[0].length == 4106
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_plan_covers_every_byte_once(seed):
+    rng = random.Random(seed)
+    segs, dst = [], 0
+    for f in range(3):
+        pos = rng.randrange(8, 5000)
+        for _ in range(rng.randrange(1, 30)):
+            n = rng.choice([1, 7, 255, 256, 4096, rng.randrange(1, 300_000)])
+            pos += rng.choice([0, 0, 0, 3, 5000, 2 * MiB])
+            dst = -(-dst // 256) * 256
+            segs.append(seg(f, pos, n, 0, dst))
+            pos += n
+            dst += n
+    chunk = rng.choice([4096, 65536, 1 * MiB])
+    chunks = plan_chunks(list(reversed(segs)), chunk_size=chunk)
+    check_plan(chunks, [dst + 256])
+    # map every source byte through the plan and compare with the segments' own mapping
+    got = {}
+    for c in chunks:
+        assert c.length <= chunk
+        for p in c.pieces:
+            assert 0 <= p.src and p.src + p.length <= c.length
+            got.setdefault(c.file, []).append((c.offset + p.src, p.offset, p.length))
+    for f in got:
+        want = sorted((s.file_offset, s.offset, s.length) for s in segs if s.file == f)
+        have = sorted(got[f])
+
+        # merge adjacent runs on both sides before comparing
+        def runs(xs):
+            out = []
+            for a, b, n in xs:
+                if out and out[-1][0] + out[-1][2] == a and out[-1][1] + out[-1][2] == b:
+                    out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+                else:
+                    out.append((a, b, n))
+            return out
+
+        assert runs(have) == runs(want)
+    # read as runs of neighbouring chunks (while other fills run): the same bytes land in the same places
+    busy = chunk * rng.choice([2, 4])
+    merged, i = [], 0
+    while i < len(chunks):
+        j = run_end(chunks, i, chunk, busy)
+        m = merge_chunks(chunks[i:j])
+        start, length, _ = m.direct_span()
+        assert start >= chunks[i].offset // chunk * chunk and start + length <= chunks[i].offset // chunk * chunk + busy
+        merged.append(m)
+        i = j
+    assert sum(m.nbytes for m in merged) == sum(c.nbytes for c in chunks)
+    assert sum(len(m.pieces) for m in merged) <= sum(len(c.pieces) for c in chunks)
+    remapped = sorted((m.file, m.offset + p.src, p.offset, p.length) for m in merged for p in m.pieces)
+    for f in got:
+        assert runs([(a, b, n) for ff, a, b, n in remapped if ff == f]) == runs(sorted(got[f]))
+
+
+def test_check_plan_rejects_copies_outside_allocations():
+    chunks = [ReadChunk(0, 0, 100, (Piece(0, 0, 50, 100),))]
+    with pytest.raises(InvalidArgument):
+        check_plan(chunks, [120])
+    check_plan(chunks, [150])
+    with pytest.raises(InvalidArgument):
+        check_plan(chunks, [])
+    with pytest.raises(InvalidArgument):
+        plan_chunks([], chunk_size=1000)
+
+
+def test_settings_from_env_and_errors(monkeypatch):
+    monkeypatch.setenv("HOTWEIGHTS_CUDA_READ_MODE", "odirect")
+    monkeypatch.setenv("HOTWEIGHTS_CUDA_CHUNK_MB", "32")
+    monkeypatch.setenv("HOTWEIGHTS_CUDA_THREADS", "5")
+    monkeypatch.setenv("HOTWEIGHTS_CUDA_RING_DEPTH", "3")
+    s = BounceSettings.resolve()
+    assert (s.read_mode, s.chunk_size, s.threads, s.depth) == ("odirect", 32 * MiB, 5, 3)
+    assert s.describe() == "odirect ring 5 threads x 3 x 32MiB"
+    s = BounceSettings.resolve(read_mode="mmap", threads=2, chunk_size=4096, depth=1, numa=False)
+    assert (s.read_mode, s.threads, s.chunk_size, s.depth, s.numa) == ("mmap", 2, 4096, 1, False)
+    with pytest.raises(InvalidArgument):
+        BounceSettings.resolve(read_mode="mmapp")
+    with pytest.raises(InvalidArgument):
+        BounceSettings.resolve(chunk_size=1000)
+    monkeypatch.setenv("HOTWEIGHTS_CUDA_SYNC", "block")
+    monkeypatch.setenv("HOTWEIGHTS_CUDA_HUGEPAGES", "1")
+    s = BounceSettings.resolve()
+    assert (s.sync, s.hugepages) == ("block", True)
+    assert s.describe().endswith("x 32MiB, blocking sync, huge pages")
+    assert BounceSettings.resolve(sync="spin", hugepages=False).describe() == "odirect ring 5 threads x 3 x 32MiB"
+    assert [bounce.default_threads(c) for c in (2, 8, 16, 32, 128)] == [4, 4, 12, 16, 16]
+    with pytest.raises(InvalidArgument, match="sync mode"):
+        BounceSettings.resolve(sync="busy")
+
+
+def test_fills_at_once_share_the_cores():
+    alone = BounceSettings.resolve(threads=16)
+    assert alone.share
+    # alone: the whole ring; together: an equal share of 3/4 of the cores less the spare ones, at least 4
+    assert bounce.fill_threads(alone, 16, 1, cores=32) == 16
+    assert [bounce.fill_threads(alone, 16, k, cores=32) for k in (2, 3, 8)] == [10, 7, 4]
+    assert bounce.fill_threads(alone, 16, 8, cores=128) == 11
+    assert bounce.fill_threads(alone, 12, 2, cores=16) == 4
+    assert bounce.fill_threads(alone, 2, 4, cores=16) == 2  # never more than the ring has
+    fixed = BounceSettings.resolve(threads=16, share=False)
+    assert bounce.fill_threads(fixed, 16, 2, cores=32) == 16
+    assert (
+        BounceSettings.resolve(threads=16).describe("native", 14)
+        == "pread ring 14 threads x 2 x 4MiB, native engine (ring of 16: fills ran at once)"
+    )
+
+
+def test_backend_announces_the_devices_that_fill_at_once(fake):
+    b = make_backend()
+    with b.concurrent_fills([0, 1]):
+        assert bounce._expected[0] == 2
+    with b.concurrent_fills([0, 0]):  # two ranks on one GPU take turns on its ring
+        assert bounce._expected[0] == 1
+    assert bounce._expected[0] == 0
+
+
+def test_concurrent_fills_are_announced_and_withdrawn_even_on_error():
+    assert bounce._expected[0] == 0
+    with bounce.concurrent_fills(2):
+        with pytest.raises(RuntimeError):
+            with bounce.concurrent_fills(3):
+                assert bounce._expected[0] == 5
+                raise RuntimeError("a rank failed")
+        assert bounce._expected[0] == 2
+    assert bounce._expected[0] == 0
+
+
+def test_cpulist_and_numa_from_sys(tmp_path, fake):
+    assert cuda_driver.parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    assert cuda_driver.parse_cpulist("") == []
+    root = tmp_path / "sys"
+    for n, cpus in ((0, "0-1"), (1, "2-3")):
+        d = root / f"devices/system/node/node{n}"
+        d.mkdir(parents=True)
+        (d / "cpulist").write_text(cpus + "\n")
+    dev = root / "bus/pci/devices/0000:1c:00.0"
+    dev.mkdir(parents=True)
+    (dev / "numa_node").write_text("1\n")
+    node, cpus = cuda_driver.numa_cpus(1, sys_root=str(root))  # fake device 1 is 0000:1C:00.0
+    assert node == 1 and set(cpus) <= {2, 3}
+    assert cuda_driver.numa_cpus(0, sys_root=str(root)) == (None, [])  # no such PCI device in the tree
+    (root / "devices/system/node/node1/cpulist").unlink()
+    assert cuda_driver.numa_cpus(1, sys_root=str(root)) == (None, [])
+
+
+# --- the driver layer ---------------------------------------------------------------------------------
+
+
+def test_check_unpacks_and_maps_errors(fake):
+    assert cuda_driver.check((CUresult.CUDA_SUCCESS,), "op") is None
+    assert cuda_driver.check((0, 5), "op") == 5
+    assert cuda_driver.check((0, 5, 6), "op") == (5, 6)
+    with pytest.raises(CudaError) as ei:
+        cuda_driver.check((CUresult.CUDA_ERROR_OUT_OF_MEMORY, None), "cuMemCreate", device=1)
+    e = ei.value
+    assert (e.op, e.code) == ("cuMemCreate", 2)
+    assert "CUDA_ERROR_OUT_OF_MEMORY" in str(e) and "device=1" in str(e)
+    assert e.details["error"] == "CUDA_ERROR_OUT_OF_MEMORY"
+    with pytest.raises(CudaError) as ei:
+        cuda_driver.check((12345,), "cuThing")
+    assert "CUresult 12345" in str(ei.value)
+    with pytest.raises(BackendError):
+        cuda_driver.check(7, "cuOdd")
+
+
+def test_device_count_is_zero_without_driver_or_device(monkeypatch):
+    previous = cuda_import.set_driver(FakeDriver(no_driver=True))
+    try:
+        assert cuda_driver.device_count() == 0
+        assert "cannot be loaded" in cuda_driver.unavailable_reason()
+        cuda_import.set_driver(FakeDriver(devices=0))
+        assert cuda_driver.device_count() == 0
+        cuda_import.set_driver(FakeDriver(devices=3))
+        assert cuda_driver.device_count() == 3
+        monkeypatch.setenv("HOTWEIGHTS_DISABLE_CUDA", "1")
+        assert cuda_driver.device_count() == 0
+    finally:
+        cuda_import.set_driver(previous)
+
+
+def test_without_cuda_bindings_nothing_breaks():
+    import importlib.util
+
+    if importlib.util.find_spec("cuda") is not None:
+        pytest.skip("cuda-bindings is installed here")
+    previous = cuda_import.set_driver(None)
+    try:
+        assert cuda_driver.device_count() == 0
+        with pytest.raises(BackendError, match="cuda-bindings"):
+            make_backend()
+        from hotweightsd.backends import create_backend
+
+        assert create_backend("auto", reserve=0).name == "cpu"
+    finally:
+        cuda_import.set_driver(previous)
+
+
+def test_context_push_pop_leaves_thread_state(fake):
+    with cuda_driver.current(1) as drv:
+        assert drv is fake and fake.current_device() == 1
+        with cuda_driver.current(0):
+            assert fake.current_device() == 0
+        assert fake.current_device() == 1
+    assert fake._stack() == []
+    assert fake.calls["cuDevicePrimaryCtxRetain"] == 2
+    cuda_driver.primary_context(1)
+    assert fake.calls["cuDevicePrimaryCtxRetain"] == 2, "primary contexts are retained once"
+
+
+# --- the backend -------------------------------------------------------------------------------------
+
+
+def test_devices_report_live_free_memory_and_reserve(fake):
+    b = make_backend(reserve=4 * MiB)
+    devs = b.devices()
+    assert [d.index for d in devs] == [0, 1] and devs[0].name == "Fake GPU 0"
+    assert devs[0].free == 60 * MiB and devs[0].total == 64 * MiB
+    a = b.allocate(0, 3 * MiB, AllocationMode.FD)
+    assert a.size == 4 * MiB  # rounded to the granularity
+    assert b.devices()[0].free == 56 * MiB and b.devices()[1].free == 60 * MiB
+    a.close()
+    assert b.devices()[0].free == 60 * MiB
+    assert b.shared_device is False and b.name == "cuda" and b.granularity(0) == GRAN
+    b.close()
+
+
+def test_admission_refuses_before_allocating(fake):
+    b = make_backend(reserve=8 * MiB)
+    with pytest.raises(InsufficientMemory) as ei:
+        b.allocate(1, 60 * MiB, AllocationMode.FD)
+    assert ei.value.details["needed"] == 60 * MiB and ei.value.details["free"] == 56 * MiB
+    assert "cuMemCreate" not in fake.calls
+    limited = make_backend(memory_limit=10 * MiB)
+    x = limited.allocate(0, 8 * MiB, AllocationMode.FD)
+    with pytest.raises(InsufficientMemory):
+        limited.allocate(0, 4 * MiB, AllocationMode.FD)
+    x.close()
+    with pytest.raises(InvalidArgument):
+        b.allocate(2, GRAN, AllocationMode.FD)
+
+
+def test_driver_oom_becomes_insufficient_memory_and_leaks_nothing(fake):
+    b = make_backend()
+    fake.fail["cuMemCreate"] = CUresult.CUDA_ERROR_OUT_OF_MEMORY
+    with pytest.raises(InsufficientMemory):
+        b.allocate(0, GRAN, AllocationMode.FD)
+    fake.fail["cuMemMap"] = CUresult.CUDA_ERROR_INVALID_VALUE
+    with pytest.raises(CudaError) as ei:
+        b.allocate(0, GRAN, AllocationMode.FD)
+    assert ei.value.op == "cuMemMap"
+    fake.fail["cuMemSetAccess"] = CUresult.CUDA_ERROR_NOT_SUPPORTED
+    with pytest.raises(CudaError, match="cuMemSetAccess"):
+        b.allocate(0, GRAN, AllocationMode.FD)
+    assert fake.phys == {} and fake.vas == {} and fake.handles == {}
+    assert b.devices()[0].free == 64 * MiB
+
+
+def test_vmm_export_fds_are_new_and_close_is_idempotent(fake):
+    b = make_backend()
+    a = b.allocate(0, GRAN, AllocationMode.FD)
+    assert a.handle_type is HandleType.CUDA_VMM_FD
+    f1, f2 = a.export_fd(), a.export_fd()
+    assert f1 != f2 and os.fstat(f1).st_ino == os.fstat(f2).st_ino
+    assert os.get_inheritable(f1) is False
+    os.close(f1)
+    os.close(f2)
+    with pytest.raises(InvalidArgument):
+        a.ipc_handle()
+    a.close()
+    a.close()
+    assert fake.phys == {} and fake.vas == {}
+    with pytest.raises(InvalidArgument):
+        a.export_fd()
+
+
+def test_legacy_ipc_allocation(fake):
+    b = make_backend()
+    a = b.allocate(1, 3 * MiB, AllocationMode.LEGACY_IPC)
+    assert a.handle_type is HandleType.CUDA_IPC and a.size == 4 * MiB
+    assert len(a.ipc_handle()) == 64
+    with pytest.raises(InvalidArgument):
+        a.export_fd()
+    assert b.devices()[1].free == 60 * MiB
+    a.close()
+    assert fake.legacy == {} and b.devices()[1].free == 64 * MiB
+
+
+def test_huge_page_ring_with_blocking_sync_is_exact_and_released(fake, tmp_path):
+    path = tmp_path / "m.safetensors"
+    write_ckpt(path)
+    b = make_backend(threads=3, chunk_size=64 * 1024, ring_depth=2, sync="block", hugepages=True, busy_chunk=256 * 1024)
+    layout = plan_rank(load_rank(path), b.granularity(0))
+    allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+    desc = b.fill(layout, allocs, lambda n: None, threading.Event())
+    assert "blocking sync, huge pages" in desc
+    assert fake.host == {}, "the ring is registered anonymous memory, not cuMemHostAlloc's"
+    ring = b.ring(0)
+    assert ring.host_ptr % (2 * MiB) == 0 and fake.registered == {ring.host_ptr: 2 * MiB}
+    assert fake.event_flags == {
+        int(fake.CUevent_flags.CU_EVENT_DISABLE_TIMING | fake.CUevent_flags.CU_EVENT_BLOCKING_SYNC)
+    }
+    check_contents(fake, layout, allocs)
+    for a in allocs:
+        a.close()
+    b.close()
+    assert fake.registered == {} and fake.events == 0 and fake.streams == 0
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["alone", "beside-other-fills"])
+@pytest.mark.parametrize("mode", ["pread", "odirect", "mmap"])
+def test_fill_every_read_mode_is_exact(fake, tmp_path, monkeypatch, mode, busy):
+    path = tmp_path / "m.safetensors"
+    write_ckpt(path, n=40)
+    rank = load_rank(path)
+    if busy:  # as if another device were loading: neighbouring chunks are read as runs
+        monkeypatch.setattr(bounce, "_active_fills", lambda: 2)
+    b = make_backend(read_mode=mode, threads=3, chunk_size=64 * 1024, ring_depth=2, busy_chunk=192 * 1024)
+    layout = plan_rank(rank, b.granularity(0))
+    allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+    seen = []
+    lock = threading.Lock()
+
+    def progress(n):
+        with lock:
+            seen.append(n)
+
+    desc = b.fill(layout, allocs, progress, threading.Event())
+    assert desc.startswith(f"bounce: {mode} ring 3 threads x 2 x 64KiB (192KiB while other fills run) on cuda:0")
+    assert ("runs of chunks: other fills ran" in desc) == busy, desc
+    assert "(GDS off by configuration)" in desc
+    assert sum(seen) == layout.nbytes
+    check_contents(fake, layout, allocs)
+    assert fake.registered == {}, "every host registration is dropped"
+    for a in allocs:
+        a.close()
+    b.close()
+    assert fake.host == {} and fake.streams == 0 and fake.events == 0
+
+
+def test_fill_two_devices_in_parallel_and_ring_reuse(fake, tmp_path):
+    b = make_backend(threads=4, chunk_size=64 * 1024)
+    jobs = []
+    for d in (0, 1):
+        path = tmp_path / f"r{d}.safetensors"
+        write_ckpt(path, seed=d, n=30)
+        layout = plan_rank(load_rank(path), GRAN)
+        jobs.append((layout, [b.allocate(d, s, AllocationMode.FD) for s in layout.allocation_sizes]))
+    b.prepare()
+    rings = dict(b._rings)
+    errors = []
+
+    def run(layout, allocs):
+        try:
+            b.fill(layout, allocs, lambda n: None, threading.Event())
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=job) for job in jobs for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for layout, allocs in jobs:
+        check_contents(fake, layout, allocs)
+    assert b._rings == rings, "rings are made once per device and reused"
+    assert fake.calls["cuMemHostAlloc"] == 2
+
+
+def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(fake, tmp_path):
+    path = tmp_path / "m.safetensors"
+    write_ckpt(path)
+    layout = plan_rank(load_rank(path), GRAN)
+    for mode in ("pread", "odirect", "mmap"):
+        b = make_backend(read_mode=mode, threads=2, chunk_size=64 * 1024)
+        before = b.devices()[0].free
+        allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.truncate(size - 1000)
+        try:
+            with pytest.raises(BadCheckpoint, match="truncated"):
+                b.fill(layout, allocs, lambda n: None, threading.Event())
+        finally:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+        for a in allocs:
+            a.close()
+        assert b.devices()[0].free == before
+        assert fake.registered == {}
+        b.close()
+    # the file shrinking while the readers run (after the up-front size check) is caught too
+    path, layout, b, allocs = prepared(tmp_path)
+    real_read = bounce.read_exact
+    calls = []
+
+    def shrinking(fd, buf, offset, p):
+        if not calls:
+            os.truncate(path, 100)
+        calls.append(1)
+        return real_read(fd, buf, offset, p)
+
+    bounce.read_exact = shrinking
+    try:
+        with pytest.raises(BadCheckpoint):
+            b.fill(layout, allocs, lambda n: None, threading.Event())
+    finally:
+        bounce.read_exact = real_read
+    for a in allocs:
+        a.close()
+    assert fake.phys == {}
+
+
+def test_driver_failure_mid_fill_is_reported_after_streams_drain(fake, tmp_path):
+    _, layout, b, allocs = prepared(tmp_path)
+    fake.fail["cuMemcpyHtoDAsync"] = CUresult.CUDA_ERROR_INVALID_VALUE
+    syncs = fake.calls.get("cuStreamSynchronize", 0)
+    with pytest.raises(CudaError) as ei:
+        b.fill(layout, allocs, lambda n: None, threading.Event())
+    assert ei.value.op == "cuMemcpyHtoDAsync"
+    assert fake.calls["cuStreamSynchronize"] - syncs == 2, "every worker drained its stream"
+    b.fill(layout, allocs, lambda n: None, threading.Event())  # the ring is still usable
+    check_contents(fake, layout, allocs)
+
+
+def test_cancel_aborts(fake, tmp_path):
+    _, layout, b, allocs = prepared(tmp_path)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Aborted):
+        b.fill(layout, allocs, lambda n: None, cancel)
+
+
+def test_fill_rejects_mismatched_allocations(fake, tmp_path):
+    path = tmp_path / "m.safetensors"
+    write_ckpt(path)
+    layout = plan_rank(load_rank(path), GRAN)
+    b = make_backend()
+    with pytest.raises(InvalidArgument):
+        b.fill(layout, [], lambda n: None, threading.Event())
+    small = [b.allocate(0, GRAN, AllocationMode.FD)] * len(layout.allocation_sizes)
+    if layout.allocation_sizes[0] > GRAN:
+        with pytest.raises(InvalidArgument):
+            b.fill(layout, small, lambda n: None, threading.Event())
+
+
+def test_adopt_reimports_an_exported_fd(fake):
+    b = make_backend()
+    a = b.allocate(1, GRAN, AllocationMode.FD)
+    ctypes.memmove(fake.host_address(a.address, 5), b"hello", 5)
+    b2 = make_backend(memory_limit=16 * MiB)  # the restarted daemon
+    adopted = b2.adopt(1, GRAN, HandleType.CUDA_VMM_FD, a.export_fd())
+    assert adopted.handle_type is HandleType.CUDA_VMM_FD and adopted.device == 1
+    assert fake.read(adopted.address, 5) == b"hello"
+    assert b2.devices()[1].free == 14 * MiB, "adopted memory counts against the limit"
+    a.close()
+    assert fake.read(adopted.address, 5) == b"hello", "the adopted mapping holds the memory"
+    os.close(adopted.export_fd())
+    adopted.close()
+    assert fake.phys == {} and fake.vas == {}
+
+    fd = os.memfd_create("x")
+    with pytest.raises(InvalidArgument, match="CUDA_VMM_FD"):
+        b2.adopt(0, GRAN, HandleType.CUDA_IPC, fd)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # adopt owns the fd, and closed it
+    c = b.allocate(0, GRAN, AllocationMode.FD)
+    with pytest.raises(InvalidArgument, match="lives on cuda:0"):
+        b2.adopt(1, GRAN, HandleType.CUDA_VMM_FD, c.export_fd())
+    with pytest.raises(InvalidArgument, match="granularity"):
+        b2.adopt(0, GRAN + 1, HandleType.CUDA_VMM_FD, c.export_fd())
+    c.close()
+    assert fake.phys == {} and fake.vas == {}
+
+
+def test_gds_path_choice_is_never_silent(fake, monkeypatch):
+    monkeypatch.setattr(gds, "nvidia_fs_devices", lambda: [])
+    assert make_backend(gds="off").path() == ("bounce", "GDS off by configuration")
+    kind, why = make_backend(gds="auto").path()
+    assert kind == "bounce" and why == "GDS unavailable: no /dev/nvidia-fs*"
+    with pytest.raises(BackendError, match="gds=on"):
+        make_backend(gds="on").path()
+    monkeypatch.setattr(gds, "library_reason", lambda: "libcufile cannot be loaded: nope")
+    with pytest.raises(BackendError, match="compatibility mode"):
+        make_backend(gds="compat").path()
+    monkeypatch.setattr(gds, "nvidia_fs_devices", lambda: ["/dev/nvidia-fs0"])
+    kind, why = make_backend(gds="auto").path()
+    assert kind == "bounce" and "libcufile" in why
+    monkeypatch.setattr(gds, "library_reason", lambda: None)
+    assert make_backend(gds="auto").path() == ("gds", "GDS: /dev/nvidia-fs0")
+    with pytest.raises(InvalidArgument):
+        make_backend(gds="maybe")
+    assert make_backend(gds="force").gds_mode == "on"
+
+
+def test_daemon_config_names(fake, monkeypatch):
+    monkeypatch.setattr(gds, "nvidia_fs_devices", lambda: [])
+    b = make_backend(loader="odirect", chunk_size=32 * MiB, ring_depth=4, threads=8, gds="auto")
+    assert b.settings.describe() == "odirect ring 8 threads x 4 x 32MiB"
+    assert b.gds_note == (
+        "bounce path (odirect ring 8 threads x 4 x 32MiB; python workers for O_DIRECT reads "
+        "(measured faster cold)): GDS unavailable: no /dev/nvidia-fs*"
+    )
+    assert make_backend(loader="auto").settings.read_mode == "pread"
+    # the native engine asked for where it cannot run (here: a driver double) stops the backend at start
+    with pytest.raises(BackendError, match="native loader engine was asked for, but not the CUDA driver"):
+        make_backend(engine="native")
+    from hotweightsd.config import load_config
+
+    cfg = load_config(env={"HOTWEIGHTS_LOADER_ENGINE": "python"})
+    assert make_backend(engine=cfg.loader_settings().engine).engine == "python"
+
+
+def test_unknown_options_are_tolerated_but_logged(fake, caplog):
+    b = make_backend(frobnicate=3, memory_limit=None)
+    assert "frobnicate" in caplog.text
+    b.close()
+
+
+# --- the client side ----------------------------------------------------------------------------------
+
+
+def test_device_mapping_undoes_once():
+    calls = []
+    m = cuda_import.DeviceMapping(0x1000, 4096, 0, lambda: calls.append(1))
+    cai = m.__cuda_array_interface__
+    assert cai["shape"] == (4096,) and cai["typestr"] == "|u1" and cai["data"] == (0x1000, False)
+    m.release()
+    m.release()
+    assert calls == [1] and m.released
+    m2 = cuda_import.DeviceMapping(0x2000, 1, 0, lambda: calls.append(2))
+    del m2
+    assert calls == [1, 2]
+
+
+def test_open_region_argument_errors(fake):
+    with pytest.raises(InvalidArgument):
+        cuda_import.open_region("CUDA_VMM_FD", GRAN, 0, None)
+    with pytest.raises(InvalidArgument):
+        cuda_import.open_region("CUDA_IPC", GRAN, 0, None, b"short")
+    with pytest.raises(InvalidArgument):
+        cuda_import.open_region("MEMFD", GRAN, 0, 3)
+
+
+def test_client_mapping_unmaps_when_released(fake, monkeypatch):
+    """open_vmm: import + read-only map + handle released at once; the mapping ends on release."""
+    b = make_backend()
+    a = b.allocate(0, GRAN, AllocationMode.FD)
+    fd = a.export_fd()
+    made = {}
+
+    def fake_tensor(mapping):
+        made["m"] = mapping
+        return torch.empty(mapping.size, dtype=torch.uint8)
+
+    monkeypatch.setattr(cuda_import, "_tensor_over", fake_tensor)
+    region = cuda_import.open_region("CUDA_VMM_FD", GRAN, 0, fd)
+    os.close(fd)
+    va = made["m"].ptr
+    assert fake.vas[va]["access"] == FakeDriver.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READ
+    assert region.writable is False and region.size == GRAN
+    a.close()
+    assert len(fake.phys) == 1, "the client's mapping keeps the memory alive after the exporter closes"
+    region.close()
+    made.pop("m").release()
+    assert fake.phys == {} and fake.vas == {}
+    # a driver that refuses read-only mappings gets a read-write one, and says so
+    a = b.allocate(0, GRAN, AllocationMode.FD)
+    fd = a.export_fd()
+    fake.fail["cuMemSetAccess"] = CUresult.CUDA_ERROR_NOT_SUPPORTED
+    region = cuda_import.open_region("CUDA_VMM_FD", GRAN, 0, fd)
+    os.close(fd)
+    assert region.writable is True
+    made.pop("m").release()
+    a.close()
+    assert fake.phys == {}
+
+
+# --- the GDS path with a fake cuFile ---------------------------------------------------------------------
+
+
+class FakeCuFileError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HANDLE_NOT_REGISTERED ({status}): file descriptor is not registered")
+        self.status = status
+
+
+class FakeCuFile:
+    """``cuda.bindings.cufile`` as gds.py uses it: reads land in the fake driver's device memory."""
+
+    FileHandleType = _enum(OPAQUE_FD=1)
+    BoolConfigParameter = _enum(PROPERTIES_ALLOW_COMPAT_MODE=1, FORCE_COMPAT_MODE=2)
+
+    def __init__(self, drv: FakeDriver, refuse: int | None = None) -> None:
+        self.drv, self.refuse = drv, refuse
+        self.descrs: dict[int, object] = {}
+        self.handles: dict[int, int] = {}  # handle -> fd
+        self.params: dict[int, bool] = {}
+        self.opened = 0
+        self.env_at_open: dict[str, str | None] = {}
+        self._ids = itertools.count(100)
+        outer = self
+
+        class Descr:
+            def __init__(self) -> None:
+                self.type, self.fs_ops = 0, None
+                self.handle = type("H", (), {"fd": -1})()
+                self.ptr = next(outer._ids)
+                outer.descrs[self.ptr] = self
+
+        self.Descr = Descr
+
+    def get_version(self):
+        return 1150
+
+    def set_parameter_bool(self, param, value):
+        assert not self.opened, "cuFile parameters must be set before the driver opens"
+        self.params[param] = value
+
+    def driver_open(self):
+        self.env_at_open = {k: os.environ.get(k) for k in ("CUFILE_FORCE_COMPAT_MODE", "CUFILE_ALLOW_COMPAT_MODE")}
+        assert self.drv._stack(), "cuFileDriverOpen without a current context"
+        self.opened += 1
+
+    def driver_close(self):
+        self.opened = 0
+
+    def handle_register(self, ptr):
+        d = self.descrs[ptr]
+        assert d.type == 1 and d.fs_ops == 0
+        if self.refuse:
+            raise FakeCuFileError(self.refuse)
+        h = next(self._ids)
+        self.handles[h] = d.handle.fd
+        return h
+
+    def handle_deregister(self, h):
+        del self.handles[h]
+
+    def read(self, h, base, size, file_offset, buf_offset):
+        data = os.pread(self.handles[h], min(size, 100_000), file_offset)  # short reads, as cuFile may do
+        ctypes.memmove(self.drv.host_address(base + buf_offset, len(data)), data, len(data))
+        return len(data)
+
+
+@pytest.fixture
+def fake_cufile(fake, monkeypatch):
+    for var in ("CUFILE_FORCE_COMPAT_MODE", "CUFILE_ALLOW_COMPAT_MODE", "CUFILE_LOGFILE_PATH"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test: the driver sets them
+    cf = FakeCuFile(fake)
+    monkeypatch.setattr(gds, "cufile_module", lambda: cf)
+    monkeypatch.setattr(gds, "DRIVER", gds.CuFileDriver())
+    return cf
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_gds_compat_fill_is_exact_and_releases_everything(fake, fake_cufile, tmp_path):
+    path, layout, b, allocs = prepared(tmp_path, gds="compat")
+    before = open_fds()
+    desc = b.fill(layout, allocs, lambda n: None, threading.Event())
+    assert desc.startswith("gds: cuFile compatibility mode (forced), 2 threads"), desc
+    assert "0/1 files O_DIRECT" in desc, "compatibility mode reads a buffered fd"
+    check_contents(fake, layout, allocs)
+    assert fake_cufile.env_at_open == {"CUFILE_FORCE_COMPAT_MODE": "true", "CUFILE_ALLOW_COMPAT_MODE": "true"}
+    assert fake_cufile.params == {1: True, 2: True}
+    assert fake_cufile.handles == {} and open_fds() == before
+    assert fake._stack() == [], "the calling thread's contexts are as they were"
+    for a in allocs:
+        a.close()
+    b.close()
+
+
+def test_gds_refused_registration_names_the_filesystem_and_leaks_nothing(fake, fake_cufile, tmp_path, monkeypatch):
+    path, layout, b, allocs = prepared(tmp_path, gds="compat")
+    st = os.stat(path)
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"30 1 {os.major(st.st_dev)}:{os.minor(st.st_dev)} / / rw - overlay overlay rw\n")
+    monkeypatch.setattr(gds, "MOUNTINFO", str(mountinfo))
+    monkeypatch.setattr(gds, "UDEV_DIR", str(tmp_path / "no-udev"))
+    fake_cufile.refuse = 5027
+    before = open_fds()
+    with pytest.raises(BackendError) as info:
+        b.fill(layout, allocs, lambda n: None, threading.Event())
+    exc = info.value
+    assert exc.op == "cuFileHandleRegister" and exc.code == 5027
+    assert str(path) in exc.message and "cuFile 1.15" in exc.message and "overlay" in exc.message
+    assert "no-udev is not visible" in exc.message and "gds=auto or gds=off" in exc.message
+    assert exc.details["known_obstacle"] is True and exc.details["filesystem"] == "overlay"
+    assert fake_cufile.handles == {} and open_fds() == before
+    for a in allocs:
+        a.close()
+    b.close()
+
+
+def test_file_storage_reads_mountinfo(tmp_path, monkeypatch):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"0")
+    st = os.stat(f)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    mount = str(tmp_path).replace(" ", "\\040")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        f"1 0 {dev} / / rw shared:1 - ext4 /dev/vda rw\n"
+        f"2 1 9:9 / {mount} rw - tmpfs tmpfs rw\n"
+        f"3 1 {dev} /sub {mount} rw master:2 - xfs /dev/sdb\\0401 rw\n"
+    )
+    monkeypatch.setattr(gds, "MOUNTINFO", str(mountinfo))
+    monkeypatch.setattr(gds, "UDEV_DIR", str(tmp_path))
+    assert gds.file_storage(str(f)) == {"dev": dev, "fstype": "xfs", "mount": str(tmp_path), "source": "/dev/sdb 1"}
+    assert gds.registration_obstacles(str(f)) == []
+    monkeypatch.setattr(
+        gds, "file_storage", lambda p: {"dev": "0:53", "fstype": "overlay", "mount": "/", "source": "overlay"}
+    )
+    (why,) = gds.registration_obstacles(str(f))
+    assert "overlay" in why and "without a block device" in why
+
+
+def test_clients_find_the_gpu_by_pci_bus_id_not_by_ordinal(fake, monkeypatch):
+    """A serving process with its own CUDA_VISIBLE_DEVICES numbers GPUs differently from the daemon."""
+    from hotweights.errors import InvalidArgument
+
+    monkeypatch.setattr(cuda_import, "_local_ordinals", {})
+    assert cuda_import.pci_bus_id(1) == "0000:1c:00.0"
+    assert cuda_import.local_device("0000:1C:00.0", daemon_ordinal=5) == 1
+    assert cuda_import.local_device("", daemon_ordinal=5) == 5  # an older daemon sends no bus id
+    with pytest.raises(InvalidArgument, match="CUDA_VISIBLE_DEVICES"):
+        cuda_import.local_device("0000:99:00.0", daemon_ordinal=0)

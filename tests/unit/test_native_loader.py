@@ -1,0 +1,308 @@
+"""The native loader engine (hwfill.c) in host mode: the same C loop as on a GPU, with memcpy for the copies.
+
+Real files, real reads, real threads; destinations and the ring are host memory. What the GPU adds
+(driver calls on streams and events) runs in tests/gpu.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import random
+import threading
+
+import pytest
+
+from hotweights.errors import Aborted, BackendError, BadCheckpoint
+from hotweightsd.core.layout import Segment
+from hotweightsd.loaders import bounce, native
+from hotweightsd.loaders.bounce import BounceSettings, Piece, ReadChunk, plan_chunks
+
+MiB = 1024 * 1024
+
+needs_lib = pytest.mark.skipif(
+    native.unavailable_reason() is not None, reason=f"native loader: {native.unavailable_reason()}"
+)
+
+
+class HostRing:
+    """Page-aligned host memory standing in for the pinned ring."""
+
+    def __init__(self, threads: int, depth: int, slot: int) -> None:
+        self.threads, self.depth, self.slot = threads, depth, slot
+        self.map = mmap.mmap(-1, threads * depth * slot)
+        self._anchor = ctypes.c_char.from_buffer(self.map)
+        self.base = ctypes.addressof(self._anchor)
+
+    def close(self) -> None:
+        del self._anchor
+        self.map.close()
+
+
+def random_layout(tmp_path, seed: int, nfiles: int = 3):
+    """Files of random bytes and segments scattered over them; returns (paths, segments, allocation size)."""
+    rng = random.Random(seed)
+    paths, segs, dst = [], [], 0
+    for f in range(nfiles):
+        pos = rng.randrange(8, 5000)
+        for _ in range(rng.randrange(1, 25)):
+            n = rng.choice([1, 7, 256, 4096, rng.randrange(1, 700_000)])
+            pos += rng.choice([0, 0, 3, 5000, 2 * MiB])
+            dst = -(-dst // 256) * 256
+            segs.append(Segment(f, pos, n, 0, dst))
+            pos += n
+            dst += n
+        p = tmp_path / f"f{f}.bin"
+        p.write_bytes(rng.randbytes(pos + rng.randrange(0, 3)))
+        paths.append(str(p))
+    return paths, segs, dst
+
+
+def expected(paths, segs, size) -> bytes:
+    out = bytearray(size)
+    datas = [open(p, "rb").read() for p in paths]
+    for s in segs:
+        out[s.offset : s.offset + s.length] = datas[s.file][s.file_offset : s.file_offset + s.length]
+    return bytes(out)
+
+
+def run(chunks, paths, dest, ring, *, direct=False, cancel=None, fds=None, progress=None):
+    """``direct``: one flag for every file, or a list (a file per flag)."""
+    own = fds is None
+    fds = fds if fds is not None else [os.open(p, os.O_RDONLY) for p in paths]
+    direct = direct if isinstance(direct, list) else [direct] * len(fds)
+    try:
+        return native.fill(
+            chunks,
+            fds,
+            direct,
+            paths,
+            [ctypes.addressof(dest)],
+            threads=ring.threads,
+            depth=ring.depth,
+            slot_size=ring.slot,
+            host_base=ring.base,
+            progress=progress or (lambda n: None),
+            cancel=cancel or threading.Event(),
+            host_mode=True,
+        )
+    finally:
+        if own:
+            for fd in fds:
+                os.close(fd)
+
+
+@needs_lib
+@pytest.mark.parametrize(
+    "seed,threads,depth,chunk,direct",
+    [
+        (0, 1, 1, 64 * 1024, False),
+        (1, 4, 2, 64 * 1024, True),
+        (2, 8, 3, 1 * MiB, False),
+        (3, 3, 2, 4096, True),
+        (4, 16, 2, 1 * MiB, True),
+        (5, 2, 4, 256 * 1024, False),
+    ],
+)
+def test_native_fill_is_exact(tmp_path, seed, threads, depth, chunk, direct):
+    """Every byte lands where the segments say; progress adds up; reads and copies match the plan.
+    ``direct`` reads the 4 KiB-aligned superset (what O_DIRECT needs) from an ordinary fd."""
+    paths, segs, size = random_layout(tmp_path, seed)
+    chunks = plan_chunks(segs, chunk)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(threads, depth, chunk)
+    seen = []
+    try:
+        reads, copies = run(chunks, paths, dest, ring, direct=direct, progress=seen.append)
+    finally:
+        ring.close()
+    assert dest.raw[:size] == expected(paths, segs, size)
+    assert (reads, copies) == (len(chunks), sum(len(c.pieces) for c in chunks))
+    assert sum(seen) == sum(c.nbytes for c in chunks)
+
+
+@needs_lib
+def test_direct_and_buffered_files_mixed(tmp_path):
+    """Files read buffered (O_DIRECT refused by their filesystem) among O_DIRECT ones, in one fill."""
+    paths, segs, size = random_layout(tmp_path, 14, nfiles=3)
+    chunks = plan_chunks(segs, 64 * 1024)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(6, 2, 64 * 1024)
+    try:
+        run(chunks, paths, dest, ring, direct=[True, False, True])
+    finally:
+        ring.close()
+    assert dest.raw[:size] == expected(paths, segs, size)
+
+
+@needs_lib
+def test_truncated_file_is_a_bad_checkpoint_naming_the_file(tmp_path):
+    paths, segs, size = random_layout(tmp_path, 7, nfiles=2)
+    chunks = plan_chunks(segs, 64 * 1024)
+    last = max(c.offset + c.length for c in chunks if c.file == 1)
+    os.truncate(paths[1], last - 100)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(4, 2, 64 * 1024)
+    try:
+        with pytest.raises(
+            BadCheckpoint, match=r"f1\.bin: truncated: ended at byte \d+, the header promised data up to"
+        ):
+            run(chunks, paths, dest, ring)
+    finally:
+        ring.close()
+
+
+@needs_lib
+def test_cancel_stops_the_fill(tmp_path):
+    paths, segs, size = random_layout(tmp_path, 8)
+    chunks = plan_chunks(segs, 4096)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(2, 2, 4096)
+    cancel = threading.Event()
+    cancel.set()
+    try:
+        with pytest.raises(Aborted):
+            run(chunks, paths, dest, ring, cancel=cancel)
+    finally:
+        ring.close()
+
+
+@needs_lib
+def test_a_failing_progress_callback_stops_the_fill_before_it_returns(tmp_path):
+    """The C threads write into the caller's ring: when the caller's side fails, none may outlive the call."""
+    p = tmp_path / "big.bin"
+    p.write_bytes(os.urandom(64 * MiB))
+    chunks = plan_chunks([Segment(0, 0, 64 * MiB, 0, 0)], 4096)
+    dest = (ctypes.c_char * (64 * MiB))()
+    ring = HostRing(2, 2, 4096)
+
+    def progress(n):
+        raise RuntimeError("progress failed")
+
+    try:
+        with pytest.raises(RuntimeError, match="progress failed"):
+            run(chunks, [str(p)], dest, ring, progress=progress)
+    finally:
+        ring.close()  # would crash the process if a C thread still wrote into it
+
+
+@needs_lib
+@pytest.mark.parametrize("direct,op", [(False, "pread"), (True, "pread(O_DIRECT)")])
+def test_read_error_names_the_call_and_the_errno(tmp_path, direct, op):
+    paths, segs, size = random_layout(tmp_path, 9, nfiles=1)
+    chunks = plan_chunks(segs, 64 * 1024)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(2, 2, 64 * 1024)
+    fd = os.open(tmp_path, os.O_RDONLY)  # a directory: pread fails with EISDIR
+    try:
+        with pytest.raises(BackendError) as ei:
+            run(chunks, paths, dest, ring, fds=[fd], direct=direct)
+        assert ei.value.op == op and ei.value.code == 21
+        assert "Is a directory" in ei.value.message
+    finally:
+        os.close(fd)
+        ring.close()
+
+
+@needs_lib
+def test_a_plan_that_does_not_fit_the_ring_is_refused_before_reading(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(bytes(range(256)) * 1024)
+    dest = (ctypes.c_char * (256 * 1024))()
+    chunk = ReadChunk(0, 0, 256 * 1024, (Piece(0, 0, 0, 256 * 1024),))
+    ring = HostRing(1, 1, 64 * 1024)
+    try:
+        with pytest.raises(BackendError, match="refused the fill plan"):
+            run([chunk], [str(p)], dest, ring)
+    finally:
+        ring.close()
+    assert dest.raw == bytes(256 * 1024), "nothing was read or copied"
+
+
+@needs_lib
+@pytest.mark.skipif(ctypes.util.find_library("cuda") is not None, reason="a CUDA driver is installed here")
+def test_a_device_fill_without_a_driver_says_so(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(bytes(8192))
+    chunk = ReadChunk(0, 0, 8192, (Piece(0, 0, 0, 8192),))
+    ring = HostRing(1, 1, 8192)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        with pytest.raises(BackendError, match="cannot use the CUDA driver: libcuda.so.1 not found"):
+            native.fill(
+                [chunk],
+                [fd],
+                [False],
+                [str(p)],
+                [1 << 40],
+                threads=1,
+                depth=1,
+                slot_size=8192,
+                host_base=ring.base,
+                progress=lambda n: None,
+                cancel=threading.Event(),
+                context=1,
+                streams=[1],
+                events=[1],
+            )
+    finally:
+        os.close(fd)
+        ring.close()
+
+
+def test_engine_choice_is_never_silent(monkeypatch):
+    assert bounce.choose_engine(BounceSettings.resolve(engine="python")) == (
+        "python",
+        "python workers by configuration",
+    )
+    assert bounce.choose_engine(BounceSettings.resolve(read_mode="mmap"))[0] == "python"
+    assert bounce.choose_engine(BounceSettings.resolve(read_mode="odirect")) == (
+        "python",
+        "python workers for O_DIRECT reads (measured faster cold)",
+    )
+    monkeypatch.setattr(bounce.cd, "driver", lambda: type("FakeModule", (), {"__name__": "tests.fake"}))
+    assert bounce.choose_engine(BounceSettings.resolve()) == (
+        "python",
+        "python workers: not the CUDA driver (a test double)",
+    )
+    with pytest.raises(BackendError, match="native loader engine was asked for, but not the CUDA driver"):
+        bounce.choose_engine(BounceSettings.resolve(engine="native"))
+    with pytest.raises(Exception, match="unknown loader engine 'fast'"):
+        BounceSettings.resolve(engine="fast")
+    monkeypatch.setenv("HOTWEIGHTS_CUDA_ENGINE", "python")
+    assert BounceSettings.resolve().engine == "python"
+
+
+def test_a_missing_or_foreign_library_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_reason", None)
+    monkeypatch.setenv("HOTWEIGHTS_NATIVE_LIB", str(tmp_path / "nope.so"))
+    assert "does not load" in native.unavailable_reason()
+    with pytest.raises(BackendError, match="does not load"):
+        native.fill(
+            [],
+            [],
+            [],
+            [],
+            [],
+            threads=1,
+            depth=1,
+            slot_size=4096,
+            host_base=1,
+            progress=print,
+            cancel=threading.Event(),
+            host_mode=True,
+        )
+    monkeypatch.setattr(native, "_reason", None)
+    monkeypatch.setenv("HOTWEIGHTS_NATIVE_LIB", "libc.so.6")  # loads, but has no hw_abi
+    assert "libc.so.6 does not load" in native.unavailable_reason()
+
+
+def test_settings_describe_the_engine_that_ran():
+    s = BounceSettings.resolve(
+        read_mode="pread", threads=12, chunk_size=4 * MiB, depth=2, busy_chunk=16 * MiB, sync="spin", hugepages=False
+    )
+    assert s.describe("native") == "pread ring 12 threads x 2 x 4MiB, native engine"
+    assert s.describe() == "pread ring 12 threads x 2 x 4MiB (16MiB while other fills run)"
