@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import grpc
 import torch
@@ -23,8 +23,11 @@ from hotweights.wire.fdproto import fetch_fds
 from hotweights.wire.pb import pb
 from hotweights.wire.status import error_from_rpc
 
-if TYPE_CHECKING:
-    from hotweights.client import Client
+
+class Connection(Protocol):
+    """What an attachment needs of its client: the daemon's stub (a ``hotweights.Client`` has one)."""
+
+    stub: Any
 
 
 class LeaseStream:
@@ -119,7 +122,7 @@ class Attachment(Mapping[str, torch.Tensor]):
 
     def __init__(
         self,
-        client: Client,
+        client: Connection,
         ref: str,
         rank: int = 0,
         holder: str = "",
