@@ -17,6 +17,9 @@ from hotweights.errors import BadCheckpoint, NotFound
 from hotweights.format.dtypes import DType, lookup, nbytes_for
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Far above any real file (the largest published shards hold a few thousand tensors); a header of
+# millions of tiny entries is refused before it costs the daemon minutes and gigabytes.
+MAX_TENSORS_PER_FILE = 100_000
 
 
 @dataclass(frozen=True)
@@ -74,12 +77,16 @@ def read_header(path: str | os.PathLike) -> FileHeader:
     return parse_header(path, size, raw)
 
 
-def parse_header(path: Path, size: int, raw: bytes) -> FileHeader:
+def parse_header(path: Path, size: int, raw: bytes, max_tensors: int = MAX_TENSORS_PER_FILE) -> FileHeader:
     where = f"{path}: "
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadCheckpoint(f"{where}header is not valid JSON: {exc}", path=str(path)) from None
+    except RecursionError:
+        raise BadCheckpoint(
+            f"{where}header JSON is nested too deeply to be a safetensors header", path=str(path)
+        ) from None
     if not isinstance(doc, dict):
         raise BadCheckpoint(f"{where}header is not a JSON object", path=str(path))
     data_start = 8 + len(raw)
@@ -88,6 +95,13 @@ def parse_header(path: Path, size: int, raw: bytes) -> FileHeader:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise BadCheckpoint(f"{where}__metadata__ must map strings to strings", path=str(path))
 
+    if len(doc) > max_tensors:
+        raise BadCheckpoint(
+            f"{where}header lists {len(doc)} tensors; the limit is {max_tensors} per file",
+            path=str(path),
+            tensors=len(doc),
+            limit=max_tensors,
+        )
     tensors: list[TensorEntry] = []
     for name, info in doc.items():
         tensors.append(_entry(where, path, name, info, data_start, data_size))
@@ -100,7 +114,31 @@ def parse_header(path: Path, size: int, raw: bytes) -> FileHeader:
                 f"{cur.begin - data_start}-{cur.end - data_start})",
                 path=str(path),
             )
+    _check_covered(where, path, ordered, data_start, size)
     return FileHeader(path=path, size=size, data_start=data_start, tensors=tensors, metadata=metadata)
+
+
+def _check_covered(where: str, path: Path, ordered: list[TensorEntry], data_start: int, size: int) -> None:
+    """Every byte of the data section belongs to exactly one tensor, as the reference loader demands:
+    bytes no tensor claims are either a writer's bug or a place to smuggle data past a checksum."""
+    cursor, previous = data_start, None
+    for t in ordered:
+        if t.begin > cursor:
+            after = f"after {previous!r}" if previous else "before the first tensor"
+            raise BadCheckpoint(
+                f"{where}bytes {cursor - data_start}-{t.begin - data_start} of the data section belong to no "
+                f"tensor (a hole {after}, before {t.name!r})",
+                path=str(path),
+                hole=[cursor - data_start, t.begin - data_start],
+            )
+        cursor, previous = max(cursor, t.end), t.name
+    if cursor < size:
+        raise BadCheckpoint(
+            f"{where}{size - cursor} trailing byte(s) after the last tensor belong to no tensor "
+            f"(data section ends at {cursor - data_start}, the file at {size - data_start})",
+            path=str(path),
+            trailing=size - cursor,
+        )
 
 
 def _entry(where: str, path: Path, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
