@@ -1,0 +1,117 @@
+"""The residency probe behind the auto read path: what is in the page cache, without reading it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from hotweightsd.loaders import residency
+from hotweightsd.loaders.residency import PAGE, Residency
+
+MiB = 1024 * 1024
+
+
+def write(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+        f.flush()
+        os.fsync(f.fileno())  # clean pages: DONTNEED may drop them
+    return path
+
+
+def drop(path: Path, offset: int = 0, length: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def probe(path: Path) -> residency.FileResidency:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return residency.probe(fd)
+    finally:
+        os.close(fd)
+
+
+def disk_dir() -> Path:
+    """A directory on a block-device filesystem (where the page cache can be dropped), or skip."""
+    for d in (Path(tempfile.gettempdir()), Path.home(), Path.cwd()):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            magic, _ = residency.filesystem_of(fd)
+        finally:
+            os.close(fd)
+        if magic not in residency.MEMORY_FILESYSTEMS and magic != residency.OVERLAY_MAGIC:
+            return d
+    pytest.skip("no block-device filesystem to drop pages from on this machine")
+
+
+@pytest.fixture
+def on_disk():
+    d = Path(tempfile.mkdtemp(prefix="hw-res-", dir=disk_dir()))
+    yield d
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+def test_a_freshly_written_file_is_cached(on_disk):
+    res = probe(write(on_disk / "fresh.bin", 8 * MiB))
+    assert res.kind() is Residency.CACHED
+    assert res.resident_fraction > 0.9
+
+
+def test_a_dropped_file_is_cold(on_disk):
+    p = write(on_disk / "cold.bin", 8 * MiB)
+    drop(p)
+    res = probe(p)
+    assert res.kind() is Residency.COLD, res.resident_fraction
+
+
+def test_a_half_dropped_file_is_partial_and_splits_both_ways(on_disk):
+    p = write(on_disk / "half.bin", 8 * MiB)
+    drop(p, 4 * MiB, 4 * MiB)
+    res = probe(p)
+    assert res.kind() is Residency.PARTIAL
+    ranges = residency.split_ranges(res, 1 * MiB)
+    assert [(r.offset, r.length, r.direct) for r in ranges] == [(0, 4 * MiB, False), (4 * MiB, 4 * MiB, True)]
+
+
+def test_a_file_in_tmpfs_is_memory_and_always_buffered():
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    p = Path(tempfile.mkstemp(dir="/dev/shm", prefix="hw-res-")[1])
+    try:
+        write(p, 2 * MiB)
+        drop(p)  # tmpfs pages are the file: nothing to drop
+        res = probe(p)
+        assert res.filesystem == "tmpfs" and res.kind() is Residency.MEMORY
+        assert all(not r.direct for r in residency.split_ranges(res, 1 * MiB))
+    finally:
+        p.unlink()
+
+
+def test_probing_reads_no_data(on_disk):
+    p = write(on_disk / "untouched.bin", 4 * MiB)
+    drop(p)
+    probe(p)
+    assert probe(p).kind() is Residency.COLD  # mincore did not fault pages in
+
+
+def test_ranges_are_window_aligned_and_cover_the_file():
+    pages = bytes([1] * 10 + [0] * 30 + [1] * 3)
+    res = residency.FileResidency(size=43 * PAGE - 100, filesystem="ext4", fs_magic=0xEF53, pages=pages)
+    ranges = residency.split_ranges(res, 8 * PAGE)
+    assert sum(r.length for r in ranges) == res.size
+    assert all(r.offset % (8 * PAGE) == 0 for r in ranges)
+    assert [(r.offset // PAGE, r.direct) for r in ranges] == [(0, False), (8, True), (40, False)]
+
+
+def test_empty_file():
+    res = residency.FileResidency(size=0, filesystem="ext4", fs_magic=0xEF53, pages=b"")
+    assert residency.split_ranges(res, PAGE) == [] and res.resident_fraction == 1.0
