@@ -98,8 +98,9 @@ def adopt(spec: dict) -> dict:
     from hotweightsd.backends.cuda import CudaBackend
     from hotweightsd.core.backend import HandleType
     from hotweightsd.core.layout import Placement, RankLayout
+    from hotweightsd.loaders.settings import LoaderSettings
 
-    b = CudaBackend(gds="off", reserve=0)
+    b = CudaBackend(reserve=0, loader=LoaderSettings(gds="off"))
     allocs = [b.adopt(r["device"], r["size"], HandleType.CUDA_VMM_FD, r["fd"]) for r in spec["regions"]]
     layout = RankLayout(
         0,

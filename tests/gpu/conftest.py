@@ -77,12 +77,13 @@ def write_checkpoint(directory: Path, ranks: int = 1, parts: int = 2, seed: int 
     return directory
 
 
-def backend(**kw):
+def backend(reserve: int = 256 * MiB, memory_limit: int | None = None, **loader):
+    """A CudaBackend; ``loader`` holds LoaderSettings fields (GDS off unless given)."""
     from hotweightsd.backends.cuda import CudaBackend
+    from hotweightsd.loaders.settings import LoaderSettings
 
-    kw.setdefault("gds", "off")
-    kw.setdefault("reserve", 256 * MiB)
-    return CudaBackend(**kw)
+    loader.setdefault("gds", "off")
+    return CudaBackend(reserve=reserve, memory_limit=memory_limit, loader=LoaderSettings(**loader))
 
 
 def load(b, ckpt: Path, rank: int = 0, device: int | None = None, mode=None):

@@ -27,8 +27,11 @@ from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError, I
 from hotweights.format.checkpoint import open_checkpoint
 from hotweightsd.core.backend import AllocationMode, HandleType
 from hotweightsd.core.layout import Segment, plan_rank
-from hotweightsd.loaders import bounce, gds
-from hotweightsd.loaders.bounce import BounceSettings, Piece, ReadChunk, check_plan, merge_chunks, plan_chunks, run_end
+from hotweightsd.loaders import files, gds, native
+from hotweightsd.loaders.path import choose, default_threads
+from hotweightsd.loaders.plan import Piece, ReadChunk, check_plan, merge_chunks, plan_chunks, run_end
+from hotweightsd.loaders.scheduler import FillScheduler
+from hotweightsd.loaders.settings import LoaderSettings
 
 MiB = 1024 * 1024
 GRAN = 2 * MiB
@@ -416,32 +419,20 @@ class FakeDriver:
 
 
 @pytest.fixture
-def fake(monkeypatch):
-    monkeypatch.delenv("HOTWEIGHTS_DISABLE_CUDA", raising=False)
-    for var in (
-        "HOTWEIGHTS_CUDA_READ_MODE",
-        "HOTWEIGHTS_CUDA_THREADS",
-        "HOTWEIGHTS_CUDA_CHUNK_MB",
-        "HOTWEIGHTS_CUDA_RING_DEPTH",
-        "HOTWEIGHTS_CUDA_SYNC",
-        "HOTWEIGHTS_CUDA_HUGEPAGES",
-        "HOTWEIGHTS_GDS",
-        "HOTWEIGHTS_CUDA_RESERVE_MB",
-    ):
-        monkeypatch.delenv(var, raising=False)
+def fake():
     drv = FakeDriver(devices=2)
     previous = cuda_import.set_driver(drv)
     yield drv
     cuda_import.set_driver(previous)
 
 
-def make_backend(**kw):
+def make_backend(reserve: int = 0, memory_limit: int | None = None, **loader):
+    """A CudaBackend; ``loader`` holds LoaderSettings fields (GDS and NUMA off unless given)."""
     from hotweightsd.backends.cuda import CudaBackend
 
-    kw.setdefault("reserve", 0)
-    kw.setdefault("gds", "off")
-    kw.setdefault("numa", False)
-    return CudaBackend(**kw)
+    loader.setdefault("gds", "off")
+    loader.setdefault("numa", False)
+    return CudaBackend(reserve=reserve, memory_limit=memory_limit, loader=LoaderSettings(**loader))
 
 
 def write_ckpt(path: Path, seed: int = 0, n: int = 12) -> dict[str, torch.Tensor]:
@@ -595,66 +586,85 @@ def test_check_plan_rejects_copies_outside_allocations():
         plan_chunks([], chunk_size=1000)
 
 
-def test_settings_from_env_and_errors(monkeypatch):
-    monkeypatch.setenv("HOTWEIGHTS_CUDA_READ_MODE", "odirect")
-    monkeypatch.setenv("HOTWEIGHTS_CUDA_CHUNK_MB", "32")
-    monkeypatch.setenv("HOTWEIGHTS_CUDA_THREADS", "5")
-    monkeypatch.setenv("HOTWEIGHTS_CUDA_RING_DEPTH", "3")
-    s = BounceSettings.resolve()
-    assert (s.read_mode, s.chunk_size, s.threads, s.depth) == ("odirect", 32 * MiB, 5, 3)
-    assert s.describe() == "odirect ring 5 threads x 3 x 32MiB"
-    s = BounceSettings.resolve(read_mode="mmap", threads=2, chunk_size=4096, depth=1, numa=False)
-    assert (s.read_mode, s.threads, s.chunk_size, s.depth, s.numa) == ("mmap", 2, 4096, 1, False)
-    with pytest.raises(InvalidArgument):
-        BounceSettings.resolve(read_mode="mmapp")
-    with pytest.raises(InvalidArgument):
-        BounceSettings.resolve(chunk_size=1000)
-    monkeypatch.setenv("HOTWEIGHTS_CUDA_SYNC", "block")
-    monkeypatch.setenv("HOTWEIGHTS_CUDA_HUGEPAGES", "1")
-    s = BounceSettings.resolve()
-    assert (s.sync, s.hugepages) == ("block", True)
-    assert s.describe().endswith("x 32MiB, blocking sync, huge pages")
-    assert BounceSettings.resolve(sync="spin", hugepages=False).describe() == "odirect ring 5 threads x 3 x 32MiB"
-    assert [bounce.default_threads(c) for c in (2, 8, 16, 32, 128)] == [4, 4, 12, 16, 16]
-    with pytest.raises(InvalidArgument, match="sync mode"):
-        BounceSettings.resolve(sync="busy")
+def test_settings_are_checked_when_made():
+    for bad in (
+        dict(read_mode="mmap"),
+        dict(engine="fast"),
+        dict(gds="maybe"),
+        dict(chunk_size=1000),
+        dict(chunk_size=0),
+        dict(threads=0),
+        dict(ring_depth=0),
+        dict(busy_chunk_size=0),
+    ):
+        with pytest.raises(InvalidArgument):
+            LoaderSettings(**bad)
 
 
-def test_fills_at_once_share_the_cores():
-    alone = BounceSettings.resolve(threads=16)
-    assert alone.share
-    # alone: the whole ring; together: an equal share of 3/4 of the cores less the spare ones, at least 4
-    assert bounce.fill_threads(alone, 16, 1, cores=32) == 16
-    assert [bounce.fill_threads(alone, 16, k, cores=32) for k in (2, 3, 8)] == [10, 7, 4]
-    assert bounce.fill_threads(alone, 16, 8, cores=128) == 11
-    assert bounce.fill_threads(alone, 12, 2, cores=16) == 4
-    assert bounce.fill_threads(alone, 2, 4, cores=16) == 2  # never more than the ring has
-    fixed = BounceSettings.resolve(threads=16, share=False)
-    assert bounce.fill_threads(fixed, 16, 2, cores=32) == 16
-    assert (
-        BounceSettings.resolve(threads=16).describe("native", 14)
-        == "pread ring 14 threads x 2 x 4MiB, native engine (ring of 16: fills ran at once)"
+def test_the_path_resolves_defaults_from_the_cores():
+    assert [default_threads(c) for c in (2, 8, 16, 32, 128)] == [4, 4, 12, 16, 16]
+    p = choose(LoaderSettings(gds="off"), cores=16, real_driver=False)
+    assert (p.source, p.read_mode, p.threads, p.depth, p.chunk_size, p.busy_chunk) == (
+        "bounce",
+        "pread",
+        12,
+        2,
+        4 * MiB,
+        16 * MiB,
     )
+    assert p.describe() == "pread ring 12 threads x 2 x 4MiB (16MiB while other fills run)"
+    p = choose(
+        LoaderSettings(read_mode="odirect", chunk_size=32 * MiB, threads=5, ring_depth=3, gds="off"),
+        cores=64,
+        real_driver=False,
+    )
+    assert (p.read_mode, p.chunk_size, p.threads, p.depth, p.busy_chunk) == ("odirect", 32 * MiB, 5, 3, 32 * MiB)
+    assert p.describe() == "odirect ring 5 threads x 3 x 32MiB"
+    assert p.engine == "python" and p.slot_size == 32 * MiB
+    # the python workers' slot holds a run of chunks (whole grid windows); the native engine's one chunk
+    p = choose(LoaderSettings(chunk_size=64 * 1024, busy_chunk_size=200 * 1024, gds="off"), cores=8, real_driver=False)
+    assert (p.busy_chunk, p.slot_size) == (192 * 1024, 192 * 1024)
+
+
+def test_one_fill_alone_keeps_its_ring_and_fills_at_once_share_the_cores():
+    s = FillScheduler(cores=32)
+    with s.fill() as at_once:
+        assert at_once == 1 and s.readers(16, at_once) == 16 and not s.others_running()
+    # an equal share of 3/4 of the cores less the spare ones, at least 4, never more than the ring has
+    assert [s.readers(16, k) for k in (2, 3, 8)] == [10, 7, 4]
+    assert FillScheduler(cores=128).readers(16, 8) == 11
+    assert FillScheduler(cores=16).readers(12, 2) == 4
+    assert FillScheduler(cores=16).readers(2, 4) == 2
+    assert FillScheduler(cores=32, share_cores=False).readers(16, 2) == 16
+
+
+def test_fills_announced_together_count_each_other_from_the_first_start():
+    s = FillScheduler(cores=32)
+    with s.announce([0, 1]):
+        with s.fill() as at_once:  # the first rank to start already knows the second is coming
+            assert at_once == 2 and s.readers(16, at_once) == 10
+    with s.announce([0, 0]):  # two ranks on one GPU take turns on its ring: they count once
+        with s.fill() as at_once:
+            assert at_once == 1
+    with s.fill() as first:  # fills that were not announced count once they run
+        with s.fill() as second:
+            assert (first, second) == (1, 2) and s.others_running()
+        assert not s.others_running()
+    with pytest.raises(RuntimeError):
+        with s.announce([0, 1, 2]):
+            raise RuntimeError("a rank failed")
+    with s.fill() as at_once:
+        assert at_once == 1, "an announcement is withdrawn even when its block raises"
 
 
 def test_backend_announces_the_devices_that_fill_at_once(fake):
     b = make_backend()
     with b.concurrent_fills([0, 1]):
-        assert bounce._expected[0] == 2
-    with b.concurrent_fills([0, 0]):  # two ranks on one GPU take turns on its ring
-        assert bounce._expected[0] == 1
-    assert bounce._expected[0] == 0
-
-
-def test_concurrent_fills_are_announced_and_withdrawn_even_on_error():
-    assert bounce._expected[0] == 0
-    with bounce.concurrent_fills(2):
-        with pytest.raises(RuntimeError):
-            with bounce.concurrent_fills(3):
-                assert bounce._expected[0] == 5
-                raise RuntimeError("a rank failed")
-        assert bounce._expected[0] == 2
-    assert bounce._expected[0] == 0
+        with b.scheduler.fill() as at_once:
+            assert at_once == 2
+    with b.concurrent_fills([0, 0]):
+        with b.scheduler.fill() as at_once:
+            assert at_once == 1
 
 
 def test_cpulist_and_numa_from_sys(tmp_path, fake):
@@ -695,7 +705,7 @@ def test_check_unpacks_and_maps_errors(fake):
         cuda_driver.check(7, "cuOdd")
 
 
-def test_device_count_is_zero_without_driver_or_device(monkeypatch):
+def test_device_count_is_zero_without_driver_or_device():
     previous = cuda_import.set_driver(FakeDriver(no_driver=True))
     try:
         assert cuda_driver.device_count() == 0
@@ -704,8 +714,6 @@ def test_device_count_is_zero_without_driver_or_device(monkeypatch):
         assert cuda_driver.device_count() == 0
         cuda_import.set_driver(FakeDriver(devices=3))
         assert cuda_driver.device_count() == 3
-        monkeypatch.setenv("HOTWEIGHTS_DISABLE_CUDA", "1")
-        assert cuda_driver.device_count() == 0
     finally:
         cuda_import.set_driver(previous)
 
@@ -752,7 +760,9 @@ def test_devices_report_live_free_memory_and_reserve(fake):
     assert b.devices()[0].free == 56 * MiB and b.devices()[1].free == 60 * MiB
     a.close()
     assert b.devices()[0].free == 60 * MiB
-    assert b.shared_device is False and b.name == "cuda" and b.granularity(0) == GRAN
+    assert b.shared_device is False and b.name == "cuda" and b.granularity(0) == GRAN and b.reserve == 4 * MiB
+    assert a.device_bus_id == "0000:1b:00.0", "the allocation names its GPU by PCI bus id"
+    assert b.allocate(1, GRAN, AllocationMode.LEGACY_IPC).device_bus_id == "0000:1c:00.0"
     b.close()
 
 
@@ -817,36 +827,13 @@ def test_legacy_ipc_allocation(fake):
     assert fake.legacy == {} and b.devices()[1].free == 64 * MiB
 
 
-def test_huge_page_ring_with_blocking_sync_is_exact_and_released(fake, tmp_path):
-    path = tmp_path / "m.safetensors"
-    write_ckpt(path)
-    b = make_backend(threads=3, chunk_size=64 * 1024, ring_depth=2, sync="block", hugepages=True, busy_chunk=256 * 1024)
-    layout = plan_rank(load_rank(path), b.granularity(0))
-    allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
-    desc = b.fill(layout, allocs, lambda n: None, threading.Event())
-    assert "blocking sync, huge pages" in desc
-    assert fake.host == {}, "the ring is registered anonymous memory, not cuMemHostAlloc's"
-    ring = b.ring(0)
-    assert ring.host_ptr % (2 * MiB) == 0 and fake.registered == {ring.host_ptr: 2 * MiB}
-    assert fake.event_flags == {
-        int(fake.CUevent_flags.CU_EVENT_DISABLE_TIMING | fake.CUevent_flags.CU_EVENT_BLOCKING_SYNC)
-    }
-    check_contents(fake, layout, allocs)
-    for a in allocs:
-        a.close()
-    b.close()
-    assert fake.registered == {} and fake.events == 0 and fake.streams == 0
-
-
 @pytest.mark.parametrize("busy", [False, True], ids=["alone", "beside-other-fills"])
-@pytest.mark.parametrize("mode", ["pread", "odirect", "mmap"])
-def test_fill_every_read_mode_is_exact(fake, tmp_path, monkeypatch, mode, busy):
+@pytest.mark.parametrize("mode", ["pread", "odirect"])
+def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, busy):
     path = tmp_path / "m.safetensors"
     write_ckpt(path, n=40)
     rank = load_rank(path)
-    if busy:  # as if another device were loading: neighbouring chunks are read as runs
-        monkeypatch.setattr(bounce, "_active_fills", lambda: 2)
-    b = make_backend(read_mode=mode, threads=3, chunk_size=64 * 1024, ring_depth=2, busy_chunk=192 * 1024)
+    b = make_backend(read_mode=mode, threads=3, chunk_size=64 * 1024, ring_depth=2, busy_chunk_size=192 * 1024)
     layout = plan_rank(rank, b.granularity(0))
     allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
     seen = []
@@ -856,13 +843,17 @@ def test_fill_every_read_mode_is_exact(fake, tmp_path, monkeypatch, mode, busy):
         with lock:
             seen.append(n)
 
-    desc = b.fill(layout, allocs, progress, threading.Event())
+    if busy:  # another device's fill runs meanwhile: neighbouring chunks are read as runs
+        with b.scheduler.fill():
+            desc = b.fill(layout, allocs, progress, threading.Event())
+    else:
+        desc = b.fill(layout, allocs, progress, threading.Event())
     assert desc.startswith(f"bounce: {mode} ring 3 threads x 2 x 64KiB (192KiB while other fills run) on cuda:0")
     assert ("runs of chunks: other fills ran" in desc) == busy, desc
     assert "(GDS off by configuration)" in desc
     assert sum(seen) == layout.nbytes
     check_contents(fake, layout, allocs)
-    assert fake.registered == {}, "every host registration is dropped"
+    assert fake.event_flags == {int(fake.CUevent_flags.CU_EVENT_DISABLE_TIMING)}
     for a in allocs:
         a.close()
     b.close()
@@ -899,11 +890,11 @@ def test_fill_two_devices_in_parallel_and_ring_reuse(fake, tmp_path):
     assert fake.calls["cuMemHostAlloc"] == 2
 
 
-def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(fake, tmp_path):
+def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(fake, tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
     write_ckpt(path)
     layout = plan_rank(load_rank(path), GRAN)
-    for mode in ("pread", "odirect", "mmap"):
+    for mode in ("pread", "odirect"):
         b = make_backend(read_mode=mode, threads=2, chunk_size=64 * 1024)
         before = b.devices()[0].free
         allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
@@ -919,11 +910,10 @@ def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(fake, tmp_path):
         for a in allocs:
             a.close()
         assert b.devices()[0].free == before
-        assert fake.registered == {}
         b.close()
     # the file shrinking while the readers run (after the up-front size check) is caught too
     path, layout, b, allocs = prepared(tmp_path)
-    real_read = bounce.read_exact
+    real_read = files.read_exact
     calls = []
 
     def shrinking(fd, buf, offset, p):
@@ -932,12 +922,9 @@ def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(fake, tmp_path):
         calls.append(1)
         return real_read(fd, buf, offset, p)
 
-    bounce.read_exact = shrinking
-    try:
-        with pytest.raises(BadCheckpoint):
-            b.fill(layout, allocs, lambda n: None, threading.Event())
-    finally:
-        bounce.read_exact = real_read
+    monkeypatch.setattr(files, "read_exact", shrinking)
+    with pytest.raises(BadCheckpoint):
+        b.fill(layout, allocs, lambda n: None, threading.Event())
     for a in allocs:
         a.close()
     assert fake.phys == {}
@@ -1007,46 +994,67 @@ def test_adopt_reimports_an_exported_fd(fake):
 
 def test_gds_path_choice_is_never_silent(fake, monkeypatch):
     monkeypatch.setattr(gds, "nvidia_fs_devices", lambda: [])
-    assert make_backend(gds="off").path() == ("bounce", "GDS off by configuration")
-    kind, why = make_backend(gds="auto").path()
-    assert kind == "bounce" and why == "GDS unavailable: no /dev/nvidia-fs*"
-    with pytest.raises(BackendError, match="gds=on"):
-        make_backend(gds="on").path()
+    p = make_backend(gds="off").path
+    assert (p.source, p.source_why) == ("bounce", "GDS off by configuration")
+    p = make_backend(gds="auto").path
+    assert (p.source, p.source_why) == ("bounce", "GDS unavailable: no /dev/nvidia-fs*")
+    for required in ("on", "force"):  # a backend that cannot take the path it was told to take does not start
+        with pytest.raises(BackendError, match="gds=on"):
+            make_backend(gds=required)
     monkeypatch.setattr(gds, "library_reason", lambda: "libcufile cannot be loaded: nope")
     with pytest.raises(BackendError, match="compatibility mode"):
-        make_backend(gds="compat").path()
+        make_backend(gds="compat")
     monkeypatch.setattr(gds, "nvidia_fs_devices", lambda: ["/dev/nvidia-fs0"])
-    kind, why = make_backend(gds="auto").path()
-    assert kind == "bounce" and "libcufile" in why
+    p = make_backend(gds="auto").path
+    assert p.source == "bounce" and "libcufile" in p.source_why
     monkeypatch.setattr(gds, "library_reason", lambda: None)
-    assert make_backend(gds="auto").path() == ("gds", "GDS: /dev/nvidia-fs0")
+    for mode in ("auto", "on", "force"):
+        b = make_backend(gds=mode)
+        assert (b.path.source, b.path.source_why, b.note) == ("gds", "GDS: /dev/nvidia-fs0", "GDS: /dev/nvidia-fs0")
     with pytest.raises(InvalidArgument):
         make_backend(gds="maybe")
-    assert make_backend(gds="force").gds_mode == "on"
+
+
+def test_the_path_is_chosen_once_at_start(fake, tmp_path, monkeypatch):
+    """A fill runs the path the backend chose when it started; nothing about it is decided again per fill."""
+    monkeypatch.setattr(gds, "nvidia_fs_devices", lambda: [])
+    path, layout, b, allocs = prepared(tmp_path, gds="auto")
+    chosen = b.path
+
+    def decided_again(*args, **kw):
+        raise AssertionError("a fill decided the load path again")
+
+    for module, name in (
+        (gds, "unavailable_reason"),
+        (gds, "library_reason"),
+        (gds, "nvidia_fs_devices"),
+        (native, "unavailable_reason"),
+    ):
+        monkeypatch.setattr(module, name, decided_again)
+    desc = b.fill(layout, allocs, lambda n: None, threading.Event())
+    assert b.path is chosen
+    assert desc.endswith("; python workers: not the CUDA driver (a test double) (GDS unavailable: no /dev/nvidia-fs*)")
+    check_contents(fake, layout, allocs)
 
 
 def test_daemon_config_names(fake, monkeypatch):
     monkeypatch.setattr(gds, "nvidia_fs_devices", lambda: [])
-    b = make_backend(loader="odirect", chunk_size=32 * MiB, ring_depth=4, threads=8, gds="auto")
-    assert b.settings.describe() == "odirect ring 8 threads x 4 x 32MiB"
-    assert b.gds_note == (
+    b = make_backend(read_mode="odirect", chunk_size=32 * MiB, ring_depth=4, threads=8, gds="auto")
+    assert b.path.describe() == "odirect ring 8 threads x 4 x 32MiB"
+    assert b.note == (
         "bounce path (odirect ring 8 threads x 4 x 32MiB; python workers for O_DIRECT reads "
         "(measured faster cold)): GDS unavailable: no /dev/nvidia-fs*"
     )
-    assert make_backend(loader="auto").settings.read_mode == "pread"
+    assert make_backend(read_mode="auto").path.read_mode == "pread"
     # the native engine asked for where it cannot run (here: a driver double) stops the backend at start
     with pytest.raises(BackendError, match="native loader engine was asked for, but not the CUDA driver"):
         make_backend(engine="native")
+    from hotweightsd.backends import create_backend
     from hotweightsd.config import load_config
 
     cfg = load_config(env={"HOTWEIGHTS_LOADER_ENGINE": "python"})
-    assert make_backend(engine=cfg.loader_settings().engine).engine == "python"
-
-
-def test_unknown_options_are_tolerated_but_logged(fake, caplog):
-    b = make_backend(frobnicate=3, memory_limit=None)
-    assert "frobnicate" in caplog.text
-    b.close()
+    b = create_backend("cuda", reserve=0, loader=cfg.loader_settings())
+    assert b.path.engine == "python" and b.path.engine_why == "python workers by configuration"
 
 
 # --- the client side ----------------------------------------------------------------------------------

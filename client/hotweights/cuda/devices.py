@@ -42,8 +42,6 @@ CUDA_ERROR_OUT_OF_MEMORY = 2
 
 def unavailable_reason() -> str | None:
     """Why the cuda backend cannot run here, or None when at least one device is visible."""
-    if os.environ.get("HOTWEIGHTS_DISABLE_CUDA"):
-        return "HOTWEIGHTS_DISABLE_CUDA is set"
     try:
         drv = init()
         n = int(check(drv.cuDeviceGetCount(), "cuDeviceGetCount"))

@@ -28,17 +28,5 @@ def create_backend(
     if kind == "cuda":
         from hotweightsd.backends.cuda import CudaBackend
 
-        return CudaBackend(
-            reserve=reserve,
-            memory_limit=memory_limit,
-            threads=loader.threads,
-            loader=loader.read_mode,
-            chunk_size=loader.chunk_size,
-            ring_depth=loader.ring_depth,
-            busy_chunk=loader.busy_chunk_size,
-            engine=loader.engine,
-            gds=loader.gds,
-            numa=loader.numa,
-            share_cores=loader.share_cores,
-        )
+        return CudaBackend(reserve=reserve, memory_limit=memory_limit, loader=loader)
     raise InvalidArgument(f"unknown backend {kind!r} (choose auto, cpu or cuda)")

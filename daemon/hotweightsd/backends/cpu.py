@@ -32,6 +32,7 @@ def mem_available() -> int:
 
 class MemfdAllocation:
     handle_type = HandleType.MEMFD
+    device_bus_id = ""  # host memory: no GPU to name
 
     def __init__(
         self, size: int, fd: int | None = None, name: str = "hotweights", on_close: Callable[[int], None] | None = None
@@ -93,8 +94,12 @@ class CpuBackend:
         self.memory_limit = memory_limit
         self.reserve = reserve
         self.threads = threads or min(16, (os.cpu_count() or 2) * 2)
+        self.note = f"cpu: pread into memfd, {self.threads} threads"
         self._resident = 0
         self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        pass  # nothing to set up ahead of the first load
 
     def devices(self) -> list[DeviceMemory]:
         avail = max(0, mem_available() - self.reserve)
@@ -142,7 +147,7 @@ class CpuBackend:
                 m.release()
         for a in allocations:
             a.seal()
-        return f"cpu: pread into memfd, {self.threads} threads"
+        return self.note
 
     def adopt(self, device: int, size: int, handle_type: HandleType, fd: int) -> MemfdAllocation:
         if handle_type is not HandleType.MEMFD:

@@ -17,10 +17,10 @@ Admission: an allocation that does not fit in the device's free memory (``cuMemG
 ``reserve`` (and within ``memory_limit`` per device, when set) raises InsufficientMemory before anything
 is allocated or read.
 
-Loading: ``fill()`` runs one loader for the rank's device, either cuFile (``gds``: auto when
-``/dev/nvidia-fs*`` exists) or the pinned bounce ring (``bounce``); its description and its log line
-say which ran and why. Fills of different devices run in parallel (each device has its own ring);
-fills of one device take turns on its ring.
+Loading: the load path (GDS or the bounce ring, the engine, the ring's shape) is chosen once, at
+start (``loaders.path.choose``), and ``note`` says which and why. Fills of different devices run in
+parallel (each device has its own ring) under one ``FillScheduler``; fills of one device take turns
+on its ring.
 """
 
 from __future__ import annotations
@@ -38,19 +38,20 @@ from hotweights.errors import BackendError, CudaError, InsufficientMemory, Inval
 from hotweightsd.core.backend import AllocationMode, DeviceMemory, HandleType, ProgressFn
 from hotweightsd.core.layout import RankLayout
 from hotweightsd.loaders import bounce, gds
+from hotweightsd.loaders.path import LoadPath, choose
+from hotweightsd.loaders.ring import DeviceRing
+from hotweightsd.loaders.scheduler import FillScheduler
+from hotweightsd.loaders.settings import LoaderSettings
 
 log = logging.getLogger("hotweightsd.cuda")
-
-MiB = 1024 * 1024
-DEFAULT_RESERVE = 1024 * MiB
-GDS_MODES = ("auto", "off", "on", "compat")
 
 
 class _CudaAllocation:
     handle_type: HandleType
 
-    def __init__(self, device: int, size: int, address: int, on_close: Callable[[int, int], None]) -> None:
+    def __init__(self, device: int, size: int, address: int, bus_id: str, on_close: Callable[[int, int], None]) -> None:
         self.device = device
+        self.device_bus_id = bus_id  # the GPU as every process names it, whatever its CUDA_VISIBLE_DEVICES
         self.size = size
         self.address = address
         self._on_close = on_close
@@ -80,9 +81,16 @@ class VmmAllocation(_CudaAllocation):
     handle_type = HandleType.CUDA_VMM_FD
 
     def __init__(
-        self, device: int, size: int, handle: Any, fd: int, address: int, on_close: Callable[[int, int], None]
+        self,
+        device: int,
+        size: int,
+        handle: Any,
+        fd: int,
+        address: int,
+        bus_id: str,
+        on_close: Callable[[int, int], None],
     ) -> None:
-        super().__init__(device, size, address, on_close)
+        super().__init__(device, size, address, bus_id, on_close)
         self._handle = handle
         self._fd: int | None = fd
 
@@ -117,9 +125,9 @@ class IpcAllocation(_CudaAllocation):
     handle_type = HandleType.CUDA_IPC
 
     def __init__(
-        self, device: int, size: int, address: int, handle: bytes, on_close: Callable[[int, int], None]
+        self, device: int, size: int, address: int, handle: bytes, bus_id: str, on_close: Callable[[int, int], None]
     ) -> None:
-        super().__init__(device, size, address, on_close)
+        super().__init__(device, size, address, bus_id, on_close)
         self._ipc = handle
 
     def export_fd(self) -> int:
@@ -143,67 +151,32 @@ class CudaBackend:
     name = "cuda"
     shared_device = False
 
-    def __init__(
-        self,
-        reserve: int | None = None,
-        memory_limit: int | None = None,
-        threads: int | None = None,
-        read_mode: str | None = None,
-        chunk_size: int | None = None,
-        ring_depth: int | None = None,
-        gds: str | None = None,
-        numa: bool | None = None,
-        loader: str | None = None,
-        sync: str | None = None,
-        hugepages: bool | None = None,
-        busy_chunk: int | None = None,
-        engine: str | None = None,
-        share_cores: bool | None = None,
-        **extra: Any,
-    ) -> None:
-        """``loader`` (auto | pread | odirect | mmap) is the daemon config's name for ``read_mode``;
-        ``engine`` (auto | native | python) picks the bounce path's loop (``loader_engine`` in the config);
-        ``gds`` is auto | off | on (alias force: GDS or an error) | compat (cuFile compatibility mode,
-        forced: a correctness check of the GDS path on machines without nvidia-fs). ``share_cores`` False
-        keeps every rank's reader count when several load at once (bounce.fill_threads)."""
-        unknown = {k: v for k, v in extra.items() if v is not None}
-        if unknown:
-            log.warning("cuda backend: ignoring options it does not know: %s", ", ".join(sorted(unknown)))
+    def __init__(self, *, reserve: int, memory_limit: int | None = None, loader: LoaderSettings | None = None) -> None:
+        """``reserve``: bytes left free on every device; ``memory_limit``: resident bytes per device at most;
+        ``loader``: how loads read (the path is chosen here, once). Raises BackendError where no GPU is
+        usable, or where ``loader`` demands a path that cannot run here (gds=on, engine=native)."""
         reason = cd.unavailable_reason()
         if reason is not None:
             raise BackendError("cuda", "unavailable", f"the cuda backend cannot run here: {reason}")
-        self.reserve = DEFAULT_RESERVE if reserve is None else int(reserve)
-        if reserve is None and os.environ.get("HOTWEIGHTS_CUDA_RESERVE_MB"):
-            self.reserve = int(os.environ["HOTWEIGHTS_CUDA_RESERVE_MB"]) * MiB
+        self.reserve = int(reserve)
         self.memory_limit = memory_limit
-        if read_mode is None and loader not in (None, "", "auto"):
-            read_mode = loader
-        self.settings = bounce.BounceSettings.resolve(
-            read_mode, threads, chunk_size, ring_depth, numa, sync, hugepages, busy_chunk, engine, share_cores
+        cores = len(os.sched_getaffinity(0)) or 4
+        loader = loader or LoaderSettings()
+        self.path: LoadPath = choose(
+            loader, cores=cores, real_driver=getattr(cd.driver(), "__name__", "") == "cuda.bindings.driver"
         )
-        self.gds_mode = (gds or os.environ.get("HOTWEIGHTS_GDS") or "auto").strip().lower()
-        self.gds_mode = {"force": "on"}.get(self.gds_mode, self.gds_mode)
-        if self.gds_mode not in GDS_MODES:
-            raise InvalidArgument(f"unknown gds mode {self.gds_mode!r} (choose auto, off, on/force or compat)")
+        self.note = self.path.note
+        self.scheduler = FillScheduler(cores, share_cores=loader.share_cores)
         self._count = cd.device_count()
+        self._bus_ids = [cd.pci_bus_id(d) or "" for d in range(self._count)]
         self._resident = [0] * self._count
         self._device_locks = [threading.Lock() for _ in range(self._count)]
         self._names: dict[int, str] = {}
-        self._rings: dict[int, bounce.DeviceRing] = {}
+        self._rings: dict[int, DeviceRing] = {}
         self._ring_lock = threading.Lock()
         self._closed = False
         for d in range(self._count):
             cd.primary_context(d)
-        # engine=native where it cannot run fails here, at start, not at the first load.
-        self.engine, self.engine_why = bounce.choose_engine(self.settings)
-        try:
-            kind, why = self.path()
-            engine = "" if self.engine == "native" else f"; {self.engine_why}"
-            self.gds_note = (
-                why if kind == "gds" else f"bounce path ({self.settings.describe(self.engine)}{engine}): {why}"
-            )
-        except BackendError as exc:
-            self.gds_note = exc.message
 
     # --- devices and admission ---
 
@@ -295,7 +268,7 @@ class CudaBackend:
             except BaseException:
                 drv.cuMemRelease(handle)
                 raise
-        return VmmAllocation(device, size, handle, fd, ptr, self._released)
+        return VmmAllocation(device, size, handle, fd, ptr, self._bus_ids[device], self._released)
 
     def _create_ipc(self, device: int, size: int) -> IpcAllocation:
         with cd.current(device) as drv:
@@ -308,48 +281,29 @@ class CudaBackend:
             except BaseException:
                 drv.cuMemFree(ptr)
                 raise
-        return IpcAllocation(device, size, ptr, raw, self._released)
+        return IpcAllocation(device, size, ptr, raw, self._bus_ids[device], self._released)
 
     # --- loading ---
 
-    def path(self) -> tuple[str, str]:
-        """("gds" | "bounce", why) for the next fill."""
-        mode = self.gds_mode
-        if mode == "off":
-            return "bounce", "GDS off by configuration"
-        if mode == "compat":
-            reason = gds.library_reason()
-            if reason:
-                raise BackendError("gds", "unavailable", f"GDS compatibility mode was asked for, but {reason}")
-            return "gds", "GDS compatibility mode forced by configuration"
-        reason = gds.unavailable_reason()
-        if reason is None:
-            return "gds", "GDS: " + ", ".join(gds.nvidia_fs_devices())
-        if mode == "on":
-            raise BackendError("gds", "unavailable", f"GDS was required (gds=on), but {reason}")
-        return "bounce", reason
-
-    def ring(self, device: int) -> bounce.DeviceRing:
-        """The device's pinned ring, made on first use (or when the settings changed) and kept."""
+    def ring(self, device: int) -> DeviceRing:
+        """The device's pinned ring, made on first use and kept."""
         self._check_device(device)
         with self._ring_lock:
             ring = self._rings.get(device)
-            if ring is not None and not ring.fits(self.settings):
-                with ring.lock:
-                    ring.close()
-                ring = None
             if ring is None:
-                ring = self._rings[device] = bounce.DeviceRing(device, self.settings)
+                p = self.path
+                ring = DeviceRing(device, threads=p.threads, depth=p.depth, slot_size=p.slot_size, numa=p.numa)
+                self._rings[device] = ring
             return ring
 
-    def prepare(self, devices: list[int] | None = None) -> None:
-        """Allocates the pinned rings ahead of the first load (pinning is slow; do it off the clock)."""
-        for d in range(self._count) if devices is None else devices:
-            self.ring(d)
+    def prepare(self) -> None:
+        """Allocates every device's pinned ring ahead of the first load (pinning is slow; do it off the clock)."""
+        if self.path.source == "bounce":
+            for d in range(self._count):
+                self.ring(d)
 
     def concurrent_fills(self, devices: list[int]) -> AbstractContextManager[None]:
-        # ranks placed on one GPU take turns on its ring (ring.lock): only distinct devices run at once
-        return bounce.concurrent_fills(len(set(devices)))
+        return self.scheduler.announce(devices)
 
     def fill(self, layout: RankLayout, allocations: list, progress: ProgressFn, cancel: threading.Event) -> str:
         if len(allocations) != len(layout.allocation_sizes):
@@ -362,23 +316,14 @@ class CudaBackend:
                 raise InvalidArgument(f"allocation of {a.size} bytes is smaller than the layout's {need}")
         bases = [int(a.address) for a in allocations]
         sizes = [int(a.size) for a in allocations]
-        kind, why = self.path()
-        if kind == "gds":
-            desc = gds.fill(
-                device,
-                layout,
-                bases,
-                self.settings.threads,
-                self.settings.chunk_size,
-                progress,
-                cancel,
-                compat=self.gds_mode == "compat",
-            )
+        p = self.path
+        if p.source == "gds":
+            desc = gds.fill(device, layout, bases, p.threads, p.chunk_size, progress, cancel, compat=p.gds_compat)
         else:
             ring = self.ring(device)
             with ring.lock:
-                desc = "bounce: " + bounce.fill(device, ring, self.settings, layout, bases, sizes, progress, cancel)
-        desc = f"{desc} ({why})"
+                desc = "bounce: " + bounce.fill(p, ring, self.scheduler, layout, bases, sizes, progress, cancel)
+        desc = f"{desc} ({p.source_why})"
         log.info("rank %d: %d bytes loaded: %s", layout.rank, layout.nbytes, desc)
         return desc
 
@@ -410,7 +355,7 @@ class CudaBackend:
             os.close(fd)
             raise
         self._account(device, size)
-        return VmmAllocation(device, size, handle, fd, ptr, self._released)
+        return VmmAllocation(device, size, handle, fd, ptr, self._bus_ids[device], self._released)
 
     @staticmethod
     def _check_location(drv: Any, handle: Any, device: int) -> None:

@@ -1,17 +1,24 @@
-"""Parallel positional reads of a layout's segments, shared by the backends' host-side paths."""
+"""A rank's files: opened once per fill, read positionally (buffered or O_DIRECT), in parallel for the cpu backend."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 
-from hotweights.errors import Aborted, BadCheckpoint
+from hotweights.errors import Aborted, BackendError, BadCheckpoint
 from hotweightsd.core.layout import RankLayout, Segment
+from hotweightsd.loaders.plan import DIRECT_ALIGN, ReadChunk
+
+log = logging.getLogger("hotweightsd.loaders")
 
 CHUNK = 16 * 1024 * 1024
+DIRECT_HINT = "(the pread read mode reads it buffered)"
 
 
 def split(segments: list[Segment], chunk: int = CHUNK) -> Iterator[Segment]:
@@ -22,6 +29,58 @@ def split(segments: list[Segment], chunk: int = CHUNK) -> Iterator[Segment]:
             n = min(chunk, s.length - done)
             yield Segment(s.file, s.file_offset + done, n, s.allocation, s.offset + done)
             done += n
+
+
+def open_source(path: str, direct: bool) -> tuple[int, bool]:
+    """(fd, opened O_DIRECT). A filesystem that refuses O_DIRECT (tmpfs) gets a buffered fd."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    if direct:
+        try:
+            return os.open(path, flags | os.O_DIRECT), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=path) from exc
+            log.info("%s: O_DIRECT refused by its filesystem; reading it buffered", path)
+    try:
+        return os.open(path, flags), False
+    except OSError as exc:
+        raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=path) from exc
+
+
+@dataclass
+class SourceFiles:
+    """A layout's files opened for one fill, each checked long enough for its plan; closed by ``close()``."""
+
+    paths: list[str]
+    fds: list[int] = field(default_factory=list)
+    direct: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, paths: list[str], direct: bool, needed: list[int]) -> SourceFiles:
+        files = cls(list(paths))
+        try:
+            for path, need in zip(paths, needed):
+                fd, is_direct = open_source(path, direct)
+                files.fds.append(fd)
+                files.direct.append(is_direct)
+                size = os.fstat(fd).st_size
+                if size < need:
+                    raise BadCheckpoint(
+                        f"{path}: truncated: {size} bytes, the header promised data up to {need}", path=path
+                    )
+        except BaseException:
+            files.close()
+            raise
+        return files
+
+    @property
+    def buffered_fallbacks(self) -> int:
+        return sum(1 for d in self.direct if not d)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
 
 class OpenFiles:
@@ -54,6 +113,34 @@ def read_exact(fd: int, buf: memoryview, offset: int, path: str) -> None:
                 path=path,
             )
         got += n
+
+
+def read_direct(fd: int, buf: memoryview, chunk: ReadChunk, path: str) -> int:
+    """Reads the aligned superset of ``chunk`` into ``buf``; returns where the chunk starts in ``buf``."""
+    start, length, skip = chunk.direct_span()
+    need = skip + chunk.length
+    got = 0
+    while got < length:
+        try:
+            n = os.preadv(fd, [buf[got:length]], start + got)
+        except OSError as exc:
+            raise BackendError(
+                "pread(O_DIRECT)",
+                exc.errno or "os",
+                f"{path}: O_DIRECT read of {length - got} bytes at {start + got} failed: {exc.strerror} {DIRECT_HINT}",
+            ) from exc
+        if n == 0:
+            break
+        got += n
+        if n % DIRECT_ALIGN:
+            break  # end of file inside this block
+    if got < need:
+        raise BadCheckpoint(
+            f"{path}: truncated: ended at byte {start + got}, the header promised data up to "
+            f"{chunk.offset + chunk.length}",
+            path=path,
+        )
+    return skip
 
 
 def parallel_read(

@@ -35,8 +35,7 @@ from typing import Any
 from hotweights.cuda import devices as cd
 from hotweights.errors import Aborted, BackendError, BadCheckpoint
 from hotweightsd.core.layout import RankLayout
-from hotweightsd.loaders.bounce import open_source
-from hotweightsd.loaders.files import split
+from hotweightsd.loaders.files import open_source, split
 
 log = logging.getLogger("hotweightsd.cuda")
 
@@ -169,6 +168,7 @@ class CuFileDriver:
         self.opened = False
         self.compat = False
         self.notes: list[str] = []
+        self.logfile = LOGFILE
 
     def open(self, compat: bool) -> None:
         with self._lock:
@@ -177,7 +177,8 @@ class CuFileDriver:
                     self.notes.append("compatibility mode asked after cuFile was opened without it")
                 return
             cufile = cufile_module()
-            os.environ.setdefault("CUFILE_LOGFILE_PATH", LOGFILE)
+            # cuFile takes its settings from its environment; a log path set by the operator stays.
+            self.logfile = os.environ.setdefault("CUFILE_LOGFILE_PATH", LOGFILE)
             if compat:
                 # cuFile reads its settings when the driver opens: environment variables override
                 # cufile.json (an installed /etc/cufile.json may say allow_compat_mode: false), and
@@ -196,8 +197,7 @@ class CuFileDriver:
                 raise BackendError(
                     "cuFileDriverOpen",
                     getattr(exc, "status", "error"),
-                    f"cuFileDriverOpen failed: {type(exc).__name__}: {exc} "
-                    f"(cuFile's log: {os.environ.get('CUFILE_LOGFILE_PATH')})",
+                    f"cuFileDriverOpen failed: {type(exc).__name__}: {exc} (cuFile's log: {self.logfile})",
                 ) from exc
             self.opened, self.compat = True, compat
             for n in self.notes:
@@ -241,7 +241,7 @@ def _register(cufile: Any, fd: int, path: str) -> int:
         return int(cufile.handle_register(descr.ptr))
     except Exception as exc:
         obstacles = registration_obstacles(path)
-        logfile = os.environ.get("CUFILE_LOGFILE_PATH", LOGFILE)
+        logfile = DRIVER.logfile
         try:
             where = file_storage(path)
         except OSError:

@@ -1,9 +1,9 @@
 """The bounce path's native engine: ``hwfill.c`` through ctypes.
 
-The plan (``bounce.plan_chunks``), the ring, the streams and the events stay Python's; only the loop
+The plan (``plan.plan_chunks``), the ring, the streams and the events stay Python's; only the loop
 over chunks (read into a slot, queue its copies, record the slot's event) runs in C threads, with
-the GIL released for the whole fill. The library is built by ``pip install`` (setup.py, optional:
-no compiler, no library) and found beside this package, or at ``HOTWEIGHTS_NATIVE_LIB``.
+the GIL released for the whole fill. ``pip install`` builds the library beside this module
+(setup.py; a C compiler is required where one exists); ``LoaderSettings.native_lib`` may name another.
 
 ``host_mode`` runs the same loop with ``memcpy`` into host memory and no driver calls: the unit tests
 and CI run the engine's reads, planning, truncation, cancellation and error paths with it.
@@ -20,6 +20,7 @@ from typing import Any
 
 from hotweights.cuda.driver import error_name
 from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError
+from hotweightsd.loaders.files import DIRECT_HINT
 
 ABI = 1
 ERR_CUDA, ERR_OS, ERR_TRUNCATED, ERR_CANCELLED, ERR_SETUP = 1, 2, 3, 4, 5
@@ -73,51 +74,48 @@ class Job(ctypes.Structure):
     ]
 
 
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
+_loaded: dict[str, tuple[ctypes.CDLL | None, str | None]] = {}  # library asked for -> (library, why not)
 _load_lock = threading.Lock()
 
 
-def library_path() -> str | None:
-    env = os.environ.get("HOTWEIGHTS_NATIVE_LIB", "").strip()
-    if env:
-        return env
+def library_path(explicit: str = "") -> str | None:
+    """``explicit`` when given, else the library built beside this module, else None."""
+    if explicit:
+        return explicit
     here = os.path.dirname(os.path.abspath(__file__))
     found = sorted(glob.glob(os.path.join(here, "_hwfill*.so")))
     return found[0] if found else None
 
 
-def _load() -> tuple[ctypes.CDLL | None, str | None]:
-    global _lib, _reason
+def _load(explicit: str = "") -> tuple[ctypes.CDLL | None, str | None]:
     with _load_lock:
-        if _lib is not None or _reason is not None:
-            return _lib, _reason
-        path = library_path()
-        if path is None:
-            _reason = "native loader not built (no C compiler at install time?)"
-            return None, _reason
-        try:
-            lib = ctypes.CDLL(path)
-            lib.hw_abi.restype = ctypes.c_int
-            lib.hw_job_size.restype = ctypes.c_size_t
-            lib.hw_fill.restype = ctypes.c_int
-            lib.hw_fill.argtypes = [ctypes.POINTER(Job)]
-        except (OSError, AttributeError) as exc:
-            _reason = f"native loader {path} does not load: {exc}"
-            return None, _reason
-        if lib.hw_abi() != ABI or lib.hw_job_size() != ctypes.sizeof(Job):
-            _reason = (
-                f"native loader {path} is from another revision (ABI {lib.hw_abi()}, job size "
-                f"{lib.hw_job_size()}; this code expects {ABI}, {ctypes.sizeof(Job)}): rebuild it"
-            )
-            return None, _reason
-        _lib = lib
-        return _lib, None
+        if explicit not in _loaded:
+            _loaded[explicit] = _open(library_path(explicit))
+        return _loaded[explicit]
 
 
-def unavailable_reason() -> str | None:
-    """Why the native engine cannot run here, or None."""
-    return _load()[1]
+def _open(path: str | None) -> tuple[ctypes.CDLL | None, str | None]:
+    if path is None:
+        return None, "native loader not built (no C compiler at install time?)"
+    try:
+        lib = ctypes.CDLL(path)
+        lib.hw_abi.restype = ctypes.c_int
+        lib.hw_job_size.restype = ctypes.c_size_t
+        lib.hw_fill.restype = ctypes.c_int
+        lib.hw_fill.argtypes = [ctypes.POINTER(Job)]
+    except (OSError, AttributeError) as exc:
+        return None, f"native loader {path} does not load: {exc}"
+    if lib.hw_abi() != ABI or lib.hw_job_size() != ctypes.sizeof(Job):
+        return None, (
+            f"native loader {path} is from another revision (ABI {lib.hw_abi()}, job size "
+            f"{lib.hw_job_size()}; this code expects {ABI}, {ctypes.sizeof(Job)}): rebuild it"
+        )
+    return lib, None
+
+
+def unavailable_reason(library: str = "") -> str | None:
+    """Why the native engine cannot run here (with ``library``, or the one built beside this module), or None."""
+    return _load(library)[1]
 
 
 def _array(ctype: Any, values: Sequence) -> ctypes.Array:
@@ -142,11 +140,12 @@ def fill(
     events: Sequence[int] = (),
     cpus: Sequence[int] = (),
     host_mode: bool = False,
+    library: str = "",
 ) -> tuple[int, int]:
-    """Runs ``chunks`` (``bounce.ReadChunk``; a piece's destination is ``bases[allocation] + offset``) on the
+    """Runs ``chunks`` (``plan.ReadChunk``; a piece's destination is ``bases[allocation] + offset``) on the
     native engine; returns (reads, copies). Raises what the Python workers raise for the same failure:
     BadCheckpoint (short file), Aborted (cancel), CudaError (the driver's code), BackendError (a read)."""
-    lib, reason = _load()
+    lib, reason = _load(library)
     if lib is None:
         raise BackendError("native loader", "unavailable", reason)
     if not chunks:
@@ -220,7 +219,7 @@ def _error(job: Job, chunks: Sequence, paths: Sequence[str]) -> Exception:
         where = f", {path} at {job.err_offset}" if path else ""
         return CudaError(op, job.err_code, f"{op} failed: {name} ({job.err_code}){where}", error=name)
     if job.err_kind == ERR_OS:
-        hint = " (set HOTWEIGHTS_CUDA_READ_MODE=pread to read buffered)" if "O_DIRECT" in op else ""
+        hint = f" {DIRECT_HINT}" if "O_DIRECT" in op else ""
         return BackendError(
             op,
             job.err_code,

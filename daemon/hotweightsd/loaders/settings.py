@@ -1,22 +1,48 @@
-"""What a loader is told to do: the bounce path's and GDS's settings, as one typed value.
+"""What a loader is told to do, as one typed value.
 
-The daemon's config builds it; the cuda backend and its loaders only read it (no environment).
+The daemon's config builds it; the backends and loaders only read it (no environment below the
+config). ``None`` means the default that docs/loader.md gives, with the measurement behind it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hotweights.errors import InvalidArgument
+from hotweightsd.loaders.plan import DIRECT_ALIGN
+
+READ_MODES = ("auto", "pread", "odirect")
+ENGINES = ("auto", "native", "python")
+GDS_MODES = ("auto", "off", "on", "force", "compat")  # force: the same as on
+
 
 @dataclass(frozen=True)
 class LoaderSettings:
-    read_mode: str = "auto"  # auto | pread | odirect
+    read_mode: str = "auto"  # auto (today: pread) | pread | odirect
     threads: int | None = None  # readers per rank; None: from the usable cores
-    chunk_size: int | None = None  # bytes per read; None: the measured default
-    ring_depth: int | None = None  # pinned slots per reader
-    busy_chunk_size: int | None = None  # read size while other GPUs load
+    chunk_size: int | None = None  # bytes per read; None: 4 MiB
+    ring_depth: int | None = None  # pinned slots per reader; None: 2
+    busy_chunk_size: int | None = None  # python workers' read while other fills run; None: 16 MiB
     engine: str = "auto"  # auto | native | python
-    gds: str = "auto"  # auto | off | on | compat
+    gds: str = "auto"  # auto | off | on (force) | compat
     numa: bool = True  # readers and pinned ring on the GPU's NUMA node
-    share_cores: bool = True  # ranks loading at once split the cores
-    native_lib: str = ""  # the native engine's library; "" = beside the package
+    share_cores: bool = True  # native fills running at once split the cores
+    native_lib: str = ""  # the native engine's library; "" = the one built beside the package
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("read mode", self.read_mode, READ_MODES),
+            ("loader engine", self.engine, ENGINES),
+            ("gds mode", self.gds, GDS_MODES),
+        ):
+            if value not in allowed:
+                raise InvalidArgument(f"unknown {name} {value!r} (choose {', '.join(allowed)})")
+        for name, n in (
+            ("threads", self.threads),
+            ("ring depth", self.ring_depth),
+            ("busy chunk size", self.busy_chunk_size),
+        ):
+            if n is not None and n < 1:
+                raise InvalidArgument(f"loader {name} must be at least 1, got {n}")
+        if self.chunk_size is not None and (self.chunk_size <= 0 or self.chunk_size % DIRECT_ALIGN):
+            raise InvalidArgument(f"loader chunk size {self.chunk_size} is not a positive multiple of {DIRECT_ALIGN}")
