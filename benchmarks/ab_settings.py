@@ -22,16 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_load as bl
 import sweep_bounce as sb
 
-# (A mapped-file read mode copying with streaming stores was measured here and removed: slower everywhere,
-# 22 against 42 GB/s from tmpfs: ab-nvidia-h200-20261123-221429.json.)
 SETTINGS = {  # a fixed reader count per GPU; "shared" splits the cores among GPUs loading at once (the default)
     "shared": dict(threads=16, chunk_mb=4, depth=2, share=True),
     "16x2x4MiB": dict(threads=16, chunk_mb=4, depth=2),
     "14x2x4MiB": dict(threads=14, chunk_mb=4, depth=2),
     "10x2x4MiB": dict(threads=10, chunk_mb=4, depth=2),
-    "16x2x4MiB-block": dict(threads=16, chunk_mb=4, depth=2, sync="block"),
     "12x2x4MiB": dict(threads=12, chunk_mb=4, depth=2),
-    "12x2x4MiB-block": dict(threads=12, chunk_mb=4, depth=2, sync="block"),
     "8x2x4MiB": dict(threads=8, chunk_mb=4, depth=2),
     "6x2x4MiB": dict(threads=6, chunk_mb=4, depth=2),
     "16x2x8MiB": dict(threads=16, chunk_mb=8, depth=2),

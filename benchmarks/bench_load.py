@@ -320,7 +320,7 @@ def raw_read(paths: list[str], ring, direct: bool, chunk: int | None = None) -> 
     """Reads whole files into the ring's pinned slots with its thread count, ``chunk`` bytes a read (at
     most a slot); no GPU copy. Returns (bytes, seconds, files read buffered because O_DIRECT was refused)."""
     from hotweights.errors import BadCheckpoint
-    from hotweightsd.loaders.bounce import open_source
+    from hotweightsd.loaders.files import open_source
 
     chunk = min(chunk or ring.slot_size, ring.slot_size)
     sizes = [os.path.getsize(p) for p in paths]
@@ -394,7 +394,7 @@ def h2d(devices: list[int], size: int = 1 * GiB, reps: int = 8) -> dict:
     """Pinned host -> device copy rate per device, all devices at once. One pinned buffer per device
     (on its NUMA node where the node has several), two streams, ``reps`` copies of ``size`` bytes."""
     from hotweights.cuda import devices as cd
-    from hotweightsd.loaders.bounce import _run_on_cpus
+    from hotweightsd.loaders.ring import run_on_cpus
 
     state = {}
     for d in devices:
@@ -407,7 +407,7 @@ def h2d(devices: list[int], size: int = 1 * GiB, reps: int = 8) -> dict:
                         cd.check(drv2.cuMemHostAlloc(size, int(drv2.CU_MEMHOSTALLOC_PORTABLE)), "cuMemHostAlloc")
                     )
 
-            host = _run_on_cpus(cpus, alloc)
+            host = run_on_cpus(cpus, alloc)
             ctypes.memset(host, 7, size)
             dev = int(cd.check(drv.cuMemAlloc(size), "cuMemAlloc"))
             streams = [cd.check(drv.cuStreamCreate(1), "cuStreamCreate") for _ in range(2)]
@@ -660,6 +660,23 @@ def best_peer(peers: dict) -> tuple[str | None, float]:
         return None, 0.0
     g, k = max(ok)
     return k, g
+
+
+def cuda_backend(reserve: int = 512 * MiB, devices=(), **loader):
+    """A CudaBackend with GDS off and the given LoaderSettings fields (``None`` ones at their defaults),
+    its pinned rings made for ``devices`` before anything is timed."""
+    from hotweightsd.backends.cuda import CudaBackend
+    from hotweightsd.loaders.settings import LoaderSettings
+
+    loader.setdefault("gds", "off")
+    b = CudaBackend(reserve=reserve, loader=LoaderSettings(**{k: v for k, v in loader.items() if v is not None}))
+    try:
+        for d in devices:
+            b.ring(d)
+    except BaseException:
+        b.close()
+        raise
+    return b
 
 
 def load_at_once(backend, ckpt: Path, devices) -> tuple[dict, float]:
@@ -942,7 +959,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--chunk-mb", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
-    ap.add_argument("--read-mode", default="pread", help="pread | odirect | mmap")
+    ap.add_argument("--read-mode", default="pread", help="pread | odirect")
     ap.add_argument(
         "--cold-threads",
         type=lambda v: [int(x) for x in v.split(",") if x],
@@ -966,8 +983,7 @@ def main() -> int:
     import torch
 
     from hotweights.cuda import devices as cd
-    from hotweightsd.backends.cuda import CudaBackend
-    from hotweightsd.loaders import bounce, native
+    from hotweightsd.loaders import native
 
     ngpu = cd.device_count()
     if ngpu == 0:
@@ -1014,30 +1030,30 @@ def main() -> int:
     res.note(f"pre-touched {args.pretouch_gb} GB in {doc.get('pretouch_s')}s")
     files0 = rank_files(ckpt, 0)
 
-    def hw_backend(**override) -> CudaBackend:
+    def hw_backend(devices=(0,), **override):
         """A backend with the run's loader settings (``--threads``, ``--chunk-mb``, ...), some overridden."""
         kw = dict(
-            gds="off",
-            reserve=512 * MiB,
             threads=args.threads,
             chunk_size=(args.chunk_mb or 0) * MiB or None,
             ring_depth=args.depth,
             read_mode=args.read_mode,
             engine=args.engine,
         )
-        return CudaBackend(**{**kw, **override})
+        return cuda_backend(devices=devices, **{**kw, **override})
 
-    backend = hw_backend()
-    backend.prepare(list(range(gpus)))
-    engine = bounce.choose_engine(backend.settings)
-    doc["engine"] = {"used": engine[0], "why": engine[1], "native": native.unavailable_reason() or "built"}
-    doc["hotweights_settings"] = backend.settings.describe(engine[0])
+    backend = hw_backend(devices=range(gpus))
+    engine = backend.path.engine
+    doc["engine"] = {
+        "used": engine,
+        "why": backend.path.engine_why or "native engine",
+        "native": native.unavailable_reason() or "built",
+    }
+    doc["hotweights_settings"] = backend.path.describe()
     # The python workers, measured beside the native engine in the same run (what the engine is worth).
     py_backend = None
-    if engine[0] == "native" and "python-engine" not in skip:
-        py_backend = hw_backend(engine="python")
-        py_backend.prepare(list(range(gpus)))
-    doc["gds_note"] = backend.gds_note
+    if engine == "native" and "python-engine" not in skip:
+        py_backend = hw_backend(devices=range(gpus), engine="python")
+    doc["gds_note"] = backend.note
     ring0 = backend.ring(0)
 
     # -- ceilings
@@ -1154,28 +1170,21 @@ def main() -> int:
     # -- a settings sweep from page cache (helps pick defaults)
     def sweep():
         out = {}
-        for mode, threads, chunk, depth, huge in (
-            ("pread", 16, 16, 2, False),
-            ("pread", 12, 4, 2, False),
-            ("pread", 16, 8, 2, False),
-            ("pread", 16, 4, 4, False),
-            ("pread", 16, 4, 2, True),
-            ("mmap", 16, 16, 2, False),
+        for mode, threads, chunk, depth in (
+            ("pread", 16, 16, 2),
+            ("pread", 12, 4, 2),
+            ("pread", 16, 8, 2),
+            ("pread", 16, 4, 4),
         ):
             if budget() < 200:
                 break
-            key = f"{mode} {threads}x{depth}x{chunk}MiB" + (" huge pages" if huge else "")
-            b = CudaBackend(
-                gds="off",
-                reserve=512 * MiB,
-                threads=threads,
-                chunk_size=chunk * MiB,
-                ring_depth=depth,
-                read_mode=mode,
-                hugepages=huge,
-            )
+            key = f"{mode} {threads}x{depth}x{chunk}MiB"
             try:
-                b.prepare([0])
+                b = cuda_backend(devices=[0], threads=threads, chunk_size=chunk * MiB, ring_depth=depth, read_mode=mode)
+            except Exception as exc:
+                res.error(f"sweep {key}", exc)
+                continue
+            try:
                 out[key] = hw_load(b, ckpt, 0, 0)["gbps"]
                 res.note(f"sweep {key}: {out[key]} GB/s")
             except Exception as exc:
@@ -1226,7 +1235,6 @@ def main() -> int:
         res.note(f"cold buffered pread -> pinned (no GPU): {rate(n, dt)} GB/s")
         od = hw_backend(read_mode="odirect", engine=None)
         try:
-            od.prepare([0])
             drop_caches()
             r = hw_load(od, ckpt, 0, 0)
             out["hotweights_odirect"] = r
@@ -1244,7 +1252,6 @@ def main() -> int:
                 break
             b = hw_backend(**{"read_mode": "odirect", "engine": None, **kw})
             try:
-                b.prepare([0])
                 drop_caches()
                 r = hw_load(b, ckpt, 0, 0)
                 out.setdefault("hotweights_odirect_variants", {})[label] = r
@@ -1282,7 +1289,7 @@ def main() -> int:
 
     def attach():
         info = sparse_checkpoint(attach_ckpt, args.attach_gb * GB, args.attach_tensors)
-        b = CudaBackend(gds="off", reserve=512 * MiB, read_mode="odirect")
+        b = cuda_backend(read_mode="odirect")
         try:
             out = attach_latency(b, attach_ckpt, args.attach_reps, res)
         finally:

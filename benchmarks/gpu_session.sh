@@ -50,12 +50,13 @@ export PYTHONPATH=/tmp/site:$PWD/client:$PWD/daemon
 
 # The loader's native engine (daemon/hotweightsd/loaders/hwfill.c) is built by pip install; this script runs
 # from the source tree, so it uses a library carried beside the package (carry daemon/hotweightsd/loaders/_hwfill*.so),
-# or builds one here when none loads and a C compiler exists. Without either, loads run on the python workers
-# and say so.
-native_state() { python3 -c 'from hotweightsd.backends import native as n; print(n.library_path(), "|", n.unavailable_reason() or "loads")'; }
+# or builds one there when none loads and a C compiler exists (the daemon, the tests and the benchmarks all
+# find it beside the package). Without either, loads run on the python workers and say so.
+native_state() { python3 -c 'from hotweightsd.loaders import native as n; print(n.library_path(), "|", n.unavailable_reason() or "loads")'; }
 if native_state | grep -qv "| loads$" && command -v cc >/dev/null 2>&1; then
-  cc -O2 -std=gnu11 -shared -fPIC -o /tmp/hwfill.so daemon/hotweightsd/loaders/hwfill.c -ldl -lpthread \
-    && export HOTWEIGHTS_NATIVE_LIB=/tmp/hwfill.so
+  rm -f daemon/hotweightsd/loaders/_hwfill*.so
+  cc -O2 -std=gnu11 -shared -fPIC -o daemon/hotweightsd/loaders/_hwfill.so daemon/hotweightsd/loaders/hwfill.c -ldl -lpthread \
+    || log "building the native loader failed"
 fi
 log "native loader: $(native_state 2>&1 | tail -1)"
 

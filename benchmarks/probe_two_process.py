@@ -103,7 +103,6 @@ def main() -> int:
         return 0
 
     from hotweights.cuda import devices as cd
-    from hotweightsd.backends.cuda import CudaBackend
 
     res = bl.Results(args.out or [str(bl.ROOT / "benchmarks" / "results")])
     res.set_name(cd.device_name(0))
@@ -122,8 +121,7 @@ def main() -> int:
         with open(p, "rb") as f:
             while f.read(64 * MiB):
                 pass
-    b = CudaBackend(gds="off", reserve=512 * MiB, read_mode="pread", threads=16, chunk_size=4 * MiB)
-    b.prepare([0])
+    b = bl.cuda_backend(devices=[0], read_mode="pread", threads=16, chunk_size=4 * MiB)
     try:
         bl.hw_load(b, ckpt, 0, 0)
         doc["a_alone"] = loads(b, ckpt, args.loads)

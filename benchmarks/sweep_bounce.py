@@ -8,7 +8,6 @@ with two GPUs loading at once, so defaults are picked from data taken in one mac
 - the read ceiling: the rank's files read into pinned memory with no GPU copy, at a few thread counts
   and buffer sizes (the best is the ceiling), and the pinned H2D rate;
 - a grid: threads x chunk size x ring depth, one load each;
-- variants of the grid's best: blocking-sync events, a ring backed by transparent huge pages;
 - finalists: the best few, ``--reps`` loads each, taken round-robin with the ceiling read so slow
   drift of the machine hits every setting alike;
 - two GPUs (when two are visible): threads per GPU with both ranks loading at once, against both
@@ -44,31 +43,21 @@ def read_file(path: str) -> str:
 
 
 def key(s: dict) -> str:
-    return (
-        f"{s['threads']}x{s['depth']}x{s['chunk_mb']:g}MiB"
-        + (" block" if s.get("sync") == "block" else "")
-        + (" huge" if s.get("hugepages") else "")
-    )
+    return f"{s['threads']}x{s['depth']}x{s['chunk_mb']:g}MiB"
 
 
 def backend_for(s: dict, devices: list[int]):
-    from hotweightsd.backends.cuda import CudaBackend
-
-    b = CudaBackend(
-        gds="off",
-        reserve=512 * MiB,
+    """A backend with the sweep entry's settings (fixed reader counts unless ``share``), rings made for ``devices``."""
+    return bl.cuda_backend(
+        devices=devices,
         read_mode=s.get("read_mode", "pread"),
         threads=s["threads"],
         chunk_size=int(s["chunk_mb"] * MiB),
         ring_depth=s["depth"],
-        sync=s.get("sync", "spin"),
-        hugepages=s.get("hugepages", False),
-        busy_chunk=int(s.get("busy_mb", s["chunk_mb"]) * MiB),
+        busy_chunk_size=int(s.get("busy_mb", s["chunk_mb"]) * MiB),
         engine=s.get("engine"),
         share_cores=s.get("share", False),
     )
-    b.prepare(devices)
-    return b
 
 
 def load_once(s: dict, ckpt: Path) -> float:
@@ -125,23 +114,7 @@ def one_source(label: str, ckpt: Path, files: list[str], args, res, budget, h2d_
     )
     res.save()
 
-    ranked = [s for s, _ in sorted(grid.values(), key=lambda sv: -sv[1])]
-    variants = {}
-    for s in ranked[:3]:
-        for sync, huge in (("block", False), ("spin", True), ("block", True)):
-            if budget() < args.reserve_s:
-                break
-            v = dict(s, sync=sync, hugepages=huge)
-            try:
-                variants[key(v)] = (v, load_once(v, ckpt))
-            except Exception as exc:
-                res.error(f"{label} {key(v)}", exc)
-    doc["variants"] = {k: v for k, (_, v) in variants.items()}
-    doc["anon_huge_pages_kb_after_variants"] = _anon_huge_kb()
-    res.note(f"{label} variants: " + ", ".join(f"{k} {v}" for k, (_, v) in variants.items()))
-    res.save()
-
-    pool = sorted(list(grid.values()) + list(variants.values()), key=lambda sv: -sv[1])
+    pool = sorted(grid.values(), key=lambda sv: -sv[1])
     finalists = [s for s, _ in pool[: args.finalists]]
     default = current_default()
     if key(default) not in {key(s) for s in finalists}:
@@ -202,11 +175,7 @@ def two_gpus(ckpt: Path, args, res, budget, h2d_all: float, winners: list[dict])
     best_read = max(v["median"] for v in doc["read_both"].values())
     doc["ceiling"] = min(best_read, h2d_all)
     res.note(f"two GPUs: read both {doc['read_both']}, ceiling {doc['ceiling']}")
-    configs = []
-    for w in winners:
-        for threads in args.two_gpu_threads:
-            for sync in ("spin", "block"):
-                configs.append(dict(w, threads=threads, sync=sync))
+    configs = [dict(w, threads=threads) for w in winners for threads in args.two_gpu_threads]
     seen = set()
     for s in configs:
         if key(s) in seen or budget() < 20:
@@ -229,18 +198,12 @@ def two_gpus(ckpt: Path, args, res, budget, h2d_all: float, winners: list[dict])
     return doc
 
 
-def _anon_huge_kb() -> int | None:
-    for line in read_file("/proc/meminfo").splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return None
-
-
 def current_default() -> dict:
-    """The loader's own default settings (environment included), as a sweep entry."""
-    from hotweightsd.loaders.bounce import BounceSettings
+    """The loader's own default settings on this machine, as a sweep entry."""
+    from hotweightsd.loaders.path import choose
+    from hotweightsd.loaders.settings import LoaderSettings
 
-    d = BounceSettings.resolve()
+    d = choose(LoaderSettings(gds="off"), cores=len(os.sched_getaffinity(0)), real_driver=False)
     return {"threads": d.threads, "chunk_mb": d.chunk_size / MiB, "depth": d.depth, "busy_mb": d.busy_chunk / MiB}
 
 

@@ -427,11 +427,10 @@ def fake():
 
 
 def make_backend(reserve: int = 0, memory_limit: int | None = None, **loader):
-    """A CudaBackend; ``loader`` holds LoaderSettings fields (GDS and NUMA off unless given)."""
+    """A CudaBackend; ``loader`` holds LoaderSettings fields (GDS off unless given)."""
     from hotweightsd.backends.cuda import CudaBackend
 
     loader.setdefault("gds", "off")
-    loader.setdefault("numa", False)
     return CudaBackend(reserve=reserve, memory_limit=memory_limit, loader=LoaderSettings(**loader))
 
 

@@ -1,9 +1,8 @@
 /* The bounce path's hot loop, outside the interpreter.
  *
- * hotweightsd plans a fill in Python (hotweightsd.backends.bounce: reads of file windows and the
+ * hotweightsd plans a fill in Python (hotweightsd.loaders.plan: reads of file windows and the
  * copies out of each) and hands the plan here; hw_fill() runs it on its own threads, so no chunk
- * costs interpreter time or waits for the GIL (the Python workers topped out near 46-50 GB/s per
- * process whatever the GPU or worker count: benchmarks/results/NOTES.md). Plain C, no Python API:
+ * costs interpreter time or waits for the GIL (why that matters: docs/loader.md). Plain C, no Python API:
  * loaded with ctypes, so one build serves every Python version. The CUDA driver is opened with
  * dlopen at the first device fill, so the library loads (and host_mode runs) on machines without one.
  *
@@ -12,7 +11,7 @@
  * queues the chunk's copies on its stream and records the slot's event. host_mode (tests, CI)
  * replaces the copies with memcpy into host memory and skips every driver call.
  *
- * The layout of hw_job is mirrored by hotweightsd.backends.native; hw_job_size() and hw_abi()
+ * The layout of hw_job is mirrored by hotweightsd.loaders.native; hw_job_size() and hw_abi()
  * let the loader refuse a library built from another revision.
  */
 #define _GNU_SOURCE

@@ -41,7 +41,6 @@ class LoadPath:
     depth: int  # slots per reader
     chunk_size: int  # bytes per read (the plan's grid)
     busy_chunk: int  # the python workers' read while other fills run; == chunk_size: no runs
-    numa: bool
     native_lib: str  # "" = the library built beside the package
 
     @property
@@ -90,7 +89,6 @@ def choose(settings: LoaderSettings, *, cores: int, real_driver: bool) -> LoadPa
         depth=settings.ring_depth or DEFAULT_DEPTH,
         chunk_size=chunk,
         busy_chunk=max(chunk, busy // chunk * chunk),  # whole grid windows
-        numa=settings.numa,
         native_lib=settings.native_lib,
     )
 

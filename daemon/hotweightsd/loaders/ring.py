@@ -49,12 +49,12 @@ def run_on_cpus(cpus: list[int], fn: Callable[[], Any]) -> Any:
 class DeviceRing:
     """Per-device loader state kept across loads: pinned slots, one stream per reader, one event per slot."""
 
-    def __init__(self, device: int, *, threads: int, depth: int, slot_size: int, numa: bool) -> None:
+    def __init__(self, device: int, *, threads: int, depth: int, slot_size: int) -> None:
         self.device = device
         self.threads = threads
         self.depth = depth
         self.slot_size = slot_size
-        self.node, self.cpus = cd.numa_cpus(device) if numa else (None, [])
+        self.node, self.cpus = cd.numa_cpus(device)
         self.host_ptr = 0
         self.host_bytes = 0
         self.streams: list[Any] = []

@@ -25,7 +25,6 @@ class LoaderSettings:
     busy_chunk_size: int | None = None  # python workers' read while other fills run; None: 16 MiB
     engine: str = "auto"  # auto | native | python
     gds: str = "auto"  # auto | off | on (force) | compat
-    numa: bool = True  # readers and pinned ring on the GPU's NUMA node
     share_cores: bool = True  # native fills running at once split the cores
     native_lib: str = ""  # the native engine's library; "" = the one built beside the package
 
