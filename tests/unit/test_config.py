@@ -40,7 +40,7 @@ def test_bad_config_is_named(tmp_path):
     with pytest.raises(errors.InvalidArgument, match=r"unknown key\(s\) \['sockett'\]"):
         load_config(str(bad), env={})
     bad.write_text("backend = 'tpu'\n")
-    with pytest.raises(errors.InvalidArgument, match="backend must be auto, cpu or cuda"):
+    with pytest.raises(errors.InvalidArgument, match=r"backend \(file .*bad.toml\) must be one of auto, cpu, cuda"):
         load_config(str(bad), env={})
     with pytest.raises(errors.InvalidArgument, match="does not exist"):
         load_config(str(tmp_path / "missing.toml"), env={})

@@ -32,6 +32,7 @@ def mem_available() -> int:
 
 class MemfdAllocation:
     handle_type = HandleType.MEMFD
+    device_bus_id = ""
 
     def __init__(
         self, size: int, fd: int | None = None, name: str = "hotweights", on_close: Callable[[int], None] | None = None
@@ -95,6 +96,12 @@ class CpuBackend:
         self.threads = threads or min(16, (os.cpu_count() or 2) * 2)
         self._resident = 0
         self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return ""
+
+    def prepare(self) -> None:
+        pass  # nothing to set up ahead: every fill reads straight into its memfd
 
     def devices(self) -> list[DeviceMemory]:
         avail = max(0, mem_available() - self.reserve)

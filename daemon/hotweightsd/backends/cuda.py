@@ -53,6 +53,7 @@ class _CudaAllocation:
         self.device = device
         self.size = size
         self.address = address
+        self.device_bus_id = cd.pci_bus_id(device) or ""
         self._on_close = on_close
         self._lock = threading.Lock()
         self.closed = False
@@ -341,6 +342,9 @@ class CudaBackend:
             if ring is None:
                 ring = self._rings[device] = bounce.DeviceRing(device, self.settings)
             return ring
+
+    def describe(self) -> str:
+        return self.gds_note
 
     def prepare(self, devices: list[int] | None = None) -> None:
         """Allocates the pinned rings ahead of the first load (pinning is slow; do it off the clock)."""
