@@ -87,7 +87,8 @@ def _encode_version(mv: ModelVersion, names: list[list[str]]) -> dict:
 
 
 class _Flush:
-    def __init__(self) -> None:
+    def __init__(self, save: bool = False) -> None:
+        self.save = save
         self.done = threading.Event()
 
 
@@ -124,7 +125,7 @@ class Persister:
 
     def start(self) -> None:
         """Starts the thread, which first writes the state as it is now."""
-        self._queue.put(_Flush())
+        self._queue.put(_Flush(save=True))
         self._thread.start()
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -153,7 +154,7 @@ class Persister:
                 if isinstance(item, Event):
                     dirty |= self._apply(item)
                 elif isinstance(item, _Flush):
-                    dirty = True
+                    dirty |= item.save
             if dirty:
                 self._save_logged()
             for item in batch:
