@@ -27,6 +27,19 @@ SYSTEM_CONFIG = "/etc/hotweights/config.toml"
 NO_CONFIG = "none"
 ENV_PREFIX = "HOTWEIGHTS_"
 DEFAULT_RESERVE = 2 * 2**30
+# LoaderSettings field -> the config key that sets it.
+LOADER_KEYS = {
+    "read_mode": "loader",
+    "threads": "loader_threads",
+    "chunk_size": "chunk_size",
+    "ring_depth": "ring_depth",
+    "busy_chunk_size": "busy_chunk_size",
+    "engine": "loader_engine",
+    "gds": "gds",
+    "numa": "numa",
+    "share_cores": "share_cores",
+    "native_lib": "native_lib",
+}
 # Client-side variables: read by the client library and tools, not by the daemon's config.
 CLIENT_ENV = frozenset({"HOTWEIGHTS_DISABLE_CUDA", "HOTWEIGHTS_CUDA_WRITABLE"})
 
@@ -112,18 +125,7 @@ class Config:
     unknown_env: tuple[str, ...] = field(default=(), metadata={"internal": True})
 
     def loader_settings(self) -> LoaderSettings:
-        return LoaderSettings(
-            read_mode=self.loader,
-            threads=self.loader_threads,
-            chunk_size=self.chunk_size,
-            ring_depth=self.ring_depth,
-            busy_chunk_size=self.busy_chunk_size,
-            engine=self.loader_engine,
-            gds=self.gds,
-            numa=self.numa,
-            share_cores=self.share_cores,
-            native_lib=self.native_lib,
-        )
+        return LoaderSettings(**{setting: getattr(self, key) for setting, key in LOADER_KEYS.items()})
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in keys()}
@@ -240,6 +242,10 @@ def load_config(
         if value is not None:
             values[name] = (value, f"flag {flag_name(name)}")
     cfg = Config(**{k: _coerce(fields[k], v, src) for k, (v, src) in values.items()})
+    try:
+        cfg.loader_settings()  # the loader's own checks, at start rather than at the first load
+    except HotweightsError as exc:
+        raise InvalidArgument(f"config: {exc.message}") from None
     cfg.socket = cfg.socket or socket_for(env)
     cfg.config = file or ""
     known = {env_name(n) for n in fields} | {env_name("config")} | CLIENT_ENV

@@ -96,9 +96,7 @@ class CpuBackend:
         self.threads = threads or min(16, (os.cpu_count() or 2) * 2)
         self._resident = 0
         self._lock = threading.Lock()
-
-    def describe(self) -> str:
-        return ""
+        self.note = ""
 
     def prepare(self) -> None:
         pass  # nothing to set up ahead: every fill reads straight into its memfd

@@ -205,6 +205,7 @@ class CudaBackend:
             )
         except BackendError as exc:
             self.gds_note = exc.message
+        self.note = self.gds_note
 
     # --- devices and admission ---
 
@@ -342,9 +343,6 @@ class CudaBackend:
             if ring is None:
                 ring = self._rings[device] = bounce.DeviceRing(device, self.settings)
             return ring
-
-    def describe(self) -> str:
-        return self.gds_note
 
     def prepare(self, devices: list[int] | None = None) -> None:
         """Allocates the pinned rings ahead of the first load (pinning is slow; do it off the clock)."""

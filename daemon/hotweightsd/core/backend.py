@@ -64,9 +64,8 @@ class MemoryBackend(Protocol):
     shared_device: bool
     # Bytes kept free on every device (host memory for the cpu backend); admission counts without them.
     reserve: int
-
-    def describe(self) -> str:
-        """One line on how this backend loads (e.g. which read path and why), shown by Status; may be ""."""
+    # One line on how this backend loads (which read path and why), shown by Status; may be "".
+    note: str
 
     def prepare(self) -> None:
         """Sets up what every load needs (e.g. pinned staging buffers) ahead of the first one.

@@ -98,7 +98,6 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         self.m = manager
         self.socket_path = socket_path
         self.fd_socket = fd_socket
-        self.backend_note = manager.backend.describe()
         self.restored = restored
         self.restore_note = restore_note
         self._background: set[asyncio.Future] = set()
@@ -202,7 +201,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             aliases=convert.aliases(self.m),
             resident_bytes=self.m.resident_bytes(),
             open_allocations=sum(len(r.allocations) for v in versions for r in v.ranks),
-            gds=self.backend_note,
+            gds=self.m.backend.note,
             restored=self.restored,
             restore_note=self.restore_note,
         )
