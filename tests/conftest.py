@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from support.daemons import short_tmpdir, start_daemon
+
+# No test reads the node's /etc/hotweights/config.toml: every daemon a test starts inherits this.
+os.environ["HOTWEIGHTS_CONFIG"] = "none"
 
 
 @pytest.fixture

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 SYSTEM_SOCKET = "/run/hotweights/hotweights.sock"
 
 
-def default_socket() -> str:
-    """``$HOTWEIGHTS_SOCKET``; else the systemd socket when it exists (or we are root);
-    else ``$XDG_RUNTIME_DIR/hotweights.sock``; else a per-user path under /tmp."""
-    env = os.environ.get("HOTWEIGHTS_SOCKET")
-    if env:
-        return env
+def socket_for(env: Mapping[str, str]) -> str:
+    """The socket by the shared rules, reading only ``env``: ``HOTWEIGHTS_SOCKET``; else the systemd
+    socket when it exists (or we are root); else ``$XDG_RUNTIME_DIR/hotweights.sock``; else a
+    per-user path under /tmp. The daemon passes the environment its config read."""
+    named = env.get("HOTWEIGHTS_SOCKET")
+    if named:
+        return named
     if os.path.exists(SYSTEM_SOCKET) or os.geteuid() == 0:
         return SYSTEM_SOCKET
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    runtime = env.get("XDG_RUNTIME_DIR")
     if runtime:
         return os.path.join(runtime, "hotweights.sock")
     return f"/tmp/hotweights-{os.getuid()}/hotweights.sock"
+
+
+def default_socket() -> str:
+    """The socket a client connects to when it names none: ``socket_for`` this process's environment."""
+    return socket_for(os.environ)

@@ -1,5 +1,5 @@
 import sys
 
-from hotweightsd.main import main
+from hotweightsd.cli import main
 
 sys.exit(main())

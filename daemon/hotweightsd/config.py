@@ -1,4 +1,10 @@
-"""Daemon configuration: defaults < TOML file < HOTWEIGHTS_* environment < command-line flags."""
+"""The daemon's configuration: defaults < TOML file < HOTWEIGHTS_* environment < command-line flags.
+
+This module is the daemon's only reader of the environment's HOTWEIGHTS_* variables (the service
+manager's own protocol variables are read by persist/systemd.py). Every key is a field of ``Config``
+with its type, default, allowed values and help in one place; the command line (``cli.py``) builds
+its flags from the same fields, and ``Config.loader_settings()`` hands the loader its part.
+"""
 
 from __future__ import annotations
 
@@ -10,102 +16,236 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hotweights.errors import InvalidArgument
-from hotweights.paths import default_socket
+from hotweights.errors import HotweightsError, InvalidArgument
+from hotweights.paths import socket_for
 from hotweights.units import parse_size
 from hotweightsd.loaders.settings import LoaderSettings
 
-DEFAULT_CONFIG = "/etc/hotweights/config.toml"
-_SIZE_KEYS = {"reserve", "memory_limit", "chunk_size", "busy_chunk_size"}
+# Read when neither --config nor HOTWEIGHTS_CONFIG names a file; tests point it elsewhere.
+SYSTEM_CONFIG = "/etc/hotweights/config.toml"
+# --config none / HOTWEIGHTS_CONFIG=none: read no file at all (what every test daemon passes).
+NO_CONFIG = "none"
+ENV_PREFIX = "HOTWEIGHTS_"
+DEFAULT_RESERVE = 2 * 2**30
+# LoaderSettings field -> the config key that sets it.
+LOADER_KEYS = {
+    "read_mode": "loader",
+    "threads": "loader_threads",
+    "chunk_size": "chunk_size",
+    "ring_depth": "ring_depth",
+    "busy_chunk_size": "busy_chunk_size",
+    "engine": "loader_engine",
+    "gds": "gds",
+    "share_cores": "share_cores",
+    "native_lib": "native_lib",
+}
+# Client-side variables: read by the client library and tools, not by the daemon's config.
+CLIENT_ENV = frozenset({"HOTWEIGHTS_DISABLE_CUDA", "HOTWEIGHTS_CUDA_WRITABLE"})
+
+
+def _key(
+    default: Any,
+    help: str,
+    *,
+    kind: str = "str",
+    choices: tuple[str, ...] = (),
+    aliases: Mapping[str, str] | None = None,
+    minimum: float | None = None,
+    flag: bool = True,
+    env: bool = True,
+    metavar: str = "",
+) -> Any:
+    meta = {
+        "help": help,
+        "kind": kind,
+        "choices": choices,
+        "aliases": dict(aliases or {}),
+        "minimum": minimum,
+        "flag": flag,
+        "env": env,
+        "metavar": metavar,
+    }
+    if isinstance(default, list):
+        return field(default_factory=list, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class Config:
-    socket: str = ""
-    backend: str = "auto"  # auto | cpu | cuda
-    reserve: int = 2 * 2**30  # bytes kept free per device (cpu: host memory)
-    memory_limit: int | None = None  # cpu backend: cap on resident bytes
-    loader_threads: int | None = None
-    loader: str = "auto"  # cuda bounce path: auto | pread | odirect | mmap
-    chunk_size: int | None = None  # cuda bounce path; None: the backend's measured default
-    ring_depth: int | None = None
-    busy_chunk_size: int | None = None  # read size while other GPUs load (fewer, larger reads)
-    loader_engine: str = "auto"  # cuda bounce path's loop: auto (native where built) | native | python
-    gds: str = "auto"  # auto | off | force
-    ticket_ttl: float = 30.0
-    verify: str = "fast"  # default LoadModel verify level when a manifest exists
-    log_format: str = "auto"  # auto | console | json
-    log_level: str = "info"
-    state_dir: str = ""  # where the fd-store state file lives; "" = beside the socket
-    preload: list[dict[str, Any]] = field(default_factory=list)
+    socket: str = _key("", "the daemon's gRPC socket; the fd channel is <socket>.fds", metavar="PATH")
+    backend: str = _key("auto", "memory kind; auto: cuda where a GPU is seen", choices=("auto", "cpu", "cuda"))
+    reserve: int = _key(
+        DEFAULT_RESERVE,
+        "memory kept free on every device (host memory for cpu) for the serving processes",
+        kind="size",
+        minimum=0,
+    )
+    memory_limit: int | None = _key(None, "cap on resident bytes per device (cpu: in all)", kind="size", minimum=1)
+    loader: str = _key("auto", "how the cuda loader reads files (auto: pread)", choices=("auto", "pread", "odirect"))
+    loader_threads: int | None = _key(
+        None, "reader threads per rank; default: the core count less 4, 4 to 16", kind="int", minimum=1
+    )
+    chunk_size: int | None = _key(None, "bytes per read of the cuda loader; default: measured", kind="size", minimum=1)
+    ring_depth: int | None = _key(None, "pinned buffers in flight per reader", kind="int", minimum=1)
+    busy_chunk_size: int | None = _key(
+        None, "bytes per read while other GPUs load at the same time", kind="size", minimum=1
+    )
+    loader_engine: str = _key(
+        "auto", "the cuda loader's loop; auto: native where it was built", choices=("auto", "native", "python")
+    )
+    gds: str = _key(
+        "auto",
+        "GPUDirect Storage: auto (where /dev/nvidia-fs* exists), off, on (or an error; alias force), "
+        "compat (cuFile's compatibility mode, a check of the path)",
+        choices=("auto", "off", "on", "compat"),
+        aliases={"force": "on"},
+    )
+    share_cores: bool = _key(True, "ranks loading at once split the cores between them", kind="bool")
+    native_lib: str = _key("", "the native loader library; default: the one built beside the package", metavar="PATH")
+    ticket_ttl: float = _key(30.0, "seconds a GetHandles ticket stays valid", kind="float", minimum=0.001)
+    verify: str = _key("fast", "default check of a load against its hotweights.json", choices=("none", "fast", "full"))
+    log_format: str = _key(
+        "auto", "auto: console on a terminal, JSON lines otherwise", choices=("auto", "console", "json")
+    )
+    log_level: str = _key("info", "lowest level logged", choices=("debug", "info", "warning", "error"))
+    state_dir: str = _key(
+        "", "directory of the restart state file <socket name>.state.json; default: the socket's", metavar="DIR"
+    )
+    preload: list[dict[str, Any]] = _key(
+        [],
+        "[[preload]] tables (name, path, version?, alias?, verify?) loaded at start",
+        kind="preload",
+        flag=False,
+        env=False,
+    )
+    # Where the values came from; not a key of the file.
+    config: str = field(default="", metadata={"internal": True})
+    unknown_env: tuple[str, ...] = field(default=(), metadata={"internal": True})
 
     def loader_settings(self) -> LoaderSettings:
-        return LoaderSettings(
-            read_mode=self.loader,
-            threads=self.loader_threads,
-            chunk_size=self.chunk_size,
-            ring_depth=self.ring_depth,
-            busy_chunk_size=self.busy_chunk_size,
-            engine=self.loader_engine,
-            gds=self.gds,
-        )
+        return LoaderSettings(**{setting: getattr(self, key) for setting, key in LOADER_KEYS.items()})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in keys()}
 
 
-def _coerce(key: str, value: Any, kind: type | str) -> Any:
+def keys() -> list[dataclasses.Field]:
+    """The configuration keys: every field but the internal ones."""
+    return [f for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """``value`` as the key's type, or InvalidArgument naming the key and where the value came from."""
+    meta = f.metadata
+    kind = meta["kind"]
+    where = f"{f.name} ({source})"
     if value is None:
         return None
-    if key in _SIZE_KEYS:
-        return parse_size(value)
-    if key == "preload":
+    if kind == "preload":
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise InvalidArgument("config: preload must be a list of tables ([[preload]] with name and path)")
+            raise InvalidArgument(f"config: {where} must be a list of tables ([[preload]] with name and path)")
         for v in value:
             if "name" not in v or "path" not in v:
-                raise InvalidArgument(f"config: each [[preload]] needs name and path, got {v}")
+                raise InvalidArgument(f"config: each [[preload]] needs name and path, got {v} ({source})")
         return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise InvalidArgument(f"config: {where} must be true or false, got {value!r}")
+    if isinstance(value, bool):  # TOML true where a number or word is expected
+        raise InvalidArgument(f"config: {where} must be a {kind}, got {value!r}")
     try:
-        if "int" in str(kind):
-            return int(value)
-        if "float" in str(kind):
-            return float(value)
+        if kind == "size":
+            out: Any = parse_size(value)
+        elif kind == "int":
+            if isinstance(value, float) or (isinstance(value, str) and not value.strip().lstrip("-").isdigit()):
+                raise ValueError(value)
+            out = int(value)
+        elif kind == "float":
+            out = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            out = value.strip()
+    except HotweightsError as exc:
+        raise InvalidArgument(f"config: {where}: {exc.message}") from None
     except (TypeError, ValueError):
-        raise InvalidArgument(f"config: {key} must be a number, got {value!r}") from None
-    return str(value)
+        what = {"size": "size such as 2GiB", "int": "whole number", "float": "number", "str": "string"}[kind]
+        raise InvalidArgument(f"config: {where} must be a {what}, got {value!r}") from None
+    if meta["minimum"] is not None and out < meta["minimum"]:
+        raise InvalidArgument(f"config: {where} must be at least {meta['minimum']:g}, got {value!r}")
+    if meta["choices"]:
+        out = meta["aliases"].get(out.lower(), out.lower())
+        if out not in meta["choices"]:
+            allowed = ", ".join(meta["choices"] + tuple(meta["aliases"]))
+            raise InvalidArgument(f"config: {where} must be one of {allowed}; got {value!r}")
+    return out
+
+
+def config_path(path: str | None, env: Mapping[str, str]) -> str | None:
+    """The file to read: ``path`` (a flag), else $HOTWEIGHTS_CONFIG, else the system file if it exists.
+
+    ``none`` as either means no file; None is returned for no file.
+    """
+    chosen = path or env.get(env_name("config")) or None
+    if chosen is not None:
+        return None if chosen.strip().lower() == NO_CONFIG else chosen
+    return SYSTEM_CONFIG if Path(SYSTEM_CONFIG).is_file() else None
 
 
 def load_config(
-    path: str | None = None, overrides: dict[str, Any] | None = None, env: Mapping[str, str] | None = None
+    path: str | None = None, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
 ) -> Config:
+    """Builds the config: defaults, then the file, then HOTWEIGHTS_* from ``env`` (default: the
+    process's), then ``overrides`` (the flags; None values are not given)."""
     env = os.environ if env is None else env
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    values: dict[str, Any] = {}
-    path = path or env.get("HOTWEIGHTS_CONFIG")
-    if path is None and Path(DEFAULT_CONFIG).is_file():
-        path = DEFAULT_CONFIG
-    if path:
+    fields = {f.name: f for f in keys()}
+    values: dict[str, tuple[Any, str]] = {}
+    file = config_path(path, env)
+    if file:
         try:
-            doc = tomllib.loads(Path(path).read_text())
+            doc = tomllib.loads(Path(file).read_text())
         except FileNotFoundError:
-            raise InvalidArgument(f"config file {path} does not exist") from None
+            raise InvalidArgument(f"config file {file} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"config file {file} cannot be read: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
-            raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from None
+            raise InvalidArgument(f"config file {file} is not valid TOML: {exc}") from None
         unknown = sorted(set(doc) - set(fields))
         if unknown:
-            raise InvalidArgument(f"config file {path}: unknown key(s) {unknown}; known: {sorted(fields)}")
-        values.update(doc)
-    for name in fields:
-        if name == "preload":
-            continue
-        key = f"HOTWEIGHTS_{name.upper()}"
-        if key in env:
-            values[name] = env[key]
+            raise InvalidArgument(f"config file {file}: unknown key(s) {unknown}; known: {sorted(fields)}")
+        values.update({k: (v, f"file {file}") for k, v in doc.items()})
+    for name, f in fields.items():
+        var = env_name(name)
+        if f.metadata["env"] and var in env:
+            values[name] = (env[var], f"env {var}")
     for name, value in (overrides or {}).items():
+        if name not in fields:
+            raise InvalidArgument(f"config: unknown key {name!r}; known: {sorted(fields)}")
         if value is not None:
-            values[name] = value
-    cfg = Config(**{k: _coerce(k, v, fields[k].type) for k, v in values.items()})
-    if cfg.backend not in ("auto", "cpu", "cuda"):
-        raise InvalidArgument(f"backend must be auto, cpu or cuda (got {cfg.backend!r})")
-    if cfg.verify not in ("none", "fast", "full"):
-        raise InvalidArgument(f"verify must be none, fast or full (got {cfg.verify!r})")
-    cfg.socket = cfg.socket or default_socket()
+            values[name] = (value, f"flag {flag_name(name)}")
+    cfg = Config(**{k: _coerce(fields[k], v, src) for k, (v, src) in values.items()})
+    try:
+        cfg.loader_settings()  # the loader's own checks, at start rather than at the first load
+    except HotweightsError as exc:
+        raise InvalidArgument(f"config: {exc.message}") from None
+    cfg.socket = cfg.socket or socket_for(env)
+    cfg.config = file or ""
+    known = {env_name(n) for n in fields} | {env_name("config")} | CLIENT_ENV
+    cfg.unknown_env = tuple(sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known))
     return cfg

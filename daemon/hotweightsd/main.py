@@ -1,4 +1,7 @@
-"""Running the daemon: own the socket, build the core, serve gRPC and the fd channel, stop cleanly."""
+"""Running the daemon: own the socket, build the core, serve gRPC and the fd channel, stop cleanly.
+
+The wiring only: ``cli.py`` turns flags into a ``Config`` and calls ``run``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import asyncio
 import os
 import signal
 import sys
-from pathlib import Path
 
 import grpc
 import structlog
@@ -16,11 +18,11 @@ from grpc_reflection.v1alpha import reflection
 from hotweights.errors import AlreadyExists, HotweightsError
 from hotweights.wire.pb import pb, pb_grpc
 from hotweightsd.backends import create_backend
-from hotweightsd.config import Config, load_config
+from hotweightsd.config import Config
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.logging import configure
 from hotweightsd.persist import systemd
-from hotweightsd.persist.fdstore import STATE_NAME, Persister, restore
+from hotweightsd.persist.fdstore import Persister, restore, state_path
 from hotweightsd.server.fdchannel import FdChannel
 from hotweightsd.server.service import HotweightsService, grpc_options
 from hotweightsd.server.sockets import SocketOwnership, born_with_mode, fd_socket_path
@@ -30,26 +32,21 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Hotweights"].full_name
 
 
 async def serve(cfg: Config) -> None:
+    if cfg.unknown_env:
+        log.warning("config.unknown_env", names=list(cfg.unknown_env), note="not configuration keys: ignored")
+    # The state file is read and written only while this daemon holds the socket's lock.
     ownership = SocketOwnership(cfg.socket)
     backend = create_backend(
         cfg.backend, reserve=cfg.reserve, memory_limit=cfg.memory_limit, loader=cfg.loader_settings()
     )
     manager = ModelManager(backend, ticket_ttl=cfg.ticket_ttl, default_verify=cfg.verify)
     fd_path = fd_socket_path(cfg.socket)
-    persister = Persister(
-        manager, Path(cfg.state_dir or os.path.dirname(cfg.socket)) / STATE_NAME, fdstore=systemd.fdstore_enabled()
-    )
+    persister = Persister(manager, state_path(cfg.socket, cfg.state_dir), cfg.socket, fdstore=systemd.fdstore_enabled())
     report = restore(manager, backend, persister, systemd.listen_fds())
+    persister.start()
     channel = FdChannel(fd_path, manager)
     server = grpc.aio.server(options=grpc_options())
-    service = HotweightsService(
-        manager,
-        cfg.socket,
-        fd_path,
-        gds_note=getattr(backend, "gds_note", ""),
-        restored=bool(report.restored),
-        restore_note=report.note,
-    )
+    service = HotweightsService(manager, cfg.socket, fd_path, restored=bool(report.restored), restore_note=report.note)
     pb_grpc.add_HotweightsServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -69,20 +66,20 @@ async def serve(cfg: Config) -> None:
     log.info(
         "daemon.serving",
         socket=cfg.socket,
+        config=cfg.config or "none",
+        state=str(persister.state_path),
         backend=backend.name,
         pid=os.getpid(),
-        devices=[d.name for d in backend.devices()],
+        devices=[d.name for d in await asyncio.to_thread(backend.devices)],
         restore=report.note,
     )
     # READY before any load: a cold preload must not count against the start timeout.
-    systemd.ready(f"serving on {cfg.socket}; {report.note or 'nothing to restore'}")
+    await asyncio.to_thread(systemd.ready, f"serving on {cfg.socket}; {report.note or 'nothing to restore'}")
     watchdog = asyncio.ensure_future(systemd.watchdog_loop(stop))
-    if hasattr(backend, "prepare"):
-        # pinning staging buffers costs more than a load's copies: do it now, off the first load's clock
-        prepare = asyncio.ensure_future(asyncio.to_thread(backend.prepare))
-        prepare.add_done_callback(_log_failure("backend.prepare_failed"))
+    # pinning staging buffers costs more than a load's copies: do it now, off the first load's clock
+    prepare = asyncio.ensure_future(asyncio.to_thread(backend.prepare))
+    prepare.add_done_callback(_log_failure("backend.prepare_failed"))
     try:
-        persister.save()
         await _load_all(manager, report.to_reload, "reload")
         await _load_all(
             manager,
@@ -92,12 +89,13 @@ async def serve(cfg: Config) -> None:
         await stop.wait()
     finally:
         log.info("daemon.stopping")
-        systemd.stopping()
+        await asyncio.to_thread(systemd.stopping)
         watchdog.cancel()
-        persister.close()
+        await asyncio.to_thread(persister.close)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)
-        channel.stop()
+        service.close()
+        await asyncio.to_thread(channel.stop)
         await asyncio.to_thread(manager.close)
         try:
             os.unlink(cfg.socket)
@@ -123,7 +121,7 @@ async def _load_all(manager: ModelManager, items: list[dict], what: str) -> None
                 manager.load, item["name"], item["path"], version=item.get("version"), verify=item.get("verify")
             )
             for alias in item.get("aliases", ()):
-                manager.set_alias(alias, mv.key)
+                await asyncio.to_thread(manager.set_alias, alias, mv.key)
             log.info(f"{what}.done", model=mv.key, path=item["path"])
         except AlreadyExists:
             pass  # restored or reloaded already
@@ -141,12 +139,7 @@ def run(cfg: Config) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``hotweightsd``: the same as ``hotweights serve``."""
-    from hotweights.cli import main as cli_main
-
-    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(run(load_config()))
+    # Flags would be ignored here: the entry points are `hotweightsd` and `python -m hotweightsd`.
+    print("run the daemon with `hotweights serve`, `hotweightsd` or `python -m hotweightsd`", file=sys.stderr)
+    sys.exit(2)

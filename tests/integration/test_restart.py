@@ -144,7 +144,7 @@ def _start_and_load(svc, tmp_path) -> str:
 
 def test_corrupted_state_file_is_refused_and_nothing_is_served(svc, tmp_path):
     sock = _start_and_load(svc, tmp_path)
-    state = Path(sock).parent / "hotweights-state.json"
+    state = Path(sock + ".state.json")  # the state file is the socket's: <socket>.state.json
     data = bytearray(state.read_bytes())
     i = data.index(b'"m"')
     data[i + 1] = ord("X")
@@ -153,7 +153,7 @@ def test_corrupted_state_file_is_refused_and_nothing_is_served(svc, tmp_path):
     svc.wait_for("READY", "1")
     st = _as_daemon(svc, sock).status()
     assert st["versions"] == [] and st["restored"] is False
-    assert "is corrupted" in st["restore_note"] and "hotweights-state.json" in st["restore_note"]
+    assert "is corrupted" in st["restore_note"] and "hw.sock.state.json" in st["restore_note"]
     assert svc.stored_fds == {}  # the unusable fds were dropped from the store
     assert svc.stop() == 0
 

@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+import subprocess
+import sys
+
 import pytest
 
 from hotweights import errors
 from hotweights.units import format_size, parse_size
-from hotweightsd.config import load_config
+from hotweightsd import cli, config
+from hotweightsd.config import Config, env_name, flag_name, keys, load_config
+from hotweightsd.loaders.settings import LoaderSettings
 
 
 def test_sizes():
@@ -40,7 +47,7 @@ def test_bad_config_is_named(tmp_path):
     with pytest.raises(errors.InvalidArgument, match=r"unknown key\(s\) \['sockett'\]"):
         load_config(str(bad), env={})
     bad.write_text("backend = 'tpu'\n")
-    with pytest.raises(errors.InvalidArgument, match="backend must be auto, cpu or cuda"):
+    with pytest.raises(errors.InvalidArgument, match=r"backend \(file .*bad.toml\) must be one of auto, cpu, cuda"):
         load_config(str(bad), env={})
     with pytest.raises(errors.InvalidArgument, match="does not exist"):
         load_config(str(tmp_path / "missing.toml"), env={})
@@ -56,6 +63,166 @@ def test_socket_default_rules(monkeypatch):
     monkeypatch.setattr(paths.os.path, "exists", lambda p: False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
     assert paths.default_socket() == "/run/user/1000/hotweights.sock"
+    # the daemon's config hands the rules its own environment, not the process's
+    assert paths.socket_for({"XDG_RUNTIME_DIR": "/run/user/7"}) == "/run/user/7/hotweights.sock"
+    assert load_config("none", env={"XDG_RUNTIME_DIR": "/run/user/7"}).socket == "/run/user/7/hotweights.sock"
+
+
+# ---- one typed config ------------------------------------------------------------------------
+
+
+def test_every_key_is_a_flag_of_serve_but_preload():
+    options = {o for a in cli.parser()._actions for o in a.option_strings}
+    flagged = {f.name for f in keys() if flag_name(f.name) in options}
+    assert flagged == {f.name for f in keys()} - {"preload"}
+    assert {"--config", "--print-config", "-s"} <= options
+    # booleans both ways
+    assert {"--no-share-cores"} <= options
+
+
+def test_each_layer_overrides_the_one_below_for_every_kind_of_key(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('gds = "off"\nshare_cores = false\nticket_ttl = 5\nchunk_size = "8MiB"\nring_depth = 3\n')
+    env = {"HOTWEIGHTS_GDS": "compat", "HOTWEIGHTS_SHARE_CORES": "yes", "HOTWEIGHTS_CHUNK_SIZE": "16MiB"}
+    assert Config().share_cores is True and Config().gds == "auto"
+    cfg = load_config(str(f), env={})
+    assert (cfg.gds, cfg.share_cores, cfg.ticket_ttl, cfg.chunk_size, cfg.ring_depth) == (
+        "off",
+        False,
+        5.0,
+        8 * 2**20,
+        3,
+    )
+    cfg = load_config(str(f), env=env)
+    assert (cfg.gds, cfg.share_cores, cfg.chunk_size, cfg.ring_depth) == ("compat", True, 16 * 2**20, 3)
+    cfg = load_config(str(f), {"gds": "force", "share_cores": False, "chunk_size": "1MiB"}, env=env)
+    assert (cfg.gds, cfg.share_cores, cfg.chunk_size) == ("on", False, 2**20)  # force is on's alias
+    assert cfg.config == str(f)
+
+
+def test_flags_reach_the_config_through_the_command_line():
+    r = subprocess.run(
+        [sys.executable, "-m", "hotweightsd", "--config", "none", "--print-config", "-s", "/tmp/x.sock"]
+        + ["--reserve", "1GiB", "--no-share-cores", "--loader", "odirect", "--state-dir", "/tmp/st"],
+        capture_output=True,
+        text=True,
+        env={"HOTWEIGHTS_LOADER_THREADS": "6", "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)},
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["socket"] == "/tmp/x.sock" and doc["reserve"] == 2**30 and doc["share_cores"] is False
+    assert doc["loader"] == "odirect" and doc["state_dir"] == "/tmp/st" and doc["loader_threads"] == 6
+    assert doc["config"] == ""
+
+
+def test_errors_name_the_key_and_where_the_value_came_from(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('reserve = "lots"\n')
+    with pytest.raises(errors.InvalidArgument, match=r"reserve \(file .*c.toml\): cannot read 'lots'"):
+        load_config(str(f), env={})
+    with pytest.raises(errors.InvalidArgument, match=r"reserve \(env HOTWEIGHTS_RESERVE\)"):
+        load_config("none", env={"HOTWEIGHTS_RESERVE": "lots"})
+    with pytest.raises(errors.InvalidArgument, match=r"reserve \(flag --reserve\)"):
+        load_config("none", {"reserve": "lots"}, env={})
+    with pytest.raises(
+        errors.InvalidArgument, match=r"loader \(env HOTWEIGHTS_LOADER\) must be one of auto, pread, odirect"
+    ):
+        load_config("none", env={"HOTWEIGHTS_LOADER": "mmap"})  # mmap mode is gone
+    with pytest.raises(errors.InvalidArgument, match=r"loader_threads \(flag --loader-threads\) must be at least 1"):
+        load_config("none", {"loader_threads": "0"}, env={})
+    with pytest.raises(
+        errors.InvalidArgument, match=r"ring_depth \(env HOTWEIGHTS_RING_DEPTH\) must be a whole number"
+    ):
+        load_config("none", env={"HOTWEIGHTS_RING_DEPTH": "2.5"})
+    with pytest.raises(
+        errors.InvalidArgument, match=r"share_cores \(env HOTWEIGHTS_SHARE_CORES\) must be true or false"
+    ):
+        load_config("none", env={"HOTWEIGHTS_SHARE_CORES": "maybe"})
+    f.write_text("log_level = true\n")
+    with pytest.raises(errors.InvalidArgument, match=r"log_level \(file .*\) must be a str"):
+        load_config(str(f), env={})
+
+
+def test_the_command_line_reports_a_bad_value_and_exits_2():
+    r = subprocess.run(
+        [sys.executable, "-m", "hotweights", "serve", "--config", "none", "--gds", "sometimes"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert "gds (flag --gds) must be one of auto, off, on, compat, force; got 'sometimes'" in r.stderr
+
+
+def test_the_loader_gets_every_setting_it_has_from_the_config():
+    # a setting the loader drops must leave the config too, and the reverse
+    assert set(config.LOADER_KEYS) == {f.name for f in dataclasses.fields(LoaderSettings)}
+    assert set(config.LOADER_KEYS.values()) <= {f.name for f in keys()}
+    flags = {
+        "loader": "odirect",
+        "loader_threads": 3,
+        "chunk_size": "2MiB",
+        "ring_depth": 5,
+        "busy_chunk_size": "32MiB",
+        "loader_engine": "python",
+        "gds": "off",
+        "share_cores": False,
+        "native_lib": "/opt/hw/lib.so",
+    }
+    cfg = load_config("none", {k: v for k, v in flags.items() if k in config.LOADER_KEYS.values()}, env={})
+    got, default = cfg.loader_settings(), LoaderSettings()
+    for setting, key in config.LOADER_KEYS.items():
+        assert getattr(got, setting) == getattr(cfg, key) != getattr(default, setting), setting
+
+
+def test_unknown_hotweights_variables_are_reported_not_read():
+    cfg = load_config("none", env={"HOTWEIGHTS_CUDA_READ_MODE": "odirect", "HOTWEIGHTS_DISABLE_CUDA": "1"})
+    assert cfg.unknown_env == ("HOTWEIGHTS_CUDA_READ_MODE",)  # client-side variables are not the daemon's
+    assert cfg.loader == "auto"
+
+
+def test_every_key_is_read_from_its_environment_variable():
+    sample = {"size": "3MiB", "int": "7", "float": "1.5", "bool": "0", "str": "/x"}
+    env = {}
+    for f in keys():
+        if f.name != "preload":
+            meta = f.metadata
+            env[env_name(f.name)] = meta["choices"][-1] if meta["choices"] else sample[meta["kind"]]
+    cfg = load_config("none", env=env)
+    assert cfg.unknown_env == ()
+    unchanged = [f.name for f in keys() if f.name != "preload" and getattr(cfg, f.name) == getattr(Config(), f.name)]
+    assert unchanged == []
+
+
+# ---- the system config file ------------------------------------------------------------------
+
+
+def test_the_system_file_is_read_only_when_nothing_else_is_said(tmp_path, monkeypatch):
+    poison = tmp_path / "system.toml"
+    poison.write_text("poisoned_by_test = true\n")
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", str(poison))
+    # the control: with nothing said, the system file is read (and its unknown key refused)
+    with pytest.raises(errors.InvalidArgument, match="poisoned_by_test"):
+        load_config(env={})
+    # what tests and the harness say: no file at all
+    assert load_config("none", env={}).config == ""
+    assert load_config(env={"HOTWEIGHTS_CONFIG": "none"}).config == ""
+    assert load_config(env={"HOTWEIGHTS_CONFIG": "NONE"}).config == ""
+    own = tmp_path / "own.toml"
+    own.write_text('backend = "cpu"\n')
+    assert load_config(env={"HOTWEIGHTS_CONFIG": str(own)}).config == str(own)
+    assert load_config(str(own), env={"HOTWEIGHTS_CONFIG": "none"}).backend == "cpu"  # the flag wins
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", str(tmp_path / "absent.toml"))
+    assert load_config(env={}).config == ""
+
+
+def test_the_reserve_default_is_defined_once():
+    import inspect
+
+    from hotweightsd.backends import create_backend
+
+    assert Config().reserve == config.DEFAULT_RESERVE == 2 * 2**30
+    # the backends take it from the config: create_backend has no default of its own
+    assert inspect.signature(create_backend).parameters["reserve"].default is inspect.Parameter.empty
 
 
 def test_backend_stdlib_logs_render_like_the_daemons():

@@ -48,35 +48,15 @@ def as_dict(msg) -> dict:
     return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-@app.command()
-def serve(
-    socket: str | None = SocketOpt,
-    backend: str | None = typer.Option(None, help="auto | cpu | cuda"),
-    config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file"),
-    reserve: str | None = typer.Option(None, help="memory kept free per device, e.g. 2GB"),
-    memory_limit: str | None = typer.Option(None, help="cpu backend: cap on resident bytes"),
-    loader_threads: int | None = typer.Option(None, help="reader threads per rank"),
-    log_format: str | None = typer.Option(None, help="auto | console | json"),
-) -> None:
-    """Run the daemon in the foreground (systemd runs this)."""
-    from hotweightsd.config import load_config
-    from hotweightsd.main import run
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Run the daemon in the foreground (systemd runs this); `hotweights serve --help` lists its flags."""
+    from hotweightsd.cli import main as serve_main
 
-    try:
-        cfg = load_config(
-            str(config) if config else None,
-            {
-                "socket": socket,
-                "backend": backend,
-                "reserve": reserve,
-                "memory_limit": memory_limit,
-                "loader_threads": loader_threads,
-                "log_format": log_format,
-            },
-        )
-    except errors.HotweightsError as exc:
-        fail(exc)
-    raise typer.Exit(run(cfg))
+    raise typer.Exit(serve_main(ctx.args))
 
 
 class _Progress:

@@ -119,8 +119,8 @@ def run_demo(workdir: Path, size_mb: int = 256) -> int:
             "serve",
             "--socket",
             sock,
-            "--backend",
-            os.environ.get("HOTWEIGHTS_BACKEND", "auto"),
+            "--config",  # the node's own config (its preloads, its socket) is not the demo's
+            "none",
             "--log-format",
             "json",
         ],

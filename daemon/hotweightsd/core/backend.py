@@ -40,6 +40,9 @@ class Allocation(Protocol):
     device: int
     size: int
     handle_type: HandleType
+    # The device's PCI bus id ("0000:3b:00.0"), which clients match to their own device numbering;
+    # "" for host memory.
+    device_bus_id: str
 
     def export_fd(self) -> int:
         """A new file descriptor for this allocation; the caller owns and closes it."""
@@ -57,6 +60,19 @@ ProgressFn = Callable[[int], None]
 @runtime_checkable
 class MemoryBackend(Protocol):
     name: str
+    # Every rank lives on one device (host memory): ranks are not spread over devices.
+    shared_device: bool
+    # Bytes kept free on every device (host memory for the cpu backend); admission counts without them.
+    reserve: int
+    # One line on how this backend loads (which read path and why), shown by Status; may be "".
+    note: str
+
+    def prepare(self) -> None:
+        """Sets up what every load needs (e.g. pinned staging buffers) ahead of the first one.
+
+        The daemon calls it once, in a worker thread, after it is serving; a failure is logged and the
+        first load pays for the set-up instead.
+        """
 
     def devices(self) -> list[DeviceMemory]:
         """Every device this backend places ranks on, with live free memory."""

@@ -40,16 +40,24 @@ Subscriber = Callable[[Event], None]
 
 
 class EventBus:
-    """Delivers each event to every subscriber, in order, on the publishing thread.
+    """Fans events out to subscribers in the order the registry decided them.
 
-    Subscribers must not block: the servicer's hand the event to an asyncio loop and return.
+    The registry stamps an event (gives it its sequence number) while it holds its lock, so the
+    numbers follow the order of the state changes; it delivers the event after releasing the lock.
+    Delivery is in sequence order: an event stamped later waits until every earlier one has been
+    delivered, whichever thread delivers it. Subscribers run on the delivering thread and must not
+    block: the servicer's bridges hand the event to an asyncio loop, the persister puts it on its
+    own queue, and both return at once. An event that is stamped must be delivered.
     """
 
     def __init__(self) -> None:
         self._subs: dict[int, Subscriber] = {}
         self._ids = itertools.count(1)
-        self._seq = itertools.count(1)
         self._lock = threading.Lock()
+        self._stamped = 0
+        self._next = 1  # the sequence number delivered next
+        self._waiting: dict[int, Event] = {}
+        self._delivering = False
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         with self._lock:
@@ -62,13 +70,34 @@ class EventBus:
 
         return unsubscribe
 
-    def publish(self, kind: EventKind, name: str, **fields: str) -> Event:
+    def stamp(self, kind: EventKind, name: str, **fields: str) -> Event:
+        """The event with its sequence number; the caller must ``deliver`` it."""
         with self._lock:
-            event = Event(kind, name, seq=next(self._seq), **fields)  # type: ignore[arg-type]
-            subs = list(self._subs.values())
-        for fn in subs:
-            try:
-                fn(event)
-            except Exception as exc:  # one broken subscriber must not stop the others or the publisher
-                log.error("event.subscriber_failed", event=kind.value, error=f"{type(exc).__name__}: {exc}")
+            self._stamped += 1
+            return Event(kind, name, seq=self._stamped, **fields)  # type: ignore[arg-type]
+
+    def deliver(self, event: Event) -> None:
+        with self._lock:
+            self._waiting[event.seq] = event
+            if self._delivering:
+                return  # the thread delivering now takes this one too, in its turn
+            self._delivering = True
+        while True:
+            with self._lock:
+                ev = self._waiting.pop(self._next, None)
+                if ev is None:
+                    self._delivering = False
+                    return
+                self._next += 1
+                subs = list(self._subs.values())
+            for fn in subs:
+                try:
+                    fn(ev)
+                except Exception as exc:  # one broken subscriber must not stop the others or the publisher
+                    log.error("event.subscriber_failed", event=ev.kind.value, error=f"{type(exc).__name__}: {exc}")
+
+    def publish(self, kind: EventKind, name: str, **fields: str) -> Event:
+        """Stamps and delivers at once: for events no lock orders."""
+        event = self.stamp(kind, name, **fields)
+        self.deliver(event)
         return event

@@ -1,7 +1,10 @@
 """The model manager: loads, leases, handles, aliases, swaps and frees, over one MemoryBackend.
 
-Every public method is synchronous and thread-safe; the servicer runs the blocking ones in
-worker threads. Guarantees:
+Every public method is synchronous and thread-safe; the servicer runs them in worker threads,
+never on its event loop. State changes under one registry lock, effects after it: a method decides
+under the lock which allocations to free and which events to publish (an ``_Effects`` list), and
+carries them out once the lock is released, so a slow GPU free or a subscriber never stalls
+another caller. Guarantees:
 - memory a live lease points at is never freed by the daemon (``force`` only drops the daemon's
   reference; a client's mapping keeps its pages alive);
 - a load that would not fit is refused before any file is read;
@@ -13,9 +16,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import structlog
 
@@ -50,6 +56,32 @@ class Handles:
     ttl: float
 
 
+class _Effects:
+    """What a decision taken under the registry lock leaves to do once the lock is released, in order."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+        self._todo: list[Callable[[], Any]] = []
+
+    def free(self, allocations: Iterable[Allocation]) -> None:
+        self._todo.extend(a.close for a in allocations)
+
+    def publish(self, kind: EventKind, name: str, **fields: str) -> None:
+        # stamped now, under the lock, so that watchers see events in the order of the changes
+        self._todo.append(partial(self._bus.deliver, self._bus.stamp(kind, name, **fields)))
+
+    def log(self, level: str, event: str, **kw: Any) -> None:
+        self._todo.append(partial(getattr(log, level), event, **kw))
+
+    def run(self) -> None:
+        for fn in self._todo:
+            try:
+                fn()
+            except Exception as exc:  # a failed free must not keep the events behind it from going out
+                log.error("effect.failed", effect=getattr(fn, "__qualname__", repr(fn)), error=f"{exc}")
+        self._todo.clear()
+
+
 class ModelManager:
     def __init__(self, backend: MemoryBackend, ticket_ttl: float = 30.0, default_verify: str = "fast") -> None:
         self.backend = backend
@@ -64,6 +96,29 @@ class ModelManager:
         self._admit_lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._closed = False
+        self._local = threading.local()
+
+    @contextmanager
+    def _txn(self) -> Iterator[_Effects]:
+        """Holds the registry lock for a decision; runs the effects it queued once the lock is released.
+
+        Nested in another on the same thread, it shares the outer one's effects (run at its end).
+        """
+        outer: _Effects | None = getattr(self._local, "effects", None)
+        if outer is not None:
+            with self._lock:
+                yield outer
+            return
+        fx = _Effects(self.events)
+        try:
+            with self._lock:
+                self._local.effects = fx
+                try:
+                    yield fx
+                finally:
+                    self._local.effects = None
+        finally:
+            fx.run()
 
     # ---- reading state -------------------------------------------------------------------
 
@@ -180,11 +235,13 @@ class ModelManager:
                 self._admit(mv, layouts, devices)
                 self._allocate(mv, layouts, devices)
         except BaseException as exc:
-            self._fail(mv, exc, publish=False)
-            with self._lock:
-                self._versions.pop(mv.key, None)
+            with self._txn() as fx:
+                self._fail(mv, exc, fx, publish=False)
+                if self._versions.get(mv.key) is mv:
+                    del self._versions[mv.key]
             raise
-        self.events.publish(EventKind.VERSION_ADDED, name, version=version, message=str(ckpt.path))
+        with self._txn() as fx:
+            fx.publish(EventKind.VERSION_ADDED, name, version=version, message=str(ckpt.path))
         log.info(
             "load.admitted",
             model=mv.key,
@@ -224,7 +281,7 @@ class ModelManager:
             if bad:
                 raise InvalidArgument(f"device map names device(s) {bad}; this node has {count}")
             return device_map
-        if getattr(self.backend, "shared_device", False):
+        if self.backend.shared_device:
             return [0] * world
         if world > count:
             raise InsufficientMemory(
@@ -241,7 +298,7 @@ class ModelManager:
         free = {d.index: d.free for d in self.backend.devices()}
         for dev, n in sorted(need.items()):
             if n > free.get(dev, 0):
-                where = "host memory" if getattr(self.backend, "shared_device", False) else f"device {dev}"
+                where = "host memory" if self.backend.shared_device else f"device {dev}"
                 raise InsufficientMemory(
                     f"{mv.key} does not fit on {where}: needs {n} bytes ({_gib(n)}), {free.get(dev, 0)} free "
                     f"({_gib(free.get(dev, 0))}) after the reserve",
@@ -251,16 +308,12 @@ class ModelManager:
                 )
 
     def _allocate(self, mv: ModelVersion, layouts: list[RankLayout], devices: list[int]) -> None:
+        """Allocates every rank; on failure what was allocated stays on ``mv`` for ``_fail`` to free."""
         for lay, dev in zip(layouts, devices):
-            allocs: list[Allocation] = []
-            try:
-                for size in lay.allocation_sizes:
-                    allocs.append(self.backend.allocate(dev, size, mv.mode))
-            except BaseException:
-                for a in allocs:
-                    a.close()
-                raise
-            mv.ranks.append(ResidentRank(lay.rank, dev, lay, allocs))
+            resident = ResidentRank(lay.rank, dev, lay, [])
+            mv.ranks.append(resident)
+            for size in lay.allocation_sizes:
+                resident.allocations.append(self.backend.allocate(dev, size, mv.mode))
 
     def _fill(self, mv: ModelVersion, alias: str | None) -> ModelVersion:
         t0 = time.perf_counter()
@@ -286,37 +339,46 @@ class ModelManager:
                         mv.cancel.set()
                         raise
         except BaseException as exc:
-            self._fail(mv, exc)
+            with self._txn() as fx:
+                self._fail(mv, exc, fx)
             raise
         mv.load_seconds = time.perf_counter() - t0
         mv.load_path = "; ".join(sorted(set(paths)))
-        with self._lock:
+        with self._txn() as fx:
             if mv.cancel.is_set():
-                self._fail(mv, Unavailable(f"{mv.key} was unloaded while loading"))
+                self._fail(mv, Unavailable(f"{mv.key} was unloaded while loading"), fx)
                 raise Unavailable(f"{mv.key} was unloaded while loading")
             mv.state = State.READY
             self._changed.notify_all()
-        rate = mv.bytes_total / mv.load_seconds / 1e9 if mv.load_seconds else 0.0
-        log.info("load.ready", model=mv.key, seconds=round(mv.load_seconds, 3), gbps=round(rate, 2), path=mv.load_path)
-        self.events.publish(EventKind.VERSION_READY, mv.name, version=mv.version, message=mv.load_path)
+            rate = mv.bytes_total / mv.load_seconds / 1e9 if mv.load_seconds else 0.0
+            fx.log(
+                "info",
+                "load.ready",
+                model=mv.key,
+                seconds=round(mv.load_seconds, 3),
+                gbps=round(rate, 2),
+                path=mv.load_path,
+            )
+            fx.publish(EventKind.VERSION_READY, mv.name, version=mv.version, message=mv.load_path)
         if alias:
             self.set_alias(alias, mv.key)
         return mv
 
-    def _fail(self, mv: ModelVersion, exc: BaseException, publish: bool = True) -> None:
-        with self._lock:
-            self._free_memory(mv)
-            mv.state = State.FAILED
-            mv.error = str(exc) if isinstance(exc, HotweightsError) else f"{type(exc).__name__}: {exc}"
-            self._changed.notify_all()
-        log.warning("load.failed", model=mv.key, error=mv.error)
+    def _fail(self, mv: ModelVersion, exc: BaseException, fx: _Effects, publish: bool = True) -> None:
+        """Marks ``mv`` FAILED and queues its memory to be freed (lock held)."""
+        self._free_memory(mv, fx)
+        mv.state = State.FAILED
+        mv.error = str(exc) if isinstance(exc, HotweightsError) else f"{type(exc).__name__}: {exc}"
+        self._changed.notify_all()
+        fx.log("warning", "load.failed", model=mv.key, error=mv.error)
         if publish:
-            self.events.publish(EventKind.VERSION_FAILED, mv.name, version=mv.version, message=mv.error)
+            fx.publish(EventKind.VERSION_FAILED, mv.name, version=mv.version, message=mv.error)
 
     # ---- unloading and freeing ------------------------------------------------------------
 
     def unload(self, ref: str, force: bool = False) -> tuple[list[str], int]:
-        with self._lock:
+        """Frees NAME (every version) or NAME@VERSION; returns once the memory is freed."""
+        with self._txn() as fx:
             targets = self._unload_targets(ref)
             for mv in targets:
                 aliases = self.aliases_of(mv.key)
@@ -338,9 +400,9 @@ class ModelManager:
             for mv in targets:
                 for a in self.aliases_of(mv.key):
                     del self._aliases[a]
-                    self.events.publish(EventKind.ALIAS_REMOVED, mv.name, version=mv.version, alias=a)
+                    fx.publish(EventKind.ALIAS_REMOVED, mv.name, version=mv.version, alias=a)
                 total += mv.resident_bytes
-                self._drop(mv)
+                self._drop(mv, fx)
                 freed.append(mv.key)
         return freed, total
 
@@ -357,33 +419,32 @@ class ModelManager:
             raise NotFound(f"no model named {name!r} is loaded", ref=ref)
         return targets
 
-    def _drop(self, mv: ModelVersion) -> None:
-        """Frees a version's memory and removes it from the registry (lock held)."""
-        self._stop_or_free(mv)
+    def _drop(self, mv: ModelVersion, fx: _Effects) -> None:
+        """Removes a version from the registry and queues its memory to be freed (lock held)."""
+        self._stop_or_free(mv, fx)
         mv.state = State.UNLOADING
         self._versions.pop(mv.key, None)
         self._changed.notify_all()
-        log.info("version.freed", model=mv.key)
-        self.events.publish(EventKind.VERSION_FREED, mv.name, version=mv.version)
+        fx.log("info", "version.freed", model=mv.key)
+        fx.publish(EventKind.VERSION_FREED, mv.name, version=mv.version)
 
-    def _stop_or_free(self, mv: ModelVersion) -> None:
+    def _stop_or_free(self, mv: ModelVersion, fx: _Effects) -> None:
         """A loading version is cancelled and its loader frees the memory once its readers have
         stopped (freeing under in-flight copies would let them write into released memory);
-        any other version's memory is freed now."""
+        any other version's memory is queued to be freed."""
         if mv.state is State.LOADING:
             mv.cancel.set()
         else:
-            self._free_memory(mv)
+            self._free_memory(mv, fx)
 
-    def _free_memory(self, mv: ModelVersion) -> None:
-        for r in mv.ranks:
-            for a in r.allocations:
-                a.close()
+    def _free_memory(self, mv: ModelVersion, fx: _Effects) -> None:
+        # Out of the registry at once (nothing serves it any more), freed once the lock is released.
+        fx.free(a for r in mv.ranks for a in r.allocations)
         mv.ranks = []
 
-    def _maybe_retire(self, mv: ModelVersion) -> None:
+    def _maybe_retire(self, mv: ModelVersion, fx: _Effects) -> None:
         if mv.retire and not mv.leases and not self.aliases_of(mv.key) and mv.key in self._versions:
-            self._drop(mv)
+            self._drop(mv, fx)
 
     # ---- leases and handles ---------------------------------------------------------------
 
@@ -398,17 +459,18 @@ class ModelManager:
         return lease
 
     def close_lease(self, lease_id: str) -> None:
-        with self._lock:
+        """Ends a lease; a retired version it was the last to hold is freed before this returns."""
+        with self._txn() as fx:
             lease = self._leases.pop(lease_id, None)
             if lease is None:
                 return
             self.tickets.drop_lease(lease_id)
+            fx.log("info", "lease.closed", lease=lease_id, model=f"{lease.name}@{lease.version}")
             mv = self._versions.get(f"{lease.name}@{lease.version}")
             if mv is not None:
                 mv.leases.discard(lease_id)
-                self._maybe_retire(mv)
+                self._maybe_retire(mv, fx)
             self._changed.notify_all()
-        log.info("lease.closed", lease=lease_id, model=f"{lease.name}@{lease.version}")
 
     def note_peer(self, lease_id: str, pid: int, uid: int) -> None:
         """Records the kernel-verified credentials of the process that fetched a lease's fds."""
@@ -450,12 +512,33 @@ class ModelManager:
                 raise
         return lease, fds
 
+    def export_fds(self, key: str) -> list[tuple[int, int, int]]:
+        """New fds of a READY fd-mode version's allocations, as (rank, index, fd); [] when it is gone.
+
+        Exported under the lock, like ``redeem``'s, so that no free can run between the check and the export.
+        The caller owns and closes the fds.
+        """
+        out: list[tuple[int, int, int]] = []
+        with self._lock:
+            mv = self._versions.get(key)
+            if mv is None or mv.state is not State.READY or mv.freed or mv.mode is not AllocationMode.FD:
+                return out
+            try:
+                for r in mv.ranks:
+                    for i, a in enumerate(r.allocations):
+                        out.append((r.rank, i, a.export_fd()))
+            except BaseException:
+                for *_, fd in out:
+                    os.close(fd)
+                raise
+        return out
+
     # ---- aliases and swaps ----------------------------------------------------------------
 
     def set_alias(self, alias: str, target: str) -> tuple[str, str]:
         """Points ``alias`` at ``NAME@VERSION`` (READY); returns (old key or "", new key)."""
         check_name("alias", alias)
-        with self._lock:
+        with self._txn() as fx:
             if any(v.name == alias for v in self._versions.values()):
                 raise InvalidArgument(f"{alias!r} is a model name; aliases and model names must differ")
             name, version = split_ref(target)
@@ -472,42 +555,42 @@ class ModelManager:
             old = self._aliases.get(alias, "")
             self._aliases[alias] = mv.key
             mv.retire = False
-        old_version = old.partition("@")[2] if old else ""
-        self.events.publish(EventKind.ALIAS_MOVED, mv.name, version=mv.version, alias=alias, old_version=old_version)
-        log.info("alias.moved", alias=alias, old=old, new=mv.key)
+            old_version = old.partition("@")[2] if old else ""
+            fx.publish(EventKind.ALIAS_MOVED, mv.name, version=mv.version, alias=alias, old_version=old_version)
+            fx.log("info", "alias.moved", alias=alias, old=old, new=mv.key)
         return old, mv.key
 
     def remove_alias(self, alias: str) -> str:
-        with self._lock:
+        with self._txn() as fx:
             key = self._aliases.pop(alias, None)
             if key is None:
                 raise NotFound(f"no alias named {alias!r}", alias=alias)
             name, _, version = key.partition("@")
-        self.events.publish(EventKind.ALIAS_REMOVED, name, version=version, alias=alias)
+            fx.publish(EventKind.ALIAS_REMOVED, name, version=version, alias=alias)
         return key
 
     def retire(self, key: str) -> None:
         """Marks a version to be freed when its last lease ends (now, if none)."""
-        with self._lock:
+        with self._txn() as fx:
             mv = self._versions.get(key)
             if mv is not None:
                 mv.retire = True
-                self._maybe_retire(mv)
+                self._maybe_retire(mv, fx)
 
     def drain(self, mv: ModelVersion, timeout: float) -> None:
         """Marks ``mv`` DRAINING, waits for its leases to end, then frees it.
 
         On timeout the version goes back to READY and DeadlineExceeded is raised: nothing changed.
         """
-        with self._lock:
+        with self._txn() as fx:
             if mv.state is not State.READY:
                 raise FailedPrecondition(f"{mv.key} is {mv.state.value}; only a READY version can drain")
             mv.state = State.DRAINING
-        self.events.publish(
-            EventKind.VERSION_DRAINING, mv.name, version=mv.version, message=f"{len(mv.leases)} lease(s) to end"
-        )
+            fx.publish(
+                EventKind.VERSION_DRAINING, mv.name, version=mv.version, message=f"{len(mv.leases)} lease(s) to end"
+            )
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self._txn() as fx:
             while mv.leases:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -520,7 +603,7 @@ class ModelManager:
                         leases=n,
                     )
                 self._changed.wait(min(left, 0.5))
-            self._drop(mv)
+            self._drop(mv, fx)
 
     # ---- lifetime -------------------------------------------------------------------------
 
@@ -530,10 +613,10 @@ class ModelManager:
 
     def close(self) -> None:
         """Frees everything the daemon holds (clients' mappings keep their own pages)."""
-        with self._lock:
+        with self._txn() as fx:
             self._closed = True
             for mv in list(self._versions.values()):
-                self._stop_or_free(mv)
+                self._stop_or_free(mv, fx)
             self._versions.clear()
             self._aliases.clear()
             self._leases.clear()

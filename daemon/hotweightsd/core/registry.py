@@ -49,8 +49,6 @@ class ResidentRank:
     device: int
     layout: RankLayout
     allocations: list[Allocation]
-    # The transport's memo of what it derives from this immutable rank (the encoded tensor table).
-    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass

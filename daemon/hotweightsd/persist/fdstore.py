@@ -1,15 +1,23 @@
 """Surviving a daemon restart: the fd store, the state file beside it, and restoring from both.
 
-Under systemd each exportable allocation's fd goes to the service manager's fd store the moment
-its version is READY, so even a SIGKILL keeps the memory alive; the state file (registry, tensor
-tables, aliases) is rewritten on every change. On start the daemon gets the fds back, checks them
-against the state file and serves again without touching storage. Without an fd store the state
-file still lets a restart reload the same versions from storage, and it says so.
+Under systemd each exportable allocation's fd goes to the service manager's fd store once its
+version is READY, so even a SIGKILL keeps the memory alive; the state file (registry, tensor
+tables, aliases) is rewritten after every change. On start the daemon gets the fds back, checks
+them against the state file and serves again without touching storage. Without an fd store the
+state file still lets a restart reload the same versions from storage, and it says so.
+
+The state file belongs to one socket: its name derives from the socket's and it records the
+socket's path. Only the daemon holding that socket's lock reads or writes it, and a file that
+names another socket is neither served from nor overwritten.
+
+All of it runs on the persister's own thread: the registry's events only queue work for it, so an
+fsync or a wedged service manager never holds up a registry change or an RPC.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +33,13 @@ from hotweightsd.core.registry import ModelVersion, ResidentRank, State
 from hotweightsd.persist import statefile, systemd
 
 log = structlog.get_logger("hotweightsd.persist.fdstore")
-STATE_NAME = "hotweights-state.json"
+STATE_SUFFIX = ".state.json"
+
+
+def state_path(socket: str, state_dir: str = "") -> Path:
+    """``<state_dir or the socket's directory>/<socket's file name>.state.json``."""
+    sock = Path(socket)
+    return Path(state_dir or sock.parent) / (sock.name + STATE_SUFFIX)
 
 
 def fd_name(key: str, rank: int, index: int) -> str:
@@ -72,80 +86,141 @@ def _encode_version(mv: ModelVersion, names: list[list[str]]) -> dict:
     }
 
 
-class Persister:
-    """Keeps the fd store and the state file in step with the registry (subscribed to its events)."""
+class _Flush:
+    def __init__(self, save: bool = False) -> None:
+        self.save = save
+        self.done = threading.Event()
 
-    def __init__(self, manager: ModelManager, state_path: Path, fdstore: bool) -> None:
+
+_STOP = object()
+# Events after which the state file is rewritten (a version's birth alone changes nothing to restore).
+_SAVE_ON = {EventKind.VERSION_READY, EventKind.VERSION_FREED, EventKind.ALIAS_MOVED, EventKind.ALIAS_REMOVED}
+
+
+class Persister:
+    """Keeps the fd store and the state file in step with the registry, on its own thread.
+
+    Subscribed to the registry's events, it only queues them; its thread sends the fd store's
+    messages in event order and writes the state file once for all the events it found queued.
+    """
+
+    def __init__(self, manager: ModelManager, state_path: Path, socket: str, fdstore: bool) -> None:
         self.m = manager
         self.state_path = state_path
+        self.socket = os.path.abspath(socket)
         self.fdstore = fdstore
+        self.refused = ""  # why the state file is not this daemon's to write; "" when it is
+        self.writes = 0
         self._stored: dict[str, list[str]] = {}  # version key -> fd names in the store
-        self._lock = threading.Lock()
-        self._unsubscribe = manager.events.subscribe(self._on_event)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="hw-persist", daemon=True)
+        self._unsubscribe = manager.events.subscribe(self._queue.put)
 
     def adopted(self, key: str, names: list[str]) -> None:
-        with self._lock:
-            self._stored[key] = names
+        self._stored[key] = names
 
-    def _on_event(self, ev: Event) -> None:
+    def refuse(self, reason: str) -> None:
+        """Never writes the state file (it belongs to another socket)."""
+        self.refused = reason
+
+    def start(self) -> None:
+        """Starts the thread, which first writes the state as it is now."""
+        self._queue.put(_Flush(save=True))
+        self._thread.start()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Waits until everything queued before this call has been carried out."""
+        marker = _Flush()
+        self._queue.put(marker)
+        return marker.done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stops listening, carries out what is queued, and stops the thread."""
+        self._unsubscribe()
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            dirty = False
+            for item in batch:
+                if isinstance(item, Event):
+                    dirty |= self._apply(item)
+                elif isinstance(item, _Flush):
+                    dirty |= item.save
+            if dirty:
+                self._save_logged()
+            for item in batch:
+                if isinstance(item, _Flush):
+                    item.done.set()
+            if any(item is _STOP for item in batch):
+                return
+
+    def _apply(self, ev: Event) -> bool:
         key = f"{ev.name}@{ev.version}"
         try:
             if ev.kind is EventKind.VERSION_READY:
                 self._store(key)
             elif ev.kind is EventKind.VERSION_FREED:
                 self._forget(key)
-            elif ev.kind not in (EventKind.ALIAS_MOVED, EventKind.ALIAS_REMOVED):
-                return
-            self.save()
         except HotweightsError as exc:
             log.error("persist.failed", event=ev.kind.value, model=key, error=str(exc))
+        return ev.kind in _SAVE_ON
 
     def _store(self, key: str) -> None:
         if not self.fdstore:
             return
-        name, _, version = key.partition("@")
-        mv = self.m.get(name, version)
-        if mv.mode is not AllocationMode.FD:
-            log.info("persist.not_stored", model=key, reason="legacy IPC memory dies with the daemon")
-            return
+        exported = self.m.export_fds(key)
+        if not exported:
+            if any(v.key == key and v.mode is not AllocationMode.FD for v in self.m.versions()):
+                log.info("persist.not_stored", model=key, reason="legacy IPC memory dies with the daemon")
+            return  # otherwise freed again before this thread got to it
         names = []
-        for r in mv.ranks:
-            for i, a in enumerate(r.allocations):
-                names.append(fd_name(key, r.rank, i))
-                fd = a.export_fd()
-                try:
-                    systemd.store_fds(names[-1], [fd])
-                finally:
-                    os.close(fd)
-        with self._lock:
-            self._stored[key] = names
+        try:
+            for rank, index, fd in exported:
+                names.append(fd_name(key, rank, index))
+                systemd.store_fds(names[-1], [fd])
+        finally:
+            for *_, fd in exported:
+                os.close(fd)
+            if names:
+                self._stored[key] = names
         log.info("persist.stored", model=key, fds=len(names))
 
     def _forget(self, key: str) -> None:
-        with self._lock:
-            names = self._stored.pop(key, [])
-        for n in names:
+        for n in self._stored.pop(key, []):
             systemd.remove_fds(n)
 
     def snapshot(self) -> dict:
-        with self._lock:
-            stored = dict(self._stored)
         versions = []
         for mv in self.m.versions():
             if mv.state is not State.READY or mv.freed:
                 continue
             names = [
-                [fd_name(mv.key, r.rank, i) for i in range(len(r.allocations))] if mv.key in stored else []
+                [fd_name(mv.key, r.rank, i) for i in range(len(r.allocations))] if mv.key in self._stored else []
                 for r in mv.ranks
             ]
             versions.append(_encode_version(mv, names))
-        return {"versions": versions, "aliases": self.m.aliases()}
+        return {"socket": self.socket, "versions": versions, "aliases": self.m.aliases()}
 
     def save(self) -> None:
+        if self.refused:
+            return
         statefile.save(self.state_path, self.snapshot())
+        self.writes += 1
 
-    def close(self) -> None:
-        self._unsubscribe()
+    def _save_logged(self) -> None:
+        try:
+            self.save()
+        except HotweightsError as exc:
+            log.error("persist.save_failed", path=str(self.state_path), error=str(exc))
 
 
 @dataclass
@@ -153,6 +228,11 @@ class RestoreReport:
     restored: list[str] = field(default_factory=list)
     to_reload: list[dict] = field(default_factory=list)
     note: str = ""
+
+
+class _Foreign(Exception):
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
 
 
 def _drop_received(received: dict[str, list[int]]) -> None:
@@ -184,8 +264,22 @@ def restore(
         return report
     try:
         doc = statefile.load(path)
+        owner = doc.get("socket")
+        if not isinstance(owner, str):
+            raise DataLoss(f"state file {path} names no socket: it was not written by a daemon of this version")
+        if owner != persister.socket:
+            raise _Foreign(owner)
         versions = doc.get("versions", [])
         aliases = doc.get("aliases", {})
+    except _Foreign as foreign:
+        _drop_received(received)
+        report.note = (
+            f"state file {path} belongs to the daemon on {foreign.owner}, not to "
+            f"{persister.socket}: not restored and not overwritten; started empty (give each socket its own name)"
+        )
+        persister.refuse(report.note)
+        log.error("restore.refused", reason=report.note)
+        return report
     except DataLoss as exc:
         _drop_received(received)
         path.rename(path.with_suffix(".corrupt"))

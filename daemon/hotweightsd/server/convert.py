@@ -46,15 +46,7 @@ def version_info(mv: ModelVersion, manager: ModelManager) -> pb.ModelVersionInfo
     )
 
 
-def handles(
-    mv: ModelVersion, resident: ResidentRank, ticket: str, ttl: float, fd_socket: str, compact: bool = False
-) -> pb.GetHandlesResponse:
-    # A rank's table never changes once loaded; encoding thousands of entries each attach would
-    # cost more than the rest of the attach, so it is built once and copied (in C) per request.
-    key = "handles-compact" if compact else "handles"
-    template = resident.memo.get(key)
-    if template is None:
-        template = resident.memo[key] = _handles(mv, resident, fd_socket, compact)
+def with_ticket(template: pb.GetHandlesResponse, ticket: str, ttl: float) -> pb.GetHandlesResponse:
     out = pb.GetHandlesResponse()
     out.CopyFrom(template)
     out.ticket = ticket
@@ -62,7 +54,8 @@ def handles(
     return out
 
 
-def _handles(mv: ModelVersion, resident: ResidentRank, fd_socket: str, compact: bool) -> pb.GetHandlesResponse:
+def handles_template(mv: ModelVersion, resident: ResidentRank, fd_socket: str, compact: bool) -> pb.GetHandlesResponse:
+    """A rank's GetHandles answer without its ticket: the same for every lease of the rank."""
     placements = resident.layout.placements
     out = pb.GetHandlesResponse(
         name=mv.name,
@@ -111,18 +104,12 @@ def _allocations(resident: ResidentRank) -> list[pb.AllocationInfo]:
             size=a.size,
             handle_type=pb.HandleType.Value(a.handle_type.value),
             device=-1 if host else a.device,
-            device_bus_id="" if host else device_bus_id(a.device),
+            device_bus_id=a.device_bus_id,
         )
         if a.handle_type is HandleType.CUDA_IPC:
             info.ipc_handle = a.ipc_handle()
         allocations.append(info)
     return allocations
-
-
-def device_bus_id(device: int) -> str:
-    from hotweights.cuda import devices as cuda_driver
-
-    return cuda_driver.pci_bus_id(device) or ""
 
 
 def lease_info(lease: Lease) -> pb.LeaseInfo:

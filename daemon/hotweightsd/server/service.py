@@ -1,12 +1,19 @@
-"""The gRPC servicer: protobuf in, a core call, protobuf out. Errors map in hotweights.wire.status."""
+"""The gRPC servicer: protobuf in, a core call, protobuf out. Errors map in hotweights.wire.status.
+
+The event loop only translates: every core call that can block (a load, a free, a drain, a device
+query) runs in the servicer's worker threads, so one slow GPU free never delays another client.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import structlog
 
@@ -16,11 +23,15 @@ from hotweights.wire.status import abort_with
 from hotweightsd import __version__
 from hotweightsd.core.events import Event, EventKind
 from hotweightsd.core.manager import ModelManager
-from hotweightsd.core.registry import ModelVersion
+from hotweightsd.core.registry import ModelVersion, ResidentRank
 from hotweightsd.server import convert
 
 log = structlog.get_logger("hotweightsd.service")
 PROGRESS_INTERVAL = 0.2
+# Short blocking core calls (unload, lease ends, aliases, drains) at once; loads run in their own pool.
+CALL_THREADS = 32
+LOAD_THREADS = 64
+T = TypeVar("T")
 
 
 def rpc(fn: Callable) -> Callable:
@@ -81,23 +92,45 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         manager: ModelManager,
         socket_path: str,
         fd_socket: str,
-        gds_note: str = "",
         restored: bool = False,
         restore_note: str = "",
     ) -> None:
         self.m = manager
         self.socket_path = socket_path
         self.fd_socket = fd_socket
-        self.gds_note = gds_note
         self.restored = restored
         self.restore_note = restore_note
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Future] = set()
+        self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="hw-call")
+        self._loads = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="hw-load")
+        # A rank's encoded GetHandles answer, built once: (version key, rank, compact) -> (rank, answer).
+        # The rank object is kept to tell a reloaded version of the same key from the one encoded.
+        self._tables: dict[tuple[str, int, bool], tuple[ResidentRank, pb.GetHandlesResponse]] = {}
+        self._tables_lock = threading.Lock()
+        self._unsubscribe = manager.events.subscribe(self._forget_tables)
+
+    def close(self) -> None:
+        """Stops taking work; calls already running finish in their threads."""
+        self._unsubscribe()
+        self._calls.shutdown(wait=False, cancel_futures=False)
+        self._loads.shutdown(wait=False, cancel_futures=False)
+
+    def _blocking(self, fn: Callable[..., T], *args: Any, **kw: Any) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._calls, functools.partial(fn, *args, **kw))
+
+    def _forget_tables(self, ev: Event) -> None:
+        # an event subscriber: runs on the publishing thread, so it only drops dict entries
+        if ev.kind in (EventKind.VERSION_FREED, EventKind.VERSION_FAILED):
+            key = f"{ev.name}@{ev.version}"
+            with self._tables_lock:
+                for k in [k for k in self._tables if k[0] == key]:
+                    del self._tables[k]
 
     # ---- loading --------------------------------------------------------------------------
 
     @stream_rpc
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> AsyncIterator[pb.LoadEvent]:
-        mv, run = await asyncio.to_thread(
+        mv, run = await self._blocking(
             self.m.begin_load,
             request.name,
             request.path,
@@ -112,7 +145,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     async def _run_load(self, mv: ModelVersion, run: Callable, wait: bool) -> AsyncIterator[pb.LoadEvent]:
         # The load runs to completion even if this caller goes away: another client may be waiting on it.
-        task = asyncio.ensure_future(asyncio.to_thread(run))
+        task = asyncio.get_running_loop().run_in_executor(self._loads, run)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors are reported on mv
@@ -129,7 +162,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @rpc
     async def UnloadModel(self, request, context) -> pb.UnloadModelResponse:
-        freed, total = await asyncio.to_thread(self.m.unload, request.ref, request.force)
+        freed, total = await self._blocking(self.m.unload, request.ref, request.force)
         return pb.UnloadModelResponse(unloaded=freed, bytes_freed=total)
 
     @rpc
@@ -140,7 +173,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @rpc
     async def Status(self, request, context) -> pb.StatusResponse:
-        devices = await asyncio.to_thread(self.m.backend.devices)
+        devices = await self._blocking(self.m.backend.devices)
         versions = self.m.versions()
         resident: dict[int, int] = {}
         for v in versions:
@@ -159,7 +192,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                     total_bytes=d.total,
                     free_bytes=d.free,
                     resident_bytes=resident.get(d.index, 0),
-                    reserve_bytes=getattr(self.m.backend, "reserve", 0),
+                    reserve_bytes=self.m.backend.reserve,
                 )
                 for d in devices
             ],
@@ -168,7 +201,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             aliases=convert.aliases(self.m),
             resident_bytes=self.m.resident_bytes(),
             open_allocations=sum(len(r.allocations) for v in versions for r in v.ranks),
-            gds=self.gds_note,
+            gds=self.m.backend.note,
             restored=self.restored,
             restore_note=self.restore_note,
         )
@@ -177,7 +210,15 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     def _handles(self, lease_id: str, rank: int, compact: bool) -> pb.GetHandlesResponse:
         h = self.m.get_handles(lease_id, rank)
-        return convert.handles(h.version, h.rank, h.ticket, h.ttl, self.fd_socket, compact)
+        key = (h.version.key, h.rank.rank, compact)
+        with self._tables_lock:
+            cached = self._tables.get(key)
+        if cached is None or cached[0] is not h.rank:
+            # Encoding thousands of entries each attach would cost more than the rest of the attach.
+            cached = (h.rank, convert.handles_template(h.version, h.rank, self.fd_socket, compact))
+            with self._tables_lock:
+                self._tables[key] = cached
+        return convert.with_ticket(cached[1], h.ticket, h.ttl)
 
     @rpc
     async def GetHandles(self, request, context) -> pb.GetHandlesResponse:
@@ -226,7 +267,9 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 reader.cancel()
         finally:
             if lease is not None:
-                self.m.close_lease(lease.id)
+                # The end of a lease may free a retired version: in a thread, and shielded so that the
+                # stream's cancellation cannot drop the call before it ran.
+                await asyncio.shield(self._blocking(self.m.close_lease, lease.id))
 
     @staticmethod
     async def _until_release(request_iterator) -> None:
@@ -239,9 +282,9 @@ class HotweightsService(pb_grpc.HotweightsServicer):
     @rpc
     async def SetAlias(self, request, context) -> pb.SetAliasResponse:
         if request.target:
-            _, key = await asyncio.to_thread(self.m.set_alias, request.alias, request.target)
+            _, key = await self._blocking(self.m.set_alias, request.alias, request.target)
         else:
-            key = await asyncio.to_thread(self.m.remove_alias, request.alias)
+            key = await self._blocking(self.m.remove_alias, request.alias)
         name, _, version = key.partition("@")
         return pb.SetAliasResponse(alias=pb.AliasInfo(alias=request.alias, name=name, version=version))
 
@@ -250,7 +293,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         from hotweightsd.core.swap import SwapMode, swap
 
         mode = SwapMode.DRAIN if request.mode == pb.SWAP_DRAIN else SwapMode.SIDE_BY_SIDE
-        plan = await asyncio.to_thread(
+        plan = await self._blocking(
             swap,
             self.m,
             request.alias,
