@@ -249,14 +249,19 @@ class Daemon:
         elif config is EMPTY_CONFIG:
             config = None
         cmd = serve_command(socket, *extra, backend=backend, config=config)
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=dict(env) if env is not None else child_env(extra_env),
-            )
+        try:
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=dict(env) if env is not None else child_env(extra_env),
+                )
+        except BaseException:
+            if config_file is not None:
+                config_file.unlink(missing_ok=True)
+            raise
         track(proc, f"daemon on {socket}")
         daemon = cls(socket, proc, log, extra, config_file=config_file)
         if wait:
