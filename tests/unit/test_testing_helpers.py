@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from hotweights import testing
+from support import CLIENTS
 
 
 def test_wait_until_returns_the_first_true_value():
@@ -31,7 +32,7 @@ def test_child_env_puts_the_imported_packages_first_and_keeps_the_rest():
     assert parts == ["/tests", *testing.source_dirs(), "/elsewhere"]
     assert env["KEEP"] == "1" and env["EXTRA"] == "2"
     r = subprocess.run(
-        [sys.executable, "-c", "import hotweights, hotweightsd; print(hotweights.__file__, hotweightsd.__file__)"],
+        [sys.executable, str(CLIENTS / "print_package_files.py")],
         env=testing.child_env(base={"PATH": os.environ.get("PATH", "")}),
         capture_output=True,
         text=True,
@@ -51,11 +52,10 @@ def test_serve_command_lets_extra_flags_win():
 
 
 def test_the_harness_imports_without_pytest_or_torch():
-    code = (
-        "import sys\n"
-        "sys.modules['torch'] = sys.modules['pytest'] = None\n"
-        "import hotweights.testing, hotweights.tools.demo\n"
-        "print('ok')\n"
+    r = subprocess.run(
+        [sys.executable, str(CLIENTS / "import_harness_without_torch.py")],
+        env=testing.child_env(),
+        capture_output=True,
+        text=True,
     )
-    r = subprocess.run([sys.executable, "-c", code], env=testing.child_env(), capture_output=True, text=True)
     assert r.stdout.strip() == "ok", r.stderr
