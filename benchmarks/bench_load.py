@@ -840,36 +840,17 @@ def attach_latency(backend, ckpt: Path, reps: int, res: Results) -> dict:
 
 def daemon_section(ckpt: Path, attach_ckpt: Path | None, reps: int, res: Results, budget) -> dict:
     import hotweights
-    from hotweights.testing import stop_process
+    from hotweights.testing import Daemon
 
     if not hasattr(hotweights, "connect"):
         return {"status": "no hotweights.connect in this tree"}
     sockdir = tempfile.mkdtemp(prefix="hwb-", dir="/tmp")
     sock = os.path.join(sockdir, "hw.sock")
-    log = open(os.path.join(sockdir, "daemon.log"), "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hotweights", "serve", "--socket", sock, "--backend", "cuda", "--log-format", "json"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=child_env(),
-    )
     out: dict = {}
+    daemon = None
     try:
-        deadline = time.monotonic() + 60
-        client = None
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {proc.returncode}")
-            if os.path.exists(sock):
-                try:
-                    client = hotweights.connect(sock).wait_ready(1.0)
-                    client.status()
-                    break
-                except Exception:
-                    client = None
-            time.sleep(0.2)
-        if client is None:
-            raise RuntimeError("daemon did not come up in 60 s")
+        daemon = Daemon.start(sock, backend="cuda", log=os.path.join(sockdir, "daemon.log"), env=child_env())
+        client = daemon.connect()
         files = sorted(str(p) for p in ckpt.glob("*.safetensors"))
         warm(files)
         t0 = time.perf_counter()
@@ -911,8 +892,8 @@ def daemon_section(ckpt: Path, attach_ckpt: Path | None, reps: int, res: Results
         res.error("daemon", exc)
         out["status"] = f"failed: {type(exc).__name__}: {exc}"
     finally:
-        stop_process(proc, timeout=20)
-        log.close()
+        if daemon is not None:
+            daemon.stop(timeout=20)
         try:
             out["daemon_log_tail"] = Path(sockdir, "daemon.log").read_text(errors="replace")[-3000:]
         except OSError:

@@ -156,7 +156,6 @@ def exporter(spec: dict) -> None:
 
 
 def main() -> None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     command = sys.argv[1]
     spec = json.loads(sys.stdin.read() or "{}")
     if command == "exporter":

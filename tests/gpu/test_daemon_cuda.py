@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,45 +18,37 @@ sys.path.insert(0, str(TESTS))
 from conftest import gpu_count, write_checkpoint  # noqa: E402
 
 from support.ckpt_tools import write_model  # noqa: E402
-from support.daemons import Daemon, run_client, short_tmpdir, spawn_client, start_daemon, wait_for_socket  # noqa: E402
+from support.daemons import (  # noqa: E402
+    Daemon,
+    run_client,
+    serve_command,
+    short_tmpdir,
+    spawn_client,
+    start_daemon,
+    wait_until,
+)
 
 
 def cuda_daemon(sock: str, *extra: str) -> Daemon:
-    return start_daemon(sock, "--backend", "cuda", "--reserve", "1GiB", *extra)
+    return start_daemon(sock, "--reserve", "1GiB", *extra, backend="cuda")
 
 
 @pytest.fixture
 def gpu_daemon():
     d = short_tmpdir()
-    daemon = cuda_daemon(str(Path(d) / "hw.sock"))
-    yield daemon
-    assert daemon.stop() == 0, daemon.logs()
-    shutil.rmtree(d, ignore_errors=True)
-
-
-COMPARE = """
-import sys, glob, os, torch, hotweights
-sys.path.insert(0, sys.argv[3])
-from support.ckpt_tools import same_bits
-from safetensors.torch import load_file
-sock, path, _, ref, rank = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-files = [path] if path.endswith(".safetensors") else (
-    sorted(glob.glob(os.path.join(path, f"model-rank-{rank}-*.safetensors")))
-    or sorted(glob.glob(os.path.join(path, "*.safetensors"))))
-want = {}
-for f in files:
-    want.update(load_file(f, device=f"cuda:{rank}"))
-with hotweights.connect(sock).attach(ref, rank=rank) as w:
-    assert sorted(w) == sorted(want)
-    for k, t in w.items():
-        assert t.device == torch.device("cuda", rank), (k, t.device)
-        assert same_bits(t.cpu(), want[k].cpu()), k
-    print("OK", len(w), flush=True)
-"""
+    try:
+        daemon = cuda_daemon(str(Path(d) / "hw.sock"))
+        try:
+            yield daemon
+        finally:
+            code = daemon.stop()
+        assert code == 0, daemon.logs()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def attach_and_compare(d: Daemon, path: Path, ref: str, rank: int = 0) -> None:
-    r = run_client(COMPARE, d.socket, str(path), str(TESTS), ref, str(rank), timeout=300)
+    r = run_client("gpu_attach_compare", d.socket, str(path), ref, str(rank), timeout=300)
     assert r.stdout.startswith("OK"), r.stdout + r.stderr
 
 
@@ -106,8 +97,7 @@ def test_unload_returns_device_memory(gpu_daemon, tmp_path):
     loaded = _free()
     assert before - loaded >= 256 * 2**20
     gpu_daemon.cli("unload", "big", check=True)
-    time.sleep(0.5)
-    assert _free() >= before - 64 * 2**20, (before, _free())
+    wait_until(lambda: _free() >= before - 64 * 2**20, what=f"device memory back to {before} - 64 MiB free")
 
 
 def test_refused_load_and_truncated_file_leak_nothing(tmp_path):
@@ -115,49 +105,33 @@ def test_refused_load_and_truncated_file_leak_nothing(tmp_path):
 
     d = short_tmpdir()
     total = torch.cuda.mem_get_info(0)[1]
-    daemon = start_daemon(str(Path(d) / "hw.sock"), "--backend", "cuda", "--reserve", str(total))
     try:
-        before = _free()
-        r = daemon.cli("load", "m", str(write_model(tmp_path / "m.safetensors")))
-        assert r.returncode == 1 and "does not fit on device 0" in r.stderr, r.stderr
-        p = write_model(tmp_path / "t.safetensors")
-        p.write_bytes(p.read_bytes()[:-4096])
-        r = daemon.cli("load", "t", str(p))
-        assert r.returncode == 1 and "truncated" in r.stderr
-        assert daemon.status()["open_allocations"] == 0
-        assert _free() >= before - 64 * 2**20
+        with start_daemon(str(Path(d) / "hw.sock"), "--reserve", str(total), backend="cuda") as daemon:
+            before = _free()
+            r = daemon.cli("load", "m", str(write_model(tmp_path / "m.safetensors")))
+            assert r.returncode == 1 and "does not fit on device 0" in r.stderr, r.stderr
+            p = write_model(tmp_path / "t.safetensors")
+            p.write_bytes(p.read_bytes()[:-4096])
+            r = daemon.cli("load", "t", str(p))
+            assert r.returncode == 1 and "truncated" in r.stderr
+            assert daemon.status()["open_allocations"] == 0
+            assert _free() >= before - 64 * 2**20
+            assert daemon.stop() == 0, daemon.logs()
     finally:
-        assert daemon.stop() == 0
         shutil.rmtree(d, ignore_errors=True)
-
-
-HOLD_AND_COMPUTE = """
-import sys, torch, hotweights
-w = hotweights.connect(sys.argv[1]).attach("m")
-x = w["big"]
-def compute():
-    return float((x @ x.T).double().sum())
-first = compute()
-print("attached", flush=True)
-sys.stdin.readline()
-assert compute() == first
-assert float(w["f32"].double().sum()) == float(w["f32"].double().sum())
-print("still-computing", flush=True)
-"""
 
 
 def test_client_keeps_computing_after_daemon_sigkill(tmp_path):
     d = short_tmpdir()
-    daemon = cuda_daemon(str(Path(d) / "hw.sock"))
     try:
-        daemon.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), check=True)
-        p = spawn_client(HOLD_AND_COMPUTE, daemon.socket)
-        assert p.stdout.readline().strip() == "attached", p.stderr.read()
-        daemon.stop(signal.SIGKILL)
-        out, err = p.communicate("go\n", timeout=120)
-        assert "still-computing" in out, err
+        with cuda_daemon(str(Path(d) / "hw.sock")) as daemon:
+            daemon.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), check=True)
+            p = spawn_client("gpu_hold_and_compute", daemon.socket, "m")
+            assert p.stdout.readline().strip() == "attached", p.stderr.read()
+            daemon.stop(signal.SIGKILL)
+            out, err = p.communicate("go\n", timeout=120)
+            assert "still-computing" in out, err
     finally:
-        daemon.stop()
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -166,30 +140,16 @@ def test_restart_under_service_manager_rereads_nothing(tmp_path):
 
     d = short_tmpdir()
     sock = str(Path(d) / "hw.sock")
-    cmd = [
-        sys.executable,
-        "-m",
-        "hotweights",
-        "serve",
-        "--socket",
-        sock,
-        "--backend",
-        "cuda",
-        "--reserve",
-        "1GiB",
-        "--log-format",
-        "json",
-    ]
+    cmd = serve_command(sock, "--reserve", "1GiB", backend="cuda", config="none")
     with ServiceManager(d) as svc:
         svc.start(cmd)
         svc.wait_for("READY", "1", timeout=60)
-        daemon = Daemon(sock, svc.process, Path(d) / "x.log")
-        wait_for_socket(daemon)
+        daemon = Daemon(sock, svc.process, svc.log_path).wait_ready()
         a = write_model(tmp_path / "a" / "a.safetensors", seed=1)
         b = write_model(tmp_path / "b" / "b.safetensors", seed=2)
         daemon.cli("load", "alpha", str(a), "--version", "v1", "--alias", "prod", check=True)
         daemon.cli("load", "beta", str(b), "--version", "v2", check=True)
-        holder = spawn_client(HOLD_AND_COMPUTE.replace('attach("m")', 'attach("prod")'), sock)
+        holder = spawn_client("gpu_hold_and_compute", sock, "prod")
         assert holder.stdout.readline().strip() == "attached", holder.stderr.read()
         svc.stop(signal.SIGKILL)
         keep = tmp_path / "keep"
@@ -198,8 +158,7 @@ def test_restart_under_service_manager_rereads_nothing(tmp_path):
         shutil.move(str(b), keep / "b.safetensors")
         svc.start(cmd)
         svc.wait_for("READY", "1", timeout=60)
-        daemon = Daemon(sock, svc.process, Path(d) / "x.log")
-        wait_for_socket(daemon)
+        daemon = Daemon(sock, svc.process, svc.log_path).wait_ready()
         st = daemon.status()
         assert st["restored"] is True, st["restore_note"]
         assert {(v["name"], v["version"]) for v in st["versions"]} == {("alpha", "v1"), ("beta", "v2")}
@@ -214,32 +173,9 @@ def test_restart_under_service_manager_rereads_nothing(tmp_path):
 @pytest.mark.skipif(gpu_count() < 2, reason="needs two GPUs")
 def test_client_with_its_own_visible_devices_maps_the_right_gpu(gpu_daemon, tmp_path):
     """Rank 1 lives on the daemon's cuda:1; a client that sees only that GPU calls it cuda:0."""
-    import os
-    import subprocess
-
     ckpt = write_checkpoint(tmp_path / "tp2", ranks=2, parts=1)
     gpu_daemon.cli("load", "tp2", str(ckpt), check=True)
-    code = """
-import sys, glob, torch, hotweights
-sys.path.insert(0, sys.argv[3])
-from support.ckpt_tools import same_bits
-from safetensors.torch import load_file
-want = {}
-for f in sorted(glob.glob(sys.argv[2] + "/model-rank-1-*.safetensors")):
-    want.update(load_file(f))
-assert torch.cuda.device_count() == 1
-with hotweights.connect(sys.argv[1]).attach("tp2", rank=1) as w:
-    for k, t in w.items():
-        assert t.device == torch.device("cuda", 0), t.device
-        assert same_bits(t.cpu(), want[k]), k
-print("OK", len(w))
-"""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "1"}
-    r = subprocess.run(
-        [sys.executable, "-c", code, gpu_daemon.socket, str(ckpt), str(TESTS)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    r = run_client(
+        "gpu_attach_rank1_alone", gpu_daemon.socket, str(ckpt), timeout=300, check=False, CUDA_VISIBLE_DEVICES="1"
     )
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr

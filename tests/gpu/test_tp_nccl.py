@@ -5,13 +5,8 @@ Skips cleanly without two CUDA GPUs or without NCCL.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: support.tp_forward
 
 pytestmark = pytest.mark.gpu
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from support.ckpt_tools import write_model
-from support.daemons import Daemon, run_client, short_tmpdir, spawn_client, start_daemon, wait_for_socket
+from support.daemons import Daemon, run_client, serve_command, short_tmpdir, spawn_client, start_daemon, wait_until
 from support.svcmgr import ServiceManager
 
 
@@ -26,29 +24,12 @@ def svc():
 
 
 def _daemon_cmd(sock: str) -> list[str]:
-    return [sys.executable, "-m", "hotweights", "serve", "--socket", sock, "--backend", "cpu", "--log-format", "json"]
+    return serve_command(sock, config="none")  # never the host's config file
 
 
 def _as_daemon(svc: ServiceManager, sock: str) -> Daemon:
-    d = Daemon(sock, svc.process, svc.tmpdir / "unused.log")
-    wait_for_socket(d)
-    return d
-
-
-HOLDER = """
-import sys, hotweights, torch
-c = hotweights.connect(sys.argv[1])
-w = c.attach(sys.argv[2], holder="restart-test")
-def digest():
-    return {k: float(v.double().sum()) if v.dtype.is_floating_point else int(v.long().sum()) for k, v in w.items()}
-before = digest()
-print("attached", flush=True)
-sys.stdin.readline()
-assert digest() == before
-print("same-after-restart", w._lease.relets, flush=True)
-sys.stdin.readline()
-w.release()
-"""
+    """The service manager's current process, once it answers on ``sock``."""
+    return Daemon(sock, svc.process, svc.log_path).wait_ready()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
@@ -63,7 +44,7 @@ def test_restart_serves_both_models_without_storage_and_client_never_notices(svc
     d.cli("load", "beta", str(b), "--version", "v7", check=True)
     assert len(svc.stored_fds) == 2
 
-    holder = spawn_client(HOLDER, sock, "prod")
+    holder = spawn_client("hold_across_restart", sock, "prod")
     assert holder.stdout.readline().strip() == "attached"
 
     svc.stop(sig)
@@ -84,21 +65,7 @@ def test_restart_serves_both_models_without_storage_and_client_never_notices(svc
     assert {a["alias"]: a["version"] for a in st["aliases"]} == {"prod": "v1"}
 
     # a new client attaches to both restored models, and sees the original bytes
-    r = run_client(
-        """
-import sys, torch, hotweights
-sys.path.insert(0, sys.argv[2])
-from support.ckpt_tools import mixed_tensors, same_bits
-c = hotweights.connect(sys.argv[1])
-for ref, seed in (("prod", 1), ("beta@v7", 2)):
-    with c.attach(ref) as w:
-        ref_t = mixed_tensors(seed)
-        assert all(same_bits(w[k], ref_t[k]) for k in ref_t), ref
-print("ok")
-""",
-        sock,
-        str(Path(__file__).parents[1]),
-    )
+    r = run_client("attach_restored", sock)
     assert r.stdout.strip() == "ok"
 
     holder.stdin.write("go\n")
@@ -106,14 +73,14 @@ print("ok")
     line = holder.stdout.readline().split()
     assert line[0] == "same-after-restart", holder.stderr.read()
     # the holder re-leased its version on the new daemon, so it is protected there too
-    st = d.wait_status(lambda s: any(le["holder"] == "restart-test" for le in s["leases"]), timeout=10)
+    st = d.wait_status(lambda s: any(le["holder"] == "restart-test" for le in s["leases"]))
     assert any(le["holder"] == "restart-test" and le["version"] == "v1" for le in st["leases"])
     d.cli("alias", "prod", "--remove", check=True)
     refused = d.cli("unload", "alpha@v1")
     assert refused.returncode == 1 and "live lease" in refused.stderr
     holder.stdin.write("done\n")
     holder.stdin.flush()
-    holder.wait(10)
+    assert holder.wait(60) == 0, holder.stderr.read()
     assert svc.stop() == 0
 
 
@@ -125,10 +92,7 @@ def test_unload_removes_fds_from_the_store(svc, tmp_path):
     d.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), "--version", "v1", check=True)
     assert list(svc.stored_fds) == ["hw/m@v1/0/0"]
     d.cli("unload", "m", check=True)
-    deadline = time.monotonic() + 5
-    while svc.stored_fds and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert svc.stored_fds == {}
+    wait_until(lambda: svc.stored_fds == {}, what="the unloaded version's fds to leave the store", context=svc.output)
     assert svc.stop() == 0
 
 
@@ -174,10 +138,10 @@ def test_state_file_that_disagrees_with_fds_is_refused(svc, tmp_path):
 
 def test_without_a_service_manager_restart_reloads_from_storage_and_says_so(sockdir, tmp_path):
     sock = str(sockdir / "plain.sock")
-    d = start_daemon(sock)
     ckpt = write_model(tmp_path / "m.safetensors")
-    d.cli("load", "m", str(ckpt), "--version", "v1", "--alias", "prod", check=True)
-    assert d.stop() == 0
+    with start_daemon(sock) as d:
+        d.cli("load", "m", str(ckpt), "--version", "v1", "--alias", "prod", check=True)
+        assert d.stop() == 0, d.logs()
     d = start_daemon(sock)
     try:
         st = d.wait_status(lambda s: s["versions"])

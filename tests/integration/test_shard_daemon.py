@@ -16,15 +16,6 @@ from hotweights.errors import DataLoss
 from support.tp_forward import load_rank, shard_cached
 
 
-@pytest.fixture
-def hw_daemon(request):
-    """tests/conftest.py's ``daemon`` (a real daemon on a real socket); skipped only if it is missing."""
-    try:
-        return request.getfixturevalue("daemon")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no `daemon` fixture")
-
-
 def flip_byte(path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -34,9 +25,9 @@ def flip_byte(path, offset: int) -> None:
 
 
 @pytest.mark.parametrize("options", [{}, {"dtype": "bfloat16", "quantize": "fp8"}], ids=["fp32", "fp8"])
-def test_load_verify_full_and_attach_every_rank(hw_daemon, options):
+def test_load_verify_full_and_attach_every_rank(daemon, options):
     d = shard_cached("mixtral", 2, parts_per_rank=2, **options)
-    c = hotweights.connect(hw_daemon.socket)
+    c = hotweights.connect(daemon.socket)
     try:
         c.load("tiny-moe", str(d), verify="full")
         for rank in range(2):
@@ -51,9 +42,9 @@ def test_load_verify_full_and_attach_every_rank(hw_daemon, options):
         c.close()
 
 
-def test_a_flipped_byte_in_any_shard_is_caught_and_named(hw_daemon, tmp_path):
+def test_a_flipped_byte_in_any_shard_is_caught_and_named(daemon, tmp_path):
     good = shard_cached("llama_gqa", 2, parts_per_rank=2)
-    c = hotweights.connect(hw_daemon.socket)
+    c = hotweights.connect(daemon.socket)
     try:
         for i, name in enumerate(sorted(p.name for p in good.glob("model-rank-*.safetensors"))):
             d = tmp_path / f"bad-{i}"

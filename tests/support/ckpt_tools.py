@@ -75,3 +75,14 @@ def layered_tensors(layers: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
     out["lm_head.weight"] = torch.randn(100, 32, generator=g).bfloat16()
     out["model.norm.weight"] = torch.randn(32, generator=g).bfloat16()
     return out
+
+
+def versioned_model(root: Path, n: int, size: int = 256) -> Path:
+    """root/v{n}/model.safetensors: a small checkpoint whose every value encodes its version number ``n``."""
+    return write_model(
+        root / f"v{n}" / "model.safetensors",
+        {
+            "marker": torch.tensor([n], dtype=torch.int64),
+            "w": torch.full((size, size), float(n)),
+        },
+    )

@@ -26,32 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hotweights import testing
+
 from . import child_env, stop_process
 
 _MAX_FDS = 253  # SCM_MAX_FD
 _ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * 4) + socket.CMSG_SPACE(struct.calcsize("iII"))
 
-# Runs between fork and the real command: Popen's pass_fds keeps fd numbers, but the protocol
-# wants the fds at 3, 4, ... and LISTEN_PID/WATCHDOG_PID naming the process that will run the
-# command; exec keeps the pid, so this process's pid is that one.
-_EXEC_WRAPPER = r"""
-import fcntl, os, sys
-src = [int(f) for f in os.environ.pop("_SVCMGR_FDS").split(",") if f]
-names = os.environ.pop("_SVCMGR_FDNAMES")
-n = len(src)
-# First above the target range, so that no dup2 onto 3+i clobbers a source not yet moved.
-high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 3 + n) for f in src]
-for f in src:
-    os.close(f)
-for i, f in enumerate(high):
-    os.dup2(f, 3 + i, inheritable=True)
-    os.close(f)
-if n:
-    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(n), LISTEN_FDNAMES=names)
-if os.environ.pop("_SVCMGR_WATCHDOG", None):
-    os.environ["WATCHDOG_PID"] = str(os.getpid())
-os.execvp(sys.argv[1], sys.argv[1:])
-"""
+_EXEC = Path(__file__).with_name("svc_exec.py")  # puts the stored fds at 3, 4, ... then execs
 
 
 @dataclass(frozen=True)
@@ -207,11 +189,16 @@ class ServiceManager:
         with self._cond:
             self._remove(name)
 
+    @property
+    def log_path(self) -> Path | None:
+        """Where the current (or last) process's stdout and stderr go."""
+        return self._log
+
     def output(self) -> str:
         """stdout and stderr of the current (or last) process."""
         return self._log.read_text(errors="replace") if self._log and self._log.exists() else ""
 
-    def wait_for(self, field: str, value: str | None = None, timeout: float = 10.0) -> Message:
+    def wait_for(self, field: str, value: str | None = None, timeout: float = 60.0) -> Message:
         """The first message of the current process with ``field`` (equal to ``value`` if given);
         raises TimeoutError with what did arrive, the exit status and the output otherwise."""
         deadline = time.monotonic() + timeout
@@ -261,7 +248,7 @@ class ServiceManager:
                 # Under the lock: the receiver must not judge a first message before it knows
                 # the main pid.
                 self.process = subprocess.Popen(
-                    [sys.executable, "-c", _EXEC_WRAPPER, *cmd],
+                    [sys.executable, str(_EXEC), *cmd],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -269,6 +256,7 @@ class ServiceManager:
                     pass_fds=[fd for _, fd in stored],
                 )
             self._main_pid = self.process.pid
+            testing.track(self.process, "service under the emulated service manager")
             self._since = len(self._messages)
         return self.process
 
@@ -288,9 +276,8 @@ class ServiceManager:
     def close(self) -> None:
         if self._closed:
             return
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, signal.SIGKILL)
         self._closed = True
         self._thread.join()
         self._sock.close()

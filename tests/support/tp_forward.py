@@ -313,7 +313,9 @@ def run_tp(
         Path(spec_file).write_text(
             json.dumps({"tp": tp, "backend": backend, "init": os.path.join(tmp, "init"), "cases": specs})
         )
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tp processes share a few cores in CI
+        from support import child_env
+
+        env = child_env(OMP_NUM_THREADS="1")  # tp processes share a few cores in CI
         procs = [
             subprocess.Popen(
                 [sys.executable, __file__, spec_file, str(r)],

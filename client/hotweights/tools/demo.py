@@ -17,7 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from hotweights.testing import stop_process
+from hotweights.testing import Daemon
 
 # Both serving processes import their libraries first, then time getting the rank's weights and
 # reading every byte once (what a model's first forward pass does).
@@ -110,27 +110,16 @@ def run_demo(workdir: Path, size_mb: int = 256) -> int:
         write_sample(ckpt, size_mb)
     sockdir = tempfile.mkdtemp(prefix="hw-demo-", dir="/tmp")
     sock = os.path.join(sockdir, "hotweights.sock")
-    log = open(workdir / "daemon.log", "wb")
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hotweights",
-            "serve",
-            "--socket",
-            sock,
-            "--config",  # the node's own config (its preloads, its socket) is not the demo's
-            "none",
-            "--log-format",
-            "json",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    (workdir / "daemon.log").unlink(missing_ok=True)
     try:
-        import hotweights
-
-        client = hotweights.connect(sock).wait_ready(30)
+        daemon = Daemon.start(
+            sock, backend=os.environ.get("HOTWEIGHTS_BACKEND", "auto"), log=workdir / "daemon.log", timeout=60
+        )
+    except BaseException:
+        shutil.rmtree(sockdir, ignore_errors=True)
+        raise
+    try:
+        client = daemon.connect()
         print(f"daemon pid {daemon.pid} serving on {sock} (backend {client.status().backend})")
         t0 = time.perf_counter()
         info = client.load("demo", ckpt, version="v1", alias="prod")
@@ -159,6 +148,5 @@ def run_demo(workdir: Path, size_mb: int = 256) -> int:
         )
         return 0
     finally:
-        stop_process(daemon, timeout=15)
-        log.close()
+        daemon.stop(timeout=15)
         shutil.rmtree(sockdir, ignore_errors=True)

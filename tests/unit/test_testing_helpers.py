@@ -1,0 +1,61 @@
+"""hotweights.testing's parts that need no daemon: waiting on a condition, the child environment,
+the serve command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hotweights import testing
+from support import CLIENTS
+
+
+def test_wait_until_returns_the_first_true_value():
+    seen = iter([0, None, "", "ready"])
+    assert testing.wait_until(lambda: next(seen), 10, "the fourth value", interval=0) == "ready"
+
+
+def test_wait_until_names_what_it_waited_for_and_what_it_saw():
+    with pytest.raises(AssertionError, match=r"for the moon to turn blue; last seen: None\nasked the sky"):
+        testing.wait_until(lambda: None, 0, "the moon to turn blue", context=lambda: "asked the sky")
+    with pytest.raises(AssertionError, match=r"for a non-empty list; last seen: \[\]"):
+        testing.wait_until(list, 0, "a non-empty list")
+
+
+def test_child_env_puts_the_imported_packages_first_and_keeps_the_rest():
+    base = {"PYTHONPATH": os.pathsep.join(["/elsewhere", testing.source_dirs()[0]]), "KEEP": "1"}
+    env = testing.child_env({"EXTRA": "2"}, paths=["/tests"], base=base)
+    parts = env["PYTHONPATH"].split(os.pathsep)
+    assert parts == ["/tests", *testing.source_dirs(), "/elsewhere"]
+    assert env["KEEP"] == "1" and env["EXTRA"] == "2"
+    r = subprocess.run(
+        [sys.executable, str(CLIENTS / "print_package_files.py")],
+        env=testing.child_env(base={"PATH": os.environ.get("PATH", "")}),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    client_file, daemon_file = r.stdout.split()
+    assert client_file.startswith(testing.source_dirs()[0])
+    assert daemon_file.startswith(testing.source_dirs()[-1])
+
+
+def test_serve_command_lets_extra_flags_win():
+    cmd = testing.serve_command("/tmp/s.sock", "--backend", "cuda", "--reserve", "1GiB", config="/tmp/empty.toml")
+    assert cmd[:6] == [sys.executable, "-m", "hotweights", "serve", "--socket", "/tmp/s.sock"]
+    assert cmd.count("--backend") == 1 and cmd[cmd.index("--backend") + 1] == "cuda"
+    assert cmd[cmd.index("--config") + 1] == "/tmp/empty.toml"
+    assert "--config" not in testing.serve_command("/tmp/s.sock")
+
+
+def test_the_harness_imports_without_pytest_or_torch():
+    r = subprocess.run(
+        [sys.executable, str(CLIENTS / "import_harness_without_torch.py")],
+        env=testing.child_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.stdout.strip() == "ok", r.stderr
