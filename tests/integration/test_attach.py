@@ -198,7 +198,7 @@ def test_doctor_fails_without_a_daemon(sockdir):
         text=True,
         timeout=60,
     )
-    assert r.returncode == 1 and "BAD  daemon" in r.stdout
+    assert r.returncode == 1 and "FAIL  daemon" in r.stdout
 
 
 LAYERED = """
