@@ -346,7 +346,7 @@ def diagnose_unreachable(
             pass
         return unavailable(
             "not_found",
-            f"no daemon socket at {path} (from {origin}{missing_dir}): the daemon is not running, or it "
+            f"no hotweights daemon socket at {path} (from {origin}{missing_dir}): the daemon is not running, or it "
             f"listens on another path",
             f"{start}; or give the path it listens on (the socket key of /etc/hotweights/config.toml) "
             f"with --socket or HOTWEIGHTS_SOCKET",

@@ -84,7 +84,7 @@ def test_sigkilled_client_loses_lease_and_memory_is_released(daemon, tmp_path):
 
     daemon.cli("unload", "m", check=True)
     assert daemon.memfds() == []
-    assert daemon.status()["resident_bytes"] == "0"
+    assert daemon.status()["resident_bytes"] == 0
 
 
 def test_force_unload_keeps_client_mapping_valid(daemon, tmp_path):

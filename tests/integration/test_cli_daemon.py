@@ -115,7 +115,7 @@ def test_no_socket_file_says_not_running_or_wrong_path(sockdir):
     missing = str(sockdir / "none.sock")
     r = cli("list", "--socket", missing)
     assert r.returncode == 1
-    assert f"no daemon socket at {missing} (from --socket)" in r.stderr
+    assert f"no hotweights daemon socket at {missing} (from --socket)" in r.stderr
     assert "not running, or it listens on another path" in r.stderr
     r = cli("status", env={"HOTWEIGHTS_SOCKET": missing})
     assert r.returncode == 1 and f"{missing} (from HOTWEIGHTS_SOCKET)" in r.stderr

@@ -84,7 +84,7 @@ def test_version_without_a_daemon(tmp_path):
     doc = json.loads(r.stdout)
     assert doc["protocol"] == "hotweights.v1" and doc["hotweights"] == "0.1.0"
     assert doc["daemon"]["reachable"] is False and doc["daemon"]["socket"] == sock
-    assert "no daemon socket" in doc["daemon"]["error"]
+    assert "no hotweights daemon socket" in doc["daemon"]["error"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -98,7 +98,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def test_completion_script_and_completions():
-    r = run_cli("--show-completion", "bash")
+    # typer's switch for naming the shell instead of detecting the parent process's
+    r = run_cli("--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
     assert r.returncode == 0, r.stderr
     assert "complete -o default -F _hotweights_completion hotweights" in r.stdout
     # what bash asks of the script: the commands that start with "st", then a command's options
@@ -150,7 +151,7 @@ def diagnose(entries, connect=lambda p: None, groups=frozenset({100})):
 def test_no_socket_file_says_not_running_or_wrong_path():
     err = diagnose({"/run/hotweights": DIR_0750})
     assert err.details["reason"] == "not_found"
-    assert f"no daemon socket at {SOCK} (from --socket)" in str(err)
+    assert f"no hotweights daemon socket at {SOCK} (from --socket)" in str(err)
     assert "not running, or it listens on another path" in str(err) and "--socket or HOTWEIGHTS_SOCKET" in str(err)
     err = diagnose({})
     assert "/run/hotweights does not exist either" in str(err)
