@@ -85,9 +85,6 @@ def _field_value(fd: Any, value: Any) -> Any:
     return value
 
 
-as_dict = message_dict
-
-
 def print_json(doc: Any) -> None:
     typer.echo(json.dumps(doc, indent=2))
 
