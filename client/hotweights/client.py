@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import socket as _socket
+import stat as _stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -10,7 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from hotweights import errors
-from hotweights.paths import default_socket
+from hotweights.paths import SYSTEM_SOCKET, default_socket
 from hotweights.wire.pb import pb, pb_grpc
 from hotweights.wire.status import error_from_rpc
 
@@ -32,10 +36,14 @@ def _choice(table: dict, value, what: str):
 
 
 class Client:
-    """A connection to the node's hotweights daemon over its unix socket."""
+    """A connection to the node's hotweights daemon over its unix socket.
 
-    def __init__(self, socket: str | None = None, timeout: float = 10.0) -> None:
-        self.socket = socket or default_socket()
+    ``origin`` says where ``socket`` came from (a flag name, for messages); without a socket, the
+    path and its origin come from ``HOTWEIGHTS_SOCKET`` or the default rules.
+    """
+
+    def __init__(self, socket: str | None = None, timeout: float = 10.0, origin: str | None = None) -> None:
+        self.socket, self.origin = resolve_socket(socket, origin)
         self.timeout = timeout
         self.channel = grpc.insecure_channel(
             f"unix:{self.socket}",
@@ -50,20 +58,27 @@ class Client:
         )
         self.stub = pb_grpc.HotweightsStub(self.channel)
 
+    def _error(self, exc: grpc.RpcError) -> errors.HotweightsError:
+        return self._explained(error_from_rpc(exc))
+
+    def _explained(self, err: errors.HotweightsError) -> errors.HotweightsError:
+        """A transport failure turned into which of: not running / wrong path / permission."""
+        if isinstance(err, errors.Unavailable) and err.details.get("transport"):
+            return diagnose_unreachable(self.socket, self.origin, str(err.details.get("grpc_message", "")))
+        return err
+
     def _call(self, method, request, timeout: float | None = -1):
         try:
             return method(request, timeout=self.timeout if timeout == -1 else timeout)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise self._error(exc) from None
 
     def wait_ready(self, timeout: float = 10.0) -> Client:
         """Blocks until the daemon answers, or raises Unavailable."""
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise errors.Unavailable(
-                f"no hotweights daemon answers on {self.socket} (start one with `hotweights serve`)"
-            ) from None
+            raise diagnose_unreachable(self.socket, self.origin, f"no answer within {timeout:g} s") from None
         return self
 
     # ---- operator calls -------------------------------------------------------------------
@@ -127,7 +142,7 @@ class Client:
                 else:
                     return ev.done
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise self._error(exc) from None
         raise errors.Internal("the daemon ended the load stream without a result")
 
     def unload(self, ref: str, force: bool = False) -> pb.UnloadModelResponse:
@@ -153,11 +168,14 @@ class Client:
         """Maps rank ``rank`` of ``ref`` (NAME, NAME@VERSION or alias) and holds a lease on it."""
         from hotweights.attach import Attachment
 
-        return Attachment(self, ref, rank, holder=holder, on_alias_moved=on_alias_moved)
+        try:
+            return Attachment(self, ref, rank, holder=holder, on_alias_moved=on_alias_moved)
+        except errors.Unavailable as exc:
+            raise self._explained(exc) from None
 
     def watch(self, ref: str = "") -> Watch:
         """Events for an alias or model (all when empty): iterate it, ``cancel()`` to stop."""
-        return Watch(self.stub.Watch(pb.WatchRequest(ref=ref)))
+        return Watch(self.stub.Watch(pb.WatchRequest(ref=ref)), self._error)
 
     def follow(self, alias: str, on_change: Callable[[Attachment], None], rank: int = 0, holder: str = "") -> Follower:
         """Attaches to ``alias`` and re-attaches whenever it moves, handing each new mapping to
@@ -175,15 +193,16 @@ class Client:
 
 
 class Watch:
-    def __init__(self, call) -> None:
+    def __init__(self, call, to_error: Callable[[grpc.RpcError], errors.HotweightsError] = error_from_rpc) -> None:
         self._call = call
+        self._to_error = to_error
 
     def __iter__(self) -> Iterator[pb.WatchEvent]:
         try:
             yield from self._call
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
-                raise error_from_rpc(exc) from None
+                raise self._to_error(exc) from None
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -236,6 +255,179 @@ class Follower:
             self.current.release()
 
 
-def connect(socket: str | None = None, timeout: float = 10.0) -> Client:
+def connect(socket: str | None = None, timeout: float = 10.0, origin: str | None = None) -> Client:
     """A client for the daemon at ``socket`` (default: ``$HOTWEIGHTS_SOCKET``, then the standard paths)."""
-    return Client(socket, timeout=timeout)
+    return Client(socket, timeout=timeout, origin=origin)
+
+
+# ---- why a daemon cannot be reached -----------------------------------------------------------
+
+DEFAULT_ORIGIN = "the default, as neither --socket nor HOTWEIGHTS_SOCKET is set"
+
+
+def resolve_socket(socket: str | None, origin: str | None = None) -> tuple[str, str]:
+    """(socket path, where it came from): the argument, else ``$HOTWEIGHTS_SOCKET``, else the default."""
+    if socket:
+        return socket, origin or "the socket argument"
+    env = os.environ.get("HOTWEIGHTS_SOCKET")
+    if env:
+        return env, "HOTWEIGHTS_SOCKET"
+    path = default_socket()
+    if path != SYSTEM_SOCKET and not os.path.exists(path) and os.path.isdir(os.path.dirname(SYSTEM_SOCKET)):
+        # A system daemon's directory exists but this user cannot see into it: aim at its socket, so
+        # that an error names the missing group instead of a per-user path nobody listens on.
+        path = SYSTEM_SOCKET
+    return path, DEFAULT_ORIGIN
+
+
+def _connect_probe(path: str) -> None:
+    """A plain connect to the unix socket: raises the OSError the kernel gives."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(path)
+    finally:
+        s.close()
+
+
+def _user() -> tuple[str, set[int]]:
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = f"uid {uid}"
+    return name, {os.getegid(), *os.getgroups()}
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def diagnose_unreachable(
+    path: str,
+    origin: str,
+    detail: str = "",
+    *,
+    stat: Callable[[str], os.stat_result] = os.stat,
+    connect: Callable[[str], None] = _connect_probe,
+    user: Callable[[], tuple[str, set[int]]] = _user,
+) -> errors.Unavailable:
+    """Why no daemon answers on ``path``: probes the path itself (gRPC's message says only
+    "connect failed") and names one of: no socket there (not running, or the wrong path), a socket
+    nobody listens on (stale: the daemon is down), or no permission (not in the socket's group).
+    The error's details carry ``reason``, ``socket``, ``origin`` and ``fix``. ``stat``, ``connect``
+    and ``user`` are replaceable for tests."""
+    where = f"{path} (from {origin})"
+    start = "start the daemon: `sudo systemctl start hotweights`, or `hotweights serve` in a shell"
+
+    def unavailable(reason: str, problem: str, fix: str, **more: str) -> errors.Unavailable:
+        return errors.Unavailable(f"{problem}. Fix: {fix}", socket=path, origin=origin, reason=reason, fix=fix, **more)
+
+    try:
+        st = stat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path) or "."
+        missing_dir = ""
+        try:
+            stat(parent)
+        except FileNotFoundError:
+            missing_dir = f"; {parent} does not exist either"
+        except OSError:
+            pass
+        return unavailable(
+            "not_found",
+            f"no hotweights daemon socket at {path} (from {origin}{missing_dir}): the daemon is not running, or it "
+            f"listens on another path",
+            f"{start}; or give the path it listens on (the socket key of /etc/hotweights/config.toml) "
+            f"with --socket or HOTWEIGHTS_SOCKET",
+        )
+    except PermissionError:
+        return _permission(path, origin, _blocking_dir(path, stat), stat, user)
+    except OSError as exc:
+        return unavailable("not_found", f"cannot reach {where}: {exc.strerror}", "check the path")
+    if not _stat.S_ISSOCK(st.st_mode):
+        return unavailable(
+            "not_socket",
+            f"{where} is not a socket: the wrong path",
+            "give the daemon's socket with --socket or HOTWEIGHTS_SOCKET",
+        )
+    try:
+        connect(path)
+    except ConnectionRefusedError:
+        return unavailable(
+            "refused",
+            f"nothing listens on {where}: the socket file is stale, the daemon that made it is not running",
+            f"{start}; `journalctl -u hotweights -e` says why it stopped",
+        )
+    except PermissionError:
+        return _permission(path, origin, path, stat, user)
+    except OSError as exc:
+        return unavailable("refused", f"cannot connect to {where}: {exc.strerror or exc}", start)
+    return unavailable(
+        "no_answer",
+        f"{where} accepts connections but no hotweights daemon answered ({detail or 'no detail'}); "
+        f"it may be starting, stopping or stuck",
+        "wait for it to start, or see `journalctl -u hotweights -e` and `hotweights doctor`",
+    )
+
+
+def _blocking_dir(path: str, stat: Callable[[str], os.stat_result]) -> str:
+    """The nearest directory above ``path`` that can be stat'ed: the one whose mode stops us."""
+    d = os.path.dirname(os.path.abspath(path))
+    while True:
+        try:
+            stat(d)
+            return d
+        except OSError:
+            if d == os.path.dirname(d):
+                return d
+            d = os.path.dirname(d)
+
+
+def _permission(
+    path: str,
+    origin: str,
+    denied: str,
+    stat: Callable[[str], os.stat_result],
+    user: Callable[[], tuple[str, set[int]]],
+) -> errors.Unavailable:
+    """The error for a directory on the way (``denied`` above ``path``) or the socket itself refusing us."""
+    name, groups = user()
+    head = f"permission denied on {path} (from {origin})"
+    try:
+        st = stat(denied)
+    except OSError:
+        fix = "ask the node's administrator which group may use the daemon's socket"
+        return errors.Unavailable(
+            f"{head}: {denied} cannot be read. Fix: {fix}", socket=path, origin=origin, reason="permission", fix=fix
+        )
+    group = _group_name(st.st_gid)
+    mode = _stat.S_IMODE(st.st_mode)
+    what = f"{denied} is mode {mode:04o}, owner {_owner_name(st.st_uid)}, group {group}"
+    # A directory must let the group search it; the socket must let the group write (connect) to it.
+    group_may = bool(mode & (_stat.S_IXGRP if _stat.S_ISDIR(st.st_mode) else _stat.S_IWGRP))
+    if not group_may:
+        problem = f"{head}: {what}, which gives its group no access"
+        fix = (
+            f"give the group access (`sudo chmod g+{'rx' if _stat.S_ISDIR(st.st_mode) else 'rw'} {denied}`); "
+            f"the systemd unit makes them so itself (RuntimeDirectoryMode=0750, UMask=0007)"
+        )
+    elif st.st_gid in groups:
+        problem = f"{head}: {what}, and user {name} is in that group"
+        fix = "if the group was added in this session, log in again (or `newgrp " + group + "`)"
+    else:
+        problem = f"{head}: {what}, and user {name} is not in group {group}"
+        fix = f"`sudo usermod -aG {group} {name}`, then log in again (or `newgrp {group}` in this shell)"
+    return errors.Unavailable(
+        f"{problem}. Fix: {fix}", socket=path, origin=origin, reason="permission", fix=fix, group=group
+    )

@@ -43,7 +43,7 @@ def test_sigkilled_client_loses_lease_and_memory_is_released(daemon, tmp_path):
 
     daemon.cli("unload", "m", check=True)
     assert daemon.memfds() == []
-    assert daemon.status()["resident_bytes"] == "0"
+    assert daemon.status()["resident_bytes"] == 0
 
 
 def test_force_unload_keeps_client_mapping_valid(daemon, tmp_path):
@@ -149,7 +149,7 @@ def test_doctor_fails_without_a_daemon(sockdir):
         timeout=120,
         env=child_env(),
     )
-    assert r.returncode == 1 and "BAD  daemon" in r.stdout
+    assert r.returncode == 1 and "FAIL  daemon" in r.stdout
 
 
 def test_layered_model_attaches_bit_exact_from_the_compact_table(daemon, tmp_path):

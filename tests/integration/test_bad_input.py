@@ -105,7 +105,7 @@ def test_bad_checkpoint_is_refused_clearly_and_leaks_nothing(daemon, tmp_path, m
     assert expected in lines[0], lines[0]
     assert daemon.alive()
     st = daemon.status()
-    assert st["resident_bytes"] == "0" and st["open_allocations"] == 0
+    assert st["resident_bytes"] == 0 and st["open_allocations"] == 0
     assert daemon.memfds() == []
     assert len(os.listdir(f"/proc/{daemon.pid}/fd")) <= fds_before
     # and the daemon still loads a good checkpoint afterwards

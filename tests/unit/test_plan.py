@@ -1,13 +1,14 @@
-"""Acceptance 4: ``hotweights plan`` per-GPU weights, free memory and KV capacity.
+"""``hotweights plan``: per-GPU weights, free memory and KV capacity.
 
 Golden numbers come from published configs (tests/data/) and published parameter counts:
 Llama 3.1 405B has 405,853,388,800 parameters, Llama 3.1 8B 8,030,261,248, Mixtral 8x7B
-46,702,792,704, Qwen2.5-0.5B 494,032,768.
+46,702,792,704, Qwen2.5-0.5B 494,032,768; DeepSeek-V3 and gpt-oss-120b below.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -173,7 +174,7 @@ def test_weights_that_do_not_fit():
     p = plan(DATA / "llama-3.1-405b", 4, 141 * GB, reserve=5 * GB)
     assert not p.fits and p.free_bytes_per_gpu < 0
     assert all(r.kv_capacity_tokens == 0 for r in p.kv_options)
-    assert "do not fit" in p.notes[0]
+    assert p.notes[0].startswith("does not fit") and "at tp 8 the bf16 weights fit" in p.notes[0]
 
 
 @pytest.mark.parametrize(
@@ -211,3 +212,202 @@ def test_weights_option_on_a_sharded_directory_is_noted_not_misreported():
     p = plan(d, None, GB, weights="fp8")
     assert p.weights == "fp32" and p.weights_bytes_per_gpu == p.weights_bytes_per_gpu_estimate
     assert "--weights fp8 ignored" in p.notes[0]
+
+
+# ---- multi-head latent attention, packed weights, sliding windows ---------------------------------
+#
+# DeepSeek-V3 (tests/data/deepseek-v3/config.json, as published with the model): 671,026,404,352
+# parameters without its multi-token-prediction layer (the 671B of the model card; transformers'
+# DeepseekV3ForCausalLM built from this config on the meta device counts the same).
+# gpt-oss-120b (tests/data/gpt-oss-120b/config.json, as published): 116,829,156,672 parameters (the
+# model card's 116.83B). Its tensors (MXFP4 experts: uint8 blocks of two weights and a uint8 scale
+# per 32; everything else bf16) add up to 65,248,815,744 bytes; the published safetensors are listed
+# at about 65.2 GB (60.8 GiB).
+GPT_OSS_CHECKPOINT_BYTES = 65_248_815_744
+GPT_OSS_PUBLISHED_GIB = 60.8
+
+
+def deepseek_v3_params_per_gpu(tp: int) -> int:
+    """Parameters on one GPU, written out from the tensor shapes of the checkpoint."""
+    h, heads = 7168, 128 // tp
+    attn = (
+        1536 * h
+        + 1536  # q_a_proj and q_a_layernorm: replicated
+        + heads * (128 + 64) * 1536  # q_b_proj: nope + rope dims per head
+        + (512 + 64) * h
+        + 512  # kv_a_proj_with_mqa and kv_a_layernorm: replicated
+        + heads * (128 + 128) * 512  # kv_b_proj: nope + v dims per head
+        + h * heads * 128  # o_proj
+        + 2 * h  # input and post-attention norms
+    )
+    dense = 3 * h * (18432 // tp)
+    expert = 3 * h * (2048 // tp)
+    moe = 256 * expert + 256 * h + expert  # 256 routed experts, the router, one shared expert
+    return 2 * (129280 // tp) * h + h + 61 * attn + 3 * dense + 58 * moe
+
+
+def test_deepseek_v3_latent_kv_cached_whole_on_every_gpu():
+    p = plan(DATA / "deepseek-v3", 8, 141 * GB, reserve=5 * GB, kv=["bf16", "fp8"])
+    assert p.attention == "mla" and p.head_dim == 512 + 64 and p.kv_heads_replicated
+    bf16, fp8 = p.kv_options
+    assert bf16.kv_bytes_per_token == 61 * 576 * 2 == 70_272
+    assert bf16.kv_bytes_per_token_all_gpus == 8 * 70_272  # the latent is not split by heads
+    assert fp8.kv_bytes_per_token == 35_136
+    assert bf16.kv_capacity_tokens == p.free_bytes_per_gpu // 70_272
+    assert bf16.sequences_at_max_context == bf16.kv_capacity_tokens // 163840
+    assert any("multi-token-prediction" in n for n in p.notes)
+
+
+def test_deepseek_v3_weights():
+    assert deepseek_v3_params_per_gpu(1) == 671_026_404_352
+    e_score_bias = 58 * 256 * 4  # float32, one per routed expert of each MoE layer
+    for tp in (1, 8):
+        bf16 = plan(DATA / "deepseek-v3", tp, 141 * GB, weights="bf16")
+        assert bf16.weights_bytes_per_gpu == deepseek_v3_params_per_gpu(tp) * 2 + e_score_bias
+    total = plan(DATA / "deepseek-v3", 1, 2000 * GB, weights="bf16").weights_bytes_per_gpu
+    assert total == pytest.approx(671e9 * 2, rel=0.02)
+    # The config's own FP8 (128x128 blocks with a float32 scale each; embeddings, norms, routers bf16).
+    fp8 = plan(DATA / "deepseek-v3", 1, 2000 * GB)
+    assert fp8.weights == "fp8" and fp8.weights_bytes_per_gpu == pytest.approx(671e9, rel=0.02)
+    per_gpu = plan(DATA / "deepseek-v3", 8, 141 * GB).weights_bytes_per_gpu
+    assert per_gpu == pytest.approx(671e9 / 8, rel=0.02)  # q_a/kv_a replicated: +1.5%
+    assert fp8.weights_bytes_per_gpu / 8 < per_gpu
+
+
+def gpt_oss_bytes(tp: int, experts_format: str) -> float:
+    h, inter, e, layers = 2880, 2880 // tp, 128, 36
+    expert_weights = e * (2 * inter * h + h * inter)
+    if experts_format == "mxfp4":  # 4 bits and one 8-bit scale per 32 weights of a row
+        experts = e * (2 * inter * h + h * inter) / 2 + e * (2 * inter * (h // 32) + h * math.ceil(inter / 32))
+    else:
+        experts = expert_weights * 2
+    q, kv = 64 // tp * 64, 8 // tp * 64
+    attn = (q + 2 * kv) * h + h * q + (q + 2 * kv) + h + 64 // tp  # weights, q/k/v and o biases, sinks
+    rest = attn + 2 * h + e * h + e + e * (2 * inter + h)  # norms, router and its bias, expert biases
+    return layers * (experts + rest * 2) + (2 * (201088 // tp) * h + h) * 2
+
+
+def test_gpt_oss_120b_mxfp4_weights():
+    p = plan(DATA / "gpt-oss-120b", 1, 141 * GB, reserve=5 * GB)
+    assert p.weights == "mxfp4" and p.fits
+    assert p.weights_bytes_per_gpu == gpt_oss_bytes(1, "mxfp4") == GPT_OSS_CHECKPOINT_BYTES
+    assert p.weights_bytes_per_gpu == pytest.approx(GPT_OSS_PUBLISHED_GIB * 2**30, rel=0.05)
+    tp8 = plan(DATA / "gpt-oss-120b", 8, 141 * GB, reserve=5 * GB)
+    assert tp8.weights_bytes_per_gpu == math.ceil(gpt_oss_bytes(8, "mxfp4"))
+    assert tp8.weights_bytes_per_gpu == pytest.approx(8.2e9, rel=0.01)
+    bf16 = plan(DATA / "gpt-oss-120b", 8, 141 * GB, reserve=5 * GB, weights="bf16")
+    assert bf16.weights_bytes_per_gpu == gpt_oss_bytes(8, "bf16")
+    assert bf16.weights_bytes_per_gpu / tp8.weights_bytes_per_gpu > 3.5  # what counting MXFP4 as bf16 cost
+
+
+def test_gpt_oss_alternating_sliding_window_kv():
+    p = plan(DATA / "gpt-oss-120b", 8, 141 * GB, reserve=5 * GB, kv=["bf16"])
+    assert p.sliding_window == 128 and p.sliding_window_layers == 18 and p.max_context == 131072
+    r = p.kv_options[0]
+    per_layer = 2 * 1 * 64 * 2  # K and V, one KV head per GPU, head_dim 64, 2 bytes
+    assert r.kv_bytes_per_token == 36 * per_layer == 9216
+    assert r.kv_bytes_per_token_past_window == 18 * per_layer
+    assert r.kv_bytes_per_sequence == 18 * per_layer * 131072 + 18 * per_layer * 128
+    assert r.sequences_at_max_context == p.free_bytes_per_gpu // r.kv_bytes_per_sequence
+    assert r.kv_capacity_tokens == p.free_bytes_per_gpu * 131072 // r.kv_bytes_per_sequence
+    # nearly twice the tokens the same memory holds with every layer at full context
+    assert r.kv_capacity_tokens > 1.99 * (p.free_bytes_per_gpu // r.kv_bytes_per_token)
+
+
+def test_sliding_window_on_every_layer(tmp_path):
+    cfg = json.loads((DATA / "llama-3.1-8b" / "config.json").read_text())
+    cfg |= {"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 32768}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    p = plan(tmp_path, 1, 80 * GB, kv=["bf16"])
+    r = p.kv_options[0]
+    assert p.sliding_window_layers == 32 and r.kv_bytes_per_token_past_window == 0
+    assert r.kv_bytes_per_sequence == r.kv_bytes_per_token * 4096
+    full = plan(tmp_path, 1, 80 * GB, kv=["bf16"], max_context=2048).kv_options[0]
+    assert full.kv_bytes_per_sequence == full.kv_bytes_per_token * 2048  # shorter than the window
+
+
+def test_packed_formats_count_their_scales():
+    cfg = load_config(DATA / "llama-3.1-8b")
+    linear = 8_030_261_248 - 2 * 128256 * 4096 - (32 * 2 + 1) * 4096
+    rest = (2 * 128256 * 4096 + (32 * 2 + 1) * 4096) * 2
+    assert estimate_weight_bytes_per_gpu(cfg, 1, "mxfp4") == linear * (1 / 2 + 1 / 32) + rest
+    nvfp4_globals = 32 * 7 * 8  # two float32 scalars per linear weight, seven linear weights a layer
+    assert estimate_weight_bytes_per_gpu(cfg, 1, "nvfp4") == linear * (1 / 2 + 1 / 16) + rest + nvfp4_globals
+
+
+@pytest.mark.parametrize(
+    "quantization,expected",
+    [
+        ({"quant_method": "mxfp4"}, "mxfp4"),
+        ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "nvfp4"),
+        ({"quant_method": "modelopt", "quant_algo": "FP8"}, "fp8"),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {"g": {"weights": {"num_bits": 4, "type": "float", "group_size": 16}}},
+            },
+            "nvfp4",
+        ),
+        ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4}}}}, "int4"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8"),
+        ({"quant_method": "awq"}, "int4"),
+        (None, "bf16"),
+    ],
+)
+def test_the_weight_format_a_config_names(tmp_path, quantization, expected):
+    cfg = json.loads((DATA / "llama-3.1-8b" / "config.json").read_text())
+    if quantization is not None:
+        cfg["quantization_config"] = quantization
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert plan(tmp_path, 1, 80 * GB).weights == expected
+
+
+def test_excluded_modules_stay_in_the_source_precision(tmp_path):
+    """gpt-oss's own list keeps attention in bf16: without it in the list, attention is packed too."""
+    cfg = json.loads((DATA / "gpt-oss-120b" / "config.json").read_text())
+    native = plan(DATA / "gpt-oss-120b", 1, 141 * GB).weights_bytes_per_gpu
+    cfg["quantization_config"]["modules_to_not_convert"] = ["model.layers.*.mlp.router", "model.embed_tokens"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    attn = 36 * (4096 + 2 * 512 + 4096) * 2880  # q/k/v and o weights of every layer
+    packed_attn = plan(tmp_path, 1, 141 * GB).weights_bytes_per_gpu
+    assert native - packed_attn == attn * (2 - (1 / 2 + 1 / 32))  # bf16 -> MXFP4 with its scales
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli():
+    import typer
+
+    from hotweights.cli import offline
+
+    app = typer.Typer()
+    offline.register(app)
+    return app
+
+
+def plan_cli(cli, *args: str):
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(cli, ["plan", *map(str, args)])
+
+
+def test_cli_exits_nonzero_when_the_model_does_not_fit(cli):
+    r = plan_cli(cli, DATA / "llama-3.1-405b", "--tp", 4, "--gpu-memory", "141GB")
+    assert r.exit_code == 1
+    assert "does not fit" in r.stderr and "at tp 8 the bf16 weights fit" in r.stderr
+    assert "DOES NOT FIT" in r.stdout
+    r = plan_cli(cli, DATA / "llama-3.1-405b", "--tp", 4, "--gpu-memory", "141GB", "--json")
+    assert r.exit_code == 1 and json.loads(r.stdout)["fits"] is False
+    r = plan_cli(cli, DATA / "llama-3.1-405b", "--tp", 8, "--gpu-memory", "141GB", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["fits"] is True
+
+
+@pytest.mark.parametrize("option,value", [("--gpu-memory", "141"), ("--reserve", "5")])
+def test_cli_refuses_sizes_without_a_unit(cli, option, value):
+    args = {"--gpu-memory": "141GB", "--reserve": "5GB"} | {option: value}
+    r = plan_cli(cli, DATA / "llama-3.1-405b", "--tp", 8, *[x for kv in args.items() for x in kv])
+    assert r.exit_code == 1
+    assert f"{option} {value}: give a unit, e.g. {value}GB or {value}GiB" in r.stderr
+    assert plan_cli(cli, DATA / "llama-3.1-405b", "--tp", 8, "--gpu-memory", "141GB", "--reserve", "0").exit_code == 0

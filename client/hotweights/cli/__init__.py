@@ -1,28 +1,39 @@
-"""The ``hotweights`` command line: the daemon and the operator's commands."""
+"""The ``hotweights`` command line: the daemon and the operator's commands.
+
+Every command whose output is data takes ``--json``; numbers come out as JSON numbers (see
+:func:`message_dict`). Errors are one line on stderr and exit status 1.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
-from google.protobuf.json_format import MessageToDict
 
 from hotweights import errors
-from hotweights.client import connect
+from hotweights.client import Client, connect
 from hotweights.units import format_size
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
+    # Plain help: the rich formatter prints a type placeholder after flags too ("--json <bool>").
+    rich_markup_mode=None,
     help="hotweights: keep model weights resident on this node's GPUs and attach in milliseconds.",
 )
 
 SocketOpt = typer.Option(None, "--socket", "-s", envvar="HOTWEIGHTS_SOCKET", help="daemon socket path")
+# The client commands read HOTWEIGHTS_SOCKET themselves, to say where a path came from when it fails.
+ClientSocketOpt = typer.Option(
+    None, "--socket", "-s", help="daemon socket path (default: $HOTWEIGHTS_SOCKET, else the standard path)"
+)
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
 
 
@@ -44,8 +55,117 @@ def reported(progress: _Progress | None = None) -> Iterator[None]:
         progress.end()
 
 
-def as_dict(msg) -> dict:
-    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+def _client(socket: str | None, timeout: float = 10.0) -> Client:
+    return connect(socket, timeout=timeout, origin="--socket" if socket else None)
+
+
+def message_dict(msg: Any) -> dict[str, Any]:
+    """A protobuf message as a dict of every field, with 64-bit integers as ints (``MessageToDict``
+    renders them as strings), enums by name, bytes as base64, unset message fields left out."""
+    out: dict[str, Any] = {}
+    for fd in msg.DESCRIPTOR.fields:
+        if fd.has_presence and not fd.is_repeated and not msg.HasField(fd.name):
+            continue
+        value = getattr(msg, fd.name)
+        if fd.is_repeated:
+            out[fd.name] = [_field_value(fd, v) for v in value]
+        else:
+            out[fd.name] = _field_value(fd, value)
+    return out
+
+
+def _field_value(fd: Any, value: Any) -> Any:
+    if fd.type == fd.TYPE_MESSAGE:
+        return message_dict(value)
+    if fd.type == fd.TYPE_ENUM:
+        known = fd.enum_type.values_by_number.get(value)
+        return known.name if known is not None else value
+    if fd.type == fd.TYPE_BYTES:
+        return base64.b64encode(value).decode()
+    return value
+
+
+def print_json(doc: Any) -> None:
+    typer.echo(json.dumps(doc, indent=2))
+
+
+def _version_info(socket: str | None) -> dict[str, Any]:
+    """This package, its protocol, the daemon when one answers, the CUDA driver when importable."""
+    import hotweights
+    from hotweights.wire.pb import pb
+
+    info: dict[str, Any] = {"hotweights": hotweights.__version__, "protocol": pb.DESCRIPTOR.package}
+    try:
+        c = _client(socket, timeout=3.0)
+        try:
+            st = c.status()
+        finally:
+            c.close()
+        info["daemon"] = {
+            "reachable": True,
+            "version": st.daemon_version,
+            "backend": st.backend,
+            "pid": st.pid,
+            "socket": st.socket or c.socket,
+            "gds": st.gds,
+        }
+    except errors.HotweightsError as exc:
+        info["daemon"] = {"reachable": False, "socket": exc.details.get("socket", socket or ""), "error": str(exc)}
+    info["cuda_driver"] = _cuda_driver_version()
+    return info
+
+
+def _cuda_driver_version() -> str | None:
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("cuda.bindings") is None:
+            return None
+        from hotweights.cuda import driver
+
+        v = int(driver.check(driver.driver().cuDriverGetVersion(), "cuDriverGetVersion"))
+    except Exception:  # a version line must never fail on a broken or absent driver
+        return None
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _print_version_info(info: dict[str, Any]) -> None:
+    typer.echo(f"hotweights {info['hotweights']} (protocol {info['protocol']})")
+    d = info["daemon"]
+    if d["reachable"]:
+        typer.echo(f"daemon: hotweightsd {d['version']}, backend {d['backend']}, pid {d['pid']} on {d['socket']}")
+    else:
+        typer.echo(f"daemon: not reachable at {d['socket']}")
+    typer.echo(f"cuda driver: {info['cuda_driver'] or 'not available'}")
+
+
+def _version_flag(value: bool) -> None:
+    if value:
+        _print_version_info(_version_info(None))
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=_version_flag,
+        help="print the versions of hotweights, its protocol, the daemon and the CUDA driver, and exit",
+    ),
+) -> None:
+    """hotweights: keep model weights resident on this node's GPUs and attach in milliseconds."""
+
+
+@app.command("version")
+def version_(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> None:
+    """Versions: this package, the protocol, the daemon (when it answers) and the CUDA driver."""
+    info = _version_info(socket)
+    if json_out:
+        print_json(info)
+    else:
+        _print_version_info(info)
 
 
 @app.command(
@@ -79,7 +199,7 @@ class _Progress:
 
 def _print_version(info, json_out: bool, verb: str) -> None:
     if json_out:
-        typer.echo(json.dumps(as_dict(info), indent=2))
+        print_json(message_dict(info))
         return
     rate = info.bytes / info.load_seconds / 1e9 if info.load_seconds else 0.0
     aliases = f" (alias {', '.join(info.aliases)})" if info.aliases else ""
@@ -99,7 +219,7 @@ def load(
     legacy_ipc: bool = typer.Option(False, "--legacy-ipc", help="cudaMalloc + cudaIpcMemHandle (dies with daemon)"),
     device_map: str | None = typer.Option(None, help="comma-separated device per rank, e.g. 0,1"),
     no_wait: bool = typer.Option(False, "--no-wait", help="return once registered"),
-    socket: str | None = SocketOpt,
+    socket: str | None = ClientSocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Load a checkpoint into resident memory and wait until it is READY."""
@@ -109,7 +229,7 @@ def load(
     except ValueError:
         fail(errors.InvalidArgument(f"--device-map must be comma-separated integers, got {device_map!r}"))
     with reported(progress):
-        info = connect(socket).load(
+        info = _client(socket).load(
             name,
             path,
             version=version,
@@ -132,13 +252,13 @@ def swap(
     drain_timeout: float = typer.Option(60.0, help="seconds to wait for old leases in drain mode"),
     name: str | None = typer.Option(None, help="model name when the alias does not exist yet"),
     verify: str | None = typer.Option(None, help="none | fast | full"),
-    socket: str | None = SocketOpt,
+    socket: str | None = ClientSocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Point an alias at a new version; the old one is freed when its last lease ends."""
     progress = _Progress(not json_out)
     with reported(progress):
-        info = connect(socket).swap(
+        info = _client(socket).swap(
             alias,
             target,
             version=version,
@@ -155,13 +275,19 @@ def swap(
 def alias(
     alias: str = typer.Argument(...),
     target: str | None = typer.Argument(None, help="NAME@VERSION; omit with --remove"),
-    remove: bool = typer.Option(False, "--remove"),
-    socket: str | None = SocketOpt,
+    remove: bool = typer.Option(False, "--remove", help="delete the alias"),
+    socket: str | None = ClientSocketOpt,
+    json_out: bool = JsonOpt,
 ) -> None:
     """Set or remove an alias without loading anything."""
+    if not remove and not target:
+        fail(errors.InvalidArgument("give the alias's target NAME@VERSION, or --remove"))
     with reported():
-        c = connect(socket)
+        c = _client(socket)
         info = c.remove_alias(alias) if remove else c.set_alias(alias, target or "")
+    if json_out:
+        print_json({**message_dict(info), "removed": remove})
+        return
     typer.echo(f"{'removed' if remove else 'set'} {info.alias} -> {info.name}@{info.version}")
 
 
@@ -169,21 +295,25 @@ def alias(
 def unload(
     ref: str = typer.Argument(..., help="NAME (every version) or NAME@VERSION"),
     force: bool = typer.Option(False, "--force", help="unload although leases are live"),
-    socket: str | None = SocketOpt,
+    socket: str | None = ClientSocketOpt,
+    json_out: bool = JsonOpt,
 ) -> None:
     """Free a model's resident memory."""
     with reported():
-        r = connect(socket).unload(ref, force=force)
+        r = _client(socket).unload(ref, force=force)
+    if json_out:
+        print_json(message_dict(r))
+        return
     typer.echo(f"unloaded {', '.join(r.unloaded)} ({format_size(r.bytes_freed)})")
 
 
 @app.command("list")
-def list_(socket: str | None = SocketOpt, json_out: bool = JsonOpt) -> None:
+def list_(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> None:
     """Models, versions, states and aliases."""
     with reported():
-        r = connect(socket).list()
+        r = _client(socket).list()
     if json_out:
-        typer.echo(json.dumps(as_dict(r), indent=2))
+        print_json(message_dict(r))
         return
     if not r.versions:
         typer.echo("no models loaded")
@@ -198,17 +328,19 @@ def list_(socket: str | None = SocketOpt, json_out: bool = JsonOpt) -> None:
 
 
 @app.command()
-def status(socket: str | None = SocketOpt, json_out: bool = JsonOpt) -> None:
+def status(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> None:
     """The daemon: devices, memory, models and live leases."""
     with reported():
-        s = connect(socket).status()
+        s = _client(socket).status()
     if json_out:
-        typer.echo(json.dumps(as_dict(s), indent=2))
+        print_json(message_dict(s))
         return
     typer.echo(
         f"hotweightsd {s.daemon_version} pid {s.pid} backend {s.backend} on {s.socket}, "
         f"up {s.uptime_seconds:.0f}s{' (restored from fd store)' if s.restored else ''}"
     )
+    if s.gds:
+        typer.echo(f"  gds: {s.gds}")
     for d in s.devices:
         typer.echo(
             f"  device {d.index} {d.name}: {format_size(d.free_bytes)} free of {format_size(d.total_bytes)}, "
@@ -222,30 +354,76 @@ def status(socket: str | None = SocketOpt, json_out: bool = JsonOpt) -> None:
 @app.command()
 def watch(
     ref: str = typer.Argument("", help="alias or model name; empty: everything"),
-    socket: str | None = SocketOpt,
+    socket: str | None = ClientSocketOpt,
     count: int = typer.Option(0, help="stop after N events"),
 ) -> None:
     """Print events (version ready, alias moved, ...) as JSON lines."""
     with reported():
-        for i, ev in enumerate(connect(socket).watch(ref), 1):
-            typer.echo(json.dumps(as_dict(ev)))
+        c = _client(socket)
+        if ref:
+            _known_ref(c, ref)
+        if sys.stderr.isatty():
+            typer.echo(f"watching {ref or 'every model and alias'} (Ctrl-C stops)", err=True)
+        for i, ev in enumerate(c.watch(ref), 1):
+            typer.echo(json.dumps(message_dict(ev)))
             if count and i >= count:
                 break
 
 
-@app.command()
-def doctor(socket: str | None = SocketOpt, json_out: bool = JsonOpt) -> None:
-    """Check this node: packages, GPUs, GDS, memlock limit, NUMA, and the daemon."""
-    from hotweights.paths import default_socket
-    from hotweights.tools.doctor import as_dicts, checks
+def _known_ref(c: Client, ref: str) -> None:
+    """Refuses a ref that names no alias and no model, where a watch would wait forever."""
+    r = c.list()
+    aliases = sorted({a.alias for a in r.aliases} | {a for v in r.versions for a in v.aliases})
+    names = sorted({v.name for v in r.versions})
+    if ref in aliases or ref in names:
+        return
+    known = "; ".join(
+        part
+        for part in (
+            f"aliases: {', '.join(aliases)}" if aliases else "",
+            f"models: {', '.join(names)}" if names else "",
+        )
+        if part
+    )
+    raise errors.NotFound(
+        f"no alias or model named {ref!r} to watch ({known or 'nothing is loaded'}); "
+        f"`hotweights watch` without a name follows every model and alias",
+        ref=ref,
+        aliases=aliases,
+        models=names,
+    )
 
-    results = checks(socket or default_socket())
+
+@app.command()
+def doctor(
+    socket: str | None = ClientSocketOpt,
+    models: list[str] | None = typer.Option(
+        None, "--models", "-m", help="a model directory to check (storage, GDS, striping); repeat for more"
+    ),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="the daemon's config.toml (default /etc/hotweights/config.toml)"
+    ),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Check this node as an operator's checklist: OK, WARN or FAIL, each with its fix; exits 1 on any FAIL.
+
+    Packages, NVIDIA driver and CUDA, GPUDirect Storage (nvidia_fs, cufile.json), the filesystems
+    and Lustre striping of the model directories (--models, else the config's preload paths), the
+    Lustre network, memlock, NUMA placement of the GPUs, and the daemon."""
+    from hotweights.tools.doctor import FAIL, WARN, as_dicts, checks
+
+    results = checks(socket, origin="--socket" if socket else None, models=models or (), config=config)
+    failed = sum(c.status == FAIL for c in results)
+    warned = sum(c.status == WARN for c in results)
     if json_out:
-        typer.echo(json.dumps(as_dicts(results), indent=2))
+        print_json(as_dicts(results))
     else:
         for c in results:
-            typer.echo(f"{'ok ' if c.ok else 'BAD'}  {c.name:22} {c.detail}")
-    raise typer.Exit(0 if all(c.ok for c in results) else 1)
+            typer.echo(f"{c.status.upper():4}  {c.name:22} {c.detail}")
+            if c.fix and c.status != "ok":
+                typer.echo(f"{'':28}fix: {c.fix}")
+        typer.echo(f"{len(results)} checks: {failed} FAIL, {warned} WARN")
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command()
@@ -272,7 +450,9 @@ _register_optional()
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(argv, standalone_mode=True)
+        # prog_name: completion scripts and usage lines name the installed command, also under
+        # `python -m hotweights`.
+        app(argv, standalone_mode=True, prog_name="hotweights")
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0

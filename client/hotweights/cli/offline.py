@@ -6,6 +6,7 @@ They work on files alone (no daemon). ``register`` adds them to the main typer a
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -121,9 +122,9 @@ def _no_manifest(directory: Path) -> None:
 def plan(
     model: Path = typer.Argument(..., help="model directory, sharded directory, or config.json"),
     tp: int | None = typer.Option(None, "--tp", help="tensor-parallel size (default: a manifest's)"),
-    gpu_memory: str = typer.Option(..., "--gpu-memory", help="memory per GPU, e.g. 141GB or 80GiB"),
+    gpu_memory: str = typer.Option(..., "--gpu-memory", help="memory per GPU with its unit, e.g. 141GB or 80GiB"),
     weights: str | None = typer.Option(
-        None, "--weights", help="bf16 | fp16 | fp32 | fp8 | int4 (default: the model's)"
+        None, "--weights", help="bf16 | fp16 | fp32 | fp8 | int4 | mxfp4 | nvfp4 (default: the model's own)"
     ),
     kv_dtype: list[str] | None = typer.Option(
         None, "--kv-dtype", help="KV cache dtype (fp16, bf16, fp8, int8, int4, ...); repeat for more rows"
@@ -135,7 +136,9 @@ def plan(
     max_context: int | None = typer.Option(None, "--max-context", help="default: max_position_embeddings"),
     json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
-    """Per GPU: weight bytes, free bytes, KV bytes per token and token capacity for each KV option."""
+    """Per GPU: weight bytes, free bytes, KV bytes per token and token capacity for each KV option.
+
+    Exits 1 when the weights and the reserve do not fit in --gpu-memory."""
     from hotweights.tools.capacity import format_plan
     from hotweights.tools.capacity import plan as make_plan
 
@@ -144,15 +147,33 @@ def plan(
         result = make_plan(
             model,
             tp,
-            parse_size(gpu_memory),
+            size_with_unit("--gpu-memory", gpu_memory),
             weights=weights,
             kv=options or None,
-            reserve=parse_size(reserve),
+            reserve=size_with_unit("--reserve", reserve),
             max_context=max_context,
         )
     except HotweightsError as exc:
         _fail(exc)
     typer.echo(json.dumps(result.to_json(), indent=2) if json_out else format_plan(result))
+    if not result.fits:
+        typer.echo(f"hotweights: {model} {result.notes[0]}", err=True)
+        raise typer.Exit(1)
+
+
+_BARE_NUMBER = re.compile(r"^\s*[0-9]*\.?[0-9]+\s*$")
+
+
+def size_with_unit(option: str, text: str) -> int:
+    """A size that names its unit: a bare ``141`` is refused, not read as 141 bytes (0 needs none)."""
+    from hotweights.errors import InvalidArgument
+
+    if _BARE_NUMBER.match(text) and float(text) != 0:
+        raise InvalidArgument(
+            f"{option} {text.strip()}: give a unit, e.g. {text.strip()}GB or {text.strip()}GiB "
+            f"(a bare number would be read as bytes)"
+        )
+    return parse_size(text)
 
 
 def register(app: typer.Typer) -> None:

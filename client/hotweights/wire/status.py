@@ -66,7 +66,9 @@ def error_from_rpc(rpc_error: grpc.RpcError) -> e.HotweightsError:
     except ValueError:
         pass
     if code == grpc.StatusCode.UNAVAILABLE and CLASS_KEY not in meta:
-        return e.Unavailable(f"hotweights daemon unreachable: {message}")
+        # The transport failed, not the daemon: the client probes the socket path to say why
+        # (hotweights.client.diagnose_unreachable); ``transport`` marks the error for it.
+        return e.Unavailable(f"hotweights daemon unreachable: {message}", transport=True, grpc_message=message)
     err = cls.__new__(cls)
     e.HotweightsError.__init__(err, message or code.name, **details)
     for key in ("op", "code"):

@@ -1,0 +1,177 @@
+"""The operator's commands against a real daemon: --json with numbers as numbers on every data
+command, watch of an unknown name, and the three ways a daemon cannot be reached, each on a real
+socket (none, a stale one, one we may not open)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from support.ckpt_tools import write_model
+from support.daemons import run_client, start_daemon
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hotweights", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def as_json(r: subprocess.CompletedProcess):
+    assert r.returncode == 0, r.stderr + r.stdout
+    return json.loads(r.stdout)
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def test_every_data_command_prints_numbers_as_numbers(daemon, tmp_path):
+    v1, v2 = write_model(tmp_path / "v1.safetensors"), write_model(tmp_path / "v2.safetensors", seed=1)
+    loaded = as_json(daemon.cli("load", "m", str(v1), "--version", "v1", "--json"))
+    assert loaded["state"] == "READY" and loaded["allocation"] == "ALLOCATION_FD"
+    assert is_int(loaded["bytes"]) and loaded["bytes"] > 4_000_000
+    assert is_int(loaded["ranks"][0]["bytes"]) and is_int(loaded["ranks"][0]["tensors"])
+    assert isinstance(loaded["load_seconds"], float)
+    as_json(daemon.cli("load", "m", str(v2), "--version", "v2", "--json"))
+
+    assert as_json(daemon.cli("alias", "prod", "m@v1", "--json")) == {
+        "alias": "prod",
+        "name": "m",
+        "version": "v1",
+        "removed": False,
+    }
+    listed = as_json(daemon.cli("list", "--json"))
+    assert {v["version"] for v in listed["versions"]} == {"v1", "v2"}
+    assert all(is_int(v["bytes"]) and is_int(v["leases"]) for v in listed["versions"])
+    assert listed["aliases"] == [{"alias": "prod", "name": "m", "version": "v1"}]
+
+    st = as_json(daemon.cli("status", "--json"))
+    assert st["pid"] == daemon.pid and st["backend"] == "cpu"
+    assert is_int(st["resident_bytes"]) and st["resident_bytes"] >= 2 * loaded["bytes"]
+    assert all(is_int(d["total_bytes"]) and is_int(d["free_bytes"]) for d in st["devices"])
+
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "hotweights", "watch", "prod", "--count", "1", "--socket", daemon.socket],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The watch subscribes some time after it starts: move the alias until it has seen a move.
+        deadline = time.monotonic() + 30
+        target = "v1"
+        while watcher.poll() is None and time.monotonic() < deadline:
+            as_json(daemon.cli("alias", "prod", f"m@{target}", "--json"))
+            target = "v2" if target == "v1" else "v1"
+            try:
+                watcher.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        out, err = watcher.communicate(timeout=10)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, err
+    ev = json.loads(out.splitlines()[0])
+    assert ev["kind"] == "ALIAS_MOVED" and ev["alias"] == "prod"
+    assert is_int(ev["seq"]) and ev["seq"] > 0 and isinstance(ev["time_unix"], float)
+
+    as_json(daemon.cli("alias", "prod", "m@v1", "--json"))
+    swapped = as_json(daemon.cli("swap", "prod", "m@v2", "--json"))  # v1 is freed: nothing leases it
+    assert swapped["version"] == "v2" and is_int(swapped["bytes"]) and "prod" in swapped["aliases"]
+    assert as_json(daemon.cli("alias", "prod", "--remove", "--json"))["removed"] is True
+    freed = as_json(daemon.cli("unload", "m@v2", "--json"))
+    assert freed["unloaded"] == ["m@v2"] and is_int(freed["bytes_freed"]) and freed["bytes_freed"] >= loaded["bytes"]
+
+    version = as_json(daemon.cli("version", "--json"))
+    assert version["daemon"]["reachable"] is True and version["daemon"]["pid"] == daemon.pid
+    r = cli("--version", env={"HOTWEIGHTS_SOCKET": daemon.socket})
+    assert r.returncode == 0 and f"daemon: hotweightsd 0.1.0, backend cpu, pid {daemon.pid}" in r.stdout
+
+    checks = {c["name"]: c for c in json.loads(daemon.cli("doctor", "--json").stdout)}
+    assert checks["daemon"]["status"] == "ok" and f"pid {daemon.pid}" in checks["daemon"]["detail"]
+
+
+def test_watch_of_an_unknown_name_is_an_error(daemon, tmp_path):
+    daemon.cli(
+        "load", "m", str(write_model(tmp_path / "m.safetensors")), "--version", "v1", "--alias", "prod", check=True
+    )
+    r = daemon.cli("watch", "nosuch", timeout=30)
+    assert r.returncode == 1
+    assert "no alias or model named 'nosuch' to watch (aliases: prod; models: m)" in r.stderr
+
+
+def test_no_socket_file_says_not_running_or_wrong_path(sockdir):
+    missing = str(sockdir / "none.sock")
+    r = cli("list", "--socket", missing)
+    assert r.returncode == 1
+    assert f"no hotweights daemon socket at {missing} (from --socket)" in r.stderr
+    assert "not running, or it listens on another path" in r.stderr
+    r = cli("status", env={"HOTWEIGHTS_SOCKET": missing})
+    assert r.returncode == 1 and f"{missing} (from HOTWEIGHTS_SOCKET)" in r.stderr
+
+
+def test_a_stale_socket_says_the_daemon_is_down(sockdir):
+    d = start_daemon(str(sockdir / "stale.sock"))
+    d.proc.send_signal(signal.SIGKILL)  # no chance to remove its socket file
+    d.proc.wait(timeout=10)
+    assert os.path.exists(d.socket)
+    r = cli("list", "--socket", d.socket)
+    assert r.returncode == 1
+    assert f"nothing listens on {d.socket} (from --socket): the socket file is stale" in r.stderr
+    assert "systemctl start hotweights" in r.stderr
+    r = cli("doctor", "--socket", d.socket, "--json")
+    assert r.returncode == 1
+    daemon_check = next(c for c in json.loads(r.stdout) if c["name"] == "daemon")
+    assert daemon_check["status"] == "fail" and "stale" in daemon_check["detail"] and daemon_check["fix"]
+
+
+# The client runs as nobody in a child process: root ignores file modes. It switches user after its
+# imports, because this machine's interpreter and standard library live where nobody may not read.
+AS_NOBODY = """
+import os, sys
+from hotweights.cli import main
+main(["list", "--socket", sys.argv[1] + ".absent"])  # the failing path's lazy imports, done as root
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+sys.exit(main(["list", "--socket", sys.argv[1]]))
+"""
+
+
+def test_permission_denied_names_the_socket_group_and_mode(daemon, sockdir):
+    if os.geteuid() == 0:
+        os.chmod(sockdir, 0o755)  # the directory lets anyone through: the socket's own mode decides
+        r = run_client(AS_NOBODY, daemon.socket, check=False)
+        assert r.returncode == 1, r.stderr
+        assert (
+            f"permission denied on {daemon.socket} (from --socket): {daemon.socket} is mode 0660, owner root, "
+            f"group root, and user nobody is not in group root" in r.stderr
+        ), r.stderr
+        assert "sudo usermod -aG root nobody" in r.stderr
+    else:
+        os.chmod(daemon.socket, 0)
+        try:
+            r = cli("list", "--socket", daemon.socket)
+        finally:
+            os.chmod(daemon.socket, 0o660)
+        assert r.returncode == 1 and f"permission denied on {daemon.socket}" in r.stderr
+        assert "gives its group no access" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_a_directory_the_user_may_not_enter(daemon, sockdir):
+    os.chmod(sockdir, 0o700)
+    r = run_client(AS_NOBODY, daemon.socket, check=False)
+    assert r.returncode == 1
+    assert f"{sockdir} is mode 0700, owner root, group root, which gives its group no access" in r.stderr, r.stderr
