@@ -1,7 +1,7 @@
 PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
-PROTO_OUT := client/hotweights/_proto
+PROTO_OUT := client/hotweights/wire/_proto
 
 .PHONY: setup demo test check protos check-protos clean
 
