@@ -57,6 +57,9 @@ def skeleton(dtype: torch.dtype | None = None) -> Iterator[None]:
                 # keep the parameter's class and attributes; only its storage moves to meta
                 moved = _same_kind(param, param.to("meta"))
                 moved.requires_grad_(param.requires_grad)
+                # One attribute dict for both: engines set attributes on the object they created after
+                # registering it (vLLM's set_weight_attrs), and those must reach the registered one.
+                moved.__dict__ = param.__dict__
                 param = moved
             original(self, name, param)
 
