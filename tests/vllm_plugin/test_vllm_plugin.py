@@ -55,7 +55,7 @@ def served(tmp_path_factory):
                 check=False,
                 capture_output=True,
                 text=True,
-                env=child_env(),
+                env=child_env(HF_HUB_OFFLINE="1"),
             )
             assert r.returncode == 0, r.stderr
         sock = short_tmpdir()
@@ -76,7 +76,7 @@ def engine(model_dir: Path, *args: str, ok: bool = True) -> dict | subprocess.Co
         capture_output=True,
         text=True,
         timeout=300,
-        env=child_env(),
+        env=child_env(HF_HUB_OFFLINE="1"),
     )
     if not ok:
         return r
