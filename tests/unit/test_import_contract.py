@@ -27,6 +27,10 @@ LAYERS: dict[str, str] = {
     "hotweights.cuda": "kernel.cuda",
     "hotweights": "client",
     "hotweights.tools": "tools",
+    "hotweights.torch": "engines",
+    "hotweights.transformers": "engines",
+    "hotweights.vllm": "engines",
+    "hotweights.vllm_layout": "engines",
     "hotweights.cli": "cli",
     "hotweights.__main__": "cli",
     "hotweightsd": "wiring",
@@ -55,6 +59,7 @@ ALLOWED: dict[str, set[str]] = {
     "backends": NO_TRANSPORT | {"daemon.root", "kernel.cuda", "core", "loaders"},
     "wiring": KERNEL_PARTS | DAEMON,
     "client": KERNEL_PARTS,
+    "engines": KERNEL_PARTS | {"client"},
     "tools": KERNEL_PARTS | {"client"},
     "cli": KERNEL_PARTS | {"client", "tools"},
 }
@@ -67,6 +72,9 @@ FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     "loaders": {"grpc", "torch"},
     "backends": {"grpc", "torch"},
 }
+# Serving engines are reached only through their own adapter module (hotweights.vllm is the plugin
+# vLLM loads; nothing else may drag vLLM into a process that did not ask for it).
+ENGINE_ONLY = {"vllm": {"hotweights.vllm"}, "transformers": {"hotweights.transformers"}}
 # The one sanctioned way up: the operator CLI starts the daemon (`hotweights serve`), lazily.
 LAZY_EXCEPTIONS = {("cli", "hotweightsd.cli")}
 
@@ -234,6 +242,22 @@ def test_every_module_has_a_layer(real_graph):
 def test_the_code_keeps_the_import_contract(real_graph):
     g, _, _ = real_graph
     assert violations(g) == []
+
+
+def engine_breaches(g: Mapping[str, list[tuple[str, bool]]]) -> list[str]:
+    return sorted(
+        f"{name} imports {target}"
+        for name, edges in g.items()
+        for target, _ in edges
+        if name not in ENGINE_ONLY.get(target.split(".")[0], {name})
+    )
+
+
+def test_an_engine_package_is_imported_only_by_its_adapter(real_graph):
+    g, packages, sources = real_graph
+    assert engine_breaches(g) == []
+    poisoned = dict(sources, **{"hotweights.torch": sources["hotweights.torch"] + "\nimport vllm\n"})
+    assert engine_breaches(graph(poisoned, packages)) == ["hotweights.torch imports vllm"]
 
 
 def test_no_import_circles_between_files(real_graph):

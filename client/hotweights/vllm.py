@@ -1,0 +1,282 @@
+"""vLLM model loader plugin: ``--load-format hotweights`` serves the weights the node's daemon holds.
+
+Installed with the package, vLLM finds it through the ``vllm.general_plugins`` entry point and every
+vLLM process (engine core, workers) registers the loader before loading a model:
+
+    LLM(model="/models/llama-8b", load_format="hotweights",
+        model_loader_extra_config={"model": "llama-8b", "socket": "/run/hotweights/hotweights.sock"})
+
+``model`` (required) is the daemon's NAME, NAME@VERSION or alias; ``socket`` the daemon's socket
+(default: hotweights' usual lookup); ``mode``:
+- ``zero_copy``: the version must be in vLLM's layout (``python -m hotweights.vllm_layout``, one rank per
+  tensor-parallel rank): every vLLM parameter is bound to the attached tensor of the same name, no copy.
+  vLLM's own post-processing then runs as usual; where it repacks a weight (vLLM's CPU kernels pack
+  every linear weight into their own format), the packed copy is the engine's and the attached tensor
+  is only read once. On a GPU with unquantized weights post-processing leaves them as they are.
+- ``copy``: engine-owned parameters, each filled by one copy from the attachment: from a vLLM-layout
+  version 1:1, or from an unsplit Hugging Face checkpoint through the same recipe (each rank takes
+  its part, q|k|v and gate|up concatenated, vocabulary padded), never through ``model.load_weights``.
+- ``auto`` (default): ``zero_copy`` for a vLLM-layout version, ``copy`` otherwise.
+Unknown keys are an error. The loader checks the version's tensor-parallel size, architecture and
+dtype against the engine's and names both sides when they differ.
+
+The attachment (and so the daemon's lease) lives as long as the model: ``model.hotweights_attachment``.
+This module is the only one that imports vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
+from vllm.utils.torch_utils import set_default_torch_dtype
+
+import hotweights
+from hotweights import errors
+from hotweights import vllm_layout as layout
+from hotweights.torch import bind, skeleton
+
+logger = init_logger(__name__)
+
+LOAD_FORMAT = "hotweights"
+MODES = ("auto", "zero_copy", "copy")
+_KEYS = ("model", "socket", "mode")
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point."""
+    if LOAD_FORMAT not in _registered():
+        register_model_loader(LOAD_FORMAT)(HotweightsModelLoader)
+
+
+def _registered() -> dict:
+    from vllm.model_executor import model_loader
+
+    return model_loader._LOAD_FORMAT_TO_MODEL_LOADER
+
+
+def _tp() -> tuple[int, int]:
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+class HotweightsModelLoader(BaseModelLoader):
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        extra = dict(load_config.model_loader_extra_config or {})
+        unknown = sorted(set(extra) - set(_KEYS))
+        if unknown:
+            raise errors.InvalidArgument(
+                f"load format {LOAD_FORMAT!r}: unknown model_loader_extra_config key(s) {unknown}; known: {list(_KEYS)}"
+            )
+        if not extra.get("model"):
+            raise errors.InvalidArgument(
+                f"load format {LOAD_FORMAT!r} needs model_loader_extra_config={{'model': NAME}} "
+                f"(the daemon's model, version or alias)"
+            )
+        self.ref = str(extra["model"])
+        self.socket = extra.get("socket")
+        self.mode = extra.get("mode", "auto")
+        if self.mode not in MODES:
+            raise errors.InvalidArgument(
+                f"load format {LOAD_FORMAT!r}: mode must be one of {list(MODES)}, got {self.mode!r}"
+            )
+        self.attached_bytes = 0
+        self.report: dict = {}
+
+    # --- what vLLM asks ------------------------------------------------------------------------
+
+    def get_external_weight_memory(self, vllm_config: VllmConfig) -> int:
+        """The rank's bytes that stay in the daemon's memory (zero copy): vLLM leaves them out of its budget."""
+        if self.mode == "copy":
+            return 0
+        rank, _ = _tp()
+        with hotweights.connect(self.socket) as client:
+            info = _version_info(client, self.ref)
+        if info is None or not _is_engine_layout_source(info.source):
+            return 0  # auto mode will copy: the engine owns the memory
+        return next((int(r.bytes) for r in info.ranks if r.rank == rank), 0)
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        # The daemon holds the weights; only check that it knows the model.
+        with hotweights.connect(self.socket) as client:
+            if _version_info(client, self.ref) is None:
+                raise errors.NotFound(f"the hotweights daemon at {client.socket} has no model {self.ref!r}")
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        """Refills an already built model from the daemon (copies; the model keeps its memory)."""
+        rank, tp = _tp()
+        client = hotweights.connect(self.socket)
+        with client.attach(self.ref, rank=rank, holder=f"vllm-reload:{os.getpid()}") as att:
+            _check_world(att, tp)
+            self._copy_into(model, att, client, tp, rank)
+        client.close()
+
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        rank, tp = _tp()
+        device_config = vllm_config.device_config
+        target = torch.device(device_config.device if self.load_config.device is None else self.load_config.device)
+        client = hotweights.connect(self.socket)
+        att = client.attach(self.ref, rank=rank, holder=f"vllm:{os.getpid()}:tp{rank}")
+        try:
+            _check_world(att, tp)
+            _check_config(att, client, model_config)
+            engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
+            mode = self.mode if self.mode != "auto" else ("zero_copy" if engine_layout else "copy")
+            if mode == "zero_copy" and not engine_layout:
+                raise errors.InvalidArgument(
+                    f"{att.key} is in the Hugging Face layout: zero copy needs vLLM's layout "
+                    f"(python -m hotweights.vllm_layout SRC OUT --tp {tp}, then load OUT), or mode='copy'"
+                )
+            with set_default_torch_dtype(model_config.dtype), target:
+                if mode == "zero_copy":
+                    with skeleton():
+                        model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+                    rep = bind(model, att)
+                    self.attached_bytes = rep.nbytes
+                    self.report = {"mode": mode, "bound": len(rep.bound), "tied": rep.tied, "bytes": rep.nbytes}
+                else:
+                    model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+                    self._copy_into(model, att, client, tp, rank)
+                process_weights_after_loading(model, model_config, target)
+        except BaseException:
+            att.release()
+            client.close()
+            raise
+        if mode == "copy":
+            att.release()  # every byte was copied: nothing to hold
+            client.close()
+        else:
+            # the parameters alias the attachment: the lease lives with the model
+            model.hotweights_attachment = att
+            model.hotweights_client = client
+        logger.info("hotweights: %s rank %d/%d loaded in %s mode (%s)", att.key, rank, tp, mode, self.report)
+        return model.eval()
+
+    # --- copy mode -----------------------------------------------------------------------------
+
+    def _copy_into(self, model: nn.Module, att, client, tp: int, rank: int) -> None:
+        params = dict(model.named_parameters())
+        engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
+        if engine_layout:
+            sources = {name: att[name] for name in params if name in att}
+            extra = sorted(set(att) - set(params))
+        else:
+            if att.world_size != 1:
+                raise errors.InvalidArgument(
+                    f"{att.key}: copy mode reads an unsplit Hugging Face checkpoint (tp=1) or a vLLM-layout one; "
+                    f"this one is split for tp={att.world_size} in the Hugging Face layout"
+                )
+            config = _checkpoint_config(client, att)
+            sources = layout.build_rank(att.__getitem__, list(att), config, tp, rank, only=params)
+            extra = sorted(set(layout.engine_names(att)) - set(params) - {"lm_head.weight"})
+        _copy_checked(model, params, sources, extra, att)
+        self.attached_bytes = 0
+        self.report = {
+            "mode": "copy",
+            "copied": len(sources),
+            "bytes": sum(t.numel() * t.element_size() for t in sources.values()),
+        }
+
+
+def _copy_checked(model, params: dict, sources: dict, extra: list[str], att) -> None:
+    missing = sorted(set(params) - set(sources))
+    wrong = [
+        f"{n}: attached {tuple(sources[n].shape)} {sources[n].dtype}, engine wants "
+        f"{tuple(params[n].shape)} {params[n].dtype}"
+        for n in sorted(sources)
+        if tuple(sources[n].shape) != tuple(params[n].shape) or sources[n].dtype != params[n].dtype
+    ]
+    if missing or wrong or extra:
+        lines = [f"cannot fill {type(model).__name__} from {att.key} rank {att.rank}"]
+        for title, items in (
+            ("shape or dtype differs", wrong),
+            ("missing from the attachment", missing),
+            ("not in the engine's model", extra),
+        ):
+            if items:
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {i}" for i in items)
+        raise errors.BindError("\n".join(lines), missing=missing, unexpected=extra, wrong_shape=wrong)
+    with torch.no_grad():
+        for name, src in sources.items():
+            params[name].data.copy_(src)
+
+
+# --- checks ----------------------------------------------------------------------------------------
+
+
+def _check_world(att, tp: int) -> None:
+    engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
+    if att.world_size == tp or (att.world_size == 1 and not engine_layout):
+        return
+    raise errors.BindError(
+        f"{att.key} is split for tensor parallelism tp={att.world_size}, but the engine runs tensor_parallel_size={tp}",
+        tp_attached=att.world_size,
+        tp_wanted=tp,
+    )
+
+
+def _check_config(att, client, model_config: ModelConfig) -> None:
+    problems = []
+    config = _find_config(client, att)
+    engine_archs = list(getattr(model_config.hf_config, "architectures", None) or [])
+    if config is not None:
+        archs = list(config.get("architectures") or [])
+        if archs and engine_archs and archs != engine_archs:
+            problems.append(f"architecture: checkpoint {archs}, engine {engine_archs}")
+    floating = {att[n].dtype for n in att if att[n].is_floating_point()}
+    if floating and model_config.dtype not in floating:
+        names = ", ".join(sorted(str(d) for d in floating))
+        problems.append(f"dtype: checkpoint {names}, engine {model_config.dtype}")
+    if problems:
+        raise errors.BindError(f"{att.key} does not fit the engine's model: " + "; ".join(problems), problems=problems)
+
+
+def _version_info(client, ref: str):
+    listed = client.list()
+    target = ref
+    for a in listed.aliases:
+        if a.alias == ref:
+            target = f"{a.name}@{a.version}"
+    name, _, version = target.partition("@")
+    found = [v for v in listed.versions if v.name == name and (not version or v.version == version)]
+    return max(found, key=lambda v: v.created_unix) if found else None
+
+
+def _source_dir(source: str) -> Path | None:
+    if not source:
+        return None
+    p = Path(source)
+    return p.parent if p.suffix == ".safetensors" else p
+
+
+def _is_engine_layout_source(source: str) -> bool:
+    d = _source_dir(source)
+    return d is not None and (d / "hotweights-layout.json").is_file()
+
+
+def _find_config(client, att) -> dict | None:
+    for v in client.list().versions:
+        if v.name == att.name and v.version == att.version:
+            d = _source_dir(v.source)
+            if d is not None and (d / "config.json").is_file():
+                return json.loads((d / "config.json").read_text())
+    return None
+
+
+def _checkpoint_config(client, att) -> dict:
+    config = _find_config(client, att)
+    if config is None:
+        raise errors.InvalidArgument(f"{att.key}: no config.json beside its checkpoint")
+    return config

@@ -1,0 +1,218 @@
+"""vLLM's parameter layout for Llama-family checkpoints, as data: which Hugging Face tensors make which
+vLLM parameter of a tensor-parallel rank, and how.
+
+vLLM fuses by concatenation and splits Megatron-style; per rank ``r`` of ``tp``:
+- ``qkv_proj`` = q rows of the rank's attention heads | k rows | v rows of its KV heads (a KV head is
+  replicated over ``tp / num_key_value_heads`` ranks when tp exceeds the KV heads), biases alike;
+- ``gate_up_proj`` = the rank's rows of gate | its rows of up;
+- ``o_proj`` and ``down_proj`` split by input columns, their biases whole;
+- ``embed_tokens`` and an untied ``lm_head``: the vocabulary padded with zero rows to a multiple of 64,
+  then split by rows;
+- anything else (norms) whole on every rank.
+
+``python -m hotweights.vllm_layout SRC OUT --tp N`` writes a checkpoint in that layout
+(``model-rank-R-part-0.safetensors`` plus config.json and the tokenizer files): loaded into the daemon,
+each rank's tensors carry vLLM's names and shapes, so the vLLM plugin binds them without a copy.
+The same recipe fills engine-owned parameters in the plugin's copy mode. Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from hotweights.errors import InvalidArgument
+
+# Architectures whose vLLM model uses exactly this layout (checked against vLLM 0.32's llama.py and qwen2.py).
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE
+
+_QKV = re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj\.(weight|bias)$")
+_GATE_UP = re.compile(r"^(.*\.mlp)\.(gate|up)_proj\.(weight|bias)$")
+
+
+def _part(name: str) -> str:
+    """q, k, v, gate or up: which slice of a fused tensor ``name`` is."""
+    m = _QKV.match(name) or _GATE_UP.match(name)
+    if m is None:
+        raise ValueError(f"{name} is not part of a fused tensor")
+    return m.group(2)
+
+
+_ROW = re.compile(r"^.*\.(o_proj|down_proj)\.(weight|bias)$")
+_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+class Shape:
+    """The facts of a config the layout depends on."""
+
+    def __init__(self, config: dict, tp: int) -> None:
+        archs = config.get("architectures") or []
+        if not any(a in ARCHITECTURES for a in archs):
+            raise InvalidArgument(f"vLLM layout: architecture {archs} is not one of {list(ARCHITECTURES)}")
+        self.heads = int(config["num_attention_heads"])
+        self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
+        self.head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // self.heads)
+        self.vocab = int(config["vocab_size"])
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        self.tp = tp
+        bad = []
+        if tp < 1 or self.heads % tp:
+            bad.append(f"num_attention_heads={self.heads}")
+        if self.kv_heads % tp and tp % self.kv_heads:
+            bad.append(f"num_key_value_heads={self.kv_heads}")
+        if int(config["intermediate_size"]) % tp:
+            bad.append(f"intermediate_size={config['intermediate_size']}")
+        if bad:
+            raise InvalidArgument(f"vLLM layout: tp={tp} does not divide {', '.join(bad)}")
+        self.padded_vocab = -(-self.vocab // VOCAB_PADDING) * VOCAB_PADDING
+        if self.padded_vocab % tp:
+            raise InvalidArgument(f"vLLM layout: tp={tp} does not divide the padded vocabulary {self.padded_vocab}")
+
+    def kv_range(self, rank: int) -> tuple[int, int]:
+        if self.tp <= self.kv_heads:
+            per = self.kv_heads // self.tp
+            return rank * per, per
+        return rank // (self.tp // self.kv_heads), 1
+
+
+def engine_names(names: Iterable[str]) -> dict[str, list[str]]:
+    """vLLM parameter name -> the Hugging Face tensors it is made of, in order."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        m = _QKV.match(name) or _GATE_UP.match(name)
+        if m:
+            fused = f"{m.group(1)}.{'qkv' if m.re is _QKV else 'gate_up'}_proj.{m.group(3)}"
+            out.setdefault(fused, []).append(name)
+        else:
+            out[name] = [name]
+    order = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
+    for parts in out.values():
+        if len(parts) > 1:
+            parts.sort(key=lambda n: order[_part(n)])
+    return out
+
+
+def rank_tensor(name: str, t: torch.Tensor, shape: Shape, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s part of the unsplit Hugging Face tensor ``name`` (a view where no padding is needed)."""
+    tp = shape.tp
+    m = _QKV.match(name)
+    if m:
+        if m.group(2) == "q":
+            per = shape.heads // tp * shape.head_dim
+            return t.narrow(0, rank * per, per)
+        first, count = shape.kv_range(rank)
+        return t.narrow(0, first * shape.head_dim, count * shape.head_dim)
+    if _GATE_UP.match(name):
+        per = t.shape[0] // tp
+        return t.narrow(0, rank * per, per)
+    m = _ROW.match(name)
+    if m:
+        if m.group(2) == "bias":
+            return t
+        per = t.shape[1] // tp
+        return t.narrow(1, rank * per, per)
+    if name in _VOCAB:
+        per = shape.padded_vocab // tp
+        lo, hi = rank * per, min((rank + 1) * per, shape.vocab)
+        rows = t.narrow(0, lo, max(hi - lo, 0))
+        if rows.shape[0] == per:
+            return rows
+        out = torch.zeros((per,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        out[: rows.shape[0]] = rows
+        return out
+    return t
+
+
+def build_rank(
+    get: Callable[[str], torch.Tensor],
+    names: Iterable[str],
+    config: dict,
+    tp: int,
+    rank: int,
+    only: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """vLLM name -> rank ``rank``'s tensor, made from unsplit Hugging Face tensors read through ``get``.
+
+    ``only`` limits the result to those vLLM names (the plugin asks for one parameter at a time).
+    """
+    shape = Shape(config, tp)
+    plan = engine_names(names)
+    if shape.tied:
+        plan.pop("lm_head.weight", None)  # vLLM ties lm_head to embed_tokens: one parameter
+    wanted = plan if only is None else {k: plan[k] for k in only if k in plan}
+    out = {}
+    for fused, parts in wanted.items():
+        pieces = [rank_tensor(p, get(p), shape, rank) for p in parts]
+        out[fused] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+    return out
+
+
+def convert(src: Path, out: Path, tp: int) -> list[Path]:
+    """Writes ``model-rank-R-part-0.safetensors`` for each rank in vLLM's layout, plus the aux files."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, out = Path(src), Path(out)
+    config = json.loads((src / "config.json").read_text())
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise InvalidArgument(f"{src}: no .safetensors files")
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                where[k] = f
+    handles = {f: safe_open(str(f), "pt") for f in files}
+    out.mkdir(parents=True, exist_ok=False)
+    written = []
+    for rank in range(tp):
+        tensors = build_rank(lambda n: handles[where[n]].get_tensor(n), list(where), config, tp, rank)
+        path = out / f"model-rank-{rank}-part-0.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+        written.append(path)
+    for name in AUX_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    layout = {"engine": "vllm", "tp": tp, "vocab_padding": VOCAB_PADDING, "source": str(src.resolve())}
+    (out / "hotweights-layout.json").write_text(json.dumps(layout, indent=1) + "\n")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m hotweights.vllm_layout",
+        description="Write a Hugging Face Llama-family checkpoint in vLLM's per-rank layout.",
+    )
+    ap.add_argument("src", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--tp", type=int, default=1)
+    args = ap.parse_args(argv)
+    try:
+        paths = convert(args.src, args.out, args.tp)
+    except (InvalidArgument, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""A serving process whose model does not fit the attached tensors: prints one JSON line with the
+error ``from_hotweights`` raised and the daemon's lease count after it, while this process still lives.
+
+    hf_mismatch.py SOCKET REF [CONFIG_DIR]
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+
+
+def main() -> None:
+    import hotweights
+    from hotweights.transformers import from_hotweights
+
+    sock, ref = sys.argv[1], sys.argv[2]
+    config = sys.argv[3] if len(sys.argv) > 3 else None
+    client = hotweights.connect(sock)
+    out: dict = {}
+    try:
+        model = from_hotweights(ref, client=client, config=config)
+        out["raised"] = None
+        # dropping the model ends its lease (the wait below sees it); collect in case of reference cycles
+        del model
+        gc.collect()
+    except hotweights.HotweightsError as exc:
+        out.update(
+            raised=type(exc).__name__,
+            message=str(exc),
+            details={k: v for k, v in exc.details.items() if isinstance(v, (list, int, str))},
+            is_invalid_argument=isinstance(exc, hotweights.errors.InvalidArgument),
+        )
+    # The error path releases synchronously; the bounded wait only tolerates the daemon's bookkeeping.
+    deadline = time.monotonic() + 5
+    leases = list(client.status().leases)
+    while leases and time.monotonic() < deadline:
+        time.sleep(0.02)
+        leases = list(client.status().leases)
+    out["leases_after_error"] = len(leases)
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""A vLLM serving process: greedy tokens for three prompts, per-parameter checksums and where each
+parameter's memory lies. Prints one JSON line.
+
+    vllm_generate.py MODEL_DIR [--load-format hotweights --extra JSON]
+
+The engine runs in this process (no engine-core or worker subprocesses) so that the parameters can
+be inspected here; the loader is the same one a multi-process engine uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+PROMPTS = [[1, 5, 9, 33, 70], [2, 7], [11, 400, 3, 3, 3, 250, 17]]
+BEFORE_POSTPROCESSING: dict[str, str] = {}
+
+
+def record_before_postprocessing() -> None:
+    """Digests of every parameter as the loader left it, before vLLM's post-processing.
+
+    On the CPU, post-processing repacks every linear weight into the kernels' own format and empties
+    the parameter, so the engine's own checksums cannot see whether q|k|v and gate|up were laid out
+    right; these can. Both loaders call ``process_weights_after_loading`` by the name they imported.
+    """
+    import hashlib
+
+    import torch
+    import vllm.model_executor.model_loader.base_loader as base
+
+    import hotweights.vllm as plugin
+
+    original = base.process_weights_after_loading
+
+    def wrapped(model, model_config, target_device):
+        for name, p in model.named_parameters():
+            data = p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+            BEFORE_POSTPROCESSING[name] = f"{tuple(p.shape)}:{hashlib.sha256(data).hexdigest()}"
+        return original(model, model_config, target_device)
+
+    base.process_weights_after_loading = wrapped
+    plugin.process_weights_after_loading = wrapped
+
+
+def mappings() -> list[tuple[int, int, str]]:
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            out.append((lo, hi, line.strip()))
+    return out
+
+
+def where_params(worker) -> dict:
+    model = worker.model_runner.model
+    spans = [(lo, hi) for lo, hi, line in mappings() if "memfd:hotweights" in line]
+    aliased, own, emptied = [], [], []
+    for name, p in model.named_parameters():
+        if p.numel() == 0:
+            emptied.append(name)  # vLLM's CPU kernels repacked it into their own memory
+            continue
+        lo = p.data_ptr()
+        hi = lo + p.numel() * p.element_size()
+        (aliased if any(a <= lo and hi <= b for a, b in spans) else own).append(name)
+    return {
+        "aliased": aliased,
+        "own": own,
+        "emptied": emptied,
+        "holds_attachment": hasattr(model, "hotweights_attachment"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--extra", default="{}")
+    args = ap.parse_args()
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    record_before_postprocessing()
+    llm = LLM(
+        model=args.model,
+        load_format=args.load_format,
+        model_loader_extra_config=json.loads(args.extra),
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        dtype="bfloat16",
+        max_model_len=128,
+        max_num_seqs=4,
+        max_num_batched_tokens=256,
+        gpu_memory_utilization=0.1,
+        distributed_executor_backend="uni",
+        seed=0,
+    )
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
+        SamplingParams(temperature=0, max_tokens=12),
+        use_tqdm=False,
+    )
+    result = {
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "checksums": llm.collective_rpc("compute_weight_checksums")[0],
+        "params": llm.collective_rpc(where_params)[0],
+        "before_postprocessing": BEFORE_POSTPROCESSING,
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

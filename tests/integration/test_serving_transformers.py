@@ -1,0 +1,174 @@
+"""Transformers models whose weights are the daemon's memory.
+
+A real daemon (cpu backend) on a real unix socket; the serving side runs as separate processes
+(tests/clients/*.py) that build the model with ``hotweights.transformers.from_hotweights``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from support import CLIENTS, child_env
+from support.daemons import short_tmpdir, start_daemon
+from support.models import llama_config, qwen2_config, save_model, weight_bytes
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One daemon for the module, with the models every test here reads."""
+    root = tmp_path_factory.mktemp("serving")
+    sock = short_tmpdir()
+    d = start_daemon(str(Path(sock) / "hw.sock"))
+    models = {"llama": save_model(llama_config(), root / "llama"), "qwen2": save_model(qwen2_config(), root / "qwen2")}
+    for name, path in models.items():
+        d.cli("load", name, str(path), check=True)
+    yield d, models, root
+    code = d.stop()
+    shutil.rmtree(sock, ignore_errors=True)
+    assert code == 0, f"daemon exited with {code}:\n{d.logs()}"
+
+
+def run_program(name: str, *args: str, timeout: float = 180) -> dict:
+    r = subprocess.run(
+        [sys.executable, str(CLIENTS / name), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+    )
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert r.returncode == 0 and lines, f"{name} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    return json.loads(lines[-1])
+
+
+def wait_no_leases(d) -> list:
+    return d.wait_status(lambda st: not st["leases"], timeout=10)["leases"]
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_model_from_daemon_memory_equals_from_pretrained(served, model):
+    d, models, _ = served
+    out = run_program("hf_model.py", d.socket, model, str(models[model]))
+    assert out["device"] == "cpu"
+    assert out["logits_equal"], out
+    assert out["buffers_equal"] and out["param_names_equal"], out
+    assert out["outside"] == [], out
+    assert out["mapping_modes"] == ["r--s"], out  # shared and read-only: the daemon's pages, not a copy
+    if model == "qwen2":
+        assert out["lm_head_tied"], out  # tied weights stay one parameter over one attached tensor
+    else:
+        assert not out["lm_head_tied"], out
+    assert out["leases_before_release"] == 1 and out["leases_after_release"] == 0, out
+    assert wait_no_leases(d) == []
+
+
+def test_building_the_model_allocates_no_weight_memory(served):
+    d, models, _ = served
+    weights = weight_bytes(models["llama"])
+    assert weights > 50 * 2**20, "the model must be big enough for the RSS measurement to mean something"
+    out = run_program("hf_model.py", d.socket, "llama", str(models["llama"]))
+    assert out["param_bytes"] == weights, out
+    assert out["rss_growth_bytes"] < 0.10 * weights, out
+    # the forward pass maps the shared pages in; private memory grows by activations only
+    assert out["anon_growth_after_forward_bytes"] < 0.10 * weights, out
+    assert out["logits_equal"], out
+
+
+def _broken_copy(src: Path, dst: Path) -> dict[str, str]:
+    """A copy of ``src`` with a tensor missing, one mis-shaped, one mis-typed and one extra; what each is."""
+    dst.mkdir()
+    for f in ("config.json", "generation_config.json"):
+        shutil.copy(src / f, dst / f)
+    sd = load_file(str(src / "model.safetensors"))
+    broken = {
+        "missing": "model.layers.1.mlp.up_proj.weight",
+        "shape": "model.layers.0.self_attn.k_proj.weight",
+        "dtype": "model.norm.weight",
+        "unexpected": "model.layers.0.self_attn.extra.weight",
+    }
+    del sd[broken["missing"]]
+    sd[broken["shape"]] = sd[broken["shape"]][:-32].clone()
+    sd[broken["dtype"]] = sd[broken["dtype"]].float()
+    sd[broken["unexpected"]] = torch.zeros(4, 4, dtype=torch.bfloat16)
+    save_file(sd, str(dst / "model.safetensors"))
+    return broken
+
+
+def test_mismatch_is_one_error_naming_every_offender_and_nothing_stays_leased(served):
+    d, models, root = served
+    broken = _broken_copy(models["qwen2"], root / "qwen2-broken")
+    d.cli("load", "broken", str(root / "qwen2-broken"), check=True)
+    try:
+        out = run_program("hf_mismatch.py", d.socket, "broken")
+    finally:
+        d.cli("unload", "broken")
+    assert out["raised"] == "BindError" and out["is_invalid_argument"], out
+    msg = out["message"]
+    for what, name in broken.items():
+        assert name in msg, (what, msg)
+    assert "4 tensor(s) do not match" in msg, msg
+    assert "attached (96, 256), module wants (128, 256)" in msg, msg
+    assert "F32" in msg and "torch.bfloat16" in msg, msg  # both sides of the dtype mismatch
+    assert out["details"]["missing"] == [broken["missing"]], out
+    assert out["details"]["unexpected"] == [broken["unexpected"]], out
+    assert out["leases_after_error"] == 0, out
+    assert wait_no_leases(d) == []
+
+
+def test_tp_split_version_is_refused_naming_both_sizes(served, tmp_path):
+    d, models, root = served
+    shard = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hotweights",
+            "shard",
+            str(models["qwen2"]),
+            str(root / "qwen2-tp2"),
+            "--tp",
+            "2",
+            "--no-progress",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+    )
+    assert shard.returncode == 0, shard.stderr
+    d.cli("load", "tp2", str(root / "qwen2-tp2"), check=True)
+    try:
+        out = run_program("hf_mismatch.py", d.socket, "tp2")
+    finally:
+        d.cli("unload", "tp2")
+    assert out["raised"] == "BindError", out
+    assert "tp=2" in out["message"] and "tp=1" in out["message"], out
+    assert out["details"] == {"tp_attached": 2, "tp_wanted": 1}, out
+    assert out["leases_after_error"] == 0, out
+    assert wait_no_leases(d) == []
+
+
+def test_missing_config_is_a_clear_error_and_releases(served, tmp_path):
+    d, models, root = served
+    bare = root / "bare"
+    bare.mkdir()
+    shutil.copy(models["qwen2"] / "model.safetensors", bare / "model.safetensors")
+    d.cli("load", "bare", str(bare), check=True)
+    try:
+        out = run_program("hf_mismatch.py", d.socket, "bare")
+        assert out["raised"] == "InvalidArgument" and "config.json" in out["message"], out
+        assert out["leases_after_error"] == 0, out
+        # the same files with the config passed by the caller load fine
+        ok = run_program("hf_mismatch.py", d.socket, "bare", str(models["qwen2"]))
+        assert ok["raised"] is None and ok["leases_after_error"] == 0, ok
+    finally:
+        d.cli("unload", "bare")

@@ -1,0 +1,78 @@
+"""Tiny random transformers checkpoints (``save_pretrained`` output) for the serving tests.
+
+The head dimension is 32 or more because vLLM's CPU attention kernels need that; the Llama has
+grouped-query attention (fewer KV heads than query heads) and untied output embeddings, the Qwen2
+q/k/v biases and tied embeddings, so between them they cover what binding has to get right.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = {
+        "vocab_size": 16000,
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+    }
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def qwen2_config(**overrides):
+    from transformers import Qwen2Config
+
+    kw = {
+        "vocab_size": 4096,
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+    }
+    kw.update(overrides)
+    return Qwen2Config(**kw)
+
+
+def save_model(config, directory: Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
+    """A randomly initialised model of ``config`` saved with ``save_pretrained`` (config.json beside it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config.dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        # biases are zeros after init; random ones make a q/k/v bias mix-up show in the logits
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(str(directory))
+    return directory
+
+
+def weight_bytes(directory: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                t = st.get_slice(k)
+                n = 1
+                for d in t.get_shape():
+                    n *= d
+                total += n * {"BF16": 2, "F16": 2, "F32": 4}[t.get_dtype()]
+    return total

@@ -1,0 +1,84 @@
+"""A checkpoint written in vLLM's layout for tensor parallelism, served by the
+daemon rank by rank, equals what vLLM's own weight loaders build for each rank."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import CLIENTS, child_env
+from support.daemons import short_tmpdir, start_daemon
+from support.models import llama_config, qwen2_config, save_model
+
+MODELS = {
+    # GQA with the vocabulary padded (500 -> 512); at tp=4 each KV head is replicated on two ranks
+    "llama": lambda: llama_config(
+        vocab_size=500,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    ),
+    # q/k/v biases, tied embeddings
+    "qwen2": lambda: qwen2_config(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def daemon_env(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", child_env()["PYTHONPATH"])  # the daemon inherits os.environ
+        sock = short_tmpdir()
+        d = start_daemon(str(Path(sock) / "hw.sock"))
+        yield d, tmp_path_factory.mktemp("tp")
+        code = d.stop()
+        shutil.rmtree(sock, ignore_errors=True)
+        assert code == 0, d.logs()
+
+
+@pytest.mark.parametrize(("model", "tp"), [("llama", 2), ("llama", 4), ("qwen2", 2)])
+def test_each_rank_equals_vllms_own_loader(daemon_env, model, tp):
+    d, root = daemon_env
+    hf = save_model(MODELS[model](), root / model) if not (root / model).exists() else root / model
+    out_dir = root / f"{model}-vllm-tp{tp}"
+    r = subprocess.run(
+        [sys.executable, "-m", "hotweights.vllm_layout", str(hf), str(out_dir), "--tp", str(tp)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=child_env(HF_HUB_OFFLINE="1"),
+    )
+    assert r.returncode == 0, r.stderr
+    ref = f"{model}-tp{tp}"
+    d.cli("load", ref, str(out_dir), check=True)
+    r = subprocess.run(
+        [sys.executable, str(CLIENTS / "vllm_tp_layout.py"), d.socket, ref, str(hf), str(tp)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env(HF_HUB_OFFLINE="1"),
+    )
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert r.returncode == 0 and lines, f"{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    ranks = json.loads(lines[-1])
+    assert sorted(ranks) == [str(i) for i in range(tp)]
+    for rank, rep in ranks.items():
+        assert rep["world_size"] == tp, rep
+        assert rep["compared"] >= 14, rep
+        assert rep["differ"] == [] and rep["missing"] == [] and rep["extra"] == [], (rank, rep)
+    d.cli("unload", ref, check=True)

@@ -1,0 +1,130 @@
+"""vLLM (CPU build) serves the daemon's weights through `load_format="hotweights"`.
+
+A real daemon (cpu backend) on a real unix socket; each engine runs in its own process
+(tests/clients/vllm_generate.py) and is compared with vLLM's own loader on the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import CLIENTS, child_env
+from support.daemons import short_tmpdir, start_daemon
+from support.models import llama_config, save_model
+
+
+def tiny_llama(directory: Path) -> Path:
+    # vocab 500 is padded to 512 by vLLM: the layout must add the zero rows; GQA: 4 query heads, 2 KV heads
+    cfg = llama_config(
+        vocab_size=500,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+    )
+    return save_model(cfg, directory)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", child_env()["PYTHONPATH"])  # the daemon inherits os.environ
+        root = tmp_path_factory.mktemp("vllm")
+        hf = tiny_llama(root / "llama")
+        for tp in (1, 2):
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "hotweights.vllm_layout",
+                    str(hf),
+                    str(root / f"llama-vllm-tp{tp}"),
+                    "--tp",
+                    str(tp),
+                ],
+                check=False,
+                capture_output=True,
+                text=True,
+                env=child_env(HF_HUB_OFFLINE="1"),
+            )
+            assert r.returncode == 0, r.stderr
+        sock = short_tmpdir()
+        d = start_daemon(str(Path(sock) / "hw.sock"))
+        d.cli("load", "hf", str(hf), check=True)
+        d.cli("load", "vl", str(root / "llama-vllm-tp1"), check=True)
+        d.cli("load", "vl2", str(root / "llama-vllm-tp2"), check=True)
+        yield d, hf
+        code = d.stop()
+        shutil.rmtree(sock, ignore_errors=True)
+        assert code == 0, d.logs()
+
+
+def engine(model_dir: Path, *args: str, ok: bool = True) -> dict | subprocess.CompletedProcess:
+    r = subprocess.run(
+        [sys.executable, str(CLIENTS / "vllm_generate.py"), str(model_dir), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env(HF_HUB_OFFLINE="1"),
+    )
+    if not ok:
+        return r
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert r.returncode == 0 and lines, f"engine failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return json.loads(lines[-1])
+
+
+def hotweights_args(d, model: str, **extra) -> list[str]:
+    return ["--load-format", "hotweights", "--extra", json.dumps({"model": model, "socket": d.socket, **extra})]
+
+
+@pytest.fixture(scope="module")
+def reference(served):
+    _, hf = served
+    return engine(hf)
+
+
+def test_zero_copy_engine_equals_vllms_own_loader(served, reference):
+    d, hf = served
+    out = engine(hf, *hotweights_args(d, "vl"))
+    assert out["tokens"] == reference["tokens"]
+    assert out["checksums"] == reference["checksums"]
+    # the fused tensors (qkv_proj, gate_up_proj, padded vocabulary) as vLLM's loader built them
+    assert out["before_postprocessing"] == reference["before_postprocessing"]
+    assert len(out["before_postprocessing"]) == 15
+    p = out["params"]
+    assert p["holds_attachment"], p
+    assert p["own"] == [] and len(p["aliased"]) == 7, p  # every parameter vLLM keeps aliases the daemon's mapping
+    assert d.wait_status(lambda st: not st["leases"])["leases"] == []
+
+
+@pytest.mark.parametrize("model", ["hf", "vl"])
+def test_copy_mode_equals_vllms_own_loader(served, reference, model):
+    d, hf = served
+    out = engine(hf, *hotweights_args(d, model, mode="copy"))
+    assert out["tokens"] == reference["tokens"]
+    assert out["checksums"] == reference["checksums"]
+    assert out["before_postprocessing"] == reference["before_postprocessing"]
+    p = out["params"]
+    assert p["aliased"] == [] and not p["holds_attachment"], p  # engine-owned memory, lease given back
+
+
+def test_unknown_option_wrong_tp_and_zero_copy_of_hf_layout_are_clear_errors(served):
+    d, hf = served
+    r = engine(hf, *hotweights_args(d, "vl", sockett="/x"), ok=False)
+    assert r.returncode != 0 and "unknown model_loader_extra_config key(s) ['sockett']" in r.stderr, r.stderr[-3000:]
+    r = engine(hf, *hotweights_args(d, "vl2"), ok=False)
+    assert r.returncode != 0 and "tp=2" in r.stderr and "tensor_parallel_size=1" in r.stderr, r.stderr[-3000:]
+    r = engine(hf, *hotweights_args(d, "hf", mode="zero_copy"), ok=False)
+    assert r.returncode != 0 and "python -m hotweights.vllm_layout" in r.stderr, r.stderr[-3000:]
+    assert d.wait_status(lambda st: not st["leases"])["leases"] == []
