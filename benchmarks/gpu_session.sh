@@ -10,7 +10,8 @@
 # Knobs (environment): TESTS_TIMEOUT (s, default 200), TOTAL (s, default 530), BENCH_ARGS (extra flags for
 # bench_load.py, e.g. "--rank-gb 12 --skip sweep"), PYTEST_ARGS (e.g. "-k vmm"), SKIP_TESTS=1, SKIP_BENCH=1,
 # SWEEP=1 (run sweep_bounce.py after the tests; SWEEP_BUDGET seconds, SWEEP_ARGS extra flags), AB=1 (run
-# ab_settings.py after that, AB_ARGS its flags, AB_TIMEOUT its time box in seconds, default 150).
+# ab_settings.py after that, AB_ARGS its flags, AB_TIMEOUT its time box in seconds, default 150), SKIP_FF=1
+# (bench_first_forward.py runs before bench_load.py unless set; FF_ARGS its flags, FF_TIMEOUT its time box).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -125,6 +126,12 @@ if [ -n "${AB:-}" ]; then
   log "A/B of settings (time box ${AB_TIMEOUT:-150}s)"
   stage ab.log "${AB_TIMEOUT:-150}" benchmarks/ab_settings.py ${AB_ARGS:-}
   log "A/B exit code $rc"
+  rc_sweep=$(( rc_sweep != 0 ? rc_sweep : rc ))
+fi
+if [ -z "${SKIP_FF:-}" ]; then
+  log "first forward of a fresh serving process (time box ${FF_TIMEOUT:-240}s)"
+  stage first-forward.log "${FF_TIMEOUT:-240}" benchmarks/bench_first_forward.py ${FF_ARGS:-}
+  log "first forward exit code $rc"
   rc_sweep=$(( rc_sweep != 0 ? rc_sweep : rc ))
 fi
 if [ -n "${SKIP_BENCH:-}" ]; then
