@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from hotweights.errors import InvalidArgument
+from hotweights.format.checkpoint import SERVING_FILES
 
 # Architectures whose vLLM model uses exactly this layout (checked against vLLM 0.32's llama.py and qwen2.py).
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -48,16 +49,6 @@ def _part(name: str) -> str:
 
 _ROW = re.compile(r"^.*\.(o_proj|down_proj)\.(weight|bias)$")
 _VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
-AUX_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-)
 
 
 class Shape:
@@ -188,7 +179,7 @@ def convert(src: Path, out: Path, tp: int) -> list[Path]:
         path = out / f"model-rank-{rank}-part-0.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
         written.append(path)
-    for name in AUX_FILES:
+    for name in SERVING_FILES:
         if (src / name).is_file():
             shutil.copy(src / name, out / name)
     layout = {"engine": "vllm", "tp": tp, "vocab_padding": VOCAB_PADDING, "source": str(src.resolve())}

@@ -16,24 +16,8 @@ import pytest
 from hotweights.errors import InvalidArgument
 from hotweightsd.persist import systemd
 from support import CLIENTS
+from support.sdenv import no_service_manager  # noqa: F401 (autouse fixture)
 from support.svcmgr import ServiceManager
-
-SYSTEMD_ENV = (
-    "NOTIFY_SOCKET",
-    "FDSTORE",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-)
-
-
-@pytest.fixture(autouse=True)
-def no_service_manager(monkeypatch):
-    """Every test starts outside any service manager, whatever runs pytest."""
-    for key in SYSTEMD_ENV:
-        monkeypatch.delenv(key, raising=False)
 
 
 @pytest.fixture

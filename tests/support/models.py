@@ -46,6 +46,22 @@ def qwen2_config(**overrides):
     return Qwen2Config(**kw)
 
 
+def tiny_llama_config(**overrides):
+    """The vLLM tests' Llama: vocabulary 500 (vLLM pads it to 512, so the layout must add zero rows), GQA
+    with 4 query and 2 KV heads, head_dim 32 (vLLM's CPU kernels need at least that)."""
+    kw = {
+        "vocab_size": 500,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+    }
+    kw.update(overrides)
+    return llama_config(**kw)
+
+
 def save_model(config, directory: Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
     """A randomly initialised model of ``config`` saved with ``save_pretrained`` (config.json beside it)."""
     import torch

@@ -11,24 +11,7 @@ import pytest
 
 from hotweights.errors import ChecksumMismatch, DataLoss, InvalidArgument, Unavailable
 from hotweightsd.persist import statefile, systemd
-
-SYSTEMD_ENV = (
-    "NOTIFY_SOCKET",
-    "FDSTORE",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-)
-
-
-@pytest.fixture(autouse=True)
-def no_service_manager(monkeypatch):
-    """Every test starts outside any service manager, whatever runs pytest."""
-    for key in SYSTEMD_ENV:
-        monkeypatch.delenv(key, raising=False)
-
+from support.sdenv import no_service_manager  # noqa: F401 (autouse fixture)
 
 # -- notify and the environment ----------------------------------------------------------------
 

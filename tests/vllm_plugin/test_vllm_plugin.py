@@ -16,22 +16,11 @@ import pytest
 
 from support import CLIENTS, child_env
 from support.daemons import short_tmpdir, start_daemon
-from support.models import llama_config, save_model
+from support.models import save_model, tiny_llama_config
 
 
 def tiny_llama(directory: Path) -> Path:
-    # vocab 500 is padded to 512 by vLLM: the layout must add the zero rows; GQA: 4 query heads, 2 KV heads
-    cfg = llama_config(
-        vocab_size=500,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=256,
-    )
-    return save_model(cfg, directory)
+    return save_model(tiny_llama_config(max_position_embeddings=256), directory)
 
 
 @pytest.fixture(scope="module")

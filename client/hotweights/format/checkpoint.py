@@ -22,6 +22,23 @@ from hotweights.format.safetensors import FileHeader, read_header
 SHARD_RE = re.compile(r"^model-rank-(\d+)-part-(\d+)\.safetensors$")
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "hotweights.json"
+# Files a serving process needs beside the weights (config, tokenizer, templates): tools that write a
+# checkpoint in another layout copy them verbatim.
+SERVING_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from hotweights.errors import (
     NotFound,
     ResourceExhausted,
 )
-from hotweights.format.checkpoint import INDEX_NAME, MANIFEST_NAME, open_checkpoint
+from hotweights.format.checkpoint import INDEX_NAME, MANIFEST_NAME, SERVING_FILES, open_checkpoint
 from hotweights.format.dtypes import DTYPES, torch_dtype
 from hotweights.format.manifest import FORMAT, FORMAT_VERSION, dumps_manifest, file_xxh64
 from hotweights.tools.shard import quantize as fp8
@@ -48,22 +48,8 @@ from hotweights.tools.shard.writer import Part, PartFile, layout_parts
 
 DEFAULT_MAX_PART_BYTES = 5 * 10**9
 DEFAULT_MEMORY_BUDGET = 4 << 30
-# Files a serving process needs beside the weights; copied verbatim (config.json rewritten for FP8).
-AUX_NAMES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-)
+# config.json is rewritten for FP8; the rest are copied verbatim.
+AUX_NAMES = SERVING_FILES
 AUX_SUFFIXES = (".tiktoken",)
 
 
