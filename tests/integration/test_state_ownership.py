@@ -7,22 +7,16 @@ names: restoring the other daemon's models, or rewriting its file, would show he
 from __future__ import annotations
 
 import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from hotweightsd.persist import statefile
 from support.ckpt_tools import write_model
-from support.daemons import Daemon, start_daemon
+from support.daemons import Daemon, start_daemon, wait_until
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+def names(path: Path, keys: list[str]) -> None:
+    """Waits until the state file at ``path`` names exactly ``keys``."""
+    wait_until(lambda: keys_in(path) == keys, what=f"{path.name} to name {keys}", context=lambda: keys_in(path))
 
 
 def keys_in(path: Path) -> list[str] | None:
@@ -53,7 +47,7 @@ def test_two_daemons_in_one_directory_neither_restore_nor_rewrite_each_others_st
             "prod",
             check=True,
         )
-        assert wait_for(lambda: keys_in(a_state) == ["m@v1"])
+        names(a_state, ["m@v1"])
         assert statefile.load(a_state)["socket"] == a.socket
 
         b = restart(b, *shared)
@@ -64,9 +58,9 @@ def test_two_daemons_in_one_directory_neither_restore_nor_rewrite_each_others_st
         # B's own changes go to its own file only
         before = a_state.read_bytes()
         b.cli("load", "n", str(write_model(tmp_path / "n.safetensors", seed=2)), "--version", "v2", check=True)
-        assert wait_for(lambda: keys_in(b_state) == ["n@v2"])
+        names(b_state, ["n@v2"])
         b.cli("unload", "n", check=True)
-        assert wait_for(lambda: keys_in(b_state) == [])
+        names(b_state, [])
         assert a_state.read_bytes() == before
 
         a = restart(a, *shared)
@@ -84,7 +78,7 @@ def test_a_state_file_naming_another_socket_is_neither_served_nor_overwritten(so
     try:
         a.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), "--version", "v1", check=True)
         a_state = sockdir / "a.sock.state.json"
-        assert wait_for(lambda: keys_in(a_state) == ["m@v1"])
+        names(a_state, ["m@v1"])
     finally:
         assert a.stop() == 0, a.logs()
     # B's state directory holds a file of its name that A wrote (copied, or a shared state_dir
