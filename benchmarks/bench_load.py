@@ -940,7 +940,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--chunk-mb", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
-    ap.add_argument("--read-mode", default="pread", help="pread | odirect")
+    ap.add_argument("--read-mode", default="auto", help="auto (the daemon's default) | pread | odirect")
     ap.add_argument(
         "--cold-threads",
         type=lambda v: [int(x) for x in v.split(",") if x],

@@ -81,7 +81,11 @@ class Config:
         minimum=0,
     )
     memory_limit: int | None = _key(None, "cap on resident bytes per device (cpu: in all)", kind="size", minimum=1)
-    loader: str = _key("auto", "how the cuda loader reads files (auto: pread)", choices=("auto", "pread", "odirect"))
+    loader: str = _key(
+        "auto",
+        "how the cuda loader reads files (auto: buffered where a file is in the page cache, O_DIRECT where cold)",
+        choices=("auto", "pread", "odirect"),
+    )
     loader_threads: int | None = _key(
         None, "reader threads per rank; default: the core count less 4, 4 to 16", kind="int", minimum=1
     )

@@ -82,7 +82,8 @@ def test_vmm_load_is_bit_exact_in_another_process(b, ckpt):
     """allocate + fill + export_fd; a separate process imports, maps, builds tensors, compares with safetensors."""
     layout, allocs, desc = load(b, ckpt)
     try:
-        assert desc.startswith("bounce: pread ring"), desc
+        assert desc.startswith("bounce: auto ring"), desc
+        assert "buffered (at least" in desc and "O_DIRECT (cold)" not in desc, desc  # just written: in the page cache
         assert "GDS off by configuration" in desc
         assert_loaded_exactly(layout, allocs)
         out = verify_in_child(layout, allocs, write_probe=True)
@@ -124,6 +125,28 @@ def test_auto_runs_the_native_engine_where_it_was_built(b, ckpt):
     finally:
         for a in allocs:
             a.close()
+
+
+def test_auto_reads_cold_files_direct_and_exactly(ckpt):
+    """Read mode auto on files whose pages were dropped: O_DIRECT for each, on whichever engine runs."""
+    for path in Path(ckpt).glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    be = backend(read_mode="auto", threads=4, chunk_size=1 * MiB)
+    try:
+        layout, allocs, desc = load(be, ckpt)
+        if "buffered (at least" in desc and "O_DIRECT (cold)" not in desc:
+            pytest.skip(f"this filesystem kept the pages (memory or no O_DIRECT): {desc}")
+        assert "O_DIRECT (cold)" in desc, desc
+        assert_loaded_exactly(layout, allocs)
+        for a in allocs:
+            a.close()
+    finally:
+        be.close()
 
 
 @pytest.mark.parametrize("engine,mode", [("native", "pread"), ("native", "odirect"), ("python", "pread")])

@@ -605,13 +605,13 @@ def test_the_path_resolves_defaults_from_the_cores():
     p = choose(LoaderSettings(gds="off"), cores=16, real_driver=False)
     assert (p.source, p.read_mode, p.threads, p.depth, p.chunk_size, p.busy_chunk) == (
         "bounce",
-        "pread",
+        "auto",
         12,
         2,
         4 * MiB,
         16 * MiB,
     )
-    assert p.describe() == "pread ring 12 threads x 2 x 4MiB (16MiB while other fills run)"
+    assert p.describe() == "auto ring 12 threads x 2 x 4MiB (16MiB while other fills run)"
     p = choose(
         LoaderSettings(read_mode="odirect", chunk_size=32 * MiB, threads=5, ring_depth=3, gds="off"),
         cores=64,
@@ -827,7 +827,7 @@ def test_legacy_ipc_allocation(fake):
 
 
 @pytest.mark.parametrize("busy", [False, True], ids=["alone", "beside-other-fills"])
-@pytest.mark.parametrize("mode", ["pread", "odirect"])
+@pytest.mark.parametrize("mode", ["pread", "odirect", "auto"])
 def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, busy):
     path = tmp_path / "m.safetensors"
     write_ckpt(path, n=40)
@@ -1044,7 +1044,7 @@ def test_daemon_config_names(fake, monkeypatch):
         "bounce path (odirect ring 8 threads x 4 x 32MiB; python workers for O_DIRECT reads "
         "(measured faster cold)): GDS unavailable: no /dev/nvidia-fs*"
     )
-    assert make_backend(read_mode="auto").path.read_mode == "pread"
+    assert make_backend(read_mode="auto").path.read_mode == "auto"  # decided per file when a fill opens it
     # the native engine asked for where it cannot run (here: a driver double) stops the backend at start
     with pytest.raises(BackendError, match="native loader engine was asked for, but not the CUDA driver"):
         make_backend(engine="native")

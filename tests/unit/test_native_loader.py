@@ -322,8 +322,8 @@ def test_a_missing_or_foreign_library_is_reported(tmp_path):
 
 def test_the_path_describes_the_engine_that_ran():
     python = choose(LoaderSettings(threads=12, gds="off"), cores=16, real_driver=False)
-    assert python.describe() == "pread ring 12 threads x 2 x 4MiB (16MiB while other fills run)"
+    assert python.describe() == "auto ring 12 threads x 2 x 4MiB (16MiB while other fills run)"
     built = dataclasses.replace(python, engine="native", engine_why="")
-    assert built.describe() == "pread ring 12 threads x 2 x 4MiB, native engine"
-    assert built.describe(10) == "pread ring 10 threads x 2 x 4MiB, native engine (ring of 12: fills ran at once)"
+    assert built.describe() == "auto ring 12 threads x 2 x 4MiB, native engine"
+    assert built.describe(10) == "auto ring 10 threads x 2 x 4MiB, native engine (ring of 12: fills ran at once)"
     assert built.slot_size == 4 * MiB and python.slot_size == 16 * MiB

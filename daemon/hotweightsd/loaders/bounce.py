@@ -43,9 +43,7 @@ def fill(
     """
     chunks = plan_chunks(layout.segments(), path.chunk_size)
     check_plan(chunks, sizes)
-    sources = files.SourceFiles.open(
-        layout.files, path.read_mode == "odirect", needed_file_sizes(chunks, len(layout.files))
-    )
+    sources = files.SourceFiles.open(layout.files, path.read_mode, needed_file_sizes(chunks, len(layout.files)))
     extra = ""
     try:
         with scheduler.fill() as at_once:
@@ -83,6 +81,8 @@ def fill(
         sources.close()
     if path.read_mode == "odirect" and sources.buffered_fallbacks:
         extra += f"; O_DIRECT refused for {sources.buffered_fallbacks} file(s) (tmpfs?), read buffered"
+    elif path.read_mode == "auto":
+        extra += f"; {sources.describe_auto()}"
     why = f"; {path.engine_why}" if path.engine_why else ""
     return (
         f"{path.describe(threads)} on cuda:{ring.device}{ring.describe_numa()}; "
@@ -195,7 +195,7 @@ class _PythonFill:
         """Reads ``chunk`` into slot ``s`` of reader ``w``; returns the chunk's first byte's address."""
         fd, path = self.sources.fds[chunk.file], self.sources.paths[chunk.file]
         ptr, view = self.ring.slot(w, s)
-        if self.path.read_mode == "odirect":
+        if self.sources.direct[chunk.file]:
             return ptr + files.read_direct(fd, view, chunk, path)
         files.read_exact(fd, view[: chunk.length], chunk.offset, path)
         return ptr

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from hotweights.errors import Aborted, BackendError, BadCheckpoint
 from hotweightsd.core.layout import RankLayout, Segment
+from hotweightsd.loaders import residency
 from hotweightsd.loaders.plan import DIRECT_ALIGN, ReadChunk
 
 log = logging.getLogger("hotweightsd.loaders")
@@ -47,20 +48,48 @@ def open_source(path: str, direct: bool) -> tuple[int, bool]:
         raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=path) from exc
 
 
+# With read mode auto, a file at least this much in the page cache (or on a memory filesystem) is read
+# buffered (a copy out of memory); below it, O_DIRECT (storage's rate, no second copy through the cache).
+RESIDENT_ENOUGH = 0.5
+
+
+def open_auto(path: str) -> tuple[int, bool, float]:
+    """(fd, opened O_DIRECT, resident fraction): buffered where the file is in memory, O_DIRECT where not."""
+    fd, _ = open_source(path, False)
+    try:
+        res = residency.probe(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise BadCheckpoint(f"{path}: cannot read its page-cache residency: {exc.strerror}", path=path) from exc
+    fraction = res.resident_fraction
+    if res.memory or fraction >= RESIDENT_ENOUGH:
+        return fd, False, fraction
+    os.close(fd)
+    direct_fd, direct = open_source(path, True)
+    return direct_fd, direct, fraction
+
+
 @dataclass
 class SourceFiles:
-    """A layout's files opened for one fill, each checked long enough for its plan; closed by ``close()``."""
+    """A layout's files opened for one fill, each checked long enough for its plan; closed by ``close()``.
+
+    ``mode``: pread (buffered), odirect, or auto (each file by its page-cache residency, ``open_auto``)."""
 
     paths: list[str]
     fds: list[int] = field(default_factory=list)
     direct: list[bool] = field(default_factory=list)
+    resident: list[float] = field(default_factory=list)  # auto only: each file's resident fraction
 
     @classmethod
-    def open(cls, paths: list[str], direct: bool, needed: list[int]) -> SourceFiles:
+    def open(cls, paths: list[str], mode: str, needed: list[int]) -> SourceFiles:
         files = cls(list(paths))
         try:
             for path, need in zip(paths, needed):
-                fd, is_direct = open_source(path, direct)
+                if mode == "auto":
+                    fd, is_direct, fraction = open_auto(path)
+                    files.resident.append(fraction)
+                else:
+                    fd, is_direct = open_source(path, mode == "odirect")
                 files.fds.append(fd)
                 files.direct.append(is_direct)
                 size = os.fstat(fd).st_size
@@ -76,6 +105,18 @@ class SourceFiles:
     @property
     def buffered_fallbacks(self) -> int:
         return sum(1 for d in self.direct if not d)
+
+    def describe_auto(self) -> str:
+        """What read mode auto chose, for the load's description."""
+        direct = sum(self.direct)
+        cached = len(self.direct) - direct
+        parts = []
+        if direct:
+            parts.append(f"{direct} file(s) O_DIRECT (cold)")
+        if cached:
+            low = min(f for f, d in zip(self.resident, self.direct) if not d)
+            parts.append(f"{cached} buffered (at least {low:.0%} in page cache)")
+        return "auto: " + ", ".join(parts)
 
     def close(self) -> None:
         for fd in self.fds:

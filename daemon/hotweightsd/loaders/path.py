@@ -34,7 +34,7 @@ class LoadPath:
     source: str  # "bounce" | "gds"
     source_why: str  # why that source, as the load's description ends with it
     gds_compat: bool  # cuFile forced into compatibility mode (a correctness check of the GDS path)
-    read_mode: str  # "pread" | "odirect"
+    read_mode: str  # "auto" (each file by its page-cache residency, when a fill opens it) | "pread" | "odirect"
     engine: str  # "native" | "python"
     engine_why: str  # why the python workers run ("" on the native engine)
     threads: int  # readers per ring
@@ -74,7 +74,7 @@ def choose(settings: LoaderSettings, *, cores: int, real_driver: bool) -> LoadPa
     (the native engine calls the driver library itself). Raises BackendError where the settings demand
     what cannot run here (gds=on or compat without cuFile, engine=native without the library)."""
     source, source_why = _source(settings.gds)
-    read_mode = "pread" if settings.read_mode == "auto" else settings.read_mode
+    read_mode = settings.read_mode
     engine, engine_why = _engine(settings, read_mode, real_driver)
     chunk = settings.chunk_size or DEFAULT_CHUNK
     busy = settings.busy_chunk_size or DEFAULT_BUSY_CHUNK

@@ -48,6 +48,7 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctype
 _libc.fstatfs.restype = ctypes.c_int
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_LOW_BIT = bytes(i & 1 for i in range(256))  # mincore's other bits are reserved
 
 
 class Residency(str, Enum):
@@ -112,7 +113,7 @@ def resident_pages(fd: int, size: int) -> bytes:
         if _libc.mincore(addr, size, vec) != 0:
             e = ctypes.get_errno()
             raise OSError(e, f"mincore: {os.strerror(e)}")
-        return bytes(b & 1 for b in vec)
+        return bytes(vec).translate(_LOW_BIT)
     finally:
         _libc.munmap(addr, size)
 
