@@ -43,6 +43,11 @@ class AlreadyExists(HotweightsError):
     """A model version or alias of that name exists already."""
 
 
+class ContentMismatch(AlreadyExists):
+    """A load names a version that is already loaded from different content; the message names the
+    loaded version and what differs (details: ``ref``, ``source``, ``differences``)."""
+
+
 class FailedPrecondition(HotweightsError):
     """The request is valid but the current state forbids it (e.g. unloading a leased model)."""
 

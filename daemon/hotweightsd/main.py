@@ -15,7 +15,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hotweights.errors import AlreadyExists, HotweightsError
+from hotweights.errors import AlreadyExists, ContentMismatch, HotweightsError
 from hotweights.wire.pb import pb, pb_grpc
 from hotweightsd.backends import create_backend
 from hotweightsd.config import Config
@@ -123,8 +123,10 @@ async def _load_all(manager: ModelManager, items: list[dict], what: str) -> None
             for alias in item.get("aliases", ()):
                 await asyncio.to_thread(manager.set_alias, alias, mv.key)
             log.info(f"{what}.done", model=mv.key, path=item["path"])
+        except ContentMismatch as exc:
+            log.warning(f"{what}.skipped", name=item["name"], path=item["path"], error=str(exc))
         except AlreadyExists:
-            pass  # restored or reloaded already
+            pass  # going away: nothing to load over it
         except HotweightsError as exc:
             log.error(f"{what}.failed", name=item["name"], path=item["path"], error=str(exc))
 

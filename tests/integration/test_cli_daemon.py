@@ -13,8 +13,10 @@ import time
 
 import pytest
 
+import hotweights
+from hotweights import errors
 from support.ckpt_tools import write_model
-from support.daemons import run_client, start_daemon
+from support.daemons import run_client, start_daemon, wait_until
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -175,3 +177,41 @@ def test_a_directory_the_user_may_not_enter(daemon, sockdir):
     r = run_client(AS_NOBODY, daemon.socket, check=False)
     assert r.returncode == 1
     assert f"{sockdir} is mode 0700, owner root, group root, which gives its group no access" in r.stderr, r.stderr
+
+
+def test_load_again_is_idempotent_and_other_content_is_refused(daemon, tmp_path):
+    """A provisioning script run twice: the second load of the same content succeeds without reading;
+    the same version from other content is a ContentMismatch naming the loaded version."""
+    ckpt = write_model(tmp_path / "m.safetensors")
+    first = daemon.cli("load", "m", str(ckpt), "--version", "v1", "--alias", "prod")
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert "loaded m@v1" in first.stdout
+    resident = daemon.status()["resident_bytes"]
+
+    again = daemon.cli("load", "m", str(ckpt), "--version", "v1", "--alias", "prod")
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert "m@v1 already loaded, same content (READY, alias prod); nothing read" in again.stdout
+    as_json_again = as_json(daemon.cli("load", "m", str(ckpt), "--version", "v1", "--json"))
+    assert as_json_again["already_loaded"] is True and as_json_again["state"] == "READY"
+    st = daemon.status()
+    assert [(v["name"], v["version"]) for v in st["versions"]] == [("m", "v1")]
+    assert st["resident_bytes"] == resident
+    wait_until(lambda: "load.already_loaded" in daemon.logs(), what="the daemon to log the repeated load")
+
+    # without --version the version is the files' fingerprint: the same checkpoint is the same version
+    auto = as_json(daemon.cli("load", "n", str(ckpt), "--json"))
+    assert auto["already_loaded"] is False
+    auto_again = as_json(daemon.cli("load", "n", str(ckpt), "--json"))
+    assert auto_again["already_loaded"] is True and auto_again["version"] == auto["version"]
+
+    other = write_model(tmp_path / "other.safetensors", seed=1)
+    r = daemon.cli("load", "m", str(other), "--version", "v1")
+    assert r.returncode == 1, r.stderr + r.stdout
+    assert "m@v1 is already loaded (READY) from" in r.stderr and "with different content" in r.stderr, r.stderr
+    assert f"files only in the new checkpoint: {other}" in r.stderr, r.stderr
+    with hotweights.connect(daemon.socket) as c, pytest.raises(errors.ContentMismatch) as exc:
+        c.load("m", other, version="v1")
+    assert exc.value.details["ref"] == "m@v1" and exc.value.details["source"] == str(ckpt)
+    st = daemon.status()
+    assert sorted(v["name"] for v in st["versions"]) == ["m", "n"]
+    assert [v["source"] for v in st["versions"] if v["name"] == "m"] == [str(ckpt)]

@@ -138,8 +138,8 @@ def test_bad_lifecycle_requests_are_clear_errors(daemon, tmp_path):
     assert r.returncode == 1 and "aliases and model names must differ" in r.stderr
     r = daemon.cli("swap", "nosuch", str(versioned(tmp_path, 2)))
     assert r.returncode == 1 and "pass the model name" in r.stderr
-    r = daemon.cli("load", "llm", str(versioned(tmp_path, 1)), "--version", "v1")
-    assert r.returncode == 1 and "already loaded" in r.stderr
+    r = daemon.cli("load", "llm", str(versioned(tmp_path, 2)), "--version", "v1")  # other content, same version
+    assert r.returncode == 1 and "llm@v1 is already loaded (READY)" in r.stderr and "different content" in r.stderr
     r = daemon.cli("swap", "prod", "llm")
     assert r.returncode == 1 and "neither NAME@VERSION nor a checkpoint path" in r.stderr
 

@@ -240,6 +240,14 @@ def load(
             wait=not no_wait,
             progress=progress,
         )
+    if info.already_loaded and not json_out:
+        # a repeated load (a provisioning script run again): nothing was read, and it is not an error
+        from hotweights.wire.pb import pb
+
+        state = pb.ModelState.Name(info.state)
+        aliases = f", alias {', '.join(info.aliases)}" if info.aliases else ""
+        typer.echo(f"{info.name}@{info.version} already loaded, same content ({state}{aliases}); nothing read")
+        return
     _print_version(info, json_out, "registered" if no_wait else "loaded")
 
 

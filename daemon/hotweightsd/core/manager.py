@@ -21,12 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
 from hotweights.errors import (
     AlreadyExists,
+    ContentMismatch,
     DeadlineExceeded,
     FailedPrecondition,
     HotweightsError,
@@ -38,6 +39,7 @@ from hotweights.errors import (
 )
 from hotweights.format.checkpoint import Checkpoint, open_checkpoint
 from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
+from hotweightsd.core.content import ContentId, content_of
 from hotweightsd.core.events import EventBus, EventKind
 from hotweightsd.core.layout import RankLayout, plan_rank
 from hotweightsd.core.leases import Lease, TicketBook, new_lease_id
@@ -54,6 +56,13 @@ class Handles:
     rank: ResidentRank
     ticket: str
     ttl: float
+
+
+class LoadStart(NamedTuple):
+    version: ModelVersion
+    run: Callable[[], ModelVersion]
+    # True when ``version`` was already loaded (or loading) from the same content: ``run`` reads nothing.
+    already_loaded: bool
 
 
 class _Effects:
@@ -183,7 +192,12 @@ class ModelManager:
         run()
         return mv
 
-    def begin_load(
+    def begin_load(self, name: str, path: str, **kw: Any) -> tuple[ModelVersion, Callable[[], ModelVersion]]:
+        """``start_load`` as (version, the function that reads it)."""
+        start = self.start_load(name, path, **kw)
+        return start.version, start.run
+
+    def start_load(
         self,
         name: str,
         path: str,
@@ -192,10 +206,15 @@ class ModelManager:
         verify: str | None = None,
         mode: AllocationMode = AllocationMode.FD,
         device_map: Iterable[int] | None = None,
-    ) -> tuple[ModelVersion, Callable[[], ModelVersion]]:
+    ) -> LoadStart:
         """Validates, admits and registers a version (LOADING) and returns it with the function that reads it.
 
-        Everything that can be refused is refused here, before any tensor byte is read.
+        Everything that can be refused is refused here, before any tensor byte is read. A version
+        that is already loaded (or loading) from the same content is returned as it is, with
+        ``already_loaded`` set: nothing is verified, read or allocated, and its ``run`` only waits
+        for it to be READY and points ``alias`` at it. The same version from other content is a
+        ``ContentMismatch``. Without ``version`` the version is the checkpoint's fingerprint, so
+        the same checkpoint loaded again is the same version.
         """
         self._check_open()
         check_name("model name", name)
@@ -204,8 +223,13 @@ class ModelManager:
         if not path:
             raise InvalidArgument("no checkpoint path given")
         ckpt = open_checkpoint(path)
-        self.verify(ckpt, verify)
         version = check_name("version", version) if version else ckpt.fingerprint()
+        content = content_of(ckpt)
+        with self._lock:
+            old = self._existing(f"{name}@{version}", content)
+        if old is not None:
+            return self._rejoin(old, alias)
+        self.verify(ckpt, verify)
         devices = self._place(ckpt.world_size, list(device_map or []))
         layouts = [
             plan_rank(r, self.backend.granularity(devices[r.rank]), self.backend.max_allocation()) for r in ckpt.ranks
@@ -217,19 +241,18 @@ class ModelManager:
             world_size=ckpt.world_size,
             mode=mode,
             bytes_total=sum(lay.nbytes for lay in layouts),
+            content=content,
         )
         with self._lock:
             if alias and alias in {v.name for v in self._versions.values()} | {name}:
                 raise InvalidArgument(f"alias {alias!r} is the name of a model; aliases and model names must differ")
             if name in self._aliases:
                 raise InvalidArgument(f"{name!r} is an alias; a model cannot share its name")
-            old = self._versions.get(mv.key)
-            if old is not None:
-                if old.state is State.FAILED:
-                    del self._versions[old.key]
-                else:
-                    raise AlreadyExists(f"{mv.key} is already loaded ({old.state.value})", ref=mv.key)
-            self._versions[mv.key] = mv
+            old = self._existing(mv.key, content)  # a concurrent load of the same version may have won
+            if old is None:
+                self._versions[mv.key] = mv
+        if old is not None:
+            return self._rejoin(old, alias)
         try:
             with self._admit_lock:
                 self._admit(mv, layouts, devices)
@@ -250,7 +273,56 @@ class ModelManager:
             bytes=mv.bytes_total,
             devices=devices,
         )
-        return mv, lambda: self._fill(mv, alias)
+        return LoadStart(mv, lambda: self._fill(mv, alias), False)
+
+    def _existing(self, key: str, content: ContentId) -> ModelVersion | None:
+        """The registered version ``key`` when it holds ``content`` (lock held); None when there is none
+        (a FAILED one is dropped); raises when it holds other content or is going away."""
+        old = self._versions.get(key)
+        if old is None:
+            return None
+        if old.state is State.FAILED:
+            del self._versions[key]
+            return None
+        if old.state not in (State.LOADING, State.READY) or old.retire:
+            what = "retiring (its alias moved away)" if old.state is State.READY else old.state.value
+            raise AlreadyExists(
+                f"{key} is already loaded and {what}; load it again once it is freed, or use another version",
+                ref=key,
+                state=old.state.value,
+            )
+        if old.content is None:
+            differences = ["the loaded version has no record of its files (restored from an older state file)"]
+        else:
+            differences = old.content.differences(content)
+        if differences:
+            raise ContentMismatch(
+                f"{key} is already loaded ({old.state.value}) from {old.source} with different content: "
+                f"{'; '.join(differences)}; unload it first or load under another version",
+                ref=key,
+                source=old.source,
+                differences=differences,
+            )
+        return old
+
+    def _rejoin(self, mv: ModelVersion, alias: str | None) -> LoadStart:
+        log.info("load.already_loaded", model=mv.key, state=mv.state.value, note="already loaded, same content")
+
+        def run() -> ModelVersion:
+            with self._lock:
+                while mv.state is State.LOADING:
+                    self._changed.wait(0.5)
+                if mv.state is not State.READY:
+                    hint = f": {mv.error}" if mv.error else ""
+                    raise FailedPrecondition(
+                        f"{mv.key} is {mv.state.value}, not READY{hint}", ref=mv.key, state=mv.state.value
+                    )
+                move = alias if alias and self._aliases.get(alias) != mv.key else None
+            if move:
+                self.set_alias(move, mv.key)  # as a normal load would; nothing to do when it points here already
+            return mv
+
+        return LoadStart(mv, run, True)
 
     def verify(self, ckpt: Checkpoint, verify: str | None) -> None:
         """Checks ``ckpt`` against its hotweights.json at the requested level (default: the daemon's)."""

@@ -10,6 +10,7 @@ from enum import Enum
 
 from hotweights.errors import InvalidArgument
 from hotweightsd.core.backend import Allocation, AllocationMode
+from hotweightsd.core.content import ContentId
 from hotweightsd.core.layout import RankLayout
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -70,6 +71,8 @@ class ModelVersion:
     bytes_total: int = 0
     bytes_done: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
+    # What it was read from (fingerprint and file stats), to recognise a repeated load of the same content.
+    content: ContentId | None = None
 
     @property
     def key(self) -> str:

@@ -26,6 +26,7 @@ import structlog
 
 from hotweights.errors import DataLoss, HotweightsError
 from hotweightsd.core.backend import AllocationMode, HandleType, MemoryBackend
+from hotweightsd.core.content import ContentId
 from hotweightsd.core.events import Event, EventKind
 from hotweightsd.core.layout import Placement, RankLayout
 from hotweightsd.core.manager import ModelManager
@@ -58,6 +59,7 @@ def _encode_version(mv: ModelVersion, names: list[list[str]]) -> dict:
         "load_path": mv.load_path,
         "retire": mv.retire,
         "bytes_total": mv.bytes_total,
+        "content": mv.content.to_json() if mv.content else None,
         "ranks": [
             {
                 "rank": r.rank,
@@ -351,6 +353,7 @@ def _rebuild(v: dict, backend: MemoryBackend, received: dict[str, list[int]]) ->
         load_path=v["load_path"],
         retire=v.get("retire", False),
         bytes_total=v["bytes_total"],
+        content=ContentId.from_json(v.get("content")),  # absent in state files written before it existed
     )
     for r in v["ranks"]:
         layout = RankLayout(

@@ -18,7 +18,7 @@ MODE_OF = {
 VERIFY_OF = {pb.VERIFY_DEFAULT: None, pb.VERIFY_NONE: "none", pb.VERIFY_FAST: "fast", pb.VERIFY_FULL: "full"}
 
 
-def version_info(mv: ModelVersion, manager: ModelManager) -> pb.ModelVersionInfo:
+def version_info(mv: ModelVersion, manager: ModelManager, already_loaded: bool = False) -> pb.ModelVersionInfo:
     return pb.ModelVersionInfo(
         name=mv.name,
         version=mv.version,
@@ -43,6 +43,7 @@ def version_info(mv: ModelVersion, manager: ModelManager) -> pb.ModelVersionInfo
         created_unix=mv.created,
         allocation=_MODE[mv.mode],
         backend=manager.backend.name,
+        already_loaded=already_loaded,
     )
 
 

@@ -130,8 +130,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @stream_rpc
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> AsyncIterator[pb.LoadEvent]:
-        mv, run = await self._blocking(
-            self.m.begin_load,
+        start = await self._blocking(
+            self.m.start_load,
             request.name,
             request.path,
             version=request.version or None,
@@ -140,17 +140,19 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             mode=convert.MODE_OF[request.allocation],
             device_map=list(request.device_map),
         )
-        async for ev in self._run_load(mv, run, request.wait):
+        async for ev in self._run_load(start.version, start.run, request.wait, start.already_loaded):
             yield ev
 
-    async def _run_load(self, mv: ModelVersion, run: Callable, wait: bool) -> AsyncIterator[pb.LoadEvent]:
+    async def _run_load(
+        self, mv: ModelVersion, run: Callable, wait: bool, already_loaded: bool = False
+    ) -> AsyncIterator[pb.LoadEvent]:
         # The load runs to completion even if this caller goes away: another client may be waiting on it.
         task = asyncio.get_running_loop().run_in_executor(self._loads, run)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors are reported on mv
         if not wait:
-            yield pb.LoadEvent(done=convert.version_info(mv, self.m))
+            yield pb.LoadEvent(done=convert.version_info(mv, self.m, already_loaded))
             return
         while not task.done():
             yield pb.LoadEvent(
@@ -158,7 +160,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             )
             await asyncio.wait({task}, timeout=PROGRESS_INTERVAL)
         task.result()
-        yield pb.LoadEvent(done=convert.version_info(mv, self.m))
+        yield pb.LoadEvent(done=convert.version_info(mv, self.m, already_loaded))
 
     @rpc
     async def UnloadModel(self, request, context) -> pb.UnloadModelResponse:

@@ -153,7 +153,7 @@ class RankInfo(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., device: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[int] = ..., allocations: _Optional[int] = ...) -> None: ...
 
 class ModelVersionInfo(_message.Message):
-    __slots__ = ("name", "version", "source", "state", "error", "ranks", "bytes", "leases", "load_seconds", "load_path", "aliases", "created_unix", "allocation", "backend")
+    __slots__ = ("name", "version", "source", "state", "error", "ranks", "bytes", "leases", "load_seconds", "load_path", "aliases", "created_unix", "allocation", "backend", "already_loaded")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,7 @@ class ModelVersionInfo(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_LOADED_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     source: str
@@ -182,7 +183,8 @@ class ModelVersionInfo(_message.Message):
     created_unix: float
     allocation: AllocationMode
     backend: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., load_seconds: _Optional[float] = ..., load_path: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., allocation: _Optional[_Union[AllocationMode, str]] = ..., backend: _Optional[str] = ...) -> None: ...
+    already_loaded: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., load_seconds: _Optional[float] = ..., load_path: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., allocation: _Optional[_Union[AllocationMode, str]] = ..., backend: _Optional[str] = ..., already_loaded: _Optional[bool] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "strides", "allocation", "offset", "nbytes", "served_dtype")

@@ -1,0 +1,85 @@
+"""What a loaded version was read from, to tell a repeated load of the same content from a different one.
+
+A version's content is the checkpoint's fingerprint (every header, file name and size; no tensor data)
+and, for each file, its resolved path, size, mtime_ns and inode. Two loads have the same content when
+all of it matches: a file rewritten in place (same header, new data) changes its mtime or inode, a
+copy of the checkpoint elsewhere changes the paths and inodes. Nothing here reads tensor data.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from hotweights.errors import BadCheckpoint
+from hotweights.format.checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class FileId:
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass(frozen=True)
+class ContentId:
+    fingerprint: str
+    files: tuple[FileId, ...]
+
+    def differences(self, other: ContentId) -> list[str]:
+        """What differs from ``other`` (the new load), in words; empty when the content is the same."""
+        out: list[str] = []
+        mine = {f.path: f for f in self.files}
+        theirs = {f.path: f for f in other.files}
+        gone = sorted(set(mine) - set(theirs))
+        new = sorted(set(theirs) - set(mine))
+        if gone:
+            out.append(f"files only in the loaded version: {_some(gone)}")
+        if new:
+            out.append(f"files only in the new checkpoint: {_some(new)}")
+        for path in sorted(set(mine) & set(theirs)):
+            a, b = mine[path], theirs[path]
+            if a.size != b.size:
+                out.append(f"{path}: size {a.size} -> {b.size}")
+            elif a.inode != b.inode:
+                out.append(f"{path}: replaced (inode {a.inode} -> {b.inode})")
+            elif a.mtime_ns != b.mtime_ns:
+                out.append(f"{path}: modified since it was loaded (mtime changed)")
+        if self.fingerprint != other.fingerprint:
+            out.append(f"header digest {self.fingerprint} -> {other.fingerprint}")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "files": [[f.path, f.size, f.mtime_ns, f.inode] for f in self.files],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ContentId | None:
+        if not isinstance(doc, dict):
+            return None
+        files = tuple(FileId(str(p), int(s), int(m), int(i)) for p, s, m, i in doc["files"])
+        return cls(str(doc["fingerprint"]), files)
+
+
+def content_of(ckpt: Checkpoint) -> ContentId:
+    """The checkpoint's content identity: its fingerprint and one stat per file."""
+    files = []
+    for r in ckpt.ranks:
+        for f in r.files:
+            path = os.path.realpath(f.path)
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise BadCheckpoint(f"{path}: cannot stat: {exc.strerror}", path=path) from None
+            files.append(FileId(path, st.st_size, st.st_mtime_ns, st.st_ino))
+    return ContentId(ckpt.fingerprint(), tuple(sorted(files, key=lambda f: f.path)))
+
+
+def _some(items: list[str], limit: int = 3) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
