@@ -131,3 +131,18 @@ def test_read_mode_auto_opens_cold_files_direct_and_cached_ones_buffered(on_disk
     finally:
         files.close()
     assert files.fds == []
+
+
+def test_the_sampled_fraction_agrees_with_every_page(on_disk):
+    p = write(on_disk / "big.bin", 64 * MiB)  # more pages than the sample covers
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert residency.sampled_fraction(fd) == (1.0, False)
+        drop(p, 0, 48 * MiB)
+        fraction, memory = residency.sampled_fraction(fd)
+        full = residency.probe(fd).resident_fraction
+        assert not memory and abs(fraction - full) < 0.05 and 0.2 < full < 0.3, (fraction, full)
+        drop(p)
+        assert residency.sampled_fraction(fd)[0] < 0.05
+    finally:
+        os.close(fd)

@@ -57,12 +57,11 @@ def open_auto(path: str) -> tuple[int, bool, float]:
     """(fd, opened O_DIRECT, resident fraction): buffered where the file is in memory, O_DIRECT where not."""
     fd, _ = open_source(path, False)
     try:
-        res = residency.probe(fd)
+        fraction, memory = residency.sampled_fraction(fd)
     except OSError as exc:
         os.close(fd)
         raise BadCheckpoint(f"{path}: cannot read its page-cache residency: {exc.strerror}", path=path) from exc
-    fraction = res.resident_fraction
-    if res.memory or fraction >= RESIDENT_ENOUGH:
+    if memory or fraction >= RESIDENT_ENOUGH:
         return fd, False, fraction
     os.close(fd)
     direct_fd, direct = open_source(path, True)
