@@ -26,3 +26,20 @@ def socket_for(env: Mapping[str, str]) -> str:
 def default_socket() -> str:
     """The socket a client connects to when it names none: ``socket_for`` this process's environment."""
     return socket_for(os.environ)
+
+
+# The metrics socket's setting: AUTO derives it from the daemon's socket; OFF (or empty) serves none.
+METRICS_AUTO = "auto"
+METRICS_OFF = ("off", "none", "")
+
+
+def metrics_socket_for(socket: str, setting: str = METRICS_AUTO) -> str | None:
+    """Where the daemon on ``socket`` serves its Prometheus text over HTTP: ``<socket>.metrics`` by
+    default, ``setting`` when it names a path, None when metrics are off. The daemon and
+    ``hotweights metrics`` both derive it here."""
+    text = setting.strip()
+    if text.lower() in METRICS_OFF:
+        return None
+    if text.lower() == METRICS_AUTO:
+        return socket + ".metrics"
+    return text

@@ -115,6 +115,15 @@ class Config:
     state_dir: str = _key(
         "", "directory of the restart state file <socket name>.state.json; default: the socket's", metavar="DIR"
     )
+    metrics_socket: str = _key(
+        "auto",
+        "unix socket serving the Prometheus text over HTTP; auto: <socket>.metrics; off: none",
+        metavar="PATH",
+    )
+    metrics_textfile: str = _key(
+        "", "file rewritten with the Prometheus text (node-exporter's textfile collector); empty: none", metavar="PATH"
+    )
+    metrics_interval: float = _key(15.0, "seconds between rewrites of metrics_textfile", kind="float", minimum=0.1)
     preload: list[dict[str, Any]] = _key(
         [],
         "[[preload]] tables (name, path, version?, alias?, verify?) loaded at start",

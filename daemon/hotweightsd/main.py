@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hotweights.errors import AlreadyExists, ContentMismatch, HotweightsError
+from hotweights.paths import metrics_socket_for
 from hotweights.wire.pb import pb, pb_grpc
 from hotweightsd.backends import create_backend
 from hotweightsd.config import Config
@@ -24,6 +25,7 @@ from hotweightsd.logging import configure
 from hotweightsd.persist import systemd
 from hotweightsd.persist.fdstore import Persister, restore, state_path
 from hotweightsd.server.fdchannel import FdChannel
+from hotweightsd.server.metrics import DaemonMetrics, MetricsServer, TextfileWriter
 from hotweightsd.server.service import HotweightsService, grpc_options
 from hotweightsd.server.sockets import SocketOwnership, born_with_mode, fd_socket_path
 
@@ -44,9 +46,15 @@ async def serve(cfg: Config) -> None:
     persister = Persister(manager, state_path(cfg.socket, cfg.state_dir), cfg.socket, fdstore=systemd.fdstore_enabled())
     report = restore(manager, backend, persister, systemd.listen_fds())
     persister.start()
-    channel = FdChannel(fd_path, manager)
+    metrics = DaemonMetrics.for_manager(manager)
+    channel = FdChannel(fd_path, manager, on_connection=lambda outcome: metrics.fd_channel.labels(outcome).inc())
     server = grpc.aio.server(options=grpc_options())
-    service = HotweightsService(manager, cfg.socket, fd_path, restored=bool(report.restored), restore_note=report.note)
+    service = HotweightsService(
+        manager, cfg.socket, fd_path, restored=bool(report.restored), restore_note=report.note, metrics=metrics
+    )
+    metrics_path = metrics_socket_for(cfg.socket, cfg.metrics_socket)
+    metrics_server = MetricsServer(metrics_path, metrics) if metrics_path else None
+    textfile = TextfileWriter(cfg.metrics_textfile, metrics, cfg.metrics_interval) if cfg.metrics_textfile else None
     pb_grpc.add_HotweightsServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -56,6 +64,10 @@ async def serve(cfg: Config) -> None:
         server.add_insecure_port(f"unix:{cfg.socket}")
         await server.start()
     channel.start()
+    if metrics_server is not None:
+        metrics_server.start()
+    if textfile is not None:
+        textfile.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
@@ -68,6 +80,8 @@ async def serve(cfg: Config) -> None:
         socket=cfg.socket,
         config=cfg.config or "none",
         state=str(persister.state_path),
+        metrics=metrics_path or "off",
+        metrics_textfile=cfg.metrics_textfile or "none",
         backend=backend.name,
         pid=os.getpid(),
         devices=[d.name for d in await asyncio.to_thread(backend.devices)],
@@ -80,11 +94,12 @@ async def serve(cfg: Config) -> None:
     prepare = asyncio.ensure_future(asyncio.to_thread(backend.prepare))
     prepare.add_done_callback(_log_failure("backend.prepare_failed"))
     try:
-        await _load_all(manager, report.to_reload, "reload")
+        await _load_all(manager, report.to_reload, "reload", metrics)
         await _load_all(
             manager,
             [{**item, "aliases": [item["alias"]] if item.get("alias") else []} for item in cfg.preload],
             "preload",
+            metrics,
         )
         await stop.wait()
     finally:
@@ -96,6 +111,11 @@ async def serve(cfg: Config) -> None:
         await server.stop(grace=2.0)
         service.close()
         await asyncio.to_thread(channel.stop)
+        if metrics_server is not None:
+            await asyncio.to_thread(metrics_server.stop)
+        if textfile is not None:
+            await asyncio.to_thread(textfile.stop)
+        metrics.unsubscribe()
         await asyncio.to_thread(manager.close)
         try:
             os.unlink(cfg.socket)
@@ -113,13 +133,24 @@ def _log_failure(event: str):
     return done
 
 
-async def _load_all(manager: ModelManager, items: list[dict], what: str) -> None:
+async def _load_all(manager: ModelManager, items: list[dict], what: str, metrics: DaemonMetrics) -> None:
     """Loads each item ({name, path, version?, verify?, aliases}); a failure is logged, not fatal."""
     for item in items:
         try:
-            mv = await asyncio.to_thread(
-                manager.load, item["name"], item["path"], version=item.get("version"), verify=item.get("verify")
-            )
+            try:
+                mv, fill = await asyncio.to_thread(
+                    manager.begin_load,
+                    item["name"],
+                    item["path"],
+                    version=item.get("version"),
+                    verify=item.get("verify"),
+                )
+            except AlreadyExists:
+                raise
+            except HotweightsError as exc:
+                metrics.refused(exc)  # a failed read is counted from its VERSION_FAILED event
+                raise
+            await asyncio.to_thread(fill)
             for alias in item.get("aliases", ()):
                 await asyncio.to_thread(manager.set_alias, alias, mv.key)
             log.info(f"{what}.done", model=mv.key, path=item["path"])

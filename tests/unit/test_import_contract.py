@@ -65,7 +65,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 # Third-party packages a layer must never import: the core knows nothing of transports or devices.
 FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
-    "core": {"grpc", "grpc_health", "grpc_reflection", "google", "cuda", "torch", "typer"},
+    "core": {"grpc", "grpc_health", "grpc_reflection", "google", "cuda", "torch", "typer", "prometheus_client"},
     "kernel.errors": {"grpc", "torch", "cuda"},
     "kernel.format": {"grpc", "cuda"},
     "persist": {"grpc", "torch", "cuda"},

@@ -25,9 +25,10 @@ DIST_OF = {
     "google": "protobuf",
     "cuda": "cuda-bindings",
     "yaml": "pyyaml",
+    "prometheus_client": "prometheus-client",
 }
 # Imported only where a feature is used, under a guard that names the extra (or a peer the user brings).
-OPTIONAL_BY_DESIGN = {"cuda-bindings", "transformers", "vllm", "prometheus-client", "numpy"}
+OPTIONAL_BY_DESIGN = {"cuda-bindings", "transformers", "vllm", "numpy"}
 
 
 def _dist(req: str) -> str:

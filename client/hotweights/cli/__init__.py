@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -432,6 +433,74 @@ def doctor(
                 typer.echo(f"{'':28}fix: {c.fix}")
         typer.echo(f"{len(results)} checks: {failed} FAIL, {warned} WARN")
     raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def metrics(
+    socket: str | None = ClientSocketOpt,
+    metrics_socket: str | None = typer.Option(
+        None,
+        "--metrics-socket",
+        envvar="HOTWEIGHTS_METRICS_SOCKET",
+        help="the daemon's metrics socket, where its config moved it (default: <socket>.metrics)",
+    ),
+) -> None:
+    """Print the daemon's Prometheus metrics (the text format), read from its metrics socket."""
+    from hotweights.paths import default_socket, metrics_socket_for
+
+    sock = socket or default_socket()
+    path = metrics_socket_for(sock, metrics_socket) if metrics_socket is not None else metrics_socket_for(sock)
+    if path is None:
+        fail(errors.FailedPrecondition(f"metrics are off (--metrics-socket {metrics_socket!r})"))
+        return
+    try:
+        text = _read_metrics(path)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        if os.path.exists(sock) and isinstance(exc, FileNotFoundError):
+            why = (
+                f"the daemon on {sock} serves no metrics at {path}: its metrics_socket is off or elsewhere "
+                "(pass --metrics-socket)"
+            )
+        else:
+            why = f"no daemon answers at {path} (is it running on {sock}? start one with `hotweights serve`)"
+        fail(errors.Unavailable(why, socket=sock))
+        return
+    except PermissionError:
+        fail(errors.PermissionDenied(f"may not open {path}: the metrics socket is for the daemon's group"))
+        return
+    except (OSError, ValueError) as exc:
+        fail(errors.Unavailable(f"reading metrics from {path} failed: {exc}", socket=sock))
+        return
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _read_metrics(path: str, timeout: float = 10.0) -> str:
+    """``GET /metrics`` over HTTP on the unix socket ``path``: the exposition text."""
+    import http.client
+    import socket as socketlib
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+            s.settimeout(timeout)
+            try:
+                s.connect(path)
+            except BaseException:
+                s.close()
+                raise
+            self.sock = s
+
+    conn = UnixConnection("localhost", timeout=timeout)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        body = resp.read().decode("utf-8", "replace")
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status} {resp.reason}: {body.strip()[:200]}")
+        return body
+    finally:
+        conn.close()
 
 
 @app.command()

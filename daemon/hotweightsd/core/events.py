@@ -32,6 +32,8 @@ class Event:
     alias: str = ""
     old_version: str = ""
     message: str = ""
+    # VERSION_FAILED: the error's class (InsufficientMemory, BackendError, ...), for counting failures.
+    reason: str = ""
     time: float = field(default_factory=time.time)
     seq: int = 0
 

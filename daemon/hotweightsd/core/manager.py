@@ -400,9 +400,7 @@ class ModelManager:
                 self.backend.concurrent_fills([r.device for r in mv.ranks]),
                 ThreadPoolExecutor(max_workers=max(1, len(mv.ranks)), thread_name_prefix="hw-rank") as pool,
             ):
-                futures = [
-                    pool.submit(self.backend.fill, r.layout, r.allocations, progress, mv.cancel) for r in mv.ranks
-                ]
+                futures = [pool.submit(self._fill_rank, r, progress, mv.cancel) for r in mv.ranks]
                 paths = []
                 for f in futures:
                     try:
@@ -436,6 +434,13 @@ class ModelManager:
             self.set_alias(alias, mv.key)
         return mv
 
+    def _fill_rank(self, r: ResidentRank, progress: Callable[[int], None], cancel: threading.Event) -> str:
+        t0 = time.perf_counter()
+        path = self.backend.fill(r.layout, r.allocations, progress, cancel)
+        r.load_seconds = time.perf_counter() - t0
+        r.load_path = path
+        return path
+
     def _fail(self, mv: ModelVersion, exc: BaseException, fx: _Effects, publish: bool = True) -> None:
         """Marks ``mv`` FAILED and queues its memory to be freed (lock held)."""
         self._free_memory(mv, fx)
@@ -444,7 +449,9 @@ class ModelManager:
         self._changed.notify_all()
         fx.log("warning", "load.failed", model=mv.key, error=mv.error)
         if publish:
-            fx.publish(EventKind.VERSION_FAILED, mv.name, version=mv.version, message=mv.error)
+            fx.publish(
+                EventKind.VERSION_FAILED, mv.name, version=mv.version, message=mv.error, reason=type(exc).__name__
+            )
 
     # ---- unloading and freeing ------------------------------------------------------------
 

@@ -50,6 +50,9 @@ class ResidentRank:
     device: int
     layout: RankLayout
     allocations: list[Allocation]
+    # This rank's fill: seconds and the backend's description of how it read (set when it finished).
+    load_seconds: float = 0.0
+    load_path: str = ""
 
 
 @dataclass

@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 
 import structlog
 
@@ -38,9 +39,17 @@ def send_reply(conn: socket.socket, doc: dict, fds: list[int]) -> None:
 
 
 class FdChannel:
-    def __init__(self, path: str, manager: ModelManager, mode: int = 0o660) -> None:
+    def __init__(
+        self,
+        path: str,
+        manager: ModelManager,
+        mode: int = 0o660,
+        on_connection: Callable[[str], None] | None = None,
+    ) -> None:
         self.path = path
         self.manager = manager
+        # Told each connection's outcome: ok, refused (a bad or expired ticket) or io_error.
+        self.on_connection = on_connection or (lambda outcome: None)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         with born_with_mode(mode):
             self._sock.bind(path)
@@ -73,11 +82,13 @@ class FdChannel:
             with conn:
                 conn.settimeout(5.0)
                 try:
-                    self._handle(conn)
+                    outcome = self._handle(conn)
                 except OSError as exc:
+                    outcome = "io_error"
                     log.warning("fdchannel.io_error", error=str(exc))
+                self.on_connection(outcome)
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> str:
         fds: list[int] = []
         try:
             token = self._read_ticket(conn)
@@ -85,8 +96,10 @@ class FdChannel:
             lease, fds = self.manager.redeem(token)
             self.manager.note_peer(lease.id, pid, uid)
             send_reply(conn, {"ok": True, "count": len(fds)}, fds)
+            return "ok"
         except HotweightsError as exc:
             send_reply(conn, {"ok": False, "error": type(exc).__name__, "message": exc.message}, [])
+            return "refused"
         finally:
             for fd in fds:
                 os.close(fd)

@@ -25,6 +25,7 @@ from hotweightsd.core.events import Event, EventKind
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, ResidentRank
 from hotweightsd.server import convert
+from hotweightsd.server.metrics import DaemonMetrics
 
 log = structlog.get_logger("hotweightsd.service")
 PROGRESS_INTERVAL = 0.2
@@ -94,8 +95,10 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         fd_socket: str,
         restored: bool = False,
         restore_note: str = "",
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self.m = manager
+        self.metrics = metrics
         self.socket_path = socket_path
         self.fd_socket = fd_socket
         self.restored = restored
@@ -130,18 +133,29 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @stream_rpc
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> AsyncIterator[pb.LoadEvent]:
-        start = await self._blocking(
-            self.m.start_load,
-            request.name,
-            request.path,
-            version=request.version or None,
-            alias=request.alias or None,
-            verify=convert.VERIFY_OF[request.verify],
-            mode=convert.MODE_OF[request.allocation],
-            device_map=list(request.device_map),
+        start = await self._refusals_counted(
+            self._blocking(
+                self.m.start_load,
+                request.name,
+                request.path,
+                version=request.version or None,
+                alias=request.alias or None,
+                verify=convert.VERIFY_OF[request.verify],
+                mode=convert.MODE_OF[request.allocation],
+                device_map=list(request.device_map),
+            )
         )
         async for ev in self._run_load(start.version, start.run, request.wait, start.already_loaded):
             yield ev
+
+    async def _refusals_counted(self, call: asyncio.Future[T]) -> T:
+        """``call``'s result; a load it refuses (before reading: no VERSION_FAILED event) is counted."""
+        try:
+            return await call
+        except errors.HotweightsError as exc:
+            if self.metrics is not None:
+                self.metrics.refused(exc)
+            raise
 
     async def _run_load(
         self, mv: ModelVersion, run: Callable, wait: bool, already_loaded: bool = False
@@ -236,15 +250,24 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 return  # the client went away before asking for anything
             if first.WhichOneof("msg") != "open":
                 raise errors.InvalidArgument("a Lease stream must start with an open message")
-            lease = self.m.open_lease(first.open.ref, pid=first.open.pid, holder=first.open.holder)
-            granted = pb.LeaseGranted(
-                lease_id=lease.id,
-                name=lease.name,
-                version=lease.version,
-                world_size=self.m.get(lease.name, lease.version).world_size,
-            )
-            if first.open.with_handles:
-                granted.handles.CopyFrom(self._handles(lease.id, first.open.rank, first.open.compact_table))
+            t0 = time.perf_counter()
+            try:
+                lease = self.m.open_lease(first.open.ref, pid=first.open.pid, holder=first.open.holder)
+                granted = pb.LeaseGranted(
+                    lease_id=lease.id,
+                    name=lease.name,
+                    version=lease.version,
+                    world_size=self.m.get(lease.name, lease.version).world_size,
+                )
+                if first.open.with_handles:
+                    granted.handles.CopyFrom(self._handles(lease.id, first.open.rank, first.open.compact_table))
+            except BaseException:
+                if self.metrics is not None:
+                    self.metrics.attaches.labels("error").inc()
+                raise
+            if self.metrics is not None:
+                self.metrics.attaches.labels("ok").inc()
+                self.metrics.attach_seconds.observe(time.perf_counter() - t0)
             yield pb.LeaseEvent(granted=granted)
             ref = first.open.ref
             events = EventQueue(self.m, lambda ev: ev.kind is EventKind.ALIAS_MOVED and ev.alias == ref)
@@ -295,18 +318,23 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         from hotweightsd.core.swap import SwapMode, swap
 
         mode = SwapMode.DRAIN if request.mode == pb.SWAP_DRAIN else SwapMode.SIDE_BY_SIDE
-        plan = await self._blocking(
-            swap,
-            self.m,
-            request.alias,
-            request.target,
-            version=request.version or None,
-            mode=mode,
-            drain_timeout=request.drain_timeout_seconds or 60.0,
-            verify=convert.VERIFY_OF[request.verify],
-            name=request.name or None,
+        plan = await self._refusals_counted(
+            self._blocking(
+                swap,
+                self.m,
+                request.alias,
+                request.target,
+                version=request.version or None,
+                mode=mode,
+                drain_timeout=request.drain_timeout_seconds or 60.0,
+                verify=convert.VERIFY_OF[request.verify],
+                name=request.name or None,
+            )
         )
         async for ev in self._run_load(plan.version, plan.run, wait=True):
+            if self.metrics is not None and ev.WhichOneof("event") == "done":
+                # counted before the last event goes out: the caller may close the stream on it
+                self.metrics.swaps.labels(mode.value).inc()
             yield ev
 
     @stream_rpc

@@ -16,7 +16,7 @@ from pathlib import Path
 from hotweights.errors import DaemonAlreadyRunning, InvalidArgument
 
 
-def _alive(path: str) -> bool:
+def alive(path: str) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(1.0)
     try:
@@ -54,7 +54,7 @@ class SocketOwnership:
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
         for p in (path, fd_socket_path(path)):
             if os.path.exists(p):
-                if _alive(p):
+                if alive(p):
                     self.release()
                     raise DaemonAlreadyRunning(f"a live process answers on {p}; refusing to take it over", socket=p)
                 os.unlink(p)
