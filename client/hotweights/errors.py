@@ -113,6 +113,18 @@ class CudaError(BackendError):
     """A CUDA driver call returned an error; ``code`` is the driver's CUresult value."""
 
 
+SHORT = 200
+
+
+def shorten(value: object, limit: int = SHORT) -> str:
+    """A client-supplied string as an error message may quote it: whole when short, else its first
+    ``limit`` characters and its length, so a huge name never comes back (or overflows a status)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text.encode('utf-8', 'surrogatepass'))} bytes)"
+
+
 def _all_subclasses(cls: type) -> list[type]:
     out: list[type] = []
     sub: type

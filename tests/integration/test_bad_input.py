@@ -79,6 +79,16 @@ def _index_missing(d: Path) -> Path:
     return d / "idx"
 
 
+def _index_nested_deeply(d: Path) -> Path:
+    raw_file(d / "deep" / "model-00001.safetensors", {"a": F32x2}, b"\0" * 8)
+    (d / "deep" / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000)
+    return d / "deep"
+
+
+def _header_nested_deeply(d: Path) -> Path:
+    return raw_file(d / "n.safetensors", b"[" * 100_000 + b"]" * 100_000, b"")
+
+
 CASES = [
     (_missing, "no such file or directory"),
     (_empty_dir, "no .safetensors files"),
@@ -91,6 +101,8 @@ CASES = [
     (_size_mismatch, "needs 16 bytes but data_offsets span 12"),
     (_duplicates, "duplicate tensor 'w' in a.safetensors and b.safetensors"),
     (_index_missing, "names model-00002.safetensors, which does not exist"),
+    (_index_nested_deeply, "not a valid index"),
+    (_header_nested_deeply, "nested too deeply"),
 ]
 
 
@@ -165,3 +177,49 @@ def test_cli_without_daemon_says_so(sockdir):
     )
     assert r.returncode == 1
     assert "unreachable" in r.stderr or "no hotweights daemon" in r.stderr, r.stderr
+
+
+def test_huge_client_strings_come_back_as_a_short_prefix(daemon):
+    """A name of 70,000 characters is refused with a typed error that quotes its first 200 and its
+    length; echoing it whole would overflow gRPC's metadata limit and lose the status."""
+    import hotweights
+
+    huge = "x" * 70_000
+    with daemon.connect() as c:
+        for call in (
+            lambda: c.unload(huge),
+            lambda: c.set_alias(huge, "m@v1"),
+            lambda: c.load(huge, "/nonexistent.safetensors"),
+            lambda: c.load("m", "/" + huge),
+        ):
+            with pytest.raises((hotweights.errors.InvalidArgument, hotweights.errors.NotFound)) as info:
+                call()
+            msg = str(info.value)
+            assert "x" * 199 + "…(7000" in msg and "x" * 201 not in msg, msg[:400]
+            assert len(msg) < 1000, msg[:400]
+    assert daemon.alive()
+
+
+def test_unknown_enum_numbers_are_invalid_arguments(daemon, tmp_path):
+    import grpc
+
+    from hotweights.wire.pb import pb, pb_grpc
+    from hotweights.wire.status import CLASS_KEY
+
+    good = str(write_model(tmp_path / "m.safetensors"))
+    requests = [
+        ("LoadModel", pb.LoadModelRequest(name="m", path=good, allocation=3), "allocation: unknown enum number 3"),
+        ("LoadModel", pb.LoadModelRequest(name="m", path=good, verify=-1), "verify: unknown enum number -1"),
+        ("SwapModel", pb.SwapModelRequest(alias="a", target="m@v1", mode=9), "mode: unknown enum number 9"),
+        ("SwapModel", pb.SwapModelRequest(alias="a", target=good, verify=4), "verify: unknown enum number 4"),
+    ]
+    with grpc.insecure_channel(f"unix://{daemon.socket}") as channel:
+        stub = pb_grpc.HotweightsStub(channel)
+        for rpc, request, expected in requests:
+            with pytest.raises(grpc.RpcError) as info:
+                list(getattr(stub, rpc)(request, timeout=30))
+            err = info.value
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, err.code(), err.details())
+            assert expected in err.details(), err.details()
+            assert dict(err.trailing_metadata())[CLASS_KEY] == "InvalidArgument"
+    assert daemon.status()["versions"] == []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import xxhash
 
-from hotweights.errors import BadCheckpoint, NotFound
+from hotweights.errors import BadCheckpoint, InvalidArgument, NotFound, shorten
 from hotweights.format.safetensors import FileHeader, read_header
 
 SHARD_RE = re.compile(r"^model-rank-(\d+)-part-(\d+)\.safetensors$")
@@ -82,15 +82,25 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise NotFound(f"{path}: no such file or directory", path=str(path))
+    where = shorten(str(path))
+    if "\0" in str(path):
+        raise InvalidArgument(f"{where!r}: a path cannot contain a NUL byte")
+    try:
+        path = Path(path).expanduser()
+        exists = path.exists()
+    except RuntimeError as exc:  # ~user naming no user
+        raise NotFound(f"{where}: {exc}", path=where) from None
+    except OSError as exc:  # a name too long, a loop of links, a component that is not a directory
+        raise NotFound(f"{where}: {exc.strerror or exc}", path=where) from None
+    where = shorten(str(path))
+    if not exists:
+        raise NotFound(f"{where}: no such file or directory", path=where)
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise BadCheckpoint(f"{path}: not a .safetensors file", path=str(path))
+            raise BadCheckpoint(f"{where}: not a .safetensors file", path=where)
         return _checked(Checkpoint(path.resolve(), "file", [RankFiles(0, [read_header(path)])]))
     if not path.is_dir():
-        raise BadCheckpoint(f"{path}: neither a file nor a directory", path=str(path))
+        raise BadCheckpoint(f"{where}: neither a file nor a directory", path=where)
     path = path.resolve()
 
     shards = _sharded(path)
@@ -135,7 +145,7 @@ def _indexed(path: Path, index: Path) -> list[FileHeader]:
         weight_map = doc["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise BadCheckpoint(
             f"{index}: not a valid index (needs a JSON object with a 'weight_map' object)", path=str(index)
         ) from None

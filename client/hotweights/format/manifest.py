@@ -92,6 +92,8 @@ def load_manifest(directory: str | Path) -> Manifest | None:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise BadCheckpoint(f"{path}: cannot read it as JSON: {exc}", path=str(path), file=MANIFEST_NAME) from None
+    except RecursionError:
+        raise BadCheckpoint(f"{path}: JSON nested too deeply", path=str(path), file=MANIFEST_NAME) from None
     _check_schema(path, doc)
     return Manifest(path, doc)
 

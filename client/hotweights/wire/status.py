@@ -32,6 +32,21 @@ ERROR_OF: dict[grpc.StatusCode, type[e.HotweightsError]] = {v: k for k, v in STA
 
 CLASS_KEY = "hotweights-error-class"
 DETAILS_KEY = "hotweights-error-details"
+# gRPC refuses (RESOURCE_EXHAUSTED, in place of the real status) a status whose message and metadata
+# pass its header limit (16 KiB): what goes out stays below, whatever a client sent. The message
+# travels percent-encoded (up to 3 bytes per UTF-8 byte), the details as ASCII JSON.
+MAX_MESSAGE = 2000  # UTF-8 bytes
+MAX_DETAILS = 6000  # characters of JSON
+MAX_DETAIL = e.SHORT
+
+
+def short_message(message: str) -> str:
+    """``message`` whole if its UTF-8 form fits MAX_MESSAGE bytes, else a prefix that does and the length."""
+    raw = message.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_MESSAGE:
+        return message
+    head = raw[: MAX_MESSAGE - 32].decode("utf-8", "ignore")
+    return f"{head}…({len(raw)} bytes)"
 
 
 def status_of(err: e.HotweightsError) -> grpc.StatusCode:
@@ -41,17 +56,30 @@ def status_of(err: e.HotweightsError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def _short_detail(value: Any) -> Any:
+    if isinstance(value, str):
+        return e.shorten(value, MAX_DETAIL)
+    if isinstance(value, (list, tuple)):
+        return [_short_detail(v) for v in value[:50]]
+    if isinstance(value, dict):
+        return {e.shorten(str(k), MAX_DETAIL): _short_detail(v) for k, v in list(value.items())[:50]}
+    return value
+
+
 def trailing_metadata(err: e.HotweightsError) -> tuple[tuple[str, str], ...]:
+    details = json.dumps(_short_detail(err.details), default=lambda v: e.shorten(str(v), MAX_DETAIL))
+    if len(details) > MAX_DETAILS:
+        details = json.dumps({"truncated": True})
     return (
         (CLASS_KEY, type(err).__name__),
-        (DETAILS_KEY, json.dumps(err.details, default=str)),
+        (DETAILS_KEY, details),
     )
 
 
 async def abort_with(context: Any, err: e.HotweightsError) -> None:
     """Ends an aio call with the error's status; never returns."""
     context.set_trailing_metadata(trailing_metadata(err))
-    await context.abort(status_of(err), err.message)
+    await context.abort(status_of(err), short_message(err.message))
 
 
 def error_from_rpc(rpc_error: grpc.RpcError) -> e.HotweightsError:

@@ -36,6 +36,7 @@ from hotweights.errors import (
     LeaseHeld,
     NotFound,
     Unavailable,
+    shorten,
 )
 from hotweights.format.checkpoint import Checkpoint, open_checkpoint
 from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
@@ -151,7 +152,7 @@ class ModelManager:
         with self._lock:
             mv = self._versions.get(f"{name}@{version}")
         if mv is None:
-            raise NotFound(f"model {name}@{version} is not loaded", ref=f"{name}@{version}")
+            raise NotFound(f"model {shorten(name)}@{shorten(version)} is not loaded", ref=f"{name}@{version}")
         return mv
 
     def resolve(self, ref: str, *, ready: bool = True) -> ModelVersion:
@@ -161,7 +162,8 @@ class ModelManager:
                 mv = self._versions.get(self._aliases[ref])
                 if mv is None:
                     raise Unavailable(
-                        f"alias {ref!r} is between versions (a drain swap is loading its next version); retry shortly",
+                        f"alias {shorten(ref)!r} is between versions (a drain swap is loading its next version);"
+                        " retry shortly",
                         ref=ref,
                     )
             else:
@@ -171,7 +173,7 @@ class ModelManager:
                 else:
                     candidates = [v for v in self._versions.values() if v.name == name]
                     if not candidates:
-                        raise NotFound(f"no model, version or alias named {ref!r} is loaded", ref=ref)
+                        raise NotFound(f"no model, version or alias named {shorten(ref)!r} is loaded", ref=ref)
                     live = [v for v in candidates if v.state is State.READY and not v.retire]
                     mv = max(live or candidates, key=lambda v: v.created)
             if ready and mv.state is not State.READY:
@@ -245,9 +247,11 @@ class ModelManager:
         )
         with self._lock:
             if alias and alias in {v.name for v in self._versions.values()} | {name}:
-                raise InvalidArgument(f"alias {alias!r} is the name of a model; aliases and model names must differ")
+                raise InvalidArgument(
+                    f"alias {shorten(alias)!r} is the name of a model; aliases and model names must differ"
+                )
             if name in self._aliases:
-                raise InvalidArgument(f"{name!r} is an alias; a model cannot share its name")
+                raise InvalidArgument(f"{shorten(name)!r} is an alias; a model cannot share its name")
             old = self._existing(mv.key, content)  # a concurrent load of the same version may have won
             if old is None:
                 self._versions[mv.key] = mv
@@ -328,7 +332,7 @@ class ModelManager:
         """Checks ``ckpt`` against its hotweights.json at the requested level (default: the daemon's)."""
         level = verify or "default"
         if level not in VERIFY_LEVELS:
-            raise InvalidArgument(f"verify must be one of none, fast, full (got {verify!r})")
+            raise InvalidArgument(f"verify must be one of none, fast, full (got {shorten(verify)!r})")
         if level == "default":
             level = self.default_verify
         if level == "none":
@@ -495,7 +499,7 @@ class ModelManager:
             return [self.get(name, version)]
         targets = [v for v in self._versions.values() if v.name == name]
         if not targets:
-            raise NotFound(f"no model named {name!r} is loaded", ref=ref)
+            raise NotFound(f"no model named {shorten(name)!r} is loaded", ref=ref)
         return targets
 
     def _drop(self, mv: ModelVersion, fx: _Effects) -> None:
@@ -619,10 +623,10 @@ class ModelManager:
         check_name("alias", alias)
         with self._txn() as fx:
             if any(v.name == alias for v in self._versions.values()):
-                raise InvalidArgument(f"{alias!r} is a model name; aliases and model names must differ")
+                raise InvalidArgument(f"{shorten(alias)!r} is a model name; aliases and model names must differ")
             name, version = split_ref(target)
             if version is None:
-                raise InvalidArgument(f"alias target must be NAME@VERSION, got {target!r}")
+                raise InvalidArgument(f"alias target must be NAME@VERSION, got {shorten(target)!r}")
             mv = self.get(name, version)
             if mv.state is not State.READY:
                 raise FailedPrecondition(
@@ -643,7 +647,7 @@ class ModelManager:
         with self._txn() as fx:
             key = self._aliases.pop(alias, None)
             if key is None:
-                raise NotFound(f"no alias named {alias!r}", alias=alias)
+                raise NotFound(f"no alias named {shorten(alias)!r}", alias=alias)
             name, _, version = key.partition("@")
             fx.publish(EventKind.ALIAS_REMOVED, name, version=version, alias=alias)
         return key

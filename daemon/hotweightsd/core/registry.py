@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from hotweights.errors import InvalidArgument
+from hotweights.errors import InvalidArgument, shorten
 from hotweightsd.core.backend import Allocation, AllocationMode
 from hotweightsd.core.content import ContentId
 from hotweightsd.core.layout import RankLayout
@@ -19,7 +19,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 def check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise InvalidArgument(
-            f"invalid {kind} {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid {kind} {shorten(value)!r}: use 1-128 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit"
         )
     return value
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from hotweights.errors import InsufficientMemory, InvalidArgument, NotFound
+from hotweights.errors import InsufficientMemory, InvalidArgument, NotFound, shorten
 from hotweights.format.checkpoint import open_checkpoint
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, State, check_name, split_ref
@@ -30,7 +30,7 @@ def is_path(target: str) -> bool:
         return True
     if "@" in target:
         return False
-    raise InvalidArgument(f"swap target {target!r} is neither NAME@VERSION nor a checkpoint path")
+    raise InvalidArgument(f"swap target {shorten(target)!r} is neither NAME@VERSION nor a checkpoint path")
 
 
 def swap(
@@ -87,7 +87,7 @@ def swap(
         return SwapPlan(mv, run)
 
     if old is None:
-        raise InvalidArgument(f"--mode drain needs an existing alias; {alias!r} points at nothing")
+        raise InvalidArgument(f"--mode drain needs an existing alias; {shorten(alias)!r} points at nothing")
     # Fail on a bad checkpoint before anything is drained.
     ckpt = open_checkpoint(target)
     m.verify(ckpt, verify)

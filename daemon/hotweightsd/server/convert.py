@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from hotweights.errors import InvalidArgument
 from hotweights.wire.pb import pb
 from hotweightsd.core.backend import AllocationMode, HandleType
 from hotweightsd.core.events import Event
 from hotweightsd.core.leases import Lease
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, ResidentRank
+
+T = TypeVar("T")
 
 _MODE = {AllocationMode.FD: pb.ALLOCATION_FD, AllocationMode.LEGACY_IPC: pb.ALLOCATION_LEGACY_IPC}
 MODE_OF = {
@@ -16,6 +22,17 @@ MODE_OF = {
     pb.ALLOCATION_LEGACY_IPC: AllocationMode.LEGACY_IPC,
 }
 VERIFY_OF = {pb.VERIFY_DEFAULT: None, pb.VERIFY_NONE: "none", pb.VERIFY_FAST: "fast", pb.VERIFY_FULL: "full"}
+SWAP_OF = {pb.SWAP_MODE_DEFAULT: "side-by-side", pb.SWAP_SIDE_BY_SIDE: "side-by-side", pb.SWAP_DRAIN: "drain"}
+
+
+def enum_arg(table: Mapping[Any, T], number: int, field: str) -> T:
+    """The core value of a request's enum field; a number this daemon does not know (proto3 enums are
+    open: a newer or broken client can send any) is the client's error, not a KeyError."""
+    try:
+        return table[number]
+    except KeyError:
+        known = ", ".join(str(n) for n in sorted(table))
+        raise InvalidArgument(f"{field}: unknown enum number {number} (known: {known})", field=field) from None
 
 
 def version_info(mv: ModelVersion, manager: ModelManager, already_loaded: bool = False) -> pb.ModelVersionInfo:

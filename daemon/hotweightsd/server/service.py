@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import os
 import threading
 import time
@@ -140,8 +141,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 request.path,
                 version=request.version or None,
                 alias=request.alias or None,
-                verify=convert.VERIFY_OF[request.verify],
-                mode=convert.MODE_OF[request.allocation],
+                verify=convert.enum_arg(convert.VERIFY_OF, request.verify, "verify"),
+                mode=convert.enum_arg(convert.MODE_OF, request.allocation, "allocation"),
                 device_map=list(request.device_map),
             )
         )
@@ -317,7 +318,13 @@ class HotweightsService(pb_grpc.HotweightsServicer):
     async def SwapModel(self, request: pb.SwapModelRequest, context) -> AsyncIterator[pb.LoadEvent]:
         from hotweightsd.core.swap import SwapMode, swap
 
-        mode = SwapMode.DRAIN if request.mode == pb.SWAP_DRAIN else SwapMode.SIDE_BY_SIDE
+        mode = SwapMode(convert.enum_arg(convert.SWAP_OF, request.mode, "mode"))
+        drain_timeout = request.drain_timeout_seconds or 60.0
+        if not math.isfinite(drain_timeout) or drain_timeout < 0:
+            raise errors.InvalidArgument(
+                f"drain_timeout_seconds must be a finite number of seconds >= 0, got {drain_timeout}"
+            )
+        verify = convert.enum_arg(convert.VERIFY_OF, request.verify, "verify")
         plan = await self._refusals_counted(
             self._blocking(
                 swap,
@@ -326,8 +333,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 request.target,
                 version=request.version or None,
                 mode=mode,
-                drain_timeout=request.drain_timeout_seconds or 60.0,
-                verify=convert.VERIFY_OF[request.verify],
+                drain_timeout=drain_timeout,
+                verify=verify,
                 name=request.name or None,
             )
         )
