@@ -49,7 +49,7 @@ print(json.dumps({"get_s": t2 - t1, "ready_s": t3 - t1, "tensors": len(w), "chec
 
 
 def write_sample(out: Path, size_mb: int, tp: int = 2) -> int:
-    """A Llama-like layout scaled to about ``size_mb`` MB, pre-sharded for ``tp`` ranks."""
+    """A Llama-like layout of about ``size_mb`` MB per rank, pre-sharded for ``tp`` ranks."""
     import torch
     from safetensors.torch import save_file
 
@@ -105,7 +105,7 @@ def run_demo(workdir: Path, size_mb: int = 256) -> int:
     workdir = workdir.resolve()
     ckpt = workdir / "sample-tp2"
     if not (ckpt / "model-rank-1-part-0.safetensors").exists():
-        print(f"writing a {size_mb} MB Llama-shaped TP=2 sample checkpoint to {ckpt} ...")
+        print(f"writing a Llama-shaped TP=2 sample checkpoint ({size_mb} MB per rank) to {ckpt} ...")
         shutil.rmtree(ckpt, ignore_errors=True)
         write_sample(ckpt, size_mb)
     sockdir = tempfile.mkdtemp(prefix="hw-demo-", dir="/tmp")
