@@ -11,7 +11,9 @@
 # bench_load.py, e.g. "--rank-gb 12 --skip sweep"), PYTEST_ARGS (e.g. "-k vmm"), SKIP_TESTS=1, SKIP_BENCH=1,
 # SWEEP=1 (run sweep_bounce.py after the tests; SWEEP_BUDGET seconds, SWEEP_ARGS extra flags), AB=1 (run
 # ab_settings.py after that, AB_ARGS its flags, AB_TIMEOUT its time box in seconds, default 150), SKIP_FF=1
-# (bench_first_forward.py runs before bench_load.py unless set; FF_ARGS its flags, FF_TIMEOUT its time box).
+# (bench_first_forward.py runs before bench_load.py unless set; FF_ARGS its flags, FF_TIMEOUT its time box),
+# NODE=1 (run bench_node.py, every GPU at once through a daemon, instead of bench_load.py; NODE_ARGS its flags;
+# same budget and time box; pair with SKIP_TESTS=1 SKIP_FF=1 to give it the whole session).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -144,8 +146,13 @@ if [ "$budget" -lt 60 ]; then
   log "only ${left}s left: running the benchmark with a ${budget}s budget anyway"
   budget=60
 fi
-log "benchmark (budget ${budget}s, time box $((left - 10))s)"
-stage bench.log "$((left - 10))" benchmarks/bench_load.py --budget "$budget" ${BENCH_ARGS:-}
+if [ -n "${NODE:-}" ]; then
+  log "node benchmark, $(nvidia-smi -L 2>/dev/null | wc -l) GPU(s) (budget ${budget}s, time box $((left - 10))s)"
+  stage node.log "$((left - 10))" benchmarks/bench_node.py --budget "$budget" ${NODE_ARGS:-}
+else
+  log "benchmark (budget ${budget}s, time box $((left - 10))s)"
+  stage bench.log "$((left - 10))" benchmarks/bench_load.py --budget "$budget" ${BENCH_ARGS:-}
+fi
 rc_bench=$rc
 log "benchmark exit code $rc_bench; total ${SECONDS}s"
 ls -la "$OUT" | tee -a "$OUT/session.log"
