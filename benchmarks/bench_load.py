@@ -58,6 +58,28 @@ GiB = 1024 * MiB
 # --- results ------------------------------------------------------------------------------------------
 
 
+def run_section(res, skip, budget, name: str, fn, need: float = 30.0, why_not: str | None = None):
+    """One time-boxed section: skipped (with the reason in the JSON) when asked, when ``why_not`` says it
+    cannot run here, or when the budget is short; an error is recorded, not raised; results saved after."""
+    if why_not:
+        res.skip(name, why_not)
+        return None
+    if name in skip:
+        res.skip(name, "--skip")
+        return None
+    if budget() < need:
+        res.skip(name, f"time budget ({budget():.0f}s left, needs ~{need:.0f}s)")
+        return None
+    try:
+        return fn()
+    except Exception as exc:
+        res.error(name, exc)
+        return None
+    finally:
+        free_torch()
+        res.save()
+
+
 class Results:
     def __init__(self, outs: list[str]) -> None:
         self.doc: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": [], "skipped": {}, "log": []}
@@ -1051,20 +1073,7 @@ def main() -> int:
     targets = doc.setdefault("targets", {})
 
     def section(name: str, fn, need: float = 30.0):
-        if name in skip:
-            res.skip(name, "--skip")
-            return None
-        if budget() < need:
-            res.skip(name, f"time budget ({budget():.0f}s left, needs ~{need:.0f}s)")
-            return None
-        try:
-            return fn()
-        except Exception as exc:
-            res.error(name, exc)
-            return None
-        finally:
-            free_torch()
-            res.save()
+        return run_section(res, skip, budget, name, fn, need)
 
     # -- page cache
     def warm_source(key: str, label: str, where: Path) -> dict:

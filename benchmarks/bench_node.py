@@ -341,23 +341,7 @@ def main() -> int:
     res.save()
 
     def section(name: str, fn, need: float = 30.0, why_not: str | None = None):
-        if why_not:
-            res.skip(name, why_not)
-            return None
-        if name in skip:
-            res.skip(name, "--skip")
-            return None
-        if budget() < need:
-            res.skip(name, f"time budget ({budget():.0f}s left, needs ~{need:.0f}s)")
-            return None
-        try:
-            return fn()
-        except Exception as exc:
-            res.error(name, exc)
-            return None
-        finally:
-            bl.free_torch()
-            res.save()
+        return bl.run_section(res, skip, budget, name, fn, need, why_not)
 
     no_cuda = "needs CUDA (--smoke)" if not cuda else None
     cold_why = "--skip" if "cold" in skip else bl.can_drop_caches()
