@@ -153,17 +153,24 @@ def python(
 ) -> subprocess.CompletedProcess:
     """Runs ``python PROGRAM ARGS`` to the end; with ``check``, a non-zero exit raises AssertionError
     with its output."""
-    r = subprocess.run(
-        [sys.executable, os.fspath(program), *args],
+    r = _run([sys.executable, os.fspath(program), *args], timeout, env, input)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{program} {' '.join(args)} exited with {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def _run(
+    argv: list[str], timeout: float, env: Mapping[str, str] | None, input: str | None = None
+) -> subprocess.CompletedProcess:
+    """``argv`` to the end, output captured as text; ``env`` replaces the environment, by default ``child_env()``."""
+    return subprocess.run(
+        argv,
         capture_output=True,
         text=True,
         timeout=timeout,
         input=input,
         env=dict(env) if env is not None else child_env(),
     )
-    if check and r.returncode != 0:
-        raise AssertionError(f"{program} {' '.join(args)} exited with {r.returncode}:\n{r.stdout}\n{r.stderr}")
-    return r
 
 
 def spawn_python(program: str | os.PathLike, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
@@ -307,13 +314,7 @@ class Daemon:
         self, *args: str, check: bool = False, timeout: float = CLI_TIMEOUT, env: Mapping[str, str] | None = None
     ) -> subprocess.CompletedProcess:
         """``hotweights ARGS --socket SOCKET`` as an operator runs it, in its own process."""
-        r = subprocess.run(
-            [sys.executable, "-m", "hotweights", *args, "--socket", self.socket],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=dict(env) if env is not None else child_env(),
-        )
+        r = _run([sys.executable, "-m", "hotweights", *args, "--socket", self.socket], timeout, env)
         if check and r.returncode != 0:
             raise AssertionError(f"hotweights {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}")
         return r

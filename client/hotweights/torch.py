@@ -19,6 +19,7 @@ Copy a parameter first (``p.clone()``) to change it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -182,22 +183,15 @@ def _named_params(module: torch.nn.Module):
     order: list[int] = []
     for mod_name, mod in module.named_modules(remove_duplicate=False):
         base = f"{mod_name}." if mod_name else ""
-        for attr, p in mod._parameters.items():
-            if p is None:
+        params = ((attr, p, True) for attr, p in mod._parameters.items())
+        buffers = ((attr, b, False) for attr, b in mod._buffers.items() if attr not in mod._non_persistent_buffers_set)
+        for attr, t, is_param in itertools.chain(params, buffers):
+            if t is None:
                 continue
-            entry = by_id.get(id(p))
+            entry = by_id.get(id(t))
             if entry is None:
-                entry = by_id[id(p)] = ([], True, p)
-                order.append(id(p))
-            if not any(o[0] is mod and o[1] == attr for o in entry[0]):
-                entry[0].append((mod, attr, base + attr))
-        for attr, b in mod._buffers.items():
-            if b is None or attr in mod._non_persistent_buffers_set:
-                continue
-            entry = by_id.get(id(b))
-            if entry is None:
-                entry = by_id[id(b)] = ([], False, b)
-                order.append(id(b))
+                entry = by_id[id(t)] = ([], is_param, t)
+                order.append(id(t))
             if not any(o[0] is mod and o[1] == attr for o in entry[0]):
                 entry[0].append((mod, attr, base + attr))
     return [by_id[i] for i in order]

@@ -6,16 +6,13 @@ Skipped (see conftest.py here) where no GPU or cuda-bindings is present.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from support import CLIENTS, child_env
-from support.daemons import short_tmpdir, start_daemon
+from support import child_env
+from support.daemons import client_json, short_tmpdir, start_daemon
 from support.models import llama_config, qwen2_config, save_model, weight_bytes
 
 
@@ -41,25 +38,7 @@ def gpu_served(tmp_path_factory):
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 def test_model_from_daemon_gpu_memory_equals_from_pretrained(gpu_served, model):
     d, models = gpu_served
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(CLIENTS / "hf_model.py"),
-            d.socket,
-            model,
-            str(models[model]),
-            "--device",
-            "cuda",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=child_env(),
-    )
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    assert r.returncode == 0 and lines, f"client failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
-    out = json.loads(lines[-1])
+    out = client_json("hf_model.py", d.socket, model, str(models[model]), "--device", "cuda", timeout=300)
     assert out["device"].startswith("cuda"), out
     assert out["logits_equal"] and out["buffers_equal"] and out["param_names_equal"], out
     assert out["outside"] == [], out  # every parameter inside one of the attachment's mapped regions

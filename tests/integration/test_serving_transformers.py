@@ -6,7 +6,6 @@ A real daemon (cpu backend) on a real unix socket; the serving side runs as sepa
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -16,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from support import CLIENTS, child_env
-from support.daemons import short_tmpdir, start_daemon
+from support import child_env
+from support.daemons import client_json, short_tmpdir, start_daemon
 from support.models import llama_config, qwen2_config, save_model, weight_bytes
 
 
@@ -36,18 +35,8 @@ def served(tmp_path_factory):
     assert code == 0, f"daemon exited with {code}:\n{d.logs()}"
 
 
-def run_program(name: str, *args: str, timeout: float = 180) -> dict:
-    r = subprocess.run(
-        [sys.executable, str(CLIENTS / name), *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=child_env(),
-    )
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    assert r.returncode == 0 and lines, f"{name} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
-    return json.loads(lines[-1])
+def run_program(name: str, *args: str) -> dict:
+    return client_json(name, *args, timeout=180)
 
 
 def wait_no_leases(d) -> list:

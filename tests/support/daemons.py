@@ -3,6 +3,7 @@ hotweights.testing (which the demo and the benchmarks use too)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ __all__ = [
     "client_program",
     "run_client",
     "serve_command",
+    "client_json",
     "short_tmpdir",
     "spawn_client",
     "start_daemon",
@@ -67,6 +69,15 @@ def run_client(
     if check and r.returncode != 0:
         raise AssertionError(f"client process failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def client_json(program: str | os.PathLike, *args: str, timeout: float = testing.CLI_TIMEOUT, **env: str) -> dict:
+    """Runs a client program to the end and returns the last JSON line it printed; a failed run, or one
+    that printed none, is an AssertionError with its output."""
+    r = run_client(program, *args, timeout=timeout, check=False, **env)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert r.returncode == 0 and lines, f"{program} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return json.loads(lines[-1])
 
 
 def spawn_client(program: str | os.PathLike, *args: str, **env: str) -> subprocess.Popen:

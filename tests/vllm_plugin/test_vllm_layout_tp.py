@@ -3,7 +3,6 @@ daemon rank by rank, equals what vLLM's own weight loaders build for each rank."
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -11,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from support import CLIENTS, child_env
-from support.daemons import short_tmpdir, start_daemon
+from support import child_env
+from support.daemons import client_json, short_tmpdir, start_daemon
 from support.models import qwen2_config, save_model, tiny_llama_config
 
 MODELS = {
@@ -57,17 +56,7 @@ def test_each_rank_equals_vllms_own_loader(daemon_env, model, tp):
     assert r.returncode == 0, r.stderr
     ref = f"{model}-tp{tp}"
     d.cli("load", ref, str(out_dir), check=True)
-    r = subprocess.run(
-        [sys.executable, str(CLIENTS / "vllm_tp_layout.py"), d.socket, ref, str(hf), str(tp)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=child_env(HF_HUB_OFFLINE="1"),
-    )
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    assert r.returncode == 0 and lines, f"{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-    ranks = json.loads(lines[-1])
+    ranks = client_json("vllm_tp_layout.py", d.socket, ref, str(hf), str(tp), timeout=300, HF_HUB_OFFLINE="1")
     assert sorted(ranks) == [str(i) for i in range(tp)]
     for rank, rep in ranks.items():
         assert rep["world_size"] == tp, rep

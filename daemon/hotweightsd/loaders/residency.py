@@ -48,6 +48,8 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctype
 _libc.fstatfs.restype = ctypes.c_int
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+# mmap's answers where a file cannot be mapped (a special filesystem): nothing is known to be resident
+_NO_MAPPING = (errno.ENODEV, errno.EACCES, errno.EINVAL, errno.ENOMEM)
 _LOW_BIT = bytes(i & 1 for i in range(256))  # mincore's other bits are reserved
 
 
@@ -136,7 +138,7 @@ def sampled_fraction(fd: int) -> tuple[float, bool]:
         try:
             got = resident_pages(fd, size)
         except OSError as exc:
-            if exc.errno in (errno.ENODEV, errno.EACCES, errno.EINVAL, errno.ENOMEM):
+            if exc.errno in _NO_MAPPING:
                 return 0.0, False
             raise
         return (sum(got) / len(got) if got else 1.0), False
@@ -166,7 +168,7 @@ def probe(fd: int) -> FileResidency:
     try:
         pages = resident_pages(fd, size)
     except OSError as exc:
-        if exc.errno in (errno.ENODEV, errno.EACCES, errno.EINVAL, errno.ENOMEM):
+        if exc.errno in _NO_MAPPING:
             # No mapping possible (a special filesystem): say nothing is known to be resident.
             return FileResidency(size, name, magic, bytes(-(-size // PAGE)))
         raise
