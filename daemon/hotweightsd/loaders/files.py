@@ -12,6 +12,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from hotweights.errors import Aborted, BackendError, BadCheckpoint
+from hotweightsd.core import faults
 from hotweightsd.core.layout import RankLayout, Segment
 from hotweightsd.loaders import residency
 from hotweightsd.loaders.plan import DIRECT_ALIGN, ReadChunk
@@ -197,7 +198,16 @@ def parallel_read(
         def one(seg: Segment) -> None:
             if cancel.is_set():
                 raise Aborted("load cancelled")
-            read_exact(files.fds[seg.file], dest(seg), seg.file_offset, files.paths[seg.file])
+            where = f"{files.paths[seg.file]} at {seg.file_offset}"
+            faults.hit("load.read", where)
+            # Released here, not when the exception's traceback is collected: a live view keeps the
+            # destination's mapping (and its memfd) open after the allocation is closed.
+            view = dest(seg)
+            try:
+                read_exact(files.fds[seg.file], view, seg.file_offset, files.paths[seg.file])
+            finally:
+                view.release()
+            faults.hit("load.copy", where)  # the read landed in the destination's pages
             progress(seg.length)
 
         pieces = list(split(layout.segments(), chunk))

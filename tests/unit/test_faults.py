@@ -1,0 +1,184 @@
+"""The fault plan (hotweightsd/core/faults.py): its syntax, which checks fail, and its config key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hotweights import errors
+from hotweights.testing import wait_until
+from hotweightsd.backends.cpu import CpuBackend
+from hotweightsd.config import load_config
+from hotweightsd.core import faults
+from hotweightsd.core.faults import FaultPlan
+from hotweightsd.core.manager import ModelManager
+
+
+def checks(plan: FaultPlan, point: str, n: int) -> list[int]:
+    """The numbers (1-based) of the first ``n`` checks of ``point`` that fail."""
+    failed = []
+    for k in range(1, n + 1):
+        try:
+            plan.check(point)
+        except errors.InjectedFault as exc:
+            assert exc.details == {"point": point, "check": k}
+            failed.append(k)
+    return failed
+
+
+def test_an_empty_plan_fails_nothing():
+    for text in ("", " ", ",,"):
+        plan = FaultPlan.parse(text)
+        assert not plan
+        assert all(checks(plan, p, 5) == [] for p in faults.POINTS)
+    faults.hit("load.read")  # the daemon's plan by default: empty
+
+
+def test_after_and_times_choose_the_checks_that_fail():
+    plan = FaultPlan.parse("load.read:after=3:times=2, load.header, load.copy:times=3")
+    assert checks(plan, "load.read", 8) == [4, 5]
+    assert checks(plan, "load.header", 3) == [1]
+    assert checks(plan, "load.copy", 5) == [1, 2, 3]
+    assert checks(plan, "load.verify", 3) == []
+    assert plan.describe() == "load.read:after=3:times=2,load.header:after=0:times=1,load.copy:after=0:times=3"
+
+
+def test_an_injected_fault_is_an_internal_error_of_its_own_class():
+    plan = FaultPlan.parse("load.verify")
+    with pytest.raises(errors.InjectedFault, match=r"injected fault at load.verify, check 1 \(rank 0\)") as info:
+        plan.check("load.verify", "rank 0")
+    assert isinstance(info.value, errors.Internal)
+    assert errors.error_class("InjectedFault") is errors.InjectedFault
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("load.raed", "unknown point 'load.raed'"),
+        ("read", "unknown point 'read'"),
+        ("load.read:after", "'after' in 'load.read:after' is not after=N"),
+        ("load.read:after=-1", "'after=-1'"),
+        ("load.read:after=x", "'after=x'"),
+        ("load.read:every=2", "'every=2'"),
+        ("load.read:times=0", "times must be at least 1"),
+        ("load.read,load.read:after=2", "point 'load.read' given twice"),
+    ],
+)
+def test_bad_syntax_is_a_typed_error_naming_the_problem(text, message):
+    with pytest.raises(errors.InvalidArgument, match=message.replace("(", r"\(")):
+        FaultPlan.parse(text)
+
+
+def test_chunk_counts_the_checks_of_a_native_fill():
+    plan = FaultPlan.parse("load.copy:after=5")
+    assert plan.chunk(3) is None  # chunks 0-2: checks 1-3
+    assert plan.chunk(10) == (2, "load.copy", 6)  # check 6 is the third chunk of this fill
+    assert plan.chunk(10) is None
+    plan = FaultPlan.parse("load.read:after=1,load.copy:after=1")
+    assert plan.chunk(4) == (1, "load.read", 2)  # a chunk is read before it is copied
+    assert FaultPlan().chunk(4) is None
+
+
+def test_active_installs_a_plan_for_a_block():
+    with faults.active("load.header") as plan:
+        assert faults.current() is plan
+        with pytest.raises(errors.InjectedFault):
+            faults.hit("load.header")
+        faults.hit("load.header")  # times=1
+    assert not faults.current()
+
+
+def test_the_config_key_is_checked_at_start():
+    assert load_config("none", env={}).faults == ""
+    cfg = load_config("none", env={"HOTWEIGHTS_FAULTS": "load.copy:after=2"})
+    assert cfg.faults == "load.copy:after=2"
+    assert load_config("none", {"faults": "load.verify"}, env={}).faults == "load.verify"
+    with pytest.raises(errors.InvalidArgument, match=r"faults \(env HOTWEIGHTS_FAULTS\): faults: unknown point"):
+        load_config("none", env={"HOTWEIGHTS_FAULTS": "load.nothing"})
+
+
+# ---- what a failed load leaves in this process (the manager and the cpu backend, in-process) ------------
+
+
+def own_memory() -> dict[str, int]:
+    """This process's memfds (open fds and mappings) and threads, read from /proc."""
+    fds = []
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            fds.append(os.readlink(f"/proc/self/fd/{n}"))
+        except OSError:
+            pass  # the listing's own fd, closed since
+    with open("/proc/self/maps") as f:
+        maps = [ln for ln in f if "memfd:hotweights" in ln]
+    return {
+        "memfd fds": sum("memfd:hotweights" in t for t in fds),
+        "memfd mappings": len(maps),
+        "threads": len(os.listdir("/proc/self/task")),
+    }
+
+
+def write_sharded(root: Path, ranks: int = 2, tensors: int = 6, numel: int = 300_000) -> Path:
+    """``model-rank-{r}-part-0.safetensors``: ``tensors`` float32 tensors of ``numel`` each per rank."""
+    from safetensors.numpy import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for r in range(ranks):
+        data = {f"w{i}": rng.standard_normal(numel, dtype=np.float32) for i in range(tensors)}
+        save_file(data, str(root / f"model-rank-{r}-part-0.safetensors"))
+    return root
+
+
+def settles(expected: dict[str, int], what: str) -> None:
+    """Waits (a few seconds at most) for this process's memfds and threads to be ``expected``: a joined
+    thread leaves /proc a moment after its join returns."""
+    last: list[dict[str, int]] = []
+
+    def same() -> bool:
+        last[:] = [own_memory()]
+        return last[0] == expected
+
+    wait_until(same, 5.0, f"{what}: memfds and threads back to {expected}", context=lambda: last)
+
+
+def test_a_file_truncated_under_a_load_is_refused_and_leaves_nothing(tmp_path):
+    """The read fails part way (the file shrank after its header was read): BadCheckpoint, and the memfds,
+    their mappings, the backend's count and the reader threads are gone once the load returns, even while
+    the error (its traceback holds the reader's frames) is still alive."""
+    ckpt = write_sharded(tmp_path / "m")
+    backend = CpuBackend(threads=4)
+    manager = ModelManager(backend)
+    before = own_memory()
+    mv, run = manager.begin_load("m", str(ckpt))
+    victim = ckpt / "model-rank-1-part-0.safetensors"
+    os.truncate(victim, victim.stat().st_size // 2)
+    with pytest.raises(errors.BadCheckpoint, match="rank-1-part-0.safetensors: truncated") as info:
+        run()
+    assert info.value.__traceback__ is not None  # kept alive on purpose, as a caller holding the error does
+    assert backend._resident == 0 and manager.resident_bytes() == 0
+    assert mv.state.value == "FAILED" and mv.freed
+    settles(before, "after the truncated load")
+    manager.close()
+
+
+def test_an_injected_fault_at_each_stage_in_process_leaves_nothing(tmp_path):
+    ckpt = write_sharded(tmp_path / "m")
+    backend = CpuBackend(threads=4)
+    manager = ModelManager(backend)
+    threads = own_memory()["threads"]
+    manager.load("base", str(ckpt), version="v")
+    settles({"memfd fds": 2, "memfd mappings": 0, "threads": threads}, "after the first load")
+    before = own_memory()
+    resident = backend._resident
+    # per load: 2 allocations (a rank each), 12 reads (6 tensors a rank), one verify
+    for point, after in [("load.allocate", 1), ("load.read", 5), ("load.copy", 5), ("load.verify", 0)]:
+        with faults.active(f"{point}:after={after}"):
+            with pytest.raises(errors.InjectedFault, match=f"injected fault at {point}") as info:
+                manager.load("victim", str(ckpt), version=point)
+        assert info.value.__traceback__ is not None
+        assert backend._resident == resident, point
+        settles(before, point)
+    manager.close()
