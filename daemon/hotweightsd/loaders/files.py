@@ -199,11 +199,11 @@ def parallel_read(
             if cancel.is_set():
                 raise Aborted("load cancelled")
             where = f"{files.paths[seg.file]} at {seg.file_offset}"
-            faults.hit("load.read", where)
             # Released here, not when the exception's traceback is collected: a live view keeps the
             # destination's mapping (and its memfd) open after the allocation is closed.
             view = dest(seg)
             try:
+                faults.hit("load.read", where)  # as a read that fails with the destination mapped
                 read_exact(files.fds[seg.file], view, seg.file_offset, files.paths[seg.file])
             finally:
                 view.release()
