@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,10 @@ from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.config import load_config
 from hotweightsd.core import faults
 from hotweightsd.core.faults import FaultPlan
+from hotweightsd.core.layout import Segment
 from hotweightsd.core.manager import ModelManager
+from hotweightsd.loaders import native
+from hotweightsd.loaders.plan import plan_chunks
 
 
 def checks(plan: FaultPlan, point: str, n: int) -> list[int]:
@@ -182,3 +188,50 @@ def test_an_injected_fault_at_each_stage_in_process_leaves_nothing(tmp_path):
         assert backend._resident == resident, point
         settles(before, point)
     manager.close()
+
+
+# ---- the native engine (hwfill.c) in host mode: the fault is a chunk index and a stage in its job -------
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason=f"{native.unavailable_reason()}")
+@pytest.mark.parametrize("point", ["load.read", "load.copy"])
+def test_the_native_engine_fails_the_chunk_it_is_told_and_stops(tmp_path, point):
+    chunk = 64 * 1024
+    data = os.urandom(10 * chunk)
+    (tmp_path / "f.bin").write_bytes(data)
+    chunks = plan_chunks([Segment(0, 0, len(data), 0, 0)], chunk)
+    assert len(chunks) == 10
+    dest = (ctypes.c_char * len(data))()
+    ring = mmap.mmap(-1, 2 * chunk)  # one reader, two slots
+    anchor = ctypes.c_char.from_buffer(ring)
+    fd = os.open(tmp_path / "f.bin", os.O_RDONLY)
+    threads = own_memory()["threads"]
+    plan = FaultPlan.parse(f"{point}:after=13")
+    try:
+        assert plan.chunk(len(chunks)) is None  # a first fill: checks 1-10 pass
+        fault = plan.chunk(len(chunks))
+        assert fault == (3, point, 14)
+        with pytest.raises(errors.InjectedFault, match=rf"injected fault at {point}, check 14 \(.*f\.bin at 196608\)"):
+            native.fill(
+                chunks,
+                [fd],
+                [False],
+                [str(tmp_path / "f.bin")],
+                [ctypes.addressof(dest)],
+                threads=1,
+                depth=2,
+                slot_size=chunk,
+                host_base=ctypes.addressof(anchor),
+                progress=lambda n: None,
+                cancel=threading.Event(),
+                host_mode=True,
+                fault=fault,
+            )
+    finally:
+        os.close(fd)
+        del anchor
+        ring.close()
+    got = bytes(dest)
+    assert got[: 3 * chunk] == data[: 3 * chunk]  # the chunks before it landed
+    assert got[3 * chunk :] == bytes(len(data) - 3 * chunk)  # it and every later one did not
+    settles({**own_memory(), "threads": threads}, "the native fill's threads")
