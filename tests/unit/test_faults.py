@@ -126,15 +126,16 @@ def own_memory() -> dict[str, int]:
     }
 
 
-def write_sharded(root: Path, ranks: int = 2, tensors: int = 6, numel: int = 300_000) -> Path:
-    """``model-rank-{r}-part-0.safetensors``: ``tensors`` float32 tensors of ``numel`` each per rank."""
+def write_sharded(root: Path, ranks: int = 2, parts: int = 1, tensors: int = 6, numel: int = 300_000) -> Path:
+    """``model-rank-{r}-part-{p}.safetensors``: ``tensors`` float32 tensors of ``numel`` each per file."""
     from safetensors.numpy import save_file
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for r in range(ranks):
-        data = {f"w{i}": rng.standard_normal(numel, dtype=np.float32) for i in range(tensors)}
-        save_file(data, str(root / f"model-rank-{r}-part-0.safetensors"))
+        for p in range(parts):
+            data = {f"p{p}.w{i}": rng.standard_normal(numel, dtype=np.float32) for i in range(tensors)}
+            save_file(data, str(root / f"model-rank-{r}-part-{p}.safetensors"))
     return root
 
 
@@ -167,6 +168,22 @@ def test_a_file_truncated_under_a_load_is_refused_and_leaves_nothing(tmp_path):
     assert backend._resident == 0 and manager.resident_bytes() == 0
     assert mv.state.value == "FAILED" and mv.freed
     settles(before, "after the truncated load")
+    manager.close()
+
+
+def test_a_file_removed_under_a_load_is_refused_and_leaves_nothing(tmp_path):
+    """The rank's second file is gone when the fill opens its files: the first one is closed again."""
+    ckpt = write_sharded(tmp_path / "m", ranks=1, parts=2)
+    second = ckpt / "model-rank-0-part-1.safetensors"
+    manager = ModelManager(CpuBackend(threads=2))
+    fds = len(os.listdir("/proc/self/fd"))
+    before = own_memory()
+    mv, run = manager.begin_load("m", str(ckpt))
+    second.unlink()
+    with pytest.raises(errors.BadCheckpoint, match="part-1.safetensors: cannot open: No such file"):
+        run()
+    settles(before, "after the load whose file vanished")
+    assert len(os.listdir("/proc/self/fd")) == fds and mv.freed
     manager.close()
 
 

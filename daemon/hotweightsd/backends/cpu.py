@@ -142,8 +142,10 @@ class CpuBackend:
         return nullcontext()  # one pool of readers per fill; the cpu backend does not tune for co-runners
 
     def fill(self, layout: RankLayout, allocations: list, progress: ProgressFn, cancel: threading.Event) -> str:
-        maps = [memoryview(a.writable()) for a in allocations]
+        maps: list[memoryview] = []
         try:
+            for a in allocations:  # a loop, not a comprehension: a failure releases the views made before it
+                maps.append(memoryview(a.writable()))
             parallel_read(
                 layout, lambda s: maps[s.allocation][s.offset : s.offset + s.length], self.threads, progress, cancel
             )

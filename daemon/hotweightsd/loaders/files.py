@@ -131,10 +131,17 @@ class OpenFiles:
         self._stack = ExitStack()
         self.fds: list[int] = []
         self.paths = layout.files
-        for path in layout.files:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
-            self._stack.callback(os.close, fd)
-            self.fds.append(fd)
+        try:
+            for path in layout.files:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+                except OSError as exc:
+                    raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=path) from exc
+                self._stack.callback(os.close, fd)
+                self.fds.append(fd)
+        except BaseException:
+            self._stack.close()  # the files opened before the one that failed
+            raise
 
     def __enter__(self) -> OpenFiles:
         return self
