@@ -131,3 +131,24 @@ def test_a_load_failing_at_each_stage_leaves_nothing(sockdir, checkpoint, point)
     finally:
         code = d.stop()
     assert code == 0, d.logs()[-3000:]
+
+
+def test_a_swap_whose_load_fails_mid_copy_keeps_the_alias_and_leaks_nothing(sockdir, checkpoint):
+    per_load = checks_per_load(checkpoint)["load.copy"]
+    d = start_daemon(str(sockdir / "hw.sock"), "--faults", f"load.copy:after={per_load + per_load // 2}")
+    try:
+        with d.connect() as c:
+            c.load("m", str(checkpoint), version="v1", alias="prod")
+        before = settled(d, None, "the daemon at rest after its first load")
+        resident_before = resident(d)
+        with d.connect() as c, pytest.raises(errors.InjectedFault, match="injected fault at load.copy"):
+            c.swap("prod", str(checkpoint), version="v2")
+        settled(d, before, "the daemon's fds, memfds, mappings and threads as before the failed swap")
+        assert resident(d) == resident_before
+        with d.connect() as c:
+            assert {a.alias: a.version for a in c.status().aliases} == {"prod": "v1"}
+            c.swap("prod", str(checkpoint), version="v2")  # the fault fired once
+            assert {a.alias: a.version for a in c.status().aliases} == {"prod": "v2"}
+    finally:
+        code = d.stop()
+    assert code == 0, d.logs()[-3000:]
