@@ -1,7 +1,7 @@
 """Hardening, acceptance 4, on the cuda backend: a load failing mid-copy (and mid-read) leaves the GPU's
 free memory and the daemon's fds and threads exactly as before, on the native engine and the python workers.
 
-The real daemon (``--backend cuda``, the bounce path: GDS has no fault points) with a fault plan
+The real daemon (``--backend cuda``, GDS off: the bounce path, whose two engines are what differ) with a fault plan
 (hotweightsd/core/faults.py) that lets a first load through and fails the second in the middle of its
 chunks. Skipped (see conftest.py here) where no GPU or cuda-bindings is present.
 """

@@ -10,10 +10,10 @@ Points, each checked where that stage's work happens:
 
 - ``load.header``: once per load, before the checkpoint's headers are read;
 - ``load.allocate``: before each allocation of each rank;
-- ``load.read``: before each chunk is read from its file (python workers; the native engine is told the
+- ``load.read``: as each chunk is read from its file (python workers; the native engine is told the
   chunk's index and fails it in C);
-- ``load.copy``: after each chunk is read, before it lands in the allocation (cuda: before its copies are
-  queued; cpu: the read lands in the allocation's pages, so the check follows it);
+- ``load.copy``: after each chunk is read, before it lands in the allocation (the bounce path: before its
+  copies are queued; cpu and GDS read straight into the allocation, so the check follows the read);
 - ``load.verify``: once per load, after every rank is filled, before the version turns READY.
 """
 
