@@ -152,3 +152,15 @@ def test_a_swap_whose_load_fails_mid_copy_keeps_the_alias_and_leaks_nothing(sock
     finally:
         code = d.stop()
     assert code == 0, d.logs()[-3000:]
+
+
+def test_an_attach_refused_after_its_lease_opened_leaves_no_lease_and_no_fd(daemon, checkpoint):
+    """The lease is opened, then its handles are refused (no such rank): the lease ends with the refusal."""
+    with daemon.connect() as c:
+        c.load("m", str(checkpoint), version="v1")
+    before = settled(daemon, None, "the daemon at rest after its load")
+    with daemon.connect() as c:
+        with pytest.raises(errors.InvalidArgument, match="rank 7 does not exist"):
+            c.attach("m", rank=7)
+    wait_until(lambda: daemon.leases() == [], 10.0, "the refused attach's lease to end")
+    settled(daemon, before, "the daemon's fds and threads as before the refused attach")
