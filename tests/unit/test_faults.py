@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_cuda_unit as cuda_unit
 
 from hotweights import errors
 from hotweights.testing import wait_until
@@ -259,3 +260,44 @@ def test_the_native_engine_fails_the_chunk_it_is_told_and_stops(tmp_path, point)
     assert got[: 3 * chunk] == data[: 3 * chunk]  # the chunks before it landed
     assert got[3 * chunk :] == bytes(len(data) - 3 * chunk)  # it and every later one did not
     settles({**own_memory(), "threads": threads}, "the native fill's threads")
+
+
+# ---- the cuda backend on the fake driver of test_cuda_unit.py: the bounce path and GDS, in CI -----------
+
+fake, fake_cufile = cuda_unit.fake, cuda_unit.fake_cufile  # its fixtures
+
+
+def fake_device(drv, cufile) -> dict[str, int]:
+    """What the fake driver and cuFile hold: physical allocations, handles, mapped ranges, registrations."""
+    return {
+        "bytes": drv.used(0),
+        "physical": len(drv.phys),
+        "handles": len(drv.handles),
+        "mapped ranges": sum(1 for v in drv.vas.values() if v["phys"] is not None),
+        "cufile handles": len(cufile.handles),
+    }
+
+
+@pytest.mark.parametrize("gds", ["off", "compat"])
+@pytest.mark.parametrize("point", faults.POINTS)
+def test_a_cuda_load_failing_at_each_stage_leaves_the_device_as_it_was(fake, fake_cufile, tmp_path, gds, point):
+    """The python workers of the bounce path (the native engine needs the real driver) and GDS."""
+    path = tmp_path / "m.safetensors"
+    cuda_unit.write_ckpt(path)
+    backend = cuda_unit.make_backend(threads=2, chunk_size=64 * 1024, gds=gds)
+    manager = ModelManager(backend)
+    mine = own_memory()
+    first = manager.load("base", str(path), version="v1")
+    assert first.load_path.startswith("gds" if gds == "compat" else "bounce"), first.load_path
+    settles(mine, "after the first load")
+    device, free, fds = fake_device(fake, fake_cufile), backend.devices()[0].free, len(os.listdir("/proc/self/fd"))
+    with faults.active(f"{point}:after={2 if point in ('load.read', 'load.copy') else 0}"):
+        with pytest.raises(errors.InjectedFault, match=f"injected fault at {point}"):
+            manager.load("victim", str(path), version="v1")
+    assert fake_device(fake, fake_cufile) == device
+    assert backend.devices()[0].free == free
+    settles(mine, f"{point} on the cuda backend")
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert fake._stack() == [], "the calling thread's contexts are as they were"
+    manager.load("victim", str(path), version="v1")  # and the backend still loads
+    manager.close()
