@@ -1,4 +1,6 @@
-"""The fault plan (hotweightsd/core/faults.py): its syntax, which checks fail, and its config key."""
+"""The fault plan (hotweightsd/core/faults.py): its syntax, which checks fail, its config key; and what a
+load failing at each stage leaves in this process: the manager on the cpu backend (a file truncated or
+removed under a load too), the native engine in host mode, the cuda backend on test_cuda_unit's fake driver."""
 
 from __future__ import annotations
 
