@@ -6,7 +6,8 @@ round of failing calls on an absent socket (their lazy imports too): this machin
 where an unprivileged user may not read. Outcomes:
 
 - ``raw``: each RPC sent straight to SOCKET (the readers' socket): ``ok``, the hotweights error class,
-  or ``DEADLINE_EXCEEDED`` for a stream the daemon let through and this program cut on purpose;
+  or ``DEADLINE_EXCEEDED`` for a stream the daemon let through and this program cut on purpose; and
+  ``attach``: a lease on alias prod, its rank 0 handles and their fds (``attached``: ``ok N`` fds);
 - ``client``: the library's operator calls (they go to the operator socket): ``ok`` or the error class;
 - ``connect_operator``: a plain connect to the operator socket: ``ok`` or the errno's name;
 - ``cli_load``: ``hotweights load`` in this process: its exit status and what it printed on stderr;
@@ -22,6 +23,7 @@ import json
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import hotweights
 from hotweights import errors
 from hotweights.cli import main as cli_main
+from hotweights.wire.fdproto import fetch_fds
 from hotweights.wire.pb import pb, pb_grpc
 from hotweights.wire.status import CLASS_KEY, error_from_rpc
 
@@ -66,6 +69,28 @@ def _outcome(fn: Callable[[], object], messages: dict[str, str], name: str) -> s
     return type(err).__name__
 
 
+def _attach(stub: Any, ref: str) -> str:
+    """What ``Client.attach`` does on the wire, without torch: a lease, the rank's handles, its fds
+    from the fd socket. ``ok N`` with N the fds received."""
+    release = threading.Event()
+
+    def requests() -> Any:
+        yield pb.LeaseRequest(open=pb.LeaseOpen(ref=ref, holder="reader", pid=os.getpid()))
+        release.wait(30)
+
+    stream = stub.Lease(requests(), timeout=30)
+    try:
+        granted = next(stream).granted
+        h = stub.GetHandles(pb.GetHandlesRequest(lease_id=granted.lease_id, rank=0), timeout=10)
+        fds = fetch_fds(h.fd_socket, h.ticket, len(h.allocations))
+        for fd in fds:
+            os.close(fd)
+        return f"ok {len(fds)}"
+    finally:
+        release.set()
+        stream.cancel()
+
+
 def _connect(path: str) -> str:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -90,6 +115,7 @@ def attempts(sock: str, model: str) -> dict[str, Any]:
     with grpc.insecure_channel(f"unix:{sock}") as channel:
         stub = pb_grpc.HotweightsStub(channel)
         out["raw"] = {name: _outcome(fn, messages, name) for name, fn in _raw(stub, model).items()}
+        out["raw"]["attach"] = _outcome(lambda: out.setdefault("attached", _attach(stub, "prod")), messages, "attach")
         health = health_pb2_grpc.HealthStub(channel)
         out["raw"]["Health"] = _outcome(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10), messages, "")
     with hotweights.connect(sock) as c:

@@ -182,7 +182,7 @@ def readers_dir(reader_user) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_a_reader_may_read_and_attach_but_change_nothing(reader_user, readers_dir):
+def test_a_real_reader_may_read_and_attach_but_change_nothing(reader_user, readers_dir):
     uid, gid = reader_user
     model = str(write_model(readers_dir / "m" / "m.safetensors"))
     os.chmod(model, 0o644)  # the reader may read the checkpoint: what stops it is its role
@@ -200,6 +200,7 @@ def test_a_reader_may_read_and_attach_but_change_nothing(reader_user, readers_di
         assert raw["ListModels"] == raw["Status"] == raw["Health"] == "ok", out
         assert raw["Watch"] == "DEADLINE_EXCEEDED" and raw["Lease"] in ("NotFound", "DEADLINE_EXCEEDED"), out
         assert raw["GetHandles"] not in ("OperatorRequired", "Unavailable"), out
+        assert raw["attach"] == "ok" and out["attached"].startswith("ok ") and out["attached"] != "ok 0", out
         assert via_client["list"] == via_client["status"] == "ok", out
         # what changes the daemon is refused on the readers' socket, typed, naming the operator socket
         for rpc in ("LoadModel", "UnloadModel", "SwapModel", "SetAlias"):

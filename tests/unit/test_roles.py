@@ -195,3 +195,52 @@ def test_operator_required_maps_through_the_one_error_table():
 
     assert status_of(errors.OperatorRequired("x")) == grpc.StatusCode.PERMISSION_DENIED
     assert errors.error_class("OperatorRequired") is errors.OperatorRequired
+
+
+# ---- the client's side ----------------------------------------------------------------------------
+
+
+def test_the_operator_socket_is_derived_or_named(monkeypatch):
+    from hotweights.client import resolve_operator_socket
+    from hotweights.paths import operator_socket_for
+
+    assert operator_socket_for("/run/hw/hw.sock") == "/run/hw/hw.sock.admin"
+    assert operator_socket_for("/run/hw/hw.sock", " AUTO ") == "/run/hw/hw.sock.admin"
+    assert operator_socket_for("/run/hw/hw.sock", "/ops/hw") == "/ops/hw"
+    monkeypatch.delenv("HOTWEIGHTS_OPERATOR_SOCKET", raising=False)
+    assert resolve_operator_socket("/s")[0] == "/s.admin"
+    monkeypatch.setenv("HOTWEIGHTS_OPERATOR_SOCKET", "/e")
+    assert resolve_operator_socket("/s") == ("/e", "HOTWEIGHTS_OPERATOR_SOCKET")
+    assert resolve_operator_socket("/s", "/a")[0] == "/a"
+
+
+def test_one_variable_names_the_operator_socket_for_daemon_and_client():
+    from hotweightsd.config import load_config
+
+    cfg = load_config("none", env={"HOTWEIGHTS_SOCKET": "/r/hw.sock", "HOTWEIGHTS_OPERATOR_SOCKET": "/r/ops"})
+    assert cfg.operator_socket == "/r/ops" and cfg.unknown_env == ()
+    cfg = load_config("none", env={"HOTWEIGHTS_SOCKET": "/r/hw.sock"})
+    assert cfg.operator_socket == "/r/hw.sock.admin" and cfg.operator_group == ""
+
+
+def test_an_operator_socket_that_refuses_the_user_means_operator_required():
+    import os
+    import stat as stat_
+
+    from hotweights.client import operator_unreachable
+
+    def socket_0600(path: str) -> os.stat_result:
+        return os.stat_result((stat_.S_IFSOCK | 0o600, 0, 0, 1, 0, 0, 0, 0, 0, 0))
+
+    def closed_dir(path: str) -> os.stat_result:
+        raise PermissionError(path)
+
+    refused = errors.Unavailable("permission denied", reason="permission")
+    err = operator_unreachable("LoadModel", "/r/hw.sock.admin", "origin", refused, stat=socket_0600)
+    assert isinstance(err, errors.OperatorRequired)
+    assert "LoadModel needs the operator role" in str(err) and "/r/hw.sock.admin is mode 0600" in str(err)
+    assert err.details["operator_socket"] == "/r/hw.sock.admin" and "hotweights-admin" in err.details["fix"]
+    # a directory on the way that the user may not enter, or no daemon at all: the plain diagnosis
+    assert operator_unreachable("LoadModel", "/r/x", "o", refused, stat=closed_dir) is refused
+    absent = errors.Unavailable("no socket", reason="not_found")
+    assert operator_unreachable("LoadModel", "/r/x", "o", absent, stat=socket_0600) is absent
