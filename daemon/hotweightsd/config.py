@@ -40,6 +40,7 @@ LOADER_KEYS = {
     "native_lib": "native_lib",
 }
 # Client-side variables: read by the client library and tools, not by the daemon's config.
+# (HOTWEIGHTS_SOCKET and HOTWEIGHTS_OPERATOR_SOCKET are read by both: the same path on both sides.)
 CLIENT_ENV = frozenset({"HOTWEIGHTS_DISABLE_CUDA", "HOTWEIGHTS_CUDA_WRITABLE"})
 
 

@@ -72,8 +72,8 @@ def test_the_readers_socket_refuses_operator_rpcs(loaded, rpc):
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (err.code(), err.details())
     meta = dict(err.trailing_metadata())
     assert meta[CLASS_KEY] == "OperatorRequired", meta
-    assert f'"operator_socket": "{d.socket}.admin"' in meta[DETAILS_KEY]
-    assert f"{rpc} needs the operator role" in err.details() and f"{d.socket}.admin" in err.details()
+    assert f'"operator_socket": "{d.operator_socket}"' in meta[DETAILS_KEY]
+    assert f"{rpc} needs the operator role" in err.details() and d.operator_socket in err.details()
     assert _state(d) == before and d.alive()
     assert "rpc.operator_required" in d.logs()
 
@@ -81,7 +81,7 @@ def test_the_readers_socket_refuses_operator_rpcs(loaded, rpc):
 def test_the_operator_socket_takes_every_operator_rpc(loaded):
     d, model = loaded
     requests = _operator_requests(model)
-    with grpc.insecure_channel(f"unix:{d.socket}.admin") as channel:
+    with grpc.insecure_channel(f"unix:{d.operator_socket}") as channel:
         stub = pb_grpc.HotweightsStub(channel)
         for rpc in ("SetAlias", "LoadModel", "SwapModel", "UnloadModel"):
             _invoke(stub, rpc, requests[rpc])
@@ -94,7 +94,7 @@ def test_the_operator_socket_takes_every_operator_rpc(loaded):
 def test_the_client_routes_operator_calls_to_the_operator_socket(loaded, sockdir):
     d, model = loaded
     with hotweights.connect(d.socket) as c:
-        assert c.operator_socket == d.socket + ".admin"
+        assert c.operator_socket == d.operator_socket
         c.set_alias("canary", "m@v1")
         assert c.load("m", model, version="v1").already_loaded
         c.remove_alias("canary")
@@ -110,7 +110,8 @@ def test_the_client_routes_operator_calls_to_the_operator_socket(loaded, sockdir
 
 def test_the_operator_socket_is_0600_and_the_readers_0660(loaded):
     d, _ = loaded
-    admin = os.stat(d.socket + ".admin")
+    assert d.operator_socket == d.socket + ".admin"
+    admin = os.stat(d.operator_socket)
     assert stat.S_ISSOCK(admin.st_mode) and stat.S_IMODE(admin.st_mode) == 0o600
     assert admin.st_uid == os.geteuid()
     assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o660
@@ -123,16 +124,26 @@ def test_an_operator_socket_of_its_own_path_and_group(sockdir):
     extra = ("--operator-socket", str(other), "--operator-group", str(gid))
     with start_daemon(str(sockdir / "hw.sock"), *extra) as d:
         st = os.stat(other)
-        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid and d.operator_socket == str(other)
         assert not os.path.exists(d.socket + ".admin")
+        # a client that knows only the readers' socket looks for <socket>.admin and says so
         r = d.cli("load", "m", model, "--version", "v1")
-        assert r.returncode == 1 and f"{d.socket}.admin" in r.stderr, r.stderr
+        assert r.returncode == 1 and f"no hotweights daemon socket at {d.socket}.admin" in r.stderr, r.stderr
         env = child_env({"HOTWEIGHTS_OPERATOR_SOCKET": str(other)})
         r = d.cli("load", "m", model, "--version", "v1", env=env)
         assert r.returncode == 0, r.stderr
         r = d.cli("unload", "m@v1", "--operator-socket", str(other))
         assert r.returncode == 0, r.stderr
     assert not os.path.exists(other)  # removed at stop, like the readers' socket
+
+
+def test_a_live_operator_socket_is_not_taken_over(loaded, sockdir):
+    d, _ = loaded
+    cmd = serve_command(str(sockdir / "second.sock"), "--operator-socket", d.operator_socket)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
+    assert r.returncode == 2 and f"a live process answers on {d.socket}.admin" in r.stderr, r.stderr
+    with grpc.insecure_channel(f"unix:{d.operator_socket}") as channel:  # still the first daemon's
+        assert pb_grpc.HotweightsStub(channel).Status(pb.StatusRequest(), timeout=TIMEOUT).pid == d.pid
 
 
 def test_an_operator_group_that_does_not_exist_stops_the_start(sockdir):
@@ -190,7 +201,7 @@ def test_a_real_reader_may_read_and_attach_but_change_nothing(reader_user, reade
         with d.connect() as c:
             c.load("m", model, version="v1", alias="prod")
         before = _state(d)
-        assert os.stat(d.socket).st_gid == gid and os.stat(d.socket + ".admin").st_gid == gid
+        assert os.stat(d.socket).st_gid == gid and os.stat(d.operator_socket).st_gid == gid
 
         out = client_json("reader_attempts", d.socket, model, str(uid), str(gid))
 
