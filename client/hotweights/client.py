@@ -87,6 +87,7 @@ class Client:
             self.operator_socket,
             self.operator_origin,
             diagnose_unreachable(self.operator_socket, self.operator_origin, str(err.details.get("grpc_message", ""))),
+            readers_socket=self.socket,
         )
 
     def _call(self, method, request, timeout: float | None = -1):
@@ -340,16 +341,47 @@ def resolve_operator_socket(socket: str, operator_socket: str | None = None) -> 
     return operator_socket_for(socket), f"the daemon's socket {socket} (<socket>.admin)"
 
 
+def _connect_probe(path: str) -> None:
+    """A plain connect to the unix socket: raises the OSError the kernel gives."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(path)
+    finally:
+        s.close()
+
+
 def operator_unreachable(
     rpc: str,
     path: str,
     origin: str,
     unreachable: errors.Unavailable,
     *,
+    readers_socket: str = "",
     stat: Callable[[str], os.stat_result] = os.stat,
+    connect: Callable[[str], None] = _connect_probe,
 ) -> errors.HotweightsError:
-    """``OperatorRequired`` when the operator socket itself refuses this user (a reader), else
-    ``unreachable`` (no daemon, a directory on the way closed to this user, ...)."""
+    """``OperatorRequired`` when the operator socket itself refuses this user (a reader); when there is
+    none but a daemon answers on ``readers_socket``, an Unavailable that says the operator socket is
+    elsewhere; else ``unreachable`` (no daemon, a directory on the way closed to this user, ...)."""
+    if unreachable.details.get("reason") == "not_found" and readers_socket:
+        try:
+            connect(readers_socket)
+        except OSError:
+            return unreachable
+        fix = (
+            "give the daemon's operator_socket (see its config, or its log line daemon.serving) with "
+            "--operator-socket or HOTWEIGHTS_OPERATOR_SOCKET"
+        )
+        return errors.Unavailable(
+            f"a daemon answers on {readers_socket}, but there is no operator socket at {path} (from {origin}): "
+            f"its operator_socket is elsewhere, or it predates operator sockets. Fix: {fix}",
+            socket=readers_socket,
+            operator_socket=path,
+            origin=origin,
+            reason="no_operator_socket",
+            fix=fix,
+        )
     if unreachable.details.get("reason") != "permission":
         return unreachable
     try:
@@ -372,16 +404,6 @@ def operator_unreachable(
         reason="permission",
         fix=fix,
     )
-
-
-def _connect_probe(path: str) -> None:
-    """A plain connect to the unix socket: raises the OSError the kernel gives."""
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    s.settimeout(2.0)
-    try:
-        s.connect(path)
-    finally:
-        s.close()
 
 
 def _user() -> tuple[str, set[int]]:

@@ -128,7 +128,8 @@ def test_an_operator_socket_of_its_own_path_and_group(sockdir):
         assert not os.path.exists(d.socket + ".admin")
         # a client that knows only the readers' socket looks for <socket>.admin and says so
         r = d.cli("load", "m", model, "--version", "v1")
-        assert r.returncode == 1 and f"no hotweights daemon socket at {d.socket}.admin" in r.stderr, r.stderr
+        expected = f"a daemon answers on {d.socket}, but there is no operator socket at {d.socket}.admin"
+        assert r.returncode == 1 and expected in r.stderr, r.stderr
         env = child_env({"HOTWEIGHTS_OPERATOR_SOCKET": str(other)})
         r = d.cli("load", "m", model, "--version", "v1", env=env)
         assert r.returncode == 0, r.stderr

@@ -244,3 +244,18 @@ def test_an_operator_socket_that_refuses_the_user_means_operator_required():
     assert operator_unreachable("LoadModel", "/r/x", "o", refused, stat=closed_dir) is refused
     absent = errors.Unavailable("no socket", reason="not_found")
     assert operator_unreachable("LoadModel", "/r/x", "o", absent, stat=socket_0600) is absent
+
+    def answers(path: str) -> None:
+        pass
+
+    def refuses(path: str) -> None:
+        raise ConnectionRefusedError(path)
+
+    # no operator socket, but a daemon on the readers' socket: the operator socket is elsewhere
+    err = operator_unreachable(
+        "LoadModel", "/r/hw.sock.admin", "o", absent, readers_socket="/r/hw.sock", connect=answers
+    )
+    assert isinstance(err, errors.Unavailable) and err.details["reason"] == "no_operator_socket"
+    assert "a daemon answers on /r/hw.sock, but there is no operator socket at /r/hw.sock.admin" in str(err)
+    assert "--operator-socket" in err.details["fix"]
+    assert operator_unreachable("LoadModel", "/r/x", "o", absent, readers_socket="/r/s", connect=refuses) is absent
