@@ -65,7 +65,12 @@ class InsufficientMemory(ResourceExhausted):
 
 
 class PermissionDenied(HotweightsError):
-    """The caller may not do this (an invalid, reused or expired ticket)."""
+    """The caller may not do this (an invalid, reused or expired ticket; a reader asking to load)."""
+
+
+class OperatorRequired(PermissionDenied):
+    """The call needs the operator role and came in on the readers' socket (or the caller may not
+    open the operator socket); details carry ``rpc`` and ``operator_socket``."""
 
 
 class TicketInvalid(PermissionDenied):

@@ -213,7 +213,7 @@ def test_unknown_enum_numbers_are_invalid_arguments(daemon, tmp_path):
         ("SwapModel", pb.SwapModelRequest(alias="a", target="m@v1", mode=9), "mode: unknown enum number 9"),
         ("SwapModel", pb.SwapModelRequest(alias="a", target=good, verify=4), "verify: unknown enum number 4"),
     ]
-    with grpc.insecure_channel(f"unix://{daemon.socket}") as channel:
+    with grpc.insecure_channel(f"unix://{daemon.socket}.admin") as channel:  # loads are an operator's
         stub = pb_grpc.HotweightsStub(channel)
         for rpc, request, expected in requests:
             with pytest.raises(grpc.RpcError) as info:

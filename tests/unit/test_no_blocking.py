@@ -243,7 +243,7 @@ def test_list_status_and_attach_are_answered_while_a_free_blocks(served, tmp_pat
     backend, m = served.backend, served.manager
     _load_slow_and_other(m, backend, tmp_path)
     client = hotweights.connect(served.socket, timeout=GUARD_S)
-    other = hotweights.connect(served.socket, timeout=60)
+    other = hotweights.connect(served.socket, timeout=60, operator_socket=served.socket)  # one server takes all
     client.status()  # connected before anything blocks
     if how == "unload":
         stuck = threading.Thread(target=other.unload, args=("slow@v1",), daemon=True)

@@ -35,6 +35,12 @@ SocketOpt = typer.Option(None, "--socket", "-s", envvar="HOTWEIGHTS_SOCKET", hel
 ClientSocketOpt = typer.Option(
     None, "--socket", "-s", help="daemon socket path (default: $HOTWEIGHTS_SOCKET, else the standard path)"
 )
+# Load, unload, swap and alias go to the daemon's operator socket.
+OperatorSocketOpt = typer.Option(
+    None,
+    "--operator-socket",
+    help="the daemon's operator socket (default: $HOTWEIGHTS_OPERATOR_SOCKET, else <socket>.admin)",
+)
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
 
 
@@ -56,8 +62,8 @@ def reported(progress: _Progress | None = None) -> Iterator[None]:
         progress.end()
 
 
-def _client(socket: str | None, timeout: float = 10.0) -> Client:
-    return connect(socket, timeout=timeout, origin="--socket" if socket else None)
+def _client(socket: str | None, timeout: float = 10.0, operator_socket: str | None = None) -> Client:
+    return connect(socket, timeout=timeout, origin="--socket" if socket else None, operator_socket=operator_socket)
 
 
 def message_dict(msg: Any) -> dict[str, Any]:
@@ -221,6 +227,7 @@ def load(
     device_map: str | None = typer.Option(None, help="comma-separated device per rank, e.g. 0,1"),
     no_wait: bool = typer.Option(False, "--no-wait", help="return once registered"),
     socket: str | None = ClientSocketOpt,
+    operator_socket: str | None = OperatorSocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Load a checkpoint into resident memory and wait until it is READY."""
@@ -230,7 +237,7 @@ def load(
     except ValueError:
         fail(errors.InvalidArgument(f"--device-map must be comma-separated integers, got {device_map!r}"))
     with reported(progress):
-        info = _client(socket).load(
+        info = _client(socket, operator_socket=operator_socket).load(
             name,
             path,
             version=version,
@@ -262,12 +269,13 @@ def swap(
     name: str | None = typer.Option(None, help="model name when the alias does not exist yet"),
     verify: str | None = typer.Option(None, help="none | fast | full"),
     socket: str | None = ClientSocketOpt,
+    operator_socket: str | None = OperatorSocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Point an alias at a new version; the old one is freed when its last lease ends."""
     progress = _Progress(not json_out)
     with reported(progress):
-        info = _client(socket).swap(
+        info = _client(socket, operator_socket=operator_socket).swap(
             alias,
             target,
             version=version,
@@ -286,13 +294,14 @@ def alias(
     target: str | None = typer.Argument(None, help="NAME@VERSION; omit with --remove"),
     remove: bool = typer.Option(False, "--remove", help="delete the alias"),
     socket: str | None = ClientSocketOpt,
+    operator_socket: str | None = OperatorSocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Set or remove an alias without loading anything."""
     if not remove and not target:
         fail(errors.InvalidArgument("give the alias's target NAME@VERSION, or --remove"))
     with reported():
-        c = _client(socket)
+        c = _client(socket, operator_socket=operator_socket)
         info = c.remove_alias(alias) if remove else c.set_alias(alias, target or "")
     if json_out:
         print_json({**message_dict(info), "removed": remove})
@@ -305,11 +314,12 @@ def unload(
     ref: str = typer.Argument(..., help="NAME (every version) or NAME@VERSION"),
     force: bool = typer.Option(False, "--force", help="unload although leases are live"),
     socket: str | None = ClientSocketOpt,
+    operator_socket: str | None = OperatorSocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Free a model's resident memory."""
     with reported():
-        r = _client(socket).unload(ref, force=force)
+        r = _client(socket, operator_socket=operator_socket).unload(ref, force=force)
     if json_out:
         print_json(message_dict(r))
         return
