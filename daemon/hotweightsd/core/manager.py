@@ -570,7 +570,7 @@ class ModelManager:
             and not mv.leases
             and not mv.held(time.monotonic())
             and not self.aliases_of(mv.key)
-            and mv.key in self._versions
+            and self._versions.get(mv.key) is mv  # not a later version loaded under the same key
         ):
             self._drop(mv, fx)
 
