@@ -366,9 +366,14 @@ def list_(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> Non
         state = type(v).DESCRIPTOR.fields_by_name["state"].enum_type.values_by_number[v.state].name
         aliases = f"  [{', '.join(v.aliases)}]" if v.aliases else ""
         err = f"  error: {v.error}" if v.error else ""
+        if v.previous_of:
+            until = time.strftime("%H:%M:%S", time.localtime(v.held_until_unix))
+            retired = f"  previous of {v.previous_of}, kept until {until}"
+        else:
+            retired = "  retired: freed when its last lease ends" if v.retired else ""
         typer.echo(
             f"{v.name}@{v.version}  {state}  ranks={len(v.ranks)}  {format_size(v.bytes)}  "
-            f"leases={v.leases}{aliases}{err}"
+            f"leases={v.leases}{aliases}{retired}{err}"
         )
 
 

@@ -325,7 +325,9 @@ class ModelManager:
         if old.state is State.FAILED:
             del self._versions[key]
             return None
-        if old.state not in (State.LOADING, State.READY) or old.retire:
+        # A version kept resident for a rollback is retired but still served: the same content rejoins it.
+        kept = bool(old.previous_of) and old.state is State.READY
+        if old.state not in (State.LOADING, State.READY) or (old.retire and not kept):
             what = "retiring (its alias moved away)" if old.state is State.READY else old.state.value
             raise AlreadyExists(
                 f"{key} is already loaded and {what}; load it again once it is freed, or use another version",
@@ -359,10 +361,8 @@ class ModelManager:
                         f"{mv.key} is {mv.state.value}, not READY{hint}", ref=mv.key, state=mv.state.value
                     )
                 move = alias if alias and self._aliases.get(alias) != mv.key else None
-            if move:
-                self.set_alias(
-                    move, mv.key, create=True
-                )  # as a normal load would; nothing to do when it points here already
+            if move:  # as a normal load would; nothing to do when it points here already
+                self.set_alias(move, mv.key, create=True)
             return mv
 
         return LoadStart(mv, run, True)
