@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # torch is imported only by processes that attach
 _VERIFY = {None: pb.VERIFY_DEFAULT, "none": pb.VERIFY_NONE, "fast": pb.VERIFY_FAST, "full": pb.VERIFY_FULL}
 _ALLOC = {"fd": pb.ALLOCATION_FD, "legacy_ipc": pb.ALLOCATION_LEGACY_IPC, None: pb.ALLOCATION_MODE_DEFAULT}
 _SWAP = {"side-by-side": pb.SWAP_SIDE_BY_SIDE, "drain": pb.SWAP_DRAIN, None: pb.SWAP_MODE_DEFAULT}
+_KEEP = {None: pb.KEEP_PREVIOUS_DEFAULT, True: pb.KEEP_PREVIOUS_YES, False: pb.KEEP_PREVIOUS_NO}
 
 ProgressFn = Callable[[int, int], None]
 
@@ -147,8 +148,15 @@ class Client:
         verify: str | None = None,
         name: str | None = None,
         progress: ProgressFn | None = None,
+        create: bool = False,
+        keep_previous: bool | None = None,
     ) -> pb.ModelVersionInfo:
-        """Points ``alias`` at ``NAME@VERSION``, or at a new version loaded from a path."""
+        """Points ``alias`` at ``NAME@VERSION``, or at a new version loaded from a path.
+
+        The alias must exist unless ``create``. ``keep_previous`` keeps the version it moves away
+        from resident for a ``rollback`` (None: the daemon's setting, when memory allows);
+        ``previous_note`` of the answer says what became of it.
+        """
         if os.path.exists(target) or "/" in target:
             target = os.path.abspath(target)
         req = pb.SwapModelRequest(
@@ -159,6 +167,8 @@ class Client:
             drain_timeout_seconds=drain_timeout,
             verify=_choice(_VERIFY, verify, "verify"),
             name=name or "",
+            create=create,
+            keep_previous=_KEEP[keep_previous],
         )
         return self._stream_load("SwapModel", req, progress)
 
@@ -177,11 +187,16 @@ class Client:
     def unload(self, ref: str, force: bool = False) -> pb.UnloadModelResponse:
         return self._operator_call("UnloadModel", pb.UnloadModelRequest(ref=ref, force=force), timeout=None)
 
-    def set_alias(self, alias: str, target: str) -> pb.AliasInfo:
-        return self._operator_call("SetAlias", pb.SetAliasRequest(alias=alias, target=target)).alias
+    def set_alias(self, alias: str, target: str, create: bool = False) -> pb.AliasInfo:
+        """Points an existing alias (a new one with ``create``) at ``NAME@VERSION``."""
+        return self._operator_call("SetAlias", pb.SetAliasRequest(alias=alias, target=target, create=create)).alias
 
     def remove_alias(self, alias: str) -> pb.AliasInfo:
-        return self._operator_call("SetAlias", pb.SetAliasRequest(alias=alias, target="")).alias
+        return self._operator_call("SetAlias", pb.SetAliasRequest(alias=alias, remove=True)).alias
+
+    def rollback(self, alias: str) -> pb.RollbackResponse:
+        """Points ``alias`` back at the version a swap kept resident; reads nothing."""
+        return self._operator_call("Rollback", pb.RollbackRequest(alias=alias))
 
     def list(self) -> pb.ListModelsResponse:
         return self._call(self.stub.ListModels, pb.ListModelsRequest())

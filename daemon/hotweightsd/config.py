@@ -120,6 +120,15 @@ class Config:
     native_lib: str = _key("", "the native loader library; default: the one built beside the package", metavar="PATH")
     ticket_ttl: float = _key(30.0, "seconds a GetHandles ticket stays valid", kind="float", minimum=0.001)
     verify: str = _key("fast", "default check of a load against its hotweights.json", choices=("none", "fast", "full"))
+    keep_previous: bool = _key(
+        True,
+        "a swap keeps the previous version resident, unaliased, for keep_previous_seconds so that "
+        "`hotweights rollback` moves back at once (only when free memory holds another version of the new one's size)",
+        kind="bool",
+    )
+    keep_previous_seconds: float = _key(
+        600.0, "seconds a swap keeps the previous version for a rollback", kind="float", minimum=0
+    )
     log_format: str = _key(
         "auto", "auto: console on a terminal, JSON lines otherwise", choices=("auto", "console", "json")
     )

@@ -52,7 +52,13 @@ async def serve(cfg: Config) -> None:
     backend = create_backend(
         cfg.backend, reserve=cfg.reserve, memory_limit=cfg.memory_limit, loader=cfg.loader_settings()
     )
-    manager = ModelManager(backend, ticket_ttl=cfg.ticket_ttl, default_verify=cfg.verify)
+    manager = ModelManager(
+        backend,
+        ticket_ttl=cfg.ticket_ttl,
+        default_verify=cfg.verify,
+        keep_previous=cfg.keep_previous,
+        keep_previous_seconds=cfg.keep_previous_seconds,
+    )
     fd_path = fd_socket_path(cfg.socket)
     persister = Persister(manager, state_path(cfg.socket, cfg.state_dir), cfg.socket, fdstore=systemd.fdstore_enabled())
     report = restore(manager, backend, persister, systemd.listen_fds())
@@ -177,7 +183,7 @@ async def _load_all(manager: ModelManager, items: list[dict], what: str, metrics
                 raise
             await asyncio.to_thread(fill)
             for alias in item.get("aliases", ()):
-                await asyncio.to_thread(manager.set_alias, alias, mv.key)
+                await asyncio.to_thread(manager.set_alias, alias, mv.key, create=True)
             log.info(f"{what}.done", model=mv.key, path=item["path"])
         except ContentMismatch as exc:
             log.warning(f"{what}.skipped", name=item["name"], path=item["path"], error=str(exc))

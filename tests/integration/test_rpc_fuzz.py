@@ -283,7 +283,7 @@ def _restore(stub: Any) -> None:
     if not any(v.name == "m" and v.version == "v1" for v in listed.versions):
         request = pb.LoadModelRequest(name="m", path=STATE["good"], version="v1", wait=True)
         list(stub.LoadModel(request, timeout=LOAD_TIMEOUT))
-    stub.SetAlias(pb.SetAliasRequest(alias="a", target="m@v1"), timeout=UNARY_TIMEOUT)
+    stub.SetAlias(pb.SetAliasRequest(alias="a", target="m@v1", create=True), timeout=UNARY_TIMEOUT)
 
 
 def _examples(rpc: str) -> list[Any]:
@@ -322,6 +322,10 @@ def _examples(rpc: str) -> list[Any]:
             swap(alias="a", target=huge),
             swap(alias=huge, target="m@v1"),
             swap(alias="b", target="a/\0b", name="n2"),
+            swap(alias="a", target="m@v1", keep_previous=5),
+            swap(alias="ghost", target="m@v1"),
+            swap(alias="b", target="m@v1", create=True, keep_previous=pb.KEEP_PREVIOUS_YES),
+            swap(alias="a", target=good, mode=pb.SWAP_DRAIN, keep_previous=pb.KEEP_PREVIOUS_YES),
         ],
         "Lease": [
             [pb.LeaseRequest()],
@@ -339,6 +343,17 @@ def _examples(rpc: str) -> list[Any]:
             pb.SetAliasRequest(alias=huge, target="m@v1"),
             pb.SetAliasRequest(alias="b", target=huge),
             pb.SetAliasRequest(alias=huge),
+            pb.SetAliasRequest(alias="b"),
+            pb.SetAliasRequest(alias="ghost", target="m@v1"),
+            pb.SetAliasRequest(alias="a", target="m@v1", remove=True),
+            pb.SetAliasRequest(alias=huge, remove=True),
+        ],
+        "Rollback": [
+            pb.RollbackRequest(),
+            pb.RollbackRequest(alias="a"),
+            pb.RollbackRequest(alias="ghost"),
+            pb.RollbackRequest(alias=huge),
+            pb.RollbackRequest(alias="\0"),
         ],
         "Watch": [pb.WatchRequest(ref=huge)],
     }.get(rpc, [])
@@ -350,7 +365,7 @@ def _with_examples(rpc: str, test: Any) -> Any:
     return test
 
 
-UNARY = ["UnloadModel", "ListModels", "GetHandles", "Status", "SetAlias"]
+UNARY = ["UnloadModel", "ListModels", "GetHandles", "Status", "SetAlias", "Rollback"]
 
 
 @pytest.mark.parametrize("rpc", UNARY)
@@ -456,14 +471,15 @@ def test_daemon_survives_the_fuzz(fuzzed):
     # the fuzz was not vacuous: every RPC was called, and answered both OK and typed refusals
     seen = STATE["seen"]
     print("status codes seen:", seen)
-    assert set(seen) >= {"UnloadModel", "ListModels", "GetHandles", "Status", "SetAlias"} | {
+    assert set(seen) >= set(UNARY) | {
         "LoadModel",
         "SwapModel",
         "Watch",
         "Lease",
     }
-    for rpc in ("LoadModel", "SwapModel", "SetAlias", "UnloadModel", "GetHandles", "Lease"):
+    for rpc in ("LoadModel", "SwapModel", "SetAlias", "UnloadModel", "GetHandles", "Lease", "Rollback"):
         assert "INVALID_ARGUMENT" in seen[rpc] or "NOT_FOUND" in seen[rpc], (rpc, seen[rpc])
+    assert "FAILED_PRECONDITION" in seen["Rollback"], seen["Rollback"]  # an alias with nothing kept
     answered_ok = {rpc for rpc, codes in seen.items() if "OK" in codes}
     assert {"SetAlias", "Lease"} <= answered_ok and {"LoadModel", "SwapModel"} & answered_ok, seen
     grown = _rss(daemon.pid) - STATE["rss"]

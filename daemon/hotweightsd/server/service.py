@@ -307,12 +307,27 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @rpc
     async def SetAlias(self, request, context) -> pb.SetAliasResponse:
-        if request.target:
-            _, key = await self._blocking(self.m.set_alias, request.alias, request.target)
-        else:
+        if request.remove:
+            if request.target:
+                raise errors.InvalidArgument("remove takes no target: give either a target or remove")
             key = await self._blocking(self.m.remove_alias, request.alias)
+        elif request.target:
+            _, key = await self._blocking(self.m.set_alias, request.alias, request.target, create=request.create)
+        else:
+            raise errors.InvalidArgument("no target given: pass NAME@VERSION, or remove=true to delete the alias")
         name, _, version = key.partition("@")
         return pb.SetAliasResponse(alias=pb.AliasInfo(alias=request.alias, name=name, version=version))
+
+    @rpc
+    async def Rollback(self, request, context) -> pb.RollbackResponse:
+        mv, old, note = await self._blocking(self.m.rollback, request.alias)
+        info = convert.version_info(mv, self.m)
+        info.previous_note = note
+        return pb.RollbackResponse(
+            alias=pb.AliasInfo(alias=request.alias, name=mv.name, version=mv.version),
+            old_version=old.partition("@")[2],
+            version=info,
+        )
 
     @stream_rpc
     async def SwapModel(self, request: pb.SwapModelRequest, context) -> AsyncIterator[pb.LoadEvent]:
@@ -336,12 +351,16 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 drain_timeout=drain_timeout,
                 verify=verify,
                 name=request.name or None,
+                create=request.create,
+                keep_previous=convert.enum_arg(convert.KEEP_OF, request.keep_previous, "keep_previous"),
             )
         )
         async for ev in self._run_load(plan.version, plan.run, wait=True):
-            if self.metrics is not None and ev.WhichOneof("event") == "done":
-                # counted before the last event goes out: the caller may close the stream on it
-                self.metrics.swaps.labels(mode.value).inc()
+            if ev.WhichOneof("event") == "done":
+                ev.done.previous_note = plan.note
+                if self.metrics is not None:
+                    # counted before the last event goes out: the caller may close the stream on it
+                    self.metrics.swaps.labels(mode.value).inc()
             yield ev
 
     @stream_rpc
