@@ -47,7 +47,15 @@ async def serve(cfg: Config) -> None:
     report = restore(manager, backend, persister, systemd.listen_fds())
     persister.start()
     metrics = DaemonMetrics.for_manager(manager)
-    channel = FdChannel(fd_path, manager, on_connection=lambda outcome: metrics.fd_channel.labels(outcome).inc())
+    health_servicer = health.aio.HealthServicer()
+    channel = FdChannel(
+        fd_path,
+        manager,
+        on_connection=lambda outcome: metrics.fd_channel.labels(outcome).inc(),
+        timeout=cfg.fd_channel_timeout_seconds,
+        max_connections=cfg.fd_channel_max_connections,
+        on_failure=_not_serving(health_servicer, asyncio.get_running_loop()),
+    )
     server = grpc.aio.server(options=grpc_options())
     service = HotweightsService(
         manager, cfg.socket, fd_path, restored=bool(report.restored), restore_note=report.note, metrics=metrics
@@ -56,7 +64,6 @@ async def serve(cfg: Config) -> None:
     metrics_server = MetricsServer(metrics_path, metrics) if metrics_path else None
     textfile = TextfileWriter(cfg.metrics_textfile, metrics, cfg.metrics_interval) if cfg.metrics_textfile else None
     pb_grpc.add_HotweightsServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
@@ -123,6 +130,16 @@ async def serve(cfg: Config) -> None:
             pass
         ownership.release()
         log.info("daemon.stopped")
+
+
+def _not_serving(health_servicer: health.aio.HealthServicer, loop: asyncio.AbstractEventLoop):
+    """A callback for any thread: a dead sub-service turns the daemon's health NOT_SERVING."""
+
+    async def mark() -> None:
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    return lambda exc: asyncio.run_coroutine_threadsafe(mark(), loop)
 
 
 def _log_failure(event: str):

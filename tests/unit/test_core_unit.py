@@ -88,6 +88,38 @@ def test_tickets_are_single_use_and_expire():
         book.redeem(t2.token)
 
 
+def test_tickets_are_capped_per_lease_and_in_all():
+    now = [0.0]
+    book = TicketBook(ttl=5, clock=lambda: now[0], limit=4, per_lease=2)
+    first = book.issue("a", 0)
+    book.issue("a", 0)
+    book.issue("a", 0)  # a's third: its oldest goes
+    with pytest.raises(errors.TicketInvalid):
+        book.redeem(first.token)
+    book.issue("b", 0)
+    book.issue("b", 0)
+    with pytest.raises(errors.ResourceExhausted):
+        book.issue("c", 0)
+    now[0] = 6  # all expired: swept by the next issue
+    book.issue("c", 0)
+    assert len(book) == 1
+
+
+def test_expired_tickets_are_swept_from_the_front_without_a_scan():
+    now = [0.0]
+    book = TicketBook(ttl=5, clock=lambda: now[0], per_lease=1000)
+    for i in range(1000):
+        now[0] = i * 0.01
+        book.issue(f"lease-{i % 7}", 0)
+    now[0] = 9.995  # the first half has expired
+    live = book.issue("x", 0)
+    assert len(book) == 501
+    book.drop_lease("x")
+    with pytest.raises(errors.TicketInvalid):
+        book.redeem(live.token)
+    assert len(book) == 500
+
+
 def test_split_ref():
     assert split_ref("llama@v2") == ("llama", "v2")
     assert split_ref("llama") == ("llama", None)

@@ -6,9 +6,10 @@ import secrets
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from hotweights.errors import TicketInvalid
+from hotweights.errors import ResourceExhausted, TicketInvalid
 
 
 @dataclass
@@ -35,36 +36,80 @@ class Ticket:
     expires: float
 
 
-class TicketBook:
-    """Short-lived, single-use tickets. Redeeming one consumes it whether or not it is still valid."""
+# Outstanding tickets: in all (beyond it GetHandles is refused until some are used or expire) and per
+# lease (beyond it the lease's oldest ticket is dropped: one holder's retries never crowd out others).
+MAX_TICKETS = 65536
+MAX_TICKETS_PER_LEASE = 64
 
-    def __init__(self, ttl: float = 30.0, clock=time.monotonic) -> None:
+
+class TicketBook:
+    """Short-lived, single-use tickets. Redeeming one consumes it whether or not it is still valid.
+
+    Issue, redeem and the end of a lease cost O(1) each (amortized): one TTL for all means issue order
+    is expiry order, so the expired are swept from the front of an ordered dict.
+    """
+
+    def __init__(
+        self,
+        ttl: float = 30.0,
+        clock=time.monotonic,
+        limit: int = MAX_TICKETS,
+        per_lease: int = MAX_TICKETS_PER_LEASE,
+    ) -> None:
         self.ttl = ttl
+        self.limit = limit
+        self.per_lease = per_lease
         self._clock = clock
-        self._tickets: dict[str, Ticket] = {}
+        self._tickets: OrderedDict[str, Ticket] = OrderedDict()
+        self._by_lease: dict[str, OrderedDict[str, None]] = {}
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._tickets)
 
     def issue(self, lease_id: str, rank: int) -> Ticket:
         ticket = Ticket(secrets.token_hex(16), lease_id, rank, self._clock() + self.ttl)
         with self._lock:
-            self._expire()
+            self._sweep(ticket.expires - self.ttl)
+            mine = self._by_lease.get(lease_id)
+            if mine is not None and len(mine) >= self.per_lease:
+                self._remove(next(iter(mine)))
+            elif len(self._tickets) >= self.limit:
+                raise ResourceExhausted(
+                    f"{len(self._tickets)} handle tickets are outstanding, the most the daemon keeps: "
+                    "try again once some are used or expire",
+                    limit=self.limit,
+                )
             self._tickets[ticket.token] = ticket
+            self._by_lease.setdefault(lease_id, OrderedDict())[ticket.token] = None
         return ticket
 
     def redeem(self, token: str) -> Ticket:
         with self._lock:
-            self._expire()
-            ticket = self._tickets.pop(token, None)
-        if ticket is None:
+            now = self._clock()
+            self._sweep(now)
+            ticket = self._remove(token)
+        if ticket is None or ticket.expires <= now:
             raise TicketInvalid("ticket is unknown, already used or expired: call GetHandles again")
         return ticket
 
     def drop_lease(self, lease_id: str) -> None:
         with self._lock:
-            for token in [t for t, v in self._tickets.items() if v.lease_id == lease_id]:
-                del self._tickets[token]
+            for token in list(self._by_lease.get(lease_id, ())):
+                self._remove(token)
 
-    def _expire(self) -> None:
-        now = self._clock()
-        for token in [t for t, v in self._tickets.items() if v.expires <= now]:
-            del self._tickets[token]
+    def _remove(self, token: str) -> Ticket | None:
+        ticket = self._tickets.pop(token, None)
+        if ticket is not None:
+            mine = self._by_lease[ticket.lease_id]
+            del mine[token]
+            if not mine:
+                del self._by_lease[ticket.lease_id]
+        return ticket
+
+    def _sweep(self, now: float) -> None:
+        while self._tickets:
+            first = next(iter(self._tickets.values()))
+            if first.expires > now:
+                return
+            self._remove(first.token)
