@@ -7,13 +7,18 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hotweights.errors import ResourceExhausted, TicketInvalid
+from hotweights.errors import PermissionDenied, ResourceExhausted, TicketInvalid
 
 
 @dataclass
 class Lease:
+    """A lease and its holder: ``pid`` as the holder said at open, ``uid`` as the kernel told at its
+    first fd fetch (-1 before). ``key`` goes to the holder alone, on its Lease stream; GetHandles asks
+    for it. The id is public (Status shows it); it gives no right to anything."""
+
     id: str
     ref: str
     name: str
@@ -22,6 +27,7 @@ class Lease:
     uid: int
     holder: str
     started: float = field(default_factory=time.time)
+    key: str = field(default_factory=lambda: secrets.token_hex(16))
 
 
 def new_lease_id() -> str:
@@ -34,6 +40,42 @@ class Ticket:
     lease_id: str
     rank: int
     expires: float
+    pid: int = 0  # the lease's holder: only this process may redeem the ticket
+    uid: int = -1  # and, once known, only under this uid
+
+
+def same_process(claimed_pid: int, peer_pid: int) -> bool:
+    """Whether the kernel-reported ``peer_pid`` is the process that said it was ``claimed_pid``: the
+    same number, or, for a process in another pid namespace (a container), its pid in its own one."""
+    if claimed_pid <= 0 or peer_pid <= 0:
+        return False
+    if claimed_pid == peer_pid:
+        return True
+    try:
+        with open(f"/proc/{peer_pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    nspids = line.split()[1:]
+                    return len(nspids) > 1 and nspids[-1] == str(claimed_pid)
+    except OSError:
+        pass
+    return False
+
+
+def check_holder(ticket: Ticket, peer_pid: int, peer_uid: int) -> None:
+    """Raises PermissionDenied unless the process (peer_pid, peer_uid) holds the ticket's lease."""
+    if ticket.pid <= 0:
+        raise PermissionDenied(
+            "this lease was opened without its holder's pid: its fds go to no one", lease=ticket.lease_id
+        )
+    if not same_process(ticket.pid, peer_pid) or (ticket.uid >= 0 and ticket.uid != peer_uid):
+        raise PermissionDenied(
+            f"lease {ticket.lease_id[:8]} is held by pid {ticket.pid}: its fds go to that process only "
+            f"(this is pid {peer_pid}, uid {peer_uid})",
+            lease=ticket.lease_id,
+            pid=peer_pid,
+            uid=peer_uid,
+        )
 
 
 # Outstanding tickets: in all (beyond it GetHandles is refused until some are used or expire) and per
@@ -67,8 +109,8 @@ class TicketBook:
     def __len__(self) -> int:
         return len(self._tickets)
 
-    def issue(self, lease_id: str, rank: int) -> Ticket:
-        ticket = Ticket(secrets.token_hex(16), lease_id, rank, self._clock() + self.ttl)
+    def issue(self, lease_id: str, rank: int, pid: int = 0, uid: int = -1) -> Ticket:
+        ticket = Ticket(secrets.token_hex(16), lease_id, rank, self._clock() + self.ttl, pid, uid)
         with self._lock:
             self._sweep(ticket.expires - self.ttl)
             mine = self._by_lease.get(lease_id)
@@ -84,13 +126,17 @@ class TicketBook:
             self._by_lease.setdefault(lease_id, OrderedDict())[ticket.token] = None
         return ticket
 
-    def redeem(self, token: str) -> Ticket:
+    def redeem(self, token: str, check: Callable[[Ticket], None] = lambda ticket: None) -> Ticket:
+        """Consumes the ticket if ``check(ticket)`` passes; what ``check`` raises leaves it unspent, so
+        a process that is refused the ticket cannot use it up for its holder either."""
         with self._lock:
             now = self._clock()
             self._sweep(now)
-            ticket = self._remove(token)
-        if ticket is None or ticket.expires <= now:
-            raise TicketInvalid("ticket is unknown, already used or expired: call GetHandles again")
+            ticket = self._tickets.get(token)
+            if ticket is None or ticket.expires <= now:
+                raise TicketInvalid("ticket is unknown, already used or expired: call GetHandles again")
+            check(ticket)
+            self._remove(token)
         return ticket
 
     def drop_lease(self, lease_id: str) -> None:

@@ -3,7 +3,9 @@
 Protocol, one exchange per connection: the client sends ``HWT1 <ticket>\\n``; the daemon answers
 one JSON line, ``{"ok": true, "count": N}`` with the N fds attached by SCM_RIGHTS (in batches of
 at most 250), or ``{"ok": false, "error": CLASS, "message": ...}``. Tickets come from GetHandles,
-are single-use and expire, so only a client that holds the lease can get the fds.
+are single-use, expire and are bound to the lease's holder: the kernel's word on the connecting
+process (SO_PEERCRED) must name the pid that opened the lease (and, once known, its uid), or the
+answer is PermissionDenied, the ticket stays unspent and the lease record unchanged.
 
 The channel is an asyncio server on an event loop of its own thread, so no client can hold up
 another: each connection has a deadline (``fd_channel_timeout_seconds``) for its whole exchange;
@@ -26,7 +28,14 @@ from collections.abc import Callable
 
 import structlog
 
-from hotweights.errors import DeadlineExceeded, FdChannelBusy, HotweightsError, InvalidArgument
+from hotweights.errors import (
+    DeadlineExceeded,
+    FdChannelBusy,
+    HotweightsError,
+    InvalidArgument,
+    PermissionDenied,
+    TicketInvalid,
+)
 from hotweights.wire.fdproto import MAGIC
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.server.sockets import born_with_mode
@@ -238,13 +247,12 @@ class FdChannel:
             self.on_connection(outcome)
 
     async def _exchange(self, conn: socket.socket) -> str:
+        pid, uid, _gid = peer_credentials(conn)
         try:
             token = await self._read_ticket(conn)
-            pid, uid, _gid = peer_credentials(conn)
             async with self._serving:
-                lease, fds = self.manager.redeem(token)
+                _, fds = self.manager.redeem(token, pid, uid)
                 try:
-                    self.manager.note_peer(lease.id, pid, uid)
                     await send_reply(conn, {"ok": True, "count": len(fds)}, fds)
                 finally:
                     for fd in fds:
@@ -252,6 +260,9 @@ class FdChannel:
             return "ok"
         except HotweightsError as exc:
             await send_reply(conn, {"ok": False, "error": type(exc).__name__, "message": exc.message}, [])
+            if isinstance(exc, PermissionDenied) and not isinstance(exc, TicketInvalid):
+                log.warning("fdchannel.denied", pid=pid, uid=uid, error=exc.message)
+                return "denied"
             return "refused"
 
     @staticmethod
