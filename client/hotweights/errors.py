@@ -65,7 +65,8 @@ class InsufficientMemory(ResourceExhausted):
 
 
 class PermissionDenied(HotweightsError):
-    """The caller may not do this (an invalid, reused or expired ticket; a reader asking to load)."""
+    """The caller may not do this (an invalid, reused or expired ticket; another process's lease; a reader
+    asking to load)."""
 
 
 class OperatorRequired(PermissionDenied):
@@ -93,8 +94,12 @@ class DaemonAlreadyRunning(Unavailable):
     """Another live daemon owns the socket."""
 
 
+class FdChannelBusy(Unavailable):
+    """The daemon's fd socket is serving as many connections as it takes: try again shortly."""
+
+
 class DeadlineExceeded(HotweightsError):
-    """A wait (drain, load) ran past its timeout."""
+    """A wait (drain, load, an exchange on the fd socket) ran past its timeout."""
 
 
 class Aborted(HotweightsError):

@@ -119,6 +119,12 @@ class Config:
     share_cores: bool = _key(True, "ranks loading at once split the cores between them", kind="bool")
     native_lib: str = _key("", "the native loader library; default: the one built beside the package", metavar="PATH")
     ticket_ttl: float = _key(30.0, "seconds a GetHandles ticket stays valid", kind="float", minimum=0.001)
+    fd_channel_timeout_seconds: float = _key(
+        5.0, "seconds one exchange on the fd socket may take before it is cut", kind="float", minimum=0.001
+    )
+    fd_channel_max_connections: int = _key(
+        1024, "connections the fd socket keeps open at once; more are answered busy", kind="int", minimum=1
+    )
     verify: str = _key("fast", "default check of a load against its hotweights.json", choices=("none", "fast", "full"))
     keep_previous: bool = _key(
         True,

@@ -64,7 +64,15 @@ async def serve(cfg: Config) -> None:
     report = restore(manager, backend, persister, systemd.listen_fds())
     persister.start()
     metrics = DaemonMetrics.for_manager(manager)
-    channel = FdChannel(fd_path, manager, on_connection=lambda outcome: metrics.fd_channel.labels(outcome).inc())
+    health_servicer = health.aio.HealthServicer()
+    channel = FdChannel(
+        fd_path,
+        manager,
+        on_connection=lambda outcome: metrics.fd_channel.labels(outcome).inc(),
+        timeout=cfg.fd_channel_timeout_seconds,
+        max_connections=cfg.fd_channel_max_connections,
+        on_failure=_not_serving(health_servicer, asyncio.get_running_loop()),
+    )
     # The role is the socket: readers' calls that need an operator are refused on theirs.
     server = grpc.aio.server(
         options=grpc_options(), interceptors=[RoleGuard(Role.READER, cfg.socket, cfg.operator_socket)]
@@ -76,7 +84,6 @@ async def serve(cfg: Config) -> None:
     metrics_path = metrics_socket_for(cfg.socket, cfg.metrics_socket)
     metrics_server = MetricsServer(metrics_path, metrics) if metrics_path else None
     textfile = TextfileWriter(cfg.metrics_textfile, metrics, cfg.metrics_interval) if cfg.metrics_textfile else None
-    health_servicer = health.aio.HealthServicer()
     for s in (server, operator_server):
         pb_grpc.add_HotweightsServicer_to_server(service, s)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, s)
@@ -91,13 +98,14 @@ async def serve(cfg: Config) -> None:
     with born_with_mode(0o660):
         server.add_insecure_port(f"unix:{cfg.socket}")
         await server.start()
-    channel.start()
     if metrics_server is not None:
         metrics_server.start()
     if textfile is not None:
         textfile.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    # After SERVING: a channel that dies at once turns health NOT_SERVING, and nothing sets it back.
+    channel.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -154,6 +162,16 @@ async def serve(cfg: Config) -> None:
                 pass
         ownership.release()
         log.info("daemon.stopped")
+
+
+def _not_serving(health_servicer: health.aio.HealthServicer, loop: asyncio.AbstractEventLoop):
+    """A callback for any thread: a dead sub-service turns the daemon's health NOT_SERVING."""
+
+    async def mark() -> None:
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    return lambda exc: asyncio.run_coroutine_threadsafe(mark(), loop)
 
 
 def _log_failure(event: str):

@@ -106,9 +106,9 @@ def test_registry_is_free_while_a_free_blocks(tmp_path, how):
         assert backend.entered.wait(GUARD_S), "the free never started"
 
         assert [v.key for v in within(m.versions)] == ["other@v1"]
-        lease = within(lambda: m.open_lease("other"))
-        handles = within(lambda: m.get_handles(lease.id, 0))
-        _, fds = within(lambda: m.redeem(handles.ticket))
+        lease = within(lambda: m.open_lease("other", pid=os.getpid()))
+        handles = within(lambda: m.get_handles(lease.id, 0, lease.key))
+        _, fds = within(lambda: m.redeem(handles.ticket, os.getpid(), os.getuid()))
         for fd in fds:
             os.close(fd)
         within(lambda: m.set_alias("prod", "other@v1", create=True))

@@ -16,6 +16,7 @@ another caller. Guarantees:
 
 from __future__ import annotations
 
+import hmac
 import os
 import threading
 import time
@@ -39,6 +40,7 @@ from hotweights.errors import (
     InvalidArgument,
     LeaseHeld,
     NotFound,
+    PermissionDenied,
     Unavailable,
     shorten,
 )
@@ -48,7 +50,7 @@ from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
 from hotweightsd.core.content import ContentId, content_of
 from hotweightsd.core.events import EventBus, EventKind
 from hotweightsd.core.layout import RankLayout, plan_rank
-from hotweightsd.core.leases import Lease, TicketBook, new_lease_id
+from hotweightsd.core.leases import Lease, TicketBook, check_holder, new_lease_id
 from hotweightsd.core.registry import ModelVersion, ResidentRank, State, check_name, split_ref
 
 log = structlog.get_logger("hotweightsd.manager")
@@ -634,13 +636,6 @@ class ModelManager:
                 self._maybe_retire(mv, fx)
             self._changed.notify_all()
 
-    def note_peer(self, lease_id: str, pid: int, uid: int) -> None:
-        """Records the kernel-verified credentials of the process that fetched a lease's fds."""
-        with self._lock:
-            lease = self._leases.get(lease_id)
-            if lease is not None:
-                lease.pid, lease.uid = pid, uid
-
     def _lease(self, lease_id: str) -> tuple[Lease, ModelVersion]:
         lease = self._leases.get(lease_id)
         if lease is None:
@@ -650,18 +645,34 @@ class ModelManager:
             raise NotFound(f"{lease.name}@{lease.version} was unloaded (forced) while leased", lease=lease_id)
         return lease, mv
 
-    def get_handles(self, lease_id: str, rank: int) -> Handles:
+    def get_handles(self, lease_id: str, rank: int, key: str) -> Handles:
+        """The rank's handles and a ticket for its fds, for the lease's holder: the caller must show the
+        lease's key (given to the holder alone); the ticket is bound to the holder's process."""
         with self._lock:
-            _, mv = self._lease(lease_id)
+            lease, mv = self._lease(lease_id)
+            if not hmac.compare_digest(lease.key.encode(), key.encode("utf-8", "surrogateescape")):
+                raise PermissionDenied(
+                    f"lease {lease_id[:8]} is held by pid {lease.pid}: only its holder gets its handles",
+                    lease=lease_id,
+                )
             resident = mv.rank(rank)
-            ticket = self.tickets.issue(lease_id, rank)
+            ticket = self.tickets.issue(lease_id, rank, lease.pid, lease.uid)
         return Handles(mv, resident, ticket.token, self.tickets.ttl)
 
-    def redeem(self, token: str) -> tuple[Lease, list[int]]:
-        """Exchanges a ticket for new fds of the rank's allocations; the caller sends and closes them."""
-        ticket = self.tickets.redeem(token)
+    def redeem(self, token: str, pid: int, uid: int) -> tuple[Lease, list[int]]:
+        """Exchanges a ticket for new fds of the rank's allocations; the caller sends and closes them.
+
+        ``pid`` and ``uid`` are the kernel's word on who asks (SO_PEERCRED): anyone but the lease's
+        holder is refused (PermissionDenied), the ticket stays unspent and the lease unchanged. The
+        holder's uid is recorded at its first fetch; later ones must come under the same uid.
+        """
+        ticket = self.tickets.redeem(token, lambda t: check_holder(t, pid, uid))
         with self._lock:
             lease, mv = self._lease(ticket.lease_id)
+            if lease.uid < 0:
+                lease.uid = uid
+            elif lease.uid != uid:  # a ticket issued before the uid was known
+                raise PermissionDenied(f"lease {lease.id[:8]} is held under uid {lease.uid}", lease=lease.id)
             resident = mv.rank(ticket.rank)
             fds: list[int] = []
             try:

@@ -225,8 +225,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     # ---- leases and handles ---------------------------------------------------------------
 
-    def _handles(self, lease_id: str, rank: int, compact: bool) -> pb.GetHandlesResponse:
-        h = self.m.get_handles(lease_id, rank)
+    def _handles(self, lease_id: str, lease_key: str, rank: int, compact: bool) -> pb.GetHandlesResponse:
+        h = self.m.get_handles(lease_id, rank, lease_key)
         key = (h.version.key, h.rank.rank, compact)
         with self._tables_lock:
             cached = self._tables.get(key)
@@ -239,7 +239,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @rpc
     async def GetHandles(self, request, context) -> pb.GetHandlesResponse:
-        return self._handles(request.lease_id, request.rank, request.compact_table)
+        return self._handles(request.lease_id, request.lease_key, request.rank, request.compact_table)
 
     @stream_rpc
     async def Lease(self, request_iterator, context) -> AsyncIterator[pb.LeaseEvent]:
@@ -259,9 +259,12 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                     name=lease.name,
                     version=lease.version,
                     world_size=self.m.get(lease.name, lease.version).world_size,
+                    lease_key=lease.key,
                 )
                 if first.open.with_handles:
-                    granted.handles.CopyFrom(self._handles(lease.id, first.open.rank, first.open.compact_table))
+                    granted.handles.CopyFrom(
+                        self._handles(lease.id, lease.key, first.open.rank, first.open.compact_table)
+                    )
             except BaseException:
                 if self.metrics is not None:
                     self.metrics.attaches.labels("error").inc()

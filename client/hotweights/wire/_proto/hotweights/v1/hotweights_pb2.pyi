@@ -260,14 +260,16 @@ class AllocationInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., size: _Optional[int] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., device: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., device_bus_id: _Optional[str] = ...) -> None: ...
 
 class GetHandlesRequest(_message.Message):
-    __slots__ = ("lease_id", "rank", "compact_table")
+    __slots__ = ("lease_id", "rank", "compact_table", "lease_key")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     COMPACT_TABLE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_KEY_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     rank: int
     compact_table: bool
-    def __init__(self, lease_id: _Optional[str] = ..., rank: _Optional[int] = ..., compact_table: _Optional[bool] = ...) -> None: ...
+    lease_key: str
+    def __init__(self, lease_id: _Optional[str] = ..., rank: _Optional[int] = ..., compact_table: _Optional[bool] = ..., lease_key: _Optional[str] = ...) -> None: ...
 
 class GetHandlesResponse(_message.Message):
     __slots__ = ("name", "version", "rank", "world_size", "tensors", "allocations", "ticket", "fd_socket", "ticket_ttl_seconds", "table")
@@ -330,18 +332,20 @@ class LeaseEvent(_message.Message):
     def __init__(self, granted: _Optional[_Union[LeaseGranted, _Mapping]] = ..., alias_moved: _Optional[_Union[AliasMoved, _Mapping]] = ...) -> None: ...
 
 class LeaseGranted(_message.Message):
-    __slots__ = ("lease_id", "name", "version", "world_size", "handles")
+    __slots__ = ("lease_id", "name", "version", "world_size", "handles", "lease_key")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     HANDLES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_KEY_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     name: str
     version: str
     world_size: int
     handles: GetHandlesResponse
-    def __init__(self, lease_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., world_size: _Optional[int] = ..., handles: _Optional[_Union[GetHandlesResponse, _Mapping]] = ...) -> None: ...
+    lease_key: str
+    def __init__(self, lease_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., world_size: _Optional[int] = ..., handles: _Optional[_Union[GetHandlesResponse, _Mapping]] = ..., lease_key: _Optional[str] = ...) -> None: ...
 
 class LeaseInfo(_message.Message):
     __slots__ = ("lease_id", "name", "version", "pid", "uid", "holder", "started_unix", "ref")
