@@ -16,7 +16,7 @@ interleaved repetitions (A B C A B C ...) with its min and max:
 - ``partial_halves``: the same with the first half of every file cached and the second half dropped (the
   files auto reads both ways);
 - ``sweep``: O_DIRECT and buffered reads on the native engine, read size x readers, cold, over the first
-  ``--sweep-gb`` of the rank (one pass each).
+  ``--sweep-gb`` of the rank (one pass each); ``--sweep-only`` runs nothing else.
 
 Pages are dropped per file with POSIX_FADV_DONTNEED after an fsync (no root needed); what stayed resident
 is measured with mincore and written beside each figure. ``targets.partial_*`` says whether auto beat both
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import itertools
 import mmap
 import os
 import shutil
@@ -154,14 +155,20 @@ class HostBuffers:
                 pass
 
 
-def native_read(paths: list[str], size: int, threads: int, direct: bool, bufs: HostBuffers) -> tuple[int, float]:
-    """Every byte of ``paths`` in ``size`` reads on the native engine's C threads (host mode, no copies)."""
+def native_read(
+    paths: list[str], size: int, threads: int, direct: bool, bufs: HostBuffers, limit: int = 0
+) -> tuple[int, float]:
+    """The bytes of ``paths`` (the first ``limit`` of them, when given) in ``size`` reads on the native
+    engine's C threads (host mode, no copies)."""
     from hotweightsd.loaders import native
     from hotweightsd.loaders.files import open_source
     from hotweightsd.loaders.plan import ReadChunk
 
     sizes = [os.path.getsize(p) for p in paths]
     chunks = [ReadChunk(i, off, min(size, n - off), ()) for i, n in enumerate(sizes) for off in range(0, n, size)]
+    if limit:
+        ends = itertools.accumulate(c.length for c in chunks)
+        chunks = [c for c, end in zip(chunks, ends) if end - c.length < limit]
     threads = max(1, min(threads, len(chunks)))
     base = bufs.get(threads * size)
     opened = [open_source(p, direct) for p in paths]
@@ -185,7 +192,7 @@ def native_read(paths: list[str], size: int, threads: int, direct: bool, bufs: H
     finally:
         for fd, _ in opened:
             os.close(fd)
-    return sum(sizes), dt
+    return sum(c.length for c in chunks), dt
 
 
 def ranges_read(paths: list[str], size: int, threads: int, bufs: HostBuffers) -> tuple[int, float]:
@@ -341,6 +348,7 @@ def main() -> int:
         "--pretouch-gb", type=float, default=16.0, help="fresh memory touched while the checkpoint is written"
     )
     ap.add_argument("--skip", default="", help="comma list of: raw, cold, partial_files, partial_halves, sweep")
+    ap.add_argument("--sweep-only", action="store_true", help="only the read size x readers sweep")
     ap.add_argument("--budget", type=float, default=480.0, help="seconds; later sections are cut short past it")
     ap.add_argument("--smoke", action="store_true", help="cpu backend, a checkpoint of a few MB, no GPU needed")
     args = ap.parse_args()
@@ -349,6 +357,10 @@ def main() -> int:
     deadline = time.monotonic() + args.budget
     budget = lambda: deadline - time.monotonic()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    scenarios = [s for s in ("cold", "partial_files", "partial_halves") if s not in skip]
+    if args.sweep_only:
+        skip |= {"raw"}
+        scenarios = []
     doc = res.doc
     doc["args"] = vars(args)
 
@@ -430,14 +442,15 @@ def main() -> int:
     # -- the daemon's read modes, cold and partly cached
     daemons: Daemons | None = None
     try:
-        daemons = Daemons(backend, res)
-        for scenario in ("cold", "partial_files", "partial_halves"):
+        daemons = Daemons(backend, res) if scenarios else None
+        for scenario in scenarios:
 
             def run(scenario=scenario):
                 seen: dict[str, list] = {}
 
                 def once(mode: str) -> float:
                     seen.setdefault("resident_before", []).append(prepare(paths, scenario))
+                    assert daemons is not None
                     r = daemons.load(mode, ckpt)
                     seen.setdefault(mode, []).append(r["load_path"])
                     return r["gbps"]
@@ -473,12 +486,7 @@ def main() -> int:
 
     # -- read shapes on the native engine: read size x readers, cold, one pass each
     def sweep():
-        sub, acc = [], 0
-        for p in paths:
-            if acc >= args.sweep_gb * GB:
-                break
-            sub.append(p)
-            acc += os.path.getsize(p)
+        limit = int(args.sweep_gb * GB)
         sizes = [int(x) * KiB for x in args.sweep_sizes_kib.split(",") if x]
         threads = [int(x) for x in args.sweep_threads.split(",") if x]
         out: dict = {}
@@ -487,13 +495,13 @@ def main() -> int:
                 for t in threads:
                     if budget() < 10:
                         res.note("sweep cut short by the budget")
-                        doc["sweep"] = out
+                        doc["sweep"] = {"bytes_each": min(limit, nbytes), "gbps": out, "cut_short": True}
                         return
                     key = f"{'odirect' if direct else 'buffered'} {size // KiB}KiB x{t}"
-                    out[key] = timed(key, lambda: native_read(sub, size, t, direct, bufs))
-        doc["sweep"] = {"bytes": acc, "files": len(sub), "gbps": out}
+                    out[key] = timed(key, lambda: native_read(paths, size, t, direct, bufs, limit))
+        doc["sweep"] = {"bytes_each": min(limit, nbytes), "gbps": out}
         best = max(out, key=out.get)
-        res.note(f"sweep over {acc / GB:.1f} GB: best {best} {out[best]} GB/s")
+        res.note(f"sweep over {min(limit, nbytes) / GB:.2f} GB: best {best} {out[best]} GB/s")
 
     section("sweep", sweep, need=15)
     bufs.close()
