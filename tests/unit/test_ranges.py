@@ -96,3 +96,53 @@ def test_scattered_resident_pages_do_not_cut_a_file_into_pieces(on_disk):
         assert sources.files[0].ranges == [r(0, 4 * MiB, True)], sources.files[0].ranges
     finally:
         sources.close()
+
+
+def test_a_file_shorter_than_its_plan_is_truncated_and_nothing_stays_open(on_disk):
+    from hotweights.errors import BadCheckpoint
+
+    ok = write(on_disk / "ok.bin", 1 * MiB)
+    short = write(on_disk / "short.bin", 1 * MiB)
+    before = len(os.listdir("/proc/self/fd"))
+    for mode in ("auto", "pread", "odirect"):
+        with pytest.raises(BadCheckpoint, match="truncated"):
+            ranges.ReadSources.open([str(ok), str(short)], mode, [MiB, MiB + 1], 64 * KiB)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_memory_filesystem_is_read_buffered_by_auto_and_odirect_says_where_refused():
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    p = Path(tempfile.mkstemp(dir="/dev/shm", prefix="hw-ranges-")[1])
+    try:
+        p.write_bytes(os.urandom(MiB))
+        auto = ranges.ReadSources.open([str(p)], "auto", [MiB], 64 * KiB)
+        try:
+            assert auto.files[0].ranges == [r(0, MiB, False)] and auto.describe() == "auto: 1 buffered"
+        finally:
+            auto.close()
+        odirect = ranges.ReadSources.open([str(p)], "odirect", [MiB], 64 * KiB)
+        try:
+            if odirect.direct == [True]:  # tmpfs takes O_DIRECT from Linux 6.6 on
+                assert odirect.files[0].ranges == [r(0, MiB, True)] and odirect.describe() == ""
+            else:
+                assert odirect.files[0].refused and odirect.files[0].ranges == [r(0, MiB, False)]
+                assert odirect.describe() == "O_DIRECT refused for 1 file(s) (tmpfs?), read buffered"
+        finally:
+            odirect.close()
+    finally:
+        p.unlink()
+
+
+def test_auto_reads_a_cold_file_buffered_where_its_filesystem_refuses_o_direct(on_disk, monkeypatch):
+    real = ranges.open_source
+    monkeypatch.setattr(ranges, "open_source", lambda path, direct: real(path, False))  # as tmpfs before Linux 6.6
+    p = write(on_disk / "cold.bin", 1 * MiB)
+    drop(p)
+    sources = ranges.ReadSources.open([str(p)], "auto", [MiB], 64 * KiB)
+    try:
+        f = sources.files[0]
+        assert f.refused and f.ranges == [r(0, MiB, False)] and f.direct_fd == -1
+        assert sources.fds == [f.buffered_fd] and sources.describe() == "auto: 1 buffered"
+    finally:
+        sources.close()
