@@ -17,6 +17,7 @@ from typing import Any
 
 from hotweights.cuda import devices as cd
 from hotweights.errors import Aborted, BadCheckpoint
+from hotweightsd.core import faults
 from hotweightsd.core.layout import RankLayout
 from hotweightsd.loaders import files, native, ranges
 from hotweightsd.loaders.path import LoadPath
@@ -69,6 +70,7 @@ def fill(
                     cpus=ring.cpus,
                     library=path.native_lib,
                     sources=[sources.source(c) for c in chunks],
+                    fault=faults.current().chunk(len(chunks)),
                 )
             else:
                 threads = ring.threads
@@ -173,6 +175,7 @@ class _PythonFill:
                 if pending[s]:
                     cd.check(drv.cuEventSynchronize(events[s]), "cuEventSynchronize")
                 src = self._read(w, s, chunk)
+                faults.hit("load.copy", f"{self.sources.paths[chunk.file]} at {chunk.offset}")
                 pending[s] = True
                 for p in chunk.pieces:
                     cd.check(
@@ -195,6 +198,7 @@ class _PythonFill:
     def _read(self, w: int, s: int, chunk: ReadChunk) -> int:
         """Reads ``chunk`` into slot ``s`` of reader ``w``; returns the chunk's first byte's address."""
         fd, path = self.sources.fd(chunk), self.sources.files[chunk.file].path
+        faults.hit("load.read", f"{path} at {chunk.offset}")
         ptr, view = self.ring.slot(w, s)
         if chunk.direct:
             return ptr + files.read_direct(fd, view, chunk, path)

@@ -161,6 +161,10 @@ class ReadSources:
         return self._index[self.fd(chunk)]
 
     @property
+    def paths(self) -> list[str]:
+        return [f.path for f in self.files]
+
+    @property
     def refused(self) -> int:
         return sum(1 for f in self.files if f.refused)
 
