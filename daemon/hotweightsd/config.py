@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hotweights.errors import HotweightsError, InvalidArgument
+from hotweights.format.checkpoint import MAX_TENSORS_PER_RANK, HeaderLimits
+from hotweights.format.safetensors import MAX_TENSORS_PER_FILE
 from hotweights.paths import socket_for
 from hotweights.units import parse_size
 from hotweightsd.loaders.settings import LoaderSettings
@@ -107,6 +109,18 @@ class Config:
     share_cores: bool = _key(True, "ranks loading at once split the cores between them", kind="bool")
     native_lib: str = _key("", "the native loader library; default: the one built beside the package", metavar="PATH")
     ticket_ttl: float = _key(30.0, "seconds a GetHandles ticket stays valid", kind="float", minimum=0.001)
+    max_tensors_per_file: int = _key(
+        MAX_TENSORS_PER_FILE,
+        "a checkpoint file listing more tensors is refused before its header is parsed",
+        kind="int",
+        minimum=1,
+    )
+    max_tensors_per_rank: int = _key(
+        MAX_TENSORS_PER_RANK,
+        "a checkpoint whose rank lists more tensors (all its files) is refused",
+        kind="int",
+        minimum=1,
+    )
     verify: str = _key("fast", "default check of a load against its hotweights.json", choices=("none", "fast", "full"))
     log_format: str = _key(
         "auto", "auto: console on a terminal, JSON lines otherwise", choices=("auto", "console", "json")
@@ -137,6 +151,11 @@ class Config:
 
     def loader_settings(self) -> LoaderSettings:
         return LoaderSettings(**{setting: getattr(self, key) for setting, key in LOADER_KEYS.items()})
+
+    def header_limits(self) -> HeaderLimits:
+        return HeaderLimits(
+            max_tensors_per_file=self.max_tensors_per_file, max_tensors_per_rank=self.max_tensors_per_rank
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in keys()}

@@ -41,7 +41,9 @@ async def serve(cfg: Config) -> None:
     backend = create_backend(
         cfg.backend, reserve=cfg.reserve, memory_limit=cfg.memory_limit, loader=cfg.loader_settings()
     )
-    manager = ModelManager(backend, ticket_ttl=cfg.ticket_ttl, default_verify=cfg.verify)
+    manager = ModelManager(
+        backend, ticket_ttl=cfg.ticket_ttl, default_verify=cfg.verify, header_limits=cfg.header_limits()
+    )
     fd_path = fd_socket_path(cfg.socket)
     persister = Persister(manager, state_path(cfg.socket, cfg.state_dir), cfg.socket, fdstore=systemd.fdstore_enabled())
     report = restore(manager, backend, persister, systemd.listen_fds())

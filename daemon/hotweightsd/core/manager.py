@@ -38,7 +38,7 @@ from hotweights.errors import (
     Unavailable,
     shorten,
 )
-from hotweights.format.checkpoint import Checkpoint, open_checkpoint
+from hotweights.format.checkpoint import Checkpoint, HeaderLimits, open_checkpoint
 from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
 from hotweightsd.core.content import ContentId, content_of
 from hotweightsd.core.events import EventBus, EventKind
@@ -93,8 +93,15 @@ class _Effects:
 
 
 class ModelManager:
-    def __init__(self, backend: MemoryBackend, ticket_ttl: float = 30.0, default_verify: str = "fast") -> None:
+    def __init__(
+        self,
+        backend: MemoryBackend,
+        ticket_ttl: float = 30.0,
+        default_verify: str = "fast",
+        header_limits: HeaderLimits | None = None,
+    ) -> None:
         self.backend = backend
+        self.header_limits = header_limits or HeaderLimits()
         self.events = EventBus()
         self.tickets = TicketBook(ttl=ticket_ttl)
         self.default_verify = default_verify
@@ -224,7 +231,7 @@ class ModelManager:
             check_name("alias", alias)
         if not path:
             raise InvalidArgument("no checkpoint path given")
-        ckpt = open_checkpoint(path)
+        ckpt = open_checkpoint(path, self.header_limits)
         version = check_name("version", version) if version else ckpt.fingerprint()
         content = content_of(ckpt)
         with self._lock:
