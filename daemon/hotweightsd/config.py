@@ -22,6 +22,7 @@ from hotweights.format.safetensors import MAX_TENSORS_PER_FILE
 from hotweights.paths import socket_for
 from hotweights.units import parse_size
 from hotweightsd.loaders.settings import LoaderSettings
+from hotweightsd.server.watchers import QUEUE_DEPTH
 
 # Read when neither --config nor HOTWEIGHTS_CONFIG names a file; tests point it elsewhere.
 SYSTEM_CONFIG = "/etc/hotweights/config.toml"
@@ -120,6 +121,9 @@ class Config:
         "a checkpoint whose rank lists more tensors (all its files) is refused",
         kind="int",
         minimum=1,
+    )
+    watch_queue: int = _key(
+        QUEUE_DEPTH, "events a Watch stream may leave unread; a watcher further behind is dropped", kind="int", minimum=1
     )
     verify: str = _key("fast", "default check of a load against its hotweights.json", choices=("none", "fast", "full"))
     log_format: str = _key(

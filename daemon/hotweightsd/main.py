@@ -52,7 +52,13 @@ async def serve(cfg: Config) -> None:
     channel = FdChannel(fd_path, manager, on_connection=lambda outcome: metrics.fd_channel.labels(outcome).inc())
     server = grpc.aio.server(options=grpc_options())
     service = HotweightsService(
-        manager, cfg.socket, fd_path, restored=bool(report.restored), restore_note=report.note, metrics=metrics
+        manager,
+        cfg.socket,
+        fd_path,
+        restored=bool(report.restored),
+        restore_note=report.note,
+        metrics=metrics,
+        watch_queue=cfg.watch_queue,
     )
     metrics_path = metrics_socket_for(cfg.socket, cfg.metrics_socket)
     metrics_server = MetricsServer(metrics_path, metrics) if metrics_path else None

@@ -27,7 +27,7 @@ from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, ResidentRank
 from hotweightsd.server import convert
 from hotweightsd.server.metrics import DaemonMetrics
-from hotweightsd.server.watchers import EventHub, Overflow
+from hotweightsd.server.watchers import QUEUE_DEPTH, EventHub, Overflow
 
 log = structlog.get_logger("hotweightsd.service")
 PROGRESS_INTERVAL = 0.2
@@ -81,8 +81,10 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         restored: bool = False,
         restore_note: str = "",
         metrics: DaemonMetrics | None = None,
+        watch_queue: int = QUEUE_DEPTH,
     ) -> None:
         self.m = manager
+        self.watch_queue = watch_queue
         self.metrics = metrics
         self.socket_path = socket_path
         self.fd_socket = fd_socket
@@ -112,7 +114,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
     def hub(self) -> EventHub:
         """The streams' event fan-out, made on the event loop by the first stream that needs it."""
         if self._hub is None:
-            self._hub = EventHub(self.m.events, self.m.aliases)
+            self._hub = EventHub(self.m.events, self.m.aliases, self.watch_queue)
         return self._hub
 
     def _forget_tables(self, ev: Event) -> None:
