@@ -123,7 +123,10 @@ class Config:
         minimum=1,
     )
     watch_queue: int = _key(
-        QUEUE_DEPTH, "events a Watch stream may leave unread; a watcher further behind is dropped", kind="int", minimum=1
+        QUEUE_DEPTH,
+        "events a Watch stream may leave unread; a watcher further behind is dropped",
+        kind="int",
+        minimum=1,
     )
     verify: str = _key("fast", "default check of a load against its hotweights.json", choices=("none", "fast", "full"))
     log_format: str = _key(
