@@ -203,3 +203,33 @@ def test_alias_snapshots_are_taken_only_for_alias_watchers():
         hub.close()
 
     asyncio.run(main())
+
+
+def test_events_reach_every_subscriber_in_order_a_chunk_per_turn_of_the_loop():
+    """With 3 subscribers served per turn, 10 subscribers still get 4 events each, in order, and no
+    turn gives an event to more than 3 of them."""
+
+    async def main() -> None:
+        bus = EventBus()
+        hub = EventHub(bus, dict, chunk=3)
+        subs = [hub.subscribe(lambda ev, _: True) for _ in range(10)]
+        loop = asyncio.get_running_loop()
+        turns: list[int] = []
+
+        def count_turn() -> None:  # runs once per turn while events are being handed out
+            turns.append(sum(s.queue.qsize() for s in subs))
+            if sum(s.queue.qsize() for s in subs) < 40:
+                loop.call_soon(count_turn)
+
+        def publish() -> None:
+            for _ in range(4):
+                bus.publish(EventKind.ALIAS_MOVED, "m", alias="a")
+
+        await asyncio.to_thread(publish)
+        count_turn()
+        for s in subs:
+            assert [(await asyncio.wait_for(s.get(), 10)).seq for _ in range(4)] == [1, 2, 3, 4]
+        assert all(b - a <= 3 for a, b in zip(turns, turns[1:])), turns
+        hub.close()
+
+    asyncio.run(main())

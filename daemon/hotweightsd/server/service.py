@@ -53,6 +53,10 @@ def rpc(fn: Callable) -> Callable:
     return wrapper
 
 
+# One message per event, whichever number of watchers send it.
+_watch_event = functools.lru_cache(maxsize=256)(convert.watch_event)
+
+
 def stream_rpc(fn: Callable) -> Callable:
     """The same for server-streaming handlers (async generators)."""
 
@@ -362,8 +366,9 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         hub = self.hub()
         events = hub.subscribe(keep, needs_aliases=bool(ref))
         try:
+            await context.send_initial_metadata(())  # the watcher may know it is subscribed: no event is missed
             while True:
-                yield convert.watch_event(await events.get())
+                yield _watch_event(await events.get())
         finally:
             hub.unsubscribe(events)
 
