@@ -288,14 +288,18 @@ def main() -> int:
         big.unlink()
         n = min(100_000, args.tensors // 2)
         ok = tiny_header_file(work / "limit.safetensors", n)
+        allocated_before = sum(dev.resident_bytes for dev in stub.Status(pb.StatusRequest(), timeout=60).devices)
         before = rss(d.pid)
         dt, status = load_call(stub, "atlimit", str(ok), "v1")
         after = rss(d.pid)
         info = {}
         if status == "OK":
             st = stub.Status(pb.StatusRequest(), timeout=60)
-            # the only version loaded: the device's resident bytes are its allocations' sizes
-            info = {"data_bytes": n, "allocated_bytes": sum(dev.resident_bytes for dev in st.devices)}
+            # the devices' resident bytes are the allocations' sizes; less what was loaded before
+            info = {
+                "data_bytes": n,
+                "allocated_bytes": sum(dev.resident_bytes for dev in st.devices) - allocated_before,
+            }
             stub.UnloadModel(pb.UnloadModelRequest(ref="atlimit@v1"), timeout=60)
         res["at_limit"] = {
             "tensors": n,
