@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from hotweights.errors import HotweightsError, InvalidArgument
+from hotweights.format.checkpoint import MAX_TENSORS_PER_RANK, HeaderLimits
+from hotweights.format.safetensors import MAX_TENSORS_PER_FILE
 from hotweights.paths import operator_socket_for, socket_for
 from hotweights.units import parse_size
 from hotweightsd.core.faults import FaultPlan
 from hotweightsd.loaders.settings import LoaderSettings
+from hotweightsd.server.watchers import QUEUE_DEPTH
 
 # Read when neither --config nor HOTWEIGHTS_CONFIG names a file; tests point it elsewhere.
 SYSTEM_CONFIG = "/etc/hotweights/config.toml"
@@ -125,6 +128,24 @@ class Config:
     fd_channel_max_connections: int = _key(
         1024, "connections the fd socket keeps open at once; more are answered busy", kind="int", minimum=1
     )
+    max_tensors_per_file: int = _key(
+        MAX_TENSORS_PER_FILE,
+        "a checkpoint file listing more tensors is refused before its header is parsed",
+        kind="int",
+        minimum=1,
+    )
+    max_tensors_per_rank: int = _key(
+        MAX_TENSORS_PER_RANK,
+        "a checkpoint whose rank lists more tensors (all its files) is refused",
+        kind="int",
+        minimum=1,
+    )
+    watch_queue: int = _key(
+        QUEUE_DEPTH,
+        "events a Watch stream may leave unread; a watcher further behind is dropped",
+        kind="int",
+        minimum=1,
+    )
     verify: str = _key("fast", "default check of a load against its hotweights.json", choices=("none", "fast", "full"))
     keep_previous: bool = _key(
         True,
@@ -171,6 +192,11 @@ class Config:
 
     def loader_settings(self) -> LoaderSettings:
         return LoaderSettings(**{setting: getattr(self, key) for setting, key in LOADER_KEYS.items()})
+
+    def header_limits(self) -> HeaderLimits:
+        return HeaderLimits(
+            max_tensors_per_file=self.max_tensors_per_file, max_tensors_per_rank=self.max_tensors_per_rank
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in keys()}

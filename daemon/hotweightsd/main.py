@@ -58,6 +58,7 @@ async def serve(cfg: Config) -> None:
         default_verify=cfg.verify,
         keep_previous=cfg.keep_previous,
         keep_previous_seconds=cfg.keep_previous_seconds,
+        header_limits=cfg.header_limits(),
     )
     fd_path = fd_socket_path(cfg.socket)
     persister = Persister(manager, state_path(cfg.socket, cfg.state_dir), cfg.socket, fdstore=systemd.fdstore_enabled())
@@ -79,7 +80,13 @@ async def serve(cfg: Config) -> None:
     )
     operator_server = grpc.aio.server(options=grpc_options())
     service = HotweightsService(
-        manager, cfg.socket, fd_path, restored=bool(report.restored), restore_note=report.note, metrics=metrics
+        manager,
+        cfg.socket,
+        fd_path,
+        restored=bool(report.restored),
+        restore_note=report.note,
+        metrics=metrics,
+        watch_queue=cfg.watch_queue,
     )
     metrics_path = metrics_socket_for(cfg.socket, cfg.metrics_socket)
     metrics_server = MetricsServer(metrics_path, metrics) if metrics_path else None

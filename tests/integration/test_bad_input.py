@@ -226,3 +226,76 @@ def test_unknown_enum_numbers_are_invalid_arguments(daemon, tmp_path):
             assert expected in err.details(), err.details()
             assert dict(err.trailing_metadata())[CLASS_KEY] == "InvalidArgument"
     assert daemon.status()["versions"] == []
+
+
+def test_a_64_mib_field_is_refused_typed_and_the_daemon_stays_healthy(daemon):
+    """gRPC refuses a request over the daemon's 1 MiB limit before Python reads it (docs/limits.md)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    import hotweights
+
+    huge = "x" * (64 * 2**20)
+    with daemon.connect() as c:
+        for call in (lambda: c.load("m", "/" + huge), lambda: c.set_alias(huge, "m@v1")):
+            with pytest.raises(hotweights.errors.ResourceExhausted) as info:
+                call()
+            assert len(str(info.value)) < 1000, str(info.value)[:400]
+    assert daemon.alive()
+    with grpc.insecure_channel(f"unix://{daemon.socket}") as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert daemon.status()["versions"] == []
+
+
+def test_a_slow_watcher_is_dropped_while_a_fast_one_keeps_receiving(sockdir, tmp_path):
+    """A watcher whose process stopped reading (its transport takes no more bytes) is dropped once
+    8 events wait for it, with a typed status; the watcher that reads gets every event, in order."""
+    import threading
+
+    import grpc
+
+    import hotweights
+    from hotweights.wire.pb import pb, pb_grpc
+
+    d = start_daemon(str(sockdir / "watch.sock"), "--watch-queue", "8")
+    # a small stream window that never grows: the transport stops taking bytes once 1 KiB is unread
+    slow_options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    slow_channel = grpc.insecure_channel(f"unix://{d.socket}", options=slow_options)
+    try:
+        d.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), "--version", "v1", check=True)
+        slow = pb_grpc.HotweightsStub(slow_channel).Watch(pb.WatchRequest(ref=""))
+        seen: list[pb.WatchEvent] = []
+        changed = threading.Condition()
+        with hotweights.connect(d.socket) as c:
+            fast = c.watch("")
+
+            def read_fast() -> None:
+                for ev in fast:
+                    with changed:
+                        seen.append(ev)
+                        changed.notify_all()
+
+            reader = threading.Thread(target=read_fast, daemon=True)
+            reader.start()
+            moves = 0
+            while "watch.dropped" not in d.logs():
+                assert moves < 5000, "the slow watcher was never dropped"
+                c.set_alias("a", "m@v1")
+                moves += 1
+            c.remove_alias("a")
+            with changed:
+                assert changed.wait_for(lambda: any(ev.kind == pb.WatchEvent.ALIAS_REMOVED for ev in seen), 60)
+            seqs = [ev.seq for ev in seen]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "the fast watcher missed events"
+            assert len(seen) >= moves // 2 and seen[-1].kind == pb.WatchEvent.ALIAS_REMOVED
+            fast.cancel()
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in slow:
+                pass
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "fell 8 events behind and was dropped" in info.value.details()
+        assert d.alive() and d.status()["aliases"] == []
+    finally:
+        slow_channel.close()
+        assert d.stop() == 0

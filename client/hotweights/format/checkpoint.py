@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
 from hotweights.errors import BadCheckpoint, InvalidArgument, NotFound, shorten
-from hotweights.format.safetensors import FileHeader, read_header
+from hotweights.format.safetensors import MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE, FileHeader, read_header
 
 SHARD_RE = re.compile(r"^model-rank-(\d+)-part-(\d+)\.safetensors$")
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,6 +40,49 @@ SERVING_FILES = (
     "chat_template.jinja",
     "preprocessor_config.json",
 )
+
+
+# Defaults no real checkpoint reaches (the largest hold a few thousand tensors per rank); docs/limits.md.
+MAX_TENSORS_PER_RANK = 1_000_000
+HEADER_BUDGET_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class HeaderLimits:
+    """What a checkpoint's headers may make the reader build, and how long checking them may take."""
+
+    max_tensors_per_file: int = MAX_TENSORS_PER_FILE
+    max_tensors_per_rank: int = MAX_TENSORS_PER_RANK
+    budget_seconds: float = HEADER_BUDGET_SECONDS
+
+
+class _Reader:
+    """Reads headers under one ``HeaderLimits``: counts each rank's tensors and keeps one deadline."""
+
+    def __init__(self, limits: HeaderLimits) -> None:
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.budget_seconds
+        self.counts: dict[int, int] = {}
+
+    def __call__(self, path: Path, rank: int = 0) -> FileHeader:
+        lim = self.limits
+        if time.monotonic() > self.deadline:
+            raise BadCheckpoint(
+                f"{path}: reading the checkpoint's headers ran out of its {lim.budget_seconds:g}s budget",
+                path=str(path),
+            )
+        header = read_header(path, lim.max_tensors_per_file, self.deadline)
+        n = self.counts[rank] = self.counts.get(rank, 0) + len(header.tensors)
+        if n > lim.max_tensors_per_rank:
+            raise BadCheckpoint(
+                f"{path}: rank {rank} lists {n} tensors in its files up to this one; "
+                f"the limit is {lim.max_tensors_per_rank} per rank",
+                path=str(path),
+                rank=rank,
+                tensors=n,
+                limit=lim.max_tensors_per_rank,
+            )
+        return header
 
 
 @dataclass
@@ -81,7 +125,8 @@ class Checkpoint:
         return h.hexdigest()[:12]
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | Path, limits: HeaderLimits | None = None) -> Checkpoint:
+    read = _Reader(limits or HeaderLimits())
     where = shorten(str(path))
     if "\0" in str(path):
         raise InvalidArgument(f"{where!r}: a path cannot contain a NUL byte")
@@ -98,24 +143,24 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if path.is_file():
         if path.suffix != ".safetensors":
             raise BadCheckpoint(f"{where}: not a .safetensors file", path=where)
-        return _checked(Checkpoint(path.resolve(), "file", [RankFiles(0, [read_header(path)])]))
+        return _checked(Checkpoint(path.resolve(), "file", [RankFiles(0, [read(path)])]))
     if not path.is_dir():
         raise BadCheckpoint(f"{where}: neither a file nor a directory", path=where)
     path = path.resolve()
 
-    shards = _sharded(path)
+    shards = _sharded(path, read)
     if shards is not None:
         return _checked(Checkpoint(path, "sharded", shards))
     index = path / INDEX_NAME
     if index.is_file():
-        return _checked(Checkpoint(path, "indexed", [RankFiles(0, _indexed(path, index))]))
+        return _checked(Checkpoint(path, "indexed", [RankFiles(0, _indexed(path, index, read))]))
     files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if not files:
         raise BadCheckpoint(f"{path}: no .safetensors files in this directory", path=str(path))
-    return _checked(Checkpoint(path, "directory", [RankFiles(0, [read_header(p) for p in files])]))
+    return _checked(Checkpoint(path, "directory", [RankFiles(0, [read(p) for p in files])]))
 
 
-def _sharded(path: Path) -> list[RankFiles] | None:
+def _sharded(path: Path, read: _Reader) -> list[RankFiles] | None:
     found: dict[int, dict[int, Path]] = {}
     for p in path.iterdir():
         m = SHARD_RE.match(p.name)
@@ -135,11 +180,16 @@ def _sharded(path: Path) -> list[RankFiles] | None:
         gaps = sorted(set(range(max(parts) + 1)) - set(parts))
         if gaps:
             raise BadCheckpoint(f"{path}: rank {r} lacks part(s) {gaps}", path=str(path), rank=r)
-        ranks.append(RankFiles(r, [read_header(parts[p]) for p in sorted(parts)]))
+        ranks.append(RankFiles(r, [read(parts[p], r) for p in sorted(parts)]))
     return ranks
 
 
-def _indexed(path: Path, index: Path) -> list[FileHeader]:
+def _indexed(path: Path, index: Path, read: _Reader) -> list[FileHeader]:
+    size = index.stat().st_size
+    if size > MAX_HEADER_BYTES:
+        raise BadCheckpoint(
+            f"{index}: {size} bytes, over the {MAX_HEADER_BYTES}-byte limit of an index", path=str(index)
+        )
     try:
         doc = json.loads(index.read_text())
         weight_map = doc["weight_map"]
@@ -157,7 +207,7 @@ def _indexed(path: Path, index: Path) -> list[FileHeader]:
         p = path / name
         if not p.is_file():
             raise BadCheckpoint(f"{index}: weight_map names {name}, which does not exist", path=str(index), file=name)
-        headers.append(read_header(p))
+        headers.append(read(p))
     where = {t.name: h.path.name for h in headers for t in h.tensors}
     for tensor, file in weight_map.items():
         if where.get(tensor) != file:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,10 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Far above any real file (the largest published shards hold a few thousand tensors); a header of
 # millions of tiny entries is refused before it costs the daemon minutes and gigabytes.
 MAX_TENSORS_PER_FILE = 100_000
+# Every entry has exactly one "data_offsets" key; the token cannot occur inside a JSON string (its quotes
+# would be escaped there), so counting it bounds the entries before the parse builds a single object.
+_ENTRY_TOKEN = b'"data_offsets"'
+_BUDGET_EVERY = 4096  # entries checked between looks at the clock
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,10 @@ class FileHeader:
         return sum(t.nbytes for t in self.tensors)
 
 
-def read_header(path: str | os.PathLike) -> FileHeader:
+def read_header(
+    path: str | os.PathLike, max_tensors: int = MAX_TENSORS_PER_FILE, deadline: float | None = None
+) -> FileHeader:
+    """The validated header of ``path``; ``deadline`` (time.monotonic()) bounds the validation's time."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -74,11 +82,14 @@ def read_header(path: str | os.PathLike) -> FileHeader:
         raw = os.pread(fd, n, 8)
     finally:
         os.close(fd)
-    return parse_header(path, size, raw)
+    return parse_header(path, size, raw, max_tensors, deadline)
 
 
-def parse_header(path: Path, size: int, raw: bytes, max_tensors: int = MAX_TENSORS_PER_FILE) -> FileHeader:
+def parse_header(
+    path: Path, size: int, raw: bytes, max_tensors: int = MAX_TENSORS_PER_FILE, deadline: float | None = None
+) -> FileHeader:
     where = f"{path}: "
+    _check_count(where, path, raw.count(_ENTRY_TOKEN), max_tensors)
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -95,16 +106,16 @@ def parse_header(path: Path, size: int, raw: bytes, max_tensors: int = MAX_TENSO
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise BadCheckpoint(f"{where}__metadata__ must map strings to strings", path=str(path))
 
-    if len(doc) > max_tensors:
-        raise BadCheckpoint(
-            f"{where}header lists {len(doc)} tensors; the limit is {max_tensors} per file",
-            path=str(path),
-            tensors=len(doc),
-            limit=max_tensors,
-        )
+    _check_count(where, path, len(doc), max_tensors)
     tensors: list[TensorEntry] = []
     for name, info in doc.items():
         tensors.append(_entry(where, path, name, info, data_start, data_size))
+        if deadline is not None and len(tensors) % _BUDGET_EVERY == 0 and time.monotonic() > deadline:
+            raise BadCheckpoint(
+                f"{where}checking the header ran out of its time budget after {len(tensors)} of {len(doc)} tensors",
+                path=str(path),
+                tensors=len(doc),
+            )
     ordered = sorted(tensors, key=lambda t: (t.begin, t.end))
     for prev, cur in zip(ordered, ordered[1:]):
         if cur.begin < prev.end:
@@ -116,6 +127,16 @@ def parse_header(path: Path, size: int, raw: bytes, max_tensors: int = MAX_TENSO
             )
     _check_covered(where, path, ordered, data_start, size)
     return FileHeader(path=path, size=size, data_start=data_start, tensors=tensors, metadata=metadata)
+
+
+def _check_count(where: str, path: Path, n: int, max_tensors: int) -> None:
+    if n > max_tensors:
+        raise BadCheckpoint(
+            f"{where}header lists {n} tensors; the limit is {max_tensors} per file",
+            path=str(path),
+            tensors=n,
+            limit=max_tensors,
+        )
 
 
 def _check_covered(where: str, path: Path, ordered: list[TensorEntry], data_start: int, size: int) -> None:

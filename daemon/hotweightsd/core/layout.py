@@ -1,8 +1,10 @@
 """Where each tensor of a rank lands inside the rank's resident allocations.
 
 Tensors are packed in source order (file by file, by file offset) at 256-byte alignment, so the
-reads of a file walk forward and the writes walk forward with them. A rank gets one allocation,
-or several when a backend caps an allocation's size.
+reads of a file walk forward and the writes walk forward with them; a tensor under 256 bytes (a
+scalar, a small bias: nothing a kernel reads in vectors) is packed at 16 bytes, a multiple of every
+element size, so a header of a million tiny tensors does not reserve 256 bytes for each. A rank
+gets one allocation, or several when a backend caps an allocation's size.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from hotweights.format.checkpoint import RankFiles
 from hotweights.format.dtypes import served_dtype_name
 
 ALIGN = 256
+SMALL_ALIGN = 16  # for tensors under ALIGN bytes
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -82,7 +85,7 @@ def plan_rank(rank: RankFiles, granularity: int, max_allocation: int | None = No
     cursor = 0
     for fi, header in enumerate(rank.files):
         for t in sorted(header.tensors, key=lambda t: t.begin):
-            offset = round_up(cursor, ALIGN)
+            offset = round_up(cursor, ALIGN if t.nbytes >= ALIGN else SMALL_ALIGN)
             if max_allocation and placements and offset + t.nbytes > max_allocation and cursor > 0:
                 sizes.append(round_up(max(cursor, 1), granularity))
                 offset = 0

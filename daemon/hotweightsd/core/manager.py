@@ -44,7 +44,7 @@ from hotweights.errors import (
     Unavailable,
     shorten,
 )
-from hotweights.format.checkpoint import Checkpoint, open_checkpoint
+from hotweights.format.checkpoint import Checkpoint, HeaderLimits, open_checkpoint
 from hotweightsd.core import faults
 from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
 from hotweightsd.core.content import ContentId, content_of
@@ -113,12 +113,14 @@ class ModelManager:
         keep_previous: bool = True,
         keep_previous_seconds: float = 600.0,
         relet_grace: float = RELET_GRACE,
+        header_limits: HeaderLimits | None = None,
     ) -> None:
         self.backend = backend
         self.keep_previous = keep_previous
         self.keep_previous_seconds = keep_previous_seconds
         self.relet_grace = relet_grace
         self._timers: set[threading.Timer] = set()
+        self.header_limits = header_limits or HeaderLimits()
         self.events = EventBus()
         self.tickets = TicketBook(ttl=ticket_ttl)
         self.default_verify = default_verify
@@ -266,7 +268,7 @@ class ModelManager:
         if not path:
             raise InvalidArgument("no checkpoint path given")
         faults.hit("load.header", path)
-        ckpt = open_checkpoint(path)
+        ckpt = open_checkpoint(path, self.header_limits)
         version = check_name("version", version) if version else ckpt.fingerprint()
         content = content_of(ckpt)
         with self._lock:

@@ -12,7 +12,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, ResidentRank
 from hotweightsd.server import convert
 from hotweightsd.server.metrics import DaemonMetrics
+from hotweightsd.server.watchers import QUEUE_DEPTH, EventHub, Overflow
 
 log = structlog.get_logger("hotweightsd.service")
 PROGRESS_INTERVAL = 0.2
@@ -52,6 +53,10 @@ def rpc(fn: Callable) -> Callable:
     return wrapper
 
 
+# One message per event, whichever number of watchers send it.
+_watch_event = functools.lru_cache(maxsize=256)(convert.watch_event)
+
+
 def stream_rpc(fn: Callable) -> Callable:
     """The same for server-streaming handlers (async generators)."""
 
@@ -71,23 +76,6 @@ def stream_rpc(fn: Callable) -> Callable:
     return wrapper
 
 
-class EventQueue:
-    """Bridges the core's event bus (any thread) into one asyncio consumer."""
-
-    def __init__(self, manager: ModelManager, keep: Callable[[Event], bool]) -> None:
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def push(ev: Event) -> None:
-            if keep(ev):
-                try:
-                    loop.call_soon_threadsafe(self.queue.put_nowait, ev)
-                except RuntimeError:
-                    pass  # the loop closed (shutdown): nobody is listening any more
-
-        self.unsubscribe = manager.events.subscribe(push)
-
-
 class HotweightsService(pb_grpc.HotweightsServicer):
     def __init__(
         self,
@@ -97,8 +85,10 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         restored: bool = False,
         restore_note: str = "",
         metrics: DaemonMetrics | None = None,
+        watch_queue: int = QUEUE_DEPTH,
     ) -> None:
         self.m = manager
+        self.watch_queue = watch_queue
         self.metrics = metrics
         self.socket_path = socket_path
         self.fd_socket = fd_socket
@@ -112,15 +102,24 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         self._tables: dict[tuple[str, int, bool], tuple[ResidentRank, pb.GetHandlesResponse]] = {}
         self._tables_lock = threading.Lock()
         self._unsubscribe = manager.events.subscribe(self._forget_tables)
+        self._hub: EventHub | None = None
 
     def close(self) -> None:
         """Stops taking work; calls already running finish in their threads."""
         self._unsubscribe()
+        if self._hub is not None:
+            self._hub.close()
         self._calls.shutdown(wait=False, cancel_futures=False)
         self._loads.shutdown(wait=False, cancel_futures=False)
 
     def _blocking(self, fn: Callable[..., T], *args: Any, **kw: Any) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._calls, functools.partial(fn, *args, **kw))
+
+    def hub(self) -> EventHub:
+        """The streams' event fan-out, made on the event loop by the first stream that needs it."""
+        if self._hub is None:
+            self._hub = EventHub(self.m.events, self.m.aliases, self.watch_queue)
+        return self._hub
 
     def _forget_tables(self, ev: Event) -> None:
         # an event subscriber: runs on the publishing thread, so it only drops dict entries
@@ -184,13 +183,20 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @rpc
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
+        # built in a worker thread: with a thousand versions it takes longer than the loop may stall
+        return await self._blocking(self._list_models)
+
+    def _list_models(self) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             versions=[convert.version_info(v, self.m) for v in self.m.versions()], aliases=convert.aliases(self.m)
         )
 
     @rpc
     async def Status(self, request, context) -> pb.StatusResponse:
-        devices = await self._blocking(self.m.backend.devices)
+        return await self._blocking(self._status)
+
+    def _status(self) -> pb.StatusResponse:
+        devices = self.m.backend.devices()
         versions = self.m.versions()
         resident: dict[int, int] = {}
         for v in versions:
@@ -274,11 +280,14 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 self.metrics.attach_seconds.observe(time.perf_counter() - t0)
             yield pb.LeaseEvent(granted=granted)
             ref = first.open.ref
-            events = EventQueue(self.m, lambda ev: ev.kind is EventKind.ALIAS_MOVED and ev.alias == ref)
+            hub = self.hub()
+            events = hub.subscribe(
+                lambda ev, _: ev.kind is EventKind.ALIAS_MOVED and ev.alias == ref, overflow=Overflow.DROP_OLDEST
+            )
             reader = asyncio.ensure_future(self._until_release(request_iterator))
             try:
                 while True:
-                    getter = asyncio.ensure_future(events.queue.get())
+                    getter = asyncio.ensure_future(events.get())
                     done, _ = await asyncio.wait({reader, getter}, return_when=asyncio.FIRST_COMPLETED)
                     if getter in done:
                         ev = getter.result()
@@ -292,7 +301,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                     if reader in done:
                         break
             finally:
-                events.unsubscribe()
+                hub.unsubscribe(events)
                 reader.cancel()
         finally:
             if lease is not None:
@@ -370,25 +379,30 @@ class HotweightsService(pb_grpc.HotweightsServicer):
     async def Watch(self, request, context) -> AsyncIterator[pb.WatchEvent]:
         ref = request.ref
 
-        def keep(ev: Event) -> bool:
+        def keep(ev: Event, aliases: Mapping[str, str]) -> bool:
             # An alias watcher follows the alias and every version of the model it points at.
             if not ref or ev.alias == ref:
                 return True
-            target = self.m.aliases().get(ref)
-            return ev.name == (target or ref).partition("@")[0]
+            return ev.name == (aliases.get(ref) or ref).partition("@")[0]
 
-        events = EventQueue(self.m, keep)
+        hub = self.hub()
+        events = hub.subscribe(keep, needs_aliases=bool(ref))
         try:
+            await context.send_initial_metadata(())  # the watcher may know it is subscribed: no event is missed
             while True:
-                ev = await events.queue.get()
-                yield convert.watch_event(ev)
+                yield _watch_event(await events.get())
         finally:
-            events.unsubscribe()
+            hub.unsubscribe(events)
+
+
+# No request is larger than a few paths and names: a bigger one is refused by gRPC (RESOURCE_EXHAUSTED)
+# before Python sees it. Answers (tensor tables) may be large.
+MAX_REQUEST_BYTES = 1 * 2**20
 
 
 def grpc_options() -> list[tuple[str, int]]:
     return [
-        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         ("grpc.max_send_message_length", 256 * 1024 * 1024),
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
