@@ -21,6 +21,7 @@ from hotweights.wire.pb import pb, pb_grpc
 from hotweightsd.backends import create_backend
 from hotweightsd.config import Config
 from hotweightsd.core.manager import ModelManager
+from hotweightsd.core.roots import ModelRoots
 from hotweightsd.logging import configure
 from hotweightsd.persist import systemd
 from hotweightsd.persist.fdstore import Persister, restore, state_path
@@ -41,7 +42,18 @@ async def serve(cfg: Config) -> None:
     backend = create_backend(
         cfg.backend, reserve=cfg.reserve, memory_limit=cfg.memory_limit, loader=cfg.loader_settings()
     )
-    manager = ModelManager(backend, ticket_ttl=cfg.ticket_ttl, default_verify=cfg.verify)
+    roots = ModelRoots(cfg.model_roots)
+    if roots.confined:
+        log.info("model_roots", roots=list(roots.roots))
+    else:
+        log.warning("model_roots.unset", note="loads are not confined: any path the daemon can read may be loaded")
+    manager = ModelManager(
+        backend,
+        ticket_ttl=cfg.ticket_ttl,
+        default_verify=cfg.verify,
+        roots=roots,
+        max_checkpoint_files=cfg.max_checkpoint_files,
+    )
     fd_path = fd_socket_path(cfg.socket)
     persister = Persister(manager, state_path(cfg.socket, cfg.state_dir), cfg.socket, fdstore=systemd.fdstore_enabled())
     report = restore(manager, backend, persister, systemd.listen_fds())

@@ -39,12 +39,14 @@ from hotweights.errors import (
     shorten,
 )
 from hotweights.format.checkpoint import Checkpoint, open_checkpoint
+from hotweights.format.source import DEFAULT_MAX_FILES
 from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
 from hotweightsd.core.content import ContentId, content_of
 from hotweightsd.core.events import EventBus, EventKind
 from hotweightsd.core.layout import RankLayout, plan_rank
 from hotweightsd.core.leases import Lease, TicketBook, new_lease_id
 from hotweightsd.core.registry import ModelVersion, ResidentRank, State, check_name, split_ref
+from hotweightsd.core.roots import ModelRoots
 
 log = structlog.get_logger("hotweightsd.manager")
 
@@ -93,8 +95,17 @@ class _Effects:
 
 
 class ModelManager:
-    def __init__(self, backend: MemoryBackend, ticket_ttl: float = 30.0, default_verify: str = "fast") -> None:
+    def __init__(
+        self,
+        backend: MemoryBackend,
+        ticket_ttl: float = 30.0,
+        default_verify: str = "fast",
+        roots: ModelRoots | None = None,
+        max_checkpoint_files: int = DEFAULT_MAX_FILES,
+    ) -> None:
         self.backend = backend
+        self.roots = roots or ModelRoots()
+        self.max_checkpoint_files = max_checkpoint_files
         self.events = EventBus()
         self.tickets = TicketBook(ttl=ticket_ttl)
         self.default_verify = default_verify
@@ -224,7 +235,38 @@ class ModelManager:
             check_name("alias", alias)
         if not path:
             raise InvalidArgument("no checkpoint path given")
-        ckpt = open_checkpoint(path)
+        ckpt = self.open_checkpoint(path)
+        try:
+            start = self._start_load(ckpt, name, version, alias, verify, mode, device_map)
+        except BaseException:
+            ckpt.close()
+            raise
+        if start.already_loaded:
+            ckpt.close()
+            return start
+
+        def run() -> ModelVersion:
+            try:
+                return start.run()
+            finally:
+                ckpt.close()
+
+        return start._replace(run=run)
+
+    def open_checkpoint(self, path: str) -> Checkpoint:
+        """The checkpoint at ``path``, its files opened once, inside the model roots; the caller closes it."""
+        return open_checkpoint(path, self.roots.check if self.roots.confined else None, self.max_checkpoint_files)
+
+    def _start_load(
+        self,
+        ckpt: Checkpoint,
+        name: str,
+        version: str | None,
+        alias: str | None,
+        verify: str | None,
+        mode: AllocationMode,
+        device_map: Iterable[int] | None,
+    ) -> LoadStart:
         version = check_name("version", version) if version else ckpt.fingerprint()
         content = content_of(ckpt)
         with self._lock:
@@ -345,7 +387,8 @@ class ModelManager:
             return
         from hotweights.format import manifest
 
-        manifest.verify_checkpoint(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, level)
+        opened = {f.path.name: f.source for r in ckpt.ranks for f in r.files if f.source is not None}
+        manifest.verify_checkpoint(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, level, opened)
 
     def _place(self, world: int, device_map: list[int]) -> list[int]:
         devices = self.backend.devices()

@@ -43,7 +43,7 @@ def fill(
     """
     chunks = plan_chunks(layout.segments(), path.chunk_size)
     check_plan(chunks, sizes)
-    sources = files.SourceFiles.open(layout.files, path.read_mode, needed_file_sizes(chunks, len(layout.files)))
+    sources = files.SourceFiles.open(layout.inputs(), path.read_mode, needed_file_sizes(chunks, len(layout.files)))
     extra = ""
     try:
         with scheduler.fill() as at_once:
