@@ -266,3 +266,20 @@ def test_roots_are_judged_on_real_paths(tmp_path):
     assert not roots.contains(str(tmp_path / "models-2" / "a")) and not roots.contains(str(tmp_path))
     assert ModelRoots().contains("/anything") and not ModelRoots().confined
     assert ModelRoots(["/"]).contains("/etc/passwd")
+
+
+def test_model_roots_come_from_the_file_the_environment_and_the_flag(tmp_path):
+    from hotweightsd.config import load_config
+
+    f = tmp_path / "c.toml"
+    f.write_text('model_roots = ["/models", "/srv/models"]\nmax_checkpoint_files = 64\n')
+    cfg = load_config(str(f), env={})
+    assert cfg.model_roots == ["/models", "/srv/models"] and cfg.max_checkpoint_files == 64
+    assert load_config(str(f), env={"HOTWEIGHTS_MODEL_ROOTS": "/a:/b"}).model_roots == ["/a", "/b"]
+    assert load_config(str(f), {"model_roots": "/c"}, env={"HOTWEIGHTS_MODEL_ROOTS": "/a"}).model_roots == ["/c"]
+    assert load_config("none", env={}).model_roots == []
+    with pytest.raises(errors.InvalidArgument, match=r"model_roots \(env HOTWEIGHTS_MODEL_ROOTS\) must name absolute"):
+        load_config("none", env={"HOTWEIGHTS_MODEL_ROOTS": "models"})
+    f.write_text("model_roots = 3\n")
+    with pytest.raises(errors.InvalidArgument, match=r"model_roots \(file .*\) must be a list of directories"):
+        load_config(str(f), env={})
