@@ -283,3 +283,18 @@ def test_model_roots_come_from_the_file_the_environment_and_the_flag(tmp_path):
     f.write_text("model_roots = 3\n")
     with pytest.raises(errors.InvalidArgument, match=r"model_roots \(file .*\) must be a list of directories"):
         load_config(str(f), env={})
+
+
+def test_a_manifest_that_leads_out_of_the_roots_is_not_read(tree):
+    root, outside = tree
+    secret = outside.parent / "hotweights.json"
+    secret.write_text("{}")
+    (root / "m" / "hotweights.json").symlink_to(secret)
+    m = ModelManager(CpuBackend(memory_limit=64 * 2**20), roots=ModelRoots([str(root)]))
+    try:
+        before = fds()
+        with pytest.raises(errors.OutsideModelRoots, match="hotweights.json is outside the model roots"):
+            m.start_load("m", str(root / "m"), verify="fast")
+        assert fds() == before
+    finally:
+        m.close()

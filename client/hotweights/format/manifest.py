@@ -25,7 +25,7 @@ import xxhash
 from hotweights.errors import BadCheckpoint, ChecksumMismatch, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from hotweights.format.checkpoint import MANIFEST_NAME, SHARD_RE
 from hotweights.format.safetensors import read_header
-from hotweights.format.source import SourceFile, open_file, read_small
+from hotweights.format.source import Allow, SourceFile, open_file, read_small
 
 FORMAT = "hotweights-checkpoint"
 FORMAT_VERSION = 1
@@ -73,10 +73,10 @@ def dumps_manifest(doc: dict[str, Any]) -> str:
     return head[:-2] + ',\n  "tensors": [\n    ' + rows + "\n  ]\n}\n"
 
 
-def file_xxh64(source: Path | SourceFile) -> str:
+def file_xxh64(source: Path | SourceFile, allow: Allow | None = None) -> str:
     """The xxhash64 of a file: through ``source`` when it is open, else opened as ``open_file`` does."""
     if not isinstance(source, SourceFile):
-        with open_file(source) as f:
+        with open_file(source, allow) as f:
             return file_xxh64(f)
     h = xxhash.xxh64()
     buf = bytearray(_HASH_CHUNK)
@@ -88,14 +88,15 @@ def file_xxh64(source: Path | SourceFile) -> str:
     return h.hexdigest()
 
 
-def load_manifest(directory: str | Path) -> Manifest | None:
-    """The manifest of a directory, None if it has none; malformed manifests raise BadCheckpoint."""
+def load_manifest(directory: str | Path, allow: Allow | None = None) -> Manifest | None:
+    """The manifest of a directory, None if it has none; malformed manifests raise BadCheckpoint.
+    ``allow`` refuses where the manifest's path leads (model roots)."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
-        doc = json.loads(read_small(path))
+        doc = json.loads(read_small(path, allow))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise BadCheckpoint(f"{path}: cannot read it as JSON: {exc}", path=str(path), file=MANIFEST_NAME) from None
     except RecursionError:
@@ -157,7 +158,9 @@ def _check_schema(path: Path, doc: Any) -> None:
             raise bad(f"tensor entry {str(t)[:120]} is malformed or names a file the manifest does not list")
 
 
-def verify_checkpoint(path: Path, level: str, opened: dict[str, SourceFile] | None = None) -> None:
+def verify_checkpoint(
+    path: Path, level: str, opened: dict[str, SourceFile] | None = None, allow: Allow | None = None
+) -> None:
     """Check a checkpoint against its manifest; raise naming the first file that fails.
 
     Raises DataLoss (a file missing, of the wrong size, or whose header disagrees with the manifest),
@@ -165,7 +168,8 @@ def verify_checkpoint(path: Path, level: str, opened: dict[str, SourceFile] | No
     holds shard files the manifest does not list), and
     FailedPrecondition for ``full`` without a manifest. ``path`` may be the checkpoint directory or
     a file inside it. ``opened``: files the caller holds open, by name; they are checked through
-    their descriptors (what a load then reads), not looked up again.
+    their descriptors (what a load then reads), not looked up again; ``allow`` refuses where the
+    other files it reads (the manifest, the side files hashed by ``full``) lead.
     """
     if level not in LEVELS:
         raise InvalidArgument(f"verify level must be one of {', '.join(LEVELS)}, not {level!r}", level=level)
@@ -175,7 +179,7 @@ def verify_checkpoint(path: Path, level: str, opened: dict[str, SourceFile] | No
     if not path.exists():
         raise NotFound(f"{path}: no such file or directory", path=str(path))
     directory = path if path.is_dir() else path.parent
-    manifest = load_manifest(directory)
+    manifest = load_manifest(directory, allow)
     if manifest is None:
         if level == "full":
             raise FailedPrecondition(
@@ -189,7 +193,7 @@ def verify_checkpoint(path: Path, level: str, opened: dict[str, SourceFile] | No
     _verify_sizes(manifest, opened)
     if level == "full":
         # Hashes before headers: a flipped byte is then reported as what it is, content that changed.
-        _verify_hashes(manifest, opened)
+        _verify_hashes(manifest, opened, allow)
     _verify_headers(manifest, opened)
 
 
@@ -260,11 +264,11 @@ def _verify_headers(m: Manifest, opened: dict[str, SourceFile]) -> None:
                 raise DataLoss(f"{p}: tensor {tname!r} {what}", path=str(p), file=name, tensor=tname)
 
 
-def _verify_hashes(m: Manifest, opened: dict[str, SourceFile]) -> None:
+def _verify_hashes(m: Manifest, opened: dict[str, SourceFile], allow: Allow | None) -> None:
     entries = [*m.files.items(), *m.aux_files.items()]
     workers = min(len(entries), os.cpu_count() or 1, 8)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hw-verify") as pool:
-        digests = list(pool.map(lambda e: file_xxh64(opened.get(e[0]) or m.directory / e[0]), entries))
+        digests = list(pool.map(lambda e: file_xxh64(opened.get(e[0]) or m.directory / e[0], allow), entries))
     for (name, info), digest in zip(entries, digests):
         if digest != info["xxh64"]:
             p = m.directory / name

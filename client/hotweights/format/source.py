@@ -110,7 +110,7 @@ def open_file(path: str | os.PathLike, allow: Allow | None = None) -> SourceFile
     except FileNotFoundError:
         raise NotFound(f"{where}: no such file", path=where) from None
     except OSError as exc:
-        raise _open_error(where, exc) from None
+        raise open_error(where, exc) from None
     try:
         st = os.fstat(pfd)
         if not stat.S_ISREG(st.st_mode):
@@ -123,7 +123,7 @@ def open_file(path: str | os.PathLike, allow: Allow | None = None) -> SourceFile
         try:
             fd = os.open(_proc(pfd), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
-            raise _open_error(where, exc) from None
+            raise open_error(where, exc) from None
     finally:
         os.close(pfd)
     try:
@@ -134,7 +134,8 @@ def open_file(path: str | os.PathLike, allow: Allow | None = None) -> SourceFile
     return SourceFile(fd, os.fspath(path), real, st)
 
 
-def _open_error(where: str, exc: OSError) -> Exception:
+def open_error(where: str, exc: OSError) -> Exception:
+    """An open's OSError as the typed error: ResourceExhausted when out of descriptors, else BadCheckpoint."""
     if exc.errno in (errno.EMFILE, errno.ENFILE):
         return ResourceExhausted(
             f"{where}: cannot open: out of file descriptors ({exc.strerror})", path=where, errno=exc.errno

@@ -388,7 +388,8 @@ class ModelManager:
         from hotweights.format import manifest
 
         opened = {f.path.name: f.source for r in ckpt.ranks for f in r.files if f.source is not None}
-        manifest.verify_checkpoint(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, level, opened)
+        allow = self.roots.check if self.roots.confined else None
+        manifest.verify_checkpoint(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, level, opened, allow)
 
     def _place(self, world: int, device_map: list[int]) -> list[int]:
         devices = self.backend.devices()

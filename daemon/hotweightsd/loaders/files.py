@@ -12,7 +12,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from hotweights.errors import Aborted, BackendError, BadCheckpoint
-from hotweights.format.source import SourceFile, open_file
+from hotweights.format.source import SourceFile, open_error, open_file
 from hotweightsd.core.layout import RankLayout, Segment
 from hotweightsd.loaders import residency
 from hotweightsd.loaders.plan import DIRECT_ALIGN, ReadChunk
@@ -46,12 +46,12 @@ def open_source(source: SourceFile | str, direct: bool) -> tuple[int, bool]:
             return source.reopen(direct=True), True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
-                raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=path) from exc
+                raise open_error(path, exc) from exc
             log.info("%s: O_DIRECT refused by its filesystem; reading it buffered", path)
     try:
         return source.reopen(), False
     except OSError as exc:
-        raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=path) from exc
+        raise open_error(path, exc) from exc
 
 
 # With read mode auto, a file at least this much in the page cache (or on a memory filesystem) is read
