@@ -298,3 +298,17 @@ def test_a_manifest_that_leads_out_of_the_roots_is_not_read(tree):
         assert fds() == before
     finally:
         m.close()
+
+
+def test_an_o_direct_reopen_reads_the_same_file(tree):
+    root, _ = tree
+    path = root / "m" / "model.safetensors"
+    with open_file(path) as f:
+        fd, direct = open_source(f, True)
+        try:
+            st = os.fstat(fd)
+            assert (st.st_dev, st.st_ino) == (f.stat.st_dev, f.stat.st_ino)
+            flags = int(Path(f"/proc/self/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+            assert bool(flags & os.O_DIRECT) == direct  # False only where the filesystem refuses O_DIRECT
+        finally:
+            os.close(fd)
