@@ -147,7 +147,8 @@ def read_small(path: str | os.PathLike, allow: Allow | None = None, limit: int =
     """The whole of a small side file (an index, a manifest) through ``open_file``."""
     with open_file(path, allow) as f:
         if f.size > limit:
-            raise BadCheckpoint(f"{shorten(os.fspath(path))}: {f.size} bytes, more than the {limit}-byte limit")
+            where = shorten(os.fspath(path))
+            raise BadCheckpoint(f"{where}: {f.size} bytes, more than the {limit}-byte limit", path=where)
         out = bytearray()
         while len(out) < f.size:
             chunk = f.pread(f.size - len(out), len(out))
