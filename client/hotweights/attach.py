@@ -19,15 +19,18 @@ import torch
 from hotweights import errors
 from hotweights.mapping.regions import Region, open_region
 from hotweights.mapping.table import Table, TensorMeta, build_tensors
+from hotweights.paths import fd_socket_beside
 from hotweights.wire.fdproto import fetch_fds
 from hotweights.wire.pb import pb
 from hotweights.wire.status import error_from_rpc
 
 
 class Connection(Protocol):
-    """What an attachment needs of its client: the daemon's stub (a ``hotweights.Client`` has one)."""
+    """What an attachment needs of its client: the daemon's stub and the socket path it connected to
+    (a ``hotweights.Client`` has both)."""
 
     stub: Any
+    socket: str
 
 
 class LeaseStream:
@@ -138,7 +141,7 @@ class Attachment(Mapping[str, torch.Tensor]):
             self.lease_id, self.name, self.version, self.world_size = g.lease_id, g.name, g.version, g.world_size
             h = g.handles  # the lease came with this rank's handles: one round trip, not two
             t1 = time.perf_counter()
-            self._regions = self._map(h)
+            self._regions = self._map(h, fd_socket_beside(client.socket, h.fd_socket))
             t2 = time.perf_counter()
             self._table = Table.from_pb(h.table) if h.HasField("table") else Table.from_rows(h.tensors)
             self._tensors = build_tensors(self._table, [r.base for r in self._regions])
@@ -149,9 +152,9 @@ class Attachment(Mapping[str, torch.Tensor]):
             raise
 
     @staticmethod
-    def _map(h: pb.GetHandlesResponse) -> list[Region]:
+    def _map(h: pb.GetHandlesResponse, fd_socket: str) -> list[Region]:
         needs_fd = [a for a in h.allocations if a.handle_type != pb.CUDA_IPC]
-        fds = fetch_fds(h.fd_socket, h.ticket, len(needs_fd)) if needs_fd else []
+        fds = fetch_fds(fd_socket, h.ticket, len(needs_fd)) if needs_fd else []
         regions: list[Region] = []
         try:
             it = iter(fds)

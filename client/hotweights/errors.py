@@ -118,6 +118,11 @@ class CudaError(BackendError):
     """A CUDA driver call returned an error; ``code`` is the driver's CUresult value."""
 
 
+class InjectedFault(Internal):
+    """A failure the daemon's fault plan (config key ``faults``) caused on purpose; exists only for tests
+    of failure paths (details: ``point``, ``check``). A daemon with no plan never raises it."""
+
+
 SHORT = 200
 
 

@@ -28,6 +28,13 @@ def default_socket() -> str:
     return socket_for(os.environ)
 
 
+def fd_socket_beside(socket: str, reported: str) -> str:
+    """The daemon's fd socket as this process reaches it. The daemon names it by its own path, always
+    beside its gRPC socket; a client that sees the daemon's runtime directory mounted elsewhere (a
+    container, a private /run) finds it beside the socket it connected to instead."""
+    return os.path.join(os.path.dirname(os.path.realpath(socket)), os.path.basename(reported))
+
+
 # The metrics socket's setting: AUTO derives it from the daemon's socket; OFF (or empty) serves none.
 METRICS_AUTO = "auto"
 METRICS_OFF = ("off", "none", "")

@@ -19,6 +19,7 @@ from typing import Any
 from hotweights.errors import HotweightsError, InvalidArgument
 from hotweights.paths import socket_for
 from hotweights.units import parse_size
+from hotweightsd.core.faults import FaultPlan
 from hotweightsd.loaders.settings import LoaderSettings
 
 # Read when neither --config nor HOTWEIGHTS_CONFIG names a file; tests point it elsewhere.
@@ -134,6 +135,13 @@ class Config:
     max_checkpoint_files: int = _key(
         4096, "most files one checkpoint may hold open during its load", kind="int", minimum=1
     )
+    faults: str = _key(
+        "",
+        "for tests of failure paths only: load stages that fail on purpose, POINT[:after=N][:times=M],... "
+        "(hotweightsd/core/faults.py); empty: none",
+        kind="faults",
+        metavar="PLAN",
+    )
     preload: list[dict[str, Any]] = _key(
         [],
         "[[preload]] tables (name, path, version?, alias?, verify?) loaded at start",
@@ -199,6 +207,14 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
         if text in _TRUE | _FALSE:
             return text in _TRUE
         raise InvalidArgument(f"config: {where} must be true or false, got {value!r}")
+    if kind == "faults":
+        if not isinstance(value, str):
+            raise InvalidArgument(f"config: {where} must be a string such as 'load.read:after=2'")
+        try:
+            FaultPlan.parse(value)
+        except HotweightsError as exc:
+            raise InvalidArgument(f"config: {where}: {exc.message}") from None
+        return value.strip()
     if isinstance(value, bool):  # TOML true where a number or word is expected
         raise InvalidArgument(f"config: {where} must be a {kind}, got {value!r}")
     try:

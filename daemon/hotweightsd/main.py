@@ -20,6 +20,8 @@ from hotweights.paths import metrics_socket_for
 from hotweights.wire.pb import pb, pb_grpc
 from hotweightsd.backends import create_backend
 from hotweightsd.config import Config
+from hotweightsd.core import faults
+from hotweightsd.core.faults import FaultPlan
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.roots import ModelRoots
 from hotweightsd.logging import configure
@@ -39,6 +41,10 @@ async def serve(cfg: Config) -> None:
         log.warning("config.unknown_env", names=list(cfg.unknown_env), note="not configuration keys: ignored")
     # The state file is read and written only while this daemon holds the socket's lock.
     ownership = SocketOwnership(cfg.socket)
+    plan = FaultPlan.parse(cfg.faults)
+    faults.install(plan)
+    if plan:
+        log.warning("faults.planned", plan=plan.describe(), note="loads fail on purpose (tests of failure paths)")
     backend = create_backend(
         cfg.backend, reserve=cfg.reserve, memory_limit=cfg.memory_limit, loader=cfg.loader_settings()
     )

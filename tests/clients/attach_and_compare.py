@@ -1,5 +1,6 @@
-"""SOCKET CHECKPOINT: loads CHECKPOINT as "mixed", attaches it and checks every tensor bit for bit
-against safetensors, and that each is a read-only shared mapping of the daemon's memfd (zero copy).
+"""SOCKET CHECKPOINT [REFERENCE]: loads CHECKPOINT as "mixed", attaches it and checks every tensor bit for
+bit against safetensors (REFERENCE: the same file where this process sees it, when the daemon sees it
+under another path), and that each is a read-only shared mapping of the daemon's memfd (zero copy).
 Prints ``OK <tensors>``."""
 
 import sys
@@ -21,7 +22,7 @@ def mapping_of(maps: list[str], ptr: int) -> str | None:
 sock, path = sys.argv[1], sys.argv[2]
 c = hotweights.connect(sock)
 c.load("mixed", path)
-ref = load_file(path)
+ref = load_file(sys.argv[3] if len(sys.argv) > 3 else path)
 with c.attach("mixed") as w:
     with open("/proc/self/maps") as f:
         maps = f.read().splitlines()

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import structlog
 
 from hotweights.errors import (
+    Aborted,
     AlreadyExists,
     ContentMismatch,
     DeadlineExceeded,
@@ -40,6 +41,7 @@ from hotweights.errors import (
 )
 from hotweights.format.checkpoint import Checkpoint, open_checkpoint
 from hotweights.format.source import DEFAULT_MAX_FILES
+from hotweightsd.core import faults
 from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
 from hotweightsd.core.content import ContentId, content_of
 from hotweightsd.core.events import EventBus, EventKind
@@ -235,6 +237,7 @@ class ModelManager:
             check_name("alias", alias)
         if not path:
             raise InvalidArgument("no checkpoint path given")
+        faults.hit("load.header", path)
         ckpt = self.open_checkpoint(path)
         try:
             start = self._start_load(ckpt, name, version, alias, verify, mode, device_map)
@@ -433,6 +436,7 @@ class ModelManager:
             resident = ResidentRank(lay.rank, dev, lay, [])
             mv.ranks.append(resident)
             for size in lay.allocation_sizes:
+                faults.hit("load.allocate", f"{mv.key} rank {lay.rank}")
                 resident.allocations.append(self.backend.allocate(dev, size, mv.mode))
 
     def _fill(self, mv: ModelVersion, alias: str | None) -> ModelVersion:
@@ -449,13 +453,16 @@ class ModelManager:
                 ThreadPoolExecutor(max_workers=max(1, len(mv.ranks)), thread_name_prefix="hw-rank") as pool,
             ):
                 futures = [pool.submit(self._fill_rank, r, progress, mv.cancel) for r in mv.ranks]
-                paths = []
+                paths, failures = [], []
                 for f in futures:
                     try:
                         paths.append(f.result())
-                    except BaseException:
-                        mv.cancel.set()
-                        raise
+                    except BaseException as exc:
+                        mv.cancel.set()  # the other ranks stop (Aborted)
+                        failures.append(exc)
+                if failures:  # the cause, not a rank it stopped
+                    raise next((e for e in failures if not isinstance(e, Aborted)), failures[0])
+            faults.hit("load.verify", mv.key)
         except BaseException as exc:
             with self._txn() as fx:
                 self._fail(mv, exc, fx)

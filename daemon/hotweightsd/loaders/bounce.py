@@ -17,6 +17,7 @@ from typing import Any
 
 from hotweights.cuda import devices as cd
 from hotweights.errors import Aborted, BadCheckpoint
+from hotweightsd.core import faults
 from hotweightsd.core.layout import RankLayout
 from hotweightsd.loaders import files, native
 from hotweightsd.loaders.path import LoadPath
@@ -66,6 +67,7 @@ def fill(
                     events=[int(e) for evs in ring.events for e in evs],
                     cpus=ring.cpus,
                     library=path.native_lib,
+                    fault=faults.current().chunk(len(chunks)),
                 )
             else:
                 threads = ring.threads
@@ -172,6 +174,7 @@ class _PythonFill:
                 if pending[s]:
                     cd.check(drv.cuEventSynchronize(events[s]), "cuEventSynchronize")
                 src = self._read(w, s, chunk)
+                faults.hit("load.copy", f"{self.sources.paths[chunk.file]} at {chunk.offset}")
                 pending[s] = True
                 for p in chunk.pieces:
                     cd.check(
@@ -194,6 +197,7 @@ class _PythonFill:
     def _read(self, w: int, s: int, chunk: ReadChunk) -> int:
         """Reads ``chunk`` into slot ``s`` of reader ``w``; returns the chunk's first byte's address."""
         fd, path = self.sources.fds[chunk.file], self.sources.paths[chunk.file]
+        faults.hit("load.read", f"{path} at {chunk.offset}")
         ptr, view = self.ring.slot(w, s)
         if self.sources.direct[chunk.file]:
             return ptr + files.read_direct(fd, view, chunk, path)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from hotweights.errors import Aborted, BackendError, BadCheckpoint
 from hotweights.format.source import SourceFile, open_error, open_file
+from hotweightsd.core import faults
 from hotweightsd.core.layout import RankLayout, Segment
 from hotweightsd.loaders import residency
 from hotweightsd.loaders.plan import DIRECT_ALIGN, ReadChunk
@@ -144,7 +145,7 @@ class OpenFiles:
                 self._stack.callback(os.close, fd)
                 self.fds.append(fd)
         except BaseException:
-            self._stack.close()
+            self._stack.close()  # the files opened before the one that failed
             raise
 
     def __enter__(self) -> OpenFiles:
@@ -209,7 +210,16 @@ def parallel_read(
         def one(seg: Segment) -> None:
             if cancel.is_set():
                 raise Aborted("load cancelled")
-            read_exact(files.fds[seg.file], dest(seg), seg.file_offset, files.paths[seg.file])
+            where = f"{files.paths[seg.file]} at {seg.file_offset}"
+            # Released here, not when the exception's traceback is collected: a live view keeps the
+            # destination's mapping (and its memfd) open after the allocation is closed.
+            view = dest(seg)
+            try:
+                faults.hit("load.read", where)  # as a read that fails with the destination mapped
+                read_exact(files.fds[seg.file], view, seg.file_offset, files.paths[seg.file])
+            finally:
+                view.release()
+            faults.hit("load.copy", where)  # the read landed in the destination's pages
             progress(seg.length)
 
         pieces = list(split(layout.segments(), chunk))

@@ -34,6 +34,7 @@ from typing import Any
 
 from hotweights.cuda import devices as cd
 from hotweights.errors import Aborted, BackendError, BadCheckpoint
+from hotweightsd.core import faults
 from hotweightsd.core.layout import RankLayout
 from hotweightsd.loaders.files import open_source, split
 
@@ -331,6 +332,7 @@ def _fill(
                         return
                     seg = pieces[i]
                     path = layout.files[seg.file]
+                    faults.hit("load.read", f"{path} at {seg.file_offset}")
                     done = 0
                     while done < seg.length:
                         want, at = seg.length - done, seg.file_offset + done
@@ -353,6 +355,7 @@ def _fill(
                                 path=path,
                             )
                         done += n
+                    faults.hit("load.copy", f"{path} at {seg.file_offset}")  # cuFile's read is the copy
                     progress(seg.length)
             except BaseException as exc:
                 with lock:

@@ -24,11 +24,13 @@
 #include <string.h>
 #include <unistd.h>
 
-#define HW_ABI 1
+#define HW_ABI 2
 #define HW_MAX_DEPTH 64
 #define HW_DIRECT_ALIGN 4096
 
-enum { HW_OK = 0, HW_ERR_CUDA = 1, HW_ERR_OS = 2, HW_ERR_TRUNCATED = 3, HW_ERR_CANCELLED = 4, HW_ERR_SETUP = 5 };
+enum { HW_OK = 0, HW_ERR_CUDA = 1, HW_ERR_OS = 2, HW_ERR_TRUNCATED = 3, HW_ERR_CANCELLED = 4, HW_ERR_SETUP = 5, HW_ERR_INJECTED = 6 };
+/* Stages a test may fail on purpose (hotweightsd/core/faults.py): before a chunk's read, before its copies. */
+enum { HW_FAULT_NONE = 0, HW_FAULT_READ = 1, HW_FAULT_COPY = 2 };
 
 typedef struct {
     int64_t offset;      /* file offset of the chunk's first byte */
@@ -78,6 +80,9 @@ typedef struct {
     int64_t err_file;
     int64_t err_offset;
     char err_op[48];
+    /* tests only: the chunk whose stage fault_stage fails (fault_stage 0: none) */
+    int64_t fault_chunk;
+    int32_t fault_stage;
 } hw_job;
 
 typedef int (*cu_ctx_set_t)(void *);
@@ -215,11 +220,20 @@ static void *worker(void *arg) {
             }
         }
         int64_t skip;
-        if (read_chunk(job, i, buf, &skip) != 0) break;
         const hw_chunk *c = &job->chunks[i];
+        if (job->fault_stage == HW_FAULT_READ && i == job->fault_chunk) {
+            fail(job, HW_ERR_INJECTED, HW_FAULT_READ, "load.read", i, c->file, c->offset);
+            break;
+        }
+        if (read_chunk(job, i, buf, &skip) != 0) break;
         int64_t bytes = 0;
         for (int32_t p = 0; p < c->npieces; p++) {
             const hw_piece *pc = &job->pieces[c->first_piece + p];
+            if (job->fault_stage == HW_FAULT_COPY && i == job->fault_chunk) {
+                /* as a failed copy: the chunk's earlier copies (none) stay queued, the event is recorded */
+                fail(job, HW_ERR_INJECTED, HW_FAULT_COPY, "load.copy", i, c->file, c->offset);
+                break;
+            }
             const char *src = buf + skip + pc->src;
             if (host) {
                 memcpy((void *)(uintptr_t)pc->dst, src, (size_t)pc->length);

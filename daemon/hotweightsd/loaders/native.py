@@ -20,10 +20,11 @@ from typing import Any
 
 from hotweights.cuda.driver import error_name
 from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError
+from hotweightsd.core import faults
 from hotweightsd.loaders.files import DIRECT_HINT
 
-ABI = 1
-ERR_CUDA, ERR_OS, ERR_TRUNCATED, ERR_CANCELLED, ERR_SETUP = 1, 2, 3, 4, 5
+ABI = 2
+ERR_CUDA, ERR_OS, ERR_TRUNCATED, ERR_CANCELLED, ERR_SETUP, ERR_INJECTED = 1, 2, 3, 4, 5, 6
 POLL_S = 0.02  # progress and cancel are looked at this often while the fill runs
 
 
@@ -71,6 +72,8 @@ class Job(ctypes.Structure):
         ("err_file", ctypes.c_int64),
         ("err_offset", ctypes.c_int64),
         ("err_op", ctypes.c_char * 48),
+        ("fault_chunk", ctypes.c_int64),
+        ("fault_stage", ctypes.c_int32),
     ]
 
 
@@ -141,10 +144,12 @@ def fill(
     cpus: Sequence[int] = (),
     host_mode: bool = False,
     library: str = "",
+    fault: faults.ChunkFault | None = None,
 ) -> tuple[int, int]:
     """Runs ``chunks`` (``plan.ReadChunk``; a piece's destination is ``bases[allocation] + offset``) on the
     native engine; returns (reads, copies). Raises what the Python workers raise for the same failure:
-    BadCheckpoint (short file), Aborted (cancel), CudaError (the driver's code), BackendError (a read)."""
+    BadCheckpoint (short file), Aborted (cancel), CudaError (the driver's code), BackendError (a read).
+    ``fault`` (tests only, ``FaultPlan.chunk``): the chunk and stage that fail with InjectedFault."""
     lib, reason = _load(library)
     if lib is None:
         raise BackendError("native loader", "unavailable", reason)
@@ -175,6 +180,8 @@ def fill(
         cpus=_array(ctypes.c_int32, cpus),
         ncpus=len(cpus),
         cancel=1 if cancel.is_set() else 0,
+        fault_chunk=fault.chunk if fault else -1,
+        fault_stage=faults.CHUNK_STAGES[fault.point] if fault else 0,
     )
     runner = threading.Thread(target=lib.hw_fill, args=(ctypes.byref(job),), name="hw-native-fill", daemon=True)
     runner.start()
@@ -196,18 +203,20 @@ def fill(
     if job.done_bytes > reported:
         progress(job.done_bytes - reported)
     if job.err_kind:
-        raise _error(job, chunks, paths)
+        raise _error(job, chunks, paths, fault)
     if cancel.is_set():
         raise Aborted("load cancelled")
     return job.reads, job.copies
 
 
-def _error(job: Job, chunks: Sequence, paths: Sequence[str]) -> Exception:
+def _error(job: Job, chunks: Sequence, paths: Sequence[str], fault: faults.ChunkFault | None = None) -> Exception:
     op = job.err_op.decode(errors="replace")
     path = paths[job.err_file] if 0 <= job.err_file < len(paths) else None
     chunk = chunks[job.err_chunk] if 0 <= job.err_chunk < len(chunks) else None
     if job.err_kind == ERR_CANCELLED:
         return Aborted("load cancelled")
+    if job.err_kind == ERR_INJECTED and fault is not None:
+        return faults.fault(fault.point, fault.check, f"{path} at {job.err_offset}")
     if job.err_kind == ERR_TRUNCATED and chunk is not None:
         return BadCheckpoint(
             f"{path}: truncated: ended at byte {job.err_offset}, the header promised data up to "
