@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from hotweights import errors
-from hotweights.paths import SYSTEM_SOCKET, default_socket
+from hotweights.paths import SYSTEM_SOCKET, default_socket, operator_socket_for
 from hotweights.wire.pb import pb, pb_grpc
 from hotweights.wire.status import error_from_rpc
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # torch is imported only by processes that attach
 _VERIFY = {None: pb.VERIFY_DEFAULT, "none": pb.VERIFY_NONE, "fast": pb.VERIFY_FAST, "full": pb.VERIFY_FULL}
 _ALLOC = {"fd": pb.ALLOCATION_FD, "legacy_ipc": pb.ALLOCATION_LEGACY_IPC, None: pb.ALLOCATION_MODE_DEFAULT}
 _SWAP = {"side-by-side": pb.SWAP_SIDE_BY_SIDE, "drain": pb.SWAP_DRAIN, None: pb.SWAP_MODE_DEFAULT}
+_KEEP = {None: pb.KEEP_PREVIOUS_DEFAULT, True: pb.KEEP_PREVIOUS_YES, False: pb.KEEP_PREVIOUS_NO}
 
 ProgressFn = Callable[[int, int], None]
 
@@ -42,21 +43,30 @@ class Client:
     path and its origin come from ``HOTWEIGHTS_SOCKET`` or the default rules.
     """
 
-    def __init__(self, socket: str | None = None, timeout: float = 10.0, origin: str | None = None) -> None:
+    def __init__(
+        self,
+        socket: str | None = None,
+        timeout: float = 10.0,
+        origin: str | None = None,
+        operator_socket: str | None = None,
+    ) -> None:
         self.socket, self.origin = resolve_socket(socket, origin)
+        # Operator calls (load, unload, swap, alias) go to the operator socket, opened at the first one.
+        self.operator_socket, self.operator_origin = resolve_operator_socket(self.socket, operator_socket)
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
-            f"unix:{self.socket}",
-            options=[
-                ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-                ("grpc.enable_retries", 0),
-                # a restarted daemon is found again within a fraction of a second
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
-        )
+        self.channel = _channel(self.socket)
         self.stub = pb_grpc.HotweightsStub(self.channel)
+        self._operator_channel: grpc.Channel | None = None
+        self._operator_stub: pb_grpc.HotweightsStub | None = None
+        self._operator_lock = threading.Lock()
+
+    @property
+    def operator_stub(self) -> pb_grpc.HotweightsStub:
+        with self._operator_lock:
+            if self._operator_stub is None:
+                self._operator_channel = _channel(self.operator_socket)
+                self._operator_stub = pb_grpc.HotweightsStub(self._operator_channel)
+            return self._operator_stub
 
     def _error(self, exc: grpc.RpcError) -> errors.HotweightsError:
         return self._explained(error_from_rpc(exc))
@@ -67,11 +77,31 @@ class Client:
             return diagnose_unreachable(self.socket, self.origin, str(err.details.get("grpc_message", "")))
         return err
 
+    def _operator_error(self, exc: grpc.RpcError, rpc: str) -> errors.HotweightsError:
+        """The same for a call on the operator socket: a socket this user may not open means the call
+        needs an operator (``OperatorRequired``)."""
+        err = error_from_rpc(exc)
+        if not (isinstance(err, errors.Unavailable) and err.details.get("transport")):
+            return err
+        return operator_unreachable(
+            rpc,
+            self.operator_socket,
+            self.operator_origin,
+            diagnose_unreachable(self.operator_socket, self.operator_origin, str(err.details.get("grpc_message", ""))),
+            readers_socket=self.socket,
+        )
+
     def _call(self, method, request, timeout: float | None = -1):
         try:
             return method(request, timeout=self.timeout if timeout == -1 else timeout)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+
+    def _operator_call(self, rpc: str, request, timeout: float | None = -1):
+        try:
+            return getattr(self.operator_stub, rpc)(request, timeout=self.timeout if timeout == -1 else timeout)
+        except grpc.RpcError as exc:
+            raise self._operator_error(exc, rpc) from None
 
     def wait_ready(self, timeout: float = 10.0) -> Client:
         """Blocks until the daemon answers, or raises Unavailable."""
@@ -106,7 +136,7 @@ class Client:
             device_map=list(device_map),
             wait=wait,
         )
-        return self._stream_load(self.stub.LoadModel, req, progress)
+        return self._stream_load("LoadModel", req, progress)
 
     def swap(
         self,
@@ -118,8 +148,15 @@ class Client:
         verify: str | None = None,
         name: str | None = None,
         progress: ProgressFn | None = None,
+        create: bool = False,
+        keep_previous: bool | None = None,
     ) -> pb.ModelVersionInfo:
-        """Points ``alias`` at ``NAME@VERSION``, or at a new version loaded from a path."""
+        """Points ``alias`` at ``NAME@VERSION``, or at a new version loaded from a path.
+
+        The alias must exist unless ``create``. ``keep_previous`` keeps the version it moves away
+        from resident for a ``rollback`` (None: the daemon's setting, when memory allows);
+        ``previous_note`` of the answer says what became of it.
+        """
         if os.path.exists(target) or "/" in target:
             target = os.path.abspath(target)
         req = pb.SwapModelRequest(
@@ -130,29 +167,36 @@ class Client:
             drain_timeout_seconds=drain_timeout,
             verify=_choice(_VERIFY, verify, "verify"),
             name=name or "",
+            create=create,
+            keep_previous=_KEEP[keep_previous],
         )
-        return self._stream_load(self.stub.SwapModel, req, progress)
+        return self._stream_load("SwapModel", req, progress)
 
-    def _stream_load(self, method, req, progress: ProgressFn | None) -> pb.ModelVersionInfo:
+    def _stream_load(self, rpc: str, req, progress: ProgressFn | None) -> pb.ModelVersionInfo:
         try:
-            for ev in method(req):
+            for ev in getattr(self.operator_stub, rpc)(req):
                 if ev.WhichOneof("event") == "progress":
                     if progress is not None:
                         progress(ev.progress.bytes_done, ev.progress.bytes_total)
                 else:
                     return ev.done
         except grpc.RpcError as exc:
-            raise self._error(exc) from None
+            raise self._operator_error(exc, rpc) from None
         raise errors.Internal("the daemon ended the load stream without a result")
 
     def unload(self, ref: str, force: bool = False) -> pb.UnloadModelResponse:
-        return self._call(self.stub.UnloadModel, pb.UnloadModelRequest(ref=ref, force=force), timeout=None)
+        return self._operator_call("UnloadModel", pb.UnloadModelRequest(ref=ref, force=force), timeout=None)
 
-    def set_alias(self, alias: str, target: str) -> pb.AliasInfo:
-        return self._call(self.stub.SetAlias, pb.SetAliasRequest(alias=alias, target=target)).alias
+    def set_alias(self, alias: str, target: str, create: bool = False) -> pb.AliasInfo:
+        """Points an existing alias (a new one with ``create``) at ``NAME@VERSION``."""
+        return self._operator_call("SetAlias", pb.SetAliasRequest(alias=alias, target=target, create=create)).alias
 
     def remove_alias(self, alias: str) -> pb.AliasInfo:
-        return self._call(self.stub.SetAlias, pb.SetAliasRequest(alias=alias, target="")).alias
+        return self._operator_call("SetAlias", pb.SetAliasRequest(alias=alias, remove=True)).alias
+
+    def rollback(self, alias: str) -> pb.RollbackResponse:
+        """Points ``alias`` back at the version a swap kept resident; reads nothing."""
+        return self._operator_call("Rollback", pb.RollbackRequest(alias=alias))
 
     def list(self) -> pb.ListModelsResponse:
         return self._call(self.stub.ListModels, pb.ListModelsRequest())
@@ -184,6 +228,9 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
+        with self._operator_lock:
+            if self._operator_channel is not None:
+                self._operator_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -255,9 +302,27 @@ class Follower:
             self.current.release()
 
 
-def connect(socket: str | None = None, timeout: float = 10.0, origin: str | None = None) -> Client:
-    """A client for the daemon at ``socket`` (default: ``$HOTWEIGHTS_SOCKET``, then the standard paths)."""
-    return Client(socket, timeout=timeout, origin=origin)
+def _channel(path: str) -> grpc.Channel:
+    return grpc.insecure_channel(
+        f"unix:{path}",
+        options=[
+            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+            ("grpc.enable_retries", 0),
+            # a restarted daemon is found again within a fraction of a second
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ],
+    )
+
+
+def connect(
+    socket: str | None = None, timeout: float = 10.0, origin: str | None = None, operator_socket: str | None = None
+) -> Client:
+    """A client for the daemon at ``socket`` (default: ``$HOTWEIGHTS_SOCKET``, then the standard paths);
+    operator calls go to ``operator_socket`` (default: ``$HOTWEIGHTS_OPERATOR_SOCKET``, else
+    ``<socket>.admin``)."""
+    return Client(socket, timeout=timeout, origin=origin, operator_socket=operator_socket)
 
 
 # ---- why a daemon cannot be reached -----------------------------------------------------------
@@ -280,6 +345,17 @@ def resolve_socket(socket: str | None, origin: str | None = None) -> tuple[str, 
     return path, DEFAULT_ORIGIN
 
 
+def resolve_operator_socket(socket: str, operator_socket: str | None = None) -> tuple[str, str]:
+    """(operator socket path, where it came from): the argument, else ``$HOTWEIGHTS_OPERATOR_SOCKET``,
+    else ``<socket>.admin``."""
+    if operator_socket:
+        return operator_socket, "the operator_socket argument"
+    env = os.environ.get("HOTWEIGHTS_OPERATOR_SOCKET")
+    if env:
+        return env, "HOTWEIGHTS_OPERATOR_SOCKET"
+    return operator_socket_for(socket), f"the daemon's socket {socket} (<socket>.admin)"
+
+
 def _connect_probe(path: str) -> None:
     """A plain connect to the unix socket: raises the OSError the kernel gives."""
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -288,6 +364,61 @@ def _connect_probe(path: str) -> None:
         s.connect(path)
     finally:
         s.close()
+
+
+def operator_unreachable(
+    rpc: str,
+    path: str,
+    origin: str,
+    unreachable: errors.Unavailable,
+    *,
+    readers_socket: str = "",
+    stat: Callable[[str], os.stat_result] = os.stat,
+    connect: Callable[[str], None] = _connect_probe,
+) -> errors.HotweightsError:
+    """``OperatorRequired`` when the operator socket itself refuses this user (a reader); when there is
+    none but a daemon answers on ``readers_socket``, an Unavailable that says the operator socket is
+    elsewhere; else ``unreachable`` (no daemon, a directory on the way closed to this user, ...)."""
+    if unreachable.details.get("reason") == "not_found" and readers_socket:
+        try:
+            connect(readers_socket)
+        except OSError:
+            return unreachable
+        fix = (
+            "give the daemon's operator_socket (see its config, or its log line daemon.serving) with "
+            "--operator-socket or HOTWEIGHTS_OPERATOR_SOCKET"
+        )
+        return errors.Unavailable(
+            f"a daemon answers on {readers_socket}, but there is no operator socket at {path} (from {origin}): "
+            f"its operator_socket is elsewhere, or it predates operator sockets. Fix: {fix}",
+            socket=readers_socket,
+            operator_socket=path,
+            origin=origin,
+            reason="no_operator_socket",
+            fix=fix,
+        )
+    if unreachable.details.get("reason") != "permission":
+        return unreachable
+    try:
+        st = stat(path)
+    except OSError:
+        return unreachable
+    name, _ = _user()
+    mode = _stat.S_IMODE(st.st_mode)
+    what = f"{path} is mode {mode:04o}, owner {_owner_name(st.st_uid)}, group {_group_name(st.st_gid)}"
+    fix = (
+        "run it as an operator: the daemon's user or a member of its operator_group (under systemd "
+        f"`sudo usermod -aG hotweights-admin {name}`, then log in again)"
+    )
+    return errors.OperatorRequired(
+        f"{rpc} needs the operator role, and user {name} may not use the operator socket (from {origin}): "
+        f"{what}. Fix: {fix}",
+        rpc=rpc,
+        operator_socket=path,
+        origin=origin,
+        reason="permission",
+        fix=fix,
+    )
 
 
 def _user() -> tuple[str, set[int]]:

@@ -65,7 +65,13 @@ class InsufficientMemory(ResourceExhausted):
 
 
 class PermissionDenied(HotweightsError):
-    """The caller may not do this (an invalid, reused or expired ticket)."""
+    """The caller may not do this (an invalid, reused or expired ticket; another process's lease; a reader
+    asking to load)."""
+
+
+class OperatorRequired(PermissionDenied):
+    """The call needs the operator role and came in on the readers' socket (or the caller may not
+    open the operator socket); details carry ``rpc`` and ``operator_socket``."""
 
 
 class TicketInvalid(PermissionDenied):
@@ -93,8 +99,12 @@ class DaemonAlreadyRunning(Unavailable):
     """Another live daemon owns the socket."""
 
 
+class FdChannelBusy(Unavailable):
+    """The daemon's fd socket is serving as many connections as it takes: try again shortly."""
+
+
 class DeadlineExceeded(HotweightsError):
-    """A wait (drain, load) ran past its timeout."""
+    """A wait (drain, load, an exchange on the fd socket) ran past its timeout."""
 
 
 class Aborted(HotweightsError):

@@ -50,3 +50,17 @@ def metrics_socket_for(socket: str, setting: str = METRICS_AUTO) -> str | None:
     if text.lower() == METRICS_AUTO:
         return socket + ".metrics"
     return text
+
+
+# The operator socket's setting: AUTO derives it from the daemon's socket.
+OPERATOR_AUTO = "auto"
+
+
+def operator_socket_for(socket: str, setting: str = OPERATOR_AUTO) -> str:
+    """Where the daemon on ``socket`` takes operator calls (load, unload, swap, alias):
+    ``<socket>.admin`` by default, ``setting`` when it names a path. The daemon and the client
+    both derive it here."""
+    text = setting.strip()
+    if not text or text.lower() == OPERATOR_AUTO:
+        return socket + ".admin"
+    return text

@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hotweights.paths import operator_socket_for
+
 T = TypeVar("T")
 
 # Generous on purpose: a 2-core machine under load imports grpc slowly and schedules late.
@@ -270,6 +272,12 @@ class Daemon:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def operator_socket(self) -> str:
+        """Where it takes load, unload, swap and alias: its ``--operator-socket``, else ``<socket>.admin``."""
+        named = self.args[self.args.index("--operator-socket") + 1] if "--operator-socket" in self.args[:-1] else ""
+        return operator_socket_for(self.socket, named)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hotweights.errors import HotweightsError, InvalidArgument
-from hotweights.paths import socket_for
+from hotweights.paths import operator_socket_for, socket_for
 from hotweights.units import parse_size
 from hotweightsd.core.faults import FaultPlan
 from hotweightsd.loaders.settings import LoaderSettings
@@ -41,6 +41,7 @@ LOADER_KEYS = {
     "native_lib": "native_lib",
 }
 # Client-side variables: read by the client library and tools, not by the daemon's config.
+# (HOTWEIGHTS_SOCKET and HOTWEIGHTS_OPERATOR_SOCKET are read by both: the same path on both sides.)
 CLIENT_ENV = frozenset({"HOTWEIGHTS_DISABLE_CUDA", "HOTWEIGHTS_CUDA_WRITABLE"})
 
 
@@ -74,6 +75,16 @@ def _key(
 @dataclass
 class Config:
     socket: str = _key("", "the daemon's gRPC socket; the fd channel is <socket>.fds", metavar="PATH")
+    operator_socket: str = _key(
+        "auto",
+        "gRPC socket for operator calls (load, unload, swap, alias); auto: <socket>.admin",
+        metavar="PATH",
+    )
+    operator_group: str = _key(
+        "",
+        "group that may use the operator socket (mode 0660); empty: owner only (0600)",
+        metavar="GROUP",
+    )
     backend: str = _key("auto", "memory kind; auto: cuda where a GPU is seen", choices=("auto", "cpu", "cuda"))
     reserve: int = _key(
         DEFAULT_RESERVE,
@@ -108,7 +119,22 @@ class Config:
     share_cores: bool = _key(True, "ranks loading at once split the cores between them", kind="bool")
     native_lib: str = _key("", "the native loader library; default: the one built beside the package", metavar="PATH")
     ticket_ttl: float = _key(30.0, "seconds a GetHandles ticket stays valid", kind="float", minimum=0.001)
+    fd_channel_timeout_seconds: float = _key(
+        5.0, "seconds one exchange on the fd socket may take before it is cut", kind="float", minimum=0.001
+    )
+    fd_channel_max_connections: int = _key(
+        1024, "connections the fd socket keeps open at once; more are answered busy", kind="int", minimum=1
+    )
     verify: str = _key("fast", "default check of a load against its hotweights.json", choices=("none", "fast", "full"))
+    keep_previous: bool = _key(
+        True,
+        "a swap keeps the previous version resident, unaliased, for keep_previous_seconds so that "
+        "`hotweights rollback` moves back at once (only when free memory holds another version of the new one's size)",
+        kind="bool",
+    )
+    keep_previous_seconds: float = _key(
+        600.0, "seconds a swap keeps the previous version for a rollback", kind="float", minimum=0
+    )
     log_format: str = _key(
         "auto", "auto: console on a terminal, JSON lines otherwise", choices=("auto", "console", "json")
     )
@@ -293,6 +319,7 @@ def load_config(
     except HotweightsError as exc:
         raise InvalidArgument(f"config: {exc.message}") from None
     cfg.socket = cfg.socket or socket_for(env)
+    cfg.operator_socket = operator_socket_for(cfg.socket, cfg.operator_socket)
     cfg.config = file or ""
     known = {env_name(n) for n in fields} | {env_name("config")} | CLIENT_ENV
     cfg.unknown_env = tuple(sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known))

@@ -15,7 +15,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hotweights.errors import AlreadyExists, ContentMismatch, HotweightsError
+from hotweights.errors import AlreadyExists, ContentMismatch, HotweightsError, InvalidArgument
 from hotweights.paths import metrics_socket_for
 from hotweights.wire.pb import pb, pb_grpc
 from hotweightsd.backends import create_backend
@@ -23,14 +23,16 @@ from hotweightsd.config import Config
 from hotweightsd.core import faults
 from hotweightsd.core.faults import FaultPlan
 from hotweightsd.core.manager import ModelManager
+from hotweightsd.core.roles import Role
 from hotweightsd.core.roots import ModelRoots
 from hotweightsd.logging import configure
 from hotweightsd.persist import systemd
 from hotweightsd.persist.fdstore import Persister, restore, state_path
 from hotweightsd.server.fdchannel import FdChannel
 from hotweightsd.server.metrics import DaemonMetrics, MetricsServer, TextfileWriter
+from hotweightsd.server.roles import RoleGuard
 from hotweightsd.server.service import HotweightsService, grpc_options
-from hotweightsd.server.sockets import SocketOwnership, born_with_mode, fd_socket_path
+from hotweightsd.server.sockets import SocketOwnership, born_with_mode, fd_socket_path, group_id, open_to_group
 
 log = structlog.get_logger("hotweightsd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Hotweights"].full_name
@@ -40,7 +42,10 @@ async def serve(cfg: Config) -> None:
     if cfg.unknown_env:
         log.warning("config.unknown_env", names=list(cfg.unknown_env), note="not configuration keys: ignored")
     # The state file is read and written only while this daemon holds the socket's lock.
-    ownership = SocketOwnership(cfg.socket)
+    if cfg.operator_socket in (cfg.socket, fd_socket_path(cfg.socket)):
+        raise InvalidArgument(f"operator_socket must differ from the readers' sockets, got {cfg.operator_socket}")
+    operator_gid = group_id(cfg.operator_group) if cfg.operator_group else None
+    ownership = SocketOwnership(cfg.socket, others=(cfg.operator_socket,))
     plan = FaultPlan.parse(cfg.faults)
     faults.install(plan)
     if plan:
@@ -59,35 +64,56 @@ async def serve(cfg: Config) -> None:
         default_verify=cfg.verify,
         roots=roots,
         max_checkpoint_files=cfg.max_checkpoint_files,
+        keep_previous=cfg.keep_previous,
+        keep_previous_seconds=cfg.keep_previous_seconds,
     )
     fd_path = fd_socket_path(cfg.socket)
     persister = Persister(manager, state_path(cfg.socket, cfg.state_dir), cfg.socket, fdstore=systemd.fdstore_enabled())
     report = restore(manager, backend, persister, systemd.listen_fds())
     persister.start()
     metrics = DaemonMetrics.for_manager(manager)
-    channel = FdChannel(fd_path, manager, on_connection=lambda outcome: metrics.fd_channel.labels(outcome).inc())
-    server = grpc.aio.server(options=grpc_options())
+    health_servicer = health.aio.HealthServicer()
+    channel = FdChannel(
+        fd_path,
+        manager,
+        on_connection=lambda outcome: metrics.fd_channel.labels(outcome).inc(),
+        timeout=cfg.fd_channel_timeout_seconds,
+        max_connections=cfg.fd_channel_max_connections,
+        on_failure=_not_serving(health_servicer, asyncio.get_running_loop()),
+    )
+    # The role is the socket: readers' calls that need an operator are refused on theirs.
+    server = grpc.aio.server(
+        options=grpc_options(), interceptors=[RoleGuard(Role.READER, cfg.socket, cfg.operator_socket)]
+    )
+    operator_server = grpc.aio.server(options=grpc_options())
     service = HotweightsService(
         manager, cfg.socket, fd_path, restored=bool(report.restored), restore_note=report.note, metrics=metrics
     )
     metrics_path = metrics_socket_for(cfg.socket, cfg.metrics_socket)
     metrics_server = MetricsServer(metrics_path, metrics) if metrics_path else None
     textfile = TextfileWriter(cfg.metrics_textfile, metrics, cfg.metrics_interval) if cfg.metrics_textfile else None
-    pb_grpc.add_HotweightsServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for s in (server, operator_server):
+        pb_grpc.add_HotweightsServicer_to_server(service, s)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, s)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), s)
 
+    # The operator socket first: once the readers' socket answers, both do.
+    with born_with_mode(0o600):
+        operator_server.add_insecure_port(f"unix:{cfg.operator_socket}")
+        await operator_server.start()
+    if operator_gid is not None:
+        open_to_group(cfg.operator_socket, operator_gid)
     with born_with_mode(0o660):
         server.add_insecure_port(f"unix:{cfg.socket}")
         await server.start()
-    channel.start()
     if metrics_server is not None:
         metrics_server.start()
     if textfile is not None:
         textfile.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    # After SERVING: a channel that dies at once turns health NOT_SERVING, and nothing sets it back.
+    channel.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,6 +122,8 @@ async def serve(cfg: Config) -> None:
     log.info(
         "daemon.serving",
         socket=cfg.socket,
+        operator_socket=cfg.operator_socket,
+        operator_group=cfg.operator_group or "none",
         config=cfg.config or "none",
         state=str(persister.state_path),
         metrics=metrics_path or "off",
@@ -126,7 +154,7 @@ async def serve(cfg: Config) -> None:
         watchdog.cancel()
         await asyncio.to_thread(persister.close)
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=2.0)
+        await asyncio.gather(server.stop(grace=2.0), operator_server.stop(grace=2.0))
         service.close()
         await asyncio.to_thread(channel.stop)
         if metrics_server is not None:
@@ -135,12 +163,23 @@ async def serve(cfg: Config) -> None:
             await asyncio.to_thread(textfile.stop)
         metrics.unsubscribe()
         await asyncio.to_thread(manager.close)
-        try:
-            os.unlink(cfg.socket)
-        except FileNotFoundError:
-            pass
+        for path in (cfg.socket, cfg.operator_socket):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         ownership.release()
         log.info("daemon.stopped")
+
+
+def _not_serving(health_servicer: health.aio.HealthServicer, loop: asyncio.AbstractEventLoop):
+    """A callback for any thread: a dead sub-service turns the daemon's health NOT_SERVING."""
+
+    async def mark() -> None:
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    return lambda exc: asyncio.run_coroutine_threadsafe(mark(), loop)
 
 
 def _log_failure(event: str):
@@ -170,7 +209,7 @@ async def _load_all(manager: ModelManager, items: list[dict], what: str, metrics
                 raise
             await asyncio.to_thread(fill)
             for alias in item.get("aliases", ()):
-                await asyncio.to_thread(manager.set_alias, alias, mv.key)
+                await asyncio.to_thread(manager.set_alias, alias, mv.key, create=True)
             log.info(f"{what}.done", model=mv.key, path=item["path"])
         except ContentMismatch as exc:
             log.warning(f"{what}.skipped", name=item["name"], path=item["path"], error=str(exc))

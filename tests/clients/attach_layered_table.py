@@ -18,8 +18,14 @@ with c.attach("layered") as w:
     bad = [name for name in ref if not same_bits(w[name], ref[name])]
     assert not bad, bad
     lease = LeaseStream(c.stub, "layered", "table-test", None)
-    rows = c.stub.GetHandles(pb.GetHandlesRequest(lease_id=lease.granted.lease_id, rank=0))
-    cols = c.stub.GetHandles(pb.GetHandlesRequest(lease_id=lease.granted.lease_id, rank=0, compact_table=True))
+    rows = c.stub.GetHandles(
+        pb.GetHandlesRequest(lease_id=lease.granted.lease_id, lease_key=lease.granted.lease_key, rank=0)
+    )
+    cols = c.stub.GetHandles(
+        pb.GetHandlesRequest(
+            lease_id=lease.granted.lease_id, lease_key=lease.granted.lease_key, rank=0, compact_table=True
+        )
+    )
     lease.release()
     assert len(rows.tensors) == len(ref) and not cols.tensors and cols.HasField("table")
     assert Table.from_pb(cols.table).meta() == Table.from_rows(rows.tensors).meta() == w.meta

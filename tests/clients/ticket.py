@@ -14,7 +14,7 @@ from hotweights.wire.pb import pb
 c = hotweights.connect(sys.argv[1])
 mode = sys.argv[2]
 lease = LeaseStream(c.stub, "m", "ticket-test", None)
-h = c.stub.GetHandles(pb.GetHandlesRequest(lease_id=lease.granted.lease_id, rank=0))
+h = c.stub.GetHandles(pb.GetHandlesRequest(lease_id=lease.granted.lease_id, lease_key=lease.granted.lease_key, rank=0))
 if mode == "reuse":
     fds = fetch_fds(h.fd_socket, h.ticket, 1)
     print("first ok", len(fds))

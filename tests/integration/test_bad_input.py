@@ -189,6 +189,8 @@ def test_huge_client_strings_come_back_as_a_short_prefix(daemon):
         for call in (
             lambda: c.unload(huge),
             lambda: c.set_alias(huge, "m@v1"),
+            lambda: c.rollback(huge),
+            lambda: c.swap(huge, "m@v1"),
             lambda: c.load(huge, "/nonexistent.safetensors"),
             lambda: c.load("m", "/" + huge),
         ):
@@ -212,8 +214,9 @@ def test_unknown_enum_numbers_are_invalid_arguments(daemon, tmp_path):
         ("LoadModel", pb.LoadModelRequest(name="m", path=good, verify=-1), "verify: unknown enum number -1"),
         ("SwapModel", pb.SwapModelRequest(alias="a", target="m@v1", mode=9), "mode: unknown enum number 9"),
         ("SwapModel", pb.SwapModelRequest(alias="a", target=good, verify=4), "verify: unknown enum number 4"),
+        ("SwapModel", pb.SwapModelRequest(alias="a", target="m@v1", keep_previous=9), "keep_previous: unknown enum"),
     ]
-    with grpc.insecure_channel(f"unix://{daemon.socket}") as channel:
+    with grpc.insecure_channel(f"unix://{daemon.socket}.admin") as channel:  # loads are an operator's
         stub = pb_grpc.HotweightsStub(channel)
         for rpc, request, expected in requests:
             with pytest.raises(grpc.RpcError) as info:

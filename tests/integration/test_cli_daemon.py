@@ -47,7 +47,7 @@ def test_every_data_command_prints_numbers_as_numbers(daemon, tmp_path):
     assert isinstance(loaded["load_seconds"], float)
     as_json(daemon.cli("load", "m", str(v2), "--version", "v2", "--json"))
 
-    assert as_json(daemon.cli("alias", "prod", "m@v1", "--json")) == {
+    assert as_json(daemon.cli("alias", "prod", "m@v1", "--create", "--json")) == {
         "alias": "prod",
         "name": "m",
         "version": "v1",
@@ -89,7 +89,7 @@ def test_every_data_command_prints_numbers_as_numbers(daemon, tmp_path):
     assert is_int(ev["seq"]) and ev["seq"] > 0 and isinstance(ev["time_unix"], float)
 
     as_json(daemon.cli("alias", "prod", "m@v1", "--json"))
-    swapped = as_json(daemon.cli("swap", "prod", "m@v2", "--json"))  # v1 is freed: nothing leases it
+    swapped = as_json(daemon.cli("swap", "prod", "m@v2", "--no-keep-previous", "--json"))  # v1: no lease, freed
     assert swapped["version"] == "v2" and is_int(swapped["bytes"]) and "prod" in swapped["aliases"]
     assert as_json(daemon.cli("alias", "prod", "--remove", "--json"))["removed"] is True
     freed = as_json(daemon.cli("unload", "m@v2", "--json"))

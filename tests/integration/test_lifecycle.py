@@ -22,7 +22,8 @@ def test_swap_keeps_old_readers_moves_alias_tells_watchers_and_frees_after_relea
     watcher = spawn_client("watch_alias", daemon.socket, "prod")
     assert watcher.stdout.readline().strip() == "watching"
 
-    r = daemon.cli("swap", "prod", str(v2), "--version", "v2", "--json", check=True)
+    # --no-keep-previous: v1 goes with its last lease (tests/integration/test_alias_safety.py keeps it)
+    r = daemon.cli("swap", "prod", str(v2), "--version", "v2", "--no-keep-previous", "--json", check=True)
     assert json.loads(r.stdout)["version"] == "v2"
 
     events = [json.loads(line) for line in watcher.stdout.read().splitlines()]
@@ -54,11 +55,11 @@ def test_swap_keeps_old_readers_moves_alias_tells_watchers_and_frees_after_relea
 def test_swap_to_name_at_version_and_alias_commands(daemon, tmp_path):
     daemon.cli("load", "llm", str(versioned(tmp_path, 1)), "--version", "v1", "--alias", "prod", check=True)
     daemon.cli("load", "llm", str(versioned(tmp_path, 2)), "--version", "v2", check=True)
-    daemon.cli("swap", "prod", "llm@v2", check=True)
+    daemon.cli("swap", "prod", "llm@v2", "--no-keep-previous", check=True)
     st = daemon.status()
     assert st["aliases"] == [{"alias": "prod", "name": "llm", "version": "v2"}]
     assert [v["version"] for v in st["versions"]] == ["v2"]  # v1 had no lease: retired at once
-    daemon.cli("alias", "canary", "llm@v2", check=True)
+    daemon.cli("alias", "canary", "llm@v2", "--create", check=True)
     assert {a["alias"] for a in daemon.status()["aliases"]} == {"prod", "canary"}
 
 
@@ -137,6 +138,8 @@ def test_bad_lifecycle_requests_are_clear_errors(daemon, tmp_path):
     r = daemon.cli("alias", "llm", "llm@v1")
     assert r.returncode == 1 and "aliases and model names must differ" in r.stderr
     r = daemon.cli("swap", "nosuch", str(versioned(tmp_path, 2)))
+    assert r.returncode == 1 and "no alias named 'nosuch' (known aliases: prod)" in r.stderr
+    r = daemon.cli("swap", "nosuch", str(versioned(tmp_path, 2)), "--create")
     assert r.returncode == 1 and "pass the model name" in r.stderr
     r = daemon.cli("load", "llm", str(versioned(tmp_path, 2)), "--version", "v1")  # other content, same version
     assert r.returncode == 1 and "llm@v1 is already loaded (READY)" in r.stderr and "different content" in r.stderr
@@ -154,7 +157,7 @@ def test_sixteen_clients_churn_through_twenty_swaps(daemon, tmp_path):
     for p in clients:
         assert p.stdout.readline().strip() == "started", p.stderr.read()
     for n in range(2, 22):
-        daemon.cli("swap", "prod", str(paths[n - 1]), "--version", f"v{n}", check=True)
+        daemon.cli("swap", "prod", str(paths[n - 1]), "--version", f"v{n}", "--no-keep-previous", check=True)
         # the clients churn through each version before the next swap
         wait_until(lambda n=n: any(le.version == f"v{n}" for le in daemon.leases()), what=f"a client to attach v{n}")
     stop.touch()
@@ -207,7 +210,7 @@ def test_follow_reattaches_on_alias_move_and_releases_the_old_mapping(daemon, cl
     try:
         assert seen == [("v1", 1)]
         changed.clear()
-        daemon.cli("swap", "prod", str(versioned(tmp_path, 2)), "--version", "v2", check=True)
+        daemon.cli("swap", "prod", str(versioned(tmp_path, 2)), "--version", "v2", "--no-keep-previous", check=True)
         assert changed.wait(10), "the follower was not told of the move"
         assert seen[-1] == ("v2", 2) and follower.current.version == "v2"
         # the old mapping was released after the new one was handed over, so v1 is freed

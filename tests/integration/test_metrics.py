@@ -144,7 +144,7 @@ def test_textfile_is_rewritten_and_the_cli_says_when_metrics_are_off(sockdir, tm
         assert value(first, "hotweights_loads_total", result="ready") == 0
 
         d.cli("load", "m", str(ckpt), "--version", "v1", "--alias", "prod", check=True)
-        d.cli("swap", "prod", str(ckpt2), "--version", "v2", check=True)
+        d.cli("swap", "prod", str(ckpt2), "--version", "v2", "--no-keep-previous", check=True)
 
         def swapped() -> dict | None:
             s = samples(textfile.read_text())

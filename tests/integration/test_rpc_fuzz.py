@@ -1,6 +1,8 @@
 """Hardening: no request gets an INTERNAL (or UNKNOWN) status.
 
-One real daemon (cpu backend) serves the module. For every RPC, hypothesis builds request messages
+One real daemon (cpu backend) serves the module; each RPC goes to the socket of its role (operator RPCs
+to ``<socket>.admin``), and every operator RPC sent to the readers' socket must be refused as
+``OperatorRequired`` whatever the request. For every RPC, hypothesis builds request messages
 from the protobuf descriptors (every field, by type: odd and huge strings, paths, out-of-range and
 unknown enum numbers, negative ints, bytes, repeated and nested fields), sends them over a raw gRPC
 channel with the generated stubs and asserts that each call ends OK or with a typed status: a code
@@ -31,6 +33,7 @@ from hypothesis import strategies as st
 
 from hotweights.wire.pb import pb, pb_grpc
 from hotweights.wire.status import CLASS_KEY
+from hotweightsd.core.roles import MINIMUM_ROLE, Role, minimum_role
 from support.ckpt_tools import raw_file, write_model
 from support.daemons import Daemon, short_tmpdir, start_daemon
 
@@ -49,6 +52,7 @@ HUGE = 70_000  # characters: well past any sane name, well under gRPC's message 
 MAX_ERROR_CHARS = 4_000  # an error message quoting client strings by prefix stays far below this
 
 STATE: dict[str, Any] = {}
+SERVICE = pb.DESCRIPTOR.services_by_name["Hotweights"]
 
 
 def _int_range(t: int) -> tuple[int, int]:
@@ -220,6 +224,17 @@ def _call(rpc: str, fn: Any, cut_on_purpose: bool = False) -> None:
     seen[code] = seen.get(code, 0) + 1
 
 
+class Routed:
+    """Each RPC on the socket of its role: the operator socket for what needs an operator (the table
+    in hotweightsd.core.roles), the readers' socket for the rest."""
+
+    def __init__(self, reader: Any, operator: Any) -> None:
+        self._reader, self._operator = reader, operator
+
+    def __getattr__(self, rpc: str) -> Any:
+        return getattr(self._operator if minimum_role(rpc) == Role.OPERATOR else self._reader, rpc)
+
+
 @pytest.fixture(scope="module")
 def fuzzed() -> Iterator[tuple[Daemon, Any]]:
     d = short_tmpdir()
@@ -238,7 +253,9 @@ def fuzzed() -> Iterator[tuple[Daemon, Any]]:
         (deepman / "hotweights.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
         STATE.update(good=str(good), dir=d, bad=str(bad), deep=str(deep), deepidx=str(deepidx), deepman=str(deepman))
         channel = grpc.insecure_channel(f"unix://{daemon.socket}")
-        stub = pb_grpc.HotweightsStub(channel)
+        operator_channel = grpc.insecure_channel(f"unix://{daemon.socket}.admin")
+        STATE["reader"] = reader = pb_grpc.HotweightsStub(channel)
+        stub = Routed(reader, pb_grpc.HotweightsStub(operator_channel))
         _restore(stub)
         STATE["fds"] = len(os.listdir(f"/proc/{daemon.pid}/fd"))
         STATE["rss"] = _rss(daemon.pid)
@@ -246,6 +263,7 @@ def fuzzed() -> Iterator[tuple[Daemon, Any]]:
             yield daemon, stub
         finally:
             channel.close()
+            operator_channel.close()
     finally:
         code = daemon.stop()
         shutil.rmtree(d, ignore_errors=True)
@@ -265,7 +283,7 @@ def _restore(stub: Any) -> None:
     if not any(v.name == "m" and v.version == "v1" for v in listed.versions):
         request = pb.LoadModelRequest(name="m", path=STATE["good"], version="v1", wait=True)
         list(stub.LoadModel(request, timeout=LOAD_TIMEOUT))
-    stub.SetAlias(pb.SetAliasRequest(alias="a", target="m@v1"), timeout=UNARY_TIMEOUT)
+    stub.SetAlias(pb.SetAliasRequest(alias="a", target="m@v1", create=True), timeout=UNARY_TIMEOUT)
 
 
 def _examples(rpc: str) -> list[Any]:
@@ -304,6 +322,10 @@ def _examples(rpc: str) -> list[Any]:
             swap(alias="a", target=huge),
             swap(alias=huge, target="m@v1"),
             swap(alias="b", target="a/\0b", name="n2"),
+            swap(alias="a", target="m@v1", keep_previous=5),
+            swap(alias="ghost", target="m@v1"),
+            swap(alias="b", target="m@v1", create=True, keep_previous=pb.KEEP_PREVIOUS_YES),
+            swap(alias="a", target=good, mode=pb.SWAP_DRAIN, keep_previous=pb.KEEP_PREVIOUS_YES),
         ],
         "Lease": [
             [pb.LeaseRequest()],
@@ -321,6 +343,17 @@ def _examples(rpc: str) -> list[Any]:
             pb.SetAliasRequest(alias=huge, target="m@v1"),
             pb.SetAliasRequest(alias="b", target=huge),
             pb.SetAliasRequest(alias=huge),
+            pb.SetAliasRequest(alias="b"),
+            pb.SetAliasRequest(alias="ghost", target="m@v1"),
+            pb.SetAliasRequest(alias="a", target="m@v1", remove=True),
+            pb.SetAliasRequest(alias=huge, remove=True),
+        ],
+        "Rollback": [
+            pb.RollbackRequest(),
+            pb.RollbackRequest(alias="a"),
+            pb.RollbackRequest(alias="ghost"),
+            pb.RollbackRequest(alias=huge),
+            pb.RollbackRequest(alias="\0"),
         ],
         "Watch": [pb.WatchRequest(ref=huge)],
     }.get(rpc, [])
@@ -332,7 +365,7 @@ def _with_examples(rpc: str, test: Any) -> Any:
     return test
 
 
-UNARY = ["UnloadModel", "ListModels", "GetHandles", "Status", "SetAlias"]
+UNARY = ["UnloadModel", "ListModels", "GetHandles", "Status", "SetAlias", "Rollback"]
 
 
 @pytest.mark.parametrize("rpc", UNARY)
@@ -392,6 +425,36 @@ def test_lease_streams_answer_typed_statuses(fuzzed):
     assert daemon.alive()
 
 
+OPERATOR_RPCS = [m.name for m in SERVICE.methods if MINIMUM_ROLE.get(m.name, Role.OPERATOR) == Role.OPERATOR]
+
+
+@pytest.mark.parametrize("rpc", OPERATOR_RPCS)
+def test_the_readers_socket_refuses_every_operator_rpc(fuzzed, rpc):
+    """Whatever the request, an operator RPC on the readers' socket is PERMISSION_DENIED with
+    OperatorRequired, and nothing changes."""
+    daemon, stub = fuzzed
+    _restore(stub)
+    before = stub.ListModels(pb.ListModelsRequest(), timeout=UNARY_TIMEOUT)
+    method = SERVICE.methods_by_name[rpc]
+    reader = STATE["reader"]
+
+    @settings(SETTINGS, max_examples=15)
+    @given(_message(method.input_type))
+    def run(request):
+        with pytest.raises(grpc.RpcError) as info:
+            answer = getattr(reader, rpc)(request, timeout=UNARY_TIMEOUT)
+            if method.server_streaming:
+                list(answer)
+        err = info.value
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (rpc, err.code(), err.details())
+        assert dict(err.trailing_metadata())[CLASS_KEY] == "OperatorRequired"
+        assert f"{daemon.socket}.admin" in (err.details() or "")
+
+    _with_examples(rpc, run)()
+    assert stub.ListModels(pb.ListModelsRequest(), timeout=UNARY_TIMEOUT) == before
+    assert daemon.alive()
+
+
 def test_daemon_survives_the_fuzz(fuzzed):
     daemon, stub = fuzzed
     _restore(stub)
@@ -408,14 +471,15 @@ def test_daemon_survives_the_fuzz(fuzzed):
     # the fuzz was not vacuous: every RPC was called, and answered both OK and typed refusals
     seen = STATE["seen"]
     print("status codes seen:", seen)
-    assert set(seen) >= {"UnloadModel", "ListModels", "GetHandles", "Status", "SetAlias"} | {
+    assert set(seen) >= set(UNARY) | {
         "LoadModel",
         "SwapModel",
         "Watch",
         "Lease",
     }
-    for rpc in ("LoadModel", "SwapModel", "SetAlias", "UnloadModel", "GetHandles", "Lease"):
+    for rpc in ("LoadModel", "SwapModel", "SetAlias", "UnloadModel", "GetHandles", "Lease", "Rollback"):
         assert "INVALID_ARGUMENT" in seen[rpc] or "NOT_FOUND" in seen[rpc], (rpc, seen[rpc])
+    assert "FAILED_PRECONDITION" in seen["Rollback"], seen["Rollback"]  # an alias with nothing kept
     answered_ok = {rpc for rpc, codes in seen.items() if "OK" in codes}
     assert {"SetAlias", "Lease"} <= answered_ok and {"LoadModel", "SwapModel"} & answered_ok, seen
     grown = _rss(daemon.pid) - STATE["rss"]

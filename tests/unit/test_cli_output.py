@@ -18,7 +18,20 @@ from hotweights.cli import app, message_dict
 from hotweights.client import DEFAULT_ORIGIN, diagnose_unreachable, resolve_socket
 from hotweights.wire.pb import pb
 
-DATA_COMMANDS = ["load", "swap", "alias", "unload", "list", "status", "version", "doctor", "plan", "shard", "verify"]
+DATA_COMMANDS = [
+    "load",
+    "swap",
+    "alias",
+    "rollback",
+    "unload",
+    "list",
+    "status",
+    "version",
+    "doctor",
+    "plan",
+    "shard",
+    "verify",
+]
 
 
 def test_message_dict_keeps_64_bit_integers_numbers():

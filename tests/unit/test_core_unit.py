@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -88,6 +89,61 @@ def test_tickets_are_single_use_and_expire():
         book.redeem(t2.token)
 
 
+def test_tickets_are_capped_per_lease_and_in_all():
+    now = [0.0]
+    book = TicketBook(ttl=5, clock=lambda: now[0], limit=4, per_lease=2)
+    first = book.issue("a", 0)
+    book.issue("a", 0)
+    book.issue("a", 0)  # a's third: its oldest goes
+    with pytest.raises(errors.TicketInvalid):
+        book.redeem(first.token)
+    book.issue("b", 0)
+    book.issue("b", 0)
+    with pytest.raises(errors.ResourceExhausted):
+        book.issue("c", 0)
+    now[0] = 6  # all expired: swept by the next issue
+    book.issue("c", 0)
+    assert len(book) == 1
+
+
+def test_expired_tickets_are_swept_from_the_front_without_a_scan():
+    now = [0.0]
+    book = TicketBook(ttl=5, clock=lambda: now[0], per_lease=1000)
+    for i in range(1000):
+        now[0] = i * 0.01
+        book.issue(f"lease-{i % 7}", 0)
+    now[0] = 9.995  # the first half has expired
+    live = book.issue("x", 0)
+    assert len(book) == 501
+    book.drop_lease("x")
+    with pytest.raises(errors.TicketInvalid):
+        book.redeem(live.token)
+    assert len(book) == 500
+
+
+def test_handles_and_fds_go_to_the_lease_holder_only(manager, tmp_path):
+    manager.load("m", str(write_model(tmp_path / "m.safetensors")), version="v1")
+    me, uid = os.getpid(), os.getuid()
+    lease = manager.open_lease("m", pid=me)
+    with pytest.raises(errors.PermissionDenied):
+        manager.get_handles(lease.id, 0, "")  # the public id alone buys nothing
+    h = manager.get_handles(lease.id, 0, lease.key)
+    with pytest.raises(errors.PermissionDenied) as refused:
+        manager.redeem(h.ticket, 1, uid)  # another process
+    assert not isinstance(refused.value, errors.TicketInvalid)
+    assert (lease.pid, lease.uid) == (me, -1)  # nothing rewritten
+    _, fds = manager.redeem(h.ticket, me, uid)  # the ticket was not spent by the refusal
+    for fd in fds:
+        os.close(fd)
+    assert lease.uid == uid  # the kernel's word, recorded at the holder's first fetch
+    h2 = manager.get_handles(lease.id, 0, lease.key)
+    with pytest.raises(errors.PermissionDenied):
+        manager.redeem(h2.ticket, me, uid + 1)
+    nameless = manager.open_lease("m")  # opened without a pid: its fds go to no one
+    with pytest.raises(errors.PermissionDenied, match="without its holder's pid"):
+        manager.redeem(manager.get_handles(nameless.id, 0, nameless.key).ticket, me, uid)
+
+
 def test_split_ref():
     assert split_ref("llama@v2") == ("llama", "v2")
     assert split_ref("llama") == ("llama", None)
@@ -108,12 +164,11 @@ def test_manager_load_lease_handles_and_free(manager, tmp_path):
     mv = manager.load("m", str(write_model(tmp_path / "m.safetensors")), version="v1")
     assert mv.state is State.READY and mv.resident_bytes > 0
     assert [e.kind for e in events] == [EventKind.VERSION_ADDED, EventKind.VERSION_READY]
-    lease = manager.open_lease("m")
-    h = manager.get_handles(lease.id, 0)
-    _, fds = manager.redeem(h.ticket)
+    lease = manager.open_lease("m", pid=os.getpid())
+    h = manager.get_handles(lease.id, 0, lease.key)
+    _, fds = manager.redeem(h.ticket, os.getpid(), os.getuid())
     assert len(fds) == 1
     import mmap
-    import os
 
     with mmap.mmap(fds[0], h.rank.allocations[0].size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
         p = next(p for p in h.rank.layout.placements if p.name == "f32")

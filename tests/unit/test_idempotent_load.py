@@ -133,12 +133,24 @@ def test_a_retiring_version_is_not_reused(manager, tmp_path):
     v1 = str(versioned_model(tmp_path, 1))
     manager.load("llm", v1, version="v1", alias="prod")
     lease = manager.open_lease("prod")
-    swap(manager, "prod", str(versioned_model(tmp_path, 2)), version="v2").run()
+    swap(manager, "prod", str(versioned_model(tmp_path, 2)), version="v2", keep_previous=False).run()
     assert manager.get("llm", "v1").retire
     with pytest.raises(errors.AlreadyExists, match="retiring") as exc:
         manager.load("llm", v1, version="v1")
     assert not isinstance(exc.value, errors.ContentMismatch)
     manager.close_lease(lease.id)
+
+
+def test_a_version_kept_for_a_rollback_is_rejoined_by_the_same_content(manager, tmp_path):
+    v1 = str(versioned_model(tmp_path, 1))
+    manager.load("llm", v1, version="v1", alias="prod")
+    swap(manager, "prod", str(versioned_model(tmp_path, 2)), version="v2", keep_previous=True).run()
+    kept = manager.get("llm", "v1")
+    assert kept.previous_of == "prod"
+    start = manager.start_load("llm", v1, version="v1", alias="prod")
+    assert start.already_loaded and start.version is kept
+    start.run()
+    assert manager.aliases() == {"prod": "llm@v1"} and not kept.retire and not kept.previous_of
 
 
 def test_a_version_without_a_content_record_is_not_assumed_the_same(manager, tmp_path):

@@ -106,12 +106,12 @@ def test_registry_is_free_while_a_free_blocks(tmp_path, how):
         assert backend.entered.wait(GUARD_S), "the free never started"
 
         assert [v.key for v in within(m.versions)] == ["other@v1"]
-        lease = within(lambda: m.open_lease("other"))
-        handles = within(lambda: m.get_handles(lease.id, 0))
-        _, fds = within(lambda: m.redeem(handles.ticket))
+        lease = within(lambda: m.open_lease("other", pid=os.getpid()))
+        handles = within(lambda: m.get_handles(lease.id, 0, lease.key))
+        _, fds = within(lambda: m.redeem(handles.ticket, os.getpid(), os.getuid()))
         for fd in fds:
             os.close(fd)
-        within(lambda: m.set_alias("prod", "other@v1"))
+        within(lambda: m.set_alias("prod", "other@v1", create=True))
         within(lambda: m.close_lease(lease.id))
 
         assert stuck.is_alive() and not backend.gate.is_set(), "answered while the free was still blocked"
@@ -134,7 +134,7 @@ def test_events_reach_subscribers_in_the_order_of_the_changes(tmp_path):
 
         def flip(i: int) -> None:
             for j in range(50):
-                m.set_alias("prod", f"m@v{1 + (i + j) % 2}")
+                m.set_alias("prod", f"m@v{1 + (i + j) % 2}", create=True)
 
         threads = [threading.Thread(target=flip, args=(i,)) for i in range(6)]
         for t in threads:
@@ -159,7 +159,7 @@ def test_the_persister_writes_once_for_the_events_it_found_queued(tmp_path):
     try:
         m.load("a", str(write_model(tmp_path / "a.safetensors", seed=1)), version="v1")
         m.load("b", str(write_model(tmp_path / "b.safetensors", seed=2)), version="v1")
-        m.set_alias("prod", "a@v1")
+        m.set_alias("prod", "a@v1", create=True)
         assert not state.exists()  # queued only: nothing is written on the publishing threads
         persister.start()
         assert persister.flush()
@@ -189,7 +189,7 @@ def test_a_stuck_state_write_holds_up_no_registry_change(tmp_path, monkeypatch):
         assert entered.wait(GUARD_S)
         path = str(write_model(tmp_path / "m.safetensors"))
         within(lambda: m.load("m", path, version="v1"))
-        within(lambda: m.set_alias("prod", "m@v1"))
+        within(lambda: m.set_alias("prod", "m@v1", create=True))
         within(lambda: m.unload("m", force=True))
         assert not gate.is_set()
     finally:
@@ -243,7 +243,7 @@ def test_list_status_and_attach_are_answered_while_a_free_blocks(served, tmp_pat
     backend, m = served.backend, served.manager
     _load_slow_and_other(m, backend, tmp_path)
     client = hotweights.connect(served.socket, timeout=GUARD_S)
-    other = hotweights.connect(served.socket, timeout=60)
+    other = hotweights.connect(served.socket, timeout=60, operator_socket=served.socket)  # one server takes all
     client.status()  # connected before anything blocks
     if how == "unload":
         stuck = threading.Thread(target=other.unload, args=("slow@v1",), daemon=True)

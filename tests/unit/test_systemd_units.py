@@ -111,6 +111,7 @@ def test_sysusers_creates_the_user_and_group(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "Creating group 'hotweights'" in out and "Creating user 'hotweights'" in out, out
+    assert "Creating group 'hotweights-admin'" in out, out  # the operators' group
     assert "hotweights.conf:" not in out, out
 
 
@@ -126,3 +127,17 @@ def test_example_config_loads_and_agrees_with_the_unit():
     # The state file must die with the fd store (at reboot): under the runtime directory.
     assert Path(cfg.state_dir).is_relative_to(runtime)
     assert s["ExecStart"][0].endswith("serve --config /etc/hotweights/config.toml")
+
+
+def test_the_operator_socket_is_for_the_admin_group_the_daemon_is_in():
+    """The example config gives the operator socket to a group; the daemon may chgrp its socket only
+    to a group it is in (the unit's SupplementaryGroups=), and sysusers creates that group."""
+    cfg = load_config(str(UNITS / "config.toml"), env={})
+    s = unit_settings(SERVICE.read_text())
+    assert cfg.operator_group == "hotweights-admin"
+    assert cfg.operator_group in " ".join(s["SupplementaryGroups"]).split()
+    assert cfg.operator_group != s["Group"][0]  # readers are not operators
+    assert cfg.operator_socket == cfg.socket + ".admin"
+    assert Path(cfg.operator_socket).parent == Path(f"/run/{s['RuntimeDirectory'][0]}")
+    sysusers = [ln.split()[:2] for ln in (UNITS / "hotweights.sysusers").read_text().splitlines()]
+    assert ["g", cfg.operator_group] in sysusers

@@ -35,6 +35,12 @@ SocketOpt = typer.Option(None, "--socket", "-s", envvar="HOTWEIGHTS_SOCKET", hel
 ClientSocketOpt = typer.Option(
     None, "--socket", "-s", help="daemon socket path (default: $HOTWEIGHTS_SOCKET, else the standard path)"
 )
+# Load, unload, swap and alias go to the daemon's operator socket.
+OperatorSocketOpt = typer.Option(
+    None,
+    "--operator-socket",
+    help="the daemon's operator socket (default: $HOTWEIGHTS_OPERATOR_SOCKET, else <socket>.admin)",
+)
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
 
 
@@ -56,8 +62,8 @@ def reported(progress: _Progress | None = None) -> Iterator[None]:
         progress.end()
 
 
-def _client(socket: str | None, timeout: float = 10.0) -> Client:
-    return connect(socket, timeout=timeout, origin="--socket" if socket else None)
+def _client(socket: str | None, timeout: float = 10.0, operator_socket: str | None = None) -> Client:
+    return connect(socket, timeout=timeout, origin="--socket" if socket else None, operator_socket=operator_socket)
 
 
 def message_dict(msg: Any) -> dict[str, Any]:
@@ -221,6 +227,7 @@ def load(
     device_map: str | None = typer.Option(None, help="comma-separated device per rank, e.g. 0,1"),
     no_wait: bool = typer.Option(False, "--no-wait", help="return once registered"),
     socket: str | None = ClientSocketOpt,
+    operator_socket: str | None = OperatorSocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Load a checkpoint into resident memory and wait until it is READY."""
@@ -230,7 +237,7 @@ def load(
     except ValueError:
         fail(errors.InvalidArgument(f"--device-map must be comma-separated integers, got {device_map!r}"))
     with reported(progress):
-        info = _client(socket).load(
+        info = _client(socket, operator_socket=operator_socket).load(
             name,
             path,
             version=version,
@@ -259,15 +266,25 @@ def swap(
     version: str | None = typer.Option(None, help="version label for a path target"),
     mode: str = typer.Option("side-by-side", help="side-by-side | drain"),
     drain_timeout: float = typer.Option(60.0, help="seconds to wait for old leases in drain mode"),
-    name: str | None = typer.Option(None, help="model name when the alias does not exist yet"),
+    name: str | None = typer.Option(None, help="model name when the alias does not exist yet (with --create)"),
     verify: str | None = typer.Option(None, help="none | fast | full"),
+    create: bool = typer.Option(False, "--create", help="the alias may be new (otherwise it must exist)"),
+    keep_previous: bool | None = typer.Option(
+        None,
+        "--keep-previous/--no-keep-previous",
+        help="keep the old version resident for `hotweights rollback` (default: the daemon's keep_previous, "
+        "when memory allows)",
+        show_default=False,
+    ),
     socket: str | None = ClientSocketOpt,
+    operator_socket: str | None = OperatorSocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Point an alias at a new version; the old one is freed when its last lease ends."""
+    """Point an existing alias at another version; the old one is kept for a rollback, or freed when its
+    last lease ends."""
     progress = _Progress(not json_out)
     with reported(progress):
-        info = _client(socket).swap(
+        info = _client(socket, operator_socket=operator_socket).swap(
             alias,
             target,
             version=version,
@@ -276,24 +293,35 @@ def swap(
             verify=verify,
             name=name,
             progress=progress,
+            create=create,
+            keep_previous=keep_previous,
         )
     _print_version(info, json_out, f"{alias} ->")
+    if info.previous_note and not json_out:
+        typer.echo(f"  previous: {info.previous_note}")
 
 
 @app.command()
 def alias(
     alias: str = typer.Argument(...),
     target: str | None = typer.Argument(None, help="NAME@VERSION; omit with --remove"),
+    create: bool = typer.Option(False, "--create", help="the alias may be new (otherwise it must exist)"),
     remove: bool = typer.Option(False, "--remove", help="delete the alias"),
     socket: str | None = ClientSocketOpt,
+    operator_socket: str | None = OperatorSocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Set or remove an alias without loading anything."""
+    """Point an existing alias (a new one with --create) at NAME@VERSION, or --remove it; loads nothing."""
+    if remove and (target or create):
+        raise typer.BadParameter("--remove takes no target and no --create", param_hint="TARGET")
     if not remove and not target:
-        fail(errors.InvalidArgument("give the alias's target NAME@VERSION, or --remove"))
+        raise typer.BadParameter(
+            "missing NAME@VERSION: `hotweights alias NAME NAME@VERSION [--create]`, or `--remove` to delete it",
+            param_hint="TARGET",
+        )
     with reported():
-        c = _client(socket)
-        info = c.remove_alias(alias) if remove else c.set_alias(alias, target or "")
+        c = _client(socket, operator_socket=operator_socket)
+        info = c.remove_alias(alias) if remove else c.set_alias(alias, target or "", create=create)
     if json_out:
         print_json({**message_dict(info), "removed": remove})
         return
@@ -301,15 +329,34 @@ def alias(
 
 
 @app.command()
+def rollback(
+    alias: str = typer.Argument(..., help="alias a swap moved"),
+    socket: str | None = ClientSocketOpt,
+    operator_socket: str | None = OperatorSocketOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Point an alias back at the version a swap kept resident (swap --keep-previous); reads nothing."""
+    with reported():
+        r = _client(socket, operator_socket=operator_socket).rollback(alias)
+    if json_out:
+        print_json(message_dict(r))
+        return
+    typer.echo(f"{r.alias.alias} -> {r.alias.name}@{r.alias.version} (was {r.alias.name}@{r.old_version})")
+    if r.version.previous_note:
+        typer.echo(f"  previous: {r.version.previous_note}")
+
+
+@app.command()
 def unload(
     ref: str = typer.Argument(..., help="NAME (every version) or NAME@VERSION"),
     force: bool = typer.Option(False, "--force", help="unload although leases are live"),
     socket: str | None = ClientSocketOpt,
+    operator_socket: str | None = OperatorSocketOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Free a model's resident memory."""
     with reported():
-        r = _client(socket).unload(ref, force=force)
+        r = _client(socket, operator_socket=operator_socket).unload(ref, force=force)
     if json_out:
         print_json(message_dict(r))
         return
@@ -330,9 +377,14 @@ def list_(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> Non
         state = type(v).DESCRIPTOR.fields_by_name["state"].enum_type.values_by_number[v.state].name
         aliases = f"  [{', '.join(v.aliases)}]" if v.aliases else ""
         err = f"  error: {v.error}" if v.error else ""
+        if v.previous_of:
+            until = time.strftime("%H:%M:%S", time.localtime(v.held_until_unix))
+            retired = f"  previous of {v.previous_of}, kept until {until}"
+        else:
+            retired = "  retired: freed when its last lease ends" if v.retired else ""
         typer.echo(
             f"{v.name}@{v.version}  {state}  ranks={len(v.ranks)}  {format_size(v.bytes)}  "
-            f"leases={v.leases}{aliases}{err}"
+            f"leases={v.leases}{aliases}{retired}{err}"
         )
 
 

@@ -6,13 +6,19 @@ import secrets
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hotweights.errors import TicketInvalid
+from hotweights.errors import PermissionDenied, ResourceExhausted, TicketInvalid
 
 
 @dataclass
 class Lease:
+    """A lease and its holder: ``pid`` as the holder said at open, ``uid`` as the kernel told at its
+    first fd fetch (-1 before). ``key`` goes to the holder alone, on its Lease stream; GetHandles asks
+    for it. The id is public (Status shows it); it gives no right to anything."""
+
     id: str
     ref: str
     name: str
@@ -21,6 +27,7 @@ class Lease:
     uid: int
     holder: str
     started: float = field(default_factory=time.time)
+    key: str = field(default_factory=lambda: secrets.token_hex(16))
 
 
 def new_lease_id() -> str:
@@ -33,38 +40,122 @@ class Ticket:
     lease_id: str
     rank: int
     expires: float
+    pid: int = 0  # the lease's holder: only this process may redeem the ticket
+    uid: int = -1  # and, once known, only under this uid
+
+
+def same_process(claimed_pid: int, peer_pid: int) -> bool:
+    """Whether the kernel-reported ``peer_pid`` is the process that said it was ``claimed_pid``: the
+    same number, or, for a process in another pid namespace (a container), its pid in its own one."""
+    if claimed_pid <= 0 or peer_pid <= 0:
+        return False
+    if claimed_pid == peer_pid:
+        return True
+    try:
+        with open(f"/proc/{peer_pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    nspids = line.split()[1:]
+                    return len(nspids) > 1 and nspids[-1] == str(claimed_pid)
+    except OSError:
+        pass
+    return False
+
+
+def check_holder(ticket: Ticket, peer_pid: int, peer_uid: int) -> None:
+    """Raises PermissionDenied unless the process (peer_pid, peer_uid) holds the ticket's lease."""
+    if ticket.pid <= 0:
+        raise PermissionDenied(
+            "this lease was opened without its holder's pid: its fds go to no one", lease=ticket.lease_id
+        )
+    if not same_process(ticket.pid, peer_pid) or (ticket.uid >= 0 and ticket.uid != peer_uid):
+        raise PermissionDenied(
+            f"lease {ticket.lease_id[:8]} is held by pid {ticket.pid}: its fds go to that process only "
+            f"(this is pid {peer_pid}, uid {peer_uid})",
+            lease=ticket.lease_id,
+            pid=peer_pid,
+            uid=peer_uid,
+        )
+
+
+# Outstanding tickets: in all (beyond it GetHandles is refused until some are used or expire) and per
+# lease (beyond it the lease's oldest ticket is dropped: one holder's retries never crowd out others).
+MAX_TICKETS = 65536
+MAX_TICKETS_PER_LEASE = 64
 
 
 class TicketBook:
-    """Short-lived, single-use tickets. Redeeming one consumes it whether or not it is still valid."""
+    """Short-lived, single-use tickets. Redeeming one consumes it whether or not it is still valid.
 
-    def __init__(self, ttl: float = 30.0, clock=time.monotonic) -> None:
+    Issue, redeem and the end of a lease cost O(1) each (amortized): one TTL for all means issue order
+    is expiry order, so the expired are swept from the front of an ordered dict.
+    """
+
+    def __init__(
+        self,
+        ttl: float = 30.0,
+        clock=time.monotonic,
+        limit: int = MAX_TICKETS,
+        per_lease: int = MAX_TICKETS_PER_LEASE,
+    ) -> None:
         self.ttl = ttl
+        self.limit = limit
+        self.per_lease = per_lease
         self._clock = clock
-        self._tickets: dict[str, Ticket] = {}
+        self._tickets: OrderedDict[str, Ticket] = OrderedDict()
+        self._by_lease: dict[str, OrderedDict[str, None]] = {}
         self._lock = threading.Lock()
 
-    def issue(self, lease_id: str, rank: int) -> Ticket:
-        ticket = Ticket(secrets.token_hex(16), lease_id, rank, self._clock() + self.ttl)
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def issue(self, lease_id: str, rank: int, pid: int = 0, uid: int = -1) -> Ticket:
+        ticket = Ticket(secrets.token_hex(16), lease_id, rank, self._clock() + self.ttl, pid, uid)
         with self._lock:
-            self._expire()
+            self._sweep(ticket.expires - self.ttl)
+            mine = self._by_lease.get(lease_id)
+            if mine is not None and len(mine) >= self.per_lease:
+                self._remove(next(iter(mine)))
+            elif len(self._tickets) >= self.limit:
+                raise ResourceExhausted(
+                    f"{len(self._tickets)} handle tickets are outstanding, the most the daemon keeps: "
+                    "try again once some are used or expire",
+                    limit=self.limit,
+                )
             self._tickets[ticket.token] = ticket
+            self._by_lease.setdefault(lease_id, OrderedDict())[ticket.token] = None
         return ticket
 
-    def redeem(self, token: str) -> Ticket:
+    def redeem(self, token: str, check: Callable[[Ticket], None] = lambda ticket: None) -> Ticket:
+        """Consumes the ticket if ``check(ticket)`` passes; what ``check`` raises leaves it unspent, so
+        a process that is refused the ticket cannot use it up for its holder either."""
         with self._lock:
-            self._expire()
-            ticket = self._tickets.pop(token, None)
-        if ticket is None:
-            raise TicketInvalid("ticket is unknown, already used or expired: call GetHandles again")
+            now = self._clock()
+            self._sweep(now)
+            ticket = self._tickets.get(token)
+            if ticket is None or ticket.expires <= now:
+                raise TicketInvalid("ticket is unknown, already used or expired: call GetHandles again")
+            check(ticket)
+            self._remove(token)
         return ticket
 
     def drop_lease(self, lease_id: str) -> None:
         with self._lock:
-            for token in [t for t, v in self._tickets.items() if v.lease_id == lease_id]:
-                del self._tickets[token]
+            for token in list(self._by_lease.get(lease_id, ())):
+                self._remove(token)
 
-    def _expire(self) -> None:
-        now = self._clock()
-        for token in [t for t, v in self._tickets.items() if v.expires <= now]:
-            del self._tickets[token]
+    def _remove(self, token: str) -> Ticket | None:
+        ticket = self._tickets.pop(token, None)
+        if ticket is not None:
+            mine = self._by_lease[ticket.lease_id]
+            del mine[token]
+            if not mine:
+                del self._by_lease[ticket.lease_id]
+        return ticket
+
+    def _sweep(self, now: float) -> None:
+        while self._tickets:
+            first = next(iter(self._tickets.values()))
+            if first.expires > now:
+                return
+            self._remove(first.token)

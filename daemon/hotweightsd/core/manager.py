@@ -8,11 +8,15 @@ another caller. Guarantees:
 - memory a live lease points at is never freed by the daemon (``force`` only drops the daemon's
   reference; a client's mapping keeps its pages alive);
 - a load that would not fit is refused before any file is read;
-- a version retired by a swap or a deferred unload is freed when its last lease ends.
+- a version retired by a swap or a deferred unload is freed when its last lease ends, and no
+  sooner than its hold: the previous version a swap keeps for a rollback stays ``keep_previous_seconds``,
+  and one restored after a restart waits ``relet_grace`` seconds for its holders to lease it again;
+- an alias is only created where the caller says so (``create``): a typo is NotFound, never a new alias.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 import threading
 import time
@@ -36,6 +40,7 @@ from hotweights.errors import (
     InvalidArgument,
     LeaseHeld,
     NotFound,
+    PermissionDenied,
     Unavailable,
     shorten,
 )
@@ -46,13 +51,18 @@ from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
 from hotweightsd.core.content import ContentId, content_of
 from hotweightsd.core.events import EventBus, EventKind
 from hotweightsd.core.layout import RankLayout, plan_rank
-from hotweightsd.core.leases import Lease, TicketBook, new_lease_id
+from hotweightsd.core.leases import Lease, TicketBook, check_holder, new_lease_id
 from hotweightsd.core.registry import ModelVersion, ResidentRank, State, check_name, split_ref
 from hotweightsd.core.roots import ModelRoots
 
 log = structlog.get_logger("hotweightsd.manager")
 
 VERIFY_LEVELS = ("default", "none", "fast", "full")
+# Seconds a retired version restored after a restart waits for the clients that held it to lease it
+# again (they retry for 120 s; a restart under the fd store takes seconds).
+RELET_GRACE = 30.0
+# Aliases named in a NotFound, at most.
+_LIST_ALIASES = 10
 
 
 @dataclass(frozen=True)
@@ -104,10 +114,17 @@ class ModelManager:
         default_verify: str = "fast",
         roots: ModelRoots | None = None,
         max_checkpoint_files: int = DEFAULT_MAX_FILES,
+        keep_previous: bool = True,
+        keep_previous_seconds: float = 600.0,
+        relet_grace: float = RELET_GRACE,
     ) -> None:
         self.backend = backend
         self.roots = roots or ModelRoots()
         self.max_checkpoint_files = max_checkpoint_files
+        self.keep_previous = keep_previous
+        self.keep_previous_seconds = keep_previous_seconds
+        self.relet_grace = relet_grace
+        self._timers: set[threading.Timer] = set()
         self.events = EventBus()
         self.tickets = TicketBook(ttl=ticket_ttl)
         self.default_verify = default_verify
@@ -156,6 +173,23 @@ class ModelManager:
     def leases(self) -> list[Lease]:
         with self._lock:
             return list(self._leases.values())
+
+    def require_alias(self, alias: str) -> str:
+        """The key ``alias`` points at; NotFound naming the known aliases when there is no such alias."""
+        with self._lock:
+            key = self._aliases.get(alias)
+            if key is not None:
+                return key
+            known = sorted(self._aliases)
+        listed = ", ".join(shorten(a) for a in known[:_LIST_ALIASES])
+        if len(known) > _LIST_ALIASES:
+            listed += f" and {len(known) - _LIST_ALIASES} more"
+        raise NotFound(
+            f"no alias named {shorten(alias)!r} (known aliases: {listed or 'none'}); "
+            "pass --create (create=true) to make a new one",
+            alias=alias,
+            aliases=known[:_LIST_ALIASES],
+        )
 
     def aliases_of(self, key: str) -> list[str]:
         with self._lock:
@@ -333,7 +367,9 @@ class ModelManager:
         if old.state is State.FAILED:
             del self._versions[key]
             return None
-        if old.state not in (State.LOADING, State.READY) or old.retire:
+        # A version kept resident for a rollback is retired but still served: the same content rejoins it.
+        kept = bool(old.previous_of) and old.state is State.READY
+        if old.state not in (State.LOADING, State.READY) or (old.retire and not kept):
             what = "retiring (its alias moved away)" if old.state is State.READY else old.state.value
             raise AlreadyExists(
                 f"{key} is already loaded and {what}; load it again once it is freed, or use another version",
@@ -367,8 +403,8 @@ class ModelManager:
                         f"{mv.key} is {mv.state.value}, not READY{hint}", ref=mv.key, state=mv.state.value
                     )
                 move = alias if alias and self._aliases.get(alias) != mv.key else None
-            if move:
-                self.set_alias(move, mv.key)  # as a normal load would; nothing to do when it points here already
+            if move:  # as a normal load would; nothing to do when it points here already
+                self.set_alias(move, mv.key, create=True)
             return mv
 
         return LoadStart(mv, run, True)
@@ -486,7 +522,7 @@ class ModelManager:
             )
             fx.publish(EventKind.VERSION_READY, mv.name, version=mv.version, message=mv.load_path)
         if alias:
-            self.set_alias(alias, mv.key)
+            self.set_alias(alias, mv.key, create=True)
         return mv
 
     def _fill_rank(self, r: ResidentRank, progress: Callable[[int], None], cancel: threading.Event) -> str:
@@ -577,8 +613,40 @@ class ModelManager:
         mv.ranks = []
 
     def _maybe_retire(self, mv: ModelVersion, fx: _Effects) -> None:
-        if mv.retire and not mv.leases and not self.aliases_of(mv.key) and mv.key in self._versions:
+        if (
+            mv.retire
+            and not mv.leases
+            and not mv.held(time.monotonic())
+            and not self.aliases_of(mv.key)
+            and self._versions.get(mv.key) is mv  # not a later version loaded under the same key
+        ):
             self._drop(mv, fx)
+
+    def _recheck_later(self, mv: ModelVersion, delay: float) -> None:
+        """Looks at ``mv`` again once a hold may have ended (lock held)."""
+        if self._closed:
+            return
+        timer = threading.Timer(max(delay, 0.0) + 0.01, self._recheck, (mv,))
+        timer.daemon = True
+        timer.name = "hw-hold"
+        self._timers.add(timer)
+        timer.start()
+
+    def _recheck(self, mv: ModelVersion) -> None:
+        with self._txn() as fx:
+            self._timers = {t for t in self._timers if t.is_alive() and t is not threading.current_thread()}
+            now = time.monotonic()
+            if mv.hold_until and mv.hold_until <= now:
+                fx.log("info", "previous.expired", model=mv.key, alias=mv.previous_of, leases=len(mv.leases))
+                self._unhold(mv)
+            if mv.relet_until and mv.relet_until <= now:
+                mv.relet_until = 0.0
+            self._maybe_retire(mv, fx)
+
+    @staticmethod
+    def _unhold(mv: ModelVersion) -> None:
+        mv.hold_until = mv.held_until_unix = 0.0
+        mv.previous_of = ""
 
     # ---- leases and handles ---------------------------------------------------------------
 
@@ -589,6 +657,7 @@ class ModelManager:
             lease = Lease(new_lease_id(), ref, mv.name, mv.version, pid, uid, holder)
             self._leases[lease.id] = lease
             mv.leases.add(lease.id)
+            mv.relet_until = 0.0  # a holder is back: the version goes with its last lease, as before the restart
         log.info("lease.open", lease=lease.id, model=mv.key, pid=pid, holder=holder)
         return lease
 
@@ -606,13 +675,6 @@ class ModelManager:
                 self._maybe_retire(mv, fx)
             self._changed.notify_all()
 
-    def note_peer(self, lease_id: str, pid: int, uid: int) -> None:
-        """Records the kernel-verified credentials of the process that fetched a lease's fds."""
-        with self._lock:
-            lease = self._leases.get(lease_id)
-            if lease is not None:
-                lease.pid, lease.uid = pid, uid
-
     def _lease(self, lease_id: str) -> tuple[Lease, ModelVersion]:
         lease = self._leases.get(lease_id)
         if lease is None:
@@ -622,18 +684,34 @@ class ModelManager:
             raise NotFound(f"{lease.name}@{lease.version} was unloaded (forced) while leased", lease=lease_id)
         return lease, mv
 
-    def get_handles(self, lease_id: str, rank: int) -> Handles:
+    def get_handles(self, lease_id: str, rank: int, key: str) -> Handles:
+        """The rank's handles and a ticket for its fds, for the lease's holder: the caller must show the
+        lease's key (given to the holder alone); the ticket is bound to the holder's process."""
         with self._lock:
-            _, mv = self._lease(lease_id)
+            lease, mv = self._lease(lease_id)
+            if not hmac.compare_digest(lease.key.encode(), key.encode("utf-8", "surrogateescape")):
+                raise PermissionDenied(
+                    f"lease {lease_id[:8]} is held by pid {lease.pid}: only its holder gets its handles",
+                    lease=lease_id,
+                )
             resident = mv.rank(rank)
-            ticket = self.tickets.issue(lease_id, rank)
+            ticket = self.tickets.issue(lease_id, rank, lease.pid, lease.uid)
         return Handles(mv, resident, ticket.token, self.tickets.ttl)
 
-    def redeem(self, token: str) -> tuple[Lease, list[int]]:
-        """Exchanges a ticket for new fds of the rank's allocations; the caller sends and closes them."""
-        ticket = self.tickets.redeem(token)
+    def redeem(self, token: str, pid: int, uid: int) -> tuple[Lease, list[int]]:
+        """Exchanges a ticket for new fds of the rank's allocations; the caller sends and closes them.
+
+        ``pid`` and ``uid`` are the kernel's word on who asks (SO_PEERCRED): anyone but the lease's
+        holder is refused (PermissionDenied), the ticket stays unspent and the lease unchanged. The
+        holder's uid is recorded at its first fetch; later ones must come under the same uid.
+        """
+        ticket = self.tickets.redeem(token, lambda t: check_holder(t, pid, uid))
         with self._lock:
             lease, mv = self._lease(ticket.lease_id)
+            if lease.uid < 0:
+                lease.uid = uid
+            elif lease.uid != uid:  # a ticket issued before the uid was known
+                raise PermissionDenied(f"lease {lease.id[:8]} is held under uid {lease.uid}", lease=lease.id)
             resident = mv.rank(ticket.rank)
             fds: list[int] = []
             try:
@@ -669,12 +747,17 @@ class ModelManager:
 
     # ---- aliases and swaps ----------------------------------------------------------------
 
-    def set_alias(self, alias: str, target: str) -> tuple[str, str]:
-        """Points ``alias`` at ``NAME@VERSION`` (READY); returns (old key or "", new key)."""
+    def set_alias(self, alias: str, target: str, *, create: bool = False) -> tuple[str, str]:
+        """Points ``alias`` at ``NAME@VERSION`` (READY); returns (old key or "", new key).
+
+        An alias that does not exist is NotFound (naming the known ones) unless ``create``.
+        """
         check_name("alias", alias)
         with self._txn() as fx:
             if any(v.name == alias for v in self._versions.values()):
                 raise InvalidArgument(f"{shorten(alias)!r} is a model name; aliases and model names must differ")
+            if not create:
+                self.require_alias(alias)
             name, version = split_ref(target)
             if version is None:
                 raise InvalidArgument(f"alias target must be NAME@VERSION, got {shorten(target)!r}")
@@ -689,19 +772,97 @@ class ModelManager:
             old = self._aliases.get(alias, "")
             self._aliases[alias] = mv.key
             mv.retire = False
+            self._unhold(mv)
             old_version = old.partition("@")[2] if old else ""
             fx.publish(EventKind.ALIAS_MOVED, mv.name, version=mv.version, alias=alias, old_version=old_version)
             fx.log("info", "alias.moved", alias=alias, old=old, new=mv.key)
         return old, mv.key
 
     def remove_alias(self, alias: str) -> str:
+        """Deletes ``alias``; a previous version kept for its rollback is retired with it."""
+        check_name("alias", alias)
         with self._txn() as fx:
-            key = self._aliases.pop(alias, None)
-            if key is None:
-                raise NotFound(f"no alias named {shorten(alias)!r}", alias=alias)
+            key = self.require_alias(alias)
+            del self._aliases[alias]
             name, _, version = key.partition("@")
             fx.publish(EventKind.ALIAS_REMOVED, name, version=version, alias=alias)
+            for mv in [v for v in self._versions.values() if v.previous_of == alias]:
+                self._unhold(mv)
+                self._maybe_retire(mv, fx)
         return key
+
+    def keep_allowed(self, mv: ModelVersion) -> tuple[bool, str]:
+        """Whether the default keeps the previous version after a swap to ``mv``, and why not.
+
+        Kept when the daemon's keep_previous is on and every device ``mv`` lies on has room for
+        another version of its size. Queries the backend: call it without the lock.
+        """
+        if not self.keep_previous:
+            return False, "keep_previous is off"
+        need: dict[int, int] = {}
+        for r in mv.ranks:
+            need[r.device] = need.get(r.device, 0) + sum(a.size for a in r.allocations)
+        free = {d.index: d.free for d in self.backend.devices()}
+        for dev, n in sorted(need.items()):
+            if free.get(dev, 0) < n:
+                where = "host memory" if self.backend.shared_device else f"device {dev}"
+                return False, (
+                    f"{_gib(free.get(dev, 0))} free on {where}, below the {_gib(n)} of {mv.key} "
+                    "(keep-previous falls back to no when memory is short)"
+                )
+        return True, ""
+
+    def move_alias(self, alias: str, key: str, *, keep: bool, why_not: str = "", create: bool = False) -> str:
+        """Points ``alias`` at ``key`` and, in the same step, keeps the version it moved away from
+        (``keep``: resident, unaliased, for ``keep_previous_seconds``, the alias's rollback target)
+        or retires it (freed when its last lease ends). Returns what became of the previous version."""
+        with self._txn() as fx:
+            old_key, _ = self.set_alias(alias, key, create=create)
+            old = self._versions.get(old_key) if old_key and old_key != key else None
+            if old is None:
+                return ""
+            for mv in [v for v in self._versions.values() if v.previous_of == alias and v is not old]:
+                self._unhold(mv)  # one previous version per alias: the newest
+                self._maybe_retire(mv, fx)
+            old.retire = True
+            if keep and old.state is State.READY and not old.freed:
+                old.hold_until = time.monotonic() + self.keep_previous_seconds
+                old.held_until_unix = time.time() + self.keep_previous_seconds
+                old.previous_of = alias
+                self._recheck_later(old, self.keep_previous_seconds)
+                note = (
+                    f"kept {old_key} resident for {self.keep_previous_seconds:g}s "
+                    f"(`hotweights rollback {alias}` moves back)"
+                )
+            else:
+                self._unhold(old)
+                note = f"retired {old_key}: freed when its last lease ends" + (
+                    f"; not kept: {why_not}" if why_not else ""
+                )
+                self._maybe_retire(old, fx)
+            fx.log("info", "alias.previous", alias=alias, previous=old_key, kept=bool(old.previous_of), note=note)
+        return note
+
+    def rollback(self, alias: str) -> tuple[ModelVersion, str, str]:
+        """Points ``alias`` back at the previous version a swap kept resident; reads and allocates nothing.
+
+        The version it moves away from is kept in turn (so a second rollback undoes the first) when
+        keep_previous is on, else retired. Returns (the version now aliased, the old key, what became of it).
+        """
+        check_name("alias", alias)
+        with self._txn():
+            current = self.require_alias(alias)
+            prev = next((v for v in self._versions.values() if v.previous_of == alias), None)
+            if prev is None or prev.state is not State.READY or prev.freed or prev.key == current:
+                raise FailedPrecondition(
+                    f"alias {shorten(alias)!r} has no previous version kept resident to roll back to "
+                    f"(a swap keeps it for keep_previous_seconds={self.keep_previous_seconds:g}); "
+                    f"swap it to a NAME@VERSION instead",
+                    alias=alias,
+                    current=current,
+                )
+            note = self.move_alias(alias, prev.key, keep=self.keep_previous, why_not="keep_previous is off")
+        return prev, current, note
 
     def retire(self, key: str) -> None:
         """Marks a version to be freed when its last lease ends (now, if none)."""
@@ -749,6 +910,9 @@ class ModelManager:
         """Frees everything the daemon holds (clients' mappings keep their own pages)."""
         with self._txn() as fx:
             self._closed = True
+            for timer in self._timers:
+                timer.cancel()
+            self._timers.clear()
             for mv in list(self._versions.values()):
                 self._stop_or_free(mv, fx)
             self._versions.clear()
@@ -760,14 +924,30 @@ class ModelManager:
             log.warning("backend.close_failed", error=str(exc))
 
     def adopt_version(self, mv: ModelVersion, aliases: Iterable[str] = ()) -> None:
-        """Registers a version rebuilt from restored allocations (daemon restart)."""
-        with self._lock:
+        """Registers a version rebuilt from restored allocations (daemon restart).
+
+        A retired one stays retired: it waits ``relet_grace`` seconds for the clients that held it
+        to lease it again (and what is left of its keep-previous hold), then goes with its last lease.
+        """
+        with self._txn():
             if mv.key in self._versions:
                 raise AlreadyExists(f"{mv.key} is already registered")
             mv.state = State.READY
             self._versions[mv.key] = mv
             for a in aliases:
                 self._aliases[a] = mv.key
+            if not mv.retire:
+                self._unhold(mv)
+                return
+            now, left = time.monotonic(), mv.held_until_unix - time.time()
+            if mv.previous_of and left > 0:
+                mv.hold_until = now + left
+            else:
+                self._unhold(mv)
+            mv.relet_until = now + self.relet_grace
+            self._recheck_later(mv, self.relet_grace)
+            if mv.hold_until:
+                self._recheck_later(mv, left)
 
 
 def _gib(n: int) -> str:

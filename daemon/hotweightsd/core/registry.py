@@ -72,6 +72,13 @@ class ModelVersion:
     leases: set[str] = field(default_factory=set)
     # Set when the version should go once its last lease ends (swapped out, or unloaded while leased).
     retire: bool = False
+    # A retired version is not freed before these (time.monotonic()); 0: no hold.
+    # hold_until: kept resident as the previous version of the alias ``previous_of`` (swap --keep-previous).
+    # relet_until: restored after a restart, waiting for the clients that held it to lease it again.
+    hold_until: float = 0.0
+    held_until_unix: float = 0.0
+    previous_of: str = ""
+    relet_until: float = 0.0
     bytes_total: int = 0
     bytes_done: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -85,6 +92,9 @@ class ModelVersion:
     @property
     def resident_bytes(self) -> int:
         return sum(a.size for r in self.ranks for a in r.allocations)
+
+    def held(self, now: float) -> bool:
+        return self.hold_until > now or self.relet_until > now
 
     @property
     def freed(self) -> bool:

@@ -21,6 +21,8 @@ class SwapMode(str, Enum):
 class SwapPlan:
     version: ModelVersion
     run: Callable[[], ModelVersion]
+    # What became of the version the alias moved away from; set by ``run``.
+    note: str = ""
 
 
 def is_path(target: str) -> bool:
@@ -41,27 +43,33 @@ def swap(
     drain_timeout: float = 60.0,
     verify: str | None = None,
     name: str | None = None,
+    create: bool = False,
+    keep_previous: bool | None = None,
 ) -> SwapPlan:
     """Plans the swap; everything refusable is refused before the alias or memory changes.
 
-    The alias flips only once the new version is READY, so a failed load leaves it where it was.
-    The old version is retired: freed when its last lease ends.
+    The alias must exist unless ``create``: a typo is NotFound naming the known aliases, before
+    anything is read. It flips only once the new version is READY, so a failed load leaves it where
+    it was. The old version is kept resident for a rollback (``keep_previous``; None: the daemon's
+    setting, when memory allows) or retired: freed when its last lease ends.
     """
     check_name("alias", alias)
-    current = m.aliases().get(alias)
+    current = m.aliases().get(alias) if create else m.require_alias(alias)
     old = m.get(*current.split("@", 1)) if current else None
 
     if not is_path(target):
         tname, tversion = split_ref(target)
         new = m.get(tname, tversion or "")
+        plan = SwapPlan(new, lambda: new)
 
         def flip() -> ModelVersion:
-            _move(m, alias, new, old)
+            plan.note = _move(m, alias, new, old, keep_previous, create)
             return new
 
+        plan.run = flip
         if new.state is not State.READY:
             flip()  # raises the clear FailedPrecondition of set_alias
-        return SwapPlan(new, flip)
+        return plan
 
     model = name or (old.name if old else None)
     if model is None:
@@ -78,15 +86,22 @@ def swap(
                 **exc.details,
             ) from None
 
+        side = SwapPlan(mv, lambda: mv)
+
         def run() -> ModelVersion:
             load()
-            _move(m, alias, mv, old)
+            side.note = _move(m, alias, mv, old, keep_previous, create)
             return mv
 
-        return SwapPlan(mv, run)
+        side.run = run
+        return side
 
     if old is None:
         raise InvalidArgument(f"--mode drain needs an existing alias; {shorten(alias)!r} points at nothing")
+    if keep_previous:
+        raise InvalidArgument(
+            "--keep-previous and --mode drain exclude each other: a drain frees the previous version first"
+        )
     # Fail on a bad checkpoint before anything is drained.
     with m.open_checkpoint(target) as ckpt:
         m.verify(ckpt, verify)
@@ -95,13 +110,16 @@ def swap(
 
     def run_after_drain() -> ModelVersion:
         load()
-        _move(m, alias, mv, old)  # the old version is gone already: retiring it is a no-op
+        m.set_alias(alias, mv.key, create=create)  # the old version is gone already
         return mv
 
-    return SwapPlan(mv, run_after_drain)
+    return SwapPlan(mv, run_after_drain, note=f"freed {old.key} before loading (drain)")
 
 
-def _move(m: ModelManager, alias: str, new: ModelVersion, old: ModelVersion | None) -> None:
-    m.set_alias(alias, new.key)
-    if old is not None and old.key != new.key:
-        m.retire(old.key)
+def _move(
+    m: ModelManager, alias: str, new: ModelVersion, old: ModelVersion | None, keep: bool | None, create: bool
+) -> str:
+    why_not = ""
+    if keep is None:
+        keep, why_not = m.keep_allowed(new) if old is not None and old.key != new.key else (False, "")
+    return m.move_alias(alias, new.key, keep=keep, why_not=why_not, create=create)

@@ -58,6 +58,8 @@ def _encode_version(mv: ModelVersion, names: list[list[str]]) -> dict:
         "load_seconds": mv.load_seconds,
         "load_path": mv.load_path,
         "retire": mv.retire,
+        "held_until": mv.held_until_unix,
+        "previous_of": mv.previous_of,
         "bytes_total": mv.bytes_total,
         "content": mv.content.to_json() if mv.content else None,
         "ranks": [
@@ -300,14 +302,18 @@ def restore(
             for v in vs
         ]
 
+    # A retired version is only worth its memory while it is resident: it is never read again.
+    retired = [v for v in versions if v.get("retire")]
+    if retired and not received:
+        log.info("restore.retired_not_reloaded", versions=[f"{v['name']}@{v['version']}" for v in retired])
     stored = [v for v in versions if v["ranks"] and all(r["fd_names"] for r in v["ranks"])]
     if not received:
-        report.to_reload = reload(versions)
+        report.to_reload = reload([v for v in versions if not v.get("retire")])
         if report.to_reload:
             report.note = f"no fd store handed anything back: reloading {len(report.to_reload)} version(s) from storage"
             log.warning("restore.reload_from_storage", versions=[f"{v['name']}@{v['version']}" for v in versions])
         return report
-    report.to_reload = reload([v for v in versions if v not in stored])
+    report.to_reload = reload([v for v in versions if v not in stored and not v.get("retire")])
     versions = stored
 
     expected = {n: 1 for v in versions for r in v["ranks"] for n in r["fd_names"]}
@@ -352,6 +358,8 @@ def _rebuild(v: dict, backend: MemoryBackend, received: dict[str, list[int]]) ->
         load_seconds=v["load_seconds"],
         load_path=v["load_path"],
         retire=v.get("retire", False),
+        held_until_unix=v.get("held_until", 0.0),
+        previous_of=v.get("previous_of", ""),
         bytes_total=v["bytes_total"],
         content=ContentId.from_json(v.get("content")),  # absent in state files written before it existed
     )

@@ -23,6 +23,7 @@ MODE_OF = {
 }
 VERIFY_OF = {pb.VERIFY_DEFAULT: None, pb.VERIFY_NONE: "none", pb.VERIFY_FAST: "fast", pb.VERIFY_FULL: "full"}
 SWAP_OF = {pb.SWAP_MODE_DEFAULT: "side-by-side", pb.SWAP_SIDE_BY_SIDE: "side-by-side", pb.SWAP_DRAIN: "drain"}
+KEEP_OF = {pb.KEEP_PREVIOUS_DEFAULT: None, pb.KEEP_PREVIOUS_YES: True, pb.KEEP_PREVIOUS_NO: False}
 
 
 def enum_arg(table: Mapping[Any, T], number: int, field: str) -> T:
@@ -61,6 +62,9 @@ def version_info(mv: ModelVersion, manager: ModelManager, already_loaded: bool =
         allocation=_MODE[mv.mode],
         backend=manager.backend.name,
         already_loaded=already_loaded,
+        retired=mv.retire,
+        held_until_unix=mv.held_until_unix,
+        previous_of=mv.previous_of,
     )
 
 

@@ -3,11 +3,22 @@
 Protocol, one exchange per connection: the client sends ``HWT1 <ticket>\\n``; the daemon answers
 one JSON line, ``{"ok": true, "count": N}`` with the N fds attached by SCM_RIGHTS (in batches of
 at most 250), or ``{"ok": false, "error": CLASS, "message": ...}``. Tickets come from GetHandles,
-are single-use and expire, so only a client that holds the lease can get the fds.
+are single-use, expire and are bound to the lease's holder: the kernel's word on the connecting
+process (SO_PEERCRED) must name the pid that opened the lease (and, once known, its uid), or the
+answer is PermissionDenied, the ticket stays unspent and the lease record unchanged.
+
+The channel is an asyncio server on an event loop of its own thread, so no client can hold up
+another: each connection has a deadline (``fd_channel_timeout_seconds``) for its whole exchange;
+beyond ``fd_channel_max_connections`` open at once a new connection is answered ``FdChannelBusy``
+at once and closed, so the listen backlog never fills; an accept() that fails for want of fds or
+buffers is logged and retried after a growing pause. Anything else that ends the accept loop is
+reported to ``on_failure`` (the daemon turns its health NOT_SERVING).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
 import socket
@@ -17,7 +28,14 @@ from collections.abc import Callable
 
 import structlog
 
-from hotweights.errors import HotweightsError, InvalidArgument
+from hotweights.errors import (
+    DeadlineExceeded,
+    FdChannelBusy,
+    HotweightsError,
+    InvalidArgument,
+    PermissionDenied,
+    TicketInvalid,
+)
 from hotweights.wire.fdproto import MAGIC
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.server.sockets import born_with_mode
@@ -25,17 +43,69 @@ from hotweightsd.server.sockets import born_with_mode
 log = structlog.get_logger("hotweightsd.fdchannel")
 
 MAX_FDS_PER_MESSAGE = 250
+MAX_REQUEST = 256
+BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+SERVING = 64  # connections redeeming a ticket or sending fds at once (each holds the rank's fds)
+# accept() failures that pass: out of fds (process, system), of kernel memory, or a peer gone first
+RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO})
+BACKOFF_FIRST = 0.01
+BACKOFF_MAX = 1.0
 
 
-def send_reply(conn: socket.socket, doc: dict, fds: list[int]) -> None:
-    line = (json.dumps(doc) + "\n").encode()
-    if not fds:
-        conn.sendall(line)
-        return
-    batches = [fds[i : i + MAX_FDS_PER_MESSAGE] for i in range(0, len(fds), MAX_FDS_PER_MESSAGE)]
-    socket.send_fds(conn, [line], batches[0])
+def _line(doc: dict) -> bytes:
+    return (json.dumps(doc) + "\n").encode()
+
+
+def _error_line(exc: HotweightsError) -> bytes:
+    return _line({"ok": False, "error": type(exc).__name__, "message": exc.message})
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected, as the kernel recorded them at connect()."""
+    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid, gid
+
+
+async def _writable(conn: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(conn.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(conn.fileno())
+
+
+async def _send(conn: socket.socket, data: bytes, fds: list[int]) -> None:
+    """``data`` with ``fds`` attached to its first byte, on a non-blocking socket."""
+    while True:
+        try:
+            sent = socket.send_fds(conn, [data], fds) if fds else conn.send(data)
+            break
+        except BlockingIOError:
+            await _writable(conn)
+    if sent < len(data):
+        await asyncio.get_running_loop().sock_sendall(conn, data[sent:])
+
+
+async def send_reply(conn: socket.socket, doc: dict, fds: list[int]) -> None:
+    batches = [fds[i : i + MAX_FDS_PER_MESSAGE] for i in range(0, len(fds), MAX_FDS_PER_MESSAGE)] or [[]]
+    await _send(conn, _line(doc), batches[0])
     for batch in batches[1:]:
-        socket.send_fds(conn, [b"+"], batch)
+        await _send(conn, b"+", batch)
+
+
+def _send_now(conn: socket.socket, data: bytes) -> None:
+    """A short reply on a socket that is about to be closed: best effort, never waits."""
+    try:
+        conn.send(data)
+    except OSError:
+        pass
 
 
 class FdChannel:
@@ -45,75 +115,173 @@ class FdChannel:
         manager: ModelManager,
         mode: int = 0o660,
         on_connection: Callable[[str], None] | None = None,
+        *,
+        timeout: float = 5.0,
+        max_connections: int = 1024,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.path = path
         self.manager = manager
-        # Told each connection's outcome: ok, refused (a bad or expired ticket) or io_error.
+        self.timeout = timeout
+        self.max_connections = max_connections
+        # Told each connection's outcome: ok, refused (a bad or expired ticket), denied (not the
+        # lease's holder), busy, timeout, io_error; and accept_error for each failed accept().
         self.on_connection = on_connection or (lambda outcome: None)
+        self.on_failure = on_failure or (lambda exc: None)
+        self.failure: BaseException | None = None
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         with born_with_mode(mode):
             self._sock.bind(path)
-        self._sock.listen(64)
-        self._thread = threading.Thread(target=self._serve, name="hw-fdchannel", daemon=True)
+        self._sock.listen(BACKLOG)
+        self._sock.setblocking(False)
+        self._open = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hw-fdchannel", daemon=True)
         self._stopping = False
+
+    @property
+    def serving(self) -> bool:
+        return self._thread.is_alive() and self.failure is None
 
     def start(self) -> None:
         self._thread.start()
+        self._ready.wait()
 
     def stop(self) -> None:
         self._stopping = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:
+                pass  # its loop has ended already
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         self._sock.close()
-        self._thread.join(timeout=2)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
-    def _serve(self) -> None:
+    # ---- the loop thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._task = asyncio.current_task()
+        self._serving = asyncio.Semaphore(SERVING)
+        conns: set[asyncio.Task] = set()
+        self._ready.set()
+        try:
+            await self._accept_loop(conns)
+            raise RuntimeError("the accept loop ended")
+        except asyncio.CancelledError:
+            if not self._stopping:
+                self._failed(RuntimeError("the accept loop was cancelled"))
+        except BaseException as exc:
+            self._failed(exc)
+        finally:
+            for t in conns:
+                t.cancel()
+            await asyncio.gather(*conns, return_exceptions=True)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._stopping:
+            return
+        self.failure = exc
+        log.error("fdchannel.failed", error=f"{type(exc).__name__}: {exc}", socket=self.path)
+        self.on_failure(exc)
+
+    async def _accept_loop(self, conns: set[asyncio.Task]) -> None:
+        loop = asyncio.get_running_loop()
+        delay, failures = 0.0, 0
         while not self._stopping:
             try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5.0)
-                try:
-                    outcome = self._handle(conn)
-                except OSError as exc:
-                    outcome = "io_error"
-                    log.warning("fdchannel.io_error", error=str(exc))
-                self.on_connection(outcome)
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:
+                if exc.errno not in RETRY_ERRNOS:
+                    raise
+                failures += 1
+                delay = min(max(delay * 2, BACKOFF_FIRST), BACKOFF_MAX)
+                if failures == 1:
+                    log.warning("fdchannel.accept_failed", errno=errno.errorcode.get(exc.errno or 0), error=str(exc))
+                self.on_connection("accept_error")
+                await asyncio.sleep(delay)
+                continue
+            if failures:
+                log.info("fdchannel.accept_recovered", failures=failures)
+                delay, failures = 0.0, 0
+            if self._open >= self.max_connections:
+                _send_now(conn, _error_line(_busy(self._open)))
+                conn.close()
+                self.on_connection("busy")
+                continue
+            self._open += 1
+            task = loop.create_task(self._serve(conn))
+            conns.add(task)
+            task.add_done_callback(conns.discard)
 
-    def _handle(self, conn: socket.socket) -> str:
-        fds: list[int] = []
+    async def _serve(self, conn: socket.socket) -> None:
+        outcome = "io_error"
         try:
-            token = self._read_ticket(conn)
-            pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            lease, fds = self.manager.redeem(token)
-            self.manager.note_peer(lease.id, pid, uid)
-            send_reply(conn, {"ok": True, "count": len(fds)}, fds)
+            async with asyncio.timeout(self.timeout):
+                outcome = await self._exchange(conn)
+        except TimeoutError:
+            outcome = "timeout"
+            _send_now(conn, _error_line(_deadline(self.timeout)))
+        except OSError as exc:
+            log.warning("fdchannel.io_error", error=str(exc))
+        except Exception:
+            log.exception("fdchannel.internal_error")
+        finally:
+            conn.close()
+            self._open -= 1
+            self.on_connection(outcome)
+
+    async def _exchange(self, conn: socket.socket) -> str:
+        pid, uid, _gid = peer_credentials(conn)
+        try:
+            token = await self._read_ticket(conn)
+            async with self._serving:
+                _, fds = self.manager.redeem(token, pid, uid)
+                try:
+                    await send_reply(conn, {"ok": True, "count": len(fds)}, fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
             return "ok"
         except HotweightsError as exc:
-            send_reply(conn, {"ok": False, "error": type(exc).__name__, "message": exc.message}, [])
+            await send_reply(conn, {"ok": False, "error": type(exc).__name__, "message": exc.message}, [])
+            if isinstance(exc, PermissionDenied) and not isinstance(exc, TicketInvalid):
+                log.warning("fdchannel.denied", pid=pid, uid=uid, error=exc.message)
+                return "denied"
             return "refused"
-        finally:
-            for fd in fds:
-                os.close(fd)
 
     @staticmethod
-    def _read_ticket(conn: socket.socket) -> str:
+    async def _read_ticket(conn: socket.socket) -> str:
+        loop = asyncio.get_running_loop()
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = conn.recv(256)
+        while not buf.endswith(b"\n") and len(buf) <= MAX_REQUEST:
+            chunk = await loop.sock_recv(conn, MAX_REQUEST + 1 - len(buf))
             if not chunk:
                 break
             buf += chunk
-            if len(buf) > 256:
-                break
         if not buf.startswith(MAGIC) or not buf.endswith(b"\n"):
             raise InvalidArgument("malformed ticket request")
         return buf[len(MAGIC) : -1].decode("ascii", "replace")
+
+
+def _busy(open_now: int) -> HotweightsError:
+    return FdChannelBusy(f"the fd socket is serving {open_now} connections, the most it takes: try again shortly")
+
+
+def _deadline(timeout: float) -> HotweightsError:
+    return DeadlineExceeded(f"the exchange on the fd socket took longer than {timeout:g} s")

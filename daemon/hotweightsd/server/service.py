@@ -225,8 +225,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     # ---- leases and handles ---------------------------------------------------------------
 
-    def _handles(self, lease_id: str, rank: int, compact: bool) -> pb.GetHandlesResponse:
-        h = self.m.get_handles(lease_id, rank)
+    def _handles(self, lease_id: str, lease_key: str, rank: int, compact: bool) -> pb.GetHandlesResponse:
+        h = self.m.get_handles(lease_id, rank, lease_key)
         key = (h.version.key, h.rank.rank, compact)
         with self._tables_lock:
             cached = self._tables.get(key)
@@ -239,7 +239,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @rpc
     async def GetHandles(self, request, context) -> pb.GetHandlesResponse:
-        return self._handles(request.lease_id, request.rank, request.compact_table)
+        return self._handles(request.lease_id, request.lease_key, request.rank, request.compact_table)
 
     @stream_rpc
     async def Lease(self, request_iterator, context) -> AsyncIterator[pb.LeaseEvent]:
@@ -259,9 +259,12 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                     name=lease.name,
                     version=lease.version,
                     world_size=self.m.get(lease.name, lease.version).world_size,
+                    lease_key=lease.key,
                 )
                 if first.open.with_handles:
-                    granted.handles.CopyFrom(self._handles(lease.id, first.open.rank, first.open.compact_table))
+                    granted.handles.CopyFrom(
+                        self._handles(lease.id, lease.key, first.open.rank, first.open.compact_table)
+                    )
             except BaseException:
                 if self.metrics is not None:
                     self.metrics.attaches.labels("error").inc()
@@ -307,12 +310,27 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @rpc
     async def SetAlias(self, request, context) -> pb.SetAliasResponse:
-        if request.target:
-            _, key = await self._blocking(self.m.set_alias, request.alias, request.target)
-        else:
+        if request.remove:
+            if request.target:
+                raise errors.InvalidArgument("remove takes no target: give either a target or remove")
             key = await self._blocking(self.m.remove_alias, request.alias)
+        elif request.target:
+            _, key = await self._blocking(self.m.set_alias, request.alias, request.target, create=request.create)
+        else:
+            raise errors.InvalidArgument("no target given: pass NAME@VERSION, or remove=true to delete the alias")
         name, _, version = key.partition("@")
         return pb.SetAliasResponse(alias=pb.AliasInfo(alias=request.alias, name=name, version=version))
+
+    @rpc
+    async def Rollback(self, request, context) -> pb.RollbackResponse:
+        mv, old, note = await self._blocking(self.m.rollback, request.alias)
+        info = convert.version_info(mv, self.m)
+        info.previous_note = note
+        return pb.RollbackResponse(
+            alias=pb.AliasInfo(alias=request.alias, name=mv.name, version=mv.version),
+            old_version=old.partition("@")[2],
+            version=info,
+        )
 
     @stream_rpc
     async def SwapModel(self, request: pb.SwapModelRequest, context) -> AsyncIterator[pb.LoadEvent]:
@@ -336,12 +354,16 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 drain_timeout=drain_timeout,
                 verify=verify,
                 name=request.name or None,
+                create=request.create,
+                keep_previous=convert.enum_arg(convert.KEEP_OF, request.keep_previous, "keep_previous"),
             )
         )
         async for ev in self._run_load(plan.version, plan.run, wait=True):
-            if self.metrics is not None and ev.WhichOneof("event") == "done":
-                # counted before the last event goes out: the caller may close the stream on it
-                self.metrics.swaps.labels(mode.value).inc()
+            if ev.WhichOneof("event") == "done":
+                ev.done.previous_note = plan.note
+                if self.metrics is not None:
+                    # counted before the last event goes out: the caller may close the stream on it
+                    self.metrics.swaps.labels(mode.value).inc()
             yield ev
 
     @stream_rpc

@@ -8,12 +8,14 @@ a live peer means refuse; a dead socket file is removed.
 from __future__ import annotations
 
 import fcntl
+import grp
 import os
 import socket
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from hotweights.errors import DaemonAlreadyRunning, InvalidArgument
+from hotweights.errors import DaemonAlreadyRunning, InvalidArgument, PermissionDenied
 
 
 def alive(path: str) -> bool:
@@ -31,13 +33,17 @@ def alive(path: str) -> bool:
 
 
 class SocketOwnership:
-    """Holds ``<socket>.lock`` for the daemon's lifetime."""
+    """Holds ``<socket>.lock`` for the daemon's lifetime; ``others`` are the daemon's other sockets
+    (the operator socket), checked and cleared like the socket itself."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, others: Sequence[str] = ()) -> None:
         self.path = path
-        if len(path.encode()) > 107:
-            raise InvalidArgument(f"socket path is {len(path.encode())} bytes; unix sockets allow 107: {path}")
+        for p in (path, *others):
+            if len(p.encode()) > 107:
+                raise InvalidArgument(f"socket path is {len(p.encode())} bytes; unix sockets allow 107: {p}")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        for p in others:
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
         self.lock_path = path + ".lock"
         self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -52,7 +58,7 @@ class SocketOwnership:
             ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-        for p in (path, fd_socket_path(path)):
+        for p in (path, fd_socket_path(path), *others):
             if os.path.exists(p):
                 if alive(p):
                     self.release()
@@ -78,3 +84,36 @@ def born_with_mode(mode: int = 0o660):
         yield
     finally:
         os.umask(old)
+
+
+def group_id(group: str) -> int:
+    """The gid of ``group`` (a name or a number) that this process may give its sockets to; else
+    InvalidArgument or PermissionDenied naming it, before any socket exists."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        if not group.isdigit():
+            raise InvalidArgument(f"operator_group {group!r}: no such group") from None
+        gid = int(group)
+    if os.geteuid() != 0 and gid not in (os.getegid(), *os.getgroups()):
+        raise PermissionDenied(
+            f"operator_group {group!r}: the daemon's user is not in that group, so it cannot give it the "
+            f"operator socket (the unit's SupplementaryGroups= must name it)",
+            gid=gid,
+        )
+    return gid
+
+
+def open_to_group(path: str, gid: int) -> None:
+    """Gives the socket at ``path`` (created 0600) to group ``gid`` and then makes it 0660: at no time
+    may anyone but the owner and that group connect."""
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        raise PermissionDenied(
+            f"cannot give {path} to group {gid}: the daemon's user is not in that group (the unit's "
+            f"SupplementaryGroups= must name it)",
+            socket=path,
+            gid=gid,
+        ) from None
+    os.chmod(path, 0o660)

@@ -41,6 +41,12 @@ class SwapMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SWAP_MODE_DEFAULT: _ClassVar[SwapMode]
     SWAP_SIDE_BY_SIDE: _ClassVar[SwapMode]
     SWAP_DRAIN: _ClassVar[SwapMode]
+
+class KeepPrevious(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEEP_PREVIOUS_DEFAULT: _ClassVar[KeepPrevious]
+    KEEP_PREVIOUS_YES: _ClassVar[KeepPrevious]
+    KEEP_PREVIOUS_NO: _ClassVar[KeepPrevious]
 MODEL_STATE_UNSPECIFIED: ModelState
 LOADING: ModelState
 READY: ModelState
@@ -61,6 +67,9 @@ ALLOCATION_LEGACY_IPC: AllocationMode
 SWAP_MODE_DEFAULT: SwapMode
 SWAP_SIDE_BY_SIDE: SwapMode
 SWAP_DRAIN: SwapMode
+KEEP_PREVIOUS_DEFAULT: KeepPrevious
+KEEP_PREVIOUS_YES: KeepPrevious
+KEEP_PREVIOUS_NO: KeepPrevious
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("name", "path", "version", "alias", "verify", "allocation", "device_map", "wait")
@@ -153,7 +162,7 @@ class RankInfo(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., device: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[int] = ..., allocations: _Optional[int] = ...) -> None: ...
 
 class ModelVersionInfo(_message.Message):
-    __slots__ = ("name", "version", "source", "state", "error", "ranks", "bytes", "leases", "load_seconds", "load_path", "aliases", "created_unix", "allocation", "backend", "already_loaded")
+    __slots__ = ("name", "version", "source", "state", "error", "ranks", "bytes", "leases", "load_seconds", "load_path", "aliases", "created_unix", "allocation", "backend", "already_loaded", "retired", "held_until_unix", "previous_of", "previous_note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +178,10 @@ class ModelVersionInfo(_message.Message):
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ALREADY_LOADED_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_FIELD_NUMBER: _ClassVar[int]
+    HELD_UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_OF_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     source: str
@@ -184,7 +197,11 @@ class ModelVersionInfo(_message.Message):
     allocation: AllocationMode
     backend: str
     already_loaded: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., load_seconds: _Optional[float] = ..., load_path: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., allocation: _Optional[_Union[AllocationMode, str]] = ..., backend: _Optional[str] = ..., already_loaded: _Optional[bool] = ...) -> None: ...
+    retired: bool
+    held_until_unix: float
+    previous_of: str
+    previous_note: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., load_seconds: _Optional[float] = ..., load_path: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., allocation: _Optional[_Union[AllocationMode, str]] = ..., backend: _Optional[str] = ..., already_loaded: _Optional[bool] = ..., retired: _Optional[bool] = ..., held_until_unix: _Optional[float] = ..., previous_of: _Optional[str] = ..., previous_note: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "strides", "allocation", "offset", "nbytes", "served_dtype")
@@ -243,14 +260,16 @@ class AllocationInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., size: _Optional[int] = ..., handle_type: _Optional[_Union[HandleType, str]] = ..., device: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., device_bus_id: _Optional[str] = ...) -> None: ...
 
 class GetHandlesRequest(_message.Message):
-    __slots__ = ("lease_id", "rank", "compact_table")
+    __slots__ = ("lease_id", "rank", "compact_table", "lease_key")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     COMPACT_TABLE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_KEY_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     rank: int
     compact_table: bool
-    def __init__(self, lease_id: _Optional[str] = ..., rank: _Optional[int] = ..., compact_table: _Optional[bool] = ...) -> None: ...
+    lease_key: str
+    def __init__(self, lease_id: _Optional[str] = ..., rank: _Optional[int] = ..., compact_table: _Optional[bool] = ..., lease_key: _Optional[str] = ...) -> None: ...
 
 class GetHandlesResponse(_message.Message):
     __slots__ = ("name", "version", "rank", "world_size", "tensors", "allocations", "ticket", "fd_socket", "ticket_ttl_seconds", "table")
@@ -313,18 +332,20 @@ class LeaseEvent(_message.Message):
     def __init__(self, granted: _Optional[_Union[LeaseGranted, _Mapping]] = ..., alias_moved: _Optional[_Union[AliasMoved, _Mapping]] = ...) -> None: ...
 
 class LeaseGranted(_message.Message):
-    __slots__ = ("lease_id", "name", "version", "world_size", "handles")
+    __slots__ = ("lease_id", "name", "version", "world_size", "handles", "lease_key")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     HANDLES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_KEY_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     name: str
     version: str
     world_size: int
     handles: GetHandlesResponse
-    def __init__(self, lease_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., world_size: _Optional[int] = ..., handles: _Optional[_Union[GetHandlesResponse, _Mapping]] = ...) -> None: ...
+    lease_key: str
+    def __init__(self, lease_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., world_size: _Optional[int] = ..., handles: _Optional[_Union[GetHandlesResponse, _Mapping]] = ..., lease_key: _Optional[str] = ...) -> None: ...
 
 class LeaseInfo(_message.Message):
     __slots__ = ("lease_id", "name", "version", "pid", "uid", "holder", "started_unix", "ref")
@@ -399,7 +420,7 @@ class StatusResponse(_message.Message):
     def __init__(self, daemon_version: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., socket: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[ModelVersionInfo, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseInfo, _Mapping]]] = ..., aliases: _Optional[_Iterable[_Union[AliasInfo, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., open_allocations: _Optional[int] = ..., gds: _Optional[str] = ..., restored: _Optional[bool] = ..., restore_note: _Optional[str] = ...) -> None: ...
 
 class SwapModelRequest(_message.Message):
-    __slots__ = ("alias", "target", "version", "mode", "drain_timeout_seconds", "verify", "name")
+    __slots__ = ("alias", "target", "version", "mode", "drain_timeout_seconds", "verify", "name", "create", "keep_previous")
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -407,6 +428,8 @@ class SwapModelRequest(_message.Message):
     DRAIN_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    CREATE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     alias: str
     target: str
     version: str
@@ -414,21 +437,43 @@ class SwapModelRequest(_message.Message):
     drain_timeout_seconds: float
     verify: VerifyLevel
     name: str
-    def __init__(self, alias: _Optional[str] = ..., target: _Optional[str] = ..., version: _Optional[str] = ..., mode: _Optional[_Union[SwapMode, str]] = ..., drain_timeout_seconds: _Optional[float] = ..., verify: _Optional[_Union[VerifyLevel, str]] = ..., name: _Optional[str] = ...) -> None: ...
+    create: bool
+    keep_previous: KeepPrevious
+    def __init__(self, alias: _Optional[str] = ..., target: _Optional[str] = ..., version: _Optional[str] = ..., mode: _Optional[_Union[SwapMode, str]] = ..., drain_timeout_seconds: _Optional[float] = ..., verify: _Optional[_Union[VerifyLevel, str]] = ..., name: _Optional[str] = ..., create: _Optional[bool] = ..., keep_previous: _Optional[_Union[KeepPrevious, str]] = ...) -> None: ...
 
 class SetAliasRequest(_message.Message):
-    __slots__ = ("alias", "target")
+    __slots__ = ("alias", "target", "create", "remove")
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    CREATE_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
     alias: str
     target: str
-    def __init__(self, alias: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+    create: bool
+    remove: bool
+    def __init__(self, alias: _Optional[str] = ..., target: _Optional[str] = ..., create: _Optional[bool] = ..., remove: _Optional[bool] = ...) -> None: ...
 
 class SetAliasResponse(_message.Message):
     __slots__ = ("alias",)
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     alias: AliasInfo
     def __init__(self, alias: _Optional[_Union[AliasInfo, _Mapping]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("alias",)
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    def __init__(self, alias: _Optional[str] = ...) -> None: ...
+
+class RollbackResponse(_message.Message):
+    __slots__ = ("alias", "old_version", "version")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    OLD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    alias: AliasInfo
+    old_version: str
+    version: ModelVersionInfo
+    def __init__(self, alias: _Optional[_Union[AliasInfo, _Mapping]] = ..., old_version: _Optional[str] = ..., version: _Optional[_Union[ModelVersionInfo, _Mapping]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("ref",)

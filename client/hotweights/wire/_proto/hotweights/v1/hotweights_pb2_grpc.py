@@ -74,6 +74,11 @@ class HotweightsStub:
                 request_serializer=hotweights_dot_v1_dot_hotweights__pb2.SetAliasRequest.SerializeToString,
                 response_deserializer=hotweights_dot_v1_dot_hotweights__pb2.SetAliasResponse.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/hotweights.v1.Hotweights/Rollback',
+                request_serializer=hotweights_dot_v1_dot_hotweights__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=hotweights_dot_v1_dot_hotweights__pb2.RollbackResponse.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/hotweights.v1.Hotweights/Watch',
                 request_serializer=hotweights_dot_v1_dot_hotweights__pb2.WatchRequest.SerializeToString,
@@ -138,6 +143,14 @@ class HotweightsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollback(self, request, context):
+        """Points an alias back at the version a swap moved it from, while that version is still kept
+        resident (SwapModelRequest.keep_previous). Reads and allocates nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -186,6 +199,11 @@ def add_HotweightsServicer_to_server(servicer, server):
                     servicer.SetAlias,
                     request_deserializer=hotweights_dot_v1_dot_hotweights__pb2.SetAliasRequest.FromString,
                     response_serializer=hotweights_dot_v1_dot_hotweights__pb2.SetAliasResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=hotweights_dot_v1_dot_hotweights__pb2.RollbackRequest.FromString,
+                    response_serializer=hotweights_dot_v1_dot_hotweights__pb2.RollbackResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -409,6 +427,33 @@ class Hotweights:
             '/hotweights.v1.Hotweights/SetAlias',
             hotweights_dot_v1_dot_hotweights__pb2.SetAliasRequest.SerializeToString,
             hotweights_dot_v1_dot_hotweights__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotweights.v1.Hotweights/Rollback',
+            hotweights_dot_v1_dot_hotweights__pb2.RollbackRequest.SerializeToString,
+            hotweights_dot_v1_dot_hotweights__pb2.RollbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

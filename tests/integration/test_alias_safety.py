@@ -1,0 +1,218 @@
+"""Hardening, acceptance 7 (cpu backend, a real daemon, the CLI as an operator runs it): a typo'd alias
+is NotFound and moves nothing; removing an alias is its own flag; a swap keeps the previous version
+resident for a rollback that reads nothing; the kept version goes after its grace; a version retired
+while leased comes back retired after a restart and is freed once its last lease ends."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hotweights import errors
+from support.ckpt_tools import versioned_model as versioned
+from support.daemons import Daemon, serve_command, short_tmpdir, spawn_client, start_daemon
+from support.svcmgr import ServiceManager
+
+
+def _loads(d: Daemon) -> float:
+    """hotweights_loads_total{result="ready"}: the loads that read a checkpoint."""
+    text = d.cli("metrics", check=True).stdout
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "hotweights_loads_total" and s.labels.get("result") == "ready":
+                return s.value
+    raise AssertionError(f"no hotweights_loads_total in:\n{text}")
+
+
+def _versions(d: Daemon) -> dict[str, dict]:
+    return {v["version"]: v for v in d.status()["versions"]}
+
+
+def _aliases(d: Daemon) -> dict[str, str]:
+    return {a["alias"]: a["version"] for a in d.status()["aliases"]}
+
+
+def _two_versions(d: Daemon, tmp_path, alias: str = "prod") -> None:
+    d.cli("load", "llm", str(versioned(tmp_path, 1)), "--version", "v1", "--alias", alias, check=True)
+    d.cli("load", "llm", str(versioned(tmp_path, 2)), "--version", "v2", check=True)
+
+
+def test_a_typo_is_not_found_with_the_known_aliases_and_moves_nothing(daemon, tmp_path):
+    _two_versions(daemon, tmp_path)
+    daemon.cli("alias", "canary", "llm@v1", "--create", check=True)
+    loads = _loads(daemon)
+
+    r = daemon.cli("swap", "prdo", "llm@v2")
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert "no alias named 'prdo' (known aliases: canary, prod)" in r.stderr and "--create" in r.stderr, r.stderr
+    r = daemon.cli("swap", "prdo", str(versioned(tmp_path, 3)), "--version", "v3")  # a path: nothing is read
+    assert r.returncode == 1 and "no alias named 'prdo'" in r.stderr, r.stderr
+    r = daemon.cli("alias", "prdo", "llm@v2")
+    assert r.returncode == 1 and "no alias named 'prdo'" in r.stderr, r.stderr
+    with daemon.connect() as c:
+        with pytest.raises(errors.NotFound) as info:
+            c.swap("prdo", "llm@v2")
+        assert info.value.details["aliases"] == ["canary", "prod"]
+        with pytest.raises(errors.NotFound):
+            c.rollback("prdo")
+
+    assert _aliases(daemon) == {"prod": "v1", "canary": "v1"}
+    assert set(_versions(daemon)) == {"v1", "v2"} and _loads(daemon) == loads
+
+
+def test_alias_without_a_target_is_a_usage_error_and_remove_removes(daemon, tmp_path):
+    _two_versions(daemon, tmp_path)
+    daemon.cli("alias", "canary", "llm@v2", "--create", check=True)
+
+    r = daemon.cli("alias", "canary")
+    assert r.returncode == 2 and "missing NAME@VERSION" in r.stderr and "--remove" in r.stderr, r.stderr
+    r = daemon.cli("alias", "canary", "llm@v1", "--remove")
+    assert r.returncode == 2 and "--remove takes no target" in r.stderr, r.stderr
+    assert _aliases(daemon) == {"prod": "v1", "canary": "v2"}
+
+    removed = json.loads(daemon.cli("alias", "canary", "--remove", "--json", check=True).stdout)
+    assert removed == {"alias": "canary", "name": "llm", "version": "v2", "removed": True}
+    assert _aliases(daemon) == {"prod": "v1"}
+    r = daemon.cli("alias", "canary", "--remove")
+    assert r.returncode == 1 and "no alias named 'canary' (known aliases: prod)" in r.stderr, r.stderr
+
+
+def test_swap_keeps_the_previous_version_and_rollback_moves_back_without_a_load(daemon, tmp_path):
+    _two_versions(daemon, tmp_path)
+    before = _versions(daemon)
+    memfds = len(daemon.memfds())
+
+    swapped = json.loads(daemon.cli("swap", "prod", "llm@v2", "--json", check=True).stdout)
+    assert swapped["version"] == "v2" and "kept llm@v1 resident" in swapped["previous_note"], swapped
+    v = _versions(daemon)
+    assert v["v1"]["previous_of"] == "prod" and v["v1"]["retired"] is True and v["v1"]["aliases"] == []
+    assert v["v1"]["held_until_unix"] > time.time() + 500  # keep_previous_seconds defaults to 600
+    loads = _loads(daemon)
+
+    with daemon.connect() as c:
+        c.status()  # the channel is up: the time below is the Rollback call alone
+        t0 = time.perf_counter()
+        r = c.rollback("prod")
+        took = time.perf_counter() - t0
+    # Reported, not asserted (a shared CI machine's scheduling is no property of the daemon); the
+    # acceptance figure is 10 ms.
+    print(f"Rollback RPC took {took * 1e3:.2f} ms")
+    assert (r.alias.alias, r.alias.version, r.old_version) == ("prod", "v1", "v2")
+    assert "kept llm@v2 resident" in r.version.previous_note
+
+    after = _versions(daemon)
+    assert _aliases(daemon) == {"prod": "v1"}
+    # nothing was read or allocated: same versions, same load, same memory
+    assert _loads(daemon) == loads and len(daemon.memfds()) == memfds
+    assert {k: (x["created_unix"], x["load_seconds"]) for k, x in after.items()} == {
+        k: (x["created_unix"], x["load_seconds"]) for k, x in before.items()
+    }
+    assert after["v1"]["retired"] is False and after["v1"]["held_until_unix"] == 0
+    assert after["v2"]["previous_of"] == "prod" and after["v2"]["retired"] is True
+
+    # a second rollback undoes the first, from the command line
+    out = daemon.cli("rollback", "prod", check=True).stdout
+    assert out.startswith("prod -> llm@v2 (was llm@v1)"), out
+    assert _aliases(daemon) == {"prod": "v2"} and _loads(daemon) == loads
+
+    # --no-keep-previous retires at once (nothing leases v1): nothing is left to roll back to
+    daemon.cli("swap", "prod", "llm@v1", check=True)  # keeps v2
+    r = daemon.cli("swap", "prod", "llm@v2", "--no-keep-previous", "--json", check=True)
+    assert "retired llm@v1" in json.loads(r.stdout)["previous_note"]
+    assert set(_versions(daemon)) == {"v2"}
+    r = daemon.cli("rollback", "prod")
+    assert r.returncode == 1 and "no previous version kept resident" in r.stderr, r.stderr
+
+
+def test_the_kept_version_is_freed_after_keep_previous_seconds(sockdir, tmp_path):
+    with start_daemon(str(sockdir / "short.sock"), "--keep-previous-seconds", "1") as d:
+        _two_versions(d, tmp_path)
+        t0 = time.time()
+        swapped = json.loads(d.cli("swap", "prod", "llm@v2", "--json", check=True).stdout)
+        assert "kept llm@v1 resident for 1s" in swapped["previous_note"], swapped
+        st = d.wait_status(lambda s: [v["version"] for v in s["versions"]] == ["v2"], timeout=30)
+        assert st["aliases"] == [{"alias": "prod", "name": "llm", "version": "v2"}]
+        assert len(d.memfds()) == 1
+        print(f"the kept version was gone {time.time() - t0:.2f} s after the swap began (grace 1 s)")
+        r = d.cli("rollback", "prod")
+        assert r.returncode == 1 and "no previous version kept resident" in r.stderr, r.stderr
+        assert d.stop() == 0, d.logs()
+
+
+def test_keep_previous_falls_back_to_no_when_memory_is_short(sockdir, tmp_path):
+    # two 4 MB versions fit in 10 MB; a third would not: the default does not keep the previous one
+    with start_daemon(str(sockdir / "tight.sock"), "--memory-limit", "10MB") as d:
+        d.cli("load", "llm", str(versioned(tmp_path, 1, size=1000)), "--version", "v1", "--alias", "prod", check=True)
+        d.cli("load", "llm", str(versioned(tmp_path, 2, size=1000)), "--version", "v2", check=True)
+        out = d.cli("swap", "prod", "llm@v2", check=True).stdout
+        assert "previous: retired llm@v1" in out and "memory is short" in out, out
+        assert set(_versions(d)) == {"v2"}
+        assert d.stop() == 0, d.logs()
+
+
+@pytest.fixture
+def svc():
+    d = short_tmpdir()
+    with ServiceManager(d) as mgr:
+        yield mgr
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_version_retired_while_leased_is_freed_after_a_restart_once_its_lease_ends(svc, tmp_path, sig):
+    sock = str(svc.tmpdir / "hw.sock")
+    cmd = serve_command(sock, config="none")
+    svc.start(cmd)
+    svc.wait_for("READY", "1")
+    d = Daemon(sock, svc.process, svc.log_path).wait_ready()
+    _two_versions(d, tmp_path)
+    holder = spawn_client("hold_across_restart", sock, "prod")
+    assert holder.stdout.readline().strip() == "attached", holder.stderr.read()
+    d.cli("swap", "prod", "llm@v2", "--no-keep-previous", check=True)
+    v = _versions(d)
+    assert v["v1"]["retired"] is True and v["v1"]["leases"] == 1
+
+    svc.stop(sig)
+    svc.start(cmd)
+    svc.wait_for("READY", "1")
+    d = Daemon(sock, svc.process, svc.log_path).wait_ready()
+    st = d.status()
+    assert st["restored"] is True, st["restore_note"]
+    v = {x["version"]: x for x in st["versions"]}
+    assert v["v1"]["retired"] is True and v["v1"]["aliases"] == [], v  # came back retired, not aliased
+    assert {a["alias"]: a["version"] for a in st["aliases"]} == {"prod": "v2"}
+
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline().split()[0] == "same-after-restart", holder.stderr.read()
+    d.wait_status(lambda s: any(le["holder"] == "restart-test" and le["version"] == "v1" for le in s["leases"]))
+    assert "v1" in _versions(d)  # leased again: stays
+    holder.stdin.write("done\n")
+    holder.stdin.flush()
+    assert holder.wait(60) == 0, holder.stderr.read()
+    d.wait_status(lambda s: [x["version"] for x in s["versions"]] == ["v2"])
+    assert sorted(svc.stored_fds) == ["hw/llm@v2/0/0"]
+    assert svc.stop() == 0
+
+
+def test_without_an_fd_store_a_retired_version_is_not_reloaded(sockdir, tmp_path):
+    sock = str(sockdir / "plain.sock")
+    with start_daemon(sock) as d:
+        _two_versions(d, tmp_path)
+        holder = spawn_client("hold_across_restart", sock, "prod")
+        assert holder.stdout.readline().strip() == "attached", holder.stderr.read()
+        d.cli("swap", "prod", "llm@v2", check=True)  # v1 is leased and kept for a rollback: retired
+        assert _versions(d)["v1"]["retired"] is True
+        assert d.stop() == 0, d.logs()
+    holder.kill()
+    holder.wait(30)
+    with start_daemon(sock) as d:
+        st = d.wait_status(lambda s: s["versions"])
+        assert [(x["version"], x["retired"]) for x in st["versions"]] == [("v2", False)]
+        assert "reloading 1 version(s) from storage" in st["restore_note"]
+        assert d.stop() == 0, d.logs()

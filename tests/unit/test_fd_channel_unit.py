@@ -1,0 +1,129 @@
+"""The fd channel's limits in-process (the real FdChannel over a real unix socket, a real cpu backend)
+and the client's typed errors against small fake servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hotweights import errors
+from hotweights.wire.fdproto import fetch_fds
+from hotweightsd.backends.cpu import CpuBackend
+from hotweightsd.core.manager import ModelManager
+from hotweightsd.server.fdchannel import FdChannel
+from support.daemons import short_tmpdir, wait_until
+
+DEADLINE_S = 3.0  # the channel's deadline here: a busy answer comes long before it, however loaded the machine
+
+
+@pytest.fixture
+def sockdir():
+    d = Path(short_tmpdir())
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def channel(sockdir):
+    manager = ModelManager(CpuBackend(memory_limit=64 * 2**20))
+    outcomes: list[str] = []
+    ch = FdChannel(
+        str(sockdir / "c.fds"), manager, on_connection=outcomes.append, timeout=DEADLINE_S, max_connections=2
+    )
+    ch.start()
+    ch.outcomes = outcomes  # type: ignore[attr-defined]
+    yield ch
+    ch.stop()
+    manager.close()
+
+
+def _connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    return s
+
+
+def _reply(s: socket.socket) -> dict:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return json.loads(data)
+
+
+def test_beyond_the_connection_cap_the_answer_is_busy_at_once_and_idle_ones_are_cut(channel):
+    idle = [_connect(channel.path) for _ in range(2)]
+    wait_until(lambda: channel._open == 2, 10, "both idle connections accepted")
+    t0 = time.monotonic()
+    extra = _connect(channel.path)
+    assert _reply(extra)["error"] == "FdChannelBusy"
+    assert time.monotonic() - t0 < DEADLINE_S  # not after the idle ones were cut
+    with pytest.raises(errors.FdChannelBusy):
+        fetch_fds(channel.path, "0" * 32, 1, timeout=0.2)  # retried until its own timeout
+    for s in idle:
+        assert _reply(s)["error"] == "DeadlineExceeded"
+    wait_until(lambda: channel.outcomes.count("timeout") == 2, 10, "two timeouts counted")
+    with pytest.raises(errors.TicketInvalid):
+        fetch_fds(channel.path, "0" * 32, 1, timeout=5)
+    assert channel.serving and "busy" in channel.outcomes
+
+
+def _fake_server(path: str, answer) -> threading.Thread:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(8)
+
+    def run() -> None:
+        with srv:
+            while True:
+                conn, _ = srv.accept()
+                if answer(conn) == "stop":
+                    return
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_the_client_turns_each_failure_into_a_typed_error(sockdir):
+    with pytest.raises(errors.Unavailable):
+        fetch_fds(str(sockdir / "nobody.fds"), "t", 1, timeout=1)
+
+    held = []
+    _fake_server(str(sockdir / "mute.fds"), held.append)  # accepts, never answers
+    with pytest.raises(errors.DeadlineExceeded):
+        fetch_fds(str(sockdir / "mute.fds"), "t", 1, timeout=0.3)
+
+    _fake_server(str(sockdir / "hangup.fds"), lambda conn: conn.close())
+    with pytest.raises(errors.Unavailable, match="closed the connection"):
+        fetch_fds(str(sockdir / "hangup.fds"), "t", 1, timeout=5)
+
+    tries = []
+    r, w = os.pipe()
+
+    def busy_then_ok(conn: socket.socket) -> str | None:
+        tries.append(1)
+        with conn:
+            if len(tries) < 3:
+                conn.sendall(b'{"ok": false, "error": "FdChannelBusy", "message": "busy"}\n')
+                return None
+            socket.send_fds(conn, [b'{"ok": true, "count": 1}\n'], [r])
+            return "stop"
+
+    _fake_server(str(sockdir / "busy.fds"), busy_then_ok)
+    [fd] = fetch_fds(str(sockdir / "busy.fds"), "t", 1, timeout=10)
+    assert len(tries) == 3
+    for x in (fd, r, w):
+        os.close(x)
+    for conn in held:
+        conn.close()
