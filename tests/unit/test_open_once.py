@@ -104,6 +104,11 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(plain / "b.safetensors")
     with pytest.raises(errors.BadCheckpoint, match="b.safetensors: a FIFO"):
         returns(lambda: open_checkpoint(plain))
+    indexed = tmp_path / "indexed"
+    write_model(indexed / "a.safetensors")
+    os.mkfifo(indexed / "model.safetensors.index.json")
+    with pytest.raises(errors.BadCheckpoint, match="model.safetensors.index.json: a FIFO"):
+        returns(lambda: open_checkpoint(indexed))
     assert fds() == before
 
 
