@@ -13,7 +13,9 @@
 # ab_settings.py after that, AB_ARGS its flags, AB_TIMEOUT its time box in seconds, default 150), SKIP_FF=1
 # (bench_first_forward.py runs before bench_load.py unless set; FF_ARGS its flags, FF_TIMEOUT its time box),
 # NODE=1 (run bench_node.py, every GPU at once through a daemon, instead of bench_load.py; NODE_ARGS its flags;
-# same budget and time box; pair with SKIP_TESTS=1 SKIP_FF=1 to give it the whole session).
+# same budget and time box; pair with SKIP_TESTS=1 SKIP_FF=1 to give it the whole session), COLD=1 (run
+# bench_cold.py instead of bench_load.py: the cold read ceiling over several read shapes, and the daemon's
+# read modes cold and partly cached, interleaved repetitions; COLD_ARGS its flags; same budget and time box).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -146,7 +148,10 @@ if [ "$budget" -lt 60 ]; then
   log "only ${left}s left: running the benchmark with a ${budget}s budget anyway"
   budget=60
 fi
-if [ -n "${NODE:-}" ]; then
+if [ -n "${COLD:-}" ]; then
+  log "cold and partly cached loads (budget ${budget}s, time box $((left - 10))s)"
+  stage cold.log "$((left - 10))" benchmarks/bench_cold.py --budget "$budget" ${COLD_ARGS:-}
+elif [ -n "${NODE:-}" ]; then
   log "node benchmark, $(nvidia-smi -L 2>/dev/null | wc -l) GPU(s) (budget ${budget}s, time box $((left - 10))s)"
   stage node.log "$((left - 10))" benchmarks/bench_node.py --budget "$budget" ${NODE_ARGS:-}
 else

@@ -95,7 +95,7 @@ class Config:
     memory_limit: int | None = _key(None, "cap on resident bytes per device (cpu: in all)", kind="size", minimum=1)
     loader: str = _key(
         "auto",
-        "how the cuda loader reads files (auto: buffered where a file is in the page cache, O_DIRECT where cold)",
+        "how the cuda loader reads files (auto: buffered where in the page cache, O_DIRECT where cold, per range)",
         choices=("auto", "pread", "odirect"),
     )
     loader_threads: int | None = _key(

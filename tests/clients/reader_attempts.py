@@ -81,7 +81,8 @@ def _attach(stub: Any, ref: str) -> str:
     stream = stub.Lease(requests(), timeout=30)
     try:
         granted = next(stream).granted
-        h = stub.GetHandles(pb.GetHandlesRequest(lease_id=granted.lease_id, rank=0), timeout=10)
+        key = granted.lease_key
+        h = stub.GetHandles(pb.GetHandlesRequest(lease_id=granted.lease_id, rank=0, lease_key=key), timeout=10)
         fds = fetch_fds(h.fd_socket, h.ticket, len(h.allocations))
         for fd in fds:
             os.close(fd)

@@ -33,8 +33,8 @@ def _operator_requests(model: str) -> dict[str, object]:
     return {
         "LoadModel": pb.LoadModelRequest(name="n", path=model, wait=True),
         "UnloadModel": pb.UnloadModelRequest(ref="m@v1", force=True),
-        "SwapModel": pb.SwapModelRequest(alias="prod", target=model, name="n"),
-        "SetAlias": pb.SetAliasRequest(alias="other", target="m@v1"),
+        "SwapModel": pb.SwapModelRequest(alias="prod", target=model, name="n", create=True),
+        "SetAlias": pb.SetAliasRequest(alias="other", target="m@v1", create=True),
     }
 
 
@@ -95,11 +95,11 @@ def test_the_client_routes_operator_calls_to_the_operator_socket(loaded, sockdir
     d, model = loaded
     with hotweights.connect(d.socket) as c:
         assert c.operator_socket == d.operator_socket
-        c.set_alias("canary", "m@v1")
+        c.set_alias("canary", "m@v1", create=True)
         assert c.load("m", model, version="v1").already_loaded
         c.remove_alias("canary")
     # the command line too, as an operator runs it
-    r = d.cli("alias", "canary", "m@v1")
+    r = d.cli("alias", "canary", "m@v1", "--create")
     assert r.returncode == 0, r.stderr
     # a client told of no operator socket, against a daemon that has it elsewhere: the error names the path
     with hotweights.connect(d.socket, operator_socket=str(sockdir / "nowhere.admin")) as c:

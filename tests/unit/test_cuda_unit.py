@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import fcntl
 import itertools
 import mmap
 import os
 import random
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from hotweightsd.loaders.path import choose, default_threads
 from hotweightsd.loaders.plan import Piece, ReadChunk, check_plan, merge_chunks, plan_chunks, run_end
 from hotweightsd.loaders.scheduler import FillScheduler
 from hotweightsd.loaders.settings import LoaderSettings
+from support import pagecache
 
 MiB = 1024 * 1024
 GRAN = 2 * MiB
@@ -857,6 +861,47 @@ def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, busy):
         a.close()
     b.close()
     assert fake.host == {} and fake.streams == 0 and fake.events == 0
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["alone", "beside-other-fills"])
+def test_fill_of_a_half_cached_file_reads_it_both_ways_and_is_exact(fake, tmp_path, monkeypatch, busy):
+    """Read mode auto: the file's resident half is read buffered, its cold half O_DIRECT, in one fill."""
+    path = Path(tempfile.mkdtemp(prefix="hw-mixed-", dir=pagecache.disk_dir(tmp_path))) / "m.safetensors"
+    write_ckpt(path, n=120)
+    chunk = 64 * 1024
+    b = make_backend(read_mode="auto", threads=3, chunk_size=chunk, ring_depth=2, busy_chunk_size=192 * 1024)
+    layout = plan_rank(load_rank(path), b.granularity(0))
+    allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+    cut = pagecache.half_cached(path, chunk)  # after the header was read (its readahead may cache more)
+    reads: dict[str, list[int]] = {"buffered": [], "direct": []}
+    real_exact, real_direct = files.read_exact, files.read_direct
+
+    def exact(fd, buf, offset, p):
+        reads["buffered"].append(offset)
+        return real_exact(fd, buf, offset, p)
+
+    def direct(fd, buf, chunk, p):
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        reads["direct"].append(chunk.offset)
+        return real_direct(fd, buf, chunk, p)
+
+    monkeypatch.setattr(files, "read_exact", exact)
+    monkeypatch.setattr(files, "read_direct", direct)
+    try:
+        if busy:
+            with b.scheduler.fill():
+                desc = b.fill(layout, allocs, lambda n: None, threading.Event())
+        else:
+            desc = b.fill(layout, allocs, lambda n: None, threading.Event())
+        assert "; auto: 1 mixed (" in desc, desc
+        assert reads["buffered"] and reads["direct"], reads
+        assert max(reads["buffered"]) < cut <= min(reads["direct"])
+        check_contents(fake, layout, allocs)
+    finally:
+        for a in allocs:
+            a.close()
+        b.close()
+        shutil.rmtree(path.parent)
 
 
 def test_fill_two_devices_in_parallel_and_ring_reuse(fake, tmp_path):

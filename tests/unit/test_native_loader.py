@@ -15,6 +15,7 @@ import random
 import shlex
 import shutil
 import sysconfig
+import tempfile
 import threading
 
 import pytest
@@ -23,7 +24,7 @@ from hotweights.errors import Aborted, BackendError, BadCheckpoint
 from hotweightsd.core.layout import Segment
 from hotweightsd.loaders import native
 from hotweightsd.loaders.path import choose
-from hotweightsd.loaders.plan import Piece, ReadChunk, plan_chunks
+from hotweightsd.loaders.plan import Piece, ReadChunk, needed_file_sizes, plan_chunks
 from hotweightsd.loaders.settings import LoaderSettings
 
 MiB = 1024 * 1024
@@ -157,6 +158,57 @@ def test_direct_and_buffered_files_mixed(tmp_path):
     finally:
         ring.close()
     assert dest.raw[:size] == expected(paths, segs, size)
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 5])
+def test_a_half_cached_file_is_read_through_both_its_fds(tmp_path, threads):
+    """Read mode auto's ranges on the native engine: the resident half through the buffered fd, the cold
+    half through the O_DIRECT one (its aligned superset), every byte where the segments say."""
+    from pathlib import Path
+
+    from hotweightsd.loaders.ranges import ReadSources
+    from support import pagecache
+
+    chunk = 64 * 1024
+    d = Path(tempfile.mkdtemp(prefix="hw-native-mixed-", dir=pagecache.disk_dir(tmp_path)))
+    try:
+        paths, segs, size = random_layout(d, 21, nfiles=2)
+        for p in paths:
+            pagecache.half_cached(Path(p), chunk)
+        chunks = plan_chunks(segs, chunk)
+        sources = ReadSources.open(paths, "auto", needed_file_sizes(chunks, len(paths)), chunk)
+        try:
+            kinds = [f.kind for f in sources.files]
+            chunks = sources.mark(chunks)
+            dest = (ctypes.c_char * (size + 256))()
+            ring = HostRing(threads, 2, chunk)
+            try:
+                reads, _ = native.fill(
+                    chunks,
+                    sources.fds,
+                    sources.direct,
+                    paths,
+                    [ctypes.addressof(dest)],
+                    threads=threads,
+                    depth=2,
+                    slot_size=chunk,
+                    host_base=ring.base,
+                    progress=lambda n: None,
+                    cancel=threading.Event(),
+                    host_mode=True,
+                    sources=[sources.source(c) for c in chunks],
+                )
+            finally:
+                ring.close()
+        finally:
+            sources.close()
+        assert kinds == ["mixed", "mixed"]
+        assert {c.direct for c in chunks} == {False, True}
+        assert reads == len(chunks)
+        assert dest.raw[:size] == expected(paths, segs, size)
+    finally:
+        shutil.rmtree(d)
 
 
 @needs_lib

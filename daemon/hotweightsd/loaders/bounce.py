@@ -19,7 +19,7 @@ from hotweights.cuda import devices as cd
 from hotweights.errors import Aborted, BadCheckpoint
 from hotweightsd.core import faults
 from hotweightsd.core.layout import RankLayout
-from hotweightsd.loaders import files, native
+from hotweightsd.loaders import files, native, ranges
 from hotweightsd.loaders.path import LoadPath
 from hotweightsd.loaders.plan import ReadChunk, check_plan, merge_chunks, needed_file_sizes, plan_chunks, run_end
 from hotweightsd.loaders.ring import DeviceRing
@@ -44,7 +44,9 @@ def fill(
     """
     chunks = plan_chunks(layout.segments(), path.chunk_size)
     check_plan(chunks, sizes)
-    sources = files.SourceFiles.open(layout.inputs(), path.read_mode, needed_file_sizes(chunks, len(layout.files)))
+    needed = needed_file_sizes(chunks, len(layout.files))
+    sources = ranges.ReadSources.open(layout.inputs(), path.read_mode, needed, path.chunk_size)
+    chunks = sources.mark(chunks)
     extra = ""
     try:
         with scheduler.fill() as at_once:
@@ -54,7 +56,7 @@ def fill(
                     chunks,
                     sources.fds,
                     sources.direct,
-                    sources.paths,
+                    layout.files,
                     bases,
                     threads=threads,
                     depth=ring.depth,
@@ -67,6 +69,7 @@ def fill(
                     events=[int(e) for evs in ring.events for e in evs],
                     cpus=ring.cpus,
                     library=path.native_lib,
+                    sources=[sources.source(c) for c in chunks],
                     fault=faults.current().chunk(len(chunks)),
                 )
             else:
@@ -81,10 +84,8 @@ def fill(
                 extra = f" ({job.merged} of them runs of chunks: other fills ran)" if job.merged else ""
     finally:
         sources.close()
-    if path.read_mode == "odirect" and sources.buffered_fallbacks:
-        extra += f"; O_DIRECT refused for {sources.buffered_fallbacks} file(s) (tmpfs?), read buffered"
-    elif path.read_mode == "auto":
-        extra += f"; {sources.describe_auto()}"
+    if said := sources.describe():
+        extra += f"; {said}"
     why = f"; {path.engine_why}" if path.engine_why else ""
     return (
         f"{path.describe(threads)} on cuda:{ring.device}{ring.describe_numa()}; "
@@ -101,7 +102,7 @@ class _PythonFill:
         ring: DeviceRing,
         scheduler: FillScheduler,
         chunks: list[ReadChunk],
-        sources: files.SourceFiles,
+        sources: ranges.ReadSources,
         bases: list[int],
         progress: Callable[[int], None],
         cancel: threading.Event,
@@ -196,10 +197,10 @@ class _PythonFill:
 
     def _read(self, w: int, s: int, chunk: ReadChunk) -> int:
         """Reads ``chunk`` into slot ``s`` of reader ``w``; returns the chunk's first byte's address."""
-        fd, path = self.sources.fds[chunk.file], self.sources.paths[chunk.file]
+        fd, path = self.sources.fd(chunk), self.sources.files[chunk.file].path
         faults.hit("load.read", f"{path} at {chunk.offset}")
         ptr, view = self.ring.slot(w, s)
-        if self.sources.direct[chunk.file]:
+        if chunk.direct:
             return ptr + files.read_direct(fd, view, chunk, path)
         files.read_exact(fd, view[: chunk.length], chunk.offset, path)
         return ptr

@@ -24,7 +24,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define HW_ABI 2
+#define HW_ABI 3
 #define HW_MAX_DEPTH 64
 #define HW_DIRECT_ALIGN 4096
 
@@ -36,8 +36,10 @@ typedef struct {
     int64_t offset;      /* file offset of the chunk's first byte */
     int64_t length;      /* bytes to read */
     int64_t first_piece; /* index of its first copy in the pieces array */
-    int32_t file;        /* index into fds */
+    int32_t file;        /* the file, as errors name it */
     int32_t npieces;
+    int32_t source;      /* index into fds and direct: the fd that reads it */
+    int32_t pad;
 } hw_chunk;
 
 typedef struct {
@@ -48,13 +50,13 @@ typedef struct {
 
 typedef struct {
     /* the plan */
-    const int32_t *fds;
-    const uint8_t *direct; /* per file: opened O_DIRECT, so read the 4 KiB-aligned superset */
+    const int32_t *fds;    /* every fd of the fill: a file read both ways has two */
+    const uint8_t *direct; /* per fd: opened O_DIRECT, so read the 4 KiB-aligned superset */
     const hw_chunk *chunks;
     const hw_piece *pieces;
     int64_t nchunks;
     int64_t npieces;
-    int32_t nfiles;
+    int32_t nsources; /* entries of fds and direct */
     /* the ring: worker w's slot s is host_base + (w * depth + s) * slot_size */
     int32_t threads;
     int32_t depth;
@@ -148,7 +150,7 @@ static int stopped(hw_job *job) {
 static void read_span(const hw_job *job, const hw_chunk *c, int64_t *start, int64_t *len) {
     *start = c->offset;
     *len = c->length;
-    if (job->direct[c->file]) {
+    if (job->direct[c->source]) {
         *start = c->offset / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN;
         *len = (c->offset + c->length + HW_DIRECT_ALIGN - 1) / HW_DIRECT_ALIGN * HW_DIRECT_ALIGN - *start;
     }
@@ -157,8 +159,8 @@ static void read_span(const hw_job *job, const hw_chunk *c, int64_t *start, int6
 /* Reads chunk i into buf; *skip is where its first byte landed. 0 on success. */
 static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
     const hw_chunk *c = &job->chunks[i];
-    int fd = job->fds[c->file];
-    int direct = job->direct[c->file];
+    int fd = job->fds[c->source];
+    int direct = job->direct[c->source];
     int64_t start, len;
     read_span(job, c, &start, &len);
     *skip = c->offset - start;
@@ -271,7 +273,8 @@ static int validate(hw_job *job) {
     if (!job->host_mode && (!job->streams || !job->events || !job->context)) return setup_error(job, "streams/events");
     for (int64_t i = 0; i < job->nchunks; i++) {
         const hw_chunk *c = &job->chunks[i];
-        if (c->file < 0 || c->file >= job->nfiles || c->offset < 0 || c->length <= 0) return setup_error(job, "chunk");
+        if (c->file < 0 || c->source < 0 || c->source >= job->nsources || c->offset < 0 || c->length <= 0)
+            return setup_error(job, "chunk");
         int64_t start, span;
         read_span(job, c, &start, &span);
         if (span > job->slot_size) return setup_error(job, "chunk larger than a slot");

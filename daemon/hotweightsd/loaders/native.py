@@ -23,7 +23,7 @@ from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError
 from hotweightsd.core import faults
 from hotweightsd.loaders.files import DIRECT_HINT
 
-ABI = 2
+ABI = 3
 ERR_CUDA, ERR_OS, ERR_TRUNCATED, ERR_CANCELLED, ERR_SETUP, ERR_INJECTED = 1, 2, 3, 4, 5, 6
 POLL_S = 0.02  # progress and cancel are looked at this often while the fill runs
 
@@ -35,6 +35,8 @@ class Chunk(ctypes.Structure):
         ("first_piece", ctypes.c_int64),
         ("file", ctypes.c_int32),
         ("npieces", ctypes.c_int32),
+        ("source", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
     ]
 
 
@@ -50,7 +52,7 @@ class Job(ctypes.Structure):
         ("pieces", ctypes.POINTER(Piece)),
         ("nchunks", ctypes.c_int64),
         ("npieces", ctypes.c_int64),
-        ("nfiles", ctypes.c_int32),
+        ("nsources", ctypes.c_int32),
         ("threads", ctypes.c_int32),
         ("depth", ctypes.c_int32),
         ("host_mode", ctypes.c_int32),
@@ -144,10 +146,13 @@ def fill(
     cpus: Sequence[int] = (),
     host_mode: bool = False,
     library: str = "",
+    sources: Sequence[int] | None = None,
     fault: faults.ChunkFault | None = None,
 ) -> tuple[int, int]:
     """Runs ``chunks`` (``plan.ReadChunk``; a piece's destination is ``bases[allocation] + offset``) on the
-    native engine; returns (reads, copies). Raises what the Python workers raise for the same failure:
+    native engine; returns (reads, copies). ``fds``/``direct``: every fd of the fill and whether it was
+    opened O_DIRECT; ``sources``: per chunk, the index of the fd that reads it (default: its file's);
+    ``paths``: per file, for errors. Raises what the Python workers raise for the same failure:
     BadCheckpoint (short file), Aborted (cancel), CudaError (the driver's code), BackendError (a read).
     ``fault`` (tests only, ``FaultPlan.chunk``): the chunk and stage that fail with InjectedFault."""
     lib, reason = _load(library)
@@ -157,8 +162,8 @@ def fill(
         return 0, 0
     cs: list[Chunk] = []
     ps: list[Piece] = []
-    for c in chunks:
-        cs.append(Chunk(c.offset, c.length, len(ps), c.file, len(c.pieces)))
+    for i, c in enumerate(chunks):
+        cs.append(Chunk(c.offset, c.length, len(ps), c.file, len(c.pieces), c.file if sources is None else sources[i]))
         ps.extend(Piece(p.src, bases[p.allocation] + p.offset, p.length) for p in c.pieces)
     # ctypes keeps the arrays given to pointer fields alive with the job (its _objects) while the C threads run.
     job = Job(
@@ -168,7 +173,7 @@ def fill(
         pieces=_array(Piece, ps),
         nchunks=len(cs),
         npieces=len(ps),
-        nfiles=len(fds),
+        nsources=len(fds),
         threads=max(1, min(threads, len(cs))),
         depth=depth,
         host_mode=1 if host_mode else 0,

@@ -34,7 +34,7 @@ class LoadPath:
     source: str  # "bounce" | "gds"
     source_why: str  # why that source, as the load's description ends with it
     gds_compat: bool  # cuFile forced into compatibility mode (a correctness check of the GDS path)
-    read_mode: str  # "auto" (each file by its page-cache residency, when a fill opens it) | "pread" | "odirect"
+    read_mode: str  # "auto" (each file's ranges by page-cache residency, when a fill opens it) | "pread" | "odirect"
     engine: str  # "native" | "python"
     engine_why: str  # why the python workers run ("" on the native engine)
     threads: int  # readers per ring

@@ -33,12 +33,14 @@ class Piece:
 
 @dataclass(frozen=True)
 class ReadChunk:
-    """One read: ``length`` bytes of file ``file`` from ``offset``, and the copies out of it."""
+    """One read: ``length`` bytes of file ``file`` from ``offset``, and the copies out of it; ``direct``:
+    read O_DIRECT (the 4 KiB-aligned superset, through the file's O_DIRECT fd), else buffered."""
 
     file: int
     offset: int
     length: int
     pieces: tuple[Piece, ...]
+    direct: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -103,22 +105,25 @@ def plan_chunks(segments: Iterable[Segment], chunk_size: int, max_gap: int = MAX
 
 
 def run_end(chunks: Sequence[ReadChunk], i: int, chunk_size: int, limit: int, max_gap: int = MAX_GAP) -> int:
-    """End (exclusive) of the run of neighbouring chunks from ``i``: one file, in order, small gaps, and
-    all inside ``limit`` bytes of grid windows from the first chunk's window (so the run's O_DIRECT
-    superset stays inside the run's own windows)."""
+    """End (exclusive) of the run of neighbouring chunks from ``i``: one file, one way of reading, in
+    order, small gaps, and all inside ``limit`` bytes of grid windows from the first chunk's window (so
+    the run's O_DIRECT superset stays inside the run's own windows)."""
     first = chunks[i]
     window = first.offset // chunk_size * chunk_size
     j = i + 1
     while j < len(chunks):
         c, end = chunks[j], chunks[j - 1].offset + chunks[j - 1].length
-        if c.file != first.file or c.offset < end or c.offset - end > max_gap or c.offset + c.length - window > limit:
+        if c.file != first.file or c.direct != first.direct or c.offset < end:
+            break
+        if c.offset - end > max_gap or c.offset + c.length - window > limit:
             break
         j += 1
     return j
 
 
 def merge_chunks(run: Sequence[ReadChunk]) -> ReadChunk:
-    """Neighbouring chunks of one file (in file order) as one read; copies contiguous on both sides merge."""
+    """Neighbouring chunks of one file, read one way (in file order), as one read; copies contiguous on
+    both sides merge."""
     first = run[0]
     if len(run) == 1:
         return first
@@ -128,7 +133,7 @@ def merge_chunks(run: Sequence[ReadChunk]) -> ReadChunk:
         for p in c.pieces:
             _extend(pieces, Piece(p.src + shift, p.allocation, p.offset, p.length))
     end = run[-1].offset + run[-1].length
-    return ReadChunk(first.file, first.offset, end - first.offset, tuple(pieces))
+    return ReadChunk(first.file, first.offset, end - first.offset, tuple(pieces), first.direct)
 
 
 def check_plan(chunks: Sequence[ReadChunk], allocation_sizes: Sequence[int]) -> None:

@@ -18,7 +18,7 @@ GDS_MODES = ("auto", "off", "on", "force", "compat")  # force: the same as on
 
 @dataclass(frozen=True)
 class LoaderSettings:
-    read_mode: str = "auto"  # auto (per file: buffered where resident, O_DIRECT where cold) | pread | odirect
+    read_mode: str = "auto"  # auto (per range: buffered where resident, O_DIRECT where cold) | pread | odirect
     threads: int | None = None  # readers per rank; None: from the usable cores
     chunk_size: int | None = None  # bytes per read; None: 4 MiB
     ring_depth: int | None = None  # pinned slots per reader; None: 2

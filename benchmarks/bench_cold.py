@@ -1,0 +1,517 @@
+#!/usr/bin/env python3
+"""Cold and partly cached loads: the raw read ceiling, and the daemon's read modes against each other.
+
+One run writes one rank of a Llama-70B-like TP shard (``bench_load.make_checkpoint``; ``--rank-gb`` in
+``--files`` files) on a disk (``--workdir``, not tmpfs) and measures, every figure a median of ``--reps``
+interleaved repetitions (A B C A B C ...) with its min and max:
+
+- ``raw``: the cold read ceiling, the best of several read shapes into host memory with no GPU copy:
+  O_DIRECT at 512 KiB, 4 MiB and 64 MiB with 16 readers, O_DIRECT 1 MiB with 64 readers (a deep queue),
+  all on the native engine's C loop (host mode, no copies), and buffered reads with each of 16 threads
+  reading its own contiguous range (4 MiB reads, python threads);
+- ``cold``: the daemon (``hotweights serve``, one per read mode: auto, pread, odirect) loading the rank
+  with every file dropped from the page cache;
+- ``partial_files``: the same with half of the files read into the page cache before each repetition and
+  the others dropped;
+- ``partial_halves``: the same with the first half of every file cached and the second half dropped (the
+  files auto reads both ways);
+- ``sweep``: O_DIRECT and buffered reads on the native engine, read size x readers, cold, over the first
+  ``--sweep-gb`` of the rank (one pass each); ``--sweep-only`` runs nothing else.
+
+Pages are dropped per file with POSIX_FADV_DONTNEED after an fsync (no root needed); what stayed resident
+is measured with mincore and written beside each figure. ``targets.partial_*`` says whether auto beat both
+fixed modes in that run. Writes ``cold-<gpu>-<date>.json`` into each ``--out`` (default benchmarks/results/)
+after every section. ``--smoke``: the cpu backend and a checkpoint of a few MB, to check the plumbing
+anywhere (the cpu backend reads buffered whatever the read mode: its figures compare nothing). Rates are
+GB/s (1e9 bytes) of file bytes for raw reads, of tensor bytes for loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import itertools
+import mmap
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_load as bl  # noqa: E402  (needs benchmarks/ on sys.path first)
+
+ROOT, GB, MiB, KiB = bl.ROOT, bl.GB, bl.MiB, 1024
+MODES = ("auto", "pread", "odirect")
+
+
+# --- the page cache -----------------------------------------------------------------------------------------
+
+
+def drop(path: str, offset: int = 0, length: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cache(path: str, offset: int = 0, length: int | None = None) -> None:
+    """Reads ``[offset, offset + length)`` into the page cache (no readahead past it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        end = os.fstat(fd).st_size if length is None else offset + length
+        buf = bytearray(8 * MiB)
+        pos = offset
+        while pos < end:
+            n = os.preadv(fd, [memoryview(buf)[: min(len(buf), end - pos)]], pos)
+            if n <= 0:
+                break
+            pos += n
+    finally:
+        os.close(fd)
+
+
+def resident(paths: list[str]) -> list[float]:
+    """Each file's resident fraction (mincore over a sample; reads no data)."""
+    from hotweightsd.loaders import residency
+
+    out = []
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            out.append(round(residency.sampled_fraction(fd)[0], 3))
+        finally:
+            os.close(fd)
+    return out
+
+
+def prepare(paths: list[str], scenario: str) -> list[float]:
+    """Leaves ``paths`` as ``scenario`` says (cold | partial_files | partial_halves); returns what is resident."""
+    for p in paths:
+        drop(p)
+    if scenario == "partial_files":
+        for p in paths[: len(paths) // 2]:
+            cache(p)
+    elif scenario == "partial_halves":
+        for p in paths:
+            cut = os.path.getsize(p) // 2 // MiB * MiB
+            cache(p, 0, cut)
+            drop(p, cut)
+    return resident(paths)
+
+
+def tiny_checkpoint(root: Path, files: int, res: bl.Results) -> dict:
+    """Smoke mode: one rank of 24 MB (the real layout's embedding alone is 0.5 GB), the same file naming."""
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    pool = memoryview(np.random.default_rng(1234).integers(0, 256, 8 * MiB, dtype=np.uint8).tobytes())
+    tensors = [(f"model.layers.{i}.mlp.up_proj.weight", (1024, 1024), "BF16") for i in range(12)]
+    per = -(-len(tensors) // files)
+    nbytes = sum(
+        bl.write_safetensors(root / f"model-rank-0-part-{p}.safetensors", tensors[p * per : (p + 1) * per], pool, p)
+        for p in range(files)
+    )
+    res.note(f"smoke checkpoint: {nbytes / 1e6:.1f} MB, {len(tensors)} tensors in {files} files")
+    return {"path": str(root), "files_per_rank": files, "bytes_per_rank": nbytes, "layout": "smoke: 2 MB bf16 tensors"}
+
+
+# --- raw reads ------------------------------------------------------------------------------------------------
+
+
+class HostBuffers:
+    """Page-aligned host memory for the readers, touched once before anything is timed."""
+
+    def __init__(self, touch: bool) -> None:
+        self.touch = touch
+        self.maps: dict[int, tuple[mmap.mmap, ctypes.c_char]] = {}
+
+    def get(self, nbytes: int) -> int:
+        if nbytes not in self.maps:
+            m = mmap.mmap(-1, nbytes)
+            anchor = ctypes.c_char.from_buffer(m)
+            if self.touch:
+                ctypes.memset(ctypes.addressof(anchor), 1, nbytes)
+            self.maps[nbytes] = (m, anchor)
+        return ctypes.addressof(self.maps[nbytes][1])
+
+    def close(self) -> None:
+        maps = [m for m, _ in self.maps.values()]
+        self.maps = {}
+        gc.collect()  # the ctypes anchors into the mappings must go before close()
+        for m in maps:
+            try:
+                m.close()
+            except BufferError:
+                pass
+
+
+def native_read(
+    paths: list[str], size: int, threads: int, direct: bool, bufs: HostBuffers, limit: int = 0
+) -> tuple[int, float]:
+    """The bytes of ``paths`` (the first ``limit`` of them, when given) in ``size`` reads on the native
+    engine's C threads (host mode, no copies)."""
+    from hotweightsd.loaders import native
+    from hotweightsd.loaders.files import open_source
+    from hotweightsd.loaders.plan import ReadChunk
+
+    sizes = [os.path.getsize(p) for p in paths]
+    chunks = [ReadChunk(i, off, min(size, n - off), ()) for i, n in enumerate(sizes) for off in range(0, n, size)]
+    if limit:
+        ends = itertools.accumulate(c.length for c in chunks)
+        chunks = [c for c, end in zip(chunks, ends) if end - c.length < limit]
+    threads = max(1, min(threads, len(chunks)))
+    base = bufs.get(threads * size)
+    opened = [open_source(p, direct) for p in paths]
+    try:
+        t0 = time.perf_counter()
+        native.fill(
+            chunks,
+            [fd for fd, _ in opened],
+            [d for _, d in opened],
+            paths,
+            [0],
+            threads=threads,
+            depth=1,
+            slot_size=size,
+            host_base=base,
+            progress=lambda n: None,
+            cancel=threading.Event(),
+            host_mode=True,
+        )
+        dt = time.perf_counter() - t0
+    finally:
+        for fd, _ in opened:
+            os.close(fd)
+    return sum(c.length for c in chunks), dt
+
+
+def ranges_read(paths: list[str], size: int, threads: int, bufs: HostBuffers) -> tuple[int, float]:
+    """Buffered reads, each of ``threads`` python threads reading its own contiguous share of the bytes."""
+    sizes = [os.path.getsize(p) for p in paths]
+    total = sum(sizes)
+    share = -(-total // threads)
+    base = bufs.get(threads * size)
+    fds = [os.open(p, os.O_RDONLY) for p in paths]
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        view = memoryview((ctypes.c_char * size).from_address(base + w * size)).cast("B")
+        lo, hi = w * share, min(total, (w + 1) * share)
+        try:
+            start = 0
+            for fd, n in zip(fds, sizes):
+                a, b = max(lo, start), min(hi, start + n)
+                pos = a
+                while pos < b:
+                    got = os.preadv(fd, [view[: min(size, b - pos)]], pos - start)
+                    if got <= 0:
+                        raise OSError(f"short read at {pos - start}")
+                    pos += got
+                start += n
+        except BaseException as exc:
+            errors.append(exc)
+
+    ts = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    try:
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        dt = time.perf_counter() - t0
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if errors:
+        raise errors[0]
+    return total, dt
+
+
+RAW_SHAPES: dict[str, tuple[str, int, int]] = {  # name -> (kind, read size, readers)
+    "odirect 512KiB x16": ("odirect", 512 * KiB, 16),
+    "odirect 4MiB x16": ("odirect", 4 * MiB, 16),
+    "odirect 64MiB x16": ("odirect", 64 * MiB, 16),
+    "odirect 1MiB x64 (deep queue)": ("odirect", 1 * MiB, 64),
+    "buffered 4MiB x16 per-thread ranges": ("ranges", 4 * MiB, 16),
+}
+
+
+def raw_once(paths: list[str], shape: str, bufs: HostBuffers) -> tuple[int, float]:
+    kind, size, threads = RAW_SHAPES[shape]
+    if kind == "ranges":
+        return ranges_read(paths, size, threads, bufs)
+    return native_read(paths, size, threads, kind == "odirect", bufs)
+
+
+def spread(samples: list[float]) -> dict:
+    return {
+        "median": round(statistics.median(samples), 3),
+        "min": round(min(samples), 3),
+        "max": round(max(samples), 3),
+        "samples": [round(s, 3) for s in samples],
+    }
+
+
+def interleaved(labels: list[str], reps: int, once: Callable[[str], float], budget: Callable[[], float], need: float):
+    """``once(label)`` for A B C A B C ..., ``reps`` rounds (fewer where the budget runs short, never fewer
+    than one); {label: spread of the rates}."""
+    got: dict[str, list[float]] = {k: [] for k in labels}
+    for r in range(reps):
+        if r and budget() < need * len(labels):
+            break
+        for k in labels:
+            got[k].append(once(k))
+    return {k: spread(v) for k, v in got.items() if v}
+
+
+# --- the daemon ---------------------------------------------------------------------------------------------------
+
+
+class Daemons:
+    """One daemon per read mode, on their own sockets."""
+
+    def __init__(self, backend: str, res: bl.Results) -> None:
+        from hotweights.testing import Daemon
+
+        self.dir = tempfile.mkdtemp(prefix="hwc-", dir="/tmp")
+        self.daemons: dict[str, Daemon] = {}
+        self.clients: dict = {}
+        for mode in MODES:  # started together, waited for in turn
+            self.daemons[mode] = Daemon.start(
+                os.path.join(self.dir, f"{mode}.sock"),
+                backend=backend,
+                log=os.path.join(self.dir, f"{mode}.log"),
+                extra_env={"HOTWEIGHTS_LOADER": mode},
+                wait=False,
+            )
+        try:
+            for mode, d in self.daemons.items():
+                d.wait_ready()
+                self.clients[mode] = d.connect()
+        except BaseException:
+            self.close()
+            raise
+        res.note(f"daemons up, one per read mode ({backend} backend)")
+
+    def load(self, mode: str, ckpt: Path) -> dict:
+        client = self.clients[mode]
+        t0 = time.perf_counter()
+        info = client.load("cold", str(ckpt))
+        dt = time.perf_counter() - t0
+        client.unload("cold", force=True)
+        return {
+            "gbps": bl.rate(info.bytes, dt),
+            "seconds": round(dt, 3),
+            "daemon_load_seconds": round(info.load_seconds, 3),
+            "bytes": info.bytes,
+            "load_path": info.load_path,
+        }
+
+    def close(self) -> dict:
+        logs = {}
+        for mode, d in self.daemons.items():
+            try:
+                if mode in self.clients:
+                    self.clients[mode].close()
+            except Exception:
+                pass
+            d.stop(timeout=20)
+            logs[mode] = d.logs()[-1500:]
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return logs
+
+
+# --- main ------------------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", action="append", default=None, help="folder for the JSON (repeatable)")
+    ap.add_argument("--workdir", default="/tmp/hw-cold", help="where the checkpoint is written (a disk, not tmpfs)")
+    ap.add_argument("--rank-gb", type=float, default=8.5)
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every figure (at least 3)")
+    ap.add_argument("--sweep-gb", type=float, default=1.0, help="bytes of the rank the sweep reads (GB)")
+    ap.add_argument("--sweep-sizes-kib", default="256,1024,4096,16384,65536")
+    ap.add_argument("--sweep-threads", default="4,16,64")
+    ap.add_argument(
+        "--pretouch-gb", type=float, default=16.0, help="fresh memory touched while the checkpoint is written"
+    )
+    ap.add_argument("--skip", default="", help="comma list of: raw, cold, partial_files, partial_halves, sweep")
+    ap.add_argument("--sweep-only", action="store_true", help="only the read size x readers sweep")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds; later sections are cut short past it")
+    ap.add_argument("--smoke", action="store_true", help="cpu backend, a checkpoint of a few MB, no GPU needed")
+    args = ap.parse_args()
+
+    res = bl.Results(args.out or [str(ROOT / "benchmarks" / "results")])
+    deadline = time.monotonic() + args.budget
+    budget = lambda: deadline - time.monotonic()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    scenarios = [s for s in ("cold", "partial_files", "partial_halves") if s not in skip]
+    if args.sweep_only:
+        skip |= {"raw"}
+        scenarios = []
+    doc = res.doc
+    doc["args"] = vars(args)
+
+    from hotweights.cuda import devices as cd
+    from hotweightsd.loaders import native
+
+    if args.smoke:
+        backend, gpu, rank_gb = "cpu", "cpu-smoke", 0.0
+    else:
+        if cd.device_count() == 0:
+            doc["fatal"] = f"no GPU: {cd.unavailable_reason()} (--smoke checks the plumbing without one)"
+            res.note(doc["fatal"])
+            res.save()
+            return 2
+        backend, gpu, rank_gb = "cuda", cd.device_name(0), args.rank_gb
+    res.set_name(gpu)
+    res.name = "cold-" + (res.name or "").removeprefix("bench-")
+    doc["machine"] = {"gpu": gpu, "cpus": os.cpu_count(), "native": native.unavailable_reason() or "built"}
+    if native.unavailable_reason():
+        doc["fatal"] = f"the raw read shapes run on the native engine: {native.unavailable_reason()}"
+        res.note(doc["fatal"])
+        res.save()
+        return 2
+
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    ckpt = work / "ckpt"
+    if args.smoke:
+        doc["checkpoint"] = tiny_checkpoint(ckpt, args.files, res)
+    else:  # fresh guest memory is slow on first touch (bench_load's note): touched while the files are written
+        touch = threading.Thread(target=lambda: doc.setdefault("pretouch_s", bl.pretouch(int(args.pretouch_gb * GB))))
+        touch.start()
+        doc["checkpoint"] = bl.make_checkpoint(ckpt, 1, rank_gb * GB, args.files, 8, res)
+        touch.join()
+    paths = bl.rank_files(ckpt, 0)
+    fd = os.open(paths[0], os.O_RDONLY)
+    try:
+        from hotweightsd.loaders import residency
+
+        doc["checkpoint"]["filesystem"] = residency.filesystem_of(fd)[1]
+    finally:
+        os.close(fd)
+    after_drop = prepare(paths, "cold")
+    doc["drop_check"] = {"resident_after_dontneed": after_drop}
+    if max(after_drop) > 0.05:
+        res.note(f"POSIX_FADV_DONTNEED left pages resident here ({after_drop}): cold figures are not cold")
+    res.save()
+    nbytes = sum(os.path.getsize(p) for p in paths)
+    pass_s = [10.0 if not args.smoke else 0.5]  # seconds per cold pass, measured below
+
+    def timed(label: str, fn: Callable[[], tuple[int, float]], scenario: str = "cold") -> float:
+        prepare(paths, scenario)
+        n, dt = fn()
+        if scenario == "cold":
+            pass_s[0] = max(pass_s[0] * 0.5, dt)
+        return bl.rate(n, dt)
+
+    targets = doc.setdefault("targets", {})
+    bufs = HostBuffers(touch=not args.smoke)
+
+    def section(name: str, fn, need: float):
+        return bl.run_section(res, skip, budget, name, fn, need)
+
+    # -- the cold ceiling: the best raw read shape
+    def raw():
+        shapes = list(RAW_SHAPES)
+        out = interleaved(
+            shapes, args.reps, lambda s: timed(s, lambda: raw_once(paths, s, bufs)), budget, pass_s[0] + 2
+        )
+        best = max(out, key=lambda k: out[k]["median"])
+        doc["raw"] = {"shapes": out, "ceiling": out[best]["median"], "ceiling_shape": best}
+        res.note(
+            f"cold ceiling: {out[best]['median']} GB/s ({best}); "
+            + ", ".join(f"{k} {v['median']}" for k, v in out.items())
+        )
+
+    section("raw", raw, need=20 * pass_s[0] if not args.smoke else 5)
+
+    # -- the daemon's read modes, cold and partly cached
+    daemons: Daemons | None = None
+    try:
+        daemons = Daemons(backend, res) if scenarios else None
+        for scenario in scenarios:
+
+            def run(scenario=scenario):
+                seen: dict[str, list] = {}
+
+                def once(mode: str) -> float:
+                    seen.setdefault("resident_before", []).append(prepare(paths, scenario))
+                    assert daemons is not None
+                    r = daemons.load(mode, ckpt)
+                    seen.setdefault(mode, []).append(r["load_path"])
+                    return r["gbps"]
+
+                out = interleaved(list(MODES), args.reps, once, budget, pass_s[0] + 4)
+                doc[scenario] = {
+                    "modes": out,
+                    "load_paths": {m: seen.get(m, [])[-1:] for m in MODES},
+                    "resident_before_each_load": seen.get("resident_before"),
+                }
+                auto, fixed = out["auto"]["median"], max(out["pread"]["median"], out["odirect"]["median"])
+                targets[scenario] = {
+                    "auto": auto,
+                    "pread": out["pread"]["median"],
+                    "odirect": out["odirect"]["median"],
+                    "auto_over_best_fixed": round(auto / fixed, 3) if fixed else None,
+                    "auto_beats_both": auto > fixed,
+                }
+                if scenario == "cold" and "raw" in doc:
+                    targets["cold"]["ceiling"] = doc["raw"]["ceiling"]
+                    targets["cold"]["auto_over_ceiling"] = round(auto / doc["raw"]["ceiling"], 3)
+                res.note(
+                    f"{scenario}: " + ", ".join(f"{m} {v['median']} [{v['min']}-{v['max']}]" for m, v in out.items())
+                )
+
+            section(scenario, run, need=9 * pass_s[0] + 10 if not args.smoke else 5)
+    except Exception as exc:
+        res.error("daemons", exc)
+    finally:
+        if daemons is not None:
+            doc["daemon_logs_tail"] = daemons.close()
+        res.save()
+
+    # -- read shapes on the native engine: read size x readers, cold, one pass each
+    def sweep():
+        limit = int(args.sweep_gb * GB)
+        sizes = [int(x) * KiB for x in args.sweep_sizes_kib.split(",") if x]
+        threads = [int(x) for x in args.sweep_threads.split(",") if x]
+        out: dict = {}
+        for direct in (True, False):
+            for size in sizes:
+                for t in threads:
+                    if budget() < 10:
+                        res.note("sweep cut short by the budget")
+                        doc["sweep"] = {"bytes_each": min(limit, nbytes), "gbps": out, "cut_short": True}
+                        return
+                    key = f"{'odirect' if direct else 'buffered'} {size // KiB}KiB x{t}"
+                    out[key] = timed(key, lambda: native_read(paths, size, t, direct, bufs, limit))
+        doc["sweep"] = {"bytes_each": min(limit, nbytes), "gbps": out}
+        best = max(out, key=out.get)
+        res.note(f"sweep over {min(limit, nbytes) / GB:.2f} GB: best {best} {out[best]} GB/s")
+
+    section("sweep", sweep, need=15)
+    bufs.close()
+    doc["bytes"] = nbytes
+    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    res.note("targets: " + str(targets))
+    res.save()
+    shutil.rmtree(work, ignore_errors=True)
+    return 1 if doc["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

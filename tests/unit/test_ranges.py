@@ -1,0 +1,148 @@
+"""Read mode auto on a file half in the page cache: its resident ranges buffered, its cold ones O_DIRECT."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from hotweightsd.loaders import ranges
+from hotweightsd.loaders.plan import Piece, ReadChunk
+from hotweightsd.loaders.residency import RangeChoice
+from support.pagecache import cache, disk_dir, drop, half_cached, sync
+
+MiB = 1024 * 1024
+KiB = 1024
+
+
+@pytest.fixture
+def on_disk():
+    d = Path(tempfile.mkdtemp(prefix="hw-ranges-", dir=disk_dir()))
+    yield d
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+def write(path: Path, size: int) -> Path:
+    path.write_bytes(os.urandom(size))
+    sync(path)
+    return path
+
+
+def r(offset: int, length: int, direct: bool) -> RangeChoice:
+    return RangeChoice(offset, length, direct)
+
+
+def test_short_runs_take_their_neighbours_way():
+    got = ranges.merge_short([r(0, 10, False), r(10, 2, True), r(12, 10, False), r(22, 30, True)], 5)
+    assert got == [r(0, 22, False), r(22, 30, True)]
+    # the shortest first; a short run at an end joins its one neighbour; one range is never cut
+    assert ranges.merge_short([r(0, 3, True), r(3, 40, False)], 5) == [r(0, 43, False)]
+    assert ranges.merge_short([r(0, 3, True)], 5) == [r(0, 3, True)]
+    assert ranges.merge_short([r(0, 6, False), r(6, 6, True)], 5) == [r(0, 6, False), r(6, 6, True)]
+
+
+def test_a_half_cached_file_is_opened_both_ways_and_its_chunks_follow_their_ranges(on_disk):
+    chunk = 64 * KiB
+    mixed = write(on_disk / "mixed.bin", 2 * MiB)
+    cut = half_cached(mixed, chunk)
+    cold = write(on_disk / "cold.bin", 1 * MiB)
+    drop(cold)
+    warm = write(on_disk / "warm.bin", 1 * MiB)
+    cache(warm)
+    paths = [str(mixed), str(cold), str(warm)]
+    sources = ranges.ReadSources.open(paths, "auto", [2 * MiB, MiB, MiB], chunk)
+    try:
+        m, c, w = sources.files
+        assert [f.kind for f in sources.files] == ["mixed", "direct", "buffered"]
+        assert m.ranges == [r(0, cut, False), r(cut, 2 * MiB - cut, True)]
+        assert m.buffered_fd >= 0 and m.direct_fd >= 0 and c.buffered_fd == -1 and w.direct_fd == -1
+        assert len(sources.fds) == 4 and sum(sources.direct) == 2  # this filesystem takes O_DIRECT
+        assert sources.describe() == "auto: 1 O_DIRECT, 1 buffered, 1 mixed (50% cached)"
+        chunks = [ReadChunk(0, off, chunk, (Piece(0, 0, 0, chunk),)) for off in range(0, 2 * MiB, chunk)]
+        marked = sources.mark(chunks)
+        assert [c.direct for c in marked] == [c.offset >= cut for c in chunks]
+        assert {sources.direct[sources.source(c)] for c in marked[: cut // chunk]} == {False}
+        assert {sources.direct[sources.source(c)] for c in marked[cut // chunk :]} == {True}
+    finally:
+        sources.close()
+    assert sources.fds == []
+
+
+def test_fixed_modes_read_every_file_one_way(on_disk):
+    p = write(on_disk / "f.bin", 1 * MiB)
+    half_cached(p, 64 * KiB)
+    for mode, direct in (("pread", False), ("odirect", True)):
+        sources = ranges.ReadSources.open([str(p)], mode, [MiB], 64 * KiB)
+        try:
+            assert sources.files[0].ranges == [r(0, MiB, direct)] and sources.direct == [direct]
+            assert sources.describe() == ""
+        finally:
+            sources.close()
+
+
+def test_scattered_resident_pages_do_not_cut_a_file_into_pieces(on_disk):
+    chunk = 64 * KiB
+    p = write(on_disk / "scattered.bin", 4 * MiB)
+    drop(p)
+    for off in range(0, 4 * MiB, 512 * KiB):  # one resident chunk in eight
+        cache(p, off, chunk)
+        drop(p, off + chunk, 512 * KiB - chunk)
+    sources = ranges.ReadSources.open([str(p)], "auto", [4 * MiB], chunk)
+    try:
+        assert sources.files[0].ranges == [r(0, 4 * MiB, True)], sources.files[0].ranges
+    finally:
+        sources.close()
+
+
+def test_a_file_shorter_than_its_plan_is_truncated_and_nothing_stays_open(on_disk):
+    from hotweights.errors import BadCheckpoint
+
+    ok = write(on_disk / "ok.bin", 1 * MiB)
+    short = write(on_disk / "short.bin", 1 * MiB)
+    before = len(os.listdir("/proc/self/fd"))
+    for mode in ("auto", "pread", "odirect"):
+        with pytest.raises(BadCheckpoint, match="truncated"):
+            ranges.ReadSources.open([str(ok), str(short)], mode, [MiB, MiB + 1], 64 * KiB)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_memory_filesystem_is_read_buffered_by_auto_and_odirect_says_where_refused():
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    p = Path(tempfile.mkstemp(dir="/dev/shm", prefix="hw-ranges-")[1])
+    try:
+        p.write_bytes(os.urandom(MiB))
+        auto = ranges.ReadSources.open([str(p)], "auto", [MiB], 64 * KiB)
+        try:
+            assert auto.files[0].ranges == [r(0, MiB, False)] and auto.describe() == "auto: 1 buffered"
+        finally:
+            auto.close()
+        odirect = ranges.ReadSources.open([str(p)], "odirect", [MiB], 64 * KiB)
+        try:
+            if odirect.direct == [True]:  # tmpfs takes O_DIRECT from Linux 6.6 on
+                assert odirect.files[0].ranges == [r(0, MiB, True)] and odirect.describe() == ""
+            else:
+                assert odirect.files[0].refused and odirect.files[0].ranges == [r(0, MiB, False)]
+                assert odirect.describe() == "O_DIRECT refused for 1 file(s) (tmpfs?), read buffered"
+        finally:
+            odirect.close()
+    finally:
+        p.unlink()
+
+
+def test_auto_reads_a_cold_file_buffered_where_its_filesystem_refuses_o_direct(on_disk, monkeypatch):
+    real = ranges.open_source
+    monkeypatch.setattr(ranges, "open_source", lambda path, direct: real(path, False))  # as tmpfs before Linux 6.6
+    p = write(on_disk / "cold.bin", 1 * MiB)
+    drop(p)
+    sources = ranges.ReadSources.open([str(p)], "auto", [MiB], 64 * KiB)
+    try:
+        f = sources.files[0]
+        assert f.refused and f.ranges == [r(0, MiB, False)] and f.direct_fd == -1
+        assert sources.fds == [f.buffered_fd] and sources.describe() == "auto: 1 buffered"
+    finally:
+        sources.close()
