@@ -78,6 +78,11 @@ class TicketInvalid(PermissionDenied):
     """A handle ticket is unknown, already used or expired."""
 
 
+class OutsideModelRoots(PermissionDenied):
+    """A checkpoint path (or where one of its links leads) is outside the daemon's model roots;
+    details carry ``path`` and ``roots``."""
+
+
 class DataLoss(HotweightsError):
     """Stored data does not match its manifest: a size or checksum differs."""
 

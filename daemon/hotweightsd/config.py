@@ -172,6 +172,16 @@ class Config:
         "", "file rewritten with the Prometheus text (node-exporter's textfile collector); empty: none", metavar="PATH"
     )
     metrics_interval: float = _key(15.0, "seconds between rewrites of metrics_textfile", kind="float", minimum=0.1)
+    model_roots: list[str] = _key(
+        [],
+        "directories loads may read from (links are judged by where they lead); empty: any path, with a "
+        "warning at start",
+        kind="paths",
+        metavar="DIR:DIR",
+    )
+    max_checkpoint_files: int = _key(
+        4096, "most files one checkpoint may hold open during its load", kind="int", minimum=1
+    )
     faults: str = _key(
         "",
         "for tests of failure paths only: load stages that fail on purpose, POINT[:after=N][:times=M],... "
@@ -233,6 +243,15 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
             if "name" not in v or "path" not in v:
                 raise InvalidArgument(f"config: each [[preload]] needs name and path, got {v} ({source})")
         return value
+    if kind == "paths":
+        items = value.split(":") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise InvalidArgument(f"config: {where} must be a list of directories (DIR:DIR in env and flags)")
+        items = [v.strip() for v in items if v.strip()]
+        relative = [v for v in items if not v.startswith("/")]
+        if relative:
+            raise InvalidArgument(f"config: {where} must name absolute directories, got {relative[0]!r}")
+        return items
     if kind == "bool":
         if isinstance(value, bool):
             return value

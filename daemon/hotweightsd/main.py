@@ -24,6 +24,7 @@ from hotweightsd.core import faults
 from hotweightsd.core.faults import FaultPlan
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.roles import Role
+from hotweightsd.core.roots import ModelRoots
 from hotweightsd.logging import configure
 from hotweightsd.persist import systemd
 from hotweightsd.persist.fdstore import Persister, restore, state_path
@@ -52,10 +53,17 @@ async def serve(cfg: Config) -> None:
     backend = create_backend(
         cfg.backend, reserve=cfg.reserve, memory_limit=cfg.memory_limit, loader=cfg.loader_settings()
     )
+    roots = ModelRoots(cfg.model_roots)
+    if roots.confined:
+        log.info("model_roots", roots=list(roots.roots))
+    else:
+        log.warning("model_roots.unset", note="loads are not confined: any path the daemon can read may be loaded")
     manager = ModelManager(
         backend,
         ticket_ttl=cfg.ticket_ttl,
         default_verify=cfg.verify,
+        roots=roots,
+        max_checkpoint_files=cfg.max_checkpoint_files,
         keep_previous=cfg.keep_previous,
         keep_previous_seconds=cfg.keep_previous_seconds,
         header_limits=cfg.header_limits(),

@@ -10,6 +10,7 @@ touched), the config from systemd/config.toml. tests/support/run_like_the_unit.s
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -130,8 +131,10 @@ def limit(settings: dict[str, list[str]], key: str) -> str:
 
 
 def config_without_preload() -> str:
-    """The example config as shipped, less its [[preload]] tables (they name models this machine lacks)."""
+    """The example config as shipped, less its [[preload]] tables (they name models this machine lacks),
+    its model_roots the folder where the models are shown (MODELS_INSIDE)."""
     text = CONFIG.read_text()
+    text = re.sub(r"(?m)^model_roots = .*$", f'model_roots = ["{MODELS_INSIDE}"]', text)
     return text.split("\n[[preload]]")[0] + "\n"
 
 

@@ -181,7 +181,15 @@ def test_unknown_hotweights_variables_are_reported_not_read():
 
 
 def test_every_key_is_read_from_its_environment_variable():
-    sample = {"size": "3MiB", "int": "7", "float": "1.5", "bool": "0", "str": "/x", "faults": "load.read"}
+    sample = {
+        "size": "3MiB",
+        "int": "7",
+        "float": "1.5",
+        "bool": "0",
+        "str": "/x",
+        "paths": "/x:/y",
+        "faults": "load.read",
+    }
     env = {}
     for f in keys():
         if f.name != "preload":

@@ -105,15 +105,15 @@ def test_tensors_per_rank_are_counted_across_its_files(tmp_path):
                 {f"r{r}p{part}t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(3)},
                 b"\0" * 3,
             )
-    assert open_checkpoint(d, HeaderLimits(max_tensors_per_rank=6)).world_size == 2
+    assert open_checkpoint(d, limits=HeaderLimits(max_tensors_per_rank=6)).world_size == 2
     with pytest.raises(
         errors.BadCheckpoint, match="rank 0 lists 6 tensors in its files up to this one; the limit is 5"
     ):
-        open_checkpoint(d, HeaderLimits(max_tensors_per_rank=5))
+        open_checkpoint(d, limits=HeaderLimits(max_tensors_per_rank=5))
     with pytest.raises(errors.BadCheckpoint, match="the limit is 2 per file"):
-        open_checkpoint(d, HeaderLimits(max_tensors_per_file=2))
+        open_checkpoint(d, limits=HeaderLimits(max_tensors_per_file=2))
     with pytest.raises(errors.BadCheckpoint, match="ran out of its 0s budget"):
-        open_checkpoint(d, HeaderLimits(budget_seconds=0))
+        open_checkpoint(d, limits=HeaderLimits(budget_seconds=0))
 
 
 def test_tensor_limits_are_configuration_keys():

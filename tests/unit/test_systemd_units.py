@@ -119,6 +119,8 @@ def test_example_config_loads_and_agrees_with_the_unit():
     config = UNITS / "config.toml"
     cfg = load_config(str(config), env={})
     assert cfg.preload and all(p["name"] and p["path"] for p in cfg.preload)
+    # Loads are confined, and what the example preloads lies under its roots.
+    assert cfg.model_roots and all(any(Path(p["path"]).is_relative_to(r) for r in cfg.model_roots) for p in cfg.preload)
     s = unit_settings(SERVICE.read_text())
     runtime = f"/run/{s['RuntimeDirectory'][0]}"
     assert Path(cfg.socket).parent == Path(runtime)

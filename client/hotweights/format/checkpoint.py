@@ -10,15 +10,17 @@ Layouts, in the order they are recognised:
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
 
 from hotweights.errors import BadCheckpoint, InvalidArgument, NotFound, shorten
-from hotweights.format.safetensors import MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE, FileHeader, read_header
+from hotweights.format.safetensors import MAX_TENSORS_PER_FILE, FileHeader, read_header
+from hotweights.format.source import DEFAULT_MAX_FILES, Allow, FileBudget, SourceFile, read_small
 
 SHARD_RE = re.compile(r"^model-rank-(\d+)-part-(\d+)\.safetensors$")
 INDEX_NAME = "model.safetensors.index.json"
@@ -64,14 +66,15 @@ class _Reader:
         self.deadline = time.monotonic() + limits.budget_seconds
         self.counts: dict[int, int] = {}
 
-    def __call__(self, path: Path, rank: int = 0) -> FileHeader:
+    def __call__(self, source: SourceFile, rank: int = 0) -> FileHeader:
+        path = Path(source.path)
         lim = self.limits
         if time.monotonic() > self.deadline:
             raise BadCheckpoint(
                 f"{path}: reading the checkpoint's headers ran out of its {lim.budget_seconds:g}s budget",
                 path=str(path),
             )
-        header = read_header(path, lim.max_tensors_per_file, self.deadline)
+        header = read_header(source, lim.max_tensors_per_file, self.deadline)
         n = self.counts[rank] = self.counts.get(rank, 0) + len(header.tensors)
         if n > lim.max_tensors_per_rank:
             raise BadCheckpoint(
@@ -97,9 +100,22 @@ class RankFiles:
 
 @dataclass
 class Checkpoint:
+    """A checkpoint's layout and headers; its files stay open (``sources``) until ``close()``."""
+
     path: Path
     layout: str
     ranks: list[RankFiles]
+    sources: list[SourceFile] = field(default_factory=list, repr=False)
+
+    def close(self) -> None:
+        for f in self.sources:
+            f.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def world_size(self) -> int:
@@ -125,13 +141,26 @@ class Checkpoint:
         return h.hexdigest()[:12]
 
 
-def open_checkpoint(path: str | Path, limits: HeaderLimits | None = None) -> Checkpoint:
-    read = _Reader(limits or HeaderLimits())
+def open_checkpoint(
+    path: str | Path,
+    allow: Allow | None = None,
+    max_files: int = DEFAULT_MAX_FILES,
+    limits: HeaderLimits | None = None,
+) -> Checkpoint:
+    """Finds a checkpoint's files, opens each once (``open_file``) and reads its header through it.
+
+    ``allow`` refuses a real path (model roots: the checkpoint's own path and every file, judged by
+    where its links lead); ``max_files`` bounds the files held open; ``limits`` what the headers may
+    make the reader build. On any error every file opened so far is closed. The caller closes the
+    returned checkpoint.
+    """
     where = shorten(str(path))
     if "\0" in str(path):
         raise InvalidArgument(f"{where!r}: a path cannot contain a NUL byte")
     try:
         path = Path(path).expanduser()
+        if allow is not None:
+            allow(where, os.path.realpath(path))  # before looking: a path outside the roots is not even probed
         exists = path.exists()
     except RuntimeError as exc:  # ~user naming no user
         raise NotFound(f"{where}: {exc}", path=where) from None
@@ -140,27 +169,38 @@ def open_checkpoint(path: str | Path, limits: HeaderLimits | None = None) -> Che
     where = shorten(str(path))
     if not exists:
         raise NotFound(f"{where}: no such file or directory", path=where)
-    if path.is_file():
+    budget = FileBudget(where, max_files, allow)
+    try:
+        ckpt = _open(path, where, budget, _Reader(limits or HeaderLimits()))
+    except BaseException:
+        budget.close_all()
+        raise
+    ckpt.sources = budget.files
+    return ckpt
+
+
+def _open(path: Path, where: str, budget: FileBudget, read: _Reader) -> Checkpoint:
+    if not path.is_dir():
         if path.suffix != ".safetensors":
             raise BadCheckpoint(f"{where}: not a .safetensors file", path=where)
-        return _checked(Checkpoint(path.resolve(), "file", [RankFiles(0, [read(path)])]))
-    if not path.is_dir():
-        raise BadCheckpoint(f"{where}: neither a file nor a directory", path=where)
+        header = read(budget.open(path))
+        return _checked(Checkpoint(path.resolve(), "file", [RankFiles(0, [header])]))
     path = path.resolve()
 
-    shards = _sharded(path, read)
+    shards = _sharded(path, budget, read)
     if shards is not None:
         return _checked(Checkpoint(path, "sharded", shards))
     index = path / INDEX_NAME
-    if index.is_file():
-        return _checked(Checkpoint(path, "indexed", [RankFiles(0, _indexed(path, index, read))]))
-    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if index.exists():
+        return _checked(Checkpoint(path, "indexed", [RankFiles(0, _indexed(path, index, budget, read))]))
+    files = sorted(p for p in path.glob("*.safetensors") if not p.is_dir())
     if not files:
         raise BadCheckpoint(f"{path}: no .safetensors files in this directory", path=str(path))
-    return _checked(Checkpoint(path, "directory", [RankFiles(0, [read(p) for p in files])]))
+    budget.reserve(len(files))
+    return _checked(Checkpoint(path, "directory", [RankFiles(0, [read(budget.open(p)) for p in files])]))
 
 
-def _sharded(path: Path, read: _Reader) -> list[RankFiles] | None:
+def _sharded(path: Path, budget: FileBudget, read: _Reader) -> list[RankFiles] | None:
     found: dict[int, dict[int, Path]] = {}
     for p in path.iterdir():
         m = SHARD_RE.match(p.name)
@@ -175,23 +215,19 @@ def _sharded(path: Path, read: _Reader) -> list[RankFiles] | None:
             f"{path}: sharded checkpoint lacks rank(s) {missing} (found ranks up to {world - 1})", path=str(path)
         )
     ranks = []
+    budget.reserve(sum(len(parts) for parts in found.values()))
     for r in range(world):
         parts = found[r]
         gaps = sorted(set(range(max(parts) + 1)) - set(parts))
         if gaps:
             raise BadCheckpoint(f"{path}: rank {r} lacks part(s) {gaps}", path=str(path), rank=r)
-        ranks.append(RankFiles(r, [read(parts[p], r) for p in sorted(parts)]))
+        ranks.append(RankFiles(r, [read(budget.open(parts[p]), r) for p in sorted(parts)]))
     return ranks
 
 
-def _indexed(path: Path, index: Path, read: _Reader) -> list[FileHeader]:
-    size = index.stat().st_size
-    if size > MAX_HEADER_BYTES:
-        raise BadCheckpoint(
-            f"{index}: {size} bytes, over the {MAX_HEADER_BYTES}-byte limit of an index", path=str(index)
-        )
+def _indexed(path: Path, index: Path, budget: FileBudget, read: _Reader) -> list[FileHeader]:
     try:
-        doc = json.loads(index.read_text())
+        doc = json.loads(read_small(index, budget.allow))
         weight_map = doc["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
@@ -200,14 +236,13 @@ def _indexed(path: Path, index: Path, read: _Reader) -> list[FileHeader]:
             f"{index}: not a valid index (needs a JSON object with a 'weight_map' object)", path=str(index)
         ) from None
     names = sorted(set(weight_map.values()))
-    headers = []
     for name in names:
         if not isinstance(name, str) or "/" in name or name.startswith("."):
             raise BadCheckpoint(f"{index}: weight_map names an invalid file {name!r}", path=str(index))
-        p = path / name
-        if not p.is_file():
+        if not (path / name).exists():
             raise BadCheckpoint(f"{index}: weight_map names {name}, which does not exist", path=str(index), file=name)
-        headers.append(read(p))
+    budget.reserve(len(names))
+    headers = [read(budget.open(path / name)) for name in names]
     where = {t.name: h.path.name for h in headers for t in h.tensors}
     for tensor, file in weight_map.items():
         if where.get(tensor) != file:

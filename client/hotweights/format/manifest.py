@@ -25,6 +25,7 @@ import xxhash
 from hotweights.errors import BadCheckpoint, ChecksumMismatch, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from hotweights.format.checkpoint import MANIFEST_NAME, SHARD_RE
 from hotweights.format.safetensors import read_header
+from hotweights.format.source import Allow, SourceFile, open_file, read_small
 
 FORMAT = "hotweights-checkpoint"
 FORMAT_VERSION = 1
@@ -72,24 +73,30 @@ def dumps_manifest(doc: dict[str, Any]) -> str:
     return head[:-2] + ',\n  "tensors": [\n    ' + rows + "\n  ]\n}\n"
 
 
-def file_xxh64(path: Path) -> str:
+def file_xxh64(source: Path | SourceFile, allow: Allow | None = None) -> str:
+    """The xxhash64 of a file: through ``source`` when it is open, else opened as ``open_file`` does."""
+    if not isinstance(source, SourceFile):
+        with open_file(source, allow) as f:
+            return file_xxh64(f)
     h = xxhash.xxh64()
     buf = bytearray(_HASH_CHUNK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
+    offset = 0
+    while n := os.preadv(source.fd, [buf], offset):
+        h.update(view[:n])
+        offset += n
     return h.hexdigest()
 
 
-def load_manifest(directory: str | Path) -> Manifest | None:
-    """The manifest of a directory, None if it has none; malformed manifests raise BadCheckpoint."""
+def load_manifest(directory: str | Path, allow: Allow | None = None) -> Manifest | None:
+    """The manifest of a directory, None if it has none; malformed manifests raise BadCheckpoint.
+    ``allow`` refuses where the manifest's path leads (model roots)."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(read_small(path, allow))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise BadCheckpoint(f"{path}: cannot read it as JSON: {exc}", path=str(path), file=MANIFEST_NAME) from None
     except RecursionError:
@@ -151,14 +158,18 @@ def _check_schema(path: Path, doc: Any) -> None:
             raise bad(f"tensor entry {str(t)[:120]} is malformed or names a file the manifest does not list")
 
 
-def verify_checkpoint(path: Path, level: str) -> None:
+def verify_checkpoint(
+    path: Path, level: str, opened: dict[str, SourceFile] | None = None, allow: Allow | None = None
+) -> None:
     """Check a checkpoint against its manifest; raise naming the first file that fails.
 
     Raises DataLoss (a file missing, of the wrong size, or whose header disagrees with the manifest),
     ChecksumMismatch (content differs), BadCheckpoint (the manifest is malformed, or the directory
     holds shard files the manifest does not list), and
     FailedPrecondition for ``full`` without a manifest. ``path`` may be the checkpoint directory or
-    a file inside it.
+    a file inside it. ``opened``: files the caller holds open, by name; they are checked through
+    their descriptors (what a load then reads), not looked up again; ``allow`` refuses where the
+    other files it reads (the manifest, the side files hashed by ``full``) lead.
     """
     if level not in LEVELS:
         raise InvalidArgument(f"verify level must be one of {', '.join(LEVELS)}, not {level!r}", level=level)
@@ -168,7 +179,7 @@ def verify_checkpoint(path: Path, level: str) -> None:
     if not path.exists():
         raise NotFound(f"{path}: no such file or directory", path=str(path))
     directory = path if path.is_dir() else path.parent
-    manifest = load_manifest(directory)
+    manifest = load_manifest(directory, allow)
     if manifest is None:
         if level == "full":
             raise FailedPrecondition(
@@ -177,12 +188,13 @@ def verify_checkpoint(path: Path, level: str) -> None:
                 path=str(directory),
             )
         return
+    opened = opened or {}
     _verify_layout(manifest)
-    _verify_sizes(manifest)
+    _verify_sizes(manifest, opened)
     if level == "full":
         # Hashes before headers: a flipped byte is then reported as what it is, content that changed.
-        _verify_hashes(manifest)
-    _verify_headers(manifest)
+        _verify_hashes(manifest, opened, allow)
+    _verify_headers(manifest, opened)
 
 
 def _verify_layout(m: Manifest) -> None:
@@ -206,11 +218,11 @@ def _verify_layout(m: Manifest) -> None:
         )
 
 
-def _verify_sizes(m: Manifest) -> None:
+def _verify_sizes(m: Manifest, opened: dict[str, SourceFile]) -> None:
     for name, info in [*m.files.items(), *m.aux_files.items()]:
         p = m.directory / name
         try:
-            size = p.stat().st_size
+            size = opened[name].size if name in opened else p.stat().st_size
         except FileNotFoundError:
             raise DataLoss(f"{p}: missing: {MANIFEST_NAME} lists it", path=str(p), file=name) from None
         if size != info["size"]:
@@ -223,14 +235,14 @@ def _verify_sizes(m: Manifest) -> None:
             )
 
 
-def _verify_headers(m: Manifest) -> None:
+def _verify_headers(m: Manifest, opened: dict[str, SourceFile]) -> None:
     expected: dict[str, dict[str, tuple[str, tuple[int, ...], int]]] = {name: {} for name in m.files}
     for t in m.tensors:
         expected[t["file"]][t["name"]] = (t["dtype"], tuple(t["shape"]), t["offset"])
     for name in m.files:
         p = m.directory / name
         try:
-            header = read_header(p)
+            header = read_header(opened.get(name, p))
         except BadCheckpoint as exc:
             # The manifest vouches that this file was written whole: a header that no longer parses is damage.
             raise DataLoss(
@@ -252,11 +264,11 @@ def _verify_headers(m: Manifest) -> None:
                 raise DataLoss(f"{p}: tensor {tname!r} {what}", path=str(p), file=name, tensor=tname)
 
 
-def _verify_hashes(m: Manifest) -> None:
+def _verify_hashes(m: Manifest, opened: dict[str, SourceFile], allow: Allow | None) -> None:
     entries = [*m.files.items(), *m.aux_files.items()]
     workers = min(len(entries), os.cpu_count() or 1, 8)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hw-verify") as pool:
-        digests = list(pool.map(lambda e: file_xxh64(m.directory / e[0]), entries))
+        digests = list(pool.map(lambda e: file_xxh64(opened.get(e[0]) or m.directory / e[0], allow), entries))
     for (name, info), digest in zip(entries, digests):
         if digest != info["xxh64"]:
             p = m.directory / name

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hotweights.errors import BadCheckpoint, NotFound
+from hotweights.errors import BadCheckpoint
 from hotweights.format.dtypes import DType, lookup, nbytes_for
+from hotweights.format.source import SourceFile, open_file
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Far above any real file (the largest published shards hold a few thousand tensors); a header of
@@ -47,6 +48,8 @@ class FileHeader:
     data_start: int
     tensors: list[TensorEntry]
     metadata: dict[str, str] = field(default_factory=dict)
+    # The open file the header was read from, when its reader keeps it open for the fill.
+    source: SourceFile | None = field(default=None, repr=False, compare=False)
 
     @property
     def data_bytes(self) -> int:
@@ -54,35 +57,35 @@ class FileHeader:
 
 
 def read_header(
-    path: str | os.PathLike, max_tensors: int = MAX_TENSORS_PER_FILE, deadline: float | None = None
+    source: str | os.PathLike | SourceFile, max_tensors: int = MAX_TENSORS_PER_FILE, deadline: float | None = None
 ) -> FileHeader:
-    """The validated header of ``path``; ``deadline`` (time.monotonic()) bounds the validation's time."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotFound(f"{path}: no such file", path=str(path)) from None
-    except IsADirectoryError:
-        raise BadCheckpoint(f"{path}: is a directory, not a safetensors file", path=str(path)) from None
-    except PermissionError as exc:
-        raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=str(path)) from None
-    try:
-        size = os.fstat(fd).st_size
-        if size < 8:
-            raise BadCheckpoint(
-                f"{path}: truncated: {size} bytes, shorter than the 8-byte header length", path=str(path)
-            )
-        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-        if n > MAX_HEADER_BYTES:
-            raise BadCheckpoint(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit", path=str(path))
-        if 8 + n > size:
-            raise BadCheckpoint(
-                f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)", path=str(path)
-            )
-        raw = os.pread(fd, n, 8)
-    finally:
-        os.close(fd)
-    return parse_header(path, size, raw, max_tensors, deadline)
+    """The validated header of a file, read through ``source`` when it is an open ``SourceFile`` (it stays
+    open, and the header keeps it: the fill reads the same file); ``deadline`` (time.monotonic()) bounds
+    the validation's time."""
+    if isinstance(source, SourceFile):
+        return _read_header(source, max_tensors, deadline)
+    with open_file(source) as f:
+        header = _read_header(f, max_tensors, deadline)
+    header.source = None
+    return header
+
+
+def _read_header(f: SourceFile, max_tensors: int, deadline: float | None) -> FileHeader:
+    path = Path(f.path)
+    size = f.size
+    if size < 8:
+        raise BadCheckpoint(f"{path}: truncated: {size} bytes, shorter than the 8-byte header length", path=str(path))
+    (n,) = struct.unpack("<Q", f.pread(8, 0).ljust(8, b"\0"))
+    if n > MAX_HEADER_BYTES:
+        raise BadCheckpoint(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit", path=str(path))
+    if 8 + n > size:
+        raise BadCheckpoint(
+            f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)", path=str(path)
+        )
+    raw = f.pread(n, 8)
+    header = parse_header(path, size, raw, max_tensors, deadline)
+    header.source = f
+    return header
 
 
 def parse_header(

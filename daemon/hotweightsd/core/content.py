@@ -71,11 +71,14 @@ def content_of(ckpt: Checkpoint) -> ContentId:
     files = []
     for r in ckpt.ranks:
         for f in r.files:
-            path = os.path.realpath(f.path)
-            try:
-                st = os.stat(path)
-            except OSError as exc:
-                raise BadCheckpoint(f"{path}: cannot stat: {exc.strerror}", path=path) from None
+            if f.source is not None:  # the file as it was opened: no second lookup by path
+                path, st = f.source.real, f.source.stat
+            else:
+                path = os.path.realpath(f.path)
+                try:
+                    st = os.stat(path)
+                except OSError as exc:
+                    raise BadCheckpoint(f"{path}: cannot stat: {exc.strerror}", path=path) from None
             files.append(FileId(path, st.st_size, st.st_mtime_ns, st.st_ino))
     return ContentId(ckpt.fingerprint(), tuple(sorted(files, key=lambda f: f.path)))
 

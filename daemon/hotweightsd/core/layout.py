@@ -9,10 +9,11 @@ gets one allocation, or several when a backend caps an allocation's size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hotweights.format.checkpoint import RankFiles
 from hotweights.format.dtypes import served_dtype_name
+from hotweights.format.source import SourceFile
 
 ALIGN = 256
 SMALL_ALIGN = 16  # for tensors under ALIGN bytes
@@ -62,6 +63,13 @@ class RankLayout:
     files: list[str]
     allocation_sizes: list[int]
     placements: list[Placement]
+    # The files as the checkpoint opened them (headers read through them); the fill reads the same
+    # files through them. Empty for a layout not made from an open checkpoint (a restored version).
+    sources: list[SourceFile] = field(default_factory=list, repr=False, compare=False)
+
+    def inputs(self) -> list[SourceFile | str]:
+        """The files as the fill opens them: the checkpoint's open files, else their paths."""
+        return list(self.sources) if self.sources else list(self.files)
 
     @property
     def nbytes(self) -> int:
@@ -105,6 +113,11 @@ def plan_rank(rank: RankFiles, granularity: int, max_allocation: int | None = No
             )
             cursor = offset + t.nbytes
     sizes.append(round_up(max(cursor, 1), granularity))
+    sources = [h.source for h in rank.files]
     return RankLayout(
-        rank=rank.rank, files=[str(h.path) for h in rank.files], allocation_sizes=sizes, placements=placements
+        rank=rank.rank,
+        files=[str(h.path) for h in rank.files],
+        allocation_sizes=sizes,
+        placements=placements,
+        sources=[s for s in sources if s is not None] if None not in sources else [],
     )

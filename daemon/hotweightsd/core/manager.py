@@ -45,6 +45,7 @@ from hotweights.errors import (
     shorten,
 )
 from hotweights.format.checkpoint import Checkpoint, HeaderLimits, open_checkpoint
+from hotweights.format.source import DEFAULT_MAX_FILES
 from hotweightsd.core import faults
 from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
 from hotweightsd.core.content import ContentId, content_of
@@ -52,6 +53,7 @@ from hotweightsd.core.events import EventBus, EventKind
 from hotweightsd.core.layout import RankLayout, plan_rank
 from hotweightsd.core.leases import Lease, TicketBook, check_holder, new_lease_id
 from hotweightsd.core.registry import ModelVersion, ResidentRank, State, check_name, split_ref
+from hotweightsd.core.roots import ModelRoots
 
 log = structlog.get_logger("hotweightsd.manager")
 
@@ -110,12 +112,16 @@ class ModelManager:
         backend: MemoryBackend,
         ticket_ttl: float = 30.0,
         default_verify: str = "fast",
+        roots: ModelRoots | None = None,
+        max_checkpoint_files: int = DEFAULT_MAX_FILES,
         keep_previous: bool = True,
         keep_previous_seconds: float = 600.0,
         relet_grace: float = RELET_GRACE,
         header_limits: HeaderLimits | None = None,
     ) -> None:
         self.backend = backend
+        self.roots = roots or ModelRoots()
+        self.max_checkpoint_files = max_checkpoint_files
         self.keep_previous = keep_previous
         self.keep_previous_seconds = keep_previous_seconds
         self.relet_grace = relet_grace
@@ -268,7 +274,40 @@ class ModelManager:
         if not path:
             raise InvalidArgument("no checkpoint path given")
         faults.hit("load.header", path)
-        ckpt = open_checkpoint(path, self.header_limits)
+        ckpt = self.open_checkpoint(path)
+        try:
+            start = self._start_load(ckpt, name, version, alias, verify, mode, device_map)
+        except BaseException:
+            ckpt.close()
+            raise
+        if start.already_loaded:
+            ckpt.close()
+            return start
+
+        def run() -> ModelVersion:
+            try:
+                return start.run()
+            finally:
+                ckpt.close()
+
+        return start._replace(run=run)
+
+    def open_checkpoint(self, path: str) -> Checkpoint:
+        """The checkpoint at ``path``, its files opened once, inside the model roots; the caller closes it."""
+        return open_checkpoint(
+            path, self.roots.check if self.roots.confined else None, self.max_checkpoint_files, self.header_limits
+        )
+
+    def _start_load(
+        self,
+        ckpt: Checkpoint,
+        name: str,
+        version: str | None,
+        alias: str | None,
+        verify: str | None,
+        mode: AllocationMode,
+        device_map: Iterable[int] | None,
+    ) -> LoadStart:
         version = check_name("version", version) if version else ckpt.fingerprint()
         content = content_of(ckpt)
         with self._lock:
@@ -391,7 +430,9 @@ class ModelManager:
             return
         from hotweights.format import manifest
 
-        manifest.verify_checkpoint(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, level)
+        opened = {f.path.name: f.source for r in ckpt.ranks for f in r.files if f.source is not None}
+        allow = self.roots.check if self.roots.confined else None
+        manifest.verify_checkpoint(ckpt.path if ckpt.path.is_dir() else ckpt.path.parent, level, opened, allow)
 
     def _place(self, world: int, device_map: list[int]) -> list[int]:
         devices = self.backend.devices()

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from enum import Enum
 
 from hotweights.errors import InsufficientMemory, InvalidArgument, NotFound, shorten
-from hotweights.format.checkpoint import open_checkpoint
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, State, check_name, split_ref
 
@@ -104,8 +103,8 @@ def swap(
             "--keep-previous and --mode drain exclude each other: a drain frees the previous version first"
         )
     # Fail on a bad checkpoint before anything is drained.
-    ckpt = open_checkpoint(target)
-    m.verify(ckpt, verify)
+    with m.open_checkpoint(target) as ckpt:
+        m.verify(ckpt, verify)
     m.drain(old, drain_timeout)
     mv, load = m.begin_load(model, target, version=version, verify=verify)
 

@@ -45,7 +45,7 @@ def fill(
     chunks = plan_chunks(layout.segments(), path.chunk_size)
     check_plan(chunks, sizes)
     needed = needed_file_sizes(chunks, len(layout.files))
-    sources = ranges.ReadSources.open(layout.files, path.read_mode, needed, path.chunk_size)
+    sources = ranges.ReadSources.open(layout.inputs(), path.read_mode, needed, path.chunk_size)
     chunks = sources.mark(chunks)
     extra = ""
     try:

@@ -6,12 +6,13 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from hotweights.errors import Aborted, BackendError, BadCheckpoint
+from hotweights.format.source import SourceFile, open_error, open_file
 from hotweightsd.core import faults
 from hotweightsd.core.layout import RankLayout, Segment
 from hotweightsd.loaders import residency
@@ -33,20 +34,25 @@ def split(segments: list[Segment], chunk: int = CHUNK) -> Iterator[Segment]:
             done += n
 
 
-def open_source(path: str, direct: bool) -> tuple[int, bool]:
-    """(fd, opened O_DIRECT). A filesystem that refuses O_DIRECT (tmpfs) gets a buffered fd."""
-    flags = os.O_RDONLY | os.O_CLOEXEC
+def open_source(source: SourceFile | str, direct: bool) -> tuple[int, bool]:
+    """(fd, opened O_DIRECT) of a new descriptor of ``source``, the checkpoint's open file (a path only
+    for a layout made without one, opened as ``open_file`` does). A filesystem that refuses O_DIRECT
+    (tmpfs) gets a buffered fd."""
+    if isinstance(source, str):
+        with open_file(source) as opened:
+            return open_source(opened, direct)
+    path = source.path
     if direct:
         try:
-            return os.open(path, flags | os.O_DIRECT), True
+            return source.reopen(direct=True), True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
-                raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=path) from exc
+                raise open_error(path, exc) from exc
             log.info("%s: O_DIRECT refused by its filesystem; reading it buffered", path)
     try:
-        return os.open(path, flags), False
+        return source.reopen(), False
     except OSError as exc:
-        raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=path) from exc
+        raise open_error(path, exc) from exc
 
 
 # With read mode auto, a file at least this much in the page cache (or on a memory filesystem) is read
@@ -54,9 +60,10 @@ def open_source(path: str, direct: bool) -> tuple[int, bool]:
 RESIDENT_ENOUGH = 0.5
 
 
-def open_auto(path: str) -> tuple[int, bool, float]:
+def open_auto(source: SourceFile | str) -> tuple[int, bool, float]:
     """(fd, opened O_DIRECT, resident fraction): buffered where the file is in memory, O_DIRECT where not."""
-    fd, _ = open_source(path, False)
+    path = source if isinstance(source, str) else source.path
+    fd, _ = open_source(source, False)
     try:
         fraction, memory = residency.sampled_fraction(fd)
     except OSError as exc:
@@ -65,7 +72,7 @@ def open_auto(path: str) -> tuple[int, bool, float]:
     if memory or fraction >= RESIDENT_ENOUGH:
         return fd, False, fraction
     os.close(fd)
-    direct_fd, direct = open_source(path, True)
+    direct_fd, direct = open_source(source, True)
     return direct_fd, direct, fraction
 
 
@@ -81,15 +88,16 @@ class SourceFiles:
     resident: list[float] = field(default_factory=list)  # auto only: each file's resident fraction
 
     @classmethod
-    def open(cls, paths: list[str], mode: str, needed: list[int]) -> SourceFiles:
-        files = cls(list(paths))
+    def open(cls, sources: Sequence[SourceFile | str], mode: str, needed: list[int]) -> SourceFiles:
+        """``sources``: the checkpoint's open files (``RankLayout.inputs()``), or paths."""
+        files = cls([s if isinstance(s, str) else s.path for s in sources])
         try:
-            for path, need in zip(paths, needed):
+            for source, path, need in zip(sources, files.paths, needed):
                 if mode == "auto":
-                    fd, is_direct, fraction = open_auto(path)
+                    fd, is_direct, fraction = open_auto(source)
                     files.resident.append(fraction)
                 else:
-                    fd, is_direct = open_source(path, mode == "odirect")
+                    fd, is_direct = open_source(source, mode == "odirect")
                 files.fds.append(fd)
                 files.direct.append(is_direct)
                 size = os.fstat(fd).st_size
@@ -125,18 +133,15 @@ class SourceFiles:
 
 
 class OpenFiles:
-    """The layout's files opened once, read-only; closed on exit."""
+    """The layout's files reopened once, read-only; closed on exit."""
 
-    def __init__(self, layout: RankLayout, flags: int = 0) -> None:
+    def __init__(self, layout: RankLayout) -> None:
         self._stack = ExitStack()
         self.fds: list[int] = []
         self.paths = layout.files
         try:
-            for path in layout.files:
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
-                except OSError as exc:
-                    raise BadCheckpoint(f"{path}: cannot open: {exc.strerror}", path=path) from exc
+            for source in layout.inputs():
+                fd, _ = open_source(source, False)
                 self._stack.callback(os.close, fd)
                 self.fds.append(fd)
         except BaseException:

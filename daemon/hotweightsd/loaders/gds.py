@@ -303,10 +303,10 @@ def _fill(
     handles: list[int] = []
     direct = 0
     try:
-        for path, need in zip(layout.files, needed):
+        for source, path, need in zip(layout.inputs(), layout.files, needed):
             # nvidia-fs DMA needs O_DIRECT. Compatibility mode reads with pread into cuFile's own bounce
             # buffers and accepts a buffered fd, which also spares it this layout's unaligned offsets.
-            fd, is_direct = open_source(path, not compat)
+            fd, is_direct = open_source(source, not compat)
             fds.append(fd)
             direct += is_direct
             size = os.fstat(fd).st_size

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from hotweights.errors import BadCheckpoint
+from hotweights.format.source import SourceFile
 from hotweightsd.loaders import residency
 from hotweightsd.loaders.files import open_source
 from hotweightsd.loaders.plan import ReadChunk
@@ -99,13 +100,14 @@ class ReadSources:
     _index: dict[int, int] = field(default_factory=dict, repr=False)  # fd -> its index in fds
 
     @classmethod
-    def open(cls, paths: Sequence[str], mode: str, needed: Sequence[int], chunk_size: int) -> ReadSources:
-        """Opens ``paths`` for read mode ``mode``; ``needed``: per file, the size its plan reads up to
-        (a shorter file is a truncated one: BadCheckpoint)."""
+    def open(cls, paths: Sequence[SourceFile | str], mode: str, needed: Sequence[int], chunk_size: int) -> ReadSources:
+        """Opens ``paths`` (the checkpoint's open files, ``RankLayout.inputs()``, or paths) for read mode
+        ``mode``; ``needed``: per file, the size its plan reads up to (a shorter file is a truncated one:
+        BadCheckpoint)."""
         sources = cls(mode)
         try:
-            for path, need in zip(paths, needed):
-                sources.files.append(sources._open_one(path, need, chunk_size))
+            for source, need in zip(paths, needed):
+                sources.files.append(sources._open_one(source, need, chunk_size))
         except BaseException:
             sources.close()
             raise
@@ -117,8 +119,9 @@ class ReadSources:
         self.direct.append(direct)
         return fd
 
-    def _open_one(self, path: str, need: int, chunk_size: int) -> FileReads:
-        fd, direct = open_source(path, self.mode == "odirect")
+    def _open_one(self, source: SourceFile | str, need: int, chunk_size: int) -> FileReads:
+        path = source if isinstance(source, str) else source.path
+        fd, direct = open_source(source, self.mode == "odirect")
         self._add(fd, direct)
         size = os.fstat(fd).st_size
         if size < need:
@@ -135,7 +138,7 @@ class ReadSources:
         f = FileReads(path, size, ranges, buffered_fd=fd, resident=resident)
         if f.kind == "buffered":
             return f
-        dfd, ok = open_source(path, True)
+        dfd, ok = open_source(source, True)
         if not ok:  # the filesystem refuses O_DIRECT: every range buffered
             os.close(dfd)
             return FileReads(path, size, whole, buffered_fd=fd, refused=True, resident=resident)

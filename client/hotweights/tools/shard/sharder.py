@@ -98,16 +98,16 @@ def shard_checkpoint(
         raise InvalidArgument(
             f"{src}: already a hotweights sharded checkpoint; shard the original model", path=str(src)
         )
-    ckpt = open_checkpoint(src)
-    if ckpt.layout == "sharded":
-        raise InvalidArgument(
-            f"{src}: holds model-rank-*-part-* files, already sharded; shard the original model", path=str(src)
-        )
-    tensors = [
-        SourceTensor(t.name, t.dtype.name, t.shape, f.path, t.begin, t.end)
-        for f in ckpt.ranks[0].files
-        for t in sorted(f.tensors, key=lambda t: t.begin)
-    ]
+    with open_checkpoint(src) as ckpt:
+        if ckpt.layout == "sharded":
+            raise InvalidArgument(
+                f"{src}: holds model-rank-*-part-* files, already sharded; shard the original model", path=str(src)
+            )
+        tensors = [
+            SourceTensor(t.name, t.dtype.name, t.shape, f.path, t.begin, t.end)
+            for f in ckpt.ranks[0].files
+            for t in sorted(f.tensors, key=lambda t: t.begin)
+        ]
 
     plan = plan_shards(tensors, config, tp, resolve_rules(config, rules_file), quantize=fp8_scale if quantize else None)
     parts = [
