@@ -233,6 +233,8 @@ def main() -> int:
     prober.start()
     channel = grpc.insecure_channel(f"unix://{d.socket}")
     stub = pb_grpc.HotweightsStub(channel)
+    # loads, unloads and alias moves are operators' calls: the operator socket takes them
+    ops = pb_grpc.HotweightsStub(grpc.insecure_channel(f"unix://{d.operator_socket}"))
     note(f"daemon pid {d.pid} on {d.socket}; load average {os.getloadavg()}")
 
     def phase(name: str, fn) -> None:
@@ -254,7 +256,7 @@ def main() -> int:
         before = rss(d.pid)
         tries = []
         for _ in range(3):
-            dt, status = load_call(stub, "m", huge, "v1")
+            dt, status = load_call(ops, "m", huge, "v1")
             tries.append({"seconds": round(dt, 4), "status": status})
         after = rss(d.pid)
         return {
@@ -276,7 +278,7 @@ def main() -> int:
             "write_s": time.perf_counter() - t0,
         }
         before = rss(d.pid)
-        dt, status = load_call(stub, "million", str(big), "v1")
+        dt, status = load_call(ops, "million", str(big), "v1")
         after = rss(d.pid)
         res["million"].update(
             refusal_seconds=round(dt, 4),
@@ -290,7 +292,7 @@ def main() -> int:
         ok = tiny_header_file(work / "limit.safetensors", n)
         allocated_before = sum(dev.resident_bytes for dev in stub.Status(pb.StatusRequest(), timeout=60).devices)
         before = rss(d.pid)
-        dt, status = load_call(stub, "atlimit", str(ok), "v1")
+        dt, status = load_call(ops, "atlimit", str(ok), "v1")
         after = rss(d.pid)
         info = {}
         if status == "OK":
@@ -300,7 +302,7 @@ def main() -> int:
                 "data_bytes": n,
                 "allocated_bytes": sum(dev.resident_bytes for dev in st.devices) - allocated_before,
             }
-            stub.UnloadModel(pb.UnloadModelRequest(ref="atlimit@v1"), timeout=60)
+            ops.UnloadModel(pb.UnloadModelRequest(ref="atlimit@v1"), timeout=60)
         res["at_limit"] = {
             "tensors": n,
             "load_seconds": round(dt, 3),
@@ -314,7 +316,7 @@ def main() -> int:
 
     def watchers() -> dict:
         small = small_model(work / "w.safetensors")
-        dt, status = load_call(stub, "wm", str(small), "v1")
+        dt, status = load_call(ops, "wm", str(small), "v1")
         assert status == "OK", status
         before = rss(d.pid)
         conns = max(1, args.watchers // 100)
@@ -357,7 +359,7 @@ def main() -> int:
                 alias = f"a{i}"
                 t0 = time.perf_counter()
                 sent = time.time()
-                stub.SetAlias(pb.SetAliasRequest(alias=alias, target="wm@v1"), timeout=60)
+                ops.SetAlias(pb.SetAliasRequest(alias=alias, target="wm@v1", create=True), timeout=60)
                 lat.append(time.perf_counter() - t0)
                 with got:
                     ok = got.wait_for(lambda: any(x.get("alias") == alias for x in lines), 30)
@@ -404,7 +406,7 @@ def main() -> int:
         before = rss(d.pid)
         times = []
         for i in range(args.models):
-            dt, status = load_call(stub, f"model{i}", str(small), "v1")
+            dt, status = load_call(ops, f"model{i}", str(small), "v1")
             if status != "OK":
                 raise RuntimeError(f"model{i}: {status}")
             times.append(dt)

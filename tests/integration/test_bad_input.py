@@ -281,7 +281,7 @@ def test_a_slow_watcher_is_dropped_while_a_fast_one_keeps_receiving(sockdir, tmp
             moves = 0
             while "watch.dropped" not in d.logs():
                 assert moves < 5000, "the slow watcher was never dropped"
-                c.set_alias("a", "m@v1")
+                c.set_alias("a", "m@v1", create=True)
                 moves += 1
             c.remove_alias("a")
             with changed:
