@@ -10,6 +10,7 @@ import pytest
 
 from hotweightsd.loaders import residency
 from hotweightsd.loaders.residency import PAGE, Residency
+from support.pagecache import disk_dir
 
 MiB = 1024 * 1024
 
@@ -36,19 +37,6 @@ def probe(path: Path) -> residency.FileResidency:
         return residency.probe(fd)
     finally:
         os.close(fd)
-
-
-def disk_dir() -> Path:
-    """A directory on a block-device filesystem (where the page cache can be dropped), or skip."""
-    for d in (Path(tempfile.gettempdir()), Path.home(), Path.cwd()):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            magic, _ = residency.filesystem_of(fd)
-        finally:
-            os.close(fd)
-        if magic not in residency.MEMORY_FILESYSTEMS and magic != residency.OVERLAY_MAGIC:
-            return d
-    pytest.skip("no block-device filesystem to drop pages from on this machine")
 
 
 @pytest.fixture

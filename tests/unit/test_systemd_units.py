@@ -15,6 +15,7 @@ import pytest
 
 from hotweightsd.config import load_config
 from support import REPO
+from support.unit_sandbox import unit_settings
 
 UNITS = REPO / "systemd"
 SERVICE = UNITS / "hotweights.service"
@@ -30,15 +31,6 @@ NEWER_KEYS = {"FileDescriptorStorePreserve": 254}
 def systemd_version() -> int:
     out = subprocess.run([ANALYZE, "--version"], capture_output=True, text=True, check=True).stdout
     return int(re.match(r"systemd (\d+)", out).group(1))
-
-
-def unit_settings(text: str) -> dict[str, list[str]]:
-    settings: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if "=" in line and not line.startswith(("#", "[")):
-            key, _, value = line.partition("=")
-            settings.setdefault(key.strip(), []).append(value.strip())
-    return settings
 
 
 def verifiable_copy(tmp_path: Path, text: str | None = None) -> Path:
