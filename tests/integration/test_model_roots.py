@@ -68,7 +68,8 @@ def stops_promptly(d) -> None:
 
 
 def still_whole(d, root: Path, outside: Path, baseline: int) -> None:
-    """Holds nothing of the checkpoints, is back to its descriptor count, answers and loads."""
+    """Holds nothing of the checkpoints, is back to its descriptor count, answers and loads, and holds no
+    memfd once that load is unloaded."""
     wait_until(lambda: files_under(d.pid, root, outside) == [], what="the daemon to close every checkpoint file")
     wait_until(lambda: len(daemon_fds(d.pid)) <= baseline, what=f"the daemon's fd count back to {baseline}")
     with d.connect(timeout=CALL_TIMEOUT) as c:
@@ -77,6 +78,7 @@ def still_whole(d, root: Path, outside: Path, baseline: int) -> None:
         assert info.version == "v1"
         c.unload("good@v1")
     wait_until(lambda: files_under(d.pid, root, outside) == [], what="the good load's files to be closed")
+    wait_until(lambda: d.memfds() == [], what="no memfd left once the good load is unloaded")
 
 
 def _outside(root: Path, outside: Path) -> Path:
