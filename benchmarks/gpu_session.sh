@@ -15,7 +15,9 @@
 # NODE=1 (run bench_node.py, every GPU at once through a daemon, instead of bench_load.py; NODE_ARGS its flags;
 # same budget and time box; pair with SKIP_TESTS=1 SKIP_FF=1 to give it the whole session), COLD=1 (run
 # bench_cold.py instead of bench_load.py: the cold read ceiling over several read shapes, and the daemon's
-# read modes cold and partly cached, interleaved repetitions; COLD_ARGS its flags; same budget and time box).
+# read modes cold and partly cached with the peers cold in the same rotation, interleaved repetitions;
+# COLD_ARGS its flags, e.g. "--reps 3 --skip partial_halves,sweep --modes auto,odirect --peers fastsafetensors,runai"
+# (--modes: the daemon's read modes, --peers: '' for none; same budget and time box).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
