@@ -144,6 +144,24 @@ def test_handles_and_fds_go_to_the_lease_holder_only(manager, tmp_path):
         manager.redeem(manager.get_handles(nameless.id, 0, nameless.key).ticket, me, uid)
 
 
+def test_a_holder_in_another_pid_namespace_is_matched_or_left_to_its_ticket(monkeypatch):
+    from hotweightsd.core import leases
+
+    ticket = leases.Ticket("t", "lease", 0, expires=0.0, pid=7, uid=1000)
+    # a container's process: pid 7 inside, 4242 outside
+    monkeypatch.setattr(leases, "_nspids", lambda pid: ["4242", "7"])
+    leases.check_holder(ticket, 4242, 1000)
+    # another container's process that is pid 8 inside
+    monkeypatch.setattr(leases, "_nspids", lambda pid: ["4243", "8"])
+    with pytest.raises(errors.PermissionDenied):
+        leases.check_holder(ticket, 4243, 1000)
+    # /proc hides the peer (ProtectProc=invisible): its pid cannot be matched, the uid still is
+    monkeypatch.setattr(leases, "_nspids", lambda pid: None)
+    leases.check_holder(ticket, 4242, 1000)
+    with pytest.raises(errors.PermissionDenied):
+        leases.check_holder(ticket, 4242, 1001)
+
+
 def test_split_ref():
     assert split_ref("llama@v2") == ("llama", "v2")
     assert split_ref("llama") == ("llama", None)

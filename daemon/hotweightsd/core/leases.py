@@ -44,22 +44,31 @@ class Ticket:
     uid: int = -1  # and, once known, only under this uid
 
 
-def same_process(claimed_pid: int, peer_pid: int) -> bool:
+def _nspids(pid: int) -> list[str] | None:
+    """``pid``'s ids in each pid namespace it is in, outermost first; None when /proc does not say (the
+    process is gone, or hidden from this one: the unit's ProtectProc=invisible hides other users')."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return line.split()[1:]
+    except OSError:
+        pass
+    return None
+
+
+def same_process(claimed_pid: int, peer_pid: int) -> bool | None:
     """Whether the kernel-reported ``peer_pid`` is the process that said it was ``claimed_pid``: the
-    same number, or, for a process in another pid namespace (a container), its pid in its own one."""
+    same number, or, for a process in another pid namespace (a container), its pid in its own one.
+    None when that cannot be told (/proc hides the peer)."""
     if claimed_pid <= 0 or peer_pid <= 0:
         return False
     if claimed_pid == peer_pid:
         return True
-    try:
-        with open(f"/proc/{peer_pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    nspids = line.split()[1:]
-                    return len(nspids) > 1 and nspids[-1] == str(claimed_pid)
-    except OSError:
-        pass
-    return False
+    nspids = _nspids(peer_pid)
+    if nspids is None:
+        return None
+    return len(nspids) > 1 and nspids[-1] == str(claimed_pid)
 
 
 def check_holder(ticket: Ticket, peer_pid: int, peer_uid: int) -> None:
@@ -68,7 +77,9 @@ def check_holder(ticket: Ticket, peer_pid: int, peer_uid: int) -> None:
         raise PermissionDenied(
             "this lease was opened without its holder's pid: its fds go to no one", lease=ticket.lease_id
         )
-    if not same_process(ticket.pid, peer_pid) or (ticket.uid >= 0 and ticket.uid != peer_uid):
+    # Where /proc hides the peer, its pid cannot be matched across namespaces; the ticket itself was
+    # handed out only to a GetHandles call that showed the lease's key, and the uid is still checked.
+    if same_process(ticket.pid, peer_pid) is False or (ticket.uid >= 0 and ticket.uid != peer_uid):
         raise PermissionDenied(
             f"lease {ticket.lease_id[:8]} is held by pid {ticket.pid}: its fds go to that process only "
             f"(this is pid {peer_pid}, uid {peer_uid})",
