@@ -133,3 +133,20 @@ def test_a_version_retired_while_leased_is_restored_retired_and_freed(tmp_path, 
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def test_a_drain_swap_frees_the_version_kept_for_a_rollback_first(tmp_path):
+    from hotweightsd.core.swap import SwapMode
+
+    m = _manager(tmp_path, keep_previous_seconds=600)
+    try:
+        swap(m, "prod", "llm@v2", keep_previous=True).run()
+        assert m.get("llm", "v1").previous_of == "prod"
+        plan = swap(m, "prod", str(versioned_model(tmp_path, 3)), version="v3", mode=SwapMode.DRAIN)
+        plan.run()
+        assert "llm@v1, kept for a rollback" in plan.note, plan.note
+        assert [v.key for v in m.versions()] == ["llm@v3"]  # v2 drained, v1 not left holding memory
+        with pytest.raises(errors.HotweightsError):
+            m.rollback("prod")  # nothing kept to go back to, rather than a jump two versions back
+    finally:
+        m.close()

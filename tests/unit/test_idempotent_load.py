@@ -153,6 +153,19 @@ def test_a_version_kept_for_a_rollback_is_rejoined_by_the_same_content(manager, 
     assert manager.aliases() == {"prod": "llm@v1"} and not kept.retire and not kept.previous_of
 
 
+def test_loading_a_kept_version_again_without_an_alias_keeps_it(manager, tmp_path):
+    v1 = str(versioned_model(tmp_path, 1))
+    manager.load("llm", v1, version="v1", alias="prod")
+    swap(manager, "prod", str(versioned_model(tmp_path, 2)), version="v2", keep_previous=True).run()
+    kept = manager.get("llm", "v1")
+    start = manager.start_load("llm", v1, version="v1")  # asked for by name, no alias
+    assert start.already_loaded
+    start.run()
+    assert not kept.retire and not kept.previous_of and not kept.hold_until
+    manager._recheck(kept)  # what the hold's timer would do when the grace ends
+    assert manager.get("llm", "v1") is kept  # "already loaded" stays true: nothing frees it
+
+
 def test_a_version_without_a_content_record_is_not_assumed_the_same(manager, tmp_path):
     path = str(versioned_model(tmp_path, 1))
     mv = manager.load("llm", path, version="v1")

@@ -407,6 +407,14 @@ class ModelManager:
                         f"{mv.key} is {mv.state.value}, not READY{hint}", ref=mv.key, state=mv.state.value
                     )
                 move = alias if alias and self._aliases.get(alias) != mv.key else None
+            with self._txn() as fx:
+                if mv.retire and mv.previous_of and mv.state is State.READY:
+                    # Loaded again on purpose: no longer only a rollback's spare, so its hold ends
+                    # without freeing it (and the state file hears of it through the event).
+                    mv.retire = False
+                    self._unhold(mv)
+                    fx.publish(EventKind.VERSION_READY, mv.name, version=mv.version)
+                    fx.log("info", "previous.loaded_again", model=mv.key)
             if move:  # as a normal load would; nothing to do when it points here already
                 self.set_alias(move, mv.key, create=True)
             return mv
@@ -790,10 +798,18 @@ class ModelManager:
             del self._aliases[alias]
             name, _, version = key.partition("@")
             fx.publish(EventKind.ALIAS_REMOVED, name, version=version, alias=alias)
-            for mv in [v for v in self._versions.values() if v.previous_of == alias]:
+            self.release_kept(alias)
+        return key
+
+    def release_kept(self, alias: str) -> list[str]:
+        """Ends the holds of the versions a swap kept for ``alias``'s rollback: each is freed now, or
+        when its last lease ends. Returns their keys."""
+        with self._txn() as fx:
+            kept = [v for v in self._versions.values() if v.previous_of == alias]
+            for mv in kept:
                 self._unhold(mv)
                 self._maybe_retire(mv, fx)
-        return key
+        return [mv.key for mv in kept]
 
     def keep_allowed(self, mv: ModelVersion) -> tuple[bool, str]:
         """Whether the default keeps the previous version after a swap to ``mv``, and why not.

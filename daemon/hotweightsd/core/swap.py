@@ -105,6 +105,8 @@ def swap(
     # Fail on a bad checkpoint before anything is drained.
     with m.open_checkpoint(target) as ckpt:
         m.verify(ckpt, verify)
+    # A drain is for want of memory: a version kept for this alias's rollback goes first.
+    released = m.release_kept(alias)
     m.drain(old, drain_timeout)
     mv, load = m.begin_load(model, target, version=version, verify=verify)
 
@@ -113,7 +115,8 @@ def swap(
         m.set_alias(alias, mv.key, create=create)  # the old version is gone already
         return mv
 
-    return SwapPlan(mv, run_after_drain, note=f"freed {old.key} before loading (drain)")
+    also = f" and {', '.join(released)}, kept for a rollback" if released else ""
+    return SwapPlan(mv, run_after_drain, note=f"freed {old.key}{also} before loading (drain)")
 
 
 def _move(
