@@ -348,11 +348,12 @@ def resolve_socket(socket: str | None, origin: str | None = None) -> tuple[str, 
 def resolve_operator_socket(socket: str, operator_socket: str | None = None) -> tuple[str, str]:
     """(operator socket path, where it came from): the argument, else ``$HOTWEIGHTS_OPERATOR_SOCKET``,
     else ``<socket>.admin``."""
+    # "auto" means <socket>.admin here as in the daemon's config, which reads the same variable
     if operator_socket:
-        return operator_socket, "the operator_socket argument"
+        return operator_socket_for(socket, operator_socket), "the operator_socket argument"
     env = os.environ.get("HOTWEIGHTS_OPERATOR_SOCKET")
     if env:
-        return env, "HOTWEIGHTS_OPERATOR_SOCKET"
+        return operator_socket_for(socket, env), "HOTWEIGHTS_OPERATOR_SOCKET"
     return operator_socket_for(socket), f"the daemon's socket {socket} (<socket>.admin)"
 
 

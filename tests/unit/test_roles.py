@@ -212,6 +212,9 @@ def test_the_operator_socket_is_derived_or_named(monkeypatch):
     monkeypatch.setenv("HOTWEIGHTS_OPERATOR_SOCKET", "/e")
     assert resolve_operator_socket("/s") == ("/e", "HOTWEIGHTS_OPERATOR_SOCKET")
     assert resolve_operator_socket("/s", "/a")[0] == "/a"
+    monkeypatch.setenv("HOTWEIGHTS_OPERATOR_SOCKET", "auto")  # as the daemon reads it: <socket>.admin
+    assert resolve_operator_socket("/s")[0] == "/s.admin"
+    assert resolve_operator_socket("/s", "auto")[0] == "/s.admin"
 
 
 def test_one_variable_names_the_operator_socket_for_daemon_and_client():
