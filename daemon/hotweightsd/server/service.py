@@ -250,6 +250,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
     @stream_rpc
     async def Lease(self, request_iterator, context) -> AsyncIterator[pb.LeaseEvent]:
         lease = None
+        events = None
         try:
             try:
                 first = await request_iterator.__anext__()
@@ -257,6 +258,13 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 return  # the client went away before asking for anything
             if first.WhichOneof("msg") != "open":
                 raise errors.InvalidArgument("a Lease stream must start with an open message")
+            # Subscribed before the lease opens, so that a move while it opens is not lost; a move to
+            # the version the lease got is no news to its holder and is skipped.
+            ref = first.open.ref
+            hub = self.hub()
+            events = hub.subscribe(
+                lambda ev, _: ev.kind is EventKind.ALIAS_MOVED and ev.alias == ref, overflow=Overflow.DROP_OLDEST
+            )
             t0 = time.perf_counter()
             try:
                 lease = self.m.open_lease(first.open.ref, pid=first.open.pid, holder=first.open.holder)
@@ -279,17 +287,12 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 self.metrics.attaches.labels("ok").inc()
                 self.metrics.attach_seconds.observe(time.perf_counter() - t0)
             yield pb.LeaseEvent(granted=granted)
-            ref = first.open.ref
-            hub = self.hub()
-            events = hub.subscribe(
-                lambda ev, _: ev.kind is EventKind.ALIAS_MOVED and ev.alias == ref, overflow=Overflow.DROP_OLDEST
-            )
             reader = asyncio.ensure_future(self._until_release(request_iterator))
             try:
                 while True:
                     getter = asyncio.ensure_future(events.get())
                     done, _ = await asyncio.wait({reader, getter}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter in done:
+                    if getter in done and getter.result().version != lease.version:
                         ev = getter.result()
                         yield pb.LeaseEvent(
                             alias_moved=pb.AliasMoved(
@@ -301,9 +304,10 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                     if reader in done:
                         break
             finally:
-                hub.unsubscribe(events)
                 reader.cancel()
         finally:
+            if events is not None:
+                hub.unsubscribe(events)
             if lease is not None:
                 # The end of a lease may free a retired version: in a thread, and shielded so that the
                 # stream's cancellation cannot drop the call before it ran.
