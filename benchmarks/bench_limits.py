@@ -59,16 +59,25 @@ async def main():
     channels = [grpc.aio.insecure_channel(f"unix://{socket}", options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(conns)]
     counts = {}
-    opened = 0
+    opened = unsubscribed = 0
+
+    def progress():
+        if opened % max(1, n // 10) == 0 or opened + unsubscribed == n:
+            print(json.dumps({"opened": opened, "unsubscribed": unsubscribed, "t": time.time()}), flush=True)
 
     async def watch(i):
-        nonlocal opened
+        nonlocal opened, unsubscribed
         call = pb_grpc.HotweightsStub(channels[i % conns]).Watch(pb.WatchRequest(ref=""))
         try:
             await call.initial_metadata()  # sent once the daemon has subscribed this stream
+            if call.done():  # a status alone (a call refused or cancelled) also ends initial_metadata()
+                unsubscribed += 1
+                code = await call.code()
+                print(json.dumps({"ended": code.name, "details": (await call.details() or "")[:200]}), flush=True)
+                progress()
+                return
             opened += 1
-            if opened % max(1, n // 10) == 0 or opened == n:
-                print(json.dumps({"opened": opened, "t": time.time()}), flush=True)
+            progress()
             async for ev in call:
                 c = counts[ev.seq] = counts.get(ev.seq, 0) + 1
                 if c == n:
@@ -339,16 +348,21 @@ def main() -> int:
         threading.Thread(target=read, daemon=True).start()
         res: dict = {"watchers": args.watchers, "connections": conns}
         try:
+            # all open (or ended), or no tenth more for 60 s (under load a few streams may get their headers late)
+            def settled() -> int:
+                return max((x["opened"] + x["unsubscribed"] for x in lines if "opened" in x), default=0)
+
             t0 = time.perf_counter()
-            # all open, or no tenth more for 60 s (under load a few streams may get their headers late)
             last = 0
             while last < args.watchers:
                 with got:
-                    got.wait_for(lambda: max((x.get("opened", 0) for x in lines), default=0) > last, 60)
-                    now = max((x.get("opened", 0) for x in lines), default=0)
+                    got.wait_for(lambda: settled() > last, 60)
+                    now = settled()
                 if now == last:
                     break
                 last = now
+            with got:
+                last = max((x.get("opened", 0) for x in lines), default=0)
             res["opened_within_wait"] = last
             res["open_seconds"] = round(time.perf_counter() - t0, 2)
             mid = rss(d.pid)
@@ -376,7 +390,10 @@ def main() -> int:
                 "max": round(max(fan) * 1e3, 1) if fan else None,
                 "n": len(fan),
             }
-            res["ended_early"] = [x for x in lines if "ended" in x][:5]
+            with got:
+                early = [x for x in lines if "ended" in x]  # before stdin closes: none is ours
+            res["ended_early_count"] = len(early)
+            res["ended_early"] = early[:5]
             res["rss_after"] = rss(d.pid)["rss"]
         finally:
             proc.stdin.close()  # type: ignore[union-attr]

@@ -404,6 +404,14 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 MAX_REQUEST_BYTES = 1 * 2**20
 
 
+# Calls that have arrived and that grpc.aio's server loop has not yet taken from gRPC core. Core's
+# defaults (1,000, then calls dropped at random, all of them from 3,000) end new calls with CANCELLED
+# when a burst of Watch streams opens faster than the loop takes them: a client that opens thousands
+# of watchers at once lost a share of them (their status came back as a trailers-only answer, which
+# ends ``initial_metadata()`` as headers would). Soft and hard limit equal: no random drops below it.
+MAX_PENDING_CALLS = 20_000
+
+
 def grpc_options() -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
@@ -411,4 +419,6 @@ def grpc_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ]
