@@ -26,7 +26,9 @@ from hotweightsd.core.events import Event, EventBus
 log = structlog.get_logger("hotweightsd.watchers")
 
 QUEUE_DEPTH = 1024  # events a subscriber may have unread; docs/limits.md
-CHUNK = 256  # subscribers given an event per turn of the loop
+# Seconds between chunks of a fan-out (docs/limits.md).
+CHUNK_PAUSE_SECONDS = 0.01
+CHUNK = 128  # subscribers given an event at a time, CHUNK_PAUSE_SECONDS apart
 Filter = Callable[[Event, Mapping[str, str]], bool]
 
 
@@ -129,7 +131,10 @@ class EventHub:
             else:
                 item[3] = end
         if self._pending:
-            self._loop.call_soon(self._drain)
+            # A pause between chunks, not just a turn of the loop: each event given wakes a stream that
+            # writes, and gRPC hands its completions back in order, so a health check that arrives behind
+            # ten thousand writes waits for all of them; paced, it waits for one chunk's.
+            self._loop.call_later(CHUNK_PAUSE_SECONDS, self._drain)
         else:
             self._draining = False
 
