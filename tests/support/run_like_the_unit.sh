@@ -10,6 +10,7 @@
 #                service user may not enter (/root); HIDDEN is covered by an empty world-readable tmpfs
 #                and PATH put back into it, so the user reaches PATH and nothing else there
 #   HW_ETC       a folder with the passwd and group files systemd-sysusers wrote for the unit's user
+#   HW_KEEP      the folders the daemon must reach (the python, the checkout), put back where PrivateTmp hides them
 #   HW_BINDS     "HOST|INSIDE|rw-or-ro ..." : host folders or files shown inside (the runtime
 #                directory, the models, the config), mounted after /run is made private
 #   HW_USER HW_GROUP HW_GROUPS HW_UMASK HW_NOFILE HW_MEMLOCK   User=, Group=, SupplementaryGroups=
@@ -46,9 +47,22 @@ for bind in $HW_BINDS; do
   mount --bind "$host" "$inside"
 done
 
-# PrivateTmp=yes
+# PrivateTmp=yes. A checkout or a python under /tmp (a CI clone) is put back into the private /tmp.
+: > /run/hw-keeps
+i=0
+for keep in $HW_KEEP; do
+  case "$keep" in /tmp/*|/var/tmp/*) ;; *) continue ;; esac
+  i=$((i + 1))
+  mkdir -p "/run/hw-keep$i"
+  mount --bind "$keep" "/run/hw-keep$i"
+  echo "$keep|/run/hw-keep$i" >> /run/hw-keeps
+done
 mount -t tmpfs -o mode=1777 hw-tmp /tmp
 [ -d /var/tmp ] && mount -t tmpfs -o mode=1777 hw-vartmp /var/tmp
+while IFS='|' read -r keep staged; do
+  mkdir -p "$keep"
+  mount --move "$staged" "$keep"
+done < /run/hw-keeps
 
 # ProtectProc=invisible: a /proc of this mount namespace that shows other users' processes to nobody.
 mount -t proc -o hidepid=invisible hw-proc /proc

@@ -103,13 +103,16 @@ def make_account(scratch: Path, settings: dict[str, list[str]]) -> Account:
     return Account(user, group, uid, gid, root / "etc")
 
 
+def kept_dirs(paths: list[str]) -> list[Path]:
+    """The folders the daemon must reach (those of ``paths``), none inside another."""
+    dirs = sorted({(Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent) for p in paths})
+    return [d for d in dirs if not any(d != o and d.is_relative_to(o) for o in dirs)]
+
+
 def reveals(paths: list[str]) -> list[str]:
     """``HIDDEN|PATH`` for each path that lies below a folder other users may not enter."""
-    dirs = sorted({(Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent) for p in paths})
-    # a folder inside another one comes back with it
-    dirs = [d for d in dirs if not any(d != o and d.is_relative_to(o) for o in dirs)]
     out = []
-    for real in dirs:
+    for real in kept_dirs(paths):
         for parent in [*reversed(real.parents)][1:]:
             if not os.stat(parent).st_mode & stat.S_IXOTH:
                 out.append(f"{parent}|{real}")
@@ -157,6 +160,7 @@ def start(
     env = child_env(
         HW_SCRATCH=str(scratch),
         HW_REVEAL=" ".join(reveals(keep)),
+        HW_KEEP=" ".join(str(d) for d in kept_dirs(keep)),
         HW_ETC=str(account.etc),
         HW_BINDS=" ".join(binds),
         HW_USER=account.user,
