@@ -10,7 +10,7 @@ import pytest
 
 from hotweightsd.loaders import residency
 from hotweightsd.loaders.residency import PAGE, Residency
-from support.pagecache import disk_dir
+from support.pagecache import disk_dir, drop
 
 MiB = 1024 * 1024
 
@@ -21,14 +21,6 @@ def write(path: Path, size: int) -> Path:
         f.flush()
         os.fsync(f.fileno())  # clean pages: DONTNEED may drop them
     return path
-
-
-def drop(path: Path, offset: int = 0, length: int = 0) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def probe(path: Path) -> residency.FileResidency:
