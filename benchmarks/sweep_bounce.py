@@ -47,7 +47,10 @@ def key(s: dict) -> str:
 
 
 def backend_for(s: dict, devices: list[int]):
-    """A backend with the sweep entry's settings (fixed reader counts unless ``share``), rings made for ``devices``."""
+    """A backend with the sweep entry's settings (fixed reader counts unless ``share``), rings made for ``devices``.
+    An entry without ``threads`` is the daemon's default settings, read mode included."""
+    if "threads" not in s:
+        return bl.cuda_backend(devices=devices, read_mode=s.get("read_mode"))
     return bl.cuda_backend(
         devices=devices,
         read_mode=s.get("read_mode", "pread"),

@@ -67,6 +67,10 @@ def test_a_half_cached_file_is_opened_both_ways_and_its_chunks_follow_their_rang
         assert [c.direct for c in marked] == [c.offset >= cut for c in chunks]
         assert {sources.direct[sources.source(c)] for c in marked[: cut // chunk]} == {False}
         assert {sources.direct[sources.source(c)] for c in marked[cut // chunk :]} == {True}
+        # the native engine's sources come from the ranges, unmarked, and agree with the marked chunks
+        every = chunks + [ReadChunk(f, off, chunk, (Piece(0, 0, 0, chunk),)) for f in (1, 2) for off in (0, chunk)]
+        assert sources.sources(every) == [sources.source(c) for c in sources.mark(every)]
+        assert [sources.direct[i] for i in sources.sources(every)][-4:] == [True, True, False, False]
     finally:
         sources.close()
     assert sources.fds == []

@@ -46,7 +46,6 @@ def fill(
     check_plan(chunks, sizes)
     needed = needed_file_sizes(chunks, len(layout.files))
     sources = ranges.ReadSources.open(layout.inputs(), path.read_mode, needed, path.chunk_size)
-    chunks = sources.mark(chunks)
     extra = ""
     try:
         with scheduler.fill() as at_once:
@@ -69,11 +68,12 @@ def fill(
                     events=[int(e) for evs in ring.events for e in evs],
                     cpus=ring.cpus,
                     library=path.native_lib,
-                    sources=[sources.source(c) for c in chunks],
+                    sources=sources.sources(chunks),
                     fault=faults.current().chunk(len(chunks)),
                 )
             else:
                 threads = ring.threads
+                chunks = sources.mark(chunks)
                 job = _PythonFill(path, ring, scheduler, chunks, sources, bases, progress, cancel)
                 job.run()
                 if job.errors:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -127,6 +128,29 @@ def _array(ctype: Any, values: Sequence) -> ctypes.Array:
     return (ctype * max(1, len(values)))(*values)
 
 
+_CHUNK = struct.Struct("=qqqiiii")
+_PIECE = struct.Struct("=qQq")
+
+
+def _pack(
+    chunks: Sequence, bases: Sequence[int], sources: Sequence[int] | None
+) -> tuple[ctypes.Array, ctypes.Array, int]:
+    """The plan as the C engine's Chunk and Piece arrays, packed in one pass (a fill's only per-chunk
+    Python work before its first read)."""
+    cbuf = bytearray(_CHUNK.size * len(chunks))
+    npieces = sum(len(c.pieces) for c in chunks)
+    pbuf = bytearray(_PIECE.size * max(1, npieces))
+    pack_chunk, pack_piece = _CHUNK.pack_into, _PIECE.pack_into
+    first = 0
+    for i, c in enumerate(chunks):
+        source = c.file if sources is None else sources[i]
+        pack_chunk(cbuf, i * _CHUNK.size, c.offset, c.length, first, c.file, len(c.pieces), source, 0)
+        for p in c.pieces:
+            pack_piece(pbuf, first * _PIECE.size, p.src, bases[p.allocation] + p.offset, p.length)
+            first += 1
+    return (Chunk * len(chunks)).from_buffer(cbuf), (Piece * max(1, npieces)).from_buffer(pbuf), npieces
+
+
 def fill(
     chunks: Sequence,
     fds: Sequence[int],
@@ -160,21 +184,17 @@ def fill(
         raise BackendError("native loader", "unavailable", reason)
     if not chunks:
         return 0, 0
-    cs: list[Chunk] = []
-    ps: list[Piece] = []
-    for i, c in enumerate(chunks):
-        cs.append(Chunk(c.offset, c.length, len(ps), c.file, len(c.pieces), c.file if sources is None else sources[i]))
-        ps.extend(Piece(p.src, bases[p.allocation] + p.offset, p.length) for p in c.pieces)
+    cs, ps, npieces = _pack(chunks, bases, sources)
     # ctypes keeps the arrays given to pointer fields alive with the job (its _objects) while the C threads run.
     job = Job(
         fds=_array(ctypes.c_int32, fds),
         direct=_array(ctypes.c_uint8, [1 if d else 0 for d in direct]),
-        chunks=_array(Chunk, cs),
-        pieces=_array(Piece, ps),
-        nchunks=len(cs),
-        npieces=len(ps),
+        chunks=cs,
+        pieces=ps,
+        nchunks=len(chunks),
+        npieces=npieces,
         nsources=len(fds),
-        threads=max(1, min(threads, len(cs))),
+        threads=max(1, min(threads, len(chunks))),
         depth=depth,
         host_mode=1 if host_mode else 0,
         slot_size=slot_size,

@@ -11,8 +11,7 @@ of a chunk never leaves its window nor overlaps another chunk.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 from hotweights.errors import InvalidArgument
 from hotweightsd.core.layout import Segment
@@ -21,8 +20,7 @@ DIRECT_ALIGN = 4096
 MAX_GAP = 1024 * 1024  # a hole up to this size inside a window is read through rather than split around
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """One H2D copy: ``length`` bytes from ``src`` (relative to the chunk's file offset) to (allocation, offset)."""
 
     src: int
@@ -31,8 +29,7 @@ class Piece:
     length: int
 
 
-@dataclass(frozen=True)
-class ReadChunk:
+class ReadChunk(NamedTuple):
     """One read: ``length`` bytes of file ``file`` from ``offset``, and the copies out of it; ``direct``:
     read O_DIRECT (the 4 KiB-aligned superset, through the file's O_DIRECT fd), else buffered."""
 
@@ -77,30 +74,24 @@ def plan_chunks(segments: Iterable[Segment], chunk_size: int, max_gap: int = MAX
     if chunk_size <= 0 or chunk_size % DIRECT_ALIGN:
         raise InvalidArgument(f"chunk size {chunk_size} is not a positive multiple of {DIRECT_ALIGN}")
     out: list[ReadChunk] = []
-    cur: dict[str, Any] | None = None  # file, window, start, end, pieces
-
-    def flush() -> None:
-        nonlocal cur
-        if cur is not None and cur["pieces"]:
-            out.append(ReadChunk(cur["file"], cur["start"], cur["end"] - cur["start"], tuple(cur["pieces"])))
-        cur = None
-
+    # The open chunk, in locals (this loop runs once per tensor and window before any byte is read).
+    file = window = start = end = -1
+    pieces: list[Piece] = []
     for s in sorted(segments, key=lambda s: (s.file, s.file_offset)):
         done = 0
         while done < s.length:
             pos = s.file_offset + done
-            window = pos // chunk_size
-            n = min(s.length - done, (window + 1) * chunk_size - pos)
-            if cur is not None and (
-                cur["file"] != s.file or cur["window"] != window or pos < cur["end"] or pos - cur["end"] > max_gap
-            ):
-                flush()
-            if cur is None:
-                cur = {"file": s.file, "window": window, "start": pos, "end": pos, "pieces": []}
-            _extend(cur["pieces"], Piece(pos - cur["start"], s.allocation, s.offset + done, n))
-            cur["end"] = pos + n
+            w = pos // chunk_size
+            n = min(s.length - done, (w + 1) * chunk_size - pos)
+            if file != s.file or window != w or pos < end or pos - end > max_gap:
+                if pieces:
+                    out.append(ReadChunk(file, start, end - start, tuple(pieces)))
+                file, window, start, pieces = s.file, w, pos, []
+            _extend(pieces, Piece(pos - start, s.allocation, s.offset + done, n))
+            end = pos + n
             done += n
-    flush()
+    if pieces:
+        out.append(ReadChunk(file, start, end - start, tuple(pieces)))
     return out
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from hotweights.errors import BadCheckpoint
 from hotweights.format.source import SourceFile
@@ -153,7 +153,10 @@ class ReadSources:
 
     def mark(self, chunks: Sequence[ReadChunk]) -> list[ReadChunk]:
         """``chunks`` with ``direct`` set by the range each starts in."""
-        return [replace(c, direct=self.files[c.file].direct_at(c.offset)) for c in chunks]
+        if all(len(f.ranges) <= 1 for f in self.files):  # one way per file: no lookup per chunk
+            way = [bool(f.ranges) and f.ranges[0].direct for f in self.files]
+            return [c if c.direct == way[c.file] else c._replace(direct=way[c.file]) for c in chunks]
+        return [c._replace(direct=self.files[c.file].direct_at(c.offset)) for c in chunks]
 
     def fd(self, chunk: ReadChunk) -> int:
         f = self.files[chunk.file]
@@ -162,6 +165,22 @@ class ReadSources:
     def source(self, chunk: ReadChunk) -> int:
         """The index in ``fds`` of the fd that reads ``chunk``."""
         return self._index[self.fd(chunk)]
+
+    def sources(self, chunks: Sequence[ReadChunk]) -> list[int]:
+        """The index in ``fds`` of the fd that reads each chunk, by the range it starts in (``mark``
+        not needed: the native engine takes the way of a chunk from its fd)."""
+        index, files = self._index, self.files
+        whole = [  # a file read one way: every chunk of it reads through the same fd
+            index[f.direct_fd if f.ranges[0].direct else f.buffered_fd] if len(f.ranges) == 1 else -1 for f in files
+        ]
+        out = []
+        for c in chunks:
+            i = whole[c.file]
+            if i < 0:
+                f = files[c.file]
+                i = index[f.direct_fd if f.direct_at(c.offset) else f.buffered_fd]
+            out.append(i)
+        return out
 
     @property
     def paths(self) -> list[str]:

@@ -121,8 +121,9 @@ def resident_pages(fd: int, size: int) -> bytes:
 
 
 # A fill asks only "mostly in memory or not": mincore over a sample of the file answers that for a
-# thousandth of the cost of every page (walking the page cache of a 2 GiB file takes tens of ms).
-SAMPLES = 256
+# thousandth of the cost of every page (walking the page cache of a 2 GiB file takes tens of ms), and
+# 64 spread runs tell 5% from 95% as well as 256 do at a quarter of the time before the first read.
+SAMPLES = 64
 SAMPLE_PAGES = 16
 
 
@@ -147,13 +148,15 @@ def sampled_fraction(fd: int) -> tuple[float, bool]:
         return 0.0, False  # no mapping possible (a special filesystem): nothing known to be resident
     try:
         vec = (ctypes.c_ubyte * SAMPLE_PAGES)()
-        step = (pages - SAMPLE_PAGES) // (SAMPLES - 1)
+        step = (pages - SAMPLE_PAGES) // (SAMPLES - 1) * PAGE
+        span = SAMPLE_PAGES * PAGE
+        mincore = _libc.mincore
         resident = 0
         for i in range(SAMPLES):
-            if _libc.mincore(addr + i * step * PAGE, SAMPLE_PAGES * PAGE, vec) != 0:
+            if mincore(addr + i * step, span, vec) != 0:
                 e = ctypes.get_errno()
                 raise OSError(e, f"mincore: {os.strerror(e)}")
-            resident += sum(b & 1 for b in vec)
+            resident += bytes(vec).translate(_LOW_BIT).count(1)
         return resident / (SAMPLES * SAMPLE_PAGES), False
     finally:
         _libc.munmap(addr, size)
