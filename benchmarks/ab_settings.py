@@ -33,6 +33,9 @@ SETTINGS = {  # a fixed reader count per GPU; "shared" splits the cores among GP
     "16x2x8MiB": dict(threads=16, chunk_mb=8, depth=2),
     "16x2x16MiB": dict(threads=16, chunk_mb=16, depth=2),
     "python-16x2x4MiB": dict(threads=16, chunk_mb=4, depth=2, engine="python", busy_mb=16),
+    "12x2x8MiB": dict(threads=12, chunk_mb=8, depth=2),
+    "12x3x4MiB": dict(threads=12, chunk_mb=4, depth=3),
+    "12x4x2MiB": dict(threads=12, chunk_mb=2, depth=4),
     "default": dict(),  # the daemon's defaults (read mode auto)
     "default-pread": dict(read_mode="pread"),
     "auto-12x2x4MiB": dict(threads=12, chunk_mb=4, depth=2, read_mode="auto"),
