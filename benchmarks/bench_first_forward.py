@@ -159,6 +159,30 @@ def child(route: str, model_dir: str, socket: str, ref: str, device: str, logits
     return out
 
 
+def import_profile(env: dict) -> dict:
+    """What importing transformers' Llama classes costs after ``import torch`` in a fresh process, and
+    where it goes: ``python -X importtime``'s self time summed per top-level package."""
+    code = "import torch\nfrom transformers import LlamaForCausalLM\nassert LlamaForCausalLM"
+    r = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, env=env)
+    rows = []
+    for line in r.stderr.splitlines():
+        parts = line.split("|")
+        if line.startswith("import time:") and len(parts) == 3 and parts[0].split()[-1].isdigit():
+            rows.append((int(parts[0].split()[-1]), parts[2].rstrip()))
+    # the rows after torch's own top-level entry are what the transformers import added
+    last_torch = max((i for i, (_, name) in enumerate(rows) if name.strip() == "torch"), default=-1)
+    by_package: dict[str, float] = {}
+    for us, name in rows[last_torch + 1 :]:
+        top = name.strip().split(".")[0]
+        by_package[top] = by_package.get(top, 0.0) + us / 1e6
+    top = sorted(by_package.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "returncode": r.returncode,
+        "seconds_after_torch": round(sum(by_package.values()), 3),
+        "by_package_s": {k: round(v, 3) for k, v in top},
+    }
+
+
 def run_child(route: str, model_dir: Path, socket: str, ref: str, device: str, logits: Path, env: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", route, "--model-dir", str(model_dir), "--socket", socket]
     cmd += ["--ref", ref, "--device", device, "--logits", str(logits)]
@@ -234,6 +258,8 @@ def main() -> int:
         t = time.perf_counter()
         client.load("ff", model_dir, version="v1")
         doc["daemon_load_s"] = round(time.perf_counter() - t, 2)
+        doc["transformers_import"] = import_profile(env)
+        print(f"importing transformers after torch: {doc['transformers_import']['by_package_s']}", flush=True)
         runs: dict[str, list[dict]] = {r: [] for r in ROUTES}
         for rep in range(args.reps):
             for route in ROUTES:  # interleaved: drift on the machine touches every route alike
