@@ -282,3 +282,44 @@ def test_list_status_and_attach_are_answered_while_a_free_blocks(served, tmp_pat
     assert backend._resident == sum(a.size for r in m.get("other", "v1").ranks for a in r.allocations)
     client.close()
     other.close()
+
+
+def test_a_lease_that_is_slow_to_open_holds_up_no_other_call_and_ends_with_its_stream(served, tmp_path):
+    """Opening a lease (the registry lock, a first attach's table) runs off the servicer's event loop;
+    a stream that goes away while its lease is being opened leaves no lease behind."""
+    m = served.manager
+    _load_slow_and_other(m, served.backend, tmp_path)
+    gate, entered = threading.Event(), threading.Event()
+    real_open = m.open_lease
+
+    def slow_open(ref, pid=0, uid=-1, holder=""):
+        if holder == "slow":
+            entered.set()
+            gate.wait(60)  # a safety limit only: the test opens the gate
+        return real_open(ref, pid=pid, uid=uid, holder=holder)
+
+    m.open_lease = slow_open  # type: ignore[method-assign]
+    waiting = hotweights.connect(served.socket, timeout=60)
+    outcome: queue.Queue = queue.Queue()
+    threading.Thread(
+        target=lambda: outcome.put(_outcome(lambda: waiting.attach("other", holder="slow"))), daemon=True
+    ).start()
+    try:
+        assert entered.wait(GUARD_S), "the slow lease never started to open"
+        client = hotweights.connect(served.socket, timeout=GUARD_S)
+        assert [v.name for v in within(client.status).versions] == ["other", "slow"]
+        with within(lambda: client.attach("other", holder="meanwhile")) as w:
+            ref = mixed_tensors(2)
+            assert all(same_bits(w[k], ref[k]) for k in ref)
+        assert not gate.is_set(), "both calls were answered while the lease was still opening"
+        waiting.close()  # the stream goes away before its lease exists
+        ok, _ = outcome.get(timeout=GUARD_S)
+        assert not ok
+    finally:
+        gate.set()
+    deadline = time.monotonic() + GUARD_S
+    while m.leases() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert m.leases() == [], "the lease opened for the abandoned stream was ended"
+    assert not m.get("other", "v1").leases
+    client.close()

@@ -22,6 +22,7 @@ from hotweights import errors
 from hotweights.wire.pb import pb, pb_grpc
 from hotweights.wire.status import abort_with
 from hotweightsd import __version__
+from hotweightsd.core import leases
 from hotweightsd.core.events import Event, EventKind
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, ResidentRank
@@ -245,7 +246,33 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @rpc
     async def GetHandles(self, request, context) -> pb.GetHandlesResponse:
-        return self._handles(request.lease_id, request.lease_key, request.rank, request.compact_table)
+        return await self._blocking(
+            self._handles, request.lease_id, request.lease_key, request.rank, request.compact_table
+        )
+
+    def _open_lease(self, req: pb.LeaseOpen) -> tuple[leases.Lease, pb.LeaseGranted]:
+        """Opens a lease and builds its grant (with the rank's handles when asked); a lease whose grant
+        cannot be built is closed again."""
+        lease = self.m.open_lease(req.ref, pid=req.pid, holder=req.holder)
+        try:
+            granted = pb.LeaseGranted(
+                lease_id=lease.id,
+                name=lease.name,
+                version=lease.version,
+                world_size=self.m.get(lease.name, lease.version).world_size,
+                lease_key=lease.key,
+            )
+            if req.with_handles:
+                granted.handles.CopyFrom(self._handles(lease.id, lease.key, req.rank, req.compact_table))
+        except BaseException:
+            self.m.close_lease(lease.id)
+            raise
+        return lease, granted
+
+    def _close_abandoned(self, opening: asyncio.Future) -> None:
+        """Ends the lease ``opening`` opened for a stream that went away while it was being opened."""
+        if not opening.cancelled() and opening.exception() is None:
+            self._blocking(self.m.close_lease, opening.result()[0].id)
 
     @stream_rpc
     async def Lease(self, request_iterator, context) -> AsyncIterator[pb.LeaseEvent]:
@@ -266,19 +293,14 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 lambda ev, _: ev.kind is EventKind.ALIAS_MOVED and ev.alias == ref, overflow=Overflow.DROP_OLDEST
             )
             t0 = time.perf_counter()
+            # In a worker thread (the registry lock and a first attach's table encoding stay off the
+            # event loop); shielded, so that a stream cancelled meanwhile still ends the lease it got.
+            opening = self._blocking(self._open_lease, first.open)
             try:
-                lease = self.m.open_lease(first.open.ref, pid=first.open.pid, holder=first.open.holder)
-                granted = pb.LeaseGranted(
-                    lease_id=lease.id,
-                    name=lease.name,
-                    version=lease.version,
-                    world_size=self.m.get(lease.name, lease.version).world_size,
-                    lease_key=lease.key,
-                )
-                if first.open.with_handles:
-                    granted.handles.CopyFrom(
-                        self._handles(lease.id, lease.key, first.open.rank, first.open.compact_table)
-                    )
+                lease, granted = await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                opening.add_done_callback(self._close_abandoned)
+                raise
             except BaseException:
                 if self.metrics is not None:
                     self.metrics.attaches.labels("error").inc()
