@@ -37,7 +37,8 @@ class LeaseStream:
     """The client end of one Lease stream, with a thread that reads the daemon's events.
 
     If the daemon goes away (a restart), the thread re-leases the same ``NAME@VERSION`` once a
-    daemon answers again, so a restarted daemon knows the memory is still in use.
+    daemon answers again, so a restarted daemon knows the memory is still in use, and goes on
+    following the alias it attached through (a move made while the daemon was away is reported then).
     """
 
     RELEASE_RETRY_SECONDS = 120.0
@@ -51,6 +52,7 @@ class LeaseStream:
         rank: int | None = None,
     ) -> None:
         self._stub = stub
+        self._ref = ref
         self._rank = rank
         self._holder = holder
         self._release = threading.Event()
@@ -64,7 +66,7 @@ class LeaseStream:
         self._thread = threading.Thread(target=self._pump, name="hotweights-lease", daemon=True)
         self._thread.start()
 
-    def _open(self, ref: str, with_handles: bool = False) -> pb.LeaseGranted:
+    def _open(self, ref: str, with_handles: bool = False, follow: str = "") -> pb.LeaseGranted:
         open_msg = pb.LeaseRequest(
             open=pb.LeaseOpen(
                 ref=ref,
@@ -73,6 +75,7 @@ class LeaseStream:
                 with_handles=with_handles,
                 rank=self._rank or 0,
                 compact_table=True,
+                follow=follow,
             )
         )
 
@@ -101,7 +104,8 @@ class LeaseStream:
         deadline = time.monotonic() + self.RELEASE_RETRY_SECONDS
         while not self._release.is_set() and time.monotonic() < deadline:
             try:
-                self._open(key)  # the mapping is already there: no handles needed
+                # the mapping is already there: no handles needed
+                self._open(key, follow=self._ref if self._ref != key else "")
                 self.relets += 1
                 return True
             except grpc.RpcError as exc:

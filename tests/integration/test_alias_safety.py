@@ -216,3 +216,67 @@ def test_without_an_fd_store_a_retired_version_is_not_reloaded(sockdir, tmp_path
         assert [(x["version"], x["retired"]) for x in st["versions"]] == [("v2", False)]
         assert "reloading 1 version(s) from storage" in st["restore_note"]
         assert d.stop() == 0, d.logs()
+
+
+def test_a_holder_that_attached_through_an_alias_hears_of_its_moves_after_a_restart(svc, tmp_path):
+    sock = str(svc.tmpdir / "hw.sock")
+    cmd = serve_command(sock, config="none")
+    svc.start(cmd)
+    svc.wait_for("READY", "1")
+    d = Daemon(sock, svc.process, svc.log_path).wait_ready()
+    _two_versions(d, tmp_path)
+    holder = spawn_client("follow_across_restart", sock, "prod")
+    assert holder.stdout.readline().strip() == "attached", holder.stderr.read()
+
+    svc.stop(signal.SIGKILL)
+    svc.start(cmd)
+    svc.wait_for("READY", "1")
+    d = Daemon(sock, svc.process, svc.log_path).wait_ready()
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline().strip() == "relet", holder.stderr.read()
+    # the re-lease holds the version it maps, and still follows the alias it came through
+    d.wait_status(lambda s: any(le["holder"] == "follower" and le["version"] == "v1" for le in s["leases"]))
+    d.cli("swap", "prod", "llm@v2", check=True)
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline().split() == ["moved", "prod", "v1", "v2"], holder.stderr.read()
+    assert holder.wait(60) == 0, holder.stderr.read()
+    assert svc.stop() == 0
+
+
+def test_a_lease_that_follows_an_alias_naming_another_version_hears_of_it_at_once(daemon, tmp_path):
+    """What a re-lease after a restart asks for: hold NAME@VERSION, follow the alias it came through;
+    a move made while the holder was away is reported right after the grant."""
+    import os
+    import threading
+
+    import grpc
+
+    import hotweights
+    from hotweights.wire.pb import pb
+
+    _two_versions(daemon, tmp_path)
+    daemon.cli("swap", "prod", "llm@v2", check=True)
+    client = hotweights.connect(daemon.socket)
+    done = threading.Event()
+
+    def requests(follow: str):
+        yield pb.LeaseRequest(open=pb.LeaseOpen(ref="llm@v1", pid=os.getpid(), holder="t", follow=follow))
+        done.wait(30)
+        yield pb.LeaseRequest(release=pb.LeaseRelease())
+
+    stream = client.stub.Lease(requests("prod"))
+    assert next(stream).granted.version == "v1"
+    moved = next(stream).alias_moved
+    assert (moved.alias, moved.name, moved.old_version, moved.new_version) == ("prod", "llm", "v1", "v2")
+    done.set()
+    assert list(stream) == []
+
+    done.clear()
+    with pytest.raises(grpc.RpcError) as bad:
+        next(client.stub.Lease(requests("not an alias!")))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "alias to follow" in bad.value.details()
+    done.set()
+    client.close()
+    assert daemon.wait_status(lambda s: s["leases"] == [])["leases"] == []

@@ -25,7 +25,7 @@ from hotweightsd import __version__
 from hotweightsd.core import leases
 from hotweightsd.core.events import Event, EventKind
 from hotweightsd.core.manager import ModelManager
-from hotweightsd.core.registry import ModelVersion, ResidentRank
+from hotweightsd.core.registry import ModelVersion, ResidentRank, check_name
 from hotweightsd.server import convert
 from hotweightsd.server.metrics import DaemonMetrics
 from hotweightsd.server.watchers import QUEUE_DEPTH, EventHub, Overflow
@@ -250,11 +250,18 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             self._handles, request.lease_id, request.lease_key, request.rank, request.compact_table
         )
 
-    def _open_lease(self, req: pb.LeaseOpen) -> tuple[leases.Lease, pb.LeaseGranted]:
-        """Opens a lease and builds its grant (with the rank's handles when asked); a lease whose grant
-        cannot be built is closed again."""
+    def _open_lease(self, req: pb.LeaseOpen) -> tuple[leases.Lease, pb.LeaseGranted, pb.AliasMoved | None]:
+        """Opens a lease and builds its grant (with the rank's handles when asked) and, when the alias
+        it follows names another version already, the move to report; a lease whose grant cannot be
+        built is closed again."""
         lease = self.m.open_lease(req.ref, pid=req.pid, holder=req.holder)
         try:
+            moved = None
+            if req.follow and req.follow != req.ref:
+                now = self.m.aliases().get(req.follow, "")
+                name, _, version = now.partition("@")
+                if now and (name, version) != (lease.name, lease.version):
+                    moved = pb.AliasMoved(alias=req.follow, name=name, old_version=lease.version, new_version=version)
             granted = pb.LeaseGranted(
                 lease_id=lease.id,
                 name=lease.name,
@@ -267,7 +274,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         except BaseException:
             self.m.close_lease(lease.id)
             raise
-        return lease, granted
+        return lease, granted, moved
 
     def _close_abandoned(self, opening: asyncio.Future) -> None:
         """Ends the lease ``opening`` opened for a stream that went away while it was being opened."""
@@ -287,17 +294,19 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 raise errors.InvalidArgument("a Lease stream must start with an open message")
             # Subscribed before the lease opens, so that a move while it opens is not lost; a move to
             # the version the lease got is no news to its holder and is skipped.
-            ref = first.open.ref
+            follow = first.open.follow or first.open.ref
+            if first.open.follow:
+                check_name("alias to follow", first.open.follow)
             hub = self.hub()
             events = hub.subscribe(
-                lambda ev, _: ev.kind is EventKind.ALIAS_MOVED and ev.alias == ref, overflow=Overflow.DROP_OLDEST
+                lambda ev, _: ev.kind is EventKind.ALIAS_MOVED and ev.alias == follow, overflow=Overflow.DROP_OLDEST
             )
             t0 = time.perf_counter()
             # In a worker thread (the registry lock and a first attach's table encoding stay off the
             # event loop); shielded, so that a stream cancelled meanwhile still ends the lease it got.
             opening = self._blocking(self._open_lease, first.open)
             try:
-                lease, granted = await asyncio.shield(opening)
+                lease, granted, moved = await asyncio.shield(opening)
             except asyncio.CancelledError:
                 opening.add_done_callback(self._close_abandoned)
                 raise
@@ -309,6 +318,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 self.metrics.attaches.labels("ok").inc()
                 self.metrics.attach_seconds.observe(time.perf_counter() - t0)
             yield pb.LeaseEvent(granted=granted)
+            if moved is not None:  # moved while this holder was away (a daemon restart)
+                yield pb.LeaseEvent(alias_moved=moved)
             reader = asyncio.ensure_future(self._until_release(request_iterator))
             try:
                 while True:

@@ -304,20 +304,22 @@ class LeaseRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[LeaseOpen, _Mapping]] = ..., release: _Optional[_Union[LeaseRelease, _Mapping]] = ...) -> None: ...
 
 class LeaseOpen(_message.Message):
-    __slots__ = ("ref", "pid", "holder", "with_handles", "rank", "compact_table")
+    __slots__ = ("ref", "pid", "holder", "with_handles", "rank", "compact_table", "follow")
     REF_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     WITH_HANDLES_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     COMPACT_TABLE_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
     ref: str
     pid: int
     holder: str
     with_handles: bool
     rank: int
     compact_table: bool
-    def __init__(self, ref: _Optional[str] = ..., pid: _Optional[int] = ..., holder: _Optional[str] = ..., with_handles: _Optional[bool] = ..., rank: _Optional[int] = ..., compact_table: _Optional[bool] = ...) -> None: ...
+    follow: str
+    def __init__(self, ref: _Optional[str] = ..., pid: _Optional[int] = ..., holder: _Optional[str] = ..., with_handles: _Optional[bool] = ..., rank: _Optional[int] = ..., compact_table: _Optional[bool] = ..., follow: _Optional[str] = ...) -> None: ...
 
 class LeaseRelease(_message.Message):
     __slots__ = ()

@@ -1,0 +1,31 @@
+"""SOCKET ALIAS: attaches ALIAS, prints ``attached``; after a line on stdin (the daemon restarted
+meanwhile) waits until its lease was taken again and prints ``relet``; after another line (the alias
+moved) waits for the move and prints ``moved <alias> <old version> <new version>``; then releases."""
+
+import sys
+import threading
+import time
+
+import hotweights
+
+moves: list = []
+moved = threading.Event()
+
+
+def on_move(ev) -> None:
+    moves.append(ev)
+    moved.set()
+
+
+c = hotweights.connect(sys.argv[1])
+w = c.attach(sys.argv[2], holder="follower", on_alias_moved=on_move)
+print("attached", flush=True)
+sys.stdin.readline()
+deadline = time.monotonic() + 60
+while w._lease.relets < 1 and time.monotonic() < deadline:
+    time.sleep(0.02)
+print("relet" if w._lease.relets else "no-relet", flush=True)
+sys.stdin.readline()
+moved.wait(60)
+print(*(["moved", moves[0].alias, moves[0].old_version, moves[0].new_version] if moves else ["not-moved"]), flush=True)
+w.release()
