@@ -9,6 +9,7 @@ import json
 import shutil
 import signal
 import time
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -163,16 +164,22 @@ def svc():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_a_version_retired_while_leased_is_freed_after_a_restart_once_its_lease_ends(svc, tmp_path, sig):
+def _served_with_holder(svc: ServiceManager, tmp_path, client: str) -> tuple[list[str], Daemon, Any]:
+    """A daemon under the service manager with llm v1 (prod) and v2 loaded, and ``client`` holding prod."""
     sock = str(svc.tmpdir / "hw.sock")
     cmd = serve_command(sock, config="none")
     svc.start(cmd)
     svc.wait_for("READY", "1")
     d = Daemon(sock, svc.process, svc.log_path).wait_ready()
     _two_versions(d, tmp_path)
-    holder = spawn_client("hold_across_restart", sock, "prod")
+    holder = spawn_client(client, sock, "prod")
     assert holder.stdout.readline().strip() == "attached", holder.stderr.read()
+    return cmd, d, holder
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_version_retired_while_leased_is_freed_after_a_restart_once_its_lease_ends(svc, tmp_path, sig):
+    cmd, d, holder = _served_with_holder(svc, tmp_path, "hold_across_restart")
     d.cli("swap", "prod", "llm@v2", "--no-keep-previous", check=True)
     v = _versions(d)
     assert v["v1"]["retired"] is True and v["v1"]["leases"] == 1
@@ -180,7 +187,7 @@ def test_a_version_retired_while_leased_is_freed_after_a_restart_once_its_lease_
     svc.stop(sig)
     svc.start(cmd)
     svc.wait_for("READY", "1")
-    d = Daemon(sock, svc.process, svc.log_path).wait_ready()
+    d = Daemon(d.socket, svc.process, svc.log_path).wait_ready()
     st = d.status()
     assert st["restored"] is True, st["restore_note"]
     v = {x["version"]: x for x in st["versions"]}
@@ -219,19 +226,11 @@ def test_without_an_fd_store_a_retired_version_is_not_reloaded(sockdir, tmp_path
 
 
 def test_a_holder_that_attached_through_an_alias_hears_of_its_moves_after_a_restart(svc, tmp_path):
-    sock = str(svc.tmpdir / "hw.sock")
-    cmd = serve_command(sock, config="none")
-    svc.start(cmd)
-    svc.wait_for("READY", "1")
-    d = Daemon(sock, svc.process, svc.log_path).wait_ready()
-    _two_versions(d, tmp_path)
-    holder = spawn_client("follow_across_restart", sock, "prod")
-    assert holder.stdout.readline().strip() == "attached", holder.stderr.read()
-
+    cmd, d, holder = _served_with_holder(svc, tmp_path, "follow_across_restart")
     svc.stop(signal.SIGKILL)
     svc.start(cmd)
     svc.wait_for("READY", "1")
-    d = Daemon(sock, svc.process, svc.log_path).wait_ready()
+    d = Daemon(d.socket, svc.process, svc.log_path).wait_ready()
     holder.stdin.write("go\n")
     holder.stdin.flush()
     assert holder.stdout.readline().strip() == "relet", holder.stderr.read()
