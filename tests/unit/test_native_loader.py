@@ -147,6 +147,29 @@ def test_native_fill_is_exact(tmp_path, seed, threads, depth, chunk, direct):
 
 
 @needs_lib
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_plan_in_lustre_stripe_order_is_exact(tmp_path, direct):
+    """The native engine reads a plan reordered across stripes (what a striped Lustre file gets)
+    into the same bytes."""
+    from hotweightsd.loaders import stripes
+
+    paths, segs, size = random_layout(tmp_path, 7)
+    chunk = 64 * 1024
+    plan = plan_chunks(segs, chunk)
+    layout = [stripes.Component(0, stripes.EOF_EXTENT, 4 * chunk, 3)]
+    chunks = stripes.spread(plan, [layout] * len(paths), chunk)
+    assert chunks != plan and sorted(chunks) == sorted(plan)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(4, 2, chunk)
+    try:
+        reads, _ = run(chunks, paths, dest, ring, direct=direct)
+    finally:
+        ring.close()
+    assert dest.raw[:size] == expected(paths, segs, size)
+    assert reads == len(plan)
+
+
+@needs_lib
 def test_direct_and_buffered_files_mixed(tmp_path):
     """Files read buffered (O_DIRECT refused by their filesystem) among O_DIRECT ones, in one fill."""
     paths, segs, size = random_layout(tmp_path, 14, nfiles=3)

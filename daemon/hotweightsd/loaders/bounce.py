@@ -19,7 +19,7 @@ from hotweights.cuda import devices as cd
 from hotweights.errors import Aborted, BadCheckpoint
 from hotweightsd.core import faults
 from hotweightsd.core.layout import RankLayout
-from hotweightsd.loaders import files, native, ranges
+from hotweightsd.loaders import files, native, ranges, stripes
 from hotweightsd.loaders.path import LoadPath
 from hotweightsd.loaders.plan import ReadChunk, check_plan, merge_chunks, needed_file_sizes, plan_chunks, run_end
 from hotweightsd.loaders.ring import DeviceRing
@@ -46,8 +46,12 @@ def fill(
     check_plan(chunks, sizes)
     needed = needed_file_sizes(chunks, len(layout.files))
     sources = ranges.ReadSources.open(layout.inputs(), path.read_mode, needed, path.chunk_size)
-    extra = ""
+    extra = lustre = ""
     try:
+        striped = [stripes.striping(f.buffered_fd if f.buffered_fd >= 0 else f.direct_fd) for f in sources.files]
+        if any(striped):
+            chunks = stripes.spread(chunks, striped, path.chunk_size)
+            lustre = stripes.describe(striped, path.chunk_size)
         with scheduler.fill() as at_once:
             if path.engine == "native":
                 threads = scheduler.readers(ring.threads, at_once)
@@ -84,8 +88,9 @@ def fill(
                 extra = f" ({job.merged} of them runs of chunks: other fills ran)" if job.merged else ""
     finally:
         sources.close()
-    if said := sources.describe():
-        extra += f"; {said}"
+    for said in (sources.describe(), lustre):
+        if said:
+            extra += f"; {said}"
     why = f"; {path.engine_why}" if path.engine_why else ""
     return (
         f"{path.describe(threads)} on cuda:{ring.device}{ring.describe_numa()}; "
