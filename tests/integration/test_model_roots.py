@@ -6,6 +6,7 @@ promptly on SIGTERM."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from hotweights import errors
 from support.ckpt_tools import write_model
 from support.daemons import Daemon, run_client, start_daemon, wait_until
+from support.tp_forward import shard_cached
 
 MAX_FILES = 4
 # A refusal, or a load of a few MB, takes well under this on a loaded machine; a blocked open never returns.
@@ -101,6 +103,16 @@ def _fifo_shard(root: Path, outside: Path) -> Path:
     return root / "sharded"
 
 
+def _side_file_link_out(root: Path, outside: Path) -> Path:
+    """A sharded checkpoint whose hotweights.json lists config.json, a link to a file outside the roots
+    (same bytes: only the roots can refuse it)."""
+    ckpt = root / "sharded-aux"
+    shutil.copytree(shard_cached("llama_gqa", 2, parts_per_rank=2), ckpt)
+    (ckpt / "config.json").rename(outside / "config.json")
+    (ckpt / "config.json").symlink_to(outside / "config.json")
+    return ckpt
+
+
 def _device(root: Path, outside: Path) -> Path:
     (root / "dev").mkdir()
     (root / "dev" / "model.safetensors").symlink_to("/dev/zero")
@@ -120,6 +132,7 @@ CASES = [
     (_dir_link_out, errors.OutsideModelRoots, "leads to"),
     (_fifo, errors.BadCheckpoint, "a FIFO, not a regular file"),
     (_fifo_shard, errors.BadCheckpoint, "model-rank-0-part-1.safetensors: a FIFO"),
+    (_side_file_link_out, errors.OutsideModelRoots, "config.json is outside the model roots (it leads to"),
     (_device, errors.BadCheckpoint, "a character device, not a regular file"),
     (_too_many_files, errors.ResourceExhausted, f"the limit is {MAX_FILES}"),
 ]
