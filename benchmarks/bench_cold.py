@@ -207,38 +207,26 @@ def ranges_read(paths: list[str], size: int, threads: int, bufs: HostBuffers) ->
     share = -(-total // threads)
     base = bufs.get(threads * size)
     fds = [os.open(p, os.O_RDONLY) for p in paths]
-    errors: list[BaseException] = []
 
     def worker(w: int) -> None:
         view = memoryview((ctypes.c_char * size).from_address(base + w * size)).cast("B")
         lo, hi = w * share, min(total, (w + 1) * share)
-        try:
-            start = 0
-            for fd, n in zip(fds, sizes):
-                a, b = max(lo, start), min(hi, start + n)
-                pos = a
-                while pos < b:
-                    got = os.preadv(fd, [view[: min(size, b - pos)]], pos - start)
-                    if got <= 0:
-                        raise OSError(f"short read at {pos - start}")
-                    pos += got
-                start += n
-        except BaseException as exc:
-            errors.append(exc)
+        start = 0
+        for fd, n in zip(fds, sizes):
+            a, b = max(lo, start), min(hi, start + n)
+            pos = a
+            while pos < b:
+                got = os.preadv(fd, [view[: min(size, b - pos)]], pos - start)
+                if got <= 0:
+                    raise OSError(f"short read at {pos - start}")
+                pos += got
+            start += n
 
-    ts = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
     try:
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        dt = time.perf_counter() - t0
+        dt = bl.run_threads(worker, range(threads))
     finally:
         for fd in fds:
             os.close(fd)
-    if errors:
-        raise errors[0]
     return total, dt
 
 

@@ -44,12 +44,16 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 for sub in ("client", "daemon"):
     if str(ROOT / sub) not in sys.path:
         sys.path.insert(0, str(ROOT / sub))
+
+T = TypeVar("T")
 
 GB = 1e9
 MiB = 1024 * 1024
@@ -296,6 +300,30 @@ def sparse_checkpoint(root: Path, min_bytes: float, min_tensors: int) -> dict:
 # --- host helpers -----------------------------------------------------------------------------------------
 
 
+def run_threads(fn: Callable[[T], object], args: Iterable[T]) -> float:
+    """Runs ``fn(a)`` for every ``a`` of ``args`` at once, one thread each, and waits for them all.
+    Returns the wall seconds from the first thread's start to the last one's end; raises the first
+    error a thread raised (after every thread has ended)."""
+    errors: list[BaseException] = []
+
+    def run(a: T) -> None:
+        try:
+            fn(a)
+        except BaseException as exc:
+            errors.append(exc)
+
+    ts = [threading.Thread(target=run, args=(a,)) for a in args]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return dt
+
+
 def pretouch(nbytes: int, threads: int = 8) -> float:
     """Touches ``nbytes`` of fresh anonymous memory (guest memory is backed lazily), then frees it."""
     import mmap
@@ -311,11 +339,7 @@ def pretouch(nbytes: int, threads: int = 8) -> float:
         if n:
             ctypes.memset(base + lo, 1, n)
 
-    ts = [threading.Thread(target=touch, args=(i,)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    run_threads(touch, range(threads))
     gc.collect()  # the ctypes view into the mapping must go before close()
     try:
         m.close()
@@ -351,65 +375,41 @@ def raw_read(paths: list[str], ring, direct: bool, chunk: int | None = None) -> 
     fds = [fd for fd, _ in opened]
     lock = threading.Lock()
     state = {"next": 0}
-    errors: list[BaseException] = []
 
     def worker(w):
         view = ring.slot(w, 0)[1]
-        try:
-            while True:
-                with lock:
-                    i = state["next"]
-                    state["next"] += 1
-                if i >= len(work):
-                    return
-                fi, off, n = work[i]
-                want = -(-n // 4096) * 4096 if direct else n
-                got = 0
-                while got < n:
-                    k = os.preadv(fds[fi], [view[got:want]], off + got)
-                    if k == 0:
-                        raise BadCheckpoint(f"{paths[fi]} ended early")
-                    got += k
-        except BaseException as exc:
-            errors.append(exc)
+        while True:
+            with lock:
+                i = state["next"]
+                state["next"] += 1
+            if i >= len(work):
+                return
+            fi, off, n = work[i]
+            want = -(-n // 4096) * 4096 if direct else n
+            got = 0
+            while got < n:
+                k = os.preadv(fds[fi], [view[got:want]], off + got)
+                if k == 0:
+                    raise BadCheckpoint(f"{paths[fi]} ended early")
+                got += k
 
     try:
-        ts = [threading.Thread(target=worker, args=(w,)) for w in range(ring.threads)]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        dt = time.perf_counter() - t0
+        dt = run_threads(worker, range(ring.threads))
     finally:
         for fd in fds:
             os.close(fd)
-    if errors:
-        raise errors[0]
     return sum(sizes), dt, sum(1 for _, d in opened if not d) if direct else 0
 
 
 def on_each(devices, fn) -> tuple[dict, float]:
     """Runs ``fn(device)`` for every device at once, one thread each; (results by device, wall seconds).
     Raises the first error."""
-    out, errs = {}, []
+    out = {}
 
     def run(d):
-        try:
-            out[d] = fn(d)
-        except Exception as exc:
-            errs.append(exc)
+        out[d] = fn(d)
 
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=run, args=(d,)) for d in devices]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    dt = time.perf_counter() - t0
-    if errs:
-        raise errs[0]
-    return out, dt
+    return out, run_threads(run, devices)
 
 
 def h2d(devices: list[int], size: int = 1 * GiB, reps: int = 8) -> dict:

@@ -59,6 +59,7 @@ class Client:
         self._operator_channel: grpc.Channel | None = None
         self._operator_stub: pb_grpc.HotweightsStub | None = None
         self._operator_lock = threading.Lock()
+        self._closed = False
 
     @property
     def operator_stub(self) -> pb_grpc.HotweightsStub:
@@ -219,7 +220,9 @@ class Client:
 
     def watch(self, ref: str = "") -> Watch:
         """Events for an alias or model (all when empty): iterate it, ``cancel()`` to stop."""
-        return Watch(self.stub.Watch(pb.WatchRequest(ref=ref)), self._error)
+        return Watch(
+            self.stub.Watch(pb.WatchRequest(ref=ref)), self._error, closed=lambda: self._closed, socket=self.socket
+        )
 
     def follow(self, alias: str, on_change: Callable[[Attachment], None], rank: int = 0, holder: str = "") -> Follower:
         """Attaches to ``alias`` and re-attaches whenever it moves, handing each new mapping to
@@ -227,6 +230,7 @@ class Client:
         return Follower(self, alias, on_change, rank, holder)
 
     def close(self) -> None:
+        self._closed = True  # before the channel ends the streams on it: a Watch ends quietly
         self.channel.close()
         with self._operator_lock:
             if self._operator_channel is not None:
@@ -240,9 +244,23 @@ class Client:
 
 
 class Watch:
-    def __init__(self, call, to_error: Callable[[grpc.RpcError], errors.HotweightsError] = error_from_rpc) -> None:
+    """A Watch stream's events. It ends quietly when the caller stops it (``cancel()``, closing the
+    iterator, closing the client); a stream the daemon ends raises the call's typed error, and one
+    it cancels (a daemon shutting down, or refusing the stream) raises ``Unavailable``: never a
+    silent end the caller would take for its own."""
+
+    def __init__(
+        self,
+        call,
+        to_error: Callable[[grpc.RpcError], errors.HotweightsError] = error_from_rpc,
+        closed: Callable[[], bool] = lambda: False,
+        socket: str = "",
+    ) -> None:
         self._call = call
         self._to_error = to_error
+        self._closed = closed  # whether the caller closed the channel the stream runs on
+        self._socket = socket
+        self._cancelled = False
 
     def __iter__(self) -> Iterator[pb.WatchEvent]:
         try:
@@ -250,8 +268,20 @@ class Watch:
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 raise self._to_error(exc) from None
+            if self._cancelled or self._closed():
+                return  # the caller stopped it
+            where = f" on {self._socket}" if self._socket else ""
+            raise errors.Unavailable(
+                f"the hotweights daemon{where} cancelled the watch stream ({exc.details() or 'no reason given'}); "
+                f"it may be shutting down",
+                grpc_code="CANCELLED",
+                grpc_message=exc.details() or "",
+            ) from None
+        finally:
+            self.cancel()  # a closed iterator (a break, a caller done with it) stops the stream too
 
     def cancel(self) -> None:
+        self._cancelled = True  # before the call ends, so its iterator knows who ended it
         self._call.cancel()
 
 

@@ -348,17 +348,30 @@ class Daemon:
         with self.connect() as c:
             return list(c.status().leases)
 
-    def memfds(self) -> list[str]:
-        """The daemon's open memfds, read from /proc: what it still holds."""
+    def fds(self) -> list[str]:
+        """What each of the daemon's open descriptors names (a path, ``socket:[…]``, ``/memfd:…``), read
+        from /proc; one closed while listing is left out."""
         out = []
         for fd in Path(f"/proc/{self.pid}/fd").iterdir():
             try:
-                target = os.readlink(fd)
+                out.append(os.readlink(fd))
             except OSError:
                 continue  # closed while listing
-            if target.startswith("/memfd:hotweights"):
-                out.append(target)
         return out
+
+    def memfds(self) -> list[str]:
+        """The daemon's open memfds, read from /proc: what it still holds."""
+        return [t for t in self.fds() if t.startswith("/memfd:hotweights")]
+
+    def memfd_mappings(self) -> int:
+        """How many of the daemon's mappings are of a memfd, read from /proc/<pid>/maps."""
+        with open(f"/proc/{self.pid}/maps") as f:
+            return sum("memfd:" in line for line in f)
+
+    def threads(self) -> int:
+        """The daemon's thread count, read from /proc/<pid>/status."""
+        with open(f"/proc/{self.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
 
     # -- ending it -------------------------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ that lets one load through and fails the next at its stage; the daemon then load
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -54,21 +53,12 @@ def which_check(point: str, per_load: int) -> int:
 
 def proc_measures(d: Daemon) -> dict[str, int]:
     """What the daemon holds, read from /proc: fds, memfds among them, memfd mappings, threads."""
-    links = []
-    for n in os.listdir(f"/proc/{d.pid}/fd"):
-        try:
-            links.append(os.readlink(f"/proc/{d.pid}/fd/{n}"))
-        except OSError:
-            pass  # closed while listing
-    with open(f"/proc/{d.pid}/maps") as f:
-        mappings = sum("memfd:" in ln for ln in f)
-    with open(f"/proc/{d.pid}/status") as f:
-        threads = next(int(ln.split()[1]) for ln in f if ln.startswith("Threads:"))
+    links = d.fds()
     return {
         "fds": len(links),
         "memfds": sum("memfd:" in t for t in links),
-        "memfd mappings": mappings,
-        "threads": threads,
+        "memfd mappings": d.memfd_mappings(),
+        "threads": d.threads(),
     }
 
 

@@ -6,6 +6,7 @@ promptly on SIGTERM."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -15,7 +16,8 @@ import torch
 
 from hotweights import errors
 from support.ckpt_tools import write_model
-from support.daemons import run_client, start_daemon, wait_until
+from support.daemons import Daemon, run_client, start_daemon, wait_until
+from support.tp_forward import shard_cached
 
 MAX_FILES = 4
 # A refusal, or a load of a few MB, takes well under this on a loaded machine; a blocked open never returns.
@@ -23,18 +25,8 @@ CALL_TIMEOUT = 120.0
 STOP_DEADLINE = 2.0
 
 
-def daemon_fds(pid: int) -> list[str]:
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            continue  # closed while listing
-    return out
-
-
-def files_under(pid: int, *dirs: Path) -> list[str]:
-    return [t for t in daemon_fds(pid) if any(t.startswith(str(d)) for d in dirs)]
+def files_under(d: Daemon, *dirs: Path) -> list[str]:
+    return [t for t in d.fds() if any(t.startswith(str(p)) for p in dirs)]
 
 
 @pytest.fixture
@@ -70,14 +62,14 @@ def stops_promptly(d) -> None:
 def still_whole(d, root: Path, outside: Path, baseline: int) -> None:
     """Holds nothing of the checkpoints, is back to its descriptor count, answers and loads, and holds no
     memfd once that load is unloaded."""
-    wait_until(lambda: files_under(d.pid, root, outside) == [], what="the daemon to close every checkpoint file")
-    wait_until(lambda: len(daemon_fds(d.pid)) <= baseline, what=f"the daemon's fd count back to {baseline}")
+    wait_until(lambda: files_under(d, root, outside) == [], what="the daemon to close every checkpoint file")
+    wait_until(lambda: len(d.fds()) <= baseline, what=f"the daemon's fd count back to {baseline}")
     with d.connect(timeout=CALL_TIMEOUT) as c:
         assert c.status() is not None
         info = c.load("good", root / "good" / "model.safetensors", version="v1")
         assert info.version == "v1"
         c.unload("good@v1")
-    wait_until(lambda: files_under(d.pid, root, outside) == [], what="the good load's files to be closed")
+    wait_until(lambda: files_under(d, root, outside) == [], what="the good load's files to be closed")
     wait_until(lambda: d.memfds() == [], what="no memfd left once the good load is unloaded")
 
 
@@ -111,6 +103,16 @@ def _fifo_shard(root: Path, outside: Path) -> Path:
     return root / "sharded"
 
 
+def _side_file_link_out(root: Path, outside: Path) -> Path:
+    """A sharded checkpoint whose hotweights.json lists config.json, a link to a file outside the roots
+    (same bytes: only the roots can refuse it)."""
+    ckpt = root / "sharded-aux"
+    shutil.copytree(shard_cached("llama_gqa", 2, parts_per_rank=2), ckpt)
+    (ckpt / "config.json").rename(outside / "config.json")
+    (ckpt / "config.json").symlink_to(outside / "config.json")
+    return ckpt
+
+
 def _device(root: Path, outside: Path) -> Path:
     (root / "dev").mkdir()
     (root / "dev" / "model.safetensors").symlink_to("/dev/zero")
@@ -130,6 +132,7 @@ CASES = [
     (_dir_link_out, errors.OutsideModelRoots, "leads to"),
     (_fifo, errors.BadCheckpoint, "a FIFO, not a regular file"),
     (_fifo_shard, errors.BadCheckpoint, "model-rank-0-part-1.safetensors: a FIFO"),
+    (_side_file_link_out, errors.OutsideModelRoots, "config.json is outside the model roots (it leads to"),
     (_device, errors.BadCheckpoint, "a character device, not a regular file"),
     (_too_many_files, errors.ResourceExhausted, f"the limit is {MAX_FILES}"),
 ]
@@ -140,7 +143,7 @@ def test_refused_with_a_typed_status_and_nothing_held(confined, roots, make, kin
     root, outside = roots
     with confined.connect(timeout=CALL_TIMEOUT) as c:
         c.status()
-    baseline = len(daemon_fds(confined.pid))
+    baseline = len(confined.fds())
     path = make(root, outside)
     with confined.connect(timeout=CALL_TIMEOUT) as c:
         with pytest.raises(kind) as info:
@@ -179,7 +182,7 @@ def test_a_link_swapped_during_a_load_serves_what_was_checked(confined, roots):
     confined.wait_status(lambda st: [(v["version"], v["state"]) for v in st["versions"]] == [("v1", "READY")])
     r = run_client("attach_compare_file", confined.socket, "m@v1", str(first))
     assert r.stdout.startswith("OK 8"), r.stdout + r.stderr
-    wait_until(lambda: files_under(confined.pid, root, outside) == [], what="the load's files to be closed")
+    wait_until(lambda: files_under(confined, root, outside) == [], what="the load's files to be closed")
     stops_promptly(confined)
 
 

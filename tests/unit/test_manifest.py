@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hotweights.errors import BadCheckpoint, ChecksumMismatch, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from hotweights.errors import (
+    BadCheckpoint,
+    ChecksumMismatch,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutsideModelRoots,
+)
 from hotweights.format.manifest import load_manifest, verify_checkpoint
 from support.tp_forward import build_model, shard_cached, source_tensors
 
@@ -193,4 +202,68 @@ def test_same_tensors_reordered_is_caught(sharded):
     p.write_bytes(header_len.to_bytes(8, "little") + header + b"".join(blobs))
     assert p.stat().st_size == load_manifest(sharded).files[name]["size"]
     with pytest.raises(DataLoss, match=rf"{name}: tensor .* at offset \d+, the manifest says .* at \d+"):
+        verify_checkpoint(sharded, "fast")
+
+
+def _confined(root: Path):
+    """The daemon's model-roots check for ``root``: what it passes to verify_checkpoint as ``allow``."""
+    from hotweightsd.core.roots import ModelRoots
+
+    return ModelRoots([str(root)]).check
+
+
+def _list_aux(ckpt: Path, name: str, size: int) -> None:
+    path = ckpt / "hotweights.json"
+    doc = json.loads(path.read_text())
+    doc["aux_files"][name] = {"size": size, "xxh64": "0"}
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("name", ["../../etc/shadow", "..", ".", "sub/../../x", "a\0b", ""])
+def test_a_side_file_outside_the_checkpoint_directory_is_refused(tmp_path, sharded, name):
+    """The manifest may list only files of its own directory: a name that leads elsewhere (the parent
+    directory too, whose size a size check would otherwise stat and compare) is refused, naming it."""
+    size = sharded.parent.stat().st_size if name == ".." else sharded.stat().st_size if name == "." else 1
+    _list_aux(sharded, name, size)
+    for level in ("fast", "full"):
+        with pytest.raises(BadCheckpoint, match=rf"entry for file {re.escape(repr(name))} is malformed"):
+            verify_checkpoint(sharded, level, allow=_confined(tmp_path))
+
+
+def test_a_side_file_linked_out_of_the_model_roots_is_refused(tmp_path):
+    """A side file (config.json) that is a link to a file outside the roots is refused before it is
+    read or even sized: its size and content must not be learned through the checks."""
+    root = tmp_path / "models"
+    ckpt = root / "ckpt"
+    shutil.copytree(shard_cached("llama_gqa", 2, parts_per_rank=2), ckpt)
+    secret = tmp_path / "outside" / "secret"
+    secret.parent.mkdir()
+    shutil.copy(ckpt / "config.json", secret)  # same size and content: every check would pass on it
+    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").symlink_to(secret)
+    verify_checkpoint(ckpt, "full")  # unconfined: the link is followed
+    refused = r"config\.json is outside the model roots \(it leads to .*secret\)"
+    for level in ("fast", "full"):
+        with pytest.raises(OutsideModelRoots, match=refused):
+            verify_checkpoint(ckpt, level, allow=_confined(root))
+
+
+def test_a_shard_the_load_did_not_open_is_checked_through_the_roots_too(tmp_path):
+    """Files the caller did not open (here, none) are opened by the check itself, under ``allow``."""
+    root = tmp_path / "models"
+    ckpt = root / "ckpt"
+    shutil.copytree(shard_cached("llama_gqa", 2, parts_per_rank=2), ckpt)
+    name = "model-rank-1-part-0.safetensors"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (ckpt / name).rename(outside / name)
+    (ckpt / name).symlink_to(outside / name)
+    with pytest.raises(OutsideModelRoots, match=rf"{re.escape(name)} is outside the model roots"):
+        verify_checkpoint(ckpt, "fast", allow=_confined(root))
+
+
+def test_a_side_file_that_is_not_a_regular_file_is_refused(sharded):
+    (sharded / "config.json").unlink()
+    os.mkfifo(sharded / "config.json")  # never opened for reading: open_file does not block on it
+    with pytest.raises(BadCheckpoint, match=r"config\.json: a FIFO, not a regular file"):
         verify_checkpoint(sharded, "fast")

@@ -97,22 +97,6 @@ def test_empty_file():
     assert residency.split_ranges(res, PAGE) == [] and res.resident_fraction == 1.0
 
 
-def test_read_mode_auto_opens_cold_files_direct_and_cached_ones_buffered(on_disk):
-    from hotweightsd.loaders.files import SourceFiles
-
-    cached = write(on_disk / "cached.bin", 4 * MiB)
-    cold = write(on_disk / "cold.bin", 4 * MiB)
-    drop(cold)
-    files = SourceFiles.open([str(cached), str(cold)], "auto", [4 * MiB, 4 * MiB])
-    try:
-        assert files.direct == [False, True]  # this filesystem takes O_DIRECT: disk_dir() is a block device's
-        assert files.resident[0] > 0.9 and files.resident[1] < 0.1
-        assert files.describe_auto().startswith("auto: 1 file(s) O_DIRECT (cold), 1 buffered (at least ")
-    finally:
-        files.close()
-    assert files.fds == []
-
-
 def test_the_sampled_fraction_agrees_with_every_page(on_disk):
     p = write(on_disk / "big.bin", 64 * MiB)  # more pages than the sample covers
     fd = os.open(p, os.O_RDONLY)

@@ -59,3 +59,29 @@ def test_the_harness_imports_without_pytest_or_torch():
         text=True,
     )
     assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_daemon_reads_what_its_process_holds_from_proc(tmp_path):
+    """Daemon.fds/memfds/memfd_mappings/threads, on a stand-in process holding a file, a mapped memfd
+    and a second thread."""
+    held = tmp_path / "held.bin"
+    held.write_bytes(b"x" * 4096)
+    program = (
+        "import mmap, os, sys, threading, time\n"
+        f"f = open({str(held)!r}, 'rb')\n"
+        "m = os.memfd_create('hotweights-test'); os.ftruncate(m, 4096)\n"
+        "view = mmap.mmap(m, 4096); os.close(m)  # the mapping keeps a descriptor of its own\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        d = testing.Daemon(str(tmp_path / "none.sock"), proc, tmp_path / "none.log")
+        fds = d.fds()
+        assert str(held) in fds and "/memfd:hotweights-test (deleted)" in fds
+        assert d.memfds() == ["/memfd:hotweights-test (deleted)"]
+        assert d.memfd_mappings() == 1 and d.threads() == 2
+    finally:
+        proc.kill()
+        proc.wait()

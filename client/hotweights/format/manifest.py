@@ -105,6 +105,11 @@ def load_manifest(directory: str | Path, allow: Allow | None = None) -> Manifest
     return Manifest(path, doc)
 
 
+def _plain_name(name: str) -> bool:
+    """A name of a file in the manifest's own directory: no directory part, not ``.`` or ``..``."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
 def _check_schema(path: Path, doc: Any) -> None:
     def bad(why: str) -> BadCheckpoint:
         return BadCheckpoint(f"{path}: {why}", path=str(path), file=MANIFEST_NAME)
@@ -134,14 +139,17 @@ def _check_schema(path: Path, doc: Any) -> None:
             raise bad(f"entry for file {name!r} is malformed (needs a model-rank-R-part-P name, rank, size, xxh64)")
         if not 0 <= info["rank"] < tp:
             raise bad(f"file {name!r} is for rank {info['rank']}, outside tp_size {tp}")
-    for name, info in doc.get("aux_files", {}).items():
+    aux = doc.get("aux_files", {})
+    if not isinstance(aux, dict):
+        raise bad("aux_files is not an object")
+    for name, info in aux.items():
         if (
-            "/" in name
+            not _plain_name(name)
             or not isinstance(info, dict)
             or not isinstance(info.get("size"), int)
             or not isinstance(info.get("xxh64"), str)
         ):
-            raise bad(f"entry for file {name!r} is malformed")
+            raise bad(f"entry for file {name!r} is malformed (needs a file name in this directory, size, xxh64)")
     tensors = doc.get("tensors")
     if not isinstance(tensors, list):
         raise bad("has no tensors list")
@@ -168,8 +176,10 @@ def verify_checkpoint(
     holds shard files the manifest does not list), and
     FailedPrecondition for ``full`` without a manifest. ``path`` may be the checkpoint directory or
     a file inside it. ``opened``: files the caller holds open, by name; they are checked through
-    their descriptors (what a load then reads), not looked up again; ``allow`` refuses where the
-    other files it reads (the manifest, the side files hashed by ``full``) lead.
+    their descriptors (what a load then reads), not looked up again. Every other file it reads (the
+    manifest, the files it lists) is opened once through ``open_file``, and ``allow`` refuses where
+    each leads (model roots: OutsideModelRoots naming the file, a link judged by where it leads);
+    one that is not a regular file is a BadCheckpoint.
     """
     if level not in LEVELS:
         raise InvalidArgument(f"verify level must be one of {', '.join(LEVELS)}, not {level!r}", level=level)
@@ -188,13 +198,34 @@ def verify_checkpoint(
                 path=str(directory),
             )
         return
-    opened = opened or {}
     _verify_layout(manifest)
-    _verify_sizes(manifest, opened)
-    if level == "full":
-        # Hashes before headers: a flipped byte is then reported as what it is, content that changed.
-        _verify_hashes(manifest, opened, allow)
-    _verify_headers(manifest, opened)
+    files = dict(opened or {})
+    mine: list[SourceFile] = []
+    try:
+        _open_listed(manifest, files, mine, allow)
+        _verify_sizes(manifest, files)
+        if level == "full":
+            # Hashes before headers: a flipped byte is then reported as what it is, content that changed.
+            _verify_hashes(manifest, files)
+        _verify_headers(manifest, files)
+    finally:
+        for f in mine:
+            f.close()
+
+
+def _open_listed(m: Manifest, files: dict[str, SourceFile], mine: list[SourceFile], allow: Allow | None) -> None:
+    """Opens each file the manifest lists that ``files`` lacks, into ``files`` and ``mine``: what the
+    checks then read, judged by ``allow`` where it leads."""
+    for name in [*m.files, *m.aux_files]:
+        if name in files:
+            continue
+        p = m.directory / name
+        try:
+            f = open_file(p, allow)
+        except NotFound:
+            raise DataLoss(f"{p}: missing: {MANIFEST_NAME} lists it", path=str(p), file=name) from None
+        files[name] = f
+        mine.append(f)
 
 
 def _verify_layout(m: Manifest) -> None:
@@ -218,13 +249,10 @@ def _verify_layout(m: Manifest) -> None:
         )
 
 
-def _verify_sizes(m: Manifest, opened: dict[str, SourceFile]) -> None:
+def _verify_sizes(m: Manifest, files: dict[str, SourceFile]) -> None:
     for name, info in [*m.files.items(), *m.aux_files.items()]:
         p = m.directory / name
-        try:
-            size = opened[name].size if name in opened else p.stat().st_size
-        except FileNotFoundError:
-            raise DataLoss(f"{p}: missing: {MANIFEST_NAME} lists it", path=str(p), file=name) from None
+        size = files[name].size
         if size != info["size"]:
             raise DataLoss(
                 f"{p}: {size} bytes, {MANIFEST_NAME} says {info['size']} (truncated or rewritten)",
@@ -235,14 +263,14 @@ def _verify_sizes(m: Manifest, opened: dict[str, SourceFile]) -> None:
             )
 
 
-def _verify_headers(m: Manifest, opened: dict[str, SourceFile]) -> None:
+def _verify_headers(m: Manifest, files: dict[str, SourceFile]) -> None:
     expected: dict[str, dict[str, tuple[str, tuple[int, ...], int]]] = {name: {} for name in m.files}
     for t in m.tensors:
         expected[t["file"]][t["name"]] = (t["dtype"], tuple(t["shape"]), t["offset"])
     for name in m.files:
         p = m.directory / name
         try:
-            header = read_header(opened.get(name, p))
+            header = read_header(files[name])
         except BadCheckpoint as exc:
             # The manifest vouches that this file was written whole: a header that no longer parses is damage.
             raise DataLoss(
@@ -264,11 +292,11 @@ def _verify_headers(m: Manifest, opened: dict[str, SourceFile]) -> None:
                 raise DataLoss(f"{p}: tensor {tname!r} {what}", path=str(p), file=name, tensor=tname)
 
 
-def _verify_hashes(m: Manifest, opened: dict[str, SourceFile], allow: Allow | None) -> None:
+def _verify_hashes(m: Manifest, files: dict[str, SourceFile]) -> None:
     entries = [*m.files.items(), *m.aux_files.items()]
     workers = min(len(entries), os.cpu_count() or 1, 8)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hw-verify") as pool:
-        digests = list(pool.map(lambda e: file_xxh64(opened.get(e[0]) or m.directory / e[0], allow), entries))
+        digests = list(pool.map(lambda e: file_xxh64(files[e[0]]), entries))
     for (name, info), digest in zip(entries, digests):
         if digest != info["xxh64"]:
             p = m.directory / name

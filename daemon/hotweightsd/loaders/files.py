@@ -6,16 +6,14 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 
 from hotweights.errors import Aborted, BackendError, BadCheckpoint
 from hotweights.format.source import SourceFile, open_error, open_file
 from hotweightsd.core import faults
 from hotweightsd.core.layout import RankLayout, Segment
-from hotweightsd.loaders import residency
 from hotweightsd.loaders.plan import DIRECT_ALIGN, ReadChunk
 
 log = logging.getLogger("hotweightsd.loaders")
@@ -53,83 +51,6 @@ def open_source(source: SourceFile | str, direct: bool) -> tuple[int, bool]:
         return source.reopen(), False
     except OSError as exc:
         raise open_error(path, exc) from exc
-
-
-# With read mode auto, a file at least this much in the page cache (or on a memory filesystem) is read
-# buffered (a copy out of memory); below it, O_DIRECT (storage's rate, no second copy through the cache).
-RESIDENT_ENOUGH = 0.5
-
-
-def open_auto(source: SourceFile | str) -> tuple[int, bool, float]:
-    """(fd, opened O_DIRECT, resident fraction): buffered where the file is in memory, O_DIRECT where not."""
-    path = source if isinstance(source, str) else source.path
-    fd, _ = open_source(source, False)
-    try:
-        fraction, memory = residency.sampled_fraction(fd)
-    except OSError as exc:
-        os.close(fd)
-        raise BadCheckpoint(f"{path}: cannot read its page-cache residency: {exc.strerror}", path=path) from exc
-    if memory or fraction >= RESIDENT_ENOUGH:
-        return fd, False, fraction
-    os.close(fd)
-    direct_fd, direct = open_source(source, True)
-    return direct_fd, direct, fraction
-
-
-@dataclass
-class SourceFiles:
-    """A layout's files opened for one fill, each checked long enough for its plan; closed by ``close()``.
-
-    ``mode``: pread (buffered), odirect, or auto (each file by its page-cache residency, ``open_auto``)."""
-
-    paths: list[str]
-    fds: list[int] = field(default_factory=list)
-    direct: list[bool] = field(default_factory=list)
-    resident: list[float] = field(default_factory=list)  # auto only: each file's resident fraction
-
-    @classmethod
-    def open(cls, sources: Sequence[SourceFile | str], mode: str, needed: list[int]) -> SourceFiles:
-        """``sources``: the checkpoint's open files (``RankLayout.inputs()``), or paths."""
-        files = cls([s if isinstance(s, str) else s.path for s in sources])
-        try:
-            for source, path, need in zip(sources, files.paths, needed):
-                if mode == "auto":
-                    fd, is_direct, fraction = open_auto(source)
-                    files.resident.append(fraction)
-                else:
-                    fd, is_direct = open_source(source, mode == "odirect")
-                files.fds.append(fd)
-                files.direct.append(is_direct)
-                size = os.fstat(fd).st_size
-                if size < need:
-                    raise BadCheckpoint(
-                        f"{path}: truncated: {size} bytes, the header promised data up to {need}", path=path
-                    )
-        except BaseException:
-            files.close()
-            raise
-        return files
-
-    @property
-    def buffered_fallbacks(self) -> int:
-        return sum(1 for d in self.direct if not d)
-
-    def describe_auto(self) -> str:
-        """What read mode auto chose, for the load's description."""
-        direct = sum(self.direct)
-        cached = len(self.direct) - direct
-        parts = []
-        if direct:
-            parts.append(f"{direct} file(s) O_DIRECT (cold)")
-        if cached:
-            low = min(f for f, d in zip(self.resident, self.direct) if not d)
-            parts.append(f"{cached} buffered (at least {low:.0%} in page cache)")
-        return "auto: " + ", ".join(parts)
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
 
 
 class OpenFiles:

@@ -1,0 +1,99 @@
+"""The benchmarks' threaded readers on a CPU: bench_load.run_threads, which both scripts time their
+reader threads with, and the raw read loops built on it (no GPU, no daemon)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import bench_cold  # noqa: E402
+import bench_load  # noqa: E402
+
+KiB = 1024
+
+
+def test_run_threads_runs_each_at_once_and_times_them_all():
+    seen: list[int] = []
+    barrier = threading.Barrier(4, timeout=10)  # breaks unless all four run at the same time
+
+    def one(i: int) -> None:
+        barrier.wait()
+        time.sleep(0.05)
+        seen.append(i)
+
+    dt = bench_load.run_threads(one, range(4))
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert 0.05 <= dt < 5
+
+
+def test_run_threads_raises_the_first_error_after_every_thread_ended():
+    ended: list[int] = []
+
+    def one(i: int) -> None:
+        if i == 1:
+            raise ValueError("reader 1 failed")
+        time.sleep(0.1)
+        ended.append(i)
+
+    with pytest.raises(ValueError, match="reader 1 failed"):
+        bench_load.run_threads(one, range(3))
+    assert sorted(ended) == [0, 2]
+
+
+def write(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
+def test_ranges_read_reads_every_byte(tmp_path):
+    paths = [str(tmp_path / f"{i}.bin") for i in range(3)]
+    sizes = [100 * KiB + 7, 64 * KiB, 1]
+    for p, n in zip(paths, sizes):
+        write(Path(p), n)
+    bufs = bench_cold.HostBuffers(touch=False)
+    try:
+        total, dt = bench_cold.ranges_read(paths, 16 * KiB, 4, bufs)
+    finally:
+        bufs.close()
+    assert total == sum(sizes) and dt > 0
+
+
+def test_ranges_read_raises_a_readers_error(tmp_path, monkeypatch):
+    p = tmp_path / "a.bin"
+    write(p, 64 * KiB)
+    real = os.path.getsize
+    monkeypatch.setattr(os.path, "getsize", lambda q: 128 * KiB if str(q) == str(p) else real(q))  # shorter than told
+    bufs = bench_cold.HostBuffers(touch=False)
+    try:
+        with pytest.raises(OSError, match="short read"):
+            bench_cold.ranges_read([str(p)], 16 * KiB, 2, bufs)
+    finally:
+        bufs.close()
+
+
+class FakeRing:
+    """What raw_read uses of a pinned ring: slot size, thread count, and a slot's buffer."""
+
+    def __init__(self, threads: int, slot_size: int) -> None:
+        self.threads, self.slot_size = threads, slot_size
+        self.bufs = [(ctypes.c_char * slot_size)() for _ in range(threads)]
+
+    def slot(self, w: int, k: int):
+        return None, memoryview(self.bufs[w]).cast("B")
+
+
+def test_raw_read_reads_whole_files_buffered(tmp_path):
+    paths = [str(tmp_path / f"{i}.bin") for i in range(2)]
+    for p, n in zip(paths, (50 * KiB + 3, 8 * KiB)):
+        write(Path(p), n)
+    nbytes, dt, fallbacks = bench_load.raw_read(paths, FakeRing(3, 16 * KiB), direct=False)
+    assert nbytes == 58 * KiB + 3 and dt > 0 and fallbacks == 0
