@@ -30,6 +30,8 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 CLI_TIMEOUT = 120.0
 WAIT_TIMEOUT = 30.0
+# The OS-level names the daemon gives its call and load pools' workers (hotweightsd.server.service).
+POOL_THREAD_NAMES = ("hw-call", "hw-load")
 
 
 class _EmptyConfig:
@@ -368,10 +370,19 @@ class Daemon:
         with open(f"/proc/{self.pid}/maps") as f:
             return sum("memfd:" in line for line in f)
 
-    def threads(self) -> int:
-        """The daemon's thread count, read from /proc/<pid>/status."""
-        with open(f"/proc/{self.pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    def threads(self, pools: bool = False) -> int:
+        """The daemon's threads, read from /proc/<pid>/task. Without ``pools``, the workers of its call
+        and load pools (named ``hw-call``/``hw-load`` there) are left out: a pool keeps the workers it
+        started, and starts one more whenever a call comes before an idle one has said so, so their
+        number says nothing about a leak."""
+        names = []
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
+                    names.append(f.read().strip())
+            except FileNotFoundError:  # ended meanwhile
+                continue
+        return sum(1 for n in names if pools or not n.startswith(POOL_THREAD_NAMES))
 
     # -- ending it -------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ that lets one load through and fails the next at its stage; the daemon then load
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,15 @@ def test_an_attach_refused_after_its_lease_opened_leaves_no_lease_and_no_fd(daem
             c.attach("m", rank=7)
     wait_until(lambda: daemon.leases() == [], 10.0, "the refused attach's lease to end")
     settled(daemon, before, "the daemon's fds and threads as before the refused attach")
+
+
+def test_the_daemons_pool_workers_are_named_for_the_os_and_left_out_of_the_count(daemon, checkpoint):
+    with daemon.connect() as c:
+        c.load("m", str(checkpoint), version="v1")
+        c.status()
+    names = set()
+    for tid in os.listdir(f"/proc/{daemon.pid}/task"):
+        with open(f"/proc/{daemon.pid}/task/{tid}/comm") as f:
+            names.add(f.read().strip())
+    assert {"hw-call", "hw-load"} <= names
+    assert daemon.threads(pools=True) > daemon.threads()
