@@ -50,7 +50,9 @@ def test_second_name_is_resident_once_and_outlives_the_first(daemon, tmp_path):
         assert holder.stdout.readline().strip() == "attached", holder.stderr.read()
         unloaded = _json(daemon, "unload", "a")
         assert unloaded["unloaded"] == ["a@v1"] and unloaded["bytes_freed"] == 0  # b still holds it
-        assert _resident(daemon.status()) == one
+        st = daemon.status()
+        assert _resident(st) == one
+        assert [(v["name"], v["shares_memory_with"]) for v in st["versions"]] == [("b", "")]  # b holds it alone
         holder.stdin.write("go\n")
         holder.stdin.flush()
         assert holder.stdout.readline().split()[0] == "OK", holder.stderr.read()

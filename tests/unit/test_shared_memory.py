@@ -148,8 +148,10 @@ def test_unloading_either_keeps_the_other_and_the_last_frees_once(manager, tmp_p
     one_copy = manager.backend._resident
     assert b.shares == "a@v1" and one_copy == a.resident_bytes
 
+    assert manager.shares_with(b) == "a@v1" and manager.shares_with(a) == ""
     freed, nbytes = manager.unload("a")
     assert freed == ["a@v1"] and nbytes == 0  # the memory stays: b holds it
+    assert manager.shares_with(b) == "" and b.shares == "a@v1"  # b holds it alone now
     assert a.freed and b.state is State.READY and not b.freed
     assert manager.backend._resident == one_copy and manager.resident_bytes() == one_copy
     assert not manager.backend.closes

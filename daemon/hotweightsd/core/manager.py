@@ -253,6 +253,16 @@ class ModelManager:
                             out.append((v, r, a))
             return out
 
+    def shares_with(self, mv: ModelVersion) -> str:
+        """The key of the version whose memory ``mv`` was given at its load while it still holds some
+        of it; "" when ``mv`` read its own, or that version has gone (``mv`` holds the memory alone)."""
+        with self._lock:
+            source = self._versions.get(mv.shares) if mv.shares else None
+            if source is None or source is mv:
+                return ""
+            mine = {id(a) for r in mv.ranks for a in r.allocations}
+            return source.key if any(id(a) in mine for r in source.ranks for a in r.allocations) else ""
+
     def resident_by_device(self) -> dict[int, int]:
         """Bytes held per device, each shared allocation counted once."""
         out: dict[int, int] = {}
