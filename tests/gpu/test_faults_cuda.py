@@ -81,6 +81,8 @@ def test_a_cuda_load_failing_mid_copy_leaves_the_gpu_as_it_was(sock, tmp_path, e
     per_load = chunks_per_load(ckpt)
     assert per_load >= 4, per_load
     failing = per_load + per_load // 2 + 1  # the middle chunk of the second load
+    # the victim reads a copy: the very same files would share base's memory and read nothing
+    victim = shutil.copytree(ckpt, tmp_path / "copy")
     d = start_daemon(
         sock,
         "--reserve",
@@ -107,13 +109,13 @@ def test_a_cuda_load_failing_mid_copy_leaves_the_gpu_as_it_was(sock, tmp_path, e
         assert resident > 0
 
         with d.connect() as c, pytest.raises(errors.InjectedFault, match=f"injected fault at {point}") as info:
-            c.load("victim", str(ckpt), version="v1")
+            c.load("victim", str(victim), version="v1")
         assert type(info.value) is errors.InjectedFault
         settled(d, before, f"the GPU's free memory and the daemon's fds and threads after a load failing at {point}")
         with d.connect() as c:
             assert c.status().resident_bytes == resident
             # the fault fired once: the same load now goes through
-            c.load("victim", str(ckpt), version="v1")
+            c.load("victim", str(victim), version="v1")
             assert c.status().resident_bytes == 2 * resident
             c.unload("victim")
         settled(d, before, "the GPU's free memory after the retried load was unloaded")

@@ -8,6 +8,7 @@ that lets one load through and fails the next at its stage; the daemon then load
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,8 @@ POINTS = ["load.header", "load.allocate", "load.read", "load.copy", "load.verify
 def test_a_load_failing_at_each_stage_leaves_nothing(sockdir, checkpoint, point):
     per_load = checks_per_load(checkpoint)[point]
     failing = per_load + which_check(point, per_load)  # counted over the daemon's life: the first load passes
+    # the victim reads a copy: the very same files would share base's memory and read nothing
+    victim = shutil.copytree(checkpoint, checkpoint.parent / "copy")
     d = start_daemon(str(sockdir / "hw.sock"), "--faults", f"{point}:after={failing - 1}:times=1")
     try:
         with d.connect() as c:
@@ -107,14 +110,14 @@ def test_a_load_failing_at_each_stage_leaves_nothing(sockdir, checkpoint, point)
         assert resident_before[0] > 0 and before["memfds"] == RANKS
 
         with d.connect() as c, pytest.raises(errors.InjectedFault, match=f"injected fault at {point}") as info:
-            c.load("victim", str(checkpoint), version="v1")
+            c.load("victim", str(victim), version="v1")
         assert type(info.value) is errors.InjectedFault and info.value.details["point"] == point
         settled(d, before, f"the daemon's fds, memfds, mappings and threads as before the load failing at {point}")
         assert resident(d) == resident_before
 
         # the fault fired once: the same load now goes through, and its memory is all there is
         with d.connect() as c:
-            info_ok = c.load("victim", str(checkpoint), version="v1")
+            info_ok = c.load("victim", str(victim), version="v1")
             assert info_ok.state and c.status().resident_bytes == 2 * resident_before[0]
             c.unload("victim")
         settled(d, before, "the daemon's measures after the retried load was unloaded")
@@ -126,6 +129,8 @@ def test_a_load_failing_at_each_stage_leaves_nothing(sockdir, checkpoint, point)
 
 def test_a_swap_whose_load_fails_mid_copy_keeps_the_alias_and_leaks_nothing(sockdir, checkpoint):
     per_load = checks_per_load(checkpoint)["load.copy"]
+    # v2 is a copy: the very same files would share v1's memory and read nothing
+    copy = shutil.copytree(checkpoint, checkpoint.parent / "copy")
     d = start_daemon(str(sockdir / "hw.sock"), "--faults", f"load.copy:after={per_load + per_load // 2}")
     try:
         with d.connect() as c:
@@ -133,12 +138,12 @@ def test_a_swap_whose_load_fails_mid_copy_keeps_the_alias_and_leaks_nothing(sock
         before = settled(d, None, "the daemon at rest after its first load")
         resident_before = resident(d)
         with d.connect() as c, pytest.raises(errors.InjectedFault, match="injected fault at load.copy"):
-            c.swap("prod", str(checkpoint), version="v2")
+            c.swap("prod", str(copy), version="v2")
         settled(d, before, "the daemon's fds, memfds, mappings and threads as before the failed swap")
         assert resident(d) == resident_before
         with d.connect() as c:
             assert {a.alias: a.version for a in c.status().aliases} == {"prod": "v1"}
-            c.swap("prod", str(checkpoint), version="v2")  # the fault fired once
+            c.swap("prod", str(copy), version="v2")  # the fault fired once
             assert {a.alias: a.version for a in c.status().aliases} == {"prod": "v2"}
     finally:
         code = d.stop()

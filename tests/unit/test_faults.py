@@ -8,6 +8,7 @@ import ctypes
 import gc
 import mmap
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -166,6 +167,8 @@ def test_a_file_truncated_under_a_load_is_refused_and_leaves_nothing(tmp_path):
     their mappings, the backend's count and the reader threads are gone once the load returns, even while
     the error (its traceback holds the reader's frames) is still alive."""
     ckpt = write_sharded(tmp_path / "m")
+    # the victim reads a copy: the very same files would share base's memory and read nothing
+    victim = shutil.copytree(ckpt, tmp_path / "copy")
     backend = CpuBackend(threads=4)
     manager = ModelManager(backend)
     before = own_memory()
@@ -207,6 +210,8 @@ def test_a_file_removed_under_a_load_is_read_from_the_file_opened_and_leaves_not
 
 def test_an_injected_fault_at_each_stage_in_process_leaves_nothing(tmp_path):
     ckpt = write_sharded(tmp_path / "m")
+    # the victim reads a copy: the very same files would share base's memory and read nothing
+    victim = shutil.copytree(ckpt, tmp_path / "copy")
     backend = CpuBackend(threads=4)
     manager = ModelManager(backend)
     start = own_memory()
@@ -218,7 +223,7 @@ def test_an_injected_fault_at_each_stage_in_process_leaves_nothing(tmp_path):
     for point, after in [("load.allocate", 1), ("load.read", 5), ("load.copy", 5), ("load.verify", 0)]:
         with faults.active(f"{point}:after={after}"):
             with pytest.raises(errors.InjectedFault, match=f"injected fault at {point}") as info:
-                manager.load("victim", str(ckpt), version=point)
+                manager.load("victim", str(victim), version=point)
         assert info.value.__traceback__ is not None
         assert backend._resident == resident, point
         settles(before, point)
@@ -294,6 +299,8 @@ def test_a_cuda_load_failing_at_each_stage_leaves_the_device_as_it_was(fake, fak
     """The python workers of the bounce path (the native engine needs the real driver) and GDS."""
     path = tmp_path / "m.safetensors"
     cuda_unit.write_ckpt(path)
+    # the victim reads a copy: the very same file would share base's memory and read nothing
+    victim = shutil.copy(path, tmp_path / "copy.safetensors")
     backend = cuda_unit.make_backend(threads=2, chunk_size=64 * 1024, gds=gds)
     manager = ModelManager(backend)
     mine = own_memory()
@@ -303,11 +310,11 @@ def test_a_cuda_load_failing_at_each_stage_leaves_the_device_as_it_was(fake, fak
     device, free, fds = fake_device(fake, fake_cufile), backend.devices()[0].free, len(os.listdir("/proc/self/fd"))
     with faults.active(f"{point}:after={2 if point in ('load.read', 'load.copy') else 0}"):
         with pytest.raises(errors.InjectedFault, match=f"injected fault at {point}"):
-            manager.load("victim", str(path), version="v1")
+            manager.load("victim", str(victim), version="v1")
     assert fake_device(fake, fake_cufile) == device
     assert backend.devices()[0].free == free
     settles(mine, f"{point} on the cuda backend")
     assert len(os.listdir("/proc/self/fd")) == fds
     assert fake._stack() == [], "the calling thread's contexts are as they were"
-    manager.load("victim", str(path), version="v1")  # and the backend still loads
+    manager.load("victim", str(victim), version="v1")  # and the backend still loads
     manager.close()

@@ -208,8 +208,14 @@ def _print_version(info, json_out: bool, verb: str) -> None:
     if json_out:
         print_json(message_dict(info))
         return
-    rate = info.bytes / info.load_seconds / 1e9 if info.load_seconds else 0.0
     aliases = f" (alias {', '.join(info.aliases)})" if info.aliases else ""
+    if info.shares_memory_with:
+        typer.echo(
+            f"{verb} {info.name}@{info.version}{aliases}: {len(info.ranks)} rank(s), {format_size(info.bytes)}, "
+            f"shares memory with {info.shares_memory_with} (same files): nothing read"
+        )
+        return
+    rate = info.bytes / info.load_seconds / 1e9 if info.load_seconds else 0.0
     typer.echo(
         f"{verb} {info.name}@{info.version}{aliases}: {len(info.ranks)} rank(s), {format_size(info.bytes)} "
         f"in {info.load_seconds:.2f}s ({rate:.2f} GB/s) via {info.load_path or 'n/a'}"
@@ -382,9 +388,10 @@ def list_(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> Non
             retired = f"  previous of {v.previous_of}, kept until {until}"
         else:
             retired = "  retired: freed when its last lease ends" if v.retired else ""
+        shares = f"  shares memory with {v.shares_memory_with}" if v.shares_memory_with else ""
         typer.echo(
             f"{v.name}@{v.version}  {state}  ranks={len(v.ranks)}  {format_size(v.bytes)}  "
-            f"leases={v.leases}{aliases}{retired}{err}"
+            f"leases={v.leases}{aliases}{shares}{retired}{err}"
         )
 
 
@@ -408,6 +415,9 @@ def status(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> No
             f"{format_size(d.resident_bytes)} resident"
         )
     typer.echo(f"  {len(s.versions)} version(s), {len(s.leases)} lease(s), {format_size(s.resident_bytes)} resident")
+    for v in s.versions:
+        if v.shares_memory_with:  # its bytes are counted once, with the version it shares them with
+            typer.echo(f"  {v.name}@{v.version} shares memory with {v.shares_memory_with} (resident once)")
     for le in s.leases:
         typer.echo(f"  lease {le.lease_id[:8]} {le.name}@{le.version} pid {le.pid} {le.holder}")
 

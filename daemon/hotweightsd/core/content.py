@@ -1,9 +1,11 @@
 """What a loaded version was read from, to tell a repeated load of the same content from a different one.
 
 A version's content is the checkpoint's fingerprint (every header, file name and size; no tensor data)
-and, for each file, its resolved path, size, mtime_ns and inode. Two loads have the same content when
+and, for each file, its resolved path, size, mtime_ns, inode and device. Two loads have the same content when
 all of it matches: a file rewritten in place (same header, new data) changes its mtime or inode, a
-copy of the checkpoint elsewhere changes the paths and inodes. Nothing here reads tensor data.
+copy of the checkpoint elsewhere changes the paths and inodes. Two versions under different names
+hold the same bytes (and share memory) when their files are the same inodes, whatever the paths
+(``same_files``). Nothing here reads tensor data.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class FileId:
     size: int
     mtime_ns: int
     inode: int
+    # The filesystem the inode belongs to; -1 when unknown (a state file written before it was recorded).
+    dev: int = -1
 
 
 @dataclass(frozen=True)
@@ -52,17 +56,31 @@ class ContentId:
             out.append(f"header digest {self.fingerprint} -> {other.fingerprint}")
         return out
 
+    def same_files(self, other: ContentId) -> bool:
+        """Whether ``other`` was read from the very same files, wherever their paths: the same
+        fingerprint and the same (size, mtime_ns, inode) for every file. A symlinked or hard-linked
+        path to the files is the same; a copy (other inodes) is not, as telling a copy from other
+        data would mean reading every byte of both."""
+        if self.fingerprint != other.fingerprint or len(self.files) != len(other.files):
+            return False
+        if any(f.dev < 0 for f in (*self.files, *other.files)):
+            return False  # an inode number alone does not name a file across filesystems
+        return sorted(map(_stat, self.files)) == sorted(map(_stat, other.files))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,
-            "files": [[f.path, f.size, f.mtime_ns, f.inode] for f in self.files],
+            "files": [[f.path, f.size, f.mtime_ns, f.inode, f.dev] for f in self.files],
         }
 
     @classmethod
     def from_json(cls, doc: Any) -> ContentId | None:
         if not isinstance(doc, dict):
             return None
-        files = tuple(FileId(str(p), int(s), int(m), int(i)) for p, s, m, i in doc["files"])
+        # [path, size, mtime_ns, inode] in state files written before the device was recorded
+        files = tuple(
+            FileId(str(f[0]), int(f[1]), int(f[2]), int(f[3]), int(f[4]) if len(f) > 4 else -1) for f in doc["files"]
+        )
         return cls(str(doc["fingerprint"]), files)
 
 
@@ -79,8 +97,12 @@ def content_of(ckpt: Checkpoint) -> ContentId:
                     st = os.stat(path)
                 except OSError as exc:
                     raise BadCheckpoint(f"{path}: cannot stat: {exc.strerror}", path=path) from None
-            files.append(FileId(path, st.st_size, st.st_mtime_ns, st.st_ino))
+            files.append(FileId(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev))
     return ContentId(ckpt.fingerprint(), tuple(sorted(files, key=lambda f: f.path)))
+
+
+def _stat(f: FileId) -> tuple[int, int, int, int]:
+    return f.dev, f.inode, f.size, f.mtime_ns
 
 
 def _some(items: list[str], limit: int = 3) -> str:

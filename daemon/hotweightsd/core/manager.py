@@ -8,6 +8,9 @@ another caller. Guarantees:
 - memory a live lease points at is never freed by the daemon (``force`` only drops the daemon's
   reference; a client's mapping keeps its pages alive);
 - a load that would not fit is refused before any file is read;
+- a load of the very files a READY version was read from (same inodes, sizes, mtimes and headers,
+  whatever the path) shares that version's allocations and reads no tensor data; an allocation is freed
+  when the last registered version holding it goes, and counted once in what is resident;
 - a version retired by a swap or a deferred unload is freed when its last lease ends, and no
   sooner than its hold: the previous version a swap keeps for a rollback stays ``keep_previous_seconds``,
   and one restored after a restart waits ``relet_grace`` seconds for its holders to lease it again;
@@ -232,9 +235,44 @@ class ModelManager:
                 )
             return mv
 
-    def resident_bytes(self) -> int:
+    def unique_allocations(self) -> list[tuple[ModelVersion, ResidentRank, Allocation]]:
+        """Every allocation the registry holds, once, with the oldest version and its rank holding it.
+
+        Versions loaded from the same files share their allocations: counting per version would count
+        the same memory twice.
+        """
         with self._lock:
-            return sum(v.resident_bytes for v in self._versions.values())
+            versions = sorted(self._versions.values(), key=lambda v: (v.created, v.name, v.version))
+            seen: set[int] = set()
+            out = []
+            for v in versions:
+                for r in list(v.ranks):
+                    for a in r.allocations:
+                        if id(a) not in seen:
+                            seen.add(id(a))
+                            out.append((v, r, a))
+            return out
+
+    def shares_with(self, mv: ModelVersion) -> str:
+        """The key of the version whose memory ``mv`` was given at its load while it still holds some
+        of it; "" when ``mv`` read its own, or that version has gone (``mv`` holds the memory alone)."""
+        with self._lock:
+            source = self._versions.get(mv.shares) if mv.shares else None
+            if source is None or source is mv:
+                return ""
+            mine = {id(a) for r in mv.ranks for a in r.allocations}
+            return source.key if any(id(a) in mine for r in source.ranks for a in r.allocations) else ""
+
+    def resident_by_device(self) -> dict[int, int]:
+        """Bytes held per device, each shared allocation counted once."""
+        out: dict[int, int] = {}
+        for _, r, a in self.unique_allocations():
+            out[r.device] = out.get(r.device, 0) + a.size
+        return out
+
+    def resident_bytes(self) -> int:
+        """Bytes held, each shared allocation counted once (a version's own ``resident_bytes`` is its full size)."""
+        return sum(a.size for _, _, a in self.unique_allocations())
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -264,8 +302,10 @@ class ModelManager:
         that is already loaded (or loading) from the same content is returned as it is, with
         ``already_loaded`` set: nothing is verified, read or allocated, and its ``run`` only waits
         for it to be READY and points ``alias`` at it. The same version from other content is a
-        ``ContentMismatch``. Without ``version`` the version is the checkpoint's fingerprint, so
-        the same checkpoint loaded again is the same version.
+        ``ContentMismatch``. A new version of the very files another READY version was read from
+        (in the same mode, on the devices asked for) is registered READY on that version's memory
+        (``shares``): it is verified, but nothing is admitted, read or allocated. Without ``version`` the
+        version is the checkpoint's fingerprint, so the same checkpoint loaded again is the same version.
         """
         self._check_open()
         check_name("model name", name)
@@ -280,7 +320,7 @@ class ModelManager:
         except BaseException:
             ckpt.close()
             raise
-        if start.already_loaded:
+        if start.already_loaded or start.version.shares:  # nothing to read
             ckpt.close()
             return start
 
@@ -314,8 +354,15 @@ class ModelManager:
             old = self._existing(f"{name}@{version}", content)
         if old is not None:
             return self._rejoin(old, alias)
+        # Verified like any load, also when it will share: what a load refuses must not depend on what
+        # else is resident (an explicit verify=full is not skipped because another name loaded the
+        # same files with verify=none). Only tensor data is never read again.
         self.verify(ckpt, verify)
-        devices = self._place(ckpt.world_size, list(device_map or []))
+        wanted = list(device_map or [])
+        shared = self._share(name, version, alias, content, mode, wanted, ckpt.world_size, str(ckpt.path))
+        if shared is not None:
+            return shared
+        devices = self._place(ckpt.world_size, wanted)
         layouts = [
             plan_rank(r, self.backend.granularity(devices[r.rank]), self.backend.max_allocation()) for r in ckpt.ranks
         ]
@@ -329,12 +376,7 @@ class ModelManager:
             content=content,
         )
         with self._lock:
-            if alias and alias in {v.name for v in self._versions.values()} | {name}:
-                raise InvalidArgument(
-                    f"alias {shorten(alias)!r} is the name of a model; aliases and model names must differ"
-                )
-            if name in self._aliases:
-                raise InvalidArgument(f"{shorten(name)!r} is an alias; a model cannot share its name")
+            self._check_names(name, alias)
             old = self._existing(mv.key, content)  # a concurrent load of the same version may have won
             if old is None:
                 self._versions[mv.key] = mv
@@ -361,6 +403,88 @@ class ModelManager:
             devices=devices,
         )
         return LoadStart(mv, lambda: self._fill(mv, alias), False)
+
+    def _check_names(self, name: str, alias: str | None) -> None:
+        """Refuses a model name that is an alias, or an alias that is a model's name (lock held)."""
+        if alias and alias in {v.name for v in self._versions.values()} | {name}:
+            raise InvalidArgument(
+                f"alias {shorten(alias)!r} is the name of a model; aliases and model names must differ"
+            )
+        if name in self._aliases:
+            raise InvalidArgument(f"{shorten(name)!r} is an alias; a model cannot share its name")
+
+    def _sharable(
+        self, content: ContentId, mode: AllocationMode, device_map: list[int], world: int
+    ) -> ModelVersion | None:
+        """A READY version read from the very same files, in the same mode and on the devices
+        ``device_map`` asks for (any, without one): its memory holds exactly what a load would read
+        (lock held). The oldest such version, so that every sharer names the same one."""
+        candidates = [
+            v
+            for v in self._versions.values()
+            if v.state is State.READY
+            and not v.freed
+            and v.mode is mode
+            and v.world_size == world
+            and v.content is not None
+            and v.content.same_files(content)
+            and (not device_map or [r.device for r in sorted(v.ranks, key=lambda r: r.rank)] == device_map)
+        ]
+        return min(candidates, key=lambda v: v.created, default=None)
+
+    def _share(
+        self,
+        name: str,
+        version: str,
+        alias: str | None,
+        content: ContentId,
+        mode: AllocationMode,
+        device_map: list[int],
+        world: int,
+        path: str,
+    ) -> LoadStart | None:
+        """Registers ``name@version`` READY on the memory of a version read from the same files, when
+        there is one: nothing is admitted, allocated or read (the bytes are resident already). None
+        when no version qualifies."""
+        key = f"{name}@{version}"
+        with self._txn() as fx:
+            source = self._sharable(content, mode, device_map, world)
+            if source is None:
+                return None
+            self._check_names(name, alias)
+            if key in self._versions:  # a concurrent load of the same key won the race: rejoin it
+                old = self._existing(key, content)
+                if old is not None:
+                    return self._rejoin(old, alias)
+            note = f"shares the memory of {source.key} (same files): nothing read"
+            mv = ModelVersion(
+                name=name,
+                version=version,
+                source=path,
+                world_size=source.world_size,
+                mode=mode,
+                state=State.READY,
+                bytes_total=source.bytes_total,
+                bytes_done=source.bytes_total,
+                content=content,
+                load_path=note,
+                shares=source.key,
+                ranks=[
+                    ResidentRank(r.rank, r.device, r.layout, list(r.allocations), load_path=note) for r in source.ranks
+                ],
+            )
+            self._versions[key] = mv
+            self._changed.notify_all()
+            fx.publish(EventKind.VERSION_ADDED, name, version=version, message=path)
+            fx.log("info", "load.shared", model=key, source=source.key, path=path, bytes=mv.bytes_total)
+            fx.publish(EventKind.VERSION_READY, name, version=version, message=note)
+
+        def run() -> ModelVersion:
+            if alias:
+                self.set_alias(alias, mv.key, create=True)
+            return mv
+
+        return LoadStart(mv, run, False)
 
     def _existing(self, key: str, content: ContentId) -> ModelVersion | None:
         """The registered version ``key`` when it holds ``content`` (lock held); None when there is none
@@ -583,7 +707,7 @@ class ModelManager:
                 for a in self.aliases_of(mv.key):
                     del self._aliases[a]
                     fx.publish(EventKind.ALIAS_REMOVED, mv.name, version=mv.version, alias=a)
-                total += mv.resident_bytes
+                total += self._own_bytes(mv)
                 self._drop(mv, fx)
                 freed.append(mv.key)
         return freed, total
@@ -619,9 +743,22 @@ class ModelManager:
         else:
             self._free_memory(mv, fx)
 
+    def _shared_elsewhere(self, mv: ModelVersion) -> set[int]:
+        """The ids of ``mv``'s allocations that another registered version holds too (lock held)."""
+        mine = {id(a) for r in mv.ranks for a in r.allocations}
+        return {id(a) for v in self._versions.values() if v is not mv for r in v.ranks for a in r.allocations} & mine
+
+    def _own_bytes(self, mv: ModelVersion) -> int:
+        """The bytes that freeing ``mv`` now would give back: those no other version shares (lock held)."""
+        held = self._shared_elsewhere(mv)
+        return sum(a.size for r in mv.ranks for a in r.allocations if id(a) not in held)
+
     def _free_memory(self, mv: ModelVersion, fx: _Effects) -> None:
-        # Out of the registry at once (nothing serves it any more), freed once the lock is released.
-        fx.free(a for r in mv.ranks for a in r.allocations)
+        """Takes ``mv``'s memory out of the registry at once (nothing serves it any more) and queues
+        to free what no other registered version shares (lock held); the last holder frees it."""
+        if mv.ranks:
+            held = self._shared_elsewhere(mv)
+            fx.free([a for r in mv.ranks for a in r.allocations if id(a) not in held])
         mv.ranks = []
 
     def _maybe_retire(self, mv: ModelVersion, fx: _Effects) -> None:
@@ -933,8 +1070,16 @@ class ModelManager:
             for timer in self._timers:
                 timer.cancel()
             self._timers.clear()
+            # Each allocation once, in one pass (versions of the same files share theirs): asking per
+            # version which of its allocations another still holds would cost the square of the registry.
+            unique: dict[int, Allocation] = {}
             for mv in list(self._versions.values()):
-                self._stop_or_free(mv, fx)
+                if mv.state is State.LOADING:
+                    mv.cancel.set()  # its loader frees its memory once its readers have stopped
+                    continue
+                unique.update((id(a), a) for r in mv.ranks for a in r.allocations)
+                mv.ranks = []
+            fx.free(unique.values())
             self._versions.clear()
             self._aliases.clear()
             self._leases.clear()

@@ -84,6 +84,11 @@ class ModelVersion:
     cancel: threading.Event = field(default_factory=threading.Event)
     # What it was read from (fingerprint and file stats), to recognise a repeated load of the same content.
     content: ContentId | None = None
+    # The version whose memory this one was given instead of reading its files (the same files
+    # under another name), as it was at load time; "" when it read its own. Informational (the
+    # manager's shares_with says whether it still shares): the allocations are shared by identity,
+    # and each is freed once no registered version holds it.
+    shares: str = ""
 
     @property
     def key(self) -> str:

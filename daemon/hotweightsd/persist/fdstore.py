@@ -47,7 +47,7 @@ def fd_name(key: str, rank: int, index: int) -> str:
     return f"hw/{key}/{rank}/{index}"
 
 
-def _encode_version(mv: ModelVersion, names: list[list[str]]) -> dict:
+def _encode_version(mv: ModelVersion, names: list[list[str]], shares_allocations: str = "") -> dict:
     return {
         "name": mv.name,
         "version": mv.version,
@@ -62,6 +62,11 @@ def _encode_version(mv: ModelVersion, names: list[list[str]]) -> dict:
         "previous_of": mv.previous_of,
         "bytes_total": mv.bytes_total,
         "content": mv.content.to_json() if mv.content else None,
+        "shares": mv.shares,
+        # The key of a version encoded before this one that holds the very same allocations (loaded
+        # from the same files): a restore gives this one that version's memory again, so it stays
+        # resident (and counted) once. Its own fds are in the store all the same.
+        "shares_allocations": shares_allocations,
         "ranks": [
             {
                 "rank": r.rank,
@@ -204,14 +209,19 @@ class Persister:
 
     def snapshot(self) -> dict:
         versions = []
+        encoded: dict[tuple[tuple[int, ...], ...], str] = {}  # a stored version's allocations, by identity -> key
         for mv in self.m.versions():
             if mv.state is not State.READY or mv.freed:
                 continue
+            stored = mv.key in self._stored
             names = [
-                [fd_name(mv.key, r.rank, i) for i in range(len(r.allocations))] if mv.key in self._stored else []
-                for r in mv.ranks
+                [fd_name(mv.key, r.rank, i) for i in range(len(r.allocations))] if stored else [] for r in mv.ranks
             ]
-            versions.append(_encode_version(mv, names))
+            identity = tuple(tuple(id(a) for a in r.allocations) for r in mv.ranks)
+            sharer = encoded.get(identity, "") if stored else ""
+            if stored and not sharer:
+                encoded[identity] = mv.key
+            versions.append(_encode_version(mv, names, sharer))
         return {"socket": self.socket, "versions": versions, "aliases": self.m.aliases()}
 
     def save(self) -> None:
@@ -327,13 +337,16 @@ def restore(
     adopted: list[tuple[ModelVersion, list[str]]] = []
     try:
         for v in versions:
-            mv = _rebuild(v, backend, received)
+            mv = _rebuild(v, backend, received, {m.key: m for m, _ in adopted})
             adopted.append((mv, [n for r in v["ranks"] for n in r["fd_names"]]))
     except (HotweightsError, KeyError, TypeError, ValueError, OSError) as exc:
+        closed: set[int] = set()  # versions sharing memory share allocation objects: close each once
         for mv, _ in adopted:
             for r in mv.ranks:
                 for a in r.allocations:
-                    a.close()
+                    if id(a) not in closed:
+                        closed.add(id(a))
+                        a.close()
         _drop_received(received)
         report.note = f"state file {path} does not describe the fds handed back ({exc}); started empty"
         log.error("restore.refused", reason=report.note)
@@ -347,7 +360,11 @@ def restore(
     return report
 
 
-def _rebuild(v: dict, backend: MemoryBackend, received: dict[str, list[int]]) -> ModelVersion:
+def _rebuild(
+    v: dict, backend: MemoryBackend, received: dict[str, list[int]], rebuilt: dict[str, ModelVersion]
+) -> ModelVersion:
+    """The version ``v`` describes, on the fds handed back; on the allocations of the version it
+    shared memory with before the restart when that one is in ``rebuilt`` and matches."""
     mv = ModelVersion(
         name=v["name"],
         version=v["version"],
@@ -362,7 +379,12 @@ def _rebuild(v: dict, backend: MemoryBackend, received: dict[str, list[int]]) ->
         previous_of=v.get("previous_of", ""),
         bytes_total=v["bytes_total"],
         content=ContentId.from_json(v.get("content")),  # absent in state files written before it existed
+        shares=v.get("shares", ""),
     )
+    source = rebuilt.get(v.get("shares_allocations") or "")
+    if source is not None and not _same_allocations(source, v):
+        log.warning("restore.not_shared", model=mv.key, source=source.key, reason="allocations differ")
+        source = None
     for r in v["ranks"]:
         layout = RankLayout(
             rank=r["rank"],
@@ -378,6 +400,13 @@ def _rebuild(v: dict, backend: MemoryBackend, received: dict[str, list[int]]) ->
                 or p.offset + p.nbytes > layout.allocation_sizes[p.allocation]
             ):
                 raise DataLoss(f"tensor {p.name!r} of {mv.key} lies outside its allocation")
+        if source is not None:
+            # The same memory as ``source``'s: this version's own fds are duplicates. Closed here, but
+            # left in the fd store, which keeps the memory alive whichever of the two goes first.
+            for name in r["fd_names"]:
+                os.close(received[name].pop())
+            mv.ranks.append(ResidentRank(r["rank"], r["device"], layout, list(source.rank(r["rank"]).allocations)))
+            continue
         allocs = []
         try:
             for _i, (size, kind, name) in enumerate(zip(r["allocation_sizes"], r["handle_types"], r["fd_names"])):
@@ -389,3 +418,19 @@ def _rebuild(v: dict, backend: MemoryBackend, received: dict[str, list[int]]) ->
             raise
         mv.ranks.append(ResidentRank(r["rank"], r["device"], layout, allocs))
     return mv
+
+
+def _same_allocations(source: ModelVersion, v: dict) -> bool:
+    """Whether ``source``'s allocations are the ones ``v`` describes: ranks, devices, count, sizes."""
+    if sorted(r.rank for r in source.ranks) != sorted(r["rank"] for r in v["ranks"]):
+        return False
+    for r in v["ranks"]:
+        mine = source.rank(r["rank"])
+        if (
+            mine.device != r["device"]
+            or [a.size for a in mine.allocations] != list(r["allocation_sizes"])
+            or [a.handle_type.value for a in mine.allocations] != list(r["handle_types"])
+            or len(r["fd_names"]) != len(mine.allocations)
+        ):
+            return False
+    return True

@@ -56,12 +56,18 @@ def path_kind(load_path: str) -> str:
 def snapshot(manager: ModelManager) -> dict[str, Any]:
     """What the gauges show, read from the manager now."""
     devices = [{"index": d.index, "free": d.free, "total": d.total} for d in manager.backend.devices()]
+    # Each allocation counted once, at the oldest version holding it: a version loaded from the same
+    # files as another shares its memory, and summing the gauge over versions must not count it twice.
+    counted: dict[str, dict[int, int]] = {}
+    for holder, r, a in manager.unique_allocations():
+        per_device = counted.setdefault(holder.key, {})
+        per_device[r.device] = per_device.get(r.device, 0) + a.size
     versions = []
     for v in manager.versions():
-        resident: dict[int, int] = {}
+        resident = {r.device: 0 for r in list(v.ranks)}
+        resident.update(counted.get(v.key, {}))
         ranks = []
         for r in list(v.ranks):
-            resident[r.device] = resident.get(r.device, 0) + sum(a.size for a in r.allocations)
             if r.load_seconds:
                 ranks.append(
                     {
@@ -101,7 +107,7 @@ class _StateCollector(Collector):
             total.add_metric([str(d["index"])], d["total"])
         resident = GaugeMetricFamily(
             "hotweights_resident_bytes",
-            "Bytes held per device and model version",
+            "Bytes held per device and model version (memory shared by versions of the same files: at the oldest)",
             labels=["device", "model", "version"],
         )
         leases = GaugeMetricFamily(

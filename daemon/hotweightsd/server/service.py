@@ -219,10 +219,11 @@ class HotweightsService(pb_grpc.HotweightsServicer):
     def _status(self) -> pb.StatusResponse:
         devices = self.m.backend.devices()
         versions = self.m.versions()
+        # each allocation once: versions loaded from the same files share theirs
+        unique = self.m.unique_allocations()
         resident: dict[int, int] = {}
-        for v in versions:
-            for r in v.ranks:
-                resident[r.device] = resident.get(r.device, 0) + sum(a.size for a in r.allocations)
+        for _, r, a in unique:
+            resident[r.device] = resident.get(r.device, 0) + a.size
         return pb.StatusResponse(
             daemon_version=__version__,
             pid=os.getpid(),
@@ -243,8 +244,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             versions=[convert.version_info(v, self.m) for v in versions],
             leases=[convert.lease_info(le) for le in self.m.leases()],
             aliases=convert.aliases(self.m),
-            resident_bytes=self.m.resident_bytes(),
-            open_allocations=sum(len(r.allocations) for v in versions for r in v.ranks),
+            resident_bytes=sum(resident.values()),
+            open_allocations=len(unique),
             gds=self.m.backend.note,
             restored=self.restored,
             restore_note=self.restore_note,

@@ -162,7 +162,7 @@ class RankInfo(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., device: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[int] = ..., allocations: _Optional[int] = ...) -> None: ...
 
 class ModelVersionInfo(_message.Message):
-    __slots__ = ("name", "version", "source", "state", "error", "ranks", "bytes", "leases", "load_seconds", "load_path", "aliases", "created_unix", "allocation", "backend", "already_loaded", "retired", "held_until_unix", "previous_of", "previous_note")
+    __slots__ = ("name", "version", "source", "state", "error", "ranks", "bytes", "leases", "load_seconds", "load_path", "aliases", "created_unix", "allocation", "backend", "already_loaded", "retired", "held_until_unix", "previous_of", "previous_note", "shares_memory_with")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class ModelVersionInfo(_message.Message):
     HELD_UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_OF_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_NOTE_FIELD_NUMBER: _ClassVar[int]
+    SHARES_MEMORY_WITH_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     source: str
@@ -201,7 +202,8 @@ class ModelVersionInfo(_message.Message):
     held_until_unix: float
     previous_of: str
     previous_note: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., load_seconds: _Optional[float] = ..., load_path: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., allocation: _Optional[_Union[AllocationMode, str]] = ..., backend: _Optional[str] = ..., already_loaded: _Optional[bool] = ..., retired: _Optional[bool] = ..., held_until_unix: _Optional[float] = ..., previous_of: _Optional[str] = ..., previous_note: _Optional[str] = ...) -> None: ...
+    shares_memory_with: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., load_seconds: _Optional[float] = ..., load_path: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., allocation: _Optional[_Union[AllocationMode, str]] = ..., backend: _Optional[str] = ..., already_loaded: _Optional[bool] = ..., retired: _Optional[bool] = ..., held_until_unix: _Optional[float] = ..., previous_of: _Optional[str] = ..., previous_note: _Optional[str] = ..., shares_memory_with: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "strides", "allocation", "offset", "nbytes", "served_dtype")

@@ -1,0 +1,352 @@
+"""The same files loaded under two names are resident once: the second version is given the first's
+allocations (nothing read or allocated), each allocation is freed once its last holder goes, status
+counts it once, and a restart from the fd store keeps it shared."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hotweights import errors
+from hotweightsd.backends.cpu import CpuBackend
+from hotweightsd.core.backend import DeviceMemory
+from hotweightsd.core.events import EventKind
+from hotweightsd.core.manager import ModelManager
+from hotweightsd.core.registry import ModelVersion, State
+from hotweightsd.persist import statefile
+from hotweightsd.persist.fdstore import Persister, fd_name, restore
+from hotweightsd.server.metrics import snapshot
+from support.ckpt_tools import versioned_model
+
+MiB = 2**20
+
+
+class CountingBackend(CpuBackend):
+    """Counts allocations, fills and every close of each allocation (a double free shows as 2)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.allocations = 0
+        self.fills = 0
+        self.closes: Counter[int] = Counter()
+
+    def allocate(self, *a, **k):
+        self.allocations += 1
+        return self._counted(super().allocate(*a, **k))
+
+    def adopt(self, *a, **k):
+        return self._counted(super().adopt(*a, **k))
+
+    def _counted(self, alloc):
+        close = alloc.close
+
+        def counted_close() -> None:
+            self.closes[id(alloc)] += 1
+            close()
+
+        alloc.close = counted_close
+        return alloc
+
+    def fill(self, *a, **k):
+        self.fills += 1
+        return super().fill(*a, **k)
+
+
+class TwoHosts(CountingBackend):
+    """Two devices (both host memory underneath), to tell placements apart."""
+
+    shared_device = False
+
+    def devices(self):
+        d = super().devices()[0]
+        return [DeviceMemory(0, "h0", d.total, d.free), DeviceMemory(1, "h1", d.total, d.free)]
+
+
+@pytest.fixture
+def manager():
+    m = ModelManager(CountingBackend(memory_limit=64 * MiB))
+    yield m
+    m.close()
+
+
+def _allocs(mv: ModelVersion) -> list:
+    return [a for r in mv.ranks for a in r.allocations]
+
+
+def _same_objects(a: ModelVersion, b: ModelVersion) -> bool:
+    return len(_allocs(a)) == len(_allocs(b)) > 0 and all(x is y for x, y in zip(_allocs(a), _allocs(b)))
+
+
+def _read_all(m: ModelManager, ref: str) -> dict[str, torch.Tensor]:
+    """Every tensor of ``ref`` as a client sees it: through a lease, a ticket and the fds it redeems."""
+    lease = m.open_lease(ref, pid=os.getpid())
+    try:
+        h = m.get_handles(lease.id, 0, lease.key)
+        _, fds = m.redeem(h.ticket, os.getpid(), os.getuid())
+        out = {}
+        try:
+            for p in h.rank.layout.placements:
+                size = h.rank.allocations[p.allocation].size
+                with mmap.mmap(fds[p.allocation], size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+                    raw = bytearray(mm[p.offset : p.offset + p.nbytes])
+                out[p.name] = raw
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return out
+    finally:
+        m.close_lease(lease.id)
+
+
+def _equal_to_file(got: dict[str, bytearray], path: Path) -> bool:
+    want = load_file(str(path))
+    return sorted(got) == sorted(want) and all(
+        bytes(got[k]) == want[k].contiguous().view(torch.uint8).numpy().tobytes() for k in want
+    )
+
+
+def test_second_name_for_the_same_files_shares_the_memory_and_reads_nothing(manager, tmp_path):
+    path = versioned_model(tmp_path, 1)
+    a = manager.load("a", str(path.parent), version="v1")
+    resident, allocs, fills = manager.resident_bytes(), manager.backend.allocations, manager.backend.fills
+    events = []
+    manager.events.subscribe(events.append)
+
+    start = manager.start_load("b", str(path.parent), alias="prod", version="v1")
+    assert not start.already_loaded and start.version.state is State.READY
+    b = start.run()
+    assert b is start.version and b.state is State.READY and b.shares == "a@v1"
+    assert _same_objects(a, b) and [r.layout for r in b.ranks] == [r.layout for r in a.ranks]
+    assert b.ranks[0] is not a.ranks[0] and b.ranks[0].allocations is not a.ranks[0].allocations
+    assert (manager.backend.allocations, manager.backend.fills) == (allocs, fills)  # nothing allocated or read
+    assert manager.resident_bytes() == resident == a.resident_bytes == b.resident_bytes  # counted once
+    assert b.bytes_total == a.bytes_total and b.load_seconds == 0.0
+    assert b.load_path == "shares the memory of a@v1 (same files): nothing read"
+    assert [(e.kind, e.name) for e in events if e.kind is not EventKind.ALIAS_MOVED] == [
+        (EventKind.VERSION_ADDED, "b"),
+        (EventKind.VERSION_READY, "b"),
+    ]
+    assert manager.aliases() == {"prod": "b@v1"}
+    assert len(manager.unique_allocations()) == len(_allocs(a))
+    assert manager.resident_by_device() == {0: resident}
+    snap = {(v["name"], v["version"]): v["resident_by_device"] for v in snapshot(manager)["versions"]}
+    assert snap == {("a", "v1"): {0: resident}, ("b", "v1"): {0: 0}}  # the gauge sums to one copy
+
+
+def test_unloading_either_keeps_the_other_and_the_last_frees_once(manager, tmp_path):
+    path = versioned_model(tmp_path, 1)
+    a = manager.load("a", str(path), version="v1")
+    b = manager.load("b", str(path), version="v1")
+    ids = [id(x) for x in _allocs(a)]
+    one_copy = manager.backend._resident
+    assert b.shares == "a@v1" and one_copy == a.resident_bytes
+
+    assert manager.shares_with(b) == "a@v1" and manager.shares_with(a) == ""
+    freed, nbytes = manager.unload("a")
+    assert freed == ["a@v1"] and nbytes == 0  # the memory stays: b holds it
+    assert manager.shares_with(b) == "" and b.shares == "a@v1"  # b holds it alone now
+    assert a.freed and b.state is State.READY and not b.freed
+    assert manager.backend._resident == one_copy and manager.resident_bytes() == one_copy
+    assert not manager.backend.closes
+    assert _equal_to_file(_read_all(manager, "b@v1"), path)
+
+    freed, nbytes = manager.unload("b")
+    assert freed == ["b@v1"] and nbytes == one_copy
+    assert manager.backend._resident == 0 and manager.resident_bytes() == 0
+    assert manager.backend.closes == Counter({i: 1 for i in ids}) and ids
+
+
+def test_unloading_the_sharer_first_keeps_the_source(manager, tmp_path):
+    path = versioned_model(tmp_path, 1)
+    a = manager.load("a", str(path), version="v1")
+    manager.load("b", str(path), version="v1")
+    manager.unload("b")
+    assert manager.backend._resident == a.resident_bytes and not manager.backend.closes
+    assert _equal_to_file(_read_all(manager, "a@v1"), path)
+    manager.unload("a")
+    assert manager.backend._resident == 0 and list(manager.backend.closes.values()) == [1]
+
+
+def test_close_with_both_loaded_closes_each_allocation_once(tmp_path):
+    m = ModelManager(CountingBackend(memory_limit=64 * MiB))
+    path = versioned_model(tmp_path, 1)
+    a = m.load("a", str(path), version="v1")
+    m.load("b", str(path), version="v1")
+    m.load("c", str(path), version="v1")
+    ids = [id(x) for x in _allocs(a)]
+    m.close()
+    assert m.backend.closes == Counter({i: 1 for i in ids}) and ids
+    assert m.backend._resident == 0
+
+
+def test_a_symlink_or_a_hard_link_to_the_same_files_is_shared(manager, tmp_path):
+    path = versioned_model(tmp_path, 1)
+    a = manager.load("a", str(path.parent), version="v1")
+    (tmp_path / "link").symlink_to(path.parent, target_is_directory=True)
+    linked = tmp_path / "hard" / path.name
+    linked.parent.mkdir()
+    os.link(path, linked)
+    b = manager.load("b", str(tmp_path / "link"), version="v1")
+    c = manager.load("c", str(linked), version="v1")
+    assert b.shares == c.shares == "a@v1" and _same_objects(a, b) and _same_objects(a, c)
+    assert manager.backend.fills == 1 and manager.resident_bytes() == a.resident_bytes
+
+
+def test_a_copy_a_rewritten_file_or_other_files_are_not_shared(manager, tmp_path):
+    path = versioned_model(tmp_path, 1)
+    a = manager.load("a", str(path), version="v1")
+
+    copy = tmp_path / "copy" / path.name
+    copy.parent.mkdir()
+    shutil.copy2(path, copy)  # same bytes and mtime, another inode: telling it apart would mean hashing
+    b = manager.load("b", str(copy), version="v1")
+
+    other = manager.load("c", str(versioned_model(tmp_path, 2)), version="v1")
+
+    manager.unload("b")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # rewritten in place: new mtime
+    d = manager.load("d", str(path), version="v1")
+
+    for mv in (b, other, d):
+        assert not mv.shares and not set(map(id, _allocs(mv))) & set(map(id, _allocs(a))), mv.key
+    assert manager.backend.fills == 4
+    assert manager.resident_bytes() == a.resident_bytes + other.resident_bytes + d.resident_bytes
+
+
+def test_the_same_files_on_other_devices_are_not_shared(tmp_path):
+    m = ModelManager(TwoHosts(memory_limit=64 * MiB))
+    try:
+        path = str(versioned_model(tmp_path, 1))
+        a = m.load("a", path, version="v1", device_map=[0])
+        elsewhere = m.load("b", path, version="v1", device_map=[1])
+        same = m.load("c", path, version="v1", device_map=[0])
+        anywhere = m.load("d", path, version="v1")  # no device map: the source's placement is accepted
+        assert not elsewhere.shares and elsewhere.ranks[0].device == 1
+        assert same.shares == anywhere.shares == "a@v1" and _same_objects(a, same) and _same_objects(a, anywhere)
+        assert m.backend.fills == 2
+        assert m.resident_by_device() == {0: a.resident_bytes, 1: elsewhere.resident_bytes}
+    finally:
+        m.close()
+
+
+def test_a_shared_load_is_still_verified_at_its_level(manager, tmp_path):
+    path = str(versioned_model(tmp_path, 1))  # no hotweights.json beside it
+    manager.load("a", path, version="v1", verify="none")
+    with pytest.raises(errors.FailedPrecondition, match="verify=full needs a hotweights.json"):
+        manager.load("b", path, version="v1", verify="full")
+    assert [v.key for v in manager.versions()] == ["a@v1"]
+
+
+def test_a_version_that_is_not_ready_is_not_shared(manager, tmp_path):
+    path = str(versioned_model(tmp_path, 1))
+    first = manager.start_load("a", path, version="v1")  # registered, not read yet
+    b = manager.load("b", path, version="v1")
+    first.run()
+    assert not b.shares and manager.backend.fills == 2
+
+
+def test_a_restart_from_the_fd_store_keeps_the_memory_shared(tmp_path):
+    sock = str(tmp_path / "hw.sock")
+    state = tmp_path / "hw.sock.state.json"
+    path = versioned_model(tmp_path, 1)
+    m1 = ModelManager(CpuBackend(memory_limit=64 * MiB))
+    received: dict[str, list[int]] = {}
+    try:
+        m1.load("a", str(path), version="v1")
+        m1.load("b", str(path), version="v1", alias="prod")
+        p1 = Persister(m1, state, sock, fdstore=True)
+        for key in ("a@v1", "b@v1"):  # each version's fds under its own names, as the persister stores them
+            fds = m1.export_fds(key)
+            p1.adopted(key, [fd_name(key, r, i) for r, i, _ in fds])
+            for r, i, fd in fds:
+                received[fd_name(key, r, i)] = [fd]
+        doc = p1.snapshot()
+        assert [(v["name"], v["shares"], v["shares_allocations"]) for v in doc["versions"]] == [
+            ("a", "", ""),
+            ("b", "a@v1", "a@v1"),
+        ]
+        p1.save()
+    finally:
+        m1.close()  # the old daemon is gone; the fds above keep the memory
+
+    backend = CountingBackend(memory_limit=64 * MiB)
+    m2 = ModelManager(backend)
+    try:
+        report = restore(m2, backend, Persister(m2, state, sock, fdstore=True), received)
+        assert sorted(report.restored) == ["a@v1", "b@v1"], report.note
+        a, b = m2.get("a", "v1"), m2.get("b", "v1")
+        assert _same_objects(a, b) and b.shares == "a@v1"
+        assert all(not fds for fds in received.values())  # every fd handed back was taken (or closed)
+        one_copy = a.resident_bytes
+        assert m2.resident_bytes() == backend._resident == one_copy  # counted once after the restart
+        assert m2.aliases() == {"prod": "b@v1"}
+        m2.unload("a")
+        assert _equal_to_file(_read_all(m2, "b@v1"), path)
+        m2.remove_alias("prod")
+        m2.unload("b")
+        assert backend._resident == 0 and list(backend.closes.values()) == [1]
+    finally:
+        m2.close()
+
+
+def test_a_state_file_without_the_shared_record_restores_each_version_on_its_own_fds(tmp_path):
+    sock = str(tmp_path / "hw.sock")
+    state = tmp_path / "hw.sock.state.json"
+    path = versioned_model(tmp_path, 1)
+    m1 = ModelManager(CpuBackend(memory_limit=64 * MiB))
+    received: dict[str, list[int]] = {}
+    try:
+        m1.load("a", str(path), version="v1")
+        m1.load("b", str(path), version="v1")
+        p1 = Persister(m1, state, sock, fdstore=True)
+        for key in ("a@v1", "b@v1"):
+            fds = m1.export_fds(key)
+            p1.adopted(key, [fd_name(key, r, i) for r, i, _ in fds])
+            for r, i, fd in fds:
+                received[fd_name(key, r, i)] = [fd]
+        doc = p1.snapshot()
+        for v in doc["versions"]:  # as a daemon from before shared memory wrote it
+            del v["shares"], v["shares_allocations"]
+        statefile.save(state, doc)
+    finally:
+        m1.close()
+
+    m2 = ModelManager(CpuBackend(memory_limit=64 * MiB))
+    try:
+        report = restore(m2, m2.backend, Persister(m2, state, sock, fdstore=True), received)
+        assert sorted(report.restored) == ["a@v1", "b@v1"], report.note
+        a, b = m2.get("a", "v1"), m2.get("b", "v1")
+        assert not set(map(id, _allocs(a))) & set(map(id, _allocs(b))) and not b.shares
+        assert m2.resident_bytes() == 2 * a.resident_bytes
+        assert _equal_to_file(_read_all(m2, "b@v1"), path)
+    finally:
+        m2.close()
+
+
+def test_same_files_is_by_inode_size_mtime_and_fingerprint_not_by_path():
+    from hotweightsd.core.content import ContentId, FileId
+
+    a = ContentId("fp", (FileId("/m/x.safetensors", 10, 5, 7, 1), FileId("/m/y.safetensors", 20, 5, 8, 1)))
+    elsewhere = ContentId("fp", (FileId("/n/b.safetensors", 20, 5, 8, 1), FileId("/n/a.safetensors", 10, 5, 7, 1)))
+    assert a.same_files(elsewhere) and elsewhere.same_files(a)
+    for other in (
+        ContentId("other", elsewhere.files),
+        ContentId("fp", (a.files[0],)),
+        ContentId("fp", (a.files[0], FileId("/m/y.safetensors", 20, 6, 8, 1))),  # mtime
+        ContentId("fp", (a.files[0], FileId("/m/y.safetensors", 20, 5, 9, 1))),  # inode
+        ContentId("fp", (a.files[0], FileId("/m/y.safetensors", 20, 5, 8, 2))),  # another filesystem
+        ContentId("fp", (a.files[0], a.files[0])),  # a multiset, not a set
+    ):
+        assert not a.same_files(other), other
+    # restored from a state file written before the device was recorded: never taken for the same files
+    old = ContentId.from_json({"fingerprint": "fp", "files": [[f.path, f.size, f.mtime_ns, f.inode] for f in a.files]})
+    assert old is not None and old.files[0].dev == -1 and not old.same_files(a) and not old.same_files(old)
+    assert ContentId.from_json(a.to_json()) == a
