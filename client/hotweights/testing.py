@@ -12,6 +12,7 @@ import atexit
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,8 +31,9 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 CLI_TIMEOUT = 120.0
 WAIT_TIMEOUT = 30.0
-# The OS-level names the daemon gives its call and load pools' workers (hotweightsd.server.service).
-POOL_THREAD_NAMES = ("hw-call", "hw-load")
+# The daemon's call and load pools' workers, by the names its threads carry at the OS level
+# (hotweightsd.threadnames; hotweightsd.server.service names the pools).
+POOL_WORKER = re.compile(r"^hw-(call|load)_\d+$")
 
 
 class _EmptyConfig:
@@ -372,9 +374,9 @@ class Daemon:
 
     def threads(self, pools: bool = False) -> int:
         """The daemon's threads, read from /proc/<pid>/task. Without ``pools``, the workers of its call
-        and load pools (named ``hw-call``/``hw-load`` there) are left out: a pool keeps the workers it
+        and load pools (``hw-call_N``/``hw-load_N`` there) are left out: a pool keeps the workers it
         started, and starts one more whenever a call comes before an idle one has said so, so their
-        number says nothing about a leak."""
+        number says nothing about a leak. Threads a load starts carry their own names and count."""
         names = []
         for tid in os.listdir(f"/proc/{self.pid}/task"):
             try:
@@ -382,7 +384,7 @@ class Daemon:
                     names.append(f.read().strip())
             except FileNotFoundError:  # ended meanwhile
                 continue
-        return sum(1 for n in names if pools or not n.startswith(POOL_THREAD_NAMES))
+        return sum(1 for n in names if pools or not POOL_WORKER.match(n))
 
     # -- ending it -------------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from hotweightsd.server.metrics import DaemonMetrics, MetricsServer, TextfileWri
 from hotweightsd.server.roles import RoleGuard
 from hotweightsd.server.service import HotweightsService, grpc_options
 from hotweightsd.server.sockets import SocketOwnership, born_with_mode, fd_socket_path, group_id, open_to_group
+from hotweightsd.threadnames import name_threads
 
 log = structlog.get_logger("hotweightsd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Hotweights"].full_name
@@ -228,6 +229,7 @@ async def _load_all(manager: ModelManager, items: list[dict], what: str, metrics
 
 def run(cfg: Config) -> int:
     configure(cfg.log_format, cfg.log_level)
+    name_threads()
     try:
         asyncio.run(serve(cfg))
     except HotweightsError as exc:

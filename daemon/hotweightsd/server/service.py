@@ -7,7 +7,6 @@ query) runs in the servicer's worker threads, so one slow GPU free never delays 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import math
 import os
@@ -33,25 +32,10 @@ from hotweightsd.server.watchers import QUEUE_DEPTH, EventHub, Overflow
 
 log = structlog.get_logger("hotweightsd.service")
 PROGRESS_INTERVAL = 0.2
-PR_SET_NAME = 15
 # Short blocking core calls (unload, lease ends, aliases, drains) at once; loads run in their own pool.
 CALL_THREADS = 32
 LOAD_THREADS = 64
 T = TypeVar("T")
-
-
-_prctl = None
-
-
-def os_thread_name(name: str) -> None:
-    """Names the calling thread for the OS (``top -H``, /proc/<pid>/task/*/comm; 15 bytes at most)."""
-    global _prctl
-    try:
-        if _prctl is None:
-            _prctl = ctypes.CDLL(None, use_errno=True).prctl
-        _prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the name is a nicety
-        pass
 
 
 def rpc(fn: Callable) -> Callable:
@@ -112,12 +96,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         self.restored = restored
         self.restore_note = restore_note
         self._background: set[asyncio.Future] = set()
-        self._calls = ThreadPoolExecutor(
-            CALL_THREADS, thread_name_prefix="hw-call", initializer=os_thread_name, initargs=("hw-call",)
-        )
-        self._loads = ThreadPoolExecutor(
-            LOAD_THREADS, thread_name_prefix="hw-load", initializer=os_thread_name, initargs=("hw-load",)
-        )
+        self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="hw-call")
+        self._loads = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="hw-load")
         # A rank's encoded GetHandles answer, built once: (version key, rank, compact) -> (rank, answer).
         # The rank object is kept to tell a reloaded version of the same key from the one encoded.
         self._tables: dict[tuple[str, int, bool], tuple[ResidentRank, pb.GetHandlesResponse]] = {}
