@@ -261,24 +261,30 @@ class Watch:
         self._closed = closed  # whether the caller closed the channel the stream runs on
         self._socket = socket
         self._cancelled = False
+        self._ended: errors.HotweightsError | None = None  # how the daemon ended the stream, once it has
 
     def __iter__(self) -> Iterator[pb.WatchEvent]:
+        if self._ended is not None:  # iterated again after the daemon ended it: the same answer
+            raise self._ended
         try:
             yield from self._call
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise self._to_error(exc) from None
-            if self._cancelled or self._closed():
+            if exc.code() == grpc.StatusCode.CANCELLED and (self._cancelled or self._closed()):
                 return  # the caller stopped it
-            where = f" on {self._socket}" if self._socket else ""
-            raise errors.Unavailable(
-                f"the hotweights daemon{where} cancelled the watch stream ({exc.details() or 'no reason given'}); "
-                f"it may be shutting down",
-                grpc_code="CANCELLED",
-                grpc_message=exc.details() or "",
-            ) from None
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self._ended = self._to_error(exc)
+            else:
+                where = f" on {self._socket}" if self._socket else ""
+                self._ended = errors.Unavailable(
+                    f"the hotweights daemon{where} cancelled the watch stream "
+                    f"({exc.details() or 'no reason given'}); it may be shutting down",
+                    grpc_code="CANCELLED",
+                    grpc_message=exc.details() or "",
+                )
+            raise self._ended from None
         finally:
-            self.cancel()  # a closed iterator (a break, a caller done with it) stops the stream too
+            if self._ended is None:
+                self.cancel()  # a closed iterator (a break, a caller done with it) stops the stream too
 
     def cancel(self) -> None:
         self._cancelled = True  # before the call ends, so its iterator knows who ended it

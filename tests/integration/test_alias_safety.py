@@ -279,3 +279,31 @@ def test_a_lease_that_follows_an_alias_naming_another_version_hears_of_it_at_onc
     done.set()
     client.close()
     assert daemon.wait_status(lambda s: s["leases"] == [])["leases"] == []
+
+
+def test_a_move_to_another_model_of_the_same_version_string_reaches_the_holder(daemon, tmp_path):
+    import os
+    import threading
+
+    import hotweights
+    from hotweights.wire.pb import pb
+
+    daemon.cli("load", "llm", str(versioned(tmp_path, 1)), "--version", "v1", "--alias", "prod", check=True)
+    daemon.cli("load", "other", str(versioned(tmp_path, 2)), "--version", "v1", check=True)
+    client = hotweights.connect(daemon.socket)
+    done = threading.Event()
+
+    def requests():
+        yield pb.LeaseRequest(open=pb.LeaseOpen(ref="prod", pid=os.getpid(), holder="t"))
+        done.wait(30)
+        yield pb.LeaseRequest(release=pb.LeaseRelease())
+
+    stream = client.stub.Lease(requests())
+    granted = next(stream).granted
+    assert (granted.name, granted.version) == ("llm", "v1")
+    daemon.cli("swap", "prod", "other@v1", check=True)
+    moved = next(stream).alias_moved
+    assert (moved.alias, moved.name, moved.old_version, moved.new_version) == ("prod", "other", "v1", "v1")
+    done.set()
+    assert list(stream) == []
+    client.close()

@@ -267,3 +267,14 @@ def test_a_side_file_that_is_not_a_regular_file_is_refused(sharded):
     os.mkfifo(sharded / "config.json")  # never opened for reading: open_file does not block on it
     with pytest.raises(BadCheckpoint, match=r"config\.json: a FIFO, not a regular file"):
         verify_checkpoint(sharded, "fast")
+
+
+def test_a_manifest_listing_more_side_files_than_the_daemon_opens_is_refused(sharded):
+    from hotweights.format.manifest import MAX_AUX_FILES
+
+    path = sharded / "hotweights.json"
+    doc = json.loads(path.read_text())
+    doc["aux_files"] = {f"f{i}.json": {"size": 1, "xxh64": "0"} for i in range(MAX_AUX_FILES + 1)}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BadCheckpoint, match=rf"lists {MAX_AUX_FILES + 1} side files \(aux_files\); at most"):
+        verify_checkpoint(sharded, "fast")

@@ -289,14 +289,17 @@ def test_a_lease_that_is_slow_to_open_holds_up_no_other_call_and_ends_with_its_s
     a stream that goes away while its lease is being opened leaves no lease behind."""
     m = served.manager
     _load_slow_and_other(m, served.backend, tmp_path)
-    gate, entered = threading.Event(), threading.Event()
+    gate, entered, opened = threading.Event(), threading.Event(), threading.Event()
     real_open = m.open_lease
 
     def slow_open(ref, pid=0, uid=-1, holder=""):
-        if holder == "slow":
-            entered.set()
-            gate.wait(60)  # a safety limit only: the test opens the gate
-        return real_open(ref, pid=pid, uid=uid, holder=holder)
+        if holder != "slow":
+            return real_open(ref, pid=pid, uid=uid, holder=holder)
+        entered.set()
+        gate.wait(60)  # a safety limit only: the test opens the gate
+        lease = real_open(ref, pid=pid, uid=uid, holder=holder)
+        opened.set()
+        return lease
 
     m.open_lease = slow_open  # type: ignore[method-assign]
     waiting = hotweights.connect(served.socket, timeout=60)
@@ -317,6 +320,7 @@ def test_a_lease_that_is_slow_to_open_holds_up_no_other_call_and_ends_with_its_s
         assert not ok
     finally:
         gate.set()
+    assert opened.wait(GUARD_S), "the slow lease was opened once the gate opened"
     deadline = time.monotonic() + GUARD_S
     while m.leases() and time.monotonic() < deadline:
         time.sleep(0.01)

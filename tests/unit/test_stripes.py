@@ -61,13 +61,25 @@ def test_a_composite_layout_gives_each_extent_its_striping_in_file_order():
         plain(16 * MiB, 4)[:20],  # truncated
         struct.pack("<I", 0x0BDA0BD0) + b"\0" * 60,  # a foreign layout
         plain(0, 4),  # no stripe size
+        plain(16 * MiB, 0),  # no OSTs behind it (data on the MDT)
         composite([(0, stripes.EOF_EXTENT, plain(16 * MiB, 4))])[:60],  # entries cut off
         composite([(0, stripes.EOF_EXTENT, plain(16 * MiB, 4))], mirrors=1),  # mirrored: the client picks
     ],
-    ids=["empty", "short", "truncated", "foreign", "no-size", "cut-entries", "mirrored"],
+    ids=["empty", "short", "truncated", "foreign", "no-size", "no-osts", "cut-entries", "mirrored"],
 )
 def test_a_layout_this_reader_does_not_know_keeps_file_order(blob):
     assert stripes.parse_lov(blob) is None
+
+
+def test_components_without_osts_are_left_out_and_the_rest_kept():
+    blob = composite(
+        [
+            (0, MiB, plain(MiB, 0)),
+            (MiB, 1024 * MiB, plain(4 * MiB, 4)),
+            (1024 * MiB, stripes.EOF_EXTENT, plain(MiB, 0xFFFF)),
+        ]
+    )
+    assert stripes.parse_lov(blob) == [Component(MiB, 1024 * MiB, 4 * MiB, 4)]
 
 
 def test_a_file_off_lustre_has_no_striping(tmp_path):

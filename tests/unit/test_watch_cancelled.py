@@ -65,3 +65,12 @@ def test_a_stream_the_server_cancels_raises_unavailable(socket):
                 seen.append(ev.seq)
     assert seen == [1]
     assert socket in str(info.value) and info.value.details["grpc_code"] == "CANCELLED"
+
+
+def test_a_watch_the_server_ended_says_so_again_when_iterated_again(socket):
+    with hotweights.connect(socket) as c:
+        w = c.watch("")
+        with pytest.raises(errors.Unavailable):
+            list(w)
+        with pytest.raises(errors.Unavailable, match="cancelled the watch stream"):
+            list(w)

@@ -29,6 +29,7 @@ from hotweights.format.source import Allow, SourceFile, open_file, read_small
 
 FORMAT = "hotweights-checkpoint"
 FORMAT_VERSION = 1
+MAX_AUX_FILES = 256  # config, tokenizer and generation files: a handful in practice
 LEVELS = ("none", "fast", "full")
 _HASH_CHUNK = 16 << 20
 
@@ -142,6 +143,9 @@ def _check_schema(path: Path, doc: Any) -> None:
     aux = doc.get("aux_files", {})
     if not isinstance(aux, dict):
         raise bad("aux_files is not an object")
+    if len(aux) > MAX_AUX_FILES:
+        # verify opens each listed file: a manifest must not make the daemon hold thousands of them
+        raise bad(f"lists {len(aux)} side files (aux_files); at most {MAX_AUX_FILES} are accepted")
     for name, info in aux.items():
         if (
             not _plain_name(name)

@@ -72,6 +72,12 @@ class EventBus:
 
         return unsubscribe
 
+    @property
+    def stamped(self) -> int:
+        """The sequence number of the last event stamped (0: none yet)."""
+        with self._lock:
+            return self._stamped
+
     def stamp(self, kind: EventKind, name: str, **fields: str) -> Event:
         """The event with its sequence number; the caller must ``deliver`` it."""
         with self._lock:

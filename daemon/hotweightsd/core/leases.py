@@ -28,6 +28,8 @@ class Lease:
     holder: str
     started: float = field(default_factory=time.time)
     key: str = field(default_factory=lambda: secrets.token_hex(16))
+    # The last event stamped when the lease resolved its ref: the grant already reflects it and those before.
+    seq: int = 0
 
 
 def new_lease_id() -> str:

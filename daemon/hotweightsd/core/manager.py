@@ -196,6 +196,11 @@ class ModelManager:
             aliases=known[:_LIST_ALIASES],
         )
 
+    def alias_target(self, alias: str) -> tuple[str, int]:
+        """(the key ``alias`` names, "" when there is no such alias; the last event stamped), read together."""
+        with self._lock:
+            return self._aliases.get(alias, ""), self.events.stamped
+
     def aliases_of(self, key: str) -> list[str]:
         with self._lock:
             return sorted(a for a, k in self._aliases.items() if k == key)
@@ -803,7 +808,7 @@ class ModelManager:
         self._check_open()
         with self._lock:
             mv = self.resolve(ref)
-            lease = Lease(new_lease_id(), ref, mv.name, mv.version, pid, uid, holder)
+            lease = Lease(new_lease_id(), ref, mv.name, mv.version, pid, uid, holder, seq=self.events.stamped)
             self._leases[lease.id] = lease
             mv.leases.add(lease.id)
             mv.relet_until = 0.0  # a holder is back: the version goes with its last lease, as before the restart

@@ -48,7 +48,12 @@ def fill(
     sources = ranges.ReadSources.open(layout.inputs(), path.read_mode, needed, path.chunk_size)
     extra = lustre = ""
     try:
-        striped = [stripes.striping(f.buffered_fd if f.buffered_fd >= 0 else f.direct_fd) for f in sources.files]
+        # O_DIRECT reads on the native engine only: buffered ones have Lustre's readahead, which a
+        # reordered plan would defeat, and the python workers merge neighbouring chunks.
+        striped = [
+            stripes.striping(f.direct_fd) if f.kind == "direct" and path.engine == "native" else None
+            for f in sources.files
+        ]
         if any(striped):
             chunks = stripes.spread(chunks, striped, path.chunk_size)
             lustre = stripes.describe(striped, path.chunk_size)

@@ -130,6 +130,7 @@ def _array(ctype: Any, values: Sequence) -> ctypes.Array:
 
 _CHUNK = struct.Struct("=qqqiiii")
 _PIECE = struct.Struct("=qQq")
+assert _CHUNK.size == ctypes.sizeof(Chunk) and _PIECE.size == ctypes.sizeof(Piece), "packing differs from the structs"
 
 
 def _pack(

@@ -6,8 +6,10 @@ reads in flight all fall in the few stripes at the cursor, so with 16 MiB stripe
 twelve readers keep three OSTs busy however many the file is striped over. ``spread`` reorders each
 striped file's chunks so that consecutive ones fall in consecutive stripes: the first chunk of each
 stripe of a round (one stripe per OST), then the second of each, and so on. Chunks stay on the fill's
-grid, so every read stays inside one stripe whenever the chunk size divides the stripe size (4 MiB
-reads in 16 MiB stripes). Only the order changes: the same reads, the same bytes.
+grid, so a read stays inside one stripe when the chunk size divides the stripe size and the component
+starts on the grid (4 MiB reads in 16 MiB stripes of a plain layout). Only the order changes: the same
+reads, the same bytes. Only O_DIRECT reads on the native engine are reordered: buffered reads have the
+client's readahead, which a reordered plan would defeat.
 
 The layout comes from the file's ``lustre.lov`` extended attribute (no ``lfs`` binary needed). A file
 on another filesystem, or a layout this module does not know, keeps file order.
@@ -44,13 +46,24 @@ class Component:
     stripe_count: int
 
 
+# A component's stripe count with no OSTs behind it yet (not instantiated, "-c -1" until it is, or data
+# on the MDT): nothing to spread over.
+UNSET_COUNTS = (0, 0xFFFF)
+
+
 def _plain(blob: bytes, start: int, end: int) -> Component | None:
+    """The component a plain layout describes; None when it is not one."""
     if len(blob) < _PLAIN.size:
         return None
     magic, _, _, size, count, _ = _PLAIN.unpack_from(blob)
-    if magic not in (MAGIC_V1, MAGIC_V3, MAGIC_SPECIFIC) or size <= 0 or count <= 0:
+    if magic not in (MAGIC_V1, MAGIC_V3, MAGIC_SPECIFIC) or size <= 0:
         return None
     return Component(start, end, size, count)
+
+
+def _usable(components: list[Component]) -> list[Component] | None:
+    kept = [c for c in components if c.stripe_count not in UNSET_COUNTS]
+    return kept or None
 
 
 def parse_lov(blob: bytes) -> list[Component] | None:
@@ -61,7 +74,7 @@ def parse_lov(blob: bytes) -> list[Component] | None:
     (magic,) = struct.unpack_from("<I", blob)
     if magic != MAGIC_COMP_V1:
         one = _plain(blob, 0, EOF_EXTENT)
-        return [one] if one else None
+        return _usable([one]) if one else None
     if len(blob) < _COMP.size:
         return None
     _, total, _, _, entries, mirrors, _, _ = _COMP.unpack_from(blob)
@@ -77,7 +90,7 @@ def parse_lov(blob: bytes) -> list[Component] | None:
         if one is None:
             return None
         out.append(one)
-    return sorted(out, key=lambda c: c.start) or None
+    return _usable(sorted(out, key=lambda c: c.start))
 
 
 def striping(fd: int) -> list[Component] | None:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import structlog
 
@@ -36,6 +36,14 @@ PROGRESS_INTERVAL = 0.2
 CALL_THREADS = 32
 LOAD_THREADS = 64
 T = TypeVar("T")
+
+
+class _Grant(NamedTuple):
+    lease: leases.Lease
+    granted: pb.LeaseGranted
+    moved: pb.AliasMoved | None  # reported right after the grant
+    seen: int  # events up to this sequence number are reflected in the grant
+    told: tuple[str, str]  # (name, version) the holder learns the followed alias names
 
 
 def rpc(fn: Callable) -> Callable:
@@ -102,6 +110,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         # The rank object is kept to tell a reloaded version of the same key from the one encoded.
         self._tables: dict[tuple[str, int, bool], tuple[ResidentRank, pb.GetHandlesResponse]] = {}
         self._tables_lock = threading.Lock()
+        self._encoding = threading.Lock()
         self._unsubscribe = manager.events.subscribe(self._forget_tables)
         self._hub: EventHub | None = None
 
@@ -239,10 +248,15 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         with self._tables_lock:
             cached = self._tables.get(key)
         if cached is None or cached[0] is not h.rank:
-            # Encoding thousands of entries each attach would cost more than the rest of the attach.
-            cached = (h.rank, convert.handles_template(h.version, h.rank, self.fd_socket, compact))
-            with self._tables_lock:
-                self._tables[key] = cached
+            # Encoding thousands of entries each attach would cost more than the rest of the attach;
+            # one thread encodes while the first attaches of a rank (replicas starting together) wait.
+            with self._encoding:
+                with self._tables_lock:
+                    cached = self._tables.get(key)
+                if cached is None or cached[0] is not h.rank:
+                    cached = (h.rank, convert.handles_template(h.version, h.rank, self.fd_socket, compact))
+                    with self._tables_lock:
+                        self._tables[key] = cached
         return convert.with_ticket(cached[1], h.ticket, h.ttl)
 
     @rpc
@@ -251,18 +265,19 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             self._handles, request.lease_id, request.lease_key, request.rank, request.compact_table
         )
 
-    def _open_lease(self, req: pb.LeaseOpen) -> tuple[leases.Lease, pb.LeaseGranted, pb.AliasMoved | None]:
-        """Opens a lease and builds its grant (with the rank's handles when asked) and, when the alias
-        it follows names another version already, the move to report; a lease whose grant cannot be
-        built is closed again."""
+    def _open_lease(self, req: pb.LeaseOpen) -> _Grant:
+        """Opens a lease and builds its grant (with the rank's handles when asked) and, when the alias it
+        follows names another version already, the move to report; a lease whose grant cannot be built
+        is closed again."""
         lease = self.m.open_lease(req.ref, pid=req.pid, holder=req.holder)
         try:
-            moved = None
+            moved, seen, told = None, lease.seq, (lease.name, lease.version)
             if req.follow and req.follow != req.ref:
-                now = self.m.aliases().get(req.follow, "")
+                now, seen = self.m.alias_target(req.follow)
                 name, _, version = now.partition("@")
-                if now and (name, version) != (lease.name, lease.version):
+                if now and (name, version) != told:
                     moved = pb.AliasMoved(alias=req.follow, name=name, old_version=lease.version, new_version=version)
+                    told = (name, version)
             granted = pb.LeaseGranted(
                 lease_id=lease.id,
                 name=lease.name,
@@ -275,12 +290,24 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         except BaseException:
             self.m.close_lease(lease.id)
             raise
-        return lease, granted, moved
+        return _Grant(lease, granted, moved, seen, told)
 
     def _close_abandoned(self, opening: asyncio.Future) -> None:
         """Ends the lease ``opening`` opened for a stream that went away while it was being opened."""
-        if not opening.cancelled() and opening.exception() is None:
-            self._blocking(self.m.close_lease, opening.result()[0].id)
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        lease_id = opening.result().lease.id
+        try:
+            closing = self._blocking(self.m.close_lease, lease_id)
+        except RuntimeError:  # the pool has shut down: the daemon is stopping and ends every lease
+            return
+        closing.add_done_callback(
+            lambda f: (
+                f.cancelled()
+                or f.exception() is None
+                or log.error("lease.close_failed", lease=lease_id, error=str(f.exception()))
+            )
+        )
 
     @stream_rpc
     async def Lease(self, request_iterator, context) -> AsyncIterator[pb.LeaseEvent]:
@@ -307,7 +334,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             # event loop); shielded, so that a stream cancelled meanwhile still ends the lease it got.
             opening = self._blocking(self._open_lease, first.open)
             try:
-                lease, granted, moved = await asyncio.shield(opening)
+                grant = await asyncio.shield(opening)
             except asyncio.CancelledError:
                 opening.add_done_callback(self._close_abandoned)
                 raise
@@ -318,23 +345,26 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             if self.metrics is not None:
                 self.metrics.attaches.labels("ok").inc()
                 self.metrics.attach_seconds.observe(time.perf_counter() - t0)
-            yield pb.LeaseEvent(granted=granted)
-            if moved is not None:  # moved while this holder was away (a daemon restart)
-                yield pb.LeaseEvent(alias_moved=moved)
+            lease = grant.lease
+            yield pb.LeaseEvent(granted=grant.granted)
+            if grant.moved is not None:  # moved while this holder was away (a daemon restart)
+                yield pb.LeaseEvent(alias_moved=grant.moved)
+            told = grant.told  # what the holder was last told the alias names
             reader = asyncio.ensure_future(self._until_release(request_iterator))
             try:
                 while True:
                     getter = asyncio.ensure_future(events.get())
                     done, _ = await asyncio.wait({reader, getter}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter in done and getter.result().version != lease.version:
-                        ev = getter.result()
+                    if getter not in done:
+                        getter.cancel()
+                    # a move the grant already reflects, or to what the holder was last told, is no news
+                    elif (ev := getter.result()).seq > grant.seen and (ev.name, ev.version) != told:
+                        told = (ev.name, ev.version)
                         yield pb.LeaseEvent(
                             alias_moved=pb.AliasMoved(
                                 alias=ev.alias, name=ev.name, old_version=ev.old_version, new_version=ev.version
                             )
                         )
-                    else:
-                        getter.cancel()
                     if reader in done:
                         break
             finally:
