@@ -350,3 +350,21 @@ def test_same_files_is_by_inode_size_mtime_and_fingerprint_not_by_path():
     old = ContentId.from_json({"fingerprint": "fp", "files": [[f.path, f.size, f.mtime_ns, f.inode] for f in a.files]})
     assert old is not None and old.files[0].dev == -1 and not old.same_files(a) and not old.same_files(old)
     assert ContentId.from_json(a.to_json()) == a
+
+
+def test_keeping_the_previous_version_is_allowed_when_the_new_one_shares_its_memory(tmp_path):
+    """Keep-previous falls back to no when memory is short; a new version sharing the previous one's
+    memory needs nothing more, so it is kept however little is free."""
+    path = versioned_model(tmp_path, 1)
+    probe = ModelManager(CountingBackend(memory_limit=64 * MiB))
+    size = probe.load("p", str(path.parent), version="v1").resident_bytes
+    probe.close()
+    m = ModelManager(CountingBackend(memory_limit=size + size // 2))  # room for one copy, not two
+    try:
+        a = m.load("a", str(path.parent), version="v1")
+        allowed, why = m.keep_allowed(a)  # a version of its own: another copy would not fit
+        assert not allowed and "keep-previous falls back to no" in why
+        b = m.load("b", str(path.parent), version="v1")
+        assert b.shares == "a@v1" and m.keep_allowed(b) == (True, "")
+    finally:
+        m.close()

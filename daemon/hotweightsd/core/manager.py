@@ -957,13 +957,16 @@ class ModelManager:
         """Whether the default keeps the previous version after a swap to ``mv``, and why not.
 
         Kept when the daemon's keep_previous is on and every device ``mv`` lies on has room for
-        another version of its size. Queries the backend: call it without the lock.
+        another version of its size, counting only the memory ``mv`` holds alone (one sharing the
+        previous version's memory costs nothing more). Queries the backend: call it without the lock.
         """
         if not self.keep_previous:
             return False, "keep_previous is off"
         need: dict[int, int] = {}
-        for r in mv.ranks:
-            need[r.device] = need.get(r.device, 0) + sum(a.size for a in r.allocations)
+        with self._lock:
+            shared = self._shared_elsewhere(mv)
+            for r in mv.ranks:
+                need[r.device] = need.get(r.device, 0) + sum(a.size for a in r.allocations if id(a) not in shared)
         free = {d.index: d.free for d in self.backend.devices()}
         for dev, n in sorted(need.items()):
             if free.get(dev, 0) < n:
