@@ -55,6 +55,17 @@ def sockdir():
 
 
 @pytest.fixture
+def svc():
+    """An emulated service manager (notify socket, fd store) in a short temporary directory."""
+    from support.svcmgr import ServiceManager
+
+    d = short_tmpdir()
+    with ServiceManager(d) as mgr:
+        yield mgr
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def daemon(sockdir):
     d = start_daemon(str(sockdir / "hw.sock"))
     try:

@@ -6,7 +6,6 @@ while leased comes back retired after a restart and is freed once its last lease
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import time
 from typing import Any
@@ -16,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hotweights import errors
 from support.ckpt_tools import versioned_model as versioned
-from support.daemons import Daemon, serve_command, short_tmpdir, spawn_client, start_daemon
+from support.daemons import Daemon, serve_command, spawn_client, start_daemon
 from support.svcmgr import ServiceManager
 
 
@@ -154,14 +153,6 @@ def test_keep_previous_falls_back_to_no_when_memory_is_short(sockdir, tmp_path):
         assert "previous: retired llm@v1" in out and "memory is short" in out, out
         assert set(_versions(d)) == {"v2"}
         assert d.stop() == 0, d.logs()
-
-
-@pytest.fixture
-def svc():
-    d = short_tmpdir()
-    with ServiceManager(d) as mgr:
-        yield mgr
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _served_with_holder(svc: ServiceManager, tmp_path, client: str) -> tuple[list[str], Daemon, Any]:

@@ -15,14 +15,6 @@ from support.daemons import Daemon, run_client, serve_command, short_tmpdir, spa
 from support.svcmgr import ServiceManager
 
 
-@pytest.fixture
-def svc():
-    d = short_tmpdir()
-    with ServiceManager(d) as mgr:
-        yield mgr
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def _daemon_cmd(sock: str) -> list[str]:
     return serve_command(sock, config="none")  # never the host's config file
 

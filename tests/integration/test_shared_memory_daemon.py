@@ -9,11 +9,8 @@ import shutil
 import signal
 from pathlib import Path
 
-import pytest
-
 from support.ckpt_tools import write_model
-from support.daemons import Daemon, run_client, serve_command, short_tmpdir, spawn_client, wait_until
-from support.svcmgr import ServiceManager
+from support.daemons import Daemon, run_client, serve_command, spawn_client, wait_until
 
 
 def _json(d: Daemon, *args: str) -> dict:
@@ -64,14 +61,6 @@ def test_second_name_is_resident_once_and_outlives_the_first(daemon, tmp_path):
     assert run_client("attach_compare_file", daemon.socket, "b@v1", str(path)).stdout.split()[0] == "OK"
     assert _json(daemon, "unload", "b")["bytes_freed"] == one[0]
     assert _resident(daemon.status()) == (0, 0, 0)
-
-
-@pytest.fixture
-def svc():
-    d = short_tmpdir()
-    with ServiceManager(d) as mgr:
-        yield mgr
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_a_restart_from_the_fd_store_keeps_both_names_resident_once(svc, tmp_path):

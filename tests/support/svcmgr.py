@@ -294,3 +294,17 @@ class ServiceManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def hand_over_fds(manager, persister, keys) -> dict[str, list[int]]:
+    """What a service manager would hand a restarted daemon for the versions ``keys`` of ``manager``:
+    each version's exported fds under the names the persister stores them by (told to ``persister``)."""
+    from hotweightsd.persist.fdstore import fd_name
+
+    received: dict[str, list[int]] = {}
+    for key in keys:
+        fds = manager.export_fds(key)
+        persister.adopted(key, [fd_name(key, r, i) for r, i, _ in fds])
+        for r, i, fd in fds:
+            received[fd_name(key, r, i)] = [fd]
+    return received

@@ -14,8 +14,9 @@ from hotweights.testing import wait_until
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.swap import swap
-from hotweightsd.persist.fdstore import Persister, fd_name, restore
+from hotweightsd.persist.fdstore import Persister, restore
 from support.ckpt_tools import versioned_model
+from support.svcmgr import hand_over_fds
 
 MiB = 2**20
 
@@ -101,11 +102,7 @@ def test_a_version_retired_while_leased_is_restored_retired_and_freed(tmp_path, 
         swap(m1, "prod", "llm@v2", keep_previous=False).run()
         assert m1.get("llm", "v1").retire
         p1 = Persister(m1, state, sock, fdstore=True)
-        for key in ("llm@v1", "llm@v2"):
-            fds = m1.export_fds(key)
-            p1.adopted(key, [fd_name(key, r, i) for r, i, _ in fds])
-            for r, i, fd in fds:
-                received[fd_name(key, r, i)] = [fd]
+        received.update(hand_over_fds(m1, p1, ("llm@v1", "llm@v2")))
         p1.save()
     finally:
         m1.close()  # the old daemon is gone; the fds above keep the memory

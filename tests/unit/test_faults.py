@@ -120,14 +120,20 @@ def _collected():
     gc.collect()
 
 
-def own_memory() -> dict[str, int]:
-    """This process's memfds (open fds and mappings) and threads, read from /proc."""
-    fds = []
+def fd_targets() -> list[str]:
+    """What this process's open fds point at, read from /proc."""
+    out = []
     for n in os.listdir("/proc/self/fd"):
         try:
-            fds.append(os.readlink(f"/proc/self/fd/{n}"))
+            out.append(os.readlink(f"/proc/self/fd/{n}"))
         except OSError:
             pass  # the listing's own fd, closed since
+    return out
+
+
+def own_memory() -> dict[str, int]:
+    """This process's memfds (open fds and mappings) and threads, read from /proc."""
+    fds = fd_targets()
     with open("/proc/self/maps") as f:
         maps = [ln for ln in f if "memfd:hotweights" in ln]
     return {
@@ -196,12 +202,7 @@ def test_a_file_removed_under_a_load_is_read_from_the_file_opened_and_leaves_not
     mv, run = manager.begin_load("m", str(ckpt))
     second.unlink()
     assert run() is mv and mv.state.value == "READY"
-    held = []
-    for n in os.listdir("/proc/self/fd"):
-        try:
-            held.append(os.readlink(f"/proc/self/fd/{n}"))
-        except OSError:
-            pass  # the listing's own fd, closed since
+    held = fd_targets()
     assert not [t for t in held if t.startswith(str(ckpt))], held
     manager.close()
     settles(before, "after the load whose file was unlinked, once it was unloaded")

@@ -5,6 +5,7 @@ leaks a descriptor."""
 from __future__ import annotations
 
 import os
+import re
 import resource
 import threading
 from pathlib import Path
@@ -93,22 +94,17 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
         returns(lambda: open_file(fifo))
     with pytest.raises(errors.BadCheckpoint, match="a FIFO"):
         returns(lambda: open_checkpoint(fifo))
-    # in a directory: the sharded layout, the directory layout
-    shard = tmp_path / "sharded"
-    write_model(shard / "model-rank-0-part-0.safetensors")
-    os.mkfifo(shard / "model-rank-0-part-1.safetensors")
-    with pytest.raises(errors.BadCheckpoint, match="model-rank-0-part-1.safetensors: a FIFO"):
-        returns(lambda: open_checkpoint(shard))
-    plain = tmp_path / "plain"
-    write_model(plain / "a.safetensors")
-    os.mkfifo(plain / "b.safetensors")
-    with pytest.raises(errors.BadCheckpoint, match="b.safetensors: a FIFO"):
-        returns(lambda: open_checkpoint(plain))
-    indexed = tmp_path / "indexed"
-    write_model(indexed / "a.safetensors")
-    os.mkfifo(indexed / "model.safetensors.index.json")
-    with pytest.raises(errors.BadCheckpoint, match="model.safetensors.index.json: a FIFO"):
-        returns(lambda: open_checkpoint(indexed))
+    # in a directory: the sharded layout, the directory layout, an index
+    for layout, real, fifo in (
+        ("sharded", "model-rank-0-part-0.safetensors", "model-rank-0-part-1.safetensors"),
+        ("plain", "a.safetensors", "b.safetensors"),
+        ("indexed", "a.safetensors", "model.safetensors.index.json"),
+    ):
+        d = tmp_path / layout
+        write_model(d / real)
+        os.mkfifo(d / fifo)
+        with pytest.raises(errors.BadCheckpoint, match=f"{re.escape(fifo)}: a FIFO"):
+            returns(lambda d=d: open_checkpoint(d))
     assert fds() == before
 
 

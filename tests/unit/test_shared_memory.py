@@ -21,9 +21,10 @@ from hotweightsd.core.events import EventKind
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, State
 from hotweightsd.persist import statefile
-from hotweightsd.persist.fdstore import Persister, fd_name, restore
+from hotweightsd.persist.fdstore import Persister, restore
 from hotweightsd.server.metrics import snapshot
 from support.ckpt_tools import versioned_model
+from support.svcmgr import hand_over_fds
 
 MiB = 2**20
 
@@ -263,11 +264,7 @@ def test_a_restart_from_the_fd_store_keeps_the_memory_shared(tmp_path):
         m1.load("a", str(path), version="v1")
         m1.load("b", str(path), version="v1", alias="prod")
         p1 = Persister(m1, state, sock, fdstore=True)
-        for key in ("a@v1", "b@v1"):  # each version's fds under its own names, as the persister stores them
-            fds = m1.export_fds(key)
-            p1.adopted(key, [fd_name(key, r, i) for r, i, _ in fds])
-            for r, i, fd in fds:
-                received[fd_name(key, r, i)] = [fd]
+        received.update(hand_over_fds(m1, p1, ("a@v1", "b@v1")))  # each version's fds under its own names
         doc = p1.snapshot()
         assert [(v["name"], v["shares"], v["shares_allocations"]) for v in doc["versions"]] == [
             ("a", "", ""),
@@ -307,11 +304,7 @@ def test_a_state_file_without_the_shared_record_restores_each_version_on_its_own
         m1.load("a", str(path), version="v1")
         m1.load("b", str(path), version="v1")
         p1 = Persister(m1, state, sock, fdstore=True)
-        for key in ("a@v1", "b@v1"):
-            fds = m1.export_fds(key)
-            p1.adopted(key, [fd_name(key, r, i) for r, i, _ in fds])
-            for r, i, fd in fds:
-                received[fd_name(key, r, i)] = [fd]
+        received.update(hand_over_fds(m1, p1, ("a@v1", "b@v1")))
         doc = p1.snapshot()
         for v in doc["versions"]:  # as a daemon from before shared memory wrote it
             del v["shares"], v["shares_allocations"]
