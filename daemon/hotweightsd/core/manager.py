@@ -753,17 +753,20 @@ class ModelManager:
         mine = {id(a) for r in mv.ranks for a in r.allocations}
         return {id(a) for v in self._versions.values() if v is not mv for r in v.ranks for a in r.allocations} & mine
 
-    def _own_bytes(self, mv: ModelVersion) -> int:
-        """The bytes that freeing ``mv`` now would give back: those no other version shares (lock held)."""
+    def _own(self, mv: ModelVersion) -> list[tuple[int, Allocation]]:
+        """(device, allocation) of what ``mv`` holds that no other registered version shares: what
+        freeing it now would give back (lock held)."""
         held = self._shared_elsewhere(mv)
-        return sum(a.size for r in mv.ranks for a in r.allocations if id(a) not in held)
+        return [(r.device, a) for r in mv.ranks for a in r.allocations if id(a) not in held]
+
+    def _own_bytes(self, mv: ModelVersion) -> int:
+        return sum(a.size for _, a in self._own(mv))
 
     def _free_memory(self, mv: ModelVersion, fx: _Effects) -> None:
         """Takes ``mv``'s memory out of the registry at once (nothing serves it any more) and queues
         to free what no other registered version shares (lock held); the last holder frees it."""
         if mv.ranks:
-            held = self._shared_elsewhere(mv)
-            fx.free([a for r in mv.ranks for a in r.allocations if id(a) not in held])
+            fx.free([a for _, a in self._own(mv)])
         mv.ranks = []
 
     def _maybe_retire(self, mv: ModelVersion, fx: _Effects) -> None:
@@ -964,9 +967,8 @@ class ModelManager:
             return False, "keep_previous is off"
         need: dict[int, int] = {}
         with self._lock:
-            shared = self._shared_elsewhere(mv)
-            for r in mv.ranks:
-                need[r.device] = need.get(r.device, 0) + sum(a.size for a in r.allocations if id(a) not in shared)
+            for device, a in self._own(mv):
+                need[device] = need.get(device, 0) + a.size
         free = {d.index: d.free for d in self.backend.devices()}
         for dev, n in sorted(need.items()):
             if free.get(dev, 0) < n:
