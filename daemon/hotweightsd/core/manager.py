@@ -270,10 +270,7 @@ class ModelManager:
 
     def resident_by_device(self) -> dict[int, int]:
         """Bytes held per device, each shared allocation counted once."""
-        out: dict[int, int] = {}
-        for _, r, a in self.unique_allocations():
-            out[r.device] = out.get(r.device, 0) + a.size
-        return out
+        return bytes_by_device(self.unique_allocations())
 
     def resident_bytes(self) -> int:
         """Bytes held, each shared allocation counted once (a version's own ``resident_bytes`` is its full size)."""
@@ -1123,6 +1120,14 @@ class ModelManager:
             self._recheck_later(mv, self.relet_grace)
             if mv.hold_until:
                 self._recheck_later(mv, left)
+
+
+def bytes_by_device(held: Iterable[tuple[ModelVersion, ResidentRank, Allocation]]) -> dict[int, int]:
+    """The sizes of ``held`` (``unique_allocations()``) summed per device."""
+    out: dict[int, int] = {}
+    for _, r, a in held:
+        out[r.device] = out.get(r.device, 0) + a.size
+    return out
 
 
 def _gib(n: int) -> str:

@@ -24,7 +24,7 @@ from hotweights.wire.status import abort_with
 from hotweightsd import __version__
 from hotweightsd.core import leases
 from hotweightsd.core.events import Event, EventKind
-from hotweightsd.core.manager import ModelManager
+from hotweightsd.core.manager import ModelManager, bytes_by_device
 from hotweightsd.core.registry import ModelVersion, ResidentRank, check_name
 from hotweightsd.server import convert
 from hotweightsd.server.metrics import DaemonMetrics
@@ -210,9 +210,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         versions = self.m.versions()
         # each allocation once: versions loaded from the same files share theirs
         unique = self.m.unique_allocations()
-        resident: dict[int, int] = {}
-        for _, r, a in unique:
-            resident[r.device] = resident.get(r.device, 0) + a.size
+        resident = bytes_by_device(unique)
         return pb.StatusResponse(
             daemon_version=__version__,
             pid=os.getpid(),
