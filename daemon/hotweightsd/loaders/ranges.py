@@ -152,10 +152,8 @@ class ReadSources:
         return f
 
     def mark(self, chunks: Sequence[ReadChunk]) -> list[ReadChunk]:
-        """``chunks`` with ``direct`` set by the range each starts in."""
-        if all(len(f.ranges) <= 1 for f in self.files):  # one way per file: no lookup per chunk
-            way = [bool(f.ranges) and f.ranges[0].direct for f in self.files]
-            return [c if c.direct == way[c.file] else c._replace(direct=way[c.file]) for c in chunks]
+        """``chunks`` with ``direct`` set by the range each starts in (the python workers' plan; the
+        native engine takes each chunk's way from its fd, ``sources``)."""
         return [c._replace(direct=self.files[c.file].direct_at(c.offset)) for c in chunks]
 
     def fd(self, chunk: ReadChunk) -> int:
