@@ -36,6 +36,18 @@ WAIT_TIMEOUT = 30.0
 POOL_WORKER = re.compile(r"^hw-(call|load)_\d+$")
 
 
+def fd_targets(pid: int | str = "self") -> list[str]:
+    """What each open descriptor of process ``pid`` names (a path, ``socket:[…]``, ``/memfd:…``), read
+    from /proc; one closed while listing is left out."""
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            out.append(os.readlink(fd))
+        except OSError:
+            continue  # closed while listing
+    return out
+
+
 class _EmptyConfig:
     def __repr__(self) -> str:
         return "EMPTY_CONFIG"
@@ -353,15 +365,8 @@ class Daemon:
             return list(c.status().leases)
 
     def fds(self) -> list[str]:
-        """What each of the daemon's open descriptors names (a path, ``socket:[…]``, ``/memfd:…``), read
-        from /proc; one closed while listing is left out."""
-        out = []
-        for fd in Path(f"/proc/{self.pid}/fd").iterdir():
-            try:
-                out.append(os.readlink(fd))
-            except OSError:
-                continue  # closed while listing
-        return out
+        """What each of the daemon's open descriptors names (``fd_targets``)."""
+        return fd_targets(self.pid)
 
     def memfds(self) -> list[str]:
         """The daemon's open memfds, read from /proc: what it still holds."""

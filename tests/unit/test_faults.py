@@ -17,7 +17,7 @@ import pytest
 import test_cuda_unit as cuda_unit
 
 from hotweights import errors
-from hotweights.testing import wait_until
+from hotweights.testing import fd_targets, wait_until
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.config import load_config
 from hotweightsd.core import faults
@@ -118,17 +118,6 @@ def test_the_config_key_is_checked_at_start():
 def _collected():
     """What earlier tests in this process left for the collector goes before this one counts memfds."""
     gc.collect()
-
-
-def fd_targets() -> list[str]:
-    """What this process's open fds point at, read from /proc."""
-    out = []
-    for n in os.listdir("/proc/self/fd"):
-        try:
-            out.append(os.readlink(f"/proc/self/fd/{n}"))
-        except OSError:
-            pass  # the listing's own fd, closed since
-    return out
 
 
 def own_memory() -> dict[str, int]:
