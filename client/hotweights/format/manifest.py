@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,33 +204,24 @@ def verify_checkpoint(
             )
         return
     _verify_layout(manifest)
-    files = dict(opened or {})
-    mine: list[SourceFile] = []
-    try:
-        _open_listed(manifest, files, mine, allow)
+    with ExitStack() as stack:
+        files = dict(opened or {})
+        for name in [*manifest.files, *manifest.aux_files]:
+            if name not in files:  # what the checks then read, judged by ``allow`` where it leads
+                files[name] = stack.enter_context(_open_listed(manifest, name, allow))
         _verify_sizes(manifest, files)
         if level == "full":
             # Hashes before headers: a flipped byte is then reported as what it is, content that changed.
             _verify_hashes(manifest, files)
         _verify_headers(manifest, files)
-    finally:
-        for f in mine:
-            f.close()
 
 
-def _open_listed(m: Manifest, files: dict[str, SourceFile], mine: list[SourceFile], allow: Allow | None) -> None:
-    """Opens each file the manifest lists that ``files`` lacks, into ``files`` and ``mine``: what the
-    checks then read, judged by ``allow`` where it leads."""
-    for name in [*m.files, *m.aux_files]:
-        if name in files:
-            continue
-        p = m.directory / name
-        try:
-            f = open_file(p, allow)
-        except NotFound:
-            raise DataLoss(f"{p}: missing: {MANIFEST_NAME} lists it", path=str(p), file=name) from None
-        files[name] = f
-        mine.append(f)
+def _open_listed(m: Manifest, name: str, allow: Allow | None) -> SourceFile:
+    p = m.directory / name
+    try:
+        return open_file(p, allow)
+    except NotFound:
+        raise DataLoss(f"{p}: missing: {MANIFEST_NAME} lists it", path=str(p), file=name) from None
 
 
 def _verify_layout(m: Manifest) -> None:
