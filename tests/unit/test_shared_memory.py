@@ -254,26 +254,36 @@ def test_a_version_that_is_not_ready_is_not_shared(manager, tmp_path):
     assert not b.shares and manager.backend.fills == 2
 
 
-def test_a_restart_from_the_fd_store_keeps_the_memory_shared(tmp_path):
+def _stored_a_and_b(tmp_path, edit=None) -> tuple[str, Path, Path, dict[str, list[int]]]:
+    """A daemon that loaded the same files as a and b (b aliased prod) and went away: (its socket, its
+    state file, the model, the fds the service manager hands back). ``edit`` sees the state file's
+    record first (and asserts on it, or changes it)."""
     sock = str(tmp_path / "hw.sock")
     state = tmp_path / "hw.sock.state.json"
     path = versioned_model(tmp_path, 1)
     m1 = ModelManager(CpuBackend(memory_limit=64 * MiB))
-    received: dict[str, list[int]] = {}
     try:
         m1.load("a", str(path), version="v1")
         m1.load("b", str(path), version="v1", alias="prod")
         p1 = Persister(m1, state, sock, fdstore=True)
-        received.update(hand_over_fds(m1, p1, ("a@v1", "b@v1")))  # each version's fds under its own names
+        received = hand_over_fds(m1, p1, ("a@v1", "b@v1"))  # each version's fds under its own names
         doc = p1.snapshot()
+        if edit is not None:
+            edit(doc)
+        statefile.save(state, doc)
+    finally:
+        m1.close()  # the old daemon is gone; the fds handed over keep the memory
+    return sock, state, path, received
+
+
+def test_a_restart_from_the_fd_store_keeps_the_memory_shared(tmp_path):
+    def recorded(doc: dict) -> None:
         assert [(v["name"], v["shares"], v["shares_allocations"]) for v in doc["versions"]] == [
             ("a", "", ""),
             ("b", "a@v1", "a@v1"),
         ]
-        p1.save()
-    finally:
-        m1.close()  # the old daemon is gone; the fds above keep the memory
 
+    sock, state, path, received = _stored_a_and_b(tmp_path, recorded)
     backend = CountingBackend(memory_limit=64 * MiB)
     m2 = ModelManager(backend)
     try:
@@ -295,22 +305,11 @@ def test_a_restart_from_the_fd_store_keeps_the_memory_shared(tmp_path):
 
 
 def test_a_state_file_without_the_shared_record_restores_each_version_on_its_own_fds(tmp_path):
-    sock = str(tmp_path / "hw.sock")
-    state = tmp_path / "hw.sock.state.json"
-    path = versioned_model(tmp_path, 1)
-    m1 = ModelManager(CpuBackend(memory_limit=64 * MiB))
-    received: dict[str, list[int]] = {}
-    try:
-        m1.load("a", str(path), version="v1")
-        m1.load("b", str(path), version="v1")
-        p1 = Persister(m1, state, sock, fdstore=True)
-        received.update(hand_over_fds(m1, p1, ("a@v1", "b@v1")))
-        doc = p1.snapshot()
-        for v in doc["versions"]:  # as a daemon from before shared memory wrote it
+    def as_before_shared_memory(doc: dict) -> None:
+        for v in doc["versions"]:
             del v["shares"], v["shares_allocations"]
-        statefile.save(state, doc)
-    finally:
-        m1.close()
+
+    sock, state, path, received = _stored_a_and_b(tmp_path, as_before_shared_memory)
 
     m2 = ModelManager(CpuBackend(memory_limit=64 * MiB))
     try:
