@@ -9,7 +9,8 @@ interleaved repetitions (A B C A B C ...) with its min and max:
   O_DIRECT at 512 KiB, 4 MiB and 64 MiB with 16 readers, O_DIRECT 1 MiB with 64 readers (a deep queue),
   all on the native engine's C loop (host mode, no copies), and buffered reads with each of 16 threads
   reading its own contiguous range (4 MiB reads, python threads);
-- ``cold``: the daemon (``hotweights serve``, one per read mode of ``--modes``: auto, pread, odirect)
+- ``cold``: the daemon (``hotweights serve``, one per read mode of ``--modes``: auto, pread, odirect, each
+  optionally with config keys set, ``auto+direct_chunk_size=4MiB``: an A/B of a setting in one rotation)
   loading the rank with every file dropped from the page cache, and in the same rotation each installed peer
   of ``--peers`` (safetensors, fastsafetensors, Run:ai model streamer, InstantTensor; ``bench_load``'s
   loaders, in this process, each after one untimed load of the smallest file) loading the same files cold
@@ -54,6 +55,20 @@ import bench_load as bl  # noqa: E402  (needs benchmarks/ on sys.path first)
 
 ROOT, GB, MiB, KiB = bl.ROOT, bl.GB, bl.MiB, 1024
 MODES = ("auto", "pread", "odirect")
+
+
+def mode_env(label: str) -> dict[str, str]:
+    """The daemon's environment for a ``--modes`` entry: a read mode, then ``+key=value`` config keys."""
+    mode, *keys = label.split("+")
+    if mode not in MODES:
+        raise ValueError(f"{label!r}: the read mode must be one of {', '.join(MODES)}")
+    env = {"HOTWEIGHTS_LOADER": mode}
+    for kv in keys:
+        key, sep, value = kv.partition("=")
+        if not sep or not key.replace("_", "").isalnum():
+            raise ValueError(f"{label!r}: {kv!r} is not key=value")
+        env["HOTWEIGHTS_" + key.upper()] = value
+    return env
 
 
 # --- the page cache -----------------------------------------------------------------------------------------
@@ -281,12 +296,12 @@ class Daemons:
         self.dir = tempfile.mkdtemp(prefix="hwc-", dir="/tmp")
         self.daemons: dict[str, Daemon] = {}
         self.clients: dict = {}
-        for mode in modes:  # started together, waited for in turn
+        for k, mode in enumerate(modes):  # started together, waited for in turn
             self.daemons[mode] = Daemon.start(
-                os.path.join(self.dir, f"{mode}.sock"),
+                os.path.join(self.dir, f"d{k}.sock"),
                 backend=backend,
-                log=os.path.join(self.dir, f"{mode}.log"),
-                extra_env={"HOTWEIGHTS_LOADER": mode},
+                log=os.path.join(self.dir, f"d{k}.log"),
+                extra_env=mode_env(mode),
                 wait=False,
             )
         try:
@@ -355,7 +370,12 @@ def main() -> int:
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    if not modes or set(modes) - set(MODES):
+    try:
+        for m in modes:
+            mode_env(m)
+    except ValueError as exc:
+        ap.error(f"--modes: {exc}")
+    if not modes:
         ap.error(f"--modes: a comma list of {', '.join(MODES)}")
     if set(peers) - set(bl.PEERS):
         ap.error(f"--peers: a comma list of {', '.join(bl.PEERS)}")
@@ -486,7 +506,7 @@ def main() -> int:
                         return None
                     before = prepare(paths, scenario)
                     seen.setdefault("resident_before", []).append(before)
-                    if label in MODES:
+                    if label in modes:
                         assert daemons is not None
                         r = daemons.load(label, ckpt)
                         seen.setdefault(label, []).append(r["load_path"])
