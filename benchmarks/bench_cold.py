@@ -510,6 +510,7 @@ def main() -> int:
                         assert daemons is not None
                         r = daemons.load(label, ckpt)
                         seen.setdefault(label, []).append(r["load_path"])
+                        seen.setdefault(f"seconds {label}", []).append([r["seconds"], r["daemon_load_seconds"]])
                         return r["gbps"]
                     seen.setdefault(f"peer {label}", []).append(max(before, default=0.0))
                     try:
@@ -531,6 +532,8 @@ def main() -> int:
                 doc[scenario] = {
                     "modes": {m: v for m, v in out.items() if m in modes},
                     "load_paths": {m: seen.get(m, [])[-1:] for m in modes},
+                    # per load: [seconds the client waited, seconds the daemon's fill took]
+                    "load_seconds": {m: seen.get(f"seconds {m}", []) for m in modes},
                     "rotation": labels,
                     "resident_before_each_load": seen.get("resident_before"),
                 }

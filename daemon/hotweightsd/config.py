@@ -38,7 +38,6 @@ LOADER_KEYS = {
     "chunk_size": "chunk_size",
     "ring_depth": "ring_depth",
     "busy_chunk_size": "busy_chunk_size",
-    "direct_chunk_size": "direct_chunk_size",
     "engine": "loader_engine",
     "gds": "gds",
     "share_cores": "share_cores",
@@ -109,9 +108,6 @@ class Config:
     ring_depth: int | None = _key(None, "pinned buffers in flight per reader", kind="int", minimum=1)
     busy_chunk_size: int | None = _key(
         None, "bytes per read while other GPUs load at the same time", kind="size", minimum=1
-    )
-    direct_chunk_size: int | None = _key(
-        None, "bytes per O_DIRECT read (cold data): neighbouring chunks merged up to this", kind="size", minimum=1
     )
     loader_engine: str = _key(
         "auto", "the cuda loader's loop; auto: native where it was built", choices=("auto", "native", "python")

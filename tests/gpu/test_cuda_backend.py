@@ -171,7 +171,9 @@ def test_auto_reads_half_cached_files_both_ways_and_exactly(ckpt):
         be.close()
 
 
-@pytest.mark.parametrize("engine,mode", [("native", "pread"), ("native", "odirect"), ("python", "pread")])
+@pytest.mark.parametrize(
+    "engine,mode", [("native", "pread"), ("native", "odirect"), ("python", "pread"), ("python", "odirect")]
+)
 def test_both_engines_are_exact(ckpt, engine, mode):
     """Each engine, asked for by name, loads the same bytes (small chunks: many reads and copies per tensor)."""
     from hotweightsd.loaders import native

@@ -9,14 +9,12 @@ in CI, where neither a GPU nor cuda-bindings is installed.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import enum
 import fcntl
 import itertools
 import mmap
 import os
 import random
-import re
 import shutil
 import tempfile
 import threading
@@ -34,7 +32,7 @@ from hotweightsd.core.backend import AllocationMode, HandleType
 from hotweightsd.core.layout import Segment, plan_rank
 from hotweightsd.loaders import files, gds, native
 from hotweightsd.loaders.path import choose, default_threads
-from hotweightsd.loaders.plan import Piece, ReadChunk, check_plan, merge_chunks, merge_direct, plan_chunks, run_end
+from hotweightsd.loaders.plan import Piece, ReadChunk, check_plan, merge_chunks, plan_chunks, run_end
 from hotweightsd.loaders.scheduler import FillScheduler
 from hotweightsd.loaders.settings import LoaderSettings
 from support import pagecache
@@ -580,48 +578,6 @@ def test_plan_covers_every_byte_once(seed):
         assert runs([(a, b, n) for ff, a, b, n in remapped if ff == f]) == runs(sorted(got[f]))
 
 
-def test_cold_chunks_merge_into_longer_reads_and_the_rest_stay_as_planned():
-    """merge_direct: O_DIRECT chunks of one file and one way read as runs of up to the limit (the superset
-    inside the run's windows); buffered chunks and the files kept out (Lustre-spread) stay one read each."""
-    chunk, limit = 64 * 1024, 256 * 1024
-    segs, offset = [], 0
-    for file in (0, 1, 2):
-        pos = 100
-        for k in range(40):
-            n = 5000 + 37_000 * (k % 5)
-            segs.append(Segment(file=file, file_offset=pos, allocation=0, offset=offset, length=n))
-            offset += n
-            pos += n + (2 * MiB if k == 20 else 0)  # a hole larger than MAX_GAP: a run never reads through it
-    chunks = plan_chunks(segs, chunk)
-    # file 0 cold, file 1 half cold (its second half), file 2 cold but kept (striped)
-    marked = [c._replace(direct=c.file != 1 or c.offset >= 800_000) for c in chunks]
-    out = merge_direct(marked, chunk, limit, keep={2})
-    assert [c for c in out if not c.direct] == [c for c in marked if not c.direct]
-    assert [c for c in out if c.file == 2] == [c for c in marked if c.file == 2]
-    runs = [c for c in out if c.direct and c.file != 2]
-    assert len(runs) < sum(1 for c in marked if c.direct and c.file != 2)
-    for r in runs:
-        start, length, _ = r.direct_span()
-        window = r.offset // chunk * chunk
-        assert window <= start and start + length <= window + limit, r
-        assert not any(c.file == r.file and not c.direct and r.offset <= c.offset < r.offset + r.length for c in out)
-    for a, b in itertools.pairwise(sorted(runs, key=lambda c: (c.file, c.offset))):
-        assert a.file != b.file or a.offset + a.length <= b.offset
-
-    def copies(plan):  # (file, file offset, destination, length), neighbours on both sides coalesced
-        found: list[tuple[int, int, int, int]] = []
-        for x in sorted((c.file, c.offset + p.src, p.offset, p.length) for c in plan for p in c.pieces):
-            last = found[-1] if found else None
-            if last and last[0] == x[0] and last[1] + last[3] == x[1] and last[2] + last[3] == x[2]:
-                found[-1] = (*last[:3], last[3] + x[3])
-            else:
-                found.append(x)
-        return found
-
-    assert copies(out) == copies(marked) and sum(x[3] for x in copies(out)) == sum(s.length for s in segs)
-    assert merge_direct(marked, chunk, chunk) == marked
-
-
 def test_check_plan_rejects_copies_outside_allocations():
     chunks = [ReadChunk(0, 0, 100, (Piece(0, 0, 50, 100),))]
     with pytest.raises(InvalidArgument):
@@ -643,7 +599,6 @@ def test_settings_are_checked_when_made():
         dict(threads=0),
         dict(ring_depth=0),
         dict(busy_chunk_size=0),
-        dict(direct_chunk_size=0),
     ):
         with pytest.raises(InvalidArgument):
             LoaderSettings(**bad)
@@ -660,8 +615,7 @@ def test_the_path_resolves_defaults_from_the_cores():
         4 * MiB,
         16 * MiB,
     )
-    assert p.direct_chunk == 16 * MiB and p.direct_runs
-    assert p.describe() == "auto ring 12 threads x 2 x 4MiB (16MiB while other fills run), O_DIRECT reads up to 16MiB"
+    assert p.describe() == "auto ring 12 threads x 2 x 4MiB (16MiB while other fills run)"
     p = choose(
         LoaderSettings(read_mode="odirect", chunk_size=32 * MiB, threads=5, ring_depth=3, gds="off"),
         cores=64,
@@ -670,24 +624,9 @@ def test_the_path_resolves_defaults_from_the_cores():
     assert (p.read_mode, p.chunk_size, p.threads, p.depth, p.busy_chunk) == ("odirect", 32 * MiB, 5, 3, 32 * MiB)
     assert p.describe() == "odirect ring 5 threads x 3 x 32MiB"
     assert p.engine == "python" and p.slot_size == 32 * MiB
-    # a slot holds the longest run of chunks (whole grid windows) a fill may read at once: the python
-    # workers' runs while other fills run, O_DIRECT runs where the read mode reads O_DIRECT
-    KiB = 1024
-    p = choose(
-        LoaderSettings(read_mode="pread", chunk_size=64 * KiB, busy_chunk_size=200 * KiB, gds="off"),
-        cores=8,
-        real_driver=False,
-    )
-    assert (p.busy_chunk, p.slot_size, p.direct_runs) == (192 * KiB, 192 * KiB, False)
-    p = choose(
-        LoaderSettings(chunk_size=64 * KiB, busy_chunk_size=200 * KiB, direct_chunk_size=300 * KiB, gds="off"),
-        cores=8,
-        real_driver=False,
-    )
-    assert (p.busy_chunk, p.direct_chunk, p.slot_size) == (192 * KiB, 256 * KiB, 256 * KiB)
-    native = dataclasses.replace(p, engine="native")
-    assert native.slot_size == 256 * KiB
-    assert dataclasses.replace(native, read_mode="pread").slot_size == 64 * KiB
+    # the python workers' slot holds a run of chunks (whole grid windows); the native engine's one chunk
+    p = choose(LoaderSettings(chunk_size=64 * 1024, busy_chunk_size=200 * 1024, gds="off"), cores=8, real_driver=False)
+    assert (p.busy_chunk, p.slot_size) == (192 * 1024, 192 * 1024)
 
 
 def test_one_fill_alone_keeps_its_ring_and_fills_at_once_share_the_cores():
@@ -897,14 +836,7 @@ def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, busy):
     path = tmp_path / "m.safetensors"
     write_ckpt(path, n=40)
     rank = load_rank(path)
-    b = make_backend(
-        read_mode=mode,
-        threads=3,
-        chunk_size=64 * 1024,
-        ring_depth=2,
-        busy_chunk_size=256 * 1024,
-        direct_chunk_size=128 * 1024,
-    )
+    b = make_backend(read_mode=mode, threads=3, chunk_size=64 * 1024, ring_depth=2, busy_chunk_size=192 * 1024)
     layout = plan_rank(rank, b.granularity(0))
     allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
     seen = []
@@ -919,12 +851,8 @@ def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, busy):
             desc = b.fill(layout, allocs, progress, threading.Event())
     else:
         desc = b.fill(layout, allocs, progress, threading.Event())
-    runs = "" if mode == "pread" else ", O_DIRECT reads up to 128KiB"
-    assert desc.startswith(f"bounce: {mode} ring 3 threads x 2 x 64KiB (256KiB while other fills run){runs} on cuda:0")
+    assert desc.startswith(f"bounce: {mode} ring 3 threads x 2 x 64KiB (192KiB while other fills run) on cuda:0")
     assert ("runs of chunks: other fills ran" in desc) == busy, desc
-    reads, planned = int(re.search(r"; (\d+) reads", desc)[1]), len(plan_chunks(layout.segments(), 64 * 1024))
-    # O_DIRECT chunks are read as runs (odirect; auto reads this freshly written file buffered)
-    assert (reads < planned) == (busy or mode == "odirect"), desc
     assert "(GDS off by configuration)" in desc
     assert sum(seen) == layout.nbytes
     check_contents(fake, layout, allocs)
@@ -1158,8 +1086,8 @@ def test_daemon_config_names(fake, monkeypatch):
     b = make_backend(read_mode="odirect", chunk_size=32 * MiB, ring_depth=4, threads=8, gds="auto")
     assert b.path.describe() == "odirect ring 8 threads x 4 x 32MiB"
     assert b.note == (
-        "bounce path (odirect ring 8 threads x 4 x 32MiB; python workers for O_DIRECT reads "
-        "(measured faster cold)): GDS unavailable: no /dev/nvidia-fs*"
+        "bounce path (odirect ring 8 threads x 4 x 32MiB; python workers: not the CUDA driver (a test double)): "
+        "GDS unavailable: no /dev/nvidia-fs*"
     )
     assert make_backend(read_mode="auto").path.read_mode == "auto"  # decided per file when a fill opens it
     # the native engine asked for where it cannot run (here: a driver double) stops the backend at start

@@ -21,15 +21,7 @@ from hotweightsd.core import faults
 from hotweightsd.core.layout import RankLayout
 from hotweightsd.loaders import files, native, ranges, stripes
 from hotweightsd.loaders.path import LoadPath
-from hotweightsd.loaders.plan import (
-    ReadChunk,
-    check_plan,
-    merge_chunks,
-    merge_direct,
-    needed_file_sizes,
-    plan_chunks,
-    run_end,
-)
+from hotweightsd.loaders.plan import ReadChunk, check_plan, merge_chunks, needed_file_sizes, plan_chunks, run_end
 from hotweightsd.loaders.ring import DeviceRing
 from hotweightsd.loaders.scheduler import FillScheduler
 
@@ -62,14 +54,6 @@ def fill(
             stripes.striping(f.direct_fd) if f.kind == "direct" and path.engine == "native" else None
             for f in sources.files
         ]
-        if path.direct_runs and any(f.kind != "buffered" for f in sources.files):
-            # A striped file keeps one chunk per read: spread deals its chunks over the OSTs instead.
-            chunks = merge_direct(
-                sources.mark(chunks),
-                path.chunk_size,
-                path.direct_chunk,
-                keep={i for i, lay in enumerate(striped) if stripes.worth_spreading(lay, path.chunk_size)},
-            )
         if any(striped):
             chunks = stripes.spread(chunks, striped, path.chunk_size)
             lustre = stripes.describe(striped, path.chunk_size)

@@ -16,7 +16,6 @@ from hotweightsd.loaders.settings import LoaderSettings
 MiB = 1024 * 1024
 DEFAULT_CHUNK = 4 * MiB
 DEFAULT_BUSY_CHUNK = 16 * MiB
-DEFAULT_DIRECT_CHUNK = 16 * MiB
 DEFAULT_DEPTH = 2
 MAX_DEFAULT_THREADS = 16
 MIN_DEFAULT_THREADS = 4
@@ -42,29 +41,18 @@ class LoadPath:
     depth: int  # slots per reader
     chunk_size: int  # bytes per read (the plan's grid)
     busy_chunk: int  # the python workers' read while other fills run; == chunk_size: no runs
-    direct_chunk: int  # an O_DIRECT read: a run of neighbouring cold chunks; == chunk_size: no runs
     native_lib: str  # "" = the library built beside the package
 
     @property
-    def direct_runs(self) -> bool:
-        """O_DIRECT reads are runs of chunks: a read mode that reads O_DIRECT, runs longer than a chunk."""
-        return self.read_mode != "pread" and self.direct_chunk > self.chunk_size
-
-    @property
     def slot_size(self) -> int:
-        """A slot holds one read: a chunk, or a run of them (O_DIRECT runs; the python workers' runs while
-        other fills run)."""
-        busy = self.busy_chunk if self.engine == "python" else 0
-        direct = self.direct_chunk if self.direct_runs else 0
-        return max(self.chunk_size, busy, direct)
+        """A slot holds one read: one chunk on the native engine, a run of chunks on the python workers."""
+        return self.chunk_size if self.engine == "native" else max(self.chunk_size, self.busy_chunk)
 
     def describe(self, threads: int | None = None) -> str:
         """The bounce ring as a load's description reports it; ``threads`` is what ran when the share cut it."""
         extra = ""
         if self.engine == "python" and self.busy_chunk > self.chunk_size:
             extra = f" ({size_text(self.busy_chunk)} while other fills run)"
-        if self.direct_runs:
-            extra += f", O_DIRECT reads up to {size_text(self.direct_chunk)}"
         if self.engine == "native":
             extra += ", native engine"
         if threads is not None and threads != self.threads:
@@ -87,10 +75,9 @@ def choose(settings: LoaderSettings, *, cores: int, real_driver: bool) -> LoadPa
     what cannot run here (gds=on or compat without cuFile, engine=native without the library)."""
     source, source_why = _source(settings.gds)
     read_mode = settings.read_mode
-    engine, engine_why = _engine(settings, read_mode, real_driver)
+    engine, engine_why = _engine(settings, real_driver)
     chunk = settings.chunk_size or DEFAULT_CHUNK
     busy = settings.busy_chunk_size or DEFAULT_BUSY_CHUNK
-    direct = settings.direct_chunk_size or DEFAULT_DIRECT_CHUNK
     return LoadPath(
         source=source,
         source_why=source_why,
@@ -102,7 +89,6 @@ def choose(settings: LoaderSettings, *, cores: int, real_driver: bool) -> LoadPa
         depth=settings.ring_depth or DEFAULT_DEPTH,
         chunk_size=chunk,
         busy_chunk=max(chunk, busy // chunk * chunk),  # whole grid windows
-        direct_chunk=max(chunk, direct // chunk * chunk),
         native_lib=settings.native_lib,
     )
 
@@ -123,11 +109,9 @@ def _source(mode: str) -> tuple[str, str]:
     return "bounce", reason
 
 
-def _engine(settings: LoaderSettings, read_mode: str, real_driver: bool) -> tuple[str, str]:
+def _engine(settings: LoaderSettings, real_driver: bool) -> tuple[str, str]:
     if settings.engine == "python":
         return "python", "python workers by configuration"
-    if read_mode == "odirect" and settings.engine == "auto":
-        return "python", "python workers for O_DIRECT reads (measured faster cold)"
     reason = native.unavailable_reason(settings.native_lib) if real_driver else "not the CUDA driver (a test double)"
     if reason is None:
         return "native", ""

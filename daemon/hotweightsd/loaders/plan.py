@@ -10,7 +10,7 @@ of a chunk never leaves its window nor overlaps another chunk.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from hotweights.errors import InvalidArgument
@@ -125,26 +125,6 @@ def merge_chunks(run: Sequence[ReadChunk]) -> ReadChunk:
             _extend(pieces, Piece(p.src + shift, p.allocation, p.offset, p.length))
     end = run[-1].offset + run[-1].length
     return ReadChunk(first.file, first.offset, end - first.offset, tuple(pieces), first.direct)
-
-
-def merge_direct(
-    chunks: Sequence[ReadChunk], chunk_size: int, limit: int, keep: Collection[int] = ()
-) -> list[ReadChunk]:
-    """``chunks`` (marked, in file order) with each run of neighbouring O_DIRECT chunks read as one read of
-    up to ``limit`` bytes of grid windows; buffered chunks, and the files in ``keep``, stay as they are.
-    Cold reads gain from size (a deeper queue at the device) where buffered ones have readahead."""
-    out: list[ReadChunk] = []
-    i = 0
-    while i < len(chunks):
-        c = chunks[i]
-        if not c.direct or c.file in keep:
-            out.append(c)
-            i += 1
-            continue
-        j = run_end(chunks, i, chunk_size, limit)
-        out.append(merge_chunks(chunks[i:j]))
-        i = j
-    return out
 
 
 def check_plan(chunks: Sequence[ReadChunk], allocation_sizes: Sequence[int]) -> None:

@@ -152,9 +152,8 @@ class ReadSources:
         return f
 
     def mark(self, chunks: Sequence[ReadChunk]) -> list[ReadChunk]:
-        """``chunks`` with ``direct`` set by the range each starts in (the python workers' plan, and a plan
-        whose O_DIRECT chunks merge into runs; the native engine takes each chunk's way from its fd,
-        ``sources``)."""
+        """``chunks`` with ``direct`` set by the range each starts in (the python workers' plan; the
+        native engine takes each chunk's way from its fd, ``sources``)."""
         return [c._replace(direct=self.files[c.file].direct_at(c.offset)) for c in chunks]
 
     def fd(self, chunk: ReadChunk) -> int:

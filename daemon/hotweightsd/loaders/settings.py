@@ -23,7 +23,6 @@ class LoaderSettings:
     chunk_size: int | None = None  # bytes per read; None: 4 MiB
     ring_depth: int | None = None  # pinned slots per reader; None: 2
     busy_chunk_size: int | None = None  # python workers' read while other fills run; None: 16 MiB
-    direct_chunk_size: int | None = None  # an O_DIRECT read: neighbouring cold chunks merged up to this
     engine: str = "auto"  # auto | native | python
     gds: str = "auto"  # auto | off | on (force) | compat
     share_cores: bool = True  # native fills running at once split the cores
@@ -41,7 +40,6 @@ class LoaderSettings:
             ("threads", self.threads),
             ("ring depth", self.ring_depth),
             ("busy chunk size", self.busy_chunk_size),
-            ("direct chunk size", self.direct_chunk_size),
         ):
             if n is not None and n < 1:
                 raise InvalidArgument(f"loader {name} must be at least 1, got {n}")
