@@ -10,7 +10,7 @@ interleaved repetitions (A B C A B C ...) with its min and max:
   all on the native engine's C loop (host mode, no copies), and buffered reads with each of 16 threads
   reading its own contiguous range (4 MiB reads, python threads);
 - ``cold``: the daemon (``hotweights serve``, one per read mode of ``--modes``: auto, pread, odirect, each
-  optionally with config keys set, ``auto+direct_chunk_size=4MiB``: an A/B of a setting in one rotation)
+  optionally with config keys set, ``auto+loader_threads=16``: an A/B of a setting in one rotation)
   loading the rank with every file dropped from the page cache, and in the same rotation each installed peer
   of ``--peers`` (safetensors, fastsafetensors, Run:ai model streamer, InstantTensor; ``bench_load``'s
   loaders, in this process, each after one untimed load of the smallest file) loading the same files cold
