@@ -5,6 +5,7 @@ Run with ``python3 -m pytest -m gpu -q tests/gpu``; skipped (with the reason) wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -48,6 +49,21 @@ def b():
     be.prepare()  # pinned rings and streams exist before any free-memory baseline is taken
     yield be
     be.close()
+
+
+@contextlib.contextmanager
+def loaded_by(ckpt, **settings):
+    """(layout, allocations, description) of rank 0 loaded by a backend of its own with ``settings``; the
+    allocations and the backend are closed on the way out, whatever the test asserted."""
+    be = backend(**settings)
+    allocs: list = []
+    try:
+        layout, allocs, desc = load(be, ckpt)
+        yield layout, allocs, desc
+    finally:
+        for a in allocs:
+            a.close()
+        be.close()
 
 
 def region_spec(allocs, fds=None) -> list[dict]:
@@ -99,15 +115,9 @@ def test_vmm_load_is_bit_exact_in_another_process(b, ckpt):
 
 
 def test_odirect_read_mode_is_exact(ckpt):
-    be = backend(read_mode="odirect", threads=4, chunk_size=1 * MiB)
-    try:
-        layout, allocs, desc = load(be, ckpt)
+    with loaded_by(ckpt, read_mode="odirect", threads=4, chunk_size=1 * MiB) as (layout, allocs, desc):
         assert desc.startswith("bounce: odirect ring 4 threads x 2 x 1MiB"), desc
         assert_loaded_exactly(layout, allocs)
-        for a in allocs:
-            a.close()
-    finally:
-        be.close()
 
 
 def test_auto_runs_the_native_engine_where_it_was_built(b, ckpt):
@@ -136,39 +146,26 @@ def test_auto_reads_cold_files_direct_and_exactly(ckpt):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    be = backend(read_mode="auto", threads=4, chunk_size=1 * MiB)
-    try:
-        layout, allocs, desc = load(be, ckpt)
+    with loaded_by(ckpt, read_mode="auto", threads=4, chunk_size=1 * MiB) as (layout, allocs, desc):
         if f"; auto: {len(layout.files)} buffered," in desc:
             pytest.skip(f"this filesystem kept the pages (memory or no O_DIRECT): {desc}")
         assert f"; auto: {len(layout.files)} O_DIRECT," in desc, desc
         assert_loaded_exactly(layout, allocs)
-        for a in allocs:
-            a.close()
-    finally:
-        be.close()
 
 
 def test_auto_reads_half_cached_files_both_ways_and_exactly(ckpt):
     """Read mode auto on files half in the page cache: each read through both its fds, on whichever engine runs."""
+    from hotweights.format.checkpoint import open_checkpoint
     from support import pagecache
 
     chunk = 256 * 1024
-    be = backend(read_mode="auto", threads=4, chunk_size=chunk)
-    try:
-        from hotweights.format.checkpoint import open_checkpoint
-
-        open_checkpoint(ckpt)  # its header reads (and their readahead) come before the pages are placed
-        paths = sorted(Path(ckpt).glob("model-rank-0-*.safetensors"))
-        for path in paths:
-            pagecache.half_cached(path, chunk)
-        layout, allocs, desc = load(be, ckpt)
+    open_checkpoint(ckpt)  # its header reads (and their readahead) come before the pages are placed
+    paths = sorted(Path(ckpt).glob("model-rank-0-*.safetensors"))
+    for path in paths:
+        pagecache.half_cached(path, chunk)
+    with loaded_by(ckpt, read_mode="auto", threads=4, chunk_size=chunk) as (layout, allocs, desc):
         assert f"; auto: {len(paths)} mixed (" in desc, desc
         assert_loaded_exactly(layout, allocs)
-        for a in allocs:
-            a.close()
-    finally:
-        be.close()
 
 
 @pytest.mark.parametrize(
@@ -180,16 +177,10 @@ def test_both_engines_are_exact(ckpt, engine, mode):
 
     if engine == "native" and native.unavailable_reason():
         pytest.skip(f"native loader: {native.unavailable_reason()}")
-    be = backend(read_mode=mode, threads=5, chunk_size=256 * 1024, engine=engine)
-    try:
-        layout, allocs, desc = load(be, ckpt)
+    with loaded_by(ckpt, read_mode=mode, threads=5, chunk_size=256 * 1024, engine=engine) as (layout, allocs, desc):
         assert desc.startswith(f"bounce: {mode} ring 5 threads x 2 x 256KiB"), desc
         assert ("native engine" in desc) == (engine == "native"), desc
         assert_loaded_exactly(layout, allocs)
-        for a in allocs:
-            a.close()
-    finally:
-        be.close()
 
 
 def test_free_memory_returns_after_close(b, tmp_path):
