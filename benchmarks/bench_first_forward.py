@@ -159,6 +159,16 @@ def child(route: str, model_dir: str, socket: str, ref: str, device: str, logits
     return out
 
 
+def _version(dist: str) -> str | None:
+    """The installed version of ``dist``; None where it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def import_profile(env: dict) -> dict:
     """What importing transformers' Llama classes costs after ``import torch`` in a fresh process, and
     where it goes: ``python -X importtime``'s self time summed per top-level package."""
@@ -229,6 +239,8 @@ def main() -> int:
         "device": name,
         "backend": args.backend,
         "torch": torch.__version__,
+        # what the imports cost depends on it (older transformers import scikit-learn, scipy and pandas)
+        "versions": {d: _version(d) for d in ("transformers", "accelerate", "scikit-learn", "scipy", "torchvision")},
         "tokens": TOKENS,
     }
     started = time.perf_counter()
