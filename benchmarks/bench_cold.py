@@ -7,8 +7,11 @@ interleaved repetitions (A B C A B C ...) with its min and max:
 
 - ``raw``: the cold read ceiling, the best of several read shapes into host memory with no GPU copy:
   O_DIRECT at 512 KiB, 4 MiB and 64 MiB with 16 readers, O_DIRECT 1 MiB with 64 readers (a deep queue),
-  all on the native engine's C loop (host mode, no copies), and buffered reads with each of 16 threads
-  reading its own contiguous range (4 MiB reads, python threads);
+  all on the native engine's C loop (host mode, no copies) into private anonymous memory, buffered reads
+  with each of 16 threads reading its own contiguous range (4 MiB reads, python threads), and the loader's
+  own shape, O_DIRECT 4 MiB x 12 into ``cuMemHostAlloc`` memory (not with ``--smoke``): what the fill would
+  reach if its copies cost nothing. (Until 2026-12-02 the raw readers read into a shared anonymous
+  mapping; ``probe_cold_memory.py`` found no difference between the kinds of memory);
 - ``cold``: the daemon (``hotweights serve``, one per read mode of ``--modes``: auto, pread, odirect, each
   optionally with config keys set, ``auto+loader_threads=16``: an A/B of a setting in one rotation)
   loading the rank with every file dropped from the page cache, and in the same rotation each installed peer
@@ -148,31 +151,94 @@ def tiny_checkpoint(root: Path, files: int, res: bl.Results) -> dict:
 # --- raw reads ------------------------------------------------------------------------------------------------
 
 
-class HostBuffers:
-    """Page-aligned host memory for the readers, touched once before anything is timed."""
+HUGE = 2 * MiB
+BUFFER_KINDS = ("private", "shared", "thp", "pinned", "pinned-thp")
 
-    def __init__(self, touch: bool) -> None:
+
+class HostBuffers:
+    """Host memory for the raw readers, one region per size, made and touched before anything is timed.
+
+    ``kind``: ``private`` anonymous memory (the default); ``shared``, an anonymous shared mapping (shmem);
+    ``thp``, private with ``MADV_HUGEPAGE``; ``pinned``, ``cuMemHostAlloc`` as the loader's ring (needs a
+    GPU); ``pinned-thp``, ``thp`` registered with ``cuMemHostRegister``."""
+
+    def __init__(self, touch: bool = True, kind: str = "private") -> None:
+        if kind not in BUFFER_KINDS:
+            raise ValueError(f"buffer kind {kind!r}: one of {', '.join(BUFFER_KINDS)}")
         self.touch = touch
-        self.maps: dict[int, tuple[mmap.mmap, ctypes.c_char]] = {}
+        self.kind = kind
+        self.maps: dict[int, tuple[int, object]] = {}  # size -> (address, what keeps it alive)
 
     def get(self, nbytes: int) -> int:
         if nbytes not in self.maps:
+            self.maps[nbytes] = self._make(nbytes)
+        return self.maps[nbytes][0]
+
+    def _make(self, nbytes: int) -> tuple[int, object]:
+        from hotweights.cuda import devices as cd
+
+        if self.kind == "pinned":
+            with cd.current(0) as drv:
+                flags = int(drv.CU_MEMHOSTALLOC_PORTABLE)
+                return int(cd.check(drv.cuMemHostAlloc(nbytes, flags), "cuMemHostAlloc", bytes=nbytes)), None
+        if self.kind == "shared":
             m = mmap.mmap(-1, nbytes)
             anchor = ctypes.c_char.from_buffer(m)
-            if self.touch:
-                ctypes.memset(ctypes.addressof(anchor), 1, nbytes)
-            self.maps[nbytes] = (m, anchor)
-        return ctypes.addressof(self.maps[nbytes][1])
+            ptr = ctypes.addressof(anchor)
+        else:  # from a 2 MiB boundary, where a huge page can start
+            m = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            anchor = ctypes.c_char.from_buffer(m)
+            ptr = -(-ctypes.addressof(anchor) // HUGE) * HUGE
+            if self.kind in ("thp", "pinned-thp"):
+                m.madvise(mmap.MADV_HUGEPAGE)
+        if self.touch:
+            ctypes.memset(ptr, 1, nbytes)
+        if self.kind == "pinned-thp":
+            with cd.current(0) as drv:
+                cd.check(drv.cuMemHostRegister(ptr, nbytes, int(drv.CU_MEMHOSTREGISTER_PORTABLE)), "cuMemHostRegister")
+        return ptr, (m, anchor)
+
+    def huge_share(self) -> float | None:
+        """The share of the regions the kernel backs with huge pages (``AnonHugePages`` of their mappings in
+        /proc/self/smaps); None for memory the driver mapped (``pinned``) or before any region exists."""
+        if self.kind == "pinned" or not self.maps:
+            return None
+        spans = [(p, p + n) for n, (p, _) in self.maps.items()]
+        huge = total = 0
+        current = None
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5:
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    current = (lo, hi) if any(lo < b and a < hi for a, b in spans) else None
+                elif current and head[0] == "AnonHugePages:":
+                    huge += int(head[1]) * 1024
+                    total += current[1] - current[0]
+        return round(huge / total, 3) if total else None
 
     def close(self) -> None:
-        maps = [m for m, _ in self.maps.values()]
+        maps = [self._release(ptr, keep) for ptr, keep in self.maps.values()]
         self.maps = {}
         gc.collect()  # the ctypes anchors into the mappings must go before close()
         for m in maps:
             try:
-                m.close()
+                if m is not None:
+                    m.close()
             except BufferError:
                 pass
+
+    def _release(self, ptr: int, keep: object) -> mmap.mmap | None:
+        """Gives pinned memory back to the driver; returns the mapping to close (None: the driver's)."""
+        from hotweights.cuda import devices as cd
+
+        if self.kind in ("pinned", "pinned-thp"):
+            with cd.current(0) as drv:
+                if self.kind == "pinned":
+                    cd.check(drv.cuMemFreeHost(ptr), "cuMemFreeHost")
+                else:
+                    cd.check(drv.cuMemHostUnregister(ptr), "cuMemHostUnregister")
+        return keep[0] if isinstance(keep, tuple) else None
 
 
 def native_read(
@@ -245,20 +311,22 @@ def ranges_read(paths: list[str], size: int, threads: int, bufs: HostBuffers) ->
     return total, dt
 
 
-RAW_SHAPES: dict[str, tuple[str, int, int]] = {  # name -> (kind, read size, readers)
-    "odirect 512KiB x16": ("odirect", 512 * KiB, 16),
-    "odirect 4MiB x16": ("odirect", 4 * MiB, 16),
-    "odirect 64MiB x16": ("odirect", 64 * MiB, 16),
-    "odirect 1MiB x64 (deep queue)": ("odirect", 1 * MiB, 64),
-    "buffered 4MiB x16 per-thread ranges": ("ranges", 4 * MiB, 16),
+RAW_SHAPES: dict[str, tuple[str, int, int, str]] = {  # name -> (kind, read size, readers, memory read into)
+    "odirect 512KiB x16": ("odirect", 512 * KiB, 16, "private"),
+    "odirect 4MiB x16": ("odirect", 4 * MiB, 16, "private"),
+    "odirect 64MiB x16": ("odirect", 64 * MiB, 16, "private"),
+    "odirect 1MiB x64 (deep queue)": ("odirect", 1 * MiB, 64, "private"),
+    "buffered 4MiB x16 per-thread ranges": ("ranges", 4 * MiB, 16, "private"),
+    # the loader's own shape and memory, without its copies: what the fill would reach if copying were free
+    "odirect 4MiB x12 into pinned memory": ("odirect", 4 * MiB, 12, "pinned"),
 }
 
 
-def raw_once(paths: list[str], shape: str, bufs: HostBuffers) -> tuple[int, float]:
-    kind, size, threads = RAW_SHAPES[shape]
+def raw_once(paths: list[str], shape: str, bufs: dict[str, HostBuffers]) -> tuple[int, float]:
+    kind, size, threads, memory = RAW_SHAPES[shape]
     if kind == "ranges":
-        return ranges_read(paths, size, threads, bufs)
-    return native_read(paths, size, threads, kind == "odirect", bufs)
+        return ranges_read(paths, size, threads, bufs[memory])
+    return native_read(paths, size, threads, kind == "odirect", bufs[memory])
 
 
 def spread(samples: list[float]) -> dict:
@@ -447,14 +515,15 @@ def main() -> int:
         return bl.rate(n, dt)
 
     targets = doc.setdefault("targets", {})
-    bufs = HostBuffers(touch=not args.smoke)
+    memories = {m for *_, m in RAW_SHAPES.values() if not (args.smoke and m.startswith("pinned"))}
+    bufs = {m: HostBuffers(touch=not args.smoke, kind=m) for m in memories}
 
     def section(name: str, fn, need: float):
         return bl.run_section(res, skip, budget, name, fn, need)
 
     # -- the cold ceiling: the best raw read shape
     def raw():
-        shapes = list(RAW_SHAPES)
+        shapes = [k for k, (*_, m) in RAW_SHAPES.items() if m in bufs]
         out = interleaved(
             shapes, args.reps, lambda s: timed(s, lambda: raw_once(paths, s, bufs)), budget, pass_s[0] + 2
         )
@@ -607,13 +676,14 @@ def main() -> int:
                         doc["sweep"] = {"bytes_each": min(limit, nbytes), "gbps": out, "cut_short": True}
                         return
                     key = f"{'odirect' if direct else 'buffered'} {size // KiB}KiB x{t}"
-                    out[key] = timed(key, lambda: native_read(paths, size, t, direct, bufs, limit))
+                    out[key] = timed(key, lambda: native_read(paths, size, t, direct, bufs["private"], limit))
         doc["sweep"] = {"bytes_each": min(limit, nbytes), "gbps": out}
         best = max(out, key=out.get)
         res.note(f"sweep over {min(limit, nbytes) / GB:.2f} GB: best {best} {out[best]} GB/s")
 
     section("sweep", sweep, need=15)
-    bufs.close()
+    for b in bufs.values():
+        b.close()
     doc["bytes"] = nbytes
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     res.note("targets: " + str(targets))
