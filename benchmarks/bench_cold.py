@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import itertools
 import mmap
 import os
@@ -61,16 +60,22 @@ MODES = ("auto", "pread", "odirect")
 
 
 def mode_env(label: str) -> dict[str, str]:
-    """The daemon's environment for a ``--modes`` entry: a read mode, then ``+key=value`` config keys."""
-    mode, *keys = label.split("+")
+    """The daemon's environment for a ``--modes`` entry: a read mode, then ``+key=value`` config keys (keys
+    the daemon's config has, other than the read mode the label starts with)."""
+    from hotweightsd import config
+
+    mode, *pairs = label.split("+")
     if mode not in MODES:
         raise ValueError(f"{label!r}: the read mode must be one of {', '.join(MODES)}")
-    env = {"HOTWEIGHTS_LOADER": mode}
-    for kv in keys:
+    known = {f.name for f in config.keys()} - {"loader"}
+    env = {config.env_name("loader"): mode}
+    for kv in pairs:
         key, sep, value = kv.partition("=")
-        if not sep or not key.replace("_", "").isalnum():
+        if not sep:
             raise ValueError(f"{label!r}: {kv!r} is not key=value")
-        env["HOTWEIGHTS_" + key.upper()] = value
+        if key not in known:
+            raise ValueError(f"{label!r}: {key!r} is not a config key the label may set (the read mode comes first)")
+        env[config.env_name(key)] = value
     return env
 
 
@@ -167,20 +172,22 @@ class HostBuffers:
             raise ValueError(f"buffer kind {kind!r}: one of {', '.join(BUFFER_KINDS)}")
         self.touch = touch
         self.kind = kind
-        self.maps: dict[int, tuple[int, object]] = {}  # size -> (address, what keeps it alive)
+        # size -> [address, mapping, ctypes anchor] (None, None for the driver's memory): a list, so that
+        # releasing it can drop the anchor, the last reference into the mapping, before closing the mapping
+        self.maps: dict[int, list] = {}
 
     def get(self, nbytes: int) -> int:
         if nbytes not in self.maps:
             self.maps[nbytes] = self._make(nbytes)
         return self.maps[nbytes][0]
 
-    def _make(self, nbytes: int) -> tuple[int, object]:
+    def _make(self, nbytes: int) -> list:
         from hotweights.cuda import devices as cd
 
         if self.kind == "pinned":
             with cd.current(0) as drv:
                 flags = int(drv.CU_MEMHOSTALLOC_PORTABLE)
-                return int(cd.check(drv.cuMemHostAlloc(nbytes, flags), "cuMemHostAlloc", bytes=nbytes)), None
+                return [int(cd.check(drv.cuMemHostAlloc(nbytes, flags), "cuMemHostAlloc", bytes=nbytes)), None, None]
         if self.kind == "shared":
             m = mmap.mmap(-1, nbytes)
             anchor = ctypes.c_char.from_buffer(m)
@@ -194,16 +201,22 @@ class HostBuffers:
         if self.touch:
             ctypes.memset(ptr, 1, nbytes)
         if self.kind == "pinned-thp":
-            with cd.current(0) as drv:
-                cd.check(drv.cuMemHostRegister(ptr, nbytes, int(drv.CU_MEMHOSTREGISTER_PORTABLE)), "cuMemHostRegister")
-        return ptr, (m, anchor)
+            try:
+                with cd.current(0) as drv:
+                    flags = int(drv.CU_MEMHOSTREGISTER_PORTABLE)
+                    cd.check(drv.cuMemHostRegister(ptr, nbytes, flags), "cuMemHostRegister")
+            except BaseException:
+                del anchor
+                m.close()
+                raise
+        return [ptr, m, anchor]
 
     def huge_share(self) -> float | None:
         """The share of the regions the kernel backs with huge pages (``AnonHugePages`` of their mappings in
         /proc/self/smaps); None for memory the driver mapped (``pinned``) or before any region exists."""
         if self.kind == "pinned" or not self.maps:
             return None
-        spans = [(p, p + n) for n, (p, _) in self.maps.items()]
+        spans = [(entry[0], entry[0] + n) for n, entry in self.maps.items()]
         huge = total = 0
         current = None
         with open("/proc/self/smaps") as f:
@@ -218,27 +231,35 @@ class HostBuffers:
         return round(huge / total, 3) if total else None
 
     def close(self) -> None:
-        maps = [self._release(ptr, keep) for ptr, keep in self.maps.values()]
-        self.maps = {}
-        gc.collect()  # the ctypes anchors into the mappings must go before close()
-        for m in maps:
+        """Gives every region back, one at a time (forgotten before it is released, so a failure never
+        frees one twice); the first failure is raised once the rest are released."""
+        failed: BaseException | None = None
+        while self.maps:
             try:
-                if m is not None:
-                    m.close()
-            except BufferError:
-                pass
+                self._release(self.maps.popitem()[1])
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
-    def _release(self, ptr: int, keep: object) -> mmap.mmap | None:
-        """Gives pinned memory back to the driver; returns the mapping to close (None: the driver's)."""
+    def _release(self, entry: list) -> None:
         from hotweights.cuda import devices as cd
 
-        if self.kind in ("pinned", "pinned-thp"):
-            with cd.current(0) as drv:
-                if self.kind == "pinned":
-                    cd.check(drv.cuMemFreeHost(ptr), "cuMemFreeHost")
-                else:
-                    cd.check(drv.cuMemHostUnregister(ptr), "cuMemHostUnregister")
-        return keep[0] if isinstance(keep, tuple) else None
+        ptr, m = entry[0], entry[1]
+        entry.clear()  # the anchor into the mapping goes with it
+        try:
+            if self.kind in ("pinned", "pinned-thp"):
+                with cd.current(0) as drv:
+                    if self.kind == "pinned":
+                        cd.check(drv.cuMemFreeHost(ptr), "cuMemFreeHost")
+                    else:
+                        cd.check(drv.cuMemHostUnregister(ptr), "cuMemHostUnregister")
+        finally:
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:
+                    print(f"bench_cold: a {self.kind} buffer is still referenced and stays mapped", file=sys.stderr)
 
 
 def native_read(
@@ -445,6 +466,8 @@ def main() -> int:
         ap.error(f"--modes: {exc}")
     if not modes:
         ap.error(f"--modes: a comma list of {', '.join(MODES)}")
+    if len(set(modes)) != len(modes):
+        ap.error("--modes: a label given twice (each runs its own daemon)")
     if set(peers) - set(bl.PEERS):
         ap.error(f"--peers: a comma list of {', '.join(bl.PEERS)}")
 

@@ -1231,11 +1231,10 @@ def main() -> int:
             res.note(f"hotweights cold (odirect): {r['gbps']} GB/s")
         finally:
             od.close()
-        # The default above runs O_DIRECT on the python workers; beside it, the native loop, with the run's
-        # readers and with fewer (how deep a queue the device likes).
-        variants = {}
+        # The default above runs O_DIRECT on the native loop where it is built; beside it, the python workers,
+        # and the native loop with fewer readers (how deep a queue the device likes).
+        variants: dict[str, dict] = {"python": dict(engine="python")}
         if native.unavailable_reason() is None:
-            variants["native"] = dict(engine="native")
             variants.update({f"native {t} threads": dict(threads=t, engine="native") for t in args.cold_threads})
         for label, kw in variants.items():
             if budget() < 2 * est + 40:

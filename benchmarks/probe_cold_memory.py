@@ -86,35 +86,38 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     doc = res.doc
     doc["args"] = vars(args)
-    touch = threading.Thread(target=lambda: doc.setdefault("pretouch_s", bl.pretouch(int(args.gb * 4 * GB))))
-    touch.start()
-    doc["checkpoint"] = bl.make_checkpoint(work, 1, args.gb * GB, 4, 8, res)
-    touch.join()
-    paths = bl.rank_files(work, 0)
-    doc["limits"] = queue_limits(paths[0])
-    res.note(f"limits: {doc['limits']}")
-    mem = {m: bc.HostBuffers(kind=m) for m in memories}
-    for m in mem.values():  # made before anything is timed
-        for size, threads in SHAPES.values():
-            m.get(size * threads)
-    doc["huge_share"] = {k: m.huge_share() for k, m in mem.items()}
-    labels = [f"{m} {s}" for m in memories for s in SHAPES]
-    nbytes = sum(os.path.getsize(p) for p in paths)
+    mem: dict[str, bc.HostBuffers] = {}
+    try:
+        touch = threading.Thread(target=lambda: doc.setdefault("pretouch_s", bl.pretouch(int(args.gb * 4 * GB))))
+        touch.start()
+        doc["checkpoint"] = bl.make_checkpoint(work, 1, args.gb * GB, 4, 8, res)
+        touch.join()
+        paths = bl.rank_files(work, 0)
+        doc["limits"] = queue_limits(paths[0])
+        res.note(f"limits: {doc['limits']}")
+        for kind in memories:  # made before anything is timed
+            mem[kind] = bc.HostBuffers(kind=kind)
+            for size, threads in SHAPES.values():
+                mem[kind].get(size * threads)
+        doc["huge_share"] = {k: m.huge_share() for k, m in mem.items()}
+        labels = [f"{m} {s}" for m in memories for s in SHAPES]
+        nbytes = sum(os.path.getsize(p) for p in paths)
 
-    def once(label: str) -> float:
-        kind, shape = label.split(" ", 1)
-        size, threads = SHAPES[shape]
-        bc.prepare(paths, "cold")
-        n, dt = bc.native_read(paths, size, threads, True, mem[kind])
-        return bl.rate(n, dt)
+        def once(label: str) -> float:
+            kind, shape = label.split(" ", 1)
+            size, threads = SHAPES[shape]
+            bc.prepare(paths, "cold")
+            n, dt = bc.native_read(paths, size, threads, True, mem[kind])
+            return bl.rate(n, dt)
 
-    out = bc.interleaved(labels, args.reps, once, lambda: deadline - time.monotonic(), nbytes / GB / 1.2 + 1)
-    doc["reads"] = out
-    res.note("; ".join(f"{k} {v['median']} [{v['min']}-{v['max']}]" for k, v in out.items()))
-    res.save()
-    for m in mem.values():
-        m.close()
-    shutil.rmtree(work, ignore_errors=True)
+        out = bc.interleaved(labels, args.reps, once, lambda: deadline - time.monotonic(), nbytes / GB / 1.2 + 1)
+        doc["reads"] = out
+        res.note("; ".join(f"{k} {v['median']} [{v['min']}-{v['max']}]" for k, v in out.items()))
+        res.save()
+    finally:
+        for m in mem.values():
+            m.close()
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

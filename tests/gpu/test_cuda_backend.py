@@ -55,15 +55,13 @@ def b():
 def loaded_by(ckpt, **settings):
     """(layout, allocations, description) of rank 0 loaded by a backend of its own with ``settings``; the
     allocations and the backend are closed on the way out, whatever the test asserted."""
-    be = backend(**settings)
-    allocs: list = []
-    try:
+    with contextlib.ExitStack() as stack:
+        be = backend(**settings)
+        stack.callback(be.close)
         layout, allocs, desc = load(be, ckpt)
+        for a in allocs:  # closed before the backend, each whatever the others did
+            stack.callback(a.close)
         yield layout, allocs, desc
-    finally:
-        for a in allocs:
-            a.close()
-        be.close()
 
 
 def region_spec(allocs, fds=None) -> list[dict]:
