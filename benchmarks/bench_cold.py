@@ -11,7 +11,9 @@ interleaved repetitions (A B C A B C ...) with its min and max:
   with each of 16 threads reading its own contiguous range (4 MiB reads, python threads), and the loader's
   own shape, O_DIRECT 4 MiB x 12 into ``cuMemHostAlloc`` memory (not with ``--smoke``): what the fill would
   reach if its copies cost nothing. (Until 2026-12-02 the raw readers read into a shared anonymous
-  mapping; ``probe_cold_memory.py`` found no difference between the kinds of memory);
+  mapping, where ``probe_cold_memory.py`` saw 4 MiB O_DIRECT reads at half the rate of every other kind
+  of memory, in one run that cannot tell that from the label's place in the rotation: small raw shapes of
+  earlier JSON files may read low);
 - ``cold``: the daemon (``hotweights serve``, one per read mode of ``--modes``: auto, pread, odirect, each
   optionally with config keys set, ``auto+loader_threads=16``: an A/B of a setting in one rotation)
   loading the rank with every file dropped from the page cache, and in the same rotation each installed peer
