@@ -3,7 +3,7 @@
 
 One run writes one rank of a Llama-70B-like TP shard (``bench_load.make_checkpoint``; ``--rank-gb`` in
 ``--files`` files) on a disk (``--workdir``, not tmpfs) and measures, every figure a median of ``--reps``
-interleaved repetitions (A B C A B C ...) with its min and max:
+interleaved repetitions (A B C, B C A, C A B, ...) with its min and max:
 
 - ``raw``: the cold read ceiling, the best of several read shapes into host memory with no GPU copy:
   O_DIRECT at 512 KiB, 4 MiB and 64 MiB with 16 readers, O_DIRECT 1 MiB with 64 readers (a deep queue),
@@ -362,13 +362,16 @@ def spread(samples: list[float]) -> dict:
 
 
 def interleaved(labels: list[str], reps: int, once: Callable[[str], float], budget: Callable[[], float], need: float):
-    """``once(label)`` for A B C A B C ..., ``reps`` rounds (fewer where the budget runs short, never fewer
-    than one); {label: spread of the rates}."""
+    """``once(label)`` for A B C, B C A, C A B, ...: ``reps`` rounds (fewer where the budget runs short, never
+    fewer than one), each round starting one label later, so no label always runs first or always follows
+    the same one (a pass's place in the round showed in its rate on the VMs); {label: spread of the rates},
+    the samples in round order."""
     got: dict[str, list[float]] = {k: [] for k in labels}
     for r in range(reps):
         if r and budget() < need * len(labels):
             break
-        for k in labels:
+        shift = r % max(1, len(labels))
+        for k in labels[shift:] + labels[:shift]:
             v = once(k)  # None: no figure (a peer that failed)
             if v is not None:
                 got[k].append(v)

@@ -2,9 +2,10 @@
 """Cold O_DIRECT reads by where they land: does the memory a read goes into change the cold rate?
 
 The cold benchmark's raw shapes read into plain anonymous memory (``bench_cold.HostBuffers``); the loader
-reads into its pinned ring (``cuMemHostAlloc``). The labels run in a fixed rotation, the order of
-``--memories``: on the 2-core CI VM the first label was slow in three orders of four whatever its memory,
-so put the kind under suspicion elsewhere than first. O_DIRECT builds each request from the pages of the
+reads into its pinned ring (``cuMemHostAlloc``). Each round starts one label later
+(``bench_cold.interleaved``): in the run of 2026-12-02, when rounds did not rotate, the first label of each
+round read slow, and on the 2-core CI VM the first label was slow in three orders of four whatever its
+memory. O_DIRECT builds each request from the pages of the
 destination, and a block device takes at most ``max_segments`` of them per request, so a destination of
 scattered 4 KiB pages can cut a large read into smaller requests than a physically contiguous one. This
 probe reads the same cold files O_DIRECT on the native engine (host mode: reads only, no copies) into:

@@ -97,3 +97,18 @@ def test_raw_read_reads_whole_files_buffered(tmp_path):
         write(Path(p), n)
     nbytes, dt, fallbacks = bench_load.raw_read(paths, FakeRing(3, 16 * KiB), direct=False)
     assert nbytes == 58 * KiB + 3 and dt > 0 and fallbacks == 0
+
+
+def test_interleaved_rounds_rotate_so_no_label_always_runs_first():
+    order: list[str] = []
+
+    def once(label: str) -> float:
+        order.append(label)
+        return float(len(order))
+
+    out = bench_cold.interleaved(["a", "b", "c"], 4, once, lambda: 1e9, 1.0)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert out["b"]["samples"] == [2.0, 4.0, 9.0, 11.0]  # in round order
+    # a short budget ends after the first round, never before it
+    order.clear()
+    assert set(bench_cold.interleaved(["a", "b"], 5, once, lambda: 0.0, 1.0)) == {"a", "b"} and len(order) == 2
