@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from support.ckpt_tools import write_model
@@ -61,6 +62,27 @@ def test_second_name_is_resident_once_and_outlives_the_first(daemon, tmp_path):
     assert run_client("attach_compare_file", daemon.socket, "b@v1", str(path)).stdout.split()[0] == "OK"
     assert _json(daemon, "unload", "b")["bytes_freed"] == one[0]
     assert _resident(daemon.status()) == (0, 0, 0)
+
+
+def test_two_names_loaded_at_once_are_resident_once(daemon, tmp_path):
+    """Two operators load the same files under two names at the same moment: whichever reads, the other
+    takes its memory (READY, or still being read: it waits for that read), so it is resident once."""
+    path = _model(tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(_json, daemon, "load", n, str(path.parent), "--version", "v1") for n in ("a", "b")]
+        for r in runs:
+            assert r.result()["state"] == "READY"
+    st = daemon.status()
+    shares = {v["name"]: v["shares_memory_with"] for v in st["versions"]}
+    assert sorted(shares.values()) in (["", "a@v1"], ["", "b@v1"]), shares  # one read, the other shares it
+    reader = next(n for n, s in shares.items() if not s)
+    resident = _resident(st)
+    nbytes = next(v["bytes"] for v in st["versions"] if v["name"] == reader)
+    assert resident[0] == resident[1] and nbytes <= resident[0] < 2 * nbytes  # one copy, not two
+    sharer = "b" if reader == "a" else "a"
+    assert _json(daemon, "unload", reader)["bytes_freed"] == 0  # the other still holds the copy
+    assert run_client("attach_compare_file", daemon.socket, f"{sharer}@v1", str(path)).stdout.split()[0] == "OK"
+    assert _json(daemon, "unload", sharer)["bytes_freed"] == resident[0]
 
 
 def test_a_restart_from_the_fd_store_keeps_both_names_resident_once(svc, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import resource
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.roots import ModelRoots
 from hotweightsd.loaders.files import open_source
 from support.ckpt_tools import write_model
+from support.threads import started
 
 # A refusal that blocked would hang the test: each call runs in a thread given this long to return.
 DEADLINE = 30.0
@@ -44,21 +44,7 @@ def files_open_under(root: Path) -> list[str]:
 
 def returns(fn):
     """fn()'s result or exception, or AssertionError if it does not return before DEADLINE (it blocked)."""
-    out: dict[str, object] = {}
-
-    def call() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=call, daemon=True)
-    t.start()
-    t.join(DEADLINE)
-    assert not t.is_alive(), f"{fn} blocked"
-    if "error" in out:
-        raise out["error"]  # type: ignore[misc]
-    return out["value"]
+    return started(fn)(DEADLINE)
 
 
 @pytest.fixture

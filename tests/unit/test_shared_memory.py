@@ -25,6 +25,7 @@ from hotweightsd.persist.fdstore import Persister, restore
 from hotweightsd.server.metrics import snapshot
 from support.ckpt_tools import versioned_model
 from support.svcmgr import hand_over_fds
+from support.threads import started
 
 MiB = 2**20
 
@@ -246,12 +247,67 @@ def test_a_shared_load_is_still_verified_at_its_level(manager, tmp_path):
     assert [v.key for v in manager.versions()] == ["a@v1"]
 
 
-def test_a_version_that_is_not_ready_is_not_shared(manager, tmp_path):
+def test_a_load_of_files_another_is_reading_waits_for_that_read_and_shares_it(manager, tmp_path):
     path = str(versioned_model(tmp_path, 1))
-    first = manager.start_load("a", path, version="v1")  # registered, not read yet
-    b = manager.load("b", path, version="v1")
-    first.run()
-    assert not b.shares and manager.backend.fills == 2
+    first = manager.start_load("a", path, version="v1")  # registered and allocated, not read yet
+    allocs = manager.backend.allocations
+    second = manager.start_load("b", path, version="v1", alias="prod")
+    b = second.version
+    assert b.state is State.LOADING and b.shares == "a@v1" and not b.ranks
+    assert manager.backend.allocations == allocs  # nothing allocated for b
+    done = started(second.run)
+    a = first.run()
+    assert done(60) is b
+    assert b.state is State.READY and _same_objects(a, b) and b.bytes_done == b.bytes_total == a.bytes_total
+    assert manager.backend.fills == 1 and manager.backend.allocations == allocs  # read once
+    assert b.load_path == "shares the memory of a@v1 (same files): nothing read"
+    assert manager.aliases() == {"prod": "b@v1"} and manager.shares_with(b) == "a@v1"
+    assert manager.resident_bytes() == a.resident_bytes
+    assert _equal_to_file(_read_all(manager, "b@v1"), Path(path))
+
+
+def test_when_the_read_it_waits_for_goes_away_it_reads_the_files_itself(manager, tmp_path):
+    path = str(versioned_model(tmp_path, 1))
+    first = manager.start_load("a", path, version="v1")
+    second = manager.start_load("b", path, version="v1")
+    done = started(second.run)
+    manager.unload("a@v1")  # before a reads anything
+    with pytest.raises(errors.HotweightsError):
+        first.run()
+    b = done(60)
+    assert b.state is State.READY and not b.shares and manager.shares_with(b) == ""
+    assert [v.key for v in manager.versions()] == ["b@v1"]
+    assert manager.resident_bytes() == b.resident_bytes > 0
+    assert _equal_to_file(_read_all(manager, "b@v1"), Path(path))
+    manager.unload("b@v1")
+    assert manager.backend._resident == 0
+
+
+def test_unloading_a_version_that_waits_on_another_read_ends_its_wait(manager, tmp_path):
+    path = str(versioned_model(tmp_path, 1))
+    first = manager.start_load("a", path, version="v1")
+    second = manager.start_load("b", path, version="v1")
+    done = started(second.run)
+    assert manager.unload("b@v1") == (["b@v1"], 0)
+    with pytest.raises(errors.Unavailable, match="b@v1 was unloaded while loading"):
+        done(60)
+    a = first.run()
+    assert a.state is State.READY and manager.backend.fills == 1
+    assert [v.key for v in manager.versions()] == ["a@v1"]
+
+
+def test_a_third_load_of_the_same_files_waits_on_the_reader_not_on_a_waiter(manager, tmp_path):
+    """Only a version that reads is waited on: a third load of the same files joins the first reader,
+    not the one waiting on it."""
+    path = str(versioned_model(tmp_path, 1))
+    first = manager.start_load("a", path, version="v1")
+    second = manager.start_load("b", path, version="v1")
+    third = manager.start_load("c", path, version="v1")
+    assert second.version.shares == third.version.shares == "a@v1"
+    waits = [started(second.run), started(third.run)]
+    a = first.run()
+    b, c = (w(60) for w in waits)
+    assert _same_objects(a, b) and _same_objects(a, c) and manager.backend.fills == 1
 
 
 def _stored_a_and_b(tmp_path, edit=None) -> tuple[str, Path, Path, dict[str, list[int]]]:

@@ -9,8 +9,10 @@ another caller. Guarantees:
   reference; a client's mapping keeps its pages alive);
 - a load that would not fit is refused before any file is read;
 - a load of the very files a READY version was read from (same inodes, sizes, mtimes and headers,
-  whatever the path) shares that version's allocations and reads no tensor data; an allocation is freed
-  when the last registered version holding it goes, and counted once in what is resident;
+  whatever the path) shares that version's allocations and reads no tensor data; one of files another
+  version is still reading waits for that read and shares its result (and reads them itself if that
+  read fails or goes away); an allocation is freed when the last registered version holding it goes,
+  and counted once in what is resident;
 - a version retired by a swap or a deferred unload is freed when its last lease ends, and no
   sooner than its hold: the previous version a swap keeps for a rollback stays ``keep_previous_seconds``,
   and one restored after a restart waits ``relet_grace`` seconds for its holders to lease it again;
@@ -306,7 +308,9 @@ class ModelManager:
         for it to be READY and points ``alias`` at it. The same version from other content is a
         ``ContentMismatch``. A new version of the very files another READY version was read from
         (in the same mode, on the devices asked for) is registered READY on that version's memory
-        (``shares``): it is verified, but nothing is admitted, read or allocated. Without ``version`` the
+        (``shares``): it is verified, but nothing is admitted, read or allocated. One of the very files
+        another version is still reading is registered LOADING, and its ``run`` waits for that read and
+        takes its memory, or, where that read fails or is unloaded, reads the files itself. Without ``version`` the
         version is the checkpoint's fingerprint, so the same checkpoint loaded again is the same version.
         """
         self._check_open()
@@ -322,7 +326,7 @@ class ModelManager:
         except BaseException:
             ckpt.close()
             raise
-        if start.already_loaded or start.version.shares:  # nothing to read
+        if start.already_loaded or start.version.state is State.READY:  # nothing to read
             ckpt.close()
             return start
 
@@ -361,13 +365,10 @@ class ModelManager:
         # same files with verify=none). Only tensor data is never read again.
         self.verify(ckpt, verify)
         wanted = list(device_map or [])
-        shared = self._share(name, version, alias, content, mode, wanted, ckpt.world_size, str(ckpt.path))
+        shared = self._share(ckpt, name, version, alias, content, mode, wanted)
         if shared is not None:
             return shared
-        devices = self._place(ckpt.world_size, wanted)
-        layouts = [
-            plan_rank(r, self.backend.granularity(devices[r.rank]), self.backend.max_allocation()) for r in ckpt.ranks
-        ]
+        layouts, devices = self._plan(ckpt, wanted)
         mv = ModelVersion(
             name=name,
             version=version,
@@ -385,9 +386,7 @@ class ModelManager:
         if old is not None:
             return self._rejoin(old, alias)
         try:
-            with self._admit_lock:
-                self._admit(mv, layouts, devices)
-                self._allocate(mv, layouts, devices)
+            self._admit_and_allocate(mv, layouts, devices)
         except BaseException as exc:
             with self._txn() as fx:
                 self._fail(mv, exc, fx, publish=False)
@@ -406,6 +405,21 @@ class ModelManager:
         )
         return LoadStart(mv, lambda: self._fill(mv, alias), False)
 
+    def _plan(self, ckpt: Checkpoint, wanted: list[int]) -> tuple[list[RankLayout], list[int]]:
+        """Where each rank of ``ckpt`` goes (its device) and how it lies in its allocations."""
+        devices = self._place(ckpt.world_size, wanted)
+        layouts = [
+            plan_rank(r, self.backend.granularity(devices[r.rank]), self.backend.max_allocation()) for r in ckpt.ranks
+        ]
+        return layouts, devices
+
+    def _admit_and_allocate(self, mv: ModelVersion, layouts: list[RankLayout], devices: list[int]) -> None:
+        """Refuses ``mv`` where it does not fit, else allocates its ranks; on failure what was allocated
+        stays on ``mv`` for ``_fail`` to free."""
+        with self._admit_lock:
+            self._admit(mv, layouts, devices)
+            self._allocate(mv, layouts, devices)
+
     def _check_names(self, name: str, alias: str | None) -> None:
         """Refuses a model name that is an alias, or an alias that is a model's name (lock held)."""
         if alias and alias in {v.name for v in self._versions.values()} | {name}:
@@ -416,70 +430,74 @@ class ModelManager:
             raise InvalidArgument(f"{shorten(name)!r} is an alias; a model cannot share its name")
 
     def _sharable(
-        self, content: ContentId, mode: AllocationMode, device_map: list[int], world: int
+        self, content: ContentId, mode: AllocationMode, device_map: list[int], world: int, state: State = State.READY
     ) -> ModelVersion | None:
-        """A READY version read from the very same files, in the same mode and on the devices
-        ``device_map`` asks for (any, without one): its memory holds exactly what a load would read
-        (lock held). The oldest such version, so that every sharer names the same one."""
+        """A version in ``state`` read from the very same files, in the same mode and on the devices
+        ``device_map`` asks for (any, without one) (lock held). READY: its memory holds exactly what a load
+        would read; the oldest such version, so that every sharer names the same one. LOADING: one reading
+        the files itself (not one waiting on another's read), its ranks allocated."""
         candidates = [
             v
             for v in self._versions.values()
-            if v.state is State.READY
+            if v.state is state
             and not v.freed
             and v.mode is mode
             and v.world_size == world
             and v.content is not None
             and v.content.same_files(content)
+            and (state is State.READY or (not v.shares and len(v.ranks) == world))
             and (not device_map or [r.device for r in sorted(v.ranks, key=lambda r: r.rank)] == device_map)
         ]
         return min(candidates, key=lambda v: v.created, default=None)
 
     def _share(
         self,
+        ckpt: Checkpoint,
         name: str,
         version: str,
         alias: str | None,
         content: ContentId,
         mode: AllocationMode,
         device_map: list[int],
-        world: int,
-        path: str,
     ) -> LoadStart | None:
-        """Registers ``name@version`` READY on the memory of a version read from the same files, when
-        there is one: nothing is admitted, allocated or read (the bytes are resident already). None
-        when no version qualifies."""
+        """Registers ``name@version`` on the memory of a version read from the same files, when there is
+        one: READY on a READY version's memory (nothing admitted, allocated or read: the bytes are resident
+        already), or LOADING beside a version still reading them, to take its memory once it is READY
+        (``_share_when_read``). None when no version qualifies."""
         key = f"{name}@{version}"
+        world = ckpt.world_size
         with self._txn() as fx:
             source = self._sharable(content, mode, device_map, world)
-            if source is None:
+            reading = None if source is not None else self._sharable(content, mode, device_map, world, State.LOADING)
+            if source is None and reading is None:
                 return None
             self._check_names(name, alias)
             if key in self._versions:  # a concurrent load of the same key won the race: rejoin it
                 old = self._existing(key, content)
                 if old is not None:
                     return self._rejoin(old, alias)
-            note = f"shares the memory of {source.key} (same files): nothing read"
-            mv = ModelVersion(
-                name=name,
-                version=version,
-                source=path,
-                world_size=source.world_size,
-                mode=mode,
-                state=State.READY,
-                bytes_total=source.bytes_total,
-                bytes_done=source.bytes_total,
-                content=content,
-                load_path=note,
-                shares=source.key,
-                ranks=[
-                    ResidentRank(r.rank, r.device, r.layout, list(r.allocations), load_path=note) for r in source.ranks
-                ],
-            )
+            if reading is not None:
+                mv = ModelVersion(
+                    name=name,
+                    version=version,
+                    source=str(ckpt.path),
+                    world_size=world,
+                    mode=mode,
+                    bytes_total=reading.bytes_total,
+                    content=content,
+                    shares=reading.key,
+                )
+                self._versions[key] = mv
+                fx.publish(EventKind.VERSION_ADDED, name, version=version, message=str(ckpt.path))
+                fx.log("info", "load.waits", model=key, source=reading.key, path=str(ckpt.path))
+                return LoadStart(mv, partial(self._share_when_read, mv, reading, ckpt, alias, device_map), False)
+            assert source is not None
+            mv = self._sharer(name, version, str(ckpt.path), content, mode, source)
             self._versions[key] = mv
             self._changed.notify_all()
-            fx.publish(EventKind.VERSION_ADDED, name, version=version, message=path)
-            fx.log("info", "load.shared", model=key, source=source.key, path=path, bytes=mv.bytes_total)
-            fx.publish(EventKind.VERSION_READY, name, version=version, message=note)
+            fx.publish(EventKind.VERSION_ADDED, name, version=version, message=str(ckpt.path))
+            fx.log("info", "load.shared", model=key, source=source.key, path=str(ckpt.path), bytes=mv.bytes_total)
+            fx.publish(EventKind.VERSION_READY, name, version=version, message=mv.load_path)
 
         def run() -> ModelVersion:
             if alias:
@@ -487,6 +505,69 @@ class ModelManager:
             return mv
 
         return LoadStart(mv, run, False)
+
+    @staticmethod
+    def _sharer(
+        name: str,
+        version: str,
+        path: str,
+        content: ContentId | None,
+        mode: AllocationMode,
+        source: ModelVersion,
+    ) -> ModelVersion:
+        """A READY version on ``source``'s memory: its own ranks, the same allocations."""
+        note = f"shares the memory of {source.key} (same files): nothing read"
+        return ModelVersion(
+            name=name,
+            version=version,
+            source=path,
+            world_size=source.world_size,
+            mode=mode,
+            state=State.READY,
+            bytes_total=source.bytes_total,
+            bytes_done=source.bytes_total,
+            content=content,
+            load_path=note,
+            shares=source.key,
+            ranks=[ResidentRank(r.rank, r.device, r.layout, list(r.allocations), load_path=note) for r in source.ranks],
+        )
+
+    def _share_when_read(
+        self, mv: ModelVersion, reading: ModelVersion, ckpt: Checkpoint, alias: str | None, device_map: list[int]
+    ) -> ModelVersion:
+        """``run`` of a version registered beside ``reading`` (the same files): waits for that read, then
+        takes its memory; reads the files itself where that read failed or was unloaded."""
+        with self._lock:
+            while reading.state is State.LOADING and not mv.cancel.is_set():
+                self._changed.wait(0.5)
+        with self._txn() as fx:
+            if mv.cancel.is_set() or self._versions.get(mv.key) is not mv:
+                raise Unavailable(f"{mv.key} was unloaded while loading")
+            taken = reading.state is State.READY and not reading.freed and self._versions.get(reading.key) is reading
+            if taken:
+                done = self._sharer(mv.name, mv.version, mv.source, mv.content, mv.mode, reading)
+                mv.ranks, mv.load_path, mv.bytes_total = done.ranks, done.load_path, done.bytes_total
+                mv.bytes_done = mv.bytes_total
+                mv.state = State.READY
+                self._changed.notify_all()
+                fx.log("info", "load.shared", model=mv.key, source=reading.key, path=mv.source, bytes=mv.bytes_total)
+                fx.publish(EventKind.VERSION_READY, mv.name, version=mv.version, message=mv.load_path)
+            else:
+                mv.shares = ""
+                fx.log("info", "load.reads_itself", model=mv.key, source=reading.key, state=reading.state.value)
+        if taken:
+            if alias:
+                self.set_alias(alias, mv.key, create=True)
+            return mv
+        try:
+            layouts, devices = self._plan(ckpt, device_map)
+            mv.bytes_total = sum(lay.nbytes for lay in layouts)
+            self._admit_and_allocate(mv, layouts, devices)
+        except BaseException as exc:
+            with self._txn() as fx:
+                self._fail(mv, exc, fx)
+            raise
+        return self._fill(mv, alias)
 
     def _existing(self, key: str, content: ContentId) -> ModelVersion | None:
         """The registered version ``key`` when it holds ``content`` (lock held); None when there is none
