@@ -287,13 +287,44 @@ def test_unloading_a_version_that_waits_on_another_read_ends_its_wait(manager, t
     path = str(versioned_model(tmp_path, 1))
     first = manager.start_load("a", path, version="v1")
     second = manager.start_load("b", path, version="v1")
+    events = []
+    manager.events.subscribe(events.append)
     done = started(second.run)
+    with pytest.raises(AssertionError, match="still running"):
+        done(0.2)  # waiting: a has not read yet
     assert manager.unload("b@v1") == (["b@v1"], 0)
     with pytest.raises(errors.Unavailable, match="b@v1 was unloaded while loading"):
         done(60)
+    # it ends as any load cancelled by an unload: freed, then failed
+    assert [(e.kind, e.name) for e in events] == [(EventKind.VERSION_FREED, "b"), (EventKind.VERSION_FAILED, "b")]
     a = first.run()
     assert a.state is State.READY and manager.backend.fills == 1
     assert [v.key for v in manager.versions()] == ["a@v1"]
+
+
+def test_of_two_loads_waiting_on_a_read_that_goes_away_one_reads_and_the_other_shares_it(tmp_path):
+    """Room for one copy and a half: the waiters decide only once the cancelled read has freed its
+    memory, and then one reads while the other waits on it, so both end READY on one copy."""
+    path = str(versioned_model(tmp_path, 1))
+    probe = ModelManager(CountingBackend(memory_limit=64 * MiB))
+    try:
+        one = sum(a.size for r in probe.start_load("x", path).version.ranks for a in r.allocations)
+    finally:
+        probe.close()
+    m = ModelManager(CountingBackend(memory_limit=one + one // 2))
+    try:
+        first = m.start_load("a", path, version="v1")
+        waits = [started(m.start_load(n, path, version="v1").run) for n in ("b", "c")]
+        m.unload("a@v1")
+        with pytest.raises(errors.HotweightsError):
+            first.run()
+        b, c = (w(60) for w in waits)
+        assert b.state is State.READY and c.state is State.READY
+        assert sorted([b.shares, c.shares]) in (["", "b@v1"], ["", "c@v1"])
+        assert _same_objects(b, c) and m.resident_bytes() == one
+        assert _equal_to_file(_read_all(m, "c@v1"), Path(path))
+    finally:
+        m.close()
 
 
 def test_a_third_load_of_the_same_files_waits_on_the_reader_not_on_a_waiter(manager, tmp_path):

@@ -392,6 +392,7 @@ class ModelManager:
                 self._fail(mv, exc, fx, publish=False)
                 if self._versions.get(mv.key) is mv:
                     del self._versions[mv.key]
+            self._settle(mv)
             raise
         with self._txn() as fx:
             fx.publish(EventKind.VERSION_ADDED, name, version=version, message=str(ckpt.path))
@@ -435,17 +436,18 @@ class ModelManager:
         """A version in ``state`` read from the very same files, in the same mode and on the devices
         ``device_map`` asks for (any, without one) (lock held). READY: its memory holds exactly what a load
         would read; the oldest such version, so that every sharer names the same one. LOADING: one reading
-        the files itself (not one waiting on another's read), its ranks allocated."""
+        the files itself (not one waiting on another's read)."""
         candidates = [
             v
             for v in self._versions.values()
             if v.state is state
-            and not v.freed
+            and (state is State.LOADING or not v.freed)  # a reader may not have allocated yet
             and v.mode is mode
             and v.world_size == world
             and v.content is not None
             and v.content.same_files(content)
-            and (state is State.READY or (not v.shares and len(v.ranks) == world))
+            and (state is State.READY or not v.shares)  # a LOADING one reads, rather than waits
+            and (not device_map or len(v.ranks) == world)
             and (not device_map or [r.device for r in sorted(v.ranks, key=lambda r: r.rank)] == device_map)
         ]
         return min(candidates, key=lambda v: v.created, default=None)
@@ -535,30 +537,50 @@ class ModelManager:
     def _share_when_read(
         self, mv: ModelVersion, reading: ModelVersion, ckpt: Checkpoint, alias: str | None, device_map: list[int]
     ) -> ModelVersion:
-        """``run`` of a version registered beside ``reading`` (the same files): waits for that read, then
-        takes its memory; reads the files itself where that read failed or was unloaded."""
-        with self._lock:
-            while reading.state is State.LOADING and not mv.cancel.is_set():
-                self._changed.wait(0.5)
-        with self._txn() as fx:
-            if mv.cancel.is_set() or self._versions.get(mv.key) is not mv:
+        """``run`` of a version registered beside ``reading`` (the same files): waits until that load has
+        settled, then takes a READY version's memory, or waits on another version reading the files, or,
+        with neither, reads them itself (so of several waiters whose reader went away, one reads)."""
+        assert mv.content is not None
+        while True:
+            with self._lock:
+                while not reading.settled.is_set() and not mv.cancel.is_set():
+                    self._changed.wait(0.5)
+            source = nxt = None
+            with self._txn() as fx:
+                gone = mv.cancel.is_set() or self._versions.get(mv.key) is not mv
+                if gone:  # unloaded while it waited: it ends as any cancelled load does
+                    self._fail(mv, Unavailable(f"{mv.key} was unloaded while loading"), fx)
+                else:
+                    source = self._sharable(mv.content, mv.mode, device_map, mv.world_size)
+                    if source is None:
+                        nxt = self._sharable(mv.content, mv.mode, device_map, mv.world_size, State.LOADING)
+                if source is not None:
+                    done = self._sharer(mv.name, mv.version, mv.source, mv.content, mv.mode, source)
+                    mv.ranks, mv.load_path, mv.shares = done.ranks, done.load_path, done.shares
+                    mv.bytes_total = mv.bytes_done = done.bytes_total
+                    mv.state = State.READY
+                    self._changed.notify_all()
+                    fx.log("info", "load.shared", model=mv.key, source=source.key, path=mv.source, bytes=mv.bytes_total)
+                    fx.publish(EventKind.VERSION_READY, mv.name, version=mv.version, message=mv.load_path)
+                elif nxt is not None:
+                    mv.shares = nxt.key
+                    fx.log("info", "load.waits", model=mv.key, source=nxt.key, path=mv.source)
+                elif not gone:
+                    mv.shares = ""  # from here on it reads: later loads of the same files wait on it
+                    fx.log("info", "load.reads_itself", model=mv.key, source=reading.key)
+            if gone:
+                self._settle(mv)
                 raise Unavailable(f"{mv.key} was unloaded while loading")
-            taken = reading.state is State.READY and not reading.freed and self._versions.get(reading.key) is reading
-            if taken:
-                done = self._sharer(mv.name, mv.version, mv.source, mv.content, mv.mode, reading)
-                mv.ranks, mv.load_path, mv.bytes_total = done.ranks, done.load_path, done.bytes_total
-                mv.bytes_done = mv.bytes_total
-                mv.state = State.READY
-                self._changed.notify_all()
-                fx.log("info", "load.shared", model=mv.key, source=reading.key, path=mv.source, bytes=mv.bytes_total)
-                fx.publish(EventKind.VERSION_READY, mv.name, version=mv.version, message=mv.load_path)
-            else:
-                mv.shares = ""
-                fx.log("info", "load.reads_itself", model=mv.key, source=reading.key, state=reading.state.value)
-        if taken:
-            if alias:
-                self.set_alias(alias, mv.key, create=True)
-            return mv
+            if source is not None:
+                try:
+                    if alias:
+                        self.set_alias(alias, mv.key, create=True)
+                finally:
+                    self._settle(mv)
+                return mv
+            if nxt is None:
+                break
+            reading = nxt
         try:
             layouts, devices = self._plan(ckpt, device_map)
             mv.bytes_total = sum(lay.nbytes for lay in layouts)
@@ -566,8 +588,15 @@ class ModelManager:
         except BaseException as exc:
             with self._txn() as fx:
                 self._fail(mv, exc, fx)
+            self._settle(mv)
             raise
         return self._fill(mv, alias)
+
+    def _settle(self, mv: ModelVersion) -> None:
+        """Marks ``mv``'s load as over, its effects carried out, and wakes the loads waiting on it."""
+        mv.settled.set()
+        with self._lock:
+            self._changed.notify_all()
 
     def _existing(self, key: str, content: ContentId) -> ModelVersion | None:
         """The registered version ``key`` when it holds ``content`` (lock held); None when there is none
@@ -695,6 +724,12 @@ class ModelManager:
                 resident.allocations.append(self.backend.allocate(dev, size, mv.mode))
 
     def _fill(self, mv: ModelVersion, alias: str | None) -> ModelVersion:
+        try:
+            return self._read(mv, alias)
+        finally:
+            self._settle(mv)
+
+    def _read(self, mv: ModelVersion, alias: str | None) -> ModelVersion:
         t0 = time.perf_counter()
         lock = threading.Lock()
 

@@ -82,6 +82,9 @@ class ModelVersion:
     bytes_total: int = 0
     bytes_done: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
+    # Set once its load has ended either way and what it decided has been carried out (a failed load's
+    # memory freed): a load waiting to share this one's read decides only then.
+    settled: threading.Event = field(default_factory=threading.Event)
     # What it was read from (fingerprint and file stats), to recognise a repeated load of the same content.
     content: ContentId | None = None
     # The version whose memory this one was given instead of reading its files (the same files

@@ -143,7 +143,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @stream_rpc
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> AsyncIterator[pb.LoadEvent]:
-        start = await self._refusals_counted(
+        start = await self._registered(
             self._blocking(
                 self.m.start_load,
                 request.name,
@@ -157,6 +157,24 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         )
         async for ev in self._run_load(start.version, start.run, request.wait, start.already_loaded):
             yield ev
+
+    async def _registered(self, call: asyncio.Future[T]) -> T:
+        """``call``'s result: a load (or swap) registered and admitted, with its ``run`` still to do. A caller
+        that goes away meanwhile does not stop it: once registered, its read runs in the background, or
+        the version would stay LOADING with its memory admitted, and loads of the same files wait on it."""
+        try:
+            return await self._refusals_counted(asyncio.shield(call))
+        except asyncio.CancelledError:
+            call.add_done_callback(self._run_orphan)
+            raise
+
+    def _run_orphan(self, call: asyncio.Future) -> None:
+        if call.cancelled() or call.exception() is not None:
+            return
+        task = asyncio.get_running_loop().run_in_executor(self._loads, call.result().run)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors are reported on the version
 
     async def _refusals_counted(self, call: asyncio.Future[T]) -> T:
         """``call``'s result; a load it refuses (before reading: no VERSION_FAILED event) is counted."""
@@ -418,7 +436,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 f"drain_timeout_seconds must be a finite number of seconds >= 0, got {drain_timeout}"
             )
         verify = convert.enum_arg(convert.VERIFY_OF, request.verify, "verify")
-        plan = await self._refusals_counted(
+        plan = await self._registered(
             self._blocking(
                 swap,
                 self.m,
