@@ -327,6 +327,31 @@ def test_of_two_loads_waiting_on_a_read_that_goes_away_one_reads_and_the_other_s
         m.close()
 
 
+def test_a_load_that_another_name_overtakes_between_its_look_and_its_registration_waits_on_it(
+    manager, tmp_path, monkeypatch
+):
+    """Two loads at the same moment: b registers as the reader after a found nothing to share but
+    before a registered, so a looks again and waits on b instead of reading the files a second time."""
+    path = str(versioned_model(tmp_path, 1))
+    plan = manager._plan
+    other: list = []
+
+    def b_registers_meanwhile(ckpt, wanted):
+        if not other:
+            other.append(None)
+            other[0] = manager.start_load("b", path, version="v1")
+        return plan(ckpt, wanted)
+
+    monkeypatch.setattr(manager, "_plan", b_registers_meanwhile)
+    first = manager.start_load("a", path, version="v1")
+    assert first.version.state is State.LOADING and first.version.shares == "b@v1" and not first.version.ranks
+    done = started(first.run)
+    b = other[0].run()
+    a = done(60)
+    assert a.state is State.READY and _same_objects(a, b) and manager.backend.fills == 1
+    assert manager.resident_bytes() == b.resident_bytes
+
+
 def test_a_third_load_of_the_same_files_waits_on_the_reader_not_on_a_waiter(manager, tmp_path):
     """Only a version that reads is waited on: a third load of the same files joins the first reader,
     not the one waiting on it."""

@@ -365,26 +365,32 @@ class ModelManager:
         # same files with verify=none). Only tensor data is never read again.
         self.verify(ckpt, verify)
         wanted = list(device_map or [])
-        shared = self._share(ckpt, name, version, alias, content, mode, wanted)
-        if shared is not None:
-            return shared
-        layouts, devices = self._plan(ckpt, wanted)
-        mv = ModelVersion(
-            name=name,
-            version=version,
-            source=str(ckpt.path),
-            world_size=ckpt.world_size,
-            mode=mode,
-            bytes_total=sum(lay.nbytes for lay in layouts),
-            content=content,
-        )
-        with self._lock:
-            self._check_names(name, alias)
-            old = self._existing(mv.key, content)  # a concurrent load of the same version may have won
-            if old is None:
-                self._versions[mv.key] = mv
-        if old is not None:
-            return self._rejoin(old, alias)
+        while True:
+            shared = self._share(ckpt, name, version, alias, content, mode, wanted)
+            if shared is not None:
+                return shared
+            layouts, devices = self._plan(ckpt, wanted)
+            mv = ModelVersion(
+                name=name,
+                version=version,
+                source=str(ckpt.path),
+                world_size=ckpt.world_size,
+                mode=mode,
+                bytes_total=sum(lay.nbytes for lay in layouts),
+                content=content,
+            )
+            with self._lock:
+                self._check_names(name, alias)
+                old = self._existing(mv.key, content)  # a concurrent load of the same version may have won
+                # Another name may have registered the same files since _share looked: registering a
+                # second reader now would read them twice, so the decision is taken again.
+                raced = old is None and self._share_source(content, mode, wanted, ckpt.world_size) is not None
+                if old is None and not raced:
+                    self._versions[mv.key] = mv
+            if old is not None:
+                return self._rejoin(old, alias)
+            if not raced:
+                break
         try:
             self._admit_and_allocate(mv, layouts, devices)
         except BaseException as exc:
@@ -452,6 +458,14 @@ class ModelManager:
         ]
         return min(candidates, key=lambda v: v.created, default=None)
 
+    def _share_source(
+        self, content: ContentId, mode: AllocationMode, device_map: list[int], world: int
+    ) -> ModelVersion | None:
+        """The version a load of ``content`` would share (lock held): a READY one, else one still reading."""
+        return self._sharable(content, mode, device_map, world) or self._sharable(
+            content, mode, device_map, world, State.LOADING
+        )
+
     def _share(
         self,
         ckpt: Checkpoint,
@@ -469,10 +483,10 @@ class ModelManager:
         key = f"{name}@{version}"
         world = ckpt.world_size
         with self._txn() as fx:
-            source = self._sharable(content, mode, device_map, world)
-            reading = None if source is not None else self._sharable(content, mode, device_map, world, State.LOADING)
-            if source is None and reading is None:
+            found = self._share_source(content, mode, device_map, world)
+            if found is None:
                 return None
+            source, reading = (found, None) if found.state is State.READY else (None, found)
             self._check_names(name, alias)
             if key in self._versions:  # a concurrent load of the same key won the race: rejoin it
                 old = self._existing(key, content)
