@@ -72,7 +72,7 @@ KEEP_PREVIOUS_YES: KeepPrevious
 KEEP_PREVIOUS_NO: KeepPrevious
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("name", "path", "version", "alias", "verify", "allocation", "device_map", "wait")
+    __slots__ = ("name", "path", "version", "alias", "verify", "allocation", "device_map", "wait", "layout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class LoadModelRequest(_message.Message):
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MAP_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     version: str
@@ -89,7 +90,8 @@ class LoadModelRequest(_message.Message):
     allocation: AllocationMode
     device_map: _containers.RepeatedScalarFieldContainer[int]
     wait: bool
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., alias: _Optional[str] = ..., verify: _Optional[_Union[VerifyLevel, str]] = ..., allocation: _Optional[_Union[AllocationMode, str]] = ..., device_map: _Optional[_Iterable[int]] = ..., wait: _Optional[bool] = ...) -> None: ...
+    layout: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., alias: _Optional[str] = ..., verify: _Optional[_Union[VerifyLevel, str]] = ..., allocation: _Optional[_Union[AllocationMode, str]] = ..., device_map: _Optional[_Iterable[int]] = ..., wait: _Optional[bool] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("bytes_done", "bytes_total", "phase")
@@ -162,7 +164,7 @@ class RankInfo(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., device: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[int] = ..., allocations: _Optional[int] = ...) -> None: ...
 
 class ModelVersionInfo(_message.Message):
-    __slots__ = ("name", "version", "source", "state", "error", "ranks", "bytes", "leases", "load_seconds", "load_path", "aliases", "created_unix", "allocation", "backend", "already_loaded", "retired", "held_until_unix", "previous_of", "previous_note", "shares_memory_with")
+    __slots__ = ("name", "version", "source", "state", "error", "ranks", "bytes", "leases", "load_seconds", "load_path", "aliases", "created_unix", "allocation", "backend", "already_loaded", "retired", "held_until_unix", "previous_of", "previous_note", "shares_memory_with", "layout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +185,7 @@ class ModelVersionInfo(_message.Message):
     PREVIOUS_OF_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_NOTE_FIELD_NUMBER: _ClassVar[int]
     SHARES_MEMORY_WITH_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     source: str
@@ -203,7 +206,8 @@ class ModelVersionInfo(_message.Message):
     previous_of: str
     previous_note: str
     shares_memory_with: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., load_seconds: _Optional[float] = ..., load_path: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., allocation: _Optional[_Union[AllocationMode, str]] = ..., backend: _Optional[str] = ..., already_loaded: _Optional[bool] = ..., retired: _Optional[bool] = ..., held_until_unix: _Optional[float] = ..., previous_of: _Optional[str] = ..., previous_note: _Optional[str] = ..., shares_memory_with: _Optional[str] = ...) -> None: ...
+    layout: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., error: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., load_seconds: _Optional[float] = ..., load_path: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., allocation: _Optional[_Union[AllocationMode, str]] = ..., backend: _Optional[str] = ..., already_loaded: _Optional[bool] = ..., retired: _Optional[bool] = ..., held_until_unix: _Optional[float] = ..., previous_of: _Optional[str] = ..., previous_note: _Optional[str] = ..., shares_memory_with: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "strides", "allocation", "offset", "nbytes", "served_dtype")
@@ -424,7 +428,7 @@ class StatusResponse(_message.Message):
     def __init__(self, daemon_version: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., socket: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[ModelVersionInfo, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseInfo, _Mapping]]] = ..., aliases: _Optional[_Iterable[_Union[AliasInfo, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., open_allocations: _Optional[int] = ..., gds: _Optional[str] = ..., restored: _Optional[bool] = ..., restore_note: _Optional[str] = ...) -> None: ...
 
 class SwapModelRequest(_message.Message):
-    __slots__ = ("alias", "target", "version", "mode", "drain_timeout_seconds", "verify", "name", "create", "keep_previous")
+    __slots__ = ("alias", "target", "version", "mode", "drain_timeout_seconds", "verify", "name", "create", "keep_previous", "layout")
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -434,6 +438,7 @@ class SwapModelRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     CREATE_FIELD_NUMBER: _ClassVar[int]
     KEEP_PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     alias: str
     target: str
     version: str
@@ -443,7 +448,8 @@ class SwapModelRequest(_message.Message):
     name: str
     create: bool
     keep_previous: KeepPrevious
-    def __init__(self, alias: _Optional[str] = ..., target: _Optional[str] = ..., version: _Optional[str] = ..., mode: _Optional[_Union[SwapMode, str]] = ..., drain_timeout_seconds: _Optional[float] = ..., verify: _Optional[_Union[VerifyLevel, str]] = ..., name: _Optional[str] = ..., create: _Optional[bool] = ..., keep_previous: _Optional[_Union[KeepPrevious, str]] = ...) -> None: ...
+    layout: str
+    def __init__(self, alias: _Optional[str] = ..., target: _Optional[str] = ..., version: _Optional[str] = ..., mode: _Optional[_Union[SwapMode, str]] = ..., drain_timeout_seconds: _Optional[float] = ..., verify: _Optional[_Union[VerifyLevel, str]] = ..., name: _Optional[str] = ..., create: _Optional[bool] = ..., keep_previous: _Optional[_Union[KeepPrevious, str]] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class SetAliasRequest(_message.Message):
     __slots__ = ("alias", "target", "create", "remove")
