@@ -1,14 +1,8 @@
 """vLLM's parameter layout for Llama-family checkpoints, as data: which Hugging Face tensors make which
 vLLM parameter of a tensor-parallel rank, and how.
 
-vLLM fuses by concatenation and splits Megatron-style; per rank ``r`` of ``tp``:
-- ``qkv_proj`` = q rows of the rank's attention heads | k rows | v rows of its KV heads (a KV head is
-  replicated over ``tp / num_key_value_heads`` ranks when tp exceeds the KV heads), biases alike;
-- ``gate_up_proj`` = the rank's rows of gate | its rows of up;
-- ``o_proj`` and ``down_proj`` split by input columns, their biases whole;
-- ``embed_tokens`` and an untied ``lm_head``: the vocabulary padded with zero rows to a multiple of 64,
-  then split by rows;
-- anything else (norms) whole on every rank.
+The layout itself (which tensors fuse, how a rank's part is cut, the vocabulary padding) is described in
+``hotweights.format.engine_layout``; this module builds its tensors with torch.
 
 ``python -m hotweights.vllm_layout SRC OUT --tp N`` writes a checkpoint in that layout
 (``model-rank-R-part-0.safetensors`` plus config.json and the tokenizer files): loaded into the daemon,
@@ -20,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from collections.abc import Callable, Iterable
@@ -29,76 +22,15 @@ from pathlib import Path
 import torch
 
 from hotweights.errors import InvalidArgument
+from hotweights.format import engine_layout
 from hotweights.format.checkpoint import SERVING_FILES
 
-# Architectures whose vLLM model uses exactly this layout (checked against vLLM 0.32's llama.py and qwen2.py).
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE
-
-_QKV = re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj\.(weight|bias)$")
-_GATE_UP = re.compile(r"^(.*\.mlp)\.(gate|up)_proj\.(weight|bias)$")
-
-
-def _part(name: str) -> str:
-    """q, k, v, gate or up: which slice of a fused tensor ``name`` is."""
-    m = _QKV.match(name) or _GATE_UP.match(name)
-    if m is None:
-        raise ValueError(f"{name} is not part of a fused tensor")
-    return m.group(2)
-
-
-_ROW = re.compile(r"^.*\.(o_proj|down_proj)\.(weight|bias)$")
-_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-class Shape:
-    """The facts of a config the layout depends on."""
-
-    def __init__(self, config: dict, tp: int) -> None:
-        archs = config.get("architectures") or []
-        if not any(a in ARCHITECTURES for a in archs):
-            raise InvalidArgument(f"vLLM layout: architecture {archs} is not one of {list(ARCHITECTURES)}")
-        self.heads = int(config["num_attention_heads"])
-        self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
-        self.head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // self.heads)
-        self.vocab = int(config["vocab_size"])
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        self.tp = tp
-        bad = []
-        if tp < 1 or self.heads % tp:
-            bad.append(f"num_attention_heads={self.heads}")
-        if self.kv_heads % tp and tp % self.kv_heads:
-            bad.append(f"num_key_value_heads={self.kv_heads}")
-        if int(config["intermediate_size"]) % tp:
-            bad.append(f"intermediate_size={config['intermediate_size']}")
-        if bad:
-            raise InvalidArgument(f"vLLM layout: tp={tp} does not divide {', '.join(bad)}")
-        self.padded_vocab = -(-self.vocab // VOCAB_PADDING) * VOCAB_PADDING
-        if self.padded_vocab % tp:
-            raise InvalidArgument(f"vLLM layout: tp={tp} does not divide the padded vocabulary {self.padded_vocab}")
-
-    def kv_range(self, rank: int) -> tuple[int, int]:
-        if self.tp <= self.kv_heads:
-            per = self.kv_heads // self.tp
-            return rank * per, per
-        return rank // (self.tp // self.kv_heads), 1
-
-
-def engine_names(names: Iterable[str]) -> dict[str, list[str]]:
-    """vLLM parameter name -> the Hugging Face tensors it is made of, in order."""
-    out: dict[str, list[str]] = {}
-    for name in names:
-        m = _QKV.match(name) or _GATE_UP.match(name)
-        if m:
-            fused = f"{m.group(1)}.{'qkv' if m.re is _QKV else 'gate_up'}_proj.{m.group(3)}"
-            out.setdefault(fused, []).append(name)
-        else:
-            out[name] = [name]
-    order = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
-    for parts in out.values():
-        if len(parts) > 1:
-            parts.sort(key=lambda n: order[_part(n)])
-    return out
+# The recipe (names, splits, padding) is data shared with the daemon, which applies it at load time.
+Shape = engine_layout.Shape
+engine_names = engine_layout.engine_names
+ARCHITECTURES = engine_layout.ARCHITECTURES
+VOCAB_PADDING = engine_layout.VOCAB_PADDING
+_QKV, _GATE_UP, _ROW, _VOCAB = engine_layout.QKV, engine_layout.GATE_UP, engine_layout.ROW_SPLIT, engine_layout.VOCAB
 
 
 def rank_tensor(name: str, t: torch.Tensor, shape: Shape, rank: int) -> torch.Tensor:

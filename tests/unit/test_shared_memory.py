@@ -336,11 +336,11 @@ def test_a_load_that_another_name_overtakes_between_its_look_and_its_registratio
     plan = manager._plan
     other: list = []
 
-    def b_registers_meanwhile(ckpt, wanted):
+    def b_registers_meanwhile(*args):
         if not other:
             other.append(None)
             other[0] = manager.start_load("b", path, version="v1")
-        return plan(ckpt, wanted)
+        return plan(*args)
 
     monkeypatch.setattr(manager, "_plan", b_registers_meanwhile)
     first = manager.start_load("a", path, version="v1")

@@ -149,6 +149,8 @@ class CpuBackend:
             parallel_read(
                 layout, lambda s: maps[s.allocation][s.offset : s.offset + s.length], self.threads, progress, cancel
             )
+            for z in layout.zeros:  # a fresh memfd reads as zero already; said here so it holds for any allocator
+                maps[z.allocation][z.offset : z.offset + z.length] = bytes(z.length)
         finally:
             for m in maps:
                 m.release()

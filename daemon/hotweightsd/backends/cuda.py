@@ -323,6 +323,8 @@ class CudaBackend:
             ring = self.ring(device)
             with ring.lock:
                 desc = "bounce: " + bounce.fill(p, ring, self.scheduler, layout, bases, sizes, progress, cancel)
+        if layout.zeros:
+            _zero(device, layout, bases)
         desc = f"{desc} ({p.source_why})"
         log.info("rank %d: %d bytes loaded: %s", layout.rank, layout.nbytes, desc)
         return desc
@@ -383,3 +385,12 @@ class CudaBackend:
                     ring.close()
             self._rings.clear()
         gds.DRIVER.close()
+
+
+def _zero(device: int, layout: RankLayout, bases: list[int]) -> None:
+    """Zeroes the layout's padding: fresh device memory holds whatever was there before, and an engine
+    reads padding rows (a padded vocabulary's logits)."""
+    with cd.current(device) as drv:
+        for z in layout.zeros:
+            cd.check(drv.cuMemsetD8(bases[z.allocation] + z.offset, 0, z.length), "cuMemsetD8", device=device)
+        cd.check(drv.cuCtxSynchronize(), "cuCtxSynchronize", device=device)

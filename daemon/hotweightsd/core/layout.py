@@ -5,14 +5,22 @@ reads of a file walk forward and the writes walk forward with them; a tensor und
 scalar, a small bias: nothing a kernel reads in vectors) is packed at 16 bytes, a multiple of every
 element size, so a header of a million tiny tensors does not reserve 256 bytes for each. A rank
 gets one allocation, or several when a backend caps an allocation's size.
+
+An engine layout (``hotweights.format.engine_layout``) changes the order: the parts of a fused tensor
+are placed back to back (where the first of them comes in the source order), followed by the zero rows
+of its padding, and the rank serves the fused tensor as one entry over them (``served``) in place of its
+parts. The fill is unchanged (one segment per file tensor); the padding is zeroed (``zeros``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hotweights.format.checkpoint import RankFiles
 from hotweights.format.dtypes import served_dtype_name
+from hotweights.format.engine_layout import Fused
+from hotweights.format.safetensors import TensorEntry
 from hotweights.format.source import SourceFile
 
 ALIGN = 256
@@ -57,6 +65,15 @@ class Segment:
     offset: int
 
 
+@dataclass(frozen=True)
+class Zeros:
+    """``length`` bytes of an allocation that no file fills and that must read as zero (padding rows)."""
+
+    allocation: int
+    offset: int
+    length: int
+
+
 @dataclass
 class RankLayout:
     rank: int
@@ -66,6 +83,14 @@ class RankLayout:
     # The files as the checkpoint opened them (headers read through them); the fill reads the same
     # files through them. Empty for a layout not made from an open checkpoint (a restored version).
     sources: list[SourceFile] = field(default_factory=list, repr=False, compare=False)
+    # What the rank serves when it is not ``placements`` (an engine layout's fused tensors), and the
+    # bytes the fill zeroes.
+    served: list[Placement] | None = None
+    zeros: list[Zeros] = field(default_factory=list)
+
+    def table(self) -> list[Placement]:
+        """The tensors the rank serves, in order."""
+        return self.placements if self.served is None else self.served
 
     def inputs(self) -> list[SourceFile | str]:
         """The files as the fill opens them: the checkpoint's open files, else their paths."""
@@ -83,35 +108,54 @@ class RankLayout:
         return [Segment(p.file, p.file_offset, p.nbytes, p.allocation, p.offset) for p in self.placements if p.nbytes]
 
 
-def plan_rank(rank: RankFiles, granularity: int, max_allocation: int | None = None) -> RankLayout:
+def plan_rank(
+    rank: RankFiles, granularity: int, max_allocation: int | None = None, fused: Sequence[Fused] = ()
+) -> RankLayout:
     """Packs a rank's tensors into allocations of at most ``max_allocation`` bytes (rounded to ``granularity``).
 
-    A tensor larger than ``max_allocation`` gets an allocation of its own.
+    A tensor larger than ``max_allocation`` gets an allocation of its own; so does a fused tensor, which is
+    never split over two. ``fused``: the tensors an engine layout fuses or pads (``fused_groups``).
     """
+    entries = {t.name: t for h in rank.files for t in h.tensors}
+    group_of = {part: g for g in fused for part in g.parts}
+    block: dict[str, tuple[int, int]] = {}  # fused name -> (allocation, offset) of its first part
     placements: list[Placement] = []
+    served: list[Placement] = []
+    zeros: list[Zeros] = []
     sizes: list[int] = []
     cursor = 0
+
+    def reserve(nbytes: int) -> tuple[int, int]:
+        nonlocal cursor
+        offset = round_up(cursor, ALIGN if nbytes >= ALIGN else SMALL_ALIGN)
+        if max_allocation and (placements or served) and offset + nbytes > max_allocation and cursor > 0:
+            sizes.append(round_up(max(cursor, 1), granularity))
+            offset = 0
+        cursor = offset + nbytes
+        return len(sizes), offset
+
     for fi, header in enumerate(rank.files):
         for t in sorted(header.tensors, key=lambda t: t.begin):
-            offset = round_up(cursor, ALIGN if t.nbytes >= ALIGN else SMALL_ALIGN)
-            if max_allocation and placements and offset + t.nbytes > max_allocation and cursor > 0:
-                sizes.append(round_up(max(cursor, 1), granularity))
-                offset = 0
-            alloc = len(sizes)
-            placements.append(
-                Placement(
-                    name=t.name,
-                    dtype=t.dtype.name,
-                    served_dtype=served_dtype_name(t.dtype.name),
-                    shape=t.shape,
-                    allocation=alloc,
-                    offset=offset,
-                    nbytes=t.nbytes,
-                    file=fi,
-                    file_offset=t.begin,
-                )
-            )
-            cursor = offset + t.nbytes
+            g = group_of.get(t.name)
+            if g is None:
+                alloc, offset = reserve(t.nbytes)
+            else:
+                if g.name not in block:
+                    parts = [entries[p] for p in g.parts]
+                    row = parts[-1].nbytes // max(parts[-1].shape[0], 1)
+                    total = sum(p.nbytes for p in parts) + g.pad_rows * row
+                    block[g.name] = reserve(total)
+                    alloc, base = block[g.name]
+                    rows = sum(p.shape[0] for p in parts) + g.pad_rows
+                    served.append(_entry(g.name, parts[0], (rows, *parts[0].shape[1:]), alloc, base, total))
+                    if g.pad_rows:
+                        zeros.append(Zeros(alloc, base + total - g.pad_rows * row, g.pad_rows * row))
+                alloc, base = block[g.name]
+                offset = base + sum(entries[p].nbytes for p in g.parts[: g.parts.index(t.name)])
+            placement = _entry(t.name, t, t.shape, alloc, offset, t.nbytes, fi)
+            placements.append(placement)
+            if g is None:
+                served.append(placement)
     sizes.append(round_up(max(cursor, 1), granularity))
     sources = [h.source for h in rank.files]
     return RankLayout(
@@ -120,4 +164,23 @@ def plan_rank(rank: RankFiles, granularity: int, max_allocation: int | None = No
         allocation_sizes=sizes,
         placements=placements,
         sources=[s for s in sources if s is not None] if None not in sources else [],
+        served=served if fused else None,
+        zeros=zeros,
+    )
+
+
+def _entry(
+    name: str, t: TensorEntry, shape: tuple[int, ...], alloc: int, offset: int, nbytes: int, file: int = -1
+) -> Placement:
+    """A placement of ``nbytes`` with ``t``'s dtype; ``file`` -1 for a served entry no file fills as one."""
+    return Placement(
+        name=name,
+        dtype=t.dtype.name,
+        served_dtype=served_dtype_name(t.dtype.name),
+        shape=tuple(shape),
+        allocation=alloc,
+        offset=offset,
+        nbytes=nbytes,
+        file=file,
+        file_offset=t.begin if file >= 0 else 0,
     )

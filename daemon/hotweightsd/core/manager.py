@@ -22,6 +22,7 @@ another caller. Guarantees:
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import threading
 import time
@@ -50,7 +51,8 @@ from hotweights.errors import (
     shorten,
 )
 from hotweights.format.checkpoint import Checkpoint, HeaderLimits, open_checkpoint
-from hotweights.format.source import DEFAULT_MAX_FILES
+from hotweights.format.engine_layout import Fused, check_layout, fused_groups
+from hotweights.format.source import DEFAULT_MAX_FILES, read_small
 from hotweightsd.core import faults
 from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
 from hotweightsd.core.content import ContentId, content_of
@@ -299,6 +301,7 @@ class ModelManager:
         verify: str | None = None,
         mode: AllocationMode = AllocationMode.FD,
         device_map: Iterable[int] | None = None,
+        layout: str = "",
     ) -> LoadStart:
         """Validates, admits and registers a version (LOADING) and returns it with the function that reads it.
 
@@ -311,7 +314,9 @@ class ModelManager:
         (``shares``): it is verified, but nothing is admitted, read or allocated. One of the very files
         another version is still reading is registered LOADING, and its ``run`` waits for that read and
         takes its memory, or, where that read fails or is unloaded, reads the files itself. Without ``version`` the
-        version is the checkpoint's fingerprint, so the same checkpoint loaded again is the same version.
+        version is the checkpoint's fingerprint (and the layout's name), so the same checkpoint loaded again is
+        the same version. ``layout`` ("" or one of ``engine_layout.LAYOUTS``): the engine layout the rank's
+        tensors are placed and served in; a version is shared only with one in the same layout.
         """
         self._check_open()
         check_name("model name", name)
@@ -319,10 +324,11 @@ class ModelManager:
             check_name("alias", alias)
         if not path:
             raise InvalidArgument("no checkpoint path given")
+        check_layout(layout)
         faults.hit("load.header", path)
         ckpt = self.open_checkpoint(path)
         try:
-            start = self._start_load(ckpt, name, version, alias, verify, mode, device_map)
+            start = self._start_load(ckpt, name, version, alias, verify, mode, device_map, layout)
         except BaseException:
             ckpt.close()
             raise
@@ -353,23 +359,25 @@ class ModelManager:
         verify: str | None,
         mode: AllocationMode,
         device_map: Iterable[int] | None,
+        layout: str,
     ) -> LoadStart:
-        version = check_name("version", version) if version else ckpt.fingerprint()
+        version = check_name("version", version) if version else ckpt.fingerprint() + (f"-{layout}" if layout else "")
         content = content_of(ckpt)
         with self._lock:
-            old = self._existing(f"{name}@{version}", content)
+            old = self._existing(f"{name}@{version}", content, layout)
         if old is not None:
             return self._rejoin(old, alias)
         # Verified like any load, also when it will share: what a load refuses must not depend on what
         # else is resident (an explicit verify=full is not skipped because another name loaded the
         # same files with verify=none). Only tensor data is never read again.
         self.verify(ckpt, verify)
+        fused = self._fused(ckpt, layout)
         wanted = list(device_map or [])
         while True:
-            shared = self._share(ckpt, name, version, alias, content, mode, wanted)
+            shared = self._share(ckpt, name, version, alias, content, mode, wanted, layout, fused)
             if shared is not None:
                 return shared
-            layouts, devices = self._plan(ckpt, wanted)
+            layouts, devices = self._plan(ckpt, wanted, fused)
             mv = ModelVersion(
                 name=name,
                 version=version,
@@ -378,13 +386,14 @@ class ModelManager:
                 mode=mode,
                 bytes_total=sum(lay.nbytes for lay in layouts),
                 content=content,
+                layout=layout,
             )
             with self._lock:
                 self._check_names(name, alias)
-                old = self._existing(mv.key, content)  # a concurrent load of the same version may have won
+                old = self._existing(mv.key, content, layout)  # a concurrent load of the same version may have won
                 # Another name may have registered the same files since _share looked: registering a
                 # second reader now would read them twice, so the decision is taken again.
-                raced = old is None and self._share_source(content, mode, wanted, ckpt.world_size) is not None
+                raced = old is None and self._share_source(content, mode, wanted, ckpt.world_size, layout) is not None
                 if old is None and not raced:
                     self._versions[mv.key] = mv
             if old is not None:
@@ -412,13 +421,38 @@ class ModelManager:
         )
         return LoadStart(mv, lambda: self._fill(mv, alias), False)
 
-    def _plan(self, ckpt: Checkpoint, wanted: list[int]) -> tuple[list[RankLayout], list[int]]:
+    def _plan(
+        self, ckpt: Checkpoint, wanted: list[int], fused: list[list[Fused]]
+    ) -> tuple[list[RankLayout], list[int]]:
         """Where each rank of ``ckpt`` goes (its device) and how it lies in its allocations."""
         devices = self._place(ckpt.world_size, wanted)
         layouts = [
-            plan_rank(r, self.backend.granularity(devices[r.rank]), self.backend.max_allocation()) for r in ckpt.ranks
+            plan_rank(r, self.backend.granularity(devices[r.rank]), self.backend.max_allocation(), fused[r.rank])
+            for r in ckpt.ranks
         ]
         return layouts, devices
+
+    def _fused(self, ckpt: Checkpoint, layout: str) -> list[list[Fused]]:
+        """Per rank, the tensors ``layout`` fuses or pads (none without a layout); refuses a checkpoint
+        the layout does not fit before anything is allocated."""
+        if not layout:
+            return [[] for _ in ckpt.ranks]
+        config_path = (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent) / "config.json"
+        try:
+            config = json.loads(read_small(config_path, self.roots.check if self.roots.confined else None, 1 << 20))
+            if not isinstance(config, dict):
+                raise ValueError("not a JSON object")
+        except NotFound:
+            raise InvalidArgument(
+                f"layout {layout}: no config.json beside the checkpoint ({config_path}); the layout is cut from it",
+                path=str(config_path),
+            ) from None
+        except (ValueError, RecursionError) as exc:
+            raise InvalidArgument(f"layout {layout}: {config_path} is not valid JSON ({exc})") from None
+        return [
+            fused_groups(layout, config, ckpt.world_size, r.rank, {t.name: t.shape for h in r.files for t in h.tensors})
+            for r in ckpt.ranks
+        ]
 
     def _admit_and_allocate(self, mv: ModelVersion, layouts: list[RankLayout], devices: list[int]) -> None:
         """Refuses ``mv`` where it does not fit, else allocates its ranks; on failure what was allocated
@@ -437,7 +471,13 @@ class ModelManager:
             raise InvalidArgument(f"{shorten(name)!r} is an alias; a model cannot share its name")
 
     def _sharable(
-        self, content: ContentId, mode: AllocationMode, device_map: list[int], world: int, state: State = State.READY
+        self,
+        content: ContentId,
+        mode: AllocationMode,
+        device_map: list[int],
+        world: int,
+        layout: str,
+        state: State = State.READY,
     ) -> ModelVersion | None:
         """A version in ``state`` read from the very same files, in the same mode and on the devices
         ``device_map`` asks for (any, without one) (lock held). READY: its memory holds exactly what a load
@@ -449,6 +489,7 @@ class ModelManager:
             if v.state is state
             and (state is State.LOADING or not v.freed)  # a reader may not have allocated yet
             and v.mode is mode
+            and v.layout == layout
             and v.world_size == world
             and v.content is not None
             and v.content.same_files(content)
@@ -459,11 +500,11 @@ class ModelManager:
         return min(candidates, key=lambda v: v.created, default=None)
 
     def _share_source(
-        self, content: ContentId, mode: AllocationMode, device_map: list[int], world: int
+        self, content: ContentId, mode: AllocationMode, device_map: list[int], world: int, layout: str
     ) -> ModelVersion | None:
         """The version a load of ``content`` would share (lock held): a READY one, else one still reading."""
-        return self._sharable(content, mode, device_map, world) or self._sharable(
-            content, mode, device_map, world, State.LOADING
+        return self._sharable(content, mode, device_map, world, layout) or self._sharable(
+            content, mode, device_map, world, layout, State.LOADING
         )
 
     def _share(
@@ -475,6 +516,8 @@ class ModelManager:
         content: ContentId,
         mode: AllocationMode,
         device_map: list[int],
+        layout: str,
+        fused: list[list[Fused]],
     ) -> LoadStart | None:
         """Registers ``name@version`` on the memory of a version read from the same files, when there is
         one: READY on a READY version's memory (nothing admitted, allocated or read: the bytes are resident
@@ -483,13 +526,13 @@ class ModelManager:
         key = f"{name}@{version}"
         world = ckpt.world_size
         with self._txn() as fx:
-            found = self._share_source(content, mode, device_map, world)
+            found = self._share_source(content, mode, device_map, world, layout)
             if found is None:
                 return None
             source, reading = (found, None) if found.state is State.READY else (None, found)
             self._check_names(name, alias)
             if key in self._versions:  # a concurrent load of the same key won the race: rejoin it
-                old = self._existing(key, content)
+                old = self._existing(key, content, layout)
                 if old is not None:
                     return self._rejoin(old, alias)
             if reading is not None:
@@ -502,11 +545,12 @@ class ModelManager:
                     bytes_total=reading.bytes_total,
                     content=content,
                     shares=reading.key,
+                    layout=layout,
                 )
                 self._versions[key] = mv
                 fx.publish(EventKind.VERSION_ADDED, name, version=version, message=str(ckpt.path))
                 fx.log("info", "load.waits", model=key, source=reading.key, path=str(ckpt.path))
-                return LoadStart(mv, partial(self._share_when_read, mv, reading, ckpt, alias, device_map), False)
+                return LoadStart(mv, partial(self._share_when_read, mv, reading, ckpt, alias, device_map, fused), False)
             assert source is not None
             mv = self._sharer(name, version, str(ckpt.path), content, mode, source)
             self._versions[key] = mv
@@ -545,11 +589,18 @@ class ModelManager:
             content=content,
             load_path=note,
             shares=source.key,
+            layout=source.layout,
             ranks=[ResidentRank(r.rank, r.device, r.layout, list(r.allocations), load_path=note) for r in source.ranks],
         )
 
     def _share_when_read(
-        self, mv: ModelVersion, reading: ModelVersion, ckpt: Checkpoint, alias: str | None, device_map: list[int]
+        self,
+        mv: ModelVersion,
+        reading: ModelVersion,
+        ckpt: Checkpoint,
+        alias: str | None,
+        device_map: list[int],
+        fused: list[list[Fused]],
     ) -> ModelVersion:
         """``run`` of a version registered beside ``reading`` (the same files): waits until that load has
         settled, then takes a READY version's memory, or waits on another version reading the files, or,
@@ -565,9 +616,9 @@ class ModelManager:
                 if gone:  # unloaded while it waited: it ends as any cancelled load does
                     self._fail(mv, Unavailable(f"{mv.key} was unloaded while loading"), fx)
                 else:
-                    source = self._sharable(mv.content, mv.mode, device_map, mv.world_size)
+                    source = self._sharable(mv.content, mv.mode, device_map, mv.world_size, mv.layout)
                     if source is None:
-                        nxt = self._sharable(mv.content, mv.mode, device_map, mv.world_size, State.LOADING)
+                        nxt = self._sharable(mv.content, mv.mode, device_map, mv.world_size, mv.layout, State.LOADING)
                 if source is not None:
                     done = self._sharer(mv.name, mv.version, mv.source, mv.content, mv.mode, source)
                     mv.ranks, mv.load_path, mv.shares = done.ranks, done.load_path, done.shares
@@ -596,7 +647,7 @@ class ModelManager:
                 break
             reading = nxt
         try:
-            layouts, devices = self._plan(ckpt, device_map)
+            layouts, devices = self._plan(ckpt, device_map, fused)
             mv.bytes_total = sum(lay.nbytes for lay in layouts)
             self._admit_and_allocate(mv, layouts, devices)
         except BaseException as exc:
@@ -612,9 +663,9 @@ class ModelManager:
         with self._lock:
             self._changed.notify_all()
 
-    def _existing(self, key: str, content: ContentId) -> ModelVersion | None:
-        """The registered version ``key`` when it holds ``content`` (lock held); None when there is none
-        (a FAILED one is dropped); raises when it holds other content or is going away."""
+    def _existing(self, key: str, content: ContentId, layout: str) -> ModelVersion | None:
+        """The registered version ``key`` when it holds ``content`` in ``layout`` (lock held); None when
+        there is none (a FAILED one is dropped); raises when it holds other content or is going away."""
         old = self._versions.get(key)
         if old is None:
             return None
@@ -634,6 +685,8 @@ class ModelManager:
             differences = ["the loaded version has no record of its files (restored from an older state file)"]
         else:
             differences = old.content.differences(content)
+        if old.layout != layout:
+            differences.append(f"it was loaded in layout {old.layout or 'none'}, this load asks for {layout or 'none'}")
         if differences:
             raise ContentMismatch(
                 f"{key} is already loaded ({old.state.value}) from {old.source} with different content: "

@@ -92,6 +92,8 @@ class ModelVersion:
     # manager's shares_with says whether it still shares): the allocations are shared by identity,
     # and each is freed once no registered version holds it.
     shares: str = ""
+    # The engine layout its ranks are placed and served in ("" for the checkpoint's own).
+    layout: str = ""
 
     @property
     def key(self) -> str:

@@ -45,19 +45,25 @@ def swap(
     name: str | None = None,
     create: bool = False,
     keep_previous: bool | None = None,
+    layout: str = "",
 ) -> SwapPlan:
     """Plans the swap; everything refusable is refused before the alias or memory changes.
 
     The alias must exist unless ``create``: a typo is NotFound naming the known aliases, before
     anything is read. It flips only once the new version is READY, so a failed load leaves it where
     it was. The old version is kept resident for a rollback (``keep_previous``; None: the daemon's
-    setting, when memory allows) or retired: freed when its last lease ends.
+    setting, when memory allows) or retired: freed when its last lease ends. ``layout``: the engine
+    layout a target path is loaded in (as ``load``'s).
     """
     check_name("alias", alias)
     current = m.aliases().get(alias) if create else m.require_alias(alias)
     old = m.get(*current.split("@", 1)) if current else None
 
     if not is_path(target):
+        if layout:
+            raise InvalidArgument(
+                f"a layout applies to a checkpoint path; {target!r} names a loaded version (it keeps its own layout)"
+            )
         tname, tversion = split_ref(target)
         new = m.get(tname, tversion or "")
         plan = SwapPlan(new, lambda: new)
@@ -78,7 +84,7 @@ def swap(
         )
     if mode is SwapMode.SIDE_BY_SIDE:
         try:
-            mv, load = m.begin_load(model, target, version=version, verify=verify)
+            mv, load = m.begin_load(model, target, version=version, verify=verify, layout=layout)
         except InsufficientMemory as exc:
             raise InsufficientMemory(
                 f"{exc.message}; the new version cannot load beside {old.key if old else 'the old one'} "
@@ -108,7 +114,7 @@ def swap(
     # A drain is for want of memory: a version kept for this alias's rollback goes first.
     released = m.release_kept(alias)
     m.drain(old, drain_timeout)
-    mv, load = m.begin_load(model, target, version=version, verify=verify)
+    mv, load = m.begin_load(model, target, version=version, verify=verify, layout=layout)
 
     def run_after_drain() -> ModelVersion:
         load()

@@ -63,6 +63,7 @@ def _encode_version(mv: ModelVersion, names: list[list[str]], shares_allocations
         "bytes_total": mv.bytes_total,
         "content": mv.content.to_json() if mv.content else None,
         "shares": mv.shares,
+        "layout": mv.layout,
         # The key of a version encoded before this one that holds the very same allocations (loaded
         # from the same files): a restore gives this one that version's memory again, so it stays
         # resident (and counted) once. Its own fds are in the store all the same.
@@ -75,24 +76,21 @@ def _encode_version(mv: ModelVersion, names: list[list[str]], shares_allocations
                 "allocation_sizes": r.layout.allocation_sizes,
                 "handle_types": [a.handle_type.value for a in r.allocations],
                 "fd_names": names[i],
-                "placements": [
-                    [
-                        p.name,
-                        p.dtype,
-                        p.served_dtype,
-                        list(p.shape),
-                        p.allocation,
-                        p.offset,
-                        p.nbytes,
-                        p.file,
-                        p.file_offset,
-                    ]
-                    for p in r.layout.placements
-                ],
+                "placements": [_placement_row(p) for p in r.layout.placements],
+                # An engine layout's served table (absent: the placements are what is served).
+                **({"served": [_placement_row(p) for p in r.layout.served]} if r.layout.served is not None else {}),
             }
             for i, r in enumerate(mv.ranks)
         ],
     }
+
+
+def _placement_row(p: Placement) -> list:
+    return [p.name, p.dtype, p.served_dtype, list(p.shape), p.allocation, p.offset, p.nbytes, p.file, p.file_offset]
+
+
+def _placement(row: list) -> Placement:
+    return Placement(row[0], row[1], row[2], tuple(row[3]), row[4], row[5], row[6], row[7], row[8])
 
 
 class _Flush:
@@ -380,6 +378,7 @@ def _rebuild(
         bytes_total=v["bytes_total"],
         content=ContentId.from_json(v.get("content")),  # absent in state files written before it existed
         shares=v.get("shares", ""),
+        layout=v.get("layout", ""),
     )
     source = rebuilt.get(v.get("shares_allocations") or "")
     if source is not None and not _same_allocations(source, v):
@@ -390,11 +389,10 @@ def _rebuild(
             rank=r["rank"],
             files=r["files"],
             allocation_sizes=r["allocation_sizes"],
-            placements=[
-                Placement(p[0], p[1], p[2], tuple(p[3]), p[4], p[5], p[6], p[7], p[8]) for p in r["placements"]
-            ],
+            placements=[_placement(p) for p in r["placements"]],
+            served=[_placement(p) for p in r["served"]] if "served" in r else None,
         )
-        for p in layout.placements:
+        for p in layout.placements + (layout.served or []):
             if (
                 p.allocation >= len(layout.allocation_sizes)
                 or p.offset + p.nbytes > layout.allocation_sizes[p.allocation]

@@ -48,7 +48,7 @@ def version_info(mv: ModelVersion, manager: ModelManager, already_loaded: bool =
                 rank=r.rank,
                 device=r.device,
                 bytes=r.layout.nbytes,
-                tensors=len(r.layout.placements),
+                tensors=len(r.layout.table()),
                 allocations=len(r.allocations),
             )
             for r in mv.ranks
@@ -79,7 +79,7 @@ def with_ticket(template: pb.GetHandlesResponse, ticket: str, ttl: float) -> pb.
 
 def handles_template(mv: ModelVersion, resident: ResidentRank, fd_socket: str, compact: bool) -> pb.GetHandlesResponse:
     """A rank's GetHandles answer without its ticket: the same for every lease of the rank."""
-    placements = resident.layout.placements
+    placements = resident.layout.table()
     out = pb.GetHandlesResponse(
         name=mv.name,
         version=mv.version,

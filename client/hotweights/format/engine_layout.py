@@ -1,0 +1,209 @@
+"""Serving engines' parameter layouts, as data: which checkpoint tensors an engine fuses into which of
+its parameters, and how a tensor-parallel rank's part of each is cut. Nothing here imports torch or an
+engine; the daemon applies a layout while it places a rank's tensors (``fused_groups``), and the
+offline converter (``hotweights.vllm_layout``) builds the same tensors with torch.
+
+vLLM (Llama family) fuses by concatenation along dim 0 and splits Megatron-style; per rank ``r`` of ``tp``:
+- ``qkv_proj`` = q rows of the rank's attention heads | k rows | v rows of its KV heads (a KV head is
+  replicated over ``tp / num_key_value_heads`` ranks when tp exceeds the KV heads), biases alike;
+- ``gate_up_proj`` = the rank's rows of gate | its rows of up;
+- ``o_proj`` and ``down_proj`` split by input columns, their biases whole;
+- ``embed_tokens`` and an untied ``lm_head``: the vocabulary padded with zero rows to a multiple of 64,
+  then split by rows;
+- anything else (norms) whole on every rank.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from hotweights.errors import InvalidArgument
+
+LAYOUTS = ("vllm",)  # besides "", the checkpoint's own layout
+
+# Architectures whose vLLM model uses exactly this layout (checked against vLLM 0.32's llama.py and qwen2.py).
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE
+
+QKV = re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj\.(weight|bias)$")
+GATE_UP = re.compile(r"^(.*\.mlp)\.(gate|up)_proj\.(weight|bias)$")
+ROW_SPLIT = re.compile(r"^.*\.(o_proj|down_proj)\.(weight|bias)$")
+VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+_ORDER = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
+
+
+def check_layout(layout: str) -> str:
+    """``layout`` when it is one the loader knows ("" or one of ``LAYOUTS``), else InvalidArgument."""
+    if layout and layout not in LAYOUTS:
+        raise InvalidArgument(f"unknown layout {layout[:64]!r}; known: {list(LAYOUTS)} (or none)", layout=layout[:64])
+    return layout
+
+
+def part_of(name: str) -> str:
+    """q, k, v, gate or up: which slice of a fused tensor ``name`` is."""
+    m = QKV.match(name) or GATE_UP.match(name)
+    if m is None:
+        raise ValueError(f"{name} is not part of a fused tensor")
+    return m.group(2)
+
+
+class Shape:
+    """The facts of a model's config.json that vLLM's layout at ``tp`` ranks depends on."""
+
+    def __init__(self, config: Mapping, tp: int) -> None:
+        archs = config.get("architectures") or []
+        if not any(a in ARCHITECTURES for a in archs):
+            raise InvalidArgument(f"vLLM layout: architecture {archs} is not one of {list(ARCHITECTURES)}")
+        try:
+            self.heads = int(config["num_attention_heads"])
+            self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
+            self.head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // self.heads)
+            self.vocab = int(config["vocab_size"])
+            self.intermediate = int(config["intermediate_size"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise InvalidArgument(f"vLLM layout: config.json lacks or mangles {exc}") from None
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        self.tp = tp
+        bad = []
+        if tp < 1 or self.heads % tp:
+            bad.append(f"num_attention_heads={self.heads}")
+        if tp >= 1 and self.kv_heads % tp and tp % self.kv_heads:
+            bad.append(f"num_key_value_heads={self.kv_heads}")
+        if tp >= 1 and self.intermediate % tp:
+            bad.append(f"intermediate_size={self.intermediate}")
+        if bad:
+            raise InvalidArgument(f"vLLM layout: tp={tp} does not divide {', '.join(bad)}")
+        self.padded_vocab = -(-self.vocab // VOCAB_PADDING) * VOCAB_PADDING
+        if self.padded_vocab % tp:
+            raise InvalidArgument(f"vLLM layout: tp={tp} does not divide the padded vocabulary {self.padded_vocab}")
+
+    def kv_range(self, rank: int) -> tuple[int, int]:
+        """(first KV head, how many) of ``rank``."""
+        if self.tp <= self.kv_heads:
+            per = self.kv_heads // self.tp
+            return rank * per, per
+        return rank // (self.tp // self.kv_heads), 1
+
+    def vocab_rows(self, rank: int) -> tuple[int, int]:
+        """(first vocabulary row, real rows) of ``rank``; the rest of its ``padded_vocab // tp`` rows are padding."""
+        per = self.padded_vocab // self.tp
+        lo = rank * per
+        return lo, max(min(lo + per, self.vocab) - lo, 0)
+
+    def rows(self, name: str, rank: int) -> int | None:
+        """The rows (dim 0) rank ``rank``'s part of the unsplit tensor ``name`` has in vLLM; None where
+        the layout does not cut it by rows."""
+        m = QKV.match(name)
+        if m:
+            if m.group(2) == "q":
+                return self.heads // self.tp * self.head_dim
+            return self.kv_range(rank)[1] * self.head_dim
+        if GATE_UP.match(name):
+            return self.intermediate // self.tp
+        if name in VOCAB:
+            return self.vocab_rows(rank)[1]
+        return None
+
+    def cols(self, name: str) -> int | None:
+        """The columns (dim 1) a rank's part of the unsplit weight ``name`` has in vLLM; None where the
+        layout does not cut it by columns."""
+        m = ROW_SPLIT.match(name)
+        if m is None or m.group(2) != "weight":
+            return None
+        whole = self.heads * self.head_dim if m.group(1) == "o_proj" else self.intermediate
+        return whole // self.tp
+
+
+def engine_names(names: Iterable[str]) -> dict[str, list[str]]:
+    """vLLM parameter name -> the checkpoint tensors it is made of, in order."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        m = QKV.match(name) or GATE_UP.match(name)
+        if m:
+            fused = f"{m.group(1)}.{'qkv' if m.re is QKV else 'gate_up'}_proj.{m.group(3)}"
+            out.setdefault(fused, []).append(name)
+        else:
+            out[name] = [name]
+    for parts in out.values():
+        if len(parts) > 1:
+            parts.sort(key=lambda n: _ORDER[part_of(n)])
+    return out
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One tensor the engine sees: ``parts`` (checkpoint tensors of this rank) placed back to back along
+    dim 0, then ``pad_rows`` zero rows. A tensor the engine takes as it is has one part and no padding."""
+
+    name: str
+    parts: tuple[str, ...]
+    pad_rows: int = 0
+
+
+def fused_groups(
+    layout: str, config: Mapping, world: int, rank: int, shapes: Mapping[str, tuple[int, ...]]
+) -> list[Fused]:
+    """The tensors of rank ``rank`` (of ``world``) that ``layout`` fuses or pads, from the rank's
+    checkpoint tensors (name -> shape). Raises InvalidArgument, naming every offender, where the
+    checkpoint's split of a tensor is not the engine's (e.g. a vocabulary split without the engine's
+    padding) or a fused tensor lacks a part. A checkpoint already in the engine's layout gives no groups."""
+    check_layout(layout)
+    if not layout:
+        return []
+    if config.get("quantization_config"):
+        raise InvalidArgument(
+            "vLLM layout: the checkpoint is quantized; vLLM post-processes quantized weights itself, so load "
+            "it without a layout (the vLLM plugin copies it into the engine's parameters)"
+        )
+    shape = Shape(config, world)
+    problems: list[str] = []
+    groups: list[Fused] = []
+    for fused, parts in engine_names(shapes).items():
+        if len(parts) > 1 or fused != parts[0]:
+            want = ("q", "k", "v") if "qkv_proj" in fused else ("gate", "up")
+            have = tuple(part_of(p) for p in parts)
+            if have != want:
+                missing = [w for w in want if w not in have]
+                problems.append(f"{fused} lacks its {'/'.join(missing)} part(s) on rank {rank}")
+                continue
+            trailing = {tuple(shapes[p][1:]) for p in parts}
+            if len(trailing) > 1 or any(not shapes[p] for p in parts):
+                problems.append(f"the parts of {fused} differ beyond dim 0: {[shapes[p] for p in parts]}")
+                continue
+        pad = 0
+        cols = shape.cols(parts[0])
+        if cols is not None and len(shapes[parts[0]]) == 2 and shapes[parts[0]][1] != cols:
+            problems.append(
+                f"{parts[0]} has {shapes[parts[0]][1]} columns on rank {rank}; vLLM's split at tp={world} gives {cols}"
+            )
+        for p in parts:
+            rows = shape.rows(p, rank)
+            if rows is None or (shape.tied and p == "lm_head.weight"):
+                continue
+            have_rows = shapes[p][0] if shapes[p] else 0
+            if p in VOCAB:
+                per = shape.padded_vocab // world
+                if have_rows == per:  # already padded (a checkpoint written in the engine's layout)
+                    continue
+                pad = per - rows
+            if have_rows != rows:
+                problems.append(
+                    f"{p} has {have_rows} rows on rank {rank}; vLLM's split at tp={world} gives that rank {rows}"
+                    + (
+                        f" (the vocabulary of {shape.vocab} padded to {shape.padded_vocab}, then split)"
+                        if p in VOCAB
+                        else ""
+                    )
+                )
+        if pad or len(parts) > 1:
+            groups.append(Fused(fused, tuple(parts), pad))
+    if problems:
+        raise InvalidArgument(
+            f"vLLM layout: rank {rank} of this checkpoint is not split as vLLM splits it: "
+            + "; ".join(problems)
+            + ". Load it without a layout, or write it in vLLM's layout with python -m hotweights.vllm_layout",
+            problems=problems,
+        )
+    return groups

@@ -1,0 +1,210 @@
+"""The loader applies vLLM's layout itself (``load ... layout="vllm"``): each rank serves exactly the
+tensors the offline converter builds (fused q|k|v and gate|up as views over parts placed back to back,
+the vocabulary padded with zero rows inside the allocation), refuses a checkpoint split otherwise than
+vLLM splits it, records the layout, shares memory only within one layout, and keeps the served table
+across a restart from the fd store."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hotweights import errors, vllm_layout
+from hotweights.format.dtypes import torch_dtype
+from hotweights.format.engine_layout import Fused, fused_groups
+from hotweights.tools.shard.sharder import shard_checkpoint
+from hotweightsd.backends.cpu import CpuBackend
+from hotweightsd.core.manager import ModelManager
+from hotweightsd.core.registry import State
+from hotweightsd.persist import statefile
+from hotweightsd.persist.fdstore import Persister, restore
+from support.models import save_model, tiny_llama_config
+from support.svcmgr import hand_over_fds
+
+MiB = 2**20
+
+
+@pytest.fixture
+def manager():
+    m = ModelManager(CpuBackend(memory_limit=256 * MiB))
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    """A tiny Llama (GQA, untied, vocabulary 500: vLLM pads it to 512)."""
+    return save_model(tiny_llama_config(), tmp_path_factory.mktemp("llama") / "hf")
+
+
+def _served(m: ModelManager, ref: str, rank: int = 0) -> dict[str, torch.Tensor]:
+    """Every tensor rank ``rank`` of ``ref`` serves, as a client builds it from the table and the fds."""
+    lease = m.open_lease(ref, pid=os.getpid())
+    try:
+        h = m.get_handles(lease.id, rank, lease.key)
+        _, fds = m.redeem(h.ticket, os.getpid(), os.getuid())
+        out = {}
+        try:
+            for p in h.rank.layout.table():
+                size = h.rank.allocations[p.allocation].size
+                with mmap.mmap(fds[p.allocation], size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+                    raw = bytearray(mm[p.offset : p.offset + p.nbytes])
+                out[p.name] = torch.frombuffer(raw, dtype=torch_dtype(p.dtype)).reshape(p.shape)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return out
+    finally:
+        m.close_lease(lease.id)
+
+
+def _offline(hf: Path, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """What the offline converter writes for ``rank`` (the recipe the vLLM tier checks against vLLM)."""
+    config = json.loads((hf / "config.json").read_text())
+    files = sorted(hf.glob("*.safetensors"))
+    handles = {f: safe_open(str(f), "pt") for f in files}
+    where = {k: f for f in files for k in handles[f].keys()}
+    return vllm_layout.build_rank(lambda n: handles[where[n]].get_tensor(n), list(where), config, tp, rank)
+
+
+def _equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_a_hugging_face_checkpoint_loaded_in_vllms_layout_serves_what_the_converter_writes(manager, llama):
+    mv = manager.load("m", str(llama), layout="vllm")
+    assert mv.state is State.READY and mv.layout == "vllm" and mv.version.endswith("-vllm")
+    got = _served(manager, "m")
+    _equal(got, _offline(llama, 1, 0))
+    assert "model.layers.0.self_attn.q_proj.weight" not in got and "model.layers.0.mlp.up_proj.weight" not in got
+    assert got["model.embed_tokens.weight"].shape[0] == 512 and not got["model.embed_tokens.weight"][500:].any()
+    # the fused tensor is a view over its parts: they lie back to back where the table says
+    table = {p.name: p for p in mv.ranks[0].layout.table()}
+    parts = {p.name: p for p in mv.ranks[0].layout.placements}
+    qkv = table["model.layers.1.self_attn.qkv_proj.weight"]
+    q, k, v = (parts[f"model.layers.1.self_attn.{x}_proj.weight"] for x in "qkv")
+    assert (q.offset, k.offset, v.offset) == (qkv.offset, q.offset + q.nbytes, k.offset + k.nbytes)
+    assert qkv.nbytes == q.nbytes + k.nbytes + v.nbytes and q.allocation == k.allocation == v.allocation
+    assert mv.bytes_total == sum(p.nbytes for p in parts.values())  # what was read, not the padding
+
+
+def test_a_checkpoint_sharded_as_vllm_shards_it_loads_in_its_layout_rank_by_rank(manager, tmp_path):
+    hf = save_model(tiny_llama_config(vocab_size=512), tmp_path / "hf")
+    shard_checkpoint(hf, tmp_path / "tp2", 2)
+    manager.load("m", str(tmp_path / "tp2"), layout="vllm")
+    for rank in (0, 1):
+        _equal(_served(manager, "m", rank), _offline(hf, 2, rank))
+
+
+def test_a_vocabulary_split_without_vllms_padding_is_refused_before_anything_is_allocated(manager, llama, tmp_path):
+    shard_checkpoint(llama, tmp_path / "tp2", 2)  # 500 rows split 250 / 250; vLLM gives 256 / 244
+    with pytest.raises(errors.InvalidArgument) as e:
+        manager.load("m", str(tmp_path / "tp2"), layout="vllm")
+    msg = str(e.value)
+    assert "model.embed_tokens.weight has 250 rows on rank 0" in msg and "padded to 512" in msg
+    assert "hotweights.vllm_layout" in msg  # what to do instead
+    assert manager.versions() == [] and manager.backend._resident == 0
+
+
+def test_unknown_layouts_and_checkpoints_the_layout_does_not_fit_are_refused(manager, llama, tmp_path):
+    with pytest.raises(errors.InvalidArgument, match="unknown layout 'sglang'"):
+        manager.load("m", str(llama), layout="sglang")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(llama / "model.safetensors", bare / "model.safetensors")
+    with pytest.raises(errors.InvalidArgument, match="no config.json beside the checkpoint"):
+        manager.load("m", str(bare), layout="vllm")
+    config = json.loads((llama / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(errors.InvalidArgument, match="GPT2LMHeadModel"):
+        manager.load("m", str(bare), layout="vllm")
+    (bare / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(errors.InvalidArgument, match="quantized"):
+        manager.load("m", str(bare), layout="vllm")
+    assert manager.versions() == []
+
+
+def test_a_fused_tensor_missing_a_part_or_cut_otherwise_names_every_offender():
+    config = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "num_key_value_heads": 2}
+    config |= {"hidden_size": 128, "head_dim": 32, "vocab_size": 512, "intermediate_size": 256}
+    shapes = {
+        "model.layers.0.self_attn.q_proj.weight": (128, 128),
+        "model.layers.0.self_attn.v_proj.weight": (64, 128),
+        "model.layers.0.self_attn.o_proj.weight": (128, 128),  # tp=2 gives each rank 64 columns
+        "model.layers.0.mlp.gate_proj.weight": (128, 128),
+        "model.layers.0.mlp.up_proj.weight": (128, 128),
+    }
+    with pytest.raises(errors.InvalidArgument) as e:
+        fused_groups("vllm", config, 2, 0, shapes)
+    msg = str(e.value)
+    assert "qkv_proj.weight lacks its k part(s)" in msg and "o_proj.weight has 128 columns" in msg
+    assert "gate_proj.weight has 128 rows on rank 0; vLLM's split at tp=2 gives that rank 128" not in msg
+    assert len(e.value.details["problems"]) == 2
+    # the same at tp=1: gate|up fuse, nothing padded (512 is a multiple of 64)
+    shapes["model.layers.0.self_attn.k_proj.weight"] = (64, 128)
+    shapes["model.layers.0.mlp.gate_proj.weight"] = shapes["model.layers.0.mlp.up_proj.weight"] = (256, 128)
+    groups = fused_groups("vllm", config, 1, 0, shapes)
+    assert (
+        Fused(
+            "model.layers.0.mlp.gate_up_proj.weight",
+            ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+        )
+        in groups
+    )
+    assert fused_groups("", config, 1, 0, shapes) == []
+
+
+def test_the_same_files_in_another_layout_are_neither_shared_nor_the_same_version(manager, llama):
+    plain = manager.load("m", str(llama))
+    laid = manager.load("m", str(llama), layout="vllm")  # the default version names the layout
+    assert plain.key != laid.key and not laid.shares and manager.shares_with(laid) == ""
+    assert manager.resident_bytes() == plain.resident_bytes + laid.resident_bytes
+    again = manager.load("n", str(llama), layout="vllm")
+    assert again.shares == laid.key  # the same layout is shared as any same-files load
+    with pytest.raises(errors.ContentMismatch, match="loaded in layout vllm, this load asks for none"):
+        manager.load("m", str(llama), version=laid.version)
+
+
+def test_a_restart_from_the_fd_store_serves_the_same_fused_table(llama, tmp_path):
+    sock = str(tmp_path / "hw.sock")
+    state = tmp_path / "hw.sock.state.json"
+    m1 = ModelManager(CpuBackend(memory_limit=256 * MiB))
+    try:
+        m1.load("m", str(llama), version="v1", layout="vllm")
+        before = _served(m1, "m@v1")
+        p1 = Persister(m1, state, sock, fdstore=True)
+        received = hand_over_fds(m1, p1, ("m@v1",))
+        statefile.save(state, p1.snapshot())
+    finally:
+        m1.close()
+    m2 = ModelManager(CpuBackend(memory_limit=256 * MiB))
+    try:
+        report = restore(m2, m2.backend, Persister(m2, state, sock, fdstore=True), received)
+        assert report.restored == ["m@v1"], report.note
+        assert m2.get("m", "v1").layout == "vllm"
+        _equal(_served(m2, "m@v1"), before)
+    finally:
+        m2.close()
+
+
+def test_a_file_with_the_parts_in_another_order_still_serves_them_in_vllms_order(manager, llama, tmp_path):
+    """v before q in the file: the parts are placed by the fused order, not the file's."""
+    with safe_open(str(llama / "model.safetensors"), "pt") as st:
+        tensors = {k: st.get_tensor(k) for k in reversed(list(st.keys()))}
+    out = tmp_path / "reordered"
+    out.mkdir()
+    save_file(dict(sorted(tensors.items(), reverse=True)), str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(llama / "config.json", out / "config.json")
+    manager.load("m", str(out), layout="vllm")
+    _equal(_served(manager, "m"), _offline(llama, 1, 0))
