@@ -125,8 +125,14 @@ class Client:
         device_map: Sequence[int] = (),
         wait: bool = True,
         progress: ProgressFn | None = None,
+        layout: str = "",
     ) -> pb.ModelVersionInfo:
-        """Loads a checkpoint as ``name@version``; returns the version's info once READY (or registered)."""
+        """Loads a checkpoint as ``name@version``; returns the version's info once READY (or registered).
+
+        ``layout``: "" serves the tensors as the files hold them; "vllm" serves them in vLLM's parameter
+        layout (q|k|v and gate|up fused, the vocabulary padded to a multiple of 64), which the vLLM
+        plugin binds without a copy.
+        """
         req = pb.LoadModelRequest(
             name=name,
             path=os.path.abspath(os.fspath(path)),
@@ -136,6 +142,7 @@ class Client:
             allocation=_choice(_ALLOC, allocation, "allocation"),
             device_map=list(device_map),
             wait=wait,
+            layout=layout,
         )
         return self._stream_load("LoadModel", req, progress)
 
@@ -151,12 +158,13 @@ class Client:
         progress: ProgressFn | None = None,
         create: bool = False,
         keep_previous: bool | None = None,
+        layout: str = "",
     ) -> pb.ModelVersionInfo:
         """Points ``alias`` at ``NAME@VERSION``, or at a new version loaded from a path.
 
         The alias must exist unless ``create``. ``keep_previous`` keeps the version it moves away
         from resident for a ``rollback`` (None: the daemon's setting, when memory allows);
-        ``previous_note`` of the answer says what became of it.
+        ``previous_note`` of the answer says what became of it. ``layout``: as ``load``'s, for a path target.
         """
         if os.path.exists(target) or "/" in target:
             target = os.path.abspath(target)
@@ -170,6 +178,7 @@ class Client:
             name=name or "",
             create=create,
             keep_previous=_KEEP[keep_previous],
+            layout=layout,
         )
         return self._stream_load("SwapModel", req, progress)
 

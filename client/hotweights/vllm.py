@@ -8,8 +8,11 @@ vLLM process (engine core, workers) registers the loader before loading a model:
 
 ``model`` (required) is the daemon's NAME, NAME@VERSION or alias; ``socket`` the daemon's socket
 (default: hotweights' usual lookup); ``mode``:
-- ``zero_copy``: the version must be in vLLM's layout (``python -m hotweights.vllm_layout``, one rank per
-  tensor-parallel rank): every vLLM parameter is bound to the attached tensor of the same name, no copy.
+- ``zero_copy``: the version must be in vLLM's layout, one rank per tensor-parallel rank: loaded with
+  ``hotweights load NAME DIR --layout vllm`` (the daemon fuses and pads as it loads, from a Hugging Face
+  directory or a ``hotweights shard`` checkpoint), or converted offline with ``python -m
+  hotweights.vllm_layout`` and loaded as it is. Every vLLM parameter is bound to the attached tensor of
+  the same name, no copy.
   vLLM's own post-processing then runs as usual; where it repacks a weight (vLLM's CPU kernels pack
   every linear weight into their own format), the packed copy is the engine's and the attached tensor
   is only read once. On a GPU with unquantized weights post-processing leaves them as they are.
@@ -103,7 +106,7 @@ class HotweightsModelLoader(BaseModelLoader):
         rank, _ = _tp()
         with hotweights.connect(self.socket) as client:
             info = _version_info(client, self.ref)
-        if info is None or not _is_engine_layout_source(info.source):
+        if info is None or not (info.layout == "vllm" or _is_engine_layout_source(info.source)):
             return 0  # auto mode will copy: the engine owns the memory
         return next((int(r.bytes) for r in info.ranks if r.rank == rank), 0)
 
@@ -136,7 +139,8 @@ class HotweightsModelLoader(BaseModelLoader):
             if mode == "zero_copy" and not engine_layout:
                 raise errors.InvalidArgument(
                     f"{att.key} is in the Hugging Face layout: zero copy needs vLLM's layout "
-                    f"(python -m hotweights.vllm_layout SRC OUT --tp {tp}, then load OUT), or mode='copy'"
+                    f"(hotweights load NAME DIR --layout vllm, or python -m hotweights.vllm_layout SRC OUT --tp {tp} "
+                    f"and load OUT), or mode='copy'"
                 )
             with set_default_torch_dtype(model_config.dtype), target:
                 if mode == "zero_copy":

@@ -42,6 +42,13 @@ OperatorSocketOpt = typer.Option(
     help="the daemon's operator socket (default: $HOTWEIGHTS_OPERATOR_SOCKET, else <socket>.admin)",
 )
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
+LayoutOpt = typer.Option(
+    "",
+    "--layout",
+    help="serve in an engine's parameter layout: vllm (q|k|v and gate|up fused, vocabulary padded to 64); "
+    "default: as the files are",
+    show_default=False,
+)
 
 
 def fail(err: Exception) -> None:
@@ -208,7 +215,10 @@ def _print_version(info, json_out: bool, verb: str) -> None:
     if json_out:
         print_json(message_dict(info))
         return
-    aliases = f" (alias {', '.join(info.aliases)})" if info.aliases else ""
+    notes = ([f"alias {', '.join(info.aliases)}"] if info.aliases else []) + (
+        [f"layout {info.layout}"] if info.layout else []
+    )
+    aliases = f" ({'; '.join(notes)})" if notes else ""
     if info.shares_memory_with:
         typer.echo(
             f"{verb} {info.name}@{info.version}{aliases}: {len(info.ranks)} rank(s), {format_size(info.bytes)}, "
@@ -232,6 +242,7 @@ def load(
     legacy_ipc: bool = typer.Option(False, "--legacy-ipc", help="cudaMalloc + cudaIpcMemHandle (dies with daemon)"),
     device_map: str | None = typer.Option(None, help="comma-separated device per rank, e.g. 0,1"),
     no_wait: bool = typer.Option(False, "--no-wait", help="return once registered"),
+    layout: str = LayoutOpt,
     socket: str | None = ClientSocketOpt,
     operator_socket: str | None = OperatorSocketOpt,
     json_out: bool = JsonOpt,
@@ -253,6 +264,7 @@ def load(
             device_map=dmap,
             wait=not no_wait,
             progress=progress,
+            layout=layout,
         )
     if info.already_loaded and not json_out:
         # a repeated load (a provisioning script run again): nothing was read, and it is not an error
@@ -282,6 +294,7 @@ def swap(
         "when memory allows)",
         show_default=False,
     ),
+    layout: str = LayoutOpt,
     socket: str | None = ClientSocketOpt,
     operator_socket: str | None = OperatorSocketOpt,
     json_out: bool = JsonOpt,
@@ -301,6 +314,7 @@ def swap(
             progress=progress,
             create=create,
             keep_previous=keep_previous,
+            layout=layout,
         )
     _print_version(info, json_out, f"{alias} ->")
     if info.previous_note and not json_out:
@@ -389,9 +403,10 @@ def list_(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> Non
         else:
             retired = "  retired: freed when its last lease ends" if v.retired else ""
         shares = f"  shares memory with {v.shares_memory_with}" if v.shares_memory_with else ""
+        layout = f"  layout {v.layout}" if v.layout else ""
         typer.echo(
             f"{v.name}@{v.version}  {state}  ranks={len(v.ranks)}  {format_size(v.bytes)}  "
-            f"leases={v.leases}{aliases}{shares}{retired}{err}"
+            f"leases={v.leases}{layout}{aliases}{shares}{retired}{err}"
         )
 
 
@@ -418,6 +433,8 @@ def status(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> No
     for v in s.versions:
         if v.shares_memory_with:  # its bytes are counted once, with the version it shares them with
             typer.echo(f"  {v.name}@{v.version} shares memory with {v.shares_memory_with} (resident once)")
+        if v.layout:
+            typer.echo(f"  {v.name}@{v.version} layout {v.layout}")
     for le in s.leases:
         typer.echo(f"  lease {le.lease_id[:8]} {le.name}@{le.version} pid {le.pid} {le.holder}")
 

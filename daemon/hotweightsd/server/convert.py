@@ -66,6 +66,7 @@ def version_info(mv: ModelVersion, manager: ModelManager, already_loaded: bool =
         held_until_unix=mv.held_until_unix,
         previous_of=mv.previous_of,
         shares_memory_with=manager.shares_with(mv),
+        layout=mv.layout,
     )
 
 

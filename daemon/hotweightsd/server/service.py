@@ -153,6 +153,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 verify=convert.enum_arg(convert.VERIFY_OF, request.verify, "verify"),
                 mode=convert.enum_arg(convert.MODE_OF, request.allocation, "allocation"),
                 device_map=list(request.device_map),
+                layout=request.layout,
             )
         )
         async for ev in self._run_load(start.version, start.run, request.wait, start.already_loaded):
@@ -449,6 +450,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 name=request.name or None,
                 create=request.create,
                 keep_previous=convert.enum_arg(convert.KEEP_OF, request.keep_previous, "keep_previous"),
+                layout=request.layout,
             )
         )
         async for ev in self._run_load(plan.version, plan.run, wait=True):
