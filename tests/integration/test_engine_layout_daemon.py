@@ -1,0 +1,139 @@
+"""``hotweights load NAME DIR --layout vllm`` against a real daemon (cpu backend): the daemon serves a
+Hugging Face directory in vLLM's parameter layout, the CLI and clients in their own processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from support.ckpt_tools import write_model
+from support.daemons import Daemon, client_json, short_tmpdir, start_daemon
+from support.models import qwen2_config, save_model, tiny_llama_config
+
+MODELS = {
+    # GQA, untied head, vocabulary 500: both vocabulary tensors padded to 512
+    "llama": tiny_llama_config,
+    # q/k/v biases, tied embeddings, vocabulary 1000 padded to 1024
+    "qwen2": lambda: qwen2_config(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+}
+HF_ONLY = (
+    ".self_attn.q_proj.",
+    ".self_attn.k_proj.",
+    ".self_attn.v_proj.",
+    ".mlp.gate_proj.",
+    ".mlp.up_proj.",
+)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layout")
+    models = {name: save_model(config(), root / name) for name, config in MODELS.items()}
+    sock = short_tmpdir()
+    d = start_daemon(str(Path(sock) / "hw.sock"))
+    yield d, models, root
+    code = d.stop()
+    shutil.rmtree(sock, ignore_errors=True)
+    assert code == 0, f"daemon exited with {code}:\n{d.logs()}"
+
+
+def _json(d: Daemon, *args: str) -> dict:
+    return json.loads(d.cli(*args, "--json", check=True).stdout)
+
+
+def _versions(d: Daemon, command: str) -> dict[str, dict]:
+    return {f"{v['name']}@{v['version']}": v for v in _json(d, command)["versions"]}
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_layout_vllm_serves_vllms_fused_and_padded_tensors(served, model):
+    d, models, _ = served
+    name = f"{model}-vllm"
+    info = _json(d, "load", name, str(models[model]), "--version", "v1", "--layout", "vllm")
+    assert info["state"] == "READY" and info["layout"] == "vllm", info
+    for command in ("list", "status"):
+        assert _versions(d, command)[f"{name}@v1"]["layout"] == "vllm"
+    listed = d.cli("list", check=True).stdout
+    assert f"{name}@v1" in listed and "layout vllm" in listed, listed
+    assert f"{name}@v1 layout vllm" in d.cli("status", check=True).stdout
+
+    out = client_json("attach_vllm_layout.py", d.socket, f"{name}@v1", str(models[model]), timeout=180)
+    names = out["names"]
+    assert any(n.endswith(".self_attn.qkv_proj.weight") for n in names), names
+    assert any(n.endswith(".mlp.gate_up_proj.weight") for n in names), names
+    assert [n for n in names if any(part in n for part in HF_ONLY)] == [], names
+    if model == "qwen2":
+        assert any(n.endswith(".self_attn.qkv_proj.bias") for n in names), names
+    assert out["differ"] == [] and out["missing"] == [] and out["extra"] == [], out
+    assert out["compared"] >= 10, out
+    rows = {"llama": 512, "qwen2": 1024}[model]
+    vocab = out["vocab"]
+    assert sorted(vocab) == (
+        ["lm_head.weight", "model.embed_tokens.weight"] if model == "llama" else ["model.embed_tokens.weight"]
+    ), vocab
+    for name_, v in vocab.items():
+        assert v == {"rows": rows, "padding_zero": True, "rows_equal_file": True}, (name_, v)
+    assert out["outside"] == [] and out["mapping_modes"] == ["r--s"], out
+    assert d.wait_status(lambda st: not st["leases"])["leases"] == []
+    # tensor counts are of the served table: one entry per fused tensor
+    ranks = _versions(d, "list")[f"{name}@v1"]["ranks"]
+    assert [r["tensors"] for r in ranks] == [len(names)], ranks
+    d.cli("unload", name, check=True)
+
+
+def test_same_files_without_a_layout_are_not_shared_with_the_layout_version(served):
+    d, models, _ = served
+    hf = str(models["llama"])
+    plain = _json(d, "load", "plain", hf, "--version", "v1")
+    fused = _json(d, "load", "fused", hf, "--version", "v1", "--layout", "vllm")
+    assert plain["layout"] == "" and fused["layout"] == "vllm"
+    assert plain["shares_memory_with"] == "" and fused["shares_memory_with"] == ""
+    assert "nothing read" not in fused["load_path"], fused
+    st = d.status()
+    shares = {v["name"]: v["shares_memory_with"] for v in st["versions"]}
+    assert shares == {"plain": "", "fused": ""}, shares
+    assert st["resident_bytes"] >= plain["bytes"] + fused["bytes"], st
+    # each name serves its own table from its own memory
+    out = client_json("attach_vllm_layout.py", d.socket, "fused@v1", hf, timeout=180)
+    assert out["differ"] == [] and out["missing"] == [] and out["extra"] == [], out
+    plain_names = client_json("attach_vllm_layout.py", d.socket, "plain@v1", hf, timeout=180)["names"]
+    assert any(".self_attn.q_proj." in n for n in plain_names) and not any("qkv_proj" in n for n in plain_names)
+    for n in ("plain", "fused"):
+        d.cli("unload", n, check=True)
+
+
+def test_swap_to_a_path_with_layout_vllm(served):
+    d, models, _ = served
+    hf = str(models["llama"])
+    d.cli("load", "sw", hf, "--version", "v1", "--alias", "sw-prod", check=True)
+    info = _json(d, "swap", "sw-prod", hf, "--version", "v2", "--layout", "vllm")
+    assert info["name"] == "sw" and info["version"] == "v2" and info["layout"] == "vllm", info
+    assert _versions(d, "list")["sw@v2"]["aliases"] == ["sw-prod"]
+    out = client_json("attach_vllm_layout.py", d.socket, "sw-prod", hf, timeout=180)
+    assert out["differ"] == [] and out["missing"] == [] and out["extra"] == [], out
+    # a layout belongs to a checkpoint path: a loaded version keeps its own
+    r = d.cli("swap", "sw-prod", "sw@v1", "--layout", "vllm")
+    assert r.returncode == 1 and "layout applies to a checkpoint path" in r.stderr, r.stderr
+    d.cli("unload", "sw", "--force", check=True)
+
+
+def test_unknown_layout_and_unfit_checkpoint_are_refused_before_loading(served):
+    d, models, root = served
+    r = d.cli("load", "bad", str(models["llama"]), "--layout", "nonsense")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "unknown layout 'nonsense'" in r.stderr and "vllm" in r.stderr, r.stderr
+    # no config.json beside the files: the layout has nothing to be cut from
+    bare = write_model(root / "bare" / "model.safetensors", seed=1)
+    r = d.cli("load", "bare", str(bare.parent), "--layout", "vllm")
+    assert r.returncode == 1 and "config.json" in r.stderr, r.stderr
+    assert [v["name"] for v in d.status()["versions"] if v["name"] in ("bad", "bare")] == []
