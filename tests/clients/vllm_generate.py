@@ -1,5 +1,6 @@
-"""A vLLM serving process: greedy tokens for three prompts, per-parameter checksums and where each
-parameter's memory lies. Prints one JSON line.
+"""A vLLM serving process: greedy tokens for three prompts, per-parameter checksums, where each
+parameter's memory lies and the bytes the loader says stay outside the engine's budget. Prints one
+JSON line.
 
     vllm_generate.py MODEL_DIR [--load-format hotweights --extra JSON]
 
@@ -73,6 +74,13 @@ def where_params(worker) -> dict:
     }
 
 
+def external_weight_memory(worker) -> int:
+    """What the loader tells vLLM's GPU worker before it sizes its budget (the CPU worker does not ask)."""
+    from vllm.model_executor.model_loader import get_model_loader
+
+    return get_model_loader(worker.vllm_config.load_config).get_external_weight_memory(worker.vllm_config)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -107,6 +115,7 @@ def main() -> None:
         "tokens": [list(o.outputs[0].token_ids) for o in outs],
         "checksums": llm.collective_rpc("compute_weight_checksums")[0],
         "params": llm.collective_rpc(where_params)[0],
+        "external_weight_memory": llm.collective_rpc(external_weight_memory)[0],
         "before_postprocessing": BEFORE_POSTPROCESSING,
     }
     print(json.dumps(result), flush=True)

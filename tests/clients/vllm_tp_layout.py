@@ -1,5 +1,6 @@
-"""Compares each tensor-parallel rank the daemon serves (a version written by ``hotweights.vllm_layout``)
-with what vLLM's own weight loaders build for that rank from the Hugging Face checkpoint.
+"""Compares each tensor-parallel rank the daemon serves (a version written by ``hotweights.vllm_layout``,
+or one loaded with ``--layout vllm``) with what vLLM's own weight loaders build for that rank from the
+Hugging Face checkpoint.
 
     vllm_tp_layout.py SOCKET REF HF_DIR TP
 

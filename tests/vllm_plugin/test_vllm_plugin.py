@@ -51,6 +51,8 @@ def served(tmp_path_factory):
         d.cli("load", "hf", str(hf), check=True)
         d.cli("load", "vl", str(root / "llama-vllm-tp1"), check=True)
         d.cli("load", "vl2", str(root / "llama-vllm-tp2"), check=True)
+        # the Hugging Face files again, served in vLLM's layout by the daemon itself: no offline conversion
+        d.cli("load", "hfv", str(hf), "--layout", "vllm", check=True)
         yield d, hf
         code = d.stop()
         shutil.rmtree(sock, ignore_errors=True)
@@ -94,6 +96,22 @@ def test_zero_copy_engine_equals_vllms_own_loader(served, reference):
     p = out["params"]
     assert p["holds_attachment"], p
     assert p["own"] == [] and len(p["aliased"]) == 7, p  # every parameter vLLM keeps aliases the daemon's mapping
+    assert out["external_weight_memory"] > 0  # outside vLLM's budget: the daemon holds it
+    assert d.wait_status(lambda st: not st["leases"])["leases"] == []
+
+
+def test_zero_copy_of_a_version_loaded_with_layout_vllm_equals_vllms_own_loader(served, reference):
+    d, hf = served
+    assert [v["layout"] for v in d.status()["versions"] if v["name"] == "hfv"] == ["vllm"]
+    out = engine(hf, *hotweights_args(d, "hfv"))
+    assert out["tokens"] == reference["tokens"]
+    assert out["checksums"] == reference["checksums"]
+    assert out["before_postprocessing"] == reference["before_postprocessing"]
+    p = out["params"]
+    assert p["holds_attachment"], p
+    assert p["own"] == [] and len(p["aliased"]) == 7, p
+    hfv = next(v for v in d.status()["versions"] if v["name"] == "hfv")
+    assert out["external_weight_memory"] == int(hfv["ranks"][0]["bytes"]) > 0, out["external_weight_memory"]
     assert d.wait_status(lambda st: not st["leases"])["leases"] == []
 
 
@@ -106,6 +124,7 @@ def test_copy_mode_equals_vllms_own_loader(served, reference, model):
     assert out["before_postprocessing"] == reference["before_postprocessing"]
     p = out["params"]
     assert p["aliased"] == [] and not p["holds_attachment"], p  # engine-owned memory, lease given back
+    assert out["external_weight_memory"] == 0
 
 
 def test_unknown_option_wrong_tp_and_zero_copy_of_hf_layout_are_clear_errors(served):
