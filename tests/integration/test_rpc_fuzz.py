@@ -87,6 +87,8 @@ def _meaningful(field: str) -> st.SearchStrategy[str] | None:
         "ref": st.sampled_from(REFS),
         "target": st.sampled_from(REFS + paths),
         "path": st.sampled_from(paths),
+        # mostly none: with a layout, the fuzz's checkpoints (no config.json) are refused before loading
+        "layout": st.sampled_from(["", "", "", "vllm"]),
     }.get(field)
 
 
