@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from support.ckpt_tools import write_model
-from support.daemons import Daemon, client_json, short_tmpdir, start_daemon
+from support.daemons import Daemon, client_json, serve_command, short_tmpdir, start_daemon
 from support.models import qwen2_config, save_model, tiny_llama_config
 
 MODELS = {
@@ -137,3 +137,25 @@ def test_unknown_layout_and_unfit_checkpoint_are_refused_before_loading(served):
     r = d.cli("load", "bare", str(bare.parent), "--layout", "vllm")
     assert r.returncode == 1 and "config.json" in r.stderr, r.stderr
     assert [v["name"] for v in d.status()["versions"] if v["name"] in ("bad", "bare")] == []
+
+
+def test_a_restart_from_the_fd_store_serves_the_layout_again_without_storage(svc, tmp_path):
+    hf = save_model(tiny_llama_config(), tmp_path / "llama")
+    reference = shutil.copytree(hf, tmp_path / "reference")  # what the client compares with once hf is gone
+    sock = str(svc.tmpdir / "hw.sock")
+    svc.start(serve_command(sock, config="none"))
+    svc.wait_for("READY", "1")
+    d = Daemon(sock, svc.process, svc.log_path).wait_ready()
+    d.cli("load", "llama", str(hf), "--version", "v1", "--layout", "vllm", check=True)
+    svc.stop()
+    shutil.rmtree(hf)  # a restart that served it must not have read storage
+    svc.start(serve_command(sock, config="none"))
+    svc.wait_for("READY", "1")
+    d = Daemon(sock, svc.process, svc.log_path).wait_ready()
+    st = d.status()
+    assert st["restored"] is True, st["restore_note"]
+    assert [(v["name"], v["state"], v["layout"]) for v in st["versions"]] == [("llama", "READY", "vllm")]
+    out = client_json("attach_vllm_layout.py", sock, "llama@v1", str(reference), timeout=180)
+    assert out["differ"] == [] and out["missing"] == [] and out["extra"] == [], out
+    assert all(v["padding_zero"] and v["rows"] == 512 for v in out["vocab"].values()), out["vocab"]
+    assert svc.stop() == 0
