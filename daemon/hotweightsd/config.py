@@ -18,6 +18,7 @@ from typing import Any
 
 from hotweights.errors import HotweightsError, InvalidArgument
 from hotweights.format.checkpoint import MAX_TENSORS_PER_RANK, HeaderLimits
+from hotweights.format.engine_layout import check_layout
 from hotweights.format.safetensors import MAX_TENSORS_PER_FILE
 from hotweights.paths import operator_socket_for, socket_for
 from hotweights.units import parse_size
@@ -191,7 +192,7 @@ class Config:
     )
     preload: list[dict[str, Any]] = _key(
         [],
-        "[[preload]] tables (name, path, version?, alias?, verify?) loaded at start",
+        "[[preload]] tables (name, path, version?, alias?, verify?, layout?) loaded at start",
         kind="preload",
         flag=False,
         env=False,
@@ -225,6 +226,7 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+PRELOAD_KEYS = ("name", "path", "version", "alias", "verify", "layout")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -242,6 +244,13 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
         for v in value:
             if "name" not in v or "path" not in v:
                 raise InvalidArgument(f"config: each [[preload]] needs name and path, got {v} ({source})")
+            unknown = sorted(set(v) - set(PRELOAD_KEYS))
+            if unknown:
+                raise InvalidArgument(
+                    f"config: [[preload]] {v.get('name')!r} has unknown key(s) {unknown}; known: {list(PRELOAD_KEYS)}"
+                    f" ({source})"
+                )
+            check_layout(str(v.get("layout") or ""))
         return value
     if kind == "paths":
         items = value.split(":") if isinstance(value, str) else value

@@ -199,7 +199,7 @@ def _log_failure(event: str):
 
 
 async def _load_all(manager: ModelManager, items: list[dict], what: str, metrics: DaemonMetrics) -> None:
-    """Loads each item ({name, path, version?, verify?, aliases}); a failure is logged, not fatal."""
+    """Loads each item ({name, path, version?, verify?, layout?, aliases}); a failure is logged, not fatal."""
     for item in items:
         try:
             try:
@@ -209,6 +209,7 @@ async def _load_all(manager: ModelManager, items: list[dict], what: str, metrics
                     item["path"],
                     version=item.get("version"),
                     verify=item.get("verify"),
+                    layout=item.get("layout") or "",
                 )
             except AlreadyExists:
                 raise

@@ -19,7 +19,7 @@ def test_fused_tensors_are_exact_and_the_padding_is_zero_on_the_device(tmp_path)
     from hotweights import vllm_layout
     from hotweights.cuda import devices as cd
     from hotweights.format.checkpoint import open_checkpoint
-    from hotweights.format.engine_layout import fused_groups
+    from hotweights.format.engine_layout import rank_recipe
     from hotweightsd.core.backend import AllocationMode
     from hotweightsd.core.layout import plan_rank
     from support.models import save_model, tiny_llama_config
@@ -31,8 +31,8 @@ def test_fused_tensors_are_exact_and_the_padding_is_zero_on_the_device(tmp_path)
     try:
         with open_checkpoint(hf) as ckpt:
             rf = ckpt.ranks[0]
-            fused = fused_groups("vllm", config, 1, 0, {t.name: t.shape for h in rf.files for t in h.tensors})
-            layout = plan_rank(rf, b.granularity(0), b.max_allocation(), fused)
+            tensors = {t.name: (t.dtype.name, t.shape) for h in rf.files for t in h.tensors}
+            layout = plan_rank(rf, b.granularity(0), b.max_allocation(), rank_recipe("vllm", config, 1, 0, tensors))
             assert layout.zeros, "a vocabulary of 500 is padded"
             # memory freed with 0xFF in it, so an allocation that reuses it would show a missing memset
             for size in layout.allocation_sizes:

@@ -41,6 +41,18 @@ def test_precedence_file_env_flags(tmp_path):
     assert cfg.loader_settings().busy_chunk_size == 32 * 2**20
 
 
+def test_a_preload_table_with_an_unknown_key_or_layout_is_refused_naming_it(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[[preload]]\nname = "m"\npath = "/models/m"\nlayout = "vllm"\n')
+    assert load_config(str(cfg_file), env={}).preload == [{"name": "m", "path": "/models/m", "layout": "vllm"}]
+    cfg_file.write_text('[[preload]]\nname = "m"\npath = "/models/m"\nlayuot = "vllm"\n')
+    with pytest.raises(errors.InvalidArgument, match=r"\[\[preload\]\] 'm' has unknown key\(s\) \['layuot'\]"):
+        load_config(str(cfg_file), env={})
+    cfg_file.write_text('[[preload]]\nname = "m"\npath = "/models/m"\nlayout = "tgi"\n')
+    with pytest.raises(errors.InvalidArgument, match="unknown layout 'tgi'"):
+        load_config(str(cfg_file), env={})
+
+
 def test_bad_config_is_named(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("sockett = 1\n")

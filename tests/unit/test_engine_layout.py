@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from hotweights import errors, vllm_layout
 from hotweights.format.dtypes import torch_dtype
-from hotweights.format.engine_layout import Fused, fused_groups
+from hotweights.format.engine_layout import Fused, RankRecipe, rank_recipe
 from hotweights.tools.shard.sharder import shard_checkpoint
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.manager import ModelManager
@@ -135,9 +135,15 @@ def test_unknown_layouts_and_checkpoints_the_layout_does_not_fit_are_refused(man
     assert manager.versions() == []
 
 
+def _bf16(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {k: ("BF16", v) for k, v in shapes.items()}
+
+
+CONFIG = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "num_key_value_heads": 2}
+CONFIG |= {"hidden_size": 128, "head_dim": 32, "vocab_size": 512, "intermediate_size": 256}
+
+
 def test_a_fused_tensor_missing_a_part_or_cut_otherwise_names_every_offender():
-    config = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "num_key_value_heads": 2}
-    config |= {"hidden_size": 128, "head_dim": 32, "vocab_size": 512, "intermediate_size": 256}
     shapes = {
         "model.layers.0.self_attn.q_proj.weight": (128, 128),
         "model.layers.0.self_attn.v_proj.weight": (64, 128),
@@ -146,23 +152,84 @@ def test_a_fused_tensor_missing_a_part_or_cut_otherwise_names_every_offender():
         "model.layers.0.mlp.up_proj.weight": (128, 128),
     }
     with pytest.raises(errors.InvalidArgument) as e:
-        fused_groups("vllm", config, 2, 0, shapes)
+        rank_recipe("vllm", CONFIG, 2, 0, _bf16(shapes))
     msg = str(e.value)
     assert "qkv_proj.weight lacks its k part(s)" in msg and "o_proj.weight has 128 columns" in msg
-    assert "gate_proj.weight has 128 rows on rank 0; vLLM's split at tp=2 gives that rank 128" not in msg
     assert len(e.value.details["problems"]) == 2
     # the same at tp=1: gate|up fuse, nothing padded (512 is a multiple of 64)
     shapes["model.layers.0.self_attn.k_proj.weight"] = (64, 128)
     shapes["model.layers.0.mlp.gate_proj.weight"] = shapes["model.layers.0.mlp.up_proj.weight"] = (256, 128)
-    groups = fused_groups("vllm", config, 1, 0, shapes)
-    assert (
-        Fused(
-            "model.layers.0.mlp.gate_up_proj.weight",
-            ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
-        )
-        in groups
+    recipe = rank_recipe("vllm", CONFIG, 1, 0, _bf16(shapes))
+    gate_up = ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")
+    assert Fused("model.layers.0.mlp.gate_up_proj.weight", gate_up) in recipe.fused
+    assert rank_recipe("", CONFIG, 1, 0, _bf16(shapes)) == RankRecipe()
+
+
+def test_parts_of_other_dtypes_or_a_fused_tensor_beside_its_parts_are_refused():
+    parts = {f"model.layers.0.self_attn.{x}_proj.bias": ("BF16", (n,)) for x, n in (("q", 128), ("k", 64), ("v", 64))}
+    parts["model.layers.0.self_attn.k_proj.bias"] = ("F32", (64,))
+    with pytest.raises(errors.InvalidArgument, match=r"qkv_proj.bias differ in dtype: \['BF16', 'F32', 'BF16'\]"):
+        rank_recipe("vllm", CONFIG, 1, 0, parts)
+    both = _bf16(
+        {"model.layers.0.mlp.gate_up_proj.weight": (512, 128), "model.layers.0.mlp.gate_proj.weight": (256, 128)}
     )
-    assert fused_groups("", config, 1, 0, shapes) == []
+    for shapes in (both, dict(reversed(both.items()))):  # in either order
+        with pytest.raises(
+            errors.InvalidArgument, match="holds model.layers.0.mlp.gate_up_proj.weight and also its parts"
+        ):
+            rank_recipe("vllm", CONFIG, 1, 0, shapes)
+
+
+def test_a_rank_whose_vocabulary_part_is_all_padding_still_reserves_its_rows(manager, tmp_path):
+    """Vocabulary 65 at tp=4: padded to 128, 32 rows a rank; rank 3 holds none of the real rows."""
+    config = {**CONFIG, "vocab_size": 65, "hidden_size": 64, "head_dim": 16, "intermediate_size": 128}
+    config |= {"num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": True}
+    out = tmp_path / "tp4"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config))
+    for rank in range(4):
+        rows = [32, 32, 1, 0][rank]
+        save_file(
+            {
+                "model.embed_tokens.weight": torch.ones(rows, 64, dtype=torch.bfloat16),
+                "model.norm.weight": torch.ones(64, dtype=torch.bfloat16),
+            },
+            str(out / f"model-rank-{rank}-part-0.safetensors"),
+        )
+    manager.load("m", str(out), layout="vllm")
+    for rank, real in enumerate([32, 32, 1, 0]):
+        embed = _served(manager, "m", rank)["model.embed_tokens.weight"]
+        assert embed.shape == (32, 64) and embed[:real].eq(1).all() and not embed[real:].any()
+    # nothing overlaps: each served entry has its own bytes
+    for r in manager.get("m", manager.versions()[0].version).ranks:
+        spans = sorted((p.allocation, p.offset, p.offset + p.nbytes) for p in r.layout.table())
+        assert all(a[2] <= b[1] for a, b in zip(spans, spans[1:]) if a[0] == b[0]), spans
+
+
+def test_a_padded_vocabulary_is_taken_as_it_is_only_from_a_checkpoint_converted_for_these_ranks(
+    manager, llama, tmp_path
+):
+    out = tmp_path / "vllm-tp2"
+    vllm_layout.convert(llama, out, 2)  # 256 rows a rank, the converter's marker beside them
+    manager.load("conv", str(out), layout="vllm")
+    for rank in (0, 1):
+        _equal(_served(manager, "conv", rank), _offline(llama, 2, rank))
+    # the same rows without the marker could be any split of 512 rows: refused
+    (out / "hotweights-layout.json").unlink()
+    with pytest.raises(errors.InvalidArgument, match="model.embed_tokens.weight has 256 rows on rank 1"):
+        manager.load("bare", str(out), layout="vllm")
+
+
+def test_a_tied_lm_head_in_the_checkpoint_is_neither_read_nor_served(manager, tmp_path):
+    config = {**CONFIG, "tie_word_embeddings": True}
+    out = tmp_path / "tied"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config))
+    w = torch.randn(512, 128).to(torch.bfloat16)
+    save_file({"model.embed_tokens.weight": w, "lm_head.weight": w.clone()}, str(out / "model.safetensors"))
+    mv = manager.load("m", str(out), layout="vllm")
+    assert sorted(_served(manager, "m")) == ["model.embed_tokens.weight"]
+    assert mv.bytes_total == w.numel() * 2  # lm_head not read
 
 
 def test_the_same_files_in_another_layout_are_neither_shared_nor_the_same_version(manager, llama):
@@ -208,3 +275,24 @@ def test_a_file_with_the_parts_in_another_order_still_serves_them_in_vllms_order
     shutil.copy(llama / "config.json", out / "config.json")
     manager.load("m", str(out), layout="vllm")
     _equal(_served(manager, "m"), _offline(llama, 1, 0))
+
+
+def test_a_restart_that_reads_storage_again_loads_in_the_same_layout(llama, tmp_path):
+    """Without the fd store the restart reloads from the files: in the layout the version had."""
+    sock = str(tmp_path / "hw.sock")
+    state = tmp_path / "hw.sock.state.json"
+    m1 = ModelManager(CpuBackend(memory_limit=256 * MiB))
+    try:
+        m1.load("m", str(llama), version="v1", layout="vllm")
+        statefile.save(state, Persister(m1, state, sock, fdstore=False).snapshot())
+    finally:
+        m1.close()
+    m2 = ModelManager(CpuBackend(memory_limit=256 * MiB))
+    try:
+        report = restore(m2, m2.backend, Persister(m2, state, sock, fdstore=False), {})
+        assert [(i["name"], i["version"], i["layout"]) for i in report.to_reload] == [("m", "v1", "vllm")]
+        item = report.to_reload[0]
+        m2.load(item["name"], item["path"], version=item["version"], layout=item["layout"])
+        _equal(_served(m2, "m@v1"), _offline(llama, 1, 0))
+    finally:
+        m2.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -350,6 +351,29 @@ def test_a_load_that_another_name_overtakes_between_its_look_and_its_registratio
     a = done(60)
     assert a.state is State.READY and _same_objects(a, b) and manager.backend.fills == 1
     assert manager.resident_bytes() == b.resident_bytes
+
+
+def test_a_load_with_a_device_map_waits_on_a_reader_that_is_still_allocating(manager, tmp_path, monkeypatch):
+    """The reader's ranks exist only once allocated; its planned devices are known from registration,
+    so a load asking for the same devices in that window waits on it instead of reading again."""
+    path = str(versioned_model(tmp_path, 1))
+    allocate = manager._admit_and_allocate
+    inside, go = threading.Event(), threading.Event()
+
+    def slow_for_b(mv, *args):
+        if mv.name == "b":
+            inside.set()
+            assert go.wait(60)
+        return allocate(mv, *args)
+
+    monkeypatch.setattr(manager, "_admit_and_allocate", slow_for_b)
+    b_started = started(lambda: manager.start_load("b", path, version="v1", device_map=[0]))
+    assert inside.wait(60)
+    a = manager.start_load("a", path, version="v1", device_map=[0])
+    assert a.version.shares == "b@v1" and a.version.state is State.LOADING
+    go.set()
+    b = b_started(60).run()
+    assert a.run() is a.version and _same_objects(a.version, b) and manager.backend.fills == 1
 
 
 def test_a_third_load_of_the_same_files_waits_on_the_reader_not_on_a_waiter(manager, tmp_path):

@@ -116,13 +116,19 @@ class Shape:
         return whole // self.tp
 
 
+def fused_name(name: str) -> str | None:
+    """The vLLM parameter ``name`` is a part of (q_proj -> qkv_proj, gate_proj -> gate_up_proj); None
+    for a tensor vLLM takes as it is."""
+    m = QKV.match(name) or GATE_UP.match(name)
+    return None if m is None else f"{m.group(1)}.{'qkv' if m.re is QKV else 'gate_up'}_proj.{m.group(3)}"
+
+
 def engine_names(names: Iterable[str]) -> dict[str, list[str]]:
     """vLLM parameter name -> the checkpoint tensors it is made of, in order."""
     out: dict[str, list[str]] = {}
     for name in names:
-        m = QKV.match(name) or GATE_UP.match(name)
-        if m:
-            fused = f"{m.group(1)}.{'qkv' if m.re is QKV else 'gate_up'}_proj.{m.group(3)}"
+        fused = fused_name(name)
+        if fused is not None:
             out.setdefault(fused, []).append(name)
         else:
             out[name] = [name]
@@ -142,16 +148,32 @@ class Fused:
     pad_rows: int = 0
 
 
-def fused_groups(
-    layout: str, config: Mapping, world: int, rank: int, shapes: Mapping[str, tuple[int, ...]]
-) -> list[Fused]:
-    """The tensors of rank ``rank`` (of ``world``) that ``layout`` fuses or pads, from the rank's
-    checkpoint tensors (name -> shape). Raises InvalidArgument, naming every offender, where the
+@dataclass(frozen=True)
+class RankRecipe:
+    """What a layout does to one rank: the tensors it fuses or pads, and the checkpoint tensors the
+    engine never reads (a tied ``lm_head``: the engine uses the embedding), which are not loaded."""
+
+    fused: tuple[Fused, ...] = ()
+    dropped: frozenset[str] = frozenset()
+
+
+def rank_recipe(
+    layout: str,
+    config: Mapping,
+    world: int,
+    rank: int,
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    prepadded: bool = False,
+) -> RankRecipe:
+    """What ``layout`` does to rank ``rank`` (of ``world``), from the rank's checkpoint tensors
+    (name -> (safetensors dtype, shape)). Raises InvalidArgument, naming every offender, where the
     checkpoint's split of a tensor is not the engine's (e.g. a vocabulary split without the engine's
-    padding) or a fused tensor lacks a part. A checkpoint already in the engine's layout gives no groups."""
+    padding), a fused tensor lacks a part, its parts differ in dtype, or the checkpoint holds a fused
+    tensor and its parts both. ``prepadded``: the checkpoint was written in this layout at ``world`` ranks
+    (its vocabulary already padded); a checkpoint already in the engine's layout is left as it is."""
     check_layout(layout)
     if not layout:
-        return []
+        return RankRecipe()
     if config.get("quantization_config"):
         raise InvalidArgument(
             "vLLM layout: the checkpoint is quantized; vLLM post-processes quantized weights itself, so load "
@@ -160,7 +182,11 @@ def fused_groups(
     shape = Shape(config, world)
     problems: list[str] = []
     groups: list[Fused] = []
-    for fused, parts in engine_names(shapes).items():
+    dropped = frozenset(n for n in ("lm_head.weight",) if shape.tied and n in tensors)
+    both = {f for f in map(fused_name, tensors) if f is not None and f in tensors}
+    problems.extend(f"the checkpoint holds {f} and also its parts" for f in sorted(both))
+    kept = [n for n in tensors if n not in dropped and n not in both and fused_name(n) not in both]
+    for fused, parts in engine_names(kept).items():
         if len(parts) > 1 or fused != parts[0]:
             want = ("q", "k", "v") if "qkv_proj" in fused else ("gate", "up")
             have = tuple(part_of(p) for p in parts)
@@ -168,34 +194,36 @@ def fused_groups(
                 missing = [w for w in want if w not in have]
                 problems.append(f"{fused} lacks its {'/'.join(missing)} part(s) on rank {rank}")
                 continue
-            trailing = {tuple(shapes[p][1:]) for p in parts}
-            if len(trailing) > 1 or any(not shapes[p] for p in parts):
-                problems.append(f"the parts of {fused} differ beyond dim 0: {[shapes[p] for p in parts]}")
+            if len({tensors[p][0] for p in parts}) > 1:
+                problems.append(f"the parts of {fused} differ in dtype: {[tensors[p][0] for p in parts]}")
+                continue
+            trailing = {tuple(tensors[p][1][1:]) for p in parts}
+            if len(trailing) > 1 or any(not tensors[p][1] for p in parts):
+                problems.append(f"the parts of {fused} differ beyond dim 0: {[tensors[p][1] for p in parts]}")
                 continue
         pad = 0
+        first = tensors[parts[0]][1]
         cols = shape.cols(parts[0])
-        if cols is not None and len(shapes[parts[0]]) == 2 and shapes[parts[0]][1] != cols:
+        if cols is not None and len(first) == 2 and first[1] != cols:
             problems.append(
-                f"{parts[0]} has {shapes[parts[0]][1]} columns on rank {rank}; vLLM's split at tp={world} gives {cols}"
+                f"{parts[0]} has {first[1]} columns on rank {rank}; vLLM's split at tp={world} gives {cols}"
             )
         for p in parts:
             rows = shape.rows(p, rank)
-            if rows is None or (shape.tied and p == "lm_head.weight"):
+            if rows is None:
                 continue
-            have_rows = shapes[p][0] if shapes[p] else 0
+            have_rows = tensors[p][1][0] if tensors[p][1] else 0
             if p in VOCAB:
                 per = shape.padded_vocab // world
-                if have_rows == per:  # already padded (a checkpoint written in the engine's layout)
+                if prepadded and have_rows == per:
                     continue
                 pad = per - rows
             if have_rows != rows:
+                where = ""
+                if p in VOCAB:
+                    where = f" (the vocabulary of {shape.vocab} padded to {shape.padded_vocab}, then split)"
                 problems.append(
-                    f"{p} has {have_rows} rows on rank {rank}; vLLM's split at tp={world} gives that rank {rows}"
-                    + (
-                        f" (the vocabulary of {shape.vocab} padded to {shape.padded_vocab}, then split)"
-                        if p in VOCAB
-                        else ""
-                    )
+                    f"{p} has {have_rows} rows on rank {rank}; vLLM's split at tp={world} gives that rank {rows}{where}"
                 )
         if pad or len(parts) > 1:
             groups.append(Fused(fused, tuple(parts), pad))
@@ -206,4 +234,4 @@ def fused_groups(
             + ". Load it without a layout, or write it in vLLM's layout with python -m hotweights.vllm_layout",
             problems=problems,
         )
-    return groups
+    return RankRecipe(tuple(groups), dropped)

@@ -393,4 +393,6 @@ def _zero(device: int, layout: RankLayout, bases: list[int]) -> None:
     with cd.current(device) as drv:
         for z in layout.zeros:
             cd.check(drv.cuMemsetD8(bases[z.allocation] + z.offset, 0, z.length), "cuMemsetD8", device=device)
+        # The whole context, not one stream: the load is READY only after this, and what else it waits
+        # for (another load's copies in flight on this device) is a chunk's worth at most.
         cd.check(drv.cuCtxSynchronize(), "cuCtxSynchronize", device=device)

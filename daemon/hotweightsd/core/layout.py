@@ -14,12 +14,11 @@ parts. The fill is unchanged (one segment per file tensor); the padding is zeroe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hotweights.format.checkpoint import RankFiles
 from hotweights.format.dtypes import served_dtype_name
-from hotweights.format.engine_layout import Fused
+from hotweights.format.engine_layout import RankRecipe
 from hotweights.format.safetensors import TensorEntry
 from hotweights.format.source import SourceFile
 
@@ -109,13 +108,15 @@ class RankLayout:
 
 
 def plan_rank(
-    rank: RankFiles, granularity: int, max_allocation: int | None = None, fused: Sequence[Fused] = ()
+    rank: RankFiles, granularity: int, max_allocation: int | None = None, recipe: RankRecipe | None = None
 ) -> RankLayout:
     """Packs a rank's tensors into allocations of at most ``max_allocation`` bytes (rounded to ``granularity``).
 
     A tensor larger than ``max_allocation`` gets an allocation of its own; so does a fused tensor, which is
-    never split over two. ``fused``: the tensors an engine layout fuses or pads (``fused_groups``).
+    never split over two. ``recipe``: what an engine layout fuses, pads and leaves out (``rank_recipe``).
     """
+    recipe = recipe or RankRecipe()
+    fused = recipe.fused
     entries = {t.name: t for h in rank.files for t in h.tensors}
     group_of = {part: g for g in fused for part in g.parts}
     block: dict[str, tuple[int, int]] = {}  # fused name -> (allocation, offset) of its first part
@@ -136,13 +137,15 @@ def plan_rank(
 
     for fi, header in enumerate(rank.files):
         for t in sorted(header.tensors, key=lambda t: t.begin):
+            if t.name in recipe.dropped:
+                continue
             g = group_of.get(t.name)
             if g is None:
                 alloc, offset = reserve(t.nbytes)
             else:
                 if g.name not in block:
                     parts = [entries[p] for p in g.parts]
-                    row = parts[-1].nbytes // max(parts[-1].shape[0], 1)
+                    row = _row_bytes(parts[-1])
                     total = sum(p.nbytes for p in parts) + g.pad_rows * row
                     block[g.name] = reserve(total)
                     alloc, base = block[g.name]
@@ -164,7 +167,7 @@ def plan_rank(
         allocation_sizes=sizes,
         placements=placements,
         sources=[s for s in sources if s is not None] if None not in sources else [],
-        served=served if fused else None,
+        served=served if recipe.fused or recipe.dropped else None,
         zeros=zeros,
     )
 
@@ -184,3 +187,11 @@ def _entry(
         file=file,
         file_offset=t.begin if file >= 0 else 0,
     )
+
+
+def _row_bytes(t: TensorEntry) -> int:
+    """Bytes of one dim-0 row of ``t`` (from its shape, so a rank with no rows of it still has a row size)."""
+    n = t.dtype.bits
+    for d in t.shape[1:]:
+        n *= d
+    return n // 8

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import structlog
@@ -51,7 +52,7 @@ from hotweights.errors import (
     shorten,
 )
 from hotweights.format.checkpoint import Checkpoint, HeaderLimits, open_checkpoint
-from hotweights.format.engine_layout import Fused, check_layout, fused_groups
+from hotweights.format.engine_layout import RankRecipe, check_layout, rank_recipe
 from hotweights.format.source import DEFAULT_MAX_FILES, read_small
 from hotweightsd.core import faults
 from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
@@ -370,14 +371,14 @@ class ModelManager:
         # Verified like any load, also when it will share: what a load refuses must not depend on what
         # else is resident (an explicit verify=full is not skipped because another name loaded the
         # same files with verify=none). Only tensor data is never read again.
+        recipes = self._recipes(ckpt, layout)  # before verify: a checkpoint the layout refuses is not hashed
         self.verify(ckpt, verify)
-        fused = self._fused(ckpt, layout)
         wanted = list(device_map or [])
         while True:
-            shared = self._share(ckpt, name, version, alias, content, mode, wanted, layout, fused)
+            shared = self._share(ckpt, name, version, alias, content, mode, wanted, layout, recipes)
             if shared is not None:
                 return shared
-            layouts, devices = self._plan(ckpt, wanted, fused)
+            layouts, devices = self._plan(ckpt, wanted, recipes)
             mv = ModelVersion(
                 name=name,
                 version=version,
@@ -387,6 +388,7 @@ class ModelManager:
                 bytes_total=sum(lay.nbytes for lay in layouts),
                 content=content,
                 layout=layout,
+                devices=devices,
             )
             with self._lock:
                 self._check_names(name, alias)
@@ -422,37 +424,54 @@ class ModelManager:
         return LoadStart(mv, lambda: self._fill(mv, alias), False)
 
     def _plan(
-        self, ckpt: Checkpoint, wanted: list[int], fused: list[list[Fused]]
+        self, ckpt: Checkpoint, wanted: list[int], recipes: list[RankRecipe]
     ) -> tuple[list[RankLayout], list[int]]:
         """Where each rank of ``ckpt`` goes (its device) and how it lies in its allocations."""
         devices = self._place(ckpt.world_size, wanted)
         layouts = [
-            plan_rank(r, self.backend.granularity(devices[r.rank]), self.backend.max_allocation(), fused[r.rank])
+            plan_rank(r, self.backend.granularity(devices[r.rank]), self.backend.max_allocation(), recipes[r.rank])
             for r in ckpt.ranks
         ]
         return layouts, devices
 
-    def _fused(self, ckpt: Checkpoint, layout: str) -> list[list[Fused]]:
-        """Per rank, the tensors ``layout`` fuses or pads (none without a layout); refuses a checkpoint
-        the layout does not fit before anything is allocated."""
+    def _recipes(self, ckpt: Checkpoint, layout: str) -> list[RankRecipe]:
+        """Per rank, what ``layout`` fuses, pads and leaves out (nothing without a layout); refuses a
+        checkpoint the layout does not fit before anything is allocated."""
         if not layout:
-            return [[] for _ in ckpt.ranks]
-        config_path = (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent) / "config.json"
-        try:
-            config = json.loads(read_small(config_path, self.roots.check if self.roots.confined else None, 1 << 20))
-            if not isinstance(config, dict):
-                raise ValueError("not a JSON object")
-        except NotFound:
-            raise InvalidArgument(
-                f"layout {layout}: no config.json beside the checkpoint ({config_path}); the layout is cut from it",
-                path=str(config_path),
-            ) from None
-        except (ValueError, RecursionError) as exc:
-            raise InvalidArgument(f"layout {layout}: {config_path} is not valid JSON ({exc})") from None
+            return [RankRecipe() for _ in ckpt.ranks]
+        folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+        config = self._side_json(folder / "config.json", layout, required=True) or {}
+        # Written by the offline converter in this layout for this many ranks: its vocabulary is padded already.
+        marker = self._side_json(folder / "hotweights-layout.json", layout, required=False) or {}
+        prepadded = marker.get("engine") == layout and marker.get("tp") == ckpt.world_size
         return [
-            fused_groups(layout, config, ckpt.world_size, r.rank, {t.name: t.shape for h in r.files for t in h.tensors})
+            rank_recipe(
+                layout,
+                config,
+                ckpt.world_size,
+                r.rank,
+                {t.name: (t.dtype.name, t.shape) for h in r.files for t in h.tensors},
+                prepadded,
+            )
             for r in ckpt.ranks
         ]
+
+    def _side_json(self, path: Path, layout: str, required: bool) -> dict | None:
+        """A JSON object beside the checkpoint, read inside the model roots; None when absent and not ``required``."""
+        try:
+            doc = json.loads(read_small(path, self.roots.check if self.roots.confined else None, 1 << 20))
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+        except NotFound:
+            if not required:
+                return None
+            raise InvalidArgument(
+                f"layout {layout}: no {path.name} beside the checkpoint ({path}); the layout is cut from it",
+                path=str(path),
+            ) from None
+        except (ValueError, RecursionError) as exc:
+            raise InvalidArgument(f"layout {layout}: {path} is not valid JSON ({exc})", path=str(path)) from None
+        return doc
 
     def _admit_and_allocate(self, mv: ModelVersion, layouts: list[RankLayout], devices: list[int]) -> None:
         """Refuses ``mv`` where it does not fit, else allocates its ranks; on failure what was allocated
@@ -494,8 +513,7 @@ class ModelManager:
             and v.content is not None
             and v.content.same_files(content)
             and (state is State.READY or not v.shares)  # a LOADING one reads, rather than waits
-            and (not device_map or len(v.ranks) == world)
-            and (not device_map or [r.device for r in sorted(v.ranks, key=lambda r: r.rank)] == device_map)
+            and (not device_map or v.placed_on() == device_map)
         ]
         return min(candidates, key=lambda v: v.created, default=None)
 
@@ -517,7 +535,7 @@ class ModelManager:
         mode: AllocationMode,
         device_map: list[int],
         layout: str,
-        fused: list[list[Fused]],
+        recipes: list[RankRecipe],
     ) -> LoadStart | None:
         """Registers ``name@version`` on the memory of a version read from the same files, when there is
         one: READY on a READY version's memory (nothing admitted, allocated or read: the bytes are resident
@@ -550,7 +568,9 @@ class ModelManager:
                 self._versions[key] = mv
                 fx.publish(EventKind.VERSION_ADDED, name, version=version, message=str(ckpt.path))
                 fx.log("info", "load.waits", model=key, source=reading.key, path=str(ckpt.path))
-                return LoadStart(mv, partial(self._share_when_read, mv, reading, ckpt, alias, device_map, fused), False)
+                return LoadStart(
+                    mv, partial(self._share_when_read, mv, reading, ckpt, alias, device_map, recipes), False
+                )
             assert source is not None
             mv = self._sharer(name, version, str(ckpt.path), content, mode, source)
             self._versions[key] = mv
@@ -600,7 +620,7 @@ class ModelManager:
         ckpt: Checkpoint,
         alias: str | None,
         device_map: list[int],
-        fused: list[list[Fused]],
+        recipes: list[RankRecipe],
     ) -> ModelVersion:
         """``run`` of a version registered beside ``reading`` (the same files): waits until that load has
         settled, then takes a READY version's memory, or waits on another version reading the files, or,
@@ -647,8 +667,9 @@ class ModelManager:
                 break
             reading = nxt
         try:
-            layouts, devices = self._plan(ckpt, device_map, fused)
+            layouts, devices = self._plan(ckpt, device_map, recipes)
             mv.bytes_total = sum(lay.nbytes for lay in layouts)
+            mv.devices = devices
             self._admit_and_allocate(mv, layouts, devices)
         except BaseException as exc:
             with self._txn() as fx:
@@ -688,8 +709,15 @@ class ModelManager:
         if old.layout != layout:
             differences.append(f"it was loaded in layout {old.layout or 'none'}, this load asks for {layout or 'none'}")
         if differences:
+            what = (
+                "in another layout"
+                if differences[-1].startswith("it was loaded in layout")
+                else "with different content"
+            )
+            if len(differences) > 1:
+                what = "with different content"
             raise ContentMismatch(
-                f"{key} is already loaded ({old.state.value}) from {old.source} with different content: "
+                f"{key} is already loaded ({old.state.value}) from {old.source} {what}: "
                 f"{'; '.join(differences)}; unload it first or load under another version",
                 ref=key,
                 source=old.source,

@@ -94,6 +94,14 @@ class ModelVersion:
     shares: str = ""
     # The engine layout its ranks are placed and served in ("" for the checkpoint's own).
     layout: str = ""
+    # Each rank's device as planned: known from registration, while ``ranks`` come only once allocated.
+    devices: list[int] = field(default_factory=list)
+
+    def placed_on(self) -> list[int]:
+        """Each rank's device, in rank order (as planned, until the ranks are allocated)."""
+        if not self.ranks:
+            return list(self.devices)
+        return [r.device for r in sorted(self.ranks, key=lambda r: r.rank)]
 
     @property
     def key(self) -> str:

@@ -16,6 +16,7 @@ fsync or a wedged service manager never holds up a registry change or an RPC.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 import structlog
 
 from hotweights.errors import DataLoss, HotweightsError
+from hotweights.format.dtypes import lookup
 from hotweightsd.core.backend import AllocationMode, HandleType, MemoryBackend
 from hotweightsd.core.content import ContentId
 from hotweightsd.core.events import Event, EventKind
@@ -305,6 +307,7 @@ def restore(
                 "name": v["name"],
                 "path": v["source"],
                 "version": v["version"],
+                "layout": v.get("layout", ""),
                 "aliases": sorted(a for a, k in aliases.items() if k == f"{v['name']}@{v['version']}"),
             }
             for v in vs
@@ -392,12 +395,17 @@ def _rebuild(
             placements=[_placement(p) for p in r["placements"]],
             served=[_placement(p) for p in r["served"]] if "served" in r else None,
         )
+        if (layout.served is not None) != bool(mv.layout):
+            raise DataLoss(f"{mv.key}: a served table is recorded only for a version in an engine layout")
         for p in layout.placements + (layout.served or []):
             if (
                 p.allocation >= len(layout.allocation_sizes)
                 or p.offset + p.nbytes > layout.allocation_sizes[p.allocation]
             ):
                 raise DataLoss(f"tensor {p.name!r} of {mv.key} lies outside its allocation")
+        for p in layout.served or []:
+            if p.nbytes * 8 != math.prod(p.shape) * lookup(p.dtype).bits:
+                raise DataLoss(f"served tensor {p.name!r} of {mv.key}: {p.nbytes} bytes for {p.dtype} {list(p.shape)}")
         if source is not None:
             # The same memory as ``source``'s: this version's own fds are duplicates. Closed here, but
             # left in the fd store, which keeps the memory alive whichever of the two goes first.
