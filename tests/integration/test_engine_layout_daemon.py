@@ -159,3 +159,20 @@ def test_a_restart_from_the_fd_store_serves_the_layout_again_without_storage(svc
     assert out["differ"] == [] and out["missing"] == [] and out["extra"] == [], out
     assert all(v["padding_zero"] and v["rows"] == 512 for v in out["vocab"].values()), out["vocab"]
     assert svc.stop() == 0
+
+
+def test_a_restart_without_a_service_manager_reloads_in_the_same_layout(sockdir, tmp_path):
+    hf = save_model(tiny_llama_config(), tmp_path / "llama")
+    sock = str(sockdir / "plain.sock")
+    with start_daemon(sock) as d:
+        d.cli("load", "llama", str(hf), "--version", "v1", "--layout", "vllm", check=True)
+        assert d.stop() == 0, d.logs()
+    d = start_daemon(sock)
+    try:
+        st = d.wait_status(lambda s: s["versions"] and s["versions"][0]["state"] != "LOADING")
+        assert [(v["name"], v["state"], v["layout"]) for v in st["versions"]] == [("llama", "READY", "vllm")]
+        assert st["restored"] is False and "reloading 1 version(s) from storage" in st["restore_note"]
+        out = client_json("attach_vllm_layout.py", sock, "llama@v1", str(hf), timeout=180)
+        assert out["differ"] == [] and out["missing"] == [] and out["extra"] == [], out
+    finally:
+        assert d.stop() == 0
