@@ -72,6 +72,13 @@ def from_hotweights(
                 tp_attached=att.world_size,
                 tp_wanted=1,
             )
+        fused = sorted(n for n in att if n.endswith(("qkv_proj.weight", "gate_up_proj.weight")))
+        if fused:
+            raise errors.BindError(
+                f"{att.key} is in a serving engine's fused layout ({fused[0]}, ...), not transformers' own names: "
+                f"load the checkpoint without --layout as a version of its own for transformers",
+                fused=fused[:8],
+            )
         cfg = _config(config, client, att)
         dtype = _dtype(dtype, cfg, att)
         model = _build(cfg, model_class, dtype, model_kwargs)

@@ -161,3 +161,17 @@ def test_missing_config_is_a_clear_error_and_releases(served, tmp_path):
         assert ok["raised"] is None and ok["leases_after_error"] == 0, ok
     finally:
         d.cli("unload", "bare")
+
+
+def test_a_version_in_vllms_layout_is_refused_naming_the_layout_and_releases(served):
+    d, models, root = served
+    d.cli("load", "laid", str(models["qwen2"]), "--layout", "vllm", check=True)
+    try:
+        out = run_program("hf_mismatch.py", d.socket, "laid")
+    finally:
+        d.cli("unload", "laid")
+    assert out["raised"] == "BindError" and out["is_invalid_argument"], out
+    assert "fused layout" in out["message"] and "without --layout" in out["message"], out
+    assert any(n.endswith("qkv_proj.weight") for n in out["details"]["fused"]), out
+    assert out["leases_after_error"] == 0, out
+    assert wait_no_leases(d) == []
