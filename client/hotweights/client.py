@@ -144,7 +144,7 @@ class Client:
             wait=wait,
             layout=layout,
         )
-        return self._stream_load("LoadModel", req, progress)
+        return _layout_applied(self._stream_load("LoadModel", req, progress), layout)
 
     def swap(
         self,
@@ -164,7 +164,8 @@ class Client:
 
         The alias must exist unless ``create``. ``keep_previous`` keeps the version it moves away
         from resident for a ``rollback`` (None: the daemon's setting, when memory allows);
-        ``previous_note`` of the answer says what became of it. ``layout``: as ``load``'s, for a path target.
+        ``previous_note`` of the answer says what became of it. ``layout``: as ``load``'s, for a path
+        target; "" keeps the layout of the version the alias names, "none" asks for the files' own.
         """
         if os.path.exists(target) or "/" in target:
             target = os.path.abspath(target)
@@ -180,7 +181,7 @@ class Client:
             keep_previous=_KEEP[keep_previous],
             layout=layout,
         )
-        return self._stream_load("SwapModel", req, progress)
+        return _layout_applied(self._stream_load("SwapModel", req, progress), layout)
 
     def _stream_load(self, rpc: str, req, progress: ProgressFn | None) -> pb.ModelVersionInfo:
         try:
@@ -608,3 +609,18 @@ def _permission(
     return errors.Unavailable(
         f"{problem}. Fix: {fix}", socket=path, origin=origin, reason="permission", fix=fix, group=group
     )
+
+
+def _layout_applied(info: pb.ModelVersionInfo, asked: str) -> pb.ModelVersionInfo:
+    """``info``, once it shows the layout asked for: a daemon older than the layout field drops it
+    unread and serves the files' own layout, which an engine would then copy instead of binding."""
+    if asked and asked != "none" and info.layout != asked:
+        served = f"layout {info.layout}" if info.layout else "the files' own layout"
+        raise errors.FailedPrecondition(
+            f"the daemon loaded {info.name}@{info.version} without the {asked!r} layout asked for (it serves "
+            f"{served}); a daemon older than layouts ignores them: upgrade it, "
+            f"then unload and load again",
+            ref=f"{info.name}@{info.version}",
+            layout=info.layout,
+        )
+    return info

@@ -72,12 +72,12 @@ def from_hotweights(
                 tp_attached=att.world_size,
                 tp_wanted=1,
             )
-        fused = sorted(n for n in att if n.endswith(("qkv_proj.weight", "gate_up_proj.weight")))
-        if fused:
+        laid = _engine_layout(client, att)
+        if laid:
             raise errors.BindError(
-                f"{att.key} is in a serving engine's fused layout ({fused[0]}, ...), not transformers' own names: "
-                f"load the checkpoint without --layout as a version of its own for transformers",
-                fused=fused[:8],
+                f"{att.key} is served in {laid}, whose fused tensors are not transformers' own: load the "
+                f"Hugging Face checkpoint without a layout as a version of its own for transformers",
+                layout=laid,
             )
         cfg = _config(config, client, att)
         dtype = _dtype(dtype, cfg, att)
@@ -104,6 +104,19 @@ def _release(att, client) -> None:
     att.release()
     if client is not None:
         client.close()
+
+
+def _engine_layout(client: hotweights.Client, att) -> str:
+    """Which serving engine's layout ``att``'s version is in ("" for its files' own): loaded with
+    ``--layout`` or written by the offline converter. Not told by names: some transformers models
+    (Phi-3) fuse q|k|v and gate|up themselves."""
+    for v in client.list().versions:
+        if v.name == att.name and v.version == att.version and v.layout:
+            return f"layout {v.layout} (loaded with --layout {v.layout})"
+    where = source_dir(client, att.name, att.version)
+    if where is not None and (where / "hotweights-layout.json").is_file():
+        return "vLLM's layout (written by python -m hotweights.vllm_layout)"
+    return ""
 
 
 def source_dir(client: hotweights.Client, name: str, version: str) -> Path | None:

@@ -47,6 +47,7 @@ import hotweights
 from hotweights import errors
 from hotweights import vllm_layout as layout
 from hotweights.torch import bind, skeleton
+from hotweights.wire.pb import pb
 
 logger = init_logger(__name__)
 
@@ -108,7 +109,8 @@ class HotweightsModelLoader(BaseModelLoader):
             info = _version_info(client, self.ref)
         if info is None or not (info.layout == "vllm" or _is_engine_layout_source(info.source)):
             return 0  # auto mode will copy: the engine owns the memory
-        return next((int(r.bytes) for r in info.ranks if r.rank == rank), 0)
+        # What the rank keeps resident (padding and allocation rounding too); bytes from older daemons.
+        return next((int(r.resident_bytes or r.bytes) for r in info.ranks if r.rank == rank), 0)
 
     def download_model(self, model_config: ModelConfig) -> None:
         # The daemon holds the weights; only check that it knows the model.
@@ -224,8 +226,18 @@ def _check_world(att, tp: int) -> None:
     engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
     if att.world_size == tp or (att.world_size == 1 and not engine_layout):
         return
+    if att.world_size == 1:
+        what = (
+            f"{att.key} is in vLLM's layout for one rank, but the engine runs tensor_parallel_size={tp}: split "
+            f"the checkpoint (hotweights shard SRC OUT --tp {tp}) and load OUT with --layout vllm"
+        )
+    else:
+        what = (
+            f"{att.key} is split for tensor parallelism tp={att.world_size}, "
+            f"but the engine runs tensor_parallel_size={tp}"
+        )
     raise errors.BindError(
-        f"{att.key} is split for tensor parallelism tp={att.world_size}, but the engine runs tensor_parallel_size={tp}",
+        what,
         tp_attached=att.world_size,
         tp_wanted=tp,
     )
@@ -255,7 +267,10 @@ def _version_info(client, ref: str):
             target = f"{a.name}@{a.version}"
     name, _, version = target.partition("@")
     found = [v for v in listed.versions if v.name == name and (not version or v.version == version)]
-    return max(found, key=lambda v: v.created_unix) if found else None
+    # A bare NAME resolves as the daemon resolves it for the attach: its newest READY version that is not
+    # retiring, so that what this reports (the bytes it keeps) is about the version the engine binds.
+    live = [v for v in found if v.state == pb.ModelState.Value("READY") and not v.retired]
+    return max(live or found, key=lambda v: v.created_unix) if found else None
 
 
 def _source_dir(source: str) -> Path | None:

@@ -127,6 +127,23 @@ def test_swap_to_a_path_with_layout_vllm(served):
     d.cli("unload", "sw", "--force", check=True)
 
 
+def test_a_swap_to_a_path_keeps_the_alias_layout_unless_told_and_a_drain_refuses_before_freeing(served):
+    d, models, root = served
+    hf = str(models["llama"])
+    d.cli("load", "kp", hf, "--version", "v1", "--layout", "vllm", "--alias", "kp-prod", check=True)
+    # the engine serving kp-prod binds vLLM's layout: a swap that says nothing keeps it
+    assert _json(d, "swap", "kp-prod", hf, "--version", "v2")["layout"] == "vllm"
+    assert _json(d, "swap", "kp-prod", hf, "--version", "v3", "--layout", "none")["layout"] == ""
+    # a drain frees the live version first: a checkpoint the layout refuses must be refused before that
+    bare = write_model(root / "bare-drain" / "model.safetensors", seed=2)
+    before = sorted(_versions(d, "list"))
+    for layout in ("vllm", "nonsense"):
+        r = d.cli("swap", "kp-prod", str(bare.parent), "--version", "v4", "--mode", "drain", "--layout", layout)
+        assert r.returncode == 1 and ("config.json" in r.stderr or "unknown layout" in r.stderr), r.stderr
+        assert sorted(_versions(d, "list")) == before  # nothing drained
+    d.cli("unload", "kp", "--force", check=True)
+
+
 def test_unknown_layout_and_unfit_checkpoint_are_refused_before_loading(served):
     d, models, root = served
     r = d.cli("load", "bad", str(models["llama"]), "--layout", "nonsense")

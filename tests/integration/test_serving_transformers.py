@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from support import child_env
 from support.daemons import client_json, short_tmpdir, start_daemon
-from support.models import llama_config, qwen2_config, save_model, weight_bytes
+from support.models import llama_config, phi3_config, qwen2_config, save_model, weight_bytes
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,11 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     sock = short_tmpdir()
     d = start_daemon(str(Path(sock) / "hw.sock"))
-    models = {"llama": save_model(llama_config(), root / "llama"), "qwen2": save_model(qwen2_config(), root / "qwen2")}
+    models = {
+        "llama": save_model(llama_config(), root / "llama"),
+        "qwen2": save_model(qwen2_config(), root / "qwen2"),
+        "phi3": save_model(phi3_config(), root / "phi3"),
+    }
     for name, path in models.items():
         d.cli("load", name, str(path), check=True)
     yield d, models, root
@@ -43,7 +47,7 @@ def wait_no_leases(d) -> list:
     return d.wait_status(lambda st: not st["leases"], timeout=10)["leases"]
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "phi3"])  # phi3: fused names of its own, no engine layout
 def test_model_from_daemon_memory_equals_from_pretrained(served, model):
     d, models, _ = served
     out = run_program("hf_model.py", d.socket, model, str(models[model]))
@@ -171,7 +175,9 @@ def test_a_version_in_vllms_layout_is_refused_naming_the_layout_and_releases(ser
     finally:
         d.cli("unload", "laid")
     assert out["raised"] == "BindError" and out["is_invalid_argument"], out
-    assert "fused layout" in out["message"] and "without --layout" in out["message"], out
-    assert any(n.endswith("qkv_proj.weight") for n in out["details"]["fused"]), out
+    assert "served in layout vllm (loaded with --layout vllm)" in out["message"], out
+    assert "without a layout" in out["message"] and out["details"] == {
+        "layout": "layout vllm (loaded with --layout vllm)"
+    }
     assert out["leases_after_error"] == 0, out
     assert wait_no_leases(d) == []

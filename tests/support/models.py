@@ -46,6 +46,28 @@ def qwen2_config(**overrides):
     return Qwen2Config(**kw)
 
 
+def phi3_config(**overrides):
+    """Phi-3: transformers' own module fuses q|k|v (``qkv_proj``) and gate|up (``gate_up_proj``), as a
+    serving engine's layout does, so those names alone do not tell an engine layout."""
+    from transformers import Phi3Config
+
+    kw = {
+        "vocab_size": 1024,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
+    kw.update(overrides)
+    return Phi3Config(**kw)
+
+
 def tiny_llama_config(**overrides):
     """The vLLM tests' Llama: vocabulary 500 (vLLM pads it to 512, so the layout must add zero rows), GQA
     with 4 query and 2 KV heads, head_dim 32 (vLLM's CPU kernels need at least that)."""

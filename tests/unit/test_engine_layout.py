@@ -129,6 +129,10 @@ def test_unknown_layouts_and_checkpoints_the_layout_does_not_fit_are_refused(man
     (bare / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(errors.InvalidArgument, match="GPT2LMHeadModel"):
         manager.load("m", str(bare), layout="vllm")
+    for bad in ('{"architectures": 5}', json.dumps(config).replace('"vocab_size": 500', '"vocab_size": Infinity')):
+        (bare / "config.json").write_text(bad)
+        with pytest.raises(errors.InvalidArgument, match="vLLM layout|not a number"):
+            manager.load("m", str(bare), layout="vllm")
     (bare / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
     with pytest.raises(errors.InvalidArgument, match="quantized"):
         manager.load("m", str(bare), layout="vllm")
@@ -296,3 +300,17 @@ def test_a_restart_that_reads_storage_again_loads_in_the_same_layout(llama, tmp_
         _equal(_served(m2, "m@v1"), _offline(llama, 1, 0))
     finally:
         m2.close()
+
+
+def test_a_client_told_of_a_version_without_the_layout_it_asked_for_raises():
+    """A daemon older than the layout field drops it unread: the client says so rather than let an
+    engine copy what it meant to bind."""
+    from hotweights.client import _layout_applied
+    from hotweights.wire.pb import pb
+
+    plain = pb.ModelVersionInfo(name="m", version="v1", layout="")
+    with pytest.raises(errors.FailedPrecondition, match="without the 'vllm' layout asked for"):
+        _layout_applied(plain, "vllm")
+    assert _layout_applied(plain, "") is plain and _layout_applied(plain, "none") is plain
+    laid = pb.ModelVersionInfo(name="m", version="v1", layout="vllm")
+    assert _layout_applied(laid, "vllm") is laid

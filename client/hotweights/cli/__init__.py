@@ -46,7 +46,14 @@ LayoutOpt = typer.Option(
     "",
     "--layout",
     help="serve in an engine's parameter layout: vllm (q|k|v and gate|up fused, vocabulary padded to 64); "
-    "default: as the files are",
+    "none or default: as the files are",
+    show_default=False,
+)
+SwapLayoutOpt = typer.Option(
+    "",
+    "--layout",
+    help="for a path target: vllm, or none for the files' own layout; default: the layout of the version "
+    "the alias names",
     show_default=False,
 )
 
@@ -272,7 +279,8 @@ def load(
 
         state = pb.ModelState.Name(info.state)
         aliases = f", alias {', '.join(info.aliases)}" if info.aliases else ""
-        typer.echo(f"{info.name}@{info.version} already loaded, same content ({state}{aliases}); nothing read")
+        laid = f", layout {info.layout}" if info.layout else ""
+        typer.echo(f"{info.name}@{info.version} already loaded, same content ({state}{aliases}{laid}); nothing read")
         return
     _print_version(info, json_out, "registered" if no_wait else "loaded")
 
@@ -294,7 +302,7 @@ def swap(
         "when memory allows)",
         show_default=False,
     ),
-    layout: str = LayoutOpt,
+    layout: str = SwapLayoutOpt,
     socket: str | None = ClientSocketOpt,
     operator_socket: str | None = OperatorSocketOpt,
     json_out: bool = JsonOpt,

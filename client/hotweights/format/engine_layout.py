@@ -35,9 +35,15 @@ _ORDER = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
 
 
 def check_layout(layout: str) -> str:
-    """``layout`` when it is one the loader knows ("" or one of ``LAYOUTS``), else InvalidArgument."""
+    """``layout`` when it is one the loader knows (one of ``LAYOUTS``; "" or "none" for the checkpoint's
+    own, returned as ""), else InvalidArgument."""
+    if layout == "none":
+        return ""
     if layout and layout not in LAYOUTS:
-        raise InvalidArgument(f"unknown layout {layout[:64]!r}; known: {list(LAYOUTS)} (or none)", layout=layout[:64])
+        raise InvalidArgument(
+            f"unknown layout {layout[:64]!r}; known: {list(LAYOUTS)}, or none for the checkpoint's own",
+            layout=layout[:64],
+        )
     return layout
 
 
@@ -54,7 +60,7 @@ class Shape:
 
     def __init__(self, config: Mapping, tp: int) -> None:
         archs = config.get("architectures") or []
-        if not any(a in ARCHITECTURES for a in archs):
+        if not isinstance(archs, list) or not any(isinstance(a, str) and a in ARCHITECTURES for a in archs):
             raise InvalidArgument(f"vLLM layout: architecture {archs} is not one of {list(ARCHITECTURES)}")
         try:
             self.heads = int(config["num_attention_heads"])
@@ -62,7 +68,7 @@ class Shape:
             self.head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // self.heads)
             self.vocab = int(config["vocab_size"])
             self.intermediate = int(config["intermediate_size"])
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
             raise InvalidArgument(f"vLLM layout: config.json lacks or mangles {exc}") from None
         self.tied = bool(config.get("tie_word_embeddings", False))
         self.tp = tp

@@ -325,7 +325,7 @@ class ModelManager:
             check_name("alias", alias)
         if not path:
             raise InvalidArgument("no checkpoint path given")
-        check_layout(layout)
+        layout = check_layout(layout)
         faults.hit("load.header", path)
         ckpt = self.open_checkpoint(path)
         try:
@@ -371,7 +371,7 @@ class ModelManager:
         # Verified like any load, also when it will share: what a load refuses must not depend on what
         # else is resident (an explicit verify=full is not skipped because another name loaded the
         # same files with verify=none). Only tensor data is never read again.
-        recipes = self._recipes(ckpt, layout)  # before verify: a checkpoint the layout refuses is not hashed
+        recipes = self.layout_recipes(ckpt, layout)  # before verify: a checkpoint the layout refuses is not hashed
         self.verify(ckpt, verify)
         wanted = list(device_map or [])
         while True:
@@ -434,7 +434,7 @@ class ModelManager:
         ]
         return layouts, devices
 
-    def _recipes(self, ckpt: Checkpoint, layout: str) -> list[RankRecipe]:
+    def layout_recipes(self, ckpt: Checkpoint, layout: str) -> list[RankRecipe]:
         """Per rank, what ``layout`` fuses, pads and leaves out (nothing without a layout); refuses a
         checkpoint the layout does not fit before anything is allocated."""
         if not layout:
@@ -459,7 +459,10 @@ class ModelManager:
     def _side_json(self, path: Path, layout: str, required: bool) -> dict | None:
         """A JSON object beside the checkpoint, read inside the model roots; None when absent and not ``required``."""
         try:
-            doc = json.loads(read_small(path, self.roots.check if self.roots.confined else None, 1 << 20))
+            doc = json.loads(
+                read_small(path, self.roots.check if self.roots.confined else None, 1 << 20),
+                parse_constant=_no_constant,
+            )
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
         except NotFound:
@@ -1343,3 +1346,8 @@ def bytes_by_device(held: Iterable[tuple[ModelVersion, ResidentRank, Allocation]
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def _no_constant(name: str) -> Any:
+    """JSON's NaN and Infinity are no sizes or counts: a config holding one is refused."""
+    raise ValueError(f"{name} is not a number a config may hold")

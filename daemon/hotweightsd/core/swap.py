@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from hotweights.errors import InsufficientMemory, InvalidArgument, NotFound, shorten
+from hotweights.format.engine_layout import check_layout
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, State, check_name, split_ref
 
@@ -53,14 +54,17 @@ def swap(
     anything is read. It flips only once the new version is READY, so a failed load leaves it where
     it was. The old version is kept resident for a rollback (``keep_previous``; None: the daemon's
     setting, when memory allows) or retired: freed when its last lease ends. ``layout``: the engine
-    layout a target path is loaded in (as ``load``'s).
+    layout a target path is loaded in (as ``load``'s); "" keeps the layout of the version the alias
+    names, "none" asks for the checkpoint's own.
     """
     check_name("alias", alias)
+    asked = layout
+    layout = check_layout(layout)
     current = m.aliases().get(alias) if create else m.require_alias(alias)
     old = m.get(*current.split("@", 1)) if current else None
 
     if not is_path(target):
-        if layout:
+        if asked:
             raise InvalidArgument(
                 f"a layout applies to a checkpoint path; {target!r} names a loaded version (it keeps its own layout)"
             )
@@ -77,6 +81,8 @@ def swap(
             flip()  # raises the clear FailedPrecondition of set_alias
         return plan
 
+    if not asked and old is not None:
+        layout = old.layout  # the engine serving the alias binds the same layout after the swap
     model = name or (old.name if old else None)
     if model is None:
         raise NotFound(
@@ -110,6 +116,7 @@ def swap(
         )
     # Fail on a bad checkpoint before anything is drained.
     with m.open_checkpoint(target) as ckpt:
+        m.layout_recipes(ckpt, layout)
         m.verify(ckpt, verify)
     # A drain is for want of memory: a version kept for this alias's rollback goes first.
     released = m.release_kept(alias)

@@ -50,6 +50,7 @@ def version_info(mv: ModelVersion, manager: ModelManager, already_loaded: bool =
                 bytes=r.layout.nbytes,
                 tensors=len(r.layout.table()),
                 allocations=len(r.allocations),
+                resident_bytes=sum(a.size for a in r.allocations),
             )
             for r in mv.ranks
         ],

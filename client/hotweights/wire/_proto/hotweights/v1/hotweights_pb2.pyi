@@ -150,18 +150,20 @@ class AliasInfo(_message.Message):
     def __init__(self, alias: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class RankInfo(_message.Message):
-    __slots__ = ("rank", "device", "bytes", "tensors", "allocations")
+    __slots__ = ("rank", "device", "bytes", "tensors", "allocations", "resident_bytes")
     RANK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     device: int
     bytes: int
     tensors: int
     allocations: int
-    def __init__(self, rank: _Optional[int] = ..., device: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[int] = ..., allocations: _Optional[int] = ...) -> None: ...
+    resident_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., device: _Optional[int] = ..., bytes: _Optional[int] = ..., tensors: _Optional[int] = ..., allocations: _Optional[int] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelVersionInfo(_message.Message):
     __slots__ = ("name", "version", "source", "state", "error", "ranks", "bytes", "leases", "load_seconds", "load_path", "aliases", "created_unix", "allocation", "backend", "already_loaded", "retired", "held_until_unix", "previous_of", "previous_note", "shares_memory_with", "layout")
