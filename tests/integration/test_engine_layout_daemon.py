@@ -11,20 +11,13 @@ import pytest
 
 from support.ckpt_tools import write_model
 from support.daemons import Daemon, client_json, serve_command, short_tmpdir, start_daemon
-from support.models import qwen2_config, save_model, tiny_llama_config
+from support.models import save_model, tiny_llama_config, tiny_qwen2_config
 
 MODELS = {
     # GQA, untied head, vocabulary 500: both vocabulary tensors padded to 512
     "llama": tiny_llama_config,
     # q/k/v biases, tied embeddings, vocabulary 1000 padded to 1024
-    "qwen2": lambda: qwen2_config(
-        vocab_size=1000,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
+    "qwen2": tiny_qwen2_config,
 }
 HF_ONLY = (
     ".self_attn.q_proj.",

@@ -84,6 +84,20 @@ def tiny_llama_config(**overrides):
     return llama_config(**kw)
 
 
+def tiny_qwen2_config(**overrides):
+    """The layout tests' Qwen2: q/k/v biases, tied embeddings, vocabulary 1000 (vLLM pads it to 1024)."""
+    kw = {
+        "vocab_size": 1000,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    kw.update(overrides)
+    return qwen2_config(**kw)
+
+
 def save_model(config, directory: Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
     """A randomly initialised model of ``config`` saved with ``save_pretrained`` (config.json beside it)."""
     import torch

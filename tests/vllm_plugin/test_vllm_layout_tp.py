@@ -13,20 +13,13 @@ import pytest
 
 from support import child_env
 from support.daemons import client_json, short_tmpdir, start_daemon
-from support.models import qwen2_config, save_model, tiny_llama_config
+from support.models import save_model, tiny_llama_config, tiny_qwen2_config
 
 MODELS = {
     # GQA with the vocabulary padded (500 -> 512); at tp=4 each KV head is replicated on two ranks
     "llama": tiny_llama_config,
     # q/k/v biases, tied embeddings
-    "qwen2": lambda: qwen2_config(
-        vocab_size=1000,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
+    "qwen2": tiny_qwen2_config,
 }
 
 
