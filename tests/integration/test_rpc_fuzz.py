@@ -79,7 +79,8 @@ REFS = ["m@v1", "a", "n1", "b", "m", "n2", "n1@v1", "ghost", "m@v9"]
 
 def _meaningful(field: str) -> st.SearchStrategy[str] | None:
     """Values that get a request past name validation, by the field's name (a random string seldom does)."""
-    paths = [STATE[k] for k in ("good", "dir", "bad", "deep", "deepidx", "deepman")] + ["/dev/null", "/nope"]
+    keys = ("good", "dir", "bad", "deep", "deepidx", "deepman", "cfgdeep", "cfgjunk", "cfgtypes", "cfgnan", "cfgllama")
+    paths = [STATE[k] for k in keys] + ["/dev/null", "/nope"]
     return {
         "name": st.sampled_from(NAMES),
         "alias": st.sampled_from(ALIASES),
@@ -87,8 +88,8 @@ def _meaningful(field: str) -> st.SearchStrategy[str] | None:
         "ref": st.sampled_from(REFS),
         "target": st.sampled_from(REFS + paths),
         "path": st.sampled_from(paths),
-        # mostly none: with a layout, the fuzz's checkpoints (no config.json) are refused before loading
-        "layout": st.sampled_from(["", "", "", "vllm"]),
+        # mostly none: a layout is refused for most of the fuzz's checkpoints (no config.json, or a bad one)
+        "layout": st.sampled_from(["", "", "", "vllm", "none"]),
     }.get(field)
 
 
@@ -253,6 +254,19 @@ def fuzzed() -> Iterator[tuple[Daemon, Any]]:
         deepman = Path(d) / "deepman"
         write_model(deepman / "model-rank-0-part-0.safetensors")
         (deepman / "hotweights.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+        # config.json beside good files, for the layout's reading of it: nested past any parser's depth,
+        # not JSON, of the wrong types, NaN, and a Llama whose tensors are not a Llama's
+        configs = {
+            "cfgdeep": "[" * 200_000 + "]" * 200_000,
+            "cfgjunk": "{not json",
+            "cfgtypes": '{"architectures": 5, "num_attention_heads": "x", "vocab_size": [1]}',
+            "cfgnan": '{"architectures": ["LlamaForCausalLM"], "num_attention_heads": NaN, "vocab_size": Infinity}',
+            "cfgllama": '{"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "hidden_size": 64, '
+            '"vocab_size": 500, "intermediate_size": 128}',
+        }
+        for key, text in configs.items():
+            STATE[key] = str(write_model(Path(d) / key / "model.safetensors").parent)
+            (Path(d) / key / "config.json").write_text(text)
         STATE.update(good=str(good), dir=d, bad=str(bad), deep=str(deep), deepidx=str(deepidx), deepman=str(deepman))
         channel = grpc.insecure_channel(f"unix://{daemon.socket}")
         operator_channel = grpc.insecure_channel(f"unix://{daemon.socket}.admin")
