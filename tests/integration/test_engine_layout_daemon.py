@@ -126,9 +126,12 @@ def test_a_swap_to_a_path_keeps_the_alias_layout_unless_told_and_a_drain_refuses
     d.cli("load", "kp", hf, "--version", "v1", "--layout", "vllm", "--alias", "kp-prod", check=True)
     # the engine serving kp-prod binds vLLM's layout: a swap that says nothing keeps it
     assert _json(d, "swap", "kp-prod", hf, "--version", "v2")["layout"] == "vllm"
+    # a checkpoint the kept layout does not fit: the error says where the layout came from
+    bare = write_model(root / "bare-drain" / "model.safetensors", seed=2)
+    r = d.cli("swap", "kp-prod", str(bare.parent), "--version", "v9")
+    assert r.returncode == 1 and "is the layout of kp@v2, which 'kp-prod' names" in r.stderr, r.stderr
     assert _json(d, "swap", "kp-prod", hf, "--version", "v3", "--layout", "none")["layout"] == ""
     # a drain frees the live version first: a checkpoint the layout refuses must be refused before that
-    bare = write_model(root / "bare-drain" / "model.safetensors", seed=2)
     before = sorted(_versions(d, "list"))
     for layout in ("vllm", "nonsense"):
         r = d.cli("swap", "kp-prod", str(bare.parent), "--version", "v4", "--mode", "drain", "--layout", layout)

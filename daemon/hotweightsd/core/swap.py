@@ -81,8 +81,17 @@ def swap(
             flip()  # raises the clear FailedPrecondition of set_alias
         return plan
 
-    if not asked and old is not None:
+    if not asked and old is not None and old.layout:
         layout = old.layout  # the engine serving the alias binds the same layout after the swap
+        with m.open_checkpoint(target) as ckpt:
+            try:
+                m.layout_recipes(ckpt, layout)
+            except InvalidArgument as exc:
+                raise InvalidArgument(
+                    f"{exc.message} (layout {layout} is the layout of {old.key}, which {alias!r} names; "
+                    f"--layout none loads the files' own)",
+                    **exc.details,
+                ) from None
     model = name or (old.name if old else None)
     if model is None:
         raise NotFound(
