@@ -148,7 +148,7 @@ class HotweightsModelLoader(BaseModelLoader):
                 if mode == "zero_copy":
                     with skeleton():
                         model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-                    rep = bind(model, att)
+                    rep = bind(model, _as_named_by(model, att))
                     self.attached_bytes = rep.nbytes
                     self.report = {"mode": mode, "bound": len(rep.bound), "tied": rep.tied, "bytes": rep.nbytes}
                 else:
@@ -175,8 +175,9 @@ class HotweightsModelLoader(BaseModelLoader):
         params = dict(model.named_parameters())
         engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
         if engine_layout:
-            sources = {name: att[name] for name in params if name in att}
-            extra = sorted(set(att) - set(params))
+            named = _as_named_by(model, att)
+            sources = {name: named[name] for name in params if name in named}
+            extra = sorted(set(named) - set(params))
         else:
             if att.world_size != 1:
                 raise errors.InvalidArgument(
@@ -184,8 +185,11 @@ class HotweightsModelLoader(BaseModelLoader):
                     f"this one is split for tp={att.world_size} in the Hugging Face layout"
                 )
             config = _checkpoint_config(client, att)
-            sources = layout.build_rank(att.__getitem__, list(att), config, tp, rank, only=params)
-            extra = sorted(set(layout.engine_names(att)) - set(params) - {"lm_head.weight"})
+            held = _layout_names(model)  # layout name -> the model's
+            wanted = [n for n, m in held.items() if m in params]
+            built = layout.build_rank(att.__getitem__, list(att), config, tp, rank, only=wanted)
+            sources = {held[k]: v for k, v in built.items()}
+            extra = sorted({held.get(n, n) for n in layout.engine_names(att)} - set(params) - {"lm_head.weight"})
         _copy_checked(model, params, sources, extra, att)
         self.attached_bytes = 0
         self.report = {
@@ -220,6 +224,21 @@ def _copy_checked(model, params: dict, sources: dict, extra: list[str], att) -> 
 
 
 # --- checks ----------------------------------------------------------------------------------------
+
+
+def _layout_names(model: nn.Module) -> dict[str, str]:
+    """The layout's name of each of ``model``'s tensors -> the model's own name for it.
+
+    The layout names a fused MoE layer's weights ``experts.w13_weight``/``w2_weight``, as vLLM's
+    checkpoints of it do; vLLM 0.32's module holds them one level down (``experts.routed_experts.``).
+    """
+    return {n.replace(".routed_experts.", "."): n for n in model.state_dict(keep_vars=True)}
+
+
+def _as_named_by(model: nn.Module, tensors) -> dict:
+    """``tensors`` (a name -> tensor mapping in the layout's names) under the names ``model`` gives them."""
+    held = _layout_names(model)
+    return {held.get(n, n): tensors[n] for n in tensors}
 
 
 def _check_world(att, tp: int) -> None:

@@ -1,4 +1,4 @@
-"""vLLM's parameter layout for Llama-family checkpoints, as data: which Hugging Face tensors make which
+"""vLLM's parameter layout for Llama-family and Mixtral checkpoints, as data: which Hugging Face tensors make which
 vLLM parameter of a tensor-parallel rank, and how.
 
 The layout itself (which tensors fuse, how a rank's part is cut, the vocabulary padding) is described in
@@ -43,9 +43,13 @@ def rank_tensor(name: str, t: torch.Tensor, shape: Shape, rank: int) -> torch.Te
             return t.narrow(0, rank * per, per)
         first, count = shape.kv_range(rank)
         return t.narrow(0, first * shape.head_dim, count * shape.head_dim)
-    if _GATE_UP.match(name):
+    e = engine_layout.EXPERT.match(name)
+    if _GATE_UP.match(name) or (e and e.group(3) != "w2"):
         per = t.shape[0] // tp
         return t.narrow(0, rank * per, per)
+    if e:
+        per = t.shape[1] // tp
+        return t.narrow(1, rank * per, per)
     m = _ROW.match(name)
     if m:
         if m.group(2) == "bias":
@@ -85,6 +89,8 @@ def build_rank(
     for fused, parts in wanted.items():
         pieces = [rank_tensor(p, get(p), shape, rank) for p in parts]
         out[fused] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+        if engine_layout.EXPERT.match(parts[0]):  # stacked per expert: [E, rows, cols]
+            out[fused] = out[fused].view(shape.experts, -1, out[fused].shape[-1])
     return out
 
 
@@ -122,7 +128,7 @@ def convert(src: Path, out: Path, tp: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m hotweights.vllm_layout",
-        description="Write a Hugging Face Llama-family checkpoint in vLLM's per-rank layout.",
+        description="Write a Hugging Face Llama-family or Mixtral checkpoint in vLLM's per-rank layout.",
     )
     ap.add_argument("src", type=Path)
     ap.add_argument("out", type=Path)

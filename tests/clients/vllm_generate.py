@@ -18,6 +18,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 PROMPTS = [[1, 5, 9, 33, 70], [2, 7], [11, 400, 3, 3, 3, 250, 17]]
 BEFORE_POSTPROCESSING: dict[str, str] = {}
+ALIASED_BEFORE_POSTPROCESSING: list[str] = []  # bound to the daemon's mapping as the loader left them
 
 
 def record_before_postprocessing() -> None:
@@ -37,9 +38,12 @@ def record_before_postprocessing() -> None:
     original = base.process_weights_after_loading
 
     def wrapped(model, model_config, target_device):
+        spans = _daemon_spans()
         for name, p in model.named_parameters():
             data = p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
             BEFORE_POSTPROCESSING[name] = f"{tuple(p.shape)}:{hashlib.sha256(data).hexdigest()}"
+            if _inside(p, spans):
+                ALIASED_BEFORE_POSTPROCESSING.append(name)
         return original(model, model_config, target_device)
 
     base.process_weights_after_loading = wrapped
@@ -55,17 +59,25 @@ def mappings() -> list[tuple[int, int, str]]:
     return out
 
 
+def _daemon_spans() -> list[tuple[int, int]]:
+    return [(lo, hi) for lo, hi, line in mappings() if "memfd:hotweights" in line]
+
+
+def _inside(p, spans: list[tuple[int, int]]) -> bool:
+    lo = p.data_ptr()
+    hi = lo + p.numel() * p.element_size()
+    return p.numel() > 0 and any(a <= lo and hi <= b for a, b in spans)
+
+
 def where_params(worker) -> dict:
     model = worker.model_runner.model
-    spans = [(lo, hi) for lo, hi, line in mappings() if "memfd:hotweights" in line]
+    spans = _daemon_spans()
     aliased, own, emptied = [], [], []
     for name, p in model.named_parameters():
         if p.numel() == 0:
             emptied.append(name)  # vLLM's CPU kernels repacked it into their own memory
             continue
-        lo = p.data_ptr()
-        hi = lo + p.numel() * p.element_size()
-        (aliased if any(a <= lo and hi <= b for a, b in spans) else own).append(name)
+        (aliased if _inside(p, spans) else own).append(name)
     return {
         "aliased": aliased,
         "own": own,
@@ -117,6 +129,7 @@ def main() -> None:
         "params": llm.collective_rpc(where_params)[0],
         "external_weight_memory": llm.collective_rpc(external_weight_memory)[0],
         "before_postprocessing": BEFORE_POSTPROCESSING,
+        "aliased_before_postprocessing": ALIASED_BEFORE_POSTPROCESSING,
     }
     print(json.dumps(result), flush=True)
 

@@ -98,6 +98,27 @@ def tiny_qwen2_config(**overrides):
     return qwen2_config(**kw)
 
 
+def tiny_mixtral_config(**overrides):
+    """A Mixtral of 4 experts (2 a token), GQA, vocabulary 500 (vLLM pads it to 512)."""
+    from transformers import MixtralConfig
+
+    kw = {
+        "vocab_size": 500,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    }
+    kw.update(overrides)
+    return MixtralConfig(**kw)
+
+
 def save_model(config, directory: Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
     """A randomly initialised model of ``config`` saved with ``save_pretrained`` (config.json beside it)."""
     import torch

@@ -26,7 +26,7 @@ from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import State
 from hotweightsd.persist import statefile
 from hotweightsd.persist.fdstore import Persister, restore
-from support.models import save_model, tiny_llama_config
+from support.models import save_model, tiny_llama_config, tiny_mixtral_config
 from support.svcmgr import hand_over_fds
 
 MiB = 2**20
@@ -314,3 +314,33 @@ def test_a_client_told_of_a_version_without_the_layout_it_asked_for_raises():
     assert _layout_applied(plain, "") is plain and _layout_applied(plain, "none") is plain
     laid = pb.ModelVersionInfo(name="m", version="v1", layout="vllm")
     assert _layout_applied(laid, "vllm") is laid
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mixtral_experts_are_stacked_per_expert_as_vllms_fused_moe_holds_them(manager, tmp_path, tp):
+    """w13 [E, 2 x rows, hidden] = each expert's w1 | w3 rows, w2 [E, hidden, columns]: the parts of every
+    expert back to back, served as one tensor (unsplit at tp=1, a hotweights shard at tp=2)."""
+    hf = save_model(tiny_mixtral_config(vocab_size=512 if tp > 1 else 500), tmp_path / "hf")
+    src = hf
+    if tp > 1:
+        shard_checkpoint(hf, tmp_path / "tp", tp)
+        src = tmp_path / "tp"
+    manager.load("moe", str(src), layout="vllm")
+    for rank in range(tp):
+        got = _served(manager, "moe", rank)
+        _equal(got, _offline(hf, tp, rank))
+        w13 = got["model.layers.1.block_sparse_moe.experts.w13_weight"]
+        assert w13.shape == (4, 2 * 256 // tp, 128) and not any(".experts.0.w1" in n for n in got)
+        assert got["model.layers.1.block_sparse_moe.experts.w2_weight"].shape == (4, 128, 256 // tp)
+
+
+def test_an_expert_missing_or_beyond_the_config_is_named():
+    config = {**CONFIG, "architectures": ["MixtralForCausalLM"], "num_local_experts": 2}
+    pre = "model.layers.0.block_sparse_moe.experts"
+    shapes = {f"{pre}.{e}.{w}.weight": ("BF16", (256, 128)) for e in (0, 2) for w in ("w1", "w3")}
+    with pytest.raises(errors.InvalidArgument) as e:
+        rank_recipe("vllm", config, 1, 0, shapes)
+    msg = str(e.value)
+    assert f"lacks ['{pre}.1.w1.weight', '{pre}.1.w3.weight']" in msg and "beyond num_local_experts=2" in msg
+    with pytest.raises(errors.InvalidArgument, match="gives no num_local_experts"):
+        rank_recipe("vllm", {**config, "num_local_experts": None}, 1, 0, shapes)

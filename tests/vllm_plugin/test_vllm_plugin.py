@@ -16,7 +16,7 @@ import pytest
 
 from support import CLIENTS, child_env
 from support.daemons import short_tmpdir, start_daemon
-from support.models import save_model, tiny_llama_config
+from support.models import save_model, tiny_llama_config, tiny_mixtral_config
 
 
 def tiny_llama(directory: Path) -> Path:
@@ -96,6 +96,7 @@ def test_zero_copy_engine_equals_vllms_own_loader(served, reference):
     p = out["params"]
     assert p["holds_attachment"], p
     assert p["own"] == [] and len(p["aliased"]) == 7, p  # every parameter vLLM keeps aliases the daemon's mapping
+    assert sorted(out["aliased_before_postprocessing"]) == sorted(out["before_postprocessing"]), out
     assert out["external_weight_memory"] > 0  # outside vLLM's budget: the daemon holds it
     assert d.wait_status(lambda st: not st["leases"])["leases"] == []
 
@@ -129,6 +130,36 @@ def test_copy_mode_equals_vllms_own_loader(served, reference, model):
     p = out["params"]
     assert p["aliased"] == [] and not p["holds_attachment"], p  # engine-owned memory, lease given back
     assert out["external_weight_memory"] == 0
+
+
+def test_a_mixtral_loaded_with_layout_vllm_binds_its_stacked_experts_without_a_copy(served, tmp_path):
+    """The experts of each layer stacked per expert (w13, w2) by the daemon, bound to vLLM's fused MoE
+    layer; and the same files in the Hugging Face layout copied by the default mode."""
+    d, _ = served
+    moe = save_model(tiny_mixtral_config(max_position_embeddings=256), tmp_path / "mixtral")
+    d.cli("load", "moe", str(moe), "--layout", "vllm", check=True)
+    d.cli("load", "moe-hf", str(moe), check=True)
+    try:
+        reference = engine(moe)
+        out = engine(moe, *hotweights_args(d, "moe"))
+        assert out["tokens"] == reference["tokens"]
+        assert out["checksums"] == reference["checksums"]
+        assert out["before_postprocessing"] == reference["before_postprocessing"]
+        # every parameter bound to the daemon's memory as the loader left it, the stacked experts too
+        assert sorted(out["aliased_before_postprocessing"]) == sorted(out["before_postprocessing"]), out
+        experts = [n for n in out["aliased_before_postprocessing"] if ".experts." in n]
+        assert len(experts) == 4 and all(n.endswith(("w13_weight", "w2_weight")) for n in experts), experts
+        # vLLM's CPU MoE kernels then take copies of the experts in their own layout (as its CPU linear
+        # kernels repack the linear weights); everything else stays the daemon's memory
+        p = out["params"]
+        assert p["holds_attachment"] and sorted(p["own"]) == sorted(experts), p
+        copied = engine(moe, *hotweights_args(d, "moe-hf"))
+        assert copied["tokens"] == reference["tokens"] and copied["checksums"] == reference["checksums"]
+        assert copied["params"]["aliased"] == [] and copied["external_weight_memory"] == 0
+    finally:
+        d.cli("unload", "moe", "--force")
+        d.cli("unload", "moe-hf", "--force")
+    assert d.wait_status(lambda st: not st["leases"])["leases"] == []
 
 
 def test_unknown_option_wrong_tp_and_zero_copy_of_hf_layout_are_clear_errors(served):

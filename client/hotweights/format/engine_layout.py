@@ -3,13 +3,17 @@ its parameters, and how a tensor-parallel rank's part of each is cut. Nothing he
 engine; the daemon applies a layout while it places a rank's tensors (``fused_groups``), and the
 offline converter (``hotweights.vllm_layout``) builds the same tensors with torch.
 
-vLLM (Llama family) fuses by concatenation along dim 0 and splits Megatron-style; per rank ``r`` of ``tp``:
+vLLM (Llama family, Mixtral) fuses by concatenation along dim 0 and splits Megatron-style; per rank ``r`` of ``tp``:
 - ``qkv_proj`` = q rows of the rank's attention heads | k rows | v rows of its KV heads (a KV head is
   replicated over ``tp / num_key_value_heads`` ranks when tp exceeds the KV heads), biases alike;
 - ``gate_up_proj`` = the rank's rows of gate | its rows of up;
 - ``o_proj`` and ``down_proj`` split by input columns, their biases whole;
 - ``embed_tokens`` and an untied ``lm_head``: the vocabulary padded with zero rows to a multiple of 64,
   then split by rows;
+- Mixtral's experts stacked per expert: ``experts.w13_weight`` [E, 2 x rows, hidden] = for each expert its
+  rank's rows of w1 (gate) | of w3 (up), ``experts.w2_weight`` [E, hidden, columns] = each expert's
+  rank's columns of w2 (down); the router whole on every rank (tensor parallelism, not expert
+  parallelism);
 - anything else (norms) whole on every rank.
 """
 
@@ -23,15 +27,17 @@ from hotweights.errors import InvalidArgument
 
 LAYOUTS = ("vllm",)  # besides "", the checkpoint's own layout
 
-# Architectures whose vLLM model uses exactly this layout (checked against vLLM 0.32's llama.py and qwen2.py).
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Architectures whose vLLM model uses exactly this layout (checked against vLLM 0.32's llama.py, qwen2.py
+# and mixtral.py with its fused MoE layer).
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM")
 VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE
 
 QKV = re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj\.(weight|bias)$")
 GATE_UP = re.compile(r"^(.*\.mlp)\.(gate|up)_proj\.(weight|bias)$")
 ROW_SPLIT = re.compile(r"^.*\.(o_proj|down_proj)\.(weight|bias)$")
+EXPERT = re.compile(r"^(.*\.block_sparse_moe\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
 VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
-_ORDER = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
+_ORDER = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1, "w1": 0, "w3": 1, "w2": 0}
 
 
 def check_layout(layout: str) -> str:
@@ -49,10 +55,19 @@ def check_layout(layout: str) -> str:
 
 def part_of(name: str) -> str:
     """q, k, v, gate or up: which slice of a fused tensor ``name`` is."""
+    e = EXPERT.match(name)
+    if e is not None:
+        return e.group(3)
     m = QKV.match(name) or GATE_UP.match(name)
     if m is None:
         raise ValueError(f"{name} is not part of a fused tensor")
     return m.group(2)
+
+
+def _order(name: str) -> tuple[int, int]:
+    """Where ``name`` lies in its fused tensor: by expert, then q|k|v, gate|up or w1|w3."""
+    e = EXPERT.match(name)
+    return (int(e.group(2)) if e else 0, _ORDER[part_of(name)])
 
 
 class Shape:
@@ -71,6 +86,8 @@ class Shape:
         except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
             raise InvalidArgument(f"vLLM layout: config.json lacks or mangles {exc}") from None
         self.tied = bool(config.get("tie_word_embeddings", False))
+        experts = config.get("num_local_experts") or 0
+        self.experts = experts if isinstance(experts, int) and experts > 0 else 0
         self.tp = tp
         bad = []
         if tp < 1 or self.heads % tp:
@@ -108,6 +125,9 @@ class Shape:
             return self.kv_range(rank)[1] * self.head_dim
         if GATE_UP.match(name):
             return self.intermediate // self.tp
+        e = EXPERT.match(name)
+        if e is not None:
+            return None if e.group(3) == "w2" else self.intermediate // self.tp
         if name in VOCAB:
             return self.vocab_rows(rank)[1]
         return None
@@ -115,6 +135,9 @@ class Shape:
     def cols(self, name: str) -> int | None:
         """The columns (dim 1) a rank's part of the unsplit weight ``name`` has in vLLM; None where the
         layout does not cut it by columns."""
+        e = EXPERT.match(name)
+        if e is not None:
+            return self.intermediate // self.tp if e.group(3) == "w2" else None
         m = ROW_SPLIT.match(name)
         if m is None or m.group(2) != "weight":
             return None
@@ -125,6 +148,9 @@ class Shape:
 def fused_name(name: str) -> str | None:
     """The vLLM parameter ``name`` is a part of (q_proj -> qkv_proj, gate_proj -> gate_up_proj); None
     for a tensor vLLM takes as it is."""
+    e = EXPERT.match(name)
+    if e is not None:
+        return f"{e.group(1)}.{'w2' if e.group(3) == 'w2' else 'w13'}_weight"
     m = QKV.match(name) or GATE_UP.match(name)
     return None if m is None else f"{m.group(1)}.{'qkv' if m.re is QKV else 'gate_up'}_proj.{m.group(3)}"
 
@@ -140,7 +166,7 @@ def engine_names(names: Iterable[str]) -> dict[str, list[str]]:
             out[name] = [name]
     for parts in out.values():
         if len(parts) > 1:
-            parts.sort(key=lambda n: _ORDER[part_of(n)])
+            parts.sort(key=_order)
     return out
 
 
@@ -152,6 +178,8 @@ class Fused:
     name: str
     parts: tuple[str, ...]
     pad_rows: int = 0
+    # The engine's shape of it where that is not the parts' rows stacked (experts: [E, rows, cols]).
+    shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,12 +221,11 @@ def rank_recipe(
     problems.extend(f"the checkpoint holds {f} and also its parts" for f in sorted(both))
     kept = [n for n in tensors if n not in dropped and n not in both and fused_name(n) not in both]
     for fused, parts in engine_names(kept).items():
+        served: tuple[int, ...] = ()
         if len(parts) > 1 or fused != parts[0]:
-            want = ("q", "k", "v") if "qkv_proj" in fused else ("gate", "up")
-            have = tuple(part_of(p) for p in parts)
-            if have != want:
-                missing = [w for w in want if w not in have]
-                problems.append(f"{fused} lacks its {'/'.join(missing)} part(s) on rank {rank}")
+            lacking = _lacking(fused, parts, shape)
+            if lacking:
+                problems.append(f"{fused} {lacking} on rank {rank}")
                 continue
             if len({tensors[p][0] for p in parts}) > 1:
                 problems.append(f"the parts of {fused} differ in dtype: {[tensors[p][0] for p in parts]}")
@@ -207,13 +234,16 @@ def rank_recipe(
             if len(trailing) > 1 or any(not tensors[p][1] for p in parts):
                 problems.append(f"the parts of {fused} differ beyond dim 0: {[tensors[p][1] for p in parts]}")
                 continue
+            if EXPERT.match(parts[0]):
+                first = tensors[parts[0]][1]
+                per_expert = len(parts) // shape.experts
+                served = (shape.experts, first[0] * per_expert, *first[1:])
         pad = 0
-        first = tensors[parts[0]][1]
-        cols = shape.cols(parts[0])
-        if cols is not None and len(first) == 2 and first[1] != cols:
-            problems.append(
-                f"{parts[0]} has {first[1]} columns on rank {rank}; vLLM's split at tp={world} gives {cols}"
-            )
+        for p in parts:
+            cols = shape.cols(p)
+            have = tensors[p][1]
+            if cols is not None and len(have) == 2 and have[1] != cols:
+                problems.append(f"{p} has {have[1]} columns on rank {rank}; vLLM's split at tp={world} gives {cols}")
         for p in parts:
             rows = shape.rows(p, rank)
             if rows is None:
@@ -231,8 +261,8 @@ def rank_recipe(
                 problems.append(
                     f"{p} has {have_rows} rows on rank {rank}; vLLM's split at tp={world} gives that rank {rows}{where}"
                 )
-        if pad or len(parts) > 1:
-            groups.append(Fused(fused, tuple(parts), pad))
+        if pad or len(parts) > 1 or fused != parts[0]:
+            groups.append(Fused(fused, tuple(parts), pad, served))
     if problems:
         raise InvalidArgument(
             f"vLLM layout: rank {rank} of this checkpoint is not split as vLLM splits it: "
@@ -241,3 +271,23 @@ def rank_recipe(
             problems=problems,
         )
     return RankRecipe(tuple(groups), dropped)
+
+
+def _lacking(fused: str, parts: list[str], shape: Shape) -> str:
+    """What is wrong with the parts a fused tensor gathered ("" when they are all it needs)."""
+    e = EXPERT.match(parts[0])
+    if e is None:
+        want = ("q", "k", "v") if "qkv_proj" in fused else ("gate", "up")
+        have = tuple(part_of(p) for p in parts)
+        missing = [w for w in want if w not in have]
+        return f"lacks its {'/'.join(missing)} part(s)" if have != want else ""
+    if not shape.experts:
+        return "is made of experts, but config.json gives no num_local_experts"
+    kinds = ("w2",) if fused.endswith(".w2_weight") else ("w1", "w3")
+    expected = [f"{e.group(1)}.{i}.{k}.weight" for i in range(shape.experts) for k in kinds]
+    if parts == expected:
+        return ""
+    missing, extra = sorted(set(expected) - set(parts)), sorted(set(parts) - set(expected))
+    what = [f"lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}"] if missing else []
+    what += [f"has experts beyond num_local_experts={shape.experts}: {extra[:4]}"] if extra else []
+    return "; ".join(what)

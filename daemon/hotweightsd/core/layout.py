@@ -150,7 +150,8 @@ def plan_rank(
                     block[g.name] = reserve(total)
                     alloc, base = block[g.name]
                     rows = sum(p.shape[0] for p in parts) + g.pad_rows
-                    served.append(_entry(g.name, parts[0], (rows, *parts[0].shape[1:]), alloc, base, total))
+                    shape = g.shape or (rows, *parts[0].shape[1:])
+                    served.append(_entry(g.name, parts[0], shape, alloc, base, total))
                     if g.pad_rows:
                         zeros.append(Zeros(alloc, base + total - g.pad_rows * row, g.pad_rows * row))
                 alloc, base = block[g.name]
