@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -109,6 +110,9 @@ class HotweightsModelLoader(BaseModelLoader):
             info = _version_info(client, self.ref)
         if info is None or not (info.layout == "vllm" or _is_engine_layout_source(info.source)):
             return 0  # auto mode will copy: the engine owns the memory
+        target = vllm_config.device_config.device if self.load_config.device is None else self.load_config.device
+        if _experts_rewritten(_source_config(info.source), torch.device(target)):
+            return 0  # auto mode will copy: the engine's MoE kernels rewrite the experts
         # What the rank keeps resident (padding and allocation rounding too); bytes from older daemons.
         return next((int(r.resident_bytes or r.bytes) for r in info.ranks if r.rank == rank), 0)
 
@@ -137,12 +141,18 @@ class HotweightsModelLoader(BaseModelLoader):
             _check_world(att, tp)
             _check_config(att, client, model_config)
             engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
-            mode = self.mode if self.mode != "auto" else ("zero_copy" if engine_layout else "copy")
+            rewritten = _experts_rewritten(_find_config(client, att) or {}, target)
+            mode = self.mode if self.mode != "auto" else ("zero_copy" if engine_layout and not rewritten else "copy")
             if mode == "zero_copy" and not engine_layout:
                 raise errors.InvalidArgument(
                     f"{att.key} is in the Hugging Face layout: zero copy needs vLLM's layout "
                     f"(hotweights load NAME DIR --layout vllm, or python -m hotweights.vllm_layout SRC OUT --tp {tp} "
                     f"and load OUT), or mode='copy'"
+                )
+            if mode == "zero_copy" and rewritten:
+                raise errors.InvalidArgument(
+                    f"{att.key}: on {target} vLLM's fused MoE kernels rewrite the experts in place after loading, "
+                    f"which the daemon's read-only memory does not allow; use mode='copy' (or auto)"
                 )
             with set_default_torch_dtype(model_config.dtype), target:
                 if mode == "zero_copy":
@@ -231,14 +241,42 @@ def _layout_names(model: nn.Module) -> dict[str, str]:
 
     The layout names a fused MoE layer's weights ``experts.w13_weight``/``w2_weight``, as vLLM's
     checkpoints of it do; vLLM 0.32's module holds them one level down (``experts.routed_experts.``).
+    A name the model holds itself is never renamed onto.
     """
-    return {n.replace(".routed_experts.", "."): n for n in model.state_dict(keep_vars=True)}
+    own = list(model.state_dict(keep_vars=True))
+    out = {n: n for n in own}
+    for n in own:
+        short = _ROUTED.sub(r".experts.\1", n)
+        if short != n and short not in out:
+            out[short] = n
+    return out
+
+
+_ROUTED = re.compile(r"\.experts\.routed_experts\.(w13_weight|w2_weight)$")
 
 
 def _as_named_by(model: nn.Module, tensors) -> dict:
     """``tensors`` (a name -> tensor mapping in the layout's names) under the names ``model`` gives them."""
     held = _layout_names(model)
     return {held.get(n, n): tensors[n] for n in tensors}
+
+
+def _experts_rewritten(config: dict, device: torch.device) -> bool:
+    """Whether vLLM's fused MoE kernels on ``device`` rewrite a MoE model's experts in place after
+    loading, so that they cannot be the daemon's (read-only, shared) memory. Where they read them as
+    they are (Triton on CUDA before Blackwell) or take copies of their own (the CPU kernels), binding
+    is safe; Blackwell's default kernels reorder them in place and ROCm's shuffle or pad them."""
+    if not config.get("num_local_experts") or device.type != "cuda":
+        return False
+    if getattr(torch.version, "hip", None):
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 10
+
+
+def _source_config(source: str) -> dict:
+    d = _source_dir(source)
+    path = d / "config.json" if d is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
 
 def _check_world(att, tp: int) -> None:

@@ -330,8 +330,17 @@ def test_mixtral_experts_are_stacked_per_expert_as_vllms_fused_moe_holds_them(ma
         got = _served(manager, "moe", rank)
         _equal(got, _offline(hf, tp, rank))
         w13 = got["model.layers.1.block_sparse_moe.experts.w13_weight"]
+        w2 = got["model.layers.1.block_sparse_moe.experts.w2_weight"]
         assert w13.shape == (4, 2 * 256 // tp, 128) and not any(".experts.0.w1" in n for n in got)
-        assert got["model.layers.1.block_sparse_moe.experts.w2_weight"].shape == (4, 128, 256 // tp)
+        assert w2.shape == (4, 128, 256 // tp)
+        # against the files directly, not through the recipe: expert e's w1 rows, then its w3 rows
+        rows = slice(rank * 256 // tp, (rank + 1) * 256 // tp)
+        with safe_open(str(hf / "model.safetensors"), "pt") as st:
+            for e in range(4):
+                pre = f"model.layers.1.block_sparse_moe.experts.{e}"
+                assert torch.equal(w13[e, : 256 // tp], st.get_tensor(f"{pre}.w1.weight")[rows])
+                assert torch.equal(w13[e, 256 // tp :], st.get_tensor(f"{pre}.w3.weight")[rows])
+                assert torch.equal(w2[e], st.get_tensor(f"{pre}.w2.weight")[:, rows])
 
 
 def test_an_expert_missing_or_beyond_the_config_is_named():
@@ -344,3 +353,12 @@ def test_an_expert_missing_or_beyond_the_config_is_named():
     assert f"lacks ['{pre}.1.w1.weight', '{pre}.1.w3.weight']" in msg and "beyond num_local_experts=2" in msg
     with pytest.raises(errors.InvalidArgument, match="gives no num_local_experts"):
         rank_recipe("vllm", {**config, "num_local_experts": None}, 1, 0, shapes)
+    with pytest.raises(errors.InvalidArgument, match="num_local_experts is 2.5, not a count"):
+        rank_recipe("vllm", {**config, "num_local_experts": 2.5}, 1, 0, shapes)
+    # a count no checkpoint has is told from the tensors' number, without listing what it would need
+    with pytest.raises(errors.InvalidArgument, match="has 4 expert tensors where num_local_experts=10000000000000"):
+        rank_recipe("vllm", {**config, "num_local_experts": 10**13}, 1, 0, shapes)
+    # experts of one layer must be alike: a w2 of other rows would be served over bytes it does not have
+    odd = {f"{pre}.{e}.w2.weight": ("BF16", (128 + e, 256)) for e in (0, 1)}
+    with pytest.raises(errors.InvalidArgument, match="are not all .* alike"):
+        rank_recipe("vllm", {**config, "intermediate_size": 256}, 1, 0, odd)

@@ -171,3 +171,21 @@ def test_unknown_option_wrong_tp_and_zero_copy_of_hf_layout_are_clear_errors(ser
     r = engine(hf, *hotweights_args(d, "hf", mode="zero_copy"), ok=False)
     assert r.returncode != 0 and "python -m hotweights.vllm_layout" in r.stderr, r.stderr[-3000:]
     assert d.wait_status(lambda st: not st["leases"])["leases"] == []
+
+
+def test_zero_copy_of_experts_only_where_vllms_moe_kernels_leave_them_as_they_are(monkeypatch):
+    """Blackwell's default fused-MoE kernels (and ROCm's) rewrite the experts in place after loading:
+    the daemon's read-only memory cannot be them, so auto copies there and zero_copy refuses."""
+    import torch
+
+    import hotweights.vllm as plugin
+
+    moe, dense = {"num_local_experts": 8}, {}
+    assert not plugin._experts_rewritten(moe, torch.device("cpu"))  # the CPU kernels take copies
+    for major, rewritten in ((8, False), (9, False), (10, True), (12, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, m=major: (m, 0))
+        assert plugin._experts_rewritten(moe, torch.device("cuda:0")) is rewritten, major
+        assert not plugin._experts_rewritten(dense, torch.device("cuda:0"))
+    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (9, 0))
+    assert plugin._experts_rewritten(moe, torch.device("cuda:0"))

@@ -83,11 +83,17 @@ class Shape:
             self.head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // self.heads)
             self.vocab = int(config["vocab_size"])
             self.intermediate = int(config["intermediate_size"])
+            self.hidden = int(config.get("hidden_size") or self.heads * self.head_dim)
         except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
             raise InvalidArgument(f"vLLM layout: config.json lacks or mangles {exc}") from None
         self.tied = bool(config.get("tie_word_embeddings", False))
-        experts = config.get("num_local_experts") or 0
-        self.experts = experts if isinstance(experts, int) and experts > 0 else 0
+        experts = config.get("num_local_experts")
+        try:
+            self.experts = 0 if experts is None or isinstance(experts, bool) else int(experts)
+            if isinstance(experts, float) and experts != self.experts:
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidArgument(f"vLLM layout: config.json's num_local_experts is {experts!r}, not a count") from None
         self.tp = tp
         bad = []
         if tp < 1 or self.heads % tp:
@@ -236,6 +242,14 @@ def rank_recipe(
                 continue
             if EXPERT.match(parts[0]):
                 first = tensors[parts[0]][1]
+                wrong = [p for p in parts if tensors[p][1] != first]
+                hidden = first[0] if fused.endswith(".w2_weight") else first[-1]
+                if wrong or len(first) != 2 or hidden != shape.hidden:
+                    problems.append(
+                        f"the experts of {fused} are not all [rows, hidden] or [hidden, columns] alike: "
+                        f"{parts[0]} {list(first)}" + (f", {wrong[0]} {list(tensors[wrong[0]][1])}" if wrong else "")
+                    )
+                    continue
                 per_expert = len(parts) // shape.experts
                 served = (shape.experts, first[0] * per_expert, *first[1:])
         pad = 0
@@ -284,6 +298,9 @@ def _lacking(fused: str, parts: list[str], shape: Shape) -> str:
     if not shape.experts:
         return "is made of experts, but config.json gives no num_local_experts"
     kinds = ("w2",) if fused.endswith(".w2_weight") else ("w1", "w3")
+    if len(parts) != len(kinds) * shape.experts:  # counted first: a huge count in a config costs nothing
+        need = len(kinds) * shape.experts
+        return f"has {len(parts)} expert tensors where num_local_experts={shape.experts} needs {need}"
     expected = [f"{e.group(1)}.{i}.{k}.weight" for i in range(shape.experts) for k in kinds]
     if parts == expected:
         return ""

@@ -14,8 +14,10 @@ parts. The fill is unchanged (one segment per file tensor); the padding is zeroe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from hotweights.errors import InvalidArgument
 from hotweights.format.checkpoint import RankFiles
 from hotweights.format.dtypes import served_dtype_name
 from hotweights.format.engine_layout import RankRecipe
@@ -151,6 +153,8 @@ def plan_rank(
                     alloc, base = block[g.name]
                     rows = sum(p.shape[0] for p in parts) + g.pad_rows
                     shape = g.shape or (rows, *parts[0].shape[1:])
+                    if math.prod(shape) * parts[0].dtype.bits != total * 8:  # a recipe that let a bad shape by
+                        raise InvalidArgument(f"{g.name}: {total} bytes cannot be served as {list(shape)}")
                     served.append(_entry(g.name, parts[0], shape, alloc, base, total))
                     if g.pad_rows:
                         zeros.append(Zeros(alloc, base + total - g.pad_rows * row, g.pad_rows * row))
