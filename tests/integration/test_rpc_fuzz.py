@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from hypothesis import HealthCheck, example, given, settings
@@ -79,7 +80,8 @@ REFS = ["m@v1", "a", "n1", "b", "m", "n2", "n1@v1", "ghost", "m@v9"]
 
 def _meaningful(field: str) -> st.SearchStrategy[str] | None:
     """Values that get a request past name validation, by the field's name (a random string seldom does)."""
-    keys = ("good", "dir", "bad", "deep", "deepidx", "deepman", "cfgdeep", "cfgjunk", "cfgtypes", "cfgnan", "cfgllama")
+    keys = ("good", "dir", "bad", "deep", "deepidx", "deepman")
+    keys += ("cfgdeep", "cfgjunk", "cfgtypes", "cfgnan", "cfgllama", "cfgmoe")
     paths = [STATE[k] for k in keys] + ["/dev/null", "/nope"]
     return {
         "name": st.sampled_from(NAMES),
@@ -267,6 +269,13 @@ def fuzzed() -> Iterator[tuple[Daemon, Any]]:
         for key, text in configs.items():
             STATE[key] = str(write_model(Path(d) / key / "model.safetensors").parent)
             (Path(d) / key / "config.json").write_text(text)
+        # one expert beside a config naming 10^13 of them
+        expert = {"model.layers.0.block_sparse_moe.experts.0.w2.weight": torch.zeros(64, 32)}
+        STATE["cfgmoe"] = str(write_model(Path(d) / "cfgmoe" / "model.safetensors", expert).parent)
+        (Path(d) / "cfgmoe" / "config.json").write_text(
+            '{"architectures": ["MixtralForCausalLM"], "num_attention_heads": 4, "hidden_size": 64, '
+            '"vocab_size": 512, "intermediate_size": 128, "num_local_experts": 10000000000000}'
+        )
         STATE.update(good=str(good), dir=d, bad=str(bad), deep=str(deep), deepidx=str(deepidx), deepman=str(deepman))
         channel = grpc.insecure_channel(f"unix://{daemon.socket}")
         operator_channel = grpc.insecure_channel(f"unix://{daemon.socket}.admin")
