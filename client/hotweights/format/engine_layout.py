@@ -258,11 +258,10 @@ def rank_recipe(
             have = tensors[p][1]
             if cols is not None and len(have) == 2 and have[1] != cols:
                 problems.append(f"{p} has {have[1]} columns on rank {rank}; vLLM's split at tp={world} gives {cols}")
-        for p in parts:
             rows = shape.rows(p, rank)
             if rows is None:
                 continue
-            have_rows = tensors[p][1][0] if tensors[p][1] else 0
+            have_rows = have[0] if have else 0
             if p in VOCAB:
                 per = shape.padded_vocab // world
                 if prepadded and have_rows == per:

@@ -121,7 +121,7 @@ def plan_rank(
     fused = recipe.fused
     entries = {t.name: t for h in rank.files for t in h.tensors}
     group_of = {part: g for g in fused for part in g.parts}
-    block: dict[str, tuple[int, int]] = {}  # fused name -> (allocation, offset) of its first part
+    at: dict[str, tuple[int, int]] = {}  # a fused tensor's part -> (allocation, offset), once its block is reserved
     placements: list[Placement] = []
     served: list[Placement] = []
     zeros: list[Zeros] = []
@@ -145,12 +145,15 @@ def plan_rank(
             if g is None:
                 alloc, offset = reserve(t.nbytes)
             else:
-                if g.name not in block:
+                if t.name not in at:  # the first of its parts in the files: reserve the whole block
                     parts = [entries[p] for p in g.parts]
                     row = _row_bytes(parts[-1])
                     total = sum(p.nbytes for p in parts) + g.pad_rows * row
-                    block[g.name] = reserve(total)
-                    alloc, base = block[g.name]
+                    alloc, base = reserve(total)
+                    offset = base
+                    for p in parts:
+                        at[p.name] = (alloc, offset)
+                        offset += p.nbytes
                     rows = sum(p.shape[0] for p in parts) + g.pad_rows
                     shape = g.shape or (rows, *parts[0].shape[1:])
                     if math.prod(shape) * parts[0].dtype.bits != total * 8:  # a recipe that let a bad shape by
@@ -158,8 +161,7 @@ def plan_rank(
                     served.append(_entry(g.name, parts[0], shape, alloc, base, total))
                     if g.pad_rows:
                         zeros.append(Zeros(alloc, base + total - g.pad_rows * row, g.pad_rows * row))
-                alloc, base = block[g.name]
-                offset = base + sum(entries[p].nbytes for p in g.parts[: g.parts.index(t.name)])
+                alloc, offset = at[t.name]
             placement = _entry(t.name, t, t.shape, alloc, offset, t.nbytes, fi)
             placements.append(placement)
             if g is None:

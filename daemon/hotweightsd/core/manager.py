@@ -712,13 +712,8 @@ class ModelManager:
         if old.layout != layout:
             differences.append(f"it was loaded in layout {old.layout or 'none'}, this load asks for {layout or 'none'}")
         if differences:
-            what = (
-                "in another layout"
-                if differences[-1].startswith("it was loaded in layout")
-                else "with different content"
-            )
-            if len(differences) > 1:
-                what = "with different content"
+            only_layout = len(differences) == 1 and old.layout != layout
+            what = "in another layout" if only_layout else "with different content"
             raise ContentMismatch(
                 f"{key} is already loaded ({old.state.value}) from {old.source} {what}: "
                 f"{'; '.join(differences)}; unload it first or load under another version",
