@@ -81,23 +81,18 @@ def swap(
             flip()  # raises the clear FailedPrecondition of set_alias
         return plan
 
-    if not asked and old is not None and old.layout:
-        layout = old.layout  # the engine serving the alias binds the same layout after the swap
-        with m.open_checkpoint(target) as ckpt:
-            try:
-                m.layout_recipes(ckpt, layout)
-            except InvalidArgument as exc:
-                raise InvalidArgument(
-                    f"{exc.message} (layout {layout} is the layout of {old.key}, which {alias!r} names; "
-                    f"--layout none loads the files' own)",
-                    **exc.details,
-                ) from None
+    # The engine serving the alias binds the same layout after the swap, unless told otherwise.
+    kept_from = old if not asked and old is not None and old.layout else None
+    if kept_from is not None:
+        layout = kept_from.layout
     model = name or (old.name if old else None)
     if model is None:
         raise NotFound(
             f"alias {alias!r} does not exist yet; pass the model name (--name) for a path target", alias=alias
         )
     if mode is SwapMode.SIDE_BY_SIDE:
+        if kept_from is not None:
+            _check_target(m, target, layout, alias, kept_from)
         try:
             mv, load = m.begin_load(model, target, version=version, verify=verify, layout=layout)
         except InsufficientMemory as exc:
@@ -123,10 +118,7 @@ def swap(
         raise InvalidArgument(
             "--keep-previous and --mode drain exclude each other: a drain frees the previous version first"
         )
-    # Fail on a bad checkpoint before anything is drained.
-    with m.open_checkpoint(target) as ckpt:
-        m.layout_recipes(ckpt, layout)
-        m.verify(ckpt, verify)
+    _check_target(m, target, layout, alias, kept_from, verify=verify, drain=True)
     # A drain is for want of memory: a version kept for this alias's rollback goes first.
     released = m.release_kept(alias)
     m.drain(old, drain_timeout)
@@ -139,6 +131,33 @@ def swap(
 
     also = f" and {', '.join(released)}, kept for a rollback" if released else ""
     return SwapPlan(mv, run_after_drain, note=f"freed {old.key}{also} before loading (drain)")
+
+
+def _check_target(
+    m: ModelManager,
+    target: str,
+    layout: str,
+    alias: str,
+    kept_from: ModelVersion | None,
+    verify: str | None = None,
+    drain: bool = False,
+) -> None:
+    """Refuses a checkpoint ``layout`` does not fit, saying so where the layout is the one ``kept_from``
+    (the version the alias names) has; for a drain, one the verify level refuses too: before anything
+    is drained."""
+    with m.open_checkpoint(target) as ckpt:
+        try:
+            m.layout_recipes(ckpt, layout)
+        except InvalidArgument as exc:
+            if kept_from is None:
+                raise
+            raise InvalidArgument(
+                f"{exc.message} (layout {layout} is the layout of {kept_from.key}, which {alias!r} names; "
+                f"--layout none loads the files' own)",
+                **exc.details,
+            ) from None
+        if drain:
+            m.verify(ckpt, verify)
 
 
 def _move(
