@@ -7,8 +7,6 @@ across a restart from the fd store."""
 from __future__ import annotations
 
 import json
-import mmap
-import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from hotweightsd.core.registry import State
 from hotweightsd.persist import statefile
 from hotweightsd.persist.fdstore import Persister, restore
 from support.models import save_model, tiny_llama_config, tiny_mixtral_config
+from support.served import served_bytes
 from support.svcmgr import hand_over_fds
 
 MiB = 2**20
@@ -47,23 +46,10 @@ def llama(tmp_path_factory) -> Path:
 
 def _served(m: ModelManager, ref: str, rank: int = 0) -> dict[str, torch.Tensor]:
     """Every tensor rank ``rank`` of ``ref`` serves, as a client builds it from the table and the fds."""
-    lease = m.open_lease(ref, pid=os.getpid())
-    try:
-        h = m.get_handles(lease.id, rank, lease.key)
-        _, fds = m.redeem(h.ticket, os.getpid(), os.getuid())
-        out = {}
-        try:
-            for p in h.rank.layout.table():
-                size = h.rank.allocations[p.allocation].size
-                with mmap.mmap(fds[p.allocation], size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
-                    raw = bytearray(mm[p.offset : p.offset + p.nbytes])
-                out[p.name] = torch.frombuffer(raw, dtype=torch_dtype(p.dtype)).reshape(p.shape)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        return out
-    finally:
-        m.close_lease(lease.id)
+    return {
+        name: torch.frombuffer(raw, dtype=torch_dtype(p.dtype)).reshape(p.shape)
+        for name, (p, raw) in served_bytes(m, ref, rank).items()
+    }
 
 
 def _offline(hf: Path, tp: int, rank: int) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ counts it once, and a restart from the fd store keeps it shared."""
 
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
 import threading
@@ -25,6 +24,7 @@ from hotweightsd.persist import statefile
 from hotweightsd.persist.fdstore import Persister, restore
 from hotweightsd.server.metrics import snapshot
 from support.ckpt_tools import versioned_model
+from support.served import served_bytes
 from support.svcmgr import hand_over_fds
 from support.threads import started
 
@@ -87,25 +87,9 @@ def _same_objects(a: ModelVersion, b: ModelVersion) -> bool:
     return len(_allocs(a)) == len(_allocs(b)) > 0 and all(x is y for x, y in zip(_allocs(a), _allocs(b)))
 
 
-def _read_all(m: ModelManager, ref: str) -> dict[str, torch.Tensor]:
+def _read_all(m: ModelManager, ref: str) -> dict[str, bytearray]:
     """Every tensor of ``ref`` as a client sees it: through a lease, a ticket and the fds it redeems."""
-    lease = m.open_lease(ref, pid=os.getpid())
-    try:
-        h = m.get_handles(lease.id, 0, lease.key)
-        _, fds = m.redeem(h.ticket, os.getpid(), os.getuid())
-        out = {}
-        try:
-            for p in h.rank.layout.placements:
-                size = h.rank.allocations[p.allocation].size
-                with mmap.mmap(fds[p.allocation], size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
-                    raw = bytearray(mm[p.offset : p.offset + p.nbytes])
-                out[p.name] = raw
-        finally:
-            for fd in fds:
-                os.close(fd)
-        return out
-    finally:
-        m.close_lease(lease.id)
+    return {name: raw for name, (_, raw) in served_bytes(m, ref).items()}
 
 
 def _equal_to_file(got: dict[str, bytearray], path: Path) -> bool:
