@@ -111,7 +111,7 @@ class HotweightsModelLoader(BaseModelLoader):
         if info is None or not (info.layout == "vllm" or _is_engine_layout_source(info.source)):
             return 0  # auto mode will copy: the engine owns the memory
         target = vllm_config.device_config.device if self.load_config.device is None else self.load_config.device
-        if _experts_rewritten(_source_config(info.source), torch.device(target)):
+        if _experts_rewritten(_source_config(info.source) or {}, torch.device(target)):
             return 0  # auto mode will copy: the engine's MoE kernels rewrite the experts
         # What the rank keeps resident (padding and allocation rounding too); bytes from older daemons.
         return next((int(r.resident_bytes or r.bytes) for r in info.ranks if r.rank == rank), 0)
@@ -273,10 +273,11 @@ def _experts_rewritten(config: dict, device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 10
 
 
-def _source_config(source: str) -> dict:
+def _source_config(source: str) -> dict | None:
+    """The config.json beside the checkpoint a version was loaded from; None where there is none."""
     d = _source_dir(source)
     path = d / "config.json" if d is not None else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
 def _check_world(att, tp: int) -> None:
@@ -345,9 +346,7 @@ def _is_engine_layout_source(source: str) -> bool:
 def _find_config(client, att) -> dict | None:
     for v in client.list().versions:
         if v.name == att.name and v.version == att.version:
-            d = _source_dir(v.source)
-            if d is not None and (d / "config.json").is_file():
-                return json.loads((d / "config.json").read_text())
+            return _source_config(v.source)
     return None
 
 
