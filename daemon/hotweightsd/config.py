@@ -39,6 +39,7 @@ LOADER_KEYS = {
     "chunk_size": "chunk_size",
     "ring_depth": "ring_depth",
     "busy_chunk_size": "busy_chunk_size",
+    "read_order": "read_order",
     "engine": "loader_engine",
     "gds": "gds",
     "share_cores": "share_cores",
@@ -109,6 +110,12 @@ class Config:
     ring_depth: int | None = _key(None, "pinned buffers in flight per reader", kind="int", minimum=1)
     busy_chunk_size: int | None = _key(
         None, "bytes per read while other GPUs load at the same time", kind="size", minimum=1
+    )
+    read_order: str = _key(
+        "file",
+        "the order the cuda loader's readers take a rank's reads in (file: file by file; streams: each "
+        "reader through its own contiguous share of the rank, so buffered reads keep their readahead)",
+        choices=("file", "streams"),
     )
     loader_engine: str = _key(
         "auto", "the cuda loader's loop; auto: native where it was built", choices=("auto", "native", "python")

@@ -175,6 +175,7 @@ def test_the_loader_gets_every_setting_it_has_from_the_config():
         "chunk_size": "2MiB",
         "ring_depth": 5,
         "busy_chunk_size": "32MiB",
+        "read_order": "streams",
         "loader_engine": "python",
         "gds": "off",
         "share_cores": False,

@@ -864,6 +864,28 @@ def test_fill_every_read_mode_is_exact(fake, tmp_path, mode, busy):
 
 
 @pytest.mark.parametrize("busy", [False, True], ids=["alone", "beside-other-fills"])
+@pytest.mark.parametrize("mode", ["pread", "auto"])
+def test_fill_in_streams_order_is_exact_and_says_so(fake, tmp_path, mode, busy):
+    path = tmp_path / "m.safetensors"
+    write_ckpt(path, n=40)
+    rank = load_rank(path)
+    b = make_backend(read_mode=mode, read_order="streams", threads=3, chunk_size=64 * 1024, busy_chunk_size=192 * 1024)
+    layout = plan_rank(rank, b.granularity(0))
+    allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+    if busy:
+        with b.scheduler.fill():
+            desc = b.fill(layout, allocs, lambda n: None, threading.Event())
+    else:
+        desc = b.fill(layout, allocs, lambda n: None, threading.Event())
+    assert desc.startswith(f"bounce: {mode} ring 3 threads x 2 x 64KiB (192KiB while other fills run), streams order"), desc
+    check_contents(fake, layout, allocs)
+    for a in allocs:
+        a.close()
+    b.close()
+    assert fake.host == {} and fake.streams == 0 and fake.events == 0
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["alone", "beside-other-fills"])
 def test_fill_of_a_half_cached_file_reads_it_both_ways_and_is_exact(fake, tmp_path, monkeypatch, busy):
     """Read mode auto: the file's resident half is read buffered, its cold half O_DIRECT, in one fill."""
     path = Path(tempfile.mkdtemp(prefix="hw-mixed-", dir=pagecache.disk_dir(tmp_path))) / "m.safetensors"

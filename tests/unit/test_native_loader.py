@@ -24,7 +24,7 @@ from hotweights.errors import Aborted, BackendError, BadCheckpoint
 from hotweightsd.core.layout import Segment
 from hotweightsd.loaders import native
 from hotweightsd.loaders.path import choose
-from hotweightsd.loaders.plan import Piece, ReadChunk, needed_file_sizes, plan_chunks
+from hotweightsd.loaders.plan import Piece, ReadChunk, needed_file_sizes, plan_chunks, streams
 from hotweightsd.loaders.settings import LoaderSettings
 
 MiB = 1024 * 1024
@@ -158,6 +158,25 @@ def test_a_plan_in_lustre_stripe_order_is_exact(tmp_path, direct):
     plan = plan_chunks(segs, chunk)
     layout = [stripes.Component(0, stripes.EOF_EXTENT, 4 * chunk, 3)]
     chunks = stripes.spread(plan, [layout] * len(paths), chunk)
+    assert chunks != plan and sorted(chunks) == sorted(plan)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(4, 2, chunk)
+    try:
+        reads, _ = run(chunks, paths, dest, ring, direct=direct)
+    finally:
+        ring.close()
+    assert dest.raw[:size] == expected(paths, segs, size)
+    assert reads == len(plan)
+
+
+@needs_lib
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_plan_in_streams_order_is_exact(tmp_path, direct):
+    """The native engine reads a plan dealt into one stream per reader into the same bytes."""
+    paths, segs, size = random_layout(tmp_path, 8)
+    chunk = 64 * 1024
+    plan = plan_chunks(segs, chunk)
+    chunks = streams(plan, 4)
     assert chunks != plan and sorted(chunks) == sorted(plan)
     dest = (ctypes.c_char * (size + 256))()
     ring = HostRing(4, 2, chunk)

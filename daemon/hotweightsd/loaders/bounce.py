@@ -21,7 +21,15 @@ from hotweightsd.core import faults
 from hotweightsd.core.layout import RankLayout
 from hotweightsd.loaders import files, native, ranges, stripes
 from hotweightsd.loaders.path import LoadPath
-from hotweightsd.loaders.plan import ReadChunk, check_plan, merge_chunks, needed_file_sizes, plan_chunks, run_end
+from hotweightsd.loaders.plan import (
+    ReadChunk,
+    check_plan,
+    merge_chunks,
+    needed_file_sizes,
+    plan_chunks,
+    run_end,
+    streams,
+)
 from hotweightsd.loaders.ring import DeviceRing
 from hotweightsd.loaders.scheduler import FillScheduler
 
@@ -58,8 +66,10 @@ def fill(
             chunks = stripes.spread(chunks, striped, path.chunk_size)
             lustre = stripes.describe(striped, path.chunk_size)
         with scheduler.fill() as at_once:
+            threads = scheduler.readers(ring.threads, at_once) if path.engine == "native" else ring.threads
+            if path.read_order == "streams" and not lustre:
+                chunks = streams(chunks, threads)
             if path.engine == "native":
-                threads = scheduler.readers(ring.threads, at_once)
                 reads, copies = native.fill(
                     chunks,
                     sources.fds,
@@ -81,7 +91,6 @@ def fill(
                     fault=faults.current().chunk(len(chunks)),
                 )
             else:
-                threads = ring.threads
                 chunks = sources.mark(chunks)
                 job = _PythonFill(path, ring, scheduler, chunks, sources, bases, progress, cancel)
                 job.run()

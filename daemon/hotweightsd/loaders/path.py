@@ -35,6 +35,7 @@ class LoadPath:
     source_why: str  # why that source, as the load's description ends with it
     gds_compat: bool  # cuFile forced into compatibility mode (a correctness check of the GDS path)
     read_mode: str  # "auto" (each file's ranges by page-cache residency, when a fill opens it) | "pread" | "odirect"
+    read_order: str  # "file" | "streams" (each reader through its own contiguous share; plan.streams)
     engine: str  # "native" | "python"
     engine_why: str  # why the python workers run ("" on the native engine)
     threads: int  # readers per ring
@@ -57,6 +58,8 @@ class LoadPath:
             extra += ", native engine"
         if threads is not None and threads != self.threads:
             extra += f" (ring of {self.threads}: fills ran at once)"
+        if self.read_order != "file":
+            extra += f", {self.read_order} order"
         ring = f"{threads or self.threads} threads x {self.depth} x {size_text(self.chunk_size)}"
         return f"{self.read_mode} ring {ring}{extra}"
 
@@ -83,6 +86,7 @@ def choose(settings: LoaderSettings, *, cores: int, real_driver: bool) -> LoadPa
         source_why=source_why,
         gds_compat=settings.gds == "compat",
         read_mode=read_mode,
+        read_order=settings.read_order,
         engine=engine,
         engine_why=engine_why,
         threads=settings.threads or default_threads(cores),

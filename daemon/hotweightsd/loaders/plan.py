@@ -149,3 +149,23 @@ def needed_file_sizes(chunks: Sequence[ReadChunk], nfiles: int) -> list[int]:
     for c in chunks:
         ends[c.file] = max(ends[c.file], c.offset + c.length)
     return ends
+
+
+def streams(chunks: Sequence[ReadChunk], readers: int) -> list[ReadChunk]:
+    """``chunks`` (in file order) cut into ``readers`` contiguous shares of about equal bytes, dealt one
+    chunk of each share in turn: readers taking chunks in this order read ``readers`` sequential
+    streams at once, each far from the others, so buffered reads of cold data keep the kernel's
+    readahead running ahead of every stream (in file order they crowd the one window at the cursor).
+    The same reads, the same bytes; only the order changes."""
+    if readers <= 1 or len(chunks) <= readers:
+        return list(chunks)
+    share = -(-sum(c.length for c in chunks) // readers)
+    shares: list[list[ReadChunk]] = [[] for _ in range(readers)]
+    done = 0
+    for c in chunks:
+        shares[min(readers - 1, done // share)].append(c)
+        done += c.length
+    out: list[ReadChunk] = []
+    for k in range(max(len(s) for s in shares)):
+        out.extend(s[k] for s in shares if k < len(s))
+    return out

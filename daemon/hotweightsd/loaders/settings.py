@@ -12,6 +12,7 @@ from hotweights.errors import InvalidArgument
 from hotweightsd.loaders.plan import DIRECT_ALIGN
 
 READ_MODES = ("auto", "pread", "odirect")
+READ_ORDERS = ("file", "streams")
 ENGINES = ("auto", "native", "python")
 GDS_MODES = ("auto", "off", "on", "force", "compat")  # force: the same as on
 
@@ -23,6 +24,7 @@ class LoaderSettings:
     chunk_size: int | None = None  # bytes per read; None: 4 MiB
     ring_depth: int | None = None  # pinned slots per reader; None: 2
     busy_chunk_size: int | None = None  # python workers' read while other fills run; None: 16 MiB
+    read_order: str = "file"  # file | streams (each reader through its own contiguous share of the rank)
     engine: str = "auto"  # auto | native | python
     gds: str = "auto"  # auto | off | on (force) | compat
     share_cores: bool = True  # native fills running at once split the cores
@@ -31,6 +33,7 @@ class LoaderSettings:
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("read mode", self.read_mode, READ_MODES),
+            ("read order", self.read_order, READ_ORDERS),
             ("loader engine", self.engine, ENGINES),
             ("gds mode", self.gds, GDS_MODES),
         ):
