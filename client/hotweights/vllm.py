@@ -139,9 +139,10 @@ class HotweightsModelLoader(BaseModelLoader):
         att = client.attach(self.ref, rank=rank, holder=f"vllm:{os.getpid()}:tp{rank}")
         try:
             _check_world(att, tp)
-            _check_config(att, client, model_config)
+            config = _find_config(client, att)  # one listing and one read for every check below
+            _check_config(att, config, model_config)
             engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
-            rewritten = _experts_rewritten(_find_config(client, att) or {}, target)
+            rewritten = _experts_rewritten(config or {}, target)
             mode = self.mode if self.mode != "auto" else ("zero_copy" if engine_layout and not rewritten else "copy")
             if mode == "zero_copy" and not engine_layout:
                 raise errors.InvalidArgument(
@@ -301,9 +302,8 @@ def _check_world(att, tp: int) -> None:
     )
 
 
-def _check_config(att, client, model_config: ModelConfig) -> None:
+def _check_config(att, config: dict | None, model_config: ModelConfig) -> None:
     problems = []
-    config = _find_config(client, att)
     engine_archs = list(getattr(model_config.hf_config, "architectures", None) or [])
     if config is not None:
         archs = list(config.get("architectures") or [])
