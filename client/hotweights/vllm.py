@@ -19,7 +19,11 @@ vLLM process (engine core, workers) registers the loader before loading a model:
 - ``copy``: engine-owned parameters, each filled by one copy from the attachment: from a vLLM-layout
   version 1:1, or from an unsplit Hugging Face checkpoint through the same recipe (each rank takes
   its part, q|k|v and gate|up concatenated, vocabulary padded), never through ``model.load_weights``.
-- ``auto`` (default): ``zero_copy`` for a vLLM-layout version, ``copy`` otherwise.
+- ``auto`` (default): ``zero_copy`` for an unquantized vLLM-layout version, ``copy`` otherwise. A
+  quantized model is always copied: vLLM's post-processing of quantized weights writes into them
+  (requantizing to one scale, transposing for its kernels), which the daemon's read-only memory does not allow.
+  Its attention's KV-cache scales, which FP8 checkpoints without calibration do not hold, keep the
+  engine's defaults, as with vLLM's own loader.
 Unknown keys are an error. The loader checks the version's tensor-parallel size, architecture and
 dtype against the engine's and names both sides when they differ.
 
@@ -111,8 +115,9 @@ class HotweightsModelLoader(BaseModelLoader):
         if info is None or not (info.layout == "vllm" or _is_engine_layout_source(info.source)):
             return 0  # auto mode will copy: the engine owns the memory
         target = vllm_config.device_config.device if self.load_config.device is None else self.load_config.device
-        if _experts_rewritten(_source_config(info.source) or {}, torch.device(target)):
-            return 0  # auto mode will copy: the engine's MoE kernels rewrite the experts
+        config = _source_config(info.source) or {}
+        if config.get("quantization_config") or _experts_rewritten(config, torch.device(target)):
+            return 0  # auto mode will copy: the engine's post-processing rewrites the weights
         # What the rank keeps resident (padding and allocation rounding too); bytes from older daemons.
         return next((int(r.resident_bytes or r.bytes) for r in info.ranks if r.rank == rank), 0)
 
@@ -143,12 +148,20 @@ class HotweightsModelLoader(BaseModelLoader):
             _check_config(att, config, model_config)
             engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
             rewritten = _experts_rewritten(config or {}, target)
-            mode = self.mode if self.mode != "auto" else ("zero_copy" if engine_layout and not rewritten else "copy")
+            quantized = model_config.quantization is not None
+            zero_copy = engine_layout and not rewritten and not quantized
+            mode = self.mode if self.mode != "auto" else ("zero_copy" if zero_copy else "copy")
             if mode == "zero_copy" and not engine_layout:
                 raise errors.InvalidArgument(
                     f"{att.key} is in the Hugging Face layout: zero copy needs vLLM's layout "
                     f"(hotweights load NAME DIR --layout vllm, or python -m hotweights.vllm_layout SRC OUT --tp {tp} "
                     f"and load OUT), or mode='copy'"
+                )
+            if mode == "zero_copy" and quantized:
+                raise errors.InvalidArgument(
+                    f"{att.key}: the engine's model is quantized ({model_config.quantization}); vLLM post-processes "
+                    f"quantized weights in place, which the daemon's read-only memory does not allow; use "
+                    f"mode='copy' (or auto)"
                 )
             if mode == "zero_copy" and rewritten:
                 raise errors.InvalidArgument(
@@ -210,8 +223,13 @@ class HotweightsModelLoader(BaseModelLoader):
         }
 
 
+# Parameters a quantized vLLM attention layer registers for KV-cache scales; a checkpoint without
+# calibration does not hold them, and vLLM's own loader then leaves them at the engine's defaults.
+_KV_CACHE_SCALES = re.compile(r"\.attn\.(q|k|v|prob)_(scale|zero_point)$")
+
+
 def _copy_checked(model, params: dict, sources: dict, extra: list[str], att) -> None:
-    missing = sorted(set(params) - set(sources))
+    missing = sorted(n for n in set(params) - set(sources) if not _KV_CACHE_SCALES.search(n))
     wrong = [
         f"{n}: attached {tuple(sources[n].shape)} {sources[n].dtype}, engine wants "
         f"{tuple(params[n].shape)} {params[n].dtype}"

@@ -85,6 +85,28 @@ def test_a_hugging_face_checkpoint_loaded_in_vllms_layout_serves_what_the_conver
     assert mv.bytes_total == sum(p.nbytes for p in parts.values())  # what was read, not the padding
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_an_fp8_checkpoint_fuses_its_channel_scales_with_the_rows_they_scale(manager, tmp_path, tp):
+    hf = save_model(tiny_llama_config(vocab_size=512), tmp_path / "hf")
+    fp8 = tmp_path / "fp8-tp1"
+    shard_checkpoint(hf, fp8, 1, quantize="fp8", fp8_scale="channel")
+    src = fp8 if tp == 1 else tmp_path / f"fp8-tp{tp}"
+    if tp > 1:
+        shard_checkpoint(hf, src, tp, quantize="fp8", fp8_scale="channel")
+    mv = manager.load("m", str(src), layout="vllm")
+    assert mv.layout == "vllm"
+    for rank in range(tp):
+        got = _served(manager, "m", rank)
+        _equal(got, _offline(fp8, tp, rank))  # the converter's rank cut of the unsplit FP8 checkpoint
+        qkv = got["model.layers.0.self_attn.qkv_proj.weight"]
+        scale = got["model.layers.0.self_attn.qkv_proj.weight_scale"]
+        assert qkv.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+        assert scale.shape == (qkv.shape[0], 1) and got["model.layers.0.mlp.gate_up_proj.weight_scale"].shape[1] == 1
+        assert "model.layers.0.self_attn.q_proj.weight_scale" not in got
+        # a row-parallel layer's scales are per output row, which it does not split: whole on every rank
+        assert got["model.layers.0.self_attn.o_proj.weight_scale"].shape == (128, 1)
+
+
 def test_a_checkpoint_sharded_as_vllm_shards_it_loads_in_its_layout_rank_by_rank(manager, tmp_path):
     hf = save_model(tiny_llama_config(vocab_size=512), tmp_path / "hf")
     shard_checkpoint(hf, tmp_path / "tp2", 2)
@@ -119,9 +141,14 @@ def test_unknown_layouts_and_checkpoints_the_layout_does_not_fit_are_refused(man
         (bare / "config.json").write_text(bad)
         with pytest.raises(errors.InvalidArgument, match="vLLM layout|not a number"):
             manager.load("m", str(bare), layout="vllm")
-    (bare / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
-    with pytest.raises(errors.InvalidArgument, match="quantized"):
-        manager.load("m", str(bare), layout="vllm")
+    for qc, what in (
+        ({"quant_method": "fp8"}, "FP8 with one scale per tensor"),
+        ({"quant_method": "awq", "bits": 4}, "quant_method 'awq'"),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "compressed-tensors other than"),
+    ):
+        (bare / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+        with pytest.raises(errors.InvalidArgument, match=f"quantization \\({what}"):
+            manager.load("m", str(bare), layout="vllm")
     assert manager.versions() == []
 
 

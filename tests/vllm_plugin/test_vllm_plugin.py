@@ -162,6 +162,35 @@ def test_a_mixtral_loaded_with_layout_vllm_binds_its_stacked_experts_without_a_c
     assert d.wait_status(lambda st: not st["leases"])["leases"] == []
 
 
+def test_an_fp8_checkpoint_is_copied_into_the_engine_from_either_layout(served, tmp_path):
+    """FP8 weights with one scale per output channel (hotweights shard --quantize fp8): the daemon fuses
+    the scales with their rows under --layout vllm, the plugin copies (vLLM post-processes quantized
+    weights in place) and the engine equals vLLM's own loader on the same files; zero copy is refused."""
+    from hotweights.tools.shard.sharder import shard_checkpoint
+
+    d, _ = served
+    fp8 = tmp_path / "llama-fp8"
+    shard_checkpoint(tiny_llama(tmp_path / "llama"), fp8, 1, quantize="fp8", fp8_scale="channel")
+    d.cli("load", "fp8v", str(fp8), "--layout", "vllm", check=True)
+    d.cli("load", "fp8", str(fp8), check=True)
+    try:
+        reference = engine(fp8)
+        assert any(n.endswith("qkv_proj.weight_scale") for n in reference["before_postprocessing"])
+        for model in ("fp8v", "fp8"):
+            out = engine(fp8, *hotweights_args(d, model))
+            assert out["tokens"] == reference["tokens"], model
+            assert out["checksums"] == reference["checksums"], model
+            assert out["before_postprocessing"] == reference["before_postprocessing"], model
+            assert out["params"]["aliased"] == [] and not out["params"]["holds_attachment"], model
+            assert out["external_weight_memory"] == 0, model
+        r = engine(fp8, *hotweights_args(d, "fp8v", mode="zero_copy"), ok=False)
+        assert r.returncode != 0 and "quantized (compressed-tensors)" in r.stderr, r.stderr[-3000:]
+    finally:
+        d.cli("unload", "fp8v", "--force")
+        d.cli("unload", "fp8", "--force")
+    assert d.wait_status(lambda st: not st["leases"])["leases"] == []
+
+
 def test_unknown_option_wrong_tp_and_zero_copy_of_hf_layout_are_clear_errors(served):
     d, hf = served
     r = engine(hf, *hotweights_args(d, "vl", sockett="/x"), ok=False)

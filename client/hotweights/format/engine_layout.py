@@ -15,6 +15,13 @@ vLLM (Llama family, Mixtral) fuses by concatenation along dim 0 and splits Megat
   rank's columns of w2 (down); the router whole on every rank (tensor parallelism, not expert
   parallelism);
 - anything else (norms) whole on every rank.
+
+FP8 checkpoints with one scale per output channel (compressed-tensors ``float-quantized``, strategy
+``channel``: what ``hotweights shard --quantize fp8`` writes by default) fuse their ``weight_scale``
+[rows, 1] with the rows they scale, so ``qkv_proj.weight_scale`` is the q | k | v scales as vLLM's loader
+builds it; the scales of ``o_proj``/``down_proj`` (one per output row, which those layers do not split)
+stay whole. A scale per tensor would fuse into vLLM's one-scale-per-part vector, which the loader does
+not place yet, so such checkpoints are refused, as is any other quantization.
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ LAYOUTS = ("vllm",)  # besides "", the checkpoint's own layout
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM")
 VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE
 
-QKV = re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj\.(weight|bias)$")
-GATE_UP = re.compile(r"^(.*\.mlp)\.(gate|up)_proj\.(weight|bias)$")
+QKV = re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj\.(weight|bias|weight_scale)$")
+GATE_UP = re.compile(r"^(.*\.mlp)\.(gate|up)_proj\.(weight|bias|weight_scale)$")
 ROW_SPLIT = re.compile(r"^.*\.(o_proj|down_proj)\.(weight|bias)$")
 EXPERT = re.compile(r"^(.*\.block_sparse_moe\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
 VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
@@ -214,11 +221,7 @@ def rank_recipe(
     check_layout(layout)
     if not layout:
         return RankRecipe()
-    if config.get("quantization_config"):
-        raise InvalidArgument(
-            "vLLM layout: the checkpoint is quantized; vLLM post-processes quantized weights itself, so load "
-            "it without a layout (the vLLM plugin copies it into the engine's parameters)"
-        )
+    check_quantization(config)
     shape = Shape(config, world)
     problems: list[str] = []
     groups: list[Fused] = []
@@ -284,6 +287,40 @@ def rank_recipe(
             problems=problems,
         )
     return RankRecipe(tuple(groups), dropped)
+
+
+def check_quantization(config: Mapping) -> str:
+    """The quantization the layout places: "" (none) or "fp8-channel"; InvalidArgument for any other,
+    naming what the checkpoint has."""
+    qc = config.get("quantization_config")
+    if not qc:
+        return ""
+    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, Mapping) else ""
+    if method == "compressed-tensors":
+        groups = qc.get("config_groups")
+        weights = [g.get("weights") if isinstance(g, Mapping) else None for g in (groups or {}).values()]
+        if (
+            weights
+            and qc.get("format") == "float-quantized"
+            and all(
+                isinstance(w, Mapping)
+                and w.get("type") == "float"
+                and w.get("num_bits") == 8
+                and w.get("strategy") == "channel"
+                for w in weights
+            )
+        ):
+            return "fp8-channel"
+        what = "compressed-tensors other than FP8 with one scale per output channel"
+    elif method == "fp8":
+        what = "FP8 with one scale per tensor (write it with hotweights shard --quantize fp8 --fp8-scale channel)"
+    else:
+        what = f"quant_method {method or qc!r}"[:120]
+    raise InvalidArgument(
+        f"vLLM layout: the checkpoint's quantization ({what}) is not one the layout places; load it without a "
+        f"layout (the vLLM plugin then copies it into the engine's parameters where it can)",
+        quantization=method,
+    )
 
 
 def _lacking(fused: str, parts: list[str], shape: Shape) -> str:
