@@ -2,10 +2,12 @@
 parameter's memory lies and the bytes the loader says stay outside the engine's budget. Prints one
 JSON line.
 
-    vllm_generate.py MODEL_DIR [--load-format hotweights --extra JSON]
+    vllm_generate.py MODEL_DIR [--load-format hotweights --extra JSON] [--processes]
 
 The engine runs in this process (no engine-core or worker subprocesses) so that the parameters can
-be inspected here; the loader is the same one a multi-process engine uses.
+be inspected here; the loader is the same one a multi-process engine uses. ``--processes`` runs the
+engine core in its own process, as ``vllm serve`` does (the loader registered there by the entry point
+alone): only tokens, checksums and the daemon's leases seen while the engine lives are reported.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 PROMPTS = [[1, 5, 9, 33, 70], [2, 7], [11, 400, 3, 3, 3, 250, 17]]
 BEFORE_POSTPROCESSING: dict[str, str] = {}
@@ -93,17 +93,28 @@ def external_weight_memory(worker) -> int:
     return get_model_loader(worker.vllm_config.load_config).get_external_weight_memory(worker.vllm_config)
 
 
+def leases(extra: str) -> list[dict]:
+    """The daemon's leases now (the engine alive): who holds them."""
+    import hotweights
+
+    with hotweights.connect(json.loads(extra).get("socket")) as client:
+        return [{"ref": f"{x.name}@{x.version}", "pid": x.pid, "holder": x.holder} for x in client.status().leases]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--extra", default="{}")
+    ap.add_argument("--processes", action="store_true")
     args = ap.parse_args()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.processes else "0"
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    record_before_postprocessing()
+    if not args.processes:
+        record_before_postprocessing()
     llm = LLM(
         model=args.model,
         load_format=args.load_format,
@@ -123,9 +134,14 @@ def main() -> None:
         SamplingParams(temperature=0, max_tokens=12),
         use_tqdm=False,
     )
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    checksums = llm.collective_rpc("compute_weight_checksums")[0]
+    if args.processes:
+        print(json.dumps({"tokens": tokens, "checksums": checksums, "pid": os.getpid(), "leases": leases(args.extra)}))
+        return
     result = {
-        "tokens": [list(o.outputs[0].token_ids) for o in outs],
-        "checksums": llm.collective_rpc("compute_weight_checksums")[0],
+        "tokens": tokens,
+        "checksums": checksums,
         "params": llm.collective_rpc(where_params)[0],
         "external_weight_memory": llm.collective_rpc(external_weight_memory)[0],
         "before_postprocessing": BEFORE_POSTPROCESSING,

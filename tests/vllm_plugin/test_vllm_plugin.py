@@ -101,6 +101,20 @@ def test_zero_copy_engine_equals_vllms_own_loader(served, reference):
     assert d.wait_status(lambda st: not st["leases"])["leases"] == []
 
 
+def test_an_engine_core_in_its_own_process_registers_the_loader_and_holds_the_lease(served, reference):
+    """As ``vllm serve`` runs it: the engine core in a process of its own, where only the entry point
+    registers the loader; the lease is that process's while it lives and ends with it."""
+    d, hf = served
+    out = engine(hf, "--processes", *hotweights_args(d, "vl"))
+    assert out["tokens"] == reference["tokens"]
+    assert out["checksums"] == reference["checksums"]
+    held = [x for x in out["leases"] if x["holder"].startswith("vllm:")]
+    assert len(held) == 1, out["leases"]
+    assert held[0]["ref"].startswith("vl@") and held[0]["pid"] != out["pid"], (held, out["pid"])
+    assert held[0]["holder"] == f"vllm:{held[0]['pid']}:tp0"
+    assert d.wait_status(lambda st: not st["leases"])["leases"] == []
+
+
 def test_zero_copy_of_a_version_loaded_with_layout_vllm_equals_vllms_own_loader(served, reference):
     d, hf = served
     assert [v["layout"] for v in d.status()["versions"] if v["name"] == "hfv"] == ["vllm"]
