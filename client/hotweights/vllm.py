@@ -172,7 +172,7 @@ class HotweightsModelLoader(BaseModelLoader):
                 if mode == "zero_copy":
                     with skeleton():
                         model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-                    rep = bind(model, _as_named_by(model, att))
+                    rep = bind(model, _bind_params_copy_buffers(model, _as_named_by(model, att), att))
                     self.attached_bytes = rep.nbytes
                     self.report = {"mode": mode, "bound": len(rep.bound), "tied": rep.tied, "bytes": rep.nbytes}
                 else:
@@ -221,6 +221,29 @@ class HotweightsModelLoader(BaseModelLoader):
             "copied": len(sources),
             "bytes": sum(t.numel() * t.element_size() for t in sources.values()),
         }
+
+
+def _bind_params_copy_buffers(model: nn.Module, named: dict, att) -> dict:
+    """``named`` less the module's buffers, which are copied into the engine's own: a buffer is the
+    engine's state, which it may write (a checkpoint saved by vLLM's save_sharded_state holds the
+    attention's KV-cache scales, which the engine updates in place), and the daemon's memory is
+    read-only. What is left is bound."""
+    buffers = dict(model.named_buffers())
+    held = {n: named.pop(n) for n in list(named) if n in buffers}
+    wrong = [
+        f"{n}: attached {tuple(t.shape)} {t.dtype}, engine wants {tuple(buffers[n].shape)} {buffers[n].dtype}"
+        for n, t in sorted(held.items())
+        if tuple(t.shape) != tuple(buffers[n].shape) or t.dtype != buffers[n].dtype
+    ]
+    if wrong:
+        raise errors.BindError(
+            f"cannot fill the buffers of {type(model).__name__} from {att.key} rank {att.rank}: " + "; ".join(wrong),
+            wrong_shape=wrong,
+        )
+    with torch.no_grad():
+        for n, t in held.items():
+            buffers[n].copy_(t)
+    return named
 
 
 # Parameters a quantized vLLM attention layer registers for KV-cache scales; a checkpoint without

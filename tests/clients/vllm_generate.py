@@ -2,7 +2,7 @@
 parameter's memory lies and the bytes the loader says stay outside the engine's budget. Prints one
 JSON line.
 
-    vllm_generate.py MODEL_DIR [--load-format hotweights --extra JSON] [--processes]
+    vllm_generate.py MODEL_DIR [--load-format hotweights --extra JSON] [--processes] [--save-sharded DIR]
 
 The engine runs in this process (no engine-core or worker subprocesses) so that the parameters can
 be inspected here; the loader is the same one a multi-process engine uses. ``--processes`` runs the
@@ -21,7 +21,7 @@ BEFORE_POSTPROCESSING: dict[str, str] = {}
 ALIASED_BEFORE_POSTPROCESSING: list[str] = []  # bound to the daemon's mapping as the loader left them
 
 
-def record_before_postprocessing() -> None:
+def record_before_postprocessing(save_to: str = "") -> None:
     """Digests of every parameter as the loader left it, before vLLM's post-processing.
 
     On the CPU, post-processing repacks every linear weight into the kernels' own format and empties
@@ -38,6 +38,12 @@ def record_before_postprocessing() -> None:
     original = base.process_weights_after_loading
 
     def wrapped(model, model_config, target_device):
+        if save_to:
+            # what vLLM's save_sharded_state writes on a GPU, where post-processing leaves unquantized
+            # weights as they are (on the CPU it repacks them, so the engine's own save would be empty)
+            from vllm.model_executor.model_loader import ShardedStateLoader
+
+            ShardedStateLoader.save_model(model, save_to)
         spans = _daemon_spans()
         for name, p in model.named_parameters():
             data = p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
@@ -107,6 +113,7 @@ def main() -> None:
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--extra", default="{}")
     ap.add_argument("--processes", action="store_true")
+    ap.add_argument("--save-sharded", default="", help="also write the loaded model with vLLM's ShardedStateLoader")
     args = ap.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.processes else "0"
 
@@ -114,7 +121,7 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     if not args.processes:
-        record_before_postprocessing()
+        record_before_postprocessing(args.save_sharded)
     llm = LLM(
         model=args.model,
         load_format=args.load_format,

@@ -101,6 +101,28 @@ def test_zero_copy_engine_equals_vllms_own_loader(served, reference):
     assert d.wait_status(lambda st: not st["leases"])["leases"] == []
 
 
+def test_a_checkpoint_written_by_vllms_sharded_state_saver_is_bound_as_it_is(served, reference, tmp_path):
+    """vLLM's own ``save_sharded_state`` format (``model-rank-R-part-P`` files in vLLM's parameter names,
+    written by its ShardedStateLoader) loads without a layout and binds zero copy."""
+    d, hf = served
+    saved = tmp_path / "saved"
+    saved.mkdir()  # vLLM's saver writes into an existing directory
+    written = engine(hf, "--save-sharded", str(saved))
+    assert written["tokens"] == reference["tokens"]
+    assert sorted(p.name for p in saved.iterdir()) == ["model-rank-0-part-0.safetensors"]
+    d.cli("load", "saved", str(saved), check=True)
+    try:
+        out = engine(hf, *hotweights_args(d, "saved"))
+        assert out["tokens"] == reference["tokens"]
+        assert out["checksums"] == reference["checksums"]
+        assert out["before_postprocessing"] == reference["before_postprocessing"]
+        assert sorted(out["aliased_before_postprocessing"]) == sorted(out["before_postprocessing"]), out
+        assert out["params"]["holds_attachment"], out["params"]
+    finally:
+        d.cli("unload", "saved", "--force")
+    assert d.wait_status(lambda st: not st["leases"])["leases"] == []
+
+
 def test_an_engine_core_in_its_own_process_registers_the_loader_and_holds_the_lease(served, reference):
     """As ``vllm serve`` runs it: the engine core in a process of its own, where only the entry point
     registers the loader; the lease is that process's while it lives and ends with it."""
