@@ -116,7 +116,8 @@ class HotweightsModelLoader(BaseModelLoader):
             return 0  # auto mode will copy: the engine owns the memory
         target = vllm_config.device_config.device if self.load_config.device is None else self.load_config.device
         config = _source_config(info.source) or {}
-        if config.get("quantization_config") or _experts_rewritten(config, torch.device(target)):
+        quantized = config.get("quantization_config") or vllm_config.model_config.quantization is not None
+        if quantized or _experts_rewritten(config, torch.device(target)):
             return 0  # auto mode will copy: the engine's post-processing rewrites the weights
         # What the rank keeps resident (padding and allocation rounding too); bytes from older daemons.
         return next((int(r.resident_bytes or r.bytes) for r in info.ranks if r.rank == rank), 0)

@@ -877,9 +877,11 @@ def test_fill_in_streams_order_is_exact_and_says_so(fake, tmp_path, mode, busy):
             desc = b.fill(layout, allocs, lambda n: None, threading.Event())
     else:
         desc = b.fill(layout, allocs, lambda n: None, threading.Event())
-    assert desc.startswith(
-        f"bounce: {mode} ring 3 threads x 2 x 64KiB (192KiB while other fills run), streams order"
-    ), desc
+    assert desc.startswith(f"bounce: {mode} ring 3 threads x 2 x 64KiB (192KiB while other fills run) on cuda:0"), desc
+    assert "reads; in 3 streams" in desc, desc
+    # the dealt order leaves no neighbours in the list to read as runs
+    assert "runs of chunks" not in desc, desc
+    assert "streams order" in b.note
     check_contents(fake, layout, allocs)
     for a in allocs:
         a.close()

@@ -141,12 +141,20 @@ def test_unknown_layouts_and_checkpoints_the_layout_does_not_fit_are_refused(man
         (bare / "config.json").write_text(bad)
         with pytest.raises(errors.InvalidArgument, match="vLLM layout|not a number"):
             manager.load("m", str(bare), layout="vllm")
-    for qc, what in (
-        ({"quant_method": "fp8"}, "FP8 with one scale per tensor"),
-        ({"quant_method": "awq", "bits": 4}, "quant_method 'awq'"),
-        ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "compressed-tensors other than"),
+    from hotweights.tools.shard.quantize import quantization_config
+
+    channel = quantization_config("channel", ["lm_head"])
+    static = json.loads(json.dumps(channel))
+    static["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "float", "dynamic": False}
+    for qc, what, extra in (
+        ({"quant_method": "fp8"}, "FP8 with one scale per tensor or per block", {}),
+        ({"quant_method": "awq", "bits": 4}, "quant_method 'awq'", {}),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "compressed-tensors other than", {}),
+        (static, "compressed-tensors other than", {}),
+        ({**channel, "kv_cache_scheme": {"num_bits": 8}}, "compressed-tensors other than", {}),
+        (channel, "FP8 experts", {"num_local_experts": 4}),
     ):
-        (bare / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+        (bare / "config.json").write_text(json.dumps({**config, **extra, "quantization_config": qc}))
         with pytest.raises(errors.InvalidArgument, match=f"quantization \\({what}"):
             manager.load("m", str(bare), layout="vllm")
     assert manager.versions() == []

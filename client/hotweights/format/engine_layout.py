@@ -297,8 +297,9 @@ def check_quantization(config: Mapping) -> str:
         return ""
     method = str(qc.get("quant_method", "")).lower() if isinstance(qc, Mapping) else ""
     if method == "compressed-tensors":
-        groups = qc.get("config_groups")
-        weights = [g.get("weights") if isinstance(g, Mapping) else None for g in (groups or {}).values()]
+        groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, Mapping)]
+        weights = [g.get("weights") for g in groups]
+        activations = [g.get("input_activations") for g in groups]
         if (
             weights
             and qc.get("format") == "float-quantized"
@@ -309,11 +310,21 @@ def check_quantization(config: Mapping) -> str:
                 and w.get("strategy") == "channel"
                 for w in weights
             )
+            # static activation or KV-cache scales would be more tensors to fuse, which the layout does not place
+            and all(a is None or (isinstance(a, Mapping) and a.get("dynamic") is True) for a in activations)
+            and not qc.get("kv_cache_scheme")
         ):
-            return "fp8-channel"
-        what = "compressed-tensors other than FP8 with one scale per output channel"
+            if config.get("num_local_experts"):
+                what = "FP8 experts, whose scales the layout does not stack yet"
+            else:
+                return "fp8-channel"
+        else:
+            what = "compressed-tensors other than FP8 with one scale per output channel and dynamic activations"
     elif method == "fp8":
-        what = "FP8 with one scale per tensor (write it with hotweights shard --quantize fp8 --fp8-scale channel)"
+        what = (
+            "FP8 with one scale per tensor or per block; hotweights shard --quantize fp8 writes one scale per "
+            "output channel from the unquantized original"
+        )
     else:
         what = f"quant_method {method or qc!r}"[:120]
     raise InvalidArgument(

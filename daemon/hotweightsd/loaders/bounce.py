@@ -67,8 +67,10 @@ def fill(
             lustre = stripes.describe(striped, path.chunk_size)
         with scheduler.fill() as at_once:
             threads = scheduler.readers(ring.threads, at_once) if path.engine == "native" else ring.threads
-            if path.read_order == "streams" and not lustre:
+            # A fill with a striped Lustre file keeps the stripe order, which spreads reads over OSTs.
+            if path.read_order == "streams" and not lustre and 1 < threads < len(chunks):
                 chunks = streams(chunks, threads)
+                extra = f"; in {threads} streams"
             if path.engine == "native":
                 reads, copies = native.fill(
                     chunks,
@@ -99,7 +101,8 @@ def fill(
                 if cancel.is_set():
                     raise Aborted("load cancelled")
                 reads, copies = job.reads, job.copies
-                extra = f" ({job.merged} of them runs of chunks: other fills ran)" if job.merged else ""
+                if job.merged:
+                    extra = f" ({job.merged} of them runs of chunks: other fills ran)" + extra
     finally:
         sources.close()
     for said in (sources.describe(), lustre):

@@ -58,8 +58,6 @@ class LoadPath:
             extra += ", native engine"
         if threads is not None and threads != self.threads:
             extra += f" (ring of {self.threads}: fills ran at once)"
-        if self.read_order != "file":
-            extra += f", {self.read_order} order"
         ring = f"{threads or self.threads} threads x {self.depth} x {size_text(self.chunk_size)}"
         return f"{self.read_mode} ring {ring}{extra}"
 
@@ -69,7 +67,8 @@ class LoadPath:
         if self.source == "gds":
             return self.source_why
         engine = f"; {self.engine_why}" if self.engine_why else ""
-        return f"bounce path ({self.describe()}{engine}): {self.source_why}"
+        order = f", {self.read_order} order" if self.read_order != "file" else ""
+        return f"bounce path ({self.describe()}{order}{engine}): {self.source_why}"
 
 
 def choose(settings: LoaderSettings, *, cores: int, real_driver: bool) -> LoadPath:

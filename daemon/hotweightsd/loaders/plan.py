@@ -159,7 +159,7 @@ def streams(chunks: Sequence[ReadChunk], readers: int) -> list[ReadChunk]:
     The same reads, the same bytes; only the order changes."""
     if readers <= 1 or len(chunks) <= readers:
         return list(chunks)
-    share = -(-sum(c.length for c in chunks) // readers)
+    share = max(1, -(-sum(c.length for c in chunks) // readers))
     shares: list[list[ReadChunk]] = [[] for _ in range(readers)]
     done = 0
     for c in chunks:
