@@ -231,11 +231,7 @@ def _bind_params_copy_buffers(model: nn.Module, named: dict, att) -> dict:
     read-only. What is left is bound."""
     buffers = dict(model.named_buffers())
     held = {n: named.pop(n) for n in list(named) if n in buffers}
-    wrong = [
-        f"{n}: attached {tuple(t.shape)} {t.dtype}, engine wants {tuple(buffers[n].shape)} {buffers[n].dtype}"
-        for n, t in sorted(held.items())
-        if tuple(t.shape) != tuple(buffers[n].shape) or t.dtype != buffers[n].dtype
-    ]
+    wrong = _differs(held, buffers)
     if wrong:
         raise errors.BindError(
             f"cannot fill the buffers of {type(model).__name__} from {att.key} rank {att.rank}: " + "; ".join(wrong),
@@ -252,14 +248,19 @@ def _bind_params_copy_buffers(model: nn.Module, named: dict, att) -> dict:
 _KV_CACHE_SCALES = re.compile(r"\.attn\.(q|k|v|prob)_(scale|zero_point)$")
 
 
+def _differs(sources: dict, targets: dict) -> list[str]:
+    """Each of ``sources`` whose shape or dtype is not its namesake's in ``targets``, both sides named."""
+    return [
+        f"{n}: attached {tuple(sources[n].shape)} {sources[n].dtype}, engine wants "
+        f"{tuple(targets[n].shape)} {targets[n].dtype}"
+        for n in sorted(sources)
+        if tuple(sources[n].shape) != tuple(targets[n].shape) or sources[n].dtype != targets[n].dtype
+    ]
+
+
 def _copy_checked(model, params: dict, sources: dict, extra: list[str], att) -> None:
     missing = sorted(n for n in set(params) - set(sources) if not _KV_CACHE_SCALES.search(n))
-    wrong = [
-        f"{n}: attached {tuple(sources[n].shape)} {sources[n].dtype}, engine wants "
-        f"{tuple(params[n].shape)} {params[n].dtype}"
-        for n in sorted(sources)
-        if tuple(sources[n].shape) != tuple(params[n].shape) or sources[n].dtype != params[n].dtype
-    ]
+    wrong = _differs(sources, params)
     if missing or wrong or extra:
         lines = [f"cannot fill {type(model).__name__} from {att.key} rank {att.rank}"]
         for title, items in (

@@ -23,7 +23,7 @@ from hotweights.format.safetensors import MAX_TENSORS_PER_FILE
 from hotweights.paths import operator_socket_for, socket_for
 from hotweights.units import parse_size
 from hotweightsd.core.faults import FaultPlan
-from hotweightsd.loaders.settings import LoaderSettings
+from hotweightsd.loaders.settings import ENGINES, READ_MODES, READ_ORDERS, LoaderSettings
 from hotweightsd.server.watchers import QUEUE_DEPTH
 
 # Read when neither --config nor HOTWEIGHTS_CONFIG names a file; tests point it elsewhere.
@@ -101,7 +101,7 @@ class Config:
     loader: str = _key(
         "auto",
         "how the cuda loader reads files (auto: buffered where in the page cache, O_DIRECT where cold, per range)",
-        choices=("auto", "pread", "odirect"),
+        choices=READ_MODES,
     )
     loader_threads: int | None = _key(
         None, "reader threads per rank; default: the core count less 4, 4 to 16", kind="int", minimum=1
@@ -115,11 +115,9 @@ class Config:
         "file",
         "the order the cuda loader's readers take a rank's reads in (file: file by file; streams: each "
         "reader through its own contiguous share of the rank, so buffered reads keep their readahead)",
-        choices=("file", "streams"),
+        choices=READ_ORDERS,
     )
-    loader_engine: str = _key(
-        "auto", "the cuda loader's loop; auto: native where it was built", choices=("auto", "native", "python")
-    )
+    loader_engine: str = _key("auto", "the cuda loader's loop; auto: native where it was built", choices=ENGINES)
     gds: str = _key(
         "auto",
         "GPUDirect Storage: auto (where /dev/nvidia-fs* exists), off, on (or an error; alias force), "
