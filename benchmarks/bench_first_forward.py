@@ -118,7 +118,10 @@ def child(route: str, model_dir: str, socket: str, ref: str, device: str, logits
     # here, in the import phase, for every route alike
     assert LlamaConfig and LlamaForCausalLM
     if route == "hotweights":
+        t1 = time.perf_counter()
         from hotweights.transformers import from_hotweights
+
+        out["hotweights_import_s"] = time.perf_counter() - t1
     out["imports_s"] = time.perf_counter() - t0 - out.get("cuda_init_s", 0.0)
     if route == "hotweights":
         model = from_hotweights(ref, socket=socket)
@@ -274,10 +277,14 @@ def main() -> int:
         print(f"importing transformers after torch: {doc['transformers_import']['by_package_s']}", flush=True)
         runs: dict[str, list[dict]] = {r: [] for r in ROUTES}
         for rep in range(args.reps):
-            for route in ROUTES:  # interleaved: drift on the machine touches every route alike
+            # interleaved, so drift on the machine touches every route alike, and rotated, so no route always
+            # runs first in its round (the place in a round moved import times by seconds on the H200)
+            order = ROUTES[rep % len(ROUTES) :] + ROUTES[: rep % len(ROUTES)]
+            for position, route in enumerate(order):
                 logits = work / f"logits-{route}-{rep}.pt"
                 got = run_child(route, model_dir, daemon.socket, "ff", device, logits, env)
                 got["logits"] = str(logits) if logits.exists() else None
+                got["position"] = position
                 runs[route].append(got)
                 print(f"rep {rep} {route}: {got['seconds']:.3f} s", flush=True)
         reference = torch.load(work / "logits-from_pretrained-0.pt")
@@ -300,6 +307,10 @@ def main() -> int:
             for r, v in runs.items()
             if v and "after_imports_s" in v[0]
         }
+        if runs["hotweights"]:  # the part of the hotweights route's imports that is its own
+            doc["median_hotweights_import_s"] = round(
+                statistics.median(x["hotweights_import_s"] for x in runs["hotweights"]), 4
+            )
         for route in ("hotweights", "from_pretrained", "by_hand"):
             doc.setdefault("logits_equal_from_pretrained", {})[route] = all(
                 x.get("logits_equal_from_pretrained", False) for x in runs[route]

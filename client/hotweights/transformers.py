@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import hotweights
-from hotweights import errors
+from hotweights import errors, sources
 from hotweights.torch import bind, skeleton
 
 __all__ = ["from_hotweights", "source_dir"]
@@ -72,14 +72,15 @@ def from_hotweights(
                 tp_attached=att.world_size,
                 tp_wanted=1,
             )
-        laid = _engine_layout(client, att)
+        listed = _listed(client, att)
+        laid = _engine_layout(listed)
         if laid:
             raise errors.BindError(
                 f"{att.key} is served in {laid}, whose fused tensors are not transformers' own: load the "
                 f"Hugging Face checkpoint without a layout as a version of its own for transformers",
                 layout=laid,
             )
-        cfg = _config(config, client, att)
+        cfg = _config(config, att, listed)
         dtype = _dtype(dtype, cfg, att)
         model = _build(cfg, model_class, dtype, model_kwargs)
         bind(model, att, strict=strict)
@@ -106,15 +107,23 @@ def _release(att, client) -> None:
         client.close()
 
 
-def _engine_layout(client: hotweights.Client, att) -> str:
-    """Which serving engine's layout ``att``'s version is in ("" for its files' own): loaded with
+def _listed(client: hotweights.Client, att):
+    """The daemon's listing of ``att``'s version (its layout and source); None where it no longer lists it."""
+    for v in client.list().versions:
+        if v.name == att.name and v.version == att.version:
+            return v
+    return None
+
+
+def _engine_layout(listed) -> str:
+    """Which serving engine's layout the version is in ("" for its files' own): loaded with
     ``--layout`` or written by the offline converter. Not told by names: some transformers models
     (Phi-3) fuse q|k|v and gate|up themselves."""
-    for v in client.list().versions:
-        if v.name == att.name and v.version == att.version and v.layout:
-            return f"layout {v.layout} (loaded with --layout {v.layout})"
-    where = source_dir(client, att.name, att.version)
-    if where is not None and (where / "hotweights-layout.json").is_file():
+    if listed is None:
+        return ""
+    if listed.layout:
+        return f"layout {listed.layout} (loaded with --layout {listed.layout})"
+    if sources.written_in_engine_layout(listed.source):
         return "vLLM's layout (written by python -m hotweights.vllm_layout)"
     return ""
 
@@ -123,18 +132,17 @@ def source_dir(client: hotweights.Client, name: str, version: str) -> Path | Non
     """The directory the daemon loaded ``name@version`` from (a file's parent), if it still reports it."""
     for v in client.list().versions:
         if v.name == name and v.version == version and v.source:
-            p = Path(v.source)
-            return p.parent if p.suffix == ".safetensors" else p
+            return sources.checkpoint_dir(v.source)
     return None
 
 
-def _config(config: Any, client, att):
+def _config(config: Any, att, listed):
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(config, PretrainedConfig):
         return config
     if config is None:
-        where = source_dir(client, att.name, att.version)
+        where = sources.checkpoint_dir(listed.source) if listed is not None else None
         if where is None or not (where / "config.json").is_file():
             raise errors.InvalidArgument(
                 f"{att.key}: no config.json beside its checkpoint ({where or 'source unknown'}); "

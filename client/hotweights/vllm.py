@@ -33,10 +33,8 @@ This module is the only one that imports vLLM.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -49,7 +47,7 @@ from vllm.model_executor.model_loader.utils import initialize_model, process_wei
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 import hotweights
-from hotweights import errors
+from hotweights import errors, sources
 from hotweights import vllm_layout as layout
 from hotweights.torch import bind, skeleton
 from hotweights.wire.pb import pb
@@ -112,10 +110,10 @@ class HotweightsModelLoader(BaseModelLoader):
         rank, _ = _tp()
         with hotweights.connect(self.socket) as client:
             info = _version_info(client, self.ref)
-        if info is None or not (info.layout == "vllm" or _is_engine_layout_source(info.source)):
+        if info is None or not (info.layout == "vllm" or sources.written_in_engine_layout(info.source)):
             return 0  # auto mode will copy: the engine owns the memory
         target = vllm_config.device_config.device if self.load_config.device is None else self.load_config.device
-        config = _source_config(info.source) or {}
+        config = sources.config_of(info.source) or {}
         quantized = config.get("quantization_config") or vllm_config.model_config.quantization is not None
         if quantized or _experts_rewritten(config, torch.device(target)):
             return 0  # auto mode will copy: the engine's post-processing rewrites the weights
@@ -317,13 +315,6 @@ def _experts_rewritten(config: dict, device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 10
 
 
-def _source_config(source: str) -> dict | None:
-    """The config.json beside the checkpoint a version was loaded from; None where there is none."""
-    d = _source_dir(source)
-    path = d / "config.json" if d is not None else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
-
-
 def _check_world(att, tp: int) -> None:
     engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
     if att.world_size == tp or (att.world_size == 1 and not engine_layout):
@@ -374,22 +365,10 @@ def _version_info(client, ref: str):
     return max(live or found, key=lambda v: v.created_unix) if found else None
 
 
-def _source_dir(source: str) -> Path | None:
-    if not source:
-        return None
-    p = Path(source)
-    return p.parent if p.suffix == ".safetensors" else p
-
-
-def _is_engine_layout_source(source: str) -> bool:
-    d = _source_dir(source)
-    return d is not None and (d / "hotweights-layout.json").is_file()
-
-
 def _find_config(client, att) -> dict | None:
     for v in client.list().versions:
         if v.name == att.name and v.version == att.version:
-            return _source_config(v.source)
+            return sources.config_of(v.source)
     return None
 
 

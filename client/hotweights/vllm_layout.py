@@ -24,6 +24,7 @@ import torch
 from hotweights.errors import InvalidArgument
 from hotweights.format import engine_layout
 from hotweights.format.checkpoint import SERVING_FILES
+from hotweights.sources import ENGINE_LAYOUT_MARKER
 
 # The recipe (names, splits, padding) is data shared with the daemon, which applies it at load time.
 Shape = engine_layout.Shape
@@ -121,7 +122,7 @@ def convert(src: Path, out: Path, tp: int) -> list[Path]:
         if (src / name).is_file():
             shutil.copy(src / name, out / name)
     layout = {"engine": "vllm", "tp": tp, "vocab_padding": VOCAB_PADDING, "source": str(src.resolve())}
-    (out / "hotweights-layout.json").write_text(json.dumps(layout, indent=1) + "\n")
+    (out / ENGINE_LAYOUT_MARKER).write_text(json.dumps(layout, indent=1) + "\n")
     return written
 
 
