@@ -110,13 +110,13 @@ class HotweightsModelLoader(BaseModelLoader):
         rank, _ = _tp()
         with hotweights.connect(self.socket) as client:
             info = _version_info(client, self.ref)
-        if info is None or not (info.layout == "vllm" or sources.written_in_engine_layout(info.source)):
-            return 0  # auto mode will copy: the engine owns the memory
+        if info is None:
+            return 0
         target = vllm_config.device_config.device if self.load_config.device is None else self.load_config.device
+        engine_layout = info.layout == "vllm" or sources.written_in_engine_layout(info.source)
         config = sources.config_of(info.source) or {}
-        quantized = config.get("quantization_config") or vllm_config.model_config.quantization is not None
-        if quantized or _experts_rewritten(config, torch.device(target)):
-            return 0  # auto mode will copy: the engine's post-processing rewrites the weights
+        if _copies(engine_layout, config, vllm_config.model_config, torch.device(target)):
+            return 0  # the engine owns the memory the weights are copied into
         # What the rank keeps resident (padding and allocation rounding too); bytes from older daemons.
         return next((int(r.resident_bytes or r.bytes) for r in info.ranks if r.rank == rank), 0)
 
@@ -147,9 +147,9 @@ class HotweightsModelLoader(BaseModelLoader):
             _check_config(att, config, model_config)
             engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
             rewritten = _experts_rewritten(config or {}, target)
-            quantized = model_config.quantization is not None
-            zero_copy = engine_layout and not rewritten and not quantized
-            mode = self.mode if self.mode != "auto" else ("zero_copy" if zero_copy else "copy")
+            quantized = _quantized(config or {}, model_config)
+            auto = "copy" if _copies(engine_layout, config or {}, model_config, target) else "zero_copy"
+            mode = self.mode if self.mode != "auto" else auto
             if mode == "zero_copy" and not engine_layout:
                 raise errors.InvalidArgument(
                     f"{att.key} is in the Hugging Face layout: zero copy needs vLLM's layout "
@@ -158,9 +158,9 @@ class HotweightsModelLoader(BaseModelLoader):
                 )
             if mode == "zero_copy" and quantized:
                 raise errors.InvalidArgument(
-                    f"{att.key}: the engine's model is quantized ({model_config.quantization}); vLLM post-processes "
-                    f"quantized weights in place, which the daemon's read-only memory does not allow; use "
-                    f"mode='copy' (or auto)"
+                    f"{att.key}: the engine's model is quantized ({model_config.quantization or 'by its checkpoint'}); "
+                    f"vLLM post-processes quantized weights in place, which the daemon's read-only memory does not "
+                    f"allow; use mode='copy' (or auto)"
                 )
             if mode == "zero_copy" and rewritten:
                 raise errors.InvalidArgument(
@@ -220,6 +220,19 @@ class HotweightsModelLoader(BaseModelLoader):
             "copied": len(sources),
             "bytes": sum(t.numel() * t.element_size() for t in sources.values()),
         }
+
+
+def _quantized(config: dict, model_config: ModelConfig) -> bool:
+    """The checkpoint is quantized, or the engine quantizes it as it loads: either way vLLM's post-processing
+    writes the weights in place."""
+    return bool(config.get("quantization_config")) or model_config.quantization is not None
+
+
+def _copies(engine_layout: bool, config: dict, model_config: ModelConfig, target: torch.device) -> bool:
+    """Whether mode auto copies the weights into the engine: where they are not in vLLM's layout, or where
+    the engine writes them after loading (quantized weights; experts its MoE kernels rewrite on ``target``).
+    The memory report and the load both ask this, so the KV budget counts what the load then does."""
+    return not engine_layout or _quantized(config, model_config) or _experts_rewritten(config, target)
 
 
 def _bind_params_copy_buffers(model: nn.Module, named: dict, att) -> dict:

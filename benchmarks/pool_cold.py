@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Issue-level view of the cold runs: every ``cold-<gpu>-<date>.json`` in a folder, pooled.
+
+Each cold run compares, in one interleaved rotation, the daemon's default load with the best raw
+read shape (the ceiling) and with the peers. Single runs on the shared VMs swing by more than the
+margins being judged, so this reads them all and reports, per run and pooled (medians, min, max):
+
+- ``auto_over_ceiling``: the default load over the best raw shape's median;
+- ``auto_over_best_peer``: the default load over the best peer's median;
+- ``best_peer_over_ceiling``: how close the best peer came to the ceiling. Where it is above 1/1.1
+  (0.909), a 1.1x lead over it would need a load faster than the fastest raw read of the run.
+
+    python benchmarks/pool_cold.py benchmarks/results --gpu nvidia-h200 --out benchmarks/results
+
+Writes ``cold-pooled-<gpu>-<date>.json`` into each ``--out`` folder (none: prints only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RATIOS = ("auto_over_ceiling", "auto_over_best_peer", "best_peer_over_ceiling")
+
+
+def run_row(path: Path) -> dict | None:
+    doc = json.loads(path.read_text())
+    t = (doc.get("targets") or {}).get("cold") or {}
+    if not t.get("auto"):
+        return None
+    row = {
+        "file": path.name,
+        "rank_gb": (doc.get("args") or {}).get("rank_gb"),
+        "auto": t["auto"],
+        "ceiling": t.get("ceiling"),
+        "best_peer": t.get("best_peer"),
+        "best_peer_median": t.get("best_peer_median"),
+    }
+    row["auto_over_ceiling"] = round(t["auto"] / t["ceiling"], 3) if t.get("ceiling") else None
+    row["auto_over_best_peer"] = round(t["auto"] / t["best_peer_median"], 3) if t.get("best_peer_median") else None
+    both = t.get("ceiling") and t.get("best_peer_median")
+    row["best_peer_over_ceiling"] = round(t["best_peer_median"] / t["ceiling"], 3) if both else None
+    return row
+
+
+def pooled(rows: list[dict]) -> dict:
+    out = {}
+    for key in RATIOS:
+        xs = [r[key] for r in rows if r[key] is not None]
+        if xs:
+            out[key] = {"runs": len(xs), "median": round(statistics.median(xs), 3), "min": min(xs), "max": max(xs)}
+    xs = [r for r in rows if r["auto_over_ceiling"] is not None and r["auto_over_best_peer"] is not None]
+    out["runs_meeting_both"] = sum(1 for r in xs if r["auto_over_ceiling"] >= 0.95 and r["auto_over_best_peer"] >= 1.1)
+    out["runs_judged_on_both"] = len(xs)
+    out["runs_where_1_1x_needs_more_than_the_ceiling"] = sum(
+        1 for r in rows if r["best_peer_over_ceiling"] is not None and r["best_peer_over_ceiling"] * 1.1 > 1.0
+    )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--gpu", default="", help="only files for this device (the name in cold-<gpu>-<date>.json)")
+    ap.add_argument("--out", action="append", default=[], help="results folder (repeatable)")
+    args = ap.parse_args()
+    paths = sorted(p for p in args.folder.glob(f"cold-{args.gpu}*.json") if "pooled" not in p.name)
+    rows = [r for r in (run_row(p) for p in paths) if r is not None]
+    if not rows:
+        print(f"no cold runs with a default-load median under {args.folder}", file=sys.stderr)
+        return 1
+    doc = {"benchmark": "cold runs pooled", "made": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "gpu": args.gpu}
+    doc.update(pooled=pooled(rows), runs=rows)
+    print(json.dumps(doc["pooled"], indent=1))
+    for out in args.out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        name = f"cold-pooled-{args.gpu or 'all'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        (Path(out) / name).write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
