@@ -23,7 +23,7 @@ from hotweights.format.safetensors import MAX_TENSORS_PER_FILE
 from hotweights.paths import operator_socket_for, socket_for
 from hotweights.units import parse_size
 from hotweightsd.core.faults import FaultPlan
-from hotweightsd.loaders.settings import ENGINES, READ_MODES, READ_ORDERS, LoaderSettings
+from hotweightsd.loaders.settings import ENGINES, MAX_DEPTH, MAX_THREADS, READ_MODES, READ_ORDERS, LoaderSettings
 from hotweightsd.server.watchers import QUEUE_DEPTH
 
 # Read when neither --config nor HOTWEIGHTS_CONFIG names a file; tests point it elsewhere.
@@ -58,6 +58,7 @@ def _key(
     choices: tuple[str, ...] = (),
     aliases: Mapping[str, str] | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     flag: bool = True,
     env: bool = True,
     metavar: str = "",
@@ -68,6 +69,7 @@ def _key(
         "choices": choices,
         "aliases": dict(aliases or {}),
         "minimum": minimum,
+        "maximum": maximum,
         "flag": flag,
         "env": env,
         "metavar": metavar,
@@ -104,10 +106,14 @@ class Config:
         choices=READ_MODES,
     )
     loader_threads: int | None = _key(
-        None, "reader threads per rank; default: the core count less 4, 4 to 16", kind="int", minimum=1
+        None,
+        "reader threads per rank; default: the core count less 4, 4 to 16",
+        kind="int",
+        minimum=1,
+        maximum=MAX_THREADS,
     )
     chunk_size: int | None = _key(None, "bytes per read of the cuda loader; default: measured", kind="size", minimum=1)
-    ring_depth: int | None = _key(None, "pinned buffers in flight per reader", kind="int", minimum=1)
+    ring_depth: int | None = _key(None, "pinned buffers in flight per reader", kind="int", minimum=1, maximum=MAX_DEPTH)
     busy_chunk_size: int | None = _key(
         None, "bytes per read while other GPUs load at the same time", kind="size", minimum=1
     )
@@ -303,6 +309,8 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
         raise InvalidArgument(f"config: {where} must be a {what}, got {value!r}") from None
     if meta["minimum"] is not None and out < meta["minimum"]:
         raise InvalidArgument(f"config: {where} must be at least {meta['minimum']:g}, got {value!r}")
+    if meta["maximum"] is not None and out > meta["maximum"]:
+        raise InvalidArgument(f"config: {where} must be at most {meta['maximum']:g}, got {value!r}")
     if meta["choices"]:
         out = meta["aliases"].get(out.lower(), out.lower())
         if out not in meta["choices"]:

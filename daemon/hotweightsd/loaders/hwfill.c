@@ -12,7 +12,8 @@
  * replaces the copies with memcpy into host memory and skips every driver call.
  *
  * The layout of hw_job is mirrored by hotweightsd.loaders.native; hw_job_size() and hw_abi()
- * let the loader refuse a library built from another revision.
+ * let the loader refuse a library built from another revision, and hw_max_threads()/hw_max_depth()
+ * one whose limits differ from those LoaderSettings checks a setting against.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -24,8 +25,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#define HW_ABI 3
-#define HW_MAX_DEPTH 64
+#define HW_ABI 4
+#define HW_MAX_THREADS 1024 /* hw_fill keeps a thread id per worker on its stack */
+#define HW_MAX_DEPTH 64     /* a worker keeps a flag per slot on its stack */
 #define HW_DIRECT_ALIGN 4096
 
 enum { HW_OK = 0, HW_ERR_CUDA = 1, HW_ERR_OS = 2, HW_ERR_TRUNCATED = 3, HW_ERR_CANCELLED = 4, HW_ERR_SETUP = 5, HW_ERR_INJECTED = 6 };
@@ -123,6 +125,8 @@ static void load_api(void) {
 
 int hw_abi(void) { return HW_ABI; }
 size_t hw_job_size(void) { return sizeof(hw_job); }
+int hw_max_threads(void) { return HW_MAX_THREADS; }
+int hw_max_depth(void) { return HW_MAX_DEPTH; }
 
 /* Records the first error only; every later one is a consequence of the stop it causes. */
 static void fail(hw_job *job, int kind, int code, const char *op, int64_t chunk, int64_t file, int64_t offset) {
@@ -268,7 +272,7 @@ static int setup_error(hw_job *job, const char *what) {
 
 /* Checks the plan against the ring before any read: a wrong plan must fail before any DMA. */
 static int validate(hw_job *job) {
-    if (job->threads < 1 || job->threads > 1024 || job->depth < 1 || job->depth > HW_MAX_DEPTH) return setup_error(job, "threads/depth");
+    if (job->threads < 1 || job->threads > HW_MAX_THREADS || job->depth < 1 || job->depth > HW_MAX_DEPTH) return setup_error(job, "threads/depth");
     if (!job->host_base || job->slot_size <= 0 || job->slot_size % HW_DIRECT_ALIGN) return setup_error(job, "ring");
     if (!job->host_mode && (!job->streams || !job->events || !job->context)) return setup_error(job, "streams/events");
     for (int64_t i = 0; i < job->nchunks; i++) {

@@ -23,8 +23,9 @@ from hotweights.cuda.driver import error_name
 from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError
 from hotweightsd.core import faults
 from hotweightsd.loaders.files import DIRECT_HINT
+from hotweightsd.loaders.settings import MAX_DEPTH, MAX_THREADS
 
-ABI = 3
+ABI = 4
 ERR_CUDA, ERR_OS, ERR_TRUNCATED, ERR_CANCELLED, ERR_SETUP, ERR_INJECTED = 1, 2, 3, 4, 5, 6
 POLL_S = 0.02  # progress and cancel are looked at this often while the fill runs
 
@@ -115,6 +116,13 @@ def _open(path: str | None) -> tuple[ctypes.CDLL | None, str | None]:
         return None, (
             f"native loader {path} is from another revision (ABI {lib.hw_abi()}, job size "
             f"{lib.hw_job_size()}; this code expects {ABI}, {ctypes.sizeof(Job)}): rebuild it"
+        )
+    lib.hw_max_threads.restype = lib.hw_max_depth.restype = ctypes.c_int
+    limits = (lib.hw_max_threads(), lib.hw_max_depth())
+    if limits != (MAX_THREADS, MAX_DEPTH):
+        return None, (
+            f"native loader {path} allows {limits[0]} threads x {limits[1]} slots, where the loader's "
+            f"settings allow {MAX_THREADS} x {MAX_DEPTH}: rebuild it"
         )
     return lib, None
 

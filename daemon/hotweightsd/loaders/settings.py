@@ -15,6 +15,10 @@ READ_MODES = ("auto", "pread", "odirect")
 READ_ORDERS = ("file", "streams")
 ENGINES = ("auto", "native", "python")
 GDS_MODES = ("auto", "off", "on", "force", "compat")  # force: the same as on
+# The native engine's limits (hwfill.c's HW_MAX_THREADS and HW_MAX_DEPTH; native.py refuses a library
+# built with others). Every engine is held to them, so that engine=auto never makes a ring it refuses.
+MAX_THREADS = 1024
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -39,12 +43,14 @@ class LoaderSettings:
         ):
             if value not in allowed:
                 raise InvalidArgument(f"unknown {name} {value!r} (choose {', '.join(allowed)})")
-        for name, n in (
-            ("threads", self.threads),
-            ("ring depth", self.ring_depth),
-            ("busy chunk size", self.busy_chunk_size),
+        for name, n, most in (
+            ("threads", self.threads, MAX_THREADS),
+            ("ring depth", self.ring_depth, MAX_DEPTH),
+            ("busy chunk size", self.busy_chunk_size, None),
         ):
             if n is not None and n < 1:
                 raise InvalidArgument(f"loader {name} must be at least 1, got {n}")
+            if n is not None and most is not None and n > most:
+                raise InvalidArgument(f"loader {name} must be at most {most} (the native engine's limit), got {n}")
         if self.chunk_size is not None and (self.chunk_size <= 0 or self.chunk_size % DIRECT_ALIGN):
             raise InvalidArgument(f"loader chunk size {self.chunk_size} is not a positive multiple of {DIRECT_ALIGN}")
