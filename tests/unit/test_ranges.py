@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from pathlib import Path
 
@@ -43,6 +44,74 @@ def test_short_runs_take_their_neighbours_way():
     assert ranges.merge_short([r(0, 3, True), r(3, 40, False)], 5) == [r(0, 43, False)]
     assert ranges.merge_short([r(0, 3, True)], 5) == [r(0, 3, True)]
     assert ranges.merge_short([r(0, 6, False), r(6, 6, True)], 5) == [r(0, 6, False), r(6, 6, True)]
+
+
+def merge_by_rescan(ranges_: list[RangeChoice], min_run: int) -> list[RangeChoice]:
+    """merge_short as first written: rescan for the shortest run, flip it, repeat (the order to keep)."""
+    out = list(ranges_)
+    while len(out) > 1:
+        i = min(range(len(out)), key=lambda k: out[k].length)
+        if out[i].length >= min_run:
+            break
+        lo, hi = max(0, i - 1), min(len(out) - 1, i + 1)
+        end = out[hi].offset + out[hi].length
+        out[lo : hi + 1] = [RangeChoice(out[lo].offset, end - out[lo].offset, not out[i].direct)]
+    return out
+
+
+def windows(rng: random.Random, n: int, chunk: int, longest: int) -> list[RangeChoice]:
+    """``n`` alternating runs of 1 to ``longest`` chunks, as split_ranges cuts a file; the last one ends
+    inside a chunk, as a file does."""
+    out, off, direct = [], 0, rng.random() < 0.5
+    for k in range(n):
+        length = rng.randint(1, longest) * chunk - (chunk // 3 if k == n - 1 else 0)
+        out.append(r(off, length, direct))
+        off += length
+        direct = not direct
+    return out
+
+
+def test_short_runs_merge_in_the_order_a_rescan_would_take():
+    rng = random.Random(7)
+    for _ in range(400):
+        given = windows(rng, rng.randint(1, 40), 8, rng.randint(1, 9))
+        min_run = rng.choice([8, 16, 32, 64])
+        assert ranges.merge_short(given, min_run) == merge_by_rescan(given, min_run)
+
+
+class CountedRange(RangeChoice):
+    """A range that counts reads of its length and stops a merge that reads them far more than once each."""
+
+    reads = 0
+    budget = 2**62
+
+    def __getattribute__(self, name: str):
+        if name == "length":
+            CountedRange.reads += 1
+            if CountedRange.reads > CountedRange.budget:
+                raise AssertionError(f"merge_short read run lengths more than {CountedRange.budget} times")
+        return super().__getattribute__(name)
+
+
+@pytest.mark.parametrize("longest", [1, 3, 8])
+def test_tens_of_thousands_of_alternating_windows_merge_without_rescanning(longest):
+    """A file whose residency alternates window by window (LRU eviction, a cancelled load) is cut into
+    about one range per window; merging them must not look at every run again for each flip."""
+    chunk, n = 4 * MiB, 40_000
+    min_run = ranges.MIN_RUN_CHUNKS * chunk
+    plain = windows(random.Random(longest), n, chunk, longest)
+    size = plain[-1].offset + plain[-1].length
+    given = [CountedRange(w.offset, w.length, w.direct) for w in plain]
+    CountedRange.reads, CountedRange.budget = 0, 4 * n
+    try:
+        got = ranges.merge_short(given, min_run)
+    finally:
+        CountedRange.budget = 2**62
+    assert got[0].offset == 0 and got[-1].offset + got[-1].length == size
+    for a, b in zip(got, got[1:]):
+        assert a.offset + a.length == b.offset and a.direct != b.direct
+    assert all(g.offset % chunk == 0 for g in got)
+    assert len(got) == 1 or all(g.length >= min_run for g in got)
 
 
 def test_a_half_cached_file_is_opened_both_ways_and_its_chunks_follow_their_ranges(on_disk):

@@ -13,6 +13,7 @@ both ways holds two fds, one opened O_DIRECT. Each chunk of the plan is read the
 from __future__ import annotations
 
 import bisect
+import heapq
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,14 +35,46 @@ MIN_RUN_CHUNKS = 4
 def merge_short(ranges: Sequence[RangeChoice], min_run: int) -> list[RangeChoice]:
     """``ranges`` (alternating ways, in file order) with every run shorter than ``min_run`` flipped to
     its neighbours' way, shortest first, until none is left or one range covers the file."""
-    out = list(ranges)
-    while len(out) > 1:
-        i = min(range(len(out)), key=lambda k: out[k].length)
-        if out[i].length >= min_run:
+    n = len(ranges)
+    if n <= 1:
+        return list(ranges)
+    # A list of the runs linked both ways and a heap of (length, offset, run): a flip joins a run and its
+    # neighbours in place, so the whole merge costs O(n log n), where rescanning for the shortest is O(n^2).
+    # Equal lengths pop in file order (the offset), as a scan from the start would find them.
+    offset = [r.offset for r in ranges]
+    length = [r.length for r in ranges]
+    direct = [r.direct for r in ranges]
+    prev = list(range(-1, n - 1))
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    alive = [True] * n
+    heap = [(length[i], offset[i], i) for i in range(n)]
+    heapq.heapify(heap)
+    left = n
+    while left > 1:
+        size, _, i = heapq.heappop(heap)
+        if not alive[i] or size != length[i]:
+            continue  # joined into another run, or grown since this entry was pushed
+        if size >= min_run:
             break
-        lo, hi = max(0, i - 1), min(len(out) - 1, i + 1)
-        end = out[hi].offset + out[hi].length
-        out[lo : hi + 1] = [RangeChoice(out[lo].offset, end - out[lo].offset, not out[i].direct)]
+        lo = prev[i] if prev[i] >= 0 else i
+        hi = nxt[i] if nxt[i] >= 0 else i
+        # lo takes the span from its start to hi's end, the way of i's neighbours
+        length[lo] = offset[hi] + length[hi] - offset[lo]
+        direct[lo] = not direct[i]
+        after = nxt[hi]
+        for k in {i, hi} - {lo}:
+            alive[k] = False
+            left -= 1
+        nxt[lo] = after
+        if after >= 0:
+            prev[after] = lo
+        heapq.heappush(heap, (length[lo], offset[lo], lo))
+    out = []
+    i = 0  # the first run is never joined into another: a flip keeps the leftmost of the runs it joins
+    while i >= 0:
+        out.append(RangeChoice(offset[i], length[i], direct[i]))
+        i = nxt[i]
     return out
 
 
