@@ -14,6 +14,8 @@ import os
 import random
 import shlex
 import shutil
+import subprocess
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -335,6 +337,64 @@ def test_a_plan_that_does_not_fit_the_ring_is_refused_before_reading(tmp_path):
     finally:
         ring.close()
     assert dest.raw == bytes(256 * 1024), "nothing was read or copied"
+
+
+# Plans no planner makes, handed to the C engine as they are (one per line: case name, what it changes);
+# run in a child process, so a plan that slips past validate() and crashes the engine fails only its test.
+BAD_PLANS = r"""
+import ctypes, mmap, os, sys
+from hotweightsd.loaders import native
+
+I64 = 2**63 - 1
+path = sys.argv[1]
+lib, why = native._load()
+assert lib is not None, why
+ring = mmap.mmap(-1, 2 * 4096)
+base = ctypes.addressof(ctypes.c_char.from_buffer(ring))
+dest = (ctypes.c_char * 4096)()
+fd = os.open(path, os.O_RDONLY)
+
+
+def attempt(name, chunk={}, piece={}, odirect=0, **job):
+    c = dict(offset=0, length=16, first_piece=0, file=0, npieces=1, source=0) | chunk
+    p = dict(src=0, dst=ctypes.addressof(dest), length=16) | piece
+    fields = dict(
+        fds=(ctypes.c_int32 * 1)(fd), direct=(ctypes.c_uint8 * 1)(odirect),
+        chunks=(native.Chunk * 1)(native.Chunk(**c)), pieces=(native.Piece * 1)(native.Piece(**p)),
+        nchunks=1, npieces=1, nsources=1, threads=1, depth=1, host_mode=1, slot_size=4096, host_base=base,
+    ) | job
+    j = native.Job(**fields)
+    kind = lib.hw_fill(ctypes.byref(j))
+    said = native._error(j, [], [path]) if kind else "filled"
+    print(name, "|", said, "|", "copied" if any(dest.raw) else "nothing copied", flush=True)
+
+
+attempt("piece past its chunk", piece=dict(src=I64 - 15, length=32))
+attempt("pieces past the plan", chunk=dict(first_piece=I64 - 1, npieces=2))
+attempt("block past the largest offset", chunk=dict(offset=I64 - 100), odirect=1)
+attempt("no sources", nsources=0)
+attempt("no fds", fds=None)
+attempt("no direct flags", direct=None)
+attempt("no chunks", chunks=None)
+attempt("no pieces", pieces=None)
+attempt("no cpus", ncpus=1)
+"""
+
+
+@needs_lib
+def test_plans_whose_bounds_overflow_or_lack_arrays_are_refused_not_run(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(bytes(range(1, 256)) * 40)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.run(
+        [sys.executable, "-c", BAD_PLANS, str(p)], env=env, capture_output=True, text=True, timeout=60
+    )
+    lines = [line.split(" | ") for line in child.stdout.splitlines()]
+    done = [line[0] for line in lines]
+    assert child.returncode == 0, f"the engine died ({child.returncode}) after {done}: {child.stderr[-2000:]}"
+    assert len(lines) == 9
+    for case, said, copied in lines:
+        assert "refused the fill plan" in said and copied == "nothing copied", (case, said, copied)
 
 
 @needs_lib

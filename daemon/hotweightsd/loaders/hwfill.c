@@ -270,23 +270,32 @@ static int setup_error(hw_job *job, const char *what) {
     return job->err_kind;
 }
 
-/* Checks the plan against the ring before any read: a wrong plan must fail before any DMA. */
+/* Checks the plan against the ring before any read: a wrong plan must fail before any DMA. Every bound
+ * is compared by subtraction, never by a sum that could pass INT64_MAX and wrap into range. */
 static int validate(hw_job *job) {
     if (job->threads < 1 || job->threads > HW_MAX_THREADS || job->depth < 1 || job->depth > HW_MAX_DEPTH) return setup_error(job, "threads/depth");
     if (!job->host_base || job->slot_size <= 0 || job->slot_size % HW_DIRECT_ALIGN) return setup_error(job, "ring");
     if (!job->host_mode && (!job->streams || !job->events || !job->context)) return setup_error(job, "streams/events");
+    if (job->nsources < 1 || !job->fds || !job->direct) return setup_error(job, "sources");
+    if (job->nchunks < 0 || job->npieces < 0 || (job->nchunks && !job->chunks) || (job->npieces && !job->pieces))
+        return setup_error(job, "plan");
+    if (job->ncpus > 0 && !job->cpus) return setup_error(job, "cpus");
     for (int64_t i = 0; i < job->nchunks; i++) {
         const hw_chunk *c = &job->chunks[i];
         if (c->file < 0 || c->source < 0 || c->source >= job->nsources || c->offset < 0 || c->length <= 0)
             return setup_error(job, "chunk");
+        if (c->length > job->slot_size) return setup_error(job, "chunk larger than a slot");
+        /* read_span rounds the chunk's end up to a whole block */
+        if (c->offset > INT64_MAX - HW_DIRECT_ALIGN - c->length) return setup_error(job, "chunk past the largest offset");
         int64_t start, span;
         read_span(job, c, &start, &span);
         if (span > job->slot_size) return setup_error(job, "chunk larger than a slot");
-        if (c->npieces < 0 || c->first_piece < 0 || c->first_piece + c->npieces > job->npieces)
+        if (c->npieces < 0 || c->first_piece < 0 || c->first_piece > job->npieces || c->npieces > job->npieces - c->first_piece)
             return setup_error(job, "pieces");
         for (int32_t p = 0; p < c->npieces; p++) {
             const hw_piece *pc = &job->pieces[c->first_piece + p];
-            if (pc->src < 0 || pc->length < 0 || pc->src + pc->length > c->length) return setup_error(job, "piece");
+            if (pc->src < 0 || pc->length < 0 || pc->src > c->length || pc->length > c->length - pc->src)
+                return setup_error(job, "piece");
         }
     }
     return HW_OK;
