@@ -219,3 +219,25 @@ def test_auto_reads_a_cold_file_buffered_where_its_filesystem_refuses_o_direct(o
         assert sources.fds == [f.buffered_fd] and sources.describe() == "auto: 1 buffered"
     finally:
         sources.close()
+
+
+def test_close_closes_every_fd_even_when_one_fails_to_close(on_disk, monkeypatch):
+    paths = [str(write(on_disk / f"f{i}.bin", 64 * KiB)) for i in range(3)]
+    sources = ranges.ReadSources.open(paths, "pread", [64 * KiB] * 3, 64 * KiB)
+    first, *rest = sources.fds
+    real = os.close
+
+    def close(fd: int) -> None:
+        if fd == first:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "close", close)
+    with pytest.raises(OSError, match="Input/output error"):
+        sources.close()
+    monkeypatch.undo()
+    for fd in rest:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert sources.fds == []
+    os.close(first)

@@ -239,7 +239,13 @@ class ReadSources:
         return "auto: " + ", ".join(parts or ["no data"])
 
     def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-        self._index = {}
+        """Closes every fd, even after one fails to close; raises the first failure."""
+        fds, self.fds, self._index = self.fds, [], {}
+        failed: OSError | None = None
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
