@@ -80,7 +80,12 @@ def read_exact(fd: int, buf: memoryview, offset: int, path: str) -> None:
     """Fills ``buf`` from ``offset``; a short read means the file shrank since its header was read."""
     got = 0
     while got < len(buf):
-        n = os.preadv(fd, [buf[got:]], offset + got)
+        try:
+            n = os.preadv(fd, [buf[got:]], offset + got)
+        except OSError as exc:  # named as the native engine names it: the errno alone says nothing of where
+            raise BackendError(
+                "pread", exc.errno or "os", f"{path}: pread at byte {offset + got} failed: {exc.strerror}"
+            ) from exc
         if n == 0:
             raise BadCheckpoint(
                 f"{path}: truncated: ended at byte {offset + got}, the header promised data up to {offset + len(buf)}",
