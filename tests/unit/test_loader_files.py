@@ -8,6 +8,7 @@ import pytest
 
 from hotweights.errors import BackendError, BadCheckpoint
 from hotweightsd.loaders import files
+from hotweightsd.loaders.plan import ReadChunk
 
 
 def test_a_failed_buffered_read_names_the_file_and_the_byte(tmp_path):
@@ -28,5 +29,52 @@ def test_a_short_buffered_read_is_still_a_truncated_checkpoint(tmp_path):
     try:
         with pytest.raises(BadCheckpoint, match="truncated: ended at byte 100"):
             files.read_exact(fd, memoryview(bytearray(200)), 0, str(p))
+    finally:
+        os.close(fd)
+
+
+def cut_first_read(monkeypatch, to: int) -> list[int]:
+    """The next read gets only ``to`` bytes, as a filesystem may cut an O_DIRECT read short mid-file;
+    returns the offsets read at."""
+    real, at = os.preadv, []
+
+    def preadv(fd: int, bufs: list, offset: int) -> int:
+        at.append(offset)
+        if len(at) == 1:
+            bufs = [memoryview(bufs[0])[:to]]
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    return at
+
+
+def test_an_o_direct_read_cut_inside_a_block_mid_file_is_read_again_not_taken_for_the_end(tmp_path, monkeypatch):
+    data = os.urandom(5 * 4096 + 123)
+    p = tmp_path / "f.bin"
+    p.write_bytes(data)
+    chunk = ReadChunk(0, 100, 4 * 4096, ())
+    buf = memoryview(bytearray(6 * 4096))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        at = cut_first_read(monkeypatch, 4096 + 1000)
+        skip = files.read_direct(fd, buf, chunk, str(p))
+    finally:
+        os.close(fd)
+    assert at == [0, 4096]  # the cut block again, from its start
+    assert bytes(buf[skip : skip + chunk.length]) == data[100 : 100 + chunk.length]
+
+
+def test_an_o_direct_read_ending_inside_the_files_last_block_is_its_end(tmp_path, monkeypatch):
+    data = os.urandom(2 * 4096 + 123)
+    p = tmp_path / "f.bin"
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDONLY)
+    buf = memoryview(bytearray(3 * 4096))
+    try:
+        at = cut_first_read(monkeypatch, 3 * 4096)
+        skip = files.read_direct(fd, buf, ReadChunk(0, 4096, 4096 + 123, ()), str(p))
+        assert at == [4096] and bytes(buf[skip : skip + 4096 + 123]) == data[4096:]
+        with pytest.raises(BadCheckpoint, match="truncated: ended at byte 8315"):
+            files.read_direct(fd, buf, ReadChunk(0, 4096, 4096 + 124, ()), str(p))
     finally:
         os.close(fd)

@@ -339,6 +339,62 @@ def test_a_plan_that_does_not_fit_the_ring_is_refused_before_reading(tmp_path):
     assert dest.raw == bytes(256 * 1024), "nothing was read or copied"
 
 
+# LD_PRELOAD: the first large pread ends inside a block, as a network or FUSE filesystem may cut an
+# O_DIRECT read short in the middle of a file.
+CUT_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdatomic.h>
+#include <unistd.h>
+static atomic_int cut;
+ssize_t pread(int fd, void *buf, size_t n, off_t off) {
+    static ssize_t (*real)(int, void *, size_t, off_t);
+    if (!real) real = (ssize_t (*)(int, void *, size_t, off_t))dlsym(RTLD_NEXT, "pread");
+    if (n > 8192 && !atomic_exchange(&cut, 1)) n = 4096 + 1000;
+    return real(fd, buf, n, off);
+}
+ssize_t pread64(int fd, void *buf, size_t n, off_t off) __attribute__((alias("pread")));
+"""
+
+CUT_FILL = r"""
+import ctypes, mmap, os, sys, threading
+from hotweightsd.loaders import native
+from hotweightsd.loaders.plan import Piece, ReadChunk
+
+path = sys.argv[1]
+data = open(path, "rb").read()
+ring = mmap.mmap(-1, 64 * 1024)
+base = ctypes.addressof(ctypes.c_char.from_buffer(ring))
+dest = (ctypes.c_char * len(data))()
+chunk = ReadChunk(0, 100, 6 * 4096, (Piece(0, 0, 0, 6 * 4096),))
+fd = os.open(path, os.O_RDONLY)
+native.fill([chunk], [fd], [True], [path], [ctypes.addressof(dest)], threads=1, depth=1, slot_size=64 * 1024,
+            host_base=base, progress=lambda n: None, cancel=threading.Event(), host_mode=True)
+print("exact" if dest.raw[: 6 * 4096] == data[100 : 100 + 6 * 4096] else "differs")
+"""
+
+
+@needs_lib
+def test_an_o_direct_read_cut_inside_a_block_mid_file_is_read_again_not_taken_for_the_end(tmp_path):
+    cc = c_compiler()
+    if cc is None:
+        pytest.skip("no C compiler to build the read-cutting shim")
+    shim = tmp_path / "cut.so"
+    subprocess.run(
+        [*shlex.split(cc), "-shared", "-fPIC", "-o", str(shim), "-x", "c", "-", "-ldl"],
+        input=CUT_SHIM,
+        text=True,
+        check=True,
+    )
+    p = tmp_path / "x.bin"
+    p.write_bytes(os.urandom(8 * 4096 + 77))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "LD_PRELOAD": str(shim)}
+    child = subprocess.run(
+        [sys.executable, "-c", CUT_FILL, str(p)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert child.returncode == 0 and child.stdout.strip() == "exact", child.stderr[-2000:]
+
+
 # Plans no planner makes, handed to the C engine as they are (one per line: case name, what it changes);
 # run in a child process, so a plan that slips past validate() and crashes the engine fails only its test.
 BAD_PLANS = r"""

@@ -94,11 +94,19 @@ def read_exact(fd: int, buf: memoryview, offset: int, path: str) -> None:
         got += n
 
 
+def _size(fd: int) -> int:
+    """The size of the file open as ``fd``; 0 where it cannot be known, which reads as "ends here"."""
+    try:
+        return os.fstat(fd).st_size
+    except OSError:
+        return 0
+
+
 def read_direct(fd: int, buf: memoryview, chunk: ReadChunk, path: str) -> int:
     """Reads the aligned superset of ``chunk`` into ``buf``; returns where the chunk starts in ``buf``."""
     start, length, skip = chunk.direct_span()
     need = skip + chunk.length
-    got = 0
+    got = furthest = 0
     while got < length:
         try:
             n = os.preadv(fd, [buf[got:length]], start + got)
@@ -112,7 +120,13 @@ def read_direct(fd: int, buf: memoryview, chunk: ReadChunk, path: str) -> int:
             break
         got += n
         if n % DIRECT_ALIGN:
-            break  # end of file inside this block
+            # The file's end, unless the file goes on: a read cut short is read again from its block's
+            # start (O_DIRECT reads whole blocks), for as long as each such read gets further.
+            if got >= need or got <= furthest or start + got >= _size(fd):
+                break
+            furthest = got
+            got -= got % DIRECT_ALIGN
+    got = max(got, furthest)
     if got < need:
         raise BadCheckpoint(
             f"{path}: truncated: ended at byte {start + got}, the header promised data up to "

@@ -23,6 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define HW_ABI 4
@@ -160,6 +161,12 @@ static void read_span(const hw_job *job, const hw_chunk *c, int64_t *start, int6
     }
 }
 
+/* The size of the file open as fd; 0 where it cannot be known, which reads as "ends here". */
+static int64_t file_size(int fd) {
+    struct stat st;
+    return fstat(fd, &st) == 0 ? (int64_t)st.st_size : 0;
+}
+
 /* Reads chunk i into buf; *skip is where its first byte landed. 0 on success. */
 static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
     const hw_chunk *c = &job->chunks[i];
@@ -168,7 +175,7 @@ static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
     int64_t start, len;
     read_span(job, c, &start, &len);
     *skip = c->offset - start;
-    int64_t need = *skip + c->length, got = 0;
+    int64_t need = *skip + c->length, got = 0, furthest = 0;
     while (got < len) {
         ssize_t n = pread(fd, buf + got, (size_t)(len - got), start + got);
         if (n < 0) {
@@ -178,8 +185,16 @@ static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
         }
         if (n == 0) break;
         got += n;
-        if (direct && n % HW_DIRECT_ALIGN) break; /* the file ends inside this block */
+        if (direct && n % HW_DIRECT_ALIGN) {
+            /* Ending inside a block is the file's end, unless the file goes on: then the read was cut
+             * short (a network or FUSE filesystem may) and, O_DIRECT reading whole blocks only, the block
+             * is read again from its start, for as long as each such read gets further. */
+            if (got >= need || got <= furthest || start + got >= file_size(fd)) break;
+            furthest = got;
+            got -= got % HW_DIRECT_ALIGN;
+        }
     }
+    if (got < furthest) got = furthest;
     if (got < need) {
         fail(job, HW_ERR_TRUNCATED, 0, "read", i, c->file, start + got);
         return -1;
