@@ -10,7 +10,9 @@
 Bound parameters are read-only in fact, not only by convention: on the cpu backend the attachment is
 a read-only shared mapping, so an in-place write to a bound parameter (``p.add_(1)``, an optimizer
 step, ``load_state_dict`` into the module) kills the process with SIGSEGV; on the cuda backend the
-mapping is read-only on the device, so such a write is an illegal-address CUDA error. torch has no
+mapping is read-only on the device, so such a write is an illegal-address CUDA error (an attach fails
+where the driver cannot map read-only; versions loaded with ``allocation="legacy_ipc"`` and clients
+with ``HOTWEIGHTS_CUDA_WRITABLE=1`` are mapped writable, and there a write changes every reader's weights). torch has no
 read-only tensor flag to turn this into a Python exception without slowing every operation, so
 ``bind`` sets ``requires_grad=False`` and callers must treat the module as inference-only.
 Copy a parameter first (``p.clone()``) to change it.
