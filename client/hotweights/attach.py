@@ -58,11 +58,21 @@ class LeaseStream:
         self._release = threading.Event()
         self._on_alias_moved = on_alias_moved
         self.relets = 0
+        # Why the lease ended without a release() (the channel under it closed); None while it holds.
+        self.lost: str | None = None
         try:
             self.granted = self._open(ref, with_handles=rank is not None)
         except grpc.RpcError as exc:
             self._release.set()
             raise error_from_rpc(exc) from None
+        except BaseException:
+            # an interrupt (or a closed channel) mid-open: end the request stream, or a lease the daemon
+            # may already have granted stays open until the process exits
+            self._release.set()
+            cancel = getattr(getattr(self, "_responses", None), "cancel", None)
+            if cancel is not None:
+                cancel()
+            raise
         self._thread = threading.Thread(target=self._pump, name="hotweights-lease", daemon=True)
         self._thread.start()
 
@@ -111,6 +121,10 @@ class LeaseStream:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     return False  # the version is gone: nothing left to hold
+            except ValueError:
+                # grpc's answer on a closed channel: nothing can re-lease through it
+                self.lost = "the client it was made through was closed"
+                return False
             self._release.wait(0.1)
         return False
 
@@ -124,7 +138,9 @@ class Attachment(Mapping[str, torch.Tensor]):
     """Tensors of one rank of one model version, mapped from the daemon's memory without a copy.
 
     The tensors alias shared, read-only memory: writing to one faults. They stay valid after
-    ``release()`` for as long as they are referenced (the mapping goes with the last of them).
+    ``release()`` for as long as they are referenced (the mapping goes with the last of them), but the
+    daemon may then free (or, on the cuda backend, reuse) the memory under them. The lease runs on the
+    client's channel: closing the client releases its attachments (see ``Client.close``).
     """
 
     def __init__(
@@ -198,7 +214,9 @@ class Attachment(Mapping[str, torch.Tensor]):
 
     @property
     def released(self) -> bool:
-        return self._lease is None
+        """True once the lease has ended: ``release()``, or the client it was made through closed."""
+        lease = self._lease
+        return lease is None or lease.lost is not None
 
     def release(self) -> None:
         """Ends the lease. Tensors already handed out stay readable while referenced."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import grp
+import itertools
+import logging
 import os
 import pwd
 import socket as _socket
 import stat as _stat
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -27,6 +30,8 @@ _SWAP = {"side-by-side": pb.SWAP_SIDE_BY_SIDE, "drain": pb.SWAP_DRAIN, None: pb.
 _KEEP = {None: pb.KEEP_PREVIOUS_DEFAULT, True: pb.KEEP_PREVIOUS_YES, False: pb.KEEP_PREVIOUS_NO}
 
 ProgressFn = Callable[[int, int], None]
+
+log = logging.getLogger("hotweights.client")
 
 
 def _choice(table: dict, value, what: str):
@@ -60,6 +65,10 @@ class Client:
         self._operator_stub: pb_grpc.HotweightsStub | None = None
         self._operator_lock = threading.Lock()
         self._closed = False
+        # The attachments made through this client that may still hold a lease; close() releases them.
+        # Keyed by a counter: an Attachment is a Mapping, so it cannot be hashed itself.
+        self._attachments: weakref.WeakValueDictionary[int, Attachment] = weakref.WeakValueDictionary()
+        self._attachment_ids = itertools.count()
 
     @property
     def operator_stub(self) -> pb_grpc.HotweightsStub:
@@ -220,13 +229,20 @@ class Client:
     def attach(
         self, ref: str, rank: int = 0, holder: str = "", on_alias_moved: Callable[[pb.AliasMoved], None] | None = None
     ) -> Attachment:
-        """Maps rank ``rank`` of ``ref`` (NAME, NAME@VERSION or alias) and holds a lease on it."""
+        """Maps rank ``rank`` of ``ref`` (NAME, NAME@VERSION or alias) and holds a lease on it.
+
+        The lease runs on this client's connection: keep the client open while the attachment (or a
+        model bound to it) is in use; ``close()`` releases it."""
         from hotweights.attach import Attachment
 
+        if self._closed:
+            raise errors.FailedPrecondition(f"the client of {self.socket} is closed: connect again to attach {ref}")
         try:
-            return Attachment(self, ref, rank, holder=holder, on_alias_moved=on_alias_moved)
+            att = Attachment(self, ref, rank, holder=holder, on_alias_moved=on_alias_moved)
         except errors.Unavailable as exc:
             raise self._explained(exc) from None
+        self._attachments[next(self._attachment_ids)] = att
+        return att
 
     def watch(self, ref: str = "") -> Watch:
         """Events for an alias or model (all when empty): iterate it, ``cancel()`` to stop."""
@@ -240,7 +256,13 @@ class Client:
         return Follower(self, alias, on_change, rank, holder)
 
     def close(self) -> None:
+        """Closes the connection. The leases run on it, so every attachment made through this client
+        that still holds one is released first (it then reads ``released``, and indexing it raises);
+        tensors already handed out stay readable, but the daemon no longer counts them as in use and
+        may free the memory under them. Close the client only once its attachments' models are done."""
         self._closed = True  # before the channel ends the streams on it: a Watch ends quietly
+        for att in list(self._attachments.values()):
+            att.release()
         self.channel.close()
         with self._operator_lock:
             if self._operator_channel is not None:
@@ -302,7 +324,12 @@ class Watch:
 
 
 class Follower:
-    """Keeps a serving process on whatever version an alias points at."""
+    """Keeps a serving process on whatever version an alias points at.
+
+    ``current`` is the version ``on_change`` last accepted. If ``on_change`` raises, the new version is
+    released, ``current`` (still leased) stays what the engine serves, the error is logged, and the
+    follower goes on with the alias's next move.
+    """
 
     def __init__(
         self, client: Client, alias: str, on_change: Callable[[Attachment], None], rank: int, holder: str
@@ -335,9 +362,19 @@ class Follower:
                 self._stop.wait(0.2)
                 self._moved.set()
                 continue
+            if self._stop.is_set():  # closed while attaching: the caller is done with versions
+                new.release()
+                return
+            try:
+                self._on_change(new)
+            except Exception:
+                # The engine could not take the new version and still serves the old one: keep that leased,
+                # and follow the next move.
+                log.exception("hotweights: on_change refused %s; keeping %s", new.key, self.current.key)
+                new.release()
+                continue
             with self._lock:
                 old, self.current = self.current, new
-            self._on_change(new)
             old.release()
 
     def close(self) -> None:

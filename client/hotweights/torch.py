@@ -10,10 +10,19 @@
 Bound parameters are read-only in fact, not only by convention: on the cpu backend the attachment is
 a read-only shared mapping, so an in-place write to a bound parameter (``p.add_(1)``, an optimizer
 step, ``load_state_dict`` into the module) kills the process with SIGSEGV; on the cuda backend the
-mapping is read-only on the device, so such a write is an illegal-address CUDA error. torch has no
+mapping is read-only on the device, so such a write is an illegal-address CUDA error (an attach fails
+where the driver cannot map read-only; versions loaded with ``allocation="legacy_ipc"`` and clients
+with ``HOTWEIGHTS_CUDA_WRITABLE=1`` are mapped writable, and there a write changes every reader's weights). torch has no
 read-only tensor flag to turn this into a Python exception without slowing every operation, so
 ``bind`` sets ``requires_grad=False`` and callers must treat the module as inference-only.
 Copy a parameter first (``p.clone()``) to change it.
+
+The attachment's lease must outlive every use of the bound parameters: while it is held the daemon
+never frees the memory they point at. ``bind`` given a ``hotweights`` attachment keeps it on the
+module (``module.hotweights_attachments``, one entry per attachment bound), so the one-liner
+``hwt.bind(model, client.attach(...))`` holds its lease as long as the model lives; ``release()`` on
+the attachment still ends it at once. The client that made the attachment must stay open as well
+(see ``Client.close``).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -95,7 +104,7 @@ class BindReport:
 
     bound: dict[str, str] = field(default_factory=dict)  # module name -> attachment name
     tied: dict[str, str] = field(default_factory=dict)  # module name -> the module name it shares with
-    unused: list[str] = field(default_factory=list)  # attachment names left over (strict=False)
+    unused: list[str] = field(default_factory=list)  # attachment names left unbound (strict=False, or ignored)
     nbytes: int = 0
 
     def __len__(self) -> int:
@@ -103,7 +112,12 @@ class BindReport:
 
 
 def bind(
-    module: torch.nn.Module, attachment: Mapping[str, torch.Tensor], *, strict: bool = True, prefix: str = ""
+    module: torch.nn.Module,
+    attachment: Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    prefix: str = "",
+    ignore_unexpected: Callable[[str], bool] | None = None,
 ) -> BindReport:
     """Points every parameter of ``module`` (and every persistent buffer the attachment holds) at the
     attached tensor of the same name, without copying; sets ``requires_grad=False``.
@@ -116,9 +130,12 @@ def bind(
     every attached tensor must be used; otherwise one ``BindError`` names every missing, unexpected,
     mis-shaped and mis-typed tensor, and the module is left unchanged. With ``strict=False`` missing
     and unexpected names are allowed (reported in the result), but a shape or dtype that differs is
-    still an error: binding it would compute garbage.
+    still an error: binding it would compute garbage. ``ignore_unexpected`` names attached tensors
+    the module knowingly does without (a buffer it computes itself that older checkpoints saved): they
+    are left unbound and reported in ``unused``, never an error.
 
-    See the module docstring: bound parameters must not be written.
+    An attachment (anything with a ``release`` method) is kept on the module, so its lease lives as
+    long as the module. See the module docstring: bound parameters must not be written.
     """
     params = _named_params(module)
     names = set(attachment)
@@ -145,7 +162,8 @@ def bind(
         else:
             plan.append((owners, key, t, is_param))
 
-    unexpected = sorted(names - used) if not prefix else sorted(n for n in names - used if n.startswith(prefix))
+    left = sorted(names - used) if not prefix else sorted(n for n in names - used if n.startswith(prefix))
+    unexpected = [n for n in left if ignore_unexpected is None or not ignore_unexpected(n)]
     problems = []
     if wrong_shape:
         problems.append(("shape differs", wrong_shape))
@@ -172,8 +190,18 @@ def bind(
         for _, _, other in owners[1:]:
             report.tied[other] = first
         report.nbytes += t.numel() * t.element_size()
-    report.unused = unexpected
+    report.unused = left
+    if callable(getattr(attachment, "release", None)):
+        _pin(module, attachment)
     return report
+
+
+def _pin(module: torch.nn.Module, attachment: object) -> None:
+    """Keeps ``attachment`` (and so its lease) alive as long as ``module``: the parameters alias its memory,
+    and a lease that ended with the caller's last reference would let the daemon free it under them."""
+    pinned = module.__dict__.setdefault("hotweights_attachments", [])
+    if not any(a is attachment for a in pinned):
+        pinned.append(attachment)
 
 
 def _named_params(module: torch.nn.Module):

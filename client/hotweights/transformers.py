@@ -58,7 +58,12 @@ def from_hotweights(
     The model lives on the attachment's device (CPU for the cpu backend, the rank's GPU for the
     cuda backend). It holds the lease: ``model.hotweights_release()`` ends it, and so does dropping
     the model. Any mismatch between the module and the attached tensors raises one
-    ``hotweights.errors.BindError`` naming every offender, and then nothing stays leased.
+    ``hotweights.errors.BindError`` naming every offender, and then nothing stays leased. Saved
+    tensors that ``from_pretrained`` also passes over are not offenders: the model's own computed
+    (non-persistent) buffers and the class's ``_keys_to_ignore_on_load_unexpected``.
+
+    A caller's ``client`` must stay open while the model is in use: closing it ends the lease (see
+    ``Client.close``).
     """
     owned = client is None
     client = client or hotweights.connect(socket)
@@ -83,7 +88,7 @@ def from_hotweights(
         cfg = _config(config, att, listed)
         dtype = _dtype(dtype, cfg, att)
         model = _build(cfg, model_class, dtype, model_kwargs)
-        bind(model, att, strict=strict)
+        bind(model, att, strict=strict, ignore_unexpected=_ignored_as_from_pretrained(model))
         device = _device(att)
         if device.type != "cpu":
             model.to(device)  # moves only the buffers: bound parameters are there already
@@ -99,6 +104,28 @@ def from_hotweights(
     model.hotweights_attachment = att
     model.hotweights_release = weakref.finalize(model, _release, att, client if owned else None)
     return model
+
+
+def _ignored_as_from_pretrained(model):
+    """The saved names ``from_pretrained`` loads past without complaint: the model's own computed
+    (non-persistent) buffers, the patterns its classes list in ``_keys_to_ignore_on_load_unexpected``,
+    and, as transformers adds them itself, the rotary ``inv_freq`` older versions saved in every layer
+    and ``position_ids``, where the model now computes those buffers."""
+    import re
+
+    computed = {
+        f"{mod_name}.{attr}" if mod_name else attr
+        for mod_name, mod in model.named_modules()
+        for attr in mod._non_persistent_buffers_set
+    }
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [n for n, _ in model.named_buffers()]
+    if any(n.endswith("rotary_emb.inv_freq") for n in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(n.endswith("position_ids") for n in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    compiled = [re.compile(p) for p in patterns]
+    return lambda name: name in computed or any(p.search(name) for p in compiled)
 
 
 def _release(att, client) -> None:

@@ -24,8 +24,10 @@ vLLM process (engine core, workers) registers the loader before loading a model:
   (requantizing to one scale, transposing for its kernels), which the daemon's read-only memory does not allow.
   Its attention's KV-cache scales, which FP8 checkpoints without calibration do not hold, keep the
   engine's defaults, as with vLLM's own loader.
-Unknown keys are an error. The loader checks the version's tensor-parallel size, architecture and
-dtype against the engine's and names both sides when they differ.
+Unknown keys are an error. The loader checks the version's tensor-parallel size, architecture,
+quantization and dtype against the engine's and names both sides when they differ. Whether a version
+is in vLLM's layout is told by its rank's tensor names, by the memory report
+(``get_external_weight_memory``) and the load alike.
 
 The attachment (and so the daemon's lease) lives as long as the model: ``model.hotweights_attachment``.
 This module is the only one that imports vLLM.
@@ -33,8 +35,10 @@ This module is the only one that imports vLLM.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -109,13 +113,12 @@ class HotweightsModelLoader(BaseModelLoader):
             return 0
         rank, _ = _tp()
         with hotweights.connect(self.socket) as client:
-            info = _version_info(client, self.ref)
+            names, info = _rank_names(client, self.ref, rank)
         if info is None:
             return 0
         target = vllm_config.device_config.device if self.load_config.device is None else self.load_config.device
-        engine_layout = info.layout == "vllm" or sources.written_in_engine_layout(info.source)
         config = sources.config_of(info.source) or {}
-        if _copies(engine_layout, config, vllm_config.model_config, torch.device(target)):
+        if _copies(_in_engine_layout(names), config, vllm_config.model_config, torch.device(target)):
             return 0  # the engine owns the memory the weights are copied into
         # What the rank keeps resident (padding and allocation rounding too); bytes from older daemons.
         return next((int(r.resident_bytes or r.bytes) for r in info.ranks if r.rank == rank), 0)
@@ -129,11 +132,12 @@ class HotweightsModelLoader(BaseModelLoader):
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         """Refills an already built model from the daemon (copies; the model keeps its memory)."""
         rank, tp = _tp()
-        client = hotweights.connect(self.socket)
-        with client.attach(self.ref, rank=rank, holder=f"vllm-reload:{os.getpid()}") as att:
+        with (
+            hotweights.connect(self.socket) as client,
+            client.attach(self.ref, rank=rank, holder=f"vllm-reload:{os.getpid()}") as att,
+        ):
             _check_world(att, tp)
             self._copy_into(model, att, client, tp, rank)
-        client.close()
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         rank, tp = _tp()
@@ -145,7 +149,7 @@ class HotweightsModelLoader(BaseModelLoader):
             _check_world(att, tp)
             config = _find_config(client, att)  # one listing and one read for every check below
             _check_config(att, config, model_config)
-            engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
+            engine_layout = _in_engine_layout(att)
             rewritten = _experts_rewritten(config or {}, target)
             quantized = _quantized(config or {}, model_config)
             auto = "copy" if _copies(engine_layout, config or {}, model_config, target) else "zero_copy"
@@ -171,7 +175,7 @@ class HotweightsModelLoader(BaseModelLoader):
                 if mode == "zero_copy":
                     with skeleton():
                         model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-                    rep = bind(model, _bind_params_copy_buffers(model, _as_named_by(model, att), att))
+                    rep = bind(model, _Renamed(_bind_params_copy_buffers(model, _as_named_by(model, att), att), att))
                     self.attached_bytes = rep.nbytes
                     self.report = {"mode": mode, "bound": len(rep.bound), "tied": rep.tied, "bytes": rep.nbytes}
                 else:
@@ -196,8 +200,7 @@ class HotweightsModelLoader(BaseModelLoader):
 
     def _copy_into(self, model: nn.Module, att, client, tp: int, rank: int) -> None:
         params = dict(model.named_parameters())
-        engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
-        if engine_layout:
+        if _in_engine_layout(att):
             named = _as_named_by(model, att)
             sources = {name: named[name] for name in params if name in named}
             extra = sorted(set(named) - set(params))
@@ -220,6 +223,34 @@ class HotweightsModelLoader(BaseModelLoader):
             "copied": len(sources),
             "bytes": sum(t.numel() * t.element_size() for t in sources.values()),
         }
+
+
+def _in_engine_layout(names) -> bool:
+    """Whether a rank's tensors are in vLLM's layout, told by their names: its fused q|k|v and gate|up.
+    A version loaded with ``--layout vllm``, one the offline converter wrote and one vLLM's own
+    ``save_sharded_state`` wrote (no layout, no marker) all hold them; the memory report and the load
+    both decide by this, so that they agree."""
+    return any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in names)
+
+
+def _rank_names(client, ref: str, rank: int) -> tuple[list[str], pb.ModelVersionInfo | None]:
+    """The names of ``ref``'s tensors on ``rank`` and its version's listing, for the version a load would
+    attach: a lease held for as long as one answer, whose handles are never redeemed (nothing is mapped)."""
+    from hotweights.attach import LeaseStream
+
+    try:
+        lease = LeaseStream(client.stub, ref, f"vllm-probe:{os.getpid()}", None, rank=rank)
+    except errors.NotFound:
+        return [], None
+    try:
+        g = lease.granted
+        h = g.handles
+        names = list(h.table.name) if h.HasField("table") else [t.name for t in h.tensors]
+        listed = client.list().versions
+    finally:
+        lease.release()
+    info = next((v for v in listed if v.name == g.name and v.version == g.version), None)
+    return names, info
 
 
 def _quantized(config: dict, model_config: ModelConfig) -> bool:
@@ -316,6 +347,30 @@ def _as_named_by(model: nn.Module, tensors) -> dict:
     return {held.get(n, n): tensors[n] for n in tensors}
 
 
+class _Renamed(Mapping[str, torch.Tensor]):
+    """The attached tensors ``bind`` reads, under the model's names, carrying the facts of the attachment
+    they come from: its errors then name the version, the rank and each tensor's dtype as saved."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], att) -> None:
+        self._tensors, self._att = tensors, att
+        self.key, self.rank = att.key, att.rank
+
+    @functools.cached_property
+    def meta(self) -> dict:
+        saved = getattr(self._att, "meta", None) or {}
+        by_suffix = {_ROUTED.sub(r".experts.\1", n): n for n in self._tensors}  # the layout's name -> the model's
+        return {by_suffix.get(n, n): m for n, m in saved.items() if by_suffix.get(n, n) in self._tensors}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 def _experts_rewritten(config: dict, device: torch.device) -> bool:
     """Whether vLLM's fused MoE kernels on ``device`` rewrite a MoE model's experts in place after
     loading, so that they cannot be the daemon's (read-only, shared) memory. Where they read them as
@@ -329,7 +384,7 @@ def _experts_rewritten(config: dict, device: torch.device) -> bool:
 
 
 def _check_world(att, tp: int) -> None:
-    engine_layout = any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in att)
+    engine_layout = _in_engine_layout(att)
     if att.world_size == tp or (att.world_size == 1 and not engine_layout):
         return
     if att.world_size == 1:
@@ -356,12 +411,59 @@ def _check_config(att, config: dict | None, model_config: ModelConfig) -> None:
         archs = list(config.get("architectures") or [])
         if archs and engine_archs and archs != engine_archs:
             problems.append(f"architecture: checkpoint {archs}, engine {engine_archs}")
+        held, wanted = _quantization(config.get("quantization_config")), _engine_quantization(model_config)
+        if not _same_quantization(held, wanted, model_config):
+            # alone, before the per-tensor comparison: every linear layer would differ, with no word why
+            problems.append(f"quantization: checkpoint {_said(held)}, engine {_said(wanted)}")
+            raise errors.BindError(
+                f"{att.key} does not fit the engine's model: " + "; ".join(problems), problems=problems
+            )
     floating = {att[n].dtype for n in att if att[n].is_floating_point()}
     if floating and model_config.dtype not in floating:
         names = ", ".join(sorted(str(d) for d in floating))
         problems.append(f"dtype: checkpoint {names}, engine {model_config.dtype}")
     if problems:
         raise errors.BindError(f"{att.key} does not fit the engine's model: " + "; ".join(problems), problems=problems)
+
+
+def _quantization(qc) -> tuple[str, ...] | None:
+    """What a ``quantization_config`` says of the weights' format: method, format and weight strategy."""
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(vars(qc))
+    if not qc:
+        return None
+    groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)]
+    strategies = sorted({str(g["weights"].get("strategy") or "") for g in groups if isinstance(g.get("weights"), dict)})
+    said = (str(qc.get("quant_method") or "unknown method"), str(qc.get("format") or ""), *strategies)
+    return tuple(x for x in said if x)
+
+
+def _engine_quantization(model_config: ModelConfig) -> tuple[str, ...] | None:
+    """The engine's side: its model directory's ``quantization_config``, else the method it was given."""
+    held = _quantization(getattr(model_config.hf_config, "quantization_config", None))
+    if held is None and model_config.quantization is not None:
+        return (str(model_config.quantization),)
+    return held
+
+
+def _quantizes_online(model_config: ModelConfig) -> bool:
+    """The engine quantizes unquantized weights as it loads them (``quantization=...`` given, its model
+    directory unquantized): an unquantized checkpoint is what it wants."""
+    return model_config.quantization is not None and not getattr(model_config.hf_config, "quantization_config", None)
+
+
+def _same_quantization(held, wanted, model_config: ModelConfig) -> bool:
+    if held is None and wanted is not None:
+        return _quantizes_online(model_config)
+    if held is not None and wanted is not None and len(wanted) == 1:
+        return held[0] == wanted[0]  # the engine names only a method: the checkpoint's details are its own
+    return held == wanted
+
+
+def _said(q: tuple[str, ...] | None) -> str:
+    return f"quantized ({', '.join(q)})" if q else "unquantized"
 
 
 def _version_info(client, ref: str):

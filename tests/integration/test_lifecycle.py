@@ -220,3 +220,34 @@ def test_follow_reattaches_on_alias_move_and_releases_the_old_mapping(daemon, cl
     finally:
         follower.close()
     assert daemon.status()["leases"] == []
+
+
+def test_a_follower_whose_engine_refuses_a_version_keeps_the_old_one_and_follows_the_next(daemon, client, tmp_path):
+    import threading
+
+    daemon.cli("load", "llm", str(versioned(tmp_path, 1)), "--version", "v1", "--alias", "prod", check=True)
+    offered: list[str] = []
+    offer = threading.Event()
+
+    def on_change(att):
+        offered.append(att.version)
+        offer.set()
+        if att.version == "v2":
+            raise RuntimeError("the engine could not take the new weights")
+
+    follower = client.follow("prod", on_change, holder="follower")
+    try:
+        offer.clear()
+        daemon.cli("swap", "prod", str(versioned(tmp_path, 2)), "--version", "v2", check=True)
+        assert offer.wait(10), "the follower was not told of the move"
+        # v2 is let go, v1 (what the engine still serves) stays leased
+        st = daemon.wait_status(lambda s: [le["version"] for le in s["leases"]] == ["v1"])
+        assert follower.current.version == "v1" and not follower.current.released, st
+        offer.clear()
+        daemon.cli("swap", "prod", str(versioned(tmp_path, 3)), "--version", "v3", check=True)
+        assert offer.wait(10), "the follower stopped following after the refusal"
+        daemon.wait_status(lambda s: [le["version"] for le in s["leases"]] == ["v3"])
+        assert offered == ["v1", "v2", "v3"] and follower.current.version == "v3"
+    finally:
+        follower.close()
+    assert daemon.status()["leases"] == []

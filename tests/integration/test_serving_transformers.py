@@ -181,3 +181,34 @@ def test_a_version_in_vllms_layout_is_refused_naming_the_layout_and_releases(ser
     }
     assert out["leases_after_error"] == 0, out
     assert wait_no_leases(d) == []
+
+
+def test_tensors_from_pretrained_passes_over_are_accepted_and_missing_ones_still_refused(served):
+    """Older transformers saved every layer's rotary ``inv_freq``; the model now computes it, and
+    ``from_pretrained`` loads such a checkpoint: so does ``from_hotweights``, strict as it is."""
+    d, models, root = served
+    old = root / "llama-inv-freq"
+    old.mkdir()
+    shutil.copy(models["llama"] / "config.json", old / "config.json")
+    sd = load_file(str(models["llama"] / "model.safetensors"))
+    layers = sorted({int(n.split(".")[2]) for n in sd if n.startswith("model.layers.")})
+    for i in layers:
+        sd[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(sd, str(old / "model.safetensors"), metadata={"format": "pt"})
+    d.cli("load", "old", str(old), check=True)
+    try:
+        out = run_program("hf_mismatch.py", d.socket, "old")
+        assert out["raised"] is None and out["leases_after_error"] == 0, out
+    finally:
+        d.cli("unload", "old")
+    # the same checkpoint less a parameter: still one error naming it
+    gone = next(n for n in sd if n.endswith("mlp.down_proj.weight"))
+    del sd[gone]
+    save_file(sd, str(old / "model.safetensors"), metadata={"format": "pt"})
+    d.cli("load", "old2", str(old), check=True)
+    try:
+        out = run_program("hf_mismatch.py", d.socket, "old2")
+    finally:
+        d.cli("unload", "old2")
+    assert out["raised"] == "BindError" and out["details"]["missing"] == [gone], out
+    assert out["details"]["unexpected"] == [], out

@@ -1174,13 +1174,24 @@ def test_client_mapping_unmaps_when_released(fake, monkeypatch):
     region.close()
     made.pop("m").release()
     assert fake.phys == {} and fake.vas == {}
-    # a driver that refuses read-only mappings gets a read-write one, and says so
+
+    # a driver that refuses read-only mappings fails the attach, saying why: never a writable mapping unasked
     a = b.allocate(0, GRAN, AllocationMode.FD)
     fd = a.export_fd()
+    vas_before = dict(fake.vas)
     fake.fail["cuMemSetAccess"] = CUresult.CUDA_ERROR_NOT_SUPPORTED
+    monkeypatch.delenv("HOTWEIGHTS_CUDA_WRITABLE", raising=False)
+    with pytest.raises(CudaError, match="refused a read-only mapping") as caught:
+        cuda_import.open_region("CUDA_VMM_FD", GRAN, 0, fd)
+    assert "HOTWEIGHTS_CUDA_WRITABLE=1" in str(caught.value) and "m" not in made
+    assert fake.vas == vas_before, "the refused mapping was not undone"
+    # the operator's explicit choice maps read-write
+    monkeypatch.setenv("HOTWEIGHTS_CUDA_WRITABLE", "1")
     region = cuda_import.open_region("CUDA_VMM_FD", GRAN, 0, fd)
     os.close(fd)
     assert region.writable is True
+    read_write = FakeDriver.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    assert fake.vas[made["m"].ptr]["access"] == read_write
     made.pop("m").release()
     a.close()
     assert fake.phys == {}

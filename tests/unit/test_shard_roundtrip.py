@@ -223,3 +223,28 @@ def test_memory_stays_bounded_by_the_tensors_in_flight(tmp_path, monkeypatch):
     peak.update(used=0, max_in_flight=0)
     shard_checkpoint(src, tmp_path / "out2", 2, workers=4, memory_budget=8 * largest)
     assert 1 < peak["max_in_flight"] and peak["used"] <= 8 * largest  # parallel, under the budget
+
+
+def test_fp8_rows_too_small_for_a_float32_scale_dequantize_to_zeros_not_nan():
+    for amax in (1e-30, 1e-40, 1e-43, 1e-45):
+        row = torch.tensor([[amax, -amax / 2, 0.0, amax / 4]], dtype=torch.float32)
+        q, s = quantize_fp8(row, "channel")
+        d = dequantize_fp8(q, s)
+        assert bool(torch.isfinite(d).all()) and bool((s > 0).all()), (amax, s, d)
+        assert float((d - row).abs().max()) <= max(amax, torch.finfo(torch.float32).tiny), amax
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        torch.tensor([[float("inf"), 1.0, 0.0]]),
+        torch.tensor([[float("nan"), 1.0, 0.0]]),
+        torch.tensor([[1e300, 1.0]], dtype=torch.float64),  # beyond float32
+    ],
+)
+def test_fp8_refuses_non_finite_weights_naming_the_tensor(source):
+    from hotweights.errors import InvalidArgument
+
+    for granularity in ("channel", "tensor"):
+        with pytest.raises(InvalidArgument, match="model.layers.0.mlp.up_proj.weight"):
+            quantize_fp8(source, granularity, "model.layers.0.mlp.up_proj.weight")

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -118,6 +119,8 @@ def test_a_checkpoint_written_by_vllms_sharded_state_saver_is_bound_as_it_is(ser
         assert out["before_postprocessing"] == reference["before_postprocessing"]
         assert sorted(out["aliased_before_postprocessing"]) == sorted(out["before_postprocessing"]), out
         assert out["params"]["holds_attachment"], out["params"]
+        # no layout and no converter's marker, yet bound zero copy: the memory report says so too
+        assert out["external_weight_memory"] > 0, out
     finally:
         d.cli("unload", "saved", "--force")
     assert d.wait_status(lambda st: not st["leases"])["leases"] == []
@@ -206,7 +209,8 @@ def test_an_fp8_checkpoint_is_copied_into_the_engine_from_either_layout(served, 
 
     d, _ = served
     fp8 = tmp_path / "llama-fp8"
-    shard_checkpoint(tiny_llama(tmp_path / "llama"), fp8, 1, quantize="fp8", fp8_scale="channel")
+    hf = tiny_llama(tmp_path / "llama")
+    shard_checkpoint(hf, fp8, 1, quantize="fp8", fp8_scale="channel")
     d.cli("load", "fp8v", str(fp8), "--layout", "vllm", check=True)
     d.cli("load", "fp8", str(fp8), check=True)
     try:
@@ -221,6 +225,14 @@ def test_an_fp8_checkpoint_is_copied_into_the_engine_from_either_layout(served, 
             assert out["external_weight_memory"] == 0, model
         r = engine(fp8, *hotweights_args(d, "fp8v", mode="zero_copy"), ok=False)
         assert r.returncode != 0 and "quantized (compressed-tensors)" in r.stderr, r.stderr[-3000:]
+        # an unquantized engine given the FP8 version: one line naming both sides, no per-tensor list
+        r = engine(hf, *hotweights_args(d, "fp8"), ok=False)
+        assert r.returncode != 0, r.stdout[-3000:]
+        assert (
+            "quantization: checkpoint quantized (compressed-tensors, float-quantized, channel), engine unquantized"
+            in r.stderr
+        ), r.stderr[-3000:]
+        assert "shape or dtype differs" not in r.stderr, r.stderr[-3000:]
     finally:
         d.cli("unload", "fp8v", "--force")
         d.cli("unload", "fp8", "--force")
@@ -254,3 +266,57 @@ def test_zero_copy_of_experts_only_where_vllms_moe_kernels_leave_them_as_they_ar
     monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (9, 0))
     assert plugin._experts_rewritten(moe, torch.device("cuda:0"))
+
+
+def test_a_zero_copy_bind_error_names_the_version_and_rank_and_the_saved_dtype():
+    """The plugin binds the attached tensors under the model's names: its errors still name what they came from."""
+    import torch
+
+    import hotweights.vllm as plugin
+    from hotweights.errors import BindError
+    from hotweights.torch import bind
+
+    att = SimpleNamespace(
+        key="llama@abc123",
+        rank=1,
+        meta={"0.weight": SimpleNamespace(dtype="BF16")},
+    )
+    tensors = {"0.weight": torch.zeros(3, 4, dtype=torch.bfloat16)}
+    with pytest.raises(BindError) as caught:
+        bind(torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False)), plugin._Renamed(tensors, att))
+    assert str(caught.value).startswith("cannot bind Sequential to llama@abc123 rank 1:"), caught.value
+    assert "0.weight: attached (3, 4), module wants (2, 4)" in str(caught.value)
+    tensors = {"0.weight": torch.zeros(2, 4, dtype=torch.bfloat16)}
+    with pytest.raises(BindError) as caught:
+        bind(torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False)), plugin._Renamed(tensors, att))
+    assert "0.weight: attached BF16 (torch.bfloat16), module wants torch.float32" in str(caught.value)
+
+
+def test_a_reload_that_fails_closes_its_client(monkeypatch):
+    import hotweights
+    import hotweights.vllm as plugin
+    from hotweights.errors import NotFound
+
+    closed: list[bool] = []
+
+    class Client:
+        def attach(self, *a, **k):
+            raise NotFound("no model 'gone'")
+
+        def close(self):
+            closed.append(True)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+    monkeypatch.setattr(hotweights, "connect", lambda socket=None: Client())
+    monkeypatch.setattr(plugin, "_tp", lambda: (0, 1))
+    loader = plugin.HotweightsModelLoader(
+        SimpleNamespace(model_loader_extra_config={"model": "gone"}, device=None, load_format="hotweights")
+    )
+    with pytest.raises(NotFound):
+        loader.load_weights(None, None)
+    assert closed == [True]

@@ -4,13 +4,17 @@ Two handle types arrive here (``hotweights.mapping.regions.open_region`` dispatc
 
 - ``CUDA_VMM_FD``: a POSIX fd exported from a ``cuMemCreate`` allocation. It is imported
   (``cuMemImportFromShareableHandle``), mapped into a fresh address range (``cuMemAddressReserve`` +
-  ``cuMemMap``) and given read-only access on its device (``cuMemSetAccess``; read-write only where the
-  driver refuses read-only, or where ``HOTWEIGHTS_CUDA_WRITABLE=1``). The import handle is released at
-  once: the mapping alone keeps the physical memory alive, and it stays valid even after the
-  exporting daemon exits.
+  ``cuMemMap``) and given read-only access on its device (``cuMemSetAccess``). A driver that refuses
+  read-only access fails the attach (``CudaError``, saying so) rather than mapping the weights
+  writable behind the caller's back; ``HOTWEIGHTS_CUDA_WRITABLE=1`` maps them read-write on purpose,
+  and then a write by this process changes the weights every process on the GPU serves. The import
+  handle is released at once: the mapping alone keeps the physical memory alive, and it stays valid
+  even after the exporting daemon exits.
 - ``CUDA_IPC``: a 64-byte legacy ``cudaIpcMemHandle`` (``cuIpcOpenMemHandle``). Limits: the memory is
   the exporter's ``cuMemAlloc`` allocation and does not outlive the exporting process; a process
-  cannot open a handle it exported itself.
+  cannot open a handle it exported itself; and legacy IPC has no read-only mode, so the mapping is
+  writable whatever ``HOTWEIGHTS_CUDA_WRITABLE`` says (``CudaRegion.writable`` is True): an in-place
+  write changes the daemon's weights for every reader. Use ``allocation="fd"`` where that matters.
 
 Either way the region's ``base`` is a flat uint8 tensor built by ``torch.as_tensor`` over an object
 with ``__cuda_array_interface__``. torch keeps that object alive as long as any tensor uses the
@@ -276,9 +280,9 @@ def access_desc(device: int, writable: bool) -> Any:
 def map_handle(device: int, handle: Any, size: int, writable: bool | None = True) -> tuple[int, bool]:
     """Reserves ``size`` bytes of address space, maps ``handle`` and sets access for ``device``.
 
-    ``writable=None`` asks for read-only and settles for read-write where the driver refuses
-    read-only. Call with the device's context current. Undoes its own steps on failure.
-    Returns (address, writable).
+    ``writable=None`` (or False) maps read-only, and fails where the driver refuses read-only: a
+    reader's mapping is never made writable unless asked for. Call with the device's context current.
+    Undoes its own steps on failure. Returns (address, writable).
     """
     drv = init()
     gran = vmm_granularity(device)
@@ -286,18 +290,10 @@ def map_handle(device: int, handle: Any, size: int, writable: bool | None = True
     try:
         check(drv.cuMemMap(ptr, size, 0, handle, 0), "cuMemMap", size=size)
         try:
-            if writable is None:
-                try:
-                    check(
-                        drv.cuMemSetAccess(ptr, size, [access_desc(device, False)], 1),
-                        "cuMemSetAccess(read-only)",
-                        device=device,
-                    )
-                    writable = False
-                except CudaError as exc:
-                    log.warning("read-only device mapping refused (%s); mapping read-write", exc.message)
-                    writable = True
-            if writable:
+            if not writable:
+                _set_read_only(drv, ptr, size, device)
+                writable = False
+            else:
                 check(drv.cuMemSetAccess(ptr, size, [access_desc(device, True)], 1), "cuMemSetAccess", device=device)
         except BaseException:
             drv.cuMemUnmap(ptr, size)
@@ -306,6 +302,28 @@ def map_handle(device: int, handle: Any, size: int, writable: bool | None = True
         drv.cuMemAddressFree(ptr, size)
         raise
     return ptr, bool(writable)
+
+
+def _set_read_only(drv: Any, ptr: int, size: int, device: int) -> None:
+    try:
+        read_only = [access_desc(device, False)]
+        check(drv.cuMemSetAccess(ptr, size, read_only, 1), "cuMemSetAccess(read-only)", device=device)
+    except CudaError as exc:
+        # Fail closed: a writable mapping would let one engine's in-place write corrupt every reader's weights.
+        fix = (
+            "use a driver that supports read-only VMM mappings, or set HOTWEIGHTS_CUDA_WRITABLE=1 to map the "
+            "weights read-write knowingly (a write by this process then changes them for every reader)"
+        )
+        raise CudaError(
+            exc.op,
+            exc.code,
+            f"the CUDA driver refused a read-only mapping of the daemon's weights on cuda:{device} "
+            f"({exc.op}: {exc.details.get('error', exc.code)}); hotweights does not map them writable unasked. "
+            f"Fix: {fix}",
+            device=device,
+            error=exc.details.get("error", ""),
+            fix=fix,
+        ) from None
 
 
 def unmap(ptr: int, size: int) -> list[CudaError]:

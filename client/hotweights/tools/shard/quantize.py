@@ -45,17 +45,31 @@ def check_quantizable(name: str, dtype_name: str, shape: tuple[int, ...]) -> Non
         )
 
 
-def quantize_fp8(weight: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E4M3 weight, float32 scale) with ``weight ≈ q.float() * scale``."""
+def quantize_fp8(weight: torch.Tensor, granularity: str, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 weight, float32 scale) with ``weight ≈ q.float() * scale``.
+
+    A weight holding inf or NaN, or values beyond float32's range, is refused (``InvalidArgument``
+    naming ``name``): its scale would be inf and its row NaN after dequantizing."""
+    what = f"tensor {name!r}" if name else "the tensor"
     if weight.dtype not in _FLOAT_SOURCES:
-        raise InvalidArgument(f"cannot quantize a {weight.dtype} tensor to FP8")
+        raise InvalidArgument(f"cannot quantize {what} ({weight.dtype}) to FP8", tensor=name)
     if granularity not in GRANULARITIES:
         raise InvalidArgument(f"FP8 scale granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
     # One float32 working copy, divided in place: the sharder runs several of these at once on big tensors.
     w = weight.to(torch.float32, copy=True)
     amax = w.abs().amax(dim=1, keepdim=True) if granularity == "channel" else w.abs().amax()
-    # An all-zero row would give a zero scale and 0/0 below; any positive scale encodes zeros exactly.
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # amax is inf exactly where a value is inf or beyond float32 (an F64 source), NaN where one is NaN
+    if not bool(torch.isfinite(amax).all()):
+        raise InvalidArgument(
+            f"{what} holds values that are not finite in float32 (inf, NaN, or beyond float32's range): "
+            f"it cannot be quantized to FP8; fix the checkpoint or leave the tensor unquantized",
+            tensor=name,
+        )
+    # An all-zero row would give a zero scale and 0/0 below; any positive scale encodes zeros exactly. A row
+    # whose amax / 448 underflows float32 gets the smallest normal scale instead: it then encodes as zeros
+    # (an error below 1e-38), never as 0/0.
+    tiny = torch.finfo(torch.float32).tiny
+    scale = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(tiny), torch.ones_like(amax))
     q = w.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale.to(torch.float32).reshape(scale_shape(tuple(weight.shape), granularity))
 

@@ -290,7 +290,7 @@ def _run_job(job: Job, sources: dict[Path, int], files: dict[str, PartFile]) -> 
     data, digest = _read_source(job.source, sources)
     scale = None
     if job.quantize:
-        data, scale = fp8.quantize_fp8(data, job.quantize)
+        data, scale = fp8.quantize_fp8(data, job.quantize, job.source.name)
     for o in job.outputs:
         t = scale if o.kind == "scale" else data
         assert t is not None

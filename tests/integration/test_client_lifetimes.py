@@ -1,0 +1,77 @@
+"""How long a lease lives on the client side: as long as a module bound to it, and no longer than the
+client it runs on. A real daemon (cpu backend) on a real socket; the client is this process."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+
+from hotweights import errors
+from support.ckpt_tools import write_model
+
+
+@pytest.fixture
+def thread_errors(monkeypatch):
+    """Exceptions that ended a thread of this process while the test ran."""
+    seen: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+    return seen
+
+
+def test_a_module_bound_to_an_attachment_holds_its_lease_as_long_as_it_lives(daemon, client, tmp_path):
+    import hotweights.torch as hwt
+
+    ckpt = write_model(tmp_path / "lin.safetensors", {"weight": torch.randn(4, 8), "bias": torch.randn(4)})
+    client.load("lin", ckpt)
+    with hwt.skeleton():
+        model = torch.nn.Linear(8, 4)
+    hwt.bind(model, client.attach("lin", holder="bound"))  # the caller keeps no reference to the attachment
+    gc.collect()
+    assert [le["holder"] for le in daemon.status()["leases"]] == ["bound"]
+    r = daemon.cli("unload", "lin")
+    assert r.returncode != 0 and "live lease" in r.stderr, r.stderr
+    assert model(torch.ones(1, 8)).shape == (1, 4)
+    del model
+    gc.collect()
+    assert daemon.wait_status(lambda st: not st["leases"])["leases"] == []
+
+
+def test_closing_the_client_releases_its_attachments_and_no_thread_dies(daemon, tmp_path, thread_errors):
+    import hotweights
+
+    ckpt = write_model(tmp_path / "m.safetensors")
+    daemon.cli("load", "m", str(ckpt), check=True)
+    c = hotweights.connect(daemon.socket)
+    att = c.attach("m", holder="closed-under")
+    t = att["f32"]
+    lease_thread = att._lease._thread
+    c.close()
+    lease_thread.join(5)
+    assert att.released
+    with pytest.raises(errors.FailedPrecondition):
+        att["f32"]
+    assert float(t.sum()) == float(t.sum())  # tensors handed out stay readable
+    assert daemon.wait_status(lambda st: not st["leases"])["leases"] == []
+    with pytest.raises(errors.FailedPrecondition, match="closed"):
+        c.attach("m")
+    assert thread_errors == []
+
+
+def test_a_lease_whose_channel_closes_under_it_ends_without_a_crash(daemon, tmp_path, thread_errors):
+    import hotweights
+
+    ckpt = write_model(tmp_path / "m.safetensors")
+    daemon.cli("load", "m", str(ckpt), check=True)
+    c = hotweights.connect(daemon.socket)
+    att = c.attach("m")
+    lease_thread = att._lease._thread
+    c.channel.close()  # not through close(): the lease thread finds the channel gone when it re-leases
+    lease_thread.join(10)
+    assert not lease_thread.is_alive()
+    assert att.released
+    assert thread_errors == []
+    assert daemon.wait_status(lambda st: not st["leases"])["leases"] == []
+    att.release()
