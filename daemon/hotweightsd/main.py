@@ -70,18 +70,25 @@ async def serve(cfg: Config) -> None:
         header_limits=cfg.header_limits(),
     )
     fd_path = fd_socket_path(cfg.socket)
-    persister = Persister(manager, state_path(cfg.socket, cfg.state_dir), cfg.socket, fdstore=systemd.fdstore_enabled())
+    health_servicer = health.aio.HealthServicer()
+    not_serving = _not_serving(health_servicer, asyncio.get_running_loop())
+    persister = Persister(
+        manager,
+        state_path(cfg.socket, cfg.state_dir),
+        cfg.socket,
+        fdstore=systemd.fdstore_enabled(),
+        on_failure=not_serving,
+    )
     report = restore(manager, backend, persister, systemd.listen_fds())
     persister.start()
     metrics = DaemonMetrics.for_manager(manager)
-    health_servicer = health.aio.HealthServicer()
     channel = FdChannel(
         fd_path,
         manager,
         on_connection=lambda outcome: metrics.fd_channel.labels(outcome).inc(),
         timeout=cfg.fd_channel_timeout_seconds,
         max_connections=cfg.fd_channel_max_connections,
-        on_failure=_not_serving(health_servicer, asyncio.get_running_loop()),
+        on_failure=not_serving,
     )
     # The role is the socket: readers' calls that need an operator are refused on theirs.
     server = grpc.aio.server(
@@ -120,6 +127,8 @@ async def serve(cfg: Config) -> None:
         textfile.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    if persister.failure is not None:  # died before SERVING was set, which would otherwise hide it
+        not_serving(persister.failure)
     # After SERVING: a channel that dies at once turns health NOT_SERVING, and nothing sets it back.
     channel.start()
 
