@@ -23,6 +23,7 @@ from hotweights.format.safetensors import MAX_TENSORS_PER_FILE
 from hotweights.paths import operator_socket_for, socket_for
 from hotweights.units import parse_size
 from hotweightsd.core.faults import FaultPlan
+from hotweightsd.core.leases import MAX_LEASES_PER_PID
 from hotweightsd.loaders.settings import ENGINES, READ_MODES, READ_ORDERS, LoaderSettings
 from hotweightsd.server.watchers import QUEUE_DEPTH
 
@@ -128,6 +129,12 @@ class Config:
     share_cores: bool = _key(True, "ranks loading at once split the cores between them", kind="bool")
     native_lib: str = _key("", "the native loader library; default: the one built beside the package", metavar="PATH")
     ticket_ttl: float = _key(30.0, "seconds a GetHandles ticket stays valid", kind="float", minimum=0.001)
+    max_leases_per_pid: int = _key(
+        MAX_LEASES_PER_PID,
+        "leases one process (by the pid it gives) holds at once; more are refused",
+        kind="int",
+        minimum=1,
+    )
     fd_channel_timeout_seconds: float = _key(
         5.0, "seconds one exchange on the fd socket may take before it is cut", kind="float", minimum=0.001
     )

@@ -68,6 +68,7 @@ async def serve(cfg: Config) -> None:
         keep_previous=cfg.keep_previous,
         keep_previous_seconds=cfg.keep_previous_seconds,
         header_limits=cfg.header_limits(),
+        max_leases_per_pid=cfg.max_leases_per_pid,
     )
     fd_path = fd_socket_path(cfg.socket)
     health_servicer = health.aio.HealthServicer()
