@@ -25,6 +25,7 @@ from hotweights.units import parse_size
 from hotweightsd.core.faults import FaultPlan
 from hotweightsd.core.leases import MAX_LEASES_PER_PID
 from hotweightsd.loaders.settings import ENGINES, READ_MODES, READ_ORDERS, LoaderSettings
+from hotweightsd.server.metrics import METRICS_MAX_CONNECTIONS, METRICS_TIMEOUT_SECONDS
 from hotweightsd.server.watchers import QUEUE_DEPTH
 
 # Read when neither --config nor HOTWEIGHTS_CONFIG names a file; tests point it elsewhere.
@@ -180,6 +181,18 @@ class Config:
         "auto",
         "unix socket serving the Prometheus text over HTTP; auto: <socket>.metrics; off: none",
         metavar="PATH",
+    )
+    metrics_timeout_seconds: float = _key(
+        METRICS_TIMEOUT_SECONDS,
+        "seconds a metrics connection may stay silent before it is closed",
+        kind="float",
+        minimum=0.001,
+    )
+    metrics_max_connections: int = _key(
+        METRICS_MAX_CONNECTIONS,
+        "connections the metrics socket serves at once; more are answered 503",
+        kind="int",
+        minimum=1,
     )
     metrics_textfile: str = _key(
         "", "file rewritten with the Prometheus text (node-exporter's textfile collector); empty: none", metavar="PATH"

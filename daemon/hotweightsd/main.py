@@ -106,7 +106,13 @@ async def serve(cfg: Config) -> None:
         watch_queue=cfg.watch_queue,
     )
     metrics_path = metrics_socket_for(cfg.socket, cfg.metrics_socket)
-    metrics_server = MetricsServer(metrics_path, metrics) if metrics_path else None
+    metrics_server = (
+        MetricsServer(
+            metrics_path, metrics, timeout=cfg.metrics_timeout_seconds, max_connections=cfg.metrics_max_connections
+        )
+        if metrics_path
+        else None
+    )
     textfile = TextfileWriter(cfg.metrics_textfile, metrics, cfg.metrics_interval) if cfg.metrics_textfile else None
     for s in (server, operator_server):
         pb_grpc.add_HotweightsServicer_to_server(service, s)
