@@ -142,6 +142,15 @@ class Config:
     fd_channel_max_connections: int = _key(
         1024, "connections the fd socket keeps open at once; more are answered busy", kind="int", minimum=1
     )
+    fd_channel_max_per_pid: int = _key(
+        8, "connections one process may hold open on the fd socket; more are answered busy", kind="int", minimum=1
+    )
+    fd_channel_max_per_uid: int = _key(
+        256, "connections one user may hold open on the fd socket; more are answered busy", kind="int", minimum=1
+    )
+    fd_channel_ticket_seconds: float = _key(
+        2.0, "seconds a connection to the fd socket has to send its ticket line", kind="float", minimum=0.001
+    )
     max_tensors_per_file: int = _key(
         MAX_TENSORS_PER_FILE,
         "a checkpoint file listing more tensors is refused before its header is parsed",

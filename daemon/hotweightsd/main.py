@@ -89,6 +89,9 @@ async def serve(cfg: Config) -> None:
         on_connection=lambda outcome: metrics.fd_channel.labels(outcome).inc(),
         timeout=cfg.fd_channel_timeout_seconds,
         max_connections=cfg.fd_channel_max_connections,
+        max_per_pid=cfg.fd_channel_max_per_pid,
+        max_per_uid=cfg.fd_channel_max_per_uid,
+        ticket_timeout=cfg.fd_channel_ticket_seconds,
         on_failure=not_serving,
     )
     # The role is the socket: readers' calls that need an operator are refused on theirs.

@@ -8,9 +8,12 @@ process (SO_PEERCRED) must name the pid that opened the lease (and, once known, 
 answer is PermissionDenied, the ticket stays unspent and the lease record unchanged.
 
 The channel is an asyncio server on an event loop of its own thread, so no client can hold up
-another: each connection has a deadline (``fd_channel_timeout_seconds``) for its whole exchange;
-beyond ``fd_channel_max_connections`` open at once a new connection is answered ``FdChannelBusy``
-at once and closed, so the listen backlog never fills; an accept() that fails for want of fds or
+another: each connection has a deadline (``fd_channel_timeout_seconds``) for its whole exchange and
+a shorter one (``fd_channel_ticket_seconds``) for its ticket line; beyond
+``fd_channel_max_connections`` open at once, or beyond one process's share
+(``fd_channel_max_per_pid``) or one user's (``fd_channel_max_per_uid``), by the kernel's word
+(SO_PEERCRED), a new connection is answered ``FdChannelBusy`` at once and closed, so the listen
+backlog never fills and no one peer fills the channel; an accept() that fails for want of fds or
 buffers is logged and retried after a growing pause. Anything else that ends the accept loop is
 reported to ``on_failure`` (the daemon turns its health NOT_SERVING).
 """
@@ -118,12 +121,20 @@ class FdChannel:
         *,
         timeout: float = 5.0,
         max_connections: int = 1024,
+        max_per_pid: int = 8,
+        max_per_uid: int = 256,
+        ticket_timeout: float = 2.0,
         on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.path = path
         self.manager = manager
         self.timeout = timeout
+        self.ticket_timeout = min(ticket_timeout, timeout)
         self.max_connections = max_connections
+        self.max_per_pid = max_per_pid
+        self.max_per_uid = max_per_uid
+        self._per_pid: dict[int, int] = {}
+        self._per_uid: dict[int, int] = {}
         # Told each connection's outcome: ok, refused (a bad or expired ticket), denied (not the
         # lease's holder), busy, timeout, io_error; and accept_error for each failed accept().
         self.on_connection = on_connection or (lambda outcome: None)
@@ -219,21 +230,52 @@ class FdChannel:
             if failures:
                 log.info("fdchannel.accept_recovered", failures=failures)
                 delay, failures = 0.0, 0
-            if self._open >= self.max_connections:
-                _send_now(conn, _error_line(_busy(self._open)))
+            try:
+                creds = peer_credentials(conn)
+            except OSError as exc:
+                log.warning("fdchannel.io_error", error=str(exc))
+                conn.close()
+                self.on_connection("io_error")
+                continue
+            busy = self._busy_for(*creds[:2])
+            if busy is not None:
+                _send_now(conn, _error_line(busy))
                 conn.close()
                 self.on_connection("busy")
                 continue
             self._open += 1
-            task = loop.create_task(self._serve(conn))
+            self._per_pid[creds[0]] = self._per_pid.get(creds[0], 0) + 1
+            self._per_uid[creds[1]] = self._per_uid.get(creds[1], 0) + 1
+            task = loop.create_task(self._serve(conn, creds))
             conns.add(task)
             task.add_done_callback(conns.discard)
 
-    async def _serve(self, conn: socket.socket) -> None:
+    def _busy_for(self, pid: int, uid: int) -> HotweightsError | None:
+        if self._open >= self.max_connections:
+            return _busy(self._open)
+        if self._per_pid.get(pid, 0) >= self.max_per_pid:
+            return FdChannelBusy(
+                f"pid {pid} has {self.max_per_pid} connections open on the fd socket, the most one process "
+                "may: finish those first"
+            )
+        if self._per_uid.get(uid, 0) >= self.max_per_uid:
+            return FdChannelBusy(
+                f"uid {uid} has {self.max_per_uid} connections open on the fd socket, the most one user may: "
+                "try again shortly"
+            )
+        return None
+
+    @staticmethod
+    def _release(counts: dict[int, int], who: int) -> None:
+        left = counts.pop(who) - 1
+        if left:
+            counts[who] = left
+
+    async def _serve(self, conn: socket.socket, creds: tuple[int, int, int]) -> None:
         outcome = "io_error"
         try:
             async with asyncio.timeout(self.timeout):
-                outcome = await self._exchange(conn)
+                outcome = await self._exchange(conn, creds)
         except TimeoutError:
             outcome = "timeout"
             _send_now(conn, _error_line(_deadline(self.timeout)))
@@ -244,12 +286,20 @@ class FdChannel:
         finally:
             conn.close()
             self._open -= 1
+            self._release(self._per_pid, creds[0])
+            self._release(self._per_uid, creds[1])
             self.on_connection(outcome)
 
-    async def _exchange(self, conn: socket.socket) -> str:
-        pid, uid, _gid = peer_credentials(conn)
+    async def _exchange(self, conn: socket.socket, creds: tuple[int, int, int]) -> str:
+        pid, uid, _gid = creds
         try:
-            token = await self._read_ticket(conn)
+            try:
+                async with asyncio.timeout(self.ticket_timeout):
+                    token = await self._read_ticket(conn)
+            except TimeoutError:
+                # A ticket line is one short write: a peer that has not sent it by now only holds a slot.
+                _send_now(conn, _error_line(DeadlineExceeded(f"no ticket line within {self.ticket_timeout:g} s")))
+                return "timeout"
             async with self._serving:
                 _, fds = self.manager.redeem(token, pid, uid)
                 try:
