@@ -148,6 +148,12 @@ class Config:
     fd_channel_max_per_uid: int = _key(
         256, "connections one user may hold open on the fd socket; more are answered busy", kind="int", minimum=1
     )
+    fd_channel_max_unacked_per_uid: int = _key(
+        16,
+        "fd socket exchanges one user may leave unacknowledged (fds unread) past the deadline; then it is busy",
+        kind="int",
+        minimum=1,
+    )
     fd_channel_ticket_seconds: float = _key(
         2.0, "seconds a connection to the fd socket has to send its ticket line", kind="float", minimum=0.001
     )

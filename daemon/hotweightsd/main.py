@@ -91,6 +91,7 @@ async def serve(cfg: Config) -> None:
         max_connections=cfg.fd_channel_max_connections,
         max_per_pid=cfg.fd_channel_max_per_pid,
         max_per_uid=cfg.fd_channel_max_per_uid,
+        max_unacked_per_uid=cfg.fd_channel_max_unacked_per_uid,
         ticket_timeout=cfg.fd_channel_ticket_seconds,
         on_failure=not_serving,
     )
