@@ -336,7 +336,10 @@ class FdChannel:
         loop = asyncio.get_running_loop()
         seen = b""
         while True:
-            chunk = await loop.sock_recv(conn, 256)
+            try:
+                chunk = await loop.sock_recv(conn, 256)
+            except ConnectionResetError:  # closed with our reply unread: the kernel dropped its fds
+                return
             if not chunk:
                 return
             seen = (seen + chunk)[-(len(nonce) + 1) :]
