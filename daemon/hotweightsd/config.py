@@ -23,7 +23,9 @@ from hotweights.format.safetensors import MAX_TENSORS_PER_FILE
 from hotweights.paths import operator_socket_for, socket_for
 from hotweights.units import parse_size
 from hotweightsd.core.faults import FaultPlan
+from hotweightsd.core.leases import MAX_LEASES_PER_PID
 from hotweightsd.loaders.settings import ENGINES, MAX_DEPTH, MAX_THREADS, READ_MODES, READ_ORDERS, LoaderSettings
+from hotweightsd.server.metrics import METRICS_MAX_CONNECTIONS, METRICS_TIMEOUT_SECONDS
 from hotweightsd.server.watchers import QUEUE_DEPTH
 
 # Read when neither --config nor HOTWEIGHTS_CONFIG names a file; tests point it elsewhere.
@@ -134,11 +136,32 @@ class Config:
     share_cores: bool = _key(True, "ranks loading at once split the cores between them", kind="bool")
     native_lib: str = _key("", "the native loader library; default: the one built beside the package", metavar="PATH")
     ticket_ttl: float = _key(30.0, "seconds a GetHandles ticket stays valid", kind="float", minimum=0.001)
+    max_leases_per_pid: int = _key(
+        MAX_LEASES_PER_PID,
+        "leases one process (by the pid it gives) holds at once; more are refused",
+        kind="int",
+        minimum=1,
+    )
     fd_channel_timeout_seconds: float = _key(
         5.0, "seconds one exchange on the fd socket may take before it is cut", kind="float", minimum=0.001
     )
     fd_channel_max_connections: int = _key(
         1024, "connections the fd socket keeps open at once; more are answered busy", kind="int", minimum=1
+    )
+    fd_channel_max_per_pid: int = _key(
+        8, "connections one process may hold open on the fd socket; more are answered busy", kind="int", minimum=1
+    )
+    fd_channel_max_per_uid: int = _key(
+        256, "connections one user may hold open on the fd socket; more are answered busy", kind="int", minimum=1
+    )
+    fd_channel_max_unacked_per_uid: int = _key(
+        16,
+        "fd socket exchanges one user may leave unacknowledged (fds unread) past the deadline; then it is busy",
+        kind="int",
+        minimum=1,
+    )
+    fd_channel_ticket_seconds: float = _key(
+        2.0, "seconds a connection to the fd socket has to send its ticket line", kind="float", minimum=0.001
     )
     max_tensors_per_file: int = _key(
         MAX_TENSORS_PER_FILE,
@@ -179,6 +202,18 @@ class Config:
         "auto",
         "unix socket serving the Prometheus text over HTTP; auto: <socket>.metrics; off: none",
         metavar="PATH",
+    )
+    metrics_timeout_seconds: float = _key(
+        METRICS_TIMEOUT_SECONDS,
+        "seconds a metrics connection may stay silent before it is closed",
+        kind="float",
+        minimum=0.001,
+    )
+    metrics_max_connections: int = _key(
+        METRICS_MAX_CONNECTIONS,
+        "connections the metrics socket serves at once; more are answered 503",
+        kind="int",
+        minimum=1,
     )
     metrics_textfile: str = _key(
         "", "file rewritten with the Prometheus text (node-exporter's textfile collector); empty: none", metavar="PATH"

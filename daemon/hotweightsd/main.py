@@ -68,20 +68,32 @@ async def serve(cfg: Config) -> None:
         keep_previous=cfg.keep_previous,
         keep_previous_seconds=cfg.keep_previous_seconds,
         header_limits=cfg.header_limits(),
+        max_leases_per_pid=cfg.max_leases_per_pid,
     )
     fd_path = fd_socket_path(cfg.socket)
-    persister = Persister(manager, state_path(cfg.socket, cfg.state_dir), cfg.socket, fdstore=systemd.fdstore_enabled())
+    health_servicer = health.aio.HealthServicer()
+    not_serving = _not_serving(health_servicer, asyncio.get_running_loop())
+    persister = Persister(
+        manager,
+        state_path(cfg.socket, cfg.state_dir),
+        cfg.socket,
+        fdstore=systemd.fdstore_enabled(),
+        on_failure=not_serving,
+    )
     report = restore(manager, backend, persister, systemd.listen_fds())
     persister.start()
     metrics = DaemonMetrics.for_manager(manager)
-    health_servicer = health.aio.HealthServicer()
     channel = FdChannel(
         fd_path,
         manager,
         on_connection=lambda outcome: metrics.fd_channel.labels(outcome).inc(),
         timeout=cfg.fd_channel_timeout_seconds,
         max_connections=cfg.fd_channel_max_connections,
-        on_failure=_not_serving(health_servicer, asyncio.get_running_loop()),
+        max_per_pid=cfg.fd_channel_max_per_pid,
+        max_per_uid=cfg.fd_channel_max_per_uid,
+        max_unacked_per_uid=cfg.fd_channel_max_unacked_per_uid,
+        ticket_timeout=cfg.fd_channel_ticket_seconds,
+        on_failure=not_serving,
     )
     # The role is the socket: readers' calls that need an operator are refused on theirs.
     server = grpc.aio.server(
@@ -98,7 +110,13 @@ async def serve(cfg: Config) -> None:
         watch_queue=cfg.watch_queue,
     )
     metrics_path = metrics_socket_for(cfg.socket, cfg.metrics_socket)
-    metrics_server = MetricsServer(metrics_path, metrics) if metrics_path else None
+    metrics_server = (
+        MetricsServer(
+            metrics_path, metrics, timeout=cfg.metrics_timeout_seconds, max_connections=cfg.metrics_max_connections
+        )
+        if metrics_path
+        else None
+    )
     textfile = TextfileWriter(cfg.metrics_textfile, metrics, cfg.metrics_interval) if cfg.metrics_textfile else None
     for s in (server, operator_server):
         pb_grpc.add_HotweightsServicer_to_server(service, s)
@@ -120,6 +138,8 @@ async def serve(cfg: Config) -> None:
         textfile.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    if persister.failure is not None:  # died before SERVING was set, which would otherwise hide it
+        not_serving(persister.failure)
     # After SERVING: a channel that dies at once turns health NOT_SERVING, and nothing sets it back.
     channel.start()
 

@@ -88,7 +88,10 @@ def test_idle_and_trickling_connections_hold_up_no_attach(sockdir, tmp_path):
     """500 connections that never send and 5 that send a byte a second, then 100 attaches: each is
     served at once, while all those connections are still open; the deadline cuts those later."""
     _raise_own_fd_limit(2048)
-    with start_daemon(str(sockdir / "hw.sock"), "--fd-channel-timeout-seconds", str(DEADLINE_S)) as d:
+    # all 505 from this one process: the per-peer caps (test_fd_channel_peers.py) are lifted here
+    args = ("--fd-channel-timeout-seconds", str(DEADLINE_S), "--fd-channel-ticket-seconds", str(DEADLINE_S))
+    caps = ("--fd-channel-max-per-pid", "1024", "--fd-channel-max-per-uid", "1024")
+    with start_daemon(str(sockdir / "hw.sock"), *args, *caps) as d:
         d.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), check=True)
         fd_path = d.socket + ".fds"
         idle: list[socket.socket] = []

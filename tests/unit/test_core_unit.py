@@ -93,14 +93,18 @@ def test_tickets_are_capped_per_lease_and_in_all():
     now = [0.0]
     book = TicketBook(ttl=5, clock=lambda: now[0], limit=4, per_lease=2)
     first = book.issue("a", 0)
-    book.issue("a", 0)
+    second = book.issue("a", 0)
     book.issue("a", 0)  # a's third: its oldest goes
     with pytest.raises(errors.TicketInvalid):
         book.redeem(first.token)
     book.issue("b", 0)
     book.issue("b", 0)
-    with pytest.raises(errors.ResourceExhausted):
-        book.issue("c", 0)
+    # in all: the oldest ticket of the process holding the most goes, never the newcomer's
+    c = book.issue("c", 0, pid=7)
+    with pytest.raises(errors.TicketInvalid):
+        book.redeem(second.token)
+    assert len(book) == 4
+    assert book.redeem(c.token).lease_id == "c"
     now[0] = 6  # all expired: swept by the next issue
     book.issue("c", 0)
     assert len(book) == 1

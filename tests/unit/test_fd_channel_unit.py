@@ -127,3 +127,30 @@ def test_the_client_turns_each_failure_into_a_typed_error(sockdir):
         os.close(x)
     for conn in held:
         conn.close()
+
+
+def test_the_client_sends_back_the_nonce_that_follows_its_fds(sockdir):
+    r, w = os.pipe()
+    acked: list[bytes] = []
+
+    def answer(conn: socket.socket) -> str:
+        with conn:
+            conn.recv(256)
+            socket.send_fds(conn, [b'{"ok": true, "count": 1, "ack": true}\n'], [r])
+            conn.sendall(b"=cafe0123\n")
+            conn.settimeout(10)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(64)
+                if not chunk:
+                    break
+                data += chunk
+            acked.append(data)
+        return "stop"
+
+    t = _fake_server(str(sockdir / "ack.fds"), answer)
+    [fd] = fetch_fds(str(sockdir / "ack.fds"), "t", 1, timeout=10)
+    t.join(10)
+    assert acked == [b"cafe0123\n"]
+    for x in (fd, r, w):
+        os.close(x)

@@ -9,10 +9,12 @@ Layouts, in the order they are recognised:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,21 +210,29 @@ def _sharded(path: Path, budget: FileBudget, read: _Reader) -> list[RankFiles] |
             found.setdefault(int(m.group(1)), {})[int(m.group(2))] = p
     if not found:
         return None
+    # Numbers come from file names: a gap is found by counting, never by building the range, which
+    # one stray name with a huge number would make as large as that number.
     world = max(found) + 1
-    missing = sorted(set(range(world)) - set(found))
-    if missing:
+    if world != len(found):
         raise BadCheckpoint(
-            f"{path}: sharded checkpoint lacks rank(s) {missing} (found ranks up to {world - 1})", path=str(path)
+            f"{path}: sharded checkpoint lacks rank(s) {_some_missing(found)} (found ranks up to {world - 1})",
+            path=str(path),
         )
     ranks = []
     budget.reserve(sum(len(parts) for parts in found.values()))
     for r in range(world):
         parts = found[r]
-        gaps = sorted(set(range(max(parts) + 1)) - set(parts))
-        if gaps:
-            raise BadCheckpoint(f"{path}: rank {r} lacks part(s) {gaps}", path=str(path), rank=r)
+        if max(parts) + 1 != len(parts):
+            raise BadCheckpoint(f"{path}: rank {r} lacks part(s) {_some_missing(parts)}", path=str(path), rank=r)
         ranks.append(RankFiles(r, [read(budget.open(parts[p]), r) for p in sorted(parts)]))
     return ranks
+
+
+def _some_missing(present: Collection[int], most: int = 5) -> str:
+    """The first few numbers below max(present) that are absent (there must be one), and how many more."""
+    missing = list(itertools.islice((i for i in range(max(present)) if i not in present), most))
+    more = max(present) + 1 - len(present) - len(missing)
+    return f"[{', '.join(map(str, missing))}{f', and {more} more' if more else ''}]"
 
 
 def _indexed(path: Path, index: Path, budget: FileBudget, read: _Reader) -> list[FileHeader]:

@@ -108,6 +108,9 @@ def parse_header(
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise BadCheckpoint(f"{where}__metadata__ must map strings to strings", path=str(path))
+    for key, value in metadata.items():
+        _check_utf8(where, path, "__metadata__ key", key)
+        _check_utf8(where, path, f"__metadata__ value of {key!r}", value)
 
     _check_count(where, path, len(doc), max_tensors)
     tensors: list[TensorEntry] = []
@@ -165,7 +168,18 @@ def _check_covered(where: str, path: Path, ordered: list[TensorEntry], data_star
         )
 
 
+def _check_utf8(where: str, path: Path, what: str, text: str) -> None:
+    """JSON's escapes can spell lone surrogates, which no UTF-8 string holds: names are hashed and
+    sent as UTF-8 later, so such a name is refused here, as the bad checkpoint it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        printable = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise BadCheckpoint(f"{where}{what} {printable!r} is not valid Unicode text", path=str(path)) from None
+
+
 def _entry(where: str, path: Path, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
+    _check_utf8(where, path, "tensor name", name)
     if not isinstance(info, dict):
         raise BadCheckpoint(f"{where}tensor {name!r}: entry is not an object", path=str(path), tensor=name)
     dtype = lookup(str(info.get("dtype")), where=f"{where}tensor {name!r}: ")

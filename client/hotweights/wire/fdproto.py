@@ -4,6 +4,10 @@ Every failure is a typed error: the daemon's refusal as its own class (``TicketI
 ``PermissionDenied``, ...), a socket that cannot be reached or closes without an answer as
 ``Unavailable``, a daemon too busy to take the connection as ``FdChannelBusy`` (retried until the
 timeout; the ticket is not spent), and an exchange that outlives the timeout as ``DeadlineExceeded``.
+
+Once it holds every fd, the client sends back the nonce the daemon put after them: until a reader has
+taken its fds out of the socket they count against the daemon's user, so the daemon keeps counting
+an exchange that was never acknowledged against its peer (protocol: ``hotweightsd/server/fdchannel.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,23 @@ def _left(s: socket.socket, deadline: float, timeout: float) -> None:
     if left <= 0:
         raise errors.DeadlineExceeded(f"the fd socket did not answer within {timeout:g} s")
     s.settimeout(left)
+
+
+def _acknowledge(s: socket.socket, deadline: float, timeout: float) -> None:
+    """Reads the daemon's ``=<nonce>\\n`` (it follows every fd) and sends the nonce back. Best effort:
+    the fds are this process's already, and a daemon that gets no answer sees the close instead."""
+    line = b""
+    try:
+        while not line.endswith(b"\n") and len(line) <= 64:
+            _left(s, deadline, timeout)
+            more = s.recv(65 - len(line))
+            if not more:
+                return
+            line += more
+        if line.startswith(b"=") and line.endswith(b"\n"):
+            s.sendall(line[1:])
+    except (OSError, errors.DeadlineExceeded):
+        pass
 
 
 def _exchange(path: str, ticket: str, expected: int, deadline: float, timeout: float) -> list[int]:
@@ -86,6 +107,8 @@ def _exchange(path: str, ticket: str, expected: int, deadline: float, timeout: f
                     if not got:
                         break
                     fds.extend(got)
+                if reply.get("ack") and len(fds) == reply["count"]:
+                    _acknowledge(s, deadline, timeout)
             except TimeoutError:
                 raise errors.DeadlineExceeded(f"the fd socket {path} did not answer within {timeout:g} s") from None
             except OSError as exc:

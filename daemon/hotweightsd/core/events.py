@@ -90,19 +90,23 @@ class EventBus:
             if self._delivering:
                 return  # the thread delivering now takes this one too, in its turn
             self._delivering = True
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    ev = self._waiting.pop(self._next, None)
+                    if ev is None:
+                        return
+                    self._next += 1
+                    subs = list(self._subs.values())
+                for fn in subs:
+                    try:
+                        fn(ev)
+                    except Exception as exc:  # one broken subscriber must not stop the others or the publisher
+                        log.error("event.subscriber_failed", kind=ev.kind.value, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            # Whatever escapes (a BaseException from a subscriber), the next publisher must deliver again.
             with self._lock:
-                ev = self._waiting.pop(self._next, None)
-                if ev is None:
-                    self._delivering = False
-                    return
-                self._next += 1
-                subs = list(self._subs.values())
-            for fn in subs:
-                try:
-                    fn(ev)
-                except Exception as exc:  # one broken subscriber must not stop the others or the publisher
-                    log.error("event.subscriber_failed", event=ev.kind.value, error=f"{type(exc).__name__}: {exc}")
+                self._delivering = False
 
     def publish(self, kind: EventKind, name: str, **fields: str) -> Event:
         """Stamps and delivers at once: for events no lock orders."""

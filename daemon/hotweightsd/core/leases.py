@@ -10,7 +10,24 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hotweights.errors import PermissionDenied, ResourceExhausted, TicketInvalid
+from hotweights.errors import InvalidArgument, PermissionDenied, TicketInvalid, shorten
+
+# A holder names the process for people reading Status and the log; a longer one is a mistake or an attack.
+MAX_HOLDER_CHARS = 256
+# Leases one process (by the pid it gives at open) holds at once, unless configured otherwise.
+MAX_LEASES_PER_PID = 256
+
+
+def check_holder_label(holder: str) -> str:
+    """``holder`` if it is at most MAX_HOLDER_CHARS printable characters, else InvalidArgument."""
+    if len(holder) > MAX_HOLDER_CHARS:
+        raise InvalidArgument(
+            f"lease holder is {len(holder)} characters long; at most {MAX_HOLDER_CHARS} are accepted: "
+            f"{shorten(holder, 40)!r}"
+        )
+    if not holder.isprintable():
+        raise InvalidArgument(f"lease holder {holder!r} contains characters that are not printable")
+    return holder
 
 
 @dataclass
@@ -91,8 +108,9 @@ def check_holder(ticket: Ticket, peer_pid: int, peer_uid: int) -> None:
         )
 
 
-# Outstanding tickets: in all (beyond it GetHandles is refused until some are used or expire) and per
-# lease (beyond it the lease's oldest ticket is dropped: one holder's retries never crowd out others).
+# Outstanding tickets: in all and per lease. Past either, an old ticket is dropped rather than a new one
+# refused: the lease's own oldest, or, in all, the oldest of the process holding the most, so that
+# whoever issues tickets fastest loses its own first and never locks the others out.
 MAX_TICKETS = 65536
 MAX_TICKETS_PER_LEASE = 64
 
@@ -117,6 +135,11 @@ class TicketBook:
         self._clock = clock
         self._tickets: OrderedDict[str, Ticket] = OrderedDict()
         self._by_lease: dict[str, OrderedDict[str, None]] = {}
+        self._by_pid: dict[int, OrderedDict[str, None]] = {}
+        # pids by how many tickets they hold, and the largest such count: a count moves by one at a
+        # time, so finding the process that holds the most costs O(1).
+        self._pids_holding: dict[int, set[int]] = {}
+        self._most = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -130,14 +153,31 @@ class TicketBook:
             if mine is not None and len(mine) >= self.per_lease:
                 self._remove(next(iter(mine)))
             elif len(self._tickets) >= self.limit:
-                raise ResourceExhausted(
-                    f"{len(self._tickets)} handle tickets are outstanding, the most the daemon keeps: "
-                    "try again once some are used or expire",
-                    limit=self.limit,
-                )
+                greediest = next(iter(self._pids_holding[self._most]))
+                self._remove(next(iter(self._by_pid[greediest])))
             self._tickets[ticket.token] = ticket
             self._by_lease.setdefault(lease_id, OrderedDict())[ticket.token] = None
+            self._by_pid.setdefault(pid, OrderedDict())[ticket.token] = None
+            self._count(pid, +1)
         return ticket
+
+    def held_by(self, pid: int) -> int:
+        with self._lock:
+            return len(self._by_pid.get(pid, ()))
+
+    def _count(self, pid: int, step: int) -> None:
+        n = len(self._by_pid.get(pid, ()))
+        before = self._pids_holding.get(n - step)
+        if before is not None:
+            before.discard(pid)
+            if not before:
+                del self._pids_holding[n - step]
+        if n:
+            self._pids_holding.setdefault(n, set()).add(pid)
+        if n > self._most:
+            self._most = n
+        elif self._most not in self._pids_holding:
+            self._most = max(0, self._most - 1)
 
     def redeem(self, token: str, check: Callable[[Ticket], None] = lambda ticket: None) -> Ticket:
         """Consumes the ticket if ``check(ticket)`` passes; what ``check`` raises leaves it unspent, so
@@ -164,6 +204,11 @@ class TicketBook:
             del mine[token]
             if not mine:
                 del self._by_lease[ticket.lease_id]
+            theirs = self._by_pid[ticket.pid]
+            del theirs[token]
+            if not theirs:
+                del self._by_pid[ticket.pid]
+            self._count(ticket.pid, -1)
         return ticket
 
     def _sweep(self, now: float) -> None:

@@ -48,6 +48,7 @@ from hotweights.errors import (
     LeaseHeld,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
     shorten,
 )
@@ -59,7 +60,14 @@ from hotweightsd.core.backend import Allocation, AllocationMode, MemoryBackend
 from hotweightsd.core.content import ContentId, content_of
 from hotweightsd.core.events import EventBus, EventKind
 from hotweightsd.core.layout import RankLayout, plan_rank
-from hotweightsd.core.leases import Lease, TicketBook, check_holder, new_lease_id
+from hotweightsd.core.leases import (
+    MAX_LEASES_PER_PID,
+    Lease,
+    TicketBook,
+    check_holder,
+    check_holder_label,
+    new_lease_id,
+)
 from hotweightsd.core.registry import ModelVersion, ResidentRank, State, check_name, split_ref
 from hotweightsd.core.roots import ModelRoots
 
@@ -126,8 +134,10 @@ class ModelManager:
         keep_previous_seconds: float = 600.0,
         relet_grace: float = RELET_GRACE,
         header_limits: HeaderLimits | None = None,
+        max_leases_per_pid: int = MAX_LEASES_PER_PID,
     ) -> None:
         self.backend = backend
+        self.max_leases_per_pid = max_leases_per_pid
         self.roots = roots or ModelRoots()
         self.max_checkpoint_files = max_checkpoint_files
         self.keep_previous = keep_previous
@@ -142,6 +152,7 @@ class ModelManager:
         self._versions: dict[str, ModelVersion] = {}
         self._aliases: dict[str, str] = {}  # alias -> "name@version"
         self._leases: dict[str, Lease] = {}
+        self._leases_of: dict[int, int] = {}  # pid as given at open -> leases it holds
         self._lock = threading.RLock()
         self._admit_lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -1015,13 +1026,23 @@ class ModelManager:
 
     def open_lease(self, ref: str, pid: int = 0, uid: int = -1, holder: str = "") -> Lease:
         self._check_open()
+        check_holder_label(holder)
         with self._lock:
             mv = self.resolve(ref)
+            held = self._leases_of.get(pid, 0)
+            if held >= self.max_leases_per_pid:
+                raise ResourceExhausted(
+                    f"pid {pid} holds {held} leases, the most one process may (max_leases_per_pid): "
+                    "close some before opening more",
+                    pid=pid,
+                    limit=self.max_leases_per_pid,
+                )
             lease = Lease(new_lease_id(), ref, mv.name, mv.version, pid, uid, holder, seq=self.events.stamped)
             self._leases[lease.id] = lease
+            self._leases_of[pid] = held + 1
             mv.leases.add(lease.id)
             mv.relet_until = 0.0  # a holder is back: the version goes with its last lease, as before the restart
-        log.info("lease.open", lease=lease.id, model=mv.key, pid=pid, holder=holder)
+        log.info("lease.open", lease=lease.id, model=mv.key, pid=pid, holder=shorten(holder, 64))
         return lease
 
     def close_lease(self, lease_id: str) -> None:
@@ -1030,6 +1051,9 @@ class ModelManager:
             lease = self._leases.pop(lease_id, None)
             if lease is None:
                 return
+            left = self._leases_of.pop(lease.pid) - 1
+            if left:
+                self._leases_of[lease.pid] = left
             self.tickets.drop_lease(lease_id)
             fx.log("info", "lease.closed", lease=lease_id, model=f"{lease.name}@{lease.version}")
             mv = self._versions.get(f"{lease.name}@{lease.version}")
@@ -1299,6 +1323,7 @@ class ModelManager:
             self._versions.clear()
             self._aliases.clear()
             self._leases.clear()
+            self._leases_of.clear()
         try:
             self.backend.close()
         except Exception as exc:  # closing must not hide the shutdown

@@ -13,11 +13,11 @@ from hotweightsd.core.backend import Allocation, AllocationMode
 from hotweightsd.core.content import ContentId
 from hotweightsd.core.layout import RankLayout
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def check_name(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise InvalidArgument(
             f"invalid {kind} {shorten(value)!r}: use 1-128 letters, digits, '.', '_' or '-',"
             " starting with a letter or digit"

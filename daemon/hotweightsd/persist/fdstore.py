@@ -16,10 +16,12 @@ fsync or a wedged service manager never holds up a registry change or an RPC.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +48,16 @@ def state_path(socket: str, state_dir: str = "") -> Path:
 
 
 def fd_name(key: str, rank: int, index: int) -> str:
-    return f"hw/{key}/{rank}/{index}"
+    """The version's fd-store name for one allocation: readable when systemd takes it as it is.
+
+    A key systemd would refuse (too long for an FDNAME, or a character it does not accept) is
+    named by its hash instead; the state file records the names, so a restore never derives them.
+    """
+    name = f"hw/{key}/{rank}/{index}"
+    try:
+        return systemd.check_fdname(name)
+    except HotweightsError:
+        return f"hw/#{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:40]}/{rank}/{index}"
 
 
 def _encode_version(mv: ModelVersion, names: list[list[str]], shares_allocations: str = "") -> dict:
@@ -113,13 +124,23 @@ class Persister:
     messages in event order and writes the state file once for all the events it found queued.
     """
 
-    def __init__(self, manager: ModelManager, state_path: Path, socket: str, fdstore: bool) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        state_path: Path,
+        socket: str,
+        fdstore: bool,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.m = manager
         self.state_path = state_path
         self.socket = os.path.abspath(socket)
         self.fdstore = fdstore
         self.refused = ""  # why the state file is not this daemon's to write; "" when it is
         self.writes = 0
+        # Told once if the thread ever ends other than by close(): nothing is persisted after that.
+        self.on_failure = on_failure or (lambda exc: None)
+        self.failure: BaseException | None = None
         self._stored: dict[str, list[str]] = {}  # version key -> fd names in the store
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="hw-persist", daemon=True)
@@ -139,6 +160,8 @@ class Persister:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Waits until everything queued before this call has been carried out."""
+        if self.failure is not None:
+            return False
         marker = _Flush()
         self._queue.put(marker)
         return marker.done.wait(timeout)
@@ -151,6 +174,14 @@ class Persister:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:
+            self.failure = exc
+            log.critical("persist.thread_died", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            self.on_failure(exc)
+
+    def _serve(self) -> None:
         while True:
             batch = [self._queue.get()]
             while True:
@@ -161,7 +192,7 @@ class Persister:
             dirty = False
             for item in batch:
                 if isinstance(item, Event):
-                    dirty |= self._apply(item)
+                    dirty |= self._apply_logged(item)
                 elif isinstance(item, _Flush):
                     dirty |= item.save
             if dirty:
@@ -172,7 +203,7 @@ class Persister:
             if any(item is _STOP for item in batch):
                 return
 
-    def _apply(self, ev: Event) -> bool:
+    def _apply_logged(self, ev: Event) -> bool:
         key = f"{ev.name}@{ev.version}"
         try:
             if ev.kind is EventKind.VERSION_READY:
@@ -180,7 +211,11 @@ class Persister:
             elif ev.kind is EventKind.VERSION_FREED:
                 self._forget(key)
         except HotweightsError as exc:
-            log.error("persist.failed", event=ev.kind.value, model=key, error=str(exc))
+            log.error("persist.failed", kind=ev.kind.value, model=key, error=str(exc))
+        except Exception as exc:  # a bug in one item must not end persisting for every later one
+            log.error(
+                "persist.failed", kind=ev.kind.value, model=key, error=f"{type(exc).__name__}: {exc}", exc_info=True
+            )
         return ev.kind in _SAVE_ON
 
     def _store(self, key: str) -> None:
@@ -191,16 +226,25 @@ class Persister:
             if any(v.key == key and v.mode is not AllocationMode.FD for v in self.m.versions()):
                 log.info("persist.not_stored", model=key, reason="legacy IPC memory dies with the daemon")
             return  # otherwise freed again before this thread got to it
-        names = []
+        names: list[str] = []
         try:
             for rank, index, fd in exported:
-                names.append(fd_name(key, rank, index))
-                systemd.store_fds(names[-1], [fd])
+                name = fd_name(key, rank, index)
+                systemd.store_fds(name, [fd])
+                names.append(name)
+        except BaseException:
+            # All or nothing: the state file then records the version as one to reload from storage,
+            # never as one whose fds the store holds only in part.
+            for name in names:
+                try:
+                    systemd.remove_fds(name)
+                except HotweightsError as exc:
+                    log.error("persist.remove_failed", model=key, fd=name, error=str(exc))
+            raise
         finally:
             for *_, fd in exported:
                 os.close(fd)
-            if names:
-                self._stored[key] = names
+        self._stored[key] = names
         log.info("persist.stored", model=key, fds=len(names))
 
     def _forget(self, key: str) -> None:
@@ -235,6 +279,10 @@ class Persister:
             self.save()
         except HotweightsError as exc:
             log.error("persist.save_failed", path=str(self.state_path), error=str(exc))
+        except Exception as exc:  # the next change writes the state file again
+            log.error(
+                "persist.save_failed", path=str(self.state_path), error=f"{type(exc).__name__}: {exc}", exc_info=True
+            )
 
 
 @dataclass

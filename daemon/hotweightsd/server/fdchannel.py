@@ -1,16 +1,28 @@
 """The side channel that hands allocation fds to clients (gRPC cannot carry fds).
 
 Protocol, one exchange per connection: the client sends ``HWT1 <ticket>\\n``; the daemon answers
-one JSON line, ``{"ok": true, "count": N}`` with the N fds attached by SCM_RIGHTS (in batches of
-at most 250), or ``{"ok": false, "error": CLASS, "message": ...}``. Tickets come from GetHandles,
-are single-use, expire and are bound to the lease's holder: the kernel's word on the connecting
-process (SO_PEERCRED) must name the pid that opened the lease (and, once known, its uid), or the
-answer is PermissionDenied, the ticket stays unspent and the lease record unchanged.
+one JSON line, ``{"ok": true, "count": N, "ack": true}`` with the N fds attached by SCM_RIGHTS (in
+batches of at most 250, each further batch on a ``+``), then ``=<nonce>\\n``; or
+``{"ok": false, "error": CLASS, "message": ...}``. The client acknowledges by sending ``<nonce>\\n``
+back, which it can read only after every fd before it: fds sent and not yet read stay charged to the
+daemon's user (the kernel's in-flight count), and past its fd limit every send of fds fails, for
+every client. So the daemon closes a connection only once its peer has acknowledged or closed it; a
+peer that does neither within the deadline keeps its connection open and counted against its
+shares, and a user holding ``fd_channel_max_unacked_per_uid`` such exchanges is answered busy.
+(A client that predates the acknowledgement closes the connection as soon as it has its fds.)
+
+Tickets come from GetHandles, are single-use, expire and are bound to the lease's holder: the
+kernel's word on the connecting process (SO_PEERCRED) must name the pid that opened the lease (and,
+once known, its uid), or the answer is PermissionDenied, the ticket stays unspent and the lease
+record unchanged.
 
 The channel is an asyncio server on an event loop of its own thread, so no client can hold up
-another: each connection has a deadline (``fd_channel_timeout_seconds``) for its whole exchange;
-beyond ``fd_channel_max_connections`` open at once a new connection is answered ``FdChannelBusy``
-at once and closed, so the listen backlog never fills; an accept() that fails for want of fds or
+another: each connection has a deadline (``fd_channel_timeout_seconds``) for its whole exchange and
+a shorter one (``fd_channel_ticket_seconds``) for its ticket line; beyond
+``fd_channel_max_connections`` open at once, or beyond one process's share
+(``fd_channel_max_per_pid``) or one user's (``fd_channel_max_per_uid``), by the kernel's word
+(SO_PEERCRED), a new connection is answered ``FdChannelBusy`` at once and closed, so the listen
+backlog never fills and no one peer fills the channel; an accept() that fails for want of fds or
 buffers is logged and retried after a growing pause. Anything else that ends the accept loop is
 reported to ``on_failure`` (the daemon turns its health NOT_SERVING).
 """
@@ -21,6 +33,7 @@ import asyncio
 import errno
 import json
 import os
+import secrets
 import socket
 import struct
 import threading
@@ -34,6 +47,7 @@ from hotweights.errors import (
     HotweightsError,
     InvalidArgument,
     PermissionDenied,
+    ResourceExhausted,
     TicketInvalid,
 )
 from hotweights.wire.fdproto import MAGIC
@@ -118,12 +132,23 @@ class FdChannel:
         *,
         timeout: float = 5.0,
         max_connections: int = 1024,
+        max_per_pid: int = 8,
+        max_per_uid: int = 256,
+        max_unacked_per_uid: int = 16,
+        ticket_timeout: float = 2.0,
         on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.path = path
         self.manager = manager
         self.timeout = timeout
+        self.ticket_timeout = min(ticket_timeout, timeout)
         self.max_connections = max_connections
+        self.max_per_pid = max_per_pid
+        self.max_per_uid = max_per_uid
+        self.max_unacked_per_uid = max_unacked_per_uid
+        self._per_pid: dict[int, int] = {}
+        self._per_uid: dict[int, int] = {}
+        self._unacked: dict[int, int] = {}  # uid -> exchanges past their deadline, fds maybe unread
         # Told each connection's outcome: ok, refused (a bad or expired ticket), denied (not the
         # lease's holder), busy, timeout, io_error; and accept_error for each failed accept().
         self.on_connection = on_connection or (lambda outcome: None)
@@ -219,51 +244,147 @@ class FdChannel:
             if failures:
                 log.info("fdchannel.accept_recovered", failures=failures)
                 delay, failures = 0.0, 0
-            if self._open >= self.max_connections:
-                _send_now(conn, _error_line(_busy(self._open)))
+            try:
+                creds = peer_credentials(conn)
+            except OSError as exc:
+                log.warning("fdchannel.io_error", error=str(exc))
+                conn.close()
+                self.on_connection("io_error")
+                continue
+            busy = self._busy_for(*creds[:2])
+            if busy is not None:
+                _send_now(conn, _error_line(busy))
                 conn.close()
                 self.on_connection("busy")
                 continue
             self._open += 1
-            task = loop.create_task(self._serve(conn))
+            self._per_pid[creds[0]] = self._per_pid.get(creds[0], 0) + 1
+            self._per_uid[creds[1]] = self._per_uid.get(creds[1], 0) + 1
+            task = loop.create_task(self._serve(conn, creds))
             conns.add(task)
             task.add_done_callback(conns.discard)
 
-    async def _serve(self, conn: socket.socket) -> None:
+    def _busy_for(self, pid: int, uid: int) -> HotweightsError | None:
+        if self._open >= self.max_connections:
+            return _busy(self._open)
+        if self._per_pid.get(pid, 0) >= self.max_per_pid:
+            return FdChannelBusy(
+                f"pid {pid} has {self.max_per_pid} connections open on the fd socket, the most one process "
+                "may: finish those first"
+            )
+        if self._unacked.get(uid, 0) >= self.max_unacked_per_uid:
+            return FdChannelBusy(
+                f"uid {uid} holds {self._unacked[uid]} fd socket connections whose fds it has not read: "
+                "read or close those first"
+            )
+        if self._per_uid.get(uid, 0) >= self.max_per_uid:
+            return FdChannelBusy(
+                f"uid {uid} has {self.max_per_uid} connections open on the fd socket, the most one user may: "
+                "try again shortly"
+            )
+        return None
+
+    @staticmethod
+    def _release(counts: dict[int, int], who: int) -> None:
+        left = counts.pop(who) - 1
+        if left:
+            counts[who] = left
+
+    async def _serve(self, conn: socket.socket, creds: tuple[int, int, int]) -> None:
         outcome = "io_error"
+        nonce = b""
         try:
-            async with asyncio.timeout(self.timeout):
-                outcome = await self._exchange(conn)
-        except TimeoutError:
-            outcome = "timeout"
-            _send_now(conn, _error_line(_deadline(self.timeout)))
+            try:
+                async with asyncio.timeout(self.timeout):
+                    outcome, nonce = await self._exchange(conn, creds)
+                    if nonce:
+                        await self._acknowledged(conn, nonce)
+            except TimeoutError:
+                if not nonce:
+                    outcome = "timeout"
+                    _send_now(conn, _error_line(_deadline(self.timeout)))
+                    return
+                outcome = await self._held(conn, nonce, creds)
         except OSError as exc:
-            log.warning("fdchannel.io_error", error=str(exc))
+            if exc.errno == errno.ETOOMANYREFS:
+                outcome = "too_many_refs"
+                log.error(
+                    "fdchannel.too_many_refs",
+                    pid=creds[0],
+                    uid=creds[1],
+                    error="the daemon's user has too many fds in flight (sent, not yet read by clients): "
+                    "no fds can be sent until clients read or close theirs",
+                )
+                _send_now(
+                    conn, _error_line(ResourceExhausted("the daemon cannot send fds now: too many are in flight"))
+                )
+            else:
+                log.warning("fdchannel.io_error", error=str(exc))
         except Exception:
             log.exception("fdchannel.internal_error")
         finally:
             conn.close()
             self._open -= 1
+            self._release(self._per_pid, creds[0])
+            self._release(self._per_uid, creds[1])
             self.on_connection(outcome)
 
-    async def _exchange(self, conn: socket.socket) -> str:
-        pid, uid, _gid = peer_credentials(conn)
+    @staticmethod
+    async def _acknowledged(conn: socket.socket, nonce: bytes) -> None:
+        """Returns once the peer has sent ``nonce`` back or closed the connection (either way, the
+        fds are no longer in flight); anything else it sends is read and ignored."""
+        loop = asyncio.get_running_loop()
+        seen = b""
+        while True:
+            try:
+                chunk = await loop.sock_recv(conn, 256)
+            except ConnectionResetError:  # closed with our reply unread: the kernel dropped its fds
+                return
+            if not chunk:
+                return
+            seen = (seen + chunk)[-(len(nonce) + 1) :]
+            if seen.endswith(nonce + b"\n"):
+                return
+
+    async def _held(self, conn: socket.socket, nonce: bytes, creds: tuple[int, int, int]) -> str:
+        """Waits, without a deadline, for the ack of a peer that has not read its fds in time: the
+        connection stays open and counted against the peer's shares until it does or closes."""
+        uid = creds[1]
+        self._unacked[uid] = self._unacked.get(uid, 0) + 1
+        log.warning("fdchannel.unacknowledged", pid=creds[0], uid=uid, held=self._unacked[uid])
         try:
-            token = await self._read_ticket(conn)
+            await self._acknowledged(conn, nonce)
+        finally:
+            self._release(self._unacked, uid)
+        return "unacked"
+
+    async def _exchange(self, conn: socket.socket, creds: tuple[int, int, int]) -> tuple[str, bytes]:
+        """The outcome, and the nonce the peer must send back (b"" when no fds were sent)."""
+        pid, uid, _gid = creds
+        try:
+            try:
+                async with asyncio.timeout(self.ticket_timeout):
+                    token = await self._read_ticket(conn)
+            except TimeoutError:
+                # A ticket line is one short write: a peer that has not sent it by now only holds a slot.
+                _send_now(conn, _error_line(DeadlineExceeded(f"no ticket line within {self.ticket_timeout:g} s")))
+                return "timeout", b""
             async with self._serving:
                 _, fds = self.manager.redeem(token, pid, uid)
+                nonce = secrets.token_hex(8).encode()
                 try:
-                    await send_reply(conn, {"ok": True, "count": len(fds)}, fds)
+                    await send_reply(conn, {"ok": True, "count": len(fds), "ack": True}, fds)
                 finally:
                     for fd in fds:
                         os.close(fd)
-            return "ok"
+                await _send(conn, b"=" + nonce + b"\n", [])
+            return "ok", nonce
         except HotweightsError as exc:
             await send_reply(conn, {"ok": False, "error": type(exc).__name__, "message": exc.message}, [])
             if isinstance(exc, PermissionDenied) and not isinstance(exc, TicketInvalid):
                 log.warning("fdchannel.denied", pid=pid, uid=uid, error=exc.message)
-                return "denied"
-            return "refused"
+                return "denied", b""
+            return "refused", b""
 
     @staticmethod
     async def _read_ticket(conn: socket.socket) -> str:

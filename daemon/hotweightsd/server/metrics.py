@@ -194,8 +194,19 @@ class DaemonMetrics:
         return generate_latest(self.registry)
 
 
+# Every reader may connect to the metrics socket, and each connection has a thread: a connection
+# that sends nothing is cut after the timeout, and past the cap new ones are answered busy at once.
+METRICS_TIMEOUT_SECONDS = 5.0
+METRICS_MAX_CONNECTIONS = 32
+_BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n"
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _UnixHTTPServer
+
+    def setup(self) -> None:
+        self.request.settimeout(self.server.handler_timeout)
+        super().setup()
 
     def do_GET(self) -> None:
         if self.path.split("?")[0] not in ("/", "/metrics"):
@@ -223,25 +234,54 @@ class _Handler(BaseHTTPRequestHandler):
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: str, metrics: DaemonMetrics) -> None:
+    def __init__(self, path: str, metrics: DaemonMetrics, timeout: float, max_connections: int) -> None:
         self.metrics = metrics
+        self.handler_timeout = timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(path, _Handler, bind_and_activate=False)
 
     def server_bind(self) -> None:
         with born_with_mode(0o660):
             self.socket.bind(self.server_address)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
 
 class MetricsServer:
     """HTTP on a unix socket: ``GET /metrics`` answers the Prometheus text format."""
 
-    def __init__(self, path: str, metrics: DaemonMetrics) -> None:
+    def __init__(
+        self,
+        path: str,
+        metrics: DaemonMetrics,
+        timeout: float = METRICS_TIMEOUT_SECONDS,
+        max_connections: int = METRICS_MAX_CONNECTIONS,
+    ) -> None:
         self.path = path
         if os.path.exists(path):
             if alive(path):
                 raise DaemonAlreadyRunning(f"a live process answers on {path}; refusing to take it over", socket=path)
             os.unlink(path)
-        self._server = _UnixHTTPServer(path, metrics)
+        self._server = _UnixHTTPServer(path, metrics, timeout, max_connections)
         try:
             self._server.server_bind()
             self._server.server_activate()

@@ -1,0 +1,60 @@
+"""The metrics socket is open to every reader: a silent connection is closed after its timeout, and
+past the connection cap a new one is answered 503 at once, so idle connections cannot pile up threads."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from support.daemons import start_daemon, wait_until
+
+
+def _connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    return s
+
+
+def _scrape(path: str) -> bytes:
+    with _connect(path) as s:
+        s.settimeout(30)
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def _closed(s: socket.socket) -> bool:
+    s.settimeout(0.05)
+    try:
+        return s.recv(4096) == b""
+    except TimeoutError:
+        return False
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_idle_metrics_connections_are_capped_and_closed(sockdir):
+    args = ("--metrics-max-connections", "4", "--metrics-timeout-seconds", "1")
+    with start_daemon(str(sockdir / "hw.sock"), *args) as d:
+        path = d.socket + ".metrics"
+        assert _scrape(path).startswith(b"HTTP/1.0 200")
+        before = _threads(d.pid)
+        idle = [_connect(path) for _ in range(4)]
+        wait_until(lambda: _threads(d.pid) >= before + 4, what="a thread for each of the 4 idle connections")
+        # the cap is reached: more connections are answered busy and closed, with no thread
+        extra = [_connect(path) for _ in range(20)]
+        for s in extra:
+            s.settimeout(30)
+            assert s.recv(4096).startswith(b"HTTP/1.0 503"), "a connection past the cap was not answered busy"
+            s.close()
+        assert _threads(d.pid) <= before + 4
+        # the idle ones are closed by the daemon, and their threads end
+        for s in idle:
+            wait_until(lambda s=s: _closed(s), what="the daemon to close a silent metrics connection")
+            s.close()
+        wait_until(lambda: _threads(d.pid) <= before, what="the idle connections' threads to end")
+        assert _scrape(path).startswith(b"HTTP/1.0 200")
