@@ -40,8 +40,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Hotweights"].full_name
 
 
 async def serve(cfg: Config) -> None:
-    if cfg.unknown_env:
-        log.warning("config.unknown_env", names=list(cfg.unknown_env), note="not configuration keys: ignored")
     # The state file is read and written only while this daemon holds the socket's lock.
     if cfg.operator_socket in (cfg.socket, fd_socket_path(cfg.socket)):
         raise InvalidArgument(f"operator_socket must differ from the readers' sockets, got {cfg.operator_socket}")
