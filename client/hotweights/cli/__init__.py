@@ -508,7 +508,13 @@ def doctor(
     Lustre network, memlock, NUMA placement of the GPUs, and the daemon."""
     from hotweights.tools.doctor import FAIL, WARN, as_dicts, checks
 
-    results = checks(socket, origin="--socket" if socket else None, models=models or (), config=config)
+    # Relative paths are the operator's, from here; doctor's probes read absolute ones.
+    results = checks(
+        socket,
+        origin="--socket" if socket else None,
+        models=[os.path.abspath(m) for m in models or ()],
+        config=os.path.abspath(config) if config else None,
+    )
     failed = sum(c.status == FAIL for c in results)
     warned = sum(c.status == WARN for c in results)
     if json_out:
