@@ -54,6 +54,11 @@ def test_a_typo_is_not_found_with_the_known_aliases_and_moves_nothing(daemon, tm
     assert r.returncode == 1 and "no alias named 'prdo'" in r.stderr, r.stderr
     r = daemon.cli("alias", "prdo", "llm@v2")
     assert r.returncode == 1 and "no alias named 'prdo'" in r.stderr, r.stderr
+    # rollback and alias --remove have no --create: their message does not offer it
+    for args in (("rollback", "prdo"), ("alias", "prdo", "--remove")):
+        r = daemon.cli(*args)
+        assert r.returncode == 1 and "no alias named 'prdo' (known aliases: canary, prod)" in r.stderr, r.stderr
+        assert "--create" not in r.stderr, r.stderr
     with daemon.connect() as c:
         with pytest.raises(errors.NotFound) as info:
             c.swap("prdo", "llm@v2")

@@ -184,8 +184,9 @@ class ModelManager:
         with self._lock:
             return list(self._leases.values())
 
-    def require_alias(self, alias: str) -> str:
-        """The key ``alias`` points at; NotFound naming the known aliases when there is no such alias."""
+    def require_alias(self, alias: str, *, creatable: bool = True) -> str:
+        """The key ``alias`` points at; NotFound naming the known aliases when there is no such alias
+        (with the hint to create it where the caller can: a swap or an alias move, not a rollback)."""
         with self._lock:
             key = self._aliases.get(alias)
             if key is not None:
@@ -194,9 +195,9 @@ class ModelManager:
         listed = ", ".join(shorten(a) for a in known[:_LIST_ALIASES])
         if len(known) > _LIST_ALIASES:
             listed += f" and {len(known) - _LIST_ALIASES} more"
+        hint = "; pass --create (create=true) to make a new one" if creatable else ""
         raise NotFound(
-            f"no alias named {shorten(alias)!r} (known aliases: {listed or 'none'}); "
-            "pass --create (create=true) to make a new one",
+            f"no alias named {shorten(alias)!r} (known aliases: {listed or 'none'}){hint}",
             alias=alias,
             aliases=known[:_LIST_ALIASES],
         )
@@ -1145,7 +1146,7 @@ class ModelManager:
         """Deletes ``alias``; a previous version kept for its rollback is retired with it."""
         check_name("alias", alias)
         with self._txn() as fx:
-            key = self.require_alias(alias)
+            key = self.require_alias(alias, creatable=False)
             del self._aliases[alias]
             name, _, version = key.partition("@")
             fx.publish(EventKind.ALIAS_REMOVED, name, version=version, alias=alias)
@@ -1224,7 +1225,7 @@ class ModelManager:
         """
         check_name("alias", alias)
         with self._txn():
-            current = self.require_alias(alias)
+            current = self.require_alias(alias, creatable=False)
             prev = next((v for v in self._versions.values() if v.previous_of == alias), None)
             if prev is None or prev.state is not State.READY or prev.freed or prev.key == current:
                 raise FailedPrecondition(
