@@ -384,11 +384,24 @@ def unload(
 ) -> None:
     """Free a model's resident memory."""
     with reported():
-        r = _client(socket, operator_socket=operator_socket).unload(ref, force=force)
+        c = _client(socket, operator_socket=operator_socket)
+        # What --force takes with it, read first: the answer names only the versions unloaded.
+        before = c.list().versions if force else []
+        r = c.unload(ref, force=force)
     if json_out:
         print_json(message_dict(r))
         return
     typer.echo(f"unloaded {', '.join(r.unloaded)} ({format_size(r.bytes_freed)})")
+    gone = [v for v in before if f"{v.name}@{v.version}" in r.unloaded]
+    aliases = sorted({a for v in gone for a in v.aliases})
+    if aliases:
+        typer.echo(f"removed alias(es) {', '.join(aliases)}: clients attaching them now get NotFound")
+        kept = [f"{v.name}@{v.version}" for v in before if v.previous_of in aliases and v not in gone]
+        if kept:
+            typer.echo(f"retired {', '.join(kept)}, kept for their rollback: freed when its last lease ends")
+    leased = [(f"{v.name}@{v.version}", v.leases) for v in gone if v.leases]
+    for key, n in leased:
+        typer.echo(f"{key}: {n} live lease(s) still map its memory; it comes back when they end")
 
 
 @app.command("list")

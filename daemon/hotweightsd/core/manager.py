@@ -895,7 +895,11 @@ class ModelManager:
     # ---- unloading and freeing ------------------------------------------------------------
 
     def unload(self, ref: str, force: bool = False) -> tuple[list[str], int]:
-        """Frees NAME (every version) or NAME@VERSION; returns once the memory is freed."""
+        """Frees NAME (every version) or NAME@VERSION; returns (the keys, the bytes given back now).
+
+        Forced, the version's aliases go with it, and so do the versions kept for their rollback:
+        with the alias gone nothing can roll back to them. Memory a live lease still maps is not
+        counted: it comes back when the lease ends."""
         with self._txn() as fx:
             targets = self._unload_targets(ref)
             for mv in targets:
@@ -914,14 +918,18 @@ class ModelManager:
                         ref=mv.key,
                         leases=len(mv.leases),
                     )
-            freed, total = [], 0
+            freed, total, removed = [], 0, []
             for mv in targets:
                 for a in self.aliases_of(mv.key):
                     del self._aliases[a]
                     fx.publish(EventKind.ALIAS_REMOVED, mv.name, version=mv.version, alias=a)
-                total += self._own_bytes(mv)
+                    removed.append(a)
+                if not mv.leases:
+                    total += self._own_bytes(mv)
                 self._drop(mv, fx)
                 freed.append(mv.key)
+            for a in removed:  # after the targets: a kept version that is one of them was counted above
+                self.release_kept(a)
         return freed, total
 
     def _unload_targets(self, ref: str) -> list[ModelVersion]:
