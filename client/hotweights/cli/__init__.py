@@ -76,6 +76,36 @@ def reported(progress: _Progress | None = None) -> Iterator[None]:
         progress.end()
 
 
+@contextmanager
+def _interrupted(progress: _Progress, message: str) -> Iterator[None]:
+    """Ctrl-C stops the waiting, not the work: the daemon finishes a load it has taken, so say so and how
+    to follow or stop it, and exit as an interrupted command does."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        progress.end()
+        typer.echo(f"interrupted: {message}", err=True)
+        raise typer.Exit(130) from None
+
+
+def _load_keeps_going(name: str, version: str | None) -> str:
+    if version:
+        ref, stop = f"{name}@{version}", f"hotweights unload {name}@{version}"
+    else:
+        ref, stop = name, f"hotweights unload {name}@VERSION, its version as `hotweights list` shows it LOADING"
+    return (
+        f"the load of {ref} keeps going in the daemon; follow it with `hotweights watch {name}`, stop it with `{stop}`"
+    )
+
+
+def _swap_keeps_going(alias: str) -> str:
+    return (
+        f"the swap of {alias} keeps going in the daemon: {alias} moves once the new version is READY; follow it "
+        f"with `hotweights watch {alias}`, stop it with `hotweights unload NAME@VERSION` of the version "
+        "`hotweights list` shows LOADING"
+    )
+
+
 def _client(socket: str | None, timeout: float = 10.0, operator_socket: str | None = None) -> Client:
     return connect(socket, timeout=timeout, origin="--socket" if socket else None, operator_socket=operator_socket)
 
@@ -260,7 +290,7 @@ def load(
         dmap = [int(x) for x in device_map.split(",")] if device_map else []
     except ValueError:
         fail(errors.InvalidArgument(f"--device-map must be comma-separated integers, got {device_map!r}"))
-    with reported(progress):
+    with reported(progress), _interrupted(progress, _load_keeps_going(name, version)):
         info = _client(socket, operator_socket=operator_socket).load(
             name,
             path,
@@ -310,7 +340,7 @@ def swap(
     """Point an existing alias at another version; the old one is kept for a rollback, or freed when its
     last lease ends."""
     progress = _Progress(not json_out)
-    with reported(progress):
+    with reported(progress), _interrupted(progress, _swap_keeps_going(alias)):
         info = _client(socket, operator_socket=operator_socket).swap(
             alias,
             target,
