@@ -89,12 +89,10 @@ def _interrupted(progress: _Progress, message: str) -> Iterator[None]:
 
 
 def _load_keeps_going(name: str, version: str | None) -> str:
-    if version:
-        ref, stop = f"{name}@{version}", f"hotweights unload {name}@{version}"
-    else:
-        ref, stop = name, f"hotweights unload {name}@VERSION, its version as `hotweights list` shows it LOADING"
+    which = "" if version else " (VERSION: the one `hotweights list` shows LOADING)"
     return (
-        f"the load of {ref} keeps going in the daemon; follow it with `hotweights watch {name}`, stop it with `{stop}`"
+        f"the load of {name}{'@' + version if version else ''} keeps going in the daemon; follow it with "
+        f"`hotweights watch {name}`, stop it with `hotweights unload {name}@{version or 'VERSION'}`{which}"
     )
 
 
