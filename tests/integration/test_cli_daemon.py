@@ -215,3 +215,13 @@ def test_load_again_is_idempotent_and_other_content_is_refused(daemon, tmp_path)
     st = daemon.status()
     assert sorted(v["name"] for v in st["versions"]) == ["m", "n"]
     assert [v["source"] for v in st["versions"] if v["name"] == "m"] == [str(ckpt)]
+
+
+def test_a_daemon_wide_full_verify_says_how_to_load_a_plain_checkpoint(sockdir, tmp_path):
+    ckpt = write_model(tmp_path / "plain.safetensors")  # no hotweights.json beside it
+    with start_daemon(str(sockdir / "v.sock"), "--verify", "full") as d:
+        r = d.cli("load", "m", str(ckpt), "--version", "v1")
+        assert r.returncode == 1, r.stdout
+        assert 'verify=full (from the daemon\'s verify = "full") needs a hotweights.json manifest' in r.stderr
+        assert "Load it with --verify fast or none" in r.stderr and "hotweights shard" in r.stderr, r.stderr
+        d.cli("load", "m", str(ckpt), "--version", "v1", "--verify", "fast", check=True)

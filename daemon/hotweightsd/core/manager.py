@@ -762,8 +762,13 @@ class ModelManager:
             return
         if ckpt.manifest_path is None:
             if level == "full":
+                # the daemon-wide level reaches plain HF directories too: say both ways forward
+                source = 'the daemon\'s verify = "full"' if verify in (None, "default") else "this load's verify"
                 raise FailedPrecondition(
-                    f"{ckpt.path}: verify=full needs a hotweights.json manifest; none found", path=str(ckpt.path)
+                    f"{ckpt.path}: verify=full (from {source}) needs a hotweights.json manifest; none found. "
+                    "Load it with --verify fast or none (nothing to check it against), or shard it with "
+                    "`hotweights shard SRC OUT --tp 1` to write a manifest",
+                    path=str(ckpt.path),
                 )
             return
         from hotweights.format import manifest
