@@ -9,6 +9,8 @@ its flags from the same fields, and ``Config.loader_settings()`` hands the loade
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ from hotweights.paths import operator_socket_for, socket_for
 from hotweights.units import parse_size
 from hotweightsd.core.faults import FaultPlan
 from hotweightsd.core.leases import MAX_LEASES_PER_PID
+from hotweightsd.core.registry import check_name
 from hotweightsd.loaders.settings import ENGINES, MAX_DEPTH, MAX_THREADS, READ_MODES, READ_ORDERS, LoaderSettings
 from hotweightsd.server.metrics import METRICS_MAX_CONNECTIONS, METRICS_TIMEOUT_SECONDS
 from hotweightsd.server.watchers import QUEUE_DEPTH
@@ -50,6 +53,10 @@ LOADER_KEYS = {
 # Client-side variables: read by the client library and tools, not by the daemon's config.
 # (HOTWEIGHTS_SOCKET and HOTWEIGHTS_OPERATOR_SOCKET are read by both: the same path on both sides.)
 CLIENT_ENV = frozenset({"HOTWEIGHTS_DISABLE_CUDA", "HOTWEIGHTS_CUDA_WRITABLE"})
+# Upper bounds of the time keys: past them a value is a typo, and timers overflow long before inf.
+_HOUR = 3600.0
+_DAY = 24 * _HOUR
+_WEEK = 7 * _DAY
 
 
 def _key(
@@ -135,7 +142,7 @@ class Config:
     )
     share_cores: bool = _key(True, "ranks loading at once split the cores between them", kind="bool")
     native_lib: str = _key("", "the native loader library; default: the one built beside the package", metavar="PATH")
-    ticket_ttl: float = _key(30.0, "seconds a GetHandles ticket stays valid", kind="float", minimum=0.001)
+    ticket_ttl: float = _key(30.0, "seconds a GetHandles ticket stays valid", kind="float", minimum=0.001, maximum=_DAY)
     max_leases_per_pid: int = _key(
         MAX_LEASES_PER_PID,
         "leases one process (by the pid it gives) holds at once; more are refused",
@@ -143,7 +150,11 @@ class Config:
         minimum=1,
     )
     fd_channel_timeout_seconds: float = _key(
-        5.0, "seconds one exchange on the fd socket may take before it is cut", kind="float", minimum=0.001
+        5.0,
+        "seconds one exchange on the fd socket may take before it is cut",
+        kind="float",
+        minimum=0.001,
+        maximum=_HOUR,
     )
     fd_channel_max_connections: int = _key(
         1024, "connections the fd socket keeps open at once; more are answered busy", kind="int", minimum=1
@@ -189,7 +200,7 @@ class Config:
         kind="bool",
     )
     keep_previous_seconds: float = _key(
-        600.0, "seconds a swap keeps the previous version for a rollback", kind="float", minimum=0
+        600.0, "seconds a swap keeps the previous version for a rollback", kind="float", minimum=0, maximum=_WEEK
     )
     log_format: str = _key(
         "auto", "auto: console on a terminal, JSON lines otherwise", choices=("auto", "console", "json")
@@ -218,7 +229,9 @@ class Config:
     metrics_textfile: str = _key(
         "", "file rewritten with the Prometheus text (node-exporter's textfile collector); empty: none", metavar="PATH"
     )
-    metrics_interval: float = _key(15.0, "seconds between rewrites of metrics_textfile", kind="float", minimum=0.1)
+    metrics_interval: float = _key(
+        15.0, "seconds between rewrites of metrics_textfile", kind="float", minimum=0.1, maximum=_DAY
+    )
     model_roots: list[str] = _key(
         [],
         "directories loads may read from (links are judged by where they lead); empty: any path, with a "
@@ -245,7 +258,6 @@ class Config:
     )
     # Where the values came from; not a key of the file.
     config: str = field(default="", metadata={"internal": True})
-    unknown_env: tuple[str, ...] = field(default=(), metadata={"internal": True})
 
     def loader_settings(self) -> LoaderSettings:
         return LoaderSettings(**{setting: getattr(self, key) for setting, key in LOADER_KEYS.items()})
@@ -273,6 +285,7 @@ def flag_name(key: str) -> str:
 
 
 PRELOAD_KEYS = ("name", "path", "version", "alias", "verify", "layout")
+_VERIFY_CHOICES: tuple[str, ...] = next(f.metadata["choices"] for f in keys() if f.name == "verify")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -296,7 +309,7 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
                     f"config: [[preload]] {v.get('name')!r} has unknown key(s) {unknown}; known: {list(PRELOAD_KEYS)}"
                     f" ({source})"
                 )
-            check_layout(str(v.get("layout") or ""))
+            _check_preload(v, source)
         return value
     if kind == "paths":
         items = value.split(":") if isinstance(value, str) else value
@@ -333,6 +346,8 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
             out = int(value)
         elif kind == "float":
             out = float(value)
+            if not math.isfinite(out):
+                raise ValueError(value)
         else:
             if not isinstance(value, str):
                 raise ValueError(value)
@@ -340,7 +355,7 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     except HotweightsError as exc:
         raise InvalidArgument(f"config: {where}: {exc.message}") from None
     except (TypeError, ValueError):
-        what = {"size": "size such as 2GiB", "int": "whole number", "float": "number", "str": "string"}[kind]
+        what = {"size": "size such as 2GiB", "int": "whole number", "float": "finite number", "str": "string"}[kind]
         raise InvalidArgument(f"config: {where} must be a {what}, got {value!r}") from None
     if meta["minimum"] is not None and out < meta["minimum"]:
         raise InvalidArgument(f"config: {where} must be at least {meta['minimum']:g}, got {value!r}")
@@ -352,6 +367,29 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
             allowed = ", ".join(meta["choices"] + tuple(meta["aliases"]))
             raise InvalidArgument(f"config: {where} must be one of {allowed}; got {value!r}")
     return out
+
+
+def _check_preload(entry: dict[str, Any], source: str) -> None:
+    """The checks a load of ``entry`` would make, now: a bad entry stops the start, not its load after READY."""
+    label = f"config: [[preload]] {entry.get('name')!r}"
+    for key in PRELOAD_KEYS:
+        if key in entry and not isinstance(entry[key], str):
+            raise InvalidArgument(f"{label}: {key} must be a string, got {entry[key]!r} ({source})")
+    try:
+        check_name("model name", entry["name"])
+        for key, kind in (("version", "version"), ("alias", "alias")):
+            if key in entry:
+                check_name(kind, entry[key])
+        check_layout(entry.get("layout") or "")
+    except HotweightsError as exc:
+        raise InvalidArgument(f"{label}: {exc.message} ({source})") from None
+    if not entry["path"]:
+        raise InvalidArgument(f"{label}: path is empty ({source})")
+    choices = _VERIFY_CHOICES
+    if "verify" in entry and entry["verify"] not in choices:
+        raise InvalidArgument(
+            f"{label}: verify must be one of {', '.join(choices)}, got {entry['verify']!r} ({source})"
+        )
 
 
 def config_path(path: str | None, env: Mapping[str, str]) -> str | None:
@@ -373,6 +411,16 @@ def load_config(
     env = os.environ if env is None else env
     fields = {f.name: f for f in keys()}
     values: dict[str, tuple[Any, str]] = {}
+    # A typo in the unit's Environment= is refused like one in the file: ignored, it would go unnoticed.
+    known = {env_name(n) for n, f in fields.items() if f.metadata["env"]} | {env_name("config")} | CLIENT_ENV
+    unknown_env = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown_env:
+        close = [m for k in unknown_env for m in difflib.get_close_matches(k, sorted(known), n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise InvalidArgument(
+            f"config: unknown environment variable(s) {unknown_env}{hint}; the daemon reads HOTWEIGHTS_<KEY> for"
+            " the keys `hotweights serve --help` lists, and HOTWEIGHTS_CONFIG"
+        )
     file = config_path(path, env)
     if file:
         try:
@@ -404,6 +452,4 @@ def load_config(
     cfg.socket = cfg.socket or socket_for(env)
     cfg.operator_socket = operator_socket_for(cfg.socket, cfg.operator_socket)
     cfg.config = file or ""
-    known = {env_name(n) for n in fields} | {env_name("config")} | CLIENT_ENV
-    cfg.unknown_env = tuple(sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known))
     return cfg

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import signal
+import stat
 import sys
 
 import grpc
@@ -40,8 +42,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Hotweights"].full_name
 
 
 async def serve(cfg: Config) -> None:
-    if cfg.unknown_env:
-        log.warning("config.unknown_env", names=list(cfg.unknown_env), note="not configuration keys: ignored")
     # The state file is read and written only while this daemon holds the socket's lock.
     if cfg.operator_socket in (cfg.socket, fd_socket_path(cfg.socket)):
         raise InvalidArgument(f"operator_socket must differ from the readers' sockets, got {cfg.operator_socket}")
@@ -110,13 +110,17 @@ async def serve(cfg: Config) -> None:
         watch_queue=cfg.watch_queue,
     )
     metrics_path = metrics_socket_for(cfg.socket, cfg.metrics_socket)
-    metrics_server = (
-        MetricsServer(
-            metrics_path, metrics, timeout=cfg.metrics_timeout_seconds, max_connections=cfg.metrics_max_connections
+    try:
+        metrics_server = (
+            MetricsServer(
+                metrics_path, metrics, timeout=cfg.metrics_timeout_seconds, max_connections=cfg.metrics_max_connections
+            )
+            if metrics_path
+            else None
         )
-        if metrics_path
-        else None
-    )
+    except OSError as exc:
+        # bind() names no path in its error: the operator must learn which of the sockets failed
+        raise OSError(exc.errno, exc.strerror, exc.filename or metrics_path) from None
     textfile = TextfileWriter(cfg.metrics_textfile, metrics, cfg.metrics_interval) if cfg.metrics_textfile else None
     for s in (server, operator_server):
         pb_grpc.add_HotweightsServicer_to_server(service, s)
@@ -125,12 +129,12 @@ async def serve(cfg: Config) -> None:
 
     # The operator socket first: once the readers' socket answers, both do.
     with born_with_mode(0o600):
-        operator_server.add_insecure_port(f"unix:{cfg.operator_socket}")
+        _bind(operator_server, cfg.operator_socket)
         await operator_server.start()
     if operator_gid is not None:
         open_to_group(cfg.operator_socket, operator_gid)
     with born_with_mode(0o660):
-        server.add_insecure_port(f"unix:{cfg.socket}")
+        _bind(server, cfg.socket)
         await server.start()
     if metrics_server is not None:
         metrics_server.start()
@@ -200,6 +204,41 @@ async def serve(cfg: Config) -> None:
         log.info("daemon.stopped")
 
 
+def _bind(server: grpc.aio.Server, path: str) -> None:
+    try:
+        server.add_insecure_port(f"unix:{path}")
+    except RuntimeError:  # gRPC says only "failed to bind", with no cause: the directory is the usual one
+        raise OSError(None, "gRPC could not bind a socket there (its log line above says why)", path) from None
+
+
+def _start_error(exc: OSError) -> str:
+    """One line for the journal: the path, the cause, and who the daemon runs as against whom the directory lets in."""
+    cause = exc.strerror or str(exc)
+    if isinstance(exc, FileExistsError):  # mkdir of a socket's directory, where a file already is
+        cause = "a file is in the way of the directory"
+    if not exc.filename:
+        return f"cannot start: {cause}"
+    path = os.fsdecode(exc.filename)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(directory)
+        if stat.S_ISDIR(st.st_mode):
+            owner = _user(st.st_uid)
+            where = f"; {directory} is owned by {owner}, mode {stat.S_IMODE(st.st_mode):04o}"
+        else:
+            where = f"; {directory} is not a directory"
+    except OSError as parent:
+        where = f"; {directory}: {parent.strerror}"
+    return f"cannot create {path}: {cause} (running as user {_user(os.geteuid())}{where})"
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def _not_serving(health_servicer: health.aio.HealthServicer, loop: asyncio.AbstractEventLoop):
     """A callback for any thread: a dead sub-service turns the daemon's health NOT_SERVING."""
 
@@ -255,6 +294,9 @@ def run(cfg: Config) -> int:
         asyncio.run(serve(cfg))
     except HotweightsError as exc:
         print(f"hotweights serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a socket, lock or state path the daemon cannot make: the operator's to fix
+        print(f"hotweights serve: {_start_error(exc)}", file=sys.stderr)
         return 2
     return 0
 

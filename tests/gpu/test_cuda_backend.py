@@ -33,6 +33,8 @@ from conftest import (
     write_checkpoint,
 )
 
+from support import GDS_TEST_DIR
+
 pytestmark = pytest.mark.gpu
 
 SLACK = 32 * MiB  # cuMemGetInfo noise (driver bookkeeping) allowed when checking that memory came back
@@ -428,7 +430,7 @@ def test_gds_compatibility_mode_is_exact(tmp_path):
     reason = gds.library_reason()
     if reason:
         pytest.skip(f"cuFile is not usable here: {reason}")
-    chosen = os.environ.get("HOTWEIGHTS_GDS_TEST_DIR")
+    chosen = GDS_TEST_DIR
     candidates = [Path(chosen)] if chosen else [tmp_path, HERE]
     parent = next((c for c in candidates if not gds.registration_obstacles(str(c))), candidates[0])
     directory = Path(tempfile.mkdtemp(prefix="gds-ckpt-", dir=parent))

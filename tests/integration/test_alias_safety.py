@@ -54,6 +54,11 @@ def test_a_typo_is_not_found_with_the_known_aliases_and_moves_nothing(daemon, tm
     assert r.returncode == 1 and "no alias named 'prdo'" in r.stderr, r.stderr
     r = daemon.cli("alias", "prdo", "llm@v2")
     assert r.returncode == 1 and "no alias named 'prdo'" in r.stderr, r.stderr
+    # rollback and alias --remove have no --create: their message does not offer it
+    for args in (("rollback", "prdo"), ("alias", "prdo", "--remove")):
+        r = daemon.cli(*args)
+        assert r.returncode == 1 and "no alias named 'prdo' (known aliases: canary, prod)" in r.stderr, r.stderr
+        assert "--create" not in r.stderr, r.stderr
     with daemon.connect() as c:
         with pytest.raises(errors.NotFound) as info:
             c.swap("prdo", "llm@v2")
@@ -298,3 +303,23 @@ def test_a_move_to_another_model_of_the_same_version_string_reaches_the_holder(d
     done.set()
     assert list(stream) == []
     client.close()
+
+
+def test_a_forced_unload_of_an_alias_target_says_what_it_removed_and_frees_nothing_leased(daemon, tmp_path):
+    _two_versions(daemon, tmp_path)
+    daemon.cli("swap", "prod", "llm@v2", check=True)  # llm@v1 kept as the previous of prod
+    assert _versions(daemon)["v1"]["previous_of"] == "prod"
+    holder = spawn_client("hold_prod", daemon.socket)
+    try:
+        assert holder.stdout.readline().split()[0] == "v2"
+        r = daemon.cli("unload", "llm@v2", "--force", check=True)
+        assert r.stdout.splitlines()[0] == "unloaded llm@v2 (0 B)", r.stdout  # the lease still maps it
+        assert "removed alias(es) prod" in r.stdout, r.stdout
+        assert "retired llm@v1, kept for their rollback" in r.stdout, r.stdout
+        assert "llm@v2: 1 live lease(s) still map its memory" in r.stdout, r.stdout
+        # nothing stays kept for a rollback that can no longer happen
+        assert _aliases(daemon) == {} and "v1" not in _versions(daemon)
+        out, err = holder.communicate("\n\n", timeout=30)
+        assert out.splitlines()[-1] == "released", out + err
+    finally:
+        holder.kill()

@@ -215,3 +215,26 @@ def test_load_again_is_idempotent_and_other_content_is_refused(daemon, tmp_path)
     st = daemon.status()
     assert sorted(v["name"] for v in st["versions"]) == ["m", "n"]
     assert [v["source"] for v in st["versions"] if v["name"] == "m"] == [str(ckpt)]
+
+
+def test_retrained_weights_of_the_same_shapes_load_as_another_version_by_default(daemon, tmp_path):
+    """A weight update loaded by path without --version: another version, not a ContentMismatch."""
+    first = write_model(tmp_path / "a" / "m.safetensors", seed=0)
+    update = write_model(tmp_path / "b" / "m.safetensors", seed=1)  # the same tensors and shapes
+    assert first.stat().st_size == update.stat().st_size
+    a = as_json(daemon.cli("load", "m", str(first.parent), "--json"))
+    b = as_json(daemon.cli("load", "m", str(update.parent), "--json"))
+    assert a["version"] != b["version"] and b["already_loaded"] is False
+    swapped = daemon.cli("swap", "prod", str(first.parent), "--create", "--name", "m")
+    assert swapped.returncode == 0 and f"m@{a['version']}" in swapped.stdout, swapped.stderr + swapped.stdout
+    assert sorted(v["version"] for v in daemon.status()["versions"]) == sorted([a["version"], b["version"]])
+
+
+def test_a_daemon_wide_full_verify_says_how_to_load_a_plain_checkpoint(sockdir, tmp_path):
+    ckpt = write_model(tmp_path / "plain.safetensors")  # no hotweights.json beside it
+    with start_daemon(str(sockdir / "v.sock"), "--verify", "full") as d:
+        r = d.cli("load", "m", str(ckpt), "--version", "v1")
+        assert r.returncode == 1, r.stdout
+        assert 'verify=full (from the daemon\'s verify = "full") needs a hotweights.json manifest' in r.stderr
+        assert "Load it with --verify fast or none" in r.stderr and "hotweights shard" in r.stderr, r.stderr
+        d.cli("load", "m", str(ckpt), "--version", "v1", "--verify", "fast", check=True)

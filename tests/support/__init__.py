@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,9 @@ REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 CLIENTS = TESTS / "clients"
 SOURCE_DIRS = [str(REPO / "client"), str(REPO / "daemon")]
+# A setting of the tests, taken out of the environment every daemon they start inherits: the daemon
+# refuses HOTWEIGHTS_* names that are not its keys.
+GDS_TEST_DIR = os.environ.pop("HOTWEIGHTS_GDS_TEST_DIR", "")
 
 # The tests test this checkout, installed (`pip install -e .`) or not, and so do their children.
 for _d in reversed(SOURCE_DIRS):

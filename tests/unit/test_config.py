@@ -12,6 +12,7 @@ from hotweights.units import format_size, parse_size
 from hotweightsd import cli, config
 from hotweightsd.config import Config, env_name, flag_name, keys, load_config
 from hotweightsd.loaders.settings import LoaderSettings
+from support import child_env
 
 
 def test_sizes():
@@ -187,10 +188,75 @@ def test_the_loader_gets_every_setting_it_has_from_the_config():
         assert getattr(got, setting) == getattr(cfg, key) != getattr(default, setting), setting
 
 
-def test_unknown_hotweights_variables_are_reported_not_read():
-    cfg = load_config("none", env={"HOTWEIGHTS_CUDA_READ_MODE": "odirect", "HOTWEIGHTS_DISABLE_CUDA": "1"})
-    assert cfg.unknown_env == ("HOTWEIGHTS_CUDA_READ_MODE",)  # client-side variables are not the daemon's
+def test_unknown_hotweights_variables_are_refused_like_an_unknown_file_key():
+    with pytest.raises(
+        errors.InvalidArgument,
+        match=r"unknown environment variable\(s\) \['HOTWEIGHTS_RESREVE'\] \(did you mean HOTWEIGHTS_RESERVE\?\)",
+    ):
+        load_config("none", env={"HOTWEIGHTS_RESREVE": "1GiB"})
+    with pytest.raises(errors.InvalidArgument, match="HOTWEIGHTS_PRELOAD"):  # a file-only key
+        load_config("none", env={"HOTWEIGHTS_PRELOAD": "x"})
+    # the client's own variables may share the daemon's environment
+    cfg = load_config("none", env={f: "1" for f in config.CLIENT_ENV})
     assert cfg.loader == "auto"
+
+
+def test_serve_refuses_an_unknown_variable_and_exits_2():
+    r = subprocess.run(
+        [sys.executable, "-m", "hotweights", "serve", "--config", "none", "--print-config"],
+        capture_output=True,
+        text=True,
+        env=child_env(HOTWEIGHTS_RESREVE="1GiB"),
+    )
+    assert r.returncode == 2, r.stdout
+    assert r.stderr.startswith("hotweights serve: config: unknown environment variable(s) ['HOTWEIGHTS_RESREVE']")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+@pytest.mark.parametrize("key", [f.name for f in keys() if f.metadata["kind"] == "float"])
+def test_a_float_key_takes_only_finite_numbers(key, value):
+    with pytest.raises(errors.InvalidArgument, match=rf"{key} \(env {env_name(key)}\) must be a finite number"):
+        load_config("none", env={env_name(key): value})
+
+
+def test_time_keys_have_an_upper_bound(tmp_path):
+    for f in keys():
+        if f.metadata["kind"] == "float":
+            assert f.metadata["maximum"] is not None, f.name
+    with pytest.raises(errors.InvalidArgument, match=r"ticket_ttl \(flag --ticket-ttl\) must be at most 86400"):
+        load_config("none", {"ticket_ttl": "1e9"}, env={})
+    f = tmp_path / "c.toml"
+    f.write_text("metrics_interval = nan\n")  # TOML's own nan
+    with pytest.raises(errors.InvalidArgument, match=r"metrics_interval \(file .*c.toml\) must be a finite number"):
+        load_config(str(f), env={})
+    assert load_config("none", {"keep_previous_seconds": "3600"}, env={}).keep_previous_seconds == 3600.0
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('name = "m"\npath = "/m"\nalias = ["a"]', r"'m': alias must be a string, got \['a'\]"),
+        ('name = 5\npath = "/m"', r"5: name must be a string, got 5"),
+        ('name = "m"\npath = "/m"\nverify = "bogus"', r"'m': verify must be one of none, fast, full, got 'bogus'"),
+        ('name = "m m"\npath = "/m"', r"'m m': invalid model name 'm m'"),
+        ('name = "m"\npath = "/m"\nversion = "v/1"', r"'m': invalid version 'v/1'"),
+        ('name = "m"\npath = "/m"\nalias = "-prod"', r"'m': invalid alias '-prod'"),
+        ('name = "m"\npath = ""', r"'m': path is empty"),
+        ('name = "m"\npath = "/m"\nlayout = 1', r"'m': layout must be a string"),
+    ],
+)
+def test_a_bad_preload_entry_stops_the_start(tmp_path, entry, message):
+    f = tmp_path / "c.toml"
+    f.write_text(f"[[preload]]\n{entry}\n")
+    with pytest.raises(errors.InvalidArgument, match=r"\[\[preload\]\] " + message):
+        load_config(str(f), env={})
+    r = subprocess.run(
+        [sys.executable, "-m", "hotweights", "serve", "--config", str(f), "--print-config"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+    )
+    assert r.returncode == 2 and r.stderr.startswith("hotweights serve: config: [[preload]]"), r.stderr
 
 
 def test_every_key_is_read_from_its_environment_variable():
@@ -209,7 +275,6 @@ def test_every_key_is_read_from_its_environment_variable():
             meta = f.metadata
             env[env_name(f.name)] = meta["choices"][-1] if meta["choices"] else sample[meta["kind"]]
     cfg = load_config("none", env=env)
-    assert cfg.unknown_env == ()
     unchanged = [f.name for f in keys() if f.name != "preload" and getattr(cfg, f.name) == getattr(Config(), f.name)]
     assert unchanged == []
 

@@ -33,6 +33,8 @@ class Node:
         self.root = root
         self.commands: dict[tuple[str, ...], str] = {}
         self.memlock = (2**40, 2**40)
+        self.refusal: str | None = None  # what the daemon's --print-config says of the config
+        self.asked: list[str | None] = []  # the sockets the daemon check tried
         self.status: object = SimpleNamespace(
             daemon_version="0.1.0",
             pid=4242,
@@ -59,6 +61,7 @@ class Node:
         self.write(base + "/numa_node", f"{numa}\n")
 
     def daemon(self, socket, origin):
+        self.asked.append(socket)
         if isinstance(self.status, Exception):
             raise self.status
         return self.status
@@ -73,6 +76,7 @@ class Node:
             has_module=lambda _m: True,
             cuda=lambda: (1, None),
             daemon=self.daemon,
+            serve_check=lambda path, env: self.refusal,
         )
 
     def check(self, name: str, **kw) -> Check:
@@ -224,6 +228,23 @@ def test_preload_paths_of_the_config_are_checked(node):
 def test_a_broken_config_fails(node):
     node.write("/etc/hotweights/config.toml", "backend = \n")
     assert node.check("config").status == FAIL
+
+
+def test_a_config_the_daemon_refuses_fails_with_its_message(node):
+    node.write("/etc/hotweights/config.toml", 'resrve = "4GiB"\n')
+    node.refusal = "config file /etc/hotweights/config.toml: unknown key(s) ['resrve']"
+    c = node.check("config")
+    assert c.status == FAIL and "unknown key(s) ['resrve']" in c.detail
+
+
+def test_the_configs_socket_is_the_daemons_unless_one_is_named(node):
+    node.write("/etc/hotweights/config.toml", 'socket = "/srv/hw.sock"\n')
+    checks(system=node.system())
+    checks("/flag.sock", system=node.system())
+    sy = node.system()
+    sy.env = {"HOTWEIGHTS_SOCKET": "/env.sock"}
+    checks(system=sy)
+    assert node.asked == ["/srv/hw.sock", "/flag.sock", None]
 
 
 def test_memlock_64_kib_in_the_daemon_fails(node):

@@ -133,3 +133,29 @@ def test_plan_table_from_a_sharded_directory(app, tmp_path):
     assert "exact, from hotweights.json" in r.output and "tp 2" in r.output and "fp16" in r.output
     r = run(app, "plan", d, "--tp", 4, "--gpu-memory", "1GB")
     assert r.exit_code == 1 and "sharded for tp 2, not 4" in r.output
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--workers", "-1", "--workers must be at least 1"),
+        ("--max-part-size", "0", "--max-part-size must be at least 1"),
+    ],
+)
+def test_a_count_below_one_is_refused_not_taken_as_the_default(tmp_path, option, value, message):
+    import subprocess
+    import sys
+
+    from support import child_env
+
+    src, _ = build_model("qwen2")
+    r = subprocess.run(
+        [sys.executable, "-m", "hotweights", "shard", str(src), str(tmp_path / "out"), "--tp", "2", option, value],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+    )
+    assert r.returncode != 0 and message in r.stderr, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -302,6 +302,9 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
         ({"tp": 2, "parts_per_rank": 0}, "--parts-per-rank must be at least 1"),
         ({"tp": 2, "parts_per_rank": 99}, "exceeds the 21 tensors of rank 0"),
         ({"tp": 2, "parts_per_rank": 2, "max_part_size": 10}, "not both"),
+        ({"tp": 2, "workers": 0}, "--workers must be at least 1, not 0"),
+        ({"tp": 2, "workers": -1}, "--workers must be at least 1, not -1"),
+        ({"tp": 2, "max_part_size": 0}, "--max-part-size must be at least 1 byte, not 0"),
     ],
 )
 def test_bad_options(tmp_path, kwargs, match):

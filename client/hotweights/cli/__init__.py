@@ -76,6 +76,34 @@ def reported(progress: _Progress | None = None) -> Iterator[None]:
         progress.end()
 
 
+@contextmanager
+def _interrupted(progress: _Progress, message: str) -> Iterator[None]:
+    """Ctrl-C stops the waiting, not the work: the daemon finishes a load it has taken, so say so and how
+    to follow or stop it, and exit as an interrupted command does."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        progress.end()
+        typer.echo(f"interrupted: {message}", err=True)
+        raise typer.Exit(130) from None
+
+
+def _load_keeps_going(name: str, version: str | None) -> str:
+    which = "" if version else " (VERSION: the one `hotweights list` shows LOADING)"
+    return (
+        f"the load of {name}{'@' + version if version else ''} keeps going in the daemon; follow it with "
+        f"`hotweights watch {name}`, stop it with `hotweights unload {name}@{version or 'VERSION'}`{which}"
+    )
+
+
+def _swap_keeps_going(alias: str) -> str:
+    return (
+        f"the swap of {alias} keeps going in the daemon: {alias} moves once the new version is READY; follow it "
+        f"with `hotweights watch {alias}`, stop it with `hotweights unload NAME@VERSION` of the version "
+        "`hotweights list` shows LOADING"
+    )
+
+
 def _client(socket: str | None, timeout: float = 10.0, operator_socket: str | None = None) -> Client:
     return connect(socket, timeout=timeout, origin="--socket" if socket else None, operator_socket=operator_socket)
 
@@ -260,7 +288,7 @@ def load(
         dmap = [int(x) for x in device_map.split(",")] if device_map else []
     except ValueError:
         fail(errors.InvalidArgument(f"--device-map must be comma-separated integers, got {device_map!r}"))
-    with reported(progress):
+    with reported(progress), _interrupted(progress, _load_keeps_going(name, version)):
         info = _client(socket, operator_socket=operator_socket).load(
             name,
             path,
@@ -310,7 +338,7 @@ def swap(
     """Point an existing alias at another version; the old one is kept for a rollback, or freed when its
     last lease ends."""
     progress = _Progress(not json_out)
-    with reported(progress):
+    with reported(progress), _interrupted(progress, _swap_keeps_going(alias)):
         info = _client(socket, operator_socket=operator_socket).swap(
             alias,
             target,
@@ -384,11 +412,24 @@ def unload(
 ) -> None:
     """Free a model's resident memory."""
     with reported():
-        r = _client(socket, operator_socket=operator_socket).unload(ref, force=force)
+        c = _client(socket, operator_socket=operator_socket)
+        # What --force takes with it, read first: the answer names only the versions unloaded.
+        before = c.list().versions if force else []
+        r = c.unload(ref, force=force)
     if json_out:
         print_json(message_dict(r))
         return
     typer.echo(f"unloaded {', '.join(r.unloaded)} ({format_size(r.bytes_freed)})")
+    gone = [v for v in before if f"{v.name}@{v.version}" in r.unloaded]
+    aliases = sorted({a for v in gone for a in v.aliases})
+    if aliases:
+        typer.echo(f"removed alias(es) {', '.join(aliases)}: clients attaching them now get NotFound")
+        kept = [f"{v.name}@{v.version}" for v in before if v.previous_of in aliases and v not in gone]
+        if kept:
+            typer.echo(f"retired {', '.join(kept)}, kept for their rollback: freed when its last lease ends")
+    leased = [(f"{v.name}@{v.version}", v.leases) for v in gone if v.leases]
+    for key, n in leased:
+        typer.echo(f"{key}: {n} live lease(s) still map its memory; it comes back when they end")
 
 
 @app.command("list")
@@ -508,7 +549,13 @@ def doctor(
     Lustre network, memlock, NUMA placement of the GPUs, and the daemon."""
     from hotweights.tools.doctor import FAIL, WARN, as_dicts, checks
 
-    results = checks(socket, origin="--socket" if socket else None, models=models or (), config=config)
+    # Relative paths are the operator's, from here; doctor's probes read absolute ones.
+    results = checks(
+        socket,
+        origin="--socket" if socket else None,
+        models=[os.path.abspath(m) for m in models or ()],
+        config=os.path.abspath(config) if config else None,
+    )
     failed = sum(c.status == FAIL for c in results)
     warned = sum(c.status == WARN for c in results)
     if json_out:

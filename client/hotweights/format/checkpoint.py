@@ -9,6 +9,7 @@ Layouts, in the order they are recognised:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import xxhash
 
-from hotweights.errors import BadCheckpoint, InvalidArgument, NotFound, shorten
+from hotweights.errors import BadCheckpoint, HotweightsError, InvalidArgument, NotFound, shorten
 from hotweights.format.safetensors import MAX_TENSORS_PER_FILE, FileHeader, read_header
-from hotweights.format.source import DEFAULT_MAX_FILES, Allow, FileBudget, SourceFile, read_small
+from hotweights.format.source import DEFAULT_MAX_FILES, Allow, FileBudget, SourceFile, open_file, read_small
 
 SHARD_RE = re.compile(r"^model-rank-(\d+)-part-(\d+)\.safetensors$")
 INDEX_NAME = "model.safetensors.index.json"
@@ -46,6 +47,8 @@ SERVING_FILES = (
 )
 
 
+# Bytes of each file's tensor data the default version hashes at its start, middle and end.
+FINGERPRINT_SAMPLE = 64 * 1024
 # Defaults no real checkpoint reaches (the largest hold a few thousand tensors per rank); docs/limits.md.
 MAX_TENSORS_PER_RANK = 1_000_000
 HEADER_BUDGET_SECONDS = 30.0
@@ -108,6 +111,9 @@ class Checkpoint:
     layout: str
     ranks: list[RankFiles]
     sources: list[SourceFile] = field(default_factory=list, repr=False)
+    # What may be opened (model roots), for the fingerprint's read of hotweights.json.
+    allow: Allow | None = field(default=None, repr=False, compare=False)
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def close(self) -> None:
         for f in self.sources:
@@ -133,14 +139,61 @@ class Checkpoint:
         return p if self.path.is_dir() and p.is_file() else None
 
     def fingerprint(self) -> str:
-        """A short content-derived version: hashes every header and file size, reads no tensor data."""
-        h = xxhash.xxh64()
-        for r in self.ranks:
-            for f in r.files:
-                h.update(f"{r.rank}:{f.path.name}:{f.size}:".encode())
-                for t in sorted(f.tensors, key=lambda t: t.name):
-                    h.update(f"{t.name}|{t.dtype.name}|{t.shape}|{t.begin}|{t.end};".encode())
-        return h.hexdigest()[:12]
+        """A short content-derived version, the same for the same bytes on any node.
+
+        It hashes every header and file size, the xxhash64 of every file that hotweights.json lists,
+        and ``FINGERPRINT_SAMPLE`` bytes at the start, middle and end of each file's tensor data. The
+        samples tell retrained weights of the same shapes apart where no manifest covers every
+        byte, for three small reads per file (docs/operations.md); weights that differ only between
+        the samples of a checkpoint without a manifest need ``--version``.
+        """
+        if self._fingerprint is None:
+            h = xxhash.xxh64(b"hotweights-fingerprint-2")
+            sums = self._manifest_checksums()
+            for r in self.ranks:
+                for f in r.files:
+                    h.update(f"{r.rank}:{f.path.name}:{f.size}:{sums.get(f.path.name, '')}:".encode())
+                    for t in sorted(f.tensors, key=lambda t: t.name):
+                        h.update(f"{t.name}|{t.dtype.name}|{t.shape}|{t.begin}|{t.end};".encode())
+                    _hash_samples(h, f, self.allow)
+            self._fingerprint = h.hexdigest()[:12]
+        return self._fingerprint
+
+    def _manifest_checksums(self) -> dict[str, str]:
+        """File name -> xxhash64 from hotweights.json; empty without one. A manifest that cannot be read
+        adds nothing here: verify reports it."""
+        path = self.manifest_path
+        if path is None:
+            return {}
+        try:
+            files = json.loads(read_small(path, self.allow)).get("files")
+        except (HotweightsError, OSError, ValueError, AttributeError, RecursionError):
+            return {}
+        if not isinstance(files, dict):
+            return {}
+        return {
+            name: info["xxh64"]
+            for name, info in files.items()
+            if isinstance(info, dict) and isinstance(info.get("xxh64"), str)
+        }
+
+
+def _hash_samples(h: xxhash.xxh64, f: FileHeader, allow: Allow | None) -> None:
+    """Mixes into ``h`` the bytes at fixed places of ``f``'s tensor data (all of it when it is small)."""
+    start, end = f.data_start, f.size
+    n = FINGERPRINT_SAMPLE
+    if end - start <= 3 * n:
+        spans = [(start, end - start)]
+    else:
+        spans = [(start, n), (start + (end - start - n) // 2, n), (end - n, n)]
+    with contextlib.ExitStack() as stack:
+        source = f.source
+        if source is None or source.closed:
+            source = stack.enter_context(open_file(f.path, allow))
+        for offset, length in spans:
+            data = source.pread(length, offset)
+            h.update(f"{offset}+{len(data)}:".encode())
+            h.update(data)
 
 
 def open_checkpoint(
@@ -178,6 +231,7 @@ def open_checkpoint(
         budget.close_all()
         raise
     ckpt.sources = budget.files
+    ckpt.allow = allow
     return ckpt
 
 

@@ -19,6 +19,7 @@ import re
 import resource
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -85,6 +86,24 @@ def _has_module(name: str) -> bool:
         return False
 
 
+def _serve_check(path: str, env: dict[str, str]) -> str | None:
+    """The daemon's own verdict on the config file at ``path``: None when it would start with it, else
+    its message. The daemon's rules are the daemon's code, which this package does not import: its
+    ``--print-config`` answers in a child process. The shell's HOTWEIGHTS_* variables stay out of it:
+    the unit's environment, not the operator's shell, is what the daemon reads."""
+    clean = {k: v for k, v in env.items() if not k.startswith("HOTWEIGHTS_")}
+    cmd = [sys.executable, "-m", "hotweights", "serve", "--config", path, "--print-config"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=clean)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`hotweights serve --print-config` could not run: {exc}"
+    if r.returncode == 0:
+        return None
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    message = lines[-1] if lines else f"exited with {r.returncode}"
+    return message.removeprefix("hotweights serve: ")
+
+
 def _daemon_status(socket: str | None, origin: str | None) -> Any:
     from hotweights.client import connect
 
@@ -104,6 +123,7 @@ class System:
     has_module: Callable[[str], bool] = _has_module
     cuda: Callable[[], tuple[int, str | None]] = _cuda
     daemon: Callable[[str | None, str | None], Any] = _daemon_status
+    serve_check: Callable[[str, dict[str, str]], str | None] = _serve_check
 
     def path(self, p: str) -> str:
         return os.path.join(self.root, p.lstrip("/"))
@@ -152,6 +172,8 @@ def checks(
     paths = list(models) or [str(p["path"]) for p in cfg.get("preload", []) if isinstance(p, dict) and "path" in p]
     out += check_storage(sy, paths, gpu_node and nvfs and gds_setting != "off")
     out.append(check_numa(sy))
+    if socket is None and not sy.env.get("HOTWEIGHTS_SOCKET") and isinstance(cfg.get("socket"), str) and cfg["socket"]:
+        socket, origin = cfg["socket"], f"socket in {cfg_path}"
     status, daemon_check = check_daemon(sy, socket, origin, gpu_node)
     out.append(check_memlock(sy, gpu_node, getattr(status, "pid", None)))
     out.append(daemon_check)
@@ -175,6 +197,9 @@ def read_config(sy: System, path: str, explicit: bool) -> tuple[dict[str, Any], 
         cfg = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return {}, Check("config", FAIL, f"{path}: not valid TOML: {exc}", f"fix {path}: the daemon refuses to start")
+    refused = sy.serve_check(sy.path(path), sy.env)
+    if refused is not None:
+        return cfg, Check("config", FAIL, f"{path}: {refused}", f"fix {path}: the daemon refuses to start with it")
     n = len(cfg.get("preload", []) or [])
     return cfg, Check(
         "config", OK, f"{path}: backend {cfg.get('backend', 'auto')}, {n} preload entr{'y' if n == 1 else 'ies'}"

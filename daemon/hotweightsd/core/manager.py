@@ -195,8 +195,9 @@ class ModelManager:
         with self._lock:
             return list(self._leases.values())
 
-    def require_alias(self, alias: str) -> str:
-        """The key ``alias`` points at; NotFound naming the known aliases when there is no such alias."""
+    def require_alias(self, alias: str, *, creatable: bool = True) -> str:
+        """The key ``alias`` points at; NotFound naming the known aliases when there is no such alias
+        (with the hint to create it where the caller can: a swap or an alias move, not a rollback)."""
         with self._lock:
             key = self._aliases.get(alias)
             if key is not None:
@@ -205,9 +206,9 @@ class ModelManager:
         listed = ", ".join(shorten(a) for a in known[:_LIST_ALIASES])
         if len(known) > _LIST_ALIASES:
             listed += f" and {len(known) - _LIST_ALIASES} more"
+        hint = "; pass --create (create=true) to make a new one" if creatable else ""
         raise NotFound(
-            f"no alias named {shorten(alias)!r} (known aliases: {listed or 'none'}); "
-            "pass --create (create=true) to make a new one",
+            f"no alias named {shorten(alias)!r} (known aliases: {listed or 'none'}){hint}",
             alias=alias,
             aliases=known[:_LIST_ALIASES],
         )
@@ -772,8 +773,13 @@ class ModelManager:
             return
         if ckpt.manifest_path is None:
             if level == "full":
+                # the daemon-wide level reaches plain HF directories too: say both ways forward
+                source = 'the daemon\'s verify = "full"' if verify in (None, "default") else "this load's verify"
                 raise FailedPrecondition(
-                    f"{ckpt.path}: verify=full needs a hotweights.json manifest; none found", path=str(ckpt.path)
+                    f"{ckpt.path}: verify=full (from {source}) needs a hotweights.json manifest; none found. "
+                    "Load it with --verify fast or none (nothing to check it against), or shard it with "
+                    "`hotweights shard SRC OUT --tp 1` to write a manifest",
+                    path=str(ckpt.path),
                 )
             return
         from hotweights.format import manifest
@@ -905,7 +911,11 @@ class ModelManager:
     # ---- unloading and freeing ------------------------------------------------------------
 
     def unload(self, ref: str, force: bool = False) -> tuple[list[str], int]:
-        """Frees NAME (every version) or NAME@VERSION; returns once the memory is freed."""
+        """Frees NAME (every version) or NAME@VERSION; returns (the keys, the bytes given back now).
+
+        Forced, the version's aliases go with it, and so do the versions kept for their rollback:
+        with the alias gone nothing can roll back to them. Memory a live lease still maps is not
+        counted: it comes back when the lease ends."""
         with self._txn() as fx:
             targets = self._unload_targets(ref)
             for mv in targets:
@@ -924,14 +934,18 @@ class ModelManager:
                         ref=mv.key,
                         leases=len(mv.leases),
                     )
-            freed, total = [], 0
+            freed, total, removed = [], 0, []
             for mv in targets:
                 for a in self.aliases_of(mv.key):
                     del self._aliases[a]
                     fx.publish(EventKind.ALIAS_REMOVED, mv.name, version=mv.version, alias=a)
-                total += self._own_bytes(mv)
+                    removed.append(a)
+                if not mv.leases:
+                    total += self._own_bytes(mv)
                 self._drop(mv, fx)
                 freed.append(mv.key)
+            for a in removed:  # after the targets: a kept version that is one of them was counted above
+                self.release_kept(a)
         return freed, total
 
     def _unload_targets(self, ref: str) -> list[ModelVersion]:
@@ -1169,7 +1183,7 @@ class ModelManager:
         """Deletes ``alias``; a previous version kept for its rollback is retired with it."""
         check_name("alias", alias)
         with self._txn() as fx:
-            key = self.require_alias(alias)
+            key = self.require_alias(alias, creatable=False)
             del self._aliases[alias]
             name, _, version = key.partition("@")
             fx.publish(EventKind.ALIAS_REMOVED, name, version=version, alias=alias)
@@ -1248,7 +1262,7 @@ class ModelManager:
         """
         check_name("alias", alias)
         with self._txn():
-            current = self.require_alias(alias)
+            current = self.require_alias(alias, creatable=False)
             prev = next((v for v in self._versions.values() if v.previous_of == alias), None)
             if prev is None or prev.state is not State.READY or prev.freed or prev.key == current:
                 raise FailedPrecondition(

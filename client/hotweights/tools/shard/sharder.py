@@ -85,6 +85,11 @@ def shard_checkpoint(
         raise InvalidArgument(f"--quantize takes fp8, not {quantize!r}")
     if parts_per_rank is not None and max_part_size is not None:
         raise InvalidArgument("pass --parts-per-rank or --max-part-size, not both")
+    # None is the default; 0 or less is a mistake, not a request for it
+    if workers is not None and workers < 1:
+        raise InvalidArgument(f"--workers must be at least 1, not {workers}")
+    if max_part_size is not None and max_part_size < 1:
+        raise InvalidArgument(f"--max-part-size must be at least 1 byte, not {max_part_size}")
     if not src.exists():
         raise NotFound(f"{src}: no such directory", path=str(src))
     if not src.is_dir():

@@ -1,0 +1,102 @@
+"""Ctrl-C during `hotweights load` / `swap`: the daemon keeps loading, and the command says so, says how
+to follow or stop it, and exits 130. A stand-in server keeps the load in progress for as long as the
+test needs, so the interrupt always lands mid-load."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from hotweights import testing
+from hotweights.wire.pb import pb, pb_grpc
+from support import child_env
+
+
+class Loading(pb_grpc.HotweightsServicer):
+    """Every load and swap reports some progress, then never ends."""
+
+    def __init__(self) -> None:
+        self.streaming = threading.Event()
+
+    async def LoadModel(self, request, context):
+        yield pb.LoadEvent(progress=pb.LoadProgress(bytes_done=1, bytes_total=10))
+        self.streaming.set()
+        await asyncio.Event().wait()
+
+    SwapModel = LoadModel
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, Loading]]:
+    where = tempfile.mkdtemp(prefix="hw-", dir="/tmp")
+    path = os.path.join(where, "s.sock")
+    servicer = Loading()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop: asyncio.Future | None = None
+
+    async def serve() -> None:
+        nonlocal stop
+        server = grpc.aio.server()
+        pb_grpc.add_HotweightsServicer_to_server(servicer, server)
+        for p in (path, path + ".admin"):  # the readers' socket and the operator socket beside it
+            server.add_insecure_port(f"unix:{p}")
+        await server.start()
+        stop = loop.create_future()
+        started.set()
+        await stop
+        await server.stop(None)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield path, servicer
+    finally:
+        assert stop is not None
+        loop.call_soon_threadsafe(stop.set_result, None)
+        thread.join(10)
+        loop.close()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["load", "m", "/models/m", "--version", "v1"],
+            "interrupted: the load of m@v1 keeps going in the daemon; follow it with `hotweights watch m`, "
+            "stop it with `hotweights unload m@v1`",
+        ),
+        (["load", "m", "/models/m"], "stop it with `hotweights unload m@VERSION"),
+        (["swap", "prod", "/models/m"], "interrupted: the swap of prod keeps going in the daemon: prod moves"),
+    ],
+)
+def test_ctrl_c_says_the_daemon_keeps_loading_and_exits_130(server, args, expected):
+    path, servicer = server
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "hotweights", *args, "--socket", path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(HOTWEIGHTS_OPERATOR_SOCKET="auto"),
+    )
+    try:
+        assert servicer.streaming.wait(testing.CLI_TIMEOUT), "the command never reached its load"
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=testing.CLI_TIMEOUT)
+    finally:
+        cli.kill()
+    assert cli.returncode == 130, err
+    assert expected in err, err
+    assert "Traceback" not in err and out == ""
