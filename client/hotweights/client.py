@@ -375,12 +375,20 @@ class Follower:
                 continue
             with self._lock:
                 old, self.current = self.current, new
+                closed = self._stop.is_set()
             old.release()
+            if closed:
+                # close() stopped waiting for a slow on_change and released what was current then: this
+                # version is the caller's no longer either
+                new.release()
+                return
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops following and releases the current version. Waits up to ``timeout`` seconds for an
+        ``on_change`` in progress; one still running then releases its version itself when it returns."""
         self._stop.set()
         self._moved.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=timeout)
         with self._lock:
             self.current.release()
 

@@ -18,10 +18,12 @@ read-only tensor flag to turn this into a Python exception without slowing every
 Copy a parameter first (``p.clone()``) to change it.
 
 The attachment's lease must outlive every use of the bound parameters: while it is held the daemon
-never frees the memory they point at. ``bind`` given a ``hotweights`` attachment keeps it on the
-module (``module.hotweights_attachments``, one entry per attachment bound), so the one-liner
+never frees the memory they point at. ``bind`` given a ``hotweights`` attachment keeps it alive
+as long as the module (``attachments_of(module)`` lists them), so the one-liner
 ``hwt.bind(model, client.attach(...))`` holds its lease as long as the model lives; ``release()`` on
-the attachment still ends it at once. The client that made the attachment must stay open as well
+the attachment still ends it at once. Binding the module again lets go of every attachment it no longer
+uses (a rebind to a new version ends the old version's lease once nothing else holds it). The reference
+is kept beside the module, not in it: ``copy.deepcopy`` and ``torch.save`` see a plain module. The client that made the attachment must stay open as well
 (see ``Client.close``).
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -37,7 +40,7 @@ import torch
 
 from hotweights.errors import BindError
 
-__all__ = ["BindReport", "bind", "skeleton"]
+__all__ = ["BindReport", "attachments_of", "bind", "skeleton"]
 
 _SKELETON_LOCK = threading.RLock()
 
@@ -191,17 +194,41 @@ def bind(
             report.tied[other] = first
         report.nbytes += t.numel() * t.element_size()
     report.unused = left
-    if callable(getattr(attachment, "release", None)):
-        _pin(module, attachment)
+    _pin(module, attachment, {name for owners, _, _, _ in plan for _, _, name in owners})
     return report
 
 
-def _pin(module: torch.nn.Module, attachment: object) -> None:
+# module -> [(attachment, the module's names bound to it)]. Weak on the module: the pins go with it. Kept
+# outside the module's state so that copying or saving the module does not try to copy a live lease.
+_PINS: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[object, set[str]]]] = weakref.WeakKeyDictionary()
+_PINS_LOCK = threading.Lock()
+
+
+def _pin(module: torch.nn.Module, attachment: object, bound: set[str]) -> None:
     """Keeps ``attachment`` (and so its lease) alive as long as ``module``: the parameters alias its memory,
-    and a lease that ended with the caller's last reference would let the daemon free it under them."""
-    pinned = module.__dict__.setdefault("hotweights_attachments", [])
-    if not any(a is attachment for a in pinned):
-        pinned.append(attachment)
+    and a lease that ended with the caller's last reference would let the daemon free it under them.
+    Attachments whose every bound name this bind has re-pointed are let go."""
+    with _PINS_LOCK:
+        kept = []
+        for other, names in _PINS.get(module, []):
+            if other is attachment:
+                bound = bound | names
+                continue
+            names = names - bound
+            if names:
+                kept.append((other, names))
+        if callable(getattr(attachment, "release", None)) and bound:
+            kept.append((attachment, bound))
+        if kept:
+            _PINS[module] = kept
+        else:
+            _PINS.pop(module, None)
+
+
+def attachments_of(module: torch.nn.Module) -> list:
+    """The attachments ``bind`` keeps alive for ``module`` (those some of its parameters still alias)."""
+    with _PINS_LOCK:
+        return [a for a, _ in _PINS.get(module, [])]
 
 
 def _named_params(module: torch.nn.Module):

@@ -75,3 +75,38 @@ def test_a_lease_whose_channel_closes_under_it_ends_without_a_crash(daemon, tmp_
     assert thread_errors == []
     assert daemon.wait_status(lambda st: not st["leases"])["leases"] == []
     att.release()
+
+
+def test_binding_a_module_to_a_new_version_lets_go_of_the_old_ones_lease(daemon, client, tmp_path):
+    import hotweights.torch as hwt
+
+    for version, value in (("v1", 1.0), ("v2", 2.0)):
+        ckpt = write_model(tmp_path / version / "lin.safetensors", {"weight": torch.full((4, 8), value)})
+        client.load("lin", ckpt, version=version)
+    with hwt.skeleton():
+        model = torch.nn.Linear(8, 4, bias=False)
+    hwt.bind(model, client.attach("lin@v1", holder="v1"))
+    hwt.bind(model, client.attach("lin@v2", holder="v2"))
+    gc.collect()
+    assert float(model.weight[0, 0]) == 2.0
+    assert [a.key for a in hwt.attachments_of(model)] == ["lin@v2"]
+    assert [le["holder"] for le in daemon.wait_status(lambda st: len(st["leases"]) == 1)["leases"]] == ["v2"]
+    daemon.cli("unload", "lin@v1", check=True)  # nothing holds v1 any more
+
+
+def test_a_bound_module_can_be_deep_copied_and_saved_like_any_other(client, tmp_path):
+    import copy
+
+    import hotweights.torch as hwt
+
+    ckpt = write_model(tmp_path / "lin.safetensors", {"weight": torch.randn(4, 8), "bias": torch.randn(4)})
+    client.load("lin", ckpt)
+    with hwt.skeleton():
+        model = torch.nn.Linear(8, 4)
+    hwt.bind(model, client.attach("lin"))
+    twin = copy.deepcopy(model)  # private copies of the weights: the lease is not copied
+    assert torch.equal(twin(torch.ones(1, 8)), model(torch.ones(1, 8)))
+    assert hwt.attachments_of(twin) == []
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(loaded.weight, model.weight)

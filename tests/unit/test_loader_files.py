@@ -78,3 +78,47 @@ def test_an_o_direct_read_ending_inside_the_files_last_block_is_its_end(tmp_path
             files.read_direct(fd, buf, ReadChunk(0, 4096, 4096 + 124, ()), str(p))
     finally:
         os.close(fd)
+
+
+def cut_reads(monkeypatch, cut) -> list[int]:
+    """Read number k (from 0) gets only ``cut(k)`` bytes where that is not None; returns the offsets read at."""
+    real, at = os.preadv, []
+
+    def preadv(fd: int, bufs: list, offset: int) -> int:
+        to = cut(len(at))
+        at.append(offset)
+        if to is not None:
+            bufs = [memoryview(bufs[0])[:to]]
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    return at
+
+
+def test_a_retry_cut_shorter_than_the_read_before_still_reads_the_chunk_exactly(tmp_path, monkeypatch):
+    data = os.urandom(5 * 4096 + 123)
+    p = tmp_path / "f.bin"
+    p.write_bytes(data)
+    chunk = ReadChunk(0, 100, 4 * 4096, ())
+    buf = memoryview(bytearray(6 * 4096))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        at = cut_reads(monkeypatch, lambda k: {0: 4096 + 1000, 1: 500}.get(k))
+        skip = files.read_direct(fd, buf, chunk, str(p))
+    finally:
+        os.close(fd)
+    assert at[:3] == [0, 4096, 4096]
+    assert bytes(buf[skip : skip + chunk.length]) == data[100 : 100 + chunk.length]
+
+
+def test_reads_cut_short_again_and_again_are_an_io_error_not_a_truncated_checkpoint(tmp_path, monkeypatch):
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom(5 * 4096 + 123))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        at = cut_reads(monkeypatch, lambda k: 1000)
+        with pytest.raises(BackendError, match="cut short 8 times in a row"):
+            files.read_direct(fd, memoryview(bytearray(6 * 4096)), ReadChunk(0, 100, 4 * 4096, ()), str(p))
+    finally:
+        os.close(fd)
+    assert len(at) == 1 + files.DIRECT_RETRIES

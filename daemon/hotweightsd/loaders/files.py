@@ -20,6 +20,7 @@ log = logging.getLogger("hotweightsd.loaders")
 
 CHUNK = 16 * 1024 * 1024
 DIRECT_HINT = "(the pread read mode reads it buffered)"
+DIRECT_RETRIES = 8  # re-reads of a block cut short in a row, without getting further, before giving up
 
 
 def split(segments: list[Segment], chunk: int = CHUNK) -> Iterator[Segment]:
@@ -106,7 +107,7 @@ def read_direct(fd: int, buf: memoryview, chunk: ReadChunk, path: str) -> int:
     """Reads the aligned superset of ``chunk`` into ``buf``; returns where the chunk starts in ``buf``."""
     start, length, skip = chunk.direct_span()
     need = skip + chunk.length
-    got = furthest = 0
+    got = furthest = cuts = 0
     while got < length:
         try:
             n = os.preadv(fd, [buf[got:length]], start + got)
@@ -121,10 +122,21 @@ def read_direct(fd: int, buf: memoryview, chunk: ReadChunk, path: str) -> int:
         got += n
         if n % DIRECT_ALIGN:
             # The file's end, unless the file goes on: a read cut short is read again from its block's
-            # start (O_DIRECT reads whole blocks), for as long as each such read gets further.
-            if got >= need or got <= furthest or start + got >= _size(fd):
+            # start (O_DIRECT reads whole blocks). A retry may be cut shorter still; the bytes past it are in
+            # the buffer from the read before, so the furthest counts.
+            if got >= need or start + got >= _size(fd):
                 break
-            furthest = got
+            if got > furthest:
+                furthest, cuts = got, 0
+            else:
+                cuts += 1
+                if cuts >= DIRECT_RETRIES:
+                    raise BackendError(
+                        "pread(O_DIRECT)",
+                        errno.EIO,
+                        f"{path}: O_DIRECT reads at byte {start + max(got, furthest)} were cut short "
+                        f"{DIRECT_RETRIES} times in a row, and the file goes on {DIRECT_HINT}",
+                    )
             got -= got % DIRECT_ALIGN
     got = max(got, furthest)
     if got < need:

@@ -30,6 +30,7 @@
 #define HW_MAX_THREADS 1024 /* hw_fill keeps a thread id per worker on its stack */
 #define HW_MAX_DEPTH 64     /* a worker keeps a flag per slot on its stack */
 #define HW_DIRECT_ALIGN 4096
+#define HW_DIRECT_RETRIES 8 /* re-reads of a block cut short in a row, without getting further, before giving up */
 
 enum { HW_OK = 0, HW_ERR_CUDA = 1, HW_ERR_OS = 2, HW_ERR_TRUNCATED = 3, HW_ERR_CANCELLED = 4, HW_ERR_SETUP = 5, HW_ERR_INJECTED = 6 };
 /* Stages a test may fail on purpose (hotweightsd/core/faults.py): before a chunk's read, before its copies. */
@@ -176,6 +177,7 @@ static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
     read_span(job, c, &start, &len);
     *skip = c->offset - start;
     int64_t need = *skip + c->length, got = 0, furthest = 0;
+    int cuts = 0;
     while (got < len) {
         ssize_t n = pread(fd, buf + got, (size_t)(len - got), start + got);
         if (n < 0) {
@@ -187,10 +189,19 @@ static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
         got += n;
         if (direct && n % HW_DIRECT_ALIGN) {
             /* Ending inside a block is the file's end, unless the file goes on: then the read was cut
-             * short (a network or FUSE filesystem may) and, O_DIRECT reading whole blocks only, the block
-             * is read again from its start, for as long as each such read gets further. */
-            if (got >= need || got <= furthest || start + got >= file_size(fd)) break;
-            furthest = got;
+             * short (a network or FUSE filesystem may, and may cut the next read of the block again) and,
+             * O_DIRECT reading whole blocks only, the block is read again from its start. The bytes past
+             * a shorter retry are still in the buffer from the read before, so the furthest counts. */
+            if (got >= need || start + got >= file_size(fd)) break;
+            if (got > furthest) {
+                furthest = got;
+                cuts = 0;
+            } else if (++cuts >= HW_DIRECT_RETRIES) {
+                if (got < furthest) got = furthest;
+                /* the file goes on: an I/O failure, not a truncated checkpoint */
+                fail(job, HW_ERR_OS, EIO, "pread(O_DIRECT) cut short", i, c->file, start + got);
+                return -1;
+            }
             got -= got % HW_DIRECT_ALIGN;
         }
     }
