@@ -23,8 +23,8 @@ as long as the module (``attachments_of(module)`` lists them), so the one-liner
 ``hwt.bind(model, client.attach(...))`` holds its lease as long as the model lives; ``release()`` on
 the attachment still ends it at once. Binding the module again lets go of every attachment it no longer
 uses (a rebind to a new version ends the old version's lease once nothing else holds it). The reference
-is kept beside the module, not in it: ``copy.deepcopy`` and ``torch.save`` see a plain module. The client that made the attachment must stay open as well
-(see ``Client.close``).
+is kept beside the module, not in it: ``copy.deepcopy`` and ``torch.save`` see a plain module. The
+client that made the attachment must stay open as well (see ``Client.close``).
 """
 
 from __future__ import annotations
