@@ -99,7 +99,7 @@ def test_other_sizes_and_headers_are_named(manager, tmp_path):
     with pytest.raises(errors.ContentMismatch) as exc:
         manager.load("llm", str(path), version="v1")
     text = str(exc.value)
-    assert "size" in text and "header digest" in text, text
+    assert "size" in text and "content digest" in text, text
 
 
 def test_a_load_in_progress_is_joined(manager, tmp_path):

@@ -53,7 +53,7 @@ class ContentId:
             elif a.mtime_ns != b.mtime_ns:
                 out.append(f"{path}: modified since it was loaded (mtime changed)")
         if self.fingerprint != other.fingerprint:
-            out.append(f"header digest {self.fingerprint} -> {other.fingerprint}")
+            out.append(f"content digest {self.fingerprint} -> {other.fingerprint}")
         return out
 
     def same_files(self, other: ContentId) -> bool:
