@@ -3,29 +3,16 @@ kernel's word, SO_PEERCRED), and a connection must send its ticket line soon aft
 
 from __future__ import annotations
 
-import json
 import socket
 
 from support.ckpt_tools import versioned_model
-from support.daemons import run_client, start_daemon, wait_until
+from support.daemons import fd_channel_answer, run_client, start_daemon, wait_until
 
 
 def _connect(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
     return s
-
-
-def _answer(s: socket.socket, timeout: float = 60) -> dict | None:
-    """The daemon's one JSON line on ``s``, or None if it closed without one."""
-    s.settimeout(timeout)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(4096)
-        if not chunk:
-            return None
-        data += chunk
-    return json.loads(data)
 
 
 def test_one_process_holds_at_most_its_share_and_others_still_attach(sockdir, tmp_path):
@@ -37,7 +24,7 @@ def test_one_process_holds_at_most_its_share_and_others_still_attach(sockdir, tm
         try:
             for _ in range(5):
                 with _connect(path) as extra:
-                    said = _answer(extra)
+                    said = fd_channel_answer(extra)
                     assert said is not None and said["error"] == "FdChannelBusy", said
                     assert "the most one process may" in said["message"]
             # another process gets its fds while this one holds its share
@@ -50,7 +37,7 @@ def test_one_process_holds_at_most_its_share_and_others_still_attach(sockdir, tm
         def answered_not_busy() -> bool:
             with _connect(path) as s:
                 s.sendall(b"HWT1 nosuchticket\n")
-                said = _answer(s)
+                said = fd_channel_answer(s)
                 return said is not None and said["error"] != "FdChannelBusy"
 
         wait_until(answered_not_busy, what="the closed connections to leave the process's share")
@@ -60,6 +47,6 @@ def test_a_connection_that_sends_no_ticket_line_is_cut_early(sockdir):
     args = ("--fd-channel-ticket-seconds", "0.5", "--fd-channel-timeout-seconds", "600")
     with start_daemon(str(sockdir / "hw.sock"), *args) as d:
         with _connect(d.socket + ".fds") as s:
-            said = _answer(s)
+            said = fd_channel_answer(s)
             assert said is not None and said["error"] == "DeadlineExceeded", said
             assert "no ticket line within 0.5 s" in said["message"]

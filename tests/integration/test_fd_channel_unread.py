@@ -4,25 +4,13 @@ holds its share, so unread fds cannot pile up against the daemon's in-flight lim
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
 
 from hotweights.wire.pb import pb
 from support.ckpt_tools import versioned_model
-from support.daemons import run_client, start_daemon, wait_until
-
-
-def _answer(s: socket.socket) -> dict | None:
-    s.settimeout(60)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(4096)
-        if not chunk:
-            return None
-        data += chunk
-    return json.loads(data)
+from support.daemons import fd_channel_answer, run_client, start_daemon, wait_until
 
 
 def test_unread_exchanges_are_held_counted_and_capped_per_user(sockdir, tmp_path):
@@ -58,7 +46,7 @@ def test_unread_exchanges_are_held_counted_and_capped_per_user(sockdir, tmp_path
             )
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.connect(fd_path)
-                said = _answer(s)
+                said = fd_channel_answer(s)
             assert said is not None and said["error"] == "FdChannelBusy", said
             assert "whose fds it has not read" in said["message"]
             assert "fdchannel.io_error" not in d.logs()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -92,3 +93,15 @@ def spawn_client(program: str | os.PathLike, *args: str, **env: str) -> subproce
     )
     what = "a client given as code" if isinstance(program, str) and "\n" in program else Path(program).name
     return testing.track(proc, f"client {what}")
+
+
+def fd_channel_answer(s: socket.socket, timeout: float = 60) -> dict | None:
+    """The daemon's one JSON line on fd-channel connection ``s``, or None if it closed without one."""
+    s.settimeout(timeout)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            return None
+        data += chunk
+    return json.loads(data)

@@ -5,21 +5,18 @@ test needs, so the interrupt always lands mid-load."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
 from hotweights import testing
 from hotweights.wire.pb import pb, pb_grpc
 from support import child_env
+from support.stub_server import serving
 
 
 class Loading(pb_grpc.HotweightsServicer):
@@ -38,36 +35,9 @@ class Loading(pb_grpc.HotweightsServicer):
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, Loading]]:
-    where = tempfile.mkdtemp(prefix="hw-", dir="/tmp")
-    path = os.path.join(where, "s.sock")
     servicer = Loading()
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    stop: asyncio.Future | None = None
-
-    async def serve() -> None:
-        nonlocal stop
-        server = grpc.aio.server()
-        pb_grpc.add_HotweightsServicer_to_server(servicer, server)
-        for p in (path, path + ".admin"):  # the readers' socket and the operator socket beside it
-            server.add_insecure_port(f"unix:{p}")
-        await server.start()
-        stop = loop.create_future()
-        started.set()
-        await stop
-        await server.stop(None)
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    try:
+    with serving(servicer, operator_socket=True) as path:
         yield path, servicer
-    finally:
-        assert stop is not None
-        loop.call_soon_threadsafe(stop.set_result, None)
-        thread.join(10)
-        loop.close()
-        shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,6 @@ a call it does not take): the watcher gets Unavailable, not an iteration that en
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import tempfile
-import threading
 from collections.abc import Iterator
 
 import grpc
@@ -16,6 +11,7 @@ import pytest
 import hotweights
 from hotweights import errors
 from hotweights.wire.pb import pb, pb_grpc
+from support.stub_server import serving
 
 
 class Cancelling(pb_grpc.HotweightsServicer):
@@ -27,34 +23,8 @@ class Cancelling(pb_grpc.HotweightsServicer):
 
 @pytest.fixture
 def socket() -> Iterator[str]:
-    where = tempfile.mkdtemp(prefix="hw-", dir="/tmp")
-    path = os.path.join(where, "s.sock")
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    stop: asyncio.Future | None = None
-
-    async def serve() -> None:
-        nonlocal stop
-        server = grpc.aio.server()
-        pb_grpc.add_HotweightsServicer_to_server(Cancelling(), server)
-        server.add_insecure_port(f"unix:{path}")
-        await server.start()
-        stop = loop.create_future()
-        started.set()
-        await stop
-        await server.stop(None)
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    try:
+    with serving(Cancelling()) as path:
         yield path
-    finally:
-        assert stop is not None
-        loop.call_soon_threadsafe(stop.set_result, None)
-        thread.join(10)
-        loop.close()
-        shutil.rmtree(where, ignore_errors=True)
 
 
 def test_a_stream_the_server_cancels_raises_unavailable(socket):
