@@ -172,7 +172,11 @@ class Config:
         minimum=1,
     )
     fd_channel_ticket_seconds: float = _key(
-        2.0, "seconds a connection to the fd socket has to send its ticket line", kind="float", minimum=0.001
+        2.0,
+        "seconds a connection to the fd socket has to send its ticket line",
+        kind="float",
+        minimum=0.001,
+        maximum=_HOUR,
     )
     max_tensors_per_file: int = _key(
         MAX_TENSORS_PER_FILE,
@@ -219,6 +223,7 @@ class Config:
         "seconds a metrics connection may stay silent before it is closed",
         kind="float",
         minimum=0.001,
+        maximum=_HOUR,
     )
     metrics_max_connections: int = _key(
         METRICS_MAX_CONNECTIONS,

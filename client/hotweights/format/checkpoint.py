@@ -49,6 +49,8 @@ SERVING_FILES = (
 
 # Bytes of each file's tensor data the default version hashes at its start, middle and end.
 FINGERPRINT_SAMPLE = 64 * 1024
+# How fingerprint() is made: a new way gets a new number (1: headers and file sizes only).
+FINGERPRINT_SCHEME = 2
 # Defaults no real checkpoint reaches (the largest hold a few thousand tensors per rank); docs/limits.md.
 MAX_TENSORS_PER_RANK = 1_000_000
 HEADER_BUDGET_SECONDS = 30.0
@@ -148,7 +150,7 @@ class Checkpoint:
         the samples of a checkpoint without a manifest need ``--version``.
         """
         if self._fingerprint is None:
-            h = xxhash.xxh64(b"hotweights-fingerprint-2")
+            h = xxhash.xxh64(f"hotweights-fingerprint-{FINGERPRINT_SCHEME}".encode())
             sums = self._manifest_checksums()
             for r in self.ranks:
                 for f in r.files:

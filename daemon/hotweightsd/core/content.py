@@ -1,11 +1,14 @@
 """What a loaded version was read from, to tell a repeated load of the same content from a different one.
 
-A version's content is the checkpoint's fingerprint (every header, file name and size; no tensor data)
-and, for each file, its resolved path, size, mtime_ns, inode and device. Two loads have the same content when
-all of it matches: a file rewritten in place (same header, new data) changes its mtime or inode, a
-copy of the checkpoint elsewhere changes the paths and inodes. Two versions under different names
-hold the same bytes (and share memory) when their files are the same inodes, whatever the paths
-(``same_files``). Nothing here reads tensor data.
+A version's content is the checkpoint's fingerprint (``Checkpoint.fingerprint``: every header, file name
+and size, the manifest's checksums, a few sampled blocks of tensor data) and, for each file, its resolved
+path, size, mtime_ns, inode and device. Two loads have the same content when all of it matches: a file
+rewritten in place (same header, new data) changes its mtime or inode, a copy of the checkpoint
+elsewhere changes the paths and inodes. Two versions under different names hold the same bytes (and
+share memory) when their files are the same inodes, whatever the paths (``same_files``).
+
+A fingerprint is compared only with one made the same way (``scheme``): a version restored from a state
+file written by an older daemon carries the old kind, and for it the files' identities decide alone.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hotweights.errors import BadCheckpoint
-from hotweights.format.checkpoint import Checkpoint
+from hotweights.format.checkpoint import FINGERPRINT_SCHEME, Checkpoint
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,10 @@ class FileId:
 class ContentId:
     fingerprint: str
     files: tuple[FileId, ...]
+    scheme: int = FINGERPRINT_SCHEME  # state files written before it was recorded hold scheme 1
+
+    def _same_fingerprint(self, other: ContentId) -> bool:
+        return self.scheme != other.scheme or self.fingerprint == other.fingerprint
 
     def differences(self, other: ContentId) -> list[str]:
         """What differs from ``other`` (the new load), in words; empty when the content is the same."""
@@ -52,7 +59,7 @@ class ContentId:
                 out.append(f"{path}: replaced (inode {a.inode} -> {b.inode})")
             elif a.mtime_ns != b.mtime_ns:
                 out.append(f"{path}: modified since it was loaded (mtime changed)")
-        if self.fingerprint != other.fingerprint:
+        if not self._same_fingerprint(other):
             out.append(f"content digest {self.fingerprint} -> {other.fingerprint}")
         return out
 
@@ -61,7 +68,7 @@ class ContentId:
         fingerprint and the same (size, mtime_ns, inode) for every file. A symlinked or hard-linked
         path to the files is the same; a copy (other inodes) is not, as telling a copy from other
         data would mean reading every byte of both."""
-        if self.fingerprint != other.fingerprint or len(self.files) != len(other.files):
+        if not self._same_fingerprint(other) or len(self.files) != len(other.files):
             return False
         if any(f.dev < 0 for f in (*self.files, *other.files)):
             return False  # an inode number alone does not name a file across filesystems
@@ -70,6 +77,7 @@ class ContentId:
     def to_json(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,
+            "scheme": self.scheme,
             "files": [[f.path, f.size, f.mtime_ns, f.inode, f.dev] for f in self.files],
         }
 
@@ -81,7 +89,7 @@ class ContentId:
         files = tuple(
             FileId(str(f[0]), int(f[1]), int(f[2]), int(f[3]), int(f[4]) if len(f) > 4 else -1) for f in doc["files"]
         )
-        return cls(str(doc["fingerprint"]), files)
+        return cls(str(doc["fingerprint"]), files, int(doc.get("scheme", 1)))
 
 
 def content_of(ckpt: Checkpoint) -> ContentId:
