@@ -120,12 +120,16 @@ class LeaseStream:
                 return True
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    return False  # the version is gone: nothing left to hold
+                    # the version is gone: nothing left to hold, and its memory may be freed
+                    self.lost = f"the daemon no longer leases {key} ({exc.details()})"
+                    return False
             except ValueError:
                 # grpc's answer on a closed channel: nothing can re-lease through it
                 self.lost = "the client it was made through was closed"
                 return False
             self._release.wait(0.1)
+        if not self._release.is_set():
+            self.lost = f"no daemon answered at the socket for {self.RELEASE_RETRY_SECONDS:g} s to lease {key} again"
         return False
 
     def release(self, timeout: float = 5.0) -> None:
@@ -199,7 +203,9 @@ class Attachment(Mapping[str, torch.Tensor]):
     # Mapping protocol
     def __getitem__(self, name: str) -> torch.Tensor:
         if self.released:
-            raise errors.FailedPrecondition(f"attachment of {self.key} was released")
+            lease = self._lease
+            why = f": {lease.lost}" if lease is not None and lease.lost else ""
+            raise errors.FailedPrecondition(f"attachment of {self.key} was released{why}")
         return self._tensors[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -214,7 +220,8 @@ class Attachment(Mapping[str, torch.Tensor]):
 
     @property
     def released(self) -> bool:
-        """True once the lease has ended: ``release()``, or the client it was made through closed."""
+        """True once the lease has ended: ``release()``, the client it was made through closed, or a
+        daemon restart after which the version could not be leased again."""
         lease = self._lease
         return lease is None or lease.lost is not None
 

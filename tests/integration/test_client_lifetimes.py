@@ -110,3 +110,27 @@ def test_a_bound_module_can_be_deep_copied_and_saved_like_any_other(client, tmp_
     torch.save(model, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     assert torch.equal(loaded.weight, model.weight)
+
+
+def test_a_lease_the_restarted_daemon_no_longer_knows_reads_as_ended(sockdir, tmp_path):
+    import hotweights
+    from hotweightsd.persist.fdstore import state_path
+    from support.daemons import start_daemon, wait_until
+
+    sock = str(sockdir / "gone.sock")
+    d = start_daemon(sock)
+    d.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), "--version", "v1", check=True)
+    c = hotweights.connect(sock)
+    att = c.attach("m@v1")
+    assert not att.released
+    assert d.stop() == 0
+    state_path(sock).unlink()  # the restarted daemon knows nothing of m@v1
+    d = start_daemon(sock)
+    try:
+        wait_until(lambda: att.released, what="the refused re-lease to end the attachment")
+        assert "m@v1" in att._lease.lost
+        with pytest.raises(errors.FailedPrecondition, match="m@v1"):
+            att["f32"]
+    finally:
+        c.close()
+        assert d.stop() == 0
