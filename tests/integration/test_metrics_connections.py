@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 from support.daemons import start_daemon, wait_until
 
@@ -38,7 +39,8 @@ def _threads(pid: int) -> int:
 
 
 def test_idle_metrics_connections_are_capped_and_closed(sockdir):
-    args = ("--metrics-max-connections", "4", "--metrics-timeout-seconds", "1")
+    # long enough that the idle connections are still open, on a loaded machine, when the cap is tried
+    args = ("--metrics-max-connections", "4", "--metrics-timeout-seconds", "10")
     with start_daemon(str(sockdir / "hw.sock"), *args) as d:
         path = d.socket + ".metrics"
         assert _scrape(path).startswith(b"HTTP/1.0 200")
@@ -58,3 +60,20 @@ def test_idle_metrics_connections_are_capped_and_closed(sockdir):
             s.close()
         wait_until(lambda: _threads(d.pid) <= before, what="the idle connections' threads to end")
         assert _scrape(path).startswith(b"HTTP/1.0 200")
+
+
+def test_a_connection_that_trickles_its_request_is_cut_at_the_deadline(sockdir):
+    """The timeout bounds the whole connection, not each read: a byte now and then does not keep it open."""
+    with start_daemon(str(sockdir / "hw.sock"), "--metrics-timeout-seconds", "1") as d:
+        with _connect(d.socket + ".metrics") as s:
+            request, sent = b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 600, 0
+            while sent < len(request):  # 5 minutes at this pace: far past the deadline
+                try:
+                    s.sendall(request[sent : sent + 1])
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                sent += 1
+                if _closed(s):
+                    break
+                time.sleep(0.5)  # the trickle's pace, slower than nothing but faster than the timeout
+            assert sent < len(request), "the daemon kept a trickling metrics connection open"

@@ -11,10 +11,13 @@ rewritten into a file for node-exporter's textfile collector (``TextfileWriter``
 
 from __future__ import annotations
 
+import io
 import os
+import socket
 import socketserver
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -201,12 +204,32 @@ METRICS_MAX_CONNECTIONS = 32
 _BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n"
 
 
+class _ReadBy(io.RawIOBase):
+    """A socket's reads, each given only the time left until ``deadline`` (time.monotonic)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the metrics request took longer than its deadline")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buf)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _UnixHTTPServer
 
     def setup(self) -> None:
         self.request.settimeout(self.server.handler_timeout)
         super().setup()
+        # The socket timeout bounds each read: a client sending a byte now and then would keep its thread
+        # and its slot for ever. Reads of the request share one deadline instead.
+        self.rfile = io.BufferedReader(_ReadBy(self.connection, time.monotonic() + self.server.handler_timeout))
 
     def do_GET(self) -> None:
         if self.path.split("?")[0] not in ("/", "/metrics"):
