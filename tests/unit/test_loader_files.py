@@ -36,16 +36,7 @@ def test_a_short_buffered_read_is_still_a_truncated_checkpoint(tmp_path):
 def cut_first_read(monkeypatch, to: int) -> list[int]:
     """The next read gets only ``to`` bytes, as a filesystem may cut an O_DIRECT read short mid-file;
     returns the offsets read at."""
-    real, at = os.preadv, []
-
-    def preadv(fd: int, bufs: list, offset: int) -> int:
-        at.append(offset)
-        if len(at) == 1:
-            bufs = [memoryview(bufs[0])[:to]]
-        return real(fd, bufs, offset)
-
-    monkeypatch.setattr(os, "preadv", preadv)
-    return at
+    return cut_reads(monkeypatch, lambda k: to if k == 0 else None)
 
 
 def test_an_o_direct_read_cut_inside_a_block_mid_file_is_read_again_not_taken_for_the_end(tmp_path, monkeypatch):
