@@ -95,13 +95,19 @@ def spawn_client(program: str | os.PathLike, *args: str, **env: str) -> subproce
     return testing.track(proc, f"client {what}")
 
 
-def fd_channel_answer(s: socket.socket, timeout: float = 60) -> dict | None:
-    """The daemon's one JSON line on fd-channel connection ``s``, or None if it closed without one."""
+def read_line(s: socket.socket, timeout: float = 60) -> bytes:
+    """Bytes from ``s`` up to and including a newline; what came before the peer closed, if it did first."""
     s.settimeout(timeout)
     data = b""
     while not data.endswith(b"\n"):
         chunk = s.recv(4096)
         if not chunk:
-            return None
+            break
         data += chunk
-    return json.loads(data)
+    return data
+
+
+def fd_channel_answer(s: socket.socket, timeout: float = 60) -> dict | None:
+    """The daemon's one JSON line on fd-channel connection ``s``, or None if it closed without one."""
+    line = read_line(s, timeout)
+    return json.loads(line) if line.endswith(b"\n") else None

@@ -3,7 +3,6 @@ and the client's typed errors against small fake servers."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -18,7 +17,7 @@ from hotweights.wire.fdproto import fetch_fds
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.server.fdchannel import FdChannel
-from support.daemons import short_tmpdir, wait_until
+from support.daemons import fd_channel_answer, read_line, short_tmpdir, wait_until
 
 DEADLINE_S = 3.0  # the channel's deadline here: a busy answer comes long before it, however loaded the machine
 
@@ -51,27 +50,17 @@ def _connect(path: str) -> socket.socket:
     return s
 
 
-def _reply(s: socket.socket) -> dict:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return json.loads(data)
-
-
 def test_beyond_the_connection_cap_the_answer_is_busy_at_once_and_idle_ones_are_cut(channel):
     idle = [_connect(channel.path) for _ in range(2)]
     wait_until(lambda: channel._open == 2, 10, "both idle connections accepted")
     t0 = time.monotonic()
     extra = _connect(channel.path)
-    assert _reply(extra)["error"] == "FdChannelBusy"
+    assert fd_channel_answer(extra)["error"] == "FdChannelBusy"
     assert time.monotonic() - t0 < DEADLINE_S  # not after the idle ones were cut
     with pytest.raises(errors.FdChannelBusy):
         fetch_fds(channel.path, "0" * 32, 1, timeout=0.2)  # retried until its own timeout
     for s in idle:
-        assert _reply(s)["error"] == "DeadlineExceeded"
+        assert fd_channel_answer(s)["error"] == "DeadlineExceeded"
     wait_until(lambda: channel.outcomes.count("timeout") == 2, 10, "two timeouts counted")
     with pytest.raises(errors.TicketInvalid):
         fetch_fds(channel.path, "0" * 32, 1, timeout=5)
@@ -138,14 +127,7 @@ def test_the_client_sends_back_the_nonce_that_follows_its_fds(sockdir):
             conn.recv(256)
             socket.send_fds(conn, [b'{"ok": true, "count": 1, "ack": true}\n'], [r])
             conn.sendall(b"=cafe0123\n")
-            conn.settimeout(10)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(64)
-                if not chunk:
-                    break
-                data += chunk
-            acked.append(data)
+            acked.append(read_line(conn, timeout=10))
         return "stop"
 
     t = _fake_server(str(sockdir / "ack.fds"), answer)

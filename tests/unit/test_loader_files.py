@@ -33,13 +33,9 @@ def test_a_short_buffered_read_is_still_a_truncated_checkpoint(tmp_path):
         os.close(fd)
 
 
-def cut_first_read(monkeypatch, to: int) -> list[int]:
-    """The next read gets only ``to`` bytes, as a filesystem may cut an O_DIRECT read short mid-file;
-    returns the offsets read at."""
-    return cut_reads(monkeypatch, lambda k: to if k == 0 else None)
-
-
-def test_an_o_direct_read_cut_inside_a_block_mid_file_is_read_again_not_taken_for_the_end(tmp_path, monkeypatch):
+def _read_mid_file(tmp_path, monkeypatch, cut) -> tuple[list[int], bool]:
+    """Reads 4 blocks from byte 100 of a 5-block file O_DIRECT, reads cut by ``cut`` (see cut_reads):
+    the offsets read at, and whether the chunk came back exact."""
     data = os.urandom(5 * 4096 + 123)
     p = tmp_path / "f.bin"
     p.write_bytes(data)
@@ -47,12 +43,17 @@ def test_an_o_direct_read_cut_inside_a_block_mid_file_is_read_again_not_taken_fo
     buf = memoryview(bytearray(6 * 4096))
     fd = os.open(p, os.O_RDONLY)
     try:
-        at = cut_first_read(monkeypatch, 4096 + 1000)
+        at = cut_reads(monkeypatch, cut)
         skip = files.read_direct(fd, buf, chunk, str(p))
     finally:
         os.close(fd)
+    return at, bytes(buf[skip : skip + chunk.length]) == data[100 : 100 + chunk.length]
+
+
+def test_an_o_direct_read_cut_inside_a_block_mid_file_is_read_again_not_taken_for_the_end(tmp_path, monkeypatch):
+    at, exact = _read_mid_file(tmp_path, monkeypatch, lambda k: 4096 + 1000 if k == 0 else None)
     assert at == [0, 4096]  # the cut block again, from its start
-    assert bytes(buf[skip : skip + chunk.length]) == data[100 : 100 + chunk.length]
+    assert exact
 
 
 def test_an_o_direct_read_ending_inside_the_files_last_block_is_its_end(tmp_path, monkeypatch):
@@ -62,7 +63,7 @@ def test_an_o_direct_read_ending_inside_the_files_last_block_is_its_end(tmp_path
     fd = os.open(p, os.O_RDONLY)
     buf = memoryview(bytearray(3 * 4096))
     try:
-        at = cut_first_read(monkeypatch, 3 * 4096)
+        at = cut_reads(monkeypatch, lambda k: 3 * 4096 if k == 0 else None)
         skip = files.read_direct(fd, buf, ReadChunk(0, 4096, 4096 + 123, ()), str(p))
         assert at == [4096] and bytes(buf[skip : skip + 4096 + 123]) == data[4096:]
         with pytest.raises(BadCheckpoint, match="truncated: ended at byte 8315"):
@@ -87,19 +88,9 @@ def cut_reads(monkeypatch, cut) -> list[int]:
 
 
 def test_a_retry_cut_shorter_than_the_read_before_still_reads_the_chunk_exactly(tmp_path, monkeypatch):
-    data = os.urandom(5 * 4096 + 123)
-    p = tmp_path / "f.bin"
-    p.write_bytes(data)
-    chunk = ReadChunk(0, 100, 4 * 4096, ())
-    buf = memoryview(bytearray(6 * 4096))
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        at = cut_reads(monkeypatch, lambda k: {0: 4096 + 1000, 1: 500}.get(k))
-        skip = files.read_direct(fd, buf, chunk, str(p))
-    finally:
-        os.close(fd)
+    at, exact = _read_mid_file(tmp_path, monkeypatch, lambda k: {0: 4096 + 1000, 1: 500}.get(k))
     assert at[:3] == [0, 4096, 4096]
-    assert bytes(buf[skip : skip + chunk.length]) == data[100 : 100 + chunk.length]
+    assert exact
 
 
 def test_reads_cut_short_again_and_again_are_an_io_error_not_a_truncated_checkpoint(tmp_path, monkeypatch):

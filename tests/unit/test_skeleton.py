@@ -8,17 +8,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from hotweights.torch import skeleton  # noqa: E402
+from support.tp_forward import TINY  # noqa: E402
 
 
 def _tiny_llama():
-    return transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=256,
-    )
+    return transformers.LlamaConfig(**TINY)
 
 
 def test_parameters_are_meta_and_buffers_are_computed_as_a_normal_build_computes_them():
