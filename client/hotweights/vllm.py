@@ -175,7 +175,9 @@ class HotweightsModelLoader(BaseModelLoader):
                 if mode == "zero_copy":
                     with skeleton():
                         model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-                    rep = bind(model, _Renamed(_bind_params_copy_buffers(model, _as_named_by(model, att), att), att))
+                    held = _layout_names(model)
+                    named = _bind_params_copy_buffers(model, _as_named_by(model, att, held), att)
+                    rep = bind(model, _Renamed(named, att, held))
                     self.attached_bytes = rep.nbytes
                     self.report = {"mode": mode, "bound": len(rep.bound), "tied": rep.tied, "bytes": rep.nbytes}
                 else:
@@ -341,9 +343,10 @@ def _layout_names(model: nn.Module) -> dict[str, str]:
 _ROUTED = re.compile(r"\.experts\.routed_experts\.(w13_weight|w2_weight)$")
 
 
-def _as_named_by(model: nn.Module, tensors) -> dict:
-    """``tensors`` (a name -> tensor mapping in the layout's names) under the names ``model`` gives them."""
-    held = _layout_names(model)
+def _as_named_by(model: nn.Module, tensors, held: dict[str, str] | None = None) -> dict:
+    """``tensors`` (a name -> tensor mapping in the layout's names) under the names ``model`` gives them;
+    ``held`` is ``_layout_names(model)`` where the caller has it already."""
+    held = _layout_names(model) if held is None else held
     return {held.get(n, n): tensors[n] for n in tensors}
 
 
@@ -351,15 +354,15 @@ class _Renamed(Mapping[str, torch.Tensor]):
     """The attached tensors ``bind`` reads, under the model's names, carrying the facts of the attachment
     they come from: its errors then name the version, the rank and each tensor's dtype as saved."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], att) -> None:
-        self._tensors, self._att = tensors, att
+    def __init__(self, tensors: dict[str, torch.Tensor], att, held: dict[str, str]) -> None:
+        self._tensors, self._att, self._held = tensors, att, held  # held: _layout_names of the model
         self.key, self.rank = att.key, att.rank
 
     @functools.cached_property
     def meta(self) -> dict:
         saved = getattr(self._att, "meta", None) or {}
-        by_suffix = {_ROUTED.sub(r".experts.\1", n): n for n in self._tensors}  # the layout's name -> the model's
-        return {by_suffix.get(n, n): m for n, m in saved.items() if by_suffix.get(n, n) in self._tensors}
+        named = {self._held.get(n, n): m for n, m in saved.items()}
+        return {n: m for n, m in named.items() if n in self._tensors}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]

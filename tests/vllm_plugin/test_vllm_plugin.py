@@ -283,12 +283,14 @@ def test_a_zero_copy_bind_error_names_the_version_and_rank_and_the_saved_dtype()
     )
     tensors = {"0.weight": torch.zeros(3, 4, dtype=torch.bfloat16)}
     with pytest.raises(BindError) as caught:
-        bind(torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False)), plugin._Renamed(tensors, att))
+        model = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))
+        bind(model, plugin._Renamed(tensors, att, plugin._layout_names(model)))
     assert str(caught.value).startswith("cannot bind Sequential to llama@abc123 rank 1:"), caught.value
     assert "0.weight: attached (3, 4), module wants (2, 4)" in str(caught.value)
     tensors = {"0.weight": torch.zeros(2, 4, dtype=torch.bfloat16)}
     with pytest.raises(BindError) as caught:
-        bind(torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False)), plugin._Renamed(tensors, att))
+        model = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))
+        bind(model, plugin._Renamed(tensors, att, plugin._layout_names(model)))
     assert "0.weight: attached BF16 (torch.bfloat16), module wants torch.float32" in str(caught.value)
 
 
