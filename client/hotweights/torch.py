@@ -137,8 +137,9 @@ def bind(
     the module knowingly does without (a buffer it computes itself that older checkpoints saved): they
     are left unbound and reported in ``unused``, never an error.
 
-    An attachment (anything with a ``release`` method) is kept on the module, so its lease lives as
-    long as the module. See the module docstring: bound parameters must not be written.
+    An attachment (anything with a ``release`` method) is kept alive beside the module
+    (``attachments_of``), so its lease lives as long as the module. See the module docstring: bound
+    parameters must not be written.
     """
     params = _named_params(module)
     names = set(attachment)
