@@ -11,6 +11,7 @@ import pwd
 import signal
 import stat
 import sys
+from collections.abc import Callable
 
 import grpc
 import structlog
@@ -171,16 +172,24 @@ async def serve(cfg: Config) -> None:
     # pinning staging buffers costs more than a load's copies: do it now, off the first load's clock
     prepare = asyncio.ensure_future(asyncio.to_thread(backend.prepare))
     prepare.add_done_callback(_log_failure("backend.prepare_failed"))
-    try:
-        await _load_all(manager, report.to_reload, "reload", metrics)
+
+    async def load_at_start() -> None:
+        await _load_all(manager, report.to_reload, "reload", metrics, settled=persister.settled)
         await _load_all(
             manager,
             [{**item, "aliases": [item["alias"]] if item.get("alias") else []} for item in cfg.preload],
             "preload",
             metrics,
         )
+
+    # Beside the wait for a stop, not before it: a SIGTERM during a long reload stops the daemon now (the
+    # reloads not yet settled stay in the state file for the next start).
+    at_start = asyncio.ensure_future(load_at_start())
+    at_start.add_done_callback(_log_failure("daemon.load_at_start_failed"))
+    try:
         await stop.wait()
     finally:
+        at_start.cancel()
         log.info("daemon.stopping")
         await asyncio.to_thread(systemd.stopping)
         watchdog.cancel()
@@ -257,8 +266,15 @@ def _log_failure(event: str):
     return done
 
 
-async def _load_all(manager: ModelManager, items: list[dict], what: str, metrics: DaemonMetrics) -> None:
-    """Loads each item ({name, path, version?, verify?, layout?, aliases}); a failure is logged, not fatal."""
+async def _load_all(
+    manager: ModelManager,
+    items: list[dict],
+    what: str,
+    metrics: DaemonMetrics,
+    settled: Callable[[str], None] | None = None,
+) -> None:
+    """Loads each item ({name, path, version?, verify?, layout?, aliases}); a failure is logged, not fatal.
+    ``settled`` is told each item's NAME@VERSION once its load is over, whatever the outcome."""
     for item in items:
         try:
             try:
@@ -285,6 +301,8 @@ async def _load_all(manager: ModelManager, items: list[dict], what: str, metrics
             pass  # going away: nothing to load over it
         except HotweightsError as exc:
             log.error(f"{what}.failed", name=item["name"], path=item["path"], error=str(exc))
+        if settled is not None:
+            settled(f"{item['name']}@{item.get('version')}")
 
 
 def run(cfg: Config) -> int:

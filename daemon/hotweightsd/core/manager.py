@@ -153,6 +153,11 @@ class ModelManager:
         self._aliases: dict[str, str] = {}  # alias -> "name@version"
         self._leases: dict[str, Lease] = {}
         self._leases_of: dict[int, int] = {}  # pid as given at open -> leases it holds
+        # lease id -> the version object it was granted: a later version loaded under the same key
+        # (after a forced unload) is other memory, and never the lease's
+        self._lease_target: dict[str, ModelVersion] = {}
+        # alias -> why it names nothing: its drain swap freed the old version and the new one failed
+        self._swap_failed: dict[str, str] = {}
         self._lock = threading.RLock()
         self._admit_lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -229,11 +234,18 @@ class ModelManager:
             raise NotFound(f"model {shorten(name)}@{shorten(version)} is not loaded", ref=f"{name}@{version}")
         return mv
 
+    def find(self, key: str) -> ModelVersion | None:
+        """The version registered under ``NAME@VERSION``, or None."""
+        with self._lock:
+            return self._versions.get(key)
+
     def resolve(self, ref: str, *, ready: bool = True) -> ModelVersion:
         """An alias, ``NAME@VERSION``, or ``NAME`` (its newest READY version)."""
         with self._lock:
             if ref in self._aliases:
                 mv = self._versions.get(self._aliases[ref])
+                if mv is None and ref in self._swap_failed:
+                    raise FailedPrecondition(self._swap_failed[ref], ref=ref)
                 if mv is None:
                     raise Unavailable(
                         f"alias {shorten(ref)!r} is between versions (a drain swap is loading its next version);"
@@ -938,6 +950,7 @@ class ModelManager:
             for mv in targets:
                 for a in self.aliases_of(mv.key):
                     del self._aliases[a]
+                    self._swap_failed.pop(a, None)
                     fx.publish(EventKind.ALIAS_REMOVED, mv.name, version=mv.version, alias=a)
                     removed.append(a)
                 if not mv.leases:
@@ -1053,6 +1066,7 @@ class ModelManager:
                 )
             lease = Lease(new_lease_id(), ref, mv.name, mv.version, pid, uid, holder, seq=self.events.stamped)
             self._leases[lease.id] = lease
+            self._lease_target[lease.id] = mv
             self._leases_of[pid] = held + 1
             mv.leases.add(lease.id)
             mv.relet_until = 0.0  # a holder is back: the version goes with its last lease, as before the restart
@@ -1070,18 +1084,18 @@ class ModelManager:
                 self._leases_of[lease.pid] = left
             self.tickets.drop_lease(lease_id)
             fx.log("info", "lease.closed", lease=lease_id, model=f"{lease.name}@{lease.version}")
-            mv = self._versions.get(f"{lease.name}@{lease.version}")
+            mv = self._lease_target.pop(lease_id, None)
             if mv is not None:
                 mv.leases.discard(lease_id)
-                self._maybe_retire(mv, fx)
+                self._maybe_retire(mv, fx)  # only while it is still the registered version
             self._changed.notify_all()
 
     def _lease(self, lease_id: str) -> tuple[Lease, ModelVersion]:
         lease = self._leases.get(lease_id)
         if lease is None:
             raise NotFound("lease is unknown or has ended: open a new Lease stream", lease=lease_id)
-        mv = self._versions.get(f"{lease.name}@{lease.version}")
-        if mv is None or mv.freed:
+        mv = self._lease_target.get(lease_id)
+        if mv is None or mv.freed or self._versions.get(mv.key) is not mv:
             raise NotFound(f"{lease.name}@{lease.version} was unloaded (forced) while leased", lease=lease_id)
         return lease, mv
 
@@ -1172,6 +1186,7 @@ class ModelManager:
                 )
             old = self._aliases.get(alias, "")
             self._aliases[alias] = mv.key
+            self._swap_failed.pop(alias, None)
             mv.retire = False
             self._unhold(mv)
             old_version = old.partition("@")[2] if old else ""
@@ -1185,10 +1200,23 @@ class ModelManager:
         with self._txn() as fx:
             key = self.require_alias(alias, creatable=False)
             del self._aliases[alias]
+            self._swap_failed.pop(alias, None)
             name, _, version = key.partition("@")
             fx.publish(EventKind.ALIAS_REMOVED, name, version=version, alias=alias)
             self.release_kept(alias)
         return key
+
+    def drain_swap_failed(self, alias: str, old_key: str, exc: BaseException) -> None:
+        """Records why ``alias`` names nothing, when its drain swap freed ``old_key`` and the next
+        version then failed: attaches through it get that reason, not a "retry shortly" forever."""
+        err = exc.message if isinstance(exc, HotweightsError) else f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            if self._aliases.get(alias) == old_key and old_key not in self._versions:
+                self._swap_failed[alias] = (
+                    f"alias {alias!r} names {old_key}, which its drain swap freed before the next version "
+                    f"failed ({shorten(err, 200)}): point it at a loaded version "
+                    f"(`hotweights alias {alias} NAME@VERSION`) or swap it again"
+                )
 
     def release_kept(self, alias: str) -> list[str]:
         """Ends the holds of the versions a swap kept for ``alias``'s rollback: each is freed now, or
@@ -1287,6 +1315,7 @@ class ModelManager:
         """Marks ``mv`` DRAINING, waits for its leases to end, then frees it.
 
         On timeout the version goes back to READY and DeadlineExceeded is raised: nothing changed.
+        A version unloaded (forced) while it drains ends the wait at once with Aborted.
         """
         with self._txn() as fx:
             if mv.state is not State.READY:
@@ -1297,7 +1326,11 @@ class ModelManager:
             )
         deadline = time.monotonic() + timeout
         with self._txn() as fx:
-            while mv.leases:
+            while True:
+                if self._versions.get(mv.key) is not mv:
+                    raise Aborted(f"{mv.key} was unloaded while it drained; the swap loaded nothing", ref=mv.key)
+                if not mv.leases:
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     mv.state = State.READY
@@ -1337,6 +1370,7 @@ class ModelManager:
             self._versions.clear()
             self._aliases.clear()
             self._leases.clear()
+            self._lease_target.clear()
             self._leases_of.clear()
         try:
             self.backend.close()

@@ -61,7 +61,8 @@ def swap(
     asked = layout
     layout = check_layout(layout)
     current = m.aliases().get(alias) if create else m.require_alias(alias)
-    old = m.get(*current.split("@", 1)) if current else None
+    # None also where the alias names a version gone with a failed drain swap: this swap mends it
+    old = m.find(current) if current else None
 
     if not is_path(target):
         if asked:
@@ -85,11 +86,13 @@ def swap(
     kept_from = old if not asked and old is not None and old.layout else None
     if kept_from is not None:
         layout = kept_from.layout
-    model = name or (old.name if old else None)
+    model = name or (old.name if old else current.partition("@")[0] if current else None)
     if model is None:
         raise NotFound(
             f"alias {alias!r} does not exist yet; pass the model name (--name) for a path target", alias=alias
         )
+    if mode is SwapMode.DRAIN and old is None and current:
+        mode = SwapMode.SIDE_BY_SIDE  # nothing left to drain: the alias's version went with a failed drain swap
     if mode is SwapMode.SIDE_BY_SIDE:
         if kept_from is not None:
             _check_target(m, target, layout, alias, kept_from)
@@ -122,10 +125,18 @@ def swap(
     # A drain is for want of memory: a version kept for this alias's rollback goes first.
     released = m.release_kept(alias)
     m.drain(old, drain_timeout)
-    mv, load = m.begin_load(model, target, version=version, verify=verify, layout=layout)
+    try:
+        mv, load = m.begin_load(model, target, version=version, verify=verify, layout=layout)
+    except BaseException as exc:
+        m.drain_swap_failed(alias, old.key, exc)
+        raise
 
     def run_after_drain() -> ModelVersion:
-        load()
+        try:
+            load()
+        except BaseException as exc:
+            m.drain_swap_failed(alias, old.key, exc)
+            raise
         m.set_alias(alias, mv.key, create=create)  # the old version is gone already
         return mv
 

@@ -142,12 +142,36 @@ class Persister:
         self.on_failure = on_failure or (lambda exc: None)
         self.failure: BaseException | None = None
         self._stored: dict[str, list[str]] = {}  # version key -> fd names in the store
+        # Versions (and their aliases) the state file named that a restart reloads from storage: kept
+        # in every save until their reload settles, so a crash during the reload loses none of them.
+        self._pending: dict[str, dict] = {}  # key -> its entry, as the state file had it, without fds
+        self._pending_aliases: dict[str, str] = {}  # alias -> key
+        self._pending_lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="hw-persist", daemon=True)
         self._unsubscribe = manager.events.subscribe(self._queue.put)
 
     def adopted(self, key: str, names: list[str]) -> None:
         self._stored[key] = names
+
+    def carry(self, versions: list[dict], aliases: dict[str, str]) -> None:
+        """Keeps ``versions`` (state-file entries to reload) and their aliases in the state file until
+        ``settled``. Their fds are not in the store: the entries name none, so a later restore reloads them."""
+        with self._pending_lock:
+            for v in versions:
+                key = f"{v['name']}@{v['version']}"
+                entry = {**v, "shares_allocations": "", "ranks": [{**r, "fd_names": []} for r in v["ranks"]]}
+                self._pending[key] = entry
+                self._pending_aliases.update((a, k) for a, k in aliases.items() if k == key)
+
+    def settled(self, key: str) -> None:
+        """The reload of ``key`` is over (loaded, aliased, or failed): the registry alone speaks for it now."""
+        with self._pending_lock:
+            if self._pending.pop(key, None) is None:
+                return
+            for a in [a for a, k in self._pending_aliases.items() if k == key]:
+                del self._pending_aliases[a]
+        self._queue.put(_Flush(save=True))
 
     def refuse(self, reason: str) -> None:
         """Never writes the state file (it belongs to another socket)."""
@@ -266,7 +290,13 @@ class Persister:
             if stored and not sharer:
                 encoded[identity] = mv.key
             versions.append(_encode_version(mv, names, sharer))
-        return {"socket": self.socket, "versions": versions, "aliases": self.m.aliases()}
+        aliases = self.m.aliases()
+        with self._pending_lock:
+            written = {f"{v['name']}@{v['version']}" for v in versions}
+            versions += [v for k, v in self._pending.items() if k not in written]
+            for a, k in self._pending_aliases.items():
+                aliases.setdefault(a, k)
+        return {"socket": self.socket, "versions": versions, "aliases": aliases}
 
     def save(self) -> None:
         if self.refused:
@@ -368,11 +398,14 @@ def restore(
     stored = [v for v in versions if v["ranks"] and all(r["fd_names"] for r in v["ranks"])]
     if not received:
         report.to_reload = reload([v for v in versions if not v.get("retire")])
+        persister.carry([v for v in versions if not v.get("retire")], aliases)
         if report.to_reload:
             report.note = f"no fd store handed anything back: reloading {len(report.to_reload)} version(s) from storage"
             log.warning("restore.reload_from_storage", versions=[f"{v['name']}@{v['version']}" for v in versions])
         return report
-    report.to_reload = reload([v for v in versions if v not in stored and not v.get("retire")])
+    unstored = [v for v in versions if v not in stored and not v.get("retire")]
+    report.to_reload = reload(unstored)
+    persister.carry(unstored, aliases)
     versions = stored
 
     expected = {n: 1 for v in versions for r in v["ranks"] for n in r["fd_names"]}
