@@ -31,9 +31,9 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 CLI_TIMEOUT = 120.0
 WAIT_TIMEOUT = 30.0
-# The daemon's call and load pools' workers, by the names its threads carry at the OS level
+# The daemon's call, load and drain pools' workers, by the names its threads carry at the OS level
 # (hotweightsd.threadnames; hotweightsd.server.service names the pools).
-POOL_WORKER = re.compile(r"^hw-(call|load)_\d+$")
+POOL_WORKER = re.compile(r"^hw-(call|load|drain)_\d+$")
 
 
 def fd_targets(pid: int | str = "self") -> list[str]:
@@ -378,10 +378,10 @@ class Daemon:
             return sum("memfd:" in line for line in f)
 
     def threads(self, pools: bool = False) -> int:
-        """The daemon's threads, read from /proc/<pid>/task. Without ``pools``, the workers of its call
-        and load pools (``hw-call_N``/``hw-load_N`` there) are left out: a pool keeps the workers it
-        started, and starts one more whenever a call comes before an idle one has said so, so their
-        number says nothing about a leak. Threads a load starts carry their own names and count."""
+        """The daemon's threads, read from /proc/<pid>/task. Without ``pools``, the workers of its call,
+        load and drain pools (``hw-call_N``/``hw-load_N``/``hw-drain_N`` there) are left out: a pool
+        keeps the workers it started, and starts one more whenever a call comes before an idle one has
+        said so, so their number says nothing about a leak. Threads a load starts carry their own names and count."""
         names = []
         for tid in os.listdir(f"/proc/{self.pid}/task"):
             try:

@@ -59,7 +59,7 @@ class EventBus:
         self._stamped = 0
         self._next = 1  # the sequence number delivered next
         self._waiting: dict[int, Event] = {}
-        self._delivering = False
+        self._delivering: object | None = None  # the claim of the call delivering now
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         with self._lock:
@@ -85,16 +85,20 @@ class EventBus:
             return Event(kind, name, seq=self._stamped, **fields)  # type: ignore[arg-type]
 
     def deliver(self, event: Event) -> None:
+        mine = object()  # this call's claim on delivery, told apart from a later caller's
         with self._lock:
             self._waiting[event.seq] = event
-            if self._delivering:
+            if self._delivering is not None:
                 return  # the thread delivering now takes this one too, in its turn
-            self._delivering = True
+            self._delivering = mine
         try:
             while True:
                 with self._lock:
                     ev = self._waiting.pop(self._next, None)
                     if ev is None:
+                        # Given up in the same critical section that found nothing left: an event parked
+                        # after the lock is released finds no deliverer and delivers itself.
+                        self._delivering = None
                         return
                     self._next += 1
                     subs = list(self._subs.values())
@@ -105,8 +109,11 @@ class EventBus:
                         log.error("event.subscriber_failed", kind=ev.kind.value, error=f"{type(exc).__name__}: {exc}")
         finally:
             # Whatever escapes (a BaseException from a subscriber), the next publisher must deliver again.
-            with self._lock:
-                self._delivering = False
+            # Only this call sets or clears its own claim, so reading it unlocked is safe; once given up
+            # above, the claim may already be another caller's, which must not be cleared.
+            if self._delivering is mine:
+                with self._lock:
+                    self._delivering = None
 
     def publish(self, kind: EventKind, name: str, **fields: str) -> Event:
         """Stamps and delivers at once: for events no lock orders."""

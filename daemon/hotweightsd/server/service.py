@@ -32,9 +32,14 @@ from hotweightsd.server.watchers import QUEUE_DEPTH, EventHub, Overflow
 
 log = structlog.get_logger("hotweightsd.service")
 PROGRESS_INTERVAL = 0.2
-# Short blocking core calls (unload, lease ends, aliases, drains) at once; loads run in their own pool.
+# Short blocking core calls (unload, lease opens and ends, aliases) at once; loads run in their own pool.
 CALL_THREADS = 32
 LOAD_THREADS = 64
+# A drain swap waits for other clients' leases to end, for as long as its drain timeout: on the call
+# pool, enough of them would leave no thread for the very lease ends they wait for, nor for any other
+# client's call. They get threads of their own, one each (a waiting drain holds its thread; none queues
+# behind another's timeout), and one more than there are is refused rather than queued.
+DRAIN_THREADS = 64
 T = TypeVar("T")
 
 
@@ -106,6 +111,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         self._background: set[asyncio.Future] = set()
         self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="hw-call")
         self._loads = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="hw-load")
+        self._drains = ThreadPoolExecutor(DRAIN_THREADS, thread_name_prefix="hw-drain")
+        self._draining = 0  # drain swaps being planned (counted on the event loop)
         # A rank's encoded GetHandles answer, built once: (version key, rank, compact) -> (rank, answer).
         # The rank object is kept to tell a reloaded version of the same key from the one encoded.
         self._tables: dict[tuple[str, int, bool], tuple[ResidentRank, pb.GetHandlesResponse]] = {}
@@ -121,6 +128,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             self._hub.close()
         self._calls.shutdown(wait=False, cancel_futures=False)
         self._loads.shutdown(wait=False, cancel_futures=False)
+        self._drains.shutdown(wait=False, cancel_futures=False)
 
     def _blocking(self, fn: Callable[..., T], *args: Any, **kw: Any) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._calls, functools.partial(fn, *args, **kw))
@@ -437,8 +445,9 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 f"drain_timeout_seconds must be a finite number of seconds >= 0, got {drain_timeout}"
             )
         verify = convert.enum_arg(convert.VERIFY_OF, request.verify, "verify")
+        planning = self._drain_thread if mode is SwapMode.DRAIN else self._blocking
         plan = await self._registered(
-            self._blocking(
+            planning(
                 swap,
                 self.m,
                 request.alias,
@@ -460,6 +469,22 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                     # counted before the last event goes out: the caller may close the stream on it
                     self.metrics.swaps.labels(mode.value).inc()
             yield ev
+
+    def _drain_thread(self, fn: Callable[..., T], *args: Any, **kw: Any) -> asyncio.Future[T]:
+        """``fn`` in a drain thread of its own, or ResourceExhausted when every one is waiting already."""
+        if self._draining >= DRAIN_THREADS:
+            raise errors.ResourceExhausted(
+                f"{self._draining} drain swaps are already waiting for leases to end (at most {DRAIN_THREADS}); "
+                f"retry once one has finished",
+                draining=self._draining,
+            )
+        call = asyncio.get_running_loop().run_in_executor(self._drains, functools.partial(fn, *args, **kw))
+        self._draining += 1
+        call.add_done_callback(self._drain_ended)
+        return call
+
+    def _drain_ended(self, call: asyncio.Future) -> None:
+        self._draining -= 1
 
     @stream_rpc
     async def Watch(self, request, context) -> AsyncIterator[pb.WatchEvent]:
