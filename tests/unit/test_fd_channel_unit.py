@@ -136,3 +136,28 @@ def test_the_client_sends_back_the_nonce_that_follows_its_fds(sockdir):
     assert acked == [b"cafe0123\n"]
     for x in (fd, r, w):
         os.close(x)
+
+
+def test_a_client_from_before_acknowledgements_that_closes_right_after_its_fds_is_an_ok_exchange(
+    channel, tmp_path, monkeypatch
+):
+    from hotweights.wire.fdproto import MAGIC
+    from hotweightsd.server import fdchannel
+    from support.ckpt_tools import versioned_model
+
+    m = channel.manager
+    m.load("m", str(versioned_model(tmp_path, 1)), version="v")
+    lease = m.open_lease("m@v", pid=os.getpid())
+    ticket = m.get_handles(lease.id, 0, lease.key).ticket
+    client = _connect(channel.path)
+    real = fdchannel.send_reply
+
+    async def reply_then_the_client_goes(conn, doc, fds):
+        await real(conn, doc, fds)
+        if doc.get("ok"):
+            client.close()  # an old client: takes its fds and closes, before the daemon's nonce line
+
+    monkeypatch.setattr(fdchannel, "send_reply", reply_then_the_client_goes)
+    client.sendall(MAGIC + ticket.encode("ascii") + b"\n")
+    wait_until(lambda: channel.outcomes, 10, "the exchange's outcome")
+    assert channel.outcomes == ["ok"]
