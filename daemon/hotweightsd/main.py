@@ -174,12 +174,14 @@ async def serve(cfg: Config) -> None:
     prepare.add_done_callback(_log_failure("backend.prepare_failed"))
 
     async def load_at_start() -> None:
-        await _load_all(manager, report.to_reload, "reload", metrics, settled=persister.settled)
+        failed = service.start_failures.append
+        await _load_all(manager, report.to_reload, "reload", metrics, failed, settled=persister.settled)
         await _load_all(
             manager,
             [{**item, "aliases": [item["alias"]] if item.get("alias") else []} for item in cfg.preload],
             "preload",
             metrics,
+            failed,
         )
 
     # Beside the wait for a stop, not before it: a SIGTERM during a long reload stops the daemon now (the
@@ -271,11 +273,14 @@ async def _load_all(
     items: list[dict],
     what: str,
     metrics: DaemonMetrics,
+    failed: Callable[[str], None],
     settled: Callable[[str], None] | None = None,
 ) -> None:
-    """Loads each item ({name, path, version?, verify?, layout?, aliases}); a failure is logged, not fatal.
+    """Loads each item ({name, path, version?, verify?, layout?, aliases}); a failure is logged, not fatal,
+    and told to ``failed`` in one line: the daemon is READY by then, so the journal alone would hide it.
     ``settled`` is told each item's NAME@VERSION once its load is over, whatever the outcome."""
     for item in items:
+        label = f"{what} {item['name']}{'@' + item['version'] if item.get('version') else ''} from {item['path']}"
         try:
             try:
                 mv, fill = await asyncio.to_thread(
@@ -297,10 +302,12 @@ async def _load_all(
             log.info(f"{what}.done", model=mv.key, path=item["path"])
         except ContentMismatch as exc:
             log.warning(f"{what}.skipped", name=item["name"], path=item["path"], error=str(exc))
+            failed(f"{label}: skipped: {exc}")
         except AlreadyExists:
             pass  # going away: nothing to load over it
         except HotweightsError as exc:
             log.error(f"{what}.failed", name=item["name"], path=item["path"], error=str(exc))
+            failed(f"{label}: {exc}")
         if settled is not None:
             settled(f"{item['name']}@{item.get('version')}")
 

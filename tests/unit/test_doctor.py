@@ -222,7 +222,16 @@ def test_preload_paths_of_the_config_are_checked(node):
     node.write("/etc/hotweights/config.toml", 'backend = "cuda"\n[[preload]]\nname = "m"\npath = "/nowhere/m"\n')
     results = checks(system=node.system())
     assert next(c for c in results if c.name == "config").status == OK
-    assert next(c for c in results if c.name == "storage /nowhere/m").status == WARN
+    missing = next(c for c in results if c.name == "storage /nowhere/m")
+    assert missing.status == FAIL and "[[preload]]" in missing.detail, missing
+    # a path given with --models is only looked at: nothing loads it at start
+    assert node.check("storage /nowhere/x", models=["/nowhere/x"]).status == WARN
+
+
+def test_loads_that_failed_at_the_daemons_start_fail(node):
+    node.status.start_failures = ["preload m from /nowhere/m: /nowhere/m: no such file or directory"]
+    c = node.check("daemon")
+    assert c.status == FAIL and "1 load(s) at its start failed: preload m from /nowhere/m" in c.detail, c
 
 
 def test_a_broken_config_fails(node):

@@ -471,6 +471,8 @@ def status(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> No
         f"hotweightsd {s.daemon_version} pid {s.pid} backend {s.backend} on {s.socket}, "
         f"up {s.uptime_seconds:.0f}s{' (restored from fd store)' if s.restored else ''}"
     )
+    for failure in s.start_failures:
+        typer.echo(f"  failed at start: {failure}")
     if s.gds:
         typer.echo(f"  gds: {s.gds}")
     for d in s.devices:

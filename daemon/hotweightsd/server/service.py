@@ -108,6 +108,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         self.fd_socket = fd_socket
         self.restored = restored
         self.restore_note = restore_note
+        # Filled in by the loads at start, which run after the sockets answer.
+        self.start_failures: list[str] = []
         self._background: set[asyncio.Future] = set()
         self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="hw-call")
         self._loads = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="hw-load")
@@ -264,6 +266,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             gds=self.m.backend.note,
             restored=self.restored,
             restore_note=self.restore_note,
+            start_failures=list(self.start_failures),
         )
 
     # ---- leases and handles ---------------------------------------------------------------
