@@ -81,6 +81,10 @@ async def serve(cfg: Config) -> None:
         fdstore=systemd.fdstore_enabled(),
         on_failure=not_serving,
     )
+    # Said at start: otherwise the operator learns it only after the restart that read storage again.
+    no_fdstore = systemd.no_fdstore_note()
+    if no_fdstore:
+        log.warning("systemd.no_fdstore", note=no_fdstore)
     report = restore(manager, backend, persister, systemd.listen_fds())
     persister.start()
     metrics = DaemonMetrics.for_manager(manager)
@@ -167,7 +171,11 @@ async def serve(cfg: Config) -> None:
         restore=report.note,
     )
     # READY before any load: a cold preload must not count against the start timeout.
-    await asyncio.to_thread(systemd.ready, f"serving on {cfg.socket}; {report.note or 'nothing to restore'}")
+    await asyncio.to_thread(
+        systemd.ready,
+        f"serving on {cfg.socket}; {report.note or 'nothing to restore'}"
+        f"{'; no fd store: a restart reloads from storage' if no_fdstore else ''}",
+    )
     watchdog = asyncio.ensure_future(systemd.watchdog_loop(stop))
     # pinning staging buffers costs more than a load's copies: do it now, off the first load's clock
     prepare = asyncio.ensure_future(asyncio.to_thread(backend.prepare))

@@ -329,3 +329,16 @@ def test_stripe_layouts_lfs_prints():
     )
     assert parse_stripe(pfl) == (8, 16777216)
     assert parse_stripe("no layout") is None
+
+
+@pytest.mark.parametrize(("version", "status"), [("252", WARN), ("254", OK)])
+def test_a_systemd_without_fd_store_warns_that_a_restart_reloads(node, version, status):
+    node.commands[("systemctl", "--version")] = f"systemd {version} ({version}.1-1)\n+PAM +AUDIT\n"
+    c = node.check("fd store")
+    assert c.status == status, c
+    if status == WARN:
+        assert "reloads every version from storage" in c.detail and "254" in c.fix
+
+
+def test_no_systemd_no_fd_store_check(node):
+    assert "fd store" not in {c.name for c in checks(system=node.system())}

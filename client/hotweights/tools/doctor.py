@@ -173,6 +173,9 @@ def checks(
     paths = list(models) or [str(p["path"]) for p in cfg.get("preload", []) if isinstance(p, dict) and "path" in p]
     out += check_storage(sy, paths, gpu_node and nvfs and gds_setting != "off", preload=preload)
     out.append(check_numa(sy))
+    fdstore = check_fdstore(sy)
+    if fdstore is not None:
+        out.append(fdstore)
     if socket is None and not sy.env.get("HOTWEIGHTS_SOCKET") and isinstance(cfg.get("socket"), str) and cfg["socket"]:
         socket, origin = cfg["socket"], f"socket in {cfg_path}"
     status, daemon_check = check_daemon(sy, socket, origin, gpu_node)
@@ -598,6 +601,28 @@ def nvidia_gpus(sy: System) -> dict[str, int]:
         except ValueError:
             out[dev] = -1
     return out
+
+
+# The first systemd that tells a service ($FDSTORE) that it keeps stored fds, which the daemon waits for.
+FDSTORE_SYSTEMD = 254
+
+
+def check_fdstore(sy: System) -> Check | None:
+    """Whether a restart under this host's systemd keeps resident memory; None where there is no systemd."""
+    found = re.match(r"systemd (\d+)", sy.run(["systemctl", "--version"]) or "")
+    if found is None:
+        return None
+    version = int(found.group(1))
+    if version < FDSTORE_SYSTEMD:
+        return Check(
+            "fd store",
+            WARN,
+            f"systemd {version} sets no $FDSTORE: `systemctl restart hotweights` reloads every version from "
+            f"storage instead of keeping it resident",
+            f"systemd {FDSTORE_SYSTEMD} or later keeps the memory across restarts; until then, plan restarts "
+            f"for when the reload's read is acceptable",
+        )
+    return Check("fd store", OK, f"systemd {version}: a restart keeps resident memory")
 
 
 def check_numa(sy: System) -> Check:
