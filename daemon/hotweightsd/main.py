@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hotweights.errors import AlreadyExists, ContentMismatch, HotweightsError, InvalidArgument
+from hotweights.format.source import name_reader
 from hotweights.paths import metrics_socket_for
 from hotweights.wire.pb import pb, pb_grpc
 from hotweightsd.backends import create_backend
@@ -323,6 +324,7 @@ async def _load_all(
 def run(cfg: Config) -> int:
     configure(cfg.log_format, cfg.log_level)
     name_threads()
+    name_reader("the daemon")
     try:
         asyncio.run(serve(cfg))
     except HotweightsError as exc:
