@@ -352,7 +352,12 @@ def swap(
             keep_previous=keep_previous,
             layout=layout,
         )
-    _print_version(info, json_out, f"{alias} ->")
+    if info.already_loaded and not json_out:
+        # the load's own figures would read as a fresh read with a throughput: nothing was read
+        laid = f"; layout {info.layout}" if info.layout else ""
+        typer.echo(f"{alias} -> {info.name}@{info.version} (resident{laid}; nothing read)")
+    else:
+        _print_version(info, json_out, f"{alias} ->")
     if info.previous_note and not json_out:
         typer.echo(f"  previous: {info.previous_note}")
 

@@ -450,6 +450,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             )
         verify = convert.enum_arg(convert.VERIFY_OF, request.verify, "verify")
         planning = self._drain_thread if mode is SwapMode.DRAIN else self._blocking
+        resident = not is_path(request.target)
         # A swap to a loaded NAME@VERSION reads nothing: a typo in it is not a failed load, and would
         # otherwise page whoever alerts on load failures.
         plan = await self._registered(
@@ -467,9 +468,10 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 keep_previous=convert.enum_arg(convert.KEEP_OF, request.keep_previous, "keep_previous"),
                 layout=request.layout,
             ),
-            counted=is_path(request.target),
+            counted=not resident,
         )
-        async for ev in self._run_load(plan.version, plan.run, wait=True):
+        # A NAME@VERSION target is resident already (else the plan refused it): its run only moves the alias.
+        async for ev in self._run_load(plan.version, plan.run, wait=True, already_loaded=resident):
             if ev.WhichOneof("event") == "done":
                 ev.done.previous_note = plan.note
                 if self.metrics is not None:
