@@ -434,7 +434,7 @@ def unload(
             typer.echo(f"retired {', '.join(kept)}, kept for their rollback: freed when its last lease ends")
     leased = [(f"{v.name}@{v.version}", v.leases) for v in gone if v.leases]
     for key, n in leased:
-        typer.echo(f"{key}: {n} live lease(s) still map its memory; it comes back when they end")
+        typer.echo(f"{key}: {n} live lease(s) still map its memory; it is freed when they end")
 
 
 @app.command("list")
