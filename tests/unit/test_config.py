@@ -352,3 +352,14 @@ def test_print_config_takes_an_operator_group_that_exists(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["operator_group"] == "0"
+
+
+def test_a_typo_in_the_file_gets_a_did_you_mean(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('reserv = "1GiB"\n')
+    typo = r"unknown key\(s\) \['reserv'\] \(did you mean reserve\?\); known: "
+    with pytest.raises(errors.InvalidArgument, match=typo):
+        load_config(str(f), env={})
+    f.write_text("zzzzzz = 1\n")  # nothing close: no guess
+    with pytest.raises(errors.InvalidArgument, match=r"unknown key\(s\) \['zzzzzz'\]; known: "):
+        load_config(str(f), env={})
