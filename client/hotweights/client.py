@@ -648,6 +648,16 @@ def _permission(
     elif st.st_gid in groups:
         problem = f"{head}: {what}, and user {name} is in that group"
         fix = "if the group was added in this session, log in again (or `newgrp " + group + "`)"
+    elif st.st_gid == 0:
+        # Operators paste "Fix:" lines: joining the root group would hand the user far more than this socket.
+        problem = f"{head}: {what}, and user {name} is not in group {group}"
+        directory = denied if _stat.S_ISDIR(st.st_mode) else os.path.dirname(denied)
+        fix = (
+            f"do not add {name} to group {group}; run the daemon under its systemd unit, whose sockets belong "
+            f"to group hotweights (then `sudo usermod -aG hotweights {name}`), or give the socket's directory a "
+            f"group of its own and restart the daemon (`sudo chgrp GROUP {directory} && sudo chmod g+s "
+            f"{directory}`: sockets made there take its group), then add {name} to that group"
+        )
     else:
         problem = f"{head}: {what}, and user {name} is not in group {group}"
         fix = f"`sudo usermod -aG {group} {name}`, then log in again (or `newgrp {group}` in this shell)"

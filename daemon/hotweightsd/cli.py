@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from hotweights.errors import HotweightsError
 from hotweightsd.config import NO_CONFIG, SYSTEM_CONFIG, Config, env_name, flag_name, keys, load_config
+from hotweightsd.server.sockets import existing_group
 
 
 def _default(value: object) -> str:
@@ -63,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {f.name: getattr(args, f.name) for f in keys() if f.metadata["flag"]}
     try:
         cfg = load_config(args.config, overrides)
+        # Here, not in load_config: a config may be read on a host other than the one it is for (the
+        # example unit's names a group that only its sysusers file creates); a start needs the group.
+        if cfg.operator_group:
+            existing_group(cfg.operator_group)
     except HotweightsError as exc:
         print(f"hotweights serve: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import difflib
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -397,6 +397,12 @@ def _check_preload(entry: dict[str, Any], source: str) -> None:
         )
 
 
+def _did_you_mean(unknown: list[str], known: Iterable[str]) -> str:
+    """' (did you mean X, Y?)' for the names closest to the unknown ones, or '' when none is close."""
+    close = [m for k in unknown for m in difflib.get_close_matches(k, sorted(known), n=1)]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def config_path(path: str | None, env: Mapping[str, str]) -> str | None:
     """The file to read: ``path`` (a flag), else $HOTWEIGHTS_CONFIG, else the system file if it exists.
 
@@ -420,8 +426,7 @@ def load_config(
     known = {env_name(n) for n, f in fields.items() if f.metadata["env"]} | {env_name("config")} | CLIENT_ENV
     unknown_env = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
     if unknown_env:
-        close = [m for k in unknown_env for m in difflib.get_close_matches(k, sorted(known), n=1)]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        hint = _did_you_mean(unknown_env, known)
         raise InvalidArgument(
             f"config: unknown environment variable(s) {unknown_env}{hint}; the daemon reads HOTWEIGHTS_<KEY> for"
             " the keys `hotweights serve --help` lists, and HOTWEIGHTS_CONFIG"
@@ -438,7 +443,9 @@ def load_config(
             raise InvalidArgument(f"config file {file} is not valid TOML: {exc}") from None
         unknown = sorted(set(doc) - set(fields))
         if unknown:
-            raise InvalidArgument(f"config file {file}: unknown key(s) {unknown}; known: {sorted(fields)}")
+            raise InvalidArgument(
+                f"config file {file}: unknown key(s) {unknown}{_did_you_mean(unknown, fields)}; known: {sorted(fields)}"
+            )
         values.update({k: (v, f"file {file}") for k, v in doc.items()})
     for name, f in fields.items():
         var = env_name(name)

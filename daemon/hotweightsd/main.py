@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hotweights.errors import AlreadyExists, ContentMismatch, HotweightsError, InvalidArgument
+from hotweights.format.source import name_reader
 from hotweights.paths import metrics_socket_for
 from hotweights.wire.pb import pb, pb_grpc
 from hotweightsd.backends import create_backend
@@ -81,6 +82,10 @@ async def serve(cfg: Config) -> None:
         fdstore=systemd.fdstore_enabled(),
         on_failure=not_serving,
     )
+    # Said at start: otherwise the operator learns it only after the restart that read storage again.
+    no_fdstore = systemd.no_fdstore_note()
+    if no_fdstore:
+        log.warning("systemd.no_fdstore", note=no_fdstore)
     report = restore(manager, backend, persister, systemd.listen_fds())
     persister.start()
     metrics = DaemonMetrics.for_manager(manager)
@@ -167,19 +172,25 @@ async def serve(cfg: Config) -> None:
         restore=report.note,
     )
     # READY before any load: a cold preload must not count against the start timeout.
-    await asyncio.to_thread(systemd.ready, f"serving on {cfg.socket}; {report.note or 'nothing to restore'}")
+    await asyncio.to_thread(
+        systemd.ready,
+        f"serving on {cfg.socket}; {report.note or 'nothing to restore'}"
+        f"{'; no fd store: a restart reloads from storage' if no_fdstore else ''}",
+    )
     watchdog = asyncio.ensure_future(systemd.watchdog_loop(stop))
     # pinning staging buffers costs more than a load's copies: do it now, off the first load's clock
     prepare = asyncio.ensure_future(asyncio.to_thread(backend.prepare))
     prepare.add_done_callback(_log_failure("backend.prepare_failed"))
 
     async def load_at_start() -> None:
-        await _load_all(manager, report.to_reload, "reload", metrics, settled=persister.settled)
+        failed = service.start_failures.append
+        await _load_all(manager, report.to_reload, "reload", metrics, failed, settled=persister.settled)
         await _load_all(
             manager,
             [{**item, "aliases": [item["alias"]] if item.get("alias") else []} for item in cfg.preload],
             "preload",
             metrics,
+            failed,
         )
 
     # Beside the wait for a stop, not before it: a SIGTERM during a long reload stops the daemon now (the
@@ -271,11 +282,14 @@ async def _load_all(
     items: list[dict],
     what: str,
     metrics: DaemonMetrics,
+    failed: Callable[[str], None],
     settled: Callable[[str], None] | None = None,
 ) -> None:
-    """Loads each item ({name, path, version?, verify?, layout?, aliases}); a failure is logged, not fatal.
+    """Loads each item ({name, path, version?, verify?, layout?, aliases}); a failure is logged, not fatal,
+    and told to ``failed`` in one line: the daemon is READY by then, so the journal alone would hide it.
     ``settled`` is told each item's NAME@VERSION once its load is over, whatever the outcome."""
     for item in items:
+        label = f"{what} {item['name']}{'@' + item['version'] if item.get('version') else ''} from {item['path']}"
         try:
             try:
                 mv, fill = await asyncio.to_thread(
@@ -297,10 +311,12 @@ async def _load_all(
             log.info(f"{what}.done", model=mv.key, path=item["path"])
         except ContentMismatch as exc:
             log.warning(f"{what}.skipped", name=item["name"], path=item["path"], error=str(exc))
+            failed(f"{label}: skipped: {exc}")
         except AlreadyExists:
             pass  # going away: nothing to load over it
         except HotweightsError as exc:
             log.error(f"{what}.failed", name=item["name"], path=item["path"], error=str(exc))
+            failed(f"{label}: {exc}")
         if settled is not None:
             settled(f"{item['name']}@{item.get('version')}")
 
@@ -308,6 +324,7 @@ async def _load_all(
 def run(cfg: Config) -> int:
     configure(cfg.log_format, cfg.log_level)
     name_threads()
+    name_reader("the daemon")
     try:
         asyncio.run(serve(cfg))
     except HotweightsError as exc:

@@ -49,7 +49,8 @@ def test_a_typo_is_not_found_with_the_known_aliases_and_moves_nothing(daemon, tm
 
     r = daemon.cli("swap", "prdo", "llm@v2")
     assert r.returncode == 1 and r.stdout == "", r.stdout
-    assert "no alias named 'prdo' (known aliases: canary, prod)" in r.stderr and "--create" in r.stderr, r.stderr
+    assert "no alias named 'prdo' (known aliases: canary, prod); pass --create to make a new one" in r.stderr, r.stderr
+    assert "create=true" not in r.stderr  # the wire's field, not something a CLI user types
     r = daemon.cli("swap", "prdo", str(versioned(tmp_path, 3)), "--version", "v3")  # a path: nothing is read
     assert r.returncode == 1 and "no alias named 'prdo'" in r.stderr, r.stderr
     r = daemon.cli("alias", "prdo", "llm@v2")
@@ -316,7 +317,7 @@ def test_a_forced_unload_of_an_alias_target_says_what_it_removed_and_frees_nothi
         assert r.stdout.splitlines()[0] == "unloaded llm@v2 (0 B)", r.stdout  # the lease still maps it
         assert "removed alias(es) prod" in r.stdout, r.stdout
         assert "retired llm@v1, kept for their rollback" in r.stdout, r.stdout
-        assert "llm@v2: 1 live lease(s) still map its memory" in r.stdout, r.stdout
+        assert "llm@v2: 1 live lease(s) still map its memory; it is freed when they end" in r.stdout, r.stdout
         # nothing stays kept for a rollback that can no longer happen
         assert _aliases(daemon) == {} and "v1" not in _versions(daemon)
         out, err = holder.communicate("\n\n", timeout=30)

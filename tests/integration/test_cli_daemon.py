@@ -160,7 +160,7 @@ def test_permission_denied_names_the_socket_group_and_mode(daemon, sockdir):
             f"permission denied on {daemon.socket} (from --socket): {daemon.socket} is mode 0660, owner root, "
             f"group root, and user nobody is not in group root" in r.stderr
         ), r.stderr
-        assert "sudo usermod -aG root nobody" in r.stderr
+        assert "usermod -aG root" not in r.stderr and "do not add nobody to group root" in r.stderr, r.stderr
     else:
         os.chmod(daemon.socket, 0)
         try:
@@ -238,3 +238,18 @@ def test_a_daemon_wide_full_verify_says_how_to_load_a_plain_checkpoint(sockdir, 
         assert 'verify=full (from the daemon\'s verify = "full") needs a hotweights.json manifest' in r.stderr
         assert "Load it with --verify fast or none" in r.stderr and "hotweights shard" in r.stderr, r.stderr
         d.cli("load", "m", str(ckpt), "--version", "v1", "--verify", "fast", check=True)
+
+
+def test_a_swap_to_a_resident_version_says_nothing_was_read(daemon, tmp_path):
+    a, b = write_model(tmp_path / "a.safetensors", seed=1), write_model(tmp_path / "b.safetensors", seed=2)
+    daemon.cli("load", "m", str(a), "--version", "v1", "--alias", "prod", check=True)
+    daemon.cli("load", "m", str(b), "--version", "v2", check=True)
+    r = daemon.cli("swap", "prod", "m@v2", check=True)
+    assert r.stdout.splitlines()[0] == "prod -> m@v2 (resident; nothing read)", r.stdout
+    assert "GB/s" not in r.stdout
+    info = as_json(daemon.cli("swap", "prod", "m@v1", "--json"))
+    assert info["already_loaded"] is True and info["version"] == "v1"
+    # a path target is read: its figures stand
+    c = write_model(tmp_path / "c.safetensors", seed=3)
+    info = as_json(daemon.cli("swap", "prod", str(c), "--version", "v3", "--json"))
+    assert info["already_loaded"] is False and info["version"] == "v3"

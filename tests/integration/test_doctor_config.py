@@ -49,3 +49,10 @@ def test_the_daemon_is_looked_for_on_the_configs_socket(daemon, tmp_path):
     _, checks = doctor("--config", "sock.toml", cwd=tmp_path)
     assert checks["daemon"]["status"] != "fail", checks["daemon"]
     assert f"pid {daemon.pid}" in checks["daemon"]["detail"]
+
+
+def test_an_operator_group_that_does_not_exist_fails_the_config_check(daemon, tmp_path):
+    (tmp_path / "grp.toml").write_text('operator_group = "no-such-group-hw"\nbackend = "cpu"\n')
+    rc, checks = doctor("--socket", daemon.socket, "--config", "grp.toml", cwd=tmp_path)
+    assert rc == 1 and checks["config"]["status"] == "fail", checks["config"]
+    assert "operator_group 'no-such-group-hw': no such group" in checks["config"]["detail"], checks["config"]

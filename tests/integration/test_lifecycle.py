@@ -191,6 +191,28 @@ def test_config_preload_loads_models_and_aliases_at_start(sockdir, tmp_path):
         assert st["aliases"] == [{"alias": "prod", "name": "llm", "version": "v3"}]
         assert d.alive()  # a preload that fails is logged, not fatal
         assert "preload.failed" in d.logs() and "missing" in d.logs()
+        # ... and shown to the operator, who would otherwise see a healthy daemon
+        (failure,) = d.wait_status(lambda s: s.get("start_failures"))["start_failures"]
+        assert failure.startswith(f"preload broken from {tmp_path / 'missing'}: "), failure
+        text = d.cli("status", check=True).stdout
+        assert f"failed at start: preload broken from {tmp_path / 'missing'}: " in text, text
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_reload_at_start_that_fails_is_shown_in_status(sockdir, tmp_path):
+    ckpt = versioned(tmp_path, 1)
+    sock = str(sockdir / "re.sock")
+    d = start_daemon(sock)
+    try:
+        d.cli("load", "llm", str(ckpt), "--version", "v1", check=True)
+    finally:
+        assert d.stop() == 0
+    ckpt.unlink()  # no fd store here: the next start reloads from storage, and finds nothing
+    d = start_daemon(sock)
+    try:
+        (failure,) = d.wait_status(lambda s: s.get("start_failures"))["start_failures"]
+        assert failure.startswith(f"reload llm@v1 from {ckpt}: "), failure
     finally:
         assert d.stop() == 0
 

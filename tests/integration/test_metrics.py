@@ -122,6 +122,24 @@ def test_metrics_after_a_load_and_an_attach_from_another_process(sockdir, tmp_pa
     assert not os.path.exists(d.socket + ".metrics"), "the metrics socket outlived the daemon"
 
 
+def test_a_swap_to_a_version_that_is_not_loaded_is_no_load_failure(sockdir, tmp_path):
+    """A swap to NAME@VERSION reads nothing: its typos (alias or version) must not move the counter an
+    operator alerts on; a swap to a path that cannot be read is a load refused, and does."""
+    ckpt = write_model(tmp_path / "m.safetensors")
+    d = start_daemon(str(sockdir / "hw.sock"))
+    try:
+        d.cli("load", "m", str(ckpt), "--version", "v1", "--alias", "prod", check=True)
+        assert d.cli("swap", "prdo", "m@v1").returncode == 1
+        assert d.cli("swap", "prod", "m@v9").returncode == 1
+        assert sum(named(samples(d.cli("metrics").stdout), "hotweights_load_failures_total").values()) == 0
+        assert d.cli("swap", "prod", str(tmp_path / "missing.safetensors")).returncode == 1
+        found = samples(d.cli("metrics").stdout)
+        assert value(found, "hotweights_load_failures_total", reason="NotFound") == 1
+    finally:
+        code = d.stop()
+    assert code == 0, d.logs()
+
+
 def test_textfile_is_rewritten_and_the_cli_says_when_metrics_are_off(sockdir, tmp_path):
     textfile = tmp_path / "hotweights.prom"
     ckpt, ckpt2 = write_model(tmp_path / "m.safetensors"), write_model(tmp_path / "m2.safetensors", seed=1)

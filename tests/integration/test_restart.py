@@ -3,6 +3,7 @@ serves the same models without touching storage; a bad state file is refused cle
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -142,6 +143,44 @@ def test_without_a_service_manager_restart_reloads_from_storage_and_says_so(sock
         assert st["restored"] is False and "reloading 1 version(s) from storage" in st["restore_note"]
     finally:
         assert d.stop() == 0
+
+
+def test_the_reload_log_names_only_the_versions_it_reloads(sockdir, tmp_path):
+    """A retired version (the previous of a swap) is not reloaded: the log must not list it as reloaded."""
+    sock = str(sockdir / "plain.sock")
+    a, b = write_model(tmp_path / "a.safetensors", seed=1), write_model(tmp_path / "b.safetensors", seed=2)
+    with start_daemon(sock) as d:
+        d.cli("load", "m", str(a), "--version", "v1", "--alias", "prod", check=True)
+        d.cli("load", "m", str(b), "--version", "v2", check=True)
+        d.cli("swap", "prod", "m@v2", check=True)  # m@v1 kept for a rollback: retired
+        assert d.stop() == 0, d.logs()
+    d = start_daemon(sock, log=str(sockdir / "second.log"))
+    try:
+        st = d.wait_status(lambda s: s["versions"])
+        assert [v["version"] for v in st["versions"]] == ["v2"]
+        logged = [json.loads(line) for line in d.logs().splitlines() if line.startswith("{")]
+        events = {e["event"]: e for e in logged if e.get("event", "").startswith("restore.")}
+        assert events["restore.retired_not_reloaded"]["versions"] == ["m@v1"]
+        assert events["restore.reload_from_storage"]["versions"] == ["m@v2"]
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("fdstore_max", [0, 4096], ids=["no-fdstore", "fdstore"])
+def test_a_service_manager_without_an_fd_store_is_warned_of_at_start(fdstore_max):
+    """systemd before 254 sets no $FDSTORE: the daemon says at start that a restart will read storage."""
+    d = short_tmpdir()
+    with ServiceManager(d, fdstore_max=fdstore_max) as svc:
+        svc.start(_daemon_cmd(str(Path(d) / "hw.sock")))
+        ready = svc.wait_for("READY", "1")
+        assert svc.stop() == 0
+        warned = [json.loads(line) for line in svc.output().splitlines() if "systemd.no_fdstore" in line]
+        if fdstore_max:
+            assert not warned and "no fd store" not in ready.fields["STATUS"]
+        else:
+            assert warned[0]["level"] == "warning" and "reloads every version from storage" in warned[0]["note"]
+            assert ready.fields["STATUS"].endswith("; no fd store: a restart reloads from storage"), ready.fields
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_notify_ready_stopping_and_watchdog(tmp_path):

@@ -180,7 +180,13 @@ def test_permission_denied_names_the_group_and_mode():
     err = diagnose({SOCK: SOCKET_0660}, connect=refuse(PermissionError))
     assert err.details["reason"] == "permission" and err.details["group"] == "root"
     assert f"{SOCK} is mode 0660, owner root, group root, and user alice is not in group root" in str(err)
-    assert err.details["fix"].startswith("`sudo usermod -aG root alice`")
+    # never "join group root": the fix is the unit's group, or a group of the socket directory's own
+    assert "usermod -aG root" not in str(err) and "do not add alice to group root" in err.details["fix"]
+    assert "sudo chgrp GROUP /run/hotweights && sudo chmod g+s /run/hotweights" in err.details["fix"]
+    assert "`sudo usermod -aG hotweights alice`" in err.details["fix"]
+    # a group other than root's is the one to join
+    err = diagnose({SOCK: (stat.S_IFSOCK | 0o660, 0, 4242)}, connect=refuse(PermissionError))
+    assert err.details["fix"].startswith(f"`sudo usermod -aG {err.details['group']} alice`"), err.details
 
 
 def test_permission_denied_in_the_group_but_without_group_access():
@@ -194,6 +200,7 @@ def test_a_directory_on_the_way_that_we_cannot_enter():
     err = diagnose({SOCK: PermissionError, "/run/hotweights": DIR_0750, "/run": (stat.S_IFDIR | 0o755, 0, 0)})
     assert err.details["reason"] == "permission"
     assert "/run/hotweights is mode 0750, owner root, group root, and user alice is not in group root" in str(err)
+    assert "usermod -aG root" not in str(err) and "sudo chgrp GROUP /run/hotweights " in err.details["fix"]
 
 
 def test_not_a_socket_and_a_listener_that_does_not_answer():

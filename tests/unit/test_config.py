@@ -325,3 +325,41 @@ def test_backend_stdlib_logs_render_like_the_daemons():
     doc = json.loads(err.strip().splitlines()[-1])
     assert doc["event"] == "rank 3 loaded" and doc["level"] == "info"
     assert doc["logger"] == "hotweightsd.cuda" and "timestamp" in doc
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_print_config_refuses_an_operator_group_that_does_not_exist(tmp_path, where):
+    """``--print-config`` (and so doctor) must refuse what ``serve`` refuses, with its message."""
+    f = tmp_path / "c.toml"
+    f.write_text('operator_group = "no-such-group-hw"\n' if where == "file" else "")
+    extra = ["--operator-group", "no-such-group-hw"] if where == "flag" else []
+    r = subprocess.run(
+        [sys.executable, "-m", "hotweights", "serve", "--config", str(f), *extra, "--print-config"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+    )
+    assert r.returncode == 2, r.stdout
+    assert r.stderr.strip() == "hotweights serve: operator_group 'no-such-group-hw': no such group", r.stderr
+
+
+def test_print_config_takes_an_operator_group_that_exists(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "hotweights", "serve", "--config", "none", "--operator-group", "0", "--print-config"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["operator_group"] == "0"
+
+
+def test_a_typo_in_the_file_gets_a_did_you_mean(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('reserv = "1GiB"\n')
+    typo = r"unknown key\(s\) \['reserv'\] \(did you mean reserve\?\); known: "
+    with pytest.raises(errors.InvalidArgument, match=typo):
+        load_config(str(f), env={})
+    f.write_text("zzzzzz = 1\n")  # nothing close: no guess
+    with pytest.raises(errors.InvalidArgument, match=r"unknown key\(s\) \['zzzzzz'\]; known: "):
+        load_config(str(f), env={})

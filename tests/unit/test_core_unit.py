@@ -311,3 +311,13 @@ def test_unload_while_loading_cancels_and_frees_only_after_the_readers_stop(mana
     with pytest.raises(errors.HotweightsError):
         run()
     assert mv.ranks == [] and manager.backend._resident == 0
+
+
+def test_cpu_backend_total_is_the_hosts_memory_or_the_limit():
+    """The total must not move with the page cache: MemTotal, or the memory_limit where one is set."""
+    with open("/proc/meminfo") as f:
+        mem_total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    (host,) = CpuBackend().devices()
+    assert host.total == mem_total and host.free <= host.total
+    (capped,) = CpuBackend(memory_limit=256 * 2**20).devices()
+    assert capped.total == 256 * 2**20 and capped.free <= capped.total

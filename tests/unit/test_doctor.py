@@ -222,7 +222,16 @@ def test_preload_paths_of_the_config_are_checked(node):
     node.write("/etc/hotweights/config.toml", 'backend = "cuda"\n[[preload]]\nname = "m"\npath = "/nowhere/m"\n')
     results = checks(system=node.system())
     assert next(c for c in results if c.name == "config").status == OK
-    assert next(c for c in results if c.name == "storage /nowhere/m").status == WARN
+    missing = next(c for c in results if c.name == "storage /nowhere/m")
+    assert missing.status == FAIL and "[[preload]]" in missing.detail, missing
+    # a path given with --models is only looked at: nothing loads it at start
+    assert node.check("storage /nowhere/x", models=["/nowhere/x"]).status == WARN
+
+
+def test_loads_that_failed_at_the_daemons_start_fail(node):
+    node.status.start_failures = ["preload m from /nowhere/m: /nowhere/m: no such file or directory"]
+    c = node.check("daemon")
+    assert c.status == FAIL and "1 load(s) at its start failed: preload m from /nowhere/m" in c.detail, c
 
 
 def test_a_broken_config_fails(node):
@@ -320,3 +329,16 @@ def test_stripe_layouts_lfs_prints():
     )
     assert parse_stripe(pfl) == (8, 16777216)
     assert parse_stripe("no layout") is None
+
+
+@pytest.mark.parametrize(("version", "status"), [("252", WARN), ("254", OK)])
+def test_a_systemd_without_fd_store_warns_that_a_restart_reloads(node, version, status):
+    node.commands[("systemctl", "--version")] = f"systemd {version} ({version}.1-1)\n+PAM +AUDIT\n"
+    c = node.check("fd store")
+    assert c.status == status, c
+    if status == WARN:
+        assert "reloads every version from storage" in c.detail and "254" in c.fix
+
+
+def test_no_systemd_no_fd_store_check(node):
+    assert "fd store" not in {c.name for c in checks(system=node.system())}

@@ -299,3 +299,48 @@ def test_an_o_direct_reopen_reads_the_same_file(tree):
             assert bool(flags & os.O_DIRECT) == direct  # False only where the filesystem refuses O_DIRECT
         finally:
             os.close(fd)
+
+
+# Opens argv[1] as another user would: root reads any file, so the opener drops to nobody first
+# (after its imports: this machine's interpreter may live where nobody cannot read).
+OPEN_AS_NOBODY = """
+import os, sys
+from hotweights import errors
+from hotweights.format import source
+if len(sys.argv) > 2:
+    source.name_reader(sys.argv[2])
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+try:
+    source.open_file(sys.argv[1])
+except errors.BadCheckpoint as exc:
+    print(exc.message)
+"""
+
+
+@pytest.mark.parametrize("reader", ["", "the daemon"])
+def test_a_file_the_reader_may_not_open_names_its_user_and_the_fix(tmp_path, reader):
+    import pwd
+    import subprocess
+    import sys
+
+    from support import child_env
+
+    os.chmod(tmp_path, 0o755)
+    blob = tmp_path / "model.safetensors"
+    blob.write_bytes(b"x")
+    blob.chmod(0o600 if os.geteuid() == 0 else 0)
+    user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+    r = subprocess.run(
+        [sys.executable, "-c", OPEN_AS_NOBODY, str(blob), *([reader] if reader else [])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+    )
+    message = r.stdout.strip()
+    assert message.startswith(f"{blob}: cannot open: Permission denied: "), r.stdout + r.stderr
+    assert f"{reader or 'this process'} runs as user {user}, who may not read it" in message
+    assert f"`setfacl -m u:{user}:r {blob}`" in message and "group- or world-readable" in message

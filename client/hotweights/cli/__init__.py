@@ -352,7 +352,12 @@ def swap(
             keep_previous=keep_previous,
             layout=layout,
         )
-    _print_version(info, json_out, f"{alias} ->")
+    if info.already_loaded and not json_out:
+        # the load's own figures would read as a fresh read with a throughput: nothing was read
+        laid = f"; layout {info.layout}" if info.layout else ""
+        typer.echo(f"{alias} -> {info.name}@{info.version} (resident{laid}; nothing read)")
+    else:
+        _print_version(info, json_out, f"{alias} ->")
     if info.previous_note and not json_out:
         typer.echo(f"  previous: {info.previous_note}")
 
@@ -429,7 +434,7 @@ def unload(
             typer.echo(f"retired {', '.join(kept)}, kept for their rollback: freed when its last lease ends")
     leased = [(f"{v.name}@{v.version}", v.leases) for v in gone if v.leases]
     for key, n in leased:
-        typer.echo(f"{key}: {n} live lease(s) still map its memory; it comes back when they end")
+        typer.echo(f"{key}: {n} live lease(s) still map its memory; it is freed when they end")
 
 
 @app.command("list")
@@ -471,6 +476,8 @@ def status(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> No
         f"hotweightsd {s.daemon_version} pid {s.pid} backend {s.backend} on {s.socket}, "
         f"up {s.uptime_seconds:.0f}s{' (restored from fd store)' if s.restored else ''}"
     )
+    for failure in s.start_failures:
+        typer.echo(f"  failed at start: {failure}")
     if s.gds:
         typer.echo(f"  gds: {s.gds}")
     for d in s.devices:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -134,11 +135,37 @@ def open_file(path: str | os.PathLike, allow: Allow | None = None) -> SourceFile
     return SourceFile(fd, os.fspath(path), real, st)
 
 
+# Who opens the files, as errors name it. The daemon names itself at start: its errors reach an
+# operator, often root, who can read the file and would not otherwise see whose access is missing.
+_reader = "this process"
+
+
+def name_reader(name: str) -> None:
+    global _reader
+    _reader = name
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
 def open_error(where: str, exc: OSError) -> Exception:
     """An open's OSError as the typed error: ResourceExhausted when out of descriptors, else BadCheckpoint."""
     if exc.errno in (errno.EMFILE, errno.ENFILE):
         return ResourceExhausted(
             f"{where}: cannot open: out of file descriptors ({exc.strerror})", path=where, errno=exc.errno
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        user = _user()
+        return BadCheckpoint(
+            f"{where}: cannot open: {exc.strerror}: {_reader} runs as user {user}, who may not read it; make it "
+            f"group- or world-readable, or `setfacl -m u:{user}:r {where}` (its directories must let {user} "
+            f"through too: `setfacl -m u:{user}:x DIR`)",
+            path=where,
+            user=user,
         )
     return BadCheckpoint(f"{where}: cannot open: {exc.strerror}", path=where)
 

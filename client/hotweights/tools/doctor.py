@@ -169,9 +169,13 @@ def checks(
     nvfs = nvidia_fs_loaded(sy)
     gds_setting = str(cfg.get("gds", "auto"))
     out += check_gds(sy, gpu_node, nvfs, gds_setting)
+    preload = not models
     paths = list(models) or [str(p["path"]) for p in cfg.get("preload", []) if isinstance(p, dict) and "path" in p]
-    out += check_storage(sy, paths, gpu_node and nvfs and gds_setting != "off")
+    out += check_storage(sy, paths, gpu_node and nvfs and gds_setting != "off", preload=preload)
     out.append(check_numa(sy))
+    fdstore = check_fdstore(sy)
+    if fdstore is not None:
+        out.append(fdstore)
     if socket is None and not sy.env.get("HOTWEIGHTS_SOCKET") and isinstance(cfg.get("socket"), str) and cfg["socket"]:
         socket, origin = cfg["socket"], f"socket in {cfg_path}"
     status, daemon_check = check_daemon(sy, socket, origin, gpu_node)
@@ -407,13 +411,24 @@ def gds_capable(m: Mount) -> bool:
     return m.fstype in ("nfs", "nfs4") and "proto=rdma" in m.options
 
 
-def check_storage(sy: System, paths: list[str], gds_wanted: bool) -> list[Check]:
+def check_storage(sy: System, paths: list[str], gds_wanted: bool, preload: bool = False) -> list[Check]:
+    """``preload``: the paths are the config's [[preload]] entries, which the daemon loads at every start."""
     out: list[Check] = []
     lustre: list[str] = []
     for p in paths:
         name = f"storage {p}"
         if not sy.exists(p):
-            out.append(Check(name, WARN, "does not exist", "mount the model filesystem, or fix the path"))
+            if preload:  # the daemon still reports READY, so nothing else would show that its preload failed
+                out.append(
+                    Check(
+                        name,
+                        FAIL,
+                        "does not exist: the daemon's [[preload]] of it fails at every start",
+                        "mount the model filesystem, or fix the [[preload]] path",
+                    )
+                )
+            else:
+                out.append(Check(name, WARN, "does not exist", "mount the model filesystem, or fix the path"))
             continue
         m = mount_of(sy, p)
         if m is None:
@@ -588,6 +603,28 @@ def nvidia_gpus(sy: System) -> dict[str, int]:
     return out
 
 
+# The first systemd that tells a service ($FDSTORE) that it keeps stored fds, which the daemon waits for.
+FDSTORE_SYSTEMD = 254
+
+
+def check_fdstore(sy: System) -> Check | None:
+    """Whether a restart under this host's systemd keeps resident memory; None where there is no systemd."""
+    found = re.match(r"systemd (\d+)", sy.run(["systemctl", "--version"]) or "")
+    if found is None:
+        return None
+    version = int(found.group(1))
+    if version < FDSTORE_SYSTEMD:
+        return Check(
+            "fd store",
+            WARN,
+            f"systemd {version} sets no $FDSTORE: `systemctl restart hotweights` reloads every version from "
+            f"storage instead of keeping it resident",
+            f"systemd {FDSTORE_SYSTEMD} or later keeps the memory across restarts; until then, plan restarts "
+            f"for when the reload's read is acceptable",
+        )
+    return Check("fd store", OK, f"systemd {version}: a restart keeps resident memory")
+
+
 def check_numa(sy: System) -> Check:
     nodes = [n for n in sy.listdir("/sys/devices/system/node") if re.fullmatch(r"node\d+", n)]
     gpus = nvidia_gpus(sy)
@@ -623,6 +660,14 @@ def check_daemon(sy: System, socket: str | None, origin: str | None, gpu_node: b
         f"hotweightsd {st.daemon_version}, pid {st.pid}, backend {st.backend}, {len(st.versions)} version(s) "
         f"on {st.socket}{'; gds: ' + st.gds if st.gds else ''}"
     )
+    failures = list(getattr(st, "start_failures", ()))
+    if failures:
+        return st, Check(
+            "daemon",
+            FAIL,
+            f"{detail}; {len(failures)} load(s) at its start failed: {'; '.join(failures)}",
+            "fix what each names, then `hotweights load` it (or restart the daemon)",
+        )
     if gpu_node and st.backend == "cpu":
         return st, Check(
             "daemon",

@@ -25,12 +25,20 @@ PAGE = mmap.PAGESIZE
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
-def mem_available() -> int:
+def _meminfo(key: str) -> int:
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def mem_available() -> int:
+    return _meminfo("MemAvailable")
+
+
+def mem_total() -> int:
+    return _meminfo("MemTotal")
 
 
 class MemfdAllocation:
@@ -110,7 +118,8 @@ class CpuBackend:
         avail = max(0, mem_available() - self.reserve)
         if self.memory_limit is not None:
             avail = min(avail, max(0, self.memory_limit - self._resident))
-        total = self.memory_limit if self.memory_limit is not None else avail + self._resident
+        # The host's memory, or the cap: "free of" a figure that moves with the page cache says nothing.
+        total = self.memory_limit if self.memory_limit is not None else mem_total()
         return [DeviceMemory(0, "host", total, avail)]
 
     def granularity(self, device: int) -> int:

@@ -211,7 +211,8 @@ class ModelManager:
         listed = ", ".join(shorten(a) for a in known[:_LIST_ALIASES])
         if len(known) > _LIST_ALIASES:
             listed += f" and {len(known) - _LIST_ALIASES} more"
-        hint = "; pass --create (create=true) to make a new one" if creatable else ""
+        # Worded for the CLI, where most typos are made; the API's create argument is its counterpart.
+        hint = "; pass --create to make a new one" if creatable else ""
         raise NotFound(
             f"no alias named {shorten(alias)!r} (known aliases: {listed or 'none'}){hint}",
             alias=alias,

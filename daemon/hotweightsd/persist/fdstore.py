@@ -401,7 +401,9 @@ def restore(
         persister.carry([v for v in versions if not v.get("retire")], aliases)
         if report.to_reload:
             report.note = f"no fd store handed anything back: reloading {len(report.to_reload)} version(s) from storage"
-            log.warning("restore.reload_from_storage", versions=[f"{v['name']}@{v['version']}" for v in versions])
+            log.warning(
+                "restore.reload_from_storage", versions=[f"{v['name']}@{v['version']}" for v in report.to_reload]
+            )
         return report
     unstored = [v for v in versions if v not in stored and not v.get("retire")]
     report.to_reload = reload(unstored)

@@ -131,6 +131,16 @@ def fdstore_enabled() -> bool:
         return False
 
 
+def no_fdstore_note() -> str:
+    """Why a restart will reload from storage, when a service manager runs us without an fd store; else ""."""
+    if os.environ.get("NOTIFY_SOCKET") is None or fdstore_enabled():
+        return ""
+    return (
+        "the service manager set no $FDSTORE (systemd older than 254, or FileDescriptorStoreMax=0): "
+        "no memory is kept across a restart, which reloads every version from storage"
+    )
+
+
 def store_fds(name: str, fds: Sequence[int], *, poll: bool = False) -> bool:
     """Hands ``fds`` to the fd store under ``name``; the restarted daemon gets them back.
 

@@ -108,6 +108,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         self.fd_socket = fd_socket
         self.restored = restored
         self.restore_note = restore_note
+        # Filled in by the loads at start, which run after the sockets answer.
+        self.start_failures: list[str] = []
         self._background: set[asyncio.Future] = set()
         self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="hw-call")
         self._loads = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="hw-load")
@@ -167,12 +169,13 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         async for ev in self._run_load(start.version, start.run, request.wait, start.already_loaded):
             yield ev
 
-    async def _registered(self, call: asyncio.Future[T]) -> T:
+    async def _registered(self, call: asyncio.Future[T], counted: bool = True) -> T:
         """``call``'s result: a load (or swap) registered and admitted, with its ``run`` still to do. A caller
         that goes away meanwhile does not stop it: once registered, its read runs in the background, or
-        the version would stay LOADING with its memory admitted, and loads of the same files wait on it."""
+        the version would stay LOADING with its memory admitted, and loads of the same files wait on it.
+        ``counted``: a refusal is a load failure (not where nothing was to be read)."""
         try:
-            return await self._refusals_counted(asyncio.shield(call))
+            return await (self._refusals_counted(asyncio.shield(call)) if counted else asyncio.shield(call))
         except asyncio.CancelledError:
             call.add_done_callback(self._run_orphan)
             raise
@@ -263,6 +266,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             gds=self.m.backend.note,
             restored=self.restored,
             restore_note=self.restore_note,
+            start_failures=list(self.start_failures),
         )
 
     # ---- leases and handles ---------------------------------------------------------------
@@ -436,7 +440,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     @stream_rpc
     async def SwapModel(self, request: pb.SwapModelRequest, context) -> AsyncIterator[pb.LoadEvent]:
-        from hotweightsd.core.swap import SwapMode, swap
+        from hotweightsd.core.swap import SwapMode, is_path, swap
 
         mode = SwapMode(convert.enum_arg(convert.SWAP_OF, request.mode, "mode"))
         drain_timeout = request.drain_timeout_seconds or 60.0
@@ -446,6 +450,9 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             )
         verify = convert.enum_arg(convert.VERIFY_OF, request.verify, "verify")
         planning = self._drain_thread if mode is SwapMode.DRAIN else self._blocking
+        resident = not is_path(request.target)
+        # A swap to a loaded NAME@VERSION reads nothing: a typo in it is not a failed load, and would
+        # otherwise page whoever alerts on load failures.
         plan = await self._registered(
             planning(
                 swap,
@@ -460,9 +467,11 @@ class HotweightsService(pb_grpc.HotweightsServicer):
                 create=request.create,
                 keep_previous=convert.enum_arg(convert.KEEP_OF, request.keep_previous, "keep_previous"),
                 layout=request.layout,
-            )
+            ),
+            counted=not resident,
         )
-        async for ev in self._run_load(plan.version, plan.run, wait=True):
+        # A NAME@VERSION target is resident already (else the plan refused it): its run only moves the alias.
+        async for ev in self._run_load(plan.version, plan.run, wait=True, already_loaded=resident):
             if ev.WhichOneof("event") == "done":
                 ev.done.previous_note = plan.note
                 if self.metrics is not None:

@@ -86,15 +86,23 @@ def born_with_mode(mode: int = 0o660):
         os.umask(old)
 
 
-def group_id(group: str) -> int:
-    """The gid of ``group`` (a name or a number) that this process may give its sockets to; else
-    InvalidArgument or PermissionDenied naming it, before any socket exists."""
+def existing_group(group: str) -> int:
+    """The gid of ``group`` (a name or a number), or InvalidArgument if no such group exists.
+
+    Whether this process is in it is left to ``group_id``: ``--print-config`` and ``doctor`` run as an
+    operator, not as the daemon's user, so only the group's existence can be judged there."""
     try:
-        gid = grp.getgrnam(group).gr_gid
+        return grp.getgrnam(group).gr_gid
     except KeyError:
         if not group.isdigit():
             raise InvalidArgument(f"operator_group {group!r}: no such group") from None
-        gid = int(group)
+        return int(group)
+
+
+def group_id(group: str) -> int:
+    """The gid of ``group`` (a name or a number) that this process may give its sockets to; else
+    InvalidArgument or PermissionDenied naming it, before any socket exists."""
+    gid = existing_group(group)
     if os.geteuid() != 0 and gid not in (os.getegid(), *os.getgroups()):
         raise PermissionDenied(
             f"operator_group {group!r}: the daemon's user is not in that group, so it cannot give it the "

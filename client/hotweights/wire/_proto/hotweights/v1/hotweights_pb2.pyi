@@ -398,7 +398,7 @@ class DeviceInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., reserve_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("daemon_version", "pid", "backend", "socket", "uptime_seconds", "devices", "versions", "leases", "aliases", "resident_bytes", "open_allocations", "gds", "restored", "restore_note")
+    __slots__ = ("daemon_version", "pid", "backend", "socket", "uptime_seconds", "devices", "versions", "leases", "aliases", "resident_bytes", "open_allocations", "gds", "restored", "restore_note", "start_failures")
     DAEMON_VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -413,6 +413,7 @@ class StatusResponse(_message.Message):
     GDS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
     RESTORE_NOTE_FIELD_NUMBER: _ClassVar[int]
+    START_FAILURES_FIELD_NUMBER: _ClassVar[int]
     daemon_version: str
     pid: int
     backend: str
@@ -427,7 +428,8 @@ class StatusResponse(_message.Message):
     gds: str
     restored: bool
     restore_note: str
-    def __init__(self, daemon_version: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., socket: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[ModelVersionInfo, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseInfo, _Mapping]]] = ..., aliases: _Optional[_Iterable[_Union[AliasInfo, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., open_allocations: _Optional[int] = ..., gds: _Optional[str] = ..., restored: _Optional[bool] = ..., restore_note: _Optional[str] = ...) -> None: ...
+    start_failures: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, daemon_version: _Optional[str] = ..., pid: _Optional[int] = ..., backend: _Optional[str] = ..., socket: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[ModelVersionInfo, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseInfo, _Mapping]]] = ..., aliases: _Optional[_Iterable[_Union[AliasInfo, _Mapping]]] = ..., resident_bytes: _Optional[int] = ..., open_allocations: _Optional[int] = ..., gds: _Optional[str] = ..., restored: _Optional[bool] = ..., restore_note: _Optional[str] = ..., start_failures: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SwapModelRequest(_message.Message):
     __slots__ = ("alias", "target", "version", "mode", "drain_timeout_seconds", "verify", "name", "create", "keep_previous", "layout")
