@@ -304,7 +304,7 @@ def test_cuda_bindings_missing_on_a_gpu_node_fails(node):
     sy = node.system()
     sy.version = lambda pkg: None if pkg == "cuda-bindings" else "1.0"
     c = next(c for c in checks(system=sy) if c.name == "package cuda-bindings")
-    assert c.status == FAIL and "hotweights[cuda]" in c.fix
+    assert c.status == FAIL and "cuda-bindings" in c.fix and "[cuda] extra" in c.fix
 
 
 def test_a_cpu_node_needs_no_gpu_setup(tmp_path):

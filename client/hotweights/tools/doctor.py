@@ -229,7 +229,7 @@ def check_gpus(sy: System) -> tuple[bool, list[Check]]:
                 "cuda devices",
                 FAIL,
                 f"the NVIDIA driver is loaded but CUDA sees no device: {why}",
-                "pip install 'hotweights[cuda]' (cuda-bindings); check `nvidia-smi` and CUDA_VISIBLE_DEVICES",
+                "pip install 'cuda-bindings>=12.6' (the [cuda] extra); check `nvidia-smi` and CUDA_VISIBLE_DEVICES",
             )
         )
     return True, out
@@ -242,7 +242,12 @@ def check_packages(sy: System, gpu_node: bool) -> list[Check]:
         out.append(
             Check(f"package {pkg}", OK, v)
             if v
-            else Check(f"package {pkg}", FAIL, "not installed", "pip install --force-reinstall hotweights")
+            else Check(
+                f"package {pkg}",
+                FAIL,
+                "not installed",
+                "reinstall hotweights from its checkout or wheel: pip install --force-reinstall PATH",
+            )
         )
     v = sy.version("torch")
     out.append(
@@ -252,7 +257,7 @@ def check_packages(sy: System, gpu_node: bool) -> list[Check]:
             "package torch",
             WARN,
             "not installed: serving processes that attach need it (the daemon does not)",
-            "pip install 'hotweights[torch]' in the serving environment",
+            "pip install torch safetensors (the [torch] extra) in the serving environment",
         )
     )
     v = sy.version("cuda-bindings")
@@ -264,7 +269,7 @@ def check_packages(sy: System, gpu_node: bool) -> list[Check]:
                 "package cuda-bindings",
                 FAIL,
                 "not installed on a GPU node: the daemon falls back to the cpu backend",
-                "pip install 'hotweights[cuda]'",
+                "pip install 'cuda-bindings>=12.6' (the [cuda] extra)",
             )
         )
     else:
