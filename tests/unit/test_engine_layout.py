@@ -383,3 +383,17 @@ def test_an_expert_missing_or_beyond_the_config_is_named():
     odd = {f"{pre}.{e}.w2.weight": ("BF16", (128 + e, 256)) for e in (0, 1)}
     with pytest.raises(errors.InvalidArgument, match="are not all .* alike"):
         rank_recipe("vllm", {**config, "intermediate_size": 256}, 1, 0, odd)
+
+
+def test_the_swap_that_mends_an_alias_after_a_failed_drain_swap_keeps_its_layout(manager, llama, monkeypatch):
+    from hotweightsd.core import faults
+    from hotweightsd.core.faults import FaultPlan
+    from hotweightsd.core.swap import SwapMode, swap
+
+    manager.load("m", str(llama), version="v1", layout="vllm", alias="prod")
+    monkeypatch.setattr(faults, "_plan", FaultPlan.parse("load.verify"))
+    with pytest.raises(errors.InjectedFault):
+        swap(manager, "prod", str(llama), version="v2", mode=SwapMode.DRAIN).run()
+    monkeypatch.setattr(faults, "_plan", FaultPlan.parse(""))
+    mended = swap(manager, "prod", str(llama), version="v3").run()
+    assert mended.layout == "vllm" and manager.aliases() == {"prod": "m@v3"}

@@ -141,3 +141,64 @@ def test_a_version_force_unloaded_while_it_drains_ends_the_drain_at_once(tmp_pat
         assert m.versions() == [] and m.aliases() == {}
     finally:
         m.close()
+
+
+def test_while_a_drain_swap_loads_its_alias_is_between_versions_and_a_second_swap_is_refused(tmp_path, monkeypatch):
+    m = _manager()
+    try:
+        m.load("llm", str(versioned_model(tmp_path, 1)), version="v1", alias="prod")
+        monkeypatch.setattr(faults, "_plan", FaultPlan.parse("load.verify"))
+        with pytest.raises(errors.InjectedFault):
+            swap(m, "prod", str(versioned_model(tmp_path, 2)), version="v2", mode=SwapMode.DRAIN).run()
+        monkeypatch.setattr(faults, "_plan", FaultPlan.parse(""))
+        m.load("llm", str(versioned_model(tmp_path, 1)), version="v1")  # the alias works again, by itself
+        assert m.resolve("prod").key == "llm@v1"
+
+        # A later drain swap, planned (old version drained, the next registered) but not yet loaded: the
+        # earlier failure says nothing about it, and no second swap may race it for the alias.
+        plan = swap(m, "prod", str(versioned_model(tmp_path, 3)), version="v3", mode=SwapMode.DRAIN)
+        with pytest.raises(errors.Unavailable, match="between versions"):
+            m.resolve("prod")
+        for mode in (SwapMode.DRAIN, SwapMode.SIDE_BY_SIDE):
+            with pytest.raises(errors.Unavailable, match="a drain swap is loading its next version"):
+                swap(m, "prod", str(versioned_model(tmp_path, 4)), version="v4", mode=mode)
+        with pytest.raises(errors.Unavailable, match="a drain swap is loading its next version"):
+            swap(m, "prod", "llm@v3")
+        plan.run()
+        assert m.aliases() == {"prod": "llm@v3"}
+        assert sorted(v.key for v in m.versions()) == ["llm@v2", "llm@v3"]  # v2: the FAILED load, listed
+    finally:
+        m.close()
+
+
+def test_a_drain_swap_whose_new_version_goes_before_the_alias_moves_leaves_the_alias_saying_why(tmp_path):
+    m = _manager()
+    try:
+        m.load("llm", str(versioned_model(tmp_path, 1)), version="v1", alias="prod")
+
+        def unload_at_ready(ev) -> None:  # an operator's forced unload, just as the new version turns READY
+            if ev.kind.value == "VERSION_READY" and ev.version == "v2":
+                m.unload("llm@v2", force=True)
+
+        m.events.subscribe(unload_at_ready)
+        with pytest.raises(errors.NotFound):
+            swap(m, "prod", str(versioned_model(tmp_path, 2)), version="v2", mode=SwapMode.DRAIN).run()
+        with pytest.raises(errors.FailedPrecondition, match="which its drain swap freed"):
+            m.resolve("prod")
+    finally:
+        m.close()
+
+
+def test_a_drain_swap_that_times_out_keeps_the_version_kept_for_a_rollback(tmp_path):
+    m = ModelManager(CpuBackend(memory_limit=256 * MiB), keep_previous_seconds=600)
+    try:
+        m.load("llm", str(versioned_model(tmp_path, 1)), version="v1", alias="prod")
+        m.load("llm", str(versioned_model(tmp_path, 2)), version="v2")
+        swap(m, "prod", "llm@v2", keep_previous=True).run()
+        m.open_lease("prod")  # keeps v2 from draining
+        with pytest.raises(errors.DeadlineExceeded, match="nothing was changed"):
+            swap(m, "prod", str(versioned_model(tmp_path, 3)), version="v3", mode=SwapMode.DRAIN, drain_timeout=0.1)
+        mv, old, _ = m.rollback("prod")  # still there to roll back to
+        assert (mv.key, old) == ("llm@v1", "llm@v2")
+    finally:
+        m.close()

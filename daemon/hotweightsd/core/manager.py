@@ -81,6 +81,14 @@ RELET_GRACE = 30.0
 _LIST_ALIASES = 10
 
 
+class DrainSwapFailure(NamedTuple):
+    """An alias left naming a version its drain swap freed before the next one failed."""
+
+    old_key: str
+    layout: str  # the freed version's engine layout: the swap that mends the alias keeps it
+    message: str
+
+
 @dataclass(frozen=True)
 class Handles:
     version: ModelVersion
@@ -157,7 +165,7 @@ class ModelManager:
         # (after a forced unload) is other memory, and never the lease's
         self._lease_target: dict[str, ModelVersion] = {}
         # alias -> why it names nothing: its drain swap freed the old version and the new one failed
-        self._swap_failed: dict[str, str] = {}
+        self._swap_failed: dict[str, DrainSwapFailure] = {}
         self._lock = threading.RLock()
         self._admit_lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -245,8 +253,9 @@ class ModelManager:
         with self._lock:
             if ref in self._aliases:
                 mv = self._versions.get(self._aliases[ref])
-                if mv is None and ref in self._swap_failed:
-                    raise FailedPrecondition(self._swap_failed[ref], ref=ref)
+                failed = self._swap_failed.get(ref)
+                if mv is None and failed is not None and failed.old_key == self._aliases[ref]:
+                    raise FailedPrecondition(failed.message, ref=ref)
                 if mv is None:
                     raise Unavailable(
                         f"alias {shorten(ref)!r} is between versions (a drain swap is loading its next version);"
@@ -1207,17 +1216,32 @@ class ModelManager:
             self.release_kept(alias)
         return key
 
-    def drain_swap_failed(self, alias: str, old_key: str, exc: BaseException) -> None:
-        """Records why ``alias`` names nothing, when its drain swap freed ``old_key`` and the next
-        version then failed: attaches through it get that reason, not a "retry shortly" forever."""
+    def drain_swap_failed(self, alias: str, old: ModelVersion, exc: BaseException) -> None:
+        """Records why ``alias`` names nothing, when its drain swap freed ``old`` and the next version
+        then failed: attaches through it get that reason, not a "retry shortly" forever."""
         err = exc.message if isinstance(exc, HotweightsError) else f"{type(exc).__name__}: {exc}"
         with self._lock:
-            if self._aliases.get(alias) == old_key and old_key not in self._versions:
-                self._swap_failed[alias] = (
-                    f"alias {alias!r} names {old_key}, which its drain swap freed before the next version "
+            if self._aliases.get(alias) == old.key and old.key not in self._versions:
+                self._swap_failed[alias] = DrainSwapFailure(
+                    old.key,
+                    old.layout,
+                    f"alias {alias!r} names {old.key}, which its drain swap freed before the next version "
                     f"failed ({shorten(err, 200)}): point it at a loaded version "
-                    f"(`hotweights alias {alias} NAME@VERSION`) or swap it again"
+                    f"(`hotweights alias {alias} NAME@VERSION`) or swap it again",
                 )
+
+    def drain_swap_begins(self, alias: str) -> None:
+        """Forgets an earlier drain swap's failure: while this one loads, the alias is between versions."""
+        with self._lock:
+            self._swap_failed.pop(alias, None)
+
+    def drain_swap_failure(self, alias: str) -> DrainSwapFailure | None:
+        """Why ``alias`` names nothing, if a failed drain swap left it so and nothing has moved it since."""
+        with self._lock:
+            failed = self._swap_failed.get(alias)
+            if failed is None or self._aliases.get(alias) != failed.old_key or failed.old_key in self._versions:
+                return None
+            return failed
 
     def release_kept(self, alias: str) -> list[str]:
         """Ends the holds of the versions a swap kept for ``alias``'s rollback: each is freed now, or

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from hotweights.errors import InsufficientMemory, InvalidArgument, NotFound, shorten
+from hotweights.errors import InsufficientMemory, InvalidArgument, NotFound, Unavailable, shorten
 from hotweights.format.engine_layout import check_layout
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, State, check_name, split_ref
@@ -61,8 +61,16 @@ def swap(
     asked = layout
     layout = check_layout(layout)
     current = m.aliases().get(alias) if create else m.require_alias(alias)
-    # None also where the alias names a version gone with a failed drain swap: this swap mends it
     old = m.find(current) if current else None
+    # An alias naming nothing: a drain swap freed its version and failed to load the next (this swap
+    # mends it), or one is loading the next right now (two swaps would race for the alias).
+    failed = m.drain_swap_failure(alias) if current and old is None else None
+    if current and old is None and failed is None:
+        raise Unavailable(
+            f"alias {shorten(alias)!r} is between versions: a drain swap is loading its next version; "
+            "swap it again once that has finished",
+            alias=alias,
+        )
 
     if not is_path(target):
         if asked:
@@ -86,12 +94,14 @@ def swap(
     kept_from = old if not asked and old is not None and old.layout else None
     if kept_from is not None:
         layout = kept_from.layout
+    elif failed is not None and not asked:
+        layout = failed.layout  # the layout of the version the failed drain swap freed
     model = name or (old.name if old else current.partition("@")[0] if current else None)
     if model is None:
         raise NotFound(
             f"alias {alias!r} does not exist yet; pass the model name (--name) for a path target", alias=alias
         )
-    if mode is SwapMode.DRAIN and old is None and current:
+    if mode is SwapMode.DRAIN and failed is not None:
         mode = SwapMode.SIDE_BY_SIDE  # nothing left to drain: the alias's version went with a failed drain swap
     if mode is SwapMode.SIDE_BY_SIDE:
         if kept_from is not None:
@@ -122,22 +132,24 @@ def swap(
             "--keep-previous and --mode drain exclude each other: a drain frees the previous version first"
         )
     _check_target(m, target, layout, alias, kept_from, verify=verify, drain=True)
-    # A drain is for want of memory: a version kept for this alias's rollback goes first.
-    released = m.release_kept(alias)
+    m.drain_swap_begins(alias)
     m.drain(old, drain_timeout)
+    # A drain is for want of memory: a version kept for this alias's rollback goes too, once the drain
+    # has happened (a drain that times out leaves the rollback as it was).
+    released = m.release_kept(alias)
     try:
         mv, load = m.begin_load(model, target, version=version, verify=verify, layout=layout)
     except BaseException as exc:
-        m.drain_swap_failed(alias, old.key, exc)
+        m.drain_swap_failed(alias, old, exc)
         raise
 
     def run_after_drain() -> ModelVersion:
         try:
             load()
+            m.set_alias(alias, mv.key, create=create)  # the old version is gone already
         except BaseException as exc:
-            m.drain_swap_failed(alias, old.key, exc)
+            m.drain_swap_failed(alias, old, exc)
             raise
-        m.set_alias(alias, mv.key, create=create)  # the old version is gone already
         return mv
 
     also = f" and {', '.join(released)}, kept for a rollback" if released else ""
