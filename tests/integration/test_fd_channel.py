@@ -141,7 +141,12 @@ def test_idle_and_trickling_connections_hold_up_no_attach(sockdir, tmp_path):
 
 
 def test_accept_failures_for_want_of_fds_pass_and_the_channel_serves_again(sockdir, tmp_path):
-    with start_daemon(str(sockdir / "hw.sock"), "--fd-channel-timeout-seconds", "30") as d:
+    # The per-peer caps and the ticket deadline are lifted so that idle connections from this process
+    # pile up until accept() fails, however many spare fds the baseline below leaves (one the daemon
+    # still held for the CLI's connection when it was counted makes one more).
+    args = ("--fd-channel-timeout-seconds", "60", "--fd-channel-ticket-seconds", "60")
+    caps = ("--fd-channel-max-per-pid", "1024", "--fd-channel-max-per-uid", "1024")
+    with start_daemon(str(sockdir / "hw.sock"), *args, *caps) as d:
         d.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), check=True)
         fd_path = d.socket + ".fds"
         limits = resource.prlimit(d.pid, resource.RLIMIT_NOFILE)
