@@ -192,7 +192,12 @@ def test_accept_failures_for_want_of_fds_pass_and_the_channel_serves_again(sockd
             for s in conns:
                 s.close()
             resource.prlimit(d.pid, resource.RLIMIT_NOFILE, limits)
-        wait_until(lambda: "fdchannel.accept_recovered" in d.logs(), 30, "the channel to accept again")
+        wait_until(
+            lambda: "fdchannel.accept_recovered" in d.logs(),
+            30,
+            "the channel to accept again",
+            context=lambda: f"daemon alive: {d.alive()}\n{d.logs()}",
+        )
         [r] = _attach_clients(d.socket, processes=1, each=3)
         assert r["ok"] == 3, r["errors"]
         assert _health(d.socket) == health_pb2.HealthCheckResponse.SERVING
