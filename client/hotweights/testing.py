@@ -124,7 +124,7 @@ def kill_leftovers(pids: Sequence[int] | None = None) -> dict[int, str]:
 atexit.register(kill_leftovers)
 
 
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
     """Signals ``proc`` if it runs and waits; SIGKILL after ``timeout``. Returns the exit status."""
     if proc.poll() is None:
         proc.send_signal(sig)

@@ -1,7 +1,7 @@
 """Hardening, model roots: a daemon configured with model_roots loads only from under them, opens each
 file once and reads through it, refuses special files without blocking, and bounds the files a load
 holds open. After every refusal the daemon holds no file of the checkpoint, still answers, and stops
-promptly on SIGTERM."""
+cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hotweights import errors
+from hotweights import errors, testing
 from support.ckpt_tools import write_model
 from support.daemons import Daemon, run_client, start_daemon, wait_until
 from support.tp_forward import shard_cached
@@ -22,7 +22,6 @@ from support.tp_forward import shard_cached
 MAX_FILES = 4
 # A refusal, or a load of a few MB, takes well under this on a loaded machine; a blocked open never returns.
 CALL_TIMEOUT = 120.0
-STOP_DEADLINE = 2.0
 
 
 def files_under(d: Daemon, *dirs: Path) -> list[str]:
@@ -49,14 +48,25 @@ def confined(sockdir, roots):
             d.stop(signal.SIGKILL)
 
 
-def stops_promptly(d) -> None:
-    """SIGTERM ends the daemon cleanly within STOP_DEADLINE seconds."""
+def stops_cleanly(d) -> None:
+    """SIGTERM ends the daemon cleanly: it finishes stopping and exits with 0. A thread stuck in a
+    blocking open never returns, so it fails this whatever the bound; the bounds are the harness's
+    generous ones because interpreter teardown alone takes seconds on a loaded machine."""
     d.proc.send_signal(signal.SIGTERM)
+    wait_until(
+        lambda: "daemon.stopped" in d.logs() or d.proc.poll() is not None,
+        testing.STOP_TIMEOUT,
+        "the daemon to finish stopping",
+        context=d.logs,
+    )
     try:
-        code = d.proc.wait(timeout=STOP_DEADLINE)
+        code = d.proc.wait(timeout=testing.STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"the daemon did not exit within {STOP_DEADLINE} s of SIGTERM:\n{d.logs()}") from None
-    assert code == 0, d.logs()
+        raise AssertionError(
+            f"the daemon logged its stop but did not exit within {testing.STOP_TIMEOUT:g} s:\n{d.logs()}"
+        ) from None
+    assert code == 0, f"exit status {code}:\n{d.logs()}"
+    assert "daemon.stopped" in d.logs(), d.logs()
 
 
 def still_whole(d, root: Path, outside: Path, baseline: int) -> None:
@@ -153,7 +163,7 @@ def test_refused_with_a_typed_status_and_nothing_held(confined, roots, make, kin
         assert isinstance(info.value, errors.PermissionDenied)
         assert str(root) in info.value.message and info.value.details["roots"] == [str(root)]
     still_whole(confined, root, outside, baseline)
-    stops_promptly(confined)
+    stops_cleanly(confined)
 
 
 def test_the_cli_names_the_path_and_the_roots(confined, roots):
@@ -162,7 +172,7 @@ def test_the_cli_names_the_path_and_the_roots(confined, roots):
     assert r.returncode == 1
     assert f"{outside}/model.safetensors is outside the model roots" in r.stderr, r.stderr
     assert str(root) in r.stderr and "model_roots" in r.stderr
-    stops_promptly(confined)
+    stops_cleanly(confined)
 
 
 def test_a_link_swapped_during_a_load_serves_what_was_checked(confined, roots):
@@ -183,7 +193,7 @@ def test_a_link_swapped_during_a_load_serves_what_was_checked(confined, roots):
     r = run_client("attach_compare_file", confined.socket, "m@v1", str(first))
     assert r.stdout.startswith("OK 8"), r.stdout + r.stderr
     wait_until(lambda: files_under(confined, root, outside) == [], what="the load's files to be closed")
-    stops_promptly(confined)
+    stops_cleanly(confined)
 
 
 def test_without_roots_any_path_loads_and_the_daemon_warns(sockdir, roots):

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from support import child_env
-from support.daemons import client_json, short_tmpdir, start_daemon
+from support.daemons import client_json, short_tmpdir, start_daemon, wait_until
 from support.models import llama_config, phi3_config, qwen2_config, save_model, weight_bytes
 
 
@@ -44,7 +44,9 @@ def run_program(name: str, *args: str) -> dict:
 
 
 def wait_no_leases(d) -> list:
-    return d.wait_status(lambda st: not st["leases"], timeout=10)["leases"]
+    # Polled in-process: each CLI status is a process of its own, which takes seconds on a loaded machine.
+    wait_until(lambda: not d.leases(), what="every lease to end", context=d.leases)
+    return d.status()["leases"]
 
 
 @pytest.mark.parametrize("model", ["llama", "qwen2", "phi3"])  # phi3: fused names of its own, no engine layout

@@ -267,7 +267,7 @@ class ServiceManager:
             self.stop()
         return self.start(cmd or self._cmd, env if env is not None else self._env)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = testing.STOP_TIMEOUT) -> int:
         """Signals the service and waits; SIGKILL after ``timeout``. Returns the exit status."""
         if self.process is None:
             raise RuntimeError("no service was started")

@@ -48,7 +48,9 @@ def test_unknown_aliases_are_not_found_naming_the_known_ones_and_nothing_moves(t
 
 
 def test_rollback_swaps_back_and_forth_and_the_hold_ends_on_time(tmp_path):
-    m = _manager(tmp_path, keep_previous_seconds=0.5)
+    # Long enough that no pause of this thread lets a hold end before the checks right after the
+    # swap and the rollback; short enough that the wait for it to end stays quick.
+    m = _manager(tmp_path, keep_previous_seconds=3.0)
     try:
         plan = swap(m, "prod", "llm@v2", keep_previous=True)
         plan.run()
@@ -63,7 +65,7 @@ def test_rollback_swaps_back_and_forth_and_the_hold_ends_on_time(tmp_path):
         assert v2.previous_of == "prod"
 
         lease = m.open_lease("llm@v2")  # leased past its hold: it goes with the lease, not before
-        wait_until(lambda: not v2.previous_of, 10, "the hold on llm@v2 to end")
+        wait_until(lambda: not v2.previous_of, 30, "the hold on llm@v2 to end")
         assert [v.key for v in m.versions()] == ["llm@v1", "llm@v2"]
         with pytest.raises(errors.FailedPrecondition, match="no previous version kept resident"):
             m.rollback("prod")

@@ -18,6 +18,7 @@ import test_cuda_unit as cuda_unit
 
 from hotweights import errors
 from hotweights.testing import fd_targets, wait_until
+from hotweightsd import threadnames
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.config import load_config
 from hotweightsd.core import faults
@@ -120,15 +121,37 @@ def _collected():
     gc.collect()
 
 
+@pytest.fixture(autouse=True)
+def _named_threads():
+    """Threads started here name themselves for the OS, as in the daemon (C readers inherit the name of
+    the thread that starts them), so that own_memory counts only the loaders' threads: in a full run
+    this process also holds gRPC threads of earlier tests, which start and end on their own schedule."""
+    threadnames.name_threads()
+    yield
+    threading.setprofile(None)  # type: ignore[arg-type]
+
+
+def _hw_threads() -> int:
+    """This process's threads named by the daemon's code (``hw-*``), read from /proc."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().startswith("hw-")
+        except FileNotFoundError:  # ended meanwhile
+            continue
+    return n
+
+
 def own_memory() -> dict[str, int]:
-    """This process's memfds (open fds and mappings) and threads, read from /proc."""
+    """This process's memfds (open fds and mappings) and the daemon code's threads, read from /proc."""
     fds = fd_targets()
     with open("/proc/self/maps") as f:
         maps = [ln for ln in f if "memfd:hotweights" in ln]
     return {
         "memfd fds": sum("memfd:hotweights" in t for t in fds),
         "memfd mappings": len(maps),
-        "threads": len(os.listdir("/proc/self/task")),
+        "threads": _hw_threads(),
     }
 
 
@@ -146,15 +169,15 @@ def write_sharded(root: Path, ranks: int = 2, parts: int = 1, tensors: int = 6, 
 
 
 def settles(expected: dict[str, int], what: str) -> None:
-    """Waits (a few seconds at most) for this process's memfds and threads to be ``expected``: a joined
-    thread leaves /proc a moment after its join returns."""
+    """Waits for this process's memfds and threads to be ``expected``: a joined thread leaves /proc a
+    moment after its join returns, later on a loaded machine."""
     last: list[dict[str, int]] = []
 
     def same() -> bool:
         last[:] = [own_memory()]
         return last[0] == expected
 
-    wait_until(same, 5.0, f"{what}: memfds and threads back to {expected}", context=lambda: last)
+    wait_until(same, 30.0, f"{what}: memfds and threads back to {expected}", context=lambda: last)
 
 
 def test_a_file_truncated_under_a_load_is_refused_and_leaves_nothing(tmp_path):
@@ -195,7 +218,9 @@ def test_a_file_removed_under_a_load_is_read_from_the_file_opened_and_leaves_not
     assert not [t for t in held if t.startswith(str(ckpt))], held
     manager.close()
     settles(before, "after the load whose file was unlinked, once it was unloaded")
-    assert len(os.listdir("/proc/self/fd")) == fds and mv.freed
+    assert mv.freed
+    # At most, not exactly: another thread of this process (an earlier test's channel) may close one.
+    wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds, 5.0, f"this process's fd count back to {fds}")
 
 
 def test_an_injected_fault_at_each_stage_in_process_leaves_nothing(tmp_path):

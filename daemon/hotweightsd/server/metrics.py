@@ -33,6 +33,7 @@ from hotweights.errors import DaemonAlreadyRunning
 from hotweightsd.core.events import Event, EventKind
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.server.sockets import alive, born_with_mode
+from hotweightsd.threadnames import os_thread_name
 
 log = structlog.get_logger("hotweightsd.metrics")
 
@@ -254,6 +255,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # scrapes every few seconds would flood the daemon's log
 
 
+CONNECTION_THREAD = "hw-metrics-conn"
+
+
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
@@ -283,6 +287,9 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # socketserver names its threads Thread-N: named, a connection's thread can be told from the rest
+        threading.current_thread().name = CONNECTION_THREAD
+        os_thread_name(CONNECTION_THREAD)
         try:
             super().process_request_thread(request, client_address)
         finally:
