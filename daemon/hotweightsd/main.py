@@ -115,6 +115,7 @@ async def serve(cfg: Config) -> None:
         metrics=metrics,
         watch_queue=cfg.watch_queue,
     )
+    service.start_failures.extend(report.dropped_aliases)
     metrics_path = metrics_socket_for(cfg.socket, cfg.metrics_socket)
     try:
         metrics_server = (

@@ -218,6 +218,24 @@ def test_a_reload_at_start_that_fails_is_shown_in_status(sockdir, tmp_path):
         assert d.stop() == 0
 
 
+def test_an_alias_a_failed_drain_swap_left_naming_nothing_is_shown_at_the_next_start(sockdir, tmp_path):
+    sock = str(sockdir / "dr.sock")
+    d = start_daemon(sock, "--faults", "load.verify:after=1")  # the second load fails its last stage
+    try:
+        d.cli("load", "llm", str(versioned(tmp_path, 1)), "--version", "v1", "--alias", "prod", check=True)
+        r = d.cli("swap", "prod", str(versioned(tmp_path, 2)), "--version", "v2", "--mode", "drain")
+        assert r.returncode != 0 and "injected fault" in r.stderr, r.stderr
+    finally:
+        assert d.stop() == 0
+    d = start_daemon(sock)
+    try:
+        (failure,) = d.wait_status(lambda s: s.get("start_failures"))["start_failures"]
+        assert failure.startswith("alias 'prod' named llm@v1, of which the state file holds no version"), failure
+        assert "hotweights swap prod PATH --create --name llm" in failure
+    finally:
+        assert d.stop() == 0
+
+
 def test_follow_reattaches_on_alias_move_and_releases_the_old_mapping(daemon, client, tmp_path):
     import threading
 

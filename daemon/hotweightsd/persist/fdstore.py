@@ -320,6 +320,8 @@ class RestoreReport:
     restored: list[str] = field(default_factory=list)
     to_reload: list[dict] = field(default_factory=list)
     note: str = ""
+    # aliases the state file names with no version of theirs in it: not restored, and said why
+    dropped_aliases: list[str] = field(default_factory=list)
 
 
 class _Foreign(Exception):
@@ -378,6 +380,16 @@ def restore(
         report.note = f"{exc}; started empty (kept as {path.with_suffix('.corrupt').name})"
         log.error("restore.refused", reason=report.note)
         return report
+
+    held = {f"{v['name']}@{v['version']}" for v in versions}
+    for alias, key in sorted(aliases.items()):
+        if key not in held:  # a drain swap freed its version, and the next one failed to load
+            report.dropped_aliases.append(
+                f"alias {alias!r} named {key}, of which the state file holds no version: not restored; "
+                f"`hotweights swap {alias} PATH --create --name {key.partition('@')[0]}` makes it again"
+            )
+    if report.dropped_aliases:
+        log.warning("restore.alias_dropped", aliases=report.dropped_aliases)
 
     def reload(vs: list[dict]) -> list[dict]:
         return [
