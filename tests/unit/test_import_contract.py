@@ -34,6 +34,8 @@ LAYERS: dict[str, str] = {
     "hotweights.cli": "cli",
     "hotweights.__main__": "cli",
     "hotweightsd": "wiring",
+    # A leaf of the standard library only: any daemon layer that starts threads may name them with it.
+    "hotweightsd.threadnames": "daemon.root",
     "hotweightsd.core": "core",
     "hotweightsd.server": "server",
     "hotweightsd.persist": "persist",
