@@ -671,7 +671,9 @@ def check_daemon(sy: System, socket: str | None, origin: str | None, gpu_node: b
             "daemon",
             FAIL,
             f"{detail}; {len(failures)} load(s) at its start failed: {'; '.join(failures)}",
-            "fix what each names, then `hotweights load` it (or restart the daemon)",
+            # The daemon drops a line once what it names is loaded again: this check then passes.
+            "fix what each names, then `hotweights load` it with the same name, version and alias (or restart "
+            "the daemon): its line clears once that is loaded",
         )
     if gpu_node and st.backend == "cpu":
         return st, Check(
