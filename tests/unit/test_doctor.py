@@ -352,6 +352,7 @@ def test_stripe_layouts_lfs_prints():
 
 @pytest.mark.parametrize(("version", "status"), [("252", WARN), ("254", OK)])
 def test_a_systemd_without_fd_store_warns_that_a_restart_reloads(node, version, status):
+    (node.root / "run/systemd/system").mkdir(parents=True)
     node.commands[("systemctl", "--version")] = f"systemd {version} ({version}.1-1)\n+PAM +AUDIT\n"
     c = node.check("fd store")
     assert c.status == status, c
@@ -360,4 +361,10 @@ def test_a_systemd_without_fd_store_warns_that_a_restart_reloads(node, version, 
 
 
 def test_no_systemd_no_fd_store_check(node):
+    assert "fd store" not in {c.name for c in checks(system=node.system())}
+
+
+def test_systemd_installed_but_not_running_no_fd_store_check(node):
+    # a container, or a host whose PID 1 is something else: systemctl answers, yet no unit runs the daemon
+    node.commands[("systemctl", "--version")] = "systemd 252 (252.1-1)\n+PAM +AUDIT\n"
     assert "fd store" not in {c.name for c in checks(system=node.system())}

@@ -645,6 +645,10 @@ FDSTORE_SYSTEMD = 254
 
 def check_fdstore(sy: System) -> Check | None:
     """Whether a restart under this host's systemd keeps resident memory; None where there is no systemd."""
+    # sd_booted()'s test: a systemctl binary is also installed in containers and hosts whose PID 1 is not
+    # systemd, where no unit runs the daemon and its version says nothing of a restart.
+    if not sy.isdir("/run/systemd/system"):
+        return None
     found = re.match(r"systemd (\d+)", sy.run(["systemctl", "--version"]) or "")
     if found is None:
         return None
