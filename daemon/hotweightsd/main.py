@@ -37,6 +37,7 @@ from hotweightsd.server.metrics import DaemonMetrics, MetricsServer, TextfileWri
 from hotweightsd.server.roles import RoleGuard
 from hotweightsd.server.service import HotweightsService, grpc_options
 from hotweightsd.server.sockets import SocketOwnership, born_with_mode, fd_socket_path, group_id, open_to_group
+from hotweightsd.startfailures import StartFailures
 from hotweightsd.threadnames import name_threads
 
 log = structlog.get_logger("hotweightsd")
@@ -115,7 +116,8 @@ async def serve(cfg: Config) -> None:
         metrics=metrics,
         watch_queue=cfg.watch_queue,
     )
-    service.start_failures.extend(report.dropped_aliases)
+    failures = StartFailures(service.start_failures, manager.events)
+    failures.aliases_dropped(report.dropped_aliases.items())
     metrics_path = metrics_socket_for(cfg.socket, cfg.metrics_socket)
     try:
         metrics_server = (
@@ -184,7 +186,7 @@ async def serve(cfg: Config) -> None:
     prepare.add_done_callback(_log_failure("backend.prepare_failed"))
 
     async def load_at_start() -> None:
-        failed = service.start_failures.append
+        failed = failures.load_failed
         await _load_all(manager, report.to_reload, "reload", metrics, failed, settled=persister.settled)
         await _load_all(
             manager,
@@ -202,6 +204,7 @@ async def serve(cfg: Config) -> None:
         await stop.wait()
     finally:
         at_start.cancel()
+        failures.unsubscribe()
         log.info("daemon.stopping")
         await asyncio.to_thread(systemd.stopping)
         watchdog.cancel()
@@ -283,11 +286,11 @@ async def _load_all(
     items: list[dict],
     what: str,
     metrics: DaemonMetrics,
-    failed: Callable[[str], None],
+    failed: Callable[[dict, str], None],
     settled: Callable[[str], None] | None = None,
 ) -> None:
     """Loads each item ({name, path, version?, verify?, layout?, aliases}); a failure is logged, not fatal,
-    and told to ``failed`` in one line: the daemon is READY by then, so the journal alone would hide it.
+    and told to ``failed`` with its item in one line: the daemon is READY by then, so the journal alone would hide it.
     ``settled`` is told each item's NAME@VERSION once its load is over, whatever the outcome."""
     for item in items:
         label = f"{what} {item['name']}{'@' + item['version'] if item.get('version') else ''} from {item['path']}"
@@ -312,12 +315,12 @@ async def _load_all(
             log.info(f"{what}.done", model=mv.key, path=item["path"])
         except ContentMismatch as exc:
             log.warning(f"{what}.skipped", name=item["name"], path=item["path"], error=str(exc))
-            failed(f"{label}: skipped: {exc}")
+            failed(item, f"{label}: skipped: {exc}")
         except AlreadyExists:
             pass  # going away: nothing to load over it
         except HotweightsError as exc:
             log.error(f"{what}.failed", name=item["name"], path=item["path"], error=str(exc))
-            failed(f"{label}: {exc}")
+            failed(item, f"{label}: {exc}")
         if settled is not None:
             settled(f"{item['name']}@{item.get('version')}")
 

@@ -232,6 +232,35 @@ def test_an_alias_a_failed_drain_swap_left_naming_nothing_is_shown_at_the_next_s
         (failure,) = d.wait_status(lambda s: s.get("start_failures"))["start_failures"]
         assert failure.startswith("alias 'prod' named llm@v1, of which the state file holds no version"), failure
         assert "hotweights swap prod PATH --create --name llm" in failure
+        # doing what the line says clears it
+        d.cli("swap", "prod", str(versioned(tmp_path, 3)), "--version", "v3", "--create", "--name", "llm", check=True)
+        d.wait_status(lambda s: not s.get("start_failures"))
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_failure_at_start_leaves_status_once_the_operator_loads_what_it_names(sockdir, tmp_path):
+    # The preloads' files are missing at start; the operator then makes them and loads each as doctor's fix
+    # line says. Before, the lines stayed in status (and doctor FAILed) until the next restart.
+    ckpt, unversioned = tmp_path / "v1" / "model.safetensors", tmp_path / "v2" / "model.safetensors"
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[[preload]]\nname = "llm"\npath = "{ckpt}"\nversion = "v1"\nalias = "prod"\n'
+        f'[[preload]]\nname = "other"\npath = "{unversioned}"\n'
+    )
+    d = start_daemon(str(sockdir / "fix.sock"), config=cfg)
+    try:
+        d.wait_status(lambda s: len(s.get("start_failures", ())) == 2)
+        assert versioned(tmp_path, 1) == ckpt and versioned(tmp_path, 2) == unversioned
+        # the version alone is not what the preload made: its alias must name it too
+        d.cli("load", "llm", str(ckpt), "--version", "v1", check=True)
+        d.cli("load", "other", str(unversioned), check=True)
+        (left,) = d.wait_status(lambda s: len(s.get("start_failures", ())) == 1)["start_failures"]
+        assert left.startswith("preload llm@v1 from "), left
+        d.cli("alias", "prod", "llm@v1", "--create", check=True)
+        st = d.wait_status(lambda s: not s.get("start_failures"))
+        assert st["aliases"] == [{"alias": "prod", "name": "llm", "version": "v1"}]
+        assert "failed at start" not in d.cli("status", check=True).stdout
     finally:
         assert d.stop() == 0
 

@@ -228,6 +228,25 @@ def test_preload_paths_of_the_config_are_checked(node):
     assert node.check("storage /nowhere/x", models=["/nowhere/x"]).status == WARN
 
 
+def test_a_preload_path_this_user_may_not_search_warns_rather_than_fails(node):
+    # The models are often open to the daemon's user alone (setfacl -m u:hotweights:rX): doctor, run as
+    # an operator, gets EACCES from stat, which is no sign that the path is missing.
+    node.write("/etc/hotweights/config.toml", 'backend = "cuda"\n[[preload]]\nname = "m"\npath = "/priv/m"\n')
+    node.write("/priv/m", "")
+    sy = node.system()
+    sy.user = lambda: "alice"
+
+    def stat(path):
+        if path.endswith("/priv/m"):
+            raise PermissionError(13, "Permission denied", path)
+        return Path(path).stat()
+
+    sy.stat = stat
+    (c,) = [c for c in checks(system=sy) if c.name == "storage /priv/m"]
+    assert c.status == WARN and "cannot be checked as user alice" in c.detail, c
+    assert "does not exist" not in c.detail and "sudo -u hotweights" in c.fix, c
+
+
 def test_loads_that_failed_at_the_daemons_start_fail(node):
     node.status.start_failures = ["preload m from /nowhere/m: /nowhere/m: no such file or directory"]
     c = node.check("daemon")
@@ -333,6 +352,7 @@ def test_stripe_layouts_lfs_prints():
 
 @pytest.mark.parametrize(("version", "status"), [("252", WARN), ("254", OK)])
 def test_a_systemd_without_fd_store_warns_that_a_restart_reloads(node, version, status):
+    (node.root / "run/systemd/system").mkdir(parents=True)
     node.commands[("systemctl", "--version")] = f"systemd {version} ({version}.1-1)\n+PAM +AUDIT\n"
     c = node.check("fd store")
     assert c.status == status, c
@@ -341,4 +361,10 @@ def test_a_systemd_without_fd_store_warns_that_a_restart_reloads(node, version, 
 
 
 def test_no_systemd_no_fd_store_check(node):
+    assert "fd store" not in {c.name for c in checks(system=node.system())}
+
+
+def test_systemd_installed_but_not_running_no_fd_store_check(node):
+    # a container, or a host whose PID 1 is something else: systemctl answers, yet no unit runs the daemon
+    node.commands[("systemctl", "--version")] = "systemd 252 (252.1-1)\n+PAM +AUDIT\n"
     assert "fd store" not in {c.name for c in checks(system=node.system())}

@@ -320,16 +320,28 @@ except errors.BadCheckpoint as exc:
 """
 
 
-@pytest.mark.parametrize("reader", ["", "the daemon"])
-def test_a_file_the_reader_may_not_open_names_its_user_and_the_fix(tmp_path, reader):
+@pytest.mark.parametrize(
+    ("reader", "folder"),
+    [
+        ("", "."),
+        ("the daemon", "."),
+        # the command is pasted into a shell: quoted, and whole however long (the message's head is shortened)
+        ("the daemon", "my models"),
+        ("the daemon", "d" * 120 + "/" + "e" * 120),
+    ],
+)
+def test_a_file_the_reader_may_not_open_names_its_user_and_the_fix(tmp_path, reader, folder):
     import pwd
+    import shlex
     import subprocess
     import sys
 
+    from hotweights.errors import shorten
     from support import child_env
 
     os.chmod(tmp_path, 0o755)
-    blob = tmp_path / "model.safetensors"
+    (tmp_path / folder).mkdir(parents=True, exist_ok=True, mode=0o755)
+    blob = tmp_path / folder / "model.safetensors"
     blob.write_bytes(b"x")
     blob.chmod(0o600 if os.geteuid() == 0 else 0)
     user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
@@ -341,6 +353,16 @@ def test_a_file_the_reader_may_not_open_names_its_user_and_the_fix(tmp_path, rea
         env=child_env(),
     )
     message = r.stdout.strip()
-    assert message.startswith(f"{blob}: cannot open: Permission denied: "), r.stdout + r.stderr
+    assert message.startswith(f"{shorten(str(blob))}: cannot open: Permission denied: "), r.stdout + r.stderr
     assert f"{reader or 'this process'} runs as user {user}, who may not read it" in message
-    assert f"`setfacl -m u:{user}:r {blob}`" in message and "group- or world-readable" in message
+    assert f"`setfacl -m u:{user}:r {shlex.quote(str(blob))}`" in message and "group- or world-readable" in message
+
+
+def test_root_refused_is_told_the_filesystem_refuses_root_not_to_grant_root_an_acl(monkeypatch):
+    # NFS root_squash or FUSE without allow_other: an ACL for root would change nothing.
+    from hotweights.format import source
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    exc = source.open_error("/nfs/m.safetensors", PermissionError(13, "Permission denied"))
+    assert "runs as root, and the filesystem refuses root" in exc.message and "root_squash" in exc.message
+    assert "setfacl" not in exc.message, exc.message

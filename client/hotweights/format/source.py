@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import pwd
+import shlex
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -111,7 +112,7 @@ def open_file(path: str | os.PathLike, allow: Allow | None = None) -> SourceFile
     except FileNotFoundError:
         raise NotFound(f"{where}: no such file", path=where) from None
     except OSError as exc:
-        raise open_error(where, exc) from None
+        raise open_error(os.fspath(path), exc) from None
     try:
         st = os.fstat(pfd)
         if not stat.S_ISREG(st.st_mode):
@@ -124,7 +125,7 @@ def open_file(path: str | os.PathLike, allow: Allow | None = None) -> SourceFile
         try:
             fd = os.open(_proc(pfd), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
-            raise open_error(where, exc) from None
+            raise open_error(os.fspath(path), exc) from None
     finally:
         os.close(pfd)
     try:
@@ -152,18 +153,34 @@ def _user() -> str:
         return f"uid {os.geteuid()}"
 
 
-def open_error(where: str, exc: OSError) -> Exception:
-    """An open's OSError as the typed error: ResourceExhausted when out of descriptors, else BadCheckpoint."""
+def open_error(path: str, exc: OSError) -> Exception:
+    """An open's OSError as the typed error: ResourceExhausted when out of descriptors, else BadCheckpoint.
+
+    ``path`` whole: the message's head shortens it, but a command meant to be pasted gets it entire and
+    shell-quoted (a shortened or space-split path would act on some other file, or none)."""
+    where = shorten(path)
     if exc.errno in (errno.EMFILE, errno.ENFILE):
         return ResourceExhausted(
             f"{where}: cannot open: out of file descriptors ({exc.strerror})", path=where, errno=exc.errno
         )
     if exc.errno in (errno.EACCES, errno.EPERM):
         user = _user()
+        if os.geteuid() == 0:
+            # Root passes every permission bit and ACL, so an ACL for root changes nothing: the refusal is
+            # the filesystem's own, or a security module's.
+            return BadCheckpoint(
+                f"{where}: cannot open: {exc.strerror}: {_reader} runs as root, and the filesystem refuses "
+                f"root (NFS with root_squash maps root to nobody; a FUSE mount without allow_other lets in "
+                f"only the user who mounted it; or SELinux/AppArmor denies it); make it world-readable, "
+                f"export or mount it for root (no_root_squash, allow_other), or run {_reader} as a user it "
+                f"lets read",
+                path=where,
+                user=user,
+            )
         return BadCheckpoint(
             f"{where}: cannot open: {exc.strerror}: {_reader} runs as user {user}, who may not read it; make it "
-            f"group- or world-readable, or `setfacl -m u:{user}:r {where}` (its directories must let {user} "
-            f"through too: `setfacl -m u:{user}:x DIR`)",
+            f"group- or world-readable, or `setfacl -m u:{user}:r {shlex.quote(path)}` (its directories must let "
+            f"{user} through too: `setfacl -m u:{user}:x DIR`)",
             path=where,
             user=user,
         )

@@ -104,6 +104,15 @@ def _serve_check(path: str, env: dict[str, str]) -> str | None:
     return message.removeprefix("hotweights serve: ")
 
 
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
 def _daemon_status(socket: str | None, origin: str | None) -> Any:
     from hotweights.client import connect
 
@@ -124,6 +133,8 @@ class System:
     cuda: Callable[[], tuple[int, str | None]] = _cuda
     daemon: Callable[[str | None, str | None], Any] = _daemon_status
     serve_check: Callable[[str, dict[str, str]], str | None] = _serve_check
+    stat: Callable[[str], Any] = os.stat
+    user: Callable[[], str] = _user
 
     def path(self, p: str) -> str:
         return os.path.join(self.root, p.lstrip("/"))
@@ -141,8 +152,14 @@ class System:
         except OSError:
             return []
 
-    def exists(self, p: str) -> bool:
-        return os.path.exists(self.path(p))
+    def stat_error(self, p: str) -> OSError | None:
+        """Why ``p`` cannot be looked at (None: it can). Not os.path.exists, which says False for a path
+        this user may not search as for one that is not there: the daemon's user may well read it."""
+        try:
+            self.stat(self.path(p))
+        except OSError as exc:
+            return exc
+        return None
 
     def isdir(self, p: str) -> bool:
         return os.path.isdir(self.path(p))
@@ -422,18 +439,32 @@ def check_storage(sy: System, paths: list[str], gds_wanted: bool, preload: bool 
     lustre: list[str] = []
     for p in paths:
         name = f"storage {p}"
-        if not sy.exists(p):
+        error = sy.stat_error(p)
+        if isinstance(error, PermissionError):
+            out.append(
+                Check(
+                    name,
+                    WARN,
+                    f"cannot be checked as user {sy.user()} (permission denied on the way to it); the daemon "
+                    f"reads it as its own user",
+                    # the packaged unit's User=; another install knows its own
+                    "run doctor as the daemon's user (`sudo -u hotweights hotweights doctor`) or as root to check it",
+                )
+            )
+            continue
+        if error is not None:
+            what = "does not exist" if isinstance(error, FileNotFoundError | NotADirectoryError) else error.strerror
             if preload:  # the daemon still reports READY, so nothing else would show that its preload failed
                 out.append(
                     Check(
                         name,
                         FAIL,
-                        "does not exist: the daemon's [[preload]] of it fails at every start",
+                        f"{what}: the daemon's [[preload]] of it fails at every start",
                         "mount the model filesystem, or fix the [[preload]] path",
                     )
                 )
             else:
-                out.append(Check(name, WARN, "does not exist", "mount the model filesystem, or fix the path"))
+                out.append(Check(name, WARN, str(what), "mount the model filesystem, or fix the path"))
             continue
         m = mount_of(sy, p)
         if m is None:
@@ -614,6 +645,10 @@ FDSTORE_SYSTEMD = 254
 
 def check_fdstore(sy: System) -> Check | None:
     """Whether a restart under this host's systemd keeps resident memory; None where there is no systemd."""
+    # sd_booted()'s test: a systemctl binary is also installed in containers and hosts whose PID 1 is not
+    # systemd, where no unit runs the daemon and its version says nothing of a restart.
+    if not sy.isdir("/run/systemd/system"):
+        return None
     found = re.match(r"systemd (\d+)", sy.run(["systemctl", "--version"]) or "")
     if found is None:
         return None
@@ -671,7 +706,9 @@ def check_daemon(sy: System, socket: str | None, origin: str | None, gpu_node: b
             "daemon",
             FAIL,
             f"{detail}; {len(failures)} load(s) at its start failed: {'; '.join(failures)}",
-            "fix what each names, then `hotweights load` it (or restart the daemon)",
+            # The daemon drops a line once what it names is loaded again: this check then passes.
+            "fix what each names, then `hotweights load` it with the same name, version and alias (or restart "
+            "the daemon): its line clears once that is loaded",
         )
     if gpu_node and st.backend == "cpu":
         return st, Check(

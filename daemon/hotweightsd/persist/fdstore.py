@@ -320,8 +320,9 @@ class RestoreReport:
     restored: list[str] = field(default_factory=list)
     to_reload: list[dict] = field(default_factory=list)
     note: str = ""
-    # aliases the state file names with no version of theirs in it: not restored, and said why
-    dropped_aliases: list[str] = field(default_factory=list)
+    # aliases the state file names with no version of theirs in it: not restored, and said why (alias ->
+    # the line status shows; keyed by the alias, whose return clears that line)
+    dropped_aliases: dict[str, str] = field(default_factory=dict)
 
 
 class _Foreign(Exception):
@@ -384,12 +385,12 @@ def restore(
     held = {f"{v['name']}@{v['version']}" for v in versions}
     for alias, key in sorted(aliases.items()):
         if key not in held:  # a drain swap freed its version, and the next one failed to load
-            report.dropped_aliases.append(
+            report.dropped_aliases[alias] = (
                 f"alias {alias!r} named {key}, of which the state file holds no version: not restored; "
                 f"`hotweights swap {alias} PATH --create --name {key.partition('@')[0]}` makes it again"
             )
     if report.dropped_aliases:
-        log.warning("restore.alias_dropped", aliases=report.dropped_aliases)
+        log.warning("restore.alias_dropped", aliases=list(report.dropped_aliases.values()))
 
     def reload(vs: list[dict]) -> list[dict]:
         return [

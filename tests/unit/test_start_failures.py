@@ -1,0 +1,75 @@
+"""A load that failed at start leaves status once what it failed to make exists, and only then."""
+
+from __future__ import annotations
+
+from hotweightsd.core.events import EventBus, EventKind
+from hotweightsd.startfailures import StartFailures
+
+
+def tracked() -> tuple[EventBus, list[str], StartFailures]:
+    bus, shown = EventBus(), []
+    return bus, shown, StartFailures(shown, bus)
+
+
+def test_a_versioned_load_is_mended_once_its_version_is_ready_and_its_aliases_name_it():
+    bus, shown, failures = tracked()
+    failures.load_failed({"name": "m", "version": "v1", "aliases": ["prod"]}, "preload m@v1: gone")
+    failures.load_failed({"name": "m", "version": "v2", "aliases": []}, "reload m@v2: gone")
+    assert shown == ["preload m@v1: gone", "reload m@v2: gone"]
+    bus.publish(EventKind.VERSION_READY, "m", version="v1")
+    bus.publish(EventKind.ALIAS_MOVED, "m", version="v0", alias="prod")  # another version of it
+    bus.publish(EventKind.VERSION_READY, "other", version="v2")
+    assert shown == ["preload m@v1: gone", "reload m@v2: gone"]
+    bus.publish(EventKind.VERSION_READY, "m", version="v2")
+    assert shown == ["preload m@v1: gone"]
+    bus.publish(EventKind.ALIAS_MOVED, "m", version="v1", alias="prod")
+    assert shown == []
+    bus.publish(EventKind.VERSION_FREED, "m", version="v1")  # once mended, gone for good
+    assert shown == []
+
+
+def test_an_alias_moved_away_again_before_the_others_are_set_does_not_count():
+    bus, shown, failures = tracked()
+    failures.load_failed({"name": "m", "version": "v1", "aliases": ["a", "b"]}, "preload m@v1: gone")
+    bus.publish(EventKind.ALIAS_MOVED, "m", version="v1", alias="a")
+    bus.publish(EventKind.ALIAS_REMOVED, "m", version="v1", alias="a")
+    bus.publish(EventKind.ALIAS_MOVED, "m", version="v1", alias="b")
+    assert shown == ["preload m@v1: gone"]
+    bus.publish(EventKind.ALIAS_MOVED, "m", version="v1", alias="a")
+    assert shown == []
+
+
+def test_what_happened_before_the_failure_does_not_mend_it():
+    # A preload skipped because its NAME@VERSION is resident with other content: that version's READY
+    # and its alias came first, so they are not the operator's fix.
+    bus, shown, failures = tracked()
+    bus.publish(EventKind.VERSION_READY, "m", version="v1")
+    bus.publish(EventKind.ALIAS_MOVED, "m", version="v1", alias="prod")
+    failures.load_failed({"name": "m", "version": "v1", "aliases": ["prod"]}, "preload m@v1: skipped")
+    bus.publish(EventKind.VERSION_READY, "x", version="v9")
+    assert shown == ["preload m@v1: skipped"]
+    bus.publish(EventKind.ALIAS_MOVED, "m", version="v1", alias="prod")
+    assert shown == []
+
+
+def test_a_preload_without_a_version_is_mended_by_any_version_of_its_name():
+    bus, shown, failures = tracked()
+    failures.load_failed({"name": "m", "aliases": []}, "preload m: gone")
+    failures.load_failed({"name": "n", "aliases": ["prod"]}, "preload n: gone")
+    bus.publish(EventKind.VERSION_READY, "m", version="fp-1234")
+    bus.publish(EventKind.VERSION_READY, "n", version="fp-5678")
+    assert shown == ["preload n: gone"]
+    bus.publish(EventKind.ALIAS_MOVED, "n", version="fp-5678", alias="prod")
+    assert shown == []
+
+
+def test_a_dropped_alias_is_mended_once_the_alias_exists_again():
+    bus, shown, failures = tracked()
+    failures.aliases_dropped([("prod", "alias 'prod' named m@v1: not restored"), ("dev", "alias 'dev' ...")])
+    bus.publish(EventKind.VERSION_READY, "m", version="v1")
+    assert len(shown) == 2
+    bus.publish(EventKind.ALIAS_MOVED, "m", version="v3", alias="prod")
+    assert shown == ["alias 'dev' ..."]
+    failures.unsubscribe()
+    bus.publish(EventKind.ALIAS_MOVED, "m", version="v3", alias="dev")
+    assert shown == ["alias 'dev' ..."]
