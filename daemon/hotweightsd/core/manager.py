@@ -589,7 +589,7 @@ class ModelManager:
             if key in self._versions:  # a concurrent load of the same key won the race: rejoin it
                 old = self._existing(key, content, layout)
                 if old is not None:
-                    return self._rejoin(old, alias)
+                    return self._rejoin(old, alias, fx)
             if reading is not None:
                 mv = ModelVersion(
                     name=name,
@@ -757,8 +757,14 @@ class ModelManager:
             )
         return old
 
-    def _rejoin(self, mv: ModelVersion, alias: str | None) -> LoadStart:
-        log.info("load.already_loaded", model=mv.key, state=mv.state.value, note="already loaded, same content")
+    def _rejoin(self, mv: ModelVersion, alias: str | None, fx: _Effects | None = None) -> LoadStart:
+        """``fx``: the caller holds the registry lock (``_share``), so the log line waits for its release:
+        a stalled log sink must not stall every registry call."""
+        fields = {"model": mv.key, "state": mv.state.value, "note": "already loaded, same content"}
+        if fx is not None:
+            fx.log("info", "load.already_loaded", **fields)
+        else:
+            log.info("load.already_loaded", **fields)
 
         def run() -> ModelVersion:
             with self._lock:

@@ -1,0 +1,86 @@
+"""What runs under the registry lock, and what a decision taken under it may rely on once it is released
+(in-process, a real memfd backend, no gRPC): no log line is written while the lock is held, and a drain
+swap's final move of its alias is a compare-and-set against what happened while it loaded."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hotweightsd.backends.cpu import CpuBackend
+from hotweightsd.core import manager as manager_mod
+from hotweightsd.core.manager import ModelManager
+from support.ckpt_tools import write_model
+
+GUARD_S = 10.0  # a safety limit only: every wait below ends on an event the test sets
+
+MiB = 2**20
+
+
+def _manager() -> ModelManager:
+    return ModelManager(CpuBackend(memory_limit=256 * MiB))
+
+
+def _lock_free_elsewhere(m: ModelManager) -> bool:
+    """Whether another thread could take the registry lock right now (it is reentrant, so ask from another)."""
+    out: list[bool] = []
+
+    def probe() -> None:
+        got = m._lock.acquire(blocking=False)
+        if got:
+            m._lock.release()
+        out.append(got)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join(GUARD_S)
+    return out == [True]
+
+
+class _RecordingLog:
+    """Stands in for the manager's logger: records, per event, whether the registry lock was free."""
+
+    def __init__(self, m: ModelManager, real: Any) -> None:
+        self.m, self.real = m, real
+        self.free: dict[str, list[bool]] = {}
+
+    def __getattr__(self, level: str) -> Any:
+        def emit(event: str, **kw: Any) -> None:
+            self.free.setdefault(event, []).append(_lock_free_elsewhere(self.m))
+            getattr(self.real, level)(event, **kw)
+
+        return emit
+
+
+def test_a_load_that_rejoins_a_concurrent_load_of_the_same_files_logs_outside_the_registry_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two loads of ``b@v1`` from the files ``a@v1`` was read from pass the first "already loaded?" check
+    together; the second to take the lock in ``_share`` finds the first registered and rejoins it there."""
+    m = _manager()
+    try:
+        path = str(write_model(tmp_path / "w.safetensors", seed=1))
+        m.load("a", path, version="v1")
+        both_verified = threading.Barrier(2, timeout=GUARD_S)
+        real_verify = m.verify
+
+        def verify(ckpt, level):  # both loads have passed the first _existing check by now
+            real_verify(ckpt, level)
+            both_verified.wait()
+
+        monkeypatch.setattr(m, "verify", verify)
+        recorder = _RecordingLog(m, manager_mod.log)
+        monkeypatch.setattr(manager_mod, "log", recorder)
+        results: list[Any] = []
+        loads = [threading.Thread(target=lambda: results.append(m.load("b", path, version="v1"))) for _ in range(2)]
+        for t in loads:
+            t.start()
+        for t in loads:
+            t.join(GUARD_S)
+        assert [mv.key for mv in results] == ["b@v1", "b@v1"]
+        assert recorder.free.get("load.already_loaded") == [True], recorder.free
+    finally:
+        m.close()
