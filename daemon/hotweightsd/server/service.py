@@ -206,7 +206,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors are reported on mv
         if not wait:
-            yield pb.LoadEvent(done=convert.version_info(mv, self.m, already_loaded))
+            yield pb.LoadEvent(done=await self._version_info(mv, already_loaded))
             return
         while not task.done():
             yield pb.LoadEvent(
@@ -214,7 +214,12 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             )
             await asyncio.wait({task}, timeout=PROGRESS_INTERVAL)
         task.result()
-        yield pb.LoadEvent(done=convert.version_info(mv, self.m, already_loaded))
+        yield pb.LoadEvent(done=await self._version_info(mv, already_loaded))
+
+    def _version_info(self, mv: ModelVersion, already_loaded: bool = False) -> asyncio.Future[pb.ModelVersionInfo]:
+        # built in a worker thread: it asks the manager for the version's aliases and sharing, under the
+        # registry lock, and a wait for that lock on the loop would stall every other call and stream
+        return self._blocking(convert.version_info, mv, self.m, already_loaded)
 
     @rpc
     async def UnloadModel(self, request, context) -> pb.UnloadModelResponse:
@@ -430,7 +435,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
     @rpc
     async def Rollback(self, request, context) -> pb.RollbackResponse:
         mv, old, note = await self._blocking(self.m.rollback, request.alias)
-        info = convert.version_info(mv, self.m)
+        info = await self._version_info(mv)
         info.previous_note = note
         return pb.RollbackResponse(
             alias=pb.AliasInfo(alias=request.alias, name=mv.name, version=mv.version),
