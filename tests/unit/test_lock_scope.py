@@ -1,6 +1,7 @@
 """What runs under the registry lock, and what a decision taken under it may rely on once it is released
-(in-process, a real memfd backend, no gRPC): no log line is written while the lock is held, and a drain
-swap's final move of its alias is a compare-and-set against what happened while it loaded."""
+(in-process, a real memfd backend, no gRPC): no log line is written while the lock is held, the first
+attach of one model never waits for another model's handle table to be encoded, and a drain swap's final
+move of its alias is a compare-and-set against what happened while it loaded."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_no_blocking import within
 
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core import manager as manager_mod
 from hotweightsd.core.manager import ModelManager
+from hotweightsd.server import convert
+from hotweightsd.server.service import HotweightsService
 from support.ckpt_tools import write_model
 
 GUARD_S = 10.0  # a safety limit only: every wait below ends on an event the test sets
@@ -83,4 +87,51 @@ def test_a_load_that_rejoins_a_concurrent_load_of_the_same_files_logs_outside_th
         assert [mv.key for mv in results] == ["b@v1", "b@v1"]
         assert recorder.free.get("load.already_loaded") == [True], recorder.free
     finally:
+        m.close()
+
+
+def test_the_first_attach_of_one_model_does_not_wait_for_another_models_table_to_be_encoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encoding of ``big``'s table waits until the test opens a gate: ``small``'s first attach is
+    answered meanwhile, and a second first attach of ``big`` waits for that one encoder, not encoding
+    the same table again."""
+    m = _manager()
+    service = HotweightsService(m, str(tmp_path / "hw.sock"), str(tmp_path / "hw.fds"))
+    try:
+        for name, seed in (("big", 1), ("small", 2)):
+            m.load(name, str(write_model(tmp_path / f"{name}.safetensors", seed=seed)), version="v1")
+        big = [m.open_lease("big@v1") for _ in range(2)]
+        small = m.open_lease("small@v1")
+        gate, entered = threading.Event(), threading.Event()
+        encoded: list[str] = []
+        real_template = convert.handles_template
+
+        def waiting_template(mv, rank, fd_socket, compact):
+            encoded.append(mv.key)
+            if mv.name == "big":
+                entered.set()
+                gate.wait(60)  # a safety limit only: the test opens the gate
+            return real_template(mv, rank, fd_socket, compact)
+
+        monkeypatch.setattr(convert, "handles_template", waiting_template)
+        attaches = [
+            threading.Thread(target=service._handles, args=(le.id, le.key, 0, False), daemon=True) for le in big
+        ]
+        attaches[0].start()
+        try:
+            assert entered.wait(GUARD_S), "big's table was never encoded"
+            attaches[1].start()
+            answer = within(lambda: service._handles(small.id, small.key, 0, False))
+            assert answer.ticket and not gate.is_set(), "small was answered while big's table was encoding"
+        finally:
+            gate.set()
+        for t in attaches:
+            t.join(GUARD_S)
+            assert not t.is_alive()
+        assert sorted(encoded) == ["big@v1", "small@v1"]  # one encoder for big's table
+        assert service._encoders == {}
+    finally:
+        gate.set()
+        service.close()
         m.close()

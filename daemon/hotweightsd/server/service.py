@@ -51,6 +51,14 @@ class _Grant(NamedTuple):
     told: tuple[str, str]  # (name, version) the holder learns the followed alias names
 
 
+class _Encoder:
+    """The lock of one table being encoded, and how many callers hold or wait for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
 def rpc(fn: Callable) -> Callable:
     """Turns hotweights errors (and bugs) raised by a unary handler into statuses."""
 
@@ -119,7 +127,9 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         # The rank object is kept to tell a reloaded version of the same key from the one encoded.
         self._tables: dict[tuple[str, int, bool], tuple[ResidentRank, pb.GetHandlesResponse]] = {}
         self._tables_lock = threading.Lock()
-        self._encoding = threading.Lock()
+        # One lock per table being encoded (under _tables_lock, gone once no caller needs it): the first
+        # attaches of one rank wait for one encoder, and never for another model's or rank's.
+        self._encoders: dict[tuple[str, int, bool], _Encoder] = {}
         self._unsubscribe = manager.events.subscribe(self._forget_tables)
         self._hub: EventHub | None = None
 
@@ -281,16 +291,26 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         key = (h.version.key, h.rank.rank, compact)
         with self._tables_lock:
             cached = self._tables.get(key)
+            if cached is None or cached[0] is not h.rank:
+                encoder = self._encoders.setdefault(key, _Encoder())
+                encoder.users += 1
         if cached is None or cached[0] is not h.rank:
             # Encoding thousands of entries each attach would cost more than the rest of the attach;
-            # one thread encodes while the first attaches of a rank (replicas starting together) wait.
-            with self._encoding:
-                with self._tables_lock:
-                    cached = self._tables.get(key)
-                if cached is None or cached[0] is not h.rank:
-                    cached = (h.rank, convert.handles_template(h.version, h.rank, self.fd_socket, compact))
+            # one thread encodes while the other first attaches of this rank (replicas starting
+            # together) wait for it. A big table of one model delays no other model's or rank's.
+            try:
+                with encoder.lock:
                     with self._tables_lock:
-                        self._tables[key] = cached
+                        cached = self._tables.get(key)
+                    if cached is None or cached[0] is not h.rank:
+                        cached = (h.rank, convert.handles_template(h.version, h.rank, self.fd_socket, compact))
+                        with self._tables_lock:
+                            self._tables[key] = cached
+            finally:
+                with self._tables_lock:
+                    encoder.users -= 1
+                    if not encoder.users:
+                        del self._encoders[key]
         return convert.with_ticket(cached[1], h.ticket, h.ttl)
 
     @rpc
