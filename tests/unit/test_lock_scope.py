@@ -1,7 +1,8 @@
 """What runs under the registry lock, and what a decision taken under it may rely on once it is released
 (in-process, a real memfd backend, no gRPC): no log line is written while the lock is held, the first
 attach of one model never waits for another model's handle table to be encoded, and a drain swap's final
-move of its alias is a compare-and-set against what happened while it loaded."""
+move of its alias is a compare-and-set against what happened while it loaded (and a drain swap is refused
+up front where another alias names the version it would free)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from typing import Any
 import pytest
 from test_no_blocking import within
 
+from hotweights import errors
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core import manager as manager_mod
 from hotweightsd.core.manager import ModelManager
+from hotweightsd.core.registry import State
+from hotweightsd.core.swap import SwapMode, swap
 from hotweightsd.server import convert
 from hotweightsd.server.service import HotweightsService
 from support.ckpt_tools import write_model
@@ -134,4 +138,26 @@ def test_the_first_attach_of_one_model_does_not_wait_for_another_models_table_to
     finally:
         gate.set()
         service.close()
+        m.close()
+
+
+def test_a_drain_swap_is_refused_while_another_alias_names_the_version_it_would_free(tmp_path: Path) -> None:
+    m = _manager()
+    try:
+        m.load("m", str(write_model(tmp_path / "v1.safetensors", seed=1)), version="v1", alias="prod")
+        m.set_alias("canary", "m@v1", create=True)
+        target = str(write_model(tmp_path / "v3.safetensors", seed=3))
+        with pytest.raises(errors.FailedPrecondition, match="alias\\(es\\) 'canary' name it too"):
+            swap(m, "prod", target, version="v3", mode=SwapMode.DRAIN)
+        v1 = m.get("m", "v1")
+        with pytest.raises(errors.FailedPrecondition, match="'canary'"):
+            m.drain(v1, 1.0, "prod")  # checked again where the drain starts, under the lock
+        assert v1.state is State.READY and not v1.freed
+        assert m.aliases() == {"prod": "m@v1", "canary": "m@v1"}
+        assert [v.key for v in m.versions()] == ["m@v1"]
+        assert m.resolve("canary") is v1
+        m.remove_alias("canary")
+        assert swap(m, "prod", target, version="v3", mode=SwapMode.DRAIN).run().key == "m@v3"
+        assert m.aliases() == {"prod": "m@v3"}
+    finally:
         m.close()

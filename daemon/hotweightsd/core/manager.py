@@ -1222,6 +1222,19 @@ class ModelManager:
             self.release_kept(alias)
         return key
 
+    def check_drainable(self, key: str, alias: str | None) -> None:
+        """Refuses to drain (free) ``key`` while an alias other than ``alias`` names it."""
+        with self._lock:
+            others = [a for a in self.aliases_of(key) if a != alias]
+        if others:
+            named = ", ".join(repr(a) for a in others)
+            raise FailedPrecondition(
+                f"cannot drain {key}: alias(es) {named} name it too, and a drain frees it; point them "
+                f"elsewhere first, or swap side by side (nothing was changed)",
+                ref=key,
+                aliases=others,
+            )
+
     def drain_swap_failed(self, alias: str, old: ModelVersion, exc: BaseException) -> None:
         """Records why ``alias`` names nothing, when its drain swap freed ``old`` and the next version
         then failed: attaches through it get that reason, not a "retry shortly" forever."""
@@ -1342,15 +1355,19 @@ class ModelManager:
                 mv.retire = True
                 self._maybe_retire(mv, fx)
 
-    def drain(self, mv: ModelVersion, timeout: float) -> None:
+    def drain(self, mv: ModelVersion, timeout: float, alias: str | None = None) -> None:
         """Marks ``mv`` DRAINING, waits for its leases to end, then frees it.
 
-        On timeout the version goes back to READY and DeadlineExceeded is raised: nothing changed.
-        A version unloaded (forced) while it drains ends the wait at once with Aborted.
+        ``alias``: the alias a drain swap moves off ``mv``; any other alias naming ``mv`` refuses the
+        drain (FailedPrecondition, nothing changed), as an unload without force is refused: freeing it
+        would leave that alias naming nothing. On timeout the version goes back to READY and
+        DeadlineExceeded is raised: nothing changed. A version unloaded (forced) while it drains ends
+        the wait at once with Aborted.
         """
         with self._txn() as fx:
             if mv.state is not State.READY:
                 raise FailedPrecondition(f"{mv.key} is {mv.state.value}; only a READY version can drain")
+            self.check_drainable(mv.key, alias)
             mv.state = State.DRAINING
             fx.publish(
                 EventKind.VERSION_DRAINING, mv.name, version=mv.version, message=f"{len(mv.leases)} lease(s) to end"

@@ -131,9 +131,10 @@ def swap(
         raise InvalidArgument(
             "--keep-previous and --mode drain exclude each other: a drain frees the previous version first"
         )
+    m.check_drainable(old.key, alias)  # before the target is verified; drain checks again under its lock
     _check_target(m, target, layout, alias, kept_from, verify=verify, drain=True)
     m.drain_swap_begins(alias)
-    m.drain(old, drain_timeout)
+    m.drain(old, drain_timeout, alias)
     # A drain is for want of memory: a version kept for this alias's rollback goes too, once the drain
     # has happened (a drain that times out leaves the rollback as it was).
     released = m.release_kept(alias)
