@@ -141,6 +141,67 @@ def test_the_first_attach_of_one_model_does_not_wait_for_another_models_table_to
         m.close()
 
 
+class _SlowFill(CpuBackend):
+    """The read of a checkpoint whose path holds ``slow`` waits until the test opens ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__(memory_limit=256 * MiB)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def fill(self, layout, allocations, progress, cancel):
+        if "slow" in str(layout.files):
+            self.entered.set()
+            self.gate.wait(60)  # a safety limit only: the test opens the gate
+        return super().fill(layout, allocations, progress, cancel)
+
+
+@pytest.mark.parametrize("how", ["set-alias", "load-alias", "remove"])
+def test_an_alias_moved_while_its_drain_swap_loads_is_left_where_it_was_moved(tmp_path: Path, how: str) -> None:
+    backend = _SlowFill()
+    m = ModelManager(backend)
+    try:
+        v2 = str(write_model(tmp_path / "v2.safetensors", seed=2))
+        m.load("m", str(write_model(tmp_path / "v1.safetensors", seed=1)), version="v1", alias="prod")
+        m.load("m", v2, version="v2")
+        plan = swap(
+            m, "prod", str(write_model(tmp_path / "slow.safetensors", seed=3)), version="v3", mode=SwapMode.DRAIN
+        )
+        outcome: list[BaseException | str] = []
+
+        def run() -> None:
+            try:
+                outcome.append(plan.run().key)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        swapping = threading.Thread(target=run)
+        swapping.start()
+        try:
+            assert backend.entered.wait(GUARD_S), "the drain swap never started to read"
+            if how == "set-alias":
+                assert m.set_alias("prod", "m@v2") == ("m@v1", "m@v2")  # answered as done
+            elif how == "load-alias":
+                m.load("m", v2, version="v2", alias="prod")
+            else:
+                m.remove_alias("prod")
+        finally:
+            backend.gate.set()
+        swapping.join(GUARD_S)
+        [err] = outcome
+        assert isinstance(err, errors.FailedPrecondition), err
+        where = "removed" if how == "remove" else "moved to m@v2"
+        assert f"alias 'prod' was {where} while this drain swap loaded m@v3" in err.message
+        assert "m@v3 was retired" in err.message
+        assert m.aliases() == ({} if how == "remove" else {"prod": "m@v2"})
+        assert [v.key for v in m.versions()] == ["m@v2"]  # v3 retired with no lease: freed at once
+        assert m.drain_swap_failure("prod") is None
+        if how != "remove":
+            assert m.resolve("prod").key == "m@v2"
+    finally:
+        backend.gate.set()
+        m.close()
+
+
 def test_a_drain_swap_is_refused_while_another_alias_names_the_version_it_would_free(tmp_path: Path) -> None:
     m = _manager()
     try:

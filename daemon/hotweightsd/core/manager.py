@@ -1235,6 +1235,29 @@ class ModelManager:
                 aliases=others,
             )
 
+    def move_alias_from(self, alias: str, key: str, expect: str, *, create: bool = False) -> None:
+        """A drain swap's last step: points ``alias`` at ``key`` only if it still names ``expect`` (the
+        version it drained), checked and moved in one step. Where it was moved or removed while the swap
+        loaded, it is left so (that move was answered as done), ``key`` is retired (freed when its last
+        lease ends, unless something names it) and FailedPrecondition says what happened."""
+        with self._txn() as fx:
+            now = self._aliases.get(alias)
+            if now != expect:
+                mv = self._versions.get(key)
+                if mv is not None and not self.aliases_of(key):
+                    mv.retire = True
+                    self._maybe_retire(mv, fx)
+                where = f"moved to {now}" if now else "removed"
+                fx.log("info", "swap.alias_moved_meanwhile", alias=alias, expected=expect, now=now or "", new=key)
+                raise FailedPrecondition(
+                    f"alias {alias!r} was {where} while this drain swap loaded {key}; it was left as it is, "
+                    f"and {key} was retired (freed when its last lease ends)",
+                    alias=alias,
+                    ref=key,
+                    now=now or "",
+                )
+            self.set_alias(alias, key, create=create)
+
     def drain_swap_failed(self, alias: str, old: ModelVersion, exc: BaseException) -> None:
         """Records why ``alias`` names nothing, when its drain swap freed ``old`` and the next version
         then failed: attaches through it get that reason, not a "retry shortly" forever."""
