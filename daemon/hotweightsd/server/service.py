@@ -495,8 +495,9 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             ),
             counted=not resident,
         )
-        # A NAME@VERSION target is resident already (else the plan refused it): its run only moves the alias.
-        async for ev in self._run_load(plan.version, plan.run, wait=True, already_loaded=resident):
+        # A NAME@VERSION target is resident already (else the plan refused it), and so may be a path's
+        # version: then its run reads nothing, only moves the alias, and the answer says so.
+        async for ev in self._run_load(plan.version, plan.run, wait=True, already_loaded=plan.already_loaded):
             if ev.WhichOneof("event") == "done":
                 ev.done.previous_note = plan.note
                 if self.metrics is not None:
