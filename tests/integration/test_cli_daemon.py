@@ -253,3 +253,9 @@ def test_a_swap_to_a_resident_version_says_nothing_was_read(daemon, tmp_path):
     c = write_model(tmp_path / "c.safetensors", seed=3)
     info = as_json(daemon.cli("swap", "prod", str(c), "--version", "v3", "--json"))
     assert info["already_loaded"] is False and info["version"] == "v3"
+    # a path whose version is resident already (same content: m@v1, kept for a rollback) reads nothing either
+    r = daemon.cli("swap", "prod", str(a), "--version", "v1", check=True)
+    assert r.stdout.splitlines()[0] == "prod -> m@v1 (resident; nothing read)", r.stdout
+    assert "GB/s" not in r.stdout
+    info = as_json(daemon.cli("swap", "prod", str(c), "--version", "v3", "--json"))
+    assert info["already_loaded"] is True and info["version"] == "v3"

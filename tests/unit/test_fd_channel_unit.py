@@ -4,6 +4,7 @@ and the client's typed errors against small fake servers."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import threading
@@ -13,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from hotweights import errors
-from hotweights.wire.fdproto import fetch_fds
+from hotweights.wire.fdproto import MAGIC, fetch_fds
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.server.fdchannel import FdChannel
+from support.ckpt_tools import write_model
 from support.daemons import fd_channel_answer, read_line, short_tmpdir, wait_until
 
 DEADLINE_S = 3.0  # the channel's deadline here: a busy answer comes long before it, however loaded the machine
@@ -161,3 +163,50 @@ def test_a_client_from_before_acknowledgements_that_closes_right_after_its_fds_i
     client.sendall(MAGIC + ticket.encode("ascii") + b"\n")
     wait_until(lambda: channel.outcomes, 10, "the exchange's outcome")
     assert channel.outcomes == ["ok"]
+
+
+def test_a_redeem_that_waits_holds_up_no_other_connection_and_its_fds_are_closed_once_its_exchange_ended(
+    sockdir, tmp_path
+):
+    """The redeem of one ticket waits (on the registry lock, say) until the test opens a gate: another
+    connection still gets its ticket deadline's answer, the waiting one its exchange deadline's, and
+    the fds the redeem returns after that are closed, not leaked (a pipe's write end among them reads
+    EOF only once every copy is closed)."""
+    manager = ModelManager(CpuBackend(memory_limit=64 * 2**20))
+    manager.load("m", str(write_model(tmp_path / "m.safetensors")), version="v1")
+    lease = manager.open_lease("m@v1", pid=os.getpid())
+    ticket = manager.get_handles(lease.id, 0, lease.key).ticket
+    entered, gate = threading.Event(), threading.Event()
+    r, w = os.pipe()
+    extra = os.dup(w)  # handed to the channel by the redeem below, which must close it
+    real_redeem = manager.redeem
+
+    def waiting_redeem(token, pid, uid):
+        entered.set()
+        gate.wait(60)  # a safety limit only: the test opens the gate
+        got, fds = real_redeem(token, pid, uid)
+        return got, [*fds, extra]
+
+    manager.redeem = waiting_redeem  # type: ignore[method-assign]
+    ch = FdChannel(str(sockdir / "r.fds"), manager, timeout=1.0, ticket_timeout=0.5)
+    ch.start()
+    try:
+        waiting = _connect(ch.path)
+        waiting.sendall(MAGIC + ticket.encode("ascii") + b"\n")
+        assert entered.wait(10), "the redeem never started"
+        idle = _connect(ch.path)  # sends nothing: its ticket deadline must still be kept
+        assert fd_channel_answer(idle, timeout=10)["error"] == "DeadlineExceeded"
+        assert fd_channel_answer(waiting, timeout=10)["error"] == "DeadlineExceeded"
+        assert not gate.is_set()
+        os.close(w)
+        w = -1
+        gate.set()
+        assert select.select([r], [], [], 10)[0] == [r], "the redeemed fds were never closed"
+        assert os.read(r, 1) == b""
+    finally:
+        gate.set()
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+        ch.stop()
+        manager.close()

@@ -26,6 +26,7 @@ from hotweights.wire.pb import pb_grpc
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.events import EventKind
 from hotweightsd.core.manager import ModelManager
+from hotweightsd.core.swap import swap
 from hotweightsd.persist import statefile
 from hotweightsd.persist.fdstore import Persister
 from hotweightsd.server.fdchannel import FdChannel
@@ -223,7 +224,7 @@ def served():
     server, service = asyncio.run_coroutine_threadsafe(start(), loop).result(GUARD_S)
     channel = FdChannel(fd_socket_path(sock), manager)
     channel.start()
-    yield SimpleNamespace(socket=sock, backend=backend, manager=manager)
+    yield SimpleNamespace(socket=sock, backend=backend, manager=manager, loop=loop)
     backend.gate.set()
     asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(GUARD_S)
     service.close()
@@ -327,3 +328,46 @@ def test_a_lease_that_is_slow_to_open_holds_up_no_other_call_and_ends_with_its_s
     assert m.leases() == [], "the lease opened for the abandoned stream was ended"
     assert not m.get("other", "v1").leases
     client.close()
+
+
+@pytest.mark.parametrize("how", ["load", "load-no-wait", "swap", "rollback"])
+def test_the_answer_of_a_load_swap_or_rollback_is_built_off_the_event_loop(served, tmp_path, how):
+    """The version info a LoadModel, SwapModel or Rollback ends with asks the manager for the version's
+    aliases and sharing (the registry lock); here that waits until the test opens a gate, and the
+    servicer's event loop must still run other work meanwhile."""
+    m = served.manager
+    first = str(write_model(tmp_path / "a.safetensors", seed=1))
+    m.load("m", first, version="v1", alias="prod")
+    m.load("m", str(write_model(tmp_path / "b.safetensors", seed=2)), version="v2")
+    if how == "rollback":
+        swap(m, "prod", "m@v2", keep_previous=True).run()
+    target = "m@v2" if how == "swap" else "m@v1"
+    gate, entered = threading.Event(), threading.Event()
+    real_shares_with = m.shares_with
+
+    def waiting_shares_with(mv):
+        if mv.key == target and not gate.is_set():
+            entered.set()
+            gate.wait(60)  # a safety limit only: the test opens the gate
+        return real_shares_with(mv)
+
+    m.shares_with = waiting_shares_with  # type: ignore[method-assign]
+    op = hotweights.connect(served.socket, timeout=60, operator_socket=served.socket)
+    calls = {
+        "load": lambda: op.load("m", first, version="v1").name,
+        "load-no-wait": lambda: op.load("m", first, version="v1", wait=False).name,
+        "swap": lambda: op.swap("prod", "m@v2").name,
+        "rollback": lambda: op.rollback("prod").version.name,
+    }
+    outcome: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: outcome.put(_outcome(calls[how])), daemon=True).start()
+    try:
+        assert entered.wait(GUARD_S), "the answer was never built"
+        within(lambda: asyncio.run_coroutine_threadsafe(asyncio.sleep(0), served.loop).result(GUARD_S))
+        assert not gate.is_set(), "the loop ran while the answer was still being built"
+    finally:
+        gate.set()
+    ok, value = outcome.get(timeout=GUARD_S)
+    assert ok, value
+    assert value == "m"
+    op.close()

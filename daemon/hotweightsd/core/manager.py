@@ -589,7 +589,7 @@ class ModelManager:
             if key in self._versions:  # a concurrent load of the same key won the race: rejoin it
                 old = self._existing(key, content, layout)
                 if old is not None:
-                    return self._rejoin(old, alias)
+                    return self._rejoin(old, alias, fx)
             if reading is not None:
                 mv = ModelVersion(
                     name=name,
@@ -757,8 +757,14 @@ class ModelManager:
             )
         return old
 
-    def _rejoin(self, mv: ModelVersion, alias: str | None) -> LoadStart:
-        log.info("load.already_loaded", model=mv.key, state=mv.state.value, note="already loaded, same content")
+    def _rejoin(self, mv: ModelVersion, alias: str | None, fx: _Effects | None = None) -> LoadStart:
+        """``fx``: the caller holds the registry lock (``_share``), so the log line waits for its release:
+        a stalled log sink must not stall every registry call."""
+        fields = {"model": mv.key, "state": mv.state.value, "note": "already loaded, same content"}
+        if fx is not None:
+            fx.log("info", "load.already_loaded", **fields)
+        else:
+            log.info("load.already_loaded", **fields)
 
         def run() -> ModelVersion:
             with self._lock:
@@ -1216,6 +1222,42 @@ class ModelManager:
             self.release_kept(alias)
         return key
 
+    def check_drainable(self, key: str, alias: str | None) -> None:
+        """Refuses to drain (free) ``key`` while an alias other than ``alias`` names it."""
+        with self._lock:
+            others = [a for a in self.aliases_of(key) if a != alias]
+        if others:
+            named = ", ".join(repr(a) for a in others)
+            raise FailedPrecondition(
+                f"cannot drain {key}: alias(es) {named} name it too, and a drain frees it; point them "
+                f"elsewhere first, or swap side by side (nothing was changed)",
+                ref=key,
+                aliases=others,
+            )
+
+    def move_alias_from(self, alias: str, key: str, expect: str, *, create: bool = False) -> None:
+        """A drain swap's last step: points ``alias`` at ``key`` only if it still names ``expect`` (the
+        version it drained), checked and moved in one step. Where it was moved or removed while the swap
+        loaded, it is left so (that move was answered as done), ``key`` is retired (freed when its last
+        lease ends, unless something names it) and FailedPrecondition says what happened."""
+        with self._txn() as fx:
+            now = self._aliases.get(alias)
+            if now != expect:
+                mv = self._versions.get(key)
+                if mv is not None and not self.aliases_of(key):
+                    mv.retire = True
+                    self._maybe_retire(mv, fx)
+                where = f"moved to {now}" if now else "removed"
+                fx.log("info", "swap.alias_moved_meanwhile", alias=alias, expected=expect, now=now or "", new=key)
+                raise FailedPrecondition(
+                    f"alias {alias!r} was {where} while this drain swap loaded {key}; it was left as it is, "
+                    f"and {key} was retired (freed when its last lease ends)",
+                    alias=alias,
+                    ref=key,
+                    now=now or "",
+                )
+            self.set_alias(alias, key, create=create)
+
     def drain_swap_failed(self, alias: str, old: ModelVersion, exc: BaseException) -> None:
         """Records why ``alias`` names nothing, when its drain swap freed ``old`` and the next version
         then failed: attaches through it get that reason, not a "retry shortly" forever."""
@@ -1336,15 +1378,19 @@ class ModelManager:
                 mv.retire = True
                 self._maybe_retire(mv, fx)
 
-    def drain(self, mv: ModelVersion, timeout: float) -> None:
+    def drain(self, mv: ModelVersion, timeout: float, alias: str | None = None) -> None:
         """Marks ``mv`` DRAINING, waits for its leases to end, then frees it.
 
-        On timeout the version goes back to READY and DeadlineExceeded is raised: nothing changed.
-        A version unloaded (forced) while it drains ends the wait at once with Aborted.
+        ``alias``: the alias a drain swap moves off ``mv``; any other alias naming ``mv`` refuses the
+        drain (FailedPrecondition, nothing changed), as an unload without force is refused: freeing it
+        would leave that alias naming nothing. On timeout the version goes back to READY and
+        DeadlineExceeded is raised: nothing changed. A version unloaded (forced) while it drains ends
+        the wait at once with Aborted.
         """
         with self._txn() as fx:
             if mv.state is not State.READY:
                 raise FailedPrecondition(f"{mv.key} is {mv.state.value}; only a READY version can drain")
+            self.check_drainable(mv.key, alias)
             mv.state = State.DRAINING
             fx.publish(
                 EventKind.VERSION_DRAINING, mv.name, version=mv.version, message=f"{len(mv.leases)} lease(s) to end"

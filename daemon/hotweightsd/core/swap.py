@@ -24,6 +24,9 @@ class SwapPlan:
     run: Callable[[], ModelVersion]
     # What became of the version the alias moved away from; set by ``run``.
     note: str = ""
+    # Nothing is read: the target is a loaded NAME@VERSION, or a path whose version is loaded (or
+    # loading) from the same content already.
+    already_loaded: bool = False
 
 
 def is_path(target: str) -> bool:
@@ -79,7 +82,7 @@ def swap(
             )
         tname, tversion = split_ref(target)
         new = m.get(tname, tversion or "")
-        plan = SwapPlan(new, lambda: new)
+        plan = SwapPlan(new, lambda: new, already_loaded=True)
 
         def flip() -> ModelVersion:
             plan.note = _move(m, alias, new, old, keep_previous, create)
@@ -107,7 +110,7 @@ def swap(
         if kept_from is not None:
             _check_target(m, target, layout, alias, kept_from)
         try:
-            mv, load = m.begin_load(model, target, version=version, verify=verify, layout=layout)
+            start = m.start_load(model, target, version=version, verify=verify, layout=layout)
         except InsufficientMemory as exc:
             raise InsufficientMemory(
                 f"{exc.message}; the new version cannot load beside {old.key if old else 'the old one'} "
@@ -115,10 +118,11 @@ def swap(
                 **exc.details,
             ) from None
 
-        side = SwapPlan(mv, lambda: mv)
+        mv = start.version
+        side = SwapPlan(mv, lambda: mv, already_loaded=start.already_loaded)
 
         def run() -> ModelVersion:
-            load()
+            start.run()
             side.note = _move(m, alias, mv, old, keep_previous, create)
             return mv
 
@@ -131,29 +135,36 @@ def swap(
         raise InvalidArgument(
             "--keep-previous and --mode drain exclude each other: a drain frees the previous version first"
         )
+    m.check_drainable(old.key, alias)  # before the target is verified; drain checks again under its lock
     _check_target(m, target, layout, alias, kept_from, verify=verify, drain=True)
     m.drain_swap_begins(alias)
-    m.drain(old, drain_timeout)
+    m.drain(old, drain_timeout, alias)
     # A drain is for want of memory: a version kept for this alias's rollback goes too, once the drain
     # has happened (a drain that times out leaves the rollback as it was).
     released = m.release_kept(alias)
     try:
-        mv, load = m.begin_load(model, target, version=version, verify=verify, layout=layout)
+        start = m.start_load(model, target, version=version, verify=verify, layout=layout)
     except BaseException as exc:
         m.drain_swap_failed(alias, old, exc)
         raise
+    mv = start.version
 
     def run_after_drain() -> ModelVersion:
         try:
-            load()
-            m.set_alias(alias, mv.key, create=create)  # the old version is gone already
+            start.run()
+            # The plan saw the alias name ``old`` long ago: a SetAlias (or load --alias) answered while
+            # this loaded must not be silently undone, so the move is a compare-and-set (the old version
+            # is gone already). A failure is recorded on the alias only where it still names ``old``.
+            m.move_alias_from(alias, mv.key, old.key, create=create)
         except BaseException as exc:
             m.drain_swap_failed(alias, old, exc)
             raise
         return mv
 
     also = f" and {', '.join(released)}, kept for a rollback" if released else ""
-    return SwapPlan(mv, run_after_drain, note=f"freed {old.key}{also} before loading (drain)")
+    return SwapPlan(
+        mv, run_after_drain, note=f"freed {old.key}{also} before loading (drain)", already_loaded=start.already_loaded
+    )
 
 
 def _check_target(

@@ -38,6 +38,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import structlog
 
@@ -59,6 +60,9 @@ log = structlog.get_logger("hotweightsd.fdchannel")
 MAX_FDS_PER_MESSAGE = 250
 MAX_REQUEST = 256
 BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+# Threads that redeem tickets: a redeem takes the ticket-book and registry locks, which the loop must
+# never wait on (one wait there would hold up every other connection and its deadline).
+REDEEM_THREADS = 4
 SERVING = 64  # connections redeeming a ticket or sending fds at once (each holds the rank's fds)
 # accept() failures that pass: out of fds (process, system), of kernel memory, or a peer gone first
 RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO})
@@ -165,6 +169,7 @@ class FdChannel:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hw-fdchannel", daemon=True)
         self._stopping = False
+        self._redeemers = ThreadPoolExecutor(REDEEM_THREADS, thread_name_prefix="hw-redeem")
 
     @property
     def serving(self) -> bool:
@@ -184,6 +189,7 @@ class FdChannel:
                 pass  # its loop has ended already
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        self._redeemers.shutdown(wait=False, cancel_futures=True)
         self._sock.close()
         try:
             os.unlink(self.path)
@@ -370,7 +376,7 @@ class FdChannel:
                 _send_now(conn, _error_line(DeadlineExceeded(f"no ticket line within {self.ticket_timeout:g} s")))
                 return "timeout", b""
             async with self._serving:
-                _, fds = self.manager.redeem(token, pid, uid)
+                fds = await self._redeem(token, pid, uid)
                 nonce = secrets.token_hex(8).encode()
                 try:
                     await send_reply(conn, {"ok": True, "count": len(fds), "ack": True}, fds)
@@ -390,6 +396,19 @@ class FdChannel:
                 return "denied", b""
             return "refused", b""
 
+    async def _redeem(self, token: str, pid: int, uid: int) -> list[int]:
+        """The fds ``manager.redeem`` exports for ``token``, redeemed in a worker thread. An exchange that
+        is cancelled meanwhile (its deadline, or the channel stopping) cannot stop the redeem: the fds it
+        then returns belong to no one, and are closed as soon as they come."""
+        call = self._redeemers.submit(self.manager.redeem, token, pid, uid)
+        try:
+            _, fds = await asyncio.shield(asyncio.wrap_future(call))
+        except asyncio.CancelledError:
+            # on the thread's own future: it runs even once this loop has ended
+            call.add_done_callback(_close_unsent)
+            raise
+        return fds
+
     @staticmethod
     async def _read_ticket(conn: socket.socket) -> str:
         loop = asyncio.get_running_loop()
@@ -402,6 +421,13 @@ class FdChannel:
         if not buf.startswith(MAGIC) or not buf.endswith(b"\n"):
             raise InvalidArgument("malformed ticket request")
         return buf[len(MAGIC) : -1].decode("ascii", "replace")
+
+
+def _close_unsent(call: Future) -> None:
+    if call.cancelled() or call.exception() is not None:
+        return
+    for fd in call.result()[1]:
+        os.close(fd)
 
 
 def _busy(open_now: int) -> HotweightsError:

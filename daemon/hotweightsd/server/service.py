@@ -51,6 +51,14 @@ class _Grant(NamedTuple):
     told: tuple[str, str]  # (name, version) the holder learns the followed alias names
 
 
+class _Encoder:
+    """The lock of one table being encoded, and how many callers hold or wait for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
 def rpc(fn: Callable) -> Callable:
     """Turns hotweights errors (and bugs) raised by a unary handler into statuses."""
 
@@ -119,7 +127,9 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         # The rank object is kept to tell a reloaded version of the same key from the one encoded.
         self._tables: dict[tuple[str, int, bool], tuple[ResidentRank, pb.GetHandlesResponse]] = {}
         self._tables_lock = threading.Lock()
-        self._encoding = threading.Lock()
+        # One lock per table being encoded (under _tables_lock, gone once no caller needs it): the first
+        # attaches of one rank wait for one encoder, and never for another model's or rank's.
+        self._encoders: dict[tuple[str, int, bool], _Encoder] = {}
         self._unsubscribe = manager.events.subscribe(self._forget_tables)
         self._hub: EventHub | None = None
 
@@ -206,7 +216,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors are reported on mv
         if not wait:
-            yield pb.LoadEvent(done=convert.version_info(mv, self.m, already_loaded))
+            yield pb.LoadEvent(done=await self._version_info(mv, already_loaded))
             return
         while not task.done():
             yield pb.LoadEvent(
@@ -214,7 +224,12 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             )
             await asyncio.wait({task}, timeout=PROGRESS_INTERVAL)
         task.result()
-        yield pb.LoadEvent(done=convert.version_info(mv, self.m, already_loaded))
+        yield pb.LoadEvent(done=await self._version_info(mv, already_loaded))
+
+    def _version_info(self, mv: ModelVersion, already_loaded: bool = False) -> asyncio.Future[pb.ModelVersionInfo]:
+        # built in a worker thread: it asks the manager for the version's aliases and sharing, under the
+        # registry lock, and a wait for that lock on the loop would stall every other call and stream
+        return self._blocking(convert.version_info, mv, self.m, already_loaded)
 
     @rpc
     async def UnloadModel(self, request, context) -> pb.UnloadModelResponse:
@@ -276,16 +291,26 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         key = (h.version.key, h.rank.rank, compact)
         with self._tables_lock:
             cached = self._tables.get(key)
+            if cached is None or cached[0] is not h.rank:
+                encoder = self._encoders.setdefault(key, _Encoder())
+                encoder.users += 1
         if cached is None or cached[0] is not h.rank:
             # Encoding thousands of entries each attach would cost more than the rest of the attach;
-            # one thread encodes while the first attaches of a rank (replicas starting together) wait.
-            with self._encoding:
-                with self._tables_lock:
-                    cached = self._tables.get(key)
-                if cached is None or cached[0] is not h.rank:
-                    cached = (h.rank, convert.handles_template(h.version, h.rank, self.fd_socket, compact))
+            # one thread encodes while the other first attaches of this rank (replicas starting
+            # together) wait for it. A big table of one model delays no other model's or rank's.
+            try:
+                with encoder.lock:
                     with self._tables_lock:
-                        self._tables[key] = cached
+                        cached = self._tables.get(key)
+                    if cached is None or cached[0] is not h.rank:
+                        cached = (h.rank, convert.handles_template(h.version, h.rank, self.fd_socket, compact))
+                        with self._tables_lock:
+                            self._tables[key] = cached
+            finally:
+                with self._tables_lock:
+                    encoder.users -= 1
+                    if not encoder.users:
+                        del self._encoders[key]
         return convert.with_ticket(cached[1], h.ticket, h.ttl)
 
     @rpc
@@ -430,7 +455,7 @@ class HotweightsService(pb_grpc.HotweightsServicer):
     @rpc
     async def Rollback(self, request, context) -> pb.RollbackResponse:
         mv, old, note = await self._blocking(self.m.rollback, request.alias)
-        info = convert.version_info(mv, self.m)
+        info = await self._version_info(mv)
         info.previous_note = note
         return pb.RollbackResponse(
             alias=pb.AliasInfo(alias=request.alias, name=mv.name, version=mv.version),
@@ -470,8 +495,9 @@ class HotweightsService(pb_grpc.HotweightsServicer):
             ),
             counted=not resident,
         )
-        # A NAME@VERSION target is resident already (else the plan refused it): its run only moves the alias.
-        async for ev in self._run_load(plan.version, plan.run, wait=True, already_loaded=resident):
+        # A NAME@VERSION target is resident already (else the plan refused it), and so may be a path's
+        # version: then its run reads nothing, only moves the alias, and the answer says so.
+        async for ev in self._run_load(plan.version, plan.run, wait=True, already_loaded=plan.already_loaded):
             if ev.WhichOneof("event") == "done":
                 ev.done.previous_note = plan.note
                 if self.metrics is not None:
