@@ -91,15 +91,19 @@ def test_a_lease_is_never_served_by_a_version_loaded_later_under_the_same_key(tm
         m.close()
 
 
+def _fail_a_drain_swap(m: ModelManager, tmp_path: Path, monkeypatch) -> None:
+    """prod -> llm@v1, then a drain swap to llm@v2 whose load fails its last stage: prod names nothing."""
+    m.load("llm", str(versioned_model(tmp_path, 1)), version="v1", alias="prod")
+    monkeypatch.setattr(faults, "_plan", FaultPlan.parse("load.verify"))
+    with pytest.raises(errors.InjectedFault):
+        swap(m, "prod", str(versioned_model(tmp_path, 2)), version="v2", mode=SwapMode.DRAIN).run()
+    monkeypatch.setattr(faults, "_plan", FaultPlan.parse(""))
+
+
 def test_a_drain_swap_whose_next_version_fails_leaves_its_alias_saying_why(tmp_path, monkeypatch):
     m = _manager()
     try:
-        m.load("llm", str(versioned_model(tmp_path, 1)), version="v1", alias="prod")
-        monkeypatch.setattr(faults, "_plan", FaultPlan.parse("load.verify"))
-        plan = swap(m, "prod", str(versioned_model(tmp_path, 2)), version="v2", mode=SwapMode.DRAIN)
-        with pytest.raises(errors.InjectedFault):
-            plan.run()
-        monkeypatch.setattr(faults, "_plan", FaultPlan.parse(""))
+        _fail_a_drain_swap(m, tmp_path, monkeypatch)
         assert m.aliases() == {"prod": "llm@v1"}
         # not "between versions, retry shortly" for ever: what happened, and how to mend it
         with pytest.raises(
@@ -146,11 +150,7 @@ def test_a_version_force_unloaded_while_it_drains_ends_the_drain_at_once(tmp_pat
 def test_while_a_drain_swap_loads_its_alias_is_between_versions_and_a_second_swap_is_refused(tmp_path, monkeypatch):
     m = _manager()
     try:
-        m.load("llm", str(versioned_model(tmp_path, 1)), version="v1", alias="prod")
-        monkeypatch.setattr(faults, "_plan", FaultPlan.parse("load.verify"))
-        with pytest.raises(errors.InjectedFault):
-            swap(m, "prod", str(versioned_model(tmp_path, 2)), version="v2", mode=SwapMode.DRAIN).run()
-        monkeypatch.setattr(faults, "_plan", FaultPlan.parse(""))
+        _fail_a_drain_swap(m, tmp_path, monkeypatch)
         m.load("llm", str(versioned_model(tmp_path, 1)), version="v1")  # the alias works again, by itself
         assert m.resolve("prod").key == "llm@v1"
 
