@@ -202,6 +202,25 @@ def test_an_alias_moved_while_its_drain_swap_loads_is_left_where_it_was_moved(tm
         m.close()
 
 
+def test_an_alias_moved_meanwhile_leaves_a_version_the_drain_swap_did_not_load_resident(tmp_path: Path) -> None:
+    m = ModelManager(CpuBackend(memory_limit=256 * MiB))
+    try:
+        m.load("m", str(write_model(tmp_path / "v1.safetensors", seed=1)), version="v1", alias="prod")
+        v2 = str(write_model(tmp_path / "v2.safetensors", seed=2))
+        m.load("m", v2, version="v2")  # the operator's own load: the drain swap finds it resident
+        m.load("m", str(write_model(tmp_path / "v3.safetensors", seed=3)), version="v3")
+        plan = swap(m, "prod", v2, version="v2", mode=SwapMode.DRAIN)
+        assert plan.already_loaded
+        m.set_alias("prod", "m@v3")  # answered between the drain and the swap's move
+        with pytest.raises(errors.FailedPrecondition, match="while this drain swap loaded m@v2") as e:
+            plan.run()
+        assert "retired" not in e.value.message
+        assert [v.key for v in m.versions()] == ["m@v2", "m@v3"] and not m.get("m", "v2").retire
+        assert m.aliases() == {"prod": "m@v3"}
+    finally:
+        m.close()
+
+
 def test_a_drain_swap_is_refused_while_another_alias_names_the_version_it_would_free(tmp_path: Path) -> None:
     m = _manager()
     try:

@@ -1235,23 +1235,27 @@ class ModelManager:
                 aliases=others,
             )
 
-    def move_alias_from(self, alias: str, key: str, expect: str, *, create: bool = False) -> None:
+    def move_alias_from(
+        self, alias: str, key: str, expect: str, *, create: bool = False, loaded_here: bool = True
+    ) -> None:
         """A drain swap's last step: points ``alias`` at ``key`` only if it still names ``expect`` (the
         version it drained), checked and moved in one step. Where it was moved or removed while the swap
-        loaded, it is left so (that move was answered as done), ``key`` is retired (freed when its last
-        lease ends, unless something names it) and FailedPrecondition says what happened."""
+        loaded, it is left so (that move was answered as done), ``key`` is retired when the swap loaded
+        it (``loaded_here``; freed when its last lease ends, unless something names it; a version that
+        was resident already is someone else's) and FailedPrecondition says what happened."""
         with self._txn() as fx:
             now = self._aliases.get(alias)
             if now != expect:
                 mv = self._versions.get(key)
-                if mv is not None and not self.aliases_of(key):
+                retired = loaded_here and mv is not None and not self.aliases_of(key)
+                if retired and mv is not None:
                     mv.retire = True
                     self._maybe_retire(mv, fx)
                 where = f"moved to {now}" if now else "removed"
                 fx.log("info", "swap.alias_moved_meanwhile", alias=alias, expected=expect, now=now or "", new=key)
                 raise FailedPrecondition(
-                    f"alias {alias!r} was {where} while this drain swap loaded {key}; it was left as it is, "
-                    f"and {key} was retired (freed when its last lease ends)",
+                    f"alias {alias!r} was {where} while this drain swap loaded {key}; it was left as it is"
+                    + (f", and {key} was retired (freed when its last lease ends)" if retired else ""),
                     alias=alias,
                     ref=key,
                     now=now or "",

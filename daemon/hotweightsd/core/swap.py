@@ -155,7 +155,7 @@ def swap(
             # The plan saw the alias name ``old`` long ago: a SetAlias (or load --alias) answered while
             # this loaded must not be silently undone, so the move is a compare-and-set (the old version
             # is gone already). A failure is recorded on the alias only where it still names ``old``.
-            m.move_alias_from(alias, mv.key, old.key, create=create)
+            m.move_alias_from(alias, mv.key, old.key, create=create, loaded_here=not start.already_loaded)
         except BaseException as exc:
             m.drain_swap_failed(alias, old, exc)
             raise
