@@ -286,7 +286,7 @@ async def _load_all(
     items: list[dict],
     what: str,
     metrics: DaemonMetrics,
-    failed: Callable[[dict, str], None],
+    failed: Callable[..., None],
     settled: Callable[[str], None] | None = None,
 ) -> None:
     """Loads each item ({name, path, version?, verify?, layout?, aliases}); a failure is logged, not fatal,
@@ -294,6 +294,8 @@ async def _load_all(
     ``settled`` is told each item's NAME@VERSION once its load is over, whatever the outcome."""
     for item in items:
         label = f"{what} {item['name']}{'@' + item['version'] if item.get('version') else ''} from {item['path']}"
+        mv = None
+        aliased: list[str] = []  # the item's aliases set before a failure: they name its version already
         try:
             try:
                 mv, fill = await asyncio.to_thread(
@@ -312,15 +314,17 @@ async def _load_all(
             await asyncio.to_thread(fill)
             for alias in item.get("aliases", ()):
                 await asyncio.to_thread(manager.set_alias, alias, mv.key, create=True)
+                aliased.append(alias)
             log.info(f"{what}.done", model=mv.key, path=item["path"])
         except ContentMismatch as exc:
             log.warning(f"{what}.skipped", name=item["name"], path=item["path"], error=str(exc))
-            failed(item, f"{label}: skipped: {exc}")
+            failed(item, f"{label}: skipped: {exc}")  # its version is another content's: nothing to seed
         except AlreadyExists:
             pass  # going away: nothing to load over it
         except HotweightsError as exc:
             log.error(f"{what}.failed", name=item["name"], path=item["path"], error=str(exc))
-            failed(item, f"{label}: {exc}")
+            loaded = {"loaded_version": mv.version} if mv is not None else {}
+            failed({**item, **loaded}, f"{label}: {exc}", aliased)
         if settled is not None:
             settled(f"{item['name']}@{item.get('version')}")
 

@@ -8,16 +8,19 @@ stays a plain list and nothing is asked of the manager (its lock) on the event's
 - a load of ``NAME@VERSION`` (a reload, a ``[[preload]]`` with a version): that version turns READY
   again, and each alias the load was to set names it;
 - a ``[[preload]]`` without a version (its version is its content's fingerprint, unknown until it
-  loads): a version of NAME turns READY, and each of its aliases names a version of NAME;
+  loads): the version a later load of the same path registers turns READY, and each of its aliases
+  names it; another version of NAME (another preload's, an operator's) mends nothing;
 - an alias the state file named without its version: the alias exists again.
 
 Only what happens after the failure counts (a version already READY when a preload of it was skipped
-for other content does not mend it), and an entry once mended is gone for good: status reports the
-start's failures that still stand, not the current state of each target.
+for other content does not mend it), except the aliases the load had set before it failed; an entry
+once mended is gone for good: status reports the start's failures that still stand, not the current
+state of each target.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,19 +32,25 @@ from hotweightsd.core.events import Event, EventBus, EventKind
 class _Entry:
     message: str
     name: str  # "" for a dropped alias: only the alias's return mends it
-    version: str | None
+    version: str | None  # None: not known yet, learnt from a later load of ``path``
     aliases: tuple[str, ...]
     after: int  # events stamped up to this one happened before the failure
     moved: set[str] = field(default_factory=set)  # aliases since pointed at a matching version
+    path: str = ""  # the real path the load read, as a load's VERSION_ADDED names it
+    fixed_version: bool = False  # the item named its version; otherwise it is the content's, learnt
 
     def matches(self, ev: Event) -> bool:
-        return ev.seq > self.after and ev.name == self.name and self.version in (None, ev.version)
+        return ev.name == self.name and self.version is not None and ev.version == self.version
 
     def mended_by(self, ev: Event) -> bool:
         if ev.seq <= self.after:
             return False
         if not self.name:
             return ev.kind is EventKind.ALIAS_MOVED and ev.alias in self.aliases
+        if ev.kind is EventKind.VERSION_ADDED and ev.name == self.name and ev.message == self.path:
+            if not self.fixed_version and ev.version != self.version:
+                self.version = ev.version  # the content now at the path: its version is the one to wait for
+                self.moved.clear()
         if ev.kind is EventKind.ALIAS_MOVED and ev.alias in self.aliases:
             if self.matches(ev):
                 self.moved.add(ev.alias)
@@ -64,9 +73,21 @@ class StartFailures:
         self._lock = threading.Lock()
         self.unsubscribe: Callable[[], None] = events.subscribe(self._seen)
 
-    def load_failed(self, item: dict, message: str) -> None:
-        """A reload or [[preload]] item ({name, version?, aliases}) failed to load at start."""
-        self._add(_Entry(message, item["name"], item.get("version") or None, tuple(item.get("aliases", ())), 0))
+    def load_failed(self, item: dict, message: str, aliased: Iterable[str] = ()) -> None:
+        """A reload or [[preload]] item ({name, path, version?, aliases}) failed to load at start;
+        ``aliased``: those of its aliases the load had pointed at its version before it failed."""
+        named = item.get("version") or None
+        entry = _Entry(
+            message,
+            item["name"],
+            named or item.get("loaded_version") or None,
+            tuple(item.get("aliases", ())),
+            0,
+            path=os.path.realpath(os.path.expanduser(item["path"])) if item.get("path") else "",
+            fixed_version=named is not None,
+        )
+        entry.moved.update(a for a in aliased if a in entry.aliases)
+        self._add(entry)
 
     def aliases_dropped(self, dropped: Iterable[tuple[str, str]]) -> None:
         """(alias, message) for each alias the state file named without its version."""
