@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import socket
 import socketserver
 import tempfile
@@ -203,6 +204,10 @@ class DaemonMetrics:
 METRICS_TIMEOUT_SECONDS = 5.0
 METRICS_MAX_CONNECTIONS = 32
 _BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n"
+# A connection answered busy is kept open until its request is read (within the connection timeout):
+# closed with the request unsent or unread, it reaches the client as a broken pipe or a reset, not as the
+# 503. One thread reads them, a bounded number waiting; past that they are closed at once.
+_REFUSED_QUEUE = 64
 
 
 class _ReadBy(io.RawIOBase):
@@ -265,6 +270,8 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
         self.metrics = metrics
         self.handler_timeout = timeout
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._refused: queue.Queue = queue.Queue(_REFUSED_QUEUE)
+        self._refuser: threading.Thread | None = None
         super().__init__(path, _Handler, bind_and_activate=False)
 
     def server_bind(self) -> None:
@@ -276,15 +283,48 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             try:
                 request.setblocking(False)
                 request.send(_BUSY)
-            except OSError:
-                pass
-            self.shutdown_request(request)
+                request.shutdown(socket.SHUT_WR)
+                self._refused.put_nowait(request)
+            except (OSError, queue.Full):
+                self.shutdown_request(request)
+                return
+            if self._refuser is None:
+                self._refuser = threading.Thread(target=self._read_refused, name="hw-metrics-busy", daemon=True)
+                self._refuser.start()
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
             self._slots.release()
             raise
+
+    def _read_refused(self) -> None:
+        """Reads what each connection answered busy sends, until it closes or its headers are in (within the
+        connection timeout), then closes it."""
+        while True:
+            request = self._refused.get()
+            if request is None:
+                return
+            deadline, seen = time.monotonic() + self.handler_timeout, b""
+            try:
+                while (left := deadline - time.monotonic()) > 0:
+                    request.settimeout(left)
+                    chunk = request.recv(65536)
+                    seen = (seen + chunk)[-4:]
+                    if not chunk or seen == b"\r\n\r\n":  # closed, or its headers are all in (no body)
+                        break
+            except OSError:
+                pass
+            finally:
+                request.close()
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self._refuser is not None:
+            try:
+                self._refused.put_nowait(None)
+            except queue.Full:
+                pass
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         # socketserver names its threads Thread-N: named, a connection's thread can be told from the rest
