@@ -36,8 +36,13 @@ class _Entry:
     aliases: tuple[str, ...]
     after: int  # events stamped up to this one happened before the failure
     moved: set[str] = field(default_factory=set)  # aliases since pointed at a matching version
-    path: str = ""  # the real path the load read, as a load's VERSION_ADDED names it
+    path: str = ""  # the path the load asked for, as given (a later load of it resolves it again)
     fixed_version: bool = False  # the item named its version; otherwise it is the content's, learnt
+
+    def _resolves_to(self, loaded: str) -> bool:
+        # Resolved now, not at the failure: the operator may have put the model there through a link,
+        # or repointed one. A few lstat calls, only for a load of this entry's name.
+        return os.path.realpath(self.path) == loaded
 
     def matches(self, ev: Event) -> bool:
         return ev.name == self.name and self.version is not None and ev.version == self.version
@@ -47,7 +52,7 @@ class _Entry:
             return False
         if not self.name:
             return ev.kind is EventKind.ALIAS_MOVED and ev.alias in self.aliases
-        if ev.kind is EventKind.VERSION_ADDED and ev.name == self.name and ev.message == self.path:
+        if ev.kind is EventKind.VERSION_ADDED and ev.name == self.name and self.path and self._resolves_to(ev.message):
             if not self.fixed_version and ev.version != self.version:
                 self.version = ev.version  # the content now at the path: its version is the one to wait for
                 self.moved.clear()
@@ -83,7 +88,7 @@ class StartFailures:
             named or item.get("loaded_version") or None,
             tuple(item.get("aliases", ())),
             0,
-            path=os.path.realpath(os.path.expanduser(item["path"])) if item.get("path") else "",
+            path=os.path.abspath(os.path.expanduser(item["path"])) if item.get("path") else "",
             fixed_version=named is not None,
         )
         entry.moved.update(a for a in aliased if a in entry.aliases)

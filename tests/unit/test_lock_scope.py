@@ -221,6 +221,26 @@ def test_an_alias_moved_meanwhile_leaves_a_version_the_drain_swap_did_not_load_r
         m.close()
 
 
+def test_a_rollback_spare_the_drain_swap_took_back_is_retired_again_when_its_alias_moved_meanwhile(
+    tmp_path: Path,
+) -> None:
+    m = ModelManager(CpuBackend(memory_limit=256 * MiB), keep_previous_seconds=600)
+    try:
+        va = str(write_model(tmp_path / "a.safetensors", seed=1))
+        m.load("m", va, version="va", alias="other")
+        m.load("m", str(write_model(tmp_path / "b.safetensors", seed=2)), version="vb")
+        swap(m, "other", "m@vb", keep_previous=True).run()  # va: other's rollback spare
+        m.load("m", str(write_model(tmp_path / "p.safetensors", seed=3)), version="vp", alias="prod")
+        m.load("m", str(write_model(tmp_path / "q.safetensors", seed=4)), version="vq")
+        plan = swap(m, "prod", va, version="va", mode=SwapMode.DRAIN)  # finds va resident: takes it back
+        m.set_alias("prod", "m@vq")  # answered between the drain and the swap's move
+        with pytest.raises(errors.FailedPrecondition, match="m@va was retired"):
+            plan.run()
+        assert [v.key for v in m.versions()] == ["m@vb", "m@vq"]  # not resident for good with no alias
+    finally:
+        m.close()
+
+
 def test_a_drain_swap_is_refused_while_another_alias_names_the_version_it_would_free(tmp_path: Path) -> None:
     m = _manager()
     try:

@@ -101,3 +101,32 @@ def test_the_textfile_is_replaced_whole(tmp_path):
     assert target.read_text() == "new\n"
     assert [p.name for p in tmp_path.iterdir()] == ["hw.prom"]
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_stopping_the_server_closes_the_refused_connections_and_ends_their_reader(tmp_path):
+    import socket
+    import threading
+
+    from hotweights.testing import wait_until
+    from hotweightsd.server.metrics import MetricsServer
+
+    path = str(tmp_path / "m.sock")
+    server = MetricsServer(path, DaemonMetrics(lambda: {"devices": [], "versions": []}), timeout=600, max_connections=1)
+    server.start()
+    clients = []
+    try:
+        for _ in range(4):  # one served (it holds the one slot, silent), three answered busy and kept to be read
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.settimeout(30)
+            c.connect(path)
+            clients.append(c)
+        for c in clients[1:]:
+            assert c.recv(4096).startswith(b"HTTP/1.0 503")
+        wait_until(lambda: any(t.name == "hw-metrics-busy" for t in threading.enumerate()), 30, "the busy reader")
+        server.stop()  # well before their 600 s: stop closes them
+        for c in clients[1:]:
+            assert c.recv(4096) == b""
+        assert not any(t.name == "hw-metrics-busy" for t in threading.enumerate())
+    finally:
+        for c in clients:
+            c.close()

@@ -71,6 +71,17 @@ def test_a_preload_without_a_version_is_mended_only_by_a_later_load_of_its_own_p
     assert shown == []
 
 
+def test_a_preload_path_that_later_leads_elsewhere_through_a_link_is_judged_as_it_resolves_then(tmp_path):
+    bus, shown, failures = tracked()
+    link = tmp_path / "current"
+    failures.load_failed({"name": "m", "path": str(link), "aliases": []}, "preload m: gone")  # no link yet
+    (tmp_path / "v8").mkdir()
+    link.symlink_to(tmp_path / "v8")  # the operator puts the model there through a link, and loads it
+    bus.publish(EventKind.VERSION_ADDED, "m", version="fp-8", message=str((tmp_path / "v8").resolve()))
+    bus.publish(EventKind.VERSION_READY, "m", version="fp-8")
+    assert shown == []
+
+
 def test_the_aliases_a_load_set_before_it_failed_count_toward_mending_it():
     # the preload set alias a, then failed to set clash (a model has that name): the operator mends the
     # clash and sets it by hand; a already names the version, before the failure

@@ -1262,6 +1262,11 @@ class ModelManager:
                 )
             self.set_alias(alias, key, create=create)
 
+    def is_spare(self, mv: ModelVersion) -> bool:
+        """Whether ``mv`` is kept only for an alias's rollback (retired, held)."""
+        with self._lock:
+            return bool(mv.retire and mv.previous_of)
+
     def drain_swap_failed(self, alias: str, old: ModelVersion, exc: BaseException) -> None:
         """Records why ``alias`` names nothing, when its drain swap freed ``old`` and the next version
         then failed: attaches through it get that reason, not a "retry shortly" forever."""

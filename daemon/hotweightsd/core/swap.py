@@ -150,12 +150,15 @@ def swap(
     mv = start.version
 
     def run_after_drain() -> ModelVersion:
+        # A rollback's spare that this swap's load takes back is this swap's to retire again, if the
+        # alias moved meanwhile (the load took it out of retirement); another version found resident is not.
+        revived = start.already_loaded and m.is_spare(mv)
         try:
             start.run()
             # The plan saw the alias name ``old`` long ago: a SetAlias (or load --alias) answered while
             # this loaded must not be silently undone, so the move is a compare-and-set (the old version
             # is gone already). A failure is recorded on the alias only where it still names ``old``.
-            m.move_alias_from(alias, mv.key, old.key, create=create, loaded_here=not start.already_loaded)
+            m.move_alias_from(alias, mv.key, old.key, create=create, loaded_here=revived or not start.already_loaded)
         except BaseException as exc:
             m.drain_swap_failed(alias, old, exc)
             raise

@@ -272,6 +272,7 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
         self._slots = threading.BoundedSemaphore(max_connections)
         self._refused: queue.Queue = queue.Queue(_REFUSED_QUEUE)
         self._refuser: threading.Thread | None = None
+        self._reading: socket.socket | None = None  # the refused connection being read now
         super().__init__(path, _Handler, bind_and_activate=False)
 
     def server_bind(self) -> None:
@@ -305,6 +306,7 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             request = self._refused.get()
             if request is None:
                 return
+            self._reading = request
             deadline, seen = time.monotonic() + self.handler_timeout, b""
             try:
                 while (left := deadline - time.monotonic()) > 0:
@@ -316,15 +318,29 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             except OSError:
                 pass
             finally:
+                self._reading = None
                 request.close()
 
     def server_close(self) -> None:
+        """Closes the listening socket and every refused connection still open, and ends their reader."""
         super().server_close()
-        if self._refuser is not None:
+        if self._refuser is None:
+            return
+        while True:  # nothing is added any more: the server has stopped accepting
             try:
-                self._refused.put_nowait(None)
-            except queue.Full:
+                waiting = self._refused.get_nowait()
+            except queue.Empty:
+                break
+            if waiting is not None:
+                waiting.close()
+        reading = self._reading
+        if reading is not None:
+            try:
+                reading.shutdown(socket.SHUT_RDWR)  # wakes its read at once
+            except OSError:
                 pass
+        self._refused.put_nowait(None)
+        self._refuser.join(self.handler_timeout + 1)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         # socketserver names its threads Thread-N: named, a connection's thread can be told from the rest
