@@ -48,6 +48,12 @@ def fd_targets(pid: int | str = "self") -> list[str]:
     return out
 
 
+def fds_under(root: str | os.PathLike, pid: int | str = "self") -> list[str]:
+    """The paths under ``root`` that open descriptors of ``pid`` name, sorted, one per descriptor: what a
+    leak check compares, where a count of every descriptor would move with what else the process closes."""
+    return sorted(t for t in fd_targets(pid) if t.startswith(str(root)))
+
+
 class _EmptyConfig:
     def __repr__(self) -> str:
         return "EMPTY_CONFIG"

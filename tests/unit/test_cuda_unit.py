@@ -28,7 +28,7 @@ from hotweights.cuda import devices as cuda_driver
 from hotweights.cuda import driver as cuda_import
 from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError, InsufficientMemory, InvalidArgument
 from hotweights.format.checkpoint import open_checkpoint
-from hotweights.testing import fd_targets
+from hotweights.testing import fds_under
 from hotweightsd.core.backend import AllocationMode, HandleType
 from hotweightsd.core.layout import Segment, plan_rank
 from hotweightsd.loaders import files, gds, native
@@ -1275,22 +1275,16 @@ def fake_cufile(fake, monkeypatch):
     return cf
 
 
-def open_fds(under: Path) -> list[str]:
-    """The descriptors of this process that name a path under ``under``: a count of all of them would
-    move with whatever an earlier test in the same process closes meanwhile (sockets, channels)."""
-    return sorted(t for t in fd_targets() if t.startswith(str(under)))
-
-
 def test_gds_compat_fill_is_exact_and_releases_everything(fake, fake_cufile, tmp_path):
     path, layout, b, allocs = prepared(tmp_path, gds="compat")
-    before = open_fds(tmp_path)
+    before = fds_under(tmp_path)
     desc = b.fill(layout, allocs, lambda n: None, threading.Event())
     assert desc.startswith("gds: cuFile compatibility mode (forced), 2 threads"), desc
     assert "0/1 files O_DIRECT" in desc, "compatibility mode reads a buffered fd"
     check_contents(fake, layout, allocs)
     assert fake_cufile.env_at_open == {"CUFILE_FORCE_COMPAT_MODE": "true", "CUFILE_ALLOW_COMPAT_MODE": "true"}
     assert fake_cufile.params == {1: True, 2: True}
-    assert fake_cufile.handles == {} and open_fds(tmp_path) == before
+    assert fake_cufile.handles == {} and fds_under(tmp_path) == before
     assert fake._stack() == [], "the calling thread's contexts are as they were"
     for a in allocs:
         a.close()
@@ -1305,7 +1299,7 @@ def test_gds_refused_registration_names_the_filesystem_and_leaks_nothing(fake, f
     monkeypatch.setattr(gds, "MOUNTINFO", str(mountinfo))
     monkeypatch.setattr(gds, "UDEV_DIR", str(tmp_path / "no-udev"))
     fake_cufile.refuse = 5027
-    before = open_fds(tmp_path)
+    before = fds_under(tmp_path)
     with pytest.raises(BackendError) as info:
         b.fill(layout, allocs, lambda n: None, threading.Event())
     exc = info.value
@@ -1313,7 +1307,7 @@ def test_gds_refused_registration_names_the_filesystem_and_leaks_nothing(fake, f
     assert str(path) in exc.message and "cuFile 1.15" in exc.message and "overlay" in exc.message
     assert "no-udev is not visible" in exc.message and "gds=auto or gds=off" in exc.message
     assert exc.details["known_obstacle"] is True and exc.details["filesystem"] == "overlay"
-    assert fake_cufile.handles == {} and open_fds(tmp_path) == before
+    assert fake_cufile.handles == {} and fds_under(tmp_path) == before
     for a in allocs:
         a.close()
     b.close()

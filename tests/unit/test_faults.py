@@ -17,7 +17,7 @@ import pytest
 import test_cuda_unit as cuda_unit
 
 from hotweights import errors
-from hotweights.testing import fd_targets, wait_until
+from hotweights.testing import fd_targets, fds_under, wait_until
 from hotweightsd import threadnames
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.config import load_config
@@ -322,16 +322,14 @@ def test_a_cuda_load_failing_at_each_stage_leaves_the_device_as_it_was(fake, fak
     first = manager.load("base", str(path), version="v1")
     assert first.load_path.startswith("gds" if gds == "compat" else "bounce"), first.load_path
     settles(mine, "after the first load")
-    # the fds naming this test's files: a count of all of them would move with what earlier tests close
-    files_open = lambda: sorted(t for t in fd_targets() if t.startswith(str(tmp_path)))
-    device, free, fds = fake_device(fake, fake_cufile), backend.devices()[0].free, files_open()
+    device, free, fds = fake_device(fake, fake_cufile), backend.devices()[0].free, fds_under(tmp_path)
     with faults.active(f"{point}:after={2 if point in ('load.read', 'load.copy') else 0}"):
         with pytest.raises(errors.InjectedFault, match=f"injected fault at {point}"):
             manager.load("victim", str(victim), version="v1")
     assert fake_device(fake, fake_cufile) == device
     assert backend.devices()[0].free == free
     settles(mine, f"{point} on the cuda backend")
-    assert files_open() == fds
+    assert fds_under(tmp_path) == fds
     assert fake._stack() == [], "the calling thread's contexts are as they were"
     manager.load("victim", str(victim), version="v1")  # and the backend still loads
     manager.close()

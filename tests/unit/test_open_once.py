@@ -15,6 +15,7 @@ import torch
 from hotweights import errors
 from hotweights.format.checkpoint import open_checkpoint
 from hotweights.format.source import FileBudget, open_file
+from hotweights.testing import fds_under
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.roots import ModelRoots
@@ -28,18 +29,6 @@ DEADLINE = 30.0
 
 def fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
-
-
-def files_open_under(root: Path) -> list[str]:
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(str(root)):
-            out.append(target)
-    return out
 
 
 def returns(fn):
@@ -177,12 +166,12 @@ def test_a_load_fills_from_the_files_it_checked(tree):
     m = ModelManager(CpuBackend(memory_limit=64 * 2**20), roots=ModelRoots([str(root)]))
     try:
         start = m.start_load("m", str(link), version="v1")
-        assert len(files_open_under(root)) == 1
+        assert len(fds_under(root)) == 1
         swapped = root / "swap.tmp"
         swapped.symlink_to(root / "other")
         os.replace(swapped, link)
         mv = start.run()
-        assert files_open_under(root) == []  # the checkpoint's files are closed once the fill ends
+        assert fds_under(root) == []  # the checkpoint's files are closed once the fill ends
         rank = mv.ranks[0]
         p = next(p for p in rank.layout.placements if p.name == "big")
         with open(f"/proc/self/fd/{rank.allocations[0].fd}", "rb") as mem:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hotweights.testing import fd_targets
+from hotweights.testing import fds_under
 from hotweightsd.loaders import ranges
 from hotweightsd.loaders.plan import Piece, ReadChunk
 from hotweightsd.loaders.residency import RangeChoice
@@ -178,14 +178,11 @@ def test_a_file_shorter_than_its_plan_is_truncated_and_nothing_stays_open(on_dis
     ok = write(on_disk / "ok.bin", 1 * MiB)
     short = write(on_disk / "short.bin", 1 * MiB)
 
-    def files_open() -> list[str]:  # this test's files only: other fds of the process come and go
-        return sorted(t for t in fd_targets() if t.startswith(str(on_disk)))
-
-    before = files_open()
+    before = fds_under(on_disk)
     for mode in ("auto", "pread", "odirect"):
         with pytest.raises(BadCheckpoint, match="truncated"):
             ranges.ReadSources.open([str(ok), str(short)], mode, [MiB, MiB + 1], 64 * KiB)
-    assert files_open() == before
+    assert fds_under(on_disk) == before
 
 
 def test_a_memory_filesystem_is_read_buffered_by_auto_and_odirect_says_where_refused():
