@@ -253,8 +253,8 @@ class ModelManager:
         with self._lock:
             if ref in self._aliases:
                 mv = self._versions.get(self._aliases[ref])
-                failed = self._swap_failed.get(ref)
-                if mv is None and failed is not None and failed.old_key == self._aliases[ref]:
+                failed = self.drain_swap_failure(ref) if mv is None else None
+                if failed is not None:
                     raise FailedPrecondition(failed.message, ref=ref)
                 if mv is None:
                     raise Unavailable(
@@ -777,7 +777,7 @@ class ModelManager:
                     )
                 move = alias if alias and self._aliases.get(alias) != mv.key else None
             with self._txn() as fx:
-                if mv.retire and mv.previous_of and mv.state is State.READY:
+                if self.is_spare(mv) and mv.state is State.READY:
                     # Loaded again on purpose: no longer only a rollback's spare, so its hold ends
                     # without freeing it (and the state file hears of it through the event).
                     mv.retire = False
