@@ -221,6 +221,48 @@ def test_an_alias_moved_meanwhile_leaves_a_version_the_drain_swap_did_not_load_r
         m.close()
 
 
+def test_a_version_an_operator_also_loaded_while_the_drain_swap_read_it_stays_when_the_alias_moved_meanwhile(
+    tmp_path: Path,
+) -> None:
+    backend = _SlowFill()
+    m = ModelManager(backend)
+    try:
+        m.load("m", str(write_model(tmp_path / "v1.safetensors", seed=1)), version="v1", alias="prod")
+        m.load("m", str(write_model(tmp_path / "v2.safetensors", seed=2)), version="v2")
+        slow = str(write_model(tmp_path / "slow.safetensors", seed=3))
+        plan = swap(m, "prod", slow, version="v3", mode=SwapMode.DRAIN)
+        outcome: list[BaseException | str] = []
+
+        def run() -> None:
+            try:
+                outcome.append(plan.run().key)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        swapping = threading.Thread(target=run)
+        swapping.start()
+        try:
+            assert backend.entered.wait(GUARD_S), "the drain swap never started to read"
+            # The operator's own load of the same files joins the read in flight: it is answered as
+            # loaded, so the version is the operator's too and no later turn of the swap may free it.
+            mine = m.start_load("m", slow, version="v3")
+            assert mine.already_loaded
+            m.set_alias("prod", "m@v2")
+        finally:
+            backend.gate.set()
+        swapping.join(GUARD_S)
+        assert mine.run().key == "m@v3"
+        [err] = outcome
+        assert isinstance(err, errors.FailedPrecondition), err
+        assert "retired" not in err.message
+        v3 = m.get("m", "v3")
+        assert v3.state is State.READY and not v3.retire and not v3.freed
+        assert [v.key for v in m.versions()] == ["m@v2", "m@v3"]
+    finally:
+        backend.gate.set()
+        m.close()
+
+
 def test_a_rollback_spare_the_drain_swap_took_back_is_retired_again_when_its_alias_moved_meanwhile(
     tmp_path: Path,
 ) -> None:

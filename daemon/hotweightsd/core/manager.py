@@ -760,6 +760,9 @@ class ModelManager:
     def _rejoin(self, mv: ModelVersion, alias: str | None, fx: _Effects | None = None) -> LoadStart:
         """``fx``: the caller holds the registry lock (``_share``), so the log line waits for its release:
         a stalled log sink must not stall every registry call."""
+        with self._lock:
+            if not (mv.retire and mv.previous_of):  # a rollback's spare taken back is the taker's (is_spare)
+                mv.joined = True
         fields = {"model": mv.key, "state": mv.state.value, "note": "already loaded, same content"}
         if fx is not None:
             fx.log("info", "load.already_loaded", **fields)
@@ -1242,12 +1245,13 @@ class ModelManager:
         version it drained), checked and moved in one step. Where it was moved or removed while the swap
         loaded, it is left so (that move was answered as done), ``key`` is retired when the swap loaded
         it (``loaded_here``; freed when its last lease ends, unless something names it; a version that
-        was resident already is someone else's) and FailedPrecondition says what happened."""
+        was resident already, or that another load joined, is someone else's) and FailedPrecondition says
+        what happened."""
         with self._txn() as fx:
             now = self._aliases.get(alias)
             if now != expect:
                 mv = self._versions.get(key)
-                retired = loaded_here and mv is not None and not self.aliases_of(key)
+                retired = loaded_here and mv is not None and not mv.joined and not self.aliases_of(key)
                 if retired and mv is not None:
                     mv.retire = True
                     self._maybe_retire(mv, fx)
