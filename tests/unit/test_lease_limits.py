@@ -38,6 +38,37 @@ def test_past_the_cap_the_oldest_ticket_of_the_process_holding_the_most_goes():
     assert all(t.token for t in small)
 
 
+def test_the_holder_check_runs_with_the_ticket_book_free_and_a_ticket_is_spent_once():
+    """The check reads /proc for a peer in another pid namespace: a stalled read must not stall every
+    issue and redeem, so it runs outside the book's lock; the ticket is still spent by one redeem only."""
+    book = TicketBook(ttl=60, clock=lambda: 0.0)
+    ticket = book.issue("lease", 0, pid=1)
+    free: list[bool] = []
+    outcomes: list[object] = []
+
+    def redeem() -> None:
+        try:
+            outcomes.append(book.redeem(ticket.token, check))
+        except errors.TicketInvalid as exc:
+            outcomes.append(exc)
+
+    def check(t) -> None:
+        got = book._lock.acquire(blocking=False)
+        if got:
+            book._lock.release()
+        free.append(got)
+        if got and len(free) == 1:  # a second redeem of the same ticket while the first is checking
+            redeem()
+
+    redeem()
+    assert free and all(free)
+    assert sum(o == ticket for o in outcomes) == 1, outcomes
+    assert sum(isinstance(o, errors.TicketInvalid) for o in outcomes) == 1, outcomes
+    assert len(book) == 0
+    with pytest.raises(errors.TicketInvalid):
+        book.redeem(ticket.token)
+
+
 @pytest.mark.parametrize("holder", ["h" * 257, "tab\there", "nl\n", "\x00"])
 def test_a_holder_label_must_be_short_and_printable(holder):
     with pytest.raises(errors.InvalidArgument):

@@ -112,6 +112,7 @@ def check_holder(ticket: Ticket, peer_pid: int, peer_uid: int) -> None:
 # refused: the lease's own oldest, or, in all, the oldest of the process holding the most, so that
 # whoever issues tickets fastest loses its own first and never locks the others out.
 MAX_TICKETS = 65536
+_SPENT = "ticket is unknown, already used or expired: call GetHandles again"
 MAX_TICKETS_PER_LEASE = 64
 
 
@@ -181,14 +182,18 @@ class TicketBook:
 
     def redeem(self, token: str, check: Callable[[Ticket], None] = lambda ticket: None) -> Ticket:
         """Consumes the ticket if ``check(ticket)`` passes; what ``check`` raises leaves it unspent, so
-        a process that is refused the ticket cannot use it up for its holder either."""
+        a process that is refused the ticket cannot use it up for its holder either. ``check`` runs
+        without the book's lock (it may read /proc); of two redeems of one ticket, only one spends it."""
         with self._lock:
             now = self._clock()
             self._sweep(now)
             ticket = self._tickets.get(token)
-            if ticket is None or ticket.expires <= now:
-                raise TicketInvalid("ticket is unknown, already used or expired: call GetHandles again")
-            check(ticket)
+        if ticket is None or ticket.expires <= now:
+            raise TicketInvalid(_SPENT)
+        check(ticket)
+        with self._lock:
+            if self._tickets.get(token) is not ticket:  # spent, dropped or swept while it was checked
+                raise TicketInvalid(_SPENT)
             self._remove(token)
         return ticket
 
