@@ -290,6 +290,33 @@ def test_a_restart_from_the_fd_store_serves_the_same_fused_table(llama, tmp_path
         m2.close()
 
 
+def test_a_restart_from_the_fd_store_keeps_a_version_in_a_layout_that_had_nothing_to_fuse(llama, tmp_path):
+    """The converter's output is in vLLM's layout already: loaded with layout vllm it has no served table
+    of its own, and the restart must serve it (and every version beside it) as it was, not start empty."""
+    sock = str(tmp_path / "hw.sock")
+    state = tmp_path / "hw.sock.state.json"
+    converted = tmp_path / "converted"
+    vllm_layout.convert(llama, converted, 1)
+    m1 = ModelManager(CpuBackend(memory_limit=256 * MiB))
+    try:
+        m1.load("plain", str(llama), version="v1")
+        m1.load("conv", str(converted), version="v1", layout="vllm")
+        before = _served(m1, "conv@v1")
+        p1 = Persister(m1, state, sock, fdstore=True)
+        received = hand_over_fds(m1, p1, ("plain@v1", "conv@v1"))
+        statefile.save(state, p1.snapshot())
+    finally:
+        m1.close()
+    m2 = ModelManager(CpuBackend(memory_limit=256 * MiB))
+    try:
+        report = restore(m2, m2.backend, Persister(m2, state, sock, fdstore=True), received)
+        assert sorted(report.restored) == ["conv@v1", "plain@v1"], report.note
+        assert m2.get("conv", "v1").layout == "vllm"
+        _equal(_served(m2, "conv@v1"), before)
+    finally:
+        m2.close()
+
+
 def test_a_file_with_the_parts_in_another_order_still_serves_them_in_vllms_order(manager, llama, tmp_path):
     """v before q in the file: the parts are placed by the fused order, not the file's."""
     with safe_open(str(llama / "model.safetensors"), "pt") as st:

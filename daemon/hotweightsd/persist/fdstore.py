@@ -491,7 +491,9 @@ def _rebuild(
             placements=[_placement(p) for p in r["placements"]],
             served=[_placement(p) for p in r["served"]] if "served" in r else None,
         )
-        if (layout.served is not None) != bool(mv.layout):
+        # A version in a layout may have none (a checkpoint in the engine's layout already: nothing to
+        # fuse); one without a layout never has one.
+        if layout.served is not None and not mv.layout:
             raise DataLoss(f"{mv.key}: a served table is recorded only for a version in an engine layout")
         for p in layout.placements + (layout.served or []):
             if (
