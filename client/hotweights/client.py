@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import grp
 import itertools
 import logging
@@ -78,12 +79,15 @@ class Client:
                 self._operator_stub = pb_grpc.HotweightsStub(self._operator_channel)
             return self._operator_stub
 
-    def _error(self, exc: grpc.RpcError) -> errors.HotweightsError:
-        return self._explained(error_from_rpc(exc))
+    def _error(self, exc: grpc.RpcError, what: str = "the call") -> errors.HotweightsError:
+        return self._explained(error_from_rpc(exc), what)
 
-    def _explained(self, err: errors.HotweightsError) -> errors.HotweightsError:
-        """A transport failure turned into which of: not running / wrong path / permission."""
+    def _explained(self, err: errors.HotweightsError, what: str = "the call") -> errors.HotweightsError:
+        """A transport failure turned into which of: not running / wrong path / permission; a
+        cancelled call (``what``) into one that names the daemon's socket."""
         if isinstance(err, errors.Unavailable) and err.details.get("transport"):
+            if err.details.get("cancelled"):
+                return _cancelled_by_daemon(err, self.socket, what)
             return diagnose_unreachable(self.socket, self.origin, str(err.details.get("grpc_message", "")))
         return err
 
@@ -93,6 +97,8 @@ class Client:
         err = error_from_rpc(exc)
         if not (isinstance(err, errors.Unavailable) and err.details.get("transport")):
             return err
+        if err.details.get("cancelled"):
+            return _cancelled_by_daemon(err, self.operator_socket, rpc)
         return operator_unreachable(
             rpc,
             self.operator_socket,
@@ -240,14 +246,17 @@ class Client:
         try:
             att = Attachment(self, ref, rank, holder=holder, on_alias_moved=on_alias_moved)
         except errors.Unavailable as exc:
-            raise self._explained(exc) from None
+            raise self._explained(exc, f"the lease of {ref}") from None
         self._attachments[next(self._attachment_ids)] = att
         return att
 
     def watch(self, ref: str = "") -> Watch:
         """Events for an alias or model (all when empty): iterate it, ``cancel()`` to stop."""
         return Watch(
-            self.stub.Watch(pb.WatchRequest(ref=ref)), self._error, closed=lambda: self._closed, socket=self.socket
+            self.stub.Watch(pb.WatchRequest(ref=ref)),
+            functools.partial(self._error, what="the watch stream"),
+            closed=lambda: self._closed,
+            socket=self.socket,
         )
 
     def follow(self, alias: str, on_change: Callable[[Attachment], None], rank: int = 0, holder: str = "") -> Follower:
@@ -284,12 +293,12 @@ class Watch:
     def __init__(
         self,
         call,
-        to_error: Callable[[grpc.RpcError], errors.HotweightsError] = error_from_rpc,
+        to_error: Callable[[grpc.RpcError], errors.HotweightsError] | None = None,
         closed: Callable[[], bool] = lambda: False,
         socket: str = "",
     ) -> None:
         self._call = call
-        self._to_error = to_error
+        self._to_error = to_error or (lambda exc: _cancel_explained(error_from_rpc(exc), socket, "the watch stream"))
         self._closed = closed  # whether the caller closed the channel the stream runs on
         self._socket = socket
         self._cancelled = False
@@ -301,19 +310,11 @@ class Watch:
         try:
             yield from self._call
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED and (self._cancelled or self._closed()):
+            err = self._to_error(exc)
+            if err.details.get("cancelled") and (self._cancelled or self._closed()):
                 return  # the caller stopped it
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                self._ended = self._to_error(exc)
-            else:
-                where = f" on {self._socket}" if self._socket else ""
-                self._ended = errors.Unavailable(
-                    f"the hotweights daemon{where} cancelled the watch stream "
-                    f"({exc.details() or 'no reason given'}); it may be shutting down",
-                    grpc_code="CANCELLED",
-                    grpc_message=exc.details() or "",
-                )
-            raise self._ended from None
+            self._ended = err
+            raise err from None
         finally:
             if self._ended is None:
                 self.cancel()  # a closed iterator (a break, a caller done with it) stops the stream too
@@ -664,6 +665,23 @@ def _permission(
     return errors.Unavailable(
         f"{problem}. Fix: {fix}", socket=path, origin=origin, reason="permission", fix=fix, group=group
     )
+
+
+def _cancelled_by_daemon(err: errors.Unavailable, socket: str, what: str = "the call") -> errors.Unavailable:
+    """A cancelled call (``error_from_rpc``'s ``cancelled`` Unavailable) as the caller reports it when it
+    did not cancel ``what`` itself: the daemon on ``socket`` (its gRPC layer) ended it."""
+    where = f" on {socket}" if socket else ""
+    message = str(err.details.get("grpc_message") or "no reason given")
+    details = {**err.details, "socket": socket} if socket else dict(err.details)
+    return errors.Unavailable(
+        f"the hotweights daemon{where} cancelled {what} ({message}); it may be shutting down", **details
+    )
+
+
+def _cancel_explained(err: errors.HotweightsError, socket: str, what: str) -> errors.HotweightsError:
+    if isinstance(err, errors.Unavailable) and err.details.get("cancelled"):
+        return _cancelled_by_daemon(err, socket, what)
+    return err
 
 
 def _layout_applied(info: pb.ModelVersionInfo, asked: str) -> pb.ModelVersionInfo:
