@@ -87,7 +87,7 @@ def error_from_rpc(rpc_error: grpc.RpcError | ValueError) -> e.HotweightsError:
 
     A call that failed in the transport rather than in the daemon comes back as ``Unavailable`` with
     ``transport=True``: UNAVAILABLE with no hotweights class (no daemon answered; the client probes
-    the socket path to say why, ``hotweights.client.diagnose_unreachable``), and CANCELLED with no
+    the socket path to say why, ``hotweights.reach.diagnose_unreachable``), and CANCELLED with no
     hotweights class, which also carries ``cancelled=True``: this process cancelled the call (its
     ``cancel()``, its channel closing) or the daemon's gRPC layer did (a daemon stopping, a call it
     does not take); the caller knows whether it cancelled, and tells the two apart with it.
@@ -108,7 +108,7 @@ def error_from_rpc(rpc_error: grpc.RpcError | ValueError) -> e.HotweightsError:
         pass
     if code == grpc.StatusCode.UNAVAILABLE and CLASS_KEY not in meta:
         # The transport failed, not the daemon: the client probes the socket path to say why
-        # (hotweights.client.diagnose_unreachable); ``transport`` marks the error for it.
+        # (hotweights.reach.diagnose_unreachable); ``transport`` marks the error for it.
         return e.Unavailable(f"hotweights daemon unreachable: {message}", transport=True, grpc_message=message)
     if code == grpc.StatusCode.CANCELLED and CLASS_KEY not in meta:
         # No daemon answer either: the call ended without one. The client says where (and which call).
