@@ -293,7 +293,17 @@ class Watch:
     """A Watch stream's events. It ends quietly when the caller stops it (``cancel()``, closing the
     iterator, closing the client); a stream the daemon ends raises the call's typed error, and one
     it cancels (a daemon shutting down, or refusing the stream) raises ``Unavailable``: never a
-    silent end the caller would take for its own."""
+    silent end the caller would take for its own.
+
+    The daemon subscribes the stream a moment after ``Client.watch()`` returns: an event before that
+    is not delivered. ``wait_subscribed()`` blocks until it has, so that a change the caller makes
+    (or waits for) next is seen::
+
+        watch = client.watch("serving").wait_subscribed()
+        client.swap("serving", "/models/llama-v2")
+        for ev in watch:  # the swap's events are among these
+            ...
+    """
 
     def __init__(
         self,
@@ -323,6 +333,41 @@ class Watch:
         finally:
             if self._ended is None:
                 self.cancel()  # a closed iterator (a break, a caller done with it) stops the stream too
+
+    def wait_subscribed(self, timeout: float | None = 10.0) -> Watch:
+        """Blocks until the daemon has subscribed this stream, and returns the watch: every event
+        after that reaches the iterator. The daemon says so with the stream's initial metadata.
+
+        A stream that ended first (the daemon refused or cancelled it, or stopped) raises the typed
+        error iterating it raises; one the caller stopped returns at once (iterating it then ends).
+        ``DeadlineExceeded`` if the daemon has not subscribed it within ``timeout`` seconds (None:
+        no limit); the stream stays open then, and may still be iterated or waited for again."""
+        if timeout is None:
+            self._call.initial_metadata()
+        else:
+            answered = threading.Event()
+
+            def wait() -> None:
+                try:
+                    self._call.initial_metadata()  # returns once the call ends, too
+                finally:
+                    answered.set()
+
+            threading.Thread(target=wait, name="hotweights-watch-subscribed", daemon=True).start()
+            if not answered.wait(timeout):
+                where = f" on {self._socket}" if self._socket else ""
+                raise errors.DeadlineExceeded(
+                    f"the hotweights daemon{where} did not subscribe the watch stream within {timeout:g} s; "
+                    "it may be overloaded (each stream waits for the daemon's loop to take it)",
+                    socket=self._socket,
+                    timeout=timeout,
+                )
+        # A stream that ends without an answer (refused, cancelled) also ends initial_metadata().
+        if self._call.done() and self._call.code() != grpc.StatusCode.OK:  # the call is its own RpcError
+            err = self._to_error(self._call)
+            if not (err.details.get("cancelled") and (self._cancelled or self._closed())):
+                raise err
+        return self
 
     def cancel(self) -> None:
         self._cancelled = True  # before the call ends, so its iterator knows who ended it
