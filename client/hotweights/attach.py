@@ -22,7 +22,7 @@ from hotweights.mapping.table import Table, TensorMeta, build_tensors
 from hotweights.paths import fd_socket_beside
 from hotweights.wire.fdproto import fetch_fds
 from hotweights.wire.pb import pb
-from hotweights.wire.status import error_from_rpc
+from hotweights.wire.status import CALL_ERRORS, error_from_rpc
 
 
 class Connection(Protocol):
@@ -58,8 +58,9 @@ class LeaseStream:
         self._release = threading.Event()
         self._on_alias_moved = on_alias_moved
         self.relets = 0
-        # Why the lease ended without a release() (the channel under it closed); None while it holds.
-        self.lost: str | None = None
+        # Why the lease ended without a release() (the version gone from a restarted daemon, the channel
+        # under it closed, no daemon answering again); None while it holds.
+        self.lost_error: errors.HotweightsError | None = None
         try:
             self.granted = self._open(ref, with_handles=rank is not None)
         except grpc.RpcError as exc:
@@ -109,33 +110,57 @@ class LeaseStream:
             if self._release.is_set() or not self._relet():
                 return
 
+    @property
+    def lost(self) -> str | None:
+        """``lost_error``'s message, or None while the lease holds."""
+        return None if self.lost_error is None else self.lost_error.message
+
     def _relet(self) -> bool:
         key = f"{self.granted.name}@{self.granted.version}"
         deadline = time.monotonic() + self.RELEASE_RETRY_SECONDS
+        last: errors.HotweightsError | None = None
         while not self._release.is_set() and time.monotonic() < deadline:
             try:
                 # the mapping is already there: no handles needed
                 self._open(key, follow=self._ref if self._ref != key else "")
                 self.relets += 1
                 return True
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    # the version is gone: nothing left to hold, and its memory may be freed
-                    self.lost = f"the daemon no longer leases {key} ({exc.details()})"
+            except CALL_ERRORS as exc:
+                err = last = error_from_rpc(exc)
+                if isinstance(err, errors.FailedPrecondition) and err.details.get("closed_channel"):
+                    # nothing can re-lease through a closed channel
+                    self.lost_error = _restated(err, "the client it was made through was closed", ref=key)
                     return False
-            except ValueError:
-                # grpc's answer on a closed channel: nothing can re-lease through it
-                self.lost = "the client it was made through was closed"
-                return False
-            self._release.wait(0.1)
+                if not (isinstance(err, errors.Unavailable) and err.details.get("transport")):
+                    # the daemon answered: the version is gone, nothing is left to hold, its memory may be freed
+                    self.lost_error = _restated(err, f"the daemon no longer leases {key} ({err})", ref=key)
+                    return False
+            self._release.wait(0.1)  # no daemon answers (yet), or it cancelled the call: try again
         if not self._release.is_set():
-            self.lost = f"no daemon answered at the socket for {self.RELEASE_RETRY_SECONDS:g} s to lease {key} again"
+            self.lost_error = errors.Unavailable(
+                f"no daemon answered at the socket for {self.RELEASE_RETRY_SECONDS:g} s to lease {key} again",
+                ref=key,
+            )
+            self.lost_error.__cause__ = last
         return False
 
     def release(self, timeout: float = 5.0) -> None:
         self._release.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+
+def _restated(err: errors.HotweightsError, message: str, **more: Any) -> errors.HotweightsError:
+    """An error of ``err``'s class and details (and ``more``) with ``message``, caused by ``err``: what
+    the lease says of a failure, in its own words around the call's."""
+    cls = type(err)
+    new = cls.__new__(cls)  # not cls(...): BackendError's constructor takes other arguments
+    errors.HotweightsError.__init__(new, message, **{**err.details, **more})
+    for key, value in vars(err).items():
+        if key not in ("message", "details"):
+            setattr(new, key, value)
+    new.__cause__ = err
+    return new
 
 
 class Attachment(Mapping[str, torch.Tensor]):
@@ -204,8 +229,9 @@ class Attachment(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         if self.released:
             lease = self._lease
-            why = f": {lease.lost}" if lease is not None and lease.lost else ""
-            raise errors.FailedPrecondition(f"attachment of {self.key} was released{why}")
+            lost = lease.lost_error if lease is not None else None
+            why = f": {lost}" if lost is not None else ""
+            raise errors.FailedPrecondition(f"attachment of {self.key} was released{why}", ref=self.key) from lost
         return self._tensors[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -223,7 +249,7 @@ class Attachment(Mapping[str, torch.Tensor]):
         """True once the lease has ended: ``release()``, the client it was made through closed, or a
         daemon restart after which the version could not be leased again."""
         lease = self._lease
-        return lease is None or lease.lost is not None
+        return lease is None or lease.lost_error is not None
 
     def release(self) -> None:
         """Ends the lease. Tensors already handed out stay readable while referenced."""

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import grp
+import functools
 import itertools
 import logging
 import os
-import pwd
-import socket as _socket
-import stat as _stat
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +14,16 @@ from typing import TYPE_CHECKING
 import grpc
 
 from hotweights import errors
-from hotweights.paths import SYSTEM_SOCKET, default_socket, operator_socket_for
+
+# Socket resolution and the diagnosis of an unreachable daemon live in hotweights.reach; their public
+# names stay importable from here too, where they were first.
+from hotweights.reach import (
+    DEFAULT_ORIGIN,  # noqa: F401
+    diagnose_unreachable,
+    operator_unreachable,
+    resolve_operator_socket,
+    resolve_socket,
+)
 from hotweights.wire.pb import pb, pb_grpc
 from hotweights.wire.status import error_from_rpc
 
@@ -78,12 +84,15 @@ class Client:
                 self._operator_stub = pb_grpc.HotweightsStub(self._operator_channel)
             return self._operator_stub
 
-    def _error(self, exc: grpc.RpcError) -> errors.HotweightsError:
-        return self._explained(error_from_rpc(exc))
+    def _error(self, exc: grpc.RpcError, what: str = "the call") -> errors.HotweightsError:
+        return self._explained(error_from_rpc(exc), what)
 
-    def _explained(self, err: errors.HotweightsError) -> errors.HotweightsError:
-        """A transport failure turned into which of: not running / wrong path / permission."""
+    def _explained(self, err: errors.HotweightsError, what: str = "the call") -> errors.HotweightsError:
+        """A transport failure turned into which of: not running / wrong path / permission; a
+        cancelled call (``what``) into one that names the daemon's socket."""
         if isinstance(err, errors.Unavailable) and err.details.get("transport"):
+            if err.details.get("cancelled"):
+                return _cancelled_by_daemon(err, self.socket, what)
             return diagnose_unreachable(self.socket, self.origin, str(err.details.get("grpc_message", "")))
         return err
 
@@ -93,6 +102,8 @@ class Client:
         err = error_from_rpc(exc)
         if not (isinstance(err, errors.Unavailable) and err.details.get("transport")):
             return err
+        if err.details.get("cancelled"):
+            return _cancelled_by_daemon(err, self.operator_socket, rpc)
         return operator_unreachable(
             rpc,
             self.operator_socket,
@@ -240,14 +251,17 @@ class Client:
         try:
             att = Attachment(self, ref, rank, holder=holder, on_alias_moved=on_alias_moved)
         except errors.Unavailable as exc:
-            raise self._explained(exc) from None
+            raise self._explained(exc, f"the lease of {ref}") from None
         self._attachments[next(self._attachment_ids)] = att
         return att
 
     def watch(self, ref: str = "") -> Watch:
         """Events for an alias or model (all when empty): iterate it, ``cancel()`` to stop."""
         return Watch(
-            self.stub.Watch(pb.WatchRequest(ref=ref)), self._error, closed=lambda: self._closed, socket=self.socket
+            self.stub.Watch(pb.WatchRequest(ref=ref)),
+            functools.partial(self._error, what="the watch stream"),
+            closed=lambda: self._closed,
+            socket=self.socket,
         )
 
     def follow(self, alias: str, on_change: Callable[[Attachment], None], rank: int = 0, holder: str = "") -> Follower:
@@ -279,17 +293,27 @@ class Watch:
     """A Watch stream's events. It ends quietly when the caller stops it (``cancel()``, closing the
     iterator, closing the client); a stream the daemon ends raises the call's typed error, and one
     it cancels (a daemon shutting down, or refusing the stream) raises ``Unavailable``: never a
-    silent end the caller would take for its own."""
+    silent end the caller would take for its own.
+
+    The daemon subscribes the stream a moment after ``Client.watch()`` returns: an event before that
+    is not delivered. ``wait_subscribed()`` blocks until it has, so that a change the caller makes
+    (or waits for) next is seen::
+
+        watch = client.watch("serving").wait_subscribed()
+        client.swap("serving", "/models/llama-v2")
+        for ev in watch:  # the swap's events are among these
+            ...
+    """
 
     def __init__(
         self,
         call,
-        to_error: Callable[[grpc.RpcError], errors.HotweightsError] = error_from_rpc,
+        to_error: Callable[[grpc.RpcError], errors.HotweightsError] | None = None,
         closed: Callable[[], bool] = lambda: False,
         socket: str = "",
     ) -> None:
         self._call = call
-        self._to_error = to_error
+        self._to_error = to_error or (lambda exc: _cancel_explained(error_from_rpc(exc), socket, "the watch stream"))
         self._closed = closed  # whether the caller closed the channel the stream runs on
         self._socket = socket
         self._cancelled = False
@@ -301,22 +325,49 @@ class Watch:
         try:
             yield from self._call
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED and (self._cancelled or self._closed()):
+            err = self._to_error(exc)
+            if err.details.get("cancelled") and (self._cancelled or self._closed()):
                 return  # the caller stopped it
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                self._ended = self._to_error(exc)
-            else:
-                where = f" on {self._socket}" if self._socket else ""
-                self._ended = errors.Unavailable(
-                    f"the hotweights daemon{where} cancelled the watch stream "
-                    f"({exc.details() or 'no reason given'}); it may be shutting down",
-                    grpc_code="CANCELLED",
-                    grpc_message=exc.details() or "",
-                )
-            raise self._ended from None
+            self._ended = err
+            raise err from None
         finally:
             if self._ended is None:
                 self.cancel()  # a closed iterator (a break, a caller done with it) stops the stream too
+
+    def wait_subscribed(self, timeout: float | None = 10.0) -> Watch:
+        """Blocks until the daemon has subscribed this stream, and returns the watch: every event
+        after that reaches the iterator. The daemon says so with the stream's initial metadata.
+
+        A stream that ended first (the daemon refused or cancelled it, or stopped) raises the typed
+        error iterating it raises; one the caller stopped returns at once (iterating it then ends).
+        ``DeadlineExceeded`` if the daemon has not subscribed it within ``timeout`` seconds (None:
+        no limit); the stream stays open then, and may still be iterated or waited for again."""
+        if timeout is None:
+            self._call.initial_metadata()
+        else:
+            answered = threading.Event()
+
+            def wait() -> None:
+                try:
+                    self._call.initial_metadata()  # returns once the call ends, too
+                finally:
+                    answered.set()
+
+            threading.Thread(target=wait, name="hotweights-watch-subscribed", daemon=True).start()
+            if not answered.wait(timeout):
+                where = f" on {self._socket}" if self._socket else ""
+                raise errors.DeadlineExceeded(
+                    f"the hotweights daemon{where} did not subscribe the watch stream within {timeout:g} s; "
+                    "it may be overloaded (each stream waits for the daemon's loop to take it)",
+                    socket=self._socket,
+                    timeout=timeout,
+                )
+        # A stream that ends without an answer (refused, cancelled) also ends initial_metadata().
+        if self._call.done() and self._call.code() != grpc.StatusCode.OK:  # the call is its own RpcError
+            err = self._to_error(self._call)
+            if not (err.details.get("cancelled") and (self._cancelled or self._closed())):
+                raise err
+        return self
 
     def cancel(self) -> None:
         self._cancelled = True  # before the call ends, so its iterator knows who ended it
@@ -416,254 +467,21 @@ def connect(
     return Client(socket, timeout=timeout, origin=origin, operator_socket=operator_socket)
 
 
-# ---- why a daemon cannot be reached -----------------------------------------------------------
-
-DEFAULT_ORIGIN = "the default, as neither --socket nor HOTWEIGHTS_SOCKET is set"
-
-
-def resolve_socket(socket: str | None, origin: str | None = None) -> tuple[str, str]:
-    """(socket path, where it came from): the argument, else ``$HOTWEIGHTS_SOCKET``, else the default."""
-    if socket:
-        return socket, origin or "the socket argument"
-    env = os.environ.get("HOTWEIGHTS_SOCKET")
-    if env:
-        return env, "HOTWEIGHTS_SOCKET"
-    path = default_socket()
-    if path != SYSTEM_SOCKET and not os.path.exists(path) and os.path.isdir(os.path.dirname(SYSTEM_SOCKET)):
-        # A system daemon's directory exists but this user cannot see into it: aim at its socket, so
-        # that an error names the missing group instead of a per-user path nobody listens on.
-        path = SYSTEM_SOCKET
-    return path, DEFAULT_ORIGIN
-
-
-def resolve_operator_socket(socket: str, operator_socket: str | None = None) -> tuple[str, str]:
-    """(operator socket path, where it came from): the argument, else ``$HOTWEIGHTS_OPERATOR_SOCKET``,
-    else ``<socket>.admin``."""
-    # "auto" means <socket>.admin here as in the daemon's config, which reads the same variable
-    if operator_socket:
-        return operator_socket_for(socket, operator_socket), "the operator_socket argument"
-    env = os.environ.get("HOTWEIGHTS_OPERATOR_SOCKET")
-    if env:
-        return operator_socket_for(socket, env), "HOTWEIGHTS_OPERATOR_SOCKET"
-    return operator_socket_for(socket), f"the daemon's socket {socket} (<socket>.admin)"
-
-
-def _connect_probe(path: str) -> None:
-    """A plain connect to the unix socket: raises the OSError the kernel gives."""
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    s.settimeout(2.0)
-    try:
-        s.connect(path)
-    finally:
-        s.close()
-
-
-def operator_unreachable(
-    rpc: str,
-    path: str,
-    origin: str,
-    unreachable: errors.Unavailable,
-    *,
-    readers_socket: str = "",
-    stat: Callable[[str], os.stat_result] = os.stat,
-    connect: Callable[[str], None] = _connect_probe,
-) -> errors.HotweightsError:
-    """``OperatorRequired`` when the operator socket itself refuses this user (a reader); when there is
-    none but a daemon answers on ``readers_socket``, an Unavailable that says the operator socket is
-    elsewhere; else ``unreachable`` (no daemon, a directory on the way closed to this user, ...)."""
-    if unreachable.details.get("reason") == "not_found" and readers_socket:
-        try:
-            connect(readers_socket)
-        except OSError:
-            return unreachable
-        fix = (
-            "give the daemon's operator_socket (see its config, or its log line daemon.serving) with "
-            "--operator-socket or HOTWEIGHTS_OPERATOR_SOCKET"
-        )
-        return errors.Unavailable(
-            f"a daemon answers on {readers_socket}, but there is no operator socket at {path} (from {origin}): "
-            f"its operator_socket is elsewhere, or it predates operator sockets. Fix: {fix}",
-            socket=readers_socket,
-            operator_socket=path,
-            origin=origin,
-            reason="no_operator_socket",
-            fix=fix,
-        )
-    if unreachable.details.get("reason") != "permission":
-        return unreachable
-    try:
-        st = stat(path)
-    except OSError:
-        return unreachable
-    name, _ = _user()
-    mode = _stat.S_IMODE(st.st_mode)
-    what = f"{path} is mode {mode:04o}, owner {_owner_name(st.st_uid)}, group {_group_name(st.st_gid)}"
-    fix = (
-        "run it as an operator: the daemon's user or a member of its operator_group (under systemd "
-        f"`sudo usermod -aG hotweights-admin {name}`, then log in again)"
-    )
-    return errors.OperatorRequired(
-        f"{rpc} needs the operator role, and user {name} may not use the operator socket (from {origin}): "
-        f"{what}. Fix: {fix}",
-        rpc=rpc,
-        operator_socket=path,
-        origin=origin,
-        reason="permission",
-        fix=fix,
-    )
-
-
-def _user() -> tuple[str, set[int]]:
-    uid = os.geteuid()
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = f"uid {uid}"
-    return name, {os.getegid(), *os.getgroups()}
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
-def _owner_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def diagnose_unreachable(
-    path: str,
-    origin: str,
-    detail: str = "",
-    *,
-    stat: Callable[[str], os.stat_result] = os.stat,
-    connect: Callable[[str], None] = _connect_probe,
-    user: Callable[[], tuple[str, set[int]]] = _user,
-) -> errors.Unavailable:
-    """Why no daemon answers on ``path``: probes the path itself (gRPC's message says only
-    "connect failed") and names one of: no socket there (not running, or the wrong path), a socket
-    nobody listens on (stale: the daemon is down), or no permission (not in the socket's group).
-    The error's details carry ``reason``, ``socket``, ``origin`` and ``fix``. ``stat``, ``connect``
-    and ``user`` are replaceable for tests."""
-    where = f"{path} (from {origin})"
-    start = "start the daemon: `sudo systemctl start hotweights`, or `hotweights serve` in a shell"
-
-    def unavailable(reason: str, problem: str, fix: str, **more: str) -> errors.Unavailable:
-        return errors.Unavailable(f"{problem}. Fix: {fix}", socket=path, origin=origin, reason=reason, fix=fix, **more)
-
-    try:
-        st = stat(path)
-    except FileNotFoundError:
-        parent = os.path.dirname(path) or "."
-        missing_dir = ""
-        try:
-            stat(parent)
-        except FileNotFoundError:
-            missing_dir = f"; {parent} does not exist either"
-        except OSError:
-            pass
-        return unavailable(
-            "not_found",
-            f"no hotweights daemon socket at {path} (from {origin}{missing_dir}): the daemon is not running, or it "
-            f"listens on another path",
-            f"{start}; or give the path it listens on (the socket key of /etc/hotweights/config.toml) "
-            f"with --socket or HOTWEIGHTS_SOCKET",
-        )
-    except PermissionError:
-        return _permission(path, origin, _blocking_dir(path, stat), stat, user)
-    except OSError as exc:
-        return unavailable("not_found", f"cannot reach {where}: {exc.strerror}", "check the path")
-    if not _stat.S_ISSOCK(st.st_mode):
-        return unavailable(
-            "not_socket",
-            f"{where} is not a socket: the wrong path",
-            "give the daemon's socket with --socket or HOTWEIGHTS_SOCKET",
-        )
-    try:
-        connect(path)
-    except ConnectionRefusedError:
-        return unavailable(
-            "refused",
-            f"nothing listens on {where}: the socket file is stale, the daemon that made it is not running",
-            f"{start}; `journalctl -u hotweights -e` says why it stopped",
-        )
-    except PermissionError:
-        return _permission(path, origin, path, stat, user)
-    except OSError as exc:
-        return unavailable("refused", f"cannot connect to {where}: {exc.strerror or exc}", start)
-    return unavailable(
-        "no_answer",
-        f"{where} accepts connections but no hotweights daemon answered ({detail or 'no detail'}); "
-        f"it may be starting, stopping or stuck",
-        "wait for it to start, or see `journalctl -u hotweights -e` and `hotweights doctor`",
-    )
-
-
-def _blocking_dir(path: str, stat: Callable[[str], os.stat_result]) -> str:
-    """The nearest directory above ``path`` that can be stat'ed: the one whose mode stops us."""
-    d = os.path.dirname(os.path.abspath(path))
-    while True:
-        try:
-            stat(d)
-            return d
-        except OSError:
-            if d == os.path.dirname(d):
-                return d
-            d = os.path.dirname(d)
-
-
-def _permission(
-    path: str,
-    origin: str,
-    denied: str,
-    stat: Callable[[str], os.stat_result],
-    user: Callable[[], tuple[str, set[int]]],
-) -> errors.Unavailable:
-    """The error for a directory on the way (``denied`` above ``path``) or the socket itself refusing us."""
-    name, groups = user()
-    head = f"permission denied on {path} (from {origin})"
-    try:
-        st = stat(denied)
-    except OSError:
-        fix = "ask the node's administrator which group may use the daemon's socket"
-        return errors.Unavailable(
-            f"{head}: {denied} cannot be read. Fix: {fix}", socket=path, origin=origin, reason="permission", fix=fix
-        )
-    group = _group_name(st.st_gid)
-    mode = _stat.S_IMODE(st.st_mode)
-    what = f"{denied} is mode {mode:04o}, owner {_owner_name(st.st_uid)}, group {group}"
-    # A directory must let the group search it; the socket must let the group write (connect) to it.
-    group_may = bool(mode & (_stat.S_IXGRP if _stat.S_ISDIR(st.st_mode) else _stat.S_IWGRP))
-    if not group_may:
-        problem = f"{head}: {what}, which gives its group no access"
-        fix = (
-            f"give the group access (`sudo chmod g+{'rx' if _stat.S_ISDIR(st.st_mode) else 'rw'} {denied}`); "
-            f"the systemd unit makes them so itself (RuntimeDirectoryMode=0750, UMask=0007)"
-        )
-    elif st.st_gid in groups:
-        problem = f"{head}: {what}, and user {name} is in that group"
-        fix = "if the group was added in this session, log in again (or `newgrp " + group + "`)"
-    elif st.st_gid == 0:
-        # Operators paste "Fix:" lines: joining the root group would hand the user far more than this socket.
-        problem = f"{head}: {what}, and user {name} is not in group {group}"
-        directory = denied if _stat.S_ISDIR(st.st_mode) else os.path.dirname(denied)
-        fix = (
-            f"do not add {name} to group {group}; run the daemon under its systemd unit, whose sockets belong "
-            f"to group hotweights (then `sudo usermod -aG hotweights {name}`), or give the socket's directory a "
-            f"group of its own and restart the daemon (`sudo chgrp GROUP {directory} && sudo chmod g+s "
-            f"{directory}`: sockets made there take its group), then add {name} to that group"
-        )
-    else:
-        problem = f"{head}: {what}, and user {name} is not in group {group}"
-        fix = f"`sudo usermod -aG {group} {name}`, then log in again (or `newgrp {group}` in this shell)"
+def _cancelled_by_daemon(err: errors.Unavailable, socket: str, what: str = "the call") -> errors.Unavailable:
+    """A cancelled call (``error_from_rpc``'s ``cancelled`` Unavailable) as the caller reports it when it
+    did not cancel ``what`` itself: the daemon on ``socket`` (its gRPC layer) ended it."""
+    where = f" on {socket}" if socket else ""
+    message = str(err.details.get("grpc_message") or "no reason given")
+    details = {**err.details, "socket": socket} if socket else dict(err.details)
     return errors.Unavailable(
-        f"{problem}. Fix: {fix}", socket=path, origin=origin, reason="permission", fix=fix, group=group
+        f"the hotweights daemon{where} cancelled {what} ({message}); it may be shutting down", **details
     )
+
+
+def _cancel_explained(err: errors.HotweightsError, socket: str, what: str) -> errors.HotweightsError:
+    if isinstance(err, errors.Unavailable) and err.details.get("cancelled"):
+        return _cancelled_by_daemon(err, socket, what)
+    return err
 
 
 def _layout_applied(info: pb.ModelVersionInfo, asked: str) -> pb.ModelVersionInfo:

@@ -8,10 +8,8 @@ import time
 import hotweights
 
 c = hotweights.connect(sys.argv[1])
-watch = c.watch(sys.argv[2])
-# The daemon sends the stream's initial metadata once it has subscribed it: only then can no event
-# the test causes next be missed.
-watch._call.initial_metadata()
+# Subscribed once this returns: no event the test causes next can be missed.
+watch = c.watch(sys.argv[2]).wait_subscribed()
 print("watching", flush=True)
 for ev in watch:
     kind = ev.DESCRIPTOR.fields_by_name["kind"].enum_type.values_by_number[ev.kind].name

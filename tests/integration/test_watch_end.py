@@ -20,7 +20,7 @@ class Reader:
         self.watch = watch
         self.events: list = []
         self.outcome: object = None
-        watch._call.initial_metadata()  # the daemon sends it once subscribed: no event can be missed after
+        watch.wait_subscribed()  # no event can be missed after
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -60,8 +60,7 @@ def test_a_watch_the_caller_stops_ends_quietly(daemon, tmp_path):
         cancelled.watch.cancel()  # from another thread than the one iterating
         assert cancelled.result() == "ended"
 
-        watch = c.watch("")
-        watch._call.initial_metadata()
+        watch = c.watch("").wait_subscribed()
         daemon.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), "--version", "v1", check=True)
         for _ in watch:
             break  # leaving the loop closes the iterator, which stops the stream

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hotweights.cli import app, message_dict
-from hotweights.client import DEFAULT_ORIGIN, diagnose_unreachable, resolve_socket
+from hotweights.reach import DEFAULT_ORIGIN, diagnose_unreachable, resolve_socket
 from hotweights.wire.pb import pb
 
 DATA_COMMANDS = [

@@ -22,6 +22,8 @@ LAYERS: dict[str, str] = {
     "hotweights.errors": "kernel.errors",
     "hotweights.units": "kernel.util",
     "hotweights.paths": "kernel.util",
+    # Where the socket is and why no daemon answers on it: the file system only, below the client API.
+    "hotweights.reach": "kernel.util",
     "hotweights.format": "kernel.format",
     "hotweights.wire": "kernel.wire",
     "hotweights.cuda": "kernel.cuda",
@@ -69,6 +71,7 @@ ALLOWED: dict[str, set[str]] = {
 FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     "core": {"grpc", "grpc_health", "grpc_reflection", "google", "cuda", "torch", "typer", "prometheus_client"},
     "kernel.errors": {"grpc", "torch", "cuda"},
+    "kernel.util": {"grpc", "torch", "cuda"},
     "kernel.format": {"grpc", "cuda"},
     "persist": {"grpc", "torch", "cuda"},
     "loaders": {"grpc", "torch"},
@@ -277,6 +280,8 @@ def test_no_import_circles_between_files(real_graph):
         ("hotweightsd.persist.fdstore", "from hotweightsd.backends import cpu", "imports hotweightsd.backends.cpu"),
         ("hotweightsd.loaders.bounce", "from hotweightsd.backends import cuda", "imports hotweightsd.backends.cuda"),
         ("hotweights.errors", "from hotweights import client", "imports hotweights.client"),
+        ("hotweights.reach", "from hotweights import client", "imports hotweights.client"),
+        ("hotweights.reach", "import grpc", "imports third-party grpc"),
         ("hotweights.format.checkpoint", "import torch", None),  # allowed: torch is optional there, not forbidden
         ("hotweights.client", "from hotweightsd.core import manager", "imports hotweightsd.core.manager"),
         ("hotweights.cli", "from hotweightsd import main", "imports hotweightsd.main"),

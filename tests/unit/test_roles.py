@@ -201,8 +201,8 @@ def test_operator_required_maps_through_the_one_error_table():
 
 
 def test_the_operator_socket_is_derived_or_named(monkeypatch):
-    from hotweights.client import resolve_operator_socket
     from hotweights.paths import operator_socket_for
+    from hotweights.reach import resolve_operator_socket
 
     assert operator_socket_for("/run/hw/hw.sock") == "/run/hw/hw.sock.admin"
     assert operator_socket_for("/run/hw/hw.sock", " AUTO ") == "/run/hw/hw.sock.admin"
@@ -230,7 +230,7 @@ def test_an_operator_socket_that_refuses_the_user_means_operator_required():
     import os
     import stat as stat_
 
-    from hotweights.client import operator_unreachable
+    from hotweights.reach import operator_unreachable
 
     def socket_0600(path: str) -> os.stat_result:
         return os.stat_result((stat_.S_IFSOCK | 0o600, 0, 0, 1, 0, 0, 0, 0, 0, 0))

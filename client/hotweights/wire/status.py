@@ -82,8 +82,21 @@ async def abort_with(context: Any, err: e.HotweightsError) -> None:
     await context.abort(status_of(err), short_message(err.message))
 
 
-def error_from_rpc(rpc_error: grpc.RpcError) -> e.HotweightsError:
-    """The hotweights error a failed call carried, or the closest class by status code."""
+def error_from_rpc(rpc_error: grpc.RpcError | ValueError) -> e.HotweightsError:
+    """The hotweights error a failed call carried, or the closest class by status code.
+
+    A call that failed in the transport rather than in the daemon comes back as ``Unavailable`` with
+    ``transport=True``: UNAVAILABLE with no hotweights class (no daemon answered; the client probes
+    the socket path to say why, ``hotweights.reach.diagnose_unreachable``), and CANCELLED with no
+    hotweights class, which also carries ``cancelled=True``: this process cancelled the call (its
+    ``cancel()``, its channel closing) or the daemon's gRPC layer did (a daemon stopping, a call it
+    does not take); the caller knows whether it cancelled, and tells the two apart with it.
+
+    It also takes the ``ValueError`` grpc raises for a call made on a closed channel (see
+    :data:`CALL_ERRORS`): ``FailedPrecondition`` with ``closed_channel=True``.
+    """
+    if isinstance(rpc_error, ValueError):
+        return _not_called(rpc_error)
     code = rpc_error.code() if hasattr(rpc_error, "code") else grpc.StatusCode.UNKNOWN
     message = rpc_error.details() if hasattr(rpc_error, "details") else str(rpc_error)
     meta = dict(rpc_error.trailing_metadata() or ()) if hasattr(rpc_error, "trailing_metadata") else {}
@@ -95,11 +108,36 @@ def error_from_rpc(rpc_error: grpc.RpcError) -> e.HotweightsError:
         pass
     if code == grpc.StatusCode.UNAVAILABLE and CLASS_KEY not in meta:
         # The transport failed, not the daemon: the client probes the socket path to say why
-        # (hotweights.client.diagnose_unreachable); ``transport`` marks the error for it.
+        # (hotweights.reach.diagnose_unreachable); ``transport`` marks the error for it.
         return e.Unavailable(f"hotweights daemon unreachable: {message}", transport=True, grpc_message=message)
+    if code == grpc.StatusCode.CANCELLED and CLASS_KEY not in meta:
+        # No daemon answer either: the call ended without one. The client says where (and which call).
+        return e.Unavailable(
+            f"the hotweights daemon cancelled the call ({message or 'no reason given'}); it may be shutting down",
+            transport=True,
+            cancelled=True,
+            grpc_code=code.name,
+            grpc_message=message or "",
+        )
     err = cls.__new__(cls)
     e.HotweightsError.__init__(err, message or code.name, **details)
     for key in ("op", "code"):
         if key in details:
             setattr(err, key, details[key])
     return err
+
+
+# What a call through a grpc channel raises: RpcError when the call failed, ValueError when the channel
+# was closed before the call started ("Cannot invoke RPC: Channel closed!"). error_from_rpc takes both.
+CALL_ERRORS: tuple[type[Exception], ...] = (grpc.RpcError, ValueError)
+
+
+def _not_called(exc: ValueError) -> e.HotweightsError:
+    """The error for a call grpc refused to start."""
+    if "closed" in str(exc).lower():
+        return e.FailedPrecondition(
+            f"the connection to the daemon is closed: the client it belongs to was closed ({exc})",
+            closed_channel=True,
+            grpc_message=str(exc),
+        )
+    return e.Internal(f"grpc refused to start the call: {exc}", grpc_message=str(exc))

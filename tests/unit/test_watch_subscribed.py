@@ -1,0 +1,84 @@
+"""Watch.wait_subscribed() against stand-in servers: it returns once the daemon has subscribed the stream
+(its initial metadata), raises the stream's typed error for one refused first, and times out typed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+
+import hotweights
+from hotweights import errors
+from hotweights.wire.pb import pb, pb_grpc
+from support.stub_server import serving
+
+
+class SubscribesLate(pb_grpc.HotweightsServicer):
+    """Subscribes each stream after a while, then sends one event."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.subscribed = threading.Event()
+
+    async def Watch(self, request, context):
+        await asyncio.sleep(self.delay)
+        self.subscribed.set()
+        await context.send_initial_metadata(())
+        yield pb.WatchEvent(seq=1)
+        await asyncio.sleep(30)
+
+
+class Refuses(pb_grpc.HotweightsServicer):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    async def Watch(self, request, context):
+        await context.abort(self.code, "not taken")
+        yield pb.WatchEvent()  # never reached: makes this a stream
+
+
+def test_it_returns_once_the_daemon_has_subscribed_the_stream():
+    servicer = SubscribesLate(0.3)
+    with serving(servicer) as path, hotweights.connect(path) as c:
+        watch = c.watch("")
+        assert watch.wait_subscribed(10) is watch
+        assert servicer.subscribed.is_set()
+        assert next(iter(watch)).seq == 1
+        watch.cancel()
+
+
+def test_a_stream_not_subscribed_in_time_raises_deadline_exceeded_and_stays_usable():
+    with serving(SubscribesLate(1.0)) as path, hotweights.connect(path) as c:
+        watch = c.watch("")
+        t0 = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded, match=rf"on {path} did not subscribe the watch stream"):
+            watch.wait_subscribed(0.2)
+        assert time.monotonic() - t0 < 0.9
+        watch.wait_subscribed(10)  # still open: it is subscribed later
+        watch.cancel()
+        assert list(watch) == []
+
+
+def test_a_stream_the_daemon_refuses_raises_its_typed_error():
+    with serving(Refuses(grpc.StatusCode.RESOURCE_EXHAUSTED)) as path, hotweights.connect(path) as c:
+        with pytest.raises(errors.ResourceExhausted, match="not taken"):
+            c.watch("").wait_subscribed(10)
+
+
+def test_a_stream_the_daemon_cancels_raises_unavailable():
+    with serving(Refuses(grpc.StatusCode.CANCELLED)) as path, hotweights.connect(path) as c:
+        with pytest.raises(errors.Unavailable, match=r"cancelled the watch stream \(not taken\)"):
+            c.watch("").wait_subscribed(10)
+
+
+def test_a_stream_the_caller_cancelled_returns_at_once():
+    with serving(SubscribesLate(30)) as path, hotweights.connect(path) as c:
+        watch = c.watch("")
+        watch.cancel()
+        t0 = time.monotonic()
+        assert watch.wait_subscribed(10) is watch
+        assert time.monotonic() - t0 < 5
+        assert list(watch) == []
