@@ -317,6 +317,24 @@ def test_a_restart_from_the_fd_store_keeps_a_version_in_a_layout_that_had_nothin
         m2.close()
 
 
+def test_the_same_files_under_another_config_are_other_content_in_a_layout(manager, llama, tmp_path):
+    """The layout is cut from config.json: the same weight files beside a config that ties the embeddings
+    drop lm_head, so a version of them never shares (or rejoins) one whose config keeps it."""
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    for f in llama.glob("*.safetensors"):
+        (tied / f.name).symlink_to(f)  # the very same files (inodes)
+    config = json.loads((llama / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    untied = manager.load("untied", str(llama), layout="vllm")
+    mv = manager.load("tied", str(tied), layout="vllm")
+    assert not mv.shares and "nothing read" not in mv.load_path
+    assert "lm_head.weight" in _served(manager, "untied") and "lm_head.weight" not in _served(manager, "tied")
+    assert untied.version == mv.version  # the files' fingerprint: a load by that key must not rejoin the other
+    with pytest.raises(errors.ContentMismatch, match="config.json changed"):
+        manager.load("untied", str(tied), layout="vllm")
+
+
 def test_a_file_with_the_parts_in_another_order_still_serves_them_in_vllms_order(manager, llama, tmp_path):
     """v before q in the file: the parts are placed by the fused order, not the file's."""
     with safe_open(str(llama / "model.safetensors"), "pt") as st:

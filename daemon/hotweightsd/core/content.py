@@ -9,6 +9,10 @@ share memory) when their files are the same inodes, whatever the paths (``same_f
 
 A fingerprint is compared only with one made the same way (``scheme``): a version restored from a state
 file written by an older daemon carries the old kind, and for it the files' identities decide alone.
+
+A version in an engine layout also records what its layout did (``recipe``, a digest of the fused,
+padded and dropped tensors): the layout is cut from config.json beside the files, so the same files
+under another config are other content. "" is unknown (no layout, or an older state file) and matches.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ class ContentId:
     fingerprint: str
     files: tuple[FileId, ...]
     scheme: int = FINGERPRINT_SCHEME  # state files written before it was recorded hold scheme 1
+    recipe: str = ""
+
+    def _same_recipe(self, other: ContentId) -> bool:
+        return not self.recipe or not other.recipe or self.recipe == other.recipe
 
     def _same_fingerprint(self, other: ContentId) -> bool:
         return self.scheme != other.scheme or self.fingerprint == other.fingerprint
@@ -61,6 +69,8 @@ class ContentId:
                 out.append(f"{path}: modified since it was loaded (mtime changed)")
         if not self._same_fingerprint(other):
             out.append(f"content digest {self.fingerprint} -> {other.fingerprint}")
+        if not self._same_recipe(other):
+            out.append("the engine layout cut from the config beside the files differs (config.json changed)")
         return out
 
     def same_files(self, other: ContentId) -> bool:
@@ -68,7 +78,7 @@ class ContentId:
         fingerprint and the same (size, mtime_ns, inode) for every file. A symlinked or hard-linked
         path to the files is the same; a copy (other inodes) is not, as telling a copy from other
         data would mean reading every byte of both."""
-        if not self._same_fingerprint(other) or len(self.files) != len(other.files):
+        if not self._same_fingerprint(other) or not self._same_recipe(other) or len(self.files) != len(other.files):
             return False
         if any(f.dev < 0 for f in (*self.files, *other.files)):
             return False  # an inode number alone does not name a file across filesystems
@@ -79,6 +89,7 @@ class ContentId:
             "fingerprint": self.fingerprint,
             "scheme": self.scheme,
             "files": [[f.path, f.size, f.mtime_ns, f.inode, f.dev] for f in self.files],
+            **({"recipe": self.recipe} if self.recipe else {}),
         }
 
     @classmethod
@@ -89,11 +100,12 @@ class ContentId:
         files = tuple(
             FileId(str(f[0]), int(f[1]), int(f[2]), int(f[3]), int(f[4]) if len(f) > 4 else -1) for f in doc["files"]
         )
-        return cls(str(doc["fingerprint"]), files, int(doc.get("scheme", 1)))
+        return cls(str(doc["fingerprint"]), files, int(doc.get("scheme", 1)), str(doc.get("recipe", "")))
 
 
-def content_of(ckpt: Checkpoint) -> ContentId:
-    """The checkpoint's content identity: its fingerprint and one stat per file."""
+def content_of(ckpt: Checkpoint, recipe: str = "") -> ContentId:
+    """The checkpoint's content identity: its fingerprint and one stat per file (and ``recipe``, the
+    digest of what an engine layout does to it)."""
     files = []
     for r in ckpt.ranks:
         for f in r.files:
@@ -106,7 +118,7 @@ def content_of(ckpt: Checkpoint) -> ContentId:
                 except OSError as exc:
                     raise BadCheckpoint(f"{path}: cannot stat: {exc.strerror}", path=path) from None
             files.append(FileId(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev))
-    return ContentId(ckpt.fingerprint(), tuple(sorted(files, key=lambda f: f.path)))
+    return ContentId(ckpt.fingerprint(), tuple(sorted(files, key=lambda f: f.path)), recipe=recipe)
 
 
 def _stat(f: FileId) -> tuple[int, int, int, int]:

@@ -4,6 +4,7 @@ into memory the backend allocates. Part of ``ModelManager`` (manager.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -131,7 +132,8 @@ class LoadingMixin(ManagerState):
         layout: str,
     ) -> LoadStart:
         version = check_name("version", version) if version else ckpt.fingerprint() + (f"-{layout}" if layout else "")
-        content = content_of(ckpt)
+        recipes = self.layout_recipes(ckpt, layout)  # before verify: a checkpoint the layout refuses is not hashed
+        content = content_of(ckpt, recipe_digest(recipes) if layout else "")
         with self._lock:
             old = self._existing(f"{name}@{version}", content, layout)
         if old is not None:
@@ -139,7 +141,6 @@ class LoadingMixin(ManagerState):
         # Verified like any load, also when it will share: what a load refuses must not depend on what
         # else is resident (an explicit verify=full is not skipped because another name loaded the
         # same files with verify=none). Only tensor data is never read again.
-        recipes = self.layout_recipes(ckpt, layout)  # before verify: a checkpoint the layout refuses is not hashed
         self.verify(ckpt, verify)
         wanted = list(device_map or [])
         while True:
@@ -666,6 +667,12 @@ class LoadingMixin(ManagerState):
             fx.publish(
                 EventKind.VERSION_FAILED, mv.name, version=mv.version, message=mv.error, reason=type(exc).__name__
             )
+
+
+def recipe_digest(recipes: list[RankRecipe]) -> str:
+    """A stable digest of what a layout does to each rank (frozensets sorted: their order is per process)."""
+    doc = [[[[f.name, list(f.parts), f.pad_rows, list(f.shape)] for f in r.fused], sorted(r.dropped)] for r in recipes]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
 
 
 def _no_constant(name: str) -> Any:
