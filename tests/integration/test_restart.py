@@ -115,7 +115,7 @@ def test_corrupted_state_file_is_refused_and_nothing_is_served(svc, tmp_path):
     assert svc.stop() == 0
 
 
-def test_state_file_that_disagrees_with_fds_is_refused(svc, tmp_path):
+def test_state_file_that_disagrees_with_fds_is_refused_and_its_versions_reloaded_from_storage(svc, tmp_path):
     sock = _start_and_load(svc, tmp_path)
     # an fd the state file does not know about
     extra = os.memfd_create("stranger")
@@ -123,9 +123,11 @@ def test_state_file_that_disagrees_with_fds_is_refused(svc, tmp_path):
     os.close(extra)
     svc.start(_daemon_cmd(sock))
     svc.wait_for("READY", "1")
-    st = _as_daemon(svc, sock).status()
-    assert st["versions"] == []
+    st = _as_daemon(svc, sock).wait_status(lambda s: s["versions"] and s["versions"][0]["state"] == "READY")
+    assert [(v["name"], v["version"]) for v in st["versions"]] == [("m", "v1")]  # read from storage again
+    assert st["restored"] is False
     assert "disagrees" in st["restore_note"] and "hw/ghost@v9/0/0" in st["restore_note"]
+    assert "reloading 1 version(s) from storage" in st["restore_note"]
     assert svc.stop() == 0
 
 

@@ -346,8 +346,10 @@ def restore(
 ) -> RestoreReport:
     """Rebuilds the registry from the state file and the fds handed back, or plans a reload.
 
-    Nothing is served from fds that do not match the state file exactly: on any disagreement all
-    of them are closed and dropped from the store, and the reason is logged and reported.
+    Nothing is served from fds that do not match the state file exactly: where the fds handed back are
+    not the ones the file names, all of them are closed and dropped from the store; where one version's
+    entry does not describe its fds, that version's are, and it is reloaded from storage. The reason is
+    logged and reported.
     """
     path = persister.state_path
     report = RestoreReport()
@@ -427,32 +429,43 @@ def restore(
     mismatch = statefile.match_fds(expected, received)
     if not mismatch.ok:
         _drop_received(received)
-        report.note = f"state file {path} disagrees with the fds handed back: {mismatch.describe()}; started empty"
+        again = [v for v in versions if not v.get("retire")]
+        report.to_reload += reload(again)
+        persister.carry(again, aliases)
+        report.note = f"state file {path} disagrees with the fds handed back: {mismatch.describe()}; dropped them" + (
+            f", reloading {len(report.to_reload)} version(s) from storage" if report.to_reload else ""
+        )
         log.error("restore.refused", reason=report.note)
         return report
 
     adopted: list[tuple[ModelVersion, list[str]]] = []
-    try:
-        for v in versions:
+    refused: list[tuple[dict, str]] = []
+    for v in versions:
+        names = [n for r in v["ranks"] for n in r["fd_names"]]
+        try:
             mv = _rebuild(v, backend, received, {m.key: m for m, _ in adopted})
-            adopted.append((mv, [n for r in v["ranks"] for n in r["fd_names"]]))
-    except (HotweightsError, KeyError, TypeError, ValueError, OSError) as exc:
-        closed: set[int] = set()  # versions sharing memory share allocation objects: close each once
-        for mv, _ in adopted:
-            for r in mv.ranks:
-                for a in r.allocations:
-                    if id(a) not in closed:
-                        closed.add(id(a))
-                        a.close()
-        _drop_received(received)
-        report.note = f"state file {path} does not describe the fds handed back ({exc}); started empty"
-        log.error("restore.refused", reason=report.note)
-        return report
+        except (HotweightsError, KeyError, TypeError, ValueError, OSError) as exc:
+            # One version's entry that does not describe its fds costs that version alone: its fds are
+            # closed and dropped from the store, and it is read from storage again like one never stored.
+            _drop_received({n: received.pop(n, []) for n in names})
+            refused.append((v, f"{exc}"))
+            log.error("restore.version_refused", model=f"{v.get('name')}@{v.get('version')}", reason=f"{exc}")
+            continue
+        adopted.append((mv, names))
     for mv, names in adopted:
         manager.adopt_version(mv, sorted(a for a, k in aliases.items() if k == mv.key))
         persister.adopted(mv.key, names)
         report.restored.append(mv.key)
+    again = [v for v, _ in refused if not v.get("retire")]
+    report.to_reload += reload(again)
+    persister.carry(again, aliases)
     report.note = f"restored {len(adopted)} version(s) from the fd store without reading storage"
+    if refused:
+        why = "; ".join(f"{v.get('name')}@{v.get('version')}: {reason}" for v, reason in refused)
+        report.note += (
+            f"; {len(refused)} did not match the fds handed back and were dropped"
+            f"{' (reloading from storage)' if again else ''}: {why}"
+        )
     log.info("restore.done", versions=report.restored)
     return report
 
