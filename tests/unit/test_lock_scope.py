@@ -135,7 +135,7 @@ def test_the_first_attach_of_one_model_does_not_wait_for_another_models_table_to
             t.join(GUARD_S)
             assert not t.is_alive()
         assert sorted(encoded) == ["big@v1", "small@v1"]  # one encoder for big's table
-        assert service._encoders == {}
+        assert service.tables.encoding() == 0
     finally:
         gate.set()
         service.close()

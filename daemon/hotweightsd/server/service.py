@@ -10,7 +10,6 @@ import asyncio
 import functools
 import math
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +24,10 @@ from hotweightsd import __version__
 from hotweightsd.core import leases
 from hotweightsd.core.events import Event, EventKind
 from hotweightsd.core.manager import ModelManager, bytes_by_device
-from hotweightsd.core.registry import ModelVersion, ResidentRank, check_name
+from hotweightsd.core.registry import ModelVersion, check_name
 from hotweightsd.server import convert
 from hotweightsd.server.metrics import DaemonMetrics
+from hotweightsd.server.tables import TableCache
 from hotweightsd.server.watchers import QUEUE_DEPTH, EventHub, Overflow
 
 log = structlog.get_logger("hotweightsd.service")
@@ -49,14 +49,6 @@ class _Grant(NamedTuple):
     moved: pb.AliasMoved | None  # reported right after the grant
     seen: int  # events up to this sequence number are reflected in the grant
     told: tuple[str, str]  # (name, version) the holder learns the followed alias names
-
-
-class _Encoder:
-    """The lock of one table being encoded, and how many callers hold or wait for it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.users = 0
 
 
 def rpc(fn: Callable) -> Callable:
@@ -123,14 +115,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         self._loads = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="hw-load")
         self._drains = ThreadPoolExecutor(DRAIN_THREADS, thread_name_prefix="hw-drain")
         self._draining = 0  # drain swaps being planned (counted on the event loop)
-        # A rank's encoded GetHandles answer, built once: (version key, rank, compact) -> (rank, answer).
-        # The rank object is kept to tell a reloaded version of the same key from the one encoded.
-        self._tables: dict[tuple[str, int, bool], tuple[ResidentRank, pb.GetHandlesResponse]] = {}
-        self._tables_lock = threading.Lock()
-        # One lock per table being encoded (under _tables_lock, gone once no caller needs it): the first
-        # attaches of one rank wait for one encoder, and never for another model's or rank's.
-        self._encoders: dict[tuple[str, int, bool], _Encoder] = {}
-        self._unsubscribe = manager.events.subscribe(self._forget_tables)
+        self.tables = TableCache()
+        self._unsubscribe = manager.events.subscribe(self.tables.forget)
         self._hub: EventHub | None = None
 
     def close(self) -> None:
@@ -150,14 +136,6 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         if self._hub is None:
             self._hub = EventHub(self.m.events, self.m.aliases, self.watch_queue)
         return self._hub
-
-    def _forget_tables(self, ev: Event) -> None:
-        # an event subscriber: runs on the publishing thread, so it only drops dict entries
-        if ev.kind in (EventKind.VERSION_FREED, EventKind.VERSION_FAILED):
-            key = f"{ev.name}@{ev.version}"
-            with self._tables_lock:
-                for k in [k for k in self._tables if k[0] == key]:
-                    del self._tables[k]
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -288,30 +266,12 @@ class HotweightsService(pb_grpc.HotweightsServicer):
 
     def _handles(self, lease_id: str, lease_key: str, rank: int, compact: bool) -> pb.GetHandlesResponse:
         h = self.m.get_handles(lease_id, rank, lease_key)
-        key = (h.version.key, h.rank.rank, compact)
-        with self._tables_lock:
-            cached = self._tables.get(key)
-            if cached is None or cached[0] is not h.rank:
-                encoder = self._encoders.setdefault(key, _Encoder())
-                encoder.users += 1
-        if cached is None or cached[0] is not h.rank:
-            # Encoding thousands of entries each attach would cost more than the rest of the attach;
-            # one thread encodes while the other first attaches of this rank (replicas starting
-            # together) wait for it. A big table of one model delays no other model's or rank's.
-            try:
-                with encoder.lock:
-                    with self._tables_lock:
-                        cached = self._tables.get(key)
-                    if cached is None or cached[0] is not h.rank:
-                        cached = (h.rank, convert.handles_template(h.version, h.rank, self.fd_socket, compact))
-                        with self._tables_lock:
-                            self._tables[key] = cached
-            finally:
-                with self._tables_lock:
-                    encoder.users -= 1
-                    if not encoder.users:
-                        del self._encoders[key]
-        return convert.with_ticket(cached[1], h.ticket, h.ttl)
+        table = self.tables.get(
+            (h.version.key, h.rank.rank, compact),
+            h.rank,
+            lambda: convert.handles_template(h.version, h.rank, self.fd_socket, compact),
+        )
+        return convert.with_ticket(table, h.ticket, h.ttl)
 
     @rpc
     async def GetHandles(self, request, context) -> pb.GetHandlesResponse:
