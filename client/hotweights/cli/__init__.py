@@ -6,7 +6,6 @@ Every command whose output is data takes ``--json``; numbers come out as JSON nu
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import sys
@@ -14,11 +13,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from hotweights import errors
+from hotweights.cli.output import message_dict, print_json, print_version_info, version_info
 from hotweights.client import Client, connect
 from hotweights.units import format_size
 
@@ -108,89 +107,9 @@ def _client(socket: str | None, timeout: float = 10.0, operator_socket: str | No
     return connect(socket, timeout=timeout, origin="--socket" if socket else None, operator_socket=operator_socket)
 
 
-def message_dict(msg: Any) -> dict[str, Any]:
-    """A protobuf message as a dict of every field, with 64-bit integers as ints (``MessageToDict``
-    renders them as strings), enums by name, bytes as base64, unset message fields left out."""
-    out: dict[str, Any] = {}
-    for fd in msg.DESCRIPTOR.fields:
-        if fd.has_presence and not fd.is_repeated and not msg.HasField(fd.name):
-            continue
-        value = getattr(msg, fd.name)
-        if fd.is_repeated:
-            out[fd.name] = [_field_value(fd, v) for v in value]
-        else:
-            out[fd.name] = _field_value(fd, value)
-    return out
-
-
-def _field_value(fd: Any, value: Any) -> Any:
-    if fd.type == fd.TYPE_MESSAGE:
-        return message_dict(value)
-    if fd.type == fd.TYPE_ENUM:
-        known = fd.enum_type.values_by_number.get(value)
-        return known.name if known is not None else value
-    if fd.type == fd.TYPE_BYTES:
-        return base64.b64encode(value).decode()
-    return value
-
-
-def print_json(doc: Any) -> None:
-    typer.echo(json.dumps(doc, indent=2))
-
-
-def _version_info(socket: str | None) -> dict[str, Any]:
-    """This package, its protocol, the daemon when one answers, the CUDA driver when importable."""
-    import hotweights
-    from hotweights.wire.pb import pb
-
-    info: dict[str, Any] = {"hotweights": hotweights.__version__, "protocol": pb.DESCRIPTOR.package}
-    try:
-        c = _client(socket, timeout=3.0)
-        try:
-            st = c.status()
-        finally:
-            c.close()
-        info["daemon"] = {
-            "reachable": True,
-            "version": st.daemon_version,
-            "backend": st.backend,
-            "pid": st.pid,
-            "socket": st.socket or c.socket,
-            "gds": st.gds,
-        }
-    except errors.HotweightsError as exc:
-        info["daemon"] = {"reachable": False, "socket": exc.details.get("socket", socket or ""), "error": str(exc)}
-    info["cuda_driver"] = _cuda_driver_version()
-    return info
-
-
-def _cuda_driver_version() -> str | None:
-    import importlib.util
-
-    try:
-        if importlib.util.find_spec("cuda.bindings") is None:
-            return None
-        from hotweights.cuda import driver
-
-        v = int(driver.check(driver.driver().cuDriverGetVersion(), "cuDriverGetVersion"))
-    except Exception:  # a version line must never fail on a broken or absent driver
-        return None
-    return f"{v // 1000}.{v % 1000 // 10}"
-
-
-def _print_version_info(info: dict[str, Any]) -> None:
-    typer.echo(f"hotweights {info['hotweights']} (protocol {info['protocol']})")
-    d = info["daemon"]
-    if d["reachable"]:
-        typer.echo(f"daemon: hotweightsd {d['version']}, backend {d['backend']}, pid {d['pid']} on {d['socket']}")
-    else:
-        typer.echo(f"daemon: not reachable at {d['socket']}")
-    typer.echo(f"cuda driver: {info['cuda_driver'] or 'not available'}")
-
-
 def _version_flag(value: bool) -> None:
     if value:
-        _print_version_info(_version_info(None))
+        print_version_info(version_info(None))
         raise typer.Exit(0)
 
 
@@ -210,11 +129,11 @@ def _root(
 @app.command("version")
 def version_(socket: str | None = ClientSocketOpt, json_out: bool = JsonOpt) -> None:
     """Versions: this package, the protocol, the daemon (when it answers) and the CUDA driver."""
-    info = _version_info(socket)
+    info = version_info(socket)
     if json_out:
         print_json(info)
     else:
-        _print_version_info(info)
+        print_version_info(info)
 
 
 @app.command(
