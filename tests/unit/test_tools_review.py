@@ -84,3 +84,179 @@ def test_dimensions_beyond_int64_are_refused(shape):
 def test_large_but_representable_zero_size_dimension_is_accepted():
     raw = json.dumps({"z": {"dtype": "BF16", "shape": [2**62, 0], "data_offsets": [0, 0]}}).encode()
     assert parse_header(Path("z.safetensors"), 8 + len(raw), raw).tensors[0].shape == (2**62, 0)
+
+
+# F1, F3: hotweights.json entries are checked before anything is built from them.
+
+
+def _sharded_copy(tmp_path: Path) -> Path:
+    import shutil
+
+    from support.tp_forward import shard_cached
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(shard_cached("llama_gqa", 2, parts_per_rank=2), d)
+    return d
+
+
+def _edit_manifest(d: Path, edit) -> None:
+    p = d / "hotweights.json"
+    doc = json.loads(p.read_text())
+    edit(doc)
+    p.write_text(json.dumps(doc))
+
+
+def test_a_huge_tp_size_is_refused_without_building_its_range(tmp_path, monkeypatch):
+    from hotweights.format import manifest
+
+    d = _sharded_copy(tmp_path)
+    _edit_manifest(d, lambda doc: doc.update(tp_size=10**12))
+    real_range = range
+
+    def small_range(*args):
+        assert max(args) < 10**6, f"range{args} built from tp_size"
+        return real_range(*args)
+
+    monkeypatch.setattr("builtins.range", small_range)
+    with pytest.raises(BadCheckpoint, match=r"tp_size 1000000000000 exceeds the 4 file\(s\) it lists"):
+        manifest.verify_checkpoint(d, "fast")
+
+
+def test_missing_ranks_are_named_a_few_at_a_time(tmp_path):
+    from hotweights.format import manifest
+
+    d = _sharded_copy(tmp_path)
+
+    def one_rank(doc):
+        for name in [n for n, info in doc["files"].items() if info["rank"] == 1]:
+            (d / name).unlink()
+            del doc["files"][name]
+        doc["tensors"] = [t for t in doc["tensors"] if t["rank"] != 1]
+        doc["tp_size"] = 2
+
+    _edit_manifest(d, one_rank)
+    with pytest.raises(BadCheckpoint, match=r"lists no files for rank\(s\) \[1\] of tp_size 2"):
+        manifest.verify_checkpoint(d, "fast")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"file": []}, r"tensor entry 0 \('[^']+'\) has no file str"),
+        ({"file": None}, r"tensor entry 0 .* has no file str"),
+        ({"rank": None}, r"tensor entry 0 .* has rank None, not a non-negative integer"),
+        ({"rank": 9}, r"tensor entry 0 .* says rank 9, but its file .* is rank 0's"),
+        ({"rank": -1}, r"has rank -1, not a non-negative integer"),
+        ({"rank": True}, r"has rank True, not a non-negative integer"),
+        ({"shape": [1, "2"]}, r"has shape \[1, '2'\], not a list of non-negative integers"),
+        ({"nbytes": -5}, r"has nbytes -5"),
+    ],
+)
+def test_malformed_tensor_entries_are_typed_errors_naming_the_entry(tmp_path, change, match):
+    from hotweights.format import manifest
+    from hotweights.tools import capacity
+
+    d = _sharded_copy(tmp_path)
+
+    def edit(doc):
+        first = next(i for i, t in enumerate(doc["tensors"]) if t["rank"] == 0)
+        doc["tensors"].insert(0, doc["tensors"].pop(first))
+        doc["tensors"][0].update(change)
+
+    _edit_manifest(d, edit)
+    with pytest.raises(BadCheckpoint, match=match):
+        manifest.verify_checkpoint(d, "fast")
+    with pytest.raises(BadCheckpoint, match=match):
+        capacity.plan(d, 2, 80 * 10**9)
+
+
+def test_an_entry_without_rank_or_a_wrong_nbytes_fails_verify(tmp_path):
+    from hotweights.errors import DataLoss
+    from hotweights.format import manifest
+
+    d = _sharded_copy(tmp_path)
+    _edit_manifest(d, lambda doc: doc["tensors"][0].pop("rank"))
+    with pytest.raises(BadCheckpoint, match=r"tensor entry 0 .* has rank None"):
+        manifest.verify_checkpoint(d, "fast")
+
+    d2 = _sharded_copy(tmp_path / "b")
+    _edit_manifest(d2, lambda doc: doc["tensors"][0].update(nbytes=10**12))
+    with pytest.raises(DataLoss, match=r"spans \d+ bytes, the manifest.s nbytes is 1000000000000"):
+        manifest.verify_checkpoint(d2, "fast")
+
+
+# F2, F17: model.safetensors.index.json.
+
+
+def _indexed_source(tmp_path: Path, weight_map) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path / "src"
+    d.mkdir()
+    save_file({"a": torch.ones(2)}, str(d / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.ones(2)}, str(d / "model-00002-of-00002.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return d
+
+
+@pytest.mark.parametrize("bad", [1, ["x"], None, "", {"f": 1}])
+def test_index_values_that_are_not_file_names_are_typed_errors(tmp_path, bad):
+    from hotweights.format.checkpoint import open_checkpoint
+
+    d = _indexed_source(tmp_path, {"a": "model-00001-of-00002.safetensors", "b": bad})
+    with pytest.raises(BadCheckpoint, match=r"weight_map entry 'b' names an invalid file"):
+        open_checkpoint(d)
+
+
+def test_an_empty_weight_map_is_refused(tmp_path):
+    from hotweights.format.checkpoint import open_checkpoint
+
+    d = _indexed_source(tmp_path, {})
+    with pytest.raises(BadCheckpoint, match="weight_map is empty"):
+        open_checkpoint(d)
+
+
+# F11: one file of a sharded checkpoint is not a model.
+
+
+def test_one_part_file_is_refused_naming_its_directory(tmp_path):
+    from hotweights.format.checkpoint import open_checkpoint
+    from hotweights.format.manifest import load_manifest
+
+    d = _sharded_copy(tmp_path)
+    part = d / "model-rank-0-part-0.safetensors"
+    with pytest.raises(BadCheckpoint, match=r"is one file of a sharded checkpoint.*load its directory"):
+        open_checkpoint(part)
+    # a file inside has its directory's manifest, as verify_checkpoint already says
+    assert load_manifest(part) is not None
+
+
+def test_a_part_name_alone_is_refused_even_without_a_manifest(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from hotweights.format.checkpoint import open_checkpoint
+
+    p = tmp_path / "model-rank-1-part-0.safetensors"
+    save_file({"a": torch.ones(2)}, str(p))
+    with pytest.raises(BadCheckpoint, match="is one file of a sharded checkpoint"):
+        open_checkpoint(p)
+
+
+# F12: one spelling per rank and part.
+
+
+@pytest.mark.parametrize("odd", ["model-rank-01-part-0.safetensors", "model-rank-\u0661-part-0.safetensors"])
+def test_ambiguous_shard_names_are_refused(tmp_path, odd):
+    import torch
+    from safetensors.torch import save_file
+
+    from hotweights.format.checkpoint import open_checkpoint
+
+    d = tmp_path / "m"
+    d.mkdir()
+    for name, value in (("model-rank-0-part-0.safetensors", 0.0), ("model-rank-1-part-0.safetensors", 1.0), (odd, 2.0)):
+        save_file({"a": torch.full((2,), value)}, str(d / name))
+    with pytest.raises(BadCheckpoint, match="is not a shard name hotweights reads"):
+        open_checkpoint(d)
