@@ -260,3 +260,175 @@ def test_ambiguous_shard_names_are_refused(tmp_path, odd):
         save_file({"a": torch.full((2,), value)}, str(d / name))
     with pytest.raises(BadCheckpoint, match="is not a shard name hotweights reads"):
         open_checkpoint(d)
+
+
+# F9, F10: the offline vLLM converter publishes all or nothing, and reads what the index names.
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "vocab_size": 64,
+    "intermediate_size": 48,
+    "tie_word_embeddings": False,
+}
+
+
+def _llama_tensors():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    h, i, v, q, kv = 32, 48, 64, 32, 16
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    p = "model.layers.0."
+    return {
+        "model.embed_tokens.weight": r(v, h),
+        "model.norm.weight": r(h),
+        "lm_head.weight": r(v, h),
+        p + "input_layernorm.weight": r(h),
+        p + "post_attention_layernorm.weight": r(h),
+        p + "self_attn.q_proj.weight": r(q, h),
+        p + "self_attn.k_proj.weight": r(kv, h),
+        p + "self_attn.v_proj.weight": r(kv, h),
+        p + "self_attn.o_proj.weight": r(h, q),
+        p + "mlp.gate_proj.weight": r(i, h),
+        p + "mlp.up_proj.weight": r(i, h),
+        p + "mlp.down_proj.weight": r(h, i),
+    }
+
+
+def _llama_source(d: Path, files: int = 1, **config) -> Path:
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({**LLAMA, **config}))
+    tensors = _llama_tensors()
+    if files == 1:
+        save_file(tensors, str(d / "model.safetensors"))
+        return d
+    names = sorted(tensors)
+    weight_map = {}
+    for k in range(files):
+        fn = f"model-{k + 1:05d}-of-{files:05d}.safetensors"
+        chunk = {n: tensors[n] for n in names[k::files]}
+        save_file(chunk, str(d / fn))
+        weight_map.update(dict.fromkeys(chunk, fn))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return d
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if "partial" in p.name)
+
+
+def test_converter_interrupted_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from hotweights import vllm_layout
+
+    src = _llama_source(tmp_path / "src")
+    real = safetensors.torch.save_file
+    calls = []
+
+    def interrupted(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        vllm_layout.convert(src, out, 2)
+    assert not out.exists() and _leftovers(tmp_path) == []
+    # the retry is not blocked by what the failed run left
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    paths = vllm_layout.convert(src, out, 2)
+    assert [p.name for p in paths] == ["model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors"]
+    assert (out / "hotweights-layout.json").is_file() and _leftovers(tmp_path) == []
+
+
+def test_converter_disk_full_is_typed_and_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from hotweights import vllm_layout
+    from hotweights.errors import ResourceExhausted
+
+    class SafetensorError(Exception):
+        pass
+
+    def full(tensors, path, metadata=None):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    src = _llama_source(tmp_path / "src")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    with pytest.raises(ResourceExhausted, match="no space left on the device writing"):
+        vllm_layout.convert(src, out, 1)
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_converter_refuses_unsupported_input_before_writing(tmp_path):
+    from hotweights import vllm_layout
+    from hotweights.errors import InvalidArgument
+
+    src = _llama_source(tmp_path / "src")
+    out = tmp_path / "out"
+    with pytest.raises(InvalidArgument, match="tp=3 does not divide"):
+        vllm_layout.convert(src, out, 3)
+    fp8 = _llama_source(
+        tmp_path / "fp8",
+        quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": None},
+    )
+    with pytest.raises(InvalidArgument, match="quantization"):
+        vllm_layout.convert(fp8, out, 1)
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert vllm_layout.main([str(src), str(out), "--tp", "3"]) == 2
+
+
+def test_converter_follows_the_index_and_refuses_names_it_has_no_rule_for(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hotweights import vllm_layout
+    from hotweights.errors import InvalidArgument
+
+    src = _llama_source(tmp_path / "mistral", files=2)
+    # Mistral's hub repos ship the same weights again in their own names beside the index
+    save_file({"tok_embeddings.weight": torch.ones(64, 32)}, str(src / "consolidated.safetensors"))
+    out = tmp_path / "out"
+    vllm_layout.convert(src, out, 2)
+    with safe_open(str(out / "model-rank-0-part-0.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "tok_embeddings.weight" not in names and "model.layers.0.self_attn.qkv_proj.weight" in names
+    # without an index, a tensor in no vLLM name is refused rather than copied whole into every rank
+    (src / "model.safetensors.index.json").unlink()
+    with pytest.raises(InvalidArgument, match=r"consolidated.safetensors: tensor 'tok_embeddings.weight' is not"):
+        vllm_layout.convert(src, tmp_path / "out2", 2)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_converter_refuses_a_non_empty_or_linked_output(tmp_path):
+    from hotweights import vllm_layout
+    from hotweights.errors import FailedPrecondition
+
+    src = _llama_source(tmp_path / "src")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    with pytest.raises(FailedPrecondition, match="not empty"):
+        vllm_layout.convert(src, busy, 1)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(FailedPrecondition, match="is a symbolic link"):
+        vllm_layout.convert(src, tmp_path / "link", 1)
