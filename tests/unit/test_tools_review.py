@@ -432,3 +432,146 @@ def test_converter_refuses_a_non_empty_or_linked_output(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "target")
     with pytest.raises(FailedPrecondition, match="is a symbolic link"):
         vllm_layout.convert(src, tmp_path / "link", 1)
+
+
+# F4-F7, F14: hotweights shard.
+
+
+def _fd_paths_fsynced(monkeypatch) -> list[str]:
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_shard_fsyncs_the_manifest_and_side_files_before_publishing(tmp_path, monkeypatch):
+    from hotweights.tools.shard import shard_checkpoint
+
+    src = _llama_source(tmp_path / "src")
+    (src / "tokenizer.json").write_text("{}")
+    (src / "generation_config.json").write_text("{}")
+    synced = _fd_paths_fsynced(monkeypatch)
+    out = tmp_path / "out"
+    shard_checkpoint(src, out, 2, quantize="fp8")
+    names = {Path(p).name for p in synced}
+    for name in ("hotweights.json.tmp", "config.json", "tokenizer.json", "generation_config.json"):
+        assert name in names, f"{name} was not fsynced before the publish ({sorted(names)})"
+
+
+def test_fp8_of_a_zero_size_weight_is_an_empty_fp8_tensor():
+    import torch
+
+    from hotweights.tools.shard.quantize import FP8_DTYPE, quantize_fp8
+
+    for shape, gran, scale_shape in (((0, 8), "channel", (0, 1)), ((8, 0), "channel", (8, 1)), ((0, 8), "tensor", ())):
+        q, scale = quantize_fp8(torch.zeros(shape, dtype=torch.bfloat16), gran, "w")
+        assert q.dtype == FP8_DTYPE and tuple(q.shape) == shape
+        assert tuple(scale.shape) == scale_shape and scale.dtype == torch.float32 and bool((scale == 1).all())
+
+
+def test_shard_fp8_of_a_model_with_zero_size_mlp(tmp_path):
+    from hotweights.tools.shard import shard_checkpoint
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({**LLAMA, "intermediate_size": 0}))
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = _llama_tensors()
+    for k in ("gate_proj", "up_proj"):
+        tensors[f"model.layers.0.mlp.{k}.weight"] = torch.zeros(0, 32)
+    tensors["model.layers.0.mlp.down_proj.weight"] = torch.zeros(32, 0)
+    save_file(tensors, str(src / "model.safetensors"))
+    for scale in ("channel", "tensor"):
+        r = shard_checkpoint(src, tmp_path / f"out-{scale}", 1, quantize="fp8", fp8_scale=scale)
+        assert r.files == ["model-rank-0-part-0.safetensors"]
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_shard_refuses_a_symlinked_output_before_reading(tmp_path, monkeypatch, dangling):
+    from hotweights.errors import FailedPrecondition
+    from hotweights.tools.shard import shard_checkpoint, sharder
+
+    src = _llama_source(tmp_path / "src")
+    target = tmp_path / "real"
+    if not dangling:
+        target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+
+    def no_planning(*a, **k):
+        raise AssertionError("the run went on past the output check")
+
+    monkeypatch.setattr(sharder, "plan_shards", no_planning)
+    with pytest.raises(FailedPrecondition, match="is a symbolic link"):
+        shard_checkpoint(src, tmp_path / "link", 1)
+
+
+def _run_python(code: str, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    import hotweights
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(hotweights.__file__).resolve().parents[1])  # the code this test runs on
+
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_sigterm_removes_the_staging_directory_and_still_ends_the_process(tmp_path):
+    src = _llama_source(tmp_path / "src")
+    code = """
+import os, signal, sys, time
+from pathlib import Path
+from hotweights.tools.shard import sharder
+real = sharder._hash_parts
+def hash_then_term(*a, **k):
+    assert list(Path(sys.argv[2]).parent.glob(".out.hotweights-partial-*")), "no staging while writing?"
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    return real(*a, **k)
+sharder._hash_parts = hash_then_term
+sharder.shard_checkpoint(sys.argv[1], sys.argv[2], 2)
+"""
+    r = _run_python(code, str(src), str(tmp_path / "out"))
+    assert r.returncode == -15, r.stderr
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_many_parts_do_not_hold_a_descriptor_each(tmp_path):
+    src = _llama_source(tmp_path / "src")
+    code = """
+import os, resource, sys
+import torch  # imported before the limit is set
+from hotweights.tools.shard import shard_checkpoint
+# 16 descriptors beyond those open now: fewer than the parts, more than the writes and hashes in flight
+n = len(os.listdir("/proc/self/fd")) + 16
+resource.setrlimit(resource.RLIMIT_NOFILE, (n, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+r = shard_checkpoint(sys.argv[1], sys.argv[2], 2, max_part_size=1, workers=2)
+print(len(r.files))
+"""
+    # 2 ranks x 11-12 tensors, one part each
+    r = _run_python(code, str(src), str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) > 20
+
+
+def test_a_plan_with_more_parts_than_the_daemon_opens_is_refused(tmp_path, monkeypatch):
+    from hotweights.errors import InvalidArgument
+    from hotweights.tools.shard import shard_checkpoint, sharder
+
+    src = _llama_source(tmp_path / "src")
+    monkeypatch.setattr(sharder, "DEFAULT_MAX_FILES", 3)
+    with pytest.raises(InvalidArgument, match=r"the plan makes 4 part files; the daemon opens at most 3"):
+        shard_checkpoint(src, tmp_path / "out", 2, parts_per_rank=2)
+    assert not (tmp_path / "out").exists()
