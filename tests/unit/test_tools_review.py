@@ -575,3 +575,40 @@ def test_a_plan_with_more_parts_than_the_daemon_opens_is_refused(tmp_path, monke
     with pytest.raises(InvalidArgument, match=r"the plan makes 4 part files; the daemon opens at most 3"):
         shard_checkpoint(src, tmp_path / "out", 2, parts_per_rank=2)
     assert not (tmp_path / "out").exists()
+
+
+# F8, F15: plan's Qwen2-MoE biases; the divisors an error message offers.
+
+
+def test_qwen2_moe_has_qkv_biases_in_the_config_model():
+    from hotweights.tools.shard.model_config import parse_config
+
+    raw = {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 128,
+        "intermediate_size": 96,
+    }
+    cfg = parse_config(raw)
+    assert cfg.qkv_bias and not cfg.o_bias
+
+
+def test_divisors_are_found_up_to_the_square_root_only():
+    import time
+
+    from hotweights.tools.shard.model_config import divisors
+
+    assert divisors(12) == [1, 2, 3, 4, 6, 12]
+    assert divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36]
+    assert divisors(1) == [1] and divisors(0) == [] and divisors(-4) == []
+    assert divisors(720720, 12) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert divisors(97, 12) == [1, 97]
+    for n in range(1, 300):
+        assert divisors(n) == [d for d in range(1, n + 1) if n % d == 0]
+    started = time.monotonic()
+    assert divisors(10_000_000_019, 12) == [1, 10_000_000_019]  # a prime near 10**10
+    assert time.monotonic() - started < 1.0
