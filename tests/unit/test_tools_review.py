@@ -612,3 +612,19 @@ def test_divisors_are_found_up_to_the_square_root_only():
     started = time.monotonic()
     assert divisors(10_000_000_019, 12) == [1, 10_000_000_019]  # a prime near 10**10
     assert time.monotonic() - started < 1.0
+
+
+def test_an_index_of_more_entries_than_the_rank_limit_is_refused_before_its_parse(tmp_path, monkeypatch):
+    from hotweights.format import checkpoint
+    from hotweights.format.checkpoint import HeaderLimits, open_checkpoint
+
+    d = _indexed_source(tmp_path, {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"})
+    junk = {f"x{i}": "model-00001-of-00002.safetensors" for i in range(5000)}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": junk}))
+
+    def boom(*a, **k):
+        raise AssertionError("the index was parsed")
+
+    monkeypatch.setattr(checkpoint.json, "loads", boom)
+    with pytest.raises(BadCheckpoint, match=r"holds \d+ JSON members .* at most 10 tensors"):
+        open_checkpoint(d, limits=HeaderLimits(max_tensors_per_rank=10))
