@@ -13,17 +13,30 @@ The same recipe fills engine-owned parameters in the plugin's copy mode. Nothing
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import os
 import shutil
+import signal
 import sys
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
-from hotweights.errors import InvalidArgument
+from hotweights.errors import (
+    BadCheckpoint,
+    FailedPrecondition,
+    HotweightsError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    shorten,
+)
 from hotweights.format import engine_layout
-from hotweights.format.checkpoint import SERVING_FILES
+from hotweights.format.checkpoint import SERVING_FILES, open_checkpoint
 from hotweights.sources import ENGINE_LAYOUT_MARKER
 
 # The recipe (names, splits, padding) is data shared with the daemon, which applies it at load time.
@@ -96,34 +109,156 @@ def build_rank(
 
 
 def convert(src: Path, out: Path, tp: int) -> list[Path]:
-    """Writes ``model-rank-R-part-0.safetensors`` for each rank in vLLM's layout, plus the aux files."""
+    """Writes ``model-rank-R-part-0.safetensors`` for each rank in vLLM's layout, plus the aux files.
+
+    All-or-nothing as seen from ``out`` (a new or empty directory): everything is written and fsynced
+    in a hidden staging directory beside it, renamed into place at the end; a failure or an interrupt
+    removes it, so ``out`` never holds some ranks' files that a loader would take for a whole smaller
+    checkpoint. The source's tensors are the ones ``open_checkpoint`` reads (the files its
+    ``model.safetensors.index.json`` names, when it has one). Returns the paths under ``out``.
+    """
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise InvalidArgument(f"--tp must be a positive integer, not {tp!r}")
+    config = _read_config(src)
+    engine_layout.check_quantization(config)  # per-tensor FP8 and other schemes: refused, naming them
+    shape = Shape(config, tp)  # architecture, heads and vocabulary against tp, before anything is written
+    _check_output(src, out)
+    where = _source_tensors(src)
+    if shape.tied:
+        where.pop("lm_head.weight", None)
+    staging = out.parent / f".{out.name}.vllm-layout-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise _io_error(exc, out) from None
+    try:
+        _write(src, staging, config, tp, where)
+        _publish(staging, out)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _io_error(exc, out) from None
+        if type(exc).__name__ == "SafetensorError":  # the writer's own error type, for a failed write
+            raise _io_error(_as_os_error(exc), out) from None
+        raise
+    return [out / f"model-rank-{rank}-part-0.safetensors" for rank in range(tp)]
+
+
+def _read_config(src: Path) -> dict:
+    path = src / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFound(f"{path}: no config.json (the layout is read from it)", path=str(path)) from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise BadCheckpoint(f"{path}: cannot read it as JSON: {exc}", path=str(path)) from None
+    if not isinstance(config, dict):
+        raise BadCheckpoint(f"{path}: not a JSON object", path=str(path))
+    return config
+
+
+def _check_output(src: Path, out: Path) -> None:
+    """``out`` must become a new directory, or be an empty one (never a link: the rename would not follow it)."""
+    if out.is_symlink():
+        raise FailedPrecondition(
+            f"{out}: is a symbolic link; give the real directory (the finished output is renamed onto this path)",
+            path=str(out),
+        )
+    if out.exists():
+        if not out.is_dir():
+            raise FailedPrecondition(f"{out}: exists and is not a directory", path=str(out))
+        if any(out.iterdir()):
+            raise FailedPrecondition(
+                f"{out}: output directory is not empty; the converter writes only into a new or empty directory",
+                path=str(out),
+            )
+    resolved = out.resolve()
+    if resolved == src.resolve() or src.resolve() in resolved.parents:
+        raise InvalidArgument(f"{out}: the output must not be the source directory or inside it", path=str(out))
+
+
+def _source_tensors(src: Path) -> dict[str, Path]:
+    """Tensor name -> the file that holds it, for the files hotweights' own reader takes as the checkpoint."""
+    with open_checkpoint(src) as ckpt:
+        if ckpt.world_size > 1:
+            raise InvalidArgument(
+                f"{src}: already split into {ckpt.world_size} ranks; convert the original Hugging Face model "
+                f"(or a tp-1 shard of it)",
+                path=str(src),
+            )
+        where = {t.name: f.path for f in ckpt.ranks[0].files for t in f.tensors}
+    for name, file in where.items():
+        if not (name.startswith("model.") or name == "lm_head.weight"):
+            # vLLM's Llama-family and Mixtral loaders take Hugging Face names only: anything else (another
+            # format's copy of the weights) would be copied whole into every rank
+            raise InvalidArgument(
+                f"{file}: tensor {shorten(name)!r} is not a Hugging Face Llama-family or Mixtral tensor, "
+                f"which vLLM's layout has no rule for",
+                path=str(file),
+                tensor=shorten(name),
+            )
+    return where
+
+
+def _write(src: Path, staging: Path, config: dict, tp: int, where: dict[str, Path]) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    src, out = Path(src), Path(out)
-    config = json.loads((src / "config.json").read_text())
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise InvalidArgument(f"{src}: no .safetensors files")
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                where[k] = f
-    handles = {f: safe_open(str(f), "pt") for f in files}
-    out.mkdir(parents=True, exist_ok=False)
-    written = []
-    for rank in range(tp):
-        tensors = build_rank(lambda n: handles[where[n]].get_tensor(n), list(where), config, tp, rank)
-        path = out / f"model-rank-{rank}-part-0.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-        written.append(path)
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in sorted(set(where.values()))}
+        for rank in range(tp):
+            tensors = build_rank(lambda n: handles[where[n]].get_tensor(n), list(where), config, tp, rank)
+            path = staging / f"model-rank-{rank}-part-0.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+            _fsync(path)
     for name in SERVING_FILES:
         if (src / name).is_file():
-            shutil.copy(src / name, out / name)
+            shutil.copyfile(src / name, staging / name)
+            _fsync(staging / name)
     layout = {"engine": "vllm", "tp": tp, "vocab_padding": VOCAB_PADDING, "source": str(src.resolve())}
-    (out / ENGINE_LAYOUT_MARKER).write_text(json.dumps(layout, indent=1) + "\n")
-    return written
+    (staging / ENGINE_LAYOUT_MARKER).write_text(json.dumps(layout, indent=1) + "\n")
+    _fsync(staging / ENGINE_LAYOUT_MARKER)
+    _fsync(staging)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    # rename(2) replaces an empty directory atomically; a non-empty one (written meanwhile) fails
+    try:
+        os.rename(staging, out)
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"{out}: cannot move the finished checkpoint into place: {exc.strerror}", path=str(out)
+        ) from None
+    _fsync(out.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _as_os_error(exc: BaseException) -> OSError:
+    text = str(exc)
+    code = errno.ENOSPC if "No space left" in text else errno.EDQUOT if "quota" in text.lower() else errno.EIO
+    return OSError(code, text)
+
+
+def _io_error(exc: OSError, out: Path) -> HotweightsError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(
+            f"no space left on the device writing {out} ({exc.strerror}); the run was abandoned and its "
+            f"partial output removed",
+            path=str(out),
+        )
+    return FailedPrecondition(
+        f"cannot write {out}: {exc.strerror or exc}; the run was abandoned and its partial output removed",
+        path=str(out),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,13 +270,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--tp", type=int, default=1)
     args = ap.parse_args(argv)
+    # SIGTERM (a batch job's stop) unwinds like Ctrl-C, so the staging directory is removed either way.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         paths = convert(args.src, args.out, args.tp)
-    except (InvalidArgument, OSError) as exc:
+    except (HotweightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print("\n".join(str(p) for p in paths))
     return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -22,10 +22,14 @@ from pathlib import Path
 import xxhash
 
 from hotweights.errors import BadCheckpoint, HotweightsError, InvalidArgument, NotFound, shorten
-from hotweights.format.safetensors import MAX_TENSORS_PER_FILE, FileHeader, read_header
+from hotweights.format.safetensors import MAX_TENSORS_PER_FILE, FileHeader, count_json_members, read_header
 from hotweights.format.source import DEFAULT_MAX_FILES, Allow, FileBudget, SourceFile, open_file, read_small
 
-SHARD_RE = re.compile(r"^model-rank-(\d+)-part-(\d+)\.safetensors$")
+# One spelling per (rank, part): ASCII digits, no leading zeros (``shard_file_name`` writes these).
+SHARD_RE = re.compile(r"^model-rank-(0|[1-9][0-9]*)-part-(0|[1-9][0-9]*)\.safetensors$")
+# What a reader could take for a shard name: refused unless it is the one spelling above, so that
+# ``model-rank-01-part-0`` beside ``model-rank-1-part-0`` is never resolved by directory order.
+_SHARD_LIKE_RE = re.compile(r"^model-rank-\d+-part-\d+\.safetensors$")
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "hotweights.json"
 # Files a serving process needs beside the weights (config, tokenizer, templates): tools that write a
@@ -137,8 +141,9 @@ class Checkpoint:
 
     @property
     def manifest_path(self) -> Path | None:
-        p = self.path / MANIFEST_NAME
-        return p if self.path.is_dir() and p.is_file() else None
+        """The hotweights.json of the checkpoint's directory (of the file's directory for one file)."""
+        p = (self.path if self.path.is_dir() else self.path.parent) / MANIFEST_NAME
+        return p if p.is_file() else None
 
     def fingerprint(self) -> str:
         """A short content-derived version, the same for the same bytes on any node.
@@ -241,6 +246,13 @@ def _open(path: Path, where: str, budget: FileBudget, read: _Reader) -> Checkpoi
     if not path.is_dir():
         if path.suffix != ".safetensors":
             raise BadCheckpoint(f"{where}: not a .safetensors file", path=where)
+        if _SHARD_LIKE_RE.match(path.name) or (path.parent / MANIFEST_NAME).exists():
+            # One part (or one rank) alone would be served as a whole model, missing the other parts.
+            raise BadCheckpoint(
+                f"{where}: is one file of a sharded checkpoint (a model-rank-R-part-P name, or a "
+                f"{MANIFEST_NAME} beside it); load its directory {shorten(str(path.parent))}",
+                path=where,
+            )
         header = read(budget.open(path))
         return _checked(Checkpoint(path.resolve(), "file", [RankFiles(0, [header])]))
     path = path.resolve()
@@ -264,6 +276,13 @@ def _sharded(path: Path, budget: FileBudget, read: _Reader) -> list[RankFiles] |
         m = SHARD_RE.match(p.name)
         if m:
             found.setdefault(int(m.group(1)), {})[int(m.group(2))] = p
+        elif _SHARD_LIKE_RE.match(p.name):
+            raise BadCheckpoint(
+                f"{path}: {shorten(p.name)!r} is not a shard name hotweights reads (model-rank-R-part-P with "
+                f"ASCII digits and no leading zeros): rename or remove it",
+                path=str(p),
+                file=p.name,
+            )
     if not found:
         return None
     # Numbers come from file names: a gap is found by counting, never by building the range, which
@@ -292,8 +311,20 @@ def _some_missing(present: Collection[int], most: int = 5) -> str:
 
 
 def _indexed(path: Path, index: Path, budget: FileBudget, read: _Reader) -> list[FileHeader]:
+    raw = read_small(index, budget.allow)
+    # One weight_map entry per tensor: a ':' and a ','. Counted before the parse, which holds the interpreter.
+    limit = 2 * read.limits.max_tensors_per_rank + 8192
+    members, _ = count_json_members(raw, limit)
+    if members > limit:
+        raise BadCheckpoint(
+            f"{index}: holds {members} JSON members and array elements; an index of at most "
+            f"{read.limits.max_tensors_per_rank} tensors (the per-rank limit) needs at most {limit}",
+            path=str(index),
+            members=members,
+            limit=limit,
+        )
     try:
-        doc = json.loads(read_small(index, budget.allow))
+        doc = json.loads(raw)
         weight_map = doc["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
@@ -301,10 +332,21 @@ def _indexed(path: Path, index: Path, budget: FileBudget, read: _Reader) -> list
         raise BadCheckpoint(
             f"{index}: not a valid index (needs a JSON object with a 'weight_map' object)", path=str(index)
         ) from None
+    if not weight_map:
+        raise BadCheckpoint(
+            f"{index}: weight_map is empty, so the index names no files (the weight files beside it "
+            f"would be ignored); fix or remove the index",
+            path=str(index),
+        )
+    for tensor, name in weight_map.items():  # before any set or sort of them, which a non-string breaks
+        if not isinstance(name, str) or not name or "/" in name or "\0" in name or name.startswith("."):
+            raise BadCheckpoint(
+                f"{index}: weight_map entry {shorten(tensor)!r} names an invalid file {shorten(repr(name))}",
+                path=str(index),
+                tensor=shorten(tensor),
+            )
     names = sorted(set(weight_map.values()))
     for name in names:
-        if not isinstance(name, str) or "/" in name or name.startswith("."):
-            raise BadCheckpoint(f"{index}: weight_map names an invalid file {name!r}", path=str(index))
         if not (path / name).exists():
             raise BadCheckpoint(f"{index}: weight_map names {name}, which does not exist", path=str(index), file=name)
     budget.reserve(len(names))

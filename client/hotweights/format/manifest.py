@@ -23,8 +23,16 @@ from typing import Any
 
 import xxhash
 
-from hotweights.errors import BadCheckpoint, ChecksumMismatch, DataLoss, FailedPrecondition, InvalidArgument, NotFound
-from hotweights.format.checkpoint import MANIFEST_NAME, SHARD_RE
+from hotweights.errors import (
+    BadCheckpoint,
+    ChecksumMismatch,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    shorten,
+)
+from hotweights.format.checkpoint import MANIFEST_NAME, SHARD_RE, _some_missing
 from hotweights.format.safetensors import read_header
 from hotweights.format.source import Allow, SourceFile, open_file, read_small
 
@@ -91,9 +99,11 @@ def file_xxh64(source: Path | SourceFile, allow: Allow | None = None) -> str:
 
 
 def load_manifest(directory: str | Path, allow: Allow | None = None) -> Manifest | None:
-    """The manifest of a directory, None if it has none; malformed manifests raise BadCheckpoint.
-    ``allow`` refuses where the manifest's path leads (model roots)."""
+    """The manifest of a directory (or of the directory of a file inside it), None if it has none;
+    malformed manifests raise BadCheckpoint. ``allow`` refuses where the manifest's path leads (model roots)."""
     directory = Path(directory)
+    if directory.is_file():
+        directory = directory.parent
     path = directory / MANIFEST_NAME
     if not path.is_file():
         return None
@@ -141,6 +151,10 @@ def _check_schema(path: Path, doc: Any) -> None:
             raise bad(f"entry for file {name!r} is malformed (needs a model-rank-R-part-P name, rank, size, xxh64)")
         if not 0 <= info["rank"] < tp:
             raise bad(f"file {name!r} is for rank {info['rank']}, outside tp_size {tp}")
+    # Every rank needs a file: a tp_size beyond the files listed is refused here, before any check
+    # builds anything as large as it (a 200-byte edit must not make verify allocate gigabytes).
+    if tp > len(files):
+        raise bad(f"tp_size {tp} exceeds the {len(files)} file(s) it lists; every rank needs at least one")
     aux = doc.get("aux_files", {})
     if not isinstance(aux, dict):
         raise bad("aux_files is not an object")
@@ -158,17 +172,36 @@ def _check_schema(path: Path, doc: Any) -> None:
     tensors = doc.get("tensors")
     if not isinstance(tensors, list):
         raise bad("has no tensors list")
-    for t in tensors:
-        if (
-            not isinstance(t, dict)
-            or t.get("file") not in files
-            or not isinstance(t.get("shape"), list)
-            or not isinstance(t.get("dtype"), str)
-            or not isinstance(t.get("name"), str)
-            or not isinstance(t.get("nbytes"), int)
-            or not isinstance(t.get("offset"), int)
-        ):
-            raise bad(f"tensor entry {str(t)[:120]} is malformed or names a file the manifest does not list")
+    for i, t in enumerate(tensors):
+        what = _tensor_entry_problem(t, files)
+        if what is not None:
+            named = isinstance(t, dict) and isinstance(t.get("name"), str)
+            label = f"tensor entry {i}" + (f" ({shorten(t['name'])!r})" if named else "")
+            raise bad(f"{label} {what}")
+
+
+def _count(value: Any) -> bool:
+    """A non-negative integer (JSON's true/false are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_entry_problem(t: Any, files: dict[str, Any]) -> str | None:
+    """What is wrong with one entry of the manifest's tensors list, None when nothing is."""
+    if not isinstance(t, dict):
+        return f"is not an object: {shorten(str(t))}"
+    for key, kind in (("name", str), ("dtype", str), ("file", str), ("shape", list)):
+        if not isinstance(t.get(key), kind):
+            return f"has no {key} {kind.__name__} ({key} is {shorten(repr(t.get(key)))})"
+    if t["file"] not in files:
+        return f"names a file the manifest does not list ({shorten(t['file'])!r})"
+    if not all(_count(d) for d in t["shape"]):
+        return f"has shape {shorten(repr(t['shape']))}, not a list of non-negative integers"
+    for key in ("rank", "nbytes", "offset"):
+        if not _count(t.get(key)):
+            return f"has {key} {shorten(repr(t.get(key)))}, not a non-negative integer"
+    if t["rank"] != files[t["file"]]["rank"]:
+        return f"says rank {t['rank']}, but its file {t['file']} is rank {files[t['file']]['rank']}'s"
+    return None
 
 
 def verify_checkpoint(
@@ -236,10 +269,9 @@ def _verify_layout(m: Manifest) -> None:
             file=extra[0],
         )
     ranks = {info["rank"] for info in m.files.values()}
-    missing = sorted(set(range(m.tp_size)) - ranks)
-    if missing:
+    if len(ranks) != m.tp_size:  # every rank is below tp_size (the schema): a gap is found by counting
         raise BadCheckpoint(
-            f"{m.path}: lists no files for rank(s) {missing} of tp_size {m.tp_size}",
+            f"{m.path}: lists no files for rank(s) {_some_missing(ranks | {m.tp_size})} of tp_size {m.tp_size}",
             path=str(m.path),
             file=MANIFEST_NAME,
         )
@@ -260,9 +292,9 @@ def _verify_sizes(m: Manifest, files: dict[str, SourceFile]) -> None:
 
 
 def _verify_headers(m: Manifest, files: dict[str, SourceFile]) -> None:
-    expected: dict[str, dict[str, tuple[str, tuple[int, ...], int]]] = {name: {} for name in m.files}
+    expected: dict[str, dict[str, tuple[str, tuple[int, ...], int, int]]] = {name: {} for name in m.files}
     for t in m.tensors:
-        expected[t["file"]][t["name"]] = (t["dtype"], tuple(t["shape"]), t["offset"])
+        expected[t["file"]][t["name"]] = (t["dtype"], tuple(t["shape"]), t["offset"], t["nbytes"])
     for name in m.files:
         p = m.directory / name
         try:
@@ -274,7 +306,7 @@ def _verify_headers(m: Manifest, files: dict[str, SourceFile]) -> None:
             ) from None
         want = expected[name]
         # Offsets are compared too: the same tensors reordered is another file, and the loader places by offset.
-        found = {e.name: (e.dtype.name, e.shape, e.begin - header.data_start) for e in header.tensors}
+        found = {e.name: (e.dtype.name, e.shape, e.begin - header.data_start, e.nbytes) for e in header.tensors}
         for tname in sorted(set(want) | set(found)):
             if found.get(tname) != want.get(tname):
                 what = (
@@ -284,6 +316,11 @@ def _verify_headers(m: Manifest, files: dict[str, SourceFile]) -> None:
                     if tname not in want
                     else f"is {found[tname][0]} {list(found[tname][1])} at offset {found[tname][2]}, the "
                     f"manifest says {want[tname][0]} {list(want[tname][1])} at {want[tname][2]}"
+                    + (
+                        f" (its data spans {found[tname][3]} bytes, the manifest's nbytes is {want[tname][3]})"
+                        if found[tname][3] != want[tname][3]
+                        else ""
+                    )
                 )
                 raise DataLoss(f"{p}: tensor {tname!r} {what}", path=str(p), file=name, tensor=tname)
 

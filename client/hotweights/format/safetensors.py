@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hotweights.errors import BadCheckpoint
+from hotweights.errors import BadCheckpoint, shorten
 from hotweights.format.dtypes import DType, lookup, nbytes_for
 from hotweights.format.source import SourceFile, open_file
 
@@ -25,6 +26,21 @@ MAX_TENSORS_PER_FILE = 100_000
 # Every entry has exactly one "data_offsets" key; the token cannot occur inside a JSON string (its quotes
 # would be escaped there), so counting it bounds the entries before the parse builds a single object.
 _ENTRY_TOKEN = b'"data_offsets"'
+# That count can be dodged (a key spelled with \u escapes, or one entry carrying millions of junk keys),
+# and json.loads holds the interpreter while it builds every object it parses. Every JSON member has a
+# ':' and every further member or array element a ',' outside strings, so the number of those bytes
+# bounds what the parse can build, whatever the spelling. A real entry needs 4 colons and 3 + ndim
+# commas; the metadata a few of each.
+_TOKENS_PER_TENSOR = 12
+_METADATA_TOKENS = 8192
+# Over the bound, a header up to this size is counted again with its strings taken out (colons and
+# commas inside names or metadata values build nothing); a larger one is refused on the plain count.
+_EXACT_COUNT_BYTES = 16 << 20
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# What a tensor entry may hold, as the reference writer writes it.
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+# Dimensions and element counts travel as int64 (the wire, torch): one past that is no real tensor.
+_MAX_DIM = 2**63
 _BUDGET_EVERY = 4096  # entries checked between looks at the clock
 
 
@@ -93,6 +109,7 @@ def parse_header(
 ) -> FileHeader:
     where = f"{path}: "
     _check_count(where, path, raw.count(_ENTRY_TOKEN), max_tensors)
+    _check_tokens(where, path, raw, max_tensors)
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -145,6 +162,33 @@ def _check_count(where: str, path: Path, n: int, max_tensors: int) -> None:
         )
 
 
+def count_json_members(raw: bytes, limit: int) -> tuple[int, bool]:
+    """(n, exact): an upper bound on the members and array elements of the JSON text ``raw`` (its ':'
+    and ',' bytes), counted again outside strings (``exact``) when it is over ``limit`` and ``raw`` is
+    at most 16 MiB. One or two scans of the bytes: what bounds a ``json.loads`` before it runs."""
+    n = raw.count(b":") + raw.count(b",")
+    if n > limit and len(raw) <= _EXACT_COUNT_BYTES:
+        bare = _STRING.sub(b"", raw)
+        return bare.count(b":") + bare.count(b","), True
+    return n, False
+
+
+def _check_tokens(where: str, path: Path, raw: bytes, max_tensors: int) -> None:
+    """Refuses, before the parse, a header whose JSON holds more members and array elements than
+    ``max_tensors`` entries and their metadata need (one scan of the bytes per separator)."""
+    limit = _TOKENS_PER_TENSOR * max_tensors + _METADATA_TOKENS
+    n, exact = count_json_members(raw, limit)
+    if n > limit:
+        counted = "outside strings" if exact else "in its bytes"
+        raise BadCheckpoint(
+            f"{where}header holds {n} JSON members and array elements (':' and ',' {counted}); "
+            f"a header of at most {max_tensors} tensors needs at most {limit}",
+            path=str(path),
+            members=n,
+            limit=limit,
+        )
+
+
 def _check_covered(where: str, path: Path, ordered: list[TensorEntry], data_start: int, size: int) -> None:
     """Every byte of the data section belongs to exactly one tensor, as the reference loader demands:
     bytes no tensor claims are either a writer's bug or a place to smuggle data past a checksum."""
@@ -182,11 +226,30 @@ def _entry(where: str, path: Path, name: str, info: object, data_start: int, dat
     _check_utf8(where, path, "tensor name", name)
     if not isinstance(info, dict):
         raise BadCheckpoint(f"{where}tensor {name!r}: entry is not an object", path=str(path), tensor=name)
+    extra = info.keys() - _ENTRY_KEYS
+    if extra:
+        key = min(extra)
+        raise BadCheckpoint(
+            f"{where}tensor {name!r}: entry holds {len(extra)} key(s) besides dtype, shape and data_offsets "
+            f"(first {shorten(key)!r})",
+            path=str(path),
+            tensor=name,
+        )
     dtype = lookup(str(info.get("dtype")), where=f"{where}tensor {name!r}: ")
     shape = info.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadCheckpoint(
             f"{where}tensor {name!r}: shape {shape!r} is not a list of non-negative integers",
+            path=str(path),
+            tensor=name,
+        )
+    elements = 1
+    for d in shape:
+        elements *= d or 1  # a zero-size tensor's other dimensions must fit as well
+    if elements >= _MAX_DIM:
+        raise BadCheckpoint(
+            f"{where}tensor {name!r}: shape {shape!r} is beyond what an int64 holds "
+            f"(a dimension or the product of its dimensions is 2**63 or more)",
             path=str(path),
             tensor=name,
         )

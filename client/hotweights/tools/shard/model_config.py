@@ -8,6 +8,7 @@ consumer reads them through here instead of poking at the dict.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> ModelConfig:
     dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
     cfg.torch_dtype = str(dtype).removeprefix("torch.")
     qwen2 = cfg.model_type in ("qwen2", "qwen2_moe")
-    cfg.qkv_bias = bool(raw.get("attention_bias") or raw.get("qkv_bias") or cfg.model_type == "qwen2")
+    cfg.qkv_bias = bool(raw.get("attention_bias") or raw.get("qkv_bias") or qwen2)
     cfg.o_bias = bool(raw.get("attention_bias")) and not qwen2
     cfg.mlp_bias = bool(raw.get("mlp_bias"))
     qc = raw.get("quantization_config")
@@ -131,5 +132,19 @@ def check_tp(tp: int) -> None:
         raise InvalidArgument(f"tp must be a positive integer, not {tp!r}", tp=tp)
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def divisors(n: int, most: int | None = None) -> list[int]:
+    """The divisors of ``n`` in ascending order (the first ``most`` of them), found by trial division up
+    to its square root: a mistyped 10-digit vocab_size costs microseconds, not minutes."""
+    if n < 1:
+        return []
+    low: list[int] = []
+    high: list[int] = []
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            low.append(d)
+            if d != n // d:
+                high.append(n // d)
+            if most is not None and len(low) >= most:
+                return low[:most]  # each of the first ``most`` divisors is at most isqrt(n) here
+    found = low + high[::-1]
+    return found if most is None else found[:most]

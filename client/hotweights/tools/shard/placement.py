@@ -310,4 +310,4 @@ class _Placer:
 
 
 def _choices(n: int) -> str:
-    return ", ".join(str(d) for d in divisors(n)[:12])
+    return ", ".join(str(d) for d in divisors(n, 12))

@@ -55,6 +55,10 @@ def quantize_fp8(weight: torch.Tensor, granularity: str, name: str = "") -> tupl
         raise InvalidArgument(f"cannot quantize {what} ({weight.dtype}) to FP8", tensor=name)
     if granularity not in GRANULARITIES:
         raise InvalidArgument(f"FP8 scale granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+    if weight.numel() == 0:
+        # Nothing to scale (a [0, in] or [out, 0] weight): an empty FP8 weight, and scale 1 for each row it has.
+        shape = scale_shape(tuple(weight.shape), granularity)
+        return torch.empty(weight.shape, dtype=FP8_DTYPE), torch.ones(shape, dtype=torch.float32)
     # One float32 working copy, divided in place: the sharder runs several of these at once on big tensors.
     w = weight.to(torch.float32, copy=True)
     amax = w.abs().amax(dim=1, keepdim=True) if granularity == "channel" else w.abs().amax()

@@ -1,9 +1,12 @@
 """``hotweights shard``: a Hugging Face checkpoint in, per-rank safetensors parts and a manifest out.
 
 The run is all-or-nothing as seen from the output path: everything is written into a hidden
-staging directory beside it and renamed into place at the very end (one ``rename``, atomic on a
-POSIX filesystem), so an interrupted or failed run leaves at most a ``.NAME.hotweights-partial-*``
-directory, never a half checkpoint under the name a loader would open.
+staging directory beside it, every file fsynced, and renamed into place at the very end (one
+``rename``, atomic on a POSIX filesystem), so a failed run never leaves a half checkpoint under the
+name a loader would open. A failure, Ctrl-C or SIGTERM removes the staging directory; only SIGKILL
+(or a crash) can leave a ``.NAME.hotweights-partial-*`` directory behind. The output path must not be
+a symbolic link (refused before any work: ``rename`` would not follow it), and a plan of more part
+files than the daemon opens by default is refused before anything is written.
 
 Memory stays bounded by the tensors in flight: each job reads one source tensor, quantizes it if
 asked, and writes its pieces to every rank's file; several jobs run at once (all ranks' files fill
@@ -12,14 +15,16 @@ together) under a byte budget.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +45,7 @@ from hotweights.errors import (
 from hotweights.format.checkpoint import INDEX_NAME, MANIFEST_NAME, SERVING_FILES, open_checkpoint
 from hotweights.format.dtypes import DTYPES, torch_dtype
 from hotweights.format.manifest import FORMAT, FORMAT_VERSION, dumps_manifest, file_xxh64
+from hotweights.format.source import DEFAULT_MAX_FILES
 from hotweights.tools.shard import quantize as fp8
 from hotweights.tools.shard.model_config import CONFIG_NAME, load_config
 from hotweights.tools.shard.placement import Job, ShardPlan, SourceTensor, plan_shards
@@ -126,6 +132,30 @@ def shard_checkpoint(
         )
     ]
 
+    if len(parts) > DEFAULT_MAX_FILES:
+        raise InvalidArgument(
+            f"the plan makes {len(parts)} part files; the daemon opens at most {DEFAULT_MAX_FILES} files of a "
+            f"checkpoint by default (max_checkpoint_files): give a larger --max-part-size or fewer --parts-per-rank",
+            parts=len(parts),
+            limit=DEFAULT_MAX_FILES,
+        )
+
+    with _sigterm_unwinds():
+        return _write_checkpoint(src, out, tp, plan, parts, ckpt.layout, workers, memory_budget, progress, started)
+
+
+def _write_checkpoint(
+    src: Path,
+    out: Path,
+    tp: int,
+    plan: ShardPlan,
+    parts: list[Part],
+    layout: str,
+    workers: int | None,
+    memory_budget: int,
+    progress: bool,
+    started: float,
+) -> ShardResult:
     staging = out.parent / f".{out.name}.hotweights-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,13 +174,13 @@ def shard_checkpoint(
             source={
                 "name": src.name,
                 "path": str(src),
-                "layout": ckpt.layout,
+                "layout": layout,
                 "hash": f"xxh64:{source_hash}",
                 "hash_of": "xxh64 over the sorted lines '<tensor name> <xxh64 of its bytes>' of every source tensor",
             },
         )
         tmp = staging / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(dumps_manifest(doc))
+        _write_durable(tmp, dumps_manifest(doc).encode())
         os.replace(tmp, staging / MANIFEST_NAME)
         _fsync_dir(staging)
         _publish(staging, out)
@@ -164,6 +194,13 @@ def shard_checkpoint(
 
 
 def _check_output(src: Path, out: Path) -> None:
+    if out.is_symlink():
+        # The finished checkpoint is renamed onto this path, and rename(2) does not follow a link: refused
+        # here, before the run, not after all of its work.
+        raise FailedPrecondition(
+            f"{out}: is a symbolic link (to {os.readlink(out)}); give the directory itself as the output",
+            path=str(out),
+        )
     if out.exists():
         if not out.is_dir():
             raise FailedPrecondition(f"{out}: exists and is not a directory", path=str(out))
@@ -199,6 +236,55 @@ def _publish(staging: Path, out: Path) -> None:
             f"{out}: cannot move the finished checkpoint into place: {exc.strerror}", path=str(out)
         ) from None
     _fsync_dir(out.parent)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Writes ``data`` as the new file ``path`` and fsyncs it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is so that it unwinds (and removes its staging) as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the run writes, SIGTERM (a timeout, systemd, kubectl) unwinds it like Ctrl-C, so its staging
+    directory is removed; the signal is then delivered again under the handler it replaced, so the
+    process still ends as SIGTERM ends it. Outside the main thread (where no handler can be set) nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    if previous is None:  # a handler set outside Python: the default is what remains to restore
+        previous = signal.SIG_DFL
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -351,9 +437,10 @@ def _copy_aux(src: Path, staging: Path, plan: ShardPlan) -> dict[str, dict[str, 
         if name == CONFIG_NAME and plan.quantize:
             cfg = dict(plan.config.raw)
             cfg["quantization_config"] = fp8.quantization_config(plan.quantize, plan.ignored_modules)
-            dest.write_text(json.dumps(cfg, indent=2) + "\n")
+            _write_durable(dest, (json.dumps(cfg, indent=2) + "\n").encode())
         else:
             shutil.copyfile(src / name, dest)
+            _fsync_file(dest)  # durable before the rename publishes it, as the parts are
         out[name] = {"size": dest.stat().st_size, "xxh64": file_xxh64(dest)}
     return out
 

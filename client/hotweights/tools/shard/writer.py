@@ -114,33 +114,54 @@ def _finish(part: Part) -> Part:
 
 
 class PartFile:
-    """One open output file; ``write`` is safe from several threads (disjoint ranges)."""
+    """One output file, created (space reserved, header written) up front; ``write`` is safe from several
+    threads (disjoint ranges).
+
+    No descriptor is held between writes: each write opens the file for itself, so a run of thousands of
+    parts holds at most one descriptor per write in flight, never one per part (which ran into the
+    per-process limit, EMFILE, after the whole plan).
+    """
 
     def __init__(self, directory: Path, part: Part) -> None:
         self.path = directory / part.name
         self.part = part
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.data_start = 8 + len(part.header)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            _reserve(self.fd, part.size, self.path)
-            _pwrite_all(self.fd, len(part.header).to_bytes(8, "little") + part.header, 0, self.path)
-        except BaseException:
-            os.close(self.fd)
-            raise
+            _reserve(fd, part.size, self.path)
+            _pwrite_all(fd, len(part.header).to_bytes(8, "little") + part.header, 0, self.path)
+        finally:
+            os.close(fd)
 
     def write(self, tensor: OutTensor, data: torch.Tensor) -> None:
         raw = data.contiguous().reshape(-1).view(torch.uint8).numpy()
         if raw.nbytes != tensor.nbytes:
             raise AssertionError(f"{tensor.name}: {raw.nbytes} bytes for a {tensor.nbytes}-byte slot")
         view = memoryview(raw)  # type: ignore[arg-type]
-        _pwrite_all(self.fd, view, self.data_start + tensor.begin, self.path)
+        fd = _open_for_write(self.path)
+        try:
+            _pwrite_all(fd, view, self.data_start + tensor.begin, self.path)
+        finally:
+            os.close(fd)
 
     def close(self, sync: bool = True) -> None:
+        """Makes the file durable (``sync``); nothing to release otherwise."""
+        if not sync:
+            return
+        fd = _open_for_write(self.path)
         try:
-            if sync:
-                os.fsync(self.fd)
+            os.fsync(fd)
+        except OSError as exc:
+            raise _as_error(exc, self.path) from None
         finally:
-            os.close(self.fd)
+            os.close(fd)
+
+
+def _open_for_write(path: Path) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _as_error(exc, path) from None
 
 
 def _reserve(fd: int, size: int, path: Path) -> None:
