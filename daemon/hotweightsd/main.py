@@ -31,7 +31,8 @@ from hotweightsd.core.roles import Role
 from hotweightsd.core.roots import ModelRoots
 from hotweightsd.logging import configure
 from hotweightsd.persist import systemd
-from hotweightsd.persist.fdstore import Persister, restore, state_path
+from hotweightsd.persist.fdstore import Persister, state_path
+from hotweightsd.persist.restore import restore
 from hotweightsd.server.fdchannel import FdChannel
 from hotweightsd.server.metrics import DaemonMetrics, MetricsServer, TextfileWriter
 from hotweightsd.server.roles import RoleGuard

@@ -14,7 +14,8 @@ from hotweights.testing import wait_until
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.swap import swap
-from hotweightsd.persist.fdstore import Persister, restore
+from hotweightsd.persist.fdstore import Persister
+from hotweightsd.persist.restore import restore
 from support.ckpt_tools import versioned_model
 from support.svcmgr import hand_over_fds
 

@@ -23,7 +23,8 @@ from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import State
 from hotweightsd.persist import statefile
-from hotweightsd.persist.fdstore import Persister, restore
+from hotweightsd.persist.fdstore import Persister
+from hotweightsd.persist.restore import restore
 from support.models import save_model, tiny_llama_config, tiny_mixtral_config
 from support.served import served_bytes
 from support.svcmgr import hand_over_fds

@@ -19,7 +19,8 @@ from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import State
 from hotweightsd.core.swap import SwapMode, swap
 from hotweightsd.persist import statefile
-from hotweightsd.persist.fdstore import Persister, restore
+from hotweightsd.persist.fdstore import Persister
+from hotweightsd.persist.restore import restore
 from support.ckpt_tools import versioned_model
 
 MiB = 2**20

@@ -10,7 +10,8 @@ from pathlib import Path
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.persist import statefile
-from hotweightsd.persist.fdstore import Persister, restore
+from hotweightsd.persist.fdstore import Persister
+from hotweightsd.persist.restore import restore
 from support.ckpt_tools import write_model
 from support.svcmgr import hand_over_fds
 

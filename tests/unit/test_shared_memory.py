@@ -21,7 +21,8 @@ from hotweightsd.core.events import EventKind
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.core.registry import ModelVersion, State
 from hotweightsd.persist import statefile
-from hotweightsd.persist.fdstore import Persister, restore
+from hotweightsd.persist.fdstore import Persister
+from hotweightsd.persist.restore import restore
 from hotweightsd.server.metrics import snapshot
 from support.ckpt_tools import versioned_model
 from support.served import served_bytes
