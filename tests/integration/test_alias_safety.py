@@ -1,4 +1,4 @@
-"""Hardening, acceptance 7 (cpu backend, a real daemon, the CLI as an operator runs it): a typo'd alias
+"""Alias safety (cpu backend, a real daemon, the CLI as an operator runs it): a typo'd alias
 is NotFound and moves nothing; removing an alias is its own flag; a swap keeps the previous version
 resident for a rollback that reads nothing; the kept version goes after its grace; a version retired
 while leased comes back retired after a restart and is freed once its last lease ends."""
@@ -101,13 +101,7 @@ def test_swap_keeps_the_previous_version_and_rollback_moves_back_without_a_load(
     loads = _loads(daemon)
 
     with daemon.connect() as c:
-        c.status()  # the channel is up: the time below is the Rollback call alone
-        t0 = time.perf_counter()
         r = c.rollback("prod")
-        took = time.perf_counter() - t0
-    # Reported, not asserted (a shared CI machine's scheduling is no property of the daemon); the
-    # acceptance figure is 10 ms.
-    print(f"Rollback RPC took {took * 1e3:.2f} ms")
     assert (r.alias.alias, r.alias.version, r.old_version) == ("prod", "v1", "v2")
     assert "kept llm@v2 resident" in r.version.previous_note
 
@@ -138,13 +132,11 @@ def test_swap_keeps_the_previous_version_and_rollback_moves_back_without_a_load(
 def test_the_kept_version_is_freed_after_keep_previous_seconds(sockdir, tmp_path):
     with start_daemon(str(sockdir / "short.sock"), "--keep-previous-seconds", "1") as d:
         _two_versions(d, tmp_path)
-        t0 = time.time()
         swapped = json.loads(d.cli("swap", "prod", "llm@v2", "--json", check=True).stdout)
         assert "kept llm@v1 resident for 1s" in swapped["previous_note"], swapped
         st = d.wait_status(lambda s: [v["version"] for v in s["versions"]] == ["v2"], timeout=30)
         assert st["aliases"] == [{"alias": "prod", "name": "llm", "version": "v2"}]
         assert len(d.memfds()) == 1
-        print(f"the kept version was gone {time.time() - t0:.2f} s after the swap began (grace 1 s)")
         r = d.cli("rollback", "prod")
         assert r.returncode == 1 and "no previous version kept resident" in r.stderr, r.stderr
         assert d.stop() == 0, d.logs()

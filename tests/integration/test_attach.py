@@ -1,10 +1,9 @@
-"""Issue 3, acceptance 2-4: a real daemon, clients in separate processes."""
+"""Attach through a real daemon, clients in separate processes."""
 
 from __future__ import annotations
 
 import json
 import signal
-import time
 
 import pytest
 
@@ -35,12 +34,8 @@ def test_sigkilled_client_loses_lease_and_memory_is_released(daemon, tmp_path):
 
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    t0 = time.monotonic()
-    wait_until(lambda: not daemon.leases(), 10, "the killed client's lease to end", interval=0.02)
-    ended_after = time.monotonic() - t0
+    wait_until(lambda: not daemon.leases(), what="the killed client's lease to end", interval=0.02)
     assert daemon.status()["leases"] == []
-    # Reported, not asserted: the figure includes the last poll's own time, which load stretches.
-    print(f"\nthe lease outlived its client by {ended_after:.2f} s")
 
     daemon.cli("unload", "m", check=True)
     assert daemon.memfds() == []

@@ -1,4 +1,4 @@
-"""Issue 3, acceptance 5: each bad input gets a clear error naming the problem; the daemon stays
+"""Each bad input gets a clear error naming the problem; the daemon stays
 up and holds nothing afterwards."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hardening, acceptance 4: a load failing at each stage (header, allocation, mid-read, mid-copy, verify)
+"""A load failing at each stage (header, allocation, mid-read, mid-copy, verify)
 leaves the daemon's resident memory, fds, memfds, mappings and threads exactly as they were.
 
 Each case starts a real daemon (cpu backend) with a fault plan (``--faults``, hotweightsd/core/faults.py)

@@ -1,4 +1,4 @@
-"""Issue 5, acceptance 1, 2 and 5 (cpu backend): versions, aliases, live swap, watch, leases."""
+"""The model lifecycle (cpu backend): versions, aliases, live swap, watch, leases."""
 
 from __future__ import annotations
 
@@ -29,11 +29,9 @@ def test_swap_keeps_old_readers_moves_alias_tells_watchers_and_frees_after_relea
     events = [json.loads(line) for line in watcher.stdout.read().splitlines()]
     kinds = [e["kind"] for e in events]
     assert kinds[-1] == "ALIAS_MOVED" and "VERSION_READY" in kinds, kinds
-    ready = next(e for e in events if e["kind"] == "VERSION_READY" and e["version"] == "v2")
+    assert any(e["kind"] == "VERSION_READY" and e["version"] == "v2" for e in events), events
     moved = events[-1]
     assert moved["version"] == "v2" and moved["alias"] == "prod"
-    # Reported, not asserted: a paused or descheduled watcher process makes any fixed bound flaky.
-    print(f"\nthe watcher saw the move {(moved['t_seen'] - ready['t_event']) * 1000:.1f} ms after v2 was ready")
 
     # the old reader still reads v1, while a new attach gets v2
     holder.stdin.write("go\n")

@@ -1,4 +1,4 @@
-"""Issue 5, acceptance 3-5 (cpu backend): a daemon restart under an emulated service manager
+"""A daemon restart (cpu backend) under an emulated service manager
 serves the same models without touching storage; a bad state file is refused clearly."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hardening, acceptance 7, in the core alone (real memfd backend, no gRPC): aliases move only where
+"""Alias safety in the core alone (real memfd backend, no gRPC): aliases move only where
 they exist, a swap keeps the previous version for a rollback until its hold ends, and a version
 retired while leased comes back retired from the state file and the fds, then goes."""
 

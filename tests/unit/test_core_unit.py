@@ -1,4 +1,4 @@
-"""Issue 3, acceptance 6: the core without gRPC or sockets (real memfd backend, small fakes)."""
+"""The core without gRPC or sockets (real memfd backend, small fakes)."""
 
 from __future__ import annotations
 

@@ -532,8 +532,7 @@ def test_engine_choice_is_never_silent(tmp_path):
 
 @needs_lib
 def test_auto_takes_the_native_engine_where_it_loads():
-    """One engine for every read mode: cold (O_DIRECT) reads ran as fast on the native loop as on the
-    python workers within the H200's noise (docs/loader.md)."""
+    """One engine for every read mode (docs/loader.md: The engine)."""
     for mode in ("auto", "pread", "odirect"):
         assert engine_of(read_mode=mode) == ("native", "")
         assert engine_of(engine="native", read_mode=mode) == ("native", "")
