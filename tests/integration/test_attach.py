@@ -7,9 +7,9 @@ import signal
 
 import pytest
 
-from support import child_env
+from hotweights.testing import read_line
 from support.ckpt_tools import layered_tensors, write_model
-from support.daemons import run_client, spawn_client, start_daemon, wait_until
+from support.daemons import run_cli, run_client, spawn_client, start_daemon, wait_until
 
 
 def test_separate_client_loads_and_attaches_bit_exact_zero_copy(daemon, tmp_path):
@@ -22,7 +22,7 @@ def test_sigkilled_client_loses_lease_and_memory_is_released(daemon, tmp_path):
     ckpt = write_model(tmp_path / "m.safetensors")
     daemon.cli("load", "m", str(ckpt), check=True)
     holder = spawn_client("hold_lease", daemon.socket, "m")
-    assert holder.stdout.readline().strip() == "attached"
+    assert read_line(holder, what='"attached" from the holder').strip() == "attached"
     leases = daemon.status()["leases"]
     assert len(leases) == 1 and leases[0]["pid"] == holder.pid
 
@@ -46,7 +46,7 @@ def test_force_unload_keeps_client_mapping_valid(daemon, tmp_path):
     ckpt = write_model(tmp_path / "m.safetensors")
     daemon.cli("load", "m", str(ckpt), check=True)
     p = spawn_client("hold_through_force_unload", daemon.socket, str(ckpt))
-    assert p.stdout.readline().strip() == "attached"
+    assert read_line(p, what='"attached" from the client').strip() == "attached"
     r = daemon.cli("unload", "m", "--force")
     assert r.returncode == 0, r.stderr
     assert daemon.memfds() == []
@@ -135,16 +135,7 @@ def test_doctor_reports_the_node_and_the_daemon(daemon):
 
 
 def test_doctor_fails_without_a_daemon(sockdir):
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [sys.executable, "-m", "hotweights", "doctor", "--socket", str(sockdir / "x.sock")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(),
-    )
+    r = run_cli("doctor", "--socket", str(sockdir / "x.sock"))
     assert r.returncode == 1 and "FAIL  daemon" in r.stdout
 
 

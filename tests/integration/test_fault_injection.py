@@ -83,7 +83,7 @@ def settled(d: Daemon, expected: dict[str, int] | None, what: str) -> dict[str, 
         return now if now == target else None
 
     return wait_until(
-        check, 10.0, what, context=lambda: f"expected {expected}, seen last {seen[-3:]}\n{d.logs()[-3000:]}"
+        check, what=what, context=lambda: f"expected {expected}, seen last {seen[-3:]}\n{d.logs()[-3000:]}"
     )
 
 

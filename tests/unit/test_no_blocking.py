@@ -12,7 +12,6 @@ import os
 import queue
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ import grpc
 import pytest
 
 import hotweights
+from hotweights.testing import wait_until
 from hotweights.wire.pb import pb_grpc
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.events import EventKind
@@ -313,10 +313,7 @@ def test_a_lease_that_is_slow_to_open_holds_up_no_other_call_and_ends_with_its_s
     finally:
         gate.set()
     assert opened.wait(GUARD_S), "the slow lease was opened once the gate opened"
-    deadline = time.monotonic() + GUARD_S
-    while m.leases() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert m.leases() == [], "the lease opened for the abandoned stream was ended"
+    wait_until(lambda: not m.leases(), GUARD_S, "the lease opened for the abandoned stream to end", interval=0.01)
     assert not m.get("other", "v1").leases
     client.close()
 
