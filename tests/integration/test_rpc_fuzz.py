@@ -393,8 +393,18 @@ def _with_examples(rpc: str, test: Any) -> Any:
 UNARY = ["UnloadModel", "ListModels", "GetHandles", "Status", "SetAlias", "Rollback"]
 
 
-@pytest.mark.parametrize("rpc", UNARY)
-def test_unary_rpcs_answer_typed_statuses(fuzzed, rpc):
+def _answer(reply: Any) -> Any:
+    return reply
+
+
+# (rpc, what takes its answer, its deadline): a unary call's reply, or every message of a load's stream
+CALLS = [(rpc, _answer, UNARY_TIMEOUT) for rpc in UNARY] + [
+    (rpc, list, LOAD_TIMEOUT) for rpc in ("LoadModel", "SwapModel")
+]
+
+
+@pytest.mark.parametrize(("rpc", "consume", "timeout"), CALLS, ids=[rpc for rpc, _, _ in CALLS])
+def test_rpcs_answer_typed_statuses(fuzzed, rpc, consume, timeout):
     daemon, stub = fuzzed
     _restore(stub)
     desc = pb.DESCRIPTOR.services_by_name["Hotweights"].methods_by_name[rpc].input_type
@@ -402,22 +412,7 @@ def test_unary_rpcs_answer_typed_statuses(fuzzed, rpc):
     @SETTINGS
     @given(_message(desc))
     def run(request):
-        _call(rpc, lambda: getattr(stub, rpc)(request, timeout=UNARY_TIMEOUT))
-
-    _with_examples(rpc, run)()
-    assert daemon.alive()
-
-
-@pytest.mark.parametrize("rpc", ["LoadModel", "SwapModel"])
-def test_load_streams_answer_typed_statuses(fuzzed, rpc):
-    daemon, stub = fuzzed
-    _restore(stub)
-    desc = pb.DESCRIPTOR.services_by_name["Hotweights"].methods_by_name[rpc].input_type
-
-    @SETTINGS
-    @given(_message(desc))
-    def run(request):
-        _call(rpc, lambda: list(getattr(stub, rpc)(request, timeout=LOAD_TIMEOUT)))
+        _call(rpc, lambda: consume(getattr(stub, rpc)(request, timeout=timeout)))
 
     _with_examples(rpc, run)()
     assert daemon.alive()

@@ -185,8 +185,6 @@ def test_a_file_truncated_under_a_load_is_refused_and_leaves_nothing(tmp_path):
     their mappings, the backend's count and the reader threads are gone once the load returns, even while
     the error (its traceback holds the reader's frames) is still alive."""
     ckpt = write_sharded(tmp_path / "m")
-    # the victim reads a copy: the very same files would share base's memory and read nothing
-    victim = shutil.copytree(ckpt, tmp_path / "copy")
     backend = CpuBackend(threads=4)
     manager = ModelManager(backend)
     before = own_memory()

@@ -167,3 +167,41 @@ def test_match_fds_reports_each_disagreement():
     missing, unexpected, _ = statefile.match_fds(["a", "b"], received)  # names only: no counts
     assert missing == set() and unexpected == {"stray"}
     assert statefile.match_fds({"a": 1}, {"a": [3]}).ok
+
+
+def test_restore_serves_nothing_from_fds_that_disagree_with_the_state_file(tmp_path):
+    """One fd of a version did not come back: the restore refuses them all, closes every fd it was
+    handed, and says why."""
+    from hotweightsd.backends.cpu import CpuBackend
+    from hotweightsd.core.manager import ModelManager
+    from hotweightsd.persist.fdstore import Persister, restore
+    from support.ckpt_tools import write_model
+    from support.svcmgr import hand_over_fds
+
+    sock, state = str(tmp_path / "hw.sock"), tmp_path / "hw.sock.state.json"
+    m1 = ModelManager(CpuBackend(memory_limit=64 * 2**20))
+    try:
+        for rank in (0, 1):  # two ranks: one fd each, so one can go missing while another comes back
+            write_model(tmp_path / "ckpt" / f"model-rank-{rank}-part-0.safetensors", seed=rank)
+        m1.load("m", str(tmp_path / "ckpt"), version="v1")
+        p1 = Persister(m1, state, sock, fdstore=True)
+        received = hand_over_fds(m1, p1, ("m@v1",))
+        statefile.save(state, p1.snapshot())
+    finally:
+        m1.close()
+    assert len(received) >= 2
+    lost = sorted(received)[0]
+    for fd in received.pop(lost):
+        os.close(fd)
+    handed = [fd for fds in received.values() for fd in fds]
+    m2 = ModelManager(CpuBackend(memory_limit=64 * 2**20))
+    try:
+        report = restore(m2, m2.backend, Persister(m2, state, sock, fdstore=True), received)
+        assert report.restored == [] and m2.versions() == []
+        assert f"1 name(s) in the state file got no fd back: {lost!r}" in report.note, report.note
+        assert "started empty" in report.note
+        for fd in handed:  # every fd handed back was closed
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    finally:
+        m2.close()
