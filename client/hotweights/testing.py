@@ -235,20 +235,6 @@ def _run(
     )
 
 
-def spawn_python(program: str | os.PathLike, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-    """Starts ``python PROGRAM ARGS`` with pipes for stdin, stdout and stderr (text); tracked, so it
-    is killed at exit if nobody waited for it."""
-    proc = subprocess.Popen(
-        [sys.executable, os.fspath(program), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(env) if env is not None else child_env(),
-    )
-    return track(proc, f"client {os.path.basename(os.fspath(program))}")
-
-
 # -- the daemon ------------------------------------------------------------------------------------------
 
 
