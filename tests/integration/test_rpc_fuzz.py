@@ -372,6 +372,7 @@ def _examples(rpc: str) -> list[Any]:
             pb.SetAliasRequest(alias="ghost", target="m@v1"),
             pb.SetAliasRequest(alias="a", target="m@v1", remove=True),
             pb.SetAliasRequest(alias=huge, remove=True),
+            pb.SetAliasRequest(alias="a", target="m@v1"),  # valid: an OK answer whatever hypothesis draws
         ],
         "Rollback": [
             pb.RollbackRequest(),
