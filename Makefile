@@ -39,17 +39,20 @@ setup-vllm: $(VLLM_PY)
 test-vllm: setup-vllm
 	$(VLLM_PY) -m pytest -q -p no:cacheprovider -m vllm tests/vllm_plugin
 
-protos:
-	$(VPY) -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
-		--grpc_python_out=$(PROTO_OUT) proto/hotweights/v1/hotweights.proto
-	sed -i 's/^from hotweights.v1 import/from hotweights.wire._proto.hotweights.v1 import/' $(PROTO_OUT)/hotweights/v1/hotweights_pb2_grpc.py
+# The generated modules, written under the folder $(1): protoc, then the import its grpc module needs.
+gen-protos = $(VPY) -m grpc_tools.protoc -Iproto --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) \
+	proto/hotweights/v1/hotweights.proto && \
+	sed -i 's/^from hotweights.v1 import/from hotweights.wire._proto.hotweights.v1 import/' \
+	$(1)/hotweights/v1/hotweights_pb2_grpc.py
 
+protos:
+	$(call gen-protos,$(PROTO_OUT))
+
+# Into a folder of its own, removed afterwards: two checkouts can check at once.
 check-protos: setup
-	rm -rf /tmp/hw-protos && mkdir -p /tmp/hw-protos
-	$(VPY) -m grpc_tools.protoc -Iproto --python_out=/tmp/hw-protos --pyi_out=/tmp/hw-protos \
-		--grpc_python_out=/tmp/hw-protos proto/hotweights/v1/hotweights.proto
-	sed -i 's/^from hotweights.v1 import/from hotweights.wire._proto.hotweights.v1 import/' /tmp/hw-protos/hotweights/v1/hotweights_pb2_grpc.py
-	diff -r -x __init__.py -x __pycache__ /tmp/hw-protos/hotweights $(PROTO_OUT)/hotweights
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(call gen-protos,"$$tmp") && \
+	diff -r -x __init__.py -x __pycache__ "$$tmp/hotweights" $(PROTO_OUT)/hotweights
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .demo

@@ -10,10 +10,8 @@ interleaved repetitions (A B C, B C A, C A B, ...) with its min and max:
   all on the native engine's C loop (host mode, no copies) into private anonymous memory, buffered reads
   with each of 16 threads reading its own contiguous range (4 MiB reads, python threads), and the loader's
   own shape, O_DIRECT 4 MiB x 12 into ``cuMemHostAlloc`` memory (not with ``--smoke``): what the fill would
-  reach if its copies cost nothing. (Until 2026-12-02 the raw readers read into a shared anonymous
-  mapping, where ``probe_cold_memory.py`` saw 4 MiB O_DIRECT reads at half the rate of every other kind
-  of memory, in one run that cannot tell that from the label's place in the rotation: small raw shapes of
-  earlier JSON files may read low);
+  reach if its copies cost nothing (benchmarks/README.md, "Reading older results": raw shapes of older
+  JSON files read into other memory);
 - ``cold``: the daemon (``hotweights serve``, one per read mode of ``--modes``: auto, pread, odirect, each
   optionally with config keys set, ``auto+loader_threads=16``: an A/B of a setting in one rotation)
   loading the rank with every file dropped from the page cache, and in the same rotation each installed peer
@@ -364,7 +362,7 @@ def spread(samples: list[float]) -> dict:
 def interleaved(labels: list[str], reps: int, once: Callable[[str], float], budget: Callable[[], float], need: float):
     """``once(label)`` for A B C, B C A, C A B, ...: ``reps`` rounds (fewer where the budget runs short, never
     fewer than one), each round starting one label later, so no label always runs first or always follows
-    the same one (a pass's place in the round showed in its rate on the VMs); {label: spread of the rates},
+    the same one (a rate must not depend on a pass's place in the round); {label: spread of the rates},
     the samples in round order."""
     got: dict[str, list[float]] = {k: [] for k in labels}
     for r in range(reps):

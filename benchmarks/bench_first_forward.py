@@ -278,7 +278,7 @@ def main() -> int:
         runs: dict[str, list[dict]] = {r: [] for r in ROUTES}
         for rep in range(args.reps):
             # interleaved, so drift on the machine touches every route alike, and rotated, so no route always
-            # runs first in its round (the place in a round moved import times by seconds on the H200)
+            # runs first in its round
             order = ROUTES[rep % len(ROUTES) :] + ROUTES[: rep % len(ROUTES)]
             for position, route in enumerate(order):
                 logits = work / f"logits-{route}-{rep}.pt"

@@ -1080,8 +1080,7 @@ def main() -> int:
         """Raw read rate, hotweights (verified once) and the peers, from files already in memory."""
         files = rank_files(where, 0)
         raw_read(files, ring0, direct=False)  # brings them into the page cache (a no-op on tmpfs)
-        # The read ceiling is the better of two read sizes (4 MiB reads were up to 1.6x faster than 16 MiB
-        # ones in the sweeps).
+        # The read ceiling is the better of two read sizes (docs/loader.md: chunk_size).
         by_size = {}
         for chunk in (4 * MiB, 16 * MiB):
             reads = [raw_read(files, ring0, direct=False, chunk=chunk) for _ in range(args.reps)]

@@ -47,7 +47,7 @@ import bench_load as bl  # noqa: E402  (needs benchmarks/ on sys.path first)
 
 ROOT, GB, MiB = bl.ROOT, bl.GB, bl.MiB
 TESTS = ROOT / "tests"
-# NVLink SHARP (NVLS) multicast is off on the lent multi-GPU machines; NCCL hangs or fails with it on.
+# NCCL hangs with NVLink SHARP (NVLS) multicast on these machines: NCCL_NVLS_ENABLE=0.
 os.environ["NCCL_NVLS_ENABLE"] = "0"
 
 PUBLISHED_BYTES = 408e9  # a 408 GB FP8 checkpoint, TP=8

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh            (from the repository root; carry .whl/ from fetch_wheels.sh)
 #
-# Everything lands in $OUT (the device tool's return folder; /tmp/hw-out when unset): session.log,
+# Everything lands in $OUT (where the results are collected; /tmp/hw-out when unset): session.log,
 # machine.txt, gpu-tests.log, bench.log and bench-<gpu>-<date>.json (5 files). The JSON also goes to
 # benchmarks/results/. Stays under ~9 minutes: each stage is time-boxed with `timeout`.
 #

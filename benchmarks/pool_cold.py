@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Issue-level view of the cold runs: every ``cold-<gpu>-<date>.json`` in a folder, pooled.
+"""A pooled view of the cold runs: every ``cold-<gpu>-<date>.json`` in a folder, pooled.
 
 Each cold run compares, in one interleaved rotation, the daemon's default load with the best raw
-read shape (the ceiling) and with the peers. Single runs on the shared VMs swing by more than the
-margins being judged, so this reads them all and reports, per run and pooled (medians, min, max):
+read shape (the ceiling) and with the peers. Single runs swing by more than the margins being
+judged, so this reads them all and reports, per run and pooled (medians, min, max):
 
 - ``auto_over_ceiling``: the default load over the best raw shape's median;
 - ``auto_over_best_peer``: the default load over the best peer's median;

@@ -3,15 +3,14 @@
 
 The cold benchmark's raw shapes read into plain anonymous memory (``bench_cold.HostBuffers``); the loader
 reads into its pinned ring (``cuMemHostAlloc``). Each round starts one label later
-(``bench_cold.interleaved``): in the run of 2026-12-02, when rounds did not rotate, the first label of each
-round read slow, and on the 2-core CI VM the first label was slow in three orders of four whatever its
-memory. O_DIRECT builds each request from the pages of the
+(``bench_cold.interleaved``), so a label's rate does not stand for its place in the round (what an
+unrotated run showed: benchmarks/README.md, "Reading older results"). O_DIRECT builds each request from the pages of the
 destination, and a block device takes at most ``max_segments`` of them per request, so a destination of
 scattered 4 KiB pages can cut a large read into smaller requests than a physically contiguous one. This
 probe reads the same cold files O_DIRECT on the native engine (host mode: reads only, no copies) into:
 
 - ``shared``: a shared anonymous mapping, touched (``mmap.mmap(-1, n)``: shmem, never transparent huge
-  pages; what the raw shapes used until 2026-12-02);
+  pages; what bench_cold's raw shapes used before they moved to private memory);
 - ``private``: private anonymous memory, touched;
 - ``thp``: the same with ``MADV_HUGEPAGE`` before the touch (transparent huge pages where the kernel
   allows them);

@@ -88,6 +88,44 @@ def wait_until(
         time.sleep(min(interval, left))
 
 
+def read_line(
+    proc: subprocess.Popen,
+    timeout: float = START_TIMEOUT,
+    what: str = "a line",
+    *,
+    context: Callable[[], object] | None = None,
+) -> Any:
+    """The next line ``proc`` writes to its stdout (a pipe), waiting at most ``timeout`` seconds (by
+    default as long as a child's start may take: a first line follows its imports). Where
+    none comes (the child ended, or is still silent after ``timeout``: it is then killed, as it hangs)
+    raises AssertionError naming ``what``, with the child's exit status, its stderr where that is a
+    pipe, and ``context()`` (a daemon's log, say)."""
+    assert proc.stdout is not None, "read_line needs the child's stdout as a pipe"
+    stdout = proc.stdout
+    got: list[Any] = []
+    reader = threading.Thread(target=lambda: got.append(stdout.readline()), daemon=True, name="read_line")
+    reader.start()
+    reader.join(timeout)
+    if got and got[0]:
+        return got[0]
+    why = "it ended first" if got else f"none came in {timeout:g} s"
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        status = proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        status = None
+    err: Any = ""
+    if proc.stderr is not None:
+        chunks: list[Any] = []
+        drain = threading.Thread(target=lambda: chunks.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+        drain.start()
+        drain.join(STOP_TIMEOUT)
+        err = chunks[0] if chunks else "(its stderr stayed open)"
+    extra = f"\n{context()}" if context is not None else ""
+    raise AssertionError(f"waited for {what} from pid {proc.pid}: {why} (exit status {status}); stderr:\n{err}{extra}")
+
+
 # -- child processes ----------------------------------------------------------------------------------
 
 _lock = threading.Lock()
@@ -195,20 +233,6 @@ def _run(
         input=input,
         env=dict(env) if env is not None else child_env(),
     )
-
-
-def spawn_python(program: str | os.PathLike, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-    """Starts ``python PROGRAM ARGS`` with pipes for stdin, stdout and stderr (text); tracked, so it
-    is killed at exit if nobody waited for it."""
-    proc = subprocess.Popen(
-        [sys.executable, os.fspath(program), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(env) if env is not None else child_env(),
-    )
-    return track(proc, f"client {os.path.basename(os.fspath(program))}")
 
 
 # -- the daemon ------------------------------------------------------------------------------------------

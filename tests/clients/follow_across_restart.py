@@ -2,11 +2,12 @@
 meanwhile) waits until its lease was taken again and prints ``relet``; after another line (the alias
 moved) waits for the move and prints ``moved <alias> <old version> <new version>``; then releases."""
 
+import contextlib
 import sys
 import threading
-import time
 
 import hotweights
+from hotweights.testing import wait_until
 
 moves: list = []
 moved = threading.Event()
@@ -21,9 +22,8 @@ c = hotweights.connect(sys.argv[1])
 w = c.attach(sys.argv[2], holder="follower", on_alias_moved=on_move)
 print("attached", flush=True)
 sys.stdin.readline()
-deadline = time.monotonic() + 60
-while w._lease.relets < 1 and time.monotonic() < deadline:
-    time.sleep(0.02)
+with contextlib.suppress(AssertionError):  # past the bound, "no-relet" says so to the test
+    wait_until(lambda: w._lease.relets >= 1, 60, "the lease to be taken again", interval=0.02)
 print("relet" if w._lease.relets else "no-relet", flush=True)
 sys.stdin.readline()
 moved.wait(60)

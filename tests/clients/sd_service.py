@@ -83,10 +83,8 @@ def store_with_state(state: str) -> None:
 
 def check_state(state: str) -> None:
     doc = statefile.load(state)
-    try:
-        statefile.require_fds(state, doc["fds"], systemd.listen_fds())
-    except Exception as exc:
-        print(type(exc).__name__, exc)
+    mismatch = statefile.match_fds(doc["fds"], systemd.listen_fds())
+    print("match" if mismatch.ok else f"mismatch: {mismatch.describe()}")
 
 
 mode, args = sys.argv[1], sys.argv[2:]

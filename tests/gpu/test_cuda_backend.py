@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from conftest import (
     write_checkpoint,
 )
 
+from hotweights.testing import read_line, wait_until
 from support import GDS_TEST_DIR
 
 pytestmark = pytest.mark.gpu
@@ -209,7 +209,7 @@ def test_free_memory_returns_after_close(b, tmp_path):
     try:
         for fd in fds:
             os.close(fd)
-        assert child.stdout.readline().strip() == "mapped"
+        assert read_line(child, what='"mapped" from the importer').strip() == "mapped"
         for a in allocs:
             a.close()
         extra.close()
@@ -217,15 +217,17 @@ def test_free_memory_returns_after_close(b, tmp_path):
         # ... and it comes back when the importer lets go
         child.stdin.write("release\n")
         child.stdin.flush()
-        assert child.stdout.readline().strip() == "released"
+        assert read_line(child, what='"released" from the importer').strip() == "released"
     finally:
         child.kill()
         child.wait()
     torch.cuda.synchronize()
-    deadline = time.monotonic() + 10
-    while free_memory(0) < before - SLACK and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert free_memory(0) >= before - SLACK, f"{(before - free_memory(0)) / MiB:.1f} MiB did not come back"
+    wait_until(
+        lambda: free_memory(0) >= before - SLACK,
+        what="the freed memory to come back",
+        interval=0.1,
+        context=lambda: f"{(before - free_memory(0)) / MiB:.1f} MiB did not come back",
+    )
 
 
 IMPORT_AND_WAIT = """

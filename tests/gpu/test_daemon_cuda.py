@@ -17,6 +17,7 @@ sys.path.insert(0, str(TESTS))
 
 from conftest import gpu_count, write_checkpoint  # noqa: E402
 
+from hotweights.testing import read_line  # noqa: E402
 from support.ckpt_tools import write_model  # noqa: E402
 from support.daemons import (  # noqa: E402
     Daemon,
@@ -127,7 +128,7 @@ def test_client_keeps_computing_after_daemon_sigkill(tmp_path):
         with cuda_daemon(str(Path(d) / "hw.sock")) as daemon:
             daemon.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), check=True)
             p = spawn_client("gpu_hold_and_compute", daemon.socket, "m")
-            assert p.stdout.readline().strip() == "attached", p.stderr.read()
+            assert read_line(p, what='"attached" from the client').strip() == "attached"
             daemon.stop(signal.SIGKILL)
             out, err = p.communicate("go\n", timeout=120)
             assert "still-computing" in out, err
@@ -150,7 +151,7 @@ def test_restart_under_service_manager_rereads_nothing(tmp_path):
         daemon.cli("load", "alpha", str(a), "--version", "v1", "--alias", "prod", check=True)
         daemon.cli("load", "beta", str(b), "--version", "v2", check=True)
         holder = spawn_client("gpu_hold_and_compute", sock, "prod")
-        assert holder.stdout.readline().strip() == "attached", holder.stderr.read()
+        assert read_line(holder, what='"attached" from the holder').strip() == "attached"
         svc.stop(signal.SIGKILL)
         keep = tmp_path / "keep"
         keep.mkdir()

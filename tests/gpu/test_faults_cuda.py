@@ -1,4 +1,4 @@
-"""Hardening, acceptance 4, on the cuda backend: a load failing mid-copy (and mid-read) leaves the GPU's
+"""On the cuda backend: a load failing mid-copy (and mid-read) leaves the GPU's
 free memory and the daemon's fds and threads exactly as before, on the native engine and the python workers.
 
 The real daemon (``--backend cuda``, GDS off: the bounce path, whose two engines are what differ) with a fault plan

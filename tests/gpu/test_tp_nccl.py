@@ -1,4 +1,4 @@
-"""Acceptance 2 on GPUs: the TP forward from the shards over NCCL, one process per GPU.
+"""On GPUs: the TP forward from the shards over NCCL, one process per GPU.
 
 Skips cleanly without two CUDA GPUs or without NCCL.
 """

@@ -1,4 +1,4 @@
-"""Hardening, acceptance 7 (cpu backend, a real daemon, the CLI as an operator runs it): a typo'd alias
+"""Alias safety (cpu backend, a real daemon, the CLI as an operator runs it): a typo'd alias
 is NotFound and moves nothing; removing an alias is its own flag; a swap keeps the previous version
 resident for a rollback that reads nothing; the kept version goes after its grace; a version retired
 while leased comes back retired after a restart and is freed once its last lease ends."""
@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hotweights import errors
+from hotweights.testing import read_line
 from support.ckpt_tools import versioned_model as versioned
 from support.daemons import Daemon, serve_command, spawn_client, start_daemon
 from support.svcmgr import ServiceManager
@@ -101,13 +102,7 @@ def test_swap_keeps_the_previous_version_and_rollback_moves_back_without_a_load(
     loads = _loads(daemon)
 
     with daemon.connect() as c:
-        c.status()  # the channel is up: the time below is the Rollback call alone
-        t0 = time.perf_counter()
         r = c.rollback("prod")
-        took = time.perf_counter() - t0
-    # Reported, not asserted (a shared CI machine's scheduling is no property of the daemon); the
-    # acceptance figure is 10 ms.
-    print(f"Rollback RPC took {took * 1e3:.2f} ms")
     assert (r.alias.alias, r.alias.version, r.old_version) == ("prod", "v1", "v2")
     assert "kept llm@v2 resident" in r.version.previous_note
 
@@ -138,13 +133,11 @@ def test_swap_keeps_the_previous_version_and_rollback_moves_back_without_a_load(
 def test_the_kept_version_is_freed_after_keep_previous_seconds(sockdir, tmp_path):
     with start_daemon(str(sockdir / "short.sock"), "--keep-previous-seconds", "1") as d:
         _two_versions(d, tmp_path)
-        t0 = time.time()
         swapped = json.loads(d.cli("swap", "prod", "llm@v2", "--json", check=True).stdout)
         assert "kept llm@v1 resident for 1s" in swapped["previous_note"], swapped
         st = d.wait_status(lambda s: [v["version"] for v in s["versions"]] == ["v2"], timeout=30)
         assert st["aliases"] == [{"alias": "prod", "name": "llm", "version": "v2"}]
         assert len(d.memfds()) == 1
-        print(f"the kept version was gone {time.time() - t0:.2f} s after the swap began (grace 1 s)")
         r = d.cli("rollback", "prod")
         assert r.returncode == 1 and "no previous version kept resident" in r.stderr, r.stderr
         assert d.stop() == 0, d.logs()
@@ -170,7 +163,7 @@ def _served_with_holder(svc: ServiceManager, tmp_path, client: str) -> tuple[lis
     d = Daemon(sock, svc.process, svc.log_path).wait_ready()
     _two_versions(d, tmp_path)
     holder = spawn_client(client, sock, "prod")
-    assert holder.stdout.readline().strip() == "attached", holder.stderr.read()
+    assert read_line(holder, what='"attached" from the holder').strip() == "attached"
     return cmd, d, holder
 
 
@@ -193,7 +186,7 @@ def test_a_version_retired_while_leased_is_freed_after_a_restart_once_its_lease_
 
     holder.stdin.write("go\n")
     holder.stdin.flush()
-    assert holder.stdout.readline().split()[0] == "same-after-restart", holder.stderr.read()
+    assert read_line(holder, what='"same-after-restart" from the holder').split()[0] == "same-after-restart"
     d.wait_status(lambda s: any(le["holder"] == "restart-test" and le["version"] == "v1" for le in s["leases"]))
     assert "v1" in _versions(d)  # leased again: stays
     holder.stdin.write("done\n")
@@ -209,7 +202,7 @@ def test_without_an_fd_store_a_retired_version_is_not_reloaded(sockdir, tmp_path
     with start_daemon(sock) as d:
         _two_versions(d, tmp_path)
         holder = spawn_client("hold_across_restart", sock, "prod")
-        assert holder.stdout.readline().strip() == "attached", holder.stderr.read()
+        assert read_line(holder, what='"attached" from the holder').strip() == "attached"
         d.cli("swap", "prod", "llm@v2", check=True)  # v1 is leased and kept for a rollback: retired
         assert _versions(d)["v1"]["retired"] is True
         assert d.stop() == 0, d.logs()
@@ -230,13 +223,13 @@ def test_a_holder_that_attached_through_an_alias_hears_of_its_moves_after_a_rest
     d = Daemon(d.socket, svc.process, svc.log_path).wait_ready()
     holder.stdin.write("go\n")
     holder.stdin.flush()
-    assert holder.stdout.readline().strip() == "relet", holder.stderr.read()
+    assert read_line(holder, what='"relet" from the holder').strip() == "relet"
     # the re-lease holds the version it maps, and still follows the alias it came through
     d.wait_status(lambda s: any(le["holder"] == "follower" and le["version"] == "v1" for le in s["leases"]))
     d.cli("swap", "prod", "llm@v2", check=True)
     holder.stdin.write("go\n")
     holder.stdin.flush()
-    assert holder.stdout.readline().split() == ["moved", "prod", "v1", "v2"], holder.stderr.read()
+    assert read_line(holder, what='"moved" from the holder').split() == ["moved", "prod", "v1", "v2"]
     assert holder.wait(60) == 0, holder.stderr.read()
     assert svc.stop() == 0
 
@@ -312,7 +305,7 @@ def test_a_forced_unload_of_an_alias_target_says_what_it_removed_and_frees_nothi
     assert _versions(daemon)["v1"]["previous_of"] == "prod"
     holder = spawn_client("hold_prod", daemon.socket)
     try:
-        assert holder.stdout.readline().split()[0] == "v2"
+        assert read_line(holder, what='"v2" from the holder').split()[0] == "v2"
         r = daemon.cli("unload", "llm@v2", "--force", check=True)
         assert r.stdout.splitlines()[0] == "unloaded llm@v2 (0 B)", r.stdout  # the lease still maps it
         assert "removed alias(es) prod" in r.stdout, r.stdout

@@ -1,18 +1,17 @@
-"""Issue 3, acceptance 5: each bad input gets a clear error naming the problem; the daemon stays
+"""Each bad input gets a clear error naming the problem; the daemon stays
 up and holds nothing afterwards."""
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 
-from support import child_env
+from hotweights.testing import WAIT_TIMEOUT
 from support.ckpt_tools import raw_file, write_model
-from support.daemons import run_client, start_daemon, wait_until
+from support.daemons import run_cli, run_client, start_daemon, wait_until
 
 F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
@@ -151,30 +150,23 @@ def test_expired_ticket_is_refused(sockdir, tmp_path):
 
 
 def test_load_that_does_not_fit_is_refused_before_reading(sockdir, tmp_path):
-    d = start_daemon(str(sockdir / "small.sock"), "--memory-limit", "1MB")
+    # every allocation and every read fails on purpose: a refusal that says "does not fit" came first
+    never = "load.allocate:times=1000000,load.read:times=1000000"
+    d = start_daemon(str(sockdir / "small.sock"), "--memory-limit", "1MB", "--faults", never)
     try:
+        assert "faults.planned" in d.logs(), d.logs()
         ckpt = write_model(tmp_path / "m.safetensors")
-        t0 = time.monotonic()
         r = d.cli("load", "m", str(ckpt))
         assert r.returncode == 1
         assert "does not fit on host memory: needs" in r.stderr and "free" in r.stderr, r.stderr
+        assert "injected fault" not in r.stderr + d.logs(), r.stderr
         assert d.memfds() == [] and d.status()["versions"] == []
-        assert time.monotonic() - t0 < 30
     finally:
         assert d.stop() == 0
 
 
 def test_cli_without_daemon_says_so(sockdir):
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [sys.executable, "-m", "hotweights", "list", "--socket", str(sockdir / "none.sock")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(),
-    )
+    r = run_cli("list", "--socket", str(sockdir / "none.sock"))
     assert r.returncode == 1
     assert "unreachable" in r.stderr or "no hotweights daemon" in r.stderr, r.stderr
 
@@ -243,7 +235,7 @@ def test_a_64_mib_field_is_refused_typed_and_the_daemon_stays_healthy(daemon):
             assert len(str(info.value)) < 1000, str(info.value)[:400]
     assert daemon.alive()
     with grpc.insecure_channel(f"unix://{daemon.socket}") as channel:
-        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=WAIT_TIMEOUT)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
     assert daemon.status()["versions"] == []
 

@@ -15,18 +15,9 @@ import pytest
 
 import hotweights
 from hotweights import errors
+from hotweights.testing import WAIT_TIMEOUT
 from support.ckpt_tools import write_model
-from support.daemons import run_client, start_daemon, wait_until
-
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hotweights", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+from support.daemons import run_cli, run_client, start_daemon, wait_until
 
 
 def as_json(r: subprocess.CompletedProcess):
@@ -80,7 +71,7 @@ def test_every_data_command_prints_numbers_as_numbers(daemon, tmp_path):
                 watcher.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 pass
-        out, err = watcher.communicate(timeout=10)
+        out, err = watcher.communicate(timeout=WAIT_TIMEOUT)
     finally:
         watcher.kill()
     assert watcher.returncode == 0, err
@@ -97,7 +88,7 @@ def test_every_data_command_prints_numbers_as_numbers(daemon, tmp_path):
 
     version = as_json(daemon.cli("version", "--json"))
     assert version["daemon"]["reachable"] is True and version["daemon"]["pid"] == daemon.pid
-    r = cli("--version", env={"HOTWEIGHTS_SOCKET": daemon.socket})
+    r = run_cli("--version", HOTWEIGHTS_SOCKET=daemon.socket)
     assert r.returncode == 0 and f"daemon: hotweightsd 0.1.0, backend cpu, pid {daemon.pid}" in r.stdout
 
     checks = {c["name"]: c for c in json.loads(daemon.cli("doctor", "--json").stdout)}
@@ -115,24 +106,24 @@ def test_watch_of_an_unknown_name_is_an_error(daemon, tmp_path):
 
 def test_no_socket_file_says_not_running_or_wrong_path(sockdir):
     missing = str(sockdir / "none.sock")
-    r = cli("list", "--socket", missing)
+    r = run_cli("list", "--socket", missing)
     assert r.returncode == 1
     assert f"no hotweights daemon socket at {missing} (from --socket)" in r.stderr
     assert "not running, or it listens on another path" in r.stderr
-    r = cli("status", env={"HOTWEIGHTS_SOCKET": missing})
+    r = run_cli("status", HOTWEIGHTS_SOCKET=missing)
     assert r.returncode == 1 and f"{missing} (from HOTWEIGHTS_SOCKET)" in r.stderr
 
 
 def test_a_stale_socket_says_the_daemon_is_down(sockdir):
     d = start_daemon(str(sockdir / "stale.sock"))
     d.proc.send_signal(signal.SIGKILL)  # no chance to remove its socket file
-    d.proc.wait(timeout=10)
+    d.proc.wait(timeout=WAIT_TIMEOUT)
     assert os.path.exists(d.socket)
-    r = cli("list", "--socket", d.socket)
+    r = run_cli("list", "--socket", d.socket)
     assert r.returncode == 1
     assert f"nothing listens on {d.socket} (from --socket): the socket file is stale" in r.stderr
     assert "systemctl start hotweights" in r.stderr
-    r = cli("doctor", "--socket", d.socket, "--json")
+    r = run_cli("doctor", "--socket", d.socket, "--json")
     assert r.returncode == 1
     daemon_check = next(c for c in json.loads(r.stdout) if c["name"] == "daemon")
     assert daemon_check["status"] == "fail" and "stale" in daemon_check["detail"] and daemon_check["fix"]
@@ -164,7 +155,7 @@ def test_permission_denied_names_the_socket_group_and_mode(daemon, sockdir):
     else:
         os.chmod(daemon.socket, 0)
         try:
-            r = cli("list", "--socket", daemon.socket)
+            r = run_cli("list", "--socket", daemon.socket)
         finally:
             os.chmod(daemon.socket, 0o660)
         assert r.returncode == 1 and f"permission denied on {daemon.socket}" in r.stderr

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from hotweights import errors
-from support.ckpt_tools import write_model
+from hotweights.testing import WAIT_TIMEOUT
+from support.ckpt_tools import mixed_tensors, write_model
 
 
 @pytest.fixture
@@ -49,11 +50,12 @@ def test_closing_the_client_releases_its_attachments_and_no_thread_dies(daemon, 
     t = att["f32"]
     lease_thread = att._lease._thread
     c.close()
-    lease_thread.join(5)
+    lease_thread.join(WAIT_TIMEOUT)
+    assert not lease_thread.is_alive(), "the lease thread never ended"
     assert att.released
     with pytest.raises(errors.FailedPrecondition):
         att["f32"]
-    assert float(t.sum()) == float(t.sum())  # tensors handed out stay readable
+    assert torch.equal(t, mixed_tensors()["f32"])  # tensors handed out stay readable, and still hold the data
     assert daemon.wait_status(lambda st: not st["leases"])["leases"] == []
     with pytest.raises(errors.FailedPrecondition, match="closed"):
         c.attach("m")
@@ -69,7 +71,7 @@ def test_a_lease_whose_channel_closes_under_it_ends_without_a_crash(daemon, tmp_
     att = c.attach("m")
     lease_thread = att._lease._thread
     c.channel.close()  # not through close(): the lease thread finds the channel gone when it re-leases
-    lease_thread.join(10)
+    lease_thread.join(WAIT_TIMEOUT)
     assert not lease_thread.is_alive()
     assert att.released
     assert thread_errors == []

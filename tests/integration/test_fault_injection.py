@@ -1,4 +1,4 @@
-"""Hardening, acceptance 4: a load failing at each stage (header, allocation, mid-read, mid-copy, verify)
+"""A load failing at each stage (header, allocation, mid-read, mid-copy, verify)
 leaves the daemon's resident memory, fds, memfds, mappings and threads exactly as they were.
 
 Each case starts a real daemon (cpu backend) with a fault plan (``--faults``, hotweightsd/core/faults.py)
@@ -83,7 +83,7 @@ def settled(d: Daemon, expected: dict[str, int] | None, what: str) -> dict[str, 
         return now if now == target else None
 
     return wait_until(
-        check, 10.0, what, context=lambda: f"expected {expected}, seen last {seen[-3:]}\n{d.logs()[-3000:]}"
+        check, what=what, context=lambda: f"expected {expected}, seen last {seen[-3:]}\n{d.logs()[-3000:]}"
     )
 
 

@@ -11,7 +11,6 @@ import os
 import resource
 import select
 import socket
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hotweights.testing import WAIT_TIMEOUT, read_line
 from support.ckpt_tools import write_model
 from support.daemons import spawn_client, start_daemon, wait_until
 
@@ -65,7 +65,9 @@ def _closed_by_daemon(s: socket.socket, within: float) -> bytes | None:
 
 def _health(sock: str) -> int:
     with grpc.insecure_channel(f"unix:{sock}") as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        return (
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT_TIMEOUT).status
+        )
 
 
 def _attach_clients(sock: str, processes: int, each: int, before: Callable[[], None] = lambda: None) -> list[dict]:
@@ -73,7 +75,7 @@ def _attach_clients(sock: str, processes: int, each: int, before: Callable[[], N
     (connected, torch imported) and just before they start."""
     procs = [spawn_client("attach_many", sock, "m", str(each), "wait") for _ in range(processes)]
     for p in procs:
-        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        assert read_line(p, what='"ready" from the client').strip() == "ready"
     before()
     for p in procs:
         p.stdin.write("go\n")
@@ -129,10 +131,6 @@ def test_idle_and_trickling_connections_hold_up_no_attach(sockdir, tmp_path):
             still_open = [s for s in idle + tricklers if _closed_by_daemon(s, 0) is None]
             latencies = sorted(x for r in results for x in r["latencies"])
             errors = [e for r in results for e in r["errors"]]
-            print(
-                f"\n100 attaches beside 500 idle and 5 trickling connections: p50 "
-                f"{statistics.median(latencies) * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms"
-            )
             assert sum(r["ok"] for r in results) == 100, errors
             assert errors == []
             assert latencies[-1] < LONG_DEADLINE_S, "an attach waited for the channel's deadline"

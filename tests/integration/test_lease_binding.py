@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from hotweights.testing import CLI_TIMEOUT, read_line
 from support import CLIENTS
 from support.ckpt_tools import write_model
 from support.daemons import run_client, spawn_client
@@ -19,8 +20,8 @@ from support.daemons import run_client, spawn_client
 def _holder(daemon, tmp_path):
     daemon.cli("load", "m", str(write_model(tmp_path / "m.safetensors")), check=True)
     holder = spawn_client("hold_with_ticket", daemon.socket, "m")
-    line = holder.stdout.readline()
-    assert line.startswith("{"), line + holder.stderr.read()
+    line = read_line(holder, what="the holder's next line")
+    assert line.startswith("{"), line
     return holder, json.loads(line)
 
 
@@ -32,7 +33,7 @@ def _lease_record(daemon) -> dict:
 def _fetch(holder) -> str:
     holder.stdin.write("fetch\n")
     holder.stdin.flush()
-    return holder.stdout.readline().strip()
+    return read_line(holder, what="the holder's next line").strip()
 
 
 def test_another_process_of_the_same_uid_gets_neither_handles_nor_fds(daemon, tmp_path):
@@ -68,6 +69,7 @@ def other_user():
         ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name],
         check=True,
         capture_output=True,
+        timeout=CLI_TIMEOUT,
     )
     try:
         import pwd
@@ -75,7 +77,7 @@ def other_user():
         entry = pwd.getpwnam(name)
         yield entry.pw_uid, entry.pw_gid
     finally:
-        subprocess.run(["userdel", name], capture_output=True)
+        subprocess.run(["userdel", name], capture_output=True, timeout=CLI_TIMEOUT)
 
 
 def _as_user(uid: int, gid: int, fn) -> str:

@@ -1,4 +1,4 @@
-"""Issue 5, acceptance 1, 2 and 5 (cpu backend): versions, aliases, live swap, watch, leases."""
+"""The model lifecycle (cpu backend): versions, aliases, live swap, watch, leases."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from hotweights import testing
+from hotweights.testing import read_line
 from support import child_env
 from support.ckpt_tools import versioned_model as versioned
 from support.daemons import run_client, spawn_client, start_daemon, wait_until
@@ -18,27 +19,26 @@ def test_swap_keeps_old_readers_moves_alias_tells_watchers_and_frees_after_relea
     v1, v2 = versioned(tmp_path, 1), versioned(tmp_path, 2)
     daemon.cli("load", "llm", str(v1), "--version", "v1", "--alias", "prod", check=True)
     holder = spawn_client("hold_prod", daemon.socket)
-    assert holder.stdout.readline().split() == ["v1", "1"]
+    assert read_line(holder, what='"v1" from the holder').split() == ["v1", "1"]
     watcher = spawn_client("watch_alias", daemon.socket, "prod")
-    assert watcher.stdout.readline().strip() == "watching"
+    assert read_line(watcher, what='"watching" from the watcher').strip() == "watching"
 
     # --no-keep-previous: v1 goes with its last lease (tests/integration/test_alias_safety.py keeps it)
     r = daemon.cli("swap", "prod", str(v2), "--version", "v2", "--no-keep-previous", "--json", check=True)
     assert json.loads(r.stdout)["version"] == "v2"
 
-    events = [json.loads(line) for line in watcher.stdout.read().splitlines()]
+    out, _ = watcher.communicate(timeout=testing.WAIT_TIMEOUT)  # the watcher ends after the move
+    events = [json.loads(line) for line in out.splitlines()]
     kinds = [e["kind"] for e in events]
     assert kinds[-1] == "ALIAS_MOVED" and "VERSION_READY" in kinds, kinds
-    ready = next(e for e in events if e["kind"] == "VERSION_READY" and e["version"] == "v2")
+    assert any(e["kind"] == "VERSION_READY" and e["version"] == "v2" for e in events), events
     moved = events[-1]
     assert moved["version"] == "v2" and moved["alias"] == "prod"
-    # Reported, not asserted: a paused or descheduled watcher process makes any fixed bound flaky.
-    print(f"\nthe watcher saw the move {(moved['t_seen'] - ready['t_event']) * 1000:.1f} ms after v2 was ready")
 
     # the old reader still reads v1, while a new attach gets v2
     holder.stdin.write("go\n")
     holder.stdin.flush()
-    assert holder.stdout.readline().split() == ["v1", "1", "1.0"]
+    assert read_line(holder, what='"v1" from the holder').split() == ["v1", "1", "1.0"]
     new = run_client("attach_version", daemon.socket, "prod")
     assert new.stdout.split() == ["v2", "2"]
 
@@ -47,7 +47,7 @@ def test_swap_keeps_old_readers_moves_alias_tells_watchers_and_frees_after_relea
     assert set(listed) == {"v1", "v2"} and listed["v1"]["leases"] == 1
     holder.stdin.write("go\n")
     holder.stdin.flush()
-    assert holder.stdout.readline().strip() == "released"
+    assert read_line(holder, what='"released" from the holder').strip() == "released"
     st = daemon.wait_status(lambda s: len(s["versions"]) == 1)
     assert [v["version"] for v in st["versions"]] == ["v2"]
     assert len(daemon.memfds()) == 1
@@ -86,7 +86,7 @@ def test_side_by_side_refused_when_both_cannot_fit_then_drain_works(sockdir, tmp
         assert r.returncode == 1 and "--mode drain" in r.stderr and "does not fit" in r.stderr
 
         holder = spawn_client("hold_prod", d.socket)
-        assert holder.stdout.readline().split() == ["v1", "1"]
+        assert read_line(holder, what='"v1" from the holder').split() == ["v1", "1"]
         # drain times out cleanly while the lease lives: nothing changes
         r = d.cli("swap", "prod", str(v2), "--version", "v2", "--mode", "drain", "--drain-timeout", "0.5")
         assert r.returncode == 1 and "timed out" in r.stderr and "nothing was changed" in r.stderr
@@ -155,8 +155,8 @@ def test_sixteen_clients_churn_through_twenty_swaps(daemon, tmp_path):
     one_version = int(daemon.status()["resident_bytes"])
     stop = tmp_path / "stop"
     clients = [spawn_client("churn_attach", daemon.socket, str(stop)) for _ in range(16)]
-    for p in clients:
-        assert p.stdout.readline().strip() == "started", p.stderr.read()
+    for p in clients:  # sixteen interpreters start at once: the first line may take a while
+        assert read_line(p, testing.CLI_TIMEOUT, '"started" from the client').strip() == "started"
     for n in range(2, 22):
         daemon.cli("swap", "prod", str(paths[n - 1]), "--version", f"v{n}", "--no-keep-previous", check=True)
         # the clients churn through each version before the next swap
@@ -281,7 +281,7 @@ def test_follow_reattaches_on_alias_move_and_releases_the_old_mapping(daemon, cl
         assert seen == [("v1", 1)]
         changed.clear()
         daemon.cli("swap", "prod", str(versioned(tmp_path, 2)), "--version", "v2", "--no-keep-previous", check=True)
-        assert changed.wait(10), "the follower was not told of the move"
+        assert changed.wait(testing.WAIT_TIMEOUT), "the follower was not told of the move"
         assert seen[-1] == ("v2", 2) and follower.current.version == "v2"
         # the old mapping was released after the new one was handed over, so v1 is freed
         st = daemon.wait_status(lambda s: len(s["versions"]) == 1)
@@ -309,13 +309,13 @@ def test_a_follower_whose_engine_refuses_a_version_keeps_the_old_one_and_follows
     try:
         offer.clear()
         daemon.cli("swap", "prod", str(versioned(tmp_path, 2)), "--version", "v2", check=True)
-        assert offer.wait(10), "the follower was not told of the move"
+        assert offer.wait(testing.WAIT_TIMEOUT), "the follower was not told of the move"
         # v2 is let go, v1 (what the engine still serves) stays leased
         st = daemon.wait_status(lambda s: [le["version"] for le in s["leases"]] == ["v1"])
         assert follower.current.version == "v1" and not follower.current.released, st
         offer.clear()
         daemon.cli("swap", "prod", str(versioned(tmp_path, 3)), "--version", "v3", check=True)
-        assert offer.wait(10), "the follower stopped following after the refusal"
+        assert offer.wait(testing.WAIT_TIMEOUT), "the follower stopped following after the refusal"
         daemon.wait_status(lambda s: [le["version"] for le in s["leases"]] == ["v3"])
         assert offered == ["v1", "v2", "v3"] and follower.current.version == "v3"
     finally:

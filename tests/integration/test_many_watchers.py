@@ -2,9 +2,9 @@
 one receives an alias move.
 
 gRPC core holds the calls that grpc.aio's server loop has not yet taken; past its default of 1,000
-it ended new ones at random with CANCELLED, as a trailers-only answer that also ends the client's
-``initial_metadata()``. A burst of 3,000 streams lost some of them that way; the daemon now lets
-20,000 calls wait (``grpc.server.max_pending_requests``, docs/limits.md).
+it ends new ones at random with CANCELLED, as a trailers-only answer that also ends the client's
+``initial_metadata()``. The daemon raises that limit (``grpc.server.max_pending_requests``,
+docs/limits.md).
 """
 
 from __future__ import annotations

@@ -9,15 +9,14 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import child_env
 from support.ckpt_tools import write_model
-from support.daemons import run_client, short_tmpdir, start_daemon, wait_until
+from support.daemons import run_cli, run_client, short_tmpdir, start_daemon, wait_until
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -45,13 +44,7 @@ def tensor_bytes(path: Path) -> int:
 
 
 def metrics_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hotweights", "metrics", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-    )
+    return run_cli("metrics", *args)
 
 
 @pytest.fixture
@@ -66,7 +59,9 @@ def test_metrics_after_a_load_and_an_attach_from_another_process(sockdir, tmp_pa
     d = start_daemon(str(sockdir / "hw.sock"))
     try:
         assert os.path.exists(d.socket + ".metrics")
+        t0 = time.monotonic()
         r = run_client("attach_and_compare", d.socket, str(ckpt))  # loads "mixed", attaches, compares
+        client_wall = time.monotonic() - t0  # the daemon's load and attach both ran within it
         assert r.stdout.startswith("OK"), r.stdout + r.stderr
         refused = d.cli("load", "other", str(tmp_path / "missing.safetensors"))
         assert refused.returncode == 1
@@ -101,11 +96,11 @@ def test_metrics_after_a_load_and_an_attach_from_another_process(sockdir, tmp_pa
 
         labels = {"model": "mixed", "version": version, "rank": "0", "path": "cpu"}
         assert value(found, "hotweights_load_bytes", **labels) == tensor_bytes(ckpt)
-        assert 0 < value(found, "hotweights_load_seconds", **labels) < 60
+        assert 0 < value(found, "hotweights_load_seconds", **labels) <= client_wall
 
         assert value(found, "hotweights_attaches_total", result="ok") >= 1
         assert value(found, "hotweights_attach_seconds_count") >= 1
-        assert 0 < value(found, "hotweights_attach_seconds_sum") < 10
+        assert 0 < value(found, "hotweights_attach_seconds_sum") <= client_wall
         assert value(found, "hotweights_attach_seconds_bucket", le="+Inf") >= 1
         assert value(found, "hotweights_fd_channel_connections_total", outcome="ok") >= 1
 

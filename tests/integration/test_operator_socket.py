@@ -20,7 +20,7 @@ import pytest
 
 import hotweights
 from hotweights import errors
-from hotweights.testing import child_env
+from hotweights.testing import CLI_TIMEOUT, child_env
 from hotweights.wire.pb import pb, pb_grpc
 from hotweights.wire.status import CLASS_KEY, DETAILS_KEY
 from support.ckpt_tools import write_model
@@ -141,7 +141,7 @@ def test_an_operator_socket_of_its_own_path_and_group(sockdir):
 def test_a_live_operator_socket_is_not_taken_over(loaded, sockdir):
     d, _ = loaded
     cmd = serve_command(str(sockdir / "second.sock"), "--operator-socket", d.operator_socket)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT, env=child_env())
     assert r.returncode == 2 and f"a live process answers on {d.socket}.admin" in r.stderr, r.stderr
     with grpc.insecure_channel(f"unix:{d.operator_socket}") as channel:  # still the first daemon's
         assert pb_grpc.HotweightsStub(channel).Status(pb.StatusRequest(), timeout=TIMEOUT).pid == d.pid
@@ -149,7 +149,7 @@ def test_a_live_operator_socket_is_not_taken_over(loaded, sockdir):
 
 def test_an_operator_group_that_does_not_exist_stops_the_start(sockdir):
     cmd = serve_command(str(sockdir / "hw.sock"), "--operator-group", "no-such-group-hw")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT, env=child_env())
     assert r.returncode == 2, r.stderr
     assert "operator_group 'no-such-group-hw': no such group" in r.stderr
     assert not os.path.exists(sockdir / "hw.sock")
@@ -166,19 +166,20 @@ def reader_user() -> Iterator[tuple[int, int]]:
     if not (shutil.which("useradd") and shutil.which("groupadd")):
         pytest.skip("useradd/groupadd are not installed")
     name = f"hwread{os.getpid()}"
-    subprocess.run(["groupadd", name], check=True, capture_output=True)
+    subprocess.run(["groupadd", name], check=True, capture_output=True, timeout=CLI_TIMEOUT)
     try:
         subprocess.run(
             ["useradd", "--no-create-home", "--no-user-group", "--gid", name, "--shell", "/usr/sbin/nologin", name],
             check=True,
             capture_output=True,
+            timeout=CLI_TIMEOUT,
         )
         try:
             yield pwd.getpwnam(name).pw_uid, grp.getgrnam(name).gr_gid
         finally:
-            subprocess.run(["userdel", name], capture_output=True)
+            subprocess.run(["userdel", name], capture_output=True, timeout=CLI_TIMEOUT)
     finally:
-        subprocess.run(["groupdel", name], capture_output=True)
+        subprocess.run(["groupdel", name], capture_output=True, timeout=CLI_TIMEOUT)
 
 
 @pytest.fixture

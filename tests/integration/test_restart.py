@@ -1,4 +1,4 @@
-"""Issue 5, acceptance 3-5 (cpu backend): a daemon restart under an emulated service manager
+"""A daemon restart (cpu backend) under an emulated service manager
 serves the same models without touching storage; a bad state file is refused clearly."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hotweights.testing import read_line
 from support.ckpt_tools import write_model
 from support.daemons import Daemon, run_client, serve_command, short_tmpdir, spawn_client, start_daemon, wait_until
 from support.svcmgr import ServiceManager
@@ -38,7 +39,7 @@ def test_restart_serves_both_models_without_storage_and_client_never_notices(svc
     assert len(svc.stored_fds) == 2
 
     holder = spawn_client("hold_across_restart", sock, "prod")
-    assert holder.stdout.readline().strip() == "attached"
+    assert read_line(holder, what='"attached" from the holder').strip() == "attached"
 
     svc.stop(sig)
     if sig == signal.SIGTERM:
@@ -63,8 +64,8 @@ def test_restart_serves_both_models_without_storage_and_client_never_notices(svc
 
     holder.stdin.write("go\n")
     holder.stdin.flush()
-    line = holder.stdout.readline().split()
-    assert line[0] == "same-after-restart", holder.stderr.read()
+    line = read_line(holder, what="the holder's next line").split()
+    assert line[0] == "same-after-restart", line
     # the holder re-leased its version on the new daemon, so it is protected there too
     st = d.wait_status(lambda s: any(le["holder"] == "restart-test" for le in s["leases"]))
     assert any(le["holder"] == "restart-test" and le["version"] == "v1" for le in st["leases"])

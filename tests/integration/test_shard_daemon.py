@@ -1,4 +1,4 @@
-"""Acceptance 3: the daemon loads a sharded directory with verify=full and attaches every rank;
+"""The daemon loads a sharded directory with verify=full and attaches every rank;
 a flipped byte in any shard is caught and the error names the file.
 
 Only the public client API is used: ``hotweights.connect``, ``Client.load``, ``Client.attach``.

@@ -1,4 +1,4 @@
-"""Acceptance 2: a TP forward pass from the shards matches the unsharded transformers model.
+"""A TP forward pass from the shards matches the unsharded transformers model.
 
 One process per rank, joined by torch.distributed (gloo); each rank reads only its own shard files
 and runs the reference forward of tests/support.tp_forward.py. All cases of one TP size share one process

@@ -10,6 +10,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from hotweights.testing import read_line
 from support.ckpt_tools import write_model
 from support.daemons import Daemon, run_client, serve_command, spawn_client, wait_until
 
@@ -45,7 +46,7 @@ def test_second_name_is_resident_once_and_outlives_the_first(daemon, tmp_path):
 
     holder = spawn_client("hold_then_compare_file", daemon.socket, "b@v1", str(path))
     try:
-        assert holder.stdout.readline().strip() == "attached", holder.stderr.read()
+        assert read_line(holder, what='"attached" from the holder').strip() == "attached"
         unloaded = _json(daemon, "unload", "a")
         assert unloaded["unloaded"] == ["a@v1"] and unloaded["bytes_freed"] == 0  # b still holds it
         st = daemon.status()
@@ -53,7 +54,7 @@ def test_second_name_is_resident_once_and_outlives_the_first(daemon, tmp_path):
         assert [(v["name"], v["shares_memory_with"]) for v in st["versions"]] == [("b", "")]  # b holds it alone
         holder.stdin.write("go\n")
         holder.stdin.flush()
-        assert holder.stdout.readline().split()[0] == "OK", holder.stderr.read()
+        assert read_line(holder, what='"OK" from the holder').split()[0] == "OK"
         assert holder.wait(60) == 0, holder.stderr.read()
     finally:
         if holder.poll() is None:

@@ -12,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hotweights.testing import CLI_TIMEOUT
 from support import SOURCE_DIRS
 from support.ckpt_tools import write_model
-from support.daemons import start_daemon
+from support.daemons import run_cli, start_daemon
 
 BLOCKED = ("torch", "safetensors", "rich", "numpy", "transformers")
 
@@ -32,20 +33,16 @@ def blocked_env(tmp: Path) -> dict[str, str]:
 def test_daemon_loads_and_serves_without_torch(tmp_path, sockdir):
     ckpt = write_model(tmp_path / "m.safetensors")
     env = blocked_env(tmp_path)
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT
+    )
     assert probe.returncode != 0 and "not installed here" in probe.stderr  # the poison works
 
     d = start_daemon(str(sockdir / "hw.sock"), env=env)
     try:
 
         def cli(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run(
-                [sys.executable, "-m", "hotweights", *args, "--socket", d.socket],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
+            return run_cli(*args, "--socket", d.socket, env=env)
 
         loaded = cli("load", "m", str(ckpt), "--version", "v1", "--json")
         assert loaded.returncode == 0, loaded.stderr

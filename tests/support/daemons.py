@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
 from hotweights import testing
@@ -70,6 +71,25 @@ def run_client(
     if check and r.returncode != 0:
         raise AssertionError(f"client process failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def run_cli(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = testing.CLI_TIMEOUT,
+    module: str = "hotweights",
+    **extra_env: str,
+) -> subprocess.CompletedProcess:
+    """Runs ``python -m MODULE ARGS`` (the CLI, or ``hotweightsd``) to the end, output captured as text.
+    ``env`` replaces the environment (default: the tests' ``child_env``); ``extra_env`` is added to it."""
+    base = dict(env) if env is not None else child_env()
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**base, **extra_env},
+    )
 
 
 def client_json(program: str | os.PathLike, *args: str, timeout: float = testing.CLI_TIMEOUT, **env: str) -> dict:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from hotweights.testing import WAIT_TIMEOUT
 from hotweights.wire.pb import pb_grpc
 
 
@@ -39,12 +40,12 @@ def serving(servicer: pb_grpc.HotweightsServicer, *, operator_socket: bool = Fal
 
     thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
     thread.start()
-    assert started.wait(10)
+    assert started.wait(WAIT_TIMEOUT)
     try:
         yield path
     finally:
         assert stop is not None
         loop.call_soon_threadsafe(stop.set_result, None)
-        thread.join(10)
+        thread.join(WAIT_TIMEOUT)
         loop.close()
         shutil.rmtree(where, ignore_errors=True)

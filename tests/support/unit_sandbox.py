@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hotweights.testing import Daemon, track
+from hotweights.testing import CLI_TIMEOUT, Daemon, track
 from support import REPO, child_env
 
 UNITS = REPO / "systemd"
@@ -65,7 +65,7 @@ def missing_tools() -> str | None:
     for tool in ("unshare", "setpriv", "prlimit", "systemd-sysusers"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (Debian: util-linux, systemd)"
-    r = subprocess.run(["unshare", "--mount", "--net", "true"], capture_output=True, text=True)
+    r = subprocess.run(["unshare", "--mount", "--net", "true"], capture_output=True, text=True, timeout=CLI_TIMEOUT)
     if r.returncode != 0:
         return f"this machine refuses mount and network namespaces: {r.stderr.strip()}"
     return None

@@ -1,4 +1,4 @@
-"""Hardening, acceptance 7, in the core alone (real memfd backend, no gRPC): aliases move only where
+"""Alias safety in the core alone (real memfd backend, no gRPC): aliases move only where
 they exist, a swap keeps the previous version for a rollback until its hold ends, and a version
 retired while leased comes back retired from the state file and the fds, then goes."""
 
@@ -118,12 +118,12 @@ def test_a_version_retired_while_leased_is_restored_retired_and_freed(tmp_path, 
         assert v1.retire and m2.aliases() == {"prod": "llm@v2"}
         if comes_back:
             lease = m2.open_lease("llm@v1")  # the holder's client leases its version again
-            wait_until(lambda: v1.relet_until == 0, 5, "the relet to end the wait")
+            wait_until(lambda: v1.relet_until == 0, what="the relet to end the wait")
             assert [v.key for v in m2.versions()] == ["llm@v1", "llm@v2"]
             m2.close_lease(lease.id)
             assert [v.key for v in m2.versions()] == ["llm@v2"]
         else:
-            wait_until(lambda: [v.key for v in m2.versions()] == ["llm@v2"], 10, "llm@v1 to go after the grace")
+            wait_until(lambda: [v.key for v in m2.versions()] == ["llm@v2"], what="llm@v1 to go after the grace")
         assert v1.freed
     finally:
         m2.close()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from hotweights.testing import WAIT_TIMEOUT
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import bench_cold  # noqa: E402
@@ -22,25 +24,33 @@ KiB = 1024
 
 def test_run_threads_runs_each_at_once_and_times_them_all():
     seen: list[int] = []
-    barrier = threading.Barrier(4, timeout=10)  # breaks unless all four run at the same time
+    starts: list[float] = []
+    ends: list[float] = []
+    barrier = threading.Barrier(4, timeout=WAIT_TIMEOUT)  # breaks unless all four run at the same time
 
     def one(i: int) -> None:
+        starts.append(time.perf_counter())
         barrier.wait()
-        time.sleep(0.05)
         seen.append(i)
+        ends.append(time.perf_counter())
 
+    before = time.perf_counter()
     dt = bench_load.run_threads(one, range(4))
+    after = time.perf_counter()
     assert sorted(seen) == [0, 1, 2, 3]
-    assert 0.05 <= dt < 5
+    # the time covers every thread, from the first start to the last end, and nothing outside the call
+    assert max(ends) - min(starts) <= dt <= after - before
 
 
 def test_run_threads_raises_the_first_error_after_every_thread_ended():
     ended: list[int] = []
+    failing = threading.Event()
 
     def one(i: int) -> None:
         if i == 1:
+            failing.set()
             raise ValueError("reader 1 failed")
-        time.sleep(0.1)
+        assert failing.wait(WAIT_TIMEOUT), "reader 1 never ran"  # so these end after reader 1 failed
         ended.append(i)
 
     with pytest.raises(ValueError, match="reader 1 failed"):

@@ -8,8 +8,6 @@ import errno
 import json
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -17,6 +15,7 @@ from typer.testing import CliRunner
 from hotweights.cli import app, message_dict
 from hotweights.reach import DEFAULT_ORIGIN, diagnose_unreachable, resolve_socket
 from hotweights.wire.pb import pb
+from support.daemons import run_cli
 
 DATA_COMMANDS = [
     "load",
@@ -100,25 +99,15 @@ def test_version_without_a_daemon(tmp_path):
     assert "no hotweights daemon socket" in doc["daemon"]["error"]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hotweights", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_completion_script_and_completions():
     # typer's switch for naming the shell instead of detecting the parent process's
-    r = run_cli("--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
+    r = run_cli("--show-completion", "bash", _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
     assert r.returncode == 0, r.stderr
     assert "complete -o default -F _hotweights_completion hotweights" in r.stdout
     # what bash asks of the script: the commands that start with "st", then a command's options
-    r = run_cli(env={"_HOTWEIGHTS_COMPLETE": "complete_bash", "COMP_WORDS": "hotweights st", "COMP_CWORD": "1"})
+    r = run_cli(_HOTWEIGHTS_COMPLETE="complete_bash", COMP_WORDS="hotweights st", COMP_CWORD="1")
     assert r.stdout.split() == ["status"]
-    r = run_cli(env={"_HOTWEIGHTS_COMPLETE": "complete_bash", "COMP_WORDS": "hotweights unload --", "COMP_CWORD": "2"})
+    r = run_cli(_HOTWEIGHTS_COMPLETE="complete_bash", COMP_WORDS="hotweights unload --", COMP_CWORD="2")
     assert {"--json", "--force", "--socket"} <= set(r.stdout.split())
 
 

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from hotweights import errors
+from hotweights import errors, testing
 from hotweights.units import format_size, parse_size
 from hotweightsd import cli, config
 from hotweightsd.config import Config, env_name, flag_name, keys, load_config
 from hotweightsd.loaders.settings import LoaderSettings
-from support import child_env
+from support.daemons import run_cli
 
 
 def test_sizes():
@@ -114,11 +114,10 @@ def test_each_layer_overrides_the_one_below_for_every_kind_of_key(tmp_path):
 
 
 def test_flags_reach_the_config_through_the_command_line():
-    r = subprocess.run(
-        [sys.executable, "-m", "hotweightsd", "--config", "none", "--print-config", "-s", "/tmp/x.sock"]
-        + ["--reserve", "1GiB", "--no-share-cores", "--loader", "odirect", "--state-dir", "/tmp/st"],
-        capture_output=True,
-        text=True,
+    r = run_cli(
+        *["--config", "none", "--print-config", "-s", "/tmp/x.sock"],
+        *["--reserve", "1GiB", "--no-share-cores", "--loader", "odirect", "--state-dir", "/tmp/st"],
+        module="hotweightsd",
         env={"HOTWEIGHTS_LOADER_THREADS": "6", "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)},
     )
     assert r.returncode == 0, r.stderr
@@ -157,11 +156,7 @@ def test_errors_name_the_key_and_where_the_value_came_from(tmp_path):
 
 
 def test_the_command_line_reports_a_bad_value_and_exits_2():
-    r = subprocess.run(
-        [sys.executable, "-m", "hotweights", "serve", "--config", "none", "--gds", "sometimes"],
-        capture_output=True,
-        text=True,
-    )
+    r = run_cli("serve", "--config", "none", "--gds", "sometimes")
     assert r.returncode == 2
     assert "gds (flag --gds) must be one of auto, off, on, compat, force; got 'sometimes'" in r.stderr
 
@@ -202,12 +197,7 @@ def test_unknown_hotweights_variables_are_refused_like_an_unknown_file_key():
 
 
 def test_serve_refuses_an_unknown_variable_and_exits_2():
-    r = subprocess.run(
-        [sys.executable, "-m", "hotweights", "serve", "--config", "none", "--print-config"],
-        capture_output=True,
-        text=True,
-        env=child_env(HOTWEIGHTS_RESREVE="1GiB"),
-    )
+    r = run_cli("serve", "--config", "none", "--print-config", HOTWEIGHTS_RESREVE="1GiB")
     assert r.returncode == 2, r.stdout
     assert r.stderr.startswith("hotweights serve: config: unknown environment variable(s) ['HOTWEIGHTS_RESREVE']")
 
@@ -250,12 +240,7 @@ def test_a_bad_preload_entry_stops_the_start(tmp_path, entry, message):
     f.write_text(f"[[preload]]\n{entry}\n")
     with pytest.raises(errors.InvalidArgument, match=r"\[\[preload\]\] " + message):
         load_config(str(f), env={})
-    r = subprocess.run(
-        [sys.executable, "-m", "hotweights", "serve", "--config", str(f), "--print-config"],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-    )
+    r = run_cli("serve", "--config", str(f), "--print-config")
     assert r.returncode == 2 and r.stderr.startswith("hotweights serve: config: [[preload]]"), r.stderr
 
 
@@ -314,14 +299,15 @@ def test_the_reserve_default_is_defined_once():
 def test_backend_stdlib_logs_render_like_the_daemons():
     # In a child process: configuring logging is process-global and would outlive this test.
     import json
-    import subprocess
     import sys
 
     code = (
         "import logging; from hotweightsd.logging import configure; configure('json', 'info'); "
         "logging.getLogger('hotweightsd.cuda').info('rank %d loaded', 3)"
     )
-    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    err = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=testing.CLI_TIMEOUT
+    ).stderr
     doc = json.loads(err.strip().splitlines()[-1])
     assert doc["event"] == "rank 3 loaded" and doc["level"] == "info"
     assert doc["logger"] == "hotweightsd.cuda" and "timestamp" in doc
@@ -333,23 +319,13 @@ def test_print_config_refuses_an_operator_group_that_does_not_exist(tmp_path, wh
     f = tmp_path / "c.toml"
     f.write_text('operator_group = "no-such-group-hw"\n' if where == "file" else "")
     extra = ["--operator-group", "no-such-group-hw"] if where == "flag" else []
-    r = subprocess.run(
-        [sys.executable, "-m", "hotweights", "serve", "--config", str(f), *extra, "--print-config"],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-    )
+    r = run_cli("serve", "--config", str(f), *extra, "--print-config")
     assert r.returncode == 2, r.stdout
     assert r.stderr.strip() == "hotweights serve: operator_group 'no-such-group-hw': no such group", r.stderr
 
 
 def test_print_config_takes_an_operator_group_that_exists(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "hotweights", "serve", "--config", "none", "--operator-group", "0", "--print-config"],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-    )
+    r = run_cli("serve", "--config", "none", "--operator-group", "0", "--print-config")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["operator_group"] == "0"
 

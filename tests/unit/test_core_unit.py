@@ -1,4 +1,4 @@
-"""Issue 3, acceptance 6: the core without gRPC or sockets (real memfd backend, small fakes)."""
+"""The core without gRPC or sockets (real memfd backend, small fakes)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from hotweights import errors
 from hotweights.format.checkpoint import open_checkpoint
 from hotweights.format.safetensors import read_header
+from hotweights.testing import CLI_TIMEOUT
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.backend import AllocationMode, DeviceMemory
 from hotweightsd.core.events import EventKind
@@ -29,7 +30,9 @@ def test_core_imports_no_grpc():
         "import sys, hotweightsd.core.manager, hotweightsd.core.swap, hotweightsd.backends.cpu; "
         "print(sorted(m for m in sys.modules if m.startswith(('grpc', 'torch'))))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=CLI_TIMEOUT
+    ).stdout
     assert out.strip() == "[]"
 
 

@@ -1,6 +1,7 @@
 """The fault plan (hotweightsd/core/faults.py): its syntax, which checks fail, its config key; and what a
 load failing at each stage leaves in this process: the manager on the cpu backend (a file truncated or
-removed under a load too), the native engine in host mode, the cuda backend on test_cuda_unit's fake driver."""
+removed under a load too), the native engine in host mode, the cuda backend on the fake driver of
+support/fake_cuda.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_cuda_unit as cuda_unit
 
 from hotweights import errors
 from hotweights.testing import fd_targets, fds_under, wait_until
@@ -27,6 +27,7 @@ from hotweightsd.core.layout import Segment
 from hotweightsd.core.manager import ModelManager
 from hotweightsd.loaders import native
 from hotweightsd.loaders.plan import plan_chunks
+from support import fake_cuda
 
 
 def checks(plan: FaultPlan, point: str, n: int) -> list[int]:
@@ -185,8 +186,6 @@ def test_a_file_truncated_under_a_load_is_refused_and_leaves_nothing(tmp_path):
     their mappings, the backend's count and the reader threads are gone once the load returns, even while
     the error (its traceback holds the reader's frames) is still alive."""
     ckpt = write_sharded(tmp_path / "m")
-    # the victim reads a copy: the very same files would share base's memory and read nothing
-    victim = shutil.copytree(ckpt, tmp_path / "copy")
     backend = CpuBackend(threads=4)
     manager = ModelManager(backend)
     before = own_memory()
@@ -292,9 +291,9 @@ def test_the_native_engine_fails_the_chunk_it_is_told_and_stops(tmp_path, point)
     settles({**own_memory(), "threads": threads}, "the native fill's threads")
 
 
-# ---- the cuda backend on the fake driver of test_cuda_unit.py: the bounce path and GDS, in CI -----------
+# ---- the cuda backend on the fake driver of support/fake_cuda.py: the bounce path and GDS, in CI ---------
 
-fake, fake_cufile = cuda_unit.fake, cuda_unit.fake_cufile  # its fixtures
+fake, fake_cufile = fake_cuda.fake, fake_cuda.fake_cufile  # its fixtures
 
 
 def fake_device(drv, cufile) -> dict[str, int]:
@@ -313,10 +312,10 @@ def fake_device(drv, cufile) -> dict[str, int]:
 def test_a_cuda_load_failing_at_each_stage_leaves_the_device_as_it_was(fake, fake_cufile, tmp_path, gds, point):
     """The python workers of the bounce path (the native engine needs the real driver) and GDS."""
     path = tmp_path / "m.safetensors"
-    cuda_unit.write_ckpt(path)
+    fake_cuda.write_ckpt(path)
     # the victim reads a copy: the very same file would share base's memory and read nothing
     victim = shutil.copy(path, tmp_path / "copy.safetensors")
-    backend = cuda_unit.make_backend(threads=2, chunk_size=64 * 1024, gds=gds)
+    backend = fake_cuda.make_backend(threads=2, chunk_size=64 * 1024, gds=gds)
     manager = ModelManager(backend)
     mine = own_memory()
     first = manager.load("base", str(path), version="v1")

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from hotweights.attach import LeaseStream
+from hotweights.testing import WAIT_TIMEOUT
 
 
 class _Interrupted:
@@ -37,7 +38,7 @@ def test_an_interrupted_open_ends_the_request_stream():
     # gRPC drains the requests in a thread of its own; the stream ends once they end
     drain = threading.Thread(target=lambda: sent.extend(stub.call.requests), daemon=True)
     drain.start()
-    drain.join(5)
+    drain.join(WAIT_TIMEOUT)
     assert not drain.is_alive(), "the request stream still waits for a release nobody will send"
     assert [r.WhichOneof("msg") for r in sent] == ["open", "release"]
     assert stub.call.cancelled

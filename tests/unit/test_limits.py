@@ -75,10 +75,8 @@ def test_too_many_tensors_are_refused_before_the_json_is_parsed(monkeypatch):
         raise AssertionError("the header was parsed")
 
     monkeypatch.setattr(safetensors.json, "loads", no_parse)
-    t0 = time.perf_counter()
     with pytest.raises(errors.BadCheckpoint, match=f"lists {MAX_TENSORS_PER_FILE + 1} tensors; the limit is"):
         parse_header(Path("many.safetensors"), 8 + len(raw) + MAX_TENSORS_PER_FILE + 1, raw)
-    assert time.perf_counter() - t0 < 5  # a guard: counting is a scan of the bytes
 
 
 def test_an_entry_token_inside_a_name_is_not_counted():

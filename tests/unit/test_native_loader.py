@@ -23,6 +23,7 @@ import threading
 import pytest
 
 from hotweights.errors import Aborted, BackendError, BadCheckpoint
+from hotweights.testing import CLI_TIMEOUT
 from hotweightsd.core.layout import Segment
 from hotweightsd.loaders import native
 from hotweightsd.loaders.path import choose
@@ -148,37 +149,28 @@ def test_native_fill_is_exact(tmp_path, seed, threads, depth, chunk, direct):
     assert sum(seen) == sum(c.nbytes for c in chunks)
 
 
-@needs_lib
-@pytest.mark.parametrize("direct", [False, True])
-def test_a_plan_in_lustre_stripe_order_is_exact(tmp_path, direct):
-    """The native engine reads a plan reordered across stripes (what a striped Lustre file gets)
-    into the same bytes."""
+def _stripe_order(plan: list, n_files: int, chunk: int) -> list:
+    """The plan reordered across stripes, as a striped Lustre file gets it."""
     from hotweightsd.loaders import stripes
 
+    layout = [stripes.Component(0, stripes.EOF_EXTENT, 4 * chunk, 3)]
+    return stripes.spread(plan, [layout] * n_files, chunk)
+
+
+def _streams_order(plan: list, n_files: int, chunk: int) -> list:
+    """The plan dealt into one stream per reader."""
+    return streams(plan, 4)
+
+
+@needs_lib
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("order", [_stripe_order, _streams_order], ids=["lustre-stripes", "streams"])
+def test_a_reordered_plan_is_exact(tmp_path, direct, order):
+    """The native engine reads a plan in another order than the file's into the same bytes."""
     paths, segs, size = random_layout(tmp_path, 7)
     chunk = 64 * 1024
     plan = plan_chunks(segs, chunk)
-    layout = [stripes.Component(0, stripes.EOF_EXTENT, 4 * chunk, 3)]
-    chunks = stripes.spread(plan, [layout] * len(paths), chunk)
-    assert chunks != plan and sorted(chunks) == sorted(plan)
-    dest = (ctypes.c_char * (size + 256))()
-    ring = HostRing(4, 2, chunk)
-    try:
-        reads, _ = run(chunks, paths, dest, ring, direct=direct)
-    finally:
-        ring.close()
-    assert dest.raw[:size] == expected(paths, segs, size)
-    assert reads == len(plan)
-
-
-@needs_lib
-@pytest.mark.parametrize("direct", [False, True])
-def test_a_plan_in_streams_order_is_exact(tmp_path, direct):
-    """The native engine reads a plan dealt into one stream per reader into the same bytes."""
-    paths, segs, size = random_layout(tmp_path, 8)
-    chunk = 64 * 1024
-    plan = plan_chunks(segs, chunk)
-    chunks = streams(plan, 4)
+    chunks = order(plan, len(paths), chunk)
     assert chunks != plan and sorted(chunks) == sorted(plan)
     dest = (ctypes.c_char * (size + 256))()
     ring = HostRing(4, 2, chunk)
@@ -397,6 +389,7 @@ def _cut_fill(tmp_path, mode: str) -> str:
         input=CUT_SHIM,
         text=True,
         check=True,
+        timeout=CLI_TIMEOUT,
     )
     p = tmp_path / "x.bin"
     p.write_bytes(os.urandom(8 * 4096 + 77))
@@ -532,8 +525,7 @@ def test_engine_choice_is_never_silent(tmp_path):
 
 @needs_lib
 def test_auto_takes_the_native_engine_where_it_loads():
-    """One engine for every read mode: cold (O_DIRECT) reads ran as fast on the native loop as on the
-    python workers within the H200's noise (docs/loader.md)."""
+    """One engine for every read mode (docs/loader.md: The engine)."""
     for mode in ("auto", "pread", "odirect"):
         assert engine_of(read_mode=mode) == ("native", "")
         assert engine_of(engine="native", read_mode=mode) == ("native", "")

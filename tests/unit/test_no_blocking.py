@@ -12,7 +12,6 @@ import os
 import queue
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ import grpc
 import pytest
 
 import hotweights
+from hotweights.testing import wait_until
 from hotweights.wire.pb import pb_grpc
 from hotweightsd.backends.cpu import CpuBackend
 from hotweightsd.core.events import EventKind
@@ -238,9 +238,8 @@ def served():
 
 @pytest.mark.parametrize("how", ["unload", "last-lease-of-retired"])
 def test_list_status_and_attach_are_answered_while_a_free_blocks(served, tmp_path, how):
-    """The issue's bound is 100 ms while a free takes 2 s; here the free blocks until every other
-    call has returned, which proves they did not wait for it on any machine, however loaded. The
-    latencies are printed (pytest -s), not asserted."""
+    """A free that blocks must not delay List, Status or Attach: here the free blocks until every other
+    call has returned, which proves they did not wait for it on any machine, however loaded."""
     backend, m = served.backend, served.manager
     _load_slow_and_other(m, backend, tmp_path)
     client = hotweights.connect(served.socket, timeout=GUARD_S)
@@ -255,14 +254,8 @@ def test_list_status_and_attach_are_answered_while_a_free_blocks(served, tmp_pat
     stuck.start()
     assert backend.entered.wait(GUARD_S), "the free never started"
 
-    took = {}
-    t0 = time.perf_counter()
     listed = within(client.list)
-    took["list"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     st = within(client.status)
-    took["status"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
 
     def attach_other() -> bool:
         with client.attach("other", holder="meanwhile") as w:
@@ -270,9 +263,7 @@ def test_list_status_and_attach_are_answered_while_a_free_blocks(served, tmp_pat
             return all(same_bits(w[k], ref[k]) for k in ref)
 
     assert within(attach_other)
-    took["attach"] = time.perf_counter() - t0
     assert not backend.gate.is_set(), "every call above was answered while the free was blocked"
-    print(f"while a free blocked ({how}): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in took.items()))
 
     assert [v.name for v in listed.versions] == ["other"]
     assert [v.name for v in st.versions] == ["other"]
@@ -322,10 +313,7 @@ def test_a_lease_that_is_slow_to_open_holds_up_no_other_call_and_ends_with_its_s
     finally:
         gate.set()
     assert opened.wait(GUARD_S), "the slow lease was opened once the gate opened"
-    deadline = time.monotonic() + GUARD_S
-    while m.leases() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert m.leases() == [], "the lease opened for the abandoned stream was ended"
+    wait_until(lambda: not m.leases(), GUARD_S, "the lease opened for the abandoned stream to end", interval=0.01)
     assert not m.get("other", "v1").leases
     client.close()
 

@@ -1,4 +1,4 @@
-"""Acceptance 5: bad input to ``hotweights shard`` is a typed error whose message names the problem.
+"""Bad input to ``hotweights shard`` is a typed error whose message names the problem.
 
 Every failure here also leaves nothing under the output path that a loader could take for a
 checkpoint.

@@ -1,4 +1,4 @@
-"""Acceptance 1: shards reassembled by the manifest alone equal the source bit for bit.
+"""Shards reassembled by the manifest alone equal the source bit for bit.
 
 Tiny random transformers models (Llama with GQA, Llama with tied embeddings and o/down biases,
 Qwen2 with q/k/v biases and one KV head, Qwen3 with q/k norms, Mixtral, Qwen2-MoE, Qwen3-MoE) at TP

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hotweights.testing import CLI_TIMEOUT
 from hotweightsd.config import load_config
 from support import REPO
 from support.unit_sandbox import unit_settings
@@ -29,7 +30,7 @@ NEWER_KEYS = {"FileDescriptorStorePreserve": 254}
 
 
 def systemd_version() -> int:
-    out = subprocess.run([ANALYZE, "--version"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([ANALYZE, "--version"], capture_output=True, text=True, check=True, timeout=CLI_TIMEOUT).stdout
     return int(re.match(r"systemd (\d+)", out).group(1))
 
 

@@ -25,6 +25,26 @@ def test_wait_until_names_what_it_waited_for_and_what_it_saw():
         testing.wait_until(list, 0, "a non-empty list")
 
 
+def test_read_line_returns_the_next_line_or_says_why_none_came():
+    def child(code: str) -> subprocess.Popen:
+        argv = [sys.executable, "-c", code]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    talker = child("print('one', flush=True); print('two', flush=True)")
+    assert testing.read_line(talker) == "one\n" and testing.read_line(talker) == "two\n"
+    with pytest.raises(AssertionError, match=r"for a third line from pid \d+: it ended first \(exit status 0\)"):
+        testing.read_line(talker, what="a third line")
+
+    failing = child("import sys; sys.exit('no model here')")
+    with pytest.raises(AssertionError, match=r"it ended first \(exit status 1\); stderr:\nno model here\n\nthe log"):
+        testing.read_line(failing, what="attached", context=lambda: "the log")
+
+    silent = child("import time; time.sleep(600)")
+    with pytest.raises(AssertionError, match=r"none came in 0.5 s \(exit status -9\); stderr:"):
+        testing.read_line(silent, 0.5, "a line")  # the bound is the input here: the child never writes one
+    assert silent.poll() == -9  # killed, not left hanging
+
+
 def test_child_env_puts_the_imported_packages_first_and_keeps_the_rest():
     base = {"PYTHONPATH": os.pathsep.join(["/elsewhere", testing.source_dirs()[0]]), "KEEP": "1"}
     env = testing.child_env({"EXTRA": "2"}, paths=["/tests"], base=base)
@@ -37,6 +57,7 @@ def test_child_env_puts_the_imported_packages_first_and_keeps_the_rest():
         capture_output=True,
         text=True,
         check=True,
+        timeout=testing.CLI_TIMEOUT,
     )
     client_file, daemon_file = r.stdout.split()
     assert client_file.startswith(testing.source_dirs()[0])
@@ -57,6 +78,7 @@ def test_the_harness_imports_without_pytest_or_torch():
         env=testing.child_env(),
         capture_output=True,
         text=True,
+        timeout=testing.CLI_TIMEOUT,
     )
     assert r.stdout.strip() == "ok", r.stderr
 
@@ -76,7 +98,7 @@ def test_daemon_reads_what_its_process_holds_from_proc(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        assert testing.read_line(proc, what='"ready" from the stand-in') == "ready\n"
         d = testing.Daemon(str(tmp_path / "none.sock"), proc, tmp_path / "none.log")
         fds = d.fds()
         assert str(held) in fds and "/memfd:hotweights-test (deleted)" in fds

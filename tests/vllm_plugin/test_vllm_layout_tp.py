@@ -5,14 +5,12 @@ vLLM's own weight loaders build for each rank: written offline by ``hotweights.v
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from support import child_env
-from support.daemons import client_json, short_tmpdir, start_daemon
+from support.daemons import client_json, run_cli, short_tmpdir, start_daemon
 from support.models import save_model, tiny_llama_config, tiny_qwen2_config
 
 MODELS = {
@@ -40,13 +38,7 @@ def test_each_rank_equals_vllms_own_loader(daemon_env, model, tp):
     d, root = daemon_env
     hf = save_model(MODELS[model](), root / model) if not (root / model).exists() else root / model
     out_dir = root / f"{model}-vllm-tp{tp}"
-    r = subprocess.run(
-        [sys.executable, "-m", "hotweights.vllm_layout", str(hf), str(out_dir), "--tp", str(tp)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=child_env(HF_HUB_OFFLINE="1"),
-    )
+    r = run_cli(str(hf), str(out_dir), "--tp", str(tp), module="hotweights.vllm_layout", HF_HUB_OFFLINE="1")
     assert r.returncode == 0, r.stderr
     ref = f"{model}-tp{tp}"
     d.cli("load", ref, str(out_dir), check=True)
@@ -60,13 +52,7 @@ def test_each_rank_equals_vllms_own_loader(daemon_env, model, tp):
 
 
 def _shard(hf: Path, out_dir: Path, tp: int) -> Path:
-    r = subprocess.run(
-        [sys.executable, "-m", "hotweights", "shard", str(hf), str(out_dir), "--tp", str(tp)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=child_env(HF_HUB_OFFLINE="1"),
-    )
+    r = run_cli("shard", str(hf), str(out_dir), "--tp", str(tp), HF_HUB_OFFLINE="1")
     assert r.returncode == 0, r.stderr
     return out_dir
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from support import CLIENTS, child_env
-from support.daemons import short_tmpdir, start_daemon
+from support.daemons import run_cli, short_tmpdir, start_daemon
 from support.models import save_model, tiny_llama_config, tiny_mixtral_config
 
 
@@ -31,21 +31,8 @@ def served(tmp_path_factory):
         root = tmp_path_factory.mktemp("vllm")
         hf = tiny_llama(root / "llama")
         for tp in (1, 2):
-            r = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "hotweights.vllm_layout",
-                    str(hf),
-                    str(root / f"llama-vllm-tp{tp}"),
-                    "--tp",
-                    str(tp),
-                ],
-                check=False,
-                capture_output=True,
-                text=True,
-                env=child_env(HF_HUB_OFFLINE="1"),
-            )
+            out = str(root / f"llama-vllm-tp{tp}")
+            r = run_cli(str(hf), out, "--tp", str(tp), module="hotweights.vllm_layout", HF_HUB_OFFLINE="1")
             assert r.returncode == 0, r.stderr
         sock = short_tmpdir()
         d = start_daemon(str(Path(sock) / "hw.sock"))

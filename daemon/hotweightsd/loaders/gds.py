@@ -10,12 +10,9 @@ back silently: ``CudaBackend.fill`` says which path ran and why in its descripti
 
 Where cuFile refuses a file. ``cuFileHandleRegister`` looks up the block device behind each file
 (the device number ``fstat`` reports, then its attributes in udev) and does so in compatibility
-mode too: its log then reads "error creating udev_device for block device dev_no: 0:53 ... using
-cuFile posix read/write with compat mode enabled ... failed to allocate file object". So a file on
-overlayfs or tmpfs (anonymous device numbers ``0:N``, the usual ``/tmp`` of a container), or any
-file in a container that does not see ``/run/udev``, cannot be registered, whatever the
-compatibility settings say (seen as CU_FILE_HANDLE_NOT_REGISTERED 5027 or CU_FILE_INTERNAL_ERROR
-5030 depending on the cuFile release; cuFile 1.17, CUDA 13.2, widened its compatibility path).
+mode too. So a file on overlayfs or tmpfs (anonymous device numbers ``0:N``, the usual ``/tmp`` of a
+container), or any file in a container that does not see ``/run/udev``, cannot be registered,
+whatever the compatibility settings say (what cuFile logs and returns then: docs/loader.md, GDS).
 kvikio and fastsafetensors do not rely on cuFile's compatibility mode for such files either: they
 fall back to their own POSIX reader. Here that reader is the bounce path (``gds=auto|off``); a
 refused registration is reported as a ``BackendError`` naming the file, its filesystem and the

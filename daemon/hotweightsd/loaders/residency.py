@@ -120,9 +120,8 @@ def resident_pages(fd: int, size: int) -> bytes:
         _libc.munmap(addr, size)
 
 
-# A fill asks only "mostly in memory or not": mincore over a sample of the file answers that for a
-# thousandth of the cost of every page (walking the page cache of a 2 GiB file takes tens of ms), and
-# 64 spread runs tell 5% from 95% as well as 256 do at a quarter of the time before the first read.
+# A fill asks only "mostly in memory or not": a sample answers that at a fraction of the cost of every
+# page, before the first read. The figures behind the sample's size: docs/loader.md (Read mode auto).
 SAMPLES = 64
 SAMPLE_PAGES = 16
 

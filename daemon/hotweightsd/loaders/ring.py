@@ -56,7 +56,6 @@ class DeviceRing:
         self.slot_size = slot_size
         self.node, self.cpus = cd.numa_cpus(device)
         self.host_ptr = 0
-        self.host_bytes = 0
         self.streams: list[Any] = []
         self.events: list[list[Any]] = []
         self._views: list[memoryview] = []
@@ -65,7 +64,6 @@ class DeviceRing:
             with cd.current(device) as drv:
                 total = threads * depth * slot_size
                 self.host_ptr = run_on_cpus(self.cpus, lambda: self._alloc_host(drv, total))
-                self.host_bytes = total
                 if self.host_ptr % DIRECT_ALIGN:
                     raise BackendError(
                         "cuMemHostAlloc",
@@ -112,7 +110,7 @@ class DeviceRing:
                     errors += _collect(lambda: cd.check(drv.cuMemFreeHost(self.host_ptr), "cuMemFreeHost"))
         except Exception as exc:
             errors.append(exc)
-        self.events, self.streams, self.host_ptr, self.host_bytes = [], [], 0, 0
+        self.events, self.streams, self.host_ptr = [], [], 0
         for e in errors:
             log.error("releasing the pinned ring of cuda:%d: %s", self.device, e)
 

@@ -141,19 +141,3 @@ def match_fds(expected: Mapping[str, int] | Iterable[str], received: Mapping[str
     if counts is not None:
         miscounted = {n: (counts[n], len(received[n])) for n in want & have if counts[n] != len(received[n])}
     return FdMismatch(frozenset(want - have), frozenset(have - want), miscounted)
-
-
-def require_fds(
-    path: str | os.PathLike, expected: Mapping[str, int] | Iterable[str], received: Mapping[str, Sequence[int]]
-) -> None:
-    """Raises DataLoss naming the state file and every disagreement unless the fds match it."""
-    mismatch = match_fds(expected, received)
-    if not mismatch.ok:
-        raise DataLoss(
-            f"state file {path} disagrees with the fds the service manager passed back: {mismatch.describe()}",
-            path=str(path),
-            problem="fd-mismatch",
-            missing=sorted(mismatch.missing),
-            unexpected=sorted(mismatch.unexpected),
-            miscounted=mismatch.miscounted,
-        )

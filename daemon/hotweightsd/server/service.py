@@ -509,8 +509,9 @@ MAX_REQUEST_BYTES = 1 * 2**20
 # Calls that have arrived and that grpc.aio's server loop has not yet taken from gRPC core. Core's
 # defaults (1,000, then calls dropped at random, all of them from 3,000) end new calls with CANCELLED
 # when a burst of Watch streams opens faster than the loop takes them: a client that opens thousands
-# of watchers at once lost a share of them (their status came back as a trailers-only answer, which
-# ends ``initial_metadata()`` as headers would). Soft and hard limit equal: no random drops below it.
+# of watchers at once would lose a share of them (their status would come back as a trailers-only
+# answer, which ends ``initial_metadata()`` as headers would). Soft and hard limit equal: no random
+# drops below it.
 MAX_PENDING_CALLS = 20_000
 
 
