@@ -264,13 +264,16 @@ def test_a_version_an_operator_also_loaded_while_the_drain_swap_read_it_stays_wh
         m.close()
 
 
+@pytest.mark.parametrize("loaded_twice", [False, True], ids=["once", "loaded-again-long-before"])
 def test_a_rollback_spare_the_drain_swap_took_back_is_retired_again_when_its_alias_moved_meanwhile(
-    tmp_path: Path,
+    tmp_path: Path, loaded_twice: bool
 ) -> None:
     m = ModelManager(CpuBackend(memory_limit=256 * MiB), keep_previous_seconds=600)
     try:
         va = str(write_model(tmp_path / "a.safetensors", seed=1))
         m.load("m", va, version="va", alias="other")
+        if loaded_twice:  # a load joined it once, before this swap: no claim on what the swap takes back
+            m.load("m", va, version="va")
         m.load("m", str(write_model(tmp_path / "b.safetensors", seed=2)), version="vb")
         swap(m, "other", "m@vb", keep_previous=True).run()  # va: other's rollback spare
         m.load("m", str(write_model(tmp_path / "p.safetensors", seed=3)), version="vp", alias="prod")

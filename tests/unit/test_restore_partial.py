@@ -94,3 +94,41 @@ def test_fds_that_are_not_the_ones_the_state_file_names_are_dropped_and_every_ve
         assert saved["aliases"] == {"prod": "m@v1"}
     finally:
         m2.close()
+
+
+def test_a_version_refused_at_its_second_rank_gives_back_what_its_first_rank_adopted(tmp_path: Path):
+    sock = str(tmp_path / "hw.sock")
+    state = tmp_path / "hw.sock.state.json"
+    ckpt = tmp_path / "tp2"
+    write_model(ckpt / "model-rank-0-part-0.safetensors", seed=1)
+    write_model(ckpt / "model-rank-1-part-0.safetensors", seed=2)
+    m1 = ModelManager(CpuBackend(memory_limit=256 * MiB))
+    try:
+        m1.load("m", str(ckpt), version="v1", alias="prod")
+        p1 = Persister(m1, state, sock, fdstore=True)
+        received = hand_over_fds(m1, p1, ("m@v1",))
+        statefile.save(state, p1.snapshot())
+    finally:
+        m1.close()
+    doc = statefile.load(state)
+    [v] = doc["versions"]
+    v["ranks"][1]["placements"][0][5] = v["ranks"][1]["allocation_sizes"][0]  # rank 1 wrong, rank 0 right
+    statefile.save(state, doc)
+    handed = [fd for fds in received.values() for fd in fds]
+    backend = CpuBackend(memory_limit=256 * MiB)
+    m2 = ModelManager(backend)
+    try:
+        report = restore(m2, backend, Persister(m2, state, sock, fdstore=True), received)
+        assert report.restored == [] and [r["name"] for r in report.to_reload] == ["m"], report.note
+        open_fds = []
+        for fd in handed:
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue
+            open_fds.append(fd)
+        assert open_fds == [], "rank 0's adopted fd outlived its refused version"
+        assert m2.resident_bytes() == 0
+        assert backend.devices()[0].free == CpuBackend(memory_limit=256 * MiB).devices()[0].free
+    finally:
+        m2.close()

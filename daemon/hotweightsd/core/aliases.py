@@ -75,19 +75,27 @@ class AliasesMixin(ManagerState):
             )
 
     def move_alias_from(
-        self, alias: str, key: str, expect: str, *, create: bool = False, loaded_here: bool = True
+        self,
+        alias: str,
+        key: str,
+        expect: str,
+        *,
+        create: bool = False,
+        loaded_here: bool = True,
+        joins: int | None = None,
     ) -> None:
         """A drain swap's last step: points ``alias`` at ``key`` only if it still names ``expect`` (the
         version it drained), checked and moved in one step. Where it was moved or removed while the swap
         loaded, it is left so (that move was answered as done), ``key`` is retired when the swap loaded
         it (``loaded_here``; freed when its last lease ends, unless something names it; a version that
-        was resident already, or that another load joined, is someone else's) and FailedPrecondition says
-        what happened."""
+        was resident already, or that another load joined since ``joins`` was counted, is someone else's too)
+        and FailedPrecondition says what happened."""
         with self._txn() as fx:
             now = self._aliases.get(alias)
             if now != expect:
                 mv = self._versions.get(key)
-                retired = loaded_here and mv is not None and not mv.joined and not self.aliases_of(key)
+                joined = mv is not None and joins is not None and mv.joins != joins
+                retired = loaded_here and mv is not None and not joined and not self.aliases_of(key)
                 if retired and mv is not None:
                     mv.retire = True
                     self._maybe_retire(mv, fx)

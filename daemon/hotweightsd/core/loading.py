@@ -490,8 +490,7 @@ class LoadingMixin(ManagerState):
         """``fx``: the caller holds the registry lock (``_share``), so the log line waits for its release:
         a stalled log sink must not stall every registry call."""
         with self._lock:
-            if not (mv.retire and mv.previous_of):  # a rollback's spare taken back is the taker's (is_spare)
-                mv.joined = True
+            mv.joins += 1
         fields = {"model": mv.key, "state": mv.state.value, "note": "already loaded, same content"}
         if fx is not None:
             fx.log("info", "load.already_loaded", **fields)

@@ -92,9 +92,9 @@ class ModelVersion:
     # manager's shares_with says whether it still shares): the allocations are shared by identity,
     # and each is freed once no registered version holds it.
     shares: str = ""
-    # Set once a load other than the one reading it was answered with it (it joined the read, or found
-    # it resident): that load's caller counts on it, so the reader may no longer retire it as its own.
-    joined: bool = False
+    # Loads answered with it though it was read (or being read) already: a drain swap that loaded it
+    # retires it only if no load joined it since the swap's own start, whose caller counts on it too.
+    joins: int = 0
     # The engine layout its ranks are placed and served in ("" for the checkpoint's own).
     layout: str = ""
     # Each rank's device as planned: known from registration, while ``ranks`` come only once allocated.

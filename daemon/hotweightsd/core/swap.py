@@ -148,6 +148,7 @@ def swap(
         m.drain_swap_failed(alias, old, exc)
         raise
     mv = start.version
+    joins = mv.joins  # this swap's own load counted: a load joining from here on claims the version too
 
     def run_after_drain() -> ModelVersion:
         # A rollback's spare that this swap's load takes back is this swap's to retire again, if the
@@ -158,7 +159,9 @@ def swap(
             # The plan saw the alias name ``old`` long ago: a SetAlias (or load --alias) answered while
             # this loaded must not be silently undone, so the move is a compare-and-set (the old version
             # is gone already). A failure is recorded on the alias only where it still names ``old``.
-            m.move_alias_from(alias, mv.key, old.key, create=create, loaded_here=revived or not start.already_loaded)
+            m.move_alias_from(
+                alias, mv.key, old.key, create=create, loaded_here=revived or not start.already_loaded, joins=joins
+            )
         except BaseException as exc:
             m.drain_swap_failed(alias, old, exc)
             raise

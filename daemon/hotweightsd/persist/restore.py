@@ -151,7 +151,7 @@ def restore(
         names = [n for r in v["ranks"] for n in r["fd_names"]]
         try:
             mv = _rebuild(v, backend, received, {m.key: m for m, _ in adopted})
-        except (HotweightsError, KeyError, TypeError, ValueError, OSError) as exc:
+        except (HotweightsError, LookupError, TypeError, ValueError, AttributeError, OSError) as exc:
             # One version's entry that does not describe its fds costs that version alone: its fds are
             # closed and dropped from the store, and it is read from storage again like one never stored.
             _drop_received({n: received.pop(n, []) for n in names})
@@ -203,6 +203,27 @@ def _rebuild(
     if source is not None and not _same_allocations(source, v):
         log.warning("restore.not_shared", model=mv.key, source=source.key, reason="allocations differ")
         source = None
+    if source is None:
+        mv.shares = ""  # it holds the memory of its own fds now, whatever it shared before
+    try:
+        _rebuild_ranks(mv, v, backend, received, source)
+    except BaseException:
+        if source is None:  # the ranks adopted so far are this version's own (a source's stay the source's)
+            for rank in mv.ranks:
+                for a in rank.allocations:
+                    a.close()
+        raise
+    return mv
+
+
+def _rebuild_ranks(
+    mv: ModelVersion,
+    v: dict,
+    backend: MemoryBackend,
+    received: dict[str, list[int]],
+    source: ModelVersion | None,
+) -> None:
+    """Adds each rank ``v`` describes to ``mv``: on ``source``'s allocations, or on the fds handed back."""
     for r in v["ranks"]:
         layout = RankLayout(
             rank=r["rank"],
@@ -241,7 +262,6 @@ def _rebuild(
                 a.close()
             raise
         mv.ranks.append(ResidentRank(r["rank"], r["device"], layout, allocs))
-    return mv
 
 
 def _same_allocations(source: ModelVersion, v: dict) -> bool:
