@@ -17,15 +17,23 @@ vLLM process (engine core, workers) registers the loader before loading a model:
   every linear weight into their own format), the packed copy is the engine's and the attached tensor
   is only read once. On a GPU with unquantized weights post-processing leaves them as they are.
 - ``copy``: engine-owned parameters, each filled by one copy from the attachment: from a vLLM-layout
-  version 1:1, or from an unsplit Hugging Face checkpoint through the same recipe (each rank takes
-  its part, q|k|v and gate|up concatenated, vocabulary padded), never through ``model.load_weights``.
+  version 1:1, or from an unsplit Hugging Face checkpoint through the same recipe (every rank attaches
+  the version's one rank and takes its part, q|k|v and gate|up concatenated, vocabulary padded, built
+  one parameter at a time), never through ``model.load_weights``. Floating dtypes are converted as
+  vLLM's own loader converts them; the buffers a vLLM-saved checkpoint holds are copied too.
 - ``auto`` (default): ``zero_copy`` for an unquantized vLLM-layout version, ``copy`` otherwise. A
   quantized model is always copied: vLLM's post-processing of quantized weights writes into them
   (requantizing to one scale, transposing for its kernels), which the daemon's read-only memory does not allow.
   Its attention's KV-cache scales, which FP8 checkpoints without calibration do not hold, keep the
   engine's defaults, as with vLLM's own loader.
-Unknown keys are an error. The loader checks the version's tensor-parallel size, architecture,
-quantization and dtype against the engine's and names both sides when they differ. Whether a version
+Unknown keys, and values that are not non-empty strings, are an error. Online quantization (an engine
+given ``quantization=...`` over an unquantized model directory) is refused: vLLM makes those weights on
+the meta device and quantizes them inside its own weight loaders. The rotary buffers older checkpoints
+hold (``rotary_emb.inv_freq``, ``cos_cached``, ``sin_cached``) are passed over, as vLLM's loaders do.
+Tensors the daemon holds in another kind of memory than the engine's device (a cpu-backend daemon for a
+GPU engine), or on another GPU, are copied by ``auto`` and refused by ``zero_copy``. The loader checks
+the version's tensor-parallel size, architecture, quantization and dtype against the engine's and names
+both sides when they differ. Whether a version
 is in vLLM's layout is told by its rank's tensor names, by the memory report
 (``get_external_weight_memory``) and the load alike.
 
