@@ -159,11 +159,19 @@ def bind(
         # a tied tensor saved under several names: one is bound, the others are accounted for
         used.update(prefix + n for n in found)
         t = attachment[key]
-        if tuple(t.shape) != tuple(current.shape):
-            wrong_shape.append(f"{key}: attached {tuple(t.shape)}, module wants {tuple(current.shape)}")
-        elif t.dtype != current.dtype:
-            wrong_dtype.append(f"{key}: attached {_dtype_name(attachment, key, t)}, module wants {current.dtype}")
-        else:
+        fits = True
+        # every name the tied tensor is saved under must fit it, not only the one bound
+        for other in (prefix + n for n in found):
+            o = attachment[other]
+            if tuple(o.shape) != tuple(current.shape):
+                wrong_shape.append(f"{other}: attached {tuple(o.shape)}, module wants {tuple(current.shape)}")
+                fits = False
+            elif o.dtype != current.dtype:
+                wrong_dtype.append(
+                    f"{other}: attached {_dtype_name(attachment, other, o)}, module wants {current.dtype}"
+                )
+                fits = False
+        if fits:
             plan.append((owners, key, t, is_param))
 
     left = sorted(names - used) if not prefix else sorted(n for n in names - used if n.startswith(prefix))

@@ -17,15 +17,23 @@ vLLM process (engine core, workers) registers the loader before loading a model:
   every linear weight into their own format), the packed copy is the engine's and the attached tensor
   is only read once. On a GPU with unquantized weights post-processing leaves them as they are.
 - ``copy``: engine-owned parameters, each filled by one copy from the attachment: from a vLLM-layout
-  version 1:1, or from an unsplit Hugging Face checkpoint through the same recipe (each rank takes
-  its part, q|k|v and gate|up concatenated, vocabulary padded), never through ``model.load_weights``.
+  version 1:1, or from an unsplit Hugging Face checkpoint through the same recipe (every rank attaches
+  the version's one rank and takes its part, q|k|v and gate|up concatenated, vocabulary padded, built
+  one parameter at a time), never through ``model.load_weights``. Floating dtypes are converted as
+  vLLM's own loader converts them; the buffers a vLLM-saved checkpoint holds are copied too.
 - ``auto`` (default): ``zero_copy`` for an unquantized vLLM-layout version, ``copy`` otherwise. A
   quantized model is always copied: vLLM's post-processing of quantized weights writes into them
   (requantizing to one scale, transposing for its kernels), which the daemon's read-only memory does not allow.
   Its attention's KV-cache scales, which FP8 checkpoints without calibration do not hold, keep the
   engine's defaults, as with vLLM's own loader.
-Unknown keys are an error. The loader checks the version's tensor-parallel size, architecture,
-quantization and dtype against the engine's and names both sides when they differ. Whether a version
+Unknown keys, and values that are not non-empty strings, are an error. Online quantization (an engine
+given ``quantization=...`` over an unquantized model directory) is refused: vLLM makes those weights on
+the meta device and quantizes them inside its own weight loaders. The rotary buffers older checkpoints
+hold (``rotary_emb.inv_freq``, ``cos_cached``, ``sin_cached``) are passed over, as vLLM's loaders do.
+Tensors the daemon holds in another kind of memory than the engine's device (a cpu-backend daemon for a
+GPU engine), or on another GPU, are copied by ``auto`` and refused by ``zero_copy``. The loader checks
+the version's tensor-parallel size, architecture, quantization and dtype against the engine's and names
+both sides when they differ. Whether a version
 is in vLLM's layout is told by its rank's tensor names, by the memory report
 (``get_external_weight_memory``) and the load alike.
 
@@ -36,9 +44,10 @@ This module is the only one that imports vLLM.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -95,6 +104,14 @@ class HotweightsModelLoader(BaseModelLoader):
                 f"load format {LOAD_FORMAT!r} needs model_loader_extra_config={{'model': NAME}} "
                 f"(the daemon's model, version or alias)"
             )
+        for key in _KEYS:
+            value = extra.get(key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise errors.InvalidArgument(
+                    f"load format {LOAD_FORMAT!r}: model_loader_extra_config[{key!r}] must be a non-empty string, "
+                    f"got {value!r:.80}",
+                    key=key,
+                )
         self.ref = str(extra["model"])
         self.socket = extra.get("socket")
         self.mode = extra.get("mode", "auto")
@@ -113,12 +130,19 @@ class HotweightsModelLoader(BaseModelLoader):
             return 0
         rank, _ = _tp()
         with hotweights.connect(self.socket) as client:
+            rank = _source_rank(_version_info(client, self.ref), rank)
             names, info = _rank_names(client, self.ref, rank)
         if info is None:
             return 0
-        target = vllm_config.device_config.device if self.load_config.device is None else self.load_config.device
+        target = torch.device(
+            vllm_config.device_config.device if self.load_config.device is None else self.load_config.device
+        )
+        if _other_memory(info.backend, target):
+            # host memory (a daemon run with --backend cpu on a GPU node) is not the engine's device memory:
+            # nothing to leave out of its budget, and the load copies (a zero copy there is refused)
+            return 0
         config = sources.config_of(info.source) or {}
-        if _copies(_in_engine_layout(names), config, vllm_config.model_config, torch.device(target)):
+        if _copies(_in_engine_layout(names), config, vllm_config.model_config, target):
             return 0  # the engine owns the memory the weights are copied into
         # What the rank keeps resident (padding and allocation rounding too); bytes from older daemons.
         return next((int(r.resident_bytes or r.bytes) for r in info.ranks if r.rank == rank), 0)
@@ -134,26 +158,35 @@ class HotweightsModelLoader(BaseModelLoader):
         rank, tp = _tp()
         with (
             hotweights.connect(self.socket) as client,
-            client.attach(self.ref, rank=rank, holder=f"vllm-reload:{os.getpid()}") as att,
+            _attach(client, self.ref, rank, f"vllm-reload:{os.getpid()}") as att,
         ):
             _check_world(att, tp)
-            self._copy_into(model, att, client, tp, rank)
+            config = _find_config(client, att)
+            _check_config(att, config, model_config, copy=True)
+            self._copy_into(model, att, client, tp, rank, config)
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         rank, tp = _tp()
         device_config = vllm_config.device_config
         target = torch.device(device_config.device if self.load_config.device is None else self.load_config.device)
         client = hotweights.connect(self.socket)
-        att = client.attach(self.ref, rank=rank, holder=f"vllm:{os.getpid()}:tp{rank}")
+        att = None
         try:
+            att = _attach(client, self.ref, rank, f"vllm:{os.getpid()}:tp{rank}")
             _check_world(att, tp)
             config = _find_config(client, att)  # one listing and one read for every check below
-            _check_config(att, config, model_config)
             engine_layout = _in_engine_layout(att)
             rewritten = _experts_rewritten(config or {}, target)
             quantized = _quantized(config or {}, model_config)
-            auto = "copy" if _copies(engine_layout, config or {}, model_config, target) else "zero_copy"
-            mode = self.mode if self.mode != "auto" else auto
+            elsewhere = _elsewhere(att, target)
+            copies = _copies(engine_layout, config or {}, model_config, target) or bool(elsewhere)
+            mode = self.mode if self.mode != "auto" else ("copy" if copies else "zero_copy")
+            _check_config(att, config, model_config, copy=mode == "copy")
+            if mode == "zero_copy" and elsewhere:
+                raise errors.InvalidArgument(
+                    f"{att.key} rank {att.rank}: {elsewhere}; zero copy would make the model's parameters "
+                    f"live there; use mode='copy' (or auto)"
+                )
             if mode == "zero_copy" and not engine_layout:
                 raise errors.InvalidArgument(
                     f"{att.key} is in the Hugging Face layout: zero copy needs vLLM's layout "
@@ -176,16 +209,20 @@ class HotweightsModelLoader(BaseModelLoader):
                     with skeleton():
                         model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
                     held = _layout_names(model)
-                    named = _bind_params_copy_buffers(model, _as_named_by(model, att, held), att)
+                    kept = {n: att[n] for n in att if not _SKIPPED.search(n)}  # as vLLM's own loader skips them
+                    named = _bind_params_copy_buffers(model, _as_named_by(model, kept, held), att)
                     rep = bind(model, _Renamed(named, att, held))
                     self.attached_bytes = rep.nbytes
                     self.report = {"mode": mode, "bound": len(rep.bound), "tied": rep.tied, "bytes": rep.nbytes}
                 else:
                     model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-                    self._copy_into(model, att, client, tp, rank)
+                    self._copy_into(model, att, client, tp, rank, config)
+                _release_transients()  # as vLLM's own loader does, before post-processing and after it
                 process_weights_after_loading(model, model_config, target)
+                _release_transients()
         except BaseException:
-            att.release()
+            if att is not None:
+                att.release()
             client.close()
             raise
         if mode == "copy":
@@ -200,10 +237,18 @@ class HotweightsModelLoader(BaseModelLoader):
 
     # --- copy mode -----------------------------------------------------------------------------
 
-    def _copy_into(self, model: nn.Module, att, client, tp: int, rank: int) -> None:
+    def _copy_into(self, model: nn.Module, att, client, tp: int, rank: int, config: dict | None = None) -> None:
+        """Fills ``model``'s own parameters (and the buffers a vLLM-saved checkpoint holds) from ``att``: every
+        name, shape and dtype is checked first, then each parameter is built (from a Hugging Face version:
+        its rank's part, fused and padded) and copied one at a time, so that at most one fused tensor is
+        alive beside the attachment."""
         params = dict(model.named_parameters())
+        kept = {n: att[n] for n in att if not _SKIPPED.search(n)}  # vLLM's own loader passes over these too
+        buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        build: Callable[[str], torch.Tensor] | None = None
         if _in_engine_layout(att):
-            named = _as_named_by(model, att)
+            named = _as_named_by(model, kept)
+            buffers = _held_buffers(model, named, att, cast=True)
             sources = {name: named[name] for name in params if name in named}
             extra = sorted(set(named) - set(params))
         else:
@@ -212,13 +257,36 @@ class HotweightsModelLoader(BaseModelLoader):
                     f"{att.key}: copy mode reads an unsplit Hugging Face checkpoint (tp=1) or a vLLM-layout one; "
                     f"this one is split for tp={att.world_size} in the Hugging Face layout"
                 )
-            config = _checkpoint_config(client, att)
+            if config is None:
+                config = _checkpoint_config(client, att)
+            _check_scales(att, kept)
             held = _layout_names(model)  # layout name -> the model's
-            wanted = [n for n, m in held.items() if m in params]
-            built = layout.build_rank(att.__getitem__, list(att), config, tp, rank, only=wanted)
-            sources = {held[k]: v for k, v in built.items()}
-            extra = sorted({held.get(n, n) for n in layout.engine_names(att)} - set(params) - {"lm_head.weight"})
-        _copy_checked(model, params, sources, extra, att)
+            plan = layout.engine_names(kept)
+            wanted = [n for n, m in held.items() if m in params and n in plan]
+            # shapes and dtypes from the recipe on the meta device: nothing is built before the check
+            on_meta = layout.build_rank(_meta_of(kept), list(kept), config, tp, rank, only=wanted)
+            by_model = {held[k]: k for k in on_meta}
+            sources = {held[k]: v for k, v in on_meta.items()}
+            extra = sorted({held.get(n, n) for n in plan} - set(params) - {"lm_head.weight"})
+
+            def one(name: str) -> torch.Tensor:
+                k = by_model[name]
+                return layout.build_rank(kept.__getitem__, plan[k], config, tp, rank, only=[k])[k]
+
+            build = one
+
+        _copy_checked(model, params, sources, extra, att, build=build)
+        with torch.no_grad():
+            for dst, src in buffers.values():
+                dst.copy_(src)
+        left = sorted(n for n, p in model.named_parameters() if p.is_meta)
+        if left:
+            raise errors.BindError(
+                f"cannot fill {type(model).__name__} from {att.key} rank {att.rank}: {len(left)} parameter(s) are "
+                f"still on the meta device after the copy (the engine's model holds no memory for them): "
+                + ", ".join(left),
+                missing=left,
+            )
         self.attached_bytes = 0
         self.report = {
             "mode": "copy",
@@ -227,12 +295,95 @@ class HotweightsModelLoader(BaseModelLoader):
         }
 
 
+# Tensors vLLM's model loaders pass over (Llama, Qwen2, Mixtral, Mistral ``load_weights``): the rotary
+# embedding's buffers older conversions saved; the engine computes its own.
+_SKIPPED = re.compile(r"rotary_emb\.(inv_freq|cos_cached|sin_cached)")
+
+
+def _meta_of(tensors: Mapping[str, torch.Tensor]):
+    """A ``get`` for ``build_rank`` that gives each tensor's shape and dtype on the meta device (no memory)."""
+
+    def get(name: str) -> torch.Tensor:
+        t = tensors[name]
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    return get
+
+
+def _check_scales(att, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy mode cuts a Hugging Face rank's q/k/v and gate/up scales by rows, with their weights: one scale
+    per tensor (FP8 as ``hotweights shard --fp8-scale tensor`` writes it) has no rows to cut, and vLLM
+    holds it as one scale per fused part, which the recipe does not build."""
+    scalar = sorted(
+        n
+        for n in tensors
+        if n.endswith(".weight_scale")
+        and tensors[n].numel() == 1
+        and (layout.engine_layout.QKV.match(n) or layout.engine_layout.GATE_UP.match(n))
+    )
+    if scalar:
+        raise errors.InvalidArgument(
+            f"{att.key}: FP8 with one scale per tensor ({len(scalar)} scalar scales, e.g. {scalar[0]}) cannot be "
+            f"copied from the Hugging Face layout: vLLM keeps one scale per q/k/v and gate/up part, which copy mode "
+            f"does not build; write the checkpoint with one scale per output channel (hotweights shard "
+            f"--quantize fp8, the default --fp8-scale channel) or serve it with vLLM's own loader",
+            tensors=len(scalar),
+        )
+
+
+def _release_transients() -> None:
+    """What vLLM's ``BaseModelLoader.load_model`` does after loading and after post-processing: frees the
+    tensors made on the way (fused parts, repacked weights) and gives the allocator's cache back."""
+    gc.collect()
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "empty_cache") and accelerator.is_available():
+        accelerator.empty_cache()
+
+
 def _in_engine_layout(names) -> bool:
     """Whether a rank's tensors are in vLLM's layout, told by their names: its fused q|k|v and gate|up.
     A version loaded with ``--layout vllm``, one the offline converter wrote and one vLLM's own
     ``save_sharded_state`` wrote (no layout, no marker) all hold them; the memory report and the load
     both decide by this, so that they agree."""
     return any(n.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for n in names)
+
+
+def _attach(client, ref: str, rank: int, holder: str):
+    """Attaches the version's rank that engine rank ``rank`` reads: its own, or the only rank of an unsplit
+    version (copy mode cuts the engine rank's part from it)."""
+    att = client.attach(ref, rank=_source_rank(_version_info(client, ref), rank), holder=holder)
+    if att.world_size > 1 and att.rank != rank:  # ``ref`` moved to a split version since the listing
+        att.release()
+        att = client.attach(ref, rank=rank, holder=holder)
+    return att
+
+
+def _source_rank(info, rank: int) -> int:
+    """0 for a version of one rank (an unsplit checkpoint serves every tensor-parallel rank), else ``rank``."""
+    return 0 if info is not None and len(info.ranks) == 1 else rank
+
+
+def _other_memory(backend: str, target: torch.device) -> bool:
+    """Whether a version the daemon holds with ``backend`` lies in another kind of memory than ``target``'s
+    (host memory for a GPU engine, or the reverse)."""
+    kind = {"cpu": "cpu", "cuda": "cuda"}.get(backend)
+    return kind is not None and kind != target.type
+
+
+def _elsewhere(att, target: torch.device) -> str:
+    """Why the attached tensors are not on the engine's device ``target`` ('' where they are): another kind
+    of memory, or another GPU than the engine rank's."""
+    device = next((att[n].device for n in att), None)
+    if device is None:
+        return ""
+    if device.type != target.type:
+        memory = "host" if device.type == "cpu" else "device"
+        return f"the daemon holds it on {device} ({memory} memory), the engine's model is on {target}"
+    if device.type == "cuda" and device.index is not None:
+        want = target.index if target.index is not None else torch.cuda.current_device()
+        if device.index != want:
+            return f"the daemon's tensors are mapped on cuda:{device.index}, the engine's model is on cuda:{want}"
+    return ""
 
 
 def _rank_names(client, ref: str, rank: int) -> tuple[list[str], pb.ModelVersionInfo | None]:
@@ -273,38 +424,56 @@ def _bind_params_copy_buffers(model: nn.Module, named: dict, att) -> dict:
     engine's state, which it may write (a checkpoint saved by vLLM's save_sharded_state holds the
     attention's KV-cache scales, which the engine updates in place), and the daemon's memory is
     read-only. What is left is bound."""
+    held = _held_buffers(model, named, att)
+    with torch.no_grad():
+        for dst, src in held.values():
+            dst.copy_(src)
+    return named
+
+
+def _held_buffers(model: nn.Module, named: dict, att, cast: bool = False) -> dict:
+    """Takes the module's buffers out of ``named``, checked against the module's: name -> (the module's
+    buffer, the attached tensor), for the caller to copy."""
     buffers = dict(model.named_buffers())
     held = {n: named.pop(n) for n in list(named) if n in buffers}
-    wrong = _differs(held, buffers)
+    wrong = _differs(held, buffers, cast=cast)
     if wrong:
         raise errors.BindError(
             f"cannot fill the buffers of {type(model).__name__} from {att.key} rank {att.rank}: " + "; ".join(wrong),
             wrong_shape=wrong,
         )
-    with torch.no_grad():
-        for n, t in held.items():
-            buffers[n].copy_(t)
-    return named
+    return {n: (buffers[n], t) for n, t in held.items()}
 
 
 # Parameters a quantized vLLM attention layer registers for KV-cache scales; a checkpoint without
 # calibration does not hold them, and vLLM's own loader then leaves them at the engine's defaults.
 _KV_CACHE_SCALES = re.compile(r"\.attn\.(q|k|v|prob)_(scale|zero_point)$")
 
+# Dtypes copy mode converts between as it copies (vLLM's own loader casts an fp32 checkpoint to the
+# engine's bf16 alike); quantized formats are never converted.
+_CASTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-def _differs(sources: dict, targets: dict) -> list[str]:
-    """Each of ``sources`` whose shape or dtype is not its namesake's in ``targets``, both sides named."""
+
+def _differs(sources: dict, targets: dict, cast: bool = False) -> list[str]:
+    """Each of ``sources`` whose shape or dtype is not its namesake's in ``targets``, both sides named;
+    with ``cast``, plain floating dtypes may differ (the copy converts)."""
+
+    def same_dtype(a: torch.dtype, b: torch.dtype) -> bool:
+        return a == b or (cast and a in _CASTS and b in _CASTS)
+
     return [
         f"{n}: attached {tuple(sources[n].shape)} {sources[n].dtype}, engine wants "
         f"{tuple(targets[n].shape)} {targets[n].dtype}"
         for n in sorted(sources)
-        if tuple(sources[n].shape) != tuple(targets[n].shape) or sources[n].dtype != targets[n].dtype
+        if tuple(sources[n].shape) != tuple(targets[n].shape) or not same_dtype(sources[n].dtype, targets[n].dtype)
     ]
 
 
-def _copy_checked(model, params: dict, sources: dict, extra: list[str], att) -> None:
+def _copy_checked(model, params: dict, sources: dict, extra: list[str], att, build=None) -> None:
+    """Checks ``sources`` (the tensors, or their shapes and dtypes on meta where ``build`` makes each) against
+    ``params``, all of them before anything is copied; then copies one parameter at a time."""
     missing = sorted(n for n in set(params) - set(sources) if not _KV_CACHE_SCALES.search(n))
-    wrong = _differs(sources, params)
+    wrong = _differs(sources, params, cast=True)
     if missing or wrong or extra:
         lines = [f"cannot fill {type(model).__name__} from {att.key} rank {att.rank}"]
         for title, items in (
@@ -318,7 +487,10 @@ def _copy_checked(model, params: dict, sources: dict, extra: list[str], att) -> 
         raise errors.BindError("\n".join(lines), missing=missing, unexpected=extra, wrong_shape=wrong)
     with torch.no_grad():
         for name, src in sources.items():
+            if build is not None:
+                src = build(name)
             params[name].data.copy_(src)
+            del src  # the built tensor goes before the next one is made
 
 
 # --- checks ----------------------------------------------------------------------------------------
@@ -407,24 +579,42 @@ def _check_world(att, tp: int) -> None:
     )
 
 
-def _check_config(att, config: dict | None, model_config: ModelConfig) -> None:
+def _check_config(att, config: dict | None, model_config: ModelConfig, copy: bool = False) -> None:
+    """The version against the engine: architecture, quantization and dtype, both sides named. ``copy``: the
+    weights are copied, which converts plain floating dtypes (an fp32 checkpoint into a bf16 engine)."""
     problems = []
     engine_archs = list(getattr(model_config.hf_config, "architectures", None) or [])
+    if _quantizes_online(model_config):
+        raise errors.InvalidArgument(
+            f"{att.key}: the engine quantizes its weights as it loads them (quantization="
+            f"{model_config.quantization!r}, an unquantized model directory); load format {LOAD_FORMAT!r} does not "
+            f"support online quantization (vLLM's own loader creates those weights on the meta device and "
+            f"quantizes them in its weight loaders). Serve a quantized checkpoint (hotweights shard SRC OUT "
+            f"--quantize fp8, then load OUT) with the engine's quantization unset, or leave it unset to serve "
+            f"the weights as they are",
+            quantization=str(model_config.quantization),
+        )
     if config is not None:
         archs = list(config.get("architectures") or [])
         if archs and engine_archs and archs != engine_archs:
             problems.append(f"architecture: checkpoint {archs}, engine {engine_archs}")
         held, wanted = _quantization(config.get("quantization_config")), _engine_quantization(model_config)
-        if not _same_quantization(held, wanted, model_config):
+        if not _same_quantization(held, wanted):
             # alone, before the per-tensor comparison: every linear layer would differ, with no word why
             problems.append(f"quantization: checkpoint {_said(held)}, engine {_said(wanted)}")
             raise errors.BindError(
                 f"{att.key} does not fit the engine's model: " + "; ".join(problems), problems=problems
             )
-    floating = {att[n].dtype for n in att if att[n].is_floating_point()}
-    if floating and model_config.dtype not in floating:
+    floating = {att[n].dtype for n in att if att[n].is_floating_point() and not _SKIPPED.search(n)}
+    castable = copy and model_config.dtype in _CASTS and floating <= set(_CASTS)
+    if floating and model_config.dtype not in floating and not castable:
         names = ", ".join(sorted(str(d) for d in floating))
-        problems.append(f"dtype: checkpoint {names}, engine {model_config.dtype}")
+        why = (
+            ""
+            if copy
+            else " (zero copy cannot convert: use mode='copy', or serve the engine at the checkpoint's dtype)"
+        )
+        problems.append(f"dtype: checkpoint {names}, engine {model_config.dtype}{why}")
     if problems:
         raise errors.BindError(f"{att.key} does not fit the engine's model: " + "; ".join(problems), problems=problems)
 
@@ -453,13 +643,11 @@ def _engine_quantization(model_config: ModelConfig) -> tuple[str, ...] | None:
 
 def _quantizes_online(model_config: ModelConfig) -> bool:
     """The engine quantizes unquantized weights as it loads them (``quantization=...`` given, its model
-    directory unquantized): an unquantized checkpoint is what it wants."""
+    directory unquantized), which the plugin refuses: vLLM's online methods make those weights on meta."""
     return model_config.quantization is not None and not getattr(model_config.hf_config, "quantization_config", None)
 
 
-def _same_quantization(held, wanted, model_config: ModelConfig) -> bool:
-    if held is None and wanted is not None:
-        return _quantizes_online(model_config)
+def _same_quantization(held, wanted) -> bool:
     if held is not None and wanted is not None and len(wanted) == 1:
         return held[0] == wanted[0]  # the engine names only a method: the checkpoint's details are its own
     return held == wanted

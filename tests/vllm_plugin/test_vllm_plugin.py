@@ -289,6 +289,9 @@ def test_a_reload_that_fails_closes_its_client(monkeypatch):
     closed: list[bool] = []
 
     class Client:
+        def list(self):  # the loader lists the versions first, to know which rank to attach
+            return SimpleNamespace(aliases=[], versions=[])
+
         def attach(self, *a, **k):
             raise NotFound("no model 'gone'")
 

@@ -93,11 +93,22 @@ class Shape:
             self.hidden = int(config.get("hidden_size") or self.heads * self.head_dim)
         except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
             raise InvalidArgument(f"vLLM layout: config.json lacks or mangles {exc}") from None
+        sizes = {
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "intermediate_size": self.intermediate,
+            "hidden_size": self.hidden,
+        }
+        for key, value in sizes.items():
+            if value < 1:
+                raise InvalidArgument(f"vLLM layout: config.json's {key} is {value}, not a positive size", key=key)
         self.tied = bool(config.get("tie_word_embeddings", False))
         experts = config.get("num_local_experts")
         try:
             self.experts = 0 if experts is None or isinstance(experts, bool) else int(experts)
-            if isinstance(experts, float) and experts != self.experts:
+            if (isinstance(experts, float) and experts != self.experts) or self.experts < 0:
                 raise ValueError
         except (TypeError, ValueError, OverflowError):
             raise InvalidArgument(f"vLLM layout: config.json's num_local_experts is {experts!r}, not a count") from None
