@@ -91,6 +91,8 @@ class Client:
         """A transport failure turned into which of: not running / wrong path / permission; a
         cancelled call (``what``) into one that names the daemon's socket."""
         if isinstance(err, errors.Unavailable) and err.details.get("transport"):
+            if err.details.get("cancelled") and self._closed:
+                return _closed_here(err, what)
             if err.details.get("cancelled"):
                 return _cancelled_by_daemon(err, self.socket, what)
             return diagnose_unreachable(self.socket, self.origin, str(err.details.get("grpc_message", "")))
@@ -103,6 +105,8 @@ class Client:
         if not (isinstance(err, errors.Unavailable) and err.details.get("transport")):
             return err
         if err.details.get("cancelled"):
+            if self._closed:
+                return _closed_here(err, rpc)
             return _cancelled_by_daemon(err, self.operator_socket, rpc)
         return operator_unreachable(
             rpc,
@@ -465,6 +469,12 @@ def connect(
     operator calls go to ``operator_socket`` (default: ``$HOTWEIGHTS_OPERATOR_SOCKET``, else
     ``<socket>.admin``)."""
     return Client(socket, timeout=timeout, origin=origin, operator_socket=operator_socket)
+
+
+def _closed_here(err: errors.Unavailable, what: str) -> errors.FailedPrecondition:
+    """A call cancelled because this process closed its client while the call was in flight."""
+    details = {k: v for k, v in err.details.items() if k != "cancelled"}
+    return errors.FailedPrecondition(f"{what} was cut short: this client was closed while it ran", **details)
 
 
 def _cancelled_by_daemon(err: errors.Unavailable, socket: str, what: str = "the call") -> errors.Unavailable:

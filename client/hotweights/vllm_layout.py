@@ -271,23 +271,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tp", type=int, default=1)
     args = ap.parse_args(argv)
     # SIGTERM (a batch job's stop) unwinds like Ctrl-C, so the staging directory is removed either way.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         paths = convert(args.src, args.out, args.tp)
     except (HotweightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("terminated: nothing was written", file=sys.stderr)
+        # ends as SIGTERM ends it (status 143 under the default action), as `hotweights shard` does
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 143
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     print("\n".join(str(p) for p in paths))
     return 0
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding the conversion (and its staging directory) as Ctrl-C does."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 if __name__ == "__main__":

@@ -226,3 +226,39 @@ def test_an_operator_call_the_daemon_cancels_is_unavailable_naming_the_operator_
         "it may be shutting down"
     )
     assert err.details["cancelled"] and err.details["socket"] == f"{path}.admin"
+
+
+class HoldsStatus(pb_grpc.HotweightsServicer):
+    """Status waits until the test lets it go; ``started`` says the call is in."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.started, self.release = threading.Event(), threading.Event()
+
+    async def Status(self, request, context):
+        import asyncio
+
+        self.started.set()
+        await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 30)
+        return pb.StatusResponse()
+
+
+def test_a_call_cut_short_by_closing_this_client_is_not_blamed_on_the_daemon():
+    import threading
+
+    from hotweights.testing import WAIT_TIMEOUT
+
+    servicer = HoldsStatus()
+    with serving(servicer) as path:
+        c = hotweights.connect(path)
+        closer = threading.Thread(target=lambda: (servicer.started.wait(WAIT_TIMEOUT), c.close()))
+        closer.start()
+        try:
+            with pytest.raises(errors.HotweightsError) as info:
+                c.status()
+        finally:
+            servicer.release.set()
+            closer.join(WAIT_TIMEOUT)
+    assert isinstance(info.value, errors.FailedPrecondition), info.value
+    assert "this client was closed" in str(info.value) and "daemon" not in str(info.value)

@@ -32,7 +32,7 @@ def test_escaped_key_spelling_is_refused_before_the_parse(monkeypatch):
     _no_parse(monkeypatch)
     with pytest.raises(BadCheckpoint, match=r"header holds \d+ JSON members and array elements") as info:
         parse_header(Path("esc.safetensors"), 8 + len(raw) + n, raw, max_tensors=10)
-    assert info.value.details["limit"] == 12 * 10 + 8192
+    assert info.value.details["limit"] == st._TOKENS_PER_TENSOR * 10 + st._METADATA_TOKENS
 
 
 def test_junk_keys_in_one_entry_are_refused_before_the_parse(monkeypatch):
@@ -548,6 +548,26 @@ sharder.shard_checkpoint(sys.argv[1], sys.argv[2], 2)
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 
 
+def test_the_converter_ends_as_sigterm_ends_it_and_leaves_no_staging(tmp_path):
+    src = _llama_source(tmp_path / "src")
+    code = """
+import os, signal, sys, time
+from hotweights import vllm_layout
+real = vllm_layout._publish
+def term_then_publish(*a, **k):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    return real(*a, **k)
+vllm_layout._publish = term_then_publish
+sys.exit(vllm_layout.main([sys.argv[1], sys.argv[2], "--tp", "1"]))
+"""
+    r = _run_python(code, str(src), str(tmp_path / "out"))
+    assert r.returncode == -15, (r.returncode, r.stderr)  # like `hotweights shard`, not Ctrl-C's 130
+    assert "terminated" in r.stderr
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
 def test_many_parts_do_not_hold_a_descriptor_each(tmp_path):
     src = _llama_source(tmp_path / "src")
     code = """
@@ -628,3 +648,35 @@ def test_an_index_of_more_entries_than_the_rank_limit_is_refused_before_its_pars
     monkeypatch.setattr(checkpoint.json, "loads", boom)
     with pytest.raises(BadCheckpoint, match=r"holds \d+ JSON members .* at most 10 tensors"):
         open_checkpoint(d, limits=HeaderLimits(max_tensors_per_rank=10))
+
+
+def test_the_recount_outside_strings_takes_one_pass_over_an_unclosed_string_of_escaped_quotes():
+    """A pattern allowing escapes inside strings backtracks quadratically on this (minutes at 1 MB); the
+    recount must stay linear. Counted on a bound the test's own input sets, not on a clock."""
+    raw = b'{"a":"' + b'\\"' * 20_000 + b":," * 10
+    calls = []
+    real = st._STRING.sub
+
+    class Spy:
+        def sub(self, repl, text):
+            calls.append(len(text))
+            return real(repl, text)
+
+    orig = st._STRING
+    st._STRING = Spy()
+    try:
+        n, exact = st.count_json_members(raw, limit=5)
+    finally:
+        st._STRING = orig
+    assert exact
+    assert calls and calls[0] < len(raw) // 2  # the escape pairs went first: the strings' pass is short
+    assert n == 21  # the unclosed string leaves its tail counted
+
+
+@pytest.mark.parametrize("ndim", [6, 9])
+def test_a_header_of_many_tensors_with_many_dimensions_is_within_the_member_bound(ndim):
+    n = 1000
+    entries = {f"t{i}": {"dtype": "F16", "shape": [1] * ndim, "data_offsets": [2 * i, 2 * i + 2]} for i in range(n)}
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    count, _ = st.count_json_members(raw, limit=10**9)
+    assert count <= st._TOKENS_PER_TENSOR * n + st._METADATA_TOKENS

@@ -31,12 +31,15 @@ _ENTRY_TOKEN = b'"data_offsets"'
 # ':' and every further member or array element a ',' outside strings, so the number of those bytes
 # bounds what the parse can build, whatever the spelling. A real entry needs 4 colons and 3 + ndim
 # commas; the metadata a few of each.
-_TOKENS_PER_TENSOR = 12
+_TOKENS_PER_TENSOR = 16
 _METADATA_TOKENS = 8192
 # Over the bound, a header up to this size is counted again with its strings taken out (colons and
 # commas inside names or metadata values build nothing); a larger one is refused on the plain count.
 _EXACT_COUNT_BYTES = 16 << 20
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# Escape pairs first, then what lies between quotes: two linear scans (one pattern that allows escapes
+# inside a string backtracks quadratically on an unclosed string of escaped quotes).
+_ESCAPE = re.compile(rb"\\.", re.S)
+_STRING = re.compile(rb'"[^"]*"')
 # What a tensor entry may hold, as the reference writer writes it.
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 # Dimensions and element counts travel as int64 (the wire, torch): one past that is no real tensor.
@@ -168,7 +171,7 @@ def count_json_members(raw: bytes, limit: int) -> tuple[int, bool]:
     at most 16 MiB. One or two scans of the bytes: what bounds a ``json.loads`` before it runs."""
     n = raw.count(b":") + raw.count(b",")
     if n > limit and len(raw) <= _EXACT_COUNT_BYTES:
-        bare = _STRING.sub(b"", raw)
+        bare = _STRING.sub(b"", _ESCAPE.sub(b"", raw))
         return bare.count(b":") + bare.count(b","), True
     return n, False
 
