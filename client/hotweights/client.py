@@ -473,8 +473,8 @@ def connect(
 
 def _closed_here(err: errors.Unavailable, what: str) -> errors.FailedPrecondition:
     """A call cancelled because this process closed its client while the call was in flight."""
-    details = {k: v for k, v in err.details.items() if k != "cancelled"}
-    return errors.FailedPrecondition(f"{what} was cut short: this client was closed while it ran", **details)
+    # still marked cancelled: a Watch the caller closed under ends quietly on it
+    return errors.FailedPrecondition(f"{what} was cut short: this client was closed while it ran", **err.details)
 
 
 def _cancelled_by_daemon(err: errors.Unavailable, socket: str, what: str = "the call") -> errors.Unavailable:
