@@ -25,7 +25,7 @@ from hotweights.reach import (
     resolve_socket,
 )
 from hotweights.wire.pb import pb, pb_grpc
-from hotweights.wire.status import error_from_rpc
+from hotweights.wire.status import SUBSCRIBED_KEY, error_from_rpc
 
 if TYPE_CHECKING:  # torch is imported only by processes that attach
     from hotweights.attach import Attachment
@@ -366,7 +366,13 @@ class Watch:
                     socket=self._socket,
                     timeout=timeout,
                 )
-        # A stream that ends without an answer (refused, cancelled) also ends initial_metadata().
+        # A stream that ends without an answer (refused, cancelled) also ends initial_metadata(), with
+        # empty metadata, and its status may arrive a moment later: without the daemon's mark of a
+        # subscription, the end is waited for a little (a daemon older than the mark never sends it).
+        if not any(k == SUBSCRIBED_KEY for k, _ in self._call.initial_metadata() or ()):
+            ended = threading.Event()
+            self._call.add_done_callback(lambda _call: ended.set())
+            ended.wait(_UNMARKED_GRACE_S)
         if self._call.done() and self._call.code() != grpc.StatusCode.OK:  # the call is its own RpcError
             err = self._to_error(self._call)
             if not (err.details.get("cancelled") and (self._cancelled or self._closed())):
@@ -469,6 +475,9 @@ def connect(
     operator calls go to ``operator_socket`` (default: ``$HOTWEIGHTS_OPERATOR_SOCKET``, else
     ``<socket>.admin``)."""
     return Client(socket, timeout=timeout, origin=origin, operator_socket=operator_socket)
+
+
+_UNMARKED_GRACE_S = 1.0
 
 
 def _closed_here(err: errors.Unavailable, what: str) -> errors.FailedPrecondition:

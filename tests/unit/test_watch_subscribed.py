@@ -13,6 +13,7 @@ import pytest
 import hotweights
 from hotweights import errors
 from hotweights.wire.pb import pb, pb_grpc
+from hotweights.wire.status import SUBSCRIBED_KEY
 from support.stub_server import serving
 
 
@@ -26,7 +27,7 @@ class SubscribesLate(pb_grpc.HotweightsServicer):
     async def Watch(self, request, context):
         await asyncio.sleep(self.delay)
         self.subscribed.set()
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata(((SUBSCRIBED_KEY, "1"),))
         yield pb.WatchEvent(seq=1)
         await asyncio.sleep(30)
 

@@ -32,6 +32,9 @@ ERROR_OF: dict[grpc.StatusCode, type[e.HotweightsError]] = {v: k for k, v in STA
 
 CLASS_KEY = "hotweights-error-class"
 DETAILS_KEY = "hotweights-error-details"
+# Initial metadata of a Watch stream the daemon has subscribed: a refused stream ends with empty
+# metadata, which alone cannot be told from a subscription until its status arrives.
+SUBSCRIBED_KEY = "hotweights-subscribed"
 # gRPC refuses (RESOURCE_EXHAUSTED, in place of the real status) a status whose message and metadata
 # pass its header limit (16 KiB): what goes out stays below, whatever a client sent. The message
 # travels percent-encoded (up to 3 bytes per UTF-8 byte), the details as ASCII JSON.

@@ -19,7 +19,7 @@ import structlog
 
 from hotweights import errors
 from hotweights.wire.pb import pb, pb_grpc
-from hotweights.wire.status import abort_with
+from hotweights.wire.status import SUBSCRIBED_KEY, abort_with
 from hotweightsd import __version__
 from hotweightsd.core import leases
 from hotweightsd.core.events import Event, EventKind
@@ -494,7 +494,8 @@ class HotweightsService(pb_grpc.HotweightsServicer):
         hub = self.hub()
         events = hub.subscribe(keep, needs_aliases=bool(ref))
         try:
-            await context.send_initial_metadata(())  # the watcher may know it is subscribed: no event is missed
+            # the watcher may know it is subscribed: no event is missed
+            await context.send_initial_metadata(((SUBSCRIBED_KEY, "1"),))
             while True:
                 yield _watch_event(await events.get())
         finally:
