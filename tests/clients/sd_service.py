@@ -1,8 +1,8 @@
 """A service under tests/support/svcmgr.py's emulated service manager, exercising
 hotweightsd.persist.systemd and .statefile as the daemon does. ``python sd_service.py MODE ARGS``:
 
-- ``notify INTERVAL SECONDS``: checks the watchdog interval is INTERVAL, sends READY with a status,
-  a two-line STATUS, runs the watchdog loop for SECONDS, then STOPPING.
+- ``notify INTERVAL``: checks the watchdog interval is INTERVAL, sends READY with a status, a
+  two-line STATUS, runs the watchdog loop until SIGUSR1, then STOPPING.
 - ``store-two OUT``: stores two memfds with known contents (their hex written to OUT as JSON),
   READY, then waits for a signal.
 - ``read-back OUT``: writes to OUT what came back from the store (LISTEN_* before and after, the
@@ -21,17 +21,16 @@ import sys
 from hotweightsd.persist import statefile, systemd
 
 
-def notify(interval: float, seconds: float) -> None:
+def notify(interval: float) -> None:
     assert systemd.watchdog_interval() == interval, systemd.watchdog_interval()
-    assert systemd.ready("serving 0 models")
-    assert systemd.status("loading\nllama")
 
     async def main() -> None:
         stop = asyncio.Event()
-        task = asyncio.create_task(systemd.watchdog_loop(stop))
-        await asyncio.sleep(seconds)  # how long the loop runs is the input, not a wait
-        stop.set()
-        await asyncio.wait_for(task, 10)
+        # set before READY: the test signals once it has seen the pings it waits for
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, stop.set)
+        assert systemd.ready("serving 0 models")
+        assert systemd.status("loading\nllama")
+        await asyncio.wait_for(systemd.watchdog_loop(stop), 300)
 
     asyncio.run(main())
     assert systemd.stopping()
@@ -89,7 +88,7 @@ def check_state(state: str) -> None:
 
 mode, args = sys.argv[1], sys.argv[2:]
 if mode == "notify":
-    notify(float(args[0]), float(args[1]))
+    notify(float(args[0]))
 elif mode == "store-two":
     store_two(args[0])
 elif mode == "read-back":

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from hotweights.errors import InvalidArgument
+from hotweights.testing import wait_until
 from hotweightsd.persist import systemd
 from support import CLIENTS
 from support.sdenv import no_service_manager  # noqa: F401 (autouse fixture)
@@ -41,11 +42,13 @@ def finished(m: ServiceManager, timeout: float = 60.0) -> int:
 
 
 def test_ready_status_watchdog_stopping_arrive_in_order(tmp_path):
-    # A 1 s interval run for 1.75 s: a loop at half the interval pings 4 times (at 0, 0.5, 1, 1.5 s),
-    # a full-interval loop twice; the margin absorbs a loaded machine's late wake-ups.
+    # A 1 s interval: the loop pings every half interval; three pings are waited for, then the
+    # service is told to stop.
     with ServiceManager(tmp_path, watchdog_usec=1_000_000) as m:
-        proc = m.start(service("notify", "1.0", "1.75"))
+        proc = m.start(service("notify", "1.0"))
         ready = m.wait_for("READY", "1")
+        wait_until(lambda: sum("WATCHDOG" in msg.fields for msg in m.messages) >= 3, what="three watchdog pings")
+        proc.send_signal(signal.SIGUSR1)
         m.wait_for("STOPPING", "1")
         finished(m)
         msgs = m.messages

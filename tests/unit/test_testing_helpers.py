@@ -39,7 +39,7 @@ def test_read_line_returns_the_next_line_or_says_why_none_came():
     with pytest.raises(AssertionError, match=r"it ended first \(exit status 1\); stderr:\nno model here\n\nthe log"):
         testing.read_line(failing, what="attached", context=lambda: "the log")
 
-    silent = child("import time; time.sleep(600)")
+    silent = child("import signal; signal.pause()")  # never writes: blocked until killed
     with pytest.raises(AssertionError, match=r"none came in 0.5 s \(exit status -9\); stderr:"):
         testing.read_line(silent, 0.5, "a line")  # the bound is the input here: the child never writes one
     assert silent.poll() == -9  # killed, not left hanging
@@ -89,12 +89,12 @@ def test_daemon_reads_what_its_process_holds_from_proc(tmp_path):
     held = tmp_path / "held.bin"
     held.write_bytes(b"x" * 4096)
     program = (
-        "import mmap, os, sys, threading, time\n"
+        "import mmap, os, signal, sys, threading\n"
         f"f = open({str(held)!r}, 'rb')\n"
         "m = os.memfd_create('hotweights-test'); os.ftruncate(m, 4096)\n"
         "view = mmap.mmap(m, 4096); os.close(m)  # the mapping keeps a descriptor of its own\n"
-        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
-        "print('ready', flush=True); time.sleep(60)\n"
+        "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+        "print('ready', flush=True); signal.pause()  # held until the test kills it\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
     try:

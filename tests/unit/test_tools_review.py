@@ -530,15 +530,13 @@ def _run_python(code: str, *args: str):
 def test_sigterm_removes_the_staging_directory_and_still_ends_the_process(tmp_path):
     src = _llama_source(tmp_path / "src")
     code = """
-import os, signal, sys, time
+import os, signal, sys
 from pathlib import Path
 from hotweights.tools.shard import sharder
-real = sharder._hash_parts
 def hash_then_term(*a, **k):
     assert list(Path(sys.argv[2]).parent.glob(".out.hotweights-partial-*")), "no staging while writing?"
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(5)
-    return real(*a, **k)
+    os.kill(os.getpid(), signal.SIGTERM)  # its handler raises before the next line runs
+    raise AssertionError("SIGTERM did not unwind the run")
 sharder._hash_parts = hash_then_term
 sharder.shard_checkpoint(sys.argv[1], sys.argv[2], 2)
 """
@@ -551,13 +549,11 @@ sharder.shard_checkpoint(sys.argv[1], sys.argv[2], 2)
 def test_the_converter_ends_as_sigterm_ends_it_and_leaves_no_staging(tmp_path):
     src = _llama_source(tmp_path / "src")
     code = """
-import os, signal, sys, time
+import os, signal, sys
 from hotweights import vllm_layout
-real = vllm_layout._publish
 def term_then_publish(*a, **k):
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(5)
-    return real(*a, **k)
+    os.kill(os.getpid(), signal.SIGTERM)  # its handler raises before the next line runs
+    raise AssertionError("SIGTERM did not unwind the run")
 vllm_layout._publish = term_then_publish
 sys.exit(vllm_layout.main([sys.argv[1], sys.argv[2], "--tp", "1"]))
 """

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import grpc
 import pytest
@@ -17,19 +16,20 @@ from hotweights.wire.status import SUBSCRIBED_KEY
 from support.stub_server import serving
 
 
-class SubscribesLate(pb_grpc.HotweightsServicer):
-    """Subscribes each stream after a while, then sends one event."""
+class SubscribesWhenLet(pb_grpc.HotweightsServicer):
+    """Subscribes each stream once the test opens ``gate``, sends one event, then holds it open."""
 
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
+    def __init__(self) -> None:
+        self.gate = threading.Event()
         self.subscribed = threading.Event()
 
     async def Watch(self, request, context):
-        await asyncio.sleep(self.delay)
+        while not self.gate.is_set():  # a condition wait that leaves the server's loop free
+            await asyncio.sleep(0.01)
         self.subscribed.set()
         await context.send_initial_metadata(((SUBSCRIBED_KEY, "1"),))
         yield pb.WatchEvent(seq=1)
-        await asyncio.sleep(30)
+        await asyncio.Event().wait()  # open until the caller cancels it or the server stops
 
 
 class Refuses(pb_grpc.HotweightsServicer):
@@ -42,9 +42,10 @@ class Refuses(pb_grpc.HotweightsServicer):
 
 
 def test_it_returns_once_the_daemon_has_subscribed_the_stream():
-    servicer = SubscribesLate(0.3)
+    servicer = SubscribesWhenLet()
     with serving(servicer) as path, hotweights.connect(path) as c:
         watch = c.watch("")
+        servicer.gate.set()
         assert watch.wait_subscribed(10) is watch
         assert servicer.subscribed.is_set()
         assert next(iter(watch)).seq == 1
@@ -52,12 +53,13 @@ def test_it_returns_once_the_daemon_has_subscribed_the_stream():
 
 
 def test_a_stream_not_subscribed_in_time_raises_deadline_exceeded_and_stays_usable():
-    with serving(SubscribesLate(1.0)) as path, hotweights.connect(path) as c:
+    servicer = SubscribesWhenLet()
+    with serving(servicer) as path, hotweights.connect(path) as c:
         watch = c.watch("")
-        t0 = time.monotonic()
         with pytest.raises(errors.DeadlineExceeded, match=rf"on {path} did not subscribe the watch stream"):
             watch.wait_subscribed(0.2)
-        assert time.monotonic() - t0 < 0.9
+        assert not servicer.subscribed.is_set()  # it gave up at its bound, before any subscription
+        servicer.gate.set()
         watch.wait_subscribed(10)  # still open: it is subscribed later
         watch.cancel()
         assert list(watch) == []
@@ -76,10 +78,10 @@ def test_a_stream_the_daemon_cancels_raises_unavailable():
 
 
 def test_a_stream_the_caller_cancelled_returns_at_once():
-    with serving(SubscribesLate(30)) as path, hotweights.connect(path) as c:
+    servicer = SubscribesWhenLet()  # never let: only the cancel can end the wait
+    with serving(servicer) as path, hotweights.connect(path) as c:
         watch = c.watch("")
         watch.cancel()
-        t0 = time.monotonic()
-        assert watch.wait_subscribed(10) is watch
-        assert time.monotonic() - t0 < 5
+        assert watch.wait_subscribed(10) is watch  # waiting out the bound would raise DeadlineExceeded
+        assert not servicer.subscribed.is_set()
         assert list(watch) == []
