@@ -16,11 +16,8 @@ import argparse
 import contextlib
 import errno
 import json
-import os
 import shutil
-import signal
 import sys
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,16 +25,15 @@ import torch
 
 from hotweights.errors import (
     BadCheckpoint,
-    FailedPrecondition,
     HotweightsError,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     shorten,
 )
 from hotweights.format import engine_layout
 from hotweights.format.checkpoint import SERVING_FILES, open_checkpoint
 from hotweights.sources import ENGINE_LAYOUT_MARKER
+from hotweights.staging import check_output, fsync, sigterm_unwinds, staged
 
 # The recipe (names, splits, padding) is data shared with the daemon, which applies it at load time.
 Shape = engine_layout.Shape
@@ -123,26 +119,12 @@ def convert(src: Path, out: Path, tp: int) -> list[Path]:
     config = _read_config(src)
     engine_layout.check_quantization(config)  # per-tensor FP8 and other schemes: refused, naming them
     shape = Shape(config, tp)  # architecture, heads and vocabulary against tp, before anything is written
-    _check_output(src, out)
+    check_output(src, out, "the converter")
     where = _source_tensors(src)
     if shape.tied:
         where.pop("lm_head.weight", None)
-    staging = out.parent / f".{out.name}.vllm-layout-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-    except OSError as exc:
-        raise _io_error(exc, out) from None
-    try:
-        _write(src, staging, config, tp, where)
-        _publish(staging, out)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise _io_error(exc, out) from None
-        if type(exc).__name__ == "SafetensorError":  # the writer's own error type, for a failed write
-            raise _io_error(_as_os_error(exc), out) from None
-        raise
+    with staged(out, "vllm-layout") as stage:
+        _write(src, stage, config, tp, where)
     return [out / f"model-rank-{rank}-part-0.safetensors" for rank in range(tp)]
 
 
@@ -157,26 +139,6 @@ def _read_config(src: Path) -> dict:
     if not isinstance(config, dict):
         raise BadCheckpoint(f"{path}: not a JSON object", path=str(path))
     return config
-
-
-def _check_output(src: Path, out: Path) -> None:
-    """``out`` must become a new directory, or be an empty one (never a link: the rename would not follow it)."""
-    if out.is_symlink():
-        raise FailedPrecondition(
-            f"{out}: is a symbolic link; give the real directory (the finished output is renamed onto this path)",
-            path=str(out),
-        )
-    if out.exists():
-        if not out.is_dir():
-            raise FailedPrecondition(f"{out}: exists and is not a directory", path=str(out))
-        if any(out.iterdir()):
-            raise FailedPrecondition(
-                f"{out}: output directory is not empty; the converter writes only into a new or empty directory",
-                path=str(out),
-            )
-    resolved = out.resolve()
-    if resolved == src.resolve() or src.resolve() in resolved.parents:
-        raise InvalidArgument(f"{out}: the output must not be the source directory or inside it", path=str(out))
 
 
 def _source_tensors(src: Path) -> dict[str, Path]:
@@ -211,54 +173,26 @@ def _write(src: Path, staging: Path, config: dict, tp: int, where: dict[str, Pat
         for rank in range(tp):
             tensors = build_rank(lambda n: handles[where[n]].get_tensor(n), list(where), config, tp, rank)
             path = staging / f"model-rank-{rank}-part-0.safetensors"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-            _fsync(path)
+            try:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+            except Exception as exc:
+                if type(exc).__name__ != "SafetensorError":  # the writer's own error type, for a failed write
+                    raise
+                raise _as_os_error(exc) from None
+            fsync(path)
     for name in SERVING_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, staging / name)
-            _fsync(staging / name)
+            fsync(staging / name)
     layout = {"engine": "vllm", "tp": tp, "vocab_padding": VOCAB_PADDING, "source": str(src.resolve())}
     (staging / ENGINE_LAYOUT_MARKER).write_text(json.dumps(layout, indent=1) + "\n")
-    _fsync(staging / ENGINE_LAYOUT_MARKER)
-    _fsync(staging)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    # rename(2) replaces an empty directory atomically; a non-empty one (written meanwhile) fails
-    try:
-        os.rename(staging, out)
-    except OSError as exc:
-        raise FailedPrecondition(
-            f"{out}: cannot move the finished checkpoint into place: {exc.strerror}", path=str(out)
-        ) from None
-    _fsync(out.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync(staging / ENGINE_LAYOUT_MARKER)
 
 
 def _as_os_error(exc: BaseException) -> OSError:
     text = str(exc)
     code = errno.ENOSPC if "No space left" in text else errno.EDQUOT if "quota" in text.lower() else errno.EIO
     return OSError(code, text)
-
-
-def _io_error(exc: OSError, out: Path) -> HotweightsError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhausted(
-            f"no space left on the device writing {out} ({exc.strerror}); the run was abandoned and its "
-            f"partial output removed",
-            path=str(out),
-        )
-    return FailedPrecondition(
-        f"cannot write {out}: {exc.strerror or exc}; the run was abandoned and its partial output removed",
-        path=str(out),
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,34 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--tp", type=int, default=1)
     args = ap.parse_args(argv)
-    # SIGTERM (a batch job's stop) unwinds like Ctrl-C, so the staging directory is removed either way.
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # SIGTERM (a batch job's stop) unwinds like Ctrl-C, so the staging directory is removed either way,
+    # and then ends the process as SIGTERM does, as `hotweights shard` does.
     try:
-        paths = convert(args.src, args.out, args.tp)
+        with sigterm_unwinds(lambda: print("terminated: nothing was written", file=sys.stderr)):
+            paths = convert(args.src, args.out, args.tp)
     except (HotweightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except _Terminated:
-        print("terminated: nothing was written", file=sys.stderr)
-        # ends as SIGTERM ends it (status 143 under the default action), as `hotweights shard` does
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return 143
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     print("\n".join(str(p) for p in paths))
     return 0
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, unwinding the conversion (and its staging directory) as Ctrl-C does."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ LAYERS: dict[str, str] = {
     "hotweights.paths": "kernel.util",
     # Where the socket is and why no daemon answers on it: the file system only, below the client API.
     "hotweights.reach": "kernel.util",
+    # Writing a checkpoint directory all-or-nothing: the file system only, for the tools and the converter.
+    "hotweights.staging": "kernel.util",
     "hotweights.format": "kernel.format",
     "hotweights.wire": "kernel.wire",
     "hotweights.cuda": "kernel.cuda",

@@ -551,10 +551,12 @@ def test_the_converter_ends_as_sigterm_ends_it_and_leaves_no_staging(tmp_path):
     code = """
 import os, signal, sys
 from hotweights import vllm_layout
-def term_then_publish(*a, **k):
+real = vllm_layout._write
+def write_then_term(*a, **k):
+    real(*a, **k)  # every file written into the staging directory
     os.kill(os.getpid(), signal.SIGTERM)  # its handler raises before the next line runs
     raise AssertionError("SIGTERM did not unwind the run")
-vllm_layout._publish = term_then_publish
+vllm_layout._write = write_then_term
 sys.exit(vllm_layout.main([sys.argv[1], sys.argv[2], "--tp", "1"]))
 """
     r = _run_python(code, str(src), str(tmp_path / "out"))

@@ -15,16 +15,12 @@ together) under a byte budget.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import shutil
-import signal
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,16 +32,14 @@ import xxhash
 import hotweights
 from hotweights.errors import (
     BadCheckpoint,
-    FailedPrecondition,
-    HotweightsError,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
 )
 from hotweights.format.checkpoint import INDEX_NAME, MANIFEST_NAME, SERVING_FILES, open_checkpoint
 from hotweights.format.dtypes import DTYPES, torch_dtype
 from hotweights.format.manifest import FORMAT, FORMAT_VERSION, dumps_manifest, file_xxh64
 from hotweights.format.source import DEFAULT_MAX_FILES
+from hotweights.staging import check_output, fsync, sigterm_unwinds, staged
 from hotweights.tools.shard import quantize as fp8
 from hotweights.tools.shard.model_config import CONFIG_NAME, load_config
 from hotweights.tools.shard.placement import Job, ShardPlan, SourceTensor, plan_shards
@@ -104,7 +98,7 @@ def shard_checkpoint(
         )
     src = src.resolve()
     config = load_config(src)
-    _check_output(src, out)
+    check_output(src, out, "hotweights shard")
     if (src / MANIFEST_NAME).exists():
         raise InvalidArgument(
             f"{src}: already a hotweights sharded checkpoint; shard the original model", path=str(src)
@@ -140,7 +134,7 @@ def shard_checkpoint(
             limit=DEFAULT_MAX_FILES,
         )
 
-    with _sigterm_unwinds():
+    with sigterm_unwinds():
         return _write_checkpoint(src, out, tp, plan, parts, ckpt.layout, workers, memory_budget, progress, started)
 
 
@@ -156,16 +150,10 @@ def _write_checkpoint(
     progress: bool,
     started: float,
 ) -> ShardResult:
-    staging = out.parent / f".{out.name}.hotweights-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-    except OSError as exc:
-        raise _io_error(exc, out) from None
-    try:
-        source_hash = _write_parts(plan, parts, staging, workers, memory_budget, progress)
-        files = _hash_parts(parts, staging, workers)
-        aux = _copy_aux(src, staging, plan)
+    with staged(out, "hotweights") as stage:
+        source_hash = _write_parts(plan, parts, stage, workers, memory_budget, progress)
+        files = _hash_parts(parts, stage, workers)
+        aux = _copy_aux(src, stage, plan)
         doc = manifest_doc(
             plan,
             parts,
@@ -179,63 +167,10 @@ def _write_checkpoint(
                 "hash_of": "xxh64 over the sorted lines '<tensor name> <xxh64 of its bytes>' of every source tensor",
             },
         )
-        tmp = staging / (MANIFEST_NAME + ".tmp")
+        tmp = stage / (MANIFEST_NAME + ".tmp")
         _write_durable(tmp, dumps_manifest(doc).encode())
-        os.replace(tmp, staging / MANIFEST_NAME)
-        _fsync_dir(staging)
-        _publish(staging, out)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise _io_error(exc, out) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        os.replace(tmp, stage / MANIFEST_NAME)
     return ShardResult(out, tp, [p.name for p in parts], sum(p.size for p in parts), time.monotonic() - started, doc)
-
-
-def _check_output(src: Path, out: Path) -> None:
-    if out.is_symlink():
-        # The finished checkpoint is renamed onto this path, and rename(2) does not follow a link: refused
-        # here, before the run, not after all of its work.
-        raise FailedPrecondition(
-            f"{out}: is a symbolic link (to {os.readlink(out)}); give the directory itself as the output",
-            path=str(out),
-        )
-    if out.exists():
-        if not out.is_dir():
-            raise FailedPrecondition(f"{out}: exists and is not a directory", path=str(out))
-        if any(out.iterdir()):
-            raise FailedPrecondition(
-                f"{out}: output directory is not empty; hotweights shard writes only into a new or empty directory",
-                path=str(out),
-            )
-    resolved = out.resolve()
-    if resolved == src or src in resolved.parents:
-        raise InvalidArgument(f"{out}: the output must not be the source directory or inside it", path=str(out))
-
-
-def _io_error(exc: OSError, out: Path) -> HotweightsError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhausted(
-            f"no space left on the device writing {out} ({exc.strerror}); the run was "
-            f"abandoned and its partial output removed",
-            path=str(out),
-        )
-    return FailedPrecondition(
-        f"cannot write {out}: {exc.strerror or exc}; the run was abandoned and its partial output removed",
-        path=str(out),
-    )
-
-
-def _publish(staging: Path, out: Path) -> None:
-    # rename(2) replaces an empty directory atomically; a non-empty one (someone wrote there meanwhile) fails.
-    try:
-        os.rename(staging, out)
-    except OSError as exc:
-        raise FailedPrecondition(
-            f"{out}: cannot move the finished checkpoint into place: {exc.strerror}", path=str(out)
-        ) from None
-    _fsync_dir(out.parent)
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -245,51 +180,6 @@ def _write_durable(path: Path, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the run is so that it unwinds (and removes its staging) as Ctrl-C does."""
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """While the run writes, SIGTERM (a timeout, systemd, kubectl) unwinds it like Ctrl-C, so its staging
-    directory is removed; the signal is then delivered again under the handler it replaced, so the
-    process still ends as SIGTERM ends it. Outside the main thread (where no handler can be set) nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    if previous is None:  # a handler set outside Python: the default is what remains to restore
-        previous = signal.SIG_DFL
-    try:
-        yield
-    except _Terminated:
-        signal.signal(signal.SIGTERM, previous)
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -440,7 +330,7 @@ def _copy_aux(src: Path, staging: Path, plan: ShardPlan) -> dict[str, dict[str, 
             _write_durable(dest, (json.dumps(cfg, indent=2) + "\n").encode())
         else:
             shutil.copyfile(src / name, dest)
-            _fsync_file(dest)  # durable before the rename publishes it, as the parts are
+            fsync(dest)  # durable before the rename publishes it, as the parts are
         out[name] = {"size": dest.stat().st_size, "xxh64": file_xxh64(dest)}
     return out
 
