@@ -156,6 +156,21 @@ class _SlowFill(CpuBackend):
         return super().fill(layout, allocations, progress, cancel)
 
 
+def _run_in_thread(plan) -> tuple[list[BaseException | str], threading.Thread]:
+    """Runs a swap plan in a thread of its own: (what it returned or raised, once it has; the thread)."""
+    outcome: list[BaseException | str] = []
+
+    def run() -> None:
+        try:
+            outcome.append(plan.run().key)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    swapping = threading.Thread(target=run)
+    swapping.start()
+    return outcome, swapping
+
+
 @pytest.mark.parametrize("how", ["set-alias", "load-alias", "remove"])
 def test_an_alias_moved_while_its_drain_swap_loads_is_left_where_it_was_moved(tmp_path: Path, how: str) -> None:
     backend = _SlowFill()
@@ -167,16 +182,7 @@ def test_an_alias_moved_while_its_drain_swap_loads_is_left_where_it_was_moved(tm
         plan = swap(
             m, "prod", str(write_model(tmp_path / "slow.safetensors", seed=3)), version="v3", mode=SwapMode.DRAIN
         )
-        outcome: list[BaseException | str] = []
-
-        def run() -> None:
-            try:
-                outcome.append(plan.run().key)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        swapping = threading.Thread(target=run)
-        swapping.start()
+        outcome, swapping = _run_in_thread(plan)
         try:
             assert backend.entered.wait(GUARD_S), "the drain swap never started to read"
             if how == "set-alias":
@@ -232,16 +238,7 @@ def test_a_version_an_operator_also_loaded_while_the_drain_swap_read_it_stays_wh
         m.load("m", str(write_model(tmp_path / "v2.safetensors", seed=2)), version="v2")
         slow = str(write_model(tmp_path / "slow.safetensors", seed=3))
         plan = swap(m, "prod", slow, version="v3", mode=SwapMode.DRAIN)
-        outcome: list[BaseException | str] = []
-
-        def run() -> None:
-            try:
-                outcome.append(plan.run().key)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        swapping = threading.Thread(target=run)
-        swapping.start()
+        outcome, swapping = _run_in_thread(plan)
         try:
             assert backend.entered.wait(GUARD_S), "the drain swap never started to read"
             # The operator's own load of the same files joins the read in flight: it is answered as
