@@ -22,7 +22,7 @@ from pathlib import Path
 import xxhash
 
 from hotweights.errors import BadCheckpoint, HotweightsError, InvalidArgument, NotFound, shorten
-from hotweights.format.safetensors import MAX_TENSORS_PER_FILE, FileHeader, count_json_members, read_header
+from hotweights.format.safetensors import MAX_TENSORS_PER_FILE, FileHeader, check_json_members, read_header
 from hotweights.format.source import DEFAULT_MAX_FILES, Allow, FileBudget, SourceFile, open_file, read_small
 
 # One spelling per (rank, part): ASCII digits, no leading zeros (``shard_file_name`` writes these).
@@ -314,15 +314,13 @@ def _indexed(path: Path, index: Path, budget: FileBudget, read: _Reader) -> list
     raw = read_small(index, budget.allow)
     # One weight_map entry per tensor: a ':' and a ','. Counted before the parse, which holds the interpreter.
     limit = 2 * read.limits.max_tensors_per_rank + 8192
-    members, _ = count_json_members(raw, limit)
-    if members > limit:
-        raise BadCheckpoint(
-            f"{index}: holds {members} JSON members and array elements; an index of at most "
-            f"{read.limits.max_tensors_per_rank} tensors (the per-rank limit) needs at most {limit}",
-            path=str(index),
-            members=members,
-            limit=limit,
-        )
+    check_json_members(
+        raw,
+        limit,
+        index,
+        f"{index}:",
+        f"an index of at most {read.limits.max_tensors_per_rank} tensors (the per-rank limit)",
+    )
     try:
         doc = json.loads(raw)
         weight_map = doc["weight_map"]

@@ -176,20 +176,25 @@ def count_json_members(raw: bytes, limit: int) -> tuple[int, bool]:
     return n, False
 
 
-def _check_tokens(where: str, path: Path, raw: bytes, max_tensors: int) -> None:
-    """Refuses, before the parse, a header whose JSON holds more members and array elements than
-    ``max_tensors`` entries and their metadata need (one scan of the bytes per separator)."""
-    limit = _TOKENS_PER_TENSOR * max_tensors + _METADATA_TOKENS
+def check_json_members(raw: bytes, limit: int, path: Path, what: str, needs: str) -> None:
+    """Refuses, before the parse, JSON text ``raw`` (``what``, e.g. "header") holding more members and array
+    elements than ``limit``; ``needs`` says what the limit is for."""
     n, exact = count_json_members(raw, limit)
     if n > limit:
         counted = "outside strings" if exact else "in its bytes"
         raise BadCheckpoint(
-            f"{where}header holds {n} JSON members and array elements (':' and ',' {counted}); "
-            f"a header of at most {max_tensors} tensors needs at most {limit}",
+            f"{what} holds {n} JSON members and array elements (':' and ',' {counted}); {needs} needs at most {limit}",
             path=str(path),
             members=n,
             limit=limit,
         )
+
+
+def _check_tokens(where: str, path: Path, raw: bytes, max_tensors: int) -> None:
+    """Refuses, before the parse, a header whose JSON holds more members and array elements than
+    ``max_tensors`` entries and their metadata need (one scan of the bytes per separator)."""
+    limit = _TOKENS_PER_TENSOR * max_tensors + _METADATA_TOKENS
+    check_json_members(raw, limit, path, f"{where}header", f"a header of at most {max_tensors} tensors")
 
 
 def _check_covered(where: str, path: Path, ordered: list[TensorEntry], data_start: int, size: int) -> None:
