@@ -209,7 +209,7 @@ class HotweightsModelLoader(BaseModelLoader):
                     with skeleton():
                         model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
                     held = _layout_names(model)
-                    kept = {n: att[n] for n in att if not _SKIPPED.search(n)}  # as vLLM's own loader skips them
+                    kept = _kept(att)
                     named = _bind_params_copy_buffers(model, _as_named_by(model, kept, held), att)
                     rep = bind(model, _Renamed(named, att, held))
                     self.attached_bytes = rep.nbytes
@@ -243,7 +243,7 @@ class HotweightsModelLoader(BaseModelLoader):
         its rank's part, fused and padded) and copied one at a time, so that at most one fused tensor is
         alive beside the attachment."""
         params = dict(model.named_parameters())
-        kept = {n: att[n] for n in att if not _SKIPPED.search(n)}  # vLLM's own loader passes over these too
+        kept = _kept(att)
         buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         build: Callable[[str], torch.Tensor] | None = None
         if _in_engine_layout(att):
@@ -298,6 +298,11 @@ class HotweightsModelLoader(BaseModelLoader):
 # Tensors vLLM's model loaders pass over (Llama, Qwen2, Mixtral, Mistral ``load_weights``): the rotary
 # embedding's buffers older conversions saved; the engine computes its own.
 _SKIPPED = re.compile(r"rotary_emb\.(inv_freq|cos_cached|sin_cached)")
+
+
+def _kept(att) -> dict[str, torch.Tensor]:
+    """The attached tensors a load takes: all but those vLLM's own loaders pass over (``_SKIPPED``)."""
+    return {n: att[n] for n in att if not _SKIPPED.search(n)}
 
 
 def _meta_of(tensors: Mapping[str, torch.Tensor]):

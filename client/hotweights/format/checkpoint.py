@@ -290,7 +290,7 @@ def _sharded(path: Path, budget: FileBudget, read: _Reader) -> list[RankFiles] |
     world = max(found) + 1
     if world != len(found):
         raise BadCheckpoint(
-            f"{path}: sharded checkpoint lacks rank(s) {_some_missing(found)} (found ranks up to {world - 1})",
+            f"{path}: sharded checkpoint lacks rank(s) {some_missing(found)} (found ranks up to {world - 1})",
             path=str(path),
         )
     ranks = []
@@ -298,12 +298,12 @@ def _sharded(path: Path, budget: FileBudget, read: _Reader) -> list[RankFiles] |
     for r in range(world):
         parts = found[r]
         if max(parts) + 1 != len(parts):
-            raise BadCheckpoint(f"{path}: rank {r} lacks part(s) {_some_missing(parts)}", path=str(path), rank=r)
+            raise BadCheckpoint(f"{path}: rank {r} lacks part(s) {some_missing(parts)}", path=str(path), rank=r)
         ranks.append(RankFiles(r, [read(budget.open(parts[p]), r) for p in sorted(parts)]))
     return ranks
 
 
-def _some_missing(present: Collection[int], most: int = 5) -> str:
+def some_missing(present: Collection[int], most: int = 5) -> str:
     """The first few numbers below max(present) that are absent (there must be one), and how many more."""
     missing = list(itertools.islice((i for i in range(max(present)) if i not in present), most))
     more = max(present) + 1 - len(present) - len(missing)

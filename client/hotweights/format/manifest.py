@@ -32,7 +32,7 @@ from hotweights.errors import (
     NotFound,
     shorten,
 )
-from hotweights.format.checkpoint import MANIFEST_NAME, SHARD_RE, _some_missing
+from hotweights.format.checkpoint import MANIFEST_NAME, SHARD_RE, some_missing
 from hotweights.format.safetensors import read_header
 from hotweights.format.source import Allow, SourceFile, open_file, read_small
 
@@ -271,7 +271,7 @@ def _verify_layout(m: Manifest) -> None:
     ranks = {info["rank"] for info in m.files.values()}
     if len(ranks) != m.tp_size:  # every rank is below tp_size (the schema): a gap is found by counting
         raise BadCheckpoint(
-            f"{m.path}: lists no files for rank(s) {_some_missing(ranks | {m.tp_size})} of tp_size {m.tp_size}",
+            f"{m.path}: lists no files for rank(s) {some_missing(ranks | {m.tp_size})} of tp_size {m.tp_size}",
             path=str(m.path),
             file=MANIFEST_NAME,
         )
