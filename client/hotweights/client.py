@@ -91,12 +91,14 @@ class Client:
         """A transport failure turned into which of: not running / wrong path / permission; a
         cancelled call (``what``) into one that names the daemon's socket."""
         if isinstance(err, errors.Unavailable) and err.details.get("transport"):
-            if err.details.get("cancelled") and self._closed:
-                return _closed_here(err, what)
             if err.details.get("cancelled"):
-                return _cancelled_by_daemon(err, self.socket, what)
+                return self._cancelled(err, self.socket, what)
             return diagnose_unreachable(self.socket, self.origin, str(err.details.get("grpc_message", "")))
         return err
+
+    def _cancelled(self, err: errors.Unavailable, socket: str, what: str) -> errors.HotweightsError:
+        """A cancelled call: cut short by this client's own close, or cancelled by the daemon on ``socket``."""
+        return _closed_here(err, what) if self._closed else _cancelled_by_daemon(err, socket, what)
 
     def _operator_error(self, exc: grpc.RpcError, rpc: str) -> errors.HotweightsError:
         """The same for a call on the operator socket: a socket this user may not open means the call
@@ -105,9 +107,7 @@ class Client:
         if not (isinstance(err, errors.Unavailable) and err.details.get("transport")):
             return err
         if err.details.get("cancelled"):
-            if self._closed:
-                return _closed_here(err, rpc)
-            return _cancelled_by_daemon(err, self.operator_socket, rpc)
+            return self._cancelled(err, self.operator_socket, rpc)
         return operator_unreachable(
             rpc,
             self.operator_socket,
