@@ -101,8 +101,10 @@ def restore(
     if report.dropped_aliases:
         log.warning("restore.alias_dropped", aliases=list(report.dropped_aliases.values()))
 
-    def reload(vs: list[dict]) -> list[dict]:
-        return [
+    def reload(vs: list[dict]) -> None:
+        """Plans a reload from storage of each of ``vs`` not retired; the state file keeps them until it settles."""
+        live = [v for v in vs if not v.get("retire")]
+        report.to_reload += [
             {
                 "name": v["name"],
                 "path": v["source"],
@@ -110,8 +112,9 @@ def restore(
                 "layout": v.get("layout", ""),
                 "aliases": sorted(a for a, k in aliases.items() if k == f"{v['name']}@{v['version']}"),
             }
-            for v in vs
+            for v in live
         ]
+        persister.carry(live, aliases)
 
     # A retired version is only worth its memory while it is resident: it is never read again.
     retired = [v for v in versions if v.get("retire")]
@@ -119,26 +122,21 @@ def restore(
         log.info("restore.retired_not_reloaded", versions=[f"{v['name']}@{v['version']}" for v in retired])
     stored = [v for v in versions if v["ranks"] and all(r["fd_names"] for r in v["ranks"])]
     if not received:
-        report.to_reload = reload([v for v in versions if not v.get("retire")])
-        persister.carry([v for v in versions if not v.get("retire")], aliases)
+        reload(versions)
         if report.to_reload:
             report.note = f"no fd store handed anything back: reloading {len(report.to_reload)} version(s) from storage"
             log.warning(
                 "restore.reload_from_storage", versions=[f"{v['name']}@{v['version']}" for v in report.to_reload]
             )
         return report
-    unstored = [v for v in versions if v not in stored and not v.get("retire")]
-    report.to_reload = reload(unstored)
-    persister.carry(unstored, aliases)
+    reload([v for v in versions if v not in stored])
     versions = stored
 
     expected = {n: 1 for v in versions for r in v["ranks"] for n in r["fd_names"]}
     mismatch = statefile.match_fds(expected, received)
     if not mismatch.ok:
         _drop_received(received)
-        again = [v for v in versions if not v.get("retire")]
-        report.to_reload += reload(again)
-        persister.carry(again, aliases)
+        reload(versions)
         report.note = f"state file {path} disagrees with the fds handed back: {mismatch.describe()}; dropped them" + (
             f", reloading {len(report.to_reload)} version(s) from storage" if report.to_reload else ""
         )
@@ -163,15 +161,14 @@ def restore(
         manager.adopt_version(mv, sorted(a for a, k in aliases.items() if k == mv.key))
         persister.adopted(mv.key, names)
         report.restored.append(mv.key)
-    again = [v for v, _ in refused if not v.get("retire")]
-    report.to_reload += reload(again)
-    persister.carry(again, aliases)
+    before = len(report.to_reload)
+    reload([v for v, _ in refused])
     report.note = f"restored {len(adopted)} version(s) from the fd store without reading storage"
     if refused:
         why = "; ".join(f"{v.get('name')}@{v.get('version')}: {reason}" for v, reason in refused)
         report.note += (
             f"; {len(refused)} did not match the fds handed back and were dropped"
-            f"{' (reloading from storage)' if again else ''}: {why}"
+            f"{' (reloading from storage)' if len(report.to_reload) > before else ''}: {why}"
         )
     log.info("restore.done", versions=report.restored)
     return report
