@@ -198,9 +198,3 @@ def split_ranges(res: FileResidency, window: int, high: float = 0.5) -> list[Ran
         else:
             out.append(RangeChoice(off, n, direct))
     return out
-
-
-def describe(name: str, res: FileResidency) -> str:
-    if res.memory:
-        return f"{name}: {res.filesystem}, buffered"
-    return f"{name}: {res.resident_fraction:.0%} in page cache ({res.filesystem})"
