@@ -6,7 +6,9 @@ A real daemon (cpu backend) on a real unix socket; the serving side runs as sepa
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from support import child_env
-from support.daemons import client_json, short_tmpdir, start_daemon, wait_until
+from support.daemons import client_json, run_client, short_tmpdir, start_daemon, wait_until
 from support.models import llama_config, phi3_config, qwen2_config, save_model, weight_bytes
 
 
@@ -64,6 +66,22 @@ def test_model_from_daemon_memory_equals_from_pretrained(served, model):
         assert not out["lm_head_tied"], out
     assert out["leases_before_release"] == 1 and out["leases_after_release"] == 0, out
     assert wait_no_leases(d) == []
+
+
+def test_a_write_into_a_bound_parameter_kills_the_writer_and_leaves_the_weights_as_they_were(served):
+    """Attached memory is read-only: an in-place write (an optimizer step, a stray ``add_``) faults in the
+    writer's process instead of changing what every other process serving the version reads."""
+    d, models, _ = served
+    r = run_client("write_bound.py", d.socket, "llama", timeout=180, check=False)
+    assert r.returncode == -signal.SIGSEGV, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    assert "WROTE" not in r.stdout
+    before = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("{")))
+    # the dead writer's lease ends with its connection, and the next serving process reads the file's bits
+    wait_no_leases(d)
+    out = run_program("hf_model.py", d.socket, "llama", str(models["llama"]))
+    assert out["logits_equal"], out
+    want = load_file(str(models["llama"] / "model.safetensors"))["model.embed_tokens.weight"]
+    assert before["sum"] == float(want.float().sum())
 
 
 def test_building_the_model_allocates_no_weight_memory(served):

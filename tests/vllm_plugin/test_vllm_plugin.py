@@ -134,6 +134,9 @@ def test_zero_copy_of_a_version_loaded_with_layout_vllm_equals_vllms_own_loader(
     assert out["tokens"] == reference["tokens"]
     assert out["checksums"] == reference["checksums"]
     assert out["before_postprocessing"] == reference["before_postprocessing"]
+    assert len(out["before_postprocessing"]) == 15
+    # every parameter as the loader left it aliases the mapping, the fused ones the daemon built included
+    assert sorted(out["aliased_before_postprocessing"]) == sorted(out["before_postprocessing"]), out
     p = out["params"]
     assert p["holds_attachment"], p
     assert p["own"] == [] and len(p["aliased"]) == 7, p
@@ -144,10 +147,10 @@ def test_zero_copy_of_a_version_loaded_with_layout_vllm_equals_vllms_own_loader(
     assert d.wait_status(lambda st: not st["leases"])["leases"] == []
 
 
-@pytest.mark.parametrize("model", ["hf", "vl"])
+@pytest.mark.parametrize("model", ["hf", "vl", "hfv"])
 def test_copy_mode_equals_vllms_own_loader(served, reference, model):
     """The Hugging Face layout in the default mode (auto chooses copy, and says the engine holds the
-    memory), vLLM's layout with copy asked for."""
+    memory); vLLM's layout, converted offline or built by the daemon at load, with copy asked for."""
     d, hf = served
     out = engine(hf, *hotweights_args(d, model, **({} if model == "hf" else {"mode": "copy"})))
     assert out["tokens"] == reference["tokens"]
