@@ -105,7 +105,7 @@ PY
 rc_tests=0
 if [ -z "${SKIP_TESTS:-}" ]; then
   log "GPU tests (time box ${TESTS_TIMEOUT}s)"
-  timeout "$TESTS_TIMEOUT" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/gpu ${PYTEST_ARGS:-} 2>&1 \
+  timeout "$TESTS_TIMEOUT" python3 -m pytest -m gpu -q -rps -p no:cacheprovider tests/gpu ${PYTEST_ARGS:-} 2>&1 \
     | tee "$OUT/gpu-tests.log"
   rc_tests=${PIPESTATUS[0]}
   log "GPU tests exit code $rc_tests"
