@@ -196,6 +196,22 @@ def import_profile(env: dict) -> dict:
     }
 
 
+# The first process on a fresh machine to run a matmul reads the CUDA math libraries (hundreds of MB)
+# from disk; whichever route ran first paid it alone. One untimed process pays it for every route.
+_WARM_MATH = """import torch
+a = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16)
+q = torch.randn(1, 8, 32, 128, device="cuda", dtype=torch.bfloat16)
+(a @ a).float().sum().item()
+torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().item()
+"""
+
+
+def warm_math_libraries(env: dict) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", _WARM_MATH], check=True, capture_output=True, env=env, timeout=300)
+    return round(time.perf_counter() - t, 3)
+
+
 def run_child(route: str, model_dir: Path, socket: str, ref: str, device: str, logits: Path, env: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", route, "--model-dir", str(model_dir), "--socket", socket]
     cmd += ["--ref", ref, "--device", device, "--logits", str(logits)]
@@ -275,6 +291,9 @@ def main() -> int:
         doc["daemon_load_s"] = round(time.perf_counter() - t, 2)
         doc["transformers_import"] = import_profile(env)
         print(f"importing transformers after torch: {doc['transformers_import']['by_package_s']}", flush=True)
+        if args.backend == "cuda":
+            doc["math_libraries_warm_s"] = warm_math_libraries(env)
+            print(f"CUDA math libraries warmed in {doc['math_libraries_warm_s']} s", flush=True)
         runs: dict[str, list[dict]] = {r: [] for r in ROUTES}
         for rep in range(args.reps):
             # interleaved, so drift on the machine touches every route alike, and rotated, so no route always
