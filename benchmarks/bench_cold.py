@@ -457,6 +457,12 @@ def main() -> int:
         help=f"peers loaded cold in the cold rotation (comma list of {', '.join(bl.PEERS)}; '' for none)",
     )
     ap.add_argument("--sweep-only", action="store_true", help="only the read size x readers sweep")
+    ap.add_argument(
+        "--ceiling-in-rotation",
+        action="store_true",
+        help="the raw read shapes take their turns in the cold rotation beside the loads, instead of a section "
+        "of their own before it: ceiling and loads then see the same stretch of the disk's life",
+    )
     ap.add_argument("--budget", type=float, default=480.0, help="seconds; later sections are cut short past it")
     ap.add_argument("--smoke", action="store_true", help="cpu backend, a checkpoint of a few MB, no GPU needed")
     args = ap.parse_args()
@@ -560,6 +566,10 @@ def main() -> int:
             + ", ".join(f"{k} {v['median']}" for k, v in out.items())
         )
 
+    # the shapes that run inside the cold rotation instead (labels of their own there)
+    in_rotation = [k for k, (*_, m) in RAW_SHAPES.items() if m in bufs] if args.ceiling_in_rotation else []
+    if in_rotation and "cold" in scenarios:
+        skip.add("raw")
     section("raw", raw, need=20 * pass_s[0] if not args.smoke else 5)
 
     # -- the daemon's read modes, cold and partly cached
@@ -601,6 +611,9 @@ def main() -> int:
                         return None
                     before = prepare(paths, scenario)
                     seen.setdefault("resident_before", []).append(before)
+                    if label in raw_labels:
+                        n, dt = raw_once(paths, label, bufs)
+                        return bl.rate(n, dt)
                     if label in modes:
                         assert daemons is not None
                         r = daemons.load(label, ckpt)
@@ -621,8 +634,18 @@ def main() -> int:
                     seen.setdefault(f"bytes {label}", [n])
                     return bl.rate(n, dt)
 
-                labels = modes + [p for p in ready if p not in failed]
+                raw_labels = in_rotation if scenario == "cold" else []
+                labels = modes + [p for p in ready if p not in failed] + raw_labels
                 out = interleaved(labels, args.reps, once, budget, pass_s[0] + 4)
+                shapes = {k: out.pop(k) for k in raw_labels if k in out}
+                if shapes:
+                    best = max(shapes, key=lambda k: shapes[k]["median"])
+                    doc["raw"] = {
+                        "shapes": shapes,
+                        "ceiling": shapes[best]["median"],
+                        "ceiling_shape": best,
+                        "in_rotation": True,
+                    }
                 befores = seen.get("resident_before") or [[0.0]]
                 doc[scenario] = {
                     "modes": {m: v for m, v in out.items() if m in modes},
@@ -676,10 +699,11 @@ def main() -> int:
                     t["auto_over_best_peer"] = ratio
                     t["met_peers"] = bool(ratio >= 1.1) if ratio is not None else None
                 res.note(
-                    f"{scenario}: " + ", ".join(f"{m} {v['median']} [{v['min']}-{v['max']}]" for m, v in out.items())
+                    f"{scenario}: "
+                    + ", ".join(f"{m} {v['median']} [{v['min']}-{v['max']}]" for m, v in {**out, **shapes}.items())
                 )
 
-            rotation = len(modes) + (len(peers) if scenario == "cold" else 0)
+            rotation = len(modes) + (len(peers) + len(in_rotation) if scenario == "cold" else 0)
             section(scenario, run, need=3 * rotation * pass_s[0] + 10 if not args.smoke else 5)
     except Exception as exc:
         res.error("daemons", exc)
