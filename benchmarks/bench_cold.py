@@ -537,7 +537,8 @@ def main() -> int:
         res.note(f"POSIX_FADV_DONTNEED left pages resident here ({after_drop}): cold figures are not cold")
     res.save()
     nbytes = sum(os.path.getsize(p) for p in paths)
-    pass_s = [10.0 if not args.smoke else 0.5]  # seconds per cold pass, measured below
+    # seconds per cold pass, first guessed at 1 GB/s and a second of setup, then measured by the raw section
+    pass_s = [nbytes / GB + 1.0 if not args.smoke else 0.5]
 
     def timed(label: str, fn: Callable[[], tuple[int, float]], scenario: str = "cold") -> float:
         prepare(paths, scenario)
