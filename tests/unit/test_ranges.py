@@ -131,7 +131,9 @@ def test_a_half_cached_file_is_opened_both_ways_and_its_chunks_follow_their_rang
         assert m.ranges == [r(0, cut, False), r(cut, 2 * MiB - cut, True)]
         assert m.buffered_fd >= 0 and m.direct_fd >= 0 and c.buffered_fd == -1 and w.direct_fd == -1
         assert len(sources.fds) == 4 and sum(sources.direct) == 2  # this filesystem takes O_DIRECT
-        assert sources.describe() == "auto: 1 O_DIRECT, 1 buffered, 1 mixed (50% cached)"
+        assert sources.describe() == (
+            "auto: 1 O_DIRECT, 1 buffered, 1 mixed (50% cached), because 1 not in the page cache, 1 in the page cache"
+        )
         chunks = [ReadChunk(0, off, chunk, (Piece(0, 0, 0, chunk),)) for off in range(0, 2 * MiB, chunk)]
         marked = sources.mark(chunks)
         assert [c.direct for c in marked] == [c.offset >= cut for c in chunks]
@@ -193,7 +195,8 @@ def test_a_memory_filesystem_is_read_buffered_by_auto_and_odirect_says_where_ref
         p.write_bytes(os.urandom(MiB))
         auto = ranges.ReadSources.open([str(p)], "auto", [MiB], 64 * KiB)
         try:
-            assert auto.files[0].ranges == [r(0, MiB, False)] and auto.describe() == "auto: 1 buffered"
+            assert auto.files[0].ranges == [r(0, MiB, False)]
+            assert auto.describe() == "auto: 1 buffered, because 1 on a memory filesystem"
         finally:
             auto.close()
         odirect = ranges.ReadSources.open([str(p)], "odirect", [MiB], 64 * KiB)
@@ -218,7 +221,7 @@ def test_auto_reads_a_cold_file_buffered_where_its_filesystem_refuses_o_direct(o
     try:
         f = sources.files[0]
         assert f.refused and f.ranges == [r(0, MiB, False)] and f.direct_fd == -1
-        assert sources.fds == [f.buffered_fd] and sources.describe() == "auto: 1 buffered"
+        assert sources.fds == [f.buffered_fd] and sources.describe() == "auto: 1 buffered, because 1 O_DIRECT refused"
     finally:
         sources.close()
 

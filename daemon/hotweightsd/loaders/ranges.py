@@ -78,17 +78,19 @@ def merge_short(ranges: Sequence[RangeChoice], min_run: int) -> list[RangeChoice
     return out
 
 
-def auto_ranges(fd: int, size: int, chunk_size: int) -> tuple[list[RangeChoice], float]:
-    """(ranges, resident fraction) of the open file ``fd`` for read mode auto. Reads no file data."""
+def auto_ranges(fd: int, size: int, chunk_size: int) -> tuple[list[RangeChoice], float, bool]:
+    """(ranges, resident fraction, on a memory filesystem) of the open file ``fd`` for read mode auto.
+    Reads no file data."""
     if size == 0:
-        return [], 1.0
+        return [], 1.0, False
     fraction, memory = residency.sampled_fraction(fd)
     if memory or fraction >= WHOLE_CACHED:
-        return [RangeChoice(0, size, False)], fraction
+        return [RangeChoice(0, size, False)], fraction, memory
     if fraction <= WHOLE_COLD:
-        return [RangeChoice(0, size, True)], fraction
+        return [RangeChoice(0, size, True)], fraction, False
     res = residency.probe(fd)
-    return merge_short(residency.split_ranges(res, chunk_size), MIN_RUN_CHUNKS * chunk_size), res.resident_fraction
+    ranges = merge_short(residency.split_ranges(res, chunk_size), MIN_RUN_CHUNKS * chunk_size)
+    return ranges, res.resident_fraction, False
 
 
 @dataclass
@@ -102,6 +104,7 @@ class FileReads:
     direct_fd: int = -1
     refused: bool = False  # O_DIRECT was wanted and the filesystem refused it: read buffered
     resident: float = 0.0  # auto: the resident fraction the choice was made from
+    memory: bool = False  # auto: on a memory filesystem (tmpfs), where buffered reads are copies from memory
     _starts: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +122,15 @@ class FileReads:
     def direct_at(self, offset: int) -> bool:
         i = bisect.bisect_right(self._starts, offset) - 1
         return i >= 0 and self.ranges[i].direct
+
+
+def _why(f: FileReads) -> str:
+    """Why read mode auto reads ``f`` (read one way) the way it does."""
+    if f.kind == "direct":
+        return "not in the page cache"
+    if f.refused:
+        return "O_DIRECT refused"
+    return "on a memory filesystem" if f.memory else "in the page cache"
 
 
 @dataclass
@@ -165,10 +177,10 @@ class ReadSources:
             f.direct_fd, f.buffered_fd = (fd, -1) if direct else (-1, fd)
             return f
         try:
-            ranges, resident = auto_ranges(fd, size, chunk_size)
+            ranges, resident, memory = auto_ranges(fd, size, chunk_size)
         except OSError as exc:
             raise BadCheckpoint(f"{path}: cannot read its page-cache residency: {exc.strerror}", path=path) from exc
-        f = FileReads(path, size, ranges, buffered_fd=fd, resident=resident)
+        f = FileReads(path, size, ranges, buffered_fd=fd, resident=resident, memory=memory)
         if f.kind == "buffered":
             return f
         dfd, ok = open_source(source, True)
@@ -222,7 +234,8 @@ class ReadSources:
         return sum(1 for f in self.files if f.refused)
 
     def describe(self) -> str:
-        """What the read mode did, for the load's description ("" where there is nothing to say)."""
+        """What the read mode did and why, for the load's description ("" where there is nothing to say):
+        ``auto: 2 O_DIRECT, 2 buffered, because 2 not in the page cache, 2 in it``."""
         if self.mode == "odirect":
             n = self.refused
             return f"O_DIRECT refused for {n} file(s) (tmpfs?), read buffered" if n else ""
@@ -236,7 +249,9 @@ class ReadSources:
         if mixed:
             cached = sum(f.buffered_bytes for f in mixed) / max(1, sum(f.size for f in mixed))
             parts.append(f"{len(mixed)} mixed ({cached:.0%} cached)")
-        return "auto: " + ", ".join(parts or ["no data"])
+        whys = [_why(f) for f in self.files if f.kind != "mixed"]  # a mixed file's share says it already
+        counted = [f"{whys.count(w)} {w}" for w in dict.fromkeys(whys)]
+        return "auto: " + ", ".join(parts or ["no data"]) + (", because " + ", ".join(counted) if counted else "")
 
     def close(self) -> None:
         """Closes every fd, even after one fails to close; raises the first failure."""
