@@ -537,7 +537,7 @@ def main() -> int:
         res.note(f"POSIX_FADV_DONTNEED left pages resident here ({after_drop}): cold figures are not cold")
     res.save()
     nbytes = sum(os.path.getsize(p) for p in paths)
-    # seconds per cold pass, first guessed at 1 GB/s and a second of setup, then measured by the raw section
+    # seconds per cold pass: a guess from the checkpoint's size until the raw section measures one
     pass_s = [nbytes / GB + 1.0 if not args.smoke else 0.5]
 
     def timed(label: str, fn: Callable[[], tuple[int, float]], scenario: str = "cold") -> float:
