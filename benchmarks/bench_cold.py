@@ -360,16 +360,22 @@ def spread(samples: list[float]) -> dict:
 
 
 def interleaved(labels: list[str], reps: int, once: Callable[[str], float], budget: Callable[[], float], need: float):
-    """``once(label)`` for A B C, B C A, C A B, ...: ``reps`` rounds (fewer where the budget runs short, never
-    fewer than one), each round starting one label later, so no label always runs first or always follows
-    the same one (a rate must not depend on a pass's place in the round); {label: spread of the rates},
-    the samples in round order."""
+    """``once(label)`` for A B C D, B A D C, C D A B, D C B A, ...: ``reps`` rounds (fewer where the budget
+    runs short, never fewer than one), each round starting one label later and every other round run
+    backwards, so no label always runs first or always follows the same one (a rate must not depend on a
+    pass's place in the round or on the pass before it); {label: spread of the rates}, the samples in round
+    order."""
     got: dict[str, list[float]] = {k: [] for k in labels}
     for r in range(reps):
         if r and budget() < need * len(labels):
             break
-        shift = r % max(1, len(labels))
-        for k in labels[shift:] + labels[:shift]:
+        n = max(1, len(labels))
+        if r % 2:  # backwards, from the round's first label: the one after it in the list is now the last
+            shift = (r + 1) % n
+            order = (labels[shift:] + labels[:shift])[::-1]
+        else:
+            order = labels[r % n :] + labels[: r % n]
+        for k in order:
             v = once(k)  # None: no figure (a peer that failed)
             if v is not None:
                 got[k].append(v)
@@ -506,7 +512,13 @@ def main() -> int:
         backend, gpu, rank_gb = "cuda", cd.device_name(0), args.rank_gb
     res.set_name(gpu)
     res.name = "cold-" + (res.name or "").removeprefix("bench-")
-    doc["machine"] = {"gpu": gpu, "cpus": os.cpu_count(), "native": native.unavailable_reason() or "built"}
+    doc["machine"] = {
+        "gpu": gpu,
+        "cpus": os.cpu_count(),
+        "native": native.unavailable_reason() or "built",
+        # tells two runs on one machine (booted once) from runs on two
+        "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+    }
     if native.unavailable_reason():
         doc["fatal"] = f"the raw read shapes run on the native engine: {native.unavailable_reason()}"
         res.note(doc["fatal"])
@@ -537,7 +549,7 @@ def main() -> int:
         res.note(f"POSIX_FADV_DONTNEED left pages resident here ({after_drop}): cold figures are not cold")
     res.save()
     nbytes = sum(os.path.getsize(p) for p in paths)
-    # seconds per cold pass: a guess from the checkpoint's size until the raw section measures one
+    # seconds per cold pass: a guess from the checkpoint's size until a raw read measures one
     pass_s = [nbytes / GB + 1.0 if not args.smoke else 0.5]
 
     def timed(label: str, fn: Callable[[], tuple[int, float]], scenario: str = "cold") -> float:
@@ -551,8 +563,8 @@ def main() -> int:
     memories = {m for *_, m in RAW_SHAPES.values() if not (args.smoke and m.startswith("pinned"))}
     bufs = {m: HostBuffers(touch=not args.smoke, kind=m) for m in memories}
 
-    def section(name: str, fn, need: float):
-        return bl.run_section(res, skip, budget, name, fn, need)
+    def section(name: str, fn, need: float, why_not: str | None = None):
+        return bl.run_section(res, skip, budget, name, fn, need, why_not)
 
     # -- the cold ceiling: the best raw read shape
     def raw():
@@ -568,10 +580,14 @@ def main() -> int:
         )
 
     # the shapes that run inside the cold rotation instead (labels of their own there)
-    in_rotation = [k for k, (*_, m) in RAW_SHAPES.items() if m in bufs] if args.ceiling_in_rotation else []
-    if in_rotation and "cold" in scenarios:
-        skip.add("raw")
-    section("raw", raw, need=20 * pass_s[0] if not args.smoke else 5)
+    rotate = args.ceiling_in_rotation and "cold" in scenarios and "raw" not in skip
+    in_rotation = [k for k, (*_, m) in RAW_SHAPES.items() if m in bufs] if rotate else []
+    section(
+        "raw",
+        raw,
+        need=20 * pass_s[0] if not args.smoke else 5,
+        why_not="measured inside the cold rotation (--ceiling-in-rotation)" if in_rotation else None,
+    )
 
     # -- the daemon's read modes, cold and partly cached
     daemons: Daemons | None = None
@@ -613,7 +629,13 @@ def main() -> int:
                     before = prepare(paths, scenario)
                     seen.setdefault("resident_before", []).append(before)
                     if label in raw_labels:
-                        n, dt = raw_once(paths, label, bufs)
+                        try:
+                            n, dt = raw_once(paths, label, bufs)
+                        except Exception as exc:  # one shape failing costs its own figures, not the round's
+                            res.error(f"raw {label}", exc)
+                            failed[label] = f"failed: {type(exc).__name__}: {exc}"
+                            return None
+                        pass_s[0] = max(pass_s[0] * 0.5, dt)
                         return bl.rate(n, dt)
                     if label in modes:
                         assert daemons is not None

@@ -2,13 +2,14 @@
 
     write_bound.py SOCKET REF
 
-Prints one JSON line with the parameter's sum before the write, then writes in place. The write must not
+Prints one JSON line with a digest of the parameter's bytes before the write, then writes in place. The write must not
 return: the attachment is a read-only mapping, so the process dies of SIGSEGV. Printing ``WROTE`` means it
 went through.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import sys
@@ -24,7 +25,8 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the expected crash leaves no core file behind
     model = from_hotweights(ref, client=hotweights.connect(sock))
     p = model.get_input_embeddings().weight
-    print(json.dumps({"param": "embed_tokens", "sum": float(p.float().sum())}), flush=True)
+    digest = hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    print(json.dumps({"param": "embed_tokens", "sha256": digest}), flush=True)
     with torch.no_grad():
         p.add_(1)
     print("WROTE", flush=True)

@@ -109,16 +109,20 @@ def test_raw_read_reads_whole_files_buffered(tmp_path):
     assert nbytes == 58 * KiB + 3 and dt > 0 and fallbacks == 0
 
 
-def test_interleaved_rounds_rotate_so_no_label_always_runs_first():
+def test_interleaved_rounds_rotate_so_no_label_always_runs_first_or_after_the_same_one():
     order: list[str] = []
 
     def once(label: str) -> float:
         order.append(label)
         return float(len(order))
 
-    out = bench_cold.interleaved(["a", "b", "c"], 4, once, lambda: 1e9, 1.0)
-    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
-    assert out["b"]["samples"] == [2.0, 4.0, 9.0, 11.0]  # in round order
+    out = bench_cold.interleaved(["a", "b", "c", "d"], 4, once, lambda: 1e9, 1.0)
+    assert "".join(order) == "abcd" + "badc" + "cdab" + "dcba"  # every other round backwards
+    rounds = [order[i : i + 4] for i in range(0, 16, 4)]
+    assert [r[0] for r in rounds] == ["a", "b", "c", "d"]
+    before_a = {r[r.index("a") - 1] for r in rounds if r[0] != "a"}
+    assert len(before_a) > 1, rounds
+    assert out["b"]["samples"] == [2.0, 5.0, 12.0, 15.0]  # in round order
     # a short budget ends after the first round, never before it
     order.clear()
     assert set(bench_cold.interleaved(["a", "b"], 5, once, lambda: 0.0, 1.0)) == {"a", "b"} and len(order) == 2

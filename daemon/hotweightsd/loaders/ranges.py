@@ -125,7 +125,8 @@ class FileReads:
 
 
 def _why(f: FileReads) -> str:
-    """Why read mode auto reads ``f`` (read one way) the way it does."""
+    """Why read mode auto reads ``f`` (read one way) the way it does. "in the page cache" stands for "mostly":
+    a file read one way may have had a few pages the other way, too few to be worth a range of their own."""
     if f.kind == "direct":
         return "not in the page cache"
     if f.refused:
@@ -235,7 +236,7 @@ class ReadSources:
 
     def describe(self) -> str:
         """What the read mode did and why, for the load's description ("" where there is nothing to say):
-        ``auto: 2 O_DIRECT, 2 buffered, because 2 not in the page cache, 2 in it``."""
+        ``auto: 2 O_DIRECT, 2 buffered, because 2 not in the page cache, 2 in the page cache``."""
         if self.mode == "odirect":
             n = self.refused
             return f"O_DIRECT refused for {n} file(s) (tmpfs?), read buffered" if n else ""
