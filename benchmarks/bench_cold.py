@@ -360,12 +360,13 @@ def spread(samples: list[float]) -> dict:
 
 
 def interleaved(labels: list[str], reps: int, once: Callable[[str], float], budget: Callable[[], float], need: float):
-    """``once(label)`` for A B C D, B A D C, C D A B, D C B A, ...: ``reps`` rounds (fewer where the budget
-    runs short, never fewer than one), each round starting one label later and every other round run
-    backwards, so no label always runs first or always follows the same one (a rate must not depend on a
-    pass's place in the round or on the pass before it); {label: spread of the rates}, the samples in round
-    order."""
+    """``once(label)`` for A B C D, B A D C, D C A B, D C B A, ...: ``reps`` rounds (fewer where the budget
+    runs short, never fewer than one), each round starting one label later, every other round run backwards,
+    and no round starting with the label that ended the one before, so no label always runs first, always
+    follows the same one or runs twice in a row (a rate must not depend on a pass's place in the round or on
+    the pass before it); {label: spread of the rates}, the samples in round order."""
     got: dict[str, list[float]] = {k: [] for k in labels}
+    last = None
     for r in range(reps):
         if r and budget() < need * len(labels):
             break
@@ -375,6 +376,9 @@ def interleaved(labels: list[str], reps: int, once: Callable[[str], float], budg
             order = (labels[shift:] + labels[:shift])[::-1]
         else:
             order = labels[r % n :] + labels[: r % n]
+        if len(order) > 1 and order[0] == last:
+            order[0], order[1] = order[1], order[0]
+        last = order[-1] if order else None
         for k in order:
             v = once(k)  # None: no figure (a peer that failed)
             if v is not None:
@@ -517,7 +521,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "native": native.unavailable_reason() or "built",
         # tells two runs on one machine (booted once) from runs on two
-        "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        "boot_id": bl.boot_id(),
     }
     if native.unavailable_reason():
         doc["fatal"] = f"the raw read shapes run on the native engine: {native.unavailable_reason()}"
@@ -586,7 +590,7 @@ def main() -> int:
         "raw",
         raw,
         need=20 * pass_s[0] if not args.smoke else 5,
-        why_not="measured inside the cold rotation (--ceiling-in-rotation)" if in_rotation else None,
+        why_not="to be measured inside the cold rotation (--ceiling-in-rotation)" if in_rotation else None,
     )
 
     # -- the daemon's read modes, cold and partly cached
@@ -668,6 +672,7 @@ def main() -> int:
                         "ceiling": shapes[best]["median"],
                         "ceiling_shape": best,
                         "in_rotation": True,
+                        "failed": {k: failed[k] for k in raw_labels if k in failed},
                     }
                 befores = seen.get("resident_before") or [[0.0]]
                 doc[scenario] = {
@@ -733,6 +738,8 @@ def main() -> int:
     finally:
         if daemons is not None:
             doc["daemon_logs_tail"] = daemons.close()
+        if in_rotation and "raw" not in doc:
+            res.skip("raw", "the cold rotation it was to be measured in did not run")
         res.save()
 
     # -- read shapes on the native engine: read size x readers, cold, one pass each

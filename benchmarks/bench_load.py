@@ -639,6 +639,14 @@ def load_peer(name: str, files: list[str], device: int) -> int:
     return n
 
 
+def boot_id() -> str | None:
+    """This boot's id: tells two runs on one machine from runs on two (None where /proc does not say)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
 def free_torch() -> None:
     gc.collect()
     try:

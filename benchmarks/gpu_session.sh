@@ -135,8 +135,8 @@ if [ -n "${AB:-}" ]; then
   rc_sweep=$(( rc_sweep != 0 ? rc_sweep : rc ))
 fi
 if [ -z "${SKIP_FF:-}" ]; then
-  log "first forward of a fresh serving process (time box ${FF_TIMEOUT:-240}s)"
-  stage first-forward.log "${FF_TIMEOUT:-240}" benchmarks/bench_first_forward.py ${FF_ARGS:-}
+  log "first forward of a fresh serving process (time box ${FF_TIMEOUT:-360}s)"
+  stage first-forward.log "${FF_TIMEOUT:-360}" benchmarks/bench_first_forward.py ${FF_ARGS:-}
   log "first forward exit code $rc"
   rc_sweep=$(( rc_sweep != 0 ? rc_sweep : rc ))
 fi

@@ -117,12 +117,18 @@ def test_interleaved_rounds_rotate_so_no_label_always_runs_first_or_after_the_sa
         return float(len(order))
 
     out = bench_cold.interleaved(["a", "b", "c", "d"], 4, once, lambda: 1e9, 1.0)
-    assert "".join(order) == "abcd" + "badc" + "cdab" + "dcba"  # every other round backwards
-    rounds = [order[i : i + 4] for i in range(0, 16, 4)]
-    assert [r[0] for r in rounds] == ["a", "b", "c", "d"]
-    before_a = {r[r.index("a") - 1] for r in rounds if r[0] != "a"}
-    assert len(before_a) > 1, rounds
+    assert "".join(order) == "abcd" + "badc" + "dcab" + "dcba"  # every other round backwards
+    before_a = {order[i - 1] for i in range(1, len(order)) if order[i] == "a"}
+    assert len(before_a) > 1, order
     assert out["b"]["samples"] == [2.0, 5.0, 12.0, 15.0]  # in round order
+    for n in range(2, 8):  # however many labels: each gets every round, none runs twice in a row
+        order.clear()
+        labels = [chr(ord("a") + i) for i in range(n)]
+        out = bench_cold.interleaved(labels, 5, once, lambda: 1e9, 1.0)
+        assert all(len(out[k]["samples"]) == 5 for k in labels), (n, order)
+        assert all(x != y for x, y in zip(order, order[1:])), (n, order)
+        if n > 2:  # two labels cannot take turns first without one running twice in a row
+            assert len({order[i * n] for i in range(5)}) > 1, (n, order)
     # a short budget ends after the first round, never before it
     order.clear()
     assert set(bench_cold.interleaved(["a", "b"], 5, once, lambda: 0.0, 1.0)) == {"a", "b"} and len(order) == 2
