@@ -218,6 +218,41 @@ def test_model_storage_that_gds_cannot_read_warns(node):
     assert fast.status == OK and "GDS capable" in fast.detail
 
 
+def nfs_node(node: Node, options: str) -> str:
+    node.write(
+        "/proc/self/mountinfo",
+        "22 1 259:2 / / rw - ext4 /dev/nvme0n1p2 rw\n"
+        f"60 22 0:50 / /models rw,relatime - nfs4 filer:/models {options}\n",
+    )
+    node.write("/models/llama/config.json", "{}")
+    return "/models/llama"
+
+
+def test_nfs_with_one_connection_and_small_reads_warns_naming_both_fixes(node):
+    model = nfs_node(node, "rw,vers=4.2,rsize=262144,wsize=262144,hard,proto=tcp,timeo=600,addr=10.0.0.9")
+    c = node.check(f"nfs reads {model}", models=[model])
+    assert c.status == WARN, c
+    assert "nfs4 4.2 from filer:/models, rsize 256 KiB, 1 TCP connection(s)" in c.detail
+    assert "one TCP connection" in c.detail and "pieces of 256 KiB" in c.detail
+    assert c.fix == (
+        "mount /models with nconnect=16,rsize=1048576 (in /etc/fstab or the automounter's map; "
+        "nconnect needs Linux 5.3 or later)"
+    )
+
+
+def test_nfs_with_nconnect_and_1m_reads_is_ok(node):
+    model = nfs_node(node, "rw,vers=4.2,rsize=1048576,wsize=1048576,hard,proto=tcp,nconnect=16,addr=10.0.0.9")
+    c = node.check(f"nfs reads {model}", models=[model])
+    assert c.status == OK and "rsize 1024 KiB, 16 TCP connection(s)" in c.detail, c
+
+
+def test_nfs_over_rdma_needs_no_more_connections(node):
+    model = nfs_node(node, "rw,vers=4.2,rsize=1048576,proto=rdma,port=20049")
+    c = node.check(f"nfs reads {model}", models=[model])
+    assert c.status == OK and "over RDMA" in c.detail, c
+    assert not any(x.name.startswith("nfs reads") for x in checks(system=node.system(), models=["/"]))
+
+
 def test_preload_paths_of_the_config_are_checked(node):
     node.write("/etc/hotweights/config.toml", 'backend = "cuda"\n[[preload]]\nname = "m"\npath = "/nowhere/m"\n')
     results = checks(system=node.system())

@@ -489,6 +489,8 @@ def check_storage(sy: System, paths: list[str], gds_wanted: bool, preload: bool 
         if m.fstype == "lustre":
             lustre.append(p)
             out.append(check_striping(sy, p))
+        elif m.fstype in ("nfs", "nfs4"):
+            out.append(check_nfs(m, p))
     if lustre:
         out.append(check_lnet(sy))
     return out
@@ -542,6 +544,46 @@ def check_striping(sy: System, path: str) -> Check:
             f"{detail}: {', '.join(poor)} not striped wide (one OST caps a file's read bandwidth; "
             f"the recommended layout is every OST, 16 MiB stripes)",
             fix,
+        )
+    return Check(name, OK, detail)
+
+
+# The loader's cold reads: 4 MiB each, about a dozen in flight (docs/loader.md, "NFS").
+NFS_RSIZE = 1 * MiB
+
+
+def _mount_options(options: str) -> dict[str, str]:
+    return dict(o.partition("=")[::2] for o in options.split(",") if o)
+
+
+def check_nfs(m: Mount, path: str) -> Check:
+    """NFS mount options that cap how fast a model reads: one TCP connection carries every read of a load
+    (the loader keeps about a dozen in flight), and reads go to the server in pieces of ``rsize``."""
+    name = f"nfs reads {path}"
+    opts = _mount_options(m.options)
+    rsize = int(opts["rsize"]) if opts.get("rsize", "").isdigit() else None
+    conns = int(opts["nconnect"]) if opts.get("nconnect", "").isdigit() else 1
+    rdma = opts.get("proto") == "rdma"
+    said = [
+        f"{m.fstype}{' ' + opts['vers'] if 'vers' in opts else ''} from {m.source}",
+        f"rsize {rsize // 1024} KiB" if rsize else "rsize not shown",
+        "over RDMA" if rdma else f"{conns} TCP connection(s)",
+    ]
+    problems, fixes = [], []
+    if not rdma and conns < 2:
+        problems.append("one TCP connection to the server carries every read of a load")
+        fixes.append("nconnect=16")
+    if rsize is not None and rsize < NFS_RSIZE:
+        problems.append(f"reads reach the server in pieces of {rsize // 1024} KiB (the loader reads 4 MiB at a time)")
+        fixes.append(f"rsize={NFS_RSIZE}")
+    detail = ", ".join(said)
+    if problems:
+        return Check(
+            name,
+            WARN,
+            f"{detail}: {'; '.join(problems)}",
+            f"mount {m.point} with {','.join(fixes)} (in /etc/fstab or the automounter's map"
+            + ("; nconnect needs Linux 5.3 or later)" if not rdma and conns < 2 else ")"),
         )
     return Check(name, OK, detail)
 
