@@ -367,10 +367,10 @@ def interleaved(labels: list[str], reps: int, once: Callable[[str], float], budg
     the pass before it); {label: spread of the rates}, the samples in round order."""
     got: dict[str, list[float]] = {k: [] for k in labels}
     last = None
+    n = max(1, len(labels))
     for r in range(reps):
         if r and budget() < need * len(labels):
             break
-        n = max(1, len(labels))
         if r % 2:  # backwards, from the round's first label: the one after it in the list is now the last
             shift = (r + 1) % n
             order = (labels[shift:] + labels[:shift])[::-1]
@@ -567,14 +567,16 @@ def main() -> int:
     memories = {m for *_, m in RAW_SHAPES.values() if not (args.smoke and m.startswith("pinned"))}
     bufs = {m: HostBuffers(touch=not args.smoke, kind=m) for m in memories}
 
+    # the raw shapes this run can read: those whose memory it has (smoke runs have no pinned memory)
+    shapes_here = [k for k, (*_, m) in RAW_SHAPES.items() if m in bufs]
+
     def section(name: str, fn, need: float, why_not: str | None = None):
         return bl.run_section(res, skip, budget, name, fn, need, why_not)
 
     # -- the cold ceiling: the best raw read shape
     def raw():
-        shapes = [k for k, (*_, m) in RAW_SHAPES.items() if m in bufs]
         out = interleaved(
-            shapes, args.reps, lambda s: timed(s, lambda: raw_once(paths, s, bufs)), budget, pass_s[0] + 2
+            shapes_here, args.reps, lambda s: timed(s, lambda: raw_once(paths, s, bufs)), budget, pass_s[0] + 2
         )
         best = max(out, key=lambda k: out[k]["median"])
         doc["raw"] = {"shapes": out, "ceiling": out[best]["median"], "ceiling_shape": best}
@@ -585,7 +587,7 @@ def main() -> int:
 
     # the shapes that run inside the cold rotation instead (labels of their own there)
     rotate = args.ceiling_in_rotation and "cold" in scenarios and "raw" not in skip
-    in_rotation = [k for k, (*_, m) in RAW_SHAPES.items() if m in bufs] if rotate else []
+    in_rotation = shapes_here if rotate else []
     section(
         "raw",
         raw,

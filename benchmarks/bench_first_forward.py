@@ -163,13 +163,6 @@ def child(route: str, model_dir: str, socket: str, ref: str, device: str, logits
     return out
 
 
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
 def _version(dist: str) -> str | None:
     """The installed version of ``dist``; None where it is not installed."""
     from importlib import metadata
@@ -240,6 +233,7 @@ def main() -> int:
     # a time box's SIGTERM unwinds through the finally below: the daemon is stopped and what was measured kept
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import torch
+    from bench_load import boot_id  # this script's folder is the first on sys.path
 
     from hotweights.testing import Daemon, child_env
 
@@ -256,7 +250,7 @@ def main() -> int:
         "versions": {d: _version(d) for d in ("transformers", "accelerate", "scikit-learn", "scipy", "torchvision")},
         "tokens": TOKENS,
         # tells two runs on one machine (booted once) from runs on two
-        "boot_id": _boot_id(),
+        "boot_id": boot_id(),
     }
     started = time.perf_counter()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hw-ff-"))

@@ -564,13 +564,14 @@ def check_nfs(m: Mount, path: str) -> Check:
     rsize = int(opts["rsize"]) if opts.get("rsize", "").isdigit() else None
     conns = int(opts["nconnect"]) if opts.get("nconnect", "").isdigit() else 1
     rdma = opts.get("proto") == "rdma"
+    one_stream = not rdma and conns < 2
     said = [
         f"{m.fstype}{' ' + opts['vers'] if 'vers' in opts else ''} from {m.source}",
         f"rsize {rsize // 1024} KiB" if rsize else "rsize not shown",
         "over RDMA" if rdma else f"{conns} TCP connection(s)",
     ]
     problems, fixes = [], []
-    if not rdma and conns < 2:
+    if one_stream:
         problems.append("one TCP connection to the server carries every read of a load")
         fixes.append("nconnect=16")
     if rsize is not None and rsize < NFS_RSIZE:
@@ -583,7 +584,7 @@ def check_nfs(m: Mount, path: str) -> Check:
             WARN,
             f"{detail}: {'; '.join(problems)}",
             f"mount {m.point} with {','.join(fixes)} (in /etc/fstab or the automounter's map"
-            + ("; nconnect needs Linux 5.3 or later)" if not rdma and conns < 2 else ")"),
+            + ("; nconnect needs Linux 5.3 or later)" if one_stream else ")"),
         )
     return Check(name, OK, detail)
 
