@@ -339,17 +339,21 @@ def main() -> int:
             }
         print(json.dumps({k: doc[k] for k in doc if k.startswith(("median", "logits"))}, indent=1), flush=True)
     finally:
-        if daemon is not None:
-            daemon.stop()
-        shutil.rmtree(sockdir, ignore_errors=True)
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        # written before the daemon's stop: a time box's SIGTERM arriving during the stop would otherwise
+        # leave the finally before the JSON
         doc["elapsed_s"] = round(time.perf_counter() - started, 1)
         for out in args.out:
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / f"first-forward-{safe}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
                 json.dumps(doc, indent=1)
             )
+        try:
+            if daemon is not None:
+                daemon.stop()
+        finally:
+            shutil.rmtree(sockdir, ignore_errors=True)
+            if not args.workdir:
+                shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -10,6 +10,11 @@ judged, so this reads them all and reports, per run and pooled (medians, min, ma
 - ``best_peer_over_ceiling``: how close the best peer came to the ceiling. Where it is above 1/1.1
   (0.909), a 1.1x lead over it would need a load faster than the fastest raw read of the run.
 
+and, per raw read shape, the default load over that one shape's median across the runs that measured
+it, with the number of runs it was the fastest shape in (``auto_over_shape``). The ceiling is the best
+of several noisy medians, so it sits above any one shape's typical rate; this table shows which fixed
+shape the load trails and by how much.
+
     python benchmarks/pool_cold.py benchmarks/results --gpu nvidia-h200 --out benchmarks/results
 
 Writes ``cold-pooled-<gpu>-<date>.json`` into each ``--out`` folder (none: prints only).
@@ -44,7 +49,24 @@ def run_row(path: Path) -> dict | None:
     row["auto_over_best_peer"] = round(t["auto"] / t["best_peer_median"], 3) if t.get("best_peer_median") else None
     both = t.get("ceiling") and t.get("best_peer_median")
     row["best_peer_over_ceiling"] = round(t["best_peer_median"] / t["ceiling"], 3) if both else None
+    shapes = {k: v["median"] for k, v in ((doc.get("raw") or {}).get("shapes") or {}).items() if v.get("median")}
+    row["auto_over_shape"] = {k: round(t["auto"] / m, 3) for k, m in shapes.items()}
+    row["fastest_shape"] = max(shapes, key=shapes.__getitem__) if shapes else None
     return row
+
+
+def by_shape(rows: list[dict]) -> dict:
+    out: dict[str, dict] = {}
+    for name in sorted({k for r in rows for k in r["auto_over_shape"]}):
+        xs = [r["auto_over_shape"][name] for r in rows if name in r["auto_over_shape"]]
+        out[name] = {
+            "runs": len(xs),
+            "median": round(statistics.median(xs), 3),
+            "min": min(xs),
+            "max": max(xs),
+            "fastest_in": sum(1 for r in rows if r["fastest_shape"] == name),
+        }
+    return out
 
 
 def pooled(rows: list[dict]) -> dict:
@@ -74,8 +96,8 @@ def main() -> int:
         print(f"no cold runs with a default-load median under {args.folder}", file=sys.stderr)
         return 1
     doc = {"benchmark": "cold runs pooled", "made": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "gpu": args.gpu}
-    doc.update(pooled=pooled(rows), runs=rows)
-    print(json.dumps(doc["pooled"], indent=1))
+    doc.update(pooled=pooled(rows), auto_over_shape=by_shape(rows), runs=rows)
+    print(json.dumps({k: doc[k] for k in ("pooled", "auto_over_shape")}, indent=1))
     for out in args.out:
         Path(out).mkdir(parents=True, exist_ok=True)
         name = f"cold-pooled-{args.gpu or 'all'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
