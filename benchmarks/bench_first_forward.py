@@ -292,6 +292,7 @@ def main() -> int:
         doc["warmup_round_s"] = round(time.perf_counter() - t, 1)
         print(f"untimed warm-up round: {doc['warmup_round_s']} s", flush=True)
         runs: dict[str, list[dict]] = {r: [] for r in ROUTES}
+        doc["runs"] = runs  # filled in place: a run cut short keeps the repetitions it finished
         for rep in range(args.reps):
             # interleaved, so drift on the machine touches every route alike, and rotated, so no route always
             # runs first in its round
@@ -311,7 +312,6 @@ def main() -> int:
                     got["logits_equal_from_pretrained"] = bool(torch.equal(torch.load(path), reference))
                 if "imports_s" in got:  # CUDA's start stays in: every serving process pays it
                     got["after_imports_s"] = got["seconds"] - got["imports_s"]
-        doc["runs"] = runs
         doc["median_s"] = {r: round(statistics.median(x["seconds"] for x in v), 3) for r, v in runs.items() if v}
         doc["median_imports_s"] = {
             r: round(statistics.median(x["imports_s"] for x in v), 3)
@@ -339,17 +339,19 @@ def main() -> int:
             }
         print(json.dumps({k: doc[k] for k in doc if k.startswith(("median", "logits"))}, indent=1), flush=True)
     finally:
-        # written before the daemon's stop: a time box's SIGTERM arriving during the stop would otherwise
-        # leave the finally before the JSON
+        # The unwinding itself must not be cut short by a second SIGTERM (the time box signals the whole
+        # process group); its SIGKILL stays the hard stop, so the daemon gets a short grace only.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         doc["elapsed_s"] = round(time.perf_counter() - started, 1)
         for out in args.out:
             Path(out).mkdir(parents=True, exist_ok=True)
-            (Path(out) / f"first-forward-{safe}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
-                json.dumps(doc, indent=1)
-            )
+            path = Path(out) / f"first-forward-{safe}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+            tmp = path.with_suffix(".json.part")  # a JSON is whole or absent
+            tmp.write_text(json.dumps(doc, indent=1))
+            os.replace(tmp, path)
         try:
             if daemon is not None:
-                daemon.stop()
+                daemon.stop(timeout=5)
         finally:
             shutil.rmtree(sockdir, ignore_errors=True)
             if not args.workdir:

@@ -11,9 +11,11 @@ judged, so this reads them all and reports, per run and pooled (medians, min, ma
   (0.909), a 1.1x lead over it would need a load faster than the fastest raw read of the run.
 
 and, per raw read shape, the default load over that one shape's median across the runs that measured
-it, with the number of runs it was the fastest shape in (``auto_over_shape``). The ceiling is the best
-of several noisy medians, so it sits above any one shape's typical rate; this table shows which fixed
-shape the load trails and by how much.
+it, with the number of runs it was the fastest and the slowest of the shapes its run measured
+(``auto_over_shape``). The ceiling is the best of several noisy medians, so it sits above any one shape's
+typical rate; this table shows which fixed shape the load trails and by how much. In runs without
+``--ceiling-in-rotation`` the shapes ran in a section of their own before the loads, so there the
+comparison is of two stretches of the disk's life, not of one rotation.
 
     python benchmarks/pool_cold.py benchmarks/results --gpu nvidia-h200 --out benchmarks/results
 
@@ -52,6 +54,7 @@ def run_row(path: Path) -> dict | None:
     shapes = {k: v["median"] for k, v in ((doc.get("raw") or {}).get("shapes") or {}).items() if v.get("median")}
     row["auto_over_shape"] = {k: round(t["auto"] / m, 3) for k, m in shapes.items()}
     row["fastest_shape"] = max(shapes, key=shapes.__getitem__) if shapes else None
+    row["slowest_shape"] = min(shapes, key=shapes.__getitem__) if shapes else None
     return row
 
 
@@ -65,6 +68,7 @@ def by_shape(rows: list[dict]) -> dict:
             "min": min(xs),
             "max": max(xs),
             "fastest_in": sum(1 for r in rows if r["fastest_shape"] == name),
+            "slowest_in": sum(1 for r in rows if r["slowest_shape"] == name),
         }
     return out
 

@@ -130,8 +130,9 @@ class HotweightsModelLoader(BaseModelLoader):
             return 0
         rank, _ = _tp()
         with hotweights.connect(self.socket) as client:
-            rank = _source_rank(_version_info(client, self.ref), rank)
-            names, info = _rank_names(client, self.ref, rank)
+            listed = client.list()
+            rank = _source_rank(_version_info(listed, self.ref), rank)
+            names, info = _rank_names(client, self.ref, rank, listed)
         if info is None:
             return 0
         target = torch.device(
@@ -150,20 +151,19 @@ class HotweightsModelLoader(BaseModelLoader):
     def download_model(self, model_config: ModelConfig) -> None:
         # The daemon holds the weights; only check that it knows the model.
         with hotweights.connect(self.socket) as client:
-            if _version_info(client, self.ref) is None:
+            if _version_info(client.list(), self.ref) is None:
                 raise errors.NotFound(f"the hotweights daemon at {client.socket} has no model {self.ref!r}")
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         """Refills an already built model from the daemon (copies; the model keeps its memory)."""
         rank, tp = _tp()
-        with (
-            hotweights.connect(self.socket) as client,
-            _attach(client, self.ref, rank, f"vllm-reload:{os.getpid()}") as att,
-        ):
-            _check_world(att, tp)
-            config = _find_config(client, att)
-            _check_config(att, config, model_config, copy=True)
-            self._copy_into(model, att, client, tp, rank, config)
+        with hotweights.connect(self.socket) as client:
+            att, listed = _attach(client, self.ref, rank, f"vllm-reload:{os.getpid()}")
+            with att:
+                _check_world(att, tp)
+                config = _find_config(client, att, listed)
+                _check_config(att, config, model_config, copy=True)
+                self._copy_into(model, att, client, tp, rank, config)
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         rank, tp = _tp()
@@ -172,9 +172,9 @@ class HotweightsModelLoader(BaseModelLoader):
         client = hotweights.connect(self.socket)
         att = None
         try:
-            att = _attach(client, self.ref, rank, f"vllm:{os.getpid()}:tp{rank}")
+            att, listed = _attach(client, self.ref, rank, f"vllm:{os.getpid()}:tp{rank}")
             _check_world(att, tp)
-            config = _find_config(client, att)  # one listing and one read for every check below
+            config = _find_config(client, att, listed)  # one read of config.json for every check below
             engine_layout = _in_engine_layout(att)
             rewritten = _experts_rewritten(config or {}, target)
             quantized = _quantized(config or {}, model_config)
@@ -355,12 +355,15 @@ def _in_engine_layout(names) -> bool:
 
 def _attach(client, ref: str, rank: int, holder: str):
     """Attaches the version's rank that engine rank ``rank`` reads: its own, or the only rank of an unsplit
-    version (copy mode cuts the engine rank's part from it)."""
-    att = client.attach(ref, rank=_source_rank(_version_info(client, ref), rank), holder=holder)
+    version (copy mode cuts the engine rank's part from it). Returns the attachment and the listing taken
+    before it: a listing converts every version the daemon holds, so one call takes one and looks the
+    attached version up in it."""
+    listed = client.list()
+    att = client.attach(ref, rank=_source_rank(_version_info(listed, ref), rank), holder=holder)
     if att.world_size > 1 and att.rank != rank:  # ``ref`` moved to a split version since the listing
         att.release()
         att = client.attach(ref, rank=rank, holder=holder)
-    return att
+    return att, listed
 
 
 def _source_rank(info, rank: int) -> int:
@@ -391,9 +394,10 @@ def _elsewhere(att, target: torch.device) -> str:
     return ""
 
 
-def _rank_names(client, ref: str, rank: int) -> tuple[list[str], pb.ModelVersionInfo | None]:
+def _rank_names(client, ref: str, rank: int, listed=None) -> tuple[list[str], pb.ModelVersionInfo | None]:
     """The names of ``ref``'s tensors on ``rank`` and its version's listing, for the version a load would
-    attach: a lease held for as long as one answer, whose handles are never redeemed (nothing is mapped)."""
+    attach: a lease held for as long as one answer, whose handles are never redeemed (nothing is mapped).
+    ``listed``: a listing taken before the lease, used when it holds the granted version."""
     from hotweights.attach import LeaseStream
 
     try:
@@ -404,11 +408,29 @@ def _rank_names(client, ref: str, rank: int) -> tuple[list[str], pb.ModelVersion
         g = lease.granted
         h = g.handles
         names = list(h.table.name) if h.HasField("table") else [t.name for t in h.tensors]
-        listed = client.list().versions
+        info = _listed(listed, g.name, g.version, before_lease=True)
+        if info is None:  # loaded after that listing: list while the lease still holds it
+            info = _listed(client.list(), g.name, g.version)
     finally:
         lease.release()
-    info = next((v for v in listed if v.name == g.name and v.version == g.version), None)
     return names, info
+
+
+def _listed(listed, name: str, version: str, before_lease: bool = False):
+    """``name@version``'s entry in a listing (None: no listing, or not in it). In a listing taken
+    ``before_lease``, an entry that was not READY counts as absent: its ranks and bytes were still being
+    filled in when listed, and the caller lists again now that the lease holds the version."""
+    if listed is None:
+        return None
+    ready = pb.ModelState.Value("READY")
+    return next(
+        (
+            v
+            for v in listed.versions
+            if v.name == name and v.version == version and (v.state == ready or not before_lease)
+        ),
+        None,
+    )
 
 
 def _quantized(config: dict, model_config: ModelConfig) -> bool:
@@ -662,8 +684,8 @@ def _said(q: tuple[str, ...] | None) -> str:
     return f"quantized ({', '.join(q)})" if q else "unquantized"
 
 
-def _version_info(client, ref: str):
-    listed = client.list()
+def _version_info(listed, ref: str):
+    """The version ``ref`` (a name, ``name@version`` or an alias) names in a listing, or None."""
     target = ref
     for a in listed.aliases:
         if a.alias == ref:
@@ -676,11 +698,10 @@ def _version_info(client, ref: str):
     return max(live or found, key=lambda v: v.created_unix) if found else None
 
 
-def _find_config(client, att) -> dict | None:
-    for v in client.list().versions:
-        if v.name == att.name and v.version == att.version:
-            return sources.config_of(v.source)
-    return None
+def _find_config(client, att, listed=None) -> dict | None:
+    """config.json beside the attached version's checkpoint; from ``listed`` where it holds the version."""
+    info = _listed(listed, att.name, att.version, before_lease=True) or _listed(client.list(), att.name, att.version)
+    return None if info is None else sources.config_of(info.source)
 
 
 def _checkpoint_config(client, att) -> dict:

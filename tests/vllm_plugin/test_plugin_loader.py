@@ -133,6 +133,67 @@ def test_copy_mode_serves_every_tp_rank_from_an_unsplit_hugging_face_version(dae
     assert d.wait_status(lambda st: not st["leases"])["leases"] == []
 
 
+def counting_connect(monkeypatch, listings: list[str], empty_first: bool = False) -> None:
+    """Makes every client the plugin connects count its listings; ``empty_first``: the first listing of each
+    client answers as a daemon that held nothing then would (the version loaded just after it)."""
+    connect = hotweights.connect
+
+    def counted(*a, **k):
+        client = connect(*a, **k)
+        real = client.list
+
+        def listed(*la, **lk):
+            listings.append("list")
+            got = real(*la, **lk)
+            if empty_first and len(listings) == 1:
+                return type(got)(aliases=list(got.aliases))
+            return got
+
+        client.list = listed
+        return client
+
+    monkeypatch.setattr(hotweights, "connect", counted)
+
+
+def test_each_call_of_the_engine_lists_the_daemons_versions_once(daemon, engine, monkeypatch):
+    """The memory report, the load and a reload each take one listing of the daemon's versions and look the
+    attached version up in it, rather than listing again for every lookup."""
+    d, hf, _ = daemon
+    want = engine_tensors(hf, 1, 0)
+    engine["make"] = lambda: Skeleton({n: tuple(t.shape) for n, t in want.items()}, torch.bfloat16)
+    listings: list[str] = []
+    counting_connect(monkeypatch, listings)
+    loader = loader_for(d, "hf")
+    assert loader.get_external_weight_memory(vllm_config()) == 0  # the Hugging Face layout: copied
+    assert listings == ["list"]
+    listings.clear()
+    model = loader.load_model(vllm_config(), model_config())
+    assert listings == ["list"] and loader.report["mode"] == "copy", (listings, loader.report)
+    listings.clear()
+    for p in model.parameters():
+        p.data.zero_()
+    loader.load_weights(model, model_config())
+    assert listings == ["list"]
+    got = dict(model.named_parameters())
+    assert all(torch.equal(got[n], t) for n, t in want.items())
+    assert d.wait_status(lambda st: not st["leases"])["leases"] == []
+
+
+def test_a_version_missing_from_the_first_listing_is_looked_up_again(daemon, engine, monkeypatch):
+    """The version attached was not in the listing taken before the attach (it loaded in between): the
+    lookup lists again instead of answering without it."""
+    d, hf, _ = daemon
+    want = engine_tensors(hf, 1, 0)
+    engine["make"] = lambda: Skeleton({n: tuple(t.shape) for n, t in want.items()}, torch.bfloat16)
+    listings: list[str] = []
+    counting_connect(monkeypatch, listings, empty_first=True)
+    model = loader_for(d, "hf").load_model(vllm_config(), model_config())
+    assert listings == ["list", "list"], listings
+    got = dict(model.named_parameters())
+    assert all(torch.equal(got[n], t) for n, t in want.items())
+    assert d.wait_status(lambda st: not st["leases"])["leases"] == []
+
+
 def test_copy_mode_builds_and_copies_one_parameter_at_a_time(daemon, engine, monkeypatch):
     """Finding 4: never more than one fused tensor of the rank built at once (each real build is of one
     parameter; the all-or-nothing check runs on the meta device first)."""
