@@ -556,12 +556,14 @@ def main() -> int:
     # seconds per cold pass: a guess from the checkpoint's size until a raw read measures one
     pass_s = [nbytes / GB + 1.0 if not args.smoke else 0.5]
 
+    def cold_rate(n: int, dt: float) -> float:
+        pass_s[0] = max(pass_s[0] * 0.5, dt)  # the budget's guess of a cold pass, from the latest
+        return bl.rate(n, dt)
+
     def timed(label: str, fn: Callable[[], tuple[int, float]], scenario: str = "cold") -> float:
         prepare(paths, scenario)
         n, dt = fn()
-        if scenario == "cold":
-            pass_s[0] = max(pass_s[0] * 0.5, dt)
-        return bl.rate(n, dt)
+        return cold_rate(n, dt) if scenario == "cold" else bl.rate(n, dt)
 
     targets = doc.setdefault("targets", {})
     memories = {m for *_, m in RAW_SHAPES.values() if not (args.smoke and m.startswith("pinned"))}
@@ -641,8 +643,7 @@ def main() -> int:
                             res.error(f"raw {label}", exc)
                             failed[label] = f"failed: {type(exc).__name__}: {exc}"
                             return None
-                        pass_s[0] = max(pass_s[0] * 0.5, dt)
-                        return bl.rate(n, dt)
+                        return cold_rate(n, dt)
                     if label in modes:
                         assert daemons is not None
                         r = daemons.load(label, ckpt)

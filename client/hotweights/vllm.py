@@ -408,29 +408,21 @@ def _rank_names(client, ref: str, rank: int, listed=None) -> tuple[list[str], pb
         g = lease.granted
         h = g.handles
         names = list(h.table.name) if h.HasField("table") else [t.name for t in h.tensors]
-        info = _listed(listed, g.name, g.version, before_lease=True)
-        if info is None:  # loaded after that listing: list while the lease still holds it
-            info = _listed(client.list(), g.name, g.version)
+        info = _entry(client, g.name, g.version, listed)  # under the lease, where it lists again
     finally:
         lease.release()
     return names, info
 
 
-def _listed(listed, name: str, version: str, before_lease: bool = False):
-    """``name@version``'s entry in a listing (None: no listing, or not in it). In a listing taken
-    ``before_lease``, an entry that was not READY counts as absent: its ranks and bytes were still being
-    filled in when listed, and the caller lists again now that the lease holds the version."""
-    if listed is None:
-        return None
+def _entry(client, name: str, version: str, listed=None):
+    """``name@version``'s entry in the daemon's listing, for a version the caller holds a lease on: from
+    ``listed`` (taken before the lease) where it shows the version READY, else from a listing taken now. An
+    entry listed before READY had its ranks and bytes still being filled in; one missing loaded after it."""
     ready = pb.ModelState.Value("READY")
-    return next(
-        (
-            v
-            for v in listed.versions
-            if v.name == name and v.version == version and (v.state == ready or not before_lease)
-        ),
-        None,
-    )
+    for v in listed.versions if listed is not None else ():
+        if v.name == name and v.version == version and v.state == ready:
+            return v
+    return next((v for v in client.list().versions if v.name == name and v.version == version), None)
 
 
 def _quantized(config: dict, model_config: ModelConfig) -> bool:
@@ -700,7 +692,7 @@ def _version_info(listed, ref: str):
 
 def _find_config(client, att, listed=None) -> dict | None:
     """config.json beside the attached version's checkpoint; from ``listed`` where it holds the version."""
-    info = _listed(listed, att.name, att.version, before_lease=True) or _listed(client.list(), att.name, att.version)
+    info = _entry(client, att.name, att.version, listed)
     return None if info is None else sources.config_of(info.source)
 
 

@@ -251,6 +251,9 @@ def test_nfs_over_rdma_needs_no_more_connections(node):
     c = node.check(f"nfs reads {model}", models=[model])
     assert c.status == OK and "over RDMA" in c.detail, c
     assert not any(x.name.startswith("nfs reads") for x in checks(system=node.system(), models=["/"]))
+    model = nfs_node(node, "rw,vers=4.2,rsize=1048576,proto=rdma6,port=20049")  # RDMA over IPv6
+    c = node.check(f"nfs reads {model}", models=[model])
+    assert c.status == OK and "over RDMA" in c.detail, c
 
 
 def test_preload_paths_of_the_config_are_checked(node):

@@ -430,7 +430,7 @@ def mount_of(sy: System, path: str) -> Mount | None:
 def gds_capable(m: Mount) -> bool:
     if m.fstype in GDS_FILESYSTEMS:
         return True
-    return m.fstype in ("nfs", "nfs4") and "proto=rdma" in m.options
+    return m.fstype in ("nfs", "nfs4") and _over_rdma(m)
 
 
 def check_storage(sy: System, paths: list[str], gds_wanted: bool, preload: bool = False) -> list[Check]:
@@ -556,6 +556,11 @@ def _mount_options(options: str) -> dict[str, str]:
     return dict(o.partition("=")[::2] for o in options.split(",") if o)
 
 
+def _over_rdma(m: Mount) -> bool:
+    """An NFS mount over RDMA, IPv4 or IPv6 (GDS can read it; more TCP connections would not carry its reads)."""
+    return _mount_options(m.options).get("proto") in ("rdma", "rdma6")
+
+
 def check_nfs(m: Mount, path: str) -> Check:
     """NFS mount options that cap how fast a model reads: one TCP connection carries every read of a load
     (the loader keeps about a dozen in flight), and reads go to the server in pieces of ``rsize``."""
@@ -563,7 +568,7 @@ def check_nfs(m: Mount, path: str) -> Check:
     opts = _mount_options(m.options)
     rsize = int(opts["rsize"]) if opts.get("rsize", "").isdigit() else None
     conns = int(opts["nconnect"]) if opts.get("nconnect", "").isdigit() else 1
-    rdma = opts.get("proto") == "rdma"
+    rdma = _over_rdma(m)
     one_stream = not rdma and conns < 2
     said = [
         f"{m.fstype}{' ' + opts['vers'] if 'vers' in opts else ''} from {m.source}",
