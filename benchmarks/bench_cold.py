@@ -263,10 +263,10 @@ class HostBuffers:
 
 
 def native_read(
-    paths: list[str], size: int, threads: int, direct: bool, bufs: HostBuffers, limit: int = 0
+    paths: list[str], size: int, threads: int, direct: bool, bufs: HostBuffers, limit: int = 0, request: int = 0
 ) -> tuple[int, float]:
     """The bytes of ``paths`` (the first ``limit`` of them, when given) in ``size`` reads on the native
-    engine's C threads (host mode, no copies)."""
+    engine's C threads (host mode, no copies); ``request``: the most bytes per pread of an O_DIRECT read."""
     from hotweightsd.loaders import native
     from hotweightsd.loaders.files import open_source
     from hotweightsd.loaders.plan import ReadChunk
@@ -294,6 +294,7 @@ def native_read(
             progress=lambda n: None,
             cancel=threading.Event(),
             host_mode=True,
+            direct_request=request,
         )
         dt = time.perf_counter() - t0
     finally:
@@ -332,22 +333,23 @@ def ranges_read(paths: list[str], size: int, threads: int, bufs: HostBuffers) ->
     return total, dt
 
 
-RAW_SHAPES: dict[str, tuple[str, int, int, str]] = {  # name -> (kind, read size, readers, memory read into)
-    "odirect 512KiB x16": ("odirect", 512 * KiB, 16, "private"),
-    "odirect 4MiB x16": ("odirect", 4 * MiB, 16, "private"),
-    "odirect 64MiB x16": ("odirect", 64 * MiB, 16, "private"),
-    "odirect 1MiB x64 (deep queue)": ("odirect", 1 * MiB, 64, "private"),
-    "buffered 4MiB x16 per-thread ranges": ("ranges", 4 * MiB, 16, "private"),
+# name -> (kind, read size, readers, memory read into, most bytes per request; 0: the read's)
+RAW_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
+    "odirect 512KiB x16": ("odirect", 512 * KiB, 16, "private", 0),
+    "odirect 4MiB x16": ("odirect", 4 * MiB, 16, "private", 0),
+    "odirect 64MiB x16": ("odirect", 64 * MiB, 16, "private", 0),
+    "odirect 1MiB x64 (deep queue)": ("odirect", 1 * MiB, 64, "private", 0),
+    "buffered 4MiB x16 per-thread ranges": ("ranges", 4 * MiB, 16, "private", 0),
     # the loader's own shape and memory, without its copies: what the fill would reach if copying were free
-    "odirect 4MiB x12 into pinned memory": ("odirect", 4 * MiB, 12, "pinned"),
+    "odirect 4MiB x12 in 1MiB requests into pinned memory": ("odirect", 4 * MiB, 12, "pinned", MiB),
 }
 
 
 def raw_once(paths: list[str], shape: str, bufs: dict[str, HostBuffers]) -> tuple[int, float]:
-    kind, size, threads, memory = RAW_SHAPES[shape]
+    kind, size, threads, memory, request = RAW_SHAPES[shape]
     if kind == "ranges":
         return ranges_read(paths, size, threads, bufs[memory])
-    return native_read(paths, size, threads, kind == "odirect", bufs[memory])
+    return native_read(paths, size, threads, kind == "odirect", bufs[memory], request=request)
 
 
 def spread(samples: list[float]) -> dict:
@@ -566,11 +568,11 @@ def main() -> int:
         return cold_rate(n, dt) if scenario == "cold" else bl.rate(n, dt)
 
     targets = doc.setdefault("targets", {})
-    memories = {m for *_, m in RAW_SHAPES.values() if not (args.smoke and m.startswith("pinned"))}
+    memories = {m for _, _, _, m, _ in RAW_SHAPES.values() if not (args.smoke and m.startswith("pinned"))}
     bufs = {m: HostBuffers(touch=not args.smoke, kind=m) for m in memories}
 
     # the raw shapes this run can read: those whose memory it has (smoke runs have no pinned memory)
-    shapes_here = [k for k, (*_, m) in RAW_SHAPES.items() if m in bufs]
+    shapes_here = [k for k, (_, _, _, m, _) in RAW_SHAPES.items() if m in bufs]
 
     def section(name: str, fn, need: float, why_not: str | None = None):
         return bl.run_section(res, skip, budget, name, fn, need, why_not)

@@ -49,6 +49,7 @@ LOADER_KEYS = {
     "gds": "gds",
     "share_cores": "share_cores",
     "native_lib": "native_lib",
+    "direct_read_size": "direct_read_size",
 }
 # Client-side variables: read by the client library and tools, not by the daemon's config.
 # (HOTWEIGHTS_SOCKET and HOTWEIGHTS_OPERATOR_SOCKET are read by both: the same path on both sides.)
@@ -133,6 +134,13 @@ class Config:
         choices=READ_ORDERS,
     )
     loader_engine: str = _key("auto", "the cuda loader's loop; auto: native where it was built", choices=ENGINES)
+    direct_read_size: int | None = _key(
+        None,
+        "bytes per request of the cuda loader's O_DIRECT (cold) reads; a chunk_size or more: one request per "
+        "read; default: measured",
+        kind="size",
+        minimum=1,
+    )
     gds: str = _key(
         "auto",
         "GPUDirect Storage: auto (where /dev/nvidia-fs* exists), off, on (or an error; alias force), "

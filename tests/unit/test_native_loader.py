@@ -379,21 +379,27 @@ else:
 """
 
 
-def _cut_fill(tmp_path, mode: str) -> str:
+def build_shim(tmp_path, source: str, what: str) -> str:
+    """``source`` compiled into a library to LD_PRELOAD; skips the test where no C compiler exists."""
     cc = c_compiler()
     if cc is None:
-        pytest.skip("no C compiler to build the read-cutting shim")
-    shim = tmp_path / "cut.so"
+        pytest.skip(f"no C compiler to build the {what} shim")
+    shim = tmp_path / f"{what.replace(' ', '-')}.so"
     subprocess.run(
         [*shlex.split(cc), "-shared", "-fPIC", "-o", str(shim), "-x", "c", "-", "-ldl"],
-        input=CUT_SHIM,
+        input=source,
         text=True,
         check=True,
         timeout=CLI_TIMEOUT,
     )
+    return str(shim)
+
+
+def _cut_fill(tmp_path, mode: str) -> str:
+    shim = build_shim(tmp_path, CUT_SHIM, "read-cutting")
     p = tmp_path / "x.bin"
     p.write_bytes(os.urandom(8 * 4096 + 77))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "LD_PRELOAD": str(shim), "CUT": mode}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "LD_PRELOAD": shim, "CUT": mode}
     child = subprocess.run(
         [sys.executable, "-c", CUT_FILL, str(p)], env=env, capture_output=True, text=True, timeout=60
     )
@@ -456,6 +462,8 @@ attempt("no direct flags", direct=None)
 attempt("no chunks", chunks=None)
 attempt("no pieces", pieces=None)
 attempt("no cpus", ncpus=1)
+attempt("a direct request off the block grid", direct_request=1000)
+attempt("a negative direct request", direct_request=-4096)
 """
 
 
@@ -470,7 +478,7 @@ def test_plans_whose_bounds_overflow_or_lack_arrays_are_refused_not_run(tmp_path
     lines = [line.split(" | ") for line in child.stdout.splitlines()]
     done = [line[0] for line in lines]
     assert child.returncode == 0, f"the engine died ({child.returncode}) after {done}: {child.stderr[-2000:]}"
-    assert len(lines) == 9
+    assert len(lines) == 11
     for case, said, copied in lines:
         assert "refused the fill plan" in said and copied == "nothing copied", (case, said, copied)
 

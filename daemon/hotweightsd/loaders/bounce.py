@@ -91,6 +91,7 @@ def fill(
                     library=path.native_lib,
                     sources=sources.sources(chunks),
                     fault=faults.current().chunk(len(chunks)),
+                    direct_request=path.direct_request,
                 )
             else:
                 chunks = sources.mark(chunks)

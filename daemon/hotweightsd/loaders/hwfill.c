@@ -11,6 +11,9 @@
  * queues the chunk's copies on its stream and records the slot's event. host_mode (tests, CI)
  * replaces the copies with memcpy into host memory and skips every driver call.
  *
+ * An O_DIRECT read goes to the disk in requests of direct_request bytes: a cold disk may serve a
+ * chunk faster in several smaller requests than in one (docs/loader.md, "O_DIRECT request size").
+ *
  * The layout of hw_job is mirrored by hotweightsd.loaders.native; hw_job_size() and hw_abi()
  * let the loader refuse a library built from another revision, and hw_max_threads()/hw_max_depth()
  * one whose limits differ from those LoaderSettings checks a setting against.
@@ -26,7 +29,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define HW_ABI 4
+#define HW_ABI 5
 #define HW_MAX_THREADS 1024 /* hw_fill keeps a thread id per worker on its stack */
 #define HW_MAX_DEPTH 64     /* a worker keeps a flag per slot on its stack */
 #define HW_DIRECT_ALIGN 4096
@@ -89,6 +92,8 @@ typedef struct {
     /* tests only: the chunk whose stage fault_stage fails (fault_stage 0: none) */
     int64_t fault_chunk;
     int32_t fault_stage;
+    /* the most bytes one pread of an O_DIRECT read asks for (0: the chunk's span at once) */
+    int64_t direct_request;
 } hw_job;
 
 typedef int (*cu_ctx_set_t)(void *);
@@ -168,8 +173,9 @@ static int64_t file_size(int fd) {
     return fstat(fd, &st) == 0 ? (int64_t)st.st_size : 0;
 }
 
-/* Reads chunk i into buf; *skip is where its first byte landed. 0 on success. */
-static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
+/* Reads chunk i into buf in requests of at most request bytes (0: no limit); *skip is where its first
+ * byte landed. 0 on success. */
+static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t request, int64_t *skip) {
     const hw_chunk *c = &job->chunks[i];
     int fd = job->fds[c->source];
     int direct = job->direct[c->source];
@@ -179,7 +185,9 @@ static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t *skip) {
     int64_t need = *skip + c->length, got = 0, furthest = 0;
     int cuts = 0;
     while (got < len) {
-        ssize_t n = pread(fd, buf + got, (size_t)(len - got), start + got);
+        int64_t want = len - got;
+        if (request > 0 && want > request) want = request;
+        ssize_t n = pread(fd, buf + got, (size_t)want, start + got);
         if (n < 0) {
             if (errno == EINTR) continue;
             fail(job, HW_ERR_OS, errno, direct ? "pread(O_DIRECT)" : "pread", i, c->file, start + got);
@@ -257,7 +265,7 @@ static void *worker(void *arg) {
             fail(job, HW_ERR_INJECTED, HW_FAULT_READ, "load.read", i, c->file, c->offset);
             break;
         }
-        if (read_chunk(job, i, buf, &skip) != 0) break;
+        if (read_chunk(job, i, buf, job->direct[c->source] ? job->direct_request : 0, &skip) != 0) break;
         int64_t bytes = 0;
         for (int32_t p = 0; p < c->npieces; p++) {
             const hw_piece *pc = &job->pieces[c->first_piece + p];
@@ -306,6 +314,7 @@ static int validate(hw_job *job) {
     if (job->nchunks < 0 || job->npieces < 0 || (job->nchunks && !job->chunks) || (job->npieces && !job->pieces))
         return setup_error(job, "plan");
     if (job->ncpus > 0 && !job->cpus) return setup_error(job, "cpus");
+    if (job->direct_request < 0 || job->direct_request % HW_DIRECT_ALIGN) return setup_error(job, "direct request");
     for (int64_t i = 0; i < job->nchunks; i++) {
         const hw_chunk *c = &job->chunks[i];
         if (c->file < 0 || c->source < 0 || c->source >= job->nsources || c->offset < 0 || c->length <= 0)

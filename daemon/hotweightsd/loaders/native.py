@@ -25,7 +25,7 @@ from hotweightsd.core import faults
 from hotweightsd.loaders.files import DIRECT_HINT
 from hotweightsd.loaders.settings import MAX_DEPTH, MAX_THREADS
 
-ABI = 4
+ABI = 5
 ERR_CUDA, ERR_OS, ERR_TRUNCATED, ERR_CANCELLED, ERR_SETUP, ERR_INJECTED = 1, 2, 3, 4, 5, 6
 POLL_S = 0.02  # progress and cancel are looked at this often while the fill runs
 
@@ -78,6 +78,7 @@ class Job(ctypes.Structure):
         ("err_op", ctypes.c_char * 48),
         ("fault_chunk", ctypes.c_int64),
         ("fault_stage", ctypes.c_int32),
+        ("direct_request", ctypes.c_int64),
     ]
 
 
@@ -181,13 +182,16 @@ def fill(
     library: str = "",
     sources: Sequence[int] | None = None,
     fault: faults.ChunkFault | None = None,
+    direct_request: int = 0,
 ) -> tuple[int, int]:
     """Runs ``chunks`` (``plan.ReadChunk``; a piece's destination is ``bases[allocation] + offset``) on the
     native engine; returns (reads, copies). ``fds``/``direct``: every fd of the fill and whether it was
     opened O_DIRECT; ``sources``: per chunk, the index of the fd that reads it (default: its file's);
     ``paths``: per file, for errors. Raises what the Python workers raise for the same failure:
     BadCheckpoint (short file), Aborted (cancel), CudaError (the driver's code), BackendError (a read).
-    ``fault`` (tests only, ``FaultPlan.chunk``): the chunk and stage that fail with InjectedFault."""
+    ``fault`` (tests only, ``FaultPlan.chunk``): the chunk and stage that fail with InjectedFault.
+    ``direct_request``: the most bytes one pread of an O_DIRECT read asks for (a multiple of 4 KiB; 0: the
+    whole read at once)."""
     lib, reason = _load(library)
     if lib is None:
         raise BackendError("native loader", "unavailable", reason)
@@ -216,6 +220,7 @@ def fill(
         cancel=1 if cancel.is_set() else 0,
         fault_chunk=fault.chunk if fault else -1,
         fault_stage=faults.CHUNK_STAGES[fault.point] if fault else 0,
+        direct_request=direct_request,
     )
     runner = threading.Thread(target=lib.hw_fill, args=(ctypes.byref(job),), name="hw-native-fill", daemon=True)
     runner.start()

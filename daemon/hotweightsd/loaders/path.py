@@ -15,6 +15,7 @@ from hotweightsd.loaders.settings import LoaderSettings
 
 MiB = 1024 * 1024
 DEFAULT_CHUNK = 4 * MiB
+DEFAULT_DIRECT_REQUEST = MiB
 DEFAULT_BUSY_CHUNK = 16 * MiB
 DEFAULT_DEPTH = 2
 MAX_DEFAULT_THREADS = 16
@@ -43,6 +44,7 @@ class LoadPath:
     chunk_size: int  # bytes per read (the plan's grid)
     busy_chunk: int  # the python workers' read while other fills run; == chunk_size: no runs
     native_lib: str  # "" = the library built beside the package
+    direct_request: int = 0  # the native engine's most bytes per pread of an O_DIRECT read; 0: a whole chunk
 
     @property
     def slot_size(self) -> int:
@@ -56,6 +58,8 @@ class LoadPath:
             extra = f" ({size_text(self.busy_chunk)} while other fills run)"
         if self.engine == "native":
             extra += ", native engine"
+            if self.direct_request:
+                extra += f" (O_DIRECT in {size_text(self.direct_request)} requests)"
         if threads is not None and threads != self.threads:
             extra += f" (ring of {self.threads}: fills ran at once)"
         ring = f"{threads or self.threads} threads x {self.depth} x {size_text(self.chunk_size)}"
@@ -93,7 +97,13 @@ def choose(settings: LoaderSettings, *, cores: int, real_driver: bool) -> LoadPa
         chunk_size=chunk,
         busy_chunk=max(chunk, busy // chunk * chunk),  # whole grid windows
         native_lib=settings.native_lib,
+        direct_request=_direct_request(settings.direct_read_size or DEFAULT_DIRECT_REQUEST, chunk, engine),
     )
+
+
+def _direct_request(size: int, chunk: int, engine: str) -> int:
+    """0 where a request would hold the whole chunk anyway, and on the python workers (whole chunks)."""
+    return size if engine == "native" and size < chunk else 0
 
 
 def _source(mode: str) -> tuple[str, str]:

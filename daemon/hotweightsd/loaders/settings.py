@@ -33,6 +33,7 @@ class LoaderSettings:
     gds: str = "auto"  # auto | off | on (force) | compat
     share_cores: bool = True  # native fills running at once split the cores
     native_lib: str = ""  # the native engine's library; "" = the one built beside the package
+    direct_read_size: int | None = None  # bytes per request of an O_DIRECT read (native engine); None: 1 MiB
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -52,5 +53,6 @@ class LoaderSettings:
                 raise InvalidArgument(f"loader {name} must be at least 1, got {n}")
             if n is not None and most is not None and n > most:
                 raise InvalidArgument(f"loader {name} must be at most {most} (the native engine's limit), got {n}")
-        if self.chunk_size is not None and (self.chunk_size <= 0 or self.chunk_size % DIRECT_ALIGN):
-            raise InvalidArgument(f"loader chunk size {self.chunk_size} is not a positive multiple of {DIRECT_ALIGN}")
+        for name, size in (("chunk size", self.chunk_size), ("direct read size", self.direct_read_size)):
+            if size is not None and (size <= 0 or size % DIRECT_ALIGN):
+                raise InvalidArgument(f"loader {name} {size} is not a positive multiple of {DIRECT_ALIGN}")
