@@ -236,6 +236,18 @@ class Client:
     def list(self) -> pb.ListModelsResponse:
         return self._call(self.stub.ListModels, pb.ListModelsRequest())
 
+    def listed_version(
+        self, name: str, version: str, listing: pb.ListModelsResponse | None = None
+    ) -> pb.ModelVersionInfo | None:
+        """``name@version``'s entry in the daemon's listing, or None where the daemon does not list it: from
+        ``listing`` (taken earlier) where it shows the version READY, else from a listing taken now. An entry
+        listed before READY had its ranks and bytes still being filled in; a missing one may have loaded since."""
+        ready = pb.ModelState.Value("READY")
+        for v in listing.versions if listing is not None else ():
+            if v.name == name and v.version == version and v.state == ready:
+                return v
+        return next((v for v in self.list().versions if v.name == name and v.version == version), None)
+
     def status(self) -> pb.StatusResponse:
         return self._call(self.stub.Status, pb.StatusRequest())
 

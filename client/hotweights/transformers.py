@@ -77,7 +77,7 @@ def from_hotweights(
                 tp_attached=att.world_size,
                 tp_wanted=1,
             )
-        listed = _listed(client, att)
+        listed = client.listed_version(att.name, att.version)
         laid = _engine_layout(listed)
         if laid:
             raise errors.BindError(
@@ -132,14 +132,6 @@ def _release(att, client) -> None:
     att.release()
     if client is not None:
         client.close()
-
-
-def _listed(client: hotweights.Client, att):
-    """The daemon's listing of ``att``'s version (its layout and source); None where it no longer lists it."""
-    for v in client.list().versions:
-        if v.name == att.name and v.version == att.version:
-            return v
-    return None
 
 
 def _engine_layout(listed) -> str:

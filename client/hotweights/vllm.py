@@ -408,21 +408,10 @@ def _rank_names(client, ref: str, rank: int, listed=None) -> tuple[list[str], pb
         g = lease.granted
         h = g.handles
         names = list(h.table.name) if h.HasField("table") else [t.name for t in h.tensors]
-        info = _entry(client, g.name, g.version, listed)  # under the lease, where it lists again
+        info = client.listed_version(g.name, g.version, listed)  # under the lease, where it lists again
     finally:
         lease.release()
     return names, info
-
-
-def _entry(client, name: str, version: str, listed=None):
-    """``name@version``'s entry in the daemon's listing, for a version the caller holds a lease on: from
-    ``listed`` (taken before the lease) where it shows the version READY, else from a listing taken now. An
-    entry listed before READY had its ranks and bytes still being filled in; one missing loaded after it."""
-    ready = pb.ModelState.Value("READY")
-    for v in listed.versions if listed is not None else ():
-        if v.name == name and v.version == version and v.state == ready:
-            return v
-    return next((v for v in client.list().versions if v.name == name and v.version == version), None)
 
 
 def _quantized(config: dict, model_config: ModelConfig) -> bool:
@@ -692,7 +681,7 @@ def _version_info(listed, ref: str):
 
 def _find_config(client, att, listed=None) -> dict | None:
     """config.json beside the attached version's checkpoint; from ``listed`` where it holds the version."""
-    info = _entry(client, att.name, att.version, listed)
+    info = client.listed_version(att.name, att.version, listed)
     return None if info is None else sources.config_of(info.source)
 
 

@@ -333,7 +333,7 @@ def test_a_plan_that_does_not_fit_the_ring_is_refused_before_reading(tmp_path):
 
 # LD_PRELOAD: large preads end inside a block, as a network or FUSE filesystem may cut an O_DIRECT read
 # short in the middle of a file. CUT=once: the first read; CUT=shorter: the first, then its retry shorter
-# still; CUT=always: every read.
+# still; CUT=always: every read. A read is cut inside a block whatever size it asks for.
 CUT_SHIM = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -349,7 +349,7 @@ ssize_t pread(int fd, void *buf, size_t n, off_t off) {
     if (n > 1000 && mode) {
         int k = atomic_fetch_add(&reads, 1);
         if (!strcmp(mode, "always")) n = 1000;
-        else if (k == 0) n = 4096 + 1000;
+        else if (k == 0) n = n > 4096 + 1000 ? 4096 + 1000 : n - 1000;
         else if (k == 1 && !strcmp(mode, "shorter")) n = 500;
     }
     return real(fd, buf, n, off);
@@ -362,7 +362,7 @@ import ctypes, mmap, os, sys, threading
 from hotweightsd.loaders import native
 from hotweightsd.loaders.plan import Piece, ReadChunk
 
-path = sys.argv[1]
+path, request = sys.argv[1], int(sys.argv[2])
 data = open(path, "rb").read()
 ring = mmap.mmap(-1, 64 * 1024)
 base = ctypes.addressof(ctypes.c_char.from_buffer(ring))
@@ -371,7 +371,8 @@ chunk = ReadChunk(0, 100, 6 * 4096, (Piece(0, 0, 0, 6 * 4096),))
 fd = os.open(path, os.O_RDONLY)
 try:
     native.fill([chunk], [fd], [True], [path], [ctypes.addressof(dest)], threads=1, depth=1, slot_size=64 * 1024,
-                host_base=base, progress=lambda n: None, cancel=threading.Event(), host_mode=True)
+                host_base=base, progress=lambda n: None, cancel=threading.Event(), host_mode=True,
+                direct_request=request)
 except Exception as exc:
     print(type(exc).__name__, exc)
 else:
@@ -395,31 +396,38 @@ def build_shim(tmp_path, source: str, what: str) -> str:
     return str(shim)
 
 
-def _cut_fill(tmp_path, mode: str) -> str:
+# the whole span in one request, and the engine's split into requests of one and two blocks
+CUT_REQUESTS = pytest.mark.parametrize("request_size", [0, 4096, 8192], ids=["whole", "4KiB-requests", "8KiB-requests"])
+
+
+def _cut_fill(tmp_path, mode: str, request: int) -> str:
     shim = build_shim(tmp_path, CUT_SHIM, "read-cutting")
     p = tmp_path / "x.bin"
     p.write_bytes(os.urandom(8 * 4096 + 77))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "LD_PRELOAD": shim, "CUT": mode}
     child = subprocess.run(
-        [sys.executable, "-c", CUT_FILL, str(p)], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", CUT_FILL, str(p), str(request)], env=env, capture_output=True, text=True, timeout=60
     )
     assert child.returncode == 0, child.stderr[-2000:]
     return child.stdout.strip()
 
 
 @needs_lib
-def test_an_o_direct_read_cut_inside_a_block_mid_file_is_read_again_not_taken_for_the_end(tmp_path):
-    assert _cut_fill(tmp_path, "once") == "exact"
+@CUT_REQUESTS
+def test_an_o_direct_read_cut_inside_a_block_mid_file_is_read_again_not_taken_for_the_end(tmp_path, request_size):
+    assert _cut_fill(tmp_path, "once", request_size) == "exact"
 
 
 @needs_lib
-def test_a_retry_cut_shorter_than_the_read_before_still_reads_the_chunk_exactly(tmp_path):
-    assert _cut_fill(tmp_path, "shorter") == "exact"
+@CUT_REQUESTS
+def test_a_retry_cut_shorter_than_the_read_before_still_reads_the_chunk_exactly(tmp_path, request_size):
+    assert _cut_fill(tmp_path, "shorter", request_size) == "exact"
 
 
 @needs_lib
-def test_reads_cut_short_again_and_again_are_an_io_error_not_a_truncated_checkpoint(tmp_path):
-    got = _cut_fill(tmp_path, "always")
+@CUT_REQUESTS
+def test_reads_cut_short_again_and_again_are_an_io_error_not_a_truncated_checkpoint(tmp_path, request_size):
+    got = _cut_fill(tmp_path, "always", request_size)
     assert got.startswith("BackendError") and "cut short" in got and "truncated" not in got, got
 
 

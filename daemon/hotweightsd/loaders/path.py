@@ -58,7 +58,7 @@ class LoadPath:
             extra = f" ({size_text(self.busy_chunk)} while other fills run)"
         if self.engine == "native":
             extra += ", native engine"
-            if self.direct_request:
+            if self.direct_request and self.read_mode != "pread":  # pread reads nothing O_DIRECT
                 extra += f" (O_DIRECT in {size_text(self.direct_request)} requests)"
         if threads is not None and threads != self.threads:
             extra += f" (ring of {self.threads}: fills ran at once)"
