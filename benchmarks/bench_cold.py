@@ -343,10 +343,17 @@ RAW_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
     # the loader's own shape and memory, without its copies: what the fill would reach if copying were free
     "odirect 4MiB x12 in 1MiB requests into pinned memory": ("odirect", 4 * MiB, 12, "pinned", MiB),
 }
+# --probe-shapes: read like the shapes above, kept out of the ceiling. Each changes one thing of the
+# 512 KiB x16 shape toward the loader's own (its reader count, then its pinned memory), to tell which of
+# the two keeps the loader's shape below it.
+PROBE_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
+    "odirect 512KiB x12": ("odirect", 512 * KiB, 12, "private", 0),
+    "odirect 512KiB x16 into pinned memory": ("odirect", 512 * KiB, 16, "pinned", 0),
+}
 
 
 def raw_once(paths: list[str], shape: str, bufs: dict[str, HostBuffers]) -> tuple[int, float]:
-    kind, size, threads, memory, request = RAW_SHAPES[shape]
+    kind, size, threads, memory, request = RAW_SHAPES.get(shape) or PROBE_SHAPES[shape]
     if kind == "ranges":
         return ranges_read(paths, size, threads, bufs[memory])
     return native_read(paths, size, threads, kind == "odirect", bufs[memory], request=request)
@@ -475,6 +482,11 @@ def main() -> int:
         help="the raw read shapes take their turns in the cold rotation beside the loads, instead of a section "
         "of their own before it: ceiling and loads then see the same stretch of the disk's life",
     )
+    ap.add_argument(
+        "--probe-shapes",
+        action="store_true",
+        help=f"also read {', '.join(PROBE_SHAPES)}: recorded beside the raw shapes, never the ceiling",
+    )
     ap.add_argument("--budget", type=float, default=480.0, help="seconds; later sections are cut short past it")
     ap.add_argument("--smoke", action="store_true", help="cpu backend, a checkpoint of a few MB, no GPU needed")
     args = ap.parse_args()
@@ -568,11 +580,12 @@ def main() -> int:
         return cold_rate(n, dt) if scenario == "cold" else bl.rate(n, dt)
 
     targets = doc.setdefault("targets", {})
-    memories = {m for _, _, _, m, _ in RAW_SHAPES.values() if not (args.smoke and m.startswith("pinned"))}
+    read_shapes = {**RAW_SHAPES, **(PROBE_SHAPES if args.probe_shapes else {})}
+    memories = {m for _, _, _, m, _ in read_shapes.values() if not (args.smoke and m.startswith("pinned"))}
     bufs = {m: HostBuffers(touch=not args.smoke, kind=m) for m in memories}
 
     # the raw shapes this run can read: those whose memory it has (smoke runs have no pinned memory)
-    shapes_here = [k for k, (_, _, _, m, _) in RAW_SHAPES.items() if m in bufs]
+    shapes_here = [k for k, (_, _, _, m, _) in read_shapes.items() if m in bufs]
 
     def section(name: str, fn, need: float, why_not: str | None = None):
         return bl.run_section(res, skip, budget, name, fn, need, why_not)
@@ -582,8 +595,9 @@ def main() -> int:
         out = interleaved(
             shapes_here, args.reps, lambda s: timed(s, lambda: raw_once(paths, s, bufs)), budget, pass_s[0] + 2
         )
+        probes = {k: out.pop(k) for k in PROBE_SHAPES if k in out}
         best = max(out, key=lambda k: out[k]["median"])
-        doc["raw"] = {"shapes": out, "ceiling": out[best]["median"], "ceiling_shape": best}
+        doc["raw"] = {"shapes": out, "ceiling": out[best]["median"], "ceiling_shape": best, "probes": probes}
         res.note(
             f"cold ceiling: {out[best]['median']} GB/s ({best}); "
             + ", ".join(f"{k} {v['median']}" for k, v in out.items())
@@ -669,11 +683,13 @@ def main() -> int:
                 raw_labels = in_rotation if scenario == "cold" else []
                 labels = modes + [p for p in ready if p not in failed] + raw_labels
                 out = interleaved(labels, args.reps, once, budget, pass_s[0] + 4)
+                probes = {k: out.pop(k) for k in PROBE_SHAPES if k in out}
                 shapes = {k: out.pop(k) for k in raw_labels if k in out}
                 if shapes:
                     best = max(shapes, key=lambda k: shapes[k]["median"])
                     doc["raw"] = {
                         "shapes": shapes,
+                        "probes": probes,
                         "ceiling": shapes[best]["median"],
                         "ceiling_shape": best,
                         "in_rotation": True,
@@ -731,10 +747,9 @@ def main() -> int:
                     t["best_peer_median"] = ok[best] if best else None
                     t["auto_over_best_peer"] = ratio
                     t["met_peers"] = bool(ratio >= 1.1) if ratio is not None else None
-                res.note(
-                    f"{scenario}: "
-                    + ", ".join(f"{m} {v['median']} [{v['min']}-{v['max']}]" for m, v in {**out, **shapes}.items())
-                )
+                figures = {**out, **shapes, **probes}
+                spreads = [f"{m} {v['median']} [{v['min']}-{v['max']}]" for m, v in figures.items()]
+                res.note(f"{scenario}: " + ", ".join(spreads))
 
             rotation = len(modes) + (len(peers) + len(in_rotation) if scenario == "cold" else 0)
             section(scenario, run, need=3 * rotation * pass_s[0] + 10 if not args.smoke else 5)

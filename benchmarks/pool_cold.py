@@ -19,7 +19,8 @@ comparison is of two stretches of the disk's life, not of one rotation.
 
     python benchmarks/pool_cold.py benchmarks/results --gpu nvidia-h200 --out benchmarks/results
 
-Writes ``cold-pooled-<gpu>-<date>.json`` into each ``--out`` folder (none: prints only).
+Writes ``cold-pooled-<gpu>-<date>.json`` (``cold-pooled-<gpu>-since-<stamp>-<date>.json`` with ``--since``)
+into each ``--out`` folder (none: prints only).
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ import time
 from pathlib import Path
 
 RATIOS = ("auto_over_ceiling", "auto_over_best_peer", "best_peer_over_ceiling")
+
+
+def stamp(name: str) -> str:
+    """The date of a result's name: ``cold-nvidia-h200-20261204-202126.json`` -> ``20261204-202126``."""
+    parts = name.removesuffix(".json").split("-")
+    return "-".join(parts[-2:])
 
 
 def run_row(path: Path) -> dict | None:
@@ -93,18 +100,32 @@ def main() -> int:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--gpu", default="", help="only files for this device (the name in cold-<gpu>-<date>.json)")
     ap.add_argument("--out", action="append", default=[], help="results folder (repeatable)")
+    ap.add_argument(
+        "--since",
+        default="",
+        help="only runs stamped at or after this date (the YYYYMMDD-HHMMSS of their names): the runs of one "
+        "version of the loader",
+    )
     args = ap.parse_args()
-    paths = sorted(p for p in args.folder.glob(f"cold-{args.gpu}*.json") if "pooled" not in p.name)
+    paths = sorted(
+        p for p in args.folder.glob(f"cold-{args.gpu}*.json") if "pooled" not in p.name and stamp(p.name) >= args.since
+    )
     rows = [r for r in (run_row(p) for p in paths) if r is not None]
     if not rows:
         print(f"no cold runs with a default-load median under {args.folder}", file=sys.stderr)
         return 1
-    doc = {"benchmark": "cold runs pooled", "made": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "gpu": args.gpu}
+    doc = {
+        "benchmark": "cold runs pooled",
+        "made": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "gpu": args.gpu,
+        "since": args.since or None,
+    }
     doc.update(pooled=pooled(rows), auto_over_shape=by_shape(rows), runs=rows)
     print(json.dumps({k: doc[k] for k in ("pooled", "auto_over_shape")}, indent=1))
     for out in args.out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        name = f"cold-pooled-{args.gpu or 'all'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        since = f"-since-{args.since}" if args.since else ""
+        name = f"cold-pooled-{args.gpu or 'all'}{since}-{time.strftime('%Y%m%d-%H%M%S')}.json"
         (Path(out) / name).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
