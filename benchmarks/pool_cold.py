@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -107,6 +108,9 @@ def main() -> int:
         "version of the loader",
     )
     args = ap.parse_args()
+    # a stamp compares as text, so a date written another way (2026-12-04) would silently keep every run
+    if args.since and not re.fullmatch(r"\d{8}(-\d{6})?", args.since):
+        ap.error(f"--since {args.since!r}: expected YYYYMMDD or YYYYMMDD-HHMMSS, as in the results' names")
     paths = sorted(
         p for p in args.folder.glob(f"cold-{args.gpu}*.json") if "pooled" not in p.name and stamp(p.name) >= args.since
     )

@@ -45,3 +45,17 @@ def test_since_pools_only_the_runs_stamped_at_or_after_it(tmp_path):
     written = [json.loads(p.read_text()) for p in tmp_path.glob("cold-pooled-*.json")]
     assert {w["since"] for w in written} == {None, "20261204-202126"}
     assert sorted(len(w["runs"]) for w in written) == [2, 3]
+
+
+def test_a_since_not_written_as_the_names_stamps_is_refused_naming_it(tmp_path):
+    cold_run(tmp_path, "20261204-202126", auto=2.0, ceiling=2.0, peer=1.6)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "--since", "2026-12-04"], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "'2026-12-04'" in out.stderr and "YYYYMMDD" in out.stderr
+    # a date alone is a stamp too: it keeps the runs of that day and after
+    assert pool(tmp_path, "--since", "20261204")["pooled"]["auto_over_ceiling"]["runs"] == 1
+    later = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "--since", "20261205"], capture_output=True, text=True
+    )
+    assert later.returncode == 1 and "no cold runs" in later.stderr
