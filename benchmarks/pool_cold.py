@@ -108,7 +108,7 @@ def main() -> int:
         "version of the loader",
     )
     args = ap.parse_args()
-    # a stamp compares as text, so a date written another way (2026-12-04) would silently keep every run
+    # a stamp compares as text, so a date written with dashes would silently keep every run
     if args.since and not re.fullmatch(r"\d{8}(-\d{6})?", args.since):
         ap.error(f"--since {args.since!r}: expected YYYYMMDD or YYYYMMDD-HHMMSS, as in the results' names")
     paths = sorted(
