@@ -352,6 +352,15 @@ PROBE_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
 }
 
 
+def raw_record(spreads: dict[str, dict]) -> dict:
+    """``doc["raw"]`` from the raw shapes' spreads: the probe shapes set apart, the ceiling the best median of
+    the rest (at least one of which was read)."""
+    shapes = {k: v for k, v in spreads.items() if k not in PROBE_SHAPES}
+    best = max(shapes, key=lambda k: shapes[k]["median"])
+    probes = {k: v for k, v in spreads.items() if k in PROBE_SHAPES}
+    return {"shapes": shapes, "probes": probes, "ceiling": shapes[best]["median"], "ceiling_shape": best}
+
+
 def raw_once(paths: list[str], shape: str, bufs: dict[str, HostBuffers]) -> tuple[int, float]:
     kind, size, threads, memory, request = RAW_SHAPES.get(shape) or PROBE_SHAPES[shape]
     if kind == "ranges":
@@ -595,12 +604,10 @@ def main() -> int:
         out = interleaved(
             shapes_here, args.reps, lambda s: timed(s, lambda: raw_once(paths, s, bufs)), budget, pass_s[0] + 2
         )
-        probes = {k: out.pop(k) for k in PROBE_SHAPES if k in out}
-        best = max(out, key=lambda k: out[k]["median"])
-        doc["raw"] = {"shapes": out, "ceiling": out[best]["median"], "ceiling_shape": best, "probes": probes}
+        raw_doc = doc["raw"] = raw_record(out)
         res.note(
-            f"cold ceiling: {out[best]['median']} GB/s ({best}); "
-            + ", ".join(f"{k} {v['median']}" for k, v in out.items())
+            f"cold ceiling: {raw_doc['ceiling']} GB/s ({raw_doc['ceiling_shape']}); "
+            + ", ".join(f"{k} {v['median']}" for k, v in raw_doc["shapes"].items())
         )
 
     # the shapes that run inside the cold rotation instead (labels of their own there)
@@ -683,15 +690,10 @@ def main() -> int:
                 raw_labels = in_rotation if scenario == "cold" else []
                 labels = modes + [p for p in ready if p not in failed] + raw_labels
                 out = interleaved(labels, args.reps, once, budget, pass_s[0] + 4)
-                probes = {k: out.pop(k) for k in PROBE_SHAPES if k in out}
-                shapes = {k: out.pop(k) for k in raw_labels if k in out}
-                if shapes:
-                    best = max(shapes, key=lambda k: shapes[k]["median"])
+                spreads = {k: out.pop(k) for k in raw_labels if k in out}
+                if any(k in RAW_SHAPES for k in spreads):
                     doc["raw"] = {
-                        "shapes": shapes,
-                        "probes": probes,
-                        "ceiling": shapes[best]["median"],
-                        "ceiling_shape": best,
+                        **raw_record(spreads),
                         "in_rotation": True,
                         "failed": {k: failed[k] for k in raw_labels if k in failed},
                     }
@@ -747,9 +749,8 @@ def main() -> int:
                     t["best_peer_median"] = ok[best] if best else None
                     t["auto_over_best_peer"] = ratio
                     t["met_peers"] = bool(ratio >= 1.1) if ratio is not None else None
-                figures = {**out, **shapes, **probes}
-                spreads = [f"{m} {v['median']} [{v['min']}-{v['max']}]" for m, v in figures.items()]
-                res.note(f"{scenario}: " + ", ".join(spreads))
+                figures = [f"{m} {v['median']} [{v['min']}-{v['max']}]" for m, v in {**out, **spreads}.items()]
+                res.note(f"{scenario}: " + ", ".join(figures))
 
             rotation = len(modes) + (len(peers) + len(in_rotation) if scenario == "cold" else 0)
             section(scenario, run, need=3 * rotation * pass_s[0] + 10 if not args.smoke else 5)

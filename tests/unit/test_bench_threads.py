@@ -132,3 +132,15 @@ def test_interleaved_rounds_rotate_so_no_label_always_runs_first_or_after_the_sa
     # a short budget ends after the first round, never before it
     order.clear()
     assert set(bench_cold.interleaved(["a", "b"], 5, once, lambda: 0.0, 1.0)) == {"a", "b"} and len(order) == 2
+
+
+def test_a_probe_shape_is_recorded_apart_and_never_the_ceiling():
+    spreads = {
+        "odirect 4MiB x16": {"median": 1.5},
+        "odirect 512KiB x12": {"median": 9.0},  # a probe, faster than every shape of the ceiling
+        "odirect 64MiB x16": {"median": 2.0},
+    }
+    raw = bench_cold.raw_record(spreads)
+    assert raw["ceiling"] == 2.0 and raw["ceiling_shape"] == "odirect 64MiB x16"
+    assert list(raw["probes"]) == ["odirect 512KiB x12"]
+    assert list(raw["shapes"]) == ["odirect 4MiB x16", "odirect 64MiB x16"]

@@ -19,13 +19,13 @@ def cold_run(folder: Path, stamp: str, auto: float, ceiling: float, peer: float)
     (folder / f"cold-nvidia-h200-{stamp}.json").write_text(json.dumps(doc))
 
 
+def run(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), str(folder), *args], capture_output=True, text=True)
+
+
 def pool(folder: Path, *args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), str(folder), "--gpu", "nvidia-h200", "--out", str(folder), *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = run(folder, "--gpu", "nvidia-h200", "--out", str(folder), *args)
+    assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
@@ -49,13 +49,9 @@ def test_since_pools_only_the_runs_stamped_at_or_after_it(tmp_path):
 
 def test_a_since_not_written_as_the_names_stamps_is_refused_naming_it(tmp_path):
     cold_run(tmp_path, "20261204-202126", auto=2.0, ceiling=2.0, peer=1.6)
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), "--since", "2026-12-04"], capture_output=True, text=True
-    )
+    out = run(tmp_path, "--since", "2026-12-04")
     assert out.returncode == 2 and "'2026-12-04'" in out.stderr and "YYYYMMDD" in out.stderr
     # a date alone is a stamp too: it keeps the runs of that day and after
     assert pool(tmp_path, "--since", "20261204")["pooled"]["auto_over_ceiling"]["runs"] == 1
-    later = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), "--since", "20261205"], capture_output=True, text=True
-    )
+    later = run(tmp_path, "--since", "20261205")
     assert later.returncode == 1 and "no cold runs" in later.stderr
