@@ -343,12 +343,16 @@ RAW_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
     # the loader's own shape and memory, without its copies: what the fill would reach if copying were free
     "odirect 4MiB x12 in 1MiB requests into pinned memory": ("odirect", 4 * MiB, 12, "pinned", MiB),
 }
-# --probe-shapes: read like the shapes above, kept out of the ceiling. Each changes one thing of the
+# --probe-shapes: read like the shapes above, kept out of the ceiling. The first two change one thing of the
 # 512 KiB x16 shape toward the loader's own (its reader count, then its pinned memory), to tell which of
-# the two keeps the loader's shape below it.
+# the two keeps the loader's shape below it. The last two read into huge pages registered with the driver:
+# the disk takes at most 254 segments a request, a 4 KiB page being one segment unless the pages are
+# physically adjacent, so memory of scattered small pages may cap how far the block layer merges requests.
 PROBE_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
     "odirect 512KiB x12": ("odirect", 512 * KiB, 12, "private", 0),
     "odirect 512KiB x16 into pinned memory": ("odirect", 512 * KiB, 16, "pinned", 0),
+    "odirect 512KiB x16 into pinned huge pages": ("odirect", 512 * KiB, 16, "pinned-thp", 0),
+    "odirect 4MiB x12 in 1MiB requests into pinned huge pages": ("odirect", 4 * MiB, 12, "pinned-thp", MiB),
 }
 
 

@@ -144,3 +144,11 @@ def test_a_probe_shape_is_recorded_apart_and_never_the_ceiling():
     assert raw["ceiling"] == 2.0 and raw["ceiling_shape"] == "odirect 64MiB x16"
     assert list(raw["probes"]) == ["odirect 512KiB x12"]
     assert list(raw["shapes"]) == ["odirect 4MiB x16", "odirect 64MiB x16"]
+
+
+def test_every_read_shape_names_a_memory_the_benchmark_makes_and_a_size_on_the_direct_grid():
+    for name, (kind, size, threads, memory, request) in {**bench_cold.RAW_SHAPES, **bench_cold.PROBE_SHAPES}.items():
+        assert kind in ("odirect", "ranges"), name
+        assert memory in bench_cold.BUFFER_KINDS, name
+        assert threads > 0 and size % (4 * KiB) == 0 and request % (4 * KiB) == 0, name
+    assert not set(bench_cold.RAW_SHAPES) & set(bench_cold.PROBE_SHAPES)
