@@ -11,7 +11,8 @@ interleaved repetitions (A B C, B C A, C A B, ...) with its min and max:
   with each of 16 threads reading its own contiguous range (4 MiB reads, python threads), and the loader's
   own shape, O_DIRECT 4 MiB x 12 into ``cuMemHostAlloc`` memory (not with ``--smoke``): what the fill would
   reach if its copies cost nothing (benchmarks/README.md, "Reading older results": raw shapes of older
-  JSON files read into other memory);
+  JSON files read into other memory), and ``huge_share``: the share of each kind of memory they read into
+  that the kernel backed with huge pages;
 - ``cold``: the daemon (``hotweights serve``, one per read mode of ``--modes``: auto, pread, odirect, each
   optionally with config keys set, ``auto+loader_threads=16``: an A/B of a setting in one rotation)
   loading the rank with every file dropped from the page cache, and in the same rotation each installed peer
@@ -787,6 +788,8 @@ def main() -> int:
         res.note(f"sweep over {min(limit, nbytes) / GB:.2f} GB: best {best} {out[best]} GB/s")
 
     section("sweep", sweep, need=15)
+    # the huge-page shapes mean something only where the kernel did back their memory with huge pages
+    doc["huge_share"] = {m: b.huge_share() for m, b in bufs.items()}
     for b in bufs.values():
         b.close()
     doc["bytes"] = nbytes
