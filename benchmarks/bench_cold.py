@@ -217,19 +217,9 @@ class HostBuffers:
         /proc/self/smaps); None for memory the driver mapped (``pinned``) or before any region exists."""
         if self.kind == "pinned" or not self.maps:
             return None
-        spans = [(entry[0], entry[0] + n) for n, entry in self.maps.items()]
-        huge = total = 0
-        current = None
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                head = line.split()
-                if "-" in head[0] and len(head) >= 5:
-                    lo, hi = (int(x, 16) for x in head[0].split("-"))
-                    current = (lo, hi) if any(lo < b and a < hi for a, b in spans) else None
-                elif current and head[0] == "AnonHugePages:":
-                    huge += int(head[1]) * 1024
-                    total += current[1] - current[0]
-        return round(huge / total, 3) if total else None
+        from hotweightsd.loaders.hostmem import huge_share
+
+        return huge_share((entry[0], entry[0] + n) for n, entry in self.maps.items())
 
     def close(self) -> None:
         """Gives every region back, one at a time (forgotten before it is released, so a failure never

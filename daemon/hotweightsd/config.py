@@ -27,7 +27,15 @@ from hotweights.units import parse_size
 from hotweightsd.core.faults import FaultPlan
 from hotweightsd.core.leases import MAX_LEASES_PER_PID
 from hotweightsd.core.registry import check_name
-from hotweightsd.loaders.settings import ENGINES, MAX_DEPTH, MAX_THREADS, READ_MODES, READ_ORDERS, LoaderSettings
+from hotweightsd.loaders.settings import (
+    ENGINES,
+    MAX_DEPTH,
+    MAX_THREADS,
+    READ_MODES,
+    READ_ORDERS,
+    RING_MEMORIES,
+    LoaderSettings,
+)
 from hotweightsd.server.metrics import METRICS_MAX_CONNECTIONS, METRICS_TIMEOUT_SECONDS
 from hotweightsd.server.watchers import QUEUE_DEPTH
 
@@ -50,6 +58,7 @@ LOADER_KEYS = {
     "share_cores": "share_cores",
     "native_lib": "native_lib",
     "direct_read_size": "direct_read_size",
+    "ring_memory": "ring_memory",
 }
 # Client-side variables: read by the client library and tools, not by the daemon's config.
 # (HOTWEIGHTS_SOCKET and HOTWEIGHTS_OPERATOR_SOCKET are read by both: the same path on both sides.)
@@ -124,6 +133,12 @@ class Config:
     )
     chunk_size: int | None = _key(None, "bytes per read of the cuda loader; default: measured", kind="size", minimum=1)
     ring_depth: int | None = _key(None, "pinned buffers in flight per reader", kind="int", minimum=1, maximum=MAX_DEPTH)
+    ring_memory: str = _key(
+        "driver",
+        "the pinned ring's memory: driver (cuMemHostAlloc) or huge (transparent huge pages registered with "
+        "cuMemHostRegister: a read's pages physically contiguous in 2 MiB runs)",
+        choices=RING_MEMORIES,
+    )
     busy_chunk_size: int | None = _key(
         None, "bytes per read while other GPUs load at the same time", kind="size", minimum=1
     )

@@ -9,6 +9,7 @@ import ctypes
 import fcntl
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -23,7 +24,8 @@ from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError, I
 from hotweights.testing import fds_under
 from hotweightsd.core.backend import AllocationMode, HandleType
 from hotweightsd.core.layout import Segment, plan_rank
-from hotweightsd.loaders import files, gds, native
+from hotweightsd.loaders import files, gds, hostmem, native
+from hotweightsd.loaders import ring as ring_module
 from hotweightsd.loaders.path import choose, default_threads
 from hotweightsd.loaders.plan import Piece, ReadChunk, check_plan, merge_chunks, plan_chunks, run_end
 from hotweightsd.loaders.scheduler import FillScheduler
@@ -160,6 +162,7 @@ def test_settings_are_checked_when_made():
         dict(threads=0),
         dict(ring_depth=0),
         dict(busy_chunk_size=0),
+        dict(ring_memory="hugetlb"),
     ):
         with pytest.raises(InvalidArgument):
             LoaderSettings(**bad)
@@ -519,6 +522,70 @@ def test_fill_two_devices_in_parallel_and_ring_reuse(fake, tmp_path):
         check_contents(fake, layout, allocs)
     assert b._rings == rings, "rings are made once per device and reused"
     assert fake.calls["cuMemHostAlloc"] == 2
+
+
+def test_a_huge_page_ring_fills_exactly_says_so_and_gives_its_memory_back(fake, tmp_path):
+    path = tmp_path / "m.safetensors"
+    write_ckpt(path, n=40)
+    layout = plan_rank(load_rank(path), GRAN)
+    b = make_backend(read_mode="odirect", ring_memory="huge", threads=3, chunk_size=64 * 1024, ring_depth=2)
+    allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
+    desc = b.fill(layout, allocs, lambda n: None, threading.Event())
+    check_contents(fake, layout, allocs)
+    assert "huge-page ring on cuda:0" in desc and re.search(r", \d+% in huge pages;", desc), desc
+    assert "huge-page ring" in b.note
+    ring = b.ring(0)
+    assert "cuMemHostAlloc" not in fake.calls and fake.host == {}
+    size = 3 * 2 * b.path.slot_size
+    assert fake.registered == {ring.host_ptr: size}
+    assert ring.host_ptr % hostmem.HUGE == 0
+    span = [(ring.host_ptr, ring.host_ptr + size)]
+    assert hostmem.huge_share(span) is not None  # mapped, and smaps reports it
+    for a in allocs:
+        a.close()
+    b.close()
+    assert fake.registered == {} and fake.streams == 0 and fake.events == 0
+    assert hostmem.huge_share(span) is None, "the ring's mapping is unmapped with the backend"
+
+
+def test_a_huge_page_ring_the_driver_refuses_to_register_is_unmapped(fake, monkeypatch):
+    made = []
+    real = hostmem.HugePages
+
+    class Seen(real):
+        def __init__(self, nbytes):
+            super().__init__(nbytes)
+            made.append(self)
+
+    monkeypatch.setattr(ring_module, "HugePages", Seen)
+    b = make_backend(ring_memory="huge", threads=2, chunk_size=64 * 1024)
+    fake.fail["cuMemHostRegister"] = CUresult.CUDA_ERROR_OUT_OF_MEMORY
+    with pytest.raises(CudaError, match="cuMemHostRegister"):
+        b.prepare()
+    assert len(made) == 1 and made[0].ptr == 0 and made[0]._map is None, "unmapped after the refusal"
+    assert fake.registered == {} and fake.streams == 0 and fake.events == 0 and b._rings == {}
+    b.prepare()  # the next try makes a working ring on each device
+    assert list(fake.registered.values()) == [2 * 2 * b.path.slot_size] * 2
+    b.close()
+    assert fake.registered == {}
+
+
+def test_huge_share_reads_anon_huge_pages_of_the_overlapping_mappings(tmp_path):
+    smaps = tmp_path / "smaps"
+    smaps.write_text(
+        "00400000-00600000 r-xp 00000000 08:01 1 /bin/x\n"
+        "AnonHugePages:         0 kB\n"
+        "7f0000000000-7f0000800000 rw-p 00000000 00:00 0\n"
+        "Rss:                8192 kB\n"
+        "AnonHugePages:      4096 kB\n"
+        "\n"
+    )
+    lo = 0x7F0000000000
+    assert hostmem.huge_share([(lo + 4096, lo + 8192)], smaps=str(smaps)) == 0.5
+    assert hostmem.huge_share([(0x1000, 0x2000)], smaps=str(smaps)) is None
+    assert hostmem.huge_share([(lo, lo + 1)], smaps=str(tmp_path / "absent")) is None
+    with pytest.raises(ValueError):
+        hostmem.HugePages(0)
 
 
 def test_truncated_file_raises_bad_checkpoint_and_leaks_nothing(fake, tmp_path, monkeypatch):

@@ -292,7 +292,7 @@ class CudaBackend:
             ring = self._rings.get(device)
             if ring is None:
                 p = self.path
-                ring = DeviceRing(device, threads=p.threads, depth=p.depth, slot_size=p.slot_size)
+                ring = DeviceRing(device, threads=p.threads, depth=p.depth, slot_size=p.slot_size, memory=p.ring_memory)
                 self._rings[device] = ring
             return ring
 

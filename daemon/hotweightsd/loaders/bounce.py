@@ -111,7 +111,7 @@ def fill(
             extra += f"; {said}"
     why = f"; {path.engine_why}" if path.engine_why else ""
     return (
-        f"{path.describe(threads)} on cuda:{ring.device}{ring.describe_numa()}; "
+        f"{path.describe(threads)} on cuda:{ring.device}{ring.describe_numa()}{ring.describe_memory()}; "
         f"{reads} reads{extra}, {copies} copies{why}"
     )
 

@@ -45,6 +45,7 @@ class LoadPath:
     busy_chunk: int  # the python workers' read while other fills run; == chunk_size: no runs
     native_lib: str  # "" = the library built beside the package
     direct_request: int = 0  # the native engine's most bytes per pread of an O_DIRECT read; 0: a whole chunk
+    ring_memory: str = "driver"  # "driver" (cuMemHostAlloc) | "huge" (huge pages registered with the driver)
 
     @property
     def slot_size(self) -> int:
@@ -60,6 +61,8 @@ class LoadPath:
             extra += ", native engine"
             if self.direct_request and self.read_mode != "pread":  # pread reads nothing O_DIRECT
                 extra += f" (O_DIRECT in {size_text(self.direct_request)} requests)"
+        if self.ring_memory == "huge":
+            extra += ", huge-page ring"
         if threads is not None and threads != self.threads:
             extra += f" (ring of {self.threads}: fills ran at once)"
         ring = f"{threads or self.threads} threads x {self.depth} x {size_text(self.chunk_size)}"
@@ -98,6 +101,7 @@ def choose(settings: LoaderSettings, *, cores: int, real_driver: bool) -> LoadPa
         busy_chunk=max(chunk, busy // chunk * chunk),  # whole grid windows
         native_lib=settings.native_lib,
         direct_request=_direct_request(settings.direct_read_size or DEFAULT_DIRECT_REQUEST, chunk, engine),
+        ring_memory=settings.ring_memory,
     )
 
 

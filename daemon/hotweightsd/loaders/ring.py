@@ -3,7 +3,8 @@
 Made once per device and kept across loads (pinning costs more than copying). Reader ``w`` owns
 ``depth`` slots, one stream, and one event per slot (the copies that last used it). Where the node
 has several NUMA nodes, the ring is allocated, and its readers run, on the CPUs of the GPU's node
-(best effort).
+(best effort). The slots are the driver's pinned memory (``cuMemHostAlloc``), or with
+``ring_memory = "huge"`` transparent huge pages registered with the driver (``hostmem.HugePages``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from hotweights.cuda import devices as cd
 from hotweights.errors import BackendError
+from hotweightsd.loaders.hostmem import HugePages
 from hotweightsd.loaders.plan import DIRECT_ALIGN
 
 log = logging.getLogger("hotweightsd.cuda")
@@ -49,8 +51,13 @@ def run_on_cpus(cpus: list[int], fn: Callable[[], Any]) -> Any:
 class DeviceRing:
     """Per-device loader state kept across loads: pinned slots, one stream per reader, one event per slot."""
 
-    def __init__(self, device: int, *, threads: int, depth: int, slot_size: int) -> None:
+    def __init__(self, device: int, *, threads: int, depth: int, slot_size: int, memory: str = "driver") -> None:
+        if memory not in ("driver", "huge"):
+            raise ValueError(f"ring memory {memory!r}: driver or huge")
         self.device = device
+        self.memory = memory
+        self._huge: HugePages | None = None
+        self.huge_share: float | None = None  # of a huge ring: what the kernel backed with huge pages
         self.threads = threads
         self.depth = depth
         self.slot_size = slot_size
@@ -84,8 +91,19 @@ class DeviceRing:
     def _alloc_host(self, drv: Any, total: int) -> int:
         """Pinned memory for the ring, allocated by the calling thread (first touch places it on its node)."""
         with cd.current(self.device):
-            flags = int(drv.CU_MEMHOSTALLOC_PORTABLE)
-            return int(cd.check(drv.cuMemHostAlloc(total, flags), "cuMemHostAlloc", bytes=total))
+            if self.memory == "driver":
+                flags = int(drv.CU_MEMHOSTALLOC_PORTABLE)
+                return int(cd.check(drv.cuMemHostAlloc(total, flags), "cuMemHostAlloc", bytes=total))
+            huge = HugePages(total)
+            try:
+                flags = int(drv.CU_MEMHOSTREGISTER_PORTABLE)
+                cd.check(drv.cuMemHostRegister(huge.ptr, total, flags), "cuMemHostRegister", bytes=total)
+            except BaseException:
+                huge.close()
+                raise
+            self._huge = huge
+            self.huge_share = huge.huge_share()
+            return huge.ptr
 
     def slot(self, worker: int, k: int) -> tuple[int, memoryview]:
         i = worker * self.depth + k
@@ -93,6 +111,12 @@ class DeviceRing:
 
     def describe_numa(self) -> str:
         return f", NUMA node {self.node} ({len(self.cpus)} cpus)" if self.node is not None and self.cpus else ""
+
+    def describe_memory(self) -> str:
+        """For a huge-page ring, how much of it the kernel backed with huge pages ("" for the driver's)."""
+        if self.memory != "huge" or self.huge_share is None:
+            return ""
+        return f", {self.huge_share:.0%} in huge pages"
 
     def close(self) -> None:
         errors: list[Exception] = []
@@ -106,11 +130,17 @@ class DeviceRing:
                 for v in self._views:
                     v.release()
                 self._views = []
-                if self.host_ptr:
+                if self._huge is not None:
+                    huge = self._huge
+                    failed = _collect(lambda: cd.check(drv.cuMemHostUnregister(huge.ptr), "cuMemHostUnregister"))
+                    errors += failed
+                    if not failed:  # memory the driver still holds pinned is never unmapped under it
+                        huge.close()
+                elif self.host_ptr:
                     errors += _collect(lambda: cd.check(drv.cuMemFreeHost(self.host_ptr), "cuMemFreeHost"))
         except Exception as exc:
             errors.append(exc)
-        self.events, self.streams, self.host_ptr = [], [], 0
+        self.events, self.streams, self.host_ptr, self._huge = [], [], 0, None
         for e in errors:
             log.error("releasing the pinned ring of cuda:%d: %s", self.device, e)
 
