@@ -331,19 +331,20 @@ RAW_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
     "odirect 64MiB x16": ("odirect", 64 * MiB, 16, "private", 0),
     "odirect 1MiB x64 (deep queue)": ("odirect", 1 * MiB, 64, "private", 0),
     "buffered 4MiB x16 per-thread ranges": ("ranges", 4 * MiB, 16, "private", 0),
+    # memory of 2 MiB pages takes an O_DIRECT request in a few segments, scattered 4 KiB pages in one a page:
+    # on a disk that caps the segments of a request the memory is part of the read's shape
+    "odirect 512KiB x16 into huge pages": ("odirect", 512 * KiB, 16, "thp", 0),
+    "odirect 64MiB x16 into huge pages": ("odirect", 64 * MiB, 16, "thp", 0),
+    "odirect 1MiB x64 (deep queue) into huge pages": ("odirect", 1 * MiB, 64, "thp", 0),
     # the loader's own shape and memory, without its copies: what the fill would reach if copying were free
-    "odirect 4MiB x12 in 1MiB requests into pinned memory": ("odirect", 4 * MiB, 12, "pinned", MiB),
+    "odirect 4MiB x12 in 512KiB requests into pinned huge pages": ("odirect", 4 * MiB, 12, "pinned-thp", 512 * KiB),
 }
-# --probe-shapes: read like the shapes above, kept out of the ceiling. The first two change one thing of the
-# 512 KiB x16 shape toward the loader's own (its reader count, then its pinned memory), to tell which of
-# the two keeps the loader's shape below it. The last two read into huge pages registered with the driver:
-# the disk takes at most 254 segments a request, a 4 KiB page being one segment unless the pages are
-# physically adjacent, so memory of scattered small pages may cap how far the block layer merges requests.
+# --probe-shapes: read like the shapes above, kept out of the ceiling. The loader's shape before its ring
+# moved to huge pages and its requests to 512 KiB, and the fastest shape's reads into huge pages registered
+# with the driver as the loader's ring is (does registering them cost the reads anything).
 PROBE_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
-    "odirect 512KiB x12": ("odirect", 512 * KiB, 12, "private", 0),
-    "odirect 512KiB x16 into pinned memory": ("odirect", 512 * KiB, 16, "pinned", 0),
+    "odirect 4MiB x12 in 1MiB requests into pinned memory": ("odirect", 4 * MiB, 12, "pinned", MiB),
     "odirect 512KiB x16 into pinned huge pages": ("odirect", 512 * KiB, 16, "pinned-thp", 0),
-    "odirect 4MiB x12 in 1MiB requests into pinned huge pages": ("odirect", 4 * MiB, 12, "pinned-thp", MiB),
 }
 
 

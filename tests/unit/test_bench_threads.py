@@ -137,12 +137,12 @@ def test_interleaved_rounds_rotate_so_no_label_always_runs_first_or_after_the_sa
 def test_a_probe_shape_is_recorded_apart_and_never_the_ceiling():
     spreads = {
         "odirect 4MiB x16": {"median": 1.5},
-        "odirect 512KiB x12": {"median": 9.0},  # a probe, faster than every shape of the ceiling
+        "odirect 512KiB x16 into pinned huge pages": {"median": 9.0},  # a probe, faster than the ceiling's shapes
         "odirect 64MiB x16": {"median": 2.0},
     }
     raw = bench_cold.raw_record(spreads)
     assert raw["ceiling"] == 2.0 and raw["ceiling_shape"] == "odirect 64MiB x16"
-    assert list(raw["probes"]) == ["odirect 512KiB x12"]
+    assert list(raw["probes"]) == ["odirect 512KiB x16 into pinned huge pages"]
     assert list(raw["shapes"]) == ["odirect 4MiB x16", "odirect 64MiB x16"]
 
 
@@ -152,3 +152,13 @@ def test_every_read_shape_names_a_memory_the_benchmark_makes_and_a_size_on_the_d
         assert memory in bench_cold.BUFFER_KINDS, name
         assert threads > 0 and size % (4 * KiB) == 0 and request % (4 * KiB) == 0, name
     assert not set(bench_cold.RAW_SHAPES) & set(bench_cold.PROBE_SHAPES)
+
+
+def test_the_raw_shapes_hold_the_loaders_own_default_shape_in_its_own_memory():
+    from hotweightsd.loaders.path import DEFAULT_CHUNK, DEFAULT_DIRECT_REQUEST, default_threads
+    from hotweightsd.loaders.settings import LoaderSettings
+
+    memory = {"huge": "pinned-thp", "driver": "pinned"}[LoaderSettings().ring_memory]
+    # the benchmark runs on a 16-core machine: the loader's readers there
+    own = ("odirect", DEFAULT_CHUNK, default_threads(16), memory, DEFAULT_DIRECT_REQUEST)
+    assert own in bench_cold.RAW_SHAPES.values()

@@ -521,7 +521,7 @@ def test_fill_two_devices_in_parallel_and_ring_reuse(fake, tmp_path):
     for layout, allocs in jobs:
         check_contents(fake, layout, allocs)
     assert b._rings == rings, "rings are made once per device and reused"
-    assert fake.calls["cuMemHostAlloc"] == 2
+    assert fake.calls["cuMemHostRegister"] == 2
 
 
 def test_a_huge_page_ring_fills_exactly_says_so_and_gives_its_memory_back(fake, tmp_path):
@@ -532,7 +532,7 @@ def test_a_huge_page_ring_fills_exactly_says_so_and_gives_its_memory_back(fake, 
     allocs = [b.allocate(0, s, AllocationMode.FD) for s in layout.allocation_sizes]
     desc = b.fill(layout, allocs, lambda n: None, threading.Event())
     check_contents(fake, layout, allocs)
-    assert "huge-page ring on cuda:0" in desc and re.search(r", \d+% in huge pages;", desc), desc
+    assert re.search(r" on cuda:0, huge-page ring \(\d+% backed\); ", desc), desc
     assert "huge-page ring" in b.note
     ring = b.ring(0)
     assert "cuMemHostAlloc" not in fake.calls and fake.host == {}
@@ -740,7 +740,8 @@ def test_daemon_config_names(fake, monkeypatch):
     b = make_backend(read_mode="odirect", chunk_size=32 * MiB, ring_depth=4, threads=8, gds="auto")
     assert b.path.describe() == "odirect ring 8 threads x 4 x 32MiB"
     assert b.note == (
-        "bounce path (odirect ring 8 threads x 4 x 32MiB; python workers: not the CUDA driver (a test double)): "
+        "bounce path (odirect ring 8 threads x 4 x 32MiB, huge-page ring; python workers: not the CUDA driver "
+        "(a test double)): "
         "GDS unavailable: no /dev/nvidia-fs*"
     )
     assert make_backend(read_mode="auto").path.read_mode == "auto"  # decided per file when a fill opens it

@@ -15,7 +15,7 @@ from hotweightsd.loaders.settings import LoaderSettings
 
 MiB = 1024 * 1024
 DEFAULT_CHUNK = 4 * MiB
-DEFAULT_DIRECT_REQUEST = MiB
+DEFAULT_DIRECT_REQUEST = MiB // 2
 DEFAULT_BUSY_CHUNK = 16 * MiB
 DEFAULT_DEPTH = 2
 MAX_DEFAULT_THREADS = 16
@@ -45,7 +45,7 @@ class LoadPath:
     busy_chunk: int  # the python workers' read while other fills run; == chunk_size: no runs
     native_lib: str  # "" = the library built beside the package
     direct_request: int = 0  # the native engine's most bytes per pread of an O_DIRECT read; 0: a whole chunk
-    ring_memory: str = "driver"  # "driver" (cuMemHostAlloc) | "huge" (huge pages registered with the driver)
+    ring_memory: str = "huge"  # "huge" (huge pages registered with the driver) | "driver" (cuMemHostAlloc)
 
     @property
     def slot_size(self) -> int:
@@ -61,8 +61,6 @@ class LoadPath:
             extra += ", native engine"
             if self.direct_request and self.read_mode != "pread":  # pread reads nothing O_DIRECT
                 extra += f" (O_DIRECT in {size_text(self.direct_request)} requests)"
-        if self.ring_memory == "huge":
-            extra += ", huge-page ring"
         if threads is not None and threads != self.threads:
             extra += f" (ring of {self.threads}: fills ran at once)"
         ring = f"{threads or self.threads} threads x {self.depth} x {size_text(self.chunk_size)}"
@@ -75,7 +73,8 @@ class LoadPath:
             return self.source_why
         engine = f"; {self.engine_why}" if self.engine_why else ""
         order = f", {self.read_order} order" if self.read_order != "file" else ""
-        return f"bounce path ({self.describe()}{order}{engine}): {self.source_why}"
+        memory = ", huge-page ring" if self.ring_memory == "huge" else ", cuMemHostAlloc ring"
+        return f"bounce path ({self.describe()}{order}{memory}{engine}): {self.source_why}"
 
 
 def choose(settings: LoaderSettings, *, cores: int, real_driver: bool) -> LoadPath:
