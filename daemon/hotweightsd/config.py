@@ -134,9 +134,9 @@ class Config:
     chunk_size: int | None = _key(None, "bytes per read of the cuda loader; default: measured", kind="size", minimum=1)
     ring_depth: int | None = _key(None, "pinned buffers in flight per reader", kind="int", minimum=1, maximum=MAX_DEPTH)
     ring_memory: str = _key(
-        "huge",
-        "the pinned ring's memory: huge (transparent huge pages registered with cuMemHostRegister: an "
-        "O_DIRECT read's pages physically contiguous in 2 MiB runs) or driver (cuMemHostAlloc)",
+        "driver",
+        "the pinned ring's memory: driver (cuMemHostAlloc) or huge (transparent huge pages registered with "
+        "cuMemHostRegister: an O_DIRECT read's pages physically contiguous in 2 MiB runs)",
         choices=RING_MEMORIES,
     )
     busy_chunk_size: int | None = _key(

@@ -183,6 +183,20 @@ def test_both_engines_are_exact(ckpt, engine, mode):
         assert_loaded_exactly(layout, allocs)
 
 
+@pytest.mark.parametrize("memory", ["huge", "driver"])
+def test_each_ring_memory_is_exact(ckpt, memory):
+    """The ring in huge pages registered with the driver, or in the driver's own pinned memory: the same bytes,
+    O_DIRECT reads landing in it and copies leaving it."""
+    with loaded_by(ckpt, read_mode="odirect", threads=4, chunk_size=1 * MiB, ring_memory=memory) as (
+        layout,
+        allocs,
+        desc,
+    ):
+        said = " on cuda:0, huge-page ring (" if memory == "huge" else " on cuda:0, cuMemHostAlloc ring;"
+        assert said in desc, desc
+        assert_loaded_exactly(layout, allocs)
+
+
 def test_free_memory_returns_after_close(b, tmp_path):
     """Memory comes back when the daemon closes it, but only once no importer maps it any more."""
     import torch

@@ -521,7 +521,7 @@ def test_fill_two_devices_in_parallel_and_ring_reuse(fake, tmp_path):
     for layout, allocs in jobs:
         check_contents(fake, layout, allocs)
     assert b._rings == rings, "rings are made once per device and reused"
-    assert fake.calls["cuMemHostRegister"] == 2
+    assert fake.calls["cuMemHostAlloc"] == 2
 
 
 def test_a_huge_page_ring_fills_exactly_says_so_and_gives_its_memory_back(fake, tmp_path):
@@ -740,8 +740,8 @@ def test_daemon_config_names(fake, monkeypatch):
     b = make_backend(read_mode="odirect", chunk_size=32 * MiB, ring_depth=4, threads=8, gds="auto")
     assert b.path.describe() == "odirect ring 8 threads x 4 x 32MiB"
     assert b.note == (
-        "bounce path (odirect ring 8 threads x 4 x 32MiB, huge-page ring; python workers: not the CUDA driver "
-        "(a test double)): "
+        "bounce path (odirect ring 8 threads x 4 x 32MiB, cuMemHostAlloc ring; python workers: not the CUDA "
+        "driver (a test double)): "
         "GDS unavailable: no /dev/nvidia-fs*"
     )
     assert make_backend(read_mode="auto").path.read_mode == "auto"  # decided per file when a fill opens it

@@ -49,18 +49,18 @@ def _path(**settings):
 @pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native engine is not built here")
 def test_the_native_engine_reads_cold_chunks_in_requests_of_the_default_size_and_says_so():
     path = _path()
-    assert path.direct_request == DEFAULT_DIRECT_REQUEST == 512 * KiB
-    assert "native engine (O_DIRECT in 512KiB requests)" in path.describe() and "512KiB requests" in path.note
-    assert _path(direct_read_size=MiB).direct_request == MiB
+    assert path.direct_request == DEFAULT_DIRECT_REQUEST == MiB
+    assert "native engine (O_DIRECT in 1MiB requests)" in path.describe() and "1MiB requests" in path.note
+    assert _path(direct_read_size=512 * KiB).direct_request == 512 * KiB
     # a request of a whole chunk or more: one request per read, as before there was a setting
-    for whole in (_path(direct_read_size=4 * MiB), _path(direct_read_size=8 * MiB), _path(chunk_size=512 * KiB)):
+    for whole in (_path(direct_read_size=4 * MiB), _path(direct_read_size=8 * MiB), _path(chunk_size=MiB)):
         assert whole.direct_request == 0 and "requests" not in whole.describe()
 
 
 @pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native engine is not built here")
 def test_a_pread_path_does_not_speak_of_o_direct_requests():
     path = _path(read_mode="pread")
-    assert path.direct_request == 512 * KiB and "requests" not in path.describe()
+    assert path.direct_request == MiB and "requests" not in path.describe()
 
 
 def test_the_python_workers_read_whole_chunks():

@@ -15,7 +15,7 @@ from hotweightsd.loaders.settings import LoaderSettings
 
 MiB = 1024 * 1024
 DEFAULT_CHUNK = 4 * MiB
-DEFAULT_DIRECT_REQUEST = MiB // 2
+DEFAULT_DIRECT_REQUEST = MiB
 DEFAULT_BUSY_CHUNK = 16 * MiB
 DEFAULT_DEPTH = 2
 MAX_DEFAULT_THREADS = 16
@@ -45,7 +45,7 @@ class LoadPath:
     busy_chunk: int  # the python workers' read while other fills run; == chunk_size: no runs
     native_lib: str  # "" = the library built beside the package
     direct_request: int = 0  # the native engine's most bytes per pread of an O_DIRECT read; 0: a whole chunk
-    ring_memory: str = "huge"  # "huge" (huge pages registered with the driver) | "driver" (cuMemHostAlloc)
+    ring_memory: str = "driver"  # "driver" (cuMemHostAlloc) | "huge" (huge pages registered with the driver)
 
     @property
     def slot_size(self) -> int:

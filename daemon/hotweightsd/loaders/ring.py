@@ -3,9 +3,9 @@
 Made once per device and kept across loads (pinning costs more than copying). Reader ``w`` owns
 ``depth`` slots, one stream, and one event per slot (the copies that last used it). Where the node
 has several NUMA nodes, the ring is allocated, and its readers run, on the CPUs of the GPU's node
-(best effort). The slots are transparent huge pages registered with the driver (``hostmem.HugePages``):
-an O_DIRECT read lands in them in a few physically contiguous runs, not a page at a time; with
-``ring_memory = "driver"`` they are the driver's own pinned memory (``cuMemHostAlloc``).
+(best effort). The slots are the driver's pinned memory (``cuMemHostAlloc``), or with
+``ring_memory = "huge"`` transparent huge pages registered with the driver (``hostmem.HugePages``), where
+an O_DIRECT read lands in a few physically contiguous runs instead of a page at a time.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def run_on_cpus(cpus: list[int], fn: Callable[[], Any]) -> Any:
 class DeviceRing:
     """Per-device loader state kept across loads: pinned slots, one stream per reader, one event per slot."""
 
-    def __init__(self, device: int, *, threads: int, depth: int, slot_size: int, memory: str = "huge") -> None:
+    def __init__(self, device: int, *, threads: int, depth: int, slot_size: int, memory: str = "driver") -> None:
         if memory not in ("driver", "huge"):
             raise ValueError(f"ring memory {memory!r}: driver or huge")
         self.device = device

@@ -15,7 +15,7 @@ READ_MODES = ("auto", "pread", "odirect")
 READ_ORDERS = ("file", "streams")
 ENGINES = ("auto", "native", "python")
 GDS_MODES = ("auto", "off", "on", "force", "compat")  # force: the same as on
-RING_MEMORIES = ("huge", "driver")
+RING_MEMORIES = ("driver", "huge")
 # The native engine's limits (hwfill.c's HW_MAX_THREADS and HW_MAX_DEPTH; native.py refuses a library
 # built with others). Every engine is held to them, so that engine=auto never makes a ring it refuses.
 MAX_THREADS = 1024
@@ -34,8 +34,8 @@ class LoaderSettings:
     gds: str = "auto"  # auto | off | on (force) | compat
     share_cores: bool = True  # native fills running at once split the cores
     native_lib: str = ""  # the native engine's library; "" = the one built beside the package
-    direct_read_size: int | None = None  # bytes per request of an O_DIRECT read (native engine); None: 512 KiB
-    ring_memory: str = "huge"  # driver (cuMemHostAlloc) | huge (transparent huge pages, then cuMemHostRegister)
+    direct_read_size: int | None = None  # bytes per request of an O_DIRECT read (native engine); None: 1 MiB
+    ring_memory: str = "driver"  # driver (cuMemHostAlloc) | huge (transparent huge pages, then cuMemHostRegister)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
