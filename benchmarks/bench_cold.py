@@ -337,13 +337,13 @@ RAW_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
     "odirect 64MiB x16 into huge pages": ("odirect", 64 * MiB, 16, "thp", 0),
     "odirect 1MiB x64 (deep queue) into huge pages": ("odirect", 1 * MiB, 64, "thp", 0),
     # the loader's own shape and memory, without its copies: what the fill would reach if copying were free
-    "odirect 4MiB x12 in 1MiB requests into pinned memory": ("odirect", 4 * MiB, 12, "pinned", MiB),
+    "odirect 512KiB x12 into pinned memory": ("odirect", 512 * KiB, 12, "pinned", 0),
 }
 # --probe-shapes: read like the shapes above, kept out of the ceiling. The loader's shape into the memory
 # of a huge-page ring (ring_memory = huge), and the fastest shape's reads into huge pages registered with
 # the driver as that ring is (does registering them cost the reads anything).
 PROBE_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
-    "odirect 4MiB x12 in 1MiB requests into pinned huge pages": ("odirect", 4 * MiB, 12, "pinned-thp", MiB),
+    "odirect 512KiB x12 into pinned huge pages": ("odirect", 512 * KiB, 12, "pinned-thp", 0),
     "odirect 512KiB x16 into pinned huge pages": ("odirect", 512 * KiB, 16, "pinned-thp", 0),
 }
 

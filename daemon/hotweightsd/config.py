@@ -58,6 +58,7 @@ LOADER_KEYS = {
     "share_cores": "share_cores",
     "native_lib": "native_lib",
     "direct_read_size": "direct_read_size",
+    "direct_chunk_size": "direct_chunk_size",
     "ring_memory": "ring_memory",
 }
 # Client-side variables: read by the client library and tools, not by the daemon's config.
@@ -153,6 +154,13 @@ class Config:
         None,
         "bytes per request of the cuda loader's O_DIRECT (cold) reads; a chunk_size or more: one request per "
         "read; default: measured",
+        kind="size",
+        minimum=1,
+    )
+    direct_chunk_size: int | None = _key(
+        None,
+        "bytes per O_DIRECT (cold) read of the native engine: cold ranges are read on this grid, buffered ones "
+        "on chunk_size's; a chunk_size or more: every read on chunk_size's grid; default: measured",
         kind="size",
         minimum=1,
     )

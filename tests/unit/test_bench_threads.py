@@ -155,10 +155,17 @@ def test_every_read_shape_names_a_memory_the_benchmark_makes_and_a_size_on_the_d
 
 
 def test_the_raw_shapes_hold_the_loaders_own_default_shape_in_its_own_memory():
-    from hotweightsd.loaders.path import DEFAULT_CHUNK, DEFAULT_DIRECT_REQUEST, default_threads
+    from hotweightsd.loaders import native
+
+    if native.unavailable_reason():
+        pytest.skip(f"the loader's cold shape is the native engine's: {native.unavailable_reason()}")
+    from hotweightsd.loaders.path import choose
     from hotweightsd.loaders.settings import LoaderSettings
 
-    memory = {"huge": "pinned-thp", "driver": "pinned"}[LoaderSettings().ring_memory]
-    # the benchmark runs on a 16-core machine: the loader's readers there
-    own = ("odirect", DEFAULT_CHUNK, default_threads(16), memory, DEFAULT_DIRECT_REQUEST)
+    # the benchmark runs on a 16-core machine with the native engine: the loader's cold reads there
+    path = choose(LoaderSettings(gds="off"), cores=16, real_driver=True)
+    memory = {"huge": "pinned-thp", "driver": "pinned"}[path.ring_memory]
+    size = path.direct_chunk or path.chunk_size
+    request = path.direct_request if path.direct_request < size else 0
+    own = ("odirect", size, path.threads, memory, request)
     assert own in bench_cold.RAW_SHAPES.values()

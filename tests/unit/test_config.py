@@ -177,6 +177,7 @@ def test_the_loader_gets_every_setting_it_has_from_the_config():
         "share_cores": False,
         "native_lib": "/opt/hw/lib.so",
         "direct_read_size": "1MiB",
+        "direct_chunk_size": "256KiB",
         "ring_memory": "huge",
     }
     cfg = load_config("none", {k: v for k, v in flags.items() if k in config.LOADER_KEYS.values()}, env={})

@@ -27,7 +27,15 @@ from hotweightsd.core.layout import Segment, plan_rank
 from hotweightsd.loaders import files, gds, hostmem, native
 from hotweightsd.loaders import ring as ring_module
 from hotweightsd.loaders.path import choose, default_threads
-from hotweightsd.loaders.plan import Piece, ReadChunk, check_plan, merge_chunks, plan_chunks, run_end
+from hotweightsd.loaders.plan import (
+    Piece,
+    ReadChunk,
+    check_plan,
+    merge_chunks,
+    plan_chunks,
+    run_end,
+    split_chunks,
+)
 from hotweightsd.loaders.scheduler import FillScheduler
 from hotweightsd.loaders.settings import LoaderSettings
 from support import fake_cuda, pagecache
@@ -139,6 +147,21 @@ def test_plan_covers_every_byte_once(seed):
     remapped = sorted((m.file, m.offset + p.src, p.offset, p.length) for m in merged for p in m.pieces)
     for f in got:
         assert runs([(a, b, n) for ff, a, b, n in remapped if ff == f]) == runs(sorted(got[f]))
+    # the cold chunks (here: those of file 1) re-cut on a finer grid: the same bytes to the same places, each
+    # read inside one window of the finer grid, the others untouched and every chunk in its place in the order
+    if chunk > 4096:
+        small = chunk // rng.choice([2, 8])
+        split = split_chunks(chunks, small, lambda c: c.file == 1)
+        check_plan(split, [dst + 256])
+        assert [c for c in split if c.file != 1] == [c for c in chunks if c.file != 1]
+        assert [c.file for c in split] == sorted(c.file for c in split), "file order kept"
+        for c in split:
+            assert 0 < c.length and all(0 <= p.src and p.src + p.length <= c.length for p in c.pieces)
+            if c.file == 1:
+                assert c.offset // small == (c.offset + c.length - 1) // small, (c, small)
+        resplit = sorted((c.file, c.offset + p.src, p.offset, p.length) for c in split for p in c.pieces)
+        for f in got:
+            assert runs([(a, b, n) for ff, a, b, n in resplit if ff == f]) == runs(sorted(got[f]))
 
 
 def test_check_plan_rejects_copies_outside_allocations():
@@ -163,6 +186,7 @@ def test_settings_are_checked_when_made():
         dict(ring_depth=0),
         dict(busy_chunk_size=0),
         dict(ring_memory="hugetlb"),
+        dict(direct_chunk_size=1000),
     ):
         with pytest.raises(InvalidArgument):
             LoaderSettings(**bad)

@@ -19,7 +19,7 @@ from test_native_loader import HostRing, build_shim, expected, needs_lib, random
 from hotweights.errors import InvalidArgument
 from hotweightsd.config import load_config
 from hotweightsd.loaders import native
-from hotweightsd.loaders.path import DEFAULT_DIRECT_REQUEST, choose
+from hotweightsd.loaders.path import DEFAULT_DIRECT_CHUNK, DEFAULT_DIRECT_REQUEST, choose
 from hotweightsd.loaders.plan import plan_chunks
 from hotweightsd.loaders.settings import LoaderSettings
 
@@ -48,13 +48,26 @@ def _path(**settings):
 
 @pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native engine is not built here")
 def test_the_native_engine_reads_cold_chunks_in_requests_of_the_default_size_and_says_so():
-    path = _path()
-    assert path.direct_request == DEFAULT_DIRECT_REQUEST == MiB
+    path = _path(direct_chunk_size=4 * MiB)  # cold reads on the chunk grid
+    assert path.direct_request == DEFAULT_DIRECT_REQUEST == MiB and path.direct_chunk == 0
     assert "native engine (O_DIRECT in 1MiB requests)" in path.describe() and "1MiB requests" in path.note
     assert _path(direct_read_size=512 * KiB).direct_request == 512 * KiB
     # a request of a whole chunk or more: one request per read, as before there was a setting
     for whole in (_path(direct_read_size=4 * MiB), _path(direct_read_size=8 * MiB), _path(chunk_size=MiB)):
         assert whole.direct_request == 0 and "requests" not in whole.describe()
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native engine is not built here")
+def test_the_native_engine_reads_cold_ranges_on_a_finer_grid_by_default_and_says_so():
+    path = _path()
+    assert path.direct_chunk == DEFAULT_DIRECT_CHUNK == 512 * KiB
+    assert "native engine (O_DIRECT in 512KiB reads)" in path.describe() and "512KiB reads" in path.note
+    assert _path(direct_chunk_size=MiB).direct_chunk == MiB
+    # a grid that does not divide the chunk's, or is not finer, keeps the chunk grid
+    for keep in (_path(direct_chunk_size=3 * MiB), _path(direct_chunk_size=4 * MiB), _path(chunk_size=512 * KiB)):
+        assert keep.direct_chunk == 0 and "reads)" not in keep.describe()
+    assert _path(engine="python").direct_chunk == 0
+    assert "O_DIRECT" not in _path(read_mode="pread").describe()
 
 
 @pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native engine is not built here")

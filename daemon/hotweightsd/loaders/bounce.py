@@ -28,6 +28,7 @@ from hotweightsd.loaders.plan import (
     needed_file_sizes,
     plan_chunks,
     run_end,
+    split_chunks,
     streams,
 )
 from hotweightsd.loaders.ring import DeviceRing
@@ -65,6 +66,8 @@ def fill(
         if any(striped):
             chunks = stripes.spread(chunks, striped, path.chunk_size)
             lustre = stripes.describe(striped, path.chunk_size)
+        if path.engine == "native" and path.direct_chunk and path.read_mode != "pread":
+            chunks = split_chunks(chunks, path.direct_chunk, lambda c: sources.files[c.file].direct_at(c.offset))
         with scheduler.fill() as at_once:
             threads = scheduler.readers(ring.threads, at_once) if path.engine == "native" else ring.threads
             # A fill with a striped Lustre file keeps the stripe order, which spreads reads over OSTs.

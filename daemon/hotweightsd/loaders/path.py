@@ -16,6 +16,7 @@ from hotweightsd.loaders.settings import LoaderSettings
 MiB = 1024 * 1024
 DEFAULT_CHUNK = 4 * MiB
 DEFAULT_DIRECT_REQUEST = MiB
+DEFAULT_DIRECT_CHUNK = MiB // 2
 DEFAULT_BUSY_CHUNK = 16 * MiB
 DEFAULT_DEPTH = 2
 MAX_DEFAULT_THREADS = 16
@@ -45,6 +46,7 @@ class LoadPath:
     busy_chunk: int  # the python workers' read while other fills run; == chunk_size: no runs
     native_lib: str  # "" = the library built beside the package
     direct_request: int = 0  # the native engine's most bytes per pread of an O_DIRECT read; 0: a whole chunk
+    direct_chunk: int = 0  # the native engine's O_DIRECT reads on this grid (a divisor of chunk_size); 0: chunk_size's
     ring_memory: str = "driver"  # "driver" (cuMemHostAlloc) | "huge" (huge pages registered with the driver)
 
     @property
@@ -59,7 +61,11 @@ class LoadPath:
             extra = f" ({size_text(self.busy_chunk)} while other fills run)"
         if self.engine == "native":
             extra += ", native engine"
-            if self.direct_request and self.read_mode != "pread":  # pread reads nothing O_DIRECT
+            if self.read_mode == "pread":  # reads nothing O_DIRECT
+                pass
+            elif self.direct_chunk:
+                extra += f" (O_DIRECT in {size_text(self.direct_chunk)} reads)"
+            elif self.direct_request:
                 extra += f" (O_DIRECT in {size_text(self.direct_request)} requests)"
         if threads is not None and threads != self.threads:
             extra += f" (ring of {self.threads}: fills ran at once)"
@@ -100,6 +106,7 @@ def choose(settings: LoaderSettings, *, cores: int, real_driver: bool) -> LoadPa
         busy_chunk=max(chunk, busy // chunk * chunk),  # whole grid windows
         native_lib=settings.native_lib,
         direct_request=_direct_request(settings.direct_read_size or DEFAULT_DIRECT_REQUEST, chunk, engine),
+        direct_chunk=_direct_chunk(settings.direct_chunk_size or DEFAULT_DIRECT_CHUNK, chunk, engine),
         ring_memory=settings.ring_memory,
     )
 
@@ -107,6 +114,12 @@ def choose(settings: LoaderSettings, *, cores: int, real_driver: bool) -> LoadPa
 def _direct_request(size: int, chunk: int, engine: str) -> int:
     """0 where a request would hold the whole chunk anyway, and on the python workers (whole chunks)."""
     return size if engine == "native" and size < chunk else 0
+
+
+def _direct_chunk(size: int, chunk: int, engine: str) -> int:
+    """0 where cold reads keep the chunk grid: a size of a chunk or more, one that does not divide it (a
+    piece would leave its window), and the python workers (whole chunks, merged into runs)."""
+    return size if engine == "native" and size < chunk and chunk % size == 0 else 0
 
 
 def _source(mode: str) -> tuple[str, str]:

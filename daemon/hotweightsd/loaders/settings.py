@@ -35,6 +35,7 @@ class LoaderSettings:
     share_cores: bool = True  # native fills running at once split the cores
     native_lib: str = ""  # the native engine's library; "" = the one built beside the package
     direct_read_size: int | None = None  # bytes per request of an O_DIRECT read (native engine); None: 1 MiB
+    direct_chunk_size: int | None = None  # bytes per O_DIRECT read on the native engine; None: 512 KiB
     ring_memory: str = "driver"  # driver (cuMemHostAlloc) | huge (transparent huge pages, then cuMemHostRegister)
 
     def __post_init__(self) -> None:
@@ -56,6 +57,10 @@ class LoaderSettings:
                 raise InvalidArgument(f"loader {name} must be at least 1, got {n}")
             if n is not None and most is not None and n > most:
                 raise InvalidArgument(f"loader {name} must be at most {most} (the native engine's limit), got {n}")
-        for name, size in (("chunk size", self.chunk_size), ("direct read size", self.direct_read_size)):
+        for name, size in (
+            ("chunk size", self.chunk_size),
+            ("direct read size", self.direct_read_size),
+            ("direct chunk size", self.direct_chunk_size),
+        ):
             if size is not None and (size <= 0 or size % DIRECT_ALIGN):
                 raise InvalidArgument(f"loader {name} {size} is not a positive multiple of {DIRECT_ALIGN}")
