@@ -183,6 +183,28 @@ def test_a_reordered_plan_is_exact(tmp_path, direct, order):
 
 
 @needs_lib
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_plan_with_its_first_file_re_cut_on_a_finer_grid_is_exact(tmp_path, direct):
+    """The native engine reads a plan whose chunks of one file were re-cut on a finer grid (as a fill's cold
+    ranges are), in the ring of the plan's grid, into the same bytes."""
+    from hotweightsd.loaders.plan import split_chunks
+
+    paths, segs, size = random_layout(tmp_path, 9)
+    chunk = 64 * 1024
+    plan = plan_chunks(segs, chunk)
+    chunks = split_chunks(plan, 16 * 1024, lambda c: c.file == 0)
+    assert len(chunks) > len(plan)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(4, 2, chunk)
+    try:
+        reads, _ = run(chunks, paths, dest, ring, direct=direct)
+    finally:
+        ring.close()
+    assert dest.raw[:size] == expected(paths, segs, size)
+    assert reads == len(chunks)
+
+
+@needs_lib
 def test_direct_and_buffered_files_mixed(tmp_path):
     """Files read buffered (O_DIRECT refused by their filesystem) among O_DIRECT ones, in one fill."""
     paths, segs, size = random_layout(tmp_path, 14, nfiles=3)

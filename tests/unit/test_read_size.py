@@ -183,3 +183,15 @@ def test_the_disk_sees_requests_of_the_size_asked(tmp_path, size, direct, larges
     seen_largest, calls = map(int, log.read_text().split())
     assert seen_largest == largest
     assert calls >= -(-8 * 256 * KiB // largest)
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native engine is not built here")
+def test_cold_chunks_are_re_cut_on_the_native_engine_only_and_never_on_a_striped_lustre_fill():
+    from hotweightsd.loaders.bounce import cold_grid
+
+    assert cold_grid(_path(), striped=False) == 512 * KiB
+    assert cold_grid(_path(read_mode="odirect"), striped=False) == 512 * KiB
+    assert cold_grid(_path(), striped=True) == 0
+    assert cold_grid(_path(read_mode="pread"), striped=False) == 0
+    assert cold_grid(_path(engine="python"), striped=False) == 0
+    assert cold_grid(_path(direct_chunk_size=4 * MiB), striped=False) == 0

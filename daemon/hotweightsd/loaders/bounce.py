@@ -66,8 +66,9 @@ def fill(
         if any(striped):
             chunks = stripes.spread(chunks, striped, path.chunk_size)
             lustre = stripes.describe(striped, path.chunk_size)
-        if path.engine == "native" and path.direct_chunk and path.read_mode != "pread":
-            chunks = split_chunks(chunks, path.direct_chunk, lambda c: sources.files[c.file].direct_at(c.offset))
+        grid = cold_grid(path, striped=bool(lustre))
+        if grid:
+            chunks = split_chunks(chunks, grid, lambda c: sources.files[c.file].direct_at(c.offset))
         with scheduler.fill() as at_once:
             threads = scheduler.readers(ring.threads, at_once) if path.engine == "native" else ring.threads
             # A fill with a striped Lustre file keeps the stripe order, which spreads reads over OSTs.
@@ -117,6 +118,16 @@ def fill(
         f"{path.describe(threads)} on cuda:{ring.device}{ring.describe_numa()}{ring.describe_memory()}; "
         f"{reads} reads{extra}, {copies} copies{why}"
     )
+
+
+def cold_grid(path: LoadPath, *, striped: bool) -> int:
+    """The grid a fill's O_DIRECT chunks are re-cut on (0: none). Not on the python workers (whole chunks,
+    merged into runs), not in pread mode (nothing O_DIRECT), and not for a striped Lustre fill: its order puts
+    one chunk of each OST's stripe in flight at once, which re-cut chunks taken in turn would crowd back onto
+    one or two OSTs."""
+    if path.engine != "native" or path.read_mode == "pread" or striped:
+        return 0
+    return path.direct_chunk
 
 
 class _PythonFill:
