@@ -172,14 +172,20 @@ def test_a_reordered_plan_is_exact(tmp_path, direct, order):
     plan = plan_chunks(segs, chunk)
     chunks = order(plan, len(paths), chunk)
     assert chunks != plan and sorted(chunks) == sorted(plan)
+    _read_exactly(chunks, paths, segs, size, chunk, direct)
+
+
+def _read_exactly(chunks, paths, segs, size, slot, direct):
+    """Reads ``chunks`` on the native engine (4 readers, slots of ``slot`` bytes): one read a chunk, every
+    byte where the segments say."""
     dest = (ctypes.c_char * (size + 256))()
-    ring = HostRing(4, 2, chunk)
+    ring = HostRing(4, 2, slot)
     try:
         reads, _ = run(chunks, paths, dest, ring, direct=direct)
     finally:
         ring.close()
     assert dest.raw[:size] == expected(paths, segs, size)
-    assert reads == len(plan)
+    assert reads == len(chunks)
 
 
 @needs_lib
@@ -194,14 +200,7 @@ def test_a_plan_with_its_first_file_re_cut_on_a_finer_grid_is_exact(tmp_path, di
     plan = plan_chunks(segs, chunk)
     chunks = split_chunks(plan, 16 * 1024, lambda c: c.file == 0)
     assert len(chunks) > len(plan)
-    dest = (ctypes.c_char * (size + 256))()
-    ring = HostRing(4, 2, chunk)
-    try:
-        reads, _ = run(chunks, paths, dest, ring, direct=direct)
-    finally:
-        ring.close()
-    assert dest.raw[:size] == expected(paths, segs, size)
-    assert reads == len(chunks)
+    _read_exactly(chunks, paths, segs, size, chunk, direct)
 
 
 @needs_lib
