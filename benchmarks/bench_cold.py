@@ -157,7 +157,6 @@ def tiny_checkpoint(root: Path, files: int, res: bl.Results) -> dict:
 # --- raw reads ------------------------------------------------------------------------------------------------
 
 
-HUGE = 2 * MiB
 BUFFER_KINDS = ("private", "shared", "thp", "pinned", "pinned-thp")
 
 
@@ -184,32 +183,29 @@ class HostBuffers:
 
     def _make(self, nbytes: int) -> list:
         from hotweights.cuda import devices as cd
+        from hotweightsd.loaders import hostmem
 
         if self.kind == "pinned":
             with cd.current(0) as drv:
                 flags = int(drv.CU_MEMHOSTALLOC_PORTABLE)
                 return [int(cd.check(drv.cuMemHostAlloc(nbytes, flags), "cuMemHostAlloc", bytes=nbytes)), None, None]
+        if self.kind == "pinned-thp":  # as the loader's ring_memory = huge makes it
+            with cd.current(0) as drv:
+                huge = hostmem.registered(drv, nbytes, self.touch)
+            return [huge.ptr, huge, None]
+        if self.kind == "thp":
+            huge = hostmem.HugePages(nbytes, self.touch)
+            return [huge.ptr, huge, None]
         if self.kind == "shared":
             m = mmap.mmap(-1, nbytes)
             anchor = ctypes.c_char.from_buffer(m)
             ptr = ctypes.addressof(anchor)
-        else:  # from a 2 MiB boundary, where a huge page can start
-            m = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        else:  # from a 2 MiB boundary, as the huge-page kinds, so that only the page size differs
+            m = mmap.mmap(-1, nbytes + hostmem.HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             anchor = ctypes.c_char.from_buffer(m)
-            ptr = -(-ctypes.addressof(anchor) // HUGE) * HUGE
-            if self.kind in ("thp", "pinned-thp"):
-                m.madvise(mmap.MADV_HUGEPAGE)
+            ptr = -(-ctypes.addressof(anchor) // hostmem.HUGE) * hostmem.HUGE
         if self.touch:
             ctypes.memset(ptr, 1, nbytes)
-        if self.kind == "pinned-thp":
-            try:
-                with cd.current(0) as drv:
-                    flags = int(drv.CU_MEMHOSTREGISTER_PORTABLE)
-                    cd.check(drv.cuMemHostRegister(ptr, nbytes, flags), "cuMemHostRegister")
-            except BaseException:
-                del anchor
-                m.close()
-                raise
         return [ptr, m, anchor]
 
     def huge_share(self) -> float | None:
@@ -217,9 +213,9 @@ class HostBuffers:
         /proc/self/smaps); None for memory the driver mapped (``pinned``) or before any region exists."""
         if self.kind == "pinned" or not self.maps:
             return None
-        from hotweightsd.loaders.hostmem import huge_share
+        from hotweightsd.loaders import hostmem
 
-        return huge_share((entry[0], entry[0] + n) for n, entry in self.maps.items())
+        return hostmem.huge_share((entry[0], entry[0] + n) for n, entry in self.maps.items())
 
     def close(self) -> None:
         """Gives every region back, one at a time (forgotten before it is released, so a failure never

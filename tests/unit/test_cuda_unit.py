@@ -25,7 +25,6 @@ from hotweights.testing import fds_under
 from hotweightsd.core.backend import AllocationMode, HandleType
 from hotweightsd.core.layout import Segment, plan_rank
 from hotweightsd.loaders import files, gds, hostmem, native
-from hotweightsd.loaders import ring as ring_module
 from hotweightsd.loaders.path import choose, default_threads
 from hotweightsd.loaders.plan import (
     Piece,
@@ -577,11 +576,11 @@ def test_a_huge_page_ring_the_driver_refuses_to_register_is_unmapped(fake, monke
     real = hostmem.HugePages
 
     class Seen(real):
-        def __init__(self, nbytes):
-            super().__init__(nbytes)
+        def __init__(self, nbytes, touch=True):
+            super().__init__(nbytes, touch)
             made.append(self)
 
-    monkeypatch.setattr(ring_module, "HugePages", Seen)
+    monkeypatch.setattr(hostmem, "HugePages", Seen)
     b = make_backend(ring_memory="huge", threads=2, chunk_size=64 * 1024)
     fake.fail["cuMemHostRegister"] = CUresult.CUDA_ERROR_OUT_OF_MEMORY
     with pytest.raises(CudaError, match="cuMemHostRegister"):

@@ -66,7 +66,7 @@ def fill(
         if any(striped):
             chunks = stripes.spread(chunks, striped, path.chunk_size)
             lustre = stripes.describe(striped, path.chunk_size)
-        grid = cold_grid(path, striped=bool(lustre))
+        grid = cold_grid(path, striped=bool(lustre)) if any(sources.direct) else 0  # a warm fill skips the pass
         if grid:
             chunks = split_chunks(chunks, grid, lambda c: sources.files[c.file].direct_at(c.offset))
         with scheduler.fill() as at_once:
@@ -121,11 +121,11 @@ def fill(
 
 
 def cold_grid(path: LoadPath, *, striped: bool) -> int:
-    """The grid a fill's O_DIRECT chunks are re-cut on (0: none). Not on the python workers (whole chunks,
-    merged into runs), not in pread mode (nothing O_DIRECT), and not for a striped Lustre fill: its order puts
-    one chunk of each OST's stripe in flight at once, which re-cut chunks taken in turn would crowd back onto
-    one or two OSTs."""
-    if path.engine != "native" or path.read_mode == "pread" or striped:
+    """The grid a fill's O_DIRECT chunks are re-cut on (0: none). The path has none on the python workers;
+    none in pread mode (nothing O_DIRECT), and none for a striped Lustre fill: its order puts one chunk of
+    each OST's stripe in flight at once, which re-cut chunks taken in turn would crowd back onto one or two
+    OSTs."""
+    if path.read_mode == "pread" or striped:
         return 0
     return path.direct_chunk
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 import ctypes
 import mmap
 from collections.abc import Iterable
+from typing import Any
+
+from hotweights.cuda import devices as cd
 
 HUGE = 2 * 1024 * 1024
 
 
 class HugePages:
-    """``nbytes`` of private anonymous memory from a 2 MiB boundary, advised huge and touched (the
-    calling thread's first touch places it on its NUMA node)."""
+    """``nbytes`` of private anonymous memory from a 2 MiB boundary, advised huge and, with ``touch``, faulted
+    in (the calling thread's first touch places it on its NUMA node)."""
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, touch: bool = True) -> None:
         if nbytes <= 0:
             raise ValueError(f"huge-page memory of {nbytes} bytes")
         self.nbytes = nbytes
@@ -32,7 +35,8 @@ class HugePages:
                 self._map.madvise(mmap.MADV_HUGEPAGE)
             except OSError:  # THP not built into this kernel: 4 KiB pages still work
                 pass
-        ctypes.memset(self.ptr, 0, nbytes)
+        if touch:
+            ctypes.memset(self.ptr, 0, nbytes)
 
     def huge_share(self) -> float | None:
         return huge_share([(self.ptr, self.ptr + self.nbytes)])
@@ -43,6 +47,20 @@ class HugePages:
             self._map.close()
             self._map = None
         self.ptr = 0
+
+
+def registered(drv: Any, nbytes: int, touch: bool = True) -> HugePages:
+    """``HugePages`` registered with the driver (portable: every context may copy from them), or unmapped
+    again when the driver refuses them. The caller unregisters them (``cuMemHostUnregister``) before
+    ``close()``."""
+    huge = HugePages(nbytes, touch)
+    try:
+        flags = int(drv.CU_MEMHOSTREGISTER_PORTABLE)
+        cd.check(drv.cuMemHostRegister(huge.ptr, nbytes, flags), "cuMemHostRegister", bytes=nbytes)
+    except BaseException:
+        huge.close()
+        raise
+    return huge
 
 
 def huge_share(spans: Iterable[tuple[int, int]], smaps: str = "/proc/self/smaps") -> float | None:

@@ -135,7 +135,8 @@ def split_chunks(chunks: Sequence[ReadChunk], size: int, where: Callable[[ReadCh
         raise InvalidArgument(f"split size {size} is not a positive multiple of {DIRECT_ALIGN}")
     out: list[ReadChunk] = []
     for c in chunks:
-        if c.length <= size and c.offset // size == (c.offset + c.length - 1) // size or not where(c):
+        inside_one_window = c.offset // size == (c.offset + c.length - 1) // size
+        if inside_one_window or not where(c):
             out.append(c)
             continue
         end = c.offset + c.length

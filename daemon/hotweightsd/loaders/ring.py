@@ -19,6 +19,7 @@ from typing import Any
 
 from hotweights.cuda import devices as cd
 from hotweights.errors import BackendError
+from hotweightsd.loaders import hostmem
 from hotweightsd.loaders.hostmem import HugePages
 from hotweightsd.loaders.plan import DIRECT_ALIGN
 
@@ -95,13 +96,7 @@ class DeviceRing:
             if self.memory == "driver":
                 flags = int(drv.CU_MEMHOSTALLOC_PORTABLE)
                 return int(cd.check(drv.cuMemHostAlloc(total, flags), "cuMemHostAlloc", bytes=total))
-            huge = HugePages(total)
-            try:
-                flags = int(drv.CU_MEMHOSTREGISTER_PORTABLE)
-                cd.check(drv.cuMemHostRegister(huge.ptr, total, flags), "cuMemHostRegister", bytes=total)
-            except BaseException:
-                huge.close()
-                raise
+            huge = hostmem.registered(drv, total)
             self._huge = huge
             self.huge_share = huge.huge_share()
             return huge.ptr
