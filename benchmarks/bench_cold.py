@@ -3,7 +3,8 @@
 
 One run writes one rank of a Llama-70B-like TP shard (``bench_load.make_checkpoint``; ``--rank-gb`` in
 ``--files`` files) on a disk (``--workdir``, not tmpfs) and measures, every figure a median of ``--reps``
-interleaved repetitions (A B C, B C A, C A B, ...) with its min and max:
+interleaved repetitions (A B C, B C A, C A B, ...) with its min and max, the cold rotation's after one
+untimed round of every label (``--no-warm-up-round``: none):
 
 - ``raw``: the cold read ceiling, the best of several read shapes into host memory with no GPU copy:
   O_DIRECT at 512 KiB, 4 MiB and 64 MiB with 16 readers, O_DIRECT 1 MiB with 64 readers (a deep queue),
@@ -488,6 +489,12 @@ def main() -> int:
         action="store_true",
         help=f"also read {', '.join(PROBE_SHAPES)}: recorded beside the raw shapes, never the ceiling",
     )
+    ap.add_argument(
+        "--no-warm-up-round",
+        action="store_true",
+        help="time the cold rotation's first round too (default: every label of it runs once untimed before the "
+        "timed rounds, its rates kept apart as warm_up_round)",
+    )
     ap.add_argument("--budget", type=float, default=480.0, help="seconds; later sections are cut short past it")
     ap.add_argument("--smoke", action="store_true", help="cpu backend, a checkpoint of a few MB, no GPU needed")
     args = ap.parse_args()
@@ -681,6 +688,13 @@ def main() -> int:
 
                 raw_labels = in_rotation if scenario == "cold" else []
                 labels = modes + [p for p in ready if p not in failed] + raw_labels
+                warm_up: dict[str, float | None] = {}
+                if scenario == "cold" and not args.no_warm_up_round and len(labels) > 1:
+                    # On a freshly started machine the first cold passes run slower for whatever reads them (the
+                    # label the rotation starts with most), so one untimed round gives every label its first pass.
+                    warm_up = {k: once(k) for k in labels}
+                    seen.clear()
+                labels = [k for k in labels if k not in failed]
                 out = interleaved(labels, args.reps, once, budget, pass_s[0] + 4)
                 spreads = {k: out.pop(k) for k in raw_labels if k in out}
                 if any(k in RAW_SHAPES for k in spreads):
@@ -696,6 +710,7 @@ def main() -> int:
                     # per load: [seconds the client waited, seconds the daemon's fill took]
                     "load_seconds": {m: seen.get(f"seconds {m}", []) for m in modes},
                     "rotation": labels,
+                    "warm_up_round": warm_up,
                     "resident_before_each_load": seen.get("resident_before"),
                 }
                 for p in ready:

@@ -33,7 +33,6 @@ from hotweightsd.loaders.plan import (
     merge_chunks,
     plan_chunks,
     run_end,
-    split_chunks,
 )
 from hotweightsd.loaders.scheduler import FillScheduler
 from hotweightsd.loaders.settings import LoaderSettings
@@ -146,21 +145,6 @@ def test_plan_covers_every_byte_once(seed):
     remapped = sorted((m.file, m.offset + p.src, p.offset, p.length) for m in merged for p in m.pieces)
     for f in got:
         assert runs([(a, b, n) for ff, a, b, n in remapped if ff == f]) == runs(sorted(got[f]))
-    # the cold chunks (here: those of file 1) re-cut on a finer grid: the same bytes to the same places, each
-    # read inside one window of the finer grid, the others untouched and every chunk in its place in the order
-    if chunk > 4096:
-        small = chunk // rng.choice([2, 8])
-        split = split_chunks(chunks, small, lambda c: c.file == 1)
-        check_plan(split, [dst + 256])
-        assert [c for c in split if c.file != 1] == [c for c in chunks if c.file != 1]
-        assert [c.file for c in split] == sorted(c.file for c in split), "file order kept"
-        for c in split:
-            assert 0 < c.length and all(0 <= p.src and p.src + p.length <= c.length for p in c.pieces)
-            if c.file == 1:
-                assert c.offset // small == (c.offset + c.length - 1) // small, (c, small)
-        resplit = sorted((c.file, c.offset + p.src, p.offset, p.length) for c in split for p in c.pieces)
-        for f in got:
-            assert runs([(a, b, n) for ff, a, b, n in resplit if ff == f]) == runs(sorted(got[f]))
 
 
 def test_check_plan_rejects_copies_outside_allocations():

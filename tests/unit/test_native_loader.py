@@ -94,8 +94,8 @@ def expected(paths, segs, size) -> bytes:
     return bytes(out)
 
 
-def run(chunks, paths, dest, ring, *, direct=False, cancel=None, fds=None, progress=None):
-    """``direct``: one flag for every file, or a list (a file per flag)."""
+def run(chunks, paths, dest, ring, *, direct=False, cancel=None, fds=None, progress=None, grid=0):
+    """``direct``: one flag for every file, or a list (a file per flag); ``grid``: the O_DIRECT re-cut grid."""
     own = fds is None
     fds = fds if fds is not None else [os.open(p, os.O_RDONLY) for p in paths]
     direct = direct if isinstance(direct, list) else [direct] * len(fds)
@@ -113,6 +113,7 @@ def run(chunks, paths, dest, ring, *, direct=False, cancel=None, fds=None, progr
             progress=progress or (lambda n: None),
             cancel=cancel or threading.Event(),
             host_mode=True,
+            direct_grid=grid,
         )
     finally:
         if own:
@@ -188,19 +189,56 @@ def _read_exactly(chunks, paths, segs, size, slot, direct):
     assert reads == len(chunks)
 
 
-@needs_lib
-@pytest.mark.parametrize("direct", [False, True])
-def test_a_plan_with_its_first_file_re_cut_on_a_finer_grid_is_exact(tmp_path, direct):
-    """The native engine reads a plan whose chunks of one file were re-cut on a finer grid (as a fill's cold
-    ranges are), in the ring of the plan's grid, into the same bytes."""
-    from hotweightsd.loaders.plan import split_chunks
+def windows_with_copies(chunk: ReadChunk, grid: int) -> int:
+    """The windows of ``grid`` bytes some copy of ``chunk`` has bytes in."""
+    return len(
+        {
+            w
+            for p in chunk.pieces
+            for w in range((chunk.offset + p.src) // grid, (chunk.offset + p.src + p.length - 1) // grid + 1)
+        }
+    )
 
-    paths, segs, size = random_layout(tmp_path, 9)
-    chunk = 64 * 1024
+
+@needs_lib
+@pytest.mark.parametrize("seed", range(6))
+def test_o_direct_chunks_re_cut_on_a_finer_grid_are_exact_one_read_a_window_with_copies(tmp_path, seed):
+    """With a grid, the engine reads each chunk of an O_DIRECT file once per window of the grid that has a copy in
+    it (a window of a hole read through is not read); the buffered file's chunks as planned; every byte lands
+    where the segments say, through the ring of the plan's grid."""
+    paths, segs, size = random_layout(tmp_path, 40 + seed)
+    chunk, grid = 64 * 1024, random.Random(seed).choice([4096, 16 * 1024, 32 * 1024])
     plan = plan_chunks(segs, chunk)
-    chunks = split_chunks(plan, 16 * 1024, lambda c: c.file == 0)
-    assert len(chunks) > len(plan)
-    _read_exactly(chunks, paths, segs, size, chunk, direct)
+    direct = [True, False, True]
+    want = sum(windows_with_copies(c, grid) if direct[c.file] else 1 for c in plan)
+    assert want > len(plan)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(4, 2, chunk)
+    try:
+        reads, copies = run(plan, paths, dest, ring, direct=direct, grid=grid)
+    finally:
+        ring.close()
+    assert dest.raw[:size] == expected(paths, segs, size)
+    assert reads == want
+    assert copies >= sum(len(c.pieces) for c in plan)
+
+
+@needs_lib
+def test_a_truncated_file_read_on_a_finer_grid_names_the_planned_chunk(tmp_path):
+    """An error in a re-cut read names the chunk the caller planned: the header's promise is the planned end."""
+    paths, segs, size = random_layout(tmp_path, 7, nfiles=2)
+    chunks = plan_chunks(segs, 64 * 1024)
+    last = max(c.offset + c.length for c in chunks if c.file == 1)
+    os.truncate(paths[1], last - 100)
+    dest = (ctypes.c_char * (size + 256))()
+    ring = HostRing(4, 2, 64 * 1024)
+    try:
+        with pytest.raises(
+            BadCheckpoint, match=rf"f1\.bin: truncated: ended at byte \d+, the header promised data up to {last}$"
+        ):
+            run(chunks, paths, dest, ring, direct=True, grid=4096)
+    finally:
+        ring.close()
 
 
 @needs_lib
@@ -493,6 +531,8 @@ attempt("no pieces", pieces=None)
 attempt("no cpus", ncpus=1)
 attempt("a direct request off the block grid", direct_request=1000)
 attempt("a negative direct request", direct_request=-4096)
+attempt("a direct grid off the block grid", direct_grid=1000)
+attempt("a negative direct grid", direct_grid=-4096)
 """
 
 
@@ -507,7 +547,7 @@ def test_plans_whose_bounds_overflow_or_lack_arrays_are_refused_not_run(tmp_path
     lines = [line.split(" | ") for line in child.stdout.splitlines()]
     done = [line[0] for line in lines]
     assert child.returncode == 0, f"the engine died ({child.returncode}) after {done}: {child.stderr[-2000:]}"
-    assert len(lines) == 11
+    assert len(lines) == 13
     for case, said, copied in lines:
         assert "refused the fill plan" in said and copied == "nothing copied", (case, said, copied)
 

@@ -28,7 +28,6 @@ from hotweightsd.loaders.plan import (
     needed_file_sizes,
     plan_chunks,
     run_end,
-    split_chunks,
     streams,
 )
 from hotweightsd.loaders.ring import DeviceRing
@@ -66,9 +65,6 @@ def fill(
         if any(striped):
             chunks = stripes.spread(chunks, striped, path.chunk_size)
             lustre = stripes.describe(striped, path.chunk_size)
-        grid = cold_grid(path, striped=bool(lustre)) if any(sources.direct) else 0  # a warm fill skips the pass
-        if grid:
-            chunks = split_chunks(chunks, grid, lambda c: sources.files[c.file].direct_at(c.offset))
         with scheduler.fill() as at_once:
             threads = scheduler.readers(ring.threads, at_once) if path.engine == "native" else ring.threads
             # A fill with a striped Lustre file keeps the stripe order, which spreads reads over OSTs.
@@ -96,6 +92,7 @@ def fill(
                     sources=sources.sources(chunks),
                     fault=faults.current().chunk(len(chunks)),
                     direct_request=path.direct_request,
+                    direct_grid=cold_grid(path, striped=bool(lustre)),
                 )
             else:
                 chunks = sources.mark(chunks)

@@ -13,6 +13,9 @@
  *
  * An O_DIRECT read goes to the disk in requests of direct_request bytes: a cold disk may serve a
  * chunk faster in several smaller requests than in one (docs/loader.md, "O_DIRECT request size").
+ * With direct_grid set, the chunks read O_DIRECT are first re-cut on that finer grid (recut()): a cold
+ * disk may serve small reads from many readers faster than large ones, and cutting here costs
+ * microseconds where cutting the plan in Python costs a fill's first milliseconds, before any read.
  *
  * The layout of hw_job is mirrored by hotweightsd.loaders.native; hw_job_size() and hw_abi()
  * let the loader refuse a library built from another revision, and hw_max_threads()/hw_max_depth()
@@ -25,11 +28,12 @@
 #include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define HW_ABI 5
+#define HW_ABI 6
 #define HW_MAX_THREADS 1024 /* hw_fill keeps a thread id per worker on its stack */
 #define HW_MAX_DEPTH 64     /* a worker keeps a flag per slot on its stack */
 #define HW_DIRECT_ALIGN 4096
@@ -94,7 +98,18 @@ typedef struct {
     int32_t fault_stage;
     /* the most bytes one pread of an O_DIRECT read asks for (0: the chunk's span at once) */
     int64_t direct_request;
+    /* O_DIRECT chunks are read on a grid of this many bytes (0: as planned); a multiple of 4 KiB */
+    int64_t direct_grid;
 } hw_job;
+
+/* The chunks the workers take: the job's, or those recut() made of them. Errors and faults name a
+ * chunk by its index in the job's plan (parent), so the caller finds the chunk it planned. */
+typedef struct {
+    const hw_chunk *chunks;
+    const hw_piece *pieces;
+    const int64_t *parent; /* per chunk, its index in the job's plan; NULL: the same */
+    int64_t nchunks;
+} hw_plan;
 
 typedef int (*cu_ctx_set_t)(void *);
 typedef int (*cu_copy_t)(uint64_t, const void *, size_t, void *);
@@ -173,10 +188,9 @@ static int64_t file_size(int fd) {
     return fstat(fd, &st) == 0 ? (int64_t)st.st_size : 0;
 }
 
-/* Reads chunk i into buf in requests of at most request bytes (0: no limit); *skip is where its first
- * byte landed. 0 on success. */
-static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t request, int64_t *skip) {
-    const hw_chunk *c = &job->chunks[i];
+/* Reads chunk c (chunk i of the job's plan, or cut from it) into buf in requests of at most request
+ * bytes (0: no limit); *skip is where its first byte landed. 0 on success. */
+static int read_chunk(hw_job *job, const hw_chunk *c, int64_t i, char *buf, int64_t request, int64_t *skip) {
     int fd = job->fds[c->source];
     int direct = job->direct[c->source];
     int64_t start, len;
@@ -223,12 +237,14 @@ static int read_chunk(hw_job *job, int64_t i, char *buf, int64_t request, int64_
 
 typedef struct {
     hw_job *job;
+    const hw_plan *plan;
     int index;
 } hw_worker;
 
 static void *worker(void *arg) {
     hw_worker *w = arg;
     hw_job *job = w->job;
+    const hw_plan *plan = w->plan;
     int depth = job->depth, host = job->host_mode;
     void *stream = host ? NULL : (void *)(uintptr_t)job->streams[w->index];
     const uint64_t *events = host ? NULL : &job->events[(int64_t)w->index * depth];
@@ -248,8 +264,9 @@ static void *worker(void *arg) {
         return NULL;
     }
     for (int64_t k = 0; !stopped(job); k++) {
-        int64_t i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
-        if (i >= job->nchunks) break;
+        int64_t n = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (n >= plan->nchunks) break;
+        int64_t i = plan->parent ? plan->parent[n] : n; /* as errors and faults name it */
         int s = (int)(k % depth);
         char *buf = slots + s * job->slot_size;
         if (pending[s]) {
@@ -260,15 +277,15 @@ static void *worker(void *arg) {
             }
         }
         int64_t skip;
-        const hw_chunk *c = &job->chunks[i];
+        const hw_chunk *c = &plan->chunks[n];
         if (job->fault_stage == HW_FAULT_READ && i == job->fault_chunk) {
             fail(job, HW_ERR_INJECTED, HW_FAULT_READ, "load.read", i, c->file, c->offset);
             break;
         }
-        if (read_chunk(job, i, buf, job->direct[c->source] ? job->direct_request : 0, &skip) != 0) break;
+        if (read_chunk(job, c, i, buf, job->direct[c->source] ? job->direct_request : 0, &skip) != 0) break;
         int64_t bytes = 0;
         for (int32_t p = 0; p < c->npieces; p++) {
-            const hw_piece *pc = &job->pieces[c->first_piece + p];
+            const hw_piece *pc = &plan->pieces[c->first_piece + p];
             if (job->fault_stage == HW_FAULT_COPY && i == job->fault_chunk) {
                 /* as a failed copy: the chunk's earlier copies (none) stay queued, the event is recorded */
                 fail(job, HW_ERR_INJECTED, HW_FAULT_COPY, "load.copy", i, c->file, c->offset);
@@ -315,6 +332,7 @@ static int validate(hw_job *job) {
         return setup_error(job, "plan");
     if (job->ncpus > 0 && !job->cpus) return setup_error(job, "cpus");
     if (job->direct_request < 0 || job->direct_request % HW_DIRECT_ALIGN) return setup_error(job, "direct request");
+    if (job->direct_grid < 0 || job->direct_grid % HW_DIRECT_ALIGN) return setup_error(job, "direct grid");
     for (int64_t i = 0; i < job->nchunks; i++) {
         const hw_chunk *c = &job->chunks[i];
         if (c->file < 0 || c->source < 0 || c->source >= job->nsources || c->offset < 0 || c->length <= 0)
@@ -336,6 +354,100 @@ static int validate(hw_job *job) {
     return HW_OK;
 }
 
+/* Whether chunk c is re-cut on the job's grid: read O_DIRECT and reaching over more than one window. */
+static int recut_one(const hw_job *job, const hw_chunk *c) {
+    int64_t g = job->direct_grid;
+    return g > 0 && job->direct[c->source] && c->offset / g != (c->offset + c->length - 1) / g;
+}
+
+/* One window [lo, hi) of chunk c: the chunk it becomes (trimmed to its copies, so a hole read through
+ * at either end of the window is not read) and its pieces; returns the pieces, 0 for a window with no
+ * copy in it (not read). With out NULL it only counts. */
+static int32_t cut_window(const hw_job *job, const hw_chunk *c, int64_t lo, int64_t hi, hw_chunk *out,
+                          hw_piece *pieces) {
+    int64_t start = lo > c->offset ? lo : c->offset, end = c->offset + c->length;
+    int64_t stop = hi < end ? hi : end, first = INT64_MAX, last = 0;
+    int32_t n = 0;
+    for (int32_t p = 0; p < c->npieces; p++) {
+        const hw_piece *pc = &job->pieces[c->first_piece + p];
+        int64_t a = c->offset + pc->src, b = a + pc->length;
+        if (a < start) a = start;
+        if (b > stop) b = stop;
+        if (a >= b) continue;
+        if (out) pieces[n] = (hw_piece){.src = a, .dst = pc->dst + (uint64_t)(a - c->offset - pc->src), .length = b - a};
+        if (a < first) first = a;
+        if (b > last) last = b;
+        n++;
+    }
+    if (out && n) {
+        for (int32_t p = 0; p < n; p++) pieces[p].src -= first;
+        *out = *c;
+        out->offset = first;
+        out->length = last - first;
+        out->npieces = n;
+    }
+    return n;
+}
+
+/* The job's plan with each O_DIRECT chunk that reaches over more than one window of direct_grid bytes
+ * re-cut into one chunk per window with copies in it, in place and in order: the same bytes to the same
+ * places in smaller reads. The arrays are malloc'd (free_plan). Returns 0, or -1 out of memory. */
+static int recut(const hw_job *job, hw_plan *plan) {
+    int64_t g = job->direct_grid, nchunks = 0, npieces = 0;
+    for (int64_t i = 0; i < job->nchunks; i++) {
+        const hw_chunk *c = &job->chunks[i];
+        if (!recut_one(job, c)) {
+            nchunks++;
+            npieces += c->npieces;
+            continue;
+        }
+        for (int64_t lo = c->offset / g * g; lo < c->offset + c->length; lo += g) {
+            int32_t n = cut_window(job, c, lo, lo + g, NULL, NULL);
+            nchunks += n > 0;
+            npieces += n;
+        }
+    }
+    hw_chunk *chunks = malloc(sizeof(hw_chunk) * (size_t)(nchunks ? nchunks : 1));
+    hw_piece *pieces = malloc(sizeof(hw_piece) * (size_t)(npieces ? npieces : 1));
+    int64_t *parent = malloc(sizeof(int64_t) * (size_t)(nchunks ? nchunks : 1));
+    if (!chunks || !pieces || !parent) {
+        free(chunks);
+        free(pieces);
+        free(parent);
+        return -1;
+    }
+    int64_t nc = 0, np = 0;
+    for (int64_t i = 0; i < job->nchunks; i++) {
+        const hw_chunk *c = &job->chunks[i];
+        if (!recut_one(job, c)) {
+            chunks[nc] = *c;
+            chunks[nc].first_piece = np;
+            memcpy(&pieces[np], &job->pieces[c->first_piece], sizeof(hw_piece) * (size_t)c->npieces);
+            np += c->npieces;
+            parent[nc++] = i;
+            continue;
+        }
+        for (int64_t lo = c->offset / g * g; lo < c->offset + c->length; lo += g) {
+            int32_t n = cut_window(job, c, lo, lo + g, &chunks[nc], &pieces[np]);
+            if (!n) continue;
+            chunks[nc].first_piece = np;
+            np += n;
+            parent[nc++] = i;
+        }
+    }
+    plan->chunks = chunks;
+    plan->pieces = pieces;
+    plan->parent = parent;
+    plan->nchunks = nc;
+    return 0;
+}
+
+static void free_plan(hw_plan *plan) {
+    free((void *)plan->chunks);
+    free((void *)plan->pieces);
+    free((void *)plan->parent);
+}
+
 /* Runs the whole fill; returns 0 or the kind of the first error (details in the job). */
 int hw_fill(hw_job *job) {
     job->next = job->done_bytes = job->reads = job->copies = 0;
@@ -345,12 +457,16 @@ int hw_fill(hw_job *job) {
         pthread_once(&api_once, load_api);
         if (api.missing) return setup_error(job, api.missing);
     }
+    hw_plan plan = {job->chunks, job->pieces, NULL, job->nchunks};
+    int cut = job->direct_grid > 0;
+    if (cut && recut(job, &plan) != 0) return setup_error(job, "out of memory for the re-cut plan");
     int n = job->threads;
     pthread_t tids[n];
     hw_worker ws[n];
     int started = 0;
     for (; started < n; started++) {
         ws[started].job = job;
+        ws[started].plan = &plan;
         ws[started].index = started;
         int rc = pthread_create(&tids[started], NULL, worker, &ws[started]);
         if (rc != 0) {
@@ -359,5 +475,6 @@ int hw_fill(hw_job *job) {
         }
     }
     for (int k = 0; k < started; k++) pthread_join(tids[k], NULL);
+    if (cut) free_plan(&plan);
     return job->err_kind;
 }

@@ -25,7 +25,7 @@ from hotweightsd.core import faults
 from hotweightsd.loaders.files import DIRECT_HINT
 from hotweightsd.loaders.settings import MAX_DEPTH, MAX_THREADS
 
-ABI = 5
+ABI = 6
 ERR_CUDA, ERR_OS, ERR_TRUNCATED, ERR_CANCELLED, ERR_SETUP, ERR_INJECTED = 1, 2, 3, 4, 5, 6
 POLL_S = 0.02  # progress and cancel are looked at this often while the fill runs
 
@@ -79,6 +79,7 @@ class Job(ctypes.Structure):
         ("fault_chunk", ctypes.c_int64),
         ("fault_stage", ctypes.c_int32),
         ("direct_request", ctypes.c_int64),
+        ("direct_grid", ctypes.c_int64),
     ]
 
 
@@ -183,6 +184,7 @@ def fill(
     sources: Sequence[int] | None = None,
     fault: faults.ChunkFault | None = None,
     direct_request: int = 0,
+    direct_grid: int = 0,
 ) -> tuple[int, int]:
     """Runs ``chunks`` (``plan.ReadChunk``; a piece's destination is ``bases[allocation] + offset``) on the
     native engine; returns (reads, copies). ``fds``/``direct``: every fd of the fill and whether it was
@@ -191,7 +193,9 @@ def fill(
     BadCheckpoint (short file), Aborted (cancel), CudaError (the driver's code), BackendError (a read).
     ``fault`` (tests only, ``FaultPlan.chunk``): the chunk and stage that fail with InjectedFault.
     ``direct_request``: the most bytes one pread of an O_DIRECT read asks for (a multiple of 4 KiB; 0: the
-    whole read at once)."""
+    whole read at once). ``direct_grid``: the chunks read O_DIRECT are re-cut on a grid of this many bytes (a
+    multiple of 4 KiB dividing the plan's), each window with copies in it one read trimmed to them (0: read as
+    planned); ``reads`` counts those reads, and an error or ``fault`` names the planned chunk cut."""
     lib, reason = _load(library)
     if lib is None:
         raise BackendError("native loader", "unavailable", reason)
@@ -221,6 +225,7 @@ def fill(
         fault_chunk=fault.chunk if fault else -1,
         fault_stage=faults.CHUNK_STAGES[fault.point] if fault else 0,
         direct_request=direct_request,
+        direct_grid=direct_grid,
     )
     runner = threading.Thread(target=lib.hw_fill, args=(ctypes.byref(job),), name="hw-native-fill", daemon=True)
     runner.start()

@@ -10,7 +10,7 @@ of a chunk never leaves its window nor overlaps another chunk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from hotweights.errors import InvalidArgument
@@ -125,34 +125,6 @@ def merge_chunks(run: Sequence[ReadChunk]) -> ReadChunk:
             _extend(pieces, Piece(p.src + shift, p.allocation, p.offset, p.length))
     end = run[-1].offset + run[-1].length
     return ReadChunk(first.file, first.offset, end - first.offset, tuple(pieces), first.direct)
-
-
-def split_chunks(chunks: Sequence[ReadChunk], size: int, where: Callable[[ReadChunk], bool]) -> list[ReadChunk]:
-    """``chunks`` with each one ``where`` picks re-cut on a grid of ``size`` windows (a divisor of the plan's
-    grid, so no piece leaves its chunk's window), in place and in order: the same bytes to the same places
-    in more, smaller reads. A window with no copy in it (a hole read through) is not read."""
-    if size <= 0 or size % DIRECT_ALIGN:
-        raise InvalidArgument(f"split size {size} is not a positive multiple of {DIRECT_ALIGN}")
-    out: list[ReadChunk] = []
-    for c in chunks:
-        inside_one_window = c.offset // size == (c.offset + c.length - 1) // size
-        if inside_one_window or not where(c):
-            out.append(c)
-            continue
-        end = c.offset + c.length
-        for lo in range(c.offset // size * size, end, size):
-            start, stop = max(lo, c.offset), min(lo + size, end)
-            pieces = []
-            for p in c.pieces:
-                a, b = max(c.offset + p.src, start), min(c.offset + p.src + p.length, stop)
-                if a < b:
-                    pieces.append(Piece(a - start, p.allocation, p.offset + a - c.offset - p.src, b - a))
-            if pieces:  # trimmed to its copies: a window's hole at either end is not read
-                first = pieces[0].src
-                last = max(q.src + q.length for q in pieces)
-                pieces = [q._replace(src=q.src - first) for q in pieces]
-                out.append(ReadChunk(c.file, start + first, last - first, tuple(pieces), c.direct))
-    return out
 
 
 def check_plan(chunks: Sequence[ReadChunk], allocation_sizes: Sequence[int]) -> None:
