@@ -9,11 +9,12 @@ untimed round of every label (``--no-warm-up-round``: none):
 - ``raw``: the cold read ceiling, the best of several read shapes into host memory with no GPU copy:
   O_DIRECT at 512 KiB, 4 MiB and 64 MiB with 16 readers, O_DIRECT 1 MiB with 64 readers (a deep queue),
   all on the native engine's C loop (host mode, no copies) into private anonymous memory, buffered reads
-  with each of 16 threads reading its own contiguous range (4 MiB reads, python threads), and the loader's
-  own shape, O_DIRECT 4 MiB x 12 into ``cuMemHostAlloc`` memory (not with ``--smoke``): what the fill would
-  reach if its copies cost nothing (benchmarks/README.md, "Reading older results": raw shapes of older
-  JSON files read into other memory), and ``huge_share``: the share of each kind of memory they read into
-  that the kernel backed with huge pages;
+  with each of 16 threads reading its own contiguous range (4 MiB reads, python threads), three O_DIRECT
+  shapes into huge pages, and the loader's own shape, O_DIRECT 512 KiB x 12 into ``cuMemHostAlloc`` memory
+  laid out as its ring (two 4 MiB slots a reader, each read at a slot's start; not with ``--smoke``): what
+  the fill would reach if its copies cost nothing (benchmarks/README.md, "Reading older results": raw shapes
+  of older JSON files read into other memory), and ``huge_share``: the share of each kind of memory they
+  read into that the kernel backed with huge pages;
 - ``cold``: the daemon (``hotweights serve``, one per read mode of ``--modes``: auto, pread, odirect, each
   optionally with config keys set, ``auto+loader_threads=16``: an A/B of a setting in one rotation)
   loading the rank with every file dropped from the page cache, and in the same rotation each installed peer
@@ -52,6 +53,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -251,10 +253,18 @@ class HostBuffers:
 
 
 def native_read(
-    paths: list[str], size: int, threads: int, direct: bool, bufs: HostBuffers, limit: int = 0, request: int = 0
+    paths: list[str],
+    size: int,
+    threads: int,
+    direct: bool,
+    bufs: HostBuffers,
+    limit: int = 0,
+    request: int = 0,
+    ring_slot: int = 0,
 ) -> tuple[int, float]:
     """The bytes of ``paths`` (the first ``limit`` of them, when given) in ``size`` reads on the native
-    engine's C threads (host mode, no copies); ``request``: the most bytes per pread of an O_DIRECT read."""
+    engine's C threads (host mode, no copies); ``request``: the most bytes per pread of an O_DIRECT read;
+    ``ring_slot``: each reader reads into two slots of this size in turn, as in the loader's ring."""
     from hotweightsd.loaders import native
     from hotweightsd.loaders.files import open_source
     from hotweightsd.loaders.plan import ReadChunk
@@ -265,7 +275,8 @@ def native_read(
         ends = itertools.accumulate(c.length for c in chunks)
         chunks = [c for c, end in zip(chunks, ends) if end - c.length < limit]
     threads = max(1, min(threads, len(chunks)))
-    base = bufs.get(threads * size)
+    depth, slot = (2, ring_slot) if ring_slot else (1, size)
+    base = bufs.get(threads * depth * slot)
     opened = [open_source(p, direct) for p in paths]
     try:
         t0 = time.perf_counter()
@@ -276,8 +287,8 @@ def native_read(
             paths,
             [0],
             threads=threads,
-            depth=1,
-            slot_size=size,
+            depth=depth,
+            slot_size=slot,
             host_base=base,
             progress=lambda n: None,
             cancel=threading.Event(),
@@ -321,27 +332,39 @@ def ranges_read(paths: list[str], size: int, threads: int, bufs: HostBuffers) ->
     return total, dt
 
 
-# name -> (kind, read size, readers, memory read into, most bytes per request; 0: the read's)
-RAW_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
-    "odirect 512KiB x16": ("odirect", 512 * KiB, 16, "private", 0),
-    "odirect 4MiB x16": ("odirect", 4 * MiB, 16, "private", 0),
-    "odirect 64MiB x16": ("odirect", 64 * MiB, 16, "private", 0),
-    "odirect 1MiB x64 (deep queue)": ("odirect", 1 * MiB, 64, "private", 0),
-    "buffered 4MiB x16 per-thread ranges": ("ranges", 4 * MiB, 16, "private", 0),
+class Shape(NamedTuple):
+    """A raw read shape: ``kind`` (odirect or ranges), read ``size``, readers, the memory read into, the most
+    bytes per request (0: the read's), and ``ring_slot``: read into slots of this size, two a reader, at each
+    slot's start, as the loader's ring holds its reads (0: each reader's reads into one region of ``size``)."""
+
+    kind: str
+    size: int
+    threads: int
+    memory: str
+    request: int = 0
+    ring_slot: int = 0
+
+
+RAW_SHAPES: dict[str, Shape] = {
+    "odirect 512KiB x16": Shape("odirect", 512 * KiB, 16, "private", 0),
+    "odirect 4MiB x16": Shape("odirect", 4 * MiB, 16, "private", 0),
+    "odirect 64MiB x16": Shape("odirect", 64 * MiB, 16, "private", 0),
+    "odirect 1MiB x64 (deep queue)": Shape("odirect", 1 * MiB, 64, "private", 0),
+    "buffered 4MiB x16 per-thread ranges": Shape("ranges", 4 * MiB, 16, "private", 0),
     # memory of 2 MiB pages takes an O_DIRECT request in a few segments, scattered 4 KiB pages in one a page:
     # on a disk that caps the segments of a request the memory is part of the read's shape
-    "odirect 512KiB x16 into huge pages": ("odirect", 512 * KiB, 16, "thp", 0),
-    "odirect 64MiB x16 into huge pages": ("odirect", 64 * MiB, 16, "thp", 0),
-    "odirect 1MiB x64 (deep queue) into huge pages": ("odirect", 1 * MiB, 64, "thp", 0),
-    # the loader's own shape and memory, without its copies: what the fill would reach if copying were free
-    "odirect 512KiB x12 into pinned memory": ("odirect", 512 * KiB, 12, "pinned", 0),
+    "odirect 512KiB x16 into huge pages": Shape("odirect", 512 * KiB, 16, "thp", 0),
+    "odirect 64MiB x16 into huge pages": Shape("odirect", 64 * MiB, 16, "thp", 0),
+    "odirect 1MiB x64 (deep queue) into huge pages": Shape("odirect", 1 * MiB, 64, "thp", 0),
+    # the loader's own shape, memory and slots, without its copies: what the fill would reach if copying were free
+    "odirect 512KiB x12 into the ring's pinned memory": Shape("odirect", 512 * KiB, 12, "pinned", 0, 4 * MiB),
 }
 # --probe-shapes: read like the shapes above, kept out of the ceiling. The loader's shape into the memory
 # of a huge-page ring (ring_memory = huge), and the fastest shape's reads into huge pages registered with
 # the driver as that ring is (does registering them cost the reads anything).
-PROBE_SHAPES: dict[str, tuple[str, int, int, str, int]] = {
-    "odirect 512KiB x12 into pinned huge pages": ("odirect", 512 * KiB, 12, "pinned-thp", 0),
-    "odirect 512KiB x16 into pinned huge pages": ("odirect", 512 * KiB, 16, "pinned-thp", 0),
+PROBE_SHAPES: dict[str, Shape] = {
+    "odirect 512KiB x12 into the ring's pinned huge pages": Shape("odirect", 512 * KiB, 12, "pinned-thp", 0, 4 * MiB),
+    "odirect 512KiB x16 into pinned huge pages": Shape("odirect", 512 * KiB, 16, "pinned-thp", 0),
 }
 
 
@@ -355,10 +378,10 @@ def raw_record(spreads: dict[str, dict]) -> dict:
 
 
 def raw_once(paths: list[str], shape: str, bufs: dict[str, HostBuffers]) -> tuple[int, float]:
-    kind, size, threads, memory, request = RAW_SHAPES.get(shape) or PROBE_SHAPES[shape]
+    kind, size, threads, memory, request, ring_slot = RAW_SHAPES.get(shape) or PROBE_SHAPES[shape]
     if kind == "ranges":
         return ranges_read(paths, size, threads, bufs[memory])
-    return native_read(paths, size, threads, kind == "odirect", bufs[memory], request=request)
+    return native_read(paths, size, threads, kind == "odirect", bufs[memory], request=request, ring_slot=ring_slot)
 
 
 def spread(samples: list[float]) -> dict:
@@ -589,11 +612,11 @@ def main() -> int:
 
     targets = doc.setdefault("targets", {})
     read_shapes = {**RAW_SHAPES, **(PROBE_SHAPES if args.probe_shapes else {})}
-    memories = {m for _, _, _, m, _ in read_shapes.values() if not (args.smoke and m.startswith("pinned"))}
+    memories = {s.memory for s in read_shapes.values() if not (args.smoke and s.memory.startswith("pinned"))}
     bufs = {m: HostBuffers(touch=not args.smoke, kind=m) for m in memories}
 
     # the raw shapes this run can read: those whose memory it has (smoke runs have no pinned memory)
-    shapes_here = [k for k, (_, _, _, m, _) in read_shapes.items() if m in bufs]
+    shapes_here = [k for k, s in read_shapes.items() if s.memory in bufs]
 
     def section(name: str, fn, need: float, why_not: str | None = None):
         return bl.run_section(res, skip, budget, name, fn, need, why_not)

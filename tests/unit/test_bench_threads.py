@@ -109,6 +109,24 @@ def test_raw_read_reads_whole_files_buffered(tmp_path):
     assert nbytes == 58 * KiB + 3 and dt > 0 and fallbacks == 0
 
 
+@pytest.mark.parametrize("ring_slot", [0, 64 * KiB])
+def test_native_read_reads_every_byte_into_regions_or_ring_slots(tmp_path, ring_slot):
+    from hotweightsd.loaders import native
+
+    if native.unavailable_reason():
+        pytest.skip(native.unavailable_reason())
+    paths = [str(tmp_path / f"{i}.bin") for i in range(2)]
+    for p, n in zip(paths, (200 * KiB + 3, 40 * KiB)):
+        write(Path(p), n)
+    bufs = bench_cold.HostBuffers(kind="private")
+    try:
+        nbytes, dt = bench_cold.native_read(paths, 16 * KiB, 3, True, bufs, ring_slot=ring_slot)
+        assert nbytes == 240 * KiB + 3 and dt > 0
+        assert list(bufs.maps) == [3 * (2 * ring_slot if ring_slot else 16 * KiB)]
+    finally:
+        bufs.close()
+
+
 def test_interleaved_rounds_rotate_so_no_label_always_runs_first_or_after_the_same_one():
     order: list[str] = []
 
@@ -147,10 +165,14 @@ def test_a_probe_shape_is_recorded_apart_and_never_the_ceiling():
 
 
 def test_every_read_shape_names_a_memory_the_benchmark_makes_and_a_size_on_the_direct_grid():
-    for name, (kind, size, threads, memory, request) in {**bench_cold.RAW_SHAPES, **bench_cold.PROBE_SHAPES}.items():
+    for name, (kind, size, threads, memory, request, slot) in {
+        **bench_cold.RAW_SHAPES,
+        **bench_cold.PROBE_SHAPES,
+    }.items():
         assert kind in ("odirect", "ranges"), name
         assert memory in bench_cold.BUFFER_KINDS, name
         assert threads > 0 and size % (4 * KiB) == 0 and request % (4 * KiB) == 0, name
+        assert slot == 0 or (slot >= size and slot % (4 * KiB) == 0 and kind == "odirect"), name
     assert not set(bench_cold.RAW_SHAPES) & set(bench_cold.PROBE_SHAPES)
 
 
@@ -167,5 +189,6 @@ def test_the_raw_shapes_hold_the_loaders_own_default_shape_in_its_own_memory():
     memory = {"huge": "pinned-thp", "driver": "pinned"}[path.ring_memory]
     size = path.direct_chunk or path.chunk_size
     request = path.direct_request if path.direct_request < size else 0
-    own = ("odirect", size, path.threads, memory, request)
+    assert path.depth == 2, "the ring's shape reads into two slots a reader"
+    own = ("odirect", size, path.threads, memory, request, path.slot_size)
     assert own in bench_cold.RAW_SHAPES.values()
