@@ -391,9 +391,10 @@ static int32_t cut_window(const hw_job *job, const hw_chunk *c, int64_t lo, int6
 
 /* The job's plan with each O_DIRECT chunk that reaches over more than one window of direct_grid bytes
  * re-cut into one chunk per window with copies in it, in place and in order: the same bytes to the same
- * places in smaller reads. The arrays are malloc'd (free_plan). Returns 0, or -1 out of memory. */
+ * places in smaller reads. The arrays are malloc'd (free_plan). Returns 1 with the plan untouched where no
+ * chunk is cut (a warm fill), 0 with it re-cut, -1 out of memory. */
 static int recut(const hw_job *job, hw_plan *plan) {
-    int64_t g = job->direct_grid, nchunks = 0, npieces = 0;
+    int64_t g = job->direct_grid, nchunks = 0, npieces = 0, ncut = 0;
     for (int64_t i = 0; i < job->nchunks; i++) {
         const hw_chunk *c = &job->chunks[i];
         if (!recut_one(job, c)) {
@@ -401,12 +402,14 @@ static int recut(const hw_job *job, hw_plan *plan) {
             npieces += c->npieces;
             continue;
         }
+        ncut++;
         for (int64_t lo = c->offset / g * g; lo < c->offset + c->length; lo += g) {
             int32_t n = cut_window(job, c, lo, lo + g, NULL, NULL);
             nchunks += n > 0;
             npieces += n;
         }
     }
+    if (!ncut) return 1;
     hw_chunk *chunks = malloc(sizeof(hw_chunk) * (size_t)(nchunks ? nchunks : 1));
     hw_piece *pieces = malloc(sizeof(hw_piece) * (size_t)(npieces ? npieces : 1));
     int64_t *parent = malloc(sizeof(int64_t) * (size_t)(nchunks ? nchunks : 1));
@@ -458,8 +461,9 @@ int hw_fill(hw_job *job) {
         if (api.missing) return setup_error(job, api.missing);
     }
     hw_plan plan = {job->chunks, job->pieces, NULL, job->nchunks};
-    int cut = job->direct_grid > 0;
-    if (cut && recut(job, &plan) != 0) return setup_error(job, "out of memory for the re-cut plan");
+    int recut_rc = job->direct_grid > 0 ? recut(job, &plan) : 1;
+    if (recut_rc < 0) return setup_error(job, "out of memory for the re-cut plan");
+    int cut = recut_rc == 0; /* the plan's arrays are then ours to free */
     int n = job->threads;
     pthread_t tids[n];
     hw_worker ws[n];
