@@ -209,9 +209,9 @@ def test_o_direct_chunks_re_cut_on_a_finer_grid_are_exact_one_read_a_window_with
     paths, segs, size = random_layout(tmp_path, 40 + seed)
     chunk, grid = 64 * 1024, random.Random(seed).choice([4096, 16 * 1024, 32 * 1024])
     plan = plan_chunks(segs, chunk)
-    direct = [True, False, True]
+    direct = [True, False, True] if seed % 3 else [False] * 3  # none O_DIRECT (warm): nothing re-cut
     want = sum(windows_with_copies(c, grid) if direct[c.file] else 1 for c in plan)
-    assert want > len(plan)
+    assert want > len(plan) if any(direct) else want == len(plan)
     dest = (ctypes.c_char * (size + 256))()
     ring = HostRing(4, 2, chunk)
     try:
