@@ -208,9 +208,18 @@ def test_an_fp8_checkpoint_is_copied_into_the_engine_from_either_layout(served, 
         assert any(n.endswith("qkv_proj.weight_scale") for n in reference["before_postprocessing"])
         for model in ("fp8v", "fp8"):
             out = engine(fp8, *hotweights_args(d, model))
-            assert out["tokens"] == reference["tokens"], model
-            assert out["checksums"] == reference["checksums"], model
+            # the loader's claim is the weights, bit for bit, before and after vLLM's post-processing
             assert out["before_postprocessing"] == reference["before_postprocessing"], model
+            assert out["checksums"] == reference["checksums"], model
+            if out["tokens"] != reference["tokens"]:
+                # with equal weights, different tokens mean vLLM's FP8 CPU kernels did not reproduce
+                # their own greedy output (near-tied logits of a random model); a second run of vLLM's
+                # own loader tells that apart from a difference of ours
+                again = engine(fp8)
+                assert again["tokens"] != reference["tokens"], (
+                    f"{model}: {out['tokens']} differ from {reference['tokens']} of vLLM's own loader, "
+                    "which a second run reproduced"
+                )
             assert out["params"]["aliased"] == [] and not out["params"]["holds_attachment"], model
             assert out["external_weight_memory"] == 0, model
         r = engine(fp8, *hotweights_args(d, "fp8v", mode="zero_copy"), ok=False)
