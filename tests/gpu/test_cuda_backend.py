@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -180,6 +181,8 @@ def test_both_engines_are_exact(ckpt, engine, mode):
     with loaded_by(ckpt, read_mode=mode, threads=5, chunk_size=256 * 1024, engine=engine) as (layout, allocs, desc):
         assert desc.startswith(f"bounce: {mode} ring 5 threads x 2 x 256KiB"), desc
         assert ("native engine" in desc) == (engine == "native"), desc
+        # the native engine says where its readers' time went (the copies' share among it)
+        assert (re.search(r"readers \d+% reading, \d+% waiting on copies", desc) is not None) == (engine == "native")
         assert_loaded_exactly(layout, allocs)
 
 

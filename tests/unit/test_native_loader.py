@@ -142,12 +142,19 @@ def test_native_fill_is_exact(tmp_path, seed, threads, depth, chunk, direct):
     ring = HostRing(threads, depth, chunk)
     seen = []
     try:
-        reads, copies = run(chunks, paths, dest, ring, direct=direct, progress=seen.append)
+        filled = run(chunks, paths, dest, ring, direct=direct, progress=seen.append)
     finally:
         ring.close()
     assert dest.raw[:size] == expected(paths, segs, size)
-    assert (reads, copies) == (len(chunks), sum(len(c.pieces) for c in chunks))
+    assert filled[:2] == (len(chunks), sum(len(c.pieces) for c in chunks))
     assert sum(seen) == sum(c.nbytes for c in chunks)
+    # where the time went: each reader's share is inside its own span, the whole inside the call
+    assert filled.threads == min(threads, len(chunks))
+    assert filled.reading > 0 and min(filled.waiting, filled.queueing, filled.draining) >= 0
+    spent = filled.reading + filled.waiting + filled.queueing + filled.draining
+    assert spent <= filled.threads * filled.wall
+    assert 0 <= filled.setup <= filled.wall and 0 <= filled.tail <= filled.wall
+    assert filled.describe().startswith("readers ") and "% reading" in filled.describe()
 
 
 def _stripe_order(plan: list, n_files: int, chunk: int) -> list:
@@ -182,7 +189,7 @@ def _read_exactly(chunks, paths, segs, size, slot, direct):
     dest = (ctypes.c_char * (size + 256))()
     ring = HostRing(4, 2, slot)
     try:
-        reads, _ = run(chunks, paths, dest, ring, direct=direct)
+        reads = run(chunks, paths, dest, ring, direct=direct).reads
     finally:
         ring.close()
     assert dest.raw[:size] == expected(paths, segs, size)
@@ -215,7 +222,7 @@ def test_o_direct_chunks_re_cut_on_a_finer_grid_are_exact_one_read_a_window_with
     dest = (ctypes.c_char * (size + 256))()
     ring = HostRing(4, 2, chunk)
     try:
-        reads, copies = run(plan, paths, dest, ring, direct=direct, grid=grid)
+        reads, copies = run(plan, paths, dest, ring, direct=direct, grid=grid)[:2]
     finally:
         ring.close()
     assert dest.raw[:size] == expected(paths, segs, size)
@@ -279,7 +286,7 @@ def test_a_half_cached_file_is_read_through_both_its_fds(tmp_path, threads):
             dest = (ctypes.c_char * (size + 256))()
             ring = HostRing(threads, 2, chunk)
             try:
-                reads, _ = native.fill(
+                reads, *_ = native.fill(
                     chunks,
                     sources.fds,
                     sources.direct,

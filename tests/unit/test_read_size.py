@@ -91,7 +91,7 @@ def fill(tmp_path, request: int, *, seed=21, chunk=64 * KiB, threads=4, direct=T
     ring = HostRing(threads, 2, chunk)
     fds = [os.open(p, os.O_RDONLY) for p in paths]
     try:
-        reads, _ = native.fill(
+        reads, *_ = native.fill(
             chunks, fds, [direct] * len(fds), paths, [ctypes.addressof(dest)],
             threads=threads, depth=2, slot_size=chunk, host_base=ring.base,
             progress=lambda n: None, cancel=threading.Event(), host_mode=True, direct_request=request,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,11 +51,12 @@ def fill(
     Aborted (``cancel`` set), or the first CudaError/BackendError a worker hit. Every queued copy has
     finished when it returns or raises.
     """
+    t0 = time.perf_counter()
     chunks = plan_chunks(layout.segments(), path.chunk_size)
     check_plan(chunks, sizes)
     needed = needed_file_sizes(chunks, len(layout.files))
     sources = ranges.ReadSources.open(layout.inputs(), path.read_mode, needed, path.chunk_size)
-    extra = lustre = ""
+    extra = lustre = timing = ""
     try:
         # O_DIRECT reads on the native engine only: buffered ones have Lustre's readahead, which a
         # reordered plan would defeat, and the python workers merge neighbouring chunks.
@@ -72,7 +74,8 @@ def fill(
                 chunks = streams(chunks, threads)
                 extra = f"; in {threads} streams"
             if path.engine == "native":
-                reads, copies = native.fill(
+                planned = time.perf_counter() - t0
+                filled = native.fill(
                     chunks,
                     sources.fds,
                     sources.direct,
@@ -94,6 +97,9 @@ def fill(
                     direct_request=path.direct_request,
                     direct_grid=cold_grid(path, striped=bool(lustre)),
                 )
+                reads, copies = filled.reads, filled.copies
+                # the reads' share of the time says whether a slow fill waited on the disk or on itself
+                timing = f"; planned in {1e3 * planned:.1f} ms, {filled.describe()}"
             else:
                 chunks = sources.mark(chunks)
                 job = _PythonFill(path, ring, scheduler, chunks, sources, bases, progress, cancel)
@@ -113,7 +119,7 @@ def fill(
     why = f"; {path.engine_why}" if path.engine_why else ""
     return (
         f"{path.describe(threads)} on cuda:{ring.device}{ring.describe_numa()}{ring.describe_memory()}; "
-        f"{reads} reads{extra}, {copies} copies{why}"
+        f"{reads} reads{extra}, {copies} copies{why}{timing}"
     )
 
 

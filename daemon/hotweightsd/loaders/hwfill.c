@@ -31,9 +31,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
-#define HW_ABI 6
+#define HW_ABI 7
 #define HW_MAX_THREADS 1024 /* hw_fill keeps a thread id per worker on its stack */
 #define HW_MAX_DEPTH 64     /* a worker keeps a flag per slot on its stack */
 #define HW_DIRECT_ALIGN 4096
@@ -100,6 +101,14 @@ typedef struct {
     int64_t direct_request;
     /* O_DIRECT chunks are read on a grid of this many bytes (0: as planned); a multiple of 4 KiB */
     int64_t direct_grid;
+    /* where a fill's time went, set by hw_fill: the worker times are summed over workers */
+    int64_t wall_ns;   /* hw_fill's call, re-cut, thread starts and joins included */
+    int64_t setup_ns;  /* from the call to the last worker's start (the re-cut among it) */
+    int64_t read_ns;   /* in pread */
+    int64_t wait_ns;   /* waiting for a slot's earlier copies (its event) before reading into it */
+    int64_t queue_ns;  /* queueing copies and recording events (memcpy in host_mode) */
+    int64_t drain_ns;  /* the final wait for the worker's stream */
+    int64_t spread_ns; /* from the first worker's end to the last's: the fill's tail */
 } hw_job;
 
 /* The chunks the workers take: the job's, or those recut() made of them. Errors and faults name a
@@ -161,6 +170,19 @@ static void fail(hw_job *job, int kind, int code, const char *op, int64_t chunk,
         strncpy(job->err_op, op, sizeof(job->err_op) - 1);
         job->err_op[sizeof(job->err_op) - 1] = 0;
     }
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Adds the time since *t to *sum (summed over workers) and moves *t on. */
+static void spend(int64_t *sum, int64_t *t) {
+    int64_t n = now_ns();
+    __atomic_add_fetch(sum, n - *t, __ATOMIC_RELAXED);
+    *t = n;
 }
 
 static int stopped(hw_job *job) {
@@ -239,6 +261,8 @@ typedef struct {
     hw_job *job;
     const hw_plan *plan;
     int index;
+    int64_t started; /* now_ns() when it began, and when it ended */
+    int64_t ended;
 } hw_worker;
 
 static void *worker(void *arg) {
@@ -251,6 +275,8 @@ static void *worker(void *arg) {
     char *slots = (char *)(uintptr_t)job->host_base + (int64_t)w->index * depth * job->slot_size;
     int pending[HW_MAX_DEPTH] = {0};
     int rc;
+    int64_t t;
+    w->started = now_ns();
 
     if (job->ncpus > 0) {
         cpu_set_t set;
@@ -261,6 +287,7 @@ static void *worker(void *arg) {
     }
     if (!host && (rc = api.ctx_set((void *)(uintptr_t)job->context)) != 0) {
         fail(job, HW_ERR_CUDA, rc, "cuCtxSetCurrent", -1, -1, -1);
+        w->ended = now_ns();
         return NULL;
     }
     for (int64_t k = 0; !stopped(job); k++) {
@@ -271,7 +298,10 @@ static void *worker(void *arg) {
         char *buf = slots + s * job->slot_size;
         if (pending[s]) {
             pending[s] = 0;
-            if ((rc = api.event_sync((void *)(uintptr_t)events[s])) != 0) {
+            t = now_ns();
+            rc = api.event_sync((void *)(uintptr_t)events[s]);
+            spend(&job->wait_ns, &t);
+            if (rc != 0) {
                 fail(job, HW_ERR_CUDA, rc, "cuEventSynchronize", i, -1, -1);
                 break;
             }
@@ -282,7 +312,10 @@ static void *worker(void *arg) {
             fail(job, HW_ERR_INJECTED, HW_FAULT_READ, "load.read", i, c->file, c->offset);
             break;
         }
-        if (read_chunk(job, c, i, buf, job->direct[c->source] ? job->direct_request : 0, &skip) != 0) break;
+        t = now_ns();
+        rc = read_chunk(job, c, i, buf, job->direct[c->source] ? job->direct_request : 0, &skip);
+        spend(&job->read_ns, &t);
+        if (rc != 0) break;
         int64_t bytes = 0;
         for (int32_t p = 0; p < c->npieces; p++) {
             const hw_piece *pc = &plan->pieces[c->first_piece + p];
@@ -307,12 +340,16 @@ static void *worker(void *arg) {
             else
                 pending[s] = 1;
         }
+        spend(&job->queue_ns, &t);
         __atomic_add_fetch(&job->reads, 1, __ATOMIC_RELAXED);
         __atomic_add_fetch(&job->copies, c->npieces, __ATOMIC_RELAXED);
         __atomic_add_fetch(&job->done_bytes, bytes, __ATOMIC_RELAXED);
     }
     /* Whatever happened, no copy of this worker may still be in flight when the fill returns. */
+    t = now_ns();
     if (!host && (rc = api.stream_sync(stream)) != 0) fail(job, HW_ERR_CUDA, rc, "cuStreamSynchronize", -1, -1, -1);
+    spend(&job->drain_ns, &t);
+    w->ended = t;
     return NULL;
 }
 
@@ -453,7 +490,9 @@ static void free_plan(hw_plan *plan) {
 
 /* Runs the whole fill; returns 0 or the kind of the first error (details in the job). */
 int hw_fill(hw_job *job) {
+    int64_t t0 = now_ns();
     job->next = job->done_bytes = job->reads = job->copies = 0;
+    job->wall_ns = job->setup_ns = job->read_ns = job->wait_ns = job->queue_ns = job->drain_ns = job->spread_ns = 0;
     job->err_kind = HW_OK;
     if (validate(job) != HW_OK) return job->err_kind;
     if (!job->host_mode) {
@@ -472,13 +511,23 @@ int hw_fill(hw_job *job) {
         ws[started].job = job;
         ws[started].plan = &plan;
         ws[started].index = started;
+        ws[started].started = ws[started].ended = t0;
         int rc = pthread_create(&tids[started], NULL, worker, &ws[started]);
         if (rc != 0) {
             fail(job, HW_ERR_OS, rc, "pthread_create", -1, -1, -1);
             break;
         }
     }
-    for (int k = 0; k < started; k++) pthread_join(tids[k], NULL);
+    int64_t first_end = INT64_MAX, last_end = 0, last_start = t0;
+    for (int k = 0; k < started; k++) {
+        pthread_join(tids[k], NULL);
+        if (ws[k].started > last_start) last_start = ws[k].started;
+        if (ws[k].ended < first_end) first_end = ws[k].ended;
+        if (ws[k].ended > last_end) last_end = ws[k].ended;
+    }
     if (cut) free_plan(&plan);
+    job->setup_ns = last_start - t0;
+    job->spread_ns = started ? last_end - first_end : 0;
+    job->wall_ns = now_ns() - t0;
     return job->err_kind;
 }

@@ -17,7 +17,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from hotweights.cuda.driver import error_name
 from hotweights.errors import Aborted, BackendError, BadCheckpoint, CudaError
@@ -25,7 +25,7 @@ from hotweightsd.core import faults
 from hotweightsd.loaders.files import DIRECT_HINT
 from hotweightsd.loaders.settings import MAX_DEPTH, MAX_THREADS
 
-ABI = 6
+ABI = 7
 ERR_CUDA, ERR_OS, ERR_TRUNCATED, ERR_CANCELLED, ERR_SETUP, ERR_INJECTED = 1, 2, 3, 4, 5, 6
 POLL_S = 0.02  # progress and cancel are looked at this often while the fill runs
 
@@ -80,7 +80,60 @@ class Job(ctypes.Structure):
         ("fault_stage", ctypes.c_int32),
         ("direct_request", ctypes.c_int64),
         ("direct_grid", ctypes.c_int64),
+        ("wall_ns", ctypes.c_int64),
+        ("setup_ns", ctypes.c_int64),
+        ("read_ns", ctypes.c_int64),
+        ("wait_ns", ctypes.c_int64),
+        ("queue_ns", ctypes.c_int64),
+        ("drain_ns", ctypes.c_int64),
+        ("spread_ns", ctypes.c_int64),
     ]
+
+
+class Filled(NamedTuple):
+    """What a native fill did, and where its time went: seconds, the readers' own summed over them."""
+
+    reads: int
+    copies: int
+    threads: int = 0
+    wall: float = 0.0  # the engine's call, from its start to the last reader joined
+    setup: float = 0.0  # before the last reader started (the re-cut among it)
+    reading: float = 0.0
+    waiting: float = 0.0  # for a slot's earlier copies before reading into it
+    queueing: float = 0.0  # copies and events queued (memcpy on the host)
+    draining: float = 0.0  # the last wait for each reader's copies
+    tail: float = 0.0  # from the first reader's end to the last's
+
+    @classmethod
+    def of(cls, job: Job) -> Filled:
+        return cls(
+            job.reads,
+            job.copies,
+            job.threads,
+            wall=job.wall_ns / 1e9,
+            setup=job.setup_ns / 1e9,
+            reading=job.read_ns / 1e9,
+            waiting=job.wait_ns / 1e9,
+            queueing=job.queue_ns / 1e9,
+            draining=job.drain_ns / 1e9,
+            tail=job.spread_ns / 1e9,
+        )
+
+    def describe(self) -> str:
+        """One clause for a load's description: a disk-bound fill reads nearly all of its readers' time;
+        time spent waiting or queueing is the copies' share, and a long tail one reader's slow last read."""
+        span = self.threads * self.wall
+        if span <= 0:
+            return ""
+
+        def pct(x: float) -> str:
+            return f"{100 * x / span:.0f}%"
+
+        return (
+            f"readers {pct(self.reading)} reading, {pct(self.waiting)} waiting on copies, {pct(self.queueing)} "
+            f"queueing them over {self.wall:.3f} s (started after {1e3 * self.setup:.1f} ms, "
+            f"the last done {1e3 * self.tail:.1f} ms after the first)"
+        )
 
 
 _loaded: dict[str, tuple[ctypes.CDLL | None, str | None]] = {}  # library asked for -> (library, why not)
@@ -185,9 +238,9 @@ def fill(
     fault: faults.ChunkFault | None = None,
     direct_request: int = 0,
     direct_grid: int = 0,
-) -> tuple[int, int]:
+) -> Filled:
     """Runs ``chunks`` (``plan.ReadChunk``; a piece's destination is ``bases[allocation] + offset``) on the
-    native engine; returns (reads, copies). ``fds``/``direct``: every fd of the fill and whether it was
+    native engine; returns its counts and times (Filled). ``fds``/``direct``: every fd of the fill and whether it was
     opened O_DIRECT; ``sources``: per chunk, the index of the fd that reads it (default: its file's);
     ``paths``: per file, for errors. Raises what the Python workers raise for the same failure:
     BadCheckpoint (short file), Aborted (cancel), CudaError (the driver's code), BackendError (a read).
@@ -200,7 +253,7 @@ def fill(
     if lib is None:
         raise BackendError("native loader", "unavailable", reason)
     if not chunks:
-        return 0, 0
+        return Filled(0, 0)
     cs, ps, npieces = _pack(chunks, bases, sources)
     # ctypes keeps the arrays given to pointer fields alive with the job (its _objects) while the C threads run.
     job = Job(
@@ -250,7 +303,7 @@ def fill(
         raise _error(job, chunks, paths, fault)
     if cancel.is_set():
         raise Aborted("load cancelled")
-    return job.reads, job.copies
+    return Filled.of(job)
 
 
 def _error(job: Job, chunks: Sequence, paths: Sequence[str], fault: faults.ChunkFault | None = None) -> Exception:
