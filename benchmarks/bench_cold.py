@@ -261,10 +261,11 @@ def native_read(
     limit: int = 0,
     request: int = 0,
     ring_slot: int = 0,
-) -> tuple[int, float]:
+) -> tuple[int, float, str]:
     """The bytes of ``paths`` (the first ``limit`` of them, when given) in ``size`` reads on the native
     engine's C threads (host mode, no copies); ``request``: the most bytes per pread of an O_DIRECT read;
-    ``ring_slot``: each reader reads into two slots of this size in turn, as in the loader's ring."""
+    ``ring_slot``: each reader reads into two slots of this size in turn, as in the loader's ring. Returns
+    the bytes, the seconds and what the engine said of its readers' time (as a load's description does)."""
     from hotweightsd.loaders import native
     from hotweightsd.loaders.files import open_source
     from hotweightsd.loaders.plan import ReadChunk
@@ -280,7 +281,7 @@ def native_read(
     opened = [open_source(p, direct) for p in paths]
     try:
         t0 = time.perf_counter()
-        native.fill(
+        filled = native.fill(
             chunks,
             [fd for fd, _ in opened],
             [d for _, d in opened],
@@ -299,10 +300,10 @@ def native_read(
     finally:
         for fd, _ in opened:
             os.close(fd)
-    return sum(c.length for c in chunks), dt
+    return sum(c.length for c in chunks), dt, filled.describe()
 
 
-def ranges_read(paths: list[str], size: int, threads: int, bufs: HostBuffers) -> tuple[int, float]:
+def ranges_read(paths: list[str], size: int, threads: int, bufs: HostBuffers) -> tuple[int, float, str]:
     """Buffered reads, each of ``threads`` python threads reading its own contiguous share of the bytes."""
     sizes = [os.path.getsize(p) for p in paths]
     total = sum(sizes)
@@ -329,7 +330,7 @@ def ranges_read(paths: list[str], size: int, threads: int, bufs: HostBuffers) ->
     finally:
         for fd in fds:
             os.close(fd)
-    return total, dt
+    return total, dt, ""
 
 
 class Shape(NamedTuple):
@@ -377,7 +378,7 @@ def raw_record(spreads: dict[str, dict]) -> dict:
     return {"shapes": shapes, "probes": probes, "ceiling": shapes[best]["median"], "ceiling_shape": best}
 
 
-def raw_once(paths: list[str], shape: str, bufs: dict[str, HostBuffers]) -> tuple[int, float]:
+def raw_once(paths: list[str], shape: str, bufs: dict[str, HostBuffers]) -> tuple[int, float, str]:
     kind, size, threads, memory, request, ring_slot = RAW_SHAPES.get(shape) or PROBE_SHAPES[shape]
     if kind == "ranges":
         return ranges_read(paths, size, threads, bufs[memory])
@@ -605,9 +606,9 @@ def main() -> int:
         pass_s[0] = max(pass_s[0] * 0.5, dt)  # the budget's guess of a cold pass, from the latest
         return bl.rate(n, dt)
 
-    def timed(label: str, fn: Callable[[], tuple[int, float]], scenario: str = "cold") -> float:
+    def timed(label: str, fn: Callable[[], tuple[int, float, str]], scenario: str = "cold") -> float:
         prepare(paths, scenario)
-        n, dt = fn()
+        n, dt, _ = fn()
         return cold_rate(n, dt) if scenario == "cold" else bl.rate(n, dt)
 
     targets = doc.setdefault("targets", {})
@@ -683,11 +684,13 @@ def main() -> int:
                     seen.setdefault("resident_before", []).append(before)
                     if label in raw_labels:
                         try:
-                            n, dt = raw_once(paths, label, bufs)
+                            n, dt, said = raw_once(paths, label, bufs)
                         except Exception as exc:  # one shape failing costs its own figures, not the round's
                             res.error(f"raw {label}", exc)
                             failed[label] = f"failed: {type(exc).__name__}: {exc}"
                             return None
+                        if said:
+                            seen.setdefault(f"engine {label}", []).append(said)
                         return cold_rate(n, dt)
                     if label in modes:
                         assert daemons is not None
@@ -725,6 +728,8 @@ def main() -> int:
                         **raw_record(spreads),
                         "in_rotation": True,
                         "failed": {k: failed[k] for k in raw_labels if k in failed},
+                        # the last pass of each, to set beside the loads' own (cold.load_paths)
+                        "engine_said": {k: seen[f"engine {k}"][-1] for k in raw_labels if f"engine {k}" in seen},
                     }
                 befores = seen.get("resident_before") or [[0.0]]
                 doc[scenario] = {

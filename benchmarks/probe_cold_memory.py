@@ -107,7 +107,7 @@ def main() -> int:
             kind, shape = label.split(" ", 1)
             size, threads = SHAPES[shape]
             bc.prepare(paths, "cold")
-            n, dt = bc.native_read(paths, size, threads, True, mem[kind])
+            n, dt, _ = bc.native_read(paths, size, threads, True, mem[kind])
             return bl.rate(n, dt)
 
         out = bc.interleaved(labels, args.reps, once, lambda: deadline - time.monotonic(), nbytes / GB / 1.2 + 1)

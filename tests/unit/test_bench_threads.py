@@ -71,7 +71,7 @@ def test_ranges_read_reads_every_byte(tmp_path):
         write(Path(p), n)
     bufs = bench_cold.HostBuffers(touch=False)
     try:
-        total, dt = bench_cold.ranges_read(paths, 16 * KiB, 4, bufs)
+        total, dt, _ = bench_cold.ranges_read(paths, 16 * KiB, 4, bufs)
     finally:
         bufs.close()
     assert total == sum(sizes) and dt > 0
@@ -120,8 +120,9 @@ def test_native_read_reads_every_byte_into_regions_or_ring_slots(tmp_path, ring_
         write(Path(p), n)
     bufs = bench_cold.HostBuffers(kind="private")
     try:
-        nbytes, dt = bench_cold.native_read(paths, 16 * KiB, 3, True, bufs, ring_slot=ring_slot)
+        nbytes, dt, said = bench_cold.native_read(paths, 16 * KiB, 3, True, bufs, ring_slot=ring_slot)
         assert nbytes == 240 * KiB + 3 and dt > 0
+        assert said.startswith("readers ") and "% reading" in said, said
         assert list(bufs.maps) == [3 * (2 * ring_slot if ring_slot else 16 * KiB)]
     finally:
         bufs.close()
