@@ -19,6 +19,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -114,6 +115,7 @@ def run(chunks, paths, dest, ring, *, direct=False, cancel=None, fds=None, progr
             cancel=cancel or threading.Event(),
             host_mode=True,
             direct_grid=grid,
+            since=time.perf_counter(),
         )
     finally:
         if own:
@@ -154,7 +156,8 @@ def test_native_fill_is_exact(tmp_path, seed, threads, depth, chunk, direct):
     spent = filled.reading + filled.waiting + filled.queueing + filled.draining
     assert spent <= filled.threads * filled.wall
     assert 0 <= filled.setup <= filled.wall and 0 <= filled.tail <= filled.wall
-    assert filled.describe().startswith("readers ") and "% reading" in filled.describe()
+    assert filled.planned > 0 and filled.describe().startswith("planned in "), filled.describe()
+    assert "% reading" in filled.describe() and "% draining" in filled.describe(), filled.describe()
 
 
 def _stripe_order(plan: list, n_files: int, chunk: int) -> list:

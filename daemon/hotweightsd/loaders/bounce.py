@@ -74,7 +74,6 @@ def fill(
                 chunks = streams(chunks, threads)
                 extra = f"; in {threads} streams"
             if path.engine == "native":
-                planned = time.perf_counter() - t0
                 filled = native.fill(
                     chunks,
                     sources.fds,
@@ -96,10 +95,12 @@ def fill(
                     fault=faults.current().chunk(len(chunks)),
                     direct_request=path.direct_request,
                     direct_grid=cold_grid(path, striped=bool(lustre)),
+                    since=t0,
                 )
                 reads, copies = filled.reads, filled.copies
                 # the reads' share of the time says whether a slow fill waited on the disk or on itself
-                timing = f"; planned in {1e3 * planned:.1f} ms, {filled.describe()}"
+                account = filled.describe()
+                timing = f"; {account}" if account else ""
             else:
                 chunks = sources.mark(chunks)
                 job = _PythonFill(path, ring, scheduler, chunks, sources, bases, progress, cancel)

@@ -16,6 +16,7 @@ import glob
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -103,13 +104,15 @@ class Filled(NamedTuple):
     queueing: float = 0.0  # copies and events queued (memcpy on the host)
     draining: float = 0.0  # the last wait for each reader's copies
     tail: float = 0.0  # from the first reader's end to the last's
+    planned: float = 0.0  # the caller's side before the engine started (its plan, the pack for C), when given
 
     @classmethod
-    def of(cls, job: Job) -> Filled:
+    def of(cls, job: Job, planned: float = 0.0) -> Filled:
         return cls(
             job.reads,
             job.copies,
             job.threads,
+            planned=planned,
             wall=job.wall_ns / 1e9,
             setup=job.setup_ns / 1e9,
             reading=job.read_ns / 1e9,
@@ -121,7 +124,8 @@ class Filled(NamedTuple):
 
     def describe(self) -> str:
         """One clause for a load's description: a disk-bound fill reads nearly all of its readers' time;
-        time spent waiting or queueing is the copies' share, and a long tail one reader's slow last read."""
+        time spent waiting, queueing or draining is the copies' share, and a long tail one reader's slow
+        last read."""
         span = self.threads * self.wall
         if span <= 0:
             return ""
@@ -129,10 +133,12 @@ class Filled(NamedTuple):
         def pct(x: float) -> str:
             return f"{100 * x / span:.0f}%"
 
+        planned = f"planned in {1e3 * self.planned:.1f} ms, " if self.planned > 0 else ""
         return (
-            f"readers {pct(self.reading)} reading, {pct(self.waiting)} waiting on copies, {pct(self.queueing)} "
-            f"queueing them over {self.wall:.3f} s (started after {1e3 * self.setup:.1f} ms, "
-            f"the last done {1e3 * self.tail:.1f} ms after the first)"
+            f"{planned}readers {pct(self.reading)} reading, {pct(self.waiting)} waiting on copies, "
+            f"{pct(self.queueing)} queueing them, {pct(self.draining)} draining them at the end over "
+            f"{self.wall:.3f} s (started after {1e3 * self.setup:.1f} ms, the last done {1e3 * self.tail:.1f} ms "
+            "after the first)"
         )
 
 
@@ -238,6 +244,7 @@ def fill(
     fault: faults.ChunkFault | None = None,
     direct_request: int = 0,
     direct_grid: int = 0,
+    since: float = 0.0,
 ) -> Filled:
     """Runs ``chunks`` (``plan.ReadChunk``; a piece's destination is ``bases[allocation] + offset``) on the
     native engine; returns its counts and times (Filled). ``fds``/``direct``: every fd of the fill and whether it was
@@ -248,7 +255,8 @@ def fill(
     ``direct_request``: the most bytes one pread of an O_DIRECT read asks for (a multiple of 4 KiB; 0: the
     whole read at once). ``direct_grid``: the chunks read O_DIRECT are re-cut on a grid of this many bytes (a
     multiple of 4 KiB dividing the plan's), each window with copies in it one read trimmed to them (0: read as
-    planned); ``reads`` counts those reads, and an error or ``fault`` names the planned chunk cut."""
+    planned); ``reads`` counts those reads, and an error or ``fault`` names the planned chunk cut. ``since``: the
+    ``time.perf_counter()`` at which the caller began planning the fill (Filled.planned runs from it)."""
     lib, reason = _load(library)
     if lib is None:
         raise BackendError("native loader", "unavailable", reason)
@@ -281,6 +289,7 @@ def fill(
         direct_grid=direct_grid,
     )
     runner = threading.Thread(target=lib.hw_fill, args=(ctypes.byref(job),), name="hw-native-fill", daemon=True)
+    planned = time.perf_counter() - since if since else 0.0
     runner.start()
     reported = 0
     try:
@@ -303,7 +312,7 @@ def fill(
         raise _error(job, chunks, paths, fault)
     if cancel.is_set():
         raise Aborted("load cancelled")
-    return Filled.of(job)
+    return Filled.of(job, planned)
 
 
 def _error(job: Job, chunks: Sequence, paths: Sequence[str], fault: faults.ChunkFault | None = None) -> Exception:
