@@ -178,10 +178,10 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Adds the time since *t to *sum (summed over workers) and moves *t on. */
+/* Adds the time since *t to *sum and moves *t on. */
 static void spend(int64_t *sum, int64_t *t) {
     int64_t n = now_ns();
-    __atomic_add_fetch(sum, n - *t, __ATOMIC_RELAXED);
+    *sum += n - *t;
     *t = n;
 }
 
@@ -263,6 +263,8 @@ typedef struct {
     int index;
     int64_t started; /* now_ns() when it began, and when it ended */
     int64_t ended;
+    /* its own times, summed into the job's once it has ended: no shared counter per chunk */
+    int64_t read_ns, wait_ns, queue_ns, drain_ns;
 } hw_worker;
 
 static void *worker(void *arg) {
@@ -300,7 +302,7 @@ static void *worker(void *arg) {
             pending[s] = 0;
             t = now_ns();
             rc = api.event_sync((void *)(uintptr_t)events[s]);
-            spend(&job->wait_ns, &t);
+            spend(&w->wait_ns, &t);
             if (rc != 0) {
                 fail(job, HW_ERR_CUDA, rc, "cuEventSynchronize", i, -1, -1);
                 break;
@@ -314,7 +316,7 @@ static void *worker(void *arg) {
         }
         t = now_ns();
         rc = read_chunk(job, c, i, buf, job->direct[c->source] ? job->direct_request : 0, &skip);
-        spend(&job->read_ns, &t);
+        spend(&w->read_ns, &t);
         if (rc != 0) break;
         int64_t bytes = 0;
         for (int32_t p = 0; p < c->npieces; p++) {
@@ -340,7 +342,7 @@ static void *worker(void *arg) {
             else
                 pending[s] = 1;
         }
-        spend(&job->queue_ns, &t);
+        spend(&w->queue_ns, &t);
         __atomic_add_fetch(&job->reads, 1, __ATOMIC_RELAXED);
         __atomic_add_fetch(&job->copies, c->npieces, __ATOMIC_RELAXED);
         __atomic_add_fetch(&job->done_bytes, bytes, __ATOMIC_RELAXED);
@@ -348,7 +350,7 @@ static void *worker(void *arg) {
     /* Whatever happened, no copy of this worker may still be in flight when the fill returns. */
     t = now_ns();
     if (!host && (rc = api.stream_sync(stream)) != 0) fail(job, HW_ERR_CUDA, rc, "cuStreamSynchronize", -1, -1, -1);
-    spend(&job->drain_ns, &t);
+    spend(&w->drain_ns, &t);
     w->ended = t;
     return NULL;
 }
@@ -512,6 +514,7 @@ int hw_fill(hw_job *job) {
         ws[started].plan = &plan;
         ws[started].index = started;
         ws[started].started = ws[started].ended = t0;
+        ws[started].read_ns = ws[started].wait_ns = ws[started].queue_ns = ws[started].drain_ns = 0;
         int rc = pthread_create(&tids[started], NULL, worker, &ws[started]);
         if (rc != 0) {
             fail(job, HW_ERR_OS, rc, "pthread_create", -1, -1, -1);
@@ -524,6 +527,10 @@ int hw_fill(hw_job *job) {
         if (ws[k].started > last_start) last_start = ws[k].started;
         if (ws[k].ended < first_end) first_end = ws[k].ended;
         if (ws[k].ended > last_end) last_end = ws[k].ended;
+        job->read_ns += ws[k].read_ns;
+        job->wait_ns += ws[k].wait_ns;
+        job->queue_ns += ws[k].queue_ns;
+        job->drain_ns += ws[k].drain_ns;
     }
     if (cut) free_plan(&plan);
     job->setup_ns = last_start - t0;
