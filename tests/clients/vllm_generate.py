@@ -1,6 +1,6 @@
-"""A vLLM serving process: greedy tokens for three prompts, per-parameter checksums, where each
-parameter's memory lies and the bytes the loader says stay outside the engine's budget. Prints one
-JSON line.
+"""A vLLM serving process: greedy tokens for three prompts with the top logprobs of each step,
+per-parameter checksums, where each parameter's memory lies and the bytes the loader says stay
+outside the engine's budget. Prints one JSON line.
 
     vllm_generate.py MODEL_DIR [--load-format hotweights --extra JSON] [--processes] [--save-sharded DIR]
 
@@ -17,6 +17,7 @@ import json
 import os
 
 PROMPTS = [[1, 5, 9, 33, 70], [2, 7], [11, 400, 3, 3, 3, 250, 17]]
+TOP = 3  # logprobs kept per step: enough to see both sides of a near-tie
 BEFORE_POSTPROCESSING: dict[str, str] = {}
 ALIASED_BEFORE_POSTPROCESSING: list[str] = []  # bound to the daemon's mapping as the loader left them
 
@@ -138,16 +139,20 @@ def main() -> None:
     )
     outs = llm.generate(
         [TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
-        SamplingParams(temperature=0, max_tokens=12),
+        SamplingParams(temperature=0, max_tokens=12, logprobs=TOP),
         use_tqdm=False,
     )
     tokens = [list(o.outputs[0].token_ids) for o in outs]
+    # JSON keys are strings: token ids as text
+    logprobs = [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs]
     checksums = llm.collective_rpc("compute_weight_checksums")[0]
     if args.processes:
-        print(json.dumps({"tokens": tokens, "checksums": checksums, "pid": os.getpid(), "leases": leases(args.extra)}))
+        seen = {"pid": os.getpid(), "leases": leases(args.extra)}
+        print(json.dumps({"tokens": tokens, "logprobs": logprobs, "checksums": checksums, **seen}))
         return
     result = {
         "tokens": tokens,
+        "logprobs": logprobs,
         "checksums": checksums,
         "params": llm.collective_rpc(where_params)[0],
         "external_weight_memory": llm.collective_rpc(external_weight_memory)[0],

@@ -63,6 +63,48 @@ def engine(model_dir: Path, *args: str, ok: bool = True) -> dict | subprocess.Co
     return json.loads(lines[-1])
 
 
+# The tiny random models' logits lie within a few bf16 steps of each other (their two best tokens are
+# often one step apart), and vLLM's CPU kernels do not give the same last bit on every run of the same
+# weights: a greedy token may flip there. A loader's mistake moves logprobs by far more than this, and every
+# such check stands beside one of the weights themselves, bit for bit.
+NEAR_TIE = 0.03  # nats: a few bf16 steps of these logits
+
+
+def assert_same_greedy(out: dict, reference: dict, what: str = "") -> None:
+    """The same greedy tokens; or the same, with the same logprobs (within NEAR_TIE), up to a step where
+    both runs had the two tokens within NEAR_TIE of each other. What follows such a step is not compared."""
+    if out["tokens"] == reference["tokens"]:
+        return
+    for p, (mine, theirs) in enumerate(zip(out["tokens"], reference["tokens"], strict=True)):
+        step = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b), None)
+        if step is None:
+            continue
+        where = f"{what}: prompt {p} parts at step {step} ({mine} against {theirs})"
+        for i in range(step + 1):
+            ours, ref = out["logprobs"][p][i], reference["logprobs"][p][i]
+            moved = {t: (ours[t], ref[t]) for t in ours.keys() & ref.keys() if abs(ours[t] - ref[t]) > NEAR_TIE}
+            assert not moved, f"{where}; at step {i} the logprobs differ: {moved}"
+        a, b = str(mine[step]), str(theirs[step])
+        for run in (out, reference):
+            top = run["logprobs"][p][step]
+            assert a in top and b in top and abs(top[a] - top[b]) <= NEAR_TIE, f"{where}, not at a near-tie: {top}"
+
+
+def test_tokens_may_part_only_at_a_near_tie_of_both_runs():
+    """The comparison itself: a flip between tokens one bf16 step apart passes; one between tokens far
+    apart, or after logprobs that moved, does not."""
+
+    def run(tokens: list[int], steps: list[dict[int, float]]) -> dict:
+        return {"tokens": [tokens], "logprobs": [[{str(t): lp for t, lp in s.items()} for s in steps]]}
+
+    ref = run([5, 7, 9], [{5: -1.0, 6: -1.5}, {7: -2.0, 8: -2.004}, {9: -1.0, 3: -1.2}])
+    assert_same_greedy(run([5, 8, 3], [{5: -1.0, 6: -1.5}, {8: -2.0, 7: -2.004}, {3: -1.0}]), ref)
+    with pytest.raises(AssertionError, match="not at a near-tie"):
+        assert_same_greedy(run([6, 7, 9], [{5: -1.0, 6: -1.5}, {7: -2.0}, {9: -1.0}]), ref)
+    with pytest.raises(AssertionError, match="at step 0 the logprobs differ"):
+        assert_same_greedy(run([5, 8, 3], [{5: -0.5, 6: -1.5}, {8: -2.0, 7: -2.004}, {3: -1.0}]), ref)
+
+
 def hotweights_args(d, model: str, **extra) -> list[str]:
     return ["--load-format", "hotweights", "--extra", json.dumps({"model": model, "socket": d.socket, **extra})]
 
@@ -76,7 +118,7 @@ def reference(served):
 def test_zero_copy_engine_equals_vllms_own_loader(served, reference):
     d, hf = served
     out = engine(hf, *hotweights_args(d, "vl"))
-    assert out["tokens"] == reference["tokens"]
+    assert_same_greedy(out, reference)
     assert out["checksums"] == reference["checksums"]
     # the fused tensors (qkv_proj, gate_up_proj, padded vocabulary) as vLLM's loader built them
     assert out["before_postprocessing"] == reference["before_postprocessing"]
@@ -96,12 +138,12 @@ def test_a_checkpoint_written_by_vllms_sharded_state_saver_is_bound_as_it_is(ser
     saved = tmp_path / "saved"
     saved.mkdir()  # vLLM's saver writes into an existing directory
     written = engine(hf, "--save-sharded", str(saved))
-    assert written["tokens"] == reference["tokens"]
+    assert_same_greedy(written, reference)
     assert sorted(p.name for p in saved.iterdir()) == ["model-rank-0-part-0.safetensors"]
     d.cli("load", "saved", str(saved), check=True)
     try:
         out = engine(hf, *hotweights_args(d, "saved"))
-        assert out["tokens"] == reference["tokens"]
+        assert_same_greedy(out, reference)
         assert out["checksums"] == reference["checksums"]
         assert out["before_postprocessing"] == reference["before_postprocessing"]
         assert sorted(out["aliased_before_postprocessing"]) == sorted(out["before_postprocessing"]), out
@@ -118,7 +160,7 @@ def test_an_engine_core_in_its_own_process_registers_the_loader_and_holds_the_le
     registers the loader; the lease is that process's while it lives and ends with it."""
     d, hf = served
     out = engine(hf, "--processes", *hotweights_args(d, "vl"))
-    assert out["tokens"] == reference["tokens"]
+    assert_same_greedy(out, reference)
     assert out["checksums"] == reference["checksums"]
     held = [x for x in out["leases"] if x["holder"].startswith("vllm:")]
     assert len(held) == 1, out["leases"]
@@ -131,7 +173,7 @@ def test_zero_copy_of_a_version_loaded_with_layout_vllm_equals_vllms_own_loader(
     d, hf = served
     assert [v["layout"] for v in d.status()["versions"] if v["name"] == "hfv"] == ["vllm"]
     out = engine(hf, *hotweights_args(d, "hfv"))
-    assert out["tokens"] == reference["tokens"]
+    assert_same_greedy(out, reference)
     assert out["checksums"] == reference["checksums"]
     assert out["before_postprocessing"] == reference["before_postprocessing"]
     assert len(out["before_postprocessing"]) == 15
@@ -153,7 +195,7 @@ def test_copy_mode_equals_vllms_own_loader(served, reference, model):
     memory); vLLM's layout, converted offline or built by the daemon at load, with copy asked for."""
     d, hf = served
     out = engine(hf, *hotweights_args(d, model, **({} if model == "hf" else {"mode": "copy"})))
-    assert out["tokens"] == reference["tokens"]
+    assert_same_greedy(out, reference)
     assert out["checksums"] == reference["checksums"]
     assert out["before_postprocessing"] == reference["before_postprocessing"]
     p = out["params"]
@@ -171,7 +213,7 @@ def test_a_mixtral_loaded_with_layout_vllm_binds_its_stacked_experts_without_a_c
     try:
         reference = engine(moe)
         out = engine(moe, *hotweights_args(d, "moe"))
-        assert out["tokens"] == reference["tokens"]
+        assert_same_greedy(out, reference)
         assert out["checksums"] == reference["checksums"]
         assert out["before_postprocessing"] == reference["before_postprocessing"]
         # every parameter bound to the daemon's memory as the loader left it, the stacked experts too
@@ -183,7 +225,8 @@ def test_a_mixtral_loaded_with_layout_vllm_binds_its_stacked_experts_without_a_c
         p = out["params"]
         assert p["holds_attachment"] and sorted(p["own"]) == sorted(experts), p
         copied = engine(moe, *hotweights_args(d, "moe-hf"))
-        assert copied["tokens"] == reference["tokens"] and copied["checksums"] == reference["checksums"]
+        assert_same_greedy(copied, reference)
+        assert copied["checksums"] == reference["checksums"]
         assert copied["params"]["aliased"] == [] and copied["external_weight_memory"] == 0
     finally:
         d.cli("unload", "moe", "--force")
@@ -211,15 +254,7 @@ def test_an_fp8_checkpoint_is_copied_into_the_engine_from_either_layout(served, 
             # the loader's claim is the weights, bit for bit, before and after vLLM's post-processing
             assert out["before_postprocessing"] == reference["before_postprocessing"], model
             assert out["checksums"] == reference["checksums"], model
-            if out["tokens"] != reference["tokens"]:
-                # with equal weights, different tokens mean vLLM's FP8 CPU kernels did not reproduce
-                # their own greedy output (near-tied logits of a random model); a second run of vLLM's
-                # own loader tells that apart from a difference of ours
-                again = engine(fp8)
-                assert again["tokens"] != reference["tokens"], (
-                    f"{model}: {out['tokens']} differ from {reference['tokens']} of vLLM's own loader, "
-                    "which a second run reproduced"
-                )
+            assert_same_greedy(out, reference, model)
             assert out["params"]["aliased"] == [] and not out["params"]["holds_attachment"], model
             assert out["external_weight_memory"] == 0, model
         r = engine(fp8, *hotweights_args(d, "fp8v", mode="zero_copy"), ok=False)
