@@ -5,8 +5,9 @@ process of its own: the engine finds its driver once per process, and the stand-
 
 SPEC_JSON: {"paths": [...], "segments": [[file, file_offset, length, allocation, offset], ...], "size": N,
 "runs": [{"name", "chunk", "threads", "depth", "direct", "grid", "fail": [kind, n, code] | null,
-"context": "fake" | "wrong"}, ...]}. Prints one JSON line per run: whether every byte landed, the counts,
-the error (its type and text) where the fill raised, and the copies still queued after it returned.
+"context": "fake" | "wrong", "cancel": bool}, ...]}. Prints one JSON line per run: whether every byte
+landed, the counts, the error (its type and text) where the fill raised, and the copies still queued
+after it returned.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def fill_once(fake, run: dict, paths: list[str], segments: list[Segment], want: 
     chunks = plan_chunks(segments, chunk)
     fds = [os.open(p, os.O_RDONLY) for p in paths]
     out: dict = {"name": run["name"]}
+    cancel = threading.Event()
     try:
         filled = native.fill(
             chunks,
@@ -74,8 +76,9 @@ def fill_once(fake, run: dict, paths: list[str], segments: list[Segment], want: 
             depth=depth,
             slot_size=chunk,
             host_base=base,
-            progress=lambda n: None,
-            cancel=threading.Event(),
+            # "cancel": the first progress the fill reports cancels it, as an unload during a load does
+            progress=lambda n: cancel.set() if run.get("cancel") else None,
+            cancel=cancel,
             context=context,
             streams=streams,
             events=events,

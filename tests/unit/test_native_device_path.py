@@ -119,3 +119,10 @@ def test_a_context_the_driver_refuses_stops_the_fill_before_any_read(fake_driver
     r = fill(fake_driver, tmp_path, [{**RUN, "name": "wrong context", "context": "wrong"}])["wrong context"]
     assert r.get("error") == "CudaError" and r["said"].startswith("cuCtxSetCurrent failed: "), r
     assert "(201)" in r["said"] and r["driver_copies"] == 0 and r["pending"] == 0, r
+
+
+@needs_lib
+def test_a_cancelled_fill_raises_aborted_with_no_copy_in_flight(fake_driver, tmp_path):
+    r = fill(fake_driver, tmp_path, [{**RUN, "name": "cancelled", "threads": 2, "cancel": True}])["cancelled"]
+    assert r.get("error") == "Aborted" and r["said"] == "load cancelled", r
+    assert r["pending"] == 0, r
