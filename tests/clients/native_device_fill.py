@@ -8,6 +8,10 @@ SPEC_JSON: {"paths": [...], "segments": [[file, file_offset, length, allocation,
 "context": "fake" | "wrong", "cancel": bool}, ...]}. Prints one JSON line per run: whether every byte
 landed, the counts, the error (its type and text) where the fill raised, and the copies still queued
 after it returned.
+
+"cancel": the stand-in holds every copy, the fill's first progress cancels it, and the copies are let go
+once the engine has been told (its job's cancel flag): the engine is then stopped in mid-fill, with
+its slots waiting on copies, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -19,12 +23,23 @@ import sys
 import threading
 import time
 
+from hotweights.testing import CLI_TIMEOUT, wait_until
 from hotweightsd.core.layout import Segment
 from hotweightsd.loaders import native
 from hotweightsd.loaders.plan import plan_chunks
 
-COPY, EVENT_SYNC, STREAM_SYNC = range(3)
+COPY, EVENT_SYNC, STREAM_SYNC, EVENT_RECORD = range(4)
 KEPT: list = []  # every run's ring and destination: a copy an engine left in flight must not write freed memory
+
+
+class _Job(native.Job):
+    """The engine's job, kept where this process can see its cancel flag."""
+
+    made: list[native.Job] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _Job.made.append(self)
 
 
 def main() -> None:
@@ -36,6 +51,7 @@ def main() -> None:
     fake.fake_pending.restype = ctypes.c_long
     fake.fake_calls.restype = ctypes.c_long
     fake.fake_fail.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    native.Job = _Job
     spec = json.load(open(spec_path))
     paths, size = spec["paths"], spec["size"]
     segments = [Segment(*s) for s in spec["segments"]]
@@ -52,6 +68,7 @@ def fill_once(fake, run: dict, paths: list[str], segments: list[Segment], want: 
     fake.fake_fail(COPY, 0, 0)
     fake.fake_fail(EVENT_SYNC, 0, 0)
     fake.fake_fail(STREAM_SYNC, 0, 0)
+    fake.fake_fail(EVENT_RECORD, 0, 0)
     if run.get("fail"):
         fake.fake_fail(*run["fail"])
     dest = (ctypes.c_char * len(want))()
@@ -63,8 +80,12 @@ def fill_once(fake, run: dict, paths: list[str], segments: list[Segment], want: 
     context = fake.fake_context() if run.get("context", "fake") == "fake" else 1
     chunks = plan_chunks(segments, chunk)
     fds = [os.open(p, os.O_RDONLY) for p in paths]
-    out: dict = {"name": run["name"]}
+    out: dict = {"name": run["name"], "planned_copies": sum(len(c.pieces) for c in chunks)}
     cancel = threading.Event()
+    if run.get("cancel"):
+        fake.fake_hold(1)
+        _Job.made.clear()
+        threading.Thread(target=release_once_told, args=(fake,), daemon=True).start()
     try:
         filled = native.fill(
             chunks,
@@ -76,7 +97,7 @@ def fill_once(fake, run: dict, paths: list[str], segments: list[Segment], want: 
             depth=depth,
             slot_size=chunk,
             host_base=base,
-            # "cancel": the first progress the fill reports cancels it, as an unload during a load does
+            # the first progress the fill reports cancels it, as an unload during a load does
             progress=lambda n: cancel.set() if run.get("cancel") else None,
             cancel=cancel,
             context=context,
@@ -89,7 +110,6 @@ def fill_once(fake, run: dict, paths: list[str], segments: list[Segment], want: 
             exact=dest.raw == want,
             reads=filled.reads,
             copies=filled.copies,
-            planned_copies=sum(len(c.pieces) for c in chunks),
             described=filled.describe(),
             shares=[filled.reading, filled.waiting, filled.queueing, filled.draining],
             span=filled.threads * filled.wall,
@@ -102,6 +122,12 @@ def fill_once(fake, run: dict, paths: list[str], segments: list[Segment], want: 
     # read once the fill has returned: what the engine left in flight
     out.update(pending=fake.fake_pending(), driver_copies=fake.fake_calls(COPY))
     return out
+
+
+def release_once_told(fake) -> None:
+    """Lets the held copies go once the engine's job carries the cancel."""
+    wait_until(lambda: bool(_Job.made) and _Job.made[-1].cancel == 1, CLI_TIMEOUT, "the fill's job to be cancelled")
+    fake.fake_hold(0)
 
 
 if __name__ == "__main__":

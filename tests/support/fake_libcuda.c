@@ -44,11 +44,15 @@ typedef struct {
 
 static __thread int has_context;
 static long delay_ns = 100000;
-static long calls[3], fail_at[3], fail_code[3]; /* per kind: copy, event sync, stream sync */
+static long calls[4], fail_at[4], fail_code[4]; /* per kind: copy, event sync, stream sync, event record */
 static long pending;                             /* copies queued on any stream and not yet run */
 static pthread_mutex_t count_mu = PTHREAD_MUTEX_INITIALIZER;
+/* fake_hold: no stream starts a copy while held (every stream made is kept to be woken on release) */
+static int held;
+static stream *streams[1024];
+static int nstreams;
 
-enum { COPY, EVENT_SYNC, STREAM_SYNC };
+enum { COPY, EVENT_SYNC, STREAM_SYNC, EVENT_RECORD };
 
 /* The code the n-th call of a kind fails with (0: it goes on). */
 static int injected(int kind) {
@@ -64,7 +68,7 @@ static void *run_stream(void *arg) {
     struct timespec pause = {0, delay_ns};
     for (;;) {
         pthread_mutex_lock(&s->mu);
-        while (!s->head) pthread_cond_wait(&s->cv, &s->mu);
+        while (!s->head || __atomic_load_n(&held, __ATOMIC_ACQUIRE)) pthread_cond_wait(&s->cv, &s->mu);
         op *o = s->head;
         pthread_mutex_unlock(&s->mu);
         nanosleep(&pause, NULL);
@@ -125,6 +129,8 @@ int cuEventRecord(void *ev_handle, void *handle) {
     stream *s = handle;
     if (!has_context) return ERR_INVALID_CONTEXT;
     if (!e || e->magic != EVENT_MAGIC || !s || s->magic != STREAM_MAGIC) return ERR_INVALID_HANDLE;
+    int code = injected(EVENT_RECORD);
+    if (code) return code;
     pthread_mutex_lock(&s->mu);
     e->s = s;
     e->seq = s->queued;
@@ -145,7 +151,8 @@ int cuStreamSynchronize(void *handle) {
     stream *s = handle;
     if (!s || s->magic != STREAM_MAGIC) return ERR_INVALID_HANDLE;
     int code = injected(STREAM_SYNC);
-    /* a failed synchronize still leaves nothing in flight, as the engine's drain assumes of the driver */
+    /* a failed synchronize still leaves nothing in flight, as the engine's drain assumes of the driver:
+     * where a real one does not (a sticky error), the context's copies are lost with it anyway */
     pthread_mutex_lock(&s->mu);
     int64_t all = s->queued;
     pthread_mutex_unlock(&s->mu);
@@ -156,6 +163,7 @@ int cuStreamSynchronize(void *handle) {
 void *fake_context(void) { return CONTEXT; }
 
 void *fake_stream(void) {
+    if (nstreams >= (int)(sizeof(streams) / sizeof(streams[0]))) return NULL;
     stream *s = calloc(1, sizeof(stream));
     if (!s) return NULL;
     s->magic = STREAM_MAGIC;
@@ -166,7 +174,23 @@ void *fake_stream(void) {
         return NULL;
     }
     pthread_detach(s->thread);
+    pthread_mutex_lock(&count_mu);
+    streams[nstreams++] = s;
+    pthread_mutex_unlock(&count_mu);
     return s;
+}
+
+/* on: queued copies wait (an event recorded after them does not complete); off: they run again. */
+void fake_hold(int on) {
+    __atomic_store_n(&held, on, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&count_mu);
+    int n = nstreams;
+    pthread_mutex_unlock(&count_mu);
+    for (int i = 0; i < n; i++) {
+        pthread_mutex_lock(&streams[i]->mu);
+        pthread_cond_broadcast(&streams[i]->cv);
+        pthread_mutex_unlock(&streams[i]->mu);
+    }
 }
 
 void *fake_event(void) {
@@ -175,7 +199,8 @@ void *fake_event(void) {
     return e;
 }
 
-/* From now on, the n-th call of kind (0 copy, 1 event synchronize, 2 stream synchronize) returns code. */
+/* From now on, the n-th call of kind (0 copy, 1 event synchronize, 2 stream synchronize, 3 event record)
+ * returns code. */
 void fake_fail(int kind, long n, long code) {
     pthread_mutex_lock(&count_mu);
     calls[kind] = 0;

@@ -21,7 +21,7 @@ from hotweights.testing import CLI_TIMEOUT
 from support import CLIENTS, TESTS, child_env
 
 KiB = 1024
-COPY, EVENT_SYNC, STREAM_SYNC = range(3)
+COPY, EVENT_SYNC, STREAM_SYNC, EVENT_RECORD = range(4)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,9 @@ def test_every_byte_lands_though_the_copies_run_late(fake_driver, tmp_path):
         ((COPY, 9, 2), "cuMemcpyHtoDAsync", 2),
         ((EVENT_SYNC, 3, 700), "cuEventSynchronize", 700),
         ((STREAM_SYNC, 2, 999), "cuStreamSynchronize", 999),
+        ((EVENT_RECORD, 4, 400), "cuEventRecord", 400),
     ],
-    ids=["copy", "event-sync", "stream-sync"],
+    ids=["copy", "event-sync", "stream-sync", "event-record"],
 )
 def test_a_driver_error_is_raised_with_its_call_and_code_and_leaves_nothing_in_flight(
     fake_driver, tmp_path, fail, op, code
@@ -122,7 +123,11 @@ def test_a_context_the_driver_refuses_stops_the_fill_before_any_read(fake_driver
 
 
 @needs_lib
-def test_a_cancelled_fill_raises_aborted_with_no_copy_in_flight(fake_driver, tmp_path):
+def test_a_fill_cancelled_while_its_slots_wait_on_copies_stops_and_leaves_none_in_flight(fake_driver, tmp_path):
+    """Cancelled with every copy held (each reader's slots full, its next read waiting on them); the copies
+    let go once the engine is told: it stops within a chunk per reader instead of reading the rest."""
     r = fill(fake_driver, tmp_path, [{**RUN, "name": "cancelled", "threads": 2, "cancel": True}])["cancelled"]
     assert r.get("error") == "Aborted" and r["said"] == "load cancelled", r
     assert r["pending"] == 0, r
+    # held: two slots of each of the two readers queued, then one more chunk each once let go
+    assert 0 < r["driver_copies"] < r["planned_copies"], r
