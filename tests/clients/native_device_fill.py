@@ -27,8 +27,8 @@ from hotweights.testing import CLI_TIMEOUT, wait_until
 from hotweightsd.core.layout import Segment
 from hotweightsd.loaders import native
 from hotweightsd.loaders.plan import plan_chunks
+from support.native_fills import COPY, KINDS, expected
 
-COPY, EVENT_SYNC, STREAM_SYNC, EVENT_RECORD = range(4)
 KEPT: list = []  # every run's ring and destination: a copy an engine left in flight must not write freed memory
 
 
@@ -55,20 +55,15 @@ def main() -> None:
     spec = json.load(open(spec_path))
     paths, size = spec["paths"], spec["size"]
     segments = [Segment(*s) for s in spec["segments"]]
-    datas = [open(p, "rb").read() for p in paths]
-    want = bytearray(size)
-    for s in segments:
-        want[s.offset : s.offset + s.length] = datas[s.file][s.file_offset : s.file_offset + s.length]
+    want = expected(paths, segments, size)
     for run in spec["runs"]:
-        print(json.dumps(fill_once(fake, run, paths, segments, bytes(want))), flush=True)
+        print(json.dumps(fill_once(fake, run, paths, segments, want)), flush=True)
 
 
 def fill_once(fake, run: dict, paths: list[str], segments: list[Segment], want: bytes) -> dict:
     threads, depth, chunk = run["threads"], run["depth"], run["chunk"]
-    fake.fake_fail(COPY, 0, 0)
-    fake.fake_fail(EVENT_SYNC, 0, 0)
-    fake.fake_fail(STREAM_SYNC, 0, 0)
-    fake.fake_fail(EVENT_RECORD, 0, 0)
+    for kind in KINDS:
+        fake.fake_fail(kind, 0, 0)
     if run.get("fail"):
         fake.fake_fail(*run["fail"])
     dest = (ctypes.c_char * len(want))()

@@ -15,13 +15,13 @@ import subprocess
 import sys
 
 import pytest
-from test_native_loader import c_compiler, needs_lib, random_layout
+from test_native_loader import c_compiler, needs_lib
 
 from hotweights.testing import CLI_TIMEOUT
 from support import CLIENTS, TESTS, child_env
+from support.native_fills import COPY, EVENT_RECORD, EVENT_SYNC, STREAM_SYNC, random_layout
 
 KiB = 1024
-COPY, EVENT_SYNC, STREAM_SYNC, EVENT_RECORD = range(4)
 
 
 @pytest.fixture(scope="module")

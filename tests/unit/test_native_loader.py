@@ -30,6 +30,7 @@ from hotweightsd.loaders import native
 from hotweightsd.loaders.path import choose
 from hotweightsd.loaders.plan import Piece, ReadChunk, needed_file_sizes, plan_chunks, streams
 from hotweightsd.loaders.settings import LoaderSettings
+from support.native_fills import expected, random_layout
 
 MiB = 1024 * 1024
 
@@ -66,33 +67,6 @@ class HostRing:
     def close(self) -> None:
         del self._anchor
         self.map.close()
-
-
-def random_layout(tmp_path, seed: int, nfiles: int = 3):
-    """Files of random bytes and segments scattered over them; returns (paths, segments, allocation size)."""
-    rng = random.Random(seed)
-    paths, segs, dst = [], [], 0
-    for f in range(nfiles):
-        pos = rng.randrange(8, 5000)
-        for _ in range(rng.randrange(1, 25)):
-            n = rng.choice([1, 7, 256, 4096, rng.randrange(1, 700_000)])
-            pos += rng.choice([0, 0, 3, 5000, 2 * MiB])
-            dst = -(-dst // 256) * 256
-            segs.append(Segment(f, pos, n, 0, dst))
-            pos += n
-            dst += n
-        p = tmp_path / f"f{f}.bin"
-        p.write_bytes(rng.randbytes(pos + rng.randrange(0, 3)))
-        paths.append(str(p))
-    return paths, segs, dst
-
-
-def expected(paths, segs, size) -> bytes:
-    out = bytearray(size)
-    datas = [open(p, "rb").read() for p in paths]
-    for s in segs:
-        out[s.offset : s.offset + s.length] = datas[s.file][s.file_offset : s.file_offset + s.length]
-    return bytes(out)
 
 
 def run(chunks, paths, dest, ring, *, direct=False, cancel=None, fds=None, progress=None, grid=0):

@@ -14,7 +14,7 @@ import sys
 import threading
 
 import pytest
-from test_native_loader import HostRing, build_shim, expected, needs_lib, random_layout
+from test_native_loader import HostRing, build_shim, needs_lib
 
 from hotweights.errors import InvalidArgument
 from hotweightsd.config import load_config
@@ -22,6 +22,7 @@ from hotweightsd.loaders import native
 from hotweightsd.loaders.path import DEFAULT_DIRECT_CHUNK, DEFAULT_DIRECT_REQUEST, choose
 from hotweightsd.loaders.plan import plan_chunks
 from hotweightsd.loaders.settings import LoaderSettings
+from support.native_fills import expected, random_layout
 
 KiB, MiB = 1024, 1024 * 1024
 
